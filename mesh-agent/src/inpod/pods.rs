@@ -1,0 +1,344 @@
+//! Enrolment: the set of pods this agent captures, and the order in which a
+//! pod is taken in (listeners, then maps, then attach) and let go (the
+//! reverse). The set is saved to the state directory so that a restarted
+//! agent takes back the same pods.
+
+use std::{
+    collections::BTreeMap,
+    io,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use super::{
+    netns::{Netns, NetnsCookie, NetnsError},
+    sockets::{self, Role},
+};
+use crate::{
+    capture::{Capture, CaptureError},
+    metrics::Metrics,
+    proxy::{self, PodCtx},
+};
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PodSpec {
+    /// `namespace/name`, or any unique name.
+    pub name: String,
+    /// A handle on the pod's network namespace (`/run/netns/X`, `/proc/PID/ns/net`).
+    pub netns: PathBuf,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PodInfo {
+    pub name: String,
+    pub netns: PathBuf,
+    pub netns_cookie: NetnsCookie,
+    pub addresses: Vec<IpAddr>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnrolError {
+    #[error("pod {name} is already enrolled (network namespace {netns})")]
+    AlreadyEnrolled { name: String, netns: PathBuf },
+    #[error("network namespace {netns} is already enrolled as pod {other}")]
+    NetnsTaken { netns: PathBuf, other: String },
+    #[error("pod {name} is not enrolled")]
+    NotEnrolled { name: String },
+    #[error("pod {name}: {source}")]
+    Netns { name: String, source: NetnsError },
+    #[error("pod {name}: opening capture listeners: {source}")]
+    Listeners { name: String, source: io::Error },
+    #[error("pod {name}: {source}")]
+    Capture { name: String, source: CaptureError },
+    #[error("saving enrolled pods to {path}: {source}")]
+    State { path: PathBuf, source: io::Error },
+}
+
+impl EnrolError {
+    /// A short kind for metrics and HTTP status mapping.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            EnrolError::AlreadyEnrolled { .. } | EnrolError::NetnsTaken { .. } => "conflict",
+            EnrolError::NotEnrolled { .. } => "not_found",
+            EnrolError::Netns { .. } => "bad_netns",
+            EnrolError::Listeners { .. } => "listeners",
+            EnrolError::Capture { .. } => "capture",
+            EnrolError::State { .. } => "state",
+        }
+    }
+}
+
+struct Enrolled {
+    ctx: Arc<PodCtx>,
+    addresses: Vec<IpAddr>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Enrolled {
+    fn info(&self) -> PodInfo {
+        PodInfo {
+            name: self.ctx.name.clone(),
+            netns: self.ctx.netns.path().to_owned(),
+            netns_cookie: self.ctx.netns.cookie(),
+            addresses: self.addresses.clone(),
+        }
+    }
+}
+
+/// Saved form of the enrolled set.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct SavedPod {
+    name: String,
+    netns: PathBuf,
+    netns_cookie: u64,
+}
+
+pub struct Pods {
+    capture: Arc<Capture>,
+    metrics: Arc<Metrics>,
+    state_file: PathBuf,
+    pods: Mutex<BTreeMap<String, Enrolled>>,
+}
+
+impl Pods {
+    pub fn new(capture: Arc<Capture>, metrics: Arc<Metrics>, state_dir: &Path) -> Self {
+        Pods {
+            capture,
+            metrics,
+            state_file: state_dir.join("pods.json"),
+            pods: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    pub fn list(&self) -> Vec<PodInfo> {
+        self.pods
+            .lock()
+            .expect("pods lock")
+            .values()
+            .map(Enrolled::info)
+            .collect()
+    }
+
+    pub fn enroll(&self, spec: &PodSpec) -> Result<PodInfo, EnrolError> {
+        let r = self.enroll_inner(spec);
+        self.metrics
+            .enrolment("enroll", r.as_ref().map_or_else(EnrolError::kind, |_| "ok"));
+        r
+    }
+
+    fn enroll_inner(&self, spec: &PodSpec) -> Result<PodInfo, EnrolError> {
+        let name = spec.name.clone();
+        let mut pods = self.pods.lock().expect("pods lock");
+        if let Some(p) = pods.get(&name) {
+            return Err(EnrolError::AlreadyEnrolled {
+                name,
+                netns: p.ctx.netns.path().to_owned(),
+            });
+        }
+        let netns = Netns::open(&spec.netns).map_err(|source| EnrolError::Netns {
+            name: name.clone(),
+            source,
+        })?;
+        if let Some(other) = pods
+            .values()
+            .find(|p| p.ctx.netns.cookie() == netns.cookie())
+        {
+            return Err(EnrolError::NetnsTaken {
+                netns: spec.netns.clone(),
+                other: other.ctx.name.clone(),
+            });
+        }
+        let listeners_err = |source| EnrolError::Listeners {
+            name: name.clone(),
+            source,
+        };
+        let (addresses, listeners) = netns
+            .run(|| -> io::Result<_> {
+                let addresses = sockets::pod_addresses()?;
+                let v6 = sockets::has_ipv6_loopback();
+                Ok((addresses, sockets::open_listeners(v6)?))
+            })
+            .map_err(|source| EnrolError::Netns {
+                name: name.clone(),
+                source,
+            })?
+            .map_err(listeners_err)?;
+
+        // 1. listeners (kept as fds for the maps; served once all is in place)
+        let cookie = netns.cookie();
+        let ctx = Arc::new(PodCtx {
+            name: name.clone(),
+            netns,
+            capture: self.capture.clone(),
+            metrics: self.metrics.clone(),
+        });
+        // 2. maps, 3. attach; on failure undo what was done, so that the
+        // kernel maps never name a pod the agent does not serve.
+        let captured = (|| -> Result<(), CaptureError> {
+            for addr in &addresses {
+                let Some(l) = listeners
+                    .iter()
+                    .find(|l| l.role == Role::InboundPlaintext && l.v6 == addr.is_ipv6())
+                else {
+                    continue;
+                };
+                self.capture.add_inbound(*addr, cookie, &l.socket)?;
+            }
+            self.capture.enroll_netns(cookie)?;
+            self.capture.attach_sk_lookup(&ctx.netns)
+        })();
+        if let Err(source) = captured {
+            self.release_kernel(cookie, &addresses);
+            return Err(EnrolError::Capture { name, source });
+        }
+        let mut tasks = Vec::new();
+        for l in listeners {
+            match proxy::spawn_listener(ctx.clone(), l) {
+                Ok(t) => tasks.push(t),
+                Err(source) => {
+                    tasks.iter().for_each(JoinHandle::abort);
+                    self.release_kernel(cookie, &addresses);
+                    return Err(EnrolError::Listeners { name, source });
+                }
+            }
+        }
+        let enrolled = Enrolled {
+            ctx,
+            addresses,
+            tasks,
+        };
+        let info = enrolled.info();
+        pods.insert(name, enrolled);
+        self.metrics.enrolled_pods.set(pods.len() as i64);
+        self.save(&pods)?;
+        info!(pod = %info.name, netns = %info.netns.display(), cookie = %cookie, addresses = ?info.addresses, "pod enrolled");
+        Ok(info)
+    }
+
+    pub fn unenroll(&self, name: &str) -> Result<PodInfo, EnrolError> {
+        let r = self.unenroll_inner(name);
+        self.metrics.enrolment(
+            "unenroll",
+            r.as_ref().map_or_else(EnrolError::kind, |_| "ok"),
+        );
+        r
+    }
+
+    fn unenroll_inner(&self, name: &str) -> Result<PodInfo, EnrolError> {
+        let mut pods = self.pods.lock().expect("pods lock");
+        let Some(p) = pods.remove(name) else {
+            return Err(EnrolError::NotEnrolled {
+                name: name.to_owned(),
+            });
+        };
+        let info = p.info();
+        // Reverse order: detach, maps, listeners. Live connections finish on
+        // their own; new ones go direct.
+        self.release_kernel(info.netns_cookie, &info.addresses);
+        p.tasks.iter().for_each(JoinHandle::abort);
+        self.metrics.enrolled_pods.set(pods.len() as i64);
+        self.save(&pods)?;
+        info!(pod = %name, "pod released");
+        Ok(info)
+    }
+
+    fn release_kernel(&self, cookie: NetnsCookie, addresses: &[IpAddr]) {
+        if let Err(e) = self.capture.detach_sk_lookup(cookie) {
+            warn!(%cookie, error = %e, "detaching inbound capture");
+        }
+        if let Err(e) = self.capture.unenroll_netns(cookie) {
+            warn!(%cookie, error = %e, "removing enrolled netns");
+        }
+        for addr in addresses {
+            if let Err(e) = self.capture.remove_inbound(*addr) {
+                warn!(%addr, error = %e, "removing inbound address");
+            }
+        }
+    }
+
+    fn save(&self, pods: &BTreeMap<String, Enrolled>) -> Result<(), EnrolError> {
+        let saved: Vec<SavedPod> = pods
+            .values()
+            .map(|p| SavedPod {
+                name: p.ctx.name.clone(),
+                netns: p.ctx.netns.path().to_owned(),
+                netns_cookie: p.ctx.netns.cookie().0,
+            })
+            .collect();
+        let err = |source| EnrolError::State {
+            path: self.state_file.clone(),
+            source,
+        };
+        let tmp = self.state_file.with_extension("json.tmp");
+        let body = serde_json::to_vec_pretty(&saved).map_err(|e| err(e.into()))?;
+        std::fs::write(&tmp, body).map_err(err)?;
+        std::fs::rename(&tmp, &self.state_file).map_err(err)
+    }
+
+    /// Takes back the pods a previous agent enrolled, then clears whatever
+    /// the kernel maps or pins still hold for pods that are gone.
+    pub fn restore(&self) {
+        let saved: Vec<SavedPod> = match std::fs::read(&self.state_file) {
+            Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
+                warn!(file = %self.state_file.display(), error = %e, "ignoring unreadable state file");
+                Vec::new()
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => {
+                warn!(file = %self.state_file.display(), error = %e, "cannot read state file");
+                Vec::new()
+            }
+        };
+        for s in &saved {
+            let spec = PodSpec {
+                name: s.name.clone(),
+                netns: s.netns.clone(),
+            };
+            // The namespace may have been replaced under the same path: only
+            // the same namespace keeps its pinned inbound link.
+            if let Ok(ns) = Netns::open(&s.netns)
+                && ns.cookie().0 != s.netns_cookie
+            {
+                let _ = self.capture.detach_sk_lookup(NetnsCookie(s.netns_cookie));
+            }
+            match self.enroll(&spec) {
+                Ok(_) => info!(pod = %s.name, "restored enrolled pod"),
+                Err(e) => warn!(pod = %s.name, error = %e, "could not restore enrolled pod"),
+            }
+        }
+        self.sweep();
+    }
+
+    /// Removes kernel state that no enrolled pod owns.
+    pub fn sweep(&self) {
+        let live: Vec<NetnsCookie> = self
+            .pods
+            .lock()
+            .expect("pods lock")
+            .values()
+            .map(|p| p.ctx.netns.cookie())
+            .collect();
+        for cookie in self.capture.enrolled_cookies() {
+            if !live.contains(&cookie) {
+                info!(%cookie, "removing stale enrolled netns");
+                let _ = self.capture.unenroll_netns(cookie);
+            }
+        }
+        for (key, cookie) in self.capture.inbound_addrs() {
+            if !live.contains(&cookie) {
+                let _ = self.capture.remove_inbound_key(&key);
+            }
+        }
+        for cookie in self.capture.pinned_sk_lookup_cookies() {
+            if !live.contains(&cookie) {
+                info!(%cookie, "detaching stale inbound capture link");
+                let _ = self.capture.detach_sk_lookup(cookie);
+            }
+        }
+    }
+}

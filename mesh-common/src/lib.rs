@@ -1,0 +1,189 @@
+//! Types, names and constants shared by the kernel programs (`mesh-ebpf`) and
+//! the agent (`mesh-agent`). This crate is the single source of truth for map
+//! layouts, socket marks and ports: both sides compile against it, so a layout
+//! change cannot reach only one of them.
+#![no_std]
+
+/// Outbound capture listener (`127.0.0.1` / `::1` inside the pod netns).
+pub const PORT_OUTBOUND: u16 = 15001;
+/// Inbound plaintext capture listener (`0.0.0.0` / `::` inside the pod netns).
+pub const PORT_INBOUND_PLAINTEXT: u16 = 15006;
+/// Inbound HBONE (mTLS) listener.
+pub const PORT_HBONE: u16 = 15008;
+/// Admin server, localhost only.
+pub const PORT_ADMIN: u16 = 15000;
+/// Prometheus metrics.
+pub const PORT_METRICS: u16 = 15020;
+/// Readiness probe.
+pub const PORT_READY: u16 = 15021;
+
+/// Ports the agent itself serves: never captured in either direction.
+pub const AGENT_PORTS: [u16; 6] = [
+    PORT_ADMIN,
+    PORT_OUTBOUND,
+    PORT_INBOUND_PLAINTEXT,
+    PORT_HBONE,
+    PORT_METRICS,
+    PORT_READY,
+];
+
+/// `SO_MARK` carried by every socket the agent opens inside a pod netns; the
+/// connect programs leave such sockets alone, which is what prevents loops.
+pub const AGENT_MARK: u32 = 0x539;
+
+/// Source address of the agent's connections to a local app (IPv4). Inbound
+/// capture skips SYNs from it. In network byte order, as the kernel gives it.
+pub const AGENT_SOURCE_V4: [u8; 4] = [127, 0, 0, 6];
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// Map names, as the kernel object declares them and the agent looks them up.
+pub mod maps {
+    /// netns cookie -> [`super::NetnsInfo`]: the enrolled pod network namespaces.
+    pub const ENROLLED_NETNS: &str = "ENROLLED_NETNS";
+    /// socket cookie -> [`super::OrigDst`]: set at connect, moved by sockops.
+    pub const PENDING_CONNECT: &str = "PENDING_CONNECT";
+    /// [`super::ConnKey`] -> [`super::OrigDst`]: read (and deleted) by the agent after accept.
+    pub const ORIG_DST: &str = "ORIG_DST";
+    /// port (host order) -> [`super::PortFlags`] bits: excluded from capture.
+    pub const EXCLUDED_PORTS: &str = "EXCLUDED_PORTS";
+    /// [`super::AddrKey`] -> netns cookie: pod addresses whose inbound traffic is captured.
+    pub const INBOUND_ADDRS: &str = "INBOUND_ADDRS";
+    /// [`super::AddrKey`] -> the pod's 15006 listener socket (SOCKHASH).
+    pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
+    /// Per-CPU `u64` counters indexed by [`super::Counter`].
+    pub const COUNTERS: &str = "COUNTERS";
+
+    pub const ALL: [&str; 7] = [
+        ENROLLED_NETNS,
+        PENDING_CONNECT,
+        ORIG_DST,
+        EXCLUDED_PORTS,
+        INBOUND_ADDRS,
+        INBOUND_LISTENERS,
+        COUNTERS,
+    ];
+}
+
+/// Program names, as the kernel object declares them.
+pub mod programs {
+    pub const CONNECT4: &str = "mesh_connect4";
+    pub const CONNECT6: &str = "mesh_connect6";
+    pub const SOCKOPS: &str = "mesh_sockops";
+    pub const SK_LOOKUP: &str = "mesh_sk_lookup";
+}
+
+/// Map sizes.
+pub const MAX_ENROLLED_NETNS: u32 = 4096;
+pub const MAX_PENDING: u32 = 65536;
+pub const MAX_EXCLUDED_PORTS: u32 = 256;
+pub const MAX_INBOUND_ADDRS: u32 = 8192;
+
+/// Values of [`maps::ENROLLED_NETNS`]. `flags` is reserved for per-pod modes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NetnsInfo {
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// Bits of an [`maps::EXCLUDED_PORTS`] value.
+pub struct PortFlags;
+impl PortFlags {
+    /// Outbound connections to this destination port are not captured.
+    pub const OUTBOUND: u8 = 1;
+    /// Inbound connections to this local port are not captured.
+    pub const INBOUND: u8 = 2;
+}
+
+/// The destination an application asked for, before the connect program
+/// rewrote it. A v4-mapped IPv6 destination is stored as plain IPv4, since the
+/// connection then runs over IPv4 to the v4 capture listener.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct OrigDst {
+    /// Address in network byte order; IPv4 uses `addr[0]`.
+    pub addr: [u32; 4],
+    /// Port in host byte order.
+    pub port: u16,
+    /// [`AF_INET`] or [`AF_INET6`]: also the family of the listener the
+    /// connection was sent to.
+    pub family: u16,
+    pub _pad: u32,
+}
+
+/// Key of [`maps::ORIG_DST`]: what the agent knows after `accept` on 15001:
+/// the pod (netns cookie), the client's ephemeral port and the family.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ConnKey {
+    pub netns_cookie: u64,
+    /// Client port in host byte order.
+    pub port: u16,
+    pub family: u16,
+    pub _pad: u32,
+}
+
+/// Key of [`maps::INBOUND_ADDRS`] and [`maps::INBOUND_LISTENERS`]: a pod address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct AddrKey {
+    /// Address in network byte order; IPv4 uses `addr[0]`.
+    pub addr: [u32; 4],
+    pub family: u32,
+}
+
+/// Indexes into [`maps::COUNTERS`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// An enrolled pod's outbound connect was sent to 15001.
+    OutboundRedirected = 0,
+    /// An enrolled pod's outbound connect was left alone (loopback, excluded
+    /// port, HBONE port, agent socket).
+    OutboundSkipped = 1,
+    /// The original destination could not be recorded (map full): the
+    /// connection still goes to 15001, where the agent refuses it.
+    OutboundErrors = 2,
+    /// An inbound SYN to an enrolled pod address was given to its 15006 listener.
+    InboundAssigned = 3,
+    /// An inbound SYN to an enrolled pod address found no agent listener and
+    /// was dropped (fail closed).
+    InboundNoListener = 4,
+    /// An inbound SYN to an enrolled pod was left alone (agent port,
+    /// excluded port, from the agent itself).
+    InboundSkipped = 5,
+}
+
+impl Counter {
+    pub const COUNT: u32 = 6;
+    pub const ALL: [Counter; Self::COUNT as usize] = [
+        Counter::OutboundRedirected,
+        Counter::OutboundSkipped,
+        Counter::OutboundErrors,
+        Counter::InboundAssigned,
+        Counter::InboundNoListener,
+        Counter::InboundSkipped,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::OutboundRedirected => "outbound_redirected",
+            Counter::OutboundSkipped => "outbound_skipped",
+            Counter::OutboundErrors => "outbound_errors",
+            Counter::InboundAssigned => "inbound_assigned",
+            Counter::InboundNoListener => "inbound_no_listener",
+            Counter::InboundSkipped => "inbound_skipped",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod_impls {
+    // SAFETY: plain `#[repr(C)]` integer structs with explicit padding fields.
+    unsafe impl aya::Pod for super::NetnsInfo {}
+    unsafe impl aya::Pod for super::OrigDst {}
+    unsafe impl aya::Pod for super::ConnKey {}
+    unsafe impl aya::Pod for super::AddrKey {}
+}
