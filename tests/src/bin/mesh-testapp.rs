@@ -1,0 +1,148 @@
+//! The application the namespaced tests run inside pods.
+//!
+//! `serve ADDR`: accepts TCP connections; on each, writes one line
+//! `peer=<client addr> local=<local addr>` and then echoes every byte until the
+//! client half-closes.
+//!
+//! `connect ADDR BYTES` / `repl`: connects to ADDR (for `repl`, one connection
+//! per stdin line `ADDR BYTES`), sends BYTES of a pattern, half-closes, reads
+//! the echo and prints one JSON line: the client's local and peer addresses as
+//! the client's socket sees them, what the server saw, and whether every byte
+//! came back intact.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    time::Duration,
+};
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("serve") => serve(args[1].parse().expect("serve ADDR")),
+        Some("connect") => {
+            let out = connect(
+                args[1].parse().expect("connect ADDR"),
+                args[2].parse().expect("BYTES"),
+            );
+            println!("{out}");
+        }
+        Some("repl") => {
+            let stdin = std::io::stdin();
+            for line in stdin.lock().lines() {
+                let line = line.expect("stdin");
+                let mut it = line.split_whitespace();
+                let (Some(addr), Some(n)) = (it.next(), it.next()) else {
+                    continue;
+                };
+                let out = connect(addr.parse().expect("ADDR"), n.parse().expect("BYTES"));
+                println!("{out}");
+                std::io::stdout().flush().expect("stdout");
+            }
+        }
+        _ => {
+            eprintln!("usage: mesh-testapp serve ADDR | connect ADDR BYTES | repl");
+            std::process::exit(64);
+        }
+    }
+}
+
+fn serve(addr: SocketAddr) {
+    let l = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+    println!("listening {addr}");
+    std::io::stdout().flush().expect("stdout");
+    for s in l.incoming() {
+        let Ok(mut s) = s else { continue };
+        std::thread::spawn(move || {
+            let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+            let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
+            let _ = s.write_all(format!("peer={peer} local={local}\n").as_bytes());
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if s.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            let _ = s.shutdown(Shutdown::Write);
+        });
+    }
+}
+
+fn pattern(i: usize) -> u8 {
+    (i % 251) as u8
+}
+
+fn connect(addr: SocketAddr, bytes: usize) -> serde_json::Value {
+    let s = match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+        Ok(s) => s,
+        Err(e) => {
+            return serde_json::json!({ "ok": false, "error": e.to_string(), "refused": e.kind() == std::io::ErrorKind::ConnectionRefused });
+        }
+    };
+    let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let _ = s.set_read_timeout(Some(Duration::from_secs(20)));
+    let fail = |e: String| serde_json::json!({ "ok": false, "error": e, "refused": false, "local": local, "peer": peer });
+    let mut reader = BufReader::new(s.try_clone().expect("clone"));
+    let mut hello = String::new();
+    if let Err(e) = reader.read_line(&mut hello) {
+        return fail(format!("reading server hello: {e}"));
+    }
+    let mut server_peer = String::new();
+    let mut server_local = String::new();
+    for kv in hello.split_whitespace() {
+        if let Some(v) = kv.strip_prefix("peer=") {
+            server_peer = v.to_owned();
+        } else if let Some(v) = kv.strip_prefix("local=") {
+            server_local = v.to_owned();
+        }
+    }
+    let mut w = s;
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+        const CHUNK: usize = 64 * 1024;
+        let mut sent = 0;
+        while sent < bytes {
+            let n = (bytes - sent).min(CHUNK);
+            // The pattern repeats every 251 bytes; offset keeps it continuous.
+            let off = sent % 251;
+            let data: Vec<u8> = (0..n).map(|i| pattern(off + i)).collect();
+            w.write_all(&data)?;
+            sent += n;
+        }
+        w.shutdown(Shutdown::Write)
+    });
+    let mut got = 0usize;
+    let mut intact = true;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                intact &= buf[..n]
+                    .iter()
+                    .enumerate()
+                    .all(|(i, b)| *b == pattern(got + i));
+                got += n;
+            }
+            Err(e) => return fail(format!("reading echo after {got} bytes: {e}")),
+        }
+    }
+    if let Ok(Err(e)) = writer.join() {
+        return fail(format!("sending: {e}"));
+    }
+    serde_json::json!({
+        "ok": intact && got == bytes,
+        "local": local,
+        "peer": peer,
+        "server_peer": server_peer,
+        "server_local": server_local,
+        "sent": bytes,
+        "received": got,
+        "intact": intact,
+    })
+}

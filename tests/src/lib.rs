@@ -1,0 +1,731 @@
+//! Namespaced test harness: simulated nodes and pods built from network
+//! namespaces, veth pairs, bridges and cgroup v2 directories, with the real
+//! agent and its eBPF programs. Everything a [`Testbed`] makes carries its
+//! unique prefix and is removed when it is dropped, test failure included.
+//! Addresses are private ranges inside namespaces the testbed made; nothing
+//! touches the host's own network.
+//!
+//! Layout: a fabric namespace with bridge `fab0` (10.250.0.0/24) links the
+//! nodes; node `i` routes its pod subnet 10.(i+1).0.0/24 and fd00:(i+1)::/64
+//! through its own bridge `br0`; pods get `.10+j` / `::a+j`.
+
+use std::{
+    fs,
+    io::{BufRead, BufReader, Read, Write},
+    net::{IpAddr, SocketAddr, TcpStream},
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail, ensure};
+
+pub use serde_json::Value;
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// Fails the test loudly unless it runs as root: these tests load eBPF and
+/// create namespaces, and must never pass by skipping.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "namespaced tests need root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN); run them through `cargo xtask ci` as root"
+    );
+}
+
+/// Runs a command, failing with its output when it fails.
+pub fn sh(cmd: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {cmd}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd} {} failed: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    sh("ip", args).map(drop)
+}
+
+/// The cgroup v2 mount of this machine.
+pub fn cgroup2_root() -> PathBuf {
+    let mounts = fs::read_to_string("/proc/mounts").unwrap_or_default();
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+        })
+        .next()
+        .expect("cgroup v2 is mounted (the agent attaches its programs to a cgroup v2 directory)")
+}
+
+/// Binaries the tests run: the agent from the same target directory as the
+/// test, the test app built alongside this crate.
+pub fn agent_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("MESH_AGENT_BIN") {
+        return PathBuf::from(p);
+    }
+    sibling_bin("mesh-agent")
+}
+
+/// A binary of this workspace next to the running one: `target/<profile>/`
+/// for xtask, one level up from `deps/` for a test.
+fn sibling_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().expect("exe has a directory");
+    let candidates = [dir.join(name), dir.parent().unwrap_or(dir).join(name)];
+    candidates
+        .iter()
+        .find(|p| p.exists())
+        .cloned()
+        .unwrap_or_else(|| panic!("{name} not found next to {}: build it first (`cargo build -p mesh-agent -p mesh-tests --bins`, which `cargo xtask ci` does)", exe.display()))
+}
+
+/// `sh -c` script: `$0` is a cgroup directory, `$1` a netns path, the rest a
+/// command. The shell moves itself into the cgroup first (entering a netns
+/// with `ip netns exec` would remount /sys and hide the cgroup mount).
+const IN_POD: &str =
+    r#"echo $$ > "$0/cgroup.procs" && ns="$1" && shift && exec nsenter --net="$ns" -- "$@""#;
+
+/// A command that runs `program` inside `cgroup` and network namespace `netns`.
+fn in_cgroup_netns(cgroup: &Path, netns: &str, program: &Path) -> Command {
+    let mut c = Command::new("sh");
+    c.arg("-c")
+        .arg(IN_POD)
+        .arg(cgroup)
+        .arg(format!("/run/netns/{netns}"))
+        .arg(program);
+    c
+}
+
+pub struct Testbed {
+    pub prefix: String,
+    pub nodes: Vec<Node>,
+    fabric: String,
+    cgroup: PathBuf,
+    children: Vec<Child>,
+    pub workdir: PathBuf,
+}
+
+pub struct Node {
+    pub index: usize,
+    pub netns: String,
+    pub cgroup: PathBuf,
+    pub bpf_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub pods: Vec<Pod>,
+    pub agent: Option<Agent>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Pod {
+    pub name: String,
+    pub netns: String,
+    pub cgroup: PathBuf,
+    pub ip4: IpAddr,
+    pub ip6: IpAddr,
+}
+
+impl Pod {
+    pub fn netns_path(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.netns))
+    }
+}
+
+impl Testbed {
+    /// A fabric and `nodes` empty nodes.
+    pub fn new(nodes: usize) -> anyhow::Result<Self> {
+        require_root();
+        let prefix = format!(
+            "mt{}x{}",
+            std::process::id() % 100_000,
+            SEQ.fetch_add(1, Ordering::SeqCst)
+        );
+        let workdir = std::env::temp_dir().join(format!("mesh-tests-{prefix}"));
+        fs::create_dir_all(&workdir)?;
+        let cgroup = cgroup2_root().join(&prefix);
+        let mut tb = Testbed {
+            fabric: format!("{prefix}-fab"),
+            prefix,
+            nodes: Vec::new(),
+            cgroup,
+            children: Vec::new(),
+            workdir,
+        };
+        fs::create_dir_all(&tb.cgroup).context("creating the testbed cgroup")?;
+        ip(&["netns", "add", &tb.fabric])?;
+        ip(&["-n", &tb.fabric, "link", "set", "lo", "up"])?;
+        ip(&["-n", &tb.fabric, "link", "add", "fab0", "type", "bridge"])?;
+        ip(&["-n", &tb.fabric, "link", "set", "fab0", "up"])?;
+        for i in 0..nodes {
+            tb.add_node(i)?;
+        }
+        // Routes between nodes: each node reaches the others' pod subnets
+        // through their fabric address.
+        for i in 0..nodes {
+            for j in 0..nodes {
+                if i == j {
+                    continue;
+                }
+                let ns = tb.nodes[i].netns.clone();
+                ip(&[
+                    "-n",
+                    &ns,
+                    "route",
+                    "add",
+                    &format!("10.{}.0.0/24", j + 1),
+                    "via",
+                    &format!("10.250.0.{}", j + 1),
+                ])?;
+                ip(&[
+                    "-n",
+                    &ns,
+                    "-6",
+                    "route",
+                    "add",
+                    &format!("fd00:{}::/64", j + 1),
+                    "via",
+                    &format!("fd00:250::{}", j + 1),
+                ])?;
+            }
+        }
+        Ok(tb)
+    }
+
+    fn add_node(&mut self, i: usize) -> anyhow::Result<()> {
+        let netns = format!("{}-n{i}", self.prefix);
+        let n = i + 1;
+        ip(&["netns", "add", &netns])?;
+        sh(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &netns,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+                "net.ipv6.conf.all.forwarding=1",
+            ],
+        )?;
+        ip(&["-n", &netns, "link", "set", "lo", "up"])?;
+        let fab_if = format!("n{i}");
+        ip(&[
+            "-n",
+            &netns,
+            "link",
+            "add",
+            "up0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &fab_if,
+            "netns",
+            &self.fabric,
+        ])?;
+        ip(&[
+            "-n",
+            &self.fabric,
+            "link",
+            "set",
+            &fab_if,
+            "master",
+            "fab0",
+            "up",
+        ])?;
+        ip(&["-n", &netns, "link", "set", "up0", "up"])?;
+        ip(&[
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("10.250.0.{n}/24"),
+            "dev",
+            "up0",
+        ])?;
+        ip(&[
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("fd00:250::{n}/64"),
+            "dev",
+            "up0",
+            "nodad",
+        ])?;
+        ip(&["-n", &netns, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &netns, "link", "set", "br0", "up"])?;
+        ip(&[
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("10.{n}.0.1/24"),
+            "dev",
+            "br0",
+        ])?;
+        ip(&[
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("fd00:{n}::1/64"),
+            "dev",
+            "br0",
+            "nodad",
+        ])?;
+        let cgroup = self.cgroup.join(format!("n{i}"));
+        fs::create_dir_all(&cgroup)?;
+        let state_dir = self.workdir.join(format!("n{i}"));
+        fs::create_dir_all(&state_dir)?;
+        self.nodes.push(Node {
+            index: i,
+            bpf_dir: PathBuf::from(format!("/sys/fs/bpf/{}-n{i}", self.prefix)),
+            netns,
+            cgroup,
+            state_dir,
+            pods: Vec::new(),
+            agent: None,
+        });
+        Ok(())
+    }
+
+    /// A pod on node `node`: a netns with `eth0` on the node's bridge, its
+    /// addresses and default routes, and a cgroup under the node's.
+    pub fn add_pod(&mut self, node: usize, name: &str) -> anyhow::Result<Pod> {
+        let nd = &mut self.nodes[node];
+        let j = nd.pods.len();
+        let n = node + 1;
+        let netns = format!("{}-n{node}p{j}", self.prefix);
+        ip(&["netns", "add", &netns])?;
+        ip(&["-n", &netns, "link", "set", "lo", "up"])?;
+        let host_if = format!("p{j}");
+        ip(&[
+            "-n", &nd.netns, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0",
+            "netns", &netns,
+        ])?;
+        ip(&[
+            "-n", &nd.netns, "link", "set", &host_if, "master", "br0", "up",
+        ])?;
+        ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
+        let ip4: IpAddr = format!("10.{n}.0.{}", 10 + j).parse()?;
+        let ip6: IpAddr = format!("fd00:{n}::{:x}", 10 + j).parse()?;
+        ip(&[
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("{ip4}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&[
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("{ip6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        ip(&[
+            "-n",
+            &netns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("10.{n}.0.1"),
+        ])?;
+        ip(&[
+            "-n",
+            &netns,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("fd00:{n}::1"),
+        ])?;
+        let cgroup = nd.cgroup.join(format!("p{j}"));
+        fs::create_dir_all(&cgroup)?;
+        let pod = Pod {
+            name: name.to_owned(),
+            netns,
+            cgroup,
+            ip4,
+            ip6,
+        };
+        nd.pods.push(pod.clone());
+        Ok(pod)
+    }
+
+    /// Starts `cmd` inside `netns` and `cgroup` (moved into the cgroup first:
+    /// entering a netns with `ip netns exec` would hide the cgroup mount).
+    pub fn spawn_in(
+        &mut self,
+        netns: &str,
+        cgroup: &Path,
+        cmd: &Path,
+        args: &[&str],
+        log: Option<&Path>,
+    ) -> anyhow::Result<usize> {
+        let mut c = in_cgroup_netns(cgroup, netns, cmd);
+        c.args(args);
+        c.stdin(Stdio::piped()).stdout(Stdio::piped());
+        match log {
+            Some(p) => {
+                c.stderr(fs::File::create(p)?);
+            }
+            None => {
+                c.stderr(Stdio::inherit());
+            }
+        }
+        let child = c
+            .spawn()
+            .with_context(|| format!("spawning {}", cmd.display()))?;
+        self.children.push(child);
+        Ok(self.children.len() - 1)
+    }
+
+    /// Starts the test app's echo server in a pod, listening on `addr`.
+    pub fn serve(&mut self, pod: &Pod, addr: SocketAddr) -> anyhow::Result<()> {
+        let app = testapp_bin();
+        let idx = self.spawn_in(
+            &pod.netns,
+            &pod.cgroup.clone(),
+            &app,
+            &["serve", &addr.to_string()],
+            None,
+        )?;
+        let out = self.children[idx].stdout.take().expect("piped");
+        let mut line = String::new();
+        BufReader::new(out).read_line(&mut line)?;
+        ensure!(
+            line.starts_with("listening"),
+            "server in {} did not start: {line:?}",
+            pod.name
+        );
+        Ok(())
+    }
+
+    /// One connection from a (new) process in `pod` to `dst`, `bytes` echoed.
+    pub fn connect(&self, pod: &Pod, dst: SocketAddr, bytes: usize) -> anyhow::Result<Value> {
+        let out = in_cgroup_netns(&pod.cgroup, &pod.netns, &testapp_bin())
+            .args(["connect", &dst.to_string(), &bytes.to_string()])
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "test client failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// A long-lived client process in `pod`, for connections from the same
+    /// process before and after a change.
+    pub fn repl(&mut self, pod: &Pod) -> anyhow::Result<Repl> {
+        let app = testapp_bin();
+        let idx = self.spawn_in(&pod.netns, &pod.cgroup.clone(), &app, &["repl"], None)?;
+        let child = &mut self.children[idx];
+        Ok(Repl {
+            stdin: child.stdin.take().expect("piped"),
+            stdout: BufReader::new(child.stdout.take().expect("piped")),
+        })
+    }
+
+    /// Starts the agent on a node (inside the node netns and cgroup).
+    pub fn start_agent(&mut self, node: usize, extra: &[&str]) -> anyhow::Result<()> {
+        let (netns, cgroup, bpf_dir, state_dir) = {
+            let n = &self.nodes[node];
+            (
+                n.netns.clone(),
+                n.cgroup.clone(),
+                n.bpf_dir.clone(),
+                n.state_dir.clone(),
+            )
+        };
+        let log = self.workdir.join(format!("agent-n{node}.log"));
+        let log_file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        let mut c = in_cgroup_netns(&cgroup, &netns, &agent_bin());
+        c.arg("node")
+            .arg("--bpf-dir")
+            .arg(&bpf_dir)
+            .arg("--cgroup")
+            .arg(&cgroup)
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .args(extra)
+            .env("MESH_LOG", "info,mesh_agent=debug")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file);
+        let child = c.spawn().context("spawning the agent")?;
+        let agent = Agent {
+            child,
+            netns: netns.clone(),
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok((200, _)) = agent.http("GET", "/healthz/ready", None) {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "agent on node {node} not ready after 20s; log:\n{}",
+                    agent.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.nodes[node].agent = Some(agent);
+        Ok(())
+    }
+
+    pub fn agent(&self, node: usize) -> &Agent {
+        self.nodes[node]
+            .agent
+            .as_ref()
+            .expect("agent started on this node")
+    }
+
+    /// Stops the agent with SIGKILL: nothing of it runs, nothing is cleaned.
+    pub fn kill_agent(&mut self, node: usize) -> anyhow::Result<()> {
+        let mut a = self.nodes[node].agent.take().expect("agent running");
+        a.child.kill()?;
+        a.child.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            if let Some(mut a) = n.agent.take() {
+                let _ = a.child.kill();
+                let _ = a.child.wait();
+                if std::thread::panicking() {
+                    eprintln!("--- agent log (node {}) ---\n{}", n.index, a.log_text());
+                }
+            }
+        }
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        cleanup(&self.prefix);
+    }
+}
+
+/// Removes everything a testbed with this prefix made: processes left in its
+/// cgroups, its namespaces, pins and state. Safe to call more than once and
+/// after a crash (the demo calls it on Ctrl-C).
+pub fn cleanup(prefix: &str) {
+    let cgroup = cgroup2_root().join(prefix);
+    kill_cgroup_tree(&cgroup);
+    if let Ok(list) = sh("ip", &["netns", "list"]) {
+        for ns in list.lines().filter_map(|l| l.split_whitespace().next()) {
+            if ns.starts_with(&format!("{prefix}-")) {
+                let _ = sh("ip", &["netns", "del", ns]);
+            }
+        }
+    }
+    if let Ok(entries) = fs::read_dir("/sys/fs/bpf") {
+        for e in entries.filter_map(Result::ok) {
+            if e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("{prefix}-"))
+            {
+                // Unlinking the pins detaches the programs and frees the maps.
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    remove_cgroup_tree(&cgroup);
+    let _ = fs::remove_dir_all(std::env::temp_dir().join(format!("mesh-tests-{prefix}")));
+}
+
+fn kill_cgroup_tree(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.filter_map(Result::ok) {
+        if e.path().is_dir() {
+            kill_cgroup_tree(&e.path());
+        }
+    }
+    for pid in fs::read_to_string(dir.join("cgroup.procs"))
+        .unwrap_or_default()
+        .lines()
+    {
+        if let Ok(pid) = pid.trim().parse::<i32>() {
+            // SAFETY: plain kill(2) on a pid read from our own cgroup.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+fn remove_cgroup_tree(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.filter_map(Result::ok) {
+        if e.path().is_dir() {
+            remove_cgroup_tree(&e.path());
+        }
+    }
+    // A cgroup empties asynchronously after its last process is reaped.
+    for _ in 0..50 {
+        if fs::remove_dir(dir).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn testapp_bin() -> PathBuf {
+    sibling_bin("mesh-testapp")
+}
+
+pub struct Repl {
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Repl {
+    pub fn connect(&mut self, dst: SocketAddr, bytes: usize) -> anyhow::Result<Value> {
+        writeln!(self.stdin, "{dst} {bytes}")?;
+        self.stdin.flush()?;
+        let mut line = String::new();
+        self.stdout.read_line(&mut line)?;
+        Ok(serde_json::from_str(&line)?)
+    }
+}
+
+pub struct Agent {
+    child: Child,
+    netns: String,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// One HTTP/1.0 request to the admin server, made from inside the node netns.
+    pub fn http(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> anyhow::Result<(u16, String)> {
+        let ns = fs::File::open(format!("/run/netns/{}", self.netns))?;
+        let req = format!(
+            "{method} {path} HTTP/1.0\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{}",
+            body.map_or(0, str::len),
+            body.unwrap_or("")
+        );
+        std::thread::scope(|s| {
+            s.spawn(|| -> anyhow::Result<(u16, String)> {
+                nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
+                let mut s = TcpStream::connect_timeout(
+                    &"127.0.0.1:15000".parse()?,
+                    Duration::from_secs(2),
+                )?;
+                s.set_read_timeout(Some(Duration::from_secs(10)))?;
+                s.write_all(req.as_bytes())?;
+                let mut resp = String::new();
+                s.read_to_string(&mut resp)?;
+                let status = resp.split_whitespace().nth(1).unwrap_or("0").parse()?;
+                let body = resp
+                    .split_once("\r\n\r\n")
+                    .map(|x| x.1.to_owned())
+                    .unwrap_or_default();
+                Ok((status, body))
+            })
+            .join()
+            .expect("http thread")
+        })
+    }
+
+    /// Runs the agent's own CLI (`mesh-agent pods ...`) inside the node netns.
+    pub fn cli(&self, args: &[&str]) -> anyhow::Result<(bool, String, String)> {
+        let out = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.netns))
+            .arg("--")
+            .arg(agent_bin())
+            .args(args)
+            .env_remove("RUST_BACKTRACE")
+            .env_remove("RUST_LIB_BACKTRACE")
+            .output()?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
+    pub fn enroll(&self, pod: &Pod) -> anyhow::Result<Value> {
+        let path = pod.netns_path();
+        let (ok, out, err) = self.cli(&[
+            "pods",
+            "enroll",
+            "--name",
+            &pod.name,
+            "--netns",
+            path.to_str().expect("utf8"),
+        ])?;
+        ensure!(ok, "enrolling {} failed: {out}{err}", pod.name);
+        Ok(serde_json::from_str(&out)?)
+    }
+
+    pub fn unenroll(&self, pod: &Pod) -> anyhow::Result<()> {
+        let (ok, out, err) = self.cli(&["pods", "unenroll", "--name", &pod.name])?;
+        ensure!(ok, "releasing {} failed: {out}{err}", pod.name);
+        Ok(())
+    }
+
+    /// The Prometheus page.
+    pub fn metrics(&self) -> anyhow::Result<String> {
+        let (status, body) = self.http("GET", "/metrics", None)?;
+        ensure!(status == 200, "metrics answered {status}");
+        Ok(body)
+    }
+
+    /// The value of one metric line, by its exact name and labels
+    /// (`name{a="b"}`); 0 when absent.
+    pub fn metric(&self, series: &str) -> anyhow::Result<f64> {
+        let page = self.metrics()?;
+        Ok(page
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(series)
+                    .and_then(|rest| rest.strip_prefix(' '))
+            })
+            .map(|v| v.trim().parse().unwrap_or(f64::NAN))
+            .unwrap_or(0.0))
+    }
+
+    pub fn capture_counter(&self, event: &str) -> anyhow::Result<f64> {
+        self.metric(&format!("mesh_capture_events_total{{event=\"{event}\"}}"))
+    }
+}

@@ -1,0 +1,393 @@
+//! Kernel capture, end to end: real eBPF programs, real namespaces, the real
+//! agent binary. Each test builds its own testbed and removes it afterwards.
+
+use std::net::{IpAddr, SocketAddr};
+
+use mesh_tests::{Testbed, Value};
+
+const APP_PORT: u16 = 8080;
+const OUTBOUND: &str = "15001";
+
+fn sa(ip: IpAddr, port: u16) -> SocketAddr {
+    SocketAddr::new(ip, port)
+}
+
+fn s(v: &Value, key: &str) -> String {
+    v[key].as_str().unwrap_or_default().to_owned()
+}
+
+/// The port part of an address string.
+fn port_of(addr: &str) -> String {
+    addr.rsplit(':').next().unwrap_or_default().to_owned()
+}
+
+/// The IP part of an address string (`1.2.3.4:5`, `[fd00::1]:5`), with a
+/// v4-mapped address (as a dual-stack server sees IPv4 peers) given as IPv4.
+fn ip_of(addr: &str) -> String {
+    addr.rsplit_once(':')
+        .map(|(ip, _)| ip.trim_matches(['[', ']']))
+        .map(|ip| ip.strip_prefix("::ffff:").unwrap_or(ip).to_owned())
+        .unwrap_or_default()
+}
+
+fn assert_intact(r: &Value, what: &str) {
+    assert_eq!(r["ok"], Value::Bool(true), "{what}: {r}");
+}
+
+#[test]
+fn outbound_is_captured_and_reaches_the_original_destination() -> anyhow::Result<()> {
+    let mut tb = Testbed::new(1)?;
+    let client = tb.add_pod(0, "default/client")?;
+    let server = tb.add_pod(0, "plain/server")?;
+    tb.serve(&server, sa(server.ip4, APP_PORT))?;
+    tb.serve(&server, sa(server.ip6, APP_PORT))?;
+    tb.start_agent(0, &[])?;
+    tb.agent(0).enroll(&client)?;
+
+    let cases = [
+        (sa(server.ip4, APP_PORT), server.ip4.to_string(), 1 << 20),
+        (sa(server.ip6, APP_PORT), server.ip6.to_string(), 1 << 20),
+        // A v4-mapped destination from an IPv6 socket goes through connect6.
+        (
+            format!("[::ffff:{}]:{APP_PORT}", server.ip4).parse()?,
+            server.ip4.to_string(),
+            100,
+        ),
+    ];
+    for (i, (dst, want_server_ip, bytes)) in cases.iter().enumerate() {
+        let r = tb.connect(&client, *dst, *bytes)?;
+        assert_intact(&r, &format!("to {dst}"));
+        // The client's socket is connected to the agent's 15001 listener...
+        assert_eq!(
+            port_of(&s(&r, "peer")),
+            OUTBOUND,
+            "client {dst} not redirected: {r}"
+        );
+        // ...and the server was reached at exactly the address dialed, from the
+        // client pod's own address (the agent connects from inside the pod).
+        assert_eq!(ip_of(&s(&r, "server_local")), *want_server_ip, "{r}");
+        assert_eq!(port_of(&s(&r, "server_local")), APP_PORT.to_string(), "{r}");
+        let client_ip = if dst.is_ipv6() && !want_server_ip.contains(':') {
+            client.ip4
+        } else if dst.is_ipv6() {
+            client.ip6
+        } else {
+            client.ip4
+        };
+        assert_eq!(ip_of(&s(&r, "server_peer")), client_ip.to_string(), "{r}");
+        let forwarded = tb
+            .agent(0)
+            .metric(r#"mesh_proxy_connections_total{direction="outbound",result="forwarded"}"#)?;
+        assert_eq!(
+            forwarded,
+            (i + 1) as f64,
+            "one forwarded connection per client connection"
+        );
+    }
+    // Every agent socket was left alone by the connect programs (no loop):
+    // its connects are counted as skipped, exactly once per forwarded one.
+    let a = tb.agent(0);
+    assert_eq!(a.capture_counter("outbound_redirected")?, 3.0);
+    assert_eq!(a.capture_counter("outbound_skipped")?, 3.0);
+    assert_eq!(a.capture_counter("outbound_errors")?, 0.0);
+    Ok(())
+}
+
+#[test]
+fn inbound_is_captured_on_15006_and_delivered_to_the_app() -> anyhow::Result<()> {
+    let mut tb = Testbed::new(1)?;
+    let client = tb.add_pod(0, "plain/client")?;
+    let server = tb.add_pod(0, "default/server")?;
+    tb.serve(&server, sa(IpAddr::from([0u8; 16]), APP_PORT))?;
+    tb.start_agent(0, &[])?;
+    tb.agent(0).enroll(&server)?;
+
+    let r = tb.connect(&client, sa(server.ip4, APP_PORT), 1 << 20)?;
+    assert_intact(&r, "v4 inbound");
+    // Not captured on the client side (not enrolled)...
+    assert_eq!(s(&r, "peer"), sa(server.ip4, APP_PORT).to_string());
+    // ...but delivered by the agent: from 127.0.0.6, to the original address.
+    assert_eq!(ip_of(&s(&r, "server_peer")), "127.0.0.6", "{r}");
+    assert_eq!(
+        s(&r, "server_local"),
+        format!("[::ffff:{}]:{APP_PORT}", server.ip4),
+        "{r}"
+    );
+
+    let r = tb.connect(&client, sa(server.ip6, APP_PORT), 1000)?;
+    assert_intact(&r, "v6 inbound");
+    // IPv6: the agent connects from the pod's own address.
+    assert_eq!(ip_of(&s(&r, "server_peer")), server.ip6.to_string(), "{r}");
+    assert_eq!(
+        s(&r, "server_local"),
+        sa(server.ip6, APP_PORT).to_string(),
+        "{r}"
+    );
+
+    let a = tb.agent(0);
+    assert_eq!(
+        a.metric(
+            r#"mesh_proxy_connections_total{direction="inbound_plaintext",result="forwarded"}"#
+        )?,
+        2.0
+    );
+    assert_eq!(a.capture_counter("inbound_assigned")?, 2.0);
+    // The agent's own two connections to the app were skipped, not looped.
+    assert_eq!(a.capture_counter("inbound_skipped")?, 2.0);
+    Ok(())
+}
+
+#[test]
+fn unenrolled_pods_loopback_and_excluded_ports_are_not_captured() -> anyhow::Result<()> {
+    let mut tb = Testbed::new(1)?;
+    let enrolled = tb.add_pod(0, "default/a")?;
+    let plain = tb.add_pod(0, "plain/b")?;
+    let server = tb.add_pod(0, "plain/server")?;
+    for port in [APP_PORT, 9901, 9902] {
+        tb.serve(&server, sa(server.ip4, port))?;
+    }
+    tb.serve(&enrolled, "127.0.0.1:7000".parse()?)?;
+    tb.serve(&enrolled, sa(enrolled.ip4, 9902))?;
+    tb.start_agent(
+        0,
+        &[
+            "--exclude-outbound-ports",
+            "9901",
+            "--exclude-inbound-ports",
+            "9902",
+        ],
+    )?;
+    tb.agent(0).enroll(&enrolled)?;
+
+    // A pod that is not enrolled talks directly.
+    let r = tb.connect(&plain, sa(server.ip4, APP_PORT), 1000)?;
+    assert_intact(&r, "unenrolled");
+    assert_eq!(s(&r, "peer"), sa(server.ip4, APP_PORT).to_string());
+    assert_eq!(ip_of(&s(&r, "server_peer")), plain.ip4.to_string());
+
+    // Loopback inside an enrolled pod is its own business.
+    let r = tb.connect(&enrolled, "127.0.0.1:7000".parse()?, 1000)?;
+    assert_intact(&r, "loopback");
+    assert_eq!(s(&r, "peer"), "127.0.0.1:7000");
+
+    // An excluded outbound port goes direct from the enrolled pod.
+    let r = tb.connect(&enrolled, sa(server.ip4, 9901), 1000)?;
+    assert_intact(&r, "excluded outbound");
+    assert_eq!(s(&r, "peer"), sa(server.ip4, 9901).to_string());
+    assert_eq!(ip_of(&s(&r, "server_peer")), enrolled.ip4.to_string());
+
+    // An excluded inbound port of an enrolled pod is reached directly.
+    let r = tb.connect(&plain, sa(enrolled.ip4, 9902), 1000)?;
+    assert_intact(&r, "excluded inbound");
+    assert_eq!(ip_of(&s(&r, "server_peer")), plain.ip4.to_string(), "{r}");
+
+    let a = tb.agent(0);
+    assert_eq!(a.capture_counter("outbound_redirected")?, 0.0);
+    assert_eq!(a.capture_counter("inbound_assigned")?, 0.0);
+    assert_eq!(
+        a.metric(r#"mesh_proxy_connections_total{direction="outbound",result="forwarded"}"#)?,
+        0.0
+    );
+    Ok(())
+}
+
+#[test]
+fn a_running_pod_is_enrolled_and_released_without_restart() -> anyhow::Result<()> {
+    let mut tb = Testbed::new(1)?;
+    let client = tb.add_pod(0, "default/client")?;
+    let server = tb.add_pod(0, "default/server")?;
+    tb.serve(&server, sa(server.ip4, APP_PORT))?;
+    tb.start_agent(0, &[])?;
+    let dst = sa(server.ip4, APP_PORT);
+    // One client process for the whole test: it is never restarted.
+    let mut app = tb.repl(&client)?;
+
+    let r = app.connect(dst, 1000)?;
+    assert_intact(&r, "before enrolment");
+    assert_eq!(s(&r, "peer"), dst.to_string(), "direct before enrolment");
+
+    tb.agent(0).enroll(&client)?;
+    tb.agent(0).enroll(&server)?;
+    let r = app.connect(dst, 1000)?;
+    assert_intact(&r, "after enrolment");
+    assert_eq!(
+        port_of(&s(&r, "peer")),
+        OUTBOUND,
+        "captured after enrolment: {r}"
+    );
+    // Both ends enrolled: out through the client's 15001, in through the
+    // server's 15006.
+    assert_eq!(ip_of(&s(&r, "server_peer")), "127.0.0.6", "{r}");
+
+    tb.agent(0).unenroll(&client)?;
+    tb.agent(0).unenroll(&server)?;
+    let r = app.connect(dst, 1000)?;
+    assert_intact(&r, "after release");
+    assert_eq!(s(&r, "peer"), dst.to_string(), "direct again after release");
+    assert_eq!(ip_of(&s(&r, "server_peer")), client.ip4.to_string(), "{r}");
+
+    // Nothing of the pods is left in the kernel maps or pins.
+    let (_, capture) = tb.agent(0).http("GET", "/capture", None)?;
+    let capture: Value = serde_json::from_str(&capture)?;
+    assert_eq!(
+        capture["enrolled_netns_cookies"],
+        serde_json::json!([]),
+        "{capture}"
+    );
+    let links: Vec<String> = std::fs::read_dir(tb.nodes[0].bpf_dir.join("links"))?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_, _>>()?;
+    assert!(
+        !links.iter().any(|l| l.starts_with("sk_lookup-")),
+        "{links:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn restart_keeps_capture_attached_and_fails_closed_meanwhile() -> anyhow::Result<()> {
+    let mut tb = Testbed::new(1)?;
+    let client = tb.add_pod(0, "default/client")?;
+    let server = tb.add_pod(0, "default/server")?;
+    let outside = tb.add_pod(0, "plain/outside")?;
+    tb.serve(&server, sa(server.ip4, APP_PORT))?;
+    tb.serve(&outside, sa(outside.ip4, APP_PORT))?;
+    tb.start_agent(0, &[])?;
+    tb.agent(0).enroll(&client)?;
+    tb.agent(0).enroll(&server)?;
+    let r = tb.connect(&client, sa(outside.ip4, APP_PORT), 1000)?;
+    assert_intact(&r, "before restart");
+    assert_eq!(port_of(&s(&r, "peer")), OUTBOUND);
+
+    tb.kill_agent(0)?;
+    let links = tb.nodes[0].bpf_dir.join("links");
+    for pin in ["mesh_connect4", "mesh_connect6", "mesh_sockops"] {
+        assert!(links.join(pin).exists(), "{pin} link is still pinned");
+    }
+
+    // No agent: the enrolled client's connection is refused, not sent around
+    // the agent in plaintext...
+    let r = tb.connect(&client, sa(outside.ip4, APP_PORT), 1000)?;
+    assert_eq!(r["ok"], Value::Bool(false), "{r}");
+    assert_eq!(r["refused"], Value::Bool(true), "{r}");
+    // ...and so is a connection into the enrolled server.
+    let r = tb.connect(&outside, sa(server.ip4, APP_PORT), 1000)?;
+    assert_eq!(
+        r["refused"],
+        Value::Bool(true),
+        "inbound while no agent: {r}"
+    );
+
+    // A new agent takes the pods back from its state, with the pinned programs.
+    tb.start_agent(0, &[])?;
+    let (_, pods) = tb.agent(0).http("GET", "/pods", None)?;
+    let pods: Value = serde_json::from_str(&pods)?;
+    assert_eq!(pods.as_array().map(Vec::len), Some(2), "{pods}");
+    let r = tb.connect(&client, sa(outside.ip4, APP_PORT), 1000)?;
+    assert_intact(&r, "after restart");
+    assert_eq!(port_of(&s(&r, "peer")), OUTBOUND);
+    let r = tb.connect(&outside, sa(server.ip4, APP_PORT), 1000)?;
+    assert_intact(&r, "inbound after restart");
+    assert_eq!(ip_of(&s(&r, "server_peer")), "127.0.0.6", "{r}");
+    Ok(())
+}
+
+#[test]
+fn bad_enrolment_requests_get_clear_errors_and_leave_maps_consistent() -> anyhow::Result<()> {
+    let mut tb = Testbed::new(1)?;
+    let pod = tb.add_pod(0, "default/a")?;
+    let other = tb.add_pod(0, "default/b")?;
+    tb.start_agent(0, &[])?;
+    let a = tb.agent(0);
+    let info = a.enroll(&pod)?;
+
+    let (ok, _, err) = a.cli(&[
+        "pods",
+        "enroll",
+        "--name",
+        "x/missing",
+        "--netns",
+        "/run/netns/does-not-exist",
+    ])?;
+    assert!(!ok);
+    assert!(
+        err.contains("/run/netns/does-not-exist") && err.contains("No such file"),
+        "{err}"
+    );
+
+    let not_ns = tb.workdir.join("not-a-netns");
+    std::fs::write(&not_ns, "")?;
+    let (ok, _, err) = a.cli(&[
+        "pods",
+        "enroll",
+        "--name",
+        "x/file",
+        "--netns",
+        not_ns.to_str().expect("utf8"),
+    ])?;
+    assert!(!ok);
+    assert!(err.contains("is not a network namespace"), "{err}");
+
+    let netns = pod.netns_path();
+    let (ok, _, err) = a.cli(&[
+        "pods",
+        "enroll",
+        "--name",
+        &pod.name,
+        "--netns",
+        netns.to_str().expect("utf8"),
+    ])?;
+    assert!(!ok);
+    assert!(
+        err.contains("already enrolled") && err.contains("409"),
+        "{err}"
+    );
+
+    let (ok, _, err) = a.cli(&[
+        "pods",
+        "enroll",
+        "--name",
+        "default/alias",
+        "--netns",
+        netns.to_str().expect("utf8"),
+    ])?;
+    assert!(!ok);
+    assert!(err.contains("already enrolled as pod default/a"), "{err}");
+
+    let (ok, _, err) = a.cli(&["pods", "unenroll", "--name", &other.name])?;
+    assert!(!ok);
+    assert!(err.contains("not enrolled") && err.contains("404"), "{err}");
+
+    let (status, body) = a.http(
+        "POST",
+        "/pods/enroll",
+        Some(r#"{"name": "x", "netns": "/x", "colour": "red"}"#),
+    )?;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("unknown field"), "{body}");
+
+    // Only the one good pod is in the kernel maps, and it still works.
+    let (_, capture) = a.http("GET", "/capture", None)?;
+    let capture: Value = serde_json::from_str(&capture)?;
+    assert_eq!(
+        capture["enrolled_netns_cookies"],
+        serde_json::json!([info["netns_cookie"]]),
+        "{capture}"
+    );
+    let (_, pods) = a.http("GET", "/pods", None)?;
+    assert_eq!(
+        serde_json::from_str::<Value>(&pods)?
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
+    assert_eq!(
+        a.metric(r#"mesh_enrolment_total{op="enroll",result="bad_netns"}"#)?,
+        2.0
+    );
+    assert_eq!(
+        a.metric(r#"mesh_enrolment_total{op="enroll",result="conflict"}"#)?,
+        2.0
+    );
+    Ok(())
+}
