@@ -9,8 +9,11 @@
 //! - `mesh_sk_lookup` (sk_lookup, kernel >= 5.9, attached per pod netns): a SYN
 //!   to an enrolled pod address is handed to the pod's 15006 listener, or dropped
 //!   (fail closed) when no agent listens.
-#![no_std]
-#![no_main]
+// For bpf the object has no std and no main. On the host (clippy, `cargo
+// test --workspace`) it is an ordinary binary that only type-checks the
+// programs, so workspace-wide lints see the kernel code too.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
 
 use aya_ebpf::{
     bindings::{BPF_SOCK_OPS_TCP_CONNECT_CB, sk_action},
@@ -63,7 +66,7 @@ fn port_excluded(port: u16, direction: u8) -> bool {
         return true;
     }
     // SAFETY: the value is a plain u8 copied out at once.
-    match unsafe { EXCLUDED_PORTS.get(&port) } {
+    match unsafe { EXCLUDED_PORTS.get(port) } {
         Some(flags) => *flags & direction != 0,
         None => false,
     }
@@ -82,7 +85,7 @@ fn capturable(ctx: &SockAddrContext) -> Option<u64> {
     // SAFETY: helper valid for sock_addr programs.
     let netns = unsafe { bpf_get_netns_cookie(sa.cast()) };
     // SAFETY: key lookup only.
-    unsafe { ENROLLED_NETNS.get(&netns) }?;
+    unsafe { ENROLLED_NETNS.get(netns) }?;
     // SAFETY: `sk` is always set for sock_addr programs; `mark` is a readable field.
     let mark = unsafe { (*(*sa).__bindgen_anon_1.sk).mark };
     if mark == AGENT_MARK {
@@ -96,7 +99,7 @@ fn capturable(ctx: &SockAddrContext) -> Option<u64> {
 fn record(ctx: &SockAddrContext, dst: &OrigDst) -> bool {
     // SAFETY: helper valid for sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-    if PENDING_CONNECT.insert(&cookie, dst, 0).is_err() {
+    if PENDING_CONNECT.insert(cookie, dst, 0).is_err() {
         count(Counter::OutboundErrors);
         return false;
     }
@@ -210,7 +213,7 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
     // SAFETY: helper valid for sock_ops programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
     // SAFETY: the value is copied out before the entry is removed.
-    let Some(dst) = (unsafe { PENDING_CONNECT.get(&cookie) }).copied() else {
+    let Some(dst) = (unsafe { PENDING_CONNECT.get(cookie) }).copied() else {
         return 1;
     };
     let key = ConnKey {
@@ -220,10 +223,10 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
         family: dst.family,
         _pad: 0,
     };
-    if ORIG_DST.insert(&key, &dst, 0).is_err() {
+    if ORIG_DST.insert(key, dst, 0).is_err() {
         count(Counter::OutboundErrors);
     }
-    let _ = PENDING_CONNECT.remove(&cookie);
+    let _ = PENDING_CONNECT.remove(cookie);
     1
 }
 
@@ -276,14 +279,14 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
         return sk_action::SK_PASS;
     };
     // SAFETY: key lookup only.
-    if unsafe { INBOUND_ADDRS.get(&key) }.is_none() {
+    if unsafe { INBOUND_ADDRS.get(key) }.is_none() {
         return sk_action::SK_PASS;
     }
     if from_agent || port_excluded(local_port as u16, PortFlags::INBOUND) {
         count(Counter::InboundSkipped);
         return sk_action::SK_PASS;
     }
-    match INBOUND_LISTENERS.redirect_sk_lookup(&ctx, key, 0) {
+    match INBOUND_LISTENERS.redirect_sk_lookup(ctx, key, 0) {
         Ok(()) => {
             count(Counter::InboundAssigned);
             sk_action::SK_PASS
@@ -295,7 +298,10 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
     }
 }
 
-#[cfg(not(test))]
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
+
+#[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}

@@ -704,9 +704,9 @@ impl Agent {
         Ok(())
     }
 
-    /// The Prometheus page.
+    /// The Prometheus page, from the metrics port.
     pub fn metrics(&self) -> anyhow::Result<String> {
-        let (status, body) = self.http("GET", "/metrics", None)?;
+        let (status, body) = self.request(15020, "GET", "/metrics", None)?;
         ensure!(status == 200, "metrics answered {status}");
         Ok(body)
     }

@@ -1,1 +1,93 @@
-fn main() {}
+//! Developer tasks for this workspace, run as `cargo xtask <command>` (the
+//! alias lives in `.cargo/config.toml`). Each subcommand is its own module.
+
+mod build_ebpf;
+mod ci;
+mod demo;
+mod exec;
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Developer tasks for the mesh workspace"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install (or with --check, only look for) everything building and
+    /// testing needs: apt packages, toolchains, bpf-linker, bpffs, cgroup v2.
+    Setup(setup::Options),
+    /// Build the kernel object (mesh-ebpf) on its own, as mesh-agent's
+    /// build script does, and print where it is.
+    BuildEbpf(build_ebpf::Options),
+    /// The project's test command: setup, fmt, clippy, build, unit tests and
+    /// the namespaced tests, stopping at the first failure.
+    Ci(ci::Options),
+    /// The main job: a simulated node with pods, the real agent and eBPF
+    /// programs, traffic, and a plain account of what was captured.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let result = match Cli::parse().command {
+        Command::Setup(options) => setup::run(&options),
+        Command::BuildEbpf(options) => build_ebpf::run(&options),
+        Command::Ci(options) => ci::run(&options),
+        Command::Demo => demo::run(),
+    };
+    // Printed by hand rather than by returning the error from main: that
+    // would add anyhow's backtrace whenever RUST_BACKTRACE is set, burying
+    // the message under frames of xtask's own code in every CI log.
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The workspace root. xtask sits one level below it, so this holds wherever
+/// the checkout is and whatever directory `cargo xtask` was started from.
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask's manifest dir has a parent")
+        .to_path_buf()
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory as _, Parser as _};
+
+    use super::{Cli, Command};
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn ci_passes_what_follows_double_dash_to_the_tests() {
+        let cli = Cli::try_parse_from(["xtask", "ci", "--skip-lint", "--", "proxy", "--nocapture"])
+            .unwrap();
+        let Command::Ci(options) = cli.command else {
+            panic!("parsed as another command");
+        };
+        assert!(options.skip_lint);
+        assert_eq!(options.test_args, ["proxy", "--nocapture"]);
+    }
+}

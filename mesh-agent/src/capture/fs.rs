@@ -23,7 +23,7 @@ pub enum FsError {
 fn magic(path: &Path) -> Option<i64> {
     nix::sys::statfs::statfs(path)
         .ok()
-        .map(|s| s.filesystem_type().0 as i64)
+        .map(|s| s.filesystem_type().0)
 }
 
 /// Makes sure `dir` (or its nearest existing parent) is on bpffs, mounting

@@ -36,7 +36,7 @@ pub enum CaptureError {
     #[error("loading the eBPF object (maps pinned under {dir}): {source}")]
     Load {
         dir: PathBuf,
-        source: aya::EbpfError,
+        source: Box<aya::EbpfError>,
     },
     #[error("eBPF object has no {what} named {name}")]
     Missing {
@@ -46,12 +46,12 @@ pub enum CaptureError {
     #[error("eBPF program {name}: {source}")]
     Program {
         name: &'static str,
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     #[error("eBPF map {name}: {source}")]
     Map {
         name: &'static str,
-        source: MapError,
+        source: Box<MapError>,
     },
     #[error("pinning link {path}: {source}")]
     Pin { path: PathBuf, source: PinError },
@@ -67,11 +67,17 @@ pub enum CaptureError {
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> CaptureError {
-    move |source| CaptureError::Map { name, source }
+    move |source| CaptureError::Map {
+        name,
+        source: Box::new(source),
+    }
 }
 
 fn prog_err(name: &'static str) -> impl FnOnce(ProgramError) -> CaptureError {
-    move |source| CaptureError::Program { name, source }
+    move |source| CaptureError::Program {
+        name,
+        source: Box::new(source),
+    }
 }
 
 /// What the agent does with the kernel: one per agent process.
@@ -112,7 +118,7 @@ impl Capture {
             .load(EBPF_OBJECT)
             .map_err(|source| CaptureError::Load {
                 dir: map_dir.clone(),
-                source,
+                source: Box::new(source),
             })?;
 
         let cgroup_fd = std::fs::File::open(cgroup).map_err(|source| CaptureError::Io {

@@ -1,0 +1,122 @@
+//! `cargo xtask ci`: the project's single test command, run by `.ci/run` and
+//! by hand. Setup, formatting, clippy, the agent build, the unit tests and the
+//! namespaced tests, each timed, stopping at the first failure.
+
+use std::{
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+
+use crate::{exec, setup};
+
+#[derive(clap::Args)]
+pub struct Options {
+    /// Skip `cargo fmt --check` and clippy, for quick local iterations.
+    #[arg(long)]
+    pub skip_lint: bool,
+    /// Passed to the namespaced tests' harness after `--test-threads=1`,
+    /// e.g. a test name filter: `cargo xtask ci -- proxy`.
+    #[arg(last = true)]
+    pub test_args: Vec<String>,
+}
+
+/// The package in `tests/` holding the tests that build network namespaces
+/// and run the agent binary; they need root and run one at a time.
+const NAMESPACED_TESTS: &str = "mesh-tests";
+
+pub fn run(options: &Options) -> Result<()> {
+    let root = crate::workspace_root();
+    let has_namespaced_tests = root.join("tests/Cargo.toml").exists();
+    let mut timings = Vec::new();
+
+    // Also the root check: setup fails first thing when not root, which the
+    // namespaced tests need anyway.
+    step(&mut timings, "setup", setup::ensure)?;
+    if options.skip_lint {
+        println!("\nskipped: fmt and clippy (--skip-lint)");
+    } else {
+        step(&mut timings, "fmt", || {
+            exec::run(cargo(&root).args(["fmt", "--all", "--", "--check"]))
+        })?;
+        step(&mut timings, "clippy", || {
+            exec::run(cargo(&root).args([
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]))
+        })?;
+    }
+    // The namespaced tests run target/debug/mesh-agent, which `cargo test`
+    // of another package does not build.
+    step(&mut timings, "build mesh-agent", || {
+        exec::run(cargo(&root).args(["build", "-p", "mesh-agent"]))
+    })?;
+    step(&mut timings, "unit tests", || {
+        let mut cmd = cargo(&root);
+        cmd.args(["test", "--workspace"]);
+        if has_namespaced_tests {
+            // They get their own step, serialised.
+            cmd.args(["--exclude", NAMESPACED_TESTS]);
+        }
+        exec::run(&mut cmd)
+    })?;
+    if has_namespaced_tests {
+        step(&mut timings, "namespaced tests", || {
+            exec::run(
+                cargo(&root)
+                    .args(["test", "-p", NAMESPACED_TESTS, "--"])
+                    // Each test builds namespaces, veths and pinned BPF state
+                    // that share one kernel; in parallel they would collide.
+                    .arg("--test-threads=1")
+                    .args(&options.test_args),
+            )
+        })?;
+    } else {
+        println!("\n!!! namespaced tests: NOT RUN, there is no tests/Cargo.toml");
+    }
+
+    println!();
+    for (name, took) in &timings {
+        println!("ci: {name:<18} {:>7.1}s", took.as_secs_f64());
+    }
+    let total: Duration = timings.iter().map(|(_, took)| *took).sum();
+    println!("ci: {:<18} {:>7.1}s", "total", total.as_secs_f64());
+    if !has_namespaced_tests {
+        // Said last so it cannot scroll away: a green run without them
+        // proves much less.
+        println!(
+            "ci: !!! NAMESPACED TESTS WERE NOT RUN: {} has no tests/Cargo.toml !!!",
+            root.display()
+        );
+    }
+    println!("ci: passed");
+    Ok(())
+}
+
+/// Runs one step between a header and a footer with its wall time.
+fn step(
+    timings: &mut Vec<(&'static str, Duration)>,
+    name: &'static str,
+    body: impl FnOnce() -> Result<()>,
+) -> Result<()> {
+    println!("\n==> {name}");
+    let started = Instant::now();
+    let result = body();
+    let took = started.elapsed();
+    let outcome = if result.is_ok() { "ok" } else { "FAILED" };
+    println!("<== {name}: {outcome} in {:.1}s", took.as_secs_f64());
+    timings.push((name, took));
+    result.with_context(|| format!("ci step `{name}` failed"))
+}
+
+fn cargo(root: &Path) -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root);
+    cmd
+}
