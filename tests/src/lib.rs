@@ -638,6 +638,17 @@ impl Agent {
         path: &str,
         body: Option<&str>,
     ) -> anyhow::Result<(u16, String)> {
+        self.request(15000, method, path, body)
+    }
+
+    /// One HTTP/1.0 request to `127.0.0.1:port` inside the node netns.
+    pub fn request(
+        &self,
+        port: u16,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> anyhow::Result<(u16, String)> {
         let ns = fs::File::open(format!("/run/netns/{}", self.netns))?;
         let req = format!(
             "{method} {path} HTTP/1.0\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{}",
@@ -648,7 +659,7 @@ impl Agent {
             s.spawn(|| -> anyhow::Result<(u16, String)> {
                 nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
                 let mut s = TcpStream::connect_timeout(
-                    &"127.0.0.1:15000".parse()?,
+                    &SocketAddr::from(([127, 0, 0, 1], port)),
                     Duration::from_secs(2),
                 )?;
                 s.set_read_timeout(Some(Duration::from_secs(10)))?;

@@ -391,3 +391,37 @@ fn bad_enrolment_requests_get_clear_errors_and_leave_maps_consistent() -> anyhow
     );
     Ok(())
 }
+
+#[test]
+fn two_nodes_two_agents_capture_cross_node_traffic() -> anyhow::Result<()> {
+    let mut tb = Testbed::new(2)?;
+    let client = tb.add_pod(0, "default/client")?;
+    let server = tb.add_pod(1, "default/server")?;
+    tb.serve(&server, sa(IpAddr::from([0u8; 16]), APP_PORT))?;
+    tb.start_agent(0, &[])?;
+    tb.start_agent(1, &[])?;
+    tb.agent(0).enroll(&client)?;
+    tb.agent(1).enroll(&server)?;
+
+    for dst in [sa(server.ip4, APP_PORT), sa(server.ip6, APP_PORT)] {
+        let r = tb.connect(&client, dst, 4 << 20)?;
+        assert_intact(&r, &format!("cross-node to {dst}"));
+        assert_eq!(port_of(&s(&r, "peer")), OUTBOUND, "{r}");
+        assert_eq!(ip_of(&s(&r, "server_local")), dst.ip().to_string(), "{r}");
+    }
+    // Each node's agent handled its own side only.
+    assert_eq!(
+        tb.agent(0)
+            .metric(r#"mesh_proxy_connections_total{direction="outbound",result="forwarded"}"#)?,
+        2.0
+    );
+    assert_eq!(tb.agent(0).capture_counter("inbound_assigned")?, 0.0);
+    assert_eq!(
+        tb.agent(1).metric(
+            r#"mesh_proxy_connections_total{direction="inbound_plaintext",result="forwarded"}"#
+        )?,
+        2.0
+    );
+    assert_eq!(tb.agent(1).capture_counter("outbound_redirected")?, 0.0);
+    Ok(())
+}

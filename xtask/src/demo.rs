@@ -77,7 +77,7 @@ pub fn run() -> anyhow::Result<()> {
         describe(&r, from);
     }
 
-    println!("\nKernel capture counters and agent connections (from :15020/metrics):");
+    println!("\nKernel capture counters and agent connections (from the agent's :15020/metrics):");
     for line in tb.agent(0).metrics()?.lines() {
         if line.starts_with("mesh_capture_events_total")
             || line.starts_with("mesh_proxy_connections_total")

@@ -473,3 +473,41 @@ fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
         other => other,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use super::*;
+
+    fn orig(addr: SocketAddr) -> OrigDst {
+        let key = addr_key(addr.ip());
+        OrigDst {
+            addr: key.addr,
+            port: addr.port(),
+            family: key.family as u16,
+            _pad: 0,
+        }
+    }
+
+    #[test]
+    fn original_destinations_read_back_as_the_kernel_wrote_them() {
+        for a in ["10.1.2.3:8080", "[fd00:1::b]:443", "[2001:db8::1]:1"] {
+            let addr: SocketAddr = a.parse().unwrap();
+            assert_eq!(orig_dst_addr(&orig(addr)), addr);
+        }
+        // The kernel stores IPv4 in network order in the first word: the
+        // first octet is the lowest byte on little-endian.
+        let k = addr_key("10.1.2.3".parse().unwrap());
+        assert_eq!(k.addr[0].to_ne_bytes(), [10, 1, 2, 3]);
+        assert_eq!(k.family, u32::from(mesh_common::AF_INET));
+    }
+
+    #[test]
+    fn excluded_ports_merge_directions() {
+        let e = ExcludedPorts::new(&[22, 9000], &[9000, 15090]);
+        assert_eq!(e.0[&22], PortFlags::OUTBOUND);
+        assert_eq!(e.0[&9000], PortFlags::OUTBOUND | PortFlags::INBOUND);
+        assert_eq!(e.0[&15090], PortFlags::INBOUND);
+    }
+}
