@@ -407,7 +407,7 @@ impl Testbed {
         let app = testapp_bin();
         let idx = self.spawn_in(
             &pod.netns,
-            &pod.cgroup.clone(),
+            &pod.cgroup,
             &app,
             &["serve", &addr.to_string()],
             None,
@@ -440,7 +440,7 @@ impl Testbed {
     /// process before and after a change.
     pub fn repl(&mut self, pod: &Pod) -> anyhow::Result<Repl> {
         let app = testapp_bin();
-        let idx = self.spawn_in(&pod.netns, &pod.cgroup.clone(), &app, &["repl"], None)?;
+        let idx = self.spawn_in(&pod.netns, &pod.cgroup, &app, &["repl"], None)?;
         let child = &mut self.children[idx];
         Ok(Repl {
             stdin: child.stdin.take().expect("piped"),
@@ -563,42 +563,43 @@ pub fn cleanup(prefix: &str) {
     let _ = fs::remove_dir_all(std::env::temp_dir().join(format!("mesh-tests-{prefix}")));
 }
 
-fn kill_cgroup_tree(dir: &Path) {
+/// Visits `dir` and every cgroup below it, children before parents.
+fn each_cgroup_bottom_up(dir: &Path, f: &mut dyn FnMut(&Path)) {
     let Ok(entries) = fs::read_dir(dir) else {
         return;
     };
     for e in entries.filter_map(Result::ok) {
         if e.path().is_dir() {
-            kill_cgroup_tree(&e.path());
+            each_cgroup_bottom_up(&e.path(), f);
         }
     }
-    for pid in fs::read_to_string(dir.join("cgroup.procs"))
-        .unwrap_or_default()
-        .lines()
-    {
-        if let Ok(pid) = pid.trim().parse::<i32>() {
-            // SAFETY: plain kill(2) on a pid read from our own cgroup.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+    f(dir);
+}
+
+fn kill_cgroup_tree(dir: &Path) {
+    each_cgroup_bottom_up(dir, &mut |d| {
+        for pid in fs::read_to_string(d.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+        {
+            if let Ok(pid) = pid.trim().parse::<i32>() {
+                // SAFETY: plain kill(2) on a pid read from our own cgroup.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
         }
-    }
+    });
 }
 
 fn remove_cgroup_tree(dir: &Path) {
-    let Ok(entries) = fs::read_dir(dir) else {
-        return;
-    };
-    for e in entries.filter_map(Result::ok) {
-        if e.path().is_dir() {
-            remove_cgroup_tree(&e.path());
+    each_cgroup_bottom_up(dir, &mut |d| {
+        // A cgroup empties asynchronously after its last process is reaped.
+        for _ in 0..50 {
+            if fs::remove_dir(d).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
-    }
-    // A cgroup empties asynchronously after its last process is reaped.
-    for _ in 0..50 {
-        if fs::remove_dir(dir).is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    });
 }
 
 pub fn testapp_bin() -> PathBuf {

@@ -64,6 +64,8 @@ pub enum CaptureError {
     },
     #[error("{0}")]
     Fs(#[from] fs::FsError),
+    #[error("link is not a file-descriptor link and cannot be pinned: {0}")]
+    Link(#[from] LinkError),
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> CaptureError {
@@ -128,39 +130,23 @@ impl Capture {
         for name in [programs::CONNECT4, programs::CONNECT6] {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             prog.load().map_err(prog_err(name))?;
-            let pin = link_dir.join(name);
-            if !reuse_pinned(&pin)? {
+            attach_once(&link_dir.join(name), || {
                 let id = prog
                     .attach(&cgroup_fd, CgroupAttachMode::default())
                     .map_err(prog_err(name))?;
-                let link = prog.take_link(id).map_err(prog_err(name))?;
-                pin_link(
-                    FdLink::try_from(link).map_err(|e| CaptureError::PinnedLink {
-                        path: pin.clone(),
-                        source: e,
-                    })?,
-                    &pin,
-                )?;
-            }
+                Ok(prog.take_link(id).map_err(prog_err(name))?.try_into()?)
+            })?;
         }
         {
             let name = programs::SOCKOPS;
             let prog: &mut SockOps = program(&mut ebpf, name)?;
             prog.load().map_err(prog_err(name))?;
-            let pin = link_dir.join(name);
-            if !reuse_pinned(&pin)? {
+            attach_once(&link_dir.join(name), || {
                 let id = prog
                     .attach(&cgroup_fd, CgroupAttachMode::default())
                     .map_err(prog_err(name))?;
-                let link = prog.take_link(id).map_err(prog_err(name))?;
-                pin_link(
-                    FdLink::try_from(link).map_err(|e| CaptureError::PinnedLink {
-                        path: pin.clone(),
-                        source: e,
-                    })?,
-                    &pin,
-                )?;
-            }
+                Ok(prog.take_link(id).map_err(prog_err(name))?.try_into()?)
+            })?;
         }
         {
             let name = programs::SK_LOOKUP;
@@ -257,16 +243,13 @@ impl Capture {
     /// Attaches inbound capture to a pod netns, reusing a pinned link left by
     /// an earlier agent.
     pub fn attach_sk_lookup(&self, netns: &Netns) -> Result<(), CaptureError> {
-        let pin = self.sk_lookup_pin(netns.cookie());
-        if reuse_pinned(&pin)? {
-            return Ok(());
-        }
-        let name = programs::SK_LOOKUP;
-        let mut ebpf = self.ebpf.lock().expect("ebpf lock");
-        let prog: &mut SkLookup = program(&mut ebpf, name)?;
-        let id = prog.attach(netns.as_fd()).map_err(prog_err(name))?;
-        let link = prog.take_link(id).map_err(prog_err(name))?;
-        pin_link(FdLink::from(link), &pin)
+        attach_once(&self.sk_lookup_pin(netns.cookie()), || {
+            let name = programs::SK_LOOKUP;
+            let mut ebpf = self.ebpf.lock().expect("ebpf lock");
+            let prog: &mut SkLookup = program(&mut ebpf, name)?;
+            let id = prog.attach(netns.as_fd()).map_err(prog_err(name))?;
+            Ok(prog.take_link(id).map_err(prog_err(name))?.into())
+        })
     }
 
     /// Detaches inbound capture from a pod netns (by cookie, so that it works
@@ -429,6 +412,18 @@ where
         .ok_or(CaptureError::Missing { what: "map", name })?
         .try_into()
         .map_err(map_err(name))
+}
+
+/// Attaches with `attach` and pins the link at `pin`, unless a link is
+/// already pinned there (left by an earlier agent), which is kept as it is.
+fn attach_once(
+    pin: &Path,
+    attach: impl FnOnce() -> Result<FdLink, CaptureError>,
+) -> Result<(), CaptureError> {
+    if reuse_pinned(pin)? {
+        return Ok(());
+    }
+    pin_link(attach()?, pin)
 }
 
 /// Whether a pinned link is already there (kept as it is).
