@@ -13,6 +13,9 @@ use super::{PodCtx, connect_in_pod, splice};
 use crate::capture::orig_dst_addr;
 
 pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
+    // The key leaves out the client's source address: two clients in one pod
+    // on the same port, one bound to a non-loopback source, would share it.
+    // Rare enough to accept for now; the kernel side would need the source too.
     let key = ConnKey {
         netns_cookie: pod.netns.cookie().0,
         port: peer.port(),
