@@ -26,6 +26,21 @@ pub use serde_json::Value;
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
+/// The IP part of an address as the test app prints it (`1.2.3.4:5`,
+/// `[fd00::1]:5`), with a v4-mapped address (as a dual-stack server sees IPv4
+/// peers) given as IPv4.
+pub fn ip_of(addr: &str) -> String {
+    addr.rsplit_once(':')
+        .map(|(ip, _)| ip.trim_matches(['[', ']']))
+        .map(|ip| ip.strip_prefix("::ffff:").unwrap_or(ip).to_owned())
+        .unwrap_or_default()
+}
+
+/// The port part of an address as the test app prints it.
+pub fn port_of(addr: &str) -> String {
+    addr.rsplit(':').next().unwrap_or_default().to_owned()
+}
+
 /// Fails the test loudly unless it runs as root: these tests load eBPF and
 /// create namespaces, and must never pass by skipping.
 pub fn require_root() {
@@ -382,19 +397,12 @@ impl Testbed {
         cgroup: &Path,
         cmd: &Path,
         args: &[&str],
-        log: Option<&Path>,
     ) -> anyhow::Result<usize> {
         let mut c = in_cgroup_netns(cgroup, netns, cmd);
-        c.args(args);
-        c.stdin(Stdio::piped()).stdout(Stdio::piped());
-        match log {
-            Some(p) => {
-                c.stderr(fs::File::create(p)?);
-            }
-            None => {
-                c.stderr(Stdio::inherit());
-            }
-        }
+        c.args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
         let child = c
             .spawn()
             .with_context(|| format!("spawning {}", cmd.display()))?;
@@ -405,13 +413,7 @@ impl Testbed {
     /// Starts the test app's echo server in a pod, listening on `addr`.
     pub fn serve(&mut self, pod: &Pod, addr: SocketAddr) -> anyhow::Result<()> {
         let app = testapp_bin();
-        let idx = self.spawn_in(
-            &pod.netns,
-            &pod.cgroup,
-            &app,
-            &["serve", &addr.to_string()],
-            None,
-        )?;
+        let idx = self.spawn_in(&pod.netns, &pod.cgroup, &app, &["serve", &addr.to_string()])?;
         let out = self.children[idx].stdout.take().expect("piped");
         let mut line = String::new();
         BufReader::new(out).read_line(&mut line)?;
@@ -440,7 +442,7 @@ impl Testbed {
     /// process before and after a change.
     pub fn repl(&mut self, pod: &Pod) -> anyhow::Result<Repl> {
         let app = testapp_bin();
-        let idx = self.spawn_in(&pod.netns, &pod.cgroup, &app, &["repl"], None)?;
+        let idx = self.spawn_in(&pod.netns, &pod.cgroup, &app, &["repl"])?;
         let child = &mut self.children[idx];
         Ok(Repl {
             stdin: child.stdin.take().expect("piped"),
@@ -696,16 +698,20 @@ impl Agent {
         ))
     }
 
-    pub fn enroll(&self, pod: &Pod) -> anyhow::Result<Value> {
-        let path = pod.netns_path();
-        let (ok, out, err) = self.cli(&[
+    /// `mesh-agent pods enroll`, whatever its outcome: (success, stdout, stderr).
+    pub fn try_enroll(&self, name: &str, netns: &Path) -> anyhow::Result<(bool, String, String)> {
+        self.cli(&[
             "pods",
             "enroll",
             "--name",
-            &pod.name,
+            name,
             "--netns",
-            path.to_str().expect("utf8"),
-        ])?;
+            netns.to_str().expect("utf8"),
+        ])
+    }
+
+    pub fn enroll(&self, pod: &Pod) -> anyhow::Result<Value> {
+        let (ok, out, err) = self.try_enroll(&pod.name, &pod.netns_path())?;
         ensure!(ok, "enrolling {} failed: {out}{err}", pod.name);
         Ok(serde_json::from_str(&out)?)
     }

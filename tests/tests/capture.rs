@@ -1,9 +1,12 @@
 //! Kernel capture, end to end: real eBPF programs, real namespaces, the real
 //! agent binary. Each test builds its own testbed and removes it afterwards.
 
-use std::net::{IpAddr, SocketAddr};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::Path,
+};
 
-use mesh_tests::{Testbed, Value};
+use mesh_tests::{Testbed, Value, ip_of, port_of};
 
 const APP_PORT: u16 = 8080;
 const OUTBOUND: &str = "15001";
@@ -14,20 +17,6 @@ fn sa(ip: IpAddr, port: u16) -> SocketAddr {
 
 fn s(v: &Value, key: &str) -> String {
     v[key].as_str().unwrap_or_default().to_owned()
-}
-
-/// The port part of an address string.
-fn port_of(addr: &str) -> String {
-    addr.rsplit(':').next().unwrap_or_default().to_owned()
-}
-
-/// The IP part of an address string (`1.2.3.4:5`, `[fd00::1]:5`), with a
-/// v4-mapped address (as a dual-stack server sees IPv4 peers) given as IPv4.
-fn ip_of(addr: &str) -> String {
-    addr.rsplit_once(':')
-        .map(|(ip, _)| ip.trim_matches(['[', ']']))
-        .map(|ip| ip.strip_prefix("::ffff:").unwrap_or(ip).to_owned())
-        .unwrap_or_default()
 }
 
 fn assert_intact(r: &Value, what: &str) {
@@ -67,9 +56,9 @@ fn outbound_is_captured_and_reaches_the_original_destination() -> anyhow::Result
         // client pod's own address (the agent connects from inside the pod).
         assert_eq!(ip_of(&s(&r, "server_local")), *want_server_ip, "{r}");
         assert_eq!(port_of(&s(&r, "server_local")), APP_PORT.to_string(), "{r}");
-        let client_ip = if dst.is_ipv6() && !want_server_ip.contains(':') {
-            client.ip4
-        } else if dst.is_ipv6() {
+        // The agent reaches an IPv4 destination (v4-mapped included) from the
+        // client's IPv4 address, an IPv6 one from its IPv6 address.
+        let client_ip = if want_server_ip.contains(':') {
             client.ip6
         } else {
             client.ip4
@@ -301,14 +290,7 @@ fn bad_enrolment_requests_get_clear_errors_and_leave_maps_consistent() -> anyhow
     let a = tb.agent(0);
     let info = a.enroll(&pod)?;
 
-    let (ok, _, err) = a.cli(&[
-        "pods",
-        "enroll",
-        "--name",
-        "x/missing",
-        "--netns",
-        "/run/netns/does-not-exist",
-    ])?;
+    let (ok, _, err) = a.try_enroll("x/missing", Path::new("/run/netns/does-not-exist"))?;
     assert!(!ok);
     assert!(
         err.contains("/run/netns/does-not-exist") && err.contains("No such file"),
@@ -317,40 +299,19 @@ fn bad_enrolment_requests_get_clear_errors_and_leave_maps_consistent() -> anyhow
 
     let not_ns = tb.workdir.join("not-a-netns");
     std::fs::write(&not_ns, "")?;
-    let (ok, _, err) = a.cli(&[
-        "pods",
-        "enroll",
-        "--name",
-        "x/file",
-        "--netns",
-        not_ns.to_str().expect("utf8"),
-    ])?;
+    let (ok, _, err) = a.try_enroll("x/file", &not_ns)?;
     assert!(!ok);
     assert!(err.contains("is not a network namespace"), "{err}");
 
     let netns = pod.netns_path();
-    let (ok, _, err) = a.cli(&[
-        "pods",
-        "enroll",
-        "--name",
-        &pod.name,
-        "--netns",
-        netns.to_str().expect("utf8"),
-    ])?;
+    let (ok, _, err) = a.try_enroll(&pod.name, &netns)?;
     assert!(!ok);
     assert!(
         err.contains("already enrolled") && err.contains("409"),
         "{err}"
     );
 
-    let (ok, _, err) = a.cli(&[
-        "pods",
-        "enroll",
-        "--name",
-        "default/alias",
-        "--netns",
-        netns.to_str().expect("utf8"),
-    ])?;
+    let (ok, _, err) = a.try_enroll("default/alias", &netns)?;
     assert!(!ok);
     assert!(err.contains("already enrolled as pod default/a"), "{err}");
 

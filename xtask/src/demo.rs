@@ -107,15 +107,6 @@ pub fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn ip_part(addr: &str) -> IpAddr {
-    let ip = addr
-        .rsplit_once(':')
-        .map_or(addr, |(ip, _)| ip)
-        .trim_matches(['[', ']']);
-    let ip = ip.strip_prefix("::ffff:").unwrap_or(ip);
-    ip.parse().unwrap_or(IpAddr::from([0, 0, 0, 0]))
-}
-
 fn describe(r: &Value, from: &Pod) {
     let get = |k: &str| r[k].as_str().unwrap_or_default().to_owned();
     if r["ok"] != Value::Bool(true) {
@@ -130,7 +121,9 @@ fn describe(r: &Value, from: &Pod) {
     } else {
         println!("     out: direct    - the client's socket is connected to {peer}");
     }
-    let seen = ip_part(&get("server_peer"));
+    let seen: IpAddr = mesh_tests::ip_of(&get("server_peer"))
+        .parse()
+        .unwrap_or(IpAddr::from([0, 0, 0, 0]));
     if seen == IpAddr::from([127, 0, 0, 6]) {
         println!(
             "     in:  CAPTURED  - the server saw the agent (127.0.0.6) deliver it to {}, the address the client dialed",
