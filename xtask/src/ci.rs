@@ -29,7 +29,6 @@ const NAMESPACED_TESTS: &str = "mesh-tests";
 
 pub fn run(options: &Options) -> Result<()> {
     let root = crate::workspace_root();
-    let has_namespaced_tests = root.join("tests/Cargo.toml").exists();
     let mut timings = Vec::new();
 
     // Also the root check: setup fails first thing when not root, which the
@@ -58,28 +57,19 @@ pub fn run(options: &Options) -> Result<()> {
         exec::run(cargo(&root).args(["build", "-p", "mesh-agent"]))
     })?;
     step(&mut timings, "unit tests", || {
-        let mut cmd = cargo(&root);
-        cmd.args(["test", "--workspace"]);
-        if has_namespaced_tests {
-            // They get their own step, serialised.
-            cmd.args(["--exclude", NAMESPACED_TESTS]);
-        }
-        exec::run(&mut cmd)
+        // The namespaced tests get their own step, serialised.
+        exec::run(cargo(&root).args(["test", "--workspace", "--exclude", NAMESPACED_TESTS]))
     })?;
-    if has_namespaced_tests {
-        step(&mut timings, "namespaced tests", || {
-            exec::run(
-                cargo(&root)
-                    .args(["test", "-p", NAMESPACED_TESTS, "--"])
-                    // Each test builds namespaces, veths and pinned BPF state
-                    // that share one kernel; in parallel they would collide.
-                    .arg("--test-threads=1")
-                    .args(&options.test_args),
-            )
-        })?;
-    } else {
-        println!("\n!!! namespaced tests: NOT RUN, there is no tests/Cargo.toml");
-    }
+    step(&mut timings, "namespaced tests", || {
+        exec::run(
+            cargo(&root)
+                .args(["test", "-p", NAMESPACED_TESTS, "--"])
+                // Each test builds namespaces, veths and pinned BPF state
+                // that share one kernel; serial keeps failures readable.
+                .arg("--test-threads=1")
+                .args(&options.test_args),
+        )
+    })?;
 
     println!();
     for (name, took) in &timings {
@@ -87,14 +77,6 @@ pub fn run(options: &Options) -> Result<()> {
     }
     let total: Duration = timings.iter().map(|(_, took)| *took).sum();
     println!("ci: {:<18} {:>7.1}s", "total", total.as_secs_f64());
-    if !has_namespaced_tests {
-        // Said last so it cannot scroll away: a green run without them
-        // proves much less.
-        println!(
-            "ci: !!! NAMESPACED TESTS WERE NOT RUN: {} has no tests/Cargo.toml !!!",
-            root.display()
-        );
-    }
     println!("ci: passed");
     Ok(())
 }
