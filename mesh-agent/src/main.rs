@@ -9,9 +9,11 @@ use tracing::info;
 mod admin;
 mod capture;
 mod config;
+mod identity;
 mod inpod;
 mod metrics;
 mod proxy;
+mod state;
 
 use config::{Cli, Command, LogFormat, NodeArgs, PodsCommand, UninstallArgs};
 
