@@ -16,15 +16,22 @@ use crate::{
     capture::Capture,
     inpod::pods::{EnrolError, PodSpec, Pods},
     metrics,
+    proxy::Shared,
 };
 
 /// Largest request body the admin API reads.
 const MAX_BODY: usize = 64 * 1024;
 
+/// Changes the log filter of the running agent.
+pub type LogFilter =
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
+
 pub struct Admin {
     pub pods: Arc<Pods>,
     pub capture: Arc<Capture>,
     pub registry: Registry,
+    pub shared: Arc<Shared>,
+    pub log_filter: LogFilter,
 }
 
 /// What a server on a given address answers.
@@ -149,6 +156,52 @@ async fn route(
             match admin.pods.unenroll(&r.name) {
                 Ok(info) => json(StatusCode::OK, &info),
                 Err(e) => error(enrol_status(&e), e.to_string()),
+            }
+        }
+        (Surface::Admin, &Method::GET, "/config_dump") => {
+            let shared = &admin.shared;
+            json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "trust_domain": shared.certs.trust_domain(),
+                    "config": shared.store().dump(),
+                    "certificates": shared.certs.dump(),
+                    "pods": admin.pods.list(),
+                    "endpoints_down": shared.balancer.down(),
+                }),
+            )
+        }
+        (Surface::Admin, &Method::GET, "/logging") => {
+            let current = admin
+                .log_filter
+                .with_current(|f| f.to_string())
+                .unwrap_or_default();
+            json(StatusCode::OK, &serde_json::json!({ "level": current }))
+        }
+        (Surface::Admin, &Method::POST, "/logging") => {
+            let level = req
+                .uri()
+                .query()
+                .unwrap_or("")
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("level="))
+                .unwrap_or("");
+            match tracing_subscriber::EnvFilter::try_new(level) {
+                Ok(f) if !level.is_empty() => match admin.log_filter.reload(f) {
+                    Ok(()) => {
+                        tracing::info!(level, "log level changed");
+                        json(StatusCode::OK, &serde_json::json!({ "level": level }))
+                    }
+                    Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+                },
+                Ok(_) => error(
+                    StatusCode::BAD_REQUEST,
+                    "give the filter as ?level=, e.g. ?level=info,access=off".into(),
+                ),
+                Err(e) => error(
+                    StatusCode::BAD_REQUEST,
+                    format!("invalid log filter {level:?}: {e}"),
+                ),
             }
         }
         (Surface::Admin, &Method::GET, "/capture") => json(

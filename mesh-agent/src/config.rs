@@ -1,7 +1,7 @@
 //! Command line and environment configuration. Every flag can also be set
 //! through a `MESH_*` variable, which is how a DaemonSet configures it.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -86,6 +86,61 @@ pub struct NodeArgs {
     /// Local ports never captured on the way in (comma separated).
     #[arg(long, env = "MESH_EXCLUDE_INBOUND_PORTS", value_delimiter = ',')]
     pub exclude_inbound_ports: Vec<u16>,
+    #[command(flatten)]
+    pub mesh: MeshArgs,
+}
+
+/// Identity, certificates and the configuration the data path follows.
+#[derive(Debug, Args)]
+pub struct MeshArgs {
+    /// Kubernetes YAML (a file, or a directory of `*.yaml`): Namespaces,
+    /// Pods, Services, AuthorizationPolicies, PeerAuthentications. Reloaded
+    /// when it changes. Without it, nothing is meshed: captured traffic
+    /// passes through as plain TCP.
+    #[arg(long, env = "MESH_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// How often the configuration is checked for changes.
+    #[arg(long, env = "MESH_CONFIG_POLL", default_value = "500ms", value_parser = parse_duration)]
+    pub config_poll: Duration,
+    /// SPIFFE trust domain of this mesh.
+    #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// Namespace whose policies apply to the whole mesh.
+    #[arg(long, env = "MESH_ROOT_NAMESPACE", default_value = "istio-system")]
+    pub root_namespace: String,
+    /// Where the embedded CA keeps the root it generates (default: STATE_DIR/ca).
+    #[arg(long, env = "MESH_CA_DIR", conflicts_with_all = ["ca_cert", "ca_key"])]
+    pub ca_dir: Option<PathBuf>,
+    /// Bring your own root: the CA certificate (PEM). Needs --ca-key.
+    #[arg(long, env = "MESH_CA_CERT", requires = "ca_key")]
+    pub ca_cert: Option<PathBuf>,
+    /// Bring your own root: the CA private key (PEM). Needs --ca-cert.
+    #[arg(long, env = "MESH_CA_KEY", requires = "ca_cert")]
+    pub ca_key: Option<PathBuf>,
+    /// Lifetime of workload certificates; they are renewed at half of it.
+    #[arg(long, env = "MESH_CERT_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub cert_ttl: Duration,
+}
+
+/// `500ms`, `30s`, `10m`, `24h`, or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (like 500ms, 30s, 10m, 24h)"))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "" | "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+    };
+    if d.is_zero() {
+        return Err(format!("{s:?}: must be more than zero"));
+    }
+    Ok(d)
 }
 
 #[derive(Debug, Args)]
@@ -94,4 +149,20 @@ pub struct UninstallArgs {
     pub bpf_dir: PathBuf,
     #[arg(long, env = "MESH_STATE_DIR", default_value = "/var/run/mesh")]
     pub state_dir: PathBuf,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86400)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("5d").unwrap_err().contains("unknown unit"));
+        assert!(parse_duration("abc").is_err());
+    }
 }

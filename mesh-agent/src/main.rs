@@ -19,32 +19,38 @@ use config::{Cli, Command, LogFormat, NodeArgs, PodsCommand, UninstallArgs};
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let log_filter = init_logging(cli.log_format);
     // Before any thread exists, so that every thread starts in it.
     inpod::netns::init_home();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     match cli.command {
-        Command::Node(args) => rt.block_on(node(args)),
+        Command::Node(args) => rt.block_on(node(args, log_filter)),
         Command::Uninstall(args) => uninstall(&args),
         Command::Pods { admin, command } => rt.block_on(pods(admin, command)),
     }
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("MESH_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Plain => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+/// Sets up logging; the returned handle changes the filter at run time
+/// (the admin server's `/logging`).
+fn init_logging(format: LogFormat) -> admin::LogFilter {
+    use tracing_subscriber::{EnvFilter, Layer as _, layer::SubscriberExt as _, reload};
+    let filter = EnvFilter::try_from_env("MESH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, handle) = reload::Layer::new(filter);
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let fmt = match format {
+        LogFormat::Plain => fmt.boxed(),
+        LogFormat::Json => fmt.json().boxed(),
+    };
+    let subscriber = tracing_subscriber::registry().with(filter).with(fmt);
+    tracing::subscriber::set_global_default(subscriber).expect("logging is set up once");
+    handle
 }
 
-async fn node(args: NodeArgs) -> anyhow::Result<()> {
+async fn node(args: NodeArgs, log_filter: admin::LogFilter) -> anyhow::Result<()> {
     let cgroup = args
         .cgroup
         .clone()
@@ -58,6 +64,10 @@ async fn node(args: NodeArgs) -> anyhow::Result<()> {
         ready = %args.ready_addr,
         exclude_outbound_ports = ?args.exclude_outbound_ports,
         exclude_inbound_ports = ?args.exclude_inbound_ports,
+        config = ?args.mesh.config,
+        trust_domain = %args.mesh.trust_domain,
+        root_namespace = %args.mesh.root_namespace,
+        cert_ttl = ?args.mesh.cert_ttl,
         "starting node agent"
     );
     std::fs::create_dir_all(&args.state_dir)
@@ -74,11 +84,17 @@ async fn node(args: NodeArgs) -> anyhow::Result<()> {
     let capture = Arc::new(capture::Capture::load(&args.bpf_dir, &cgroup, &excluded)?);
     let metrics = Arc::new(metrics::Metrics::default());
     let registry = metrics::registry(&metrics, capture.clone());
-    let pods = Arc::new(inpod::pods::Pods::new(
-        capture.clone(),
+    let certs = identity::CertManager::new(ca_config(&args))?;
+    certs.spawn_rotation();
+    let store = start_store(&args.mesh, metrics.clone());
+    let shared = Arc::new(proxy::Shared {
+        capture: capture.clone(),
         metrics,
-        &args.state_dir,
-    ));
+        certs,
+        store,
+        balancer: proxy::Balancer::default(),
+    });
+    let pods = Arc::new(inpod::pods::Pods::new(shared.clone(), &args.state_dir));
     {
         let pods = pods.clone();
         tokio::task::spawn_blocking(move || pods.restore()).await?;
@@ -87,6 +103,8 @@ async fn node(args: NodeArgs) -> anyhow::Result<()> {
         pods,
         capture,
         registry,
+        shared,
+        log_filter,
     });
     tokio::spawn(admin::serve(admin_l, admin.clone(), admin::Surface::Admin));
     tokio::spawn(admin::serve(
@@ -105,6 +123,62 @@ async fn node(args: NodeArgs) -> anyhow::Result<()> {
     // Pins stay: enrolled pods fail closed until the next agent takes over.
     info!("stopping; capture stays attached (use `mesh-agent uninstall` to remove it)");
     Ok(())
+}
+
+fn ca_config(args: &NodeArgs) -> identity::CaConfig {
+    let m = &args.mesh;
+    let source = match (&m.ca_cert, &m.ca_key) {
+        (Some(cert), Some(key)) => identity::CaSource::Files {
+            cert: cert.clone(),
+            key: key.clone(),
+        },
+        _ => identity::CaSource::Generate {
+            dir: m
+                .ca_dir
+                .clone()
+                .unwrap_or_else(|| args.state_dir.join("ca")),
+        },
+    };
+    identity::CaConfig {
+        trust_domain: m.trust_domain.clone(),
+        cert_ttl: m.cert_ttl,
+        source,
+    }
+}
+
+/// Starts the configuration source and counts the warnings of each new
+/// snapshot.
+fn start_store(
+    m: &config::MeshArgs,
+    metrics: Arc<metrics::Metrics>,
+) -> tokio::sync::watch::Receiver<Arc<state::Store>> {
+    let opts = state::StoreOptions {
+        trust_domain: m.trust_domain.clone(),
+        root_namespace: m.root_namespace.clone(),
+    };
+    let rx = match &m.config {
+        Some(path) => {
+            let source = Box::new(state::LocalFiles { path: path.clone() });
+            state::spawn_watch(source, opts, m.config_poll).0
+        }
+        None => tokio::sync::watch::channel(Arc::new(state::Store::default())).1,
+    };
+    let mut watch = rx.clone();
+    tokio::spawn(async move {
+        loop {
+            let snapshot = watch.borrow_and_update().clone();
+            for w in snapshot.warnings() {
+                metrics
+                    .config_warnings
+                    .get_or_create(&metrics::WarningLabels { kind: w.kind })
+                    .inc();
+            }
+            if watch.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    rx
 }
 
 fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {

@@ -28,11 +28,55 @@ pub struct EnrolLabels {
     pub result: &'static str,
 }
 
+/// Istio's TCP label set, so that existing dashboards keep working.
+/// Unknown values are `unknown`, as Istio writes them.
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    /// `source` (the client's agent) or `destination` (the server's).
+    pub reporter: &'static str,
+    pub source_workload: String,
+    pub source_canonical_service: String,
+    pub source_canonical_revision: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub source_app: String,
+    pub source_version: String,
+    pub source_cluster: String,
+    pub destination_service: String,
+    pub destination_service_namespace: String,
+    pub destination_service_name: String,
+    pub destination_workload: String,
+    pub destination_canonical_service: String,
+    pub destination_canonical_revision: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    pub destination_app: String,
+    pub destination_version: String,
+    pub destination_cluster: String,
+    pub request_protocol: &'static str,
+    /// `-`, or what went wrong: `DENY` (authorization), `UF` (upstream
+    /// connect failed), `UH` (no healthy endpoint), `NR` (no identity to
+    /// connect with).
+    pub response_flags: &'static str,
+    /// `mutual_tls` or `unknown` (plain TCP).
+    pub connection_security_policy: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WarningLabels {
+    pub kind: &'static str,
+}
+
 #[derive(Debug, Default)]
 pub struct Metrics {
     pub proxy_connections: Family<ProxyLabels, Counter>,
     pub enrolment: Family<EnrolLabels, Counter>,
     pub enrolled_pods: Gauge,
+    pub tcp_opened: Family<TcpLabels, Counter>,
+    pub tcp_closed: Family<TcpLabels, Counter>,
+    pub tcp_sent: Family<TcpLabels, Counter>,
+    pub tcp_received: Family<TcpLabels, Counter>,
+    pub config_warnings: Family<WarningLabels, Counter>,
 }
 
 impl Metrics {
@@ -65,6 +109,31 @@ pub fn registry(metrics: &Arc<Metrics>, capture: Arc<Capture>) -> Registry {
         "mesh_enrolled_pods",
         "Pods whose traffic this agent captures",
         metrics.enrolled_pods.clone(),
+    );
+    r.register(
+        "istio_tcp_connections_opened",
+        "TCP connections opened, Istio's label set",
+        metrics.tcp_opened.clone(),
+    );
+    r.register(
+        "istio_tcp_connections_closed",
+        "TCP connections closed, Istio's label set",
+        metrics.tcp_closed.clone(),
+    );
+    r.register(
+        "istio_tcp_sent_bytes",
+        "Bytes of the response direction (server to client), counted when a connection closes",
+        metrics.tcp_sent.clone(),
+    );
+    r.register(
+        "istio_tcp_received_bytes",
+        "Bytes of the request direction (client to server), counted when a connection closes",
+        metrics.tcp_received.clone(),
+    );
+    r.register(
+        "mesh_config_warnings",
+        "Configuration not applied as written (one per warning per loaded snapshot), by kind",
+        metrics.config_warnings.clone(),
     );
     r.register_collector(Box::new(CaptureCollector(capture)));
     r

@@ -21,7 +21,7 @@ use super::{
 use crate::{
     capture::{Capture, CaptureError},
     metrics::Metrics,
-    proxy::{self, PodCtx},
+    proxy::{self, PodCtx, Shared},
 };
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -39,6 +39,8 @@ pub struct PodInfo {
     pub netns: PathBuf,
     pub netns_cookie: NetnsCookie,
     pub addresses: Vec<IpAddr>,
+    /// Pooled outbound HBONE connections.
+    pub hbone_connections: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -75,7 +77,6 @@ impl EnrolError {
 
 struct Enrolled {
     ctx: Arc<PodCtx>,
-    addresses: Vec<IpAddr>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -85,7 +86,8 @@ impl Enrolled {
             name: self.ctx.name.clone(),
             netns: self.ctx.netns.path().to_owned(),
             netns_cookie: self.ctx.netns.cookie(),
-            addresses: self.addresses.clone(),
+            addresses: self.ctx.addresses.clone(),
+            hbone_connections: self.ctx.pool.len(),
         }
     }
 }
@@ -99,6 +101,7 @@ struct SavedPod {
 }
 
 pub struct Pods {
+    shared: Arc<Shared>,
     capture: Arc<Capture>,
     metrics: Arc<Metrics>,
     state_file: PathBuf,
@@ -106,10 +109,11 @@ pub struct Pods {
 }
 
 impl Pods {
-    pub fn new(capture: Arc<Capture>, metrics: Arc<Metrics>, state_dir: &Path) -> Self {
+    pub fn new(shared: Arc<Shared>, state_dir: &Path) -> Self {
         Pods {
-            capture,
-            metrics,
+            capture: shared.capture.clone(),
+            metrics: shared.metrics.clone(),
+            shared,
             state_file: state_dir.join("pods.json"),
             pods: Mutex::new(BTreeMap::new()),
         }
@@ -171,12 +175,12 @@ impl Pods {
 
         // 1. listeners (kept as fds for the maps; served once all is in place)
         let cookie = netns.cookie();
-        let ctx = Arc::new(PodCtx {
-            name: name.clone(),
+        let ctx = Arc::new(PodCtx::new(
+            name.clone(),
             netns,
-            capture: self.capture.clone(),
-            metrics: self.metrics.clone(),
-        });
+            addresses.clone(),
+            self.shared.clone(),
+        ));
         // 2. maps, 3. attach; on failure undo what was done, so that the
         // kernel maps never name a pod the agent does not serve.
         let captured = (|| -> Result<(), CaptureError> {
@@ -207,11 +211,7 @@ impl Pods {
                 }
             }
         }
-        let enrolled = Enrolled {
-            ctx,
-            addresses,
-            tasks,
-        };
+        let enrolled = Enrolled { ctx, tasks };
         let info = enrolled.info();
         pods.insert(name, enrolled);
         self.metrics.enrolled_pods.set(pods.len() as i64);

@@ -1,7 +1,8 @@
 //! Inbound plaintext (15006): connections the kernel handed to the pod's
 //! listener with sk_lookup. The accepted socket's local address is the
 //! destination the client asked for; the app is reached there from the
-//! agent's own source address.
+//! agent's own source address. Refused under PeerAuthentication STRICT;
+//! otherwise authorized with no peer identity.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -9,31 +10,98 @@ use mesh_common::AGENT_PORTS;
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::{PodCtx, connect_in_pod, splice};
+use super::{
+    Counted, PodCtx,
+    conn::{ConnRecord, Outcome, Peer},
+    connect_in_pod,
+    hbone::finish,
+    revoked_by_policy, splice,
+};
+use crate::state::{Conn, Decision, MtlsMode, Store};
+
+/// Whether plaintext from `peer` to `dst` may go on under this snapshot.
+fn admit(store: &Store, pod: &PodCtx, peer: SocketAddr, dst: SocketAddr) -> Result<(), String> {
+    let Some(local) = store
+        .workload_by_ip(dst.ip())
+        .cloned()
+        .or_else(|| pod.workload(store))
+    else {
+        // Not in the store: no policy can name it.
+        return Ok(());
+    };
+    if store.mtls_mode(&local, dst.port()) == MtlsMode::Strict {
+        return Err("PeerAuthentication STRICT: plaintext is refused".into());
+    }
+    match store.authorize(&Conn {
+        src_ip: peer.ip(),
+        src_identity: None,
+        dst: &local,
+        dst_ip: dst.ip(),
+        dst_port: dst.port(),
+    }) {
+        Decision::Allow => Ok(()),
+        Decision::Deny { reason, .. } => Err(reason),
+    }
+}
 
 pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
     let Ok(dst) = client.local_addr() else {
         return;
     };
+    let metrics = pod.shared.metrics.clone();
     if AGENT_PORTS.contains(&dst.port()) {
         // A direct connection to the capture port itself: forwarding it would
         // loop back into this listener.
-        pod.metrics.connection("inbound_plaintext", "refused");
+        metrics.connection("inbound_plaintext", "refused");
         debug!(%peer, %dst, "direct connection to an agent port; closing");
         return;
     }
-    let app = match connect_in_pod(&pod, dst, true).await {
+    let store = pod.shared.store();
+    let local = store
+        .workload_by_ip(dst.ip())
+        .cloned()
+        .or_else(|| pod.workload(&store));
+    let trust_domain = pod.shared.certs.trust_domain();
+    let rec = ConnRecord::new(
+        metrics.clone(),
+        "inbound",
+        "destination",
+        Peer {
+            addr: Some(peer),
+            workload: store.workload_by_ip(peer.ip()).cloned(),
+            identity: None,
+        },
+        Peer {
+            addr: Some(dst),
+            identity: local.as_ref().map(|w| w.identity(trust_domain)),
+            workload: local,
+        },
+        None,
+        false,
+    );
+    if let Err(reason) = admit(&store, &pod, peer, dst) {
+        metrics.connection("inbound_plaintext", "denied");
+        debug!(%dst, reason, "plaintext connection refused");
+        rec.close("DENY", Outcome::error(reason));
+        return;
+    }
+    let mut app = match connect_in_pod(&pod, dst, true).await {
         Ok(s) => s,
         Err(e) => {
-            pod.metrics
-                .connection("inbound_plaintext", "connect_failed");
+            metrics.connection("inbound_plaintext", "connect_failed");
             debug!(%dst, error = %e, "connect to app failed");
+            rec.close("UF", Outcome::error(format!("connect to app: {e}")));
             return;
         }
     };
-    pod.metrics.connection("inbound_plaintext", "forwarded");
-    match splice(client, app).await {
-        Ok((received, sent)) => debug!(%dst, received, sent, "inbound closed"),
-        Err(e) => debug!(%dst, error = %e, "inbound ended with error"),
-    }
+    metrics.connection("inbound_plaintext", "forwarded");
+    let mut rec = rec;
+    rec.open();
+    let mut client = Counted::new(client);
+    let check = pod.clone();
+    let revoked = revoked_by_policy(pod.shared.store.clone(), move |s| {
+        admit(s, &check, peer, dst).is_ok()
+    });
+    let end = splice(&mut client, &mut app, revoked).await;
+    finish(rec, &client, end, &pod);
 }

@@ -1,40 +1,101 @@
-//! The userspace data path for captured connections. For now a plain TCP
-//! pass-through in both directions; HBONE (mTLS) replaces the outbound leg
-//! for meshed destinations.
+//! The userspace data path for captured connections: outbound (15001) to a
+//! meshed destination over HBONE or to anything else as plain TCP; inbound
+//! HBONE (15008) and inbound plaintext (15006) to the pod's own apps.
 
-use std::{io, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    io,
+    net::{IpAddr, SocketAddr},
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use tokio::{
-    io::AsyncWriteExt as _,
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf},
     net::{TcpListener, TcpSocket, TcpStream},
+    sync::watch,
     task::JoinHandle,
 };
-use tracing::{Instrument as _, debug, info_span, warn};
+use tracing::{Instrument as _, info_span, warn};
 
 use crate::{
     capture::Capture,
+    identity::CertManager,
     inpod::{
         netns::Netns,
         sockets::{PodListener, Role, connect_socket},
     },
     metrics::Metrics,
+    state::{Store, Workload},
 };
 
+mod conn;
+mod hbone;
 mod inbound;
+mod lb;
 mod outbound;
+
+pub use lb::Balancer;
 
 /// Copy buffer per direction: large enough for bulk transfers in few syscalls.
 const COPY_BUF: usize = 64 * 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Agent-wide parts every connection needs.
+pub struct Shared {
+    pub capture: Arc<Capture>,
+    pub metrics: Arc<Metrics>,
+    pub certs: Arc<CertManager>,
+    pub store: watch::Receiver<Arc<Store>>,
+    pub balancer: Balancer,
+}
+
+impl Shared {
+    pub fn store(&self) -> Arc<Store> {
+        self.store.borrow().clone()
+    }
+}
+
 /// What a listener's connections need: the pod they belong to and the
 /// agent-wide parts.
-#[derive(Debug)]
 pub struct PodCtx {
     pub name: String,
     pub netns: Netns,
-    pub capture: Arc<Capture>,
-    pub metrics: Arc<Metrics>,
+    /// The pod's own addresses, read at enrolment.
+    pub addresses: Vec<IpAddr>,
+    pub shared: Arc<Shared>,
+    /// HBONE connections from this pod, reused across its connections.
+    pub pool: hbone::Pool,
+}
+
+impl PodCtx {
+    pub fn new(name: String, netns: Netns, addresses: Vec<IpAddr>, shared: Arc<Shared>) -> Self {
+        PodCtx {
+            name,
+            netns,
+            addresses,
+            shared,
+            pool: hbone::Pool::default(),
+        }
+    }
+
+    /// This pod's workload in the store, found by its addresses.
+    fn workload(&self, store: &Store) -> Option<Arc<Workload>> {
+        self.addresses
+            .iter()
+            .find_map(|ip| store.workload_by_ip(*ip).cloned())
+    }
+}
+
+impl std::fmt::Debug for PodCtx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PodCtx")
+            .field("name", &self.name)
+            .field("netns", &self.netns)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Serves one capture listener until the task is aborted.
@@ -52,6 +113,7 @@ pub fn spawn_listener(pod: Arc<PodCtx>, listener: PodListener) -> io::Result<Joi
                     continue;
                 }
             };
+            let _ = stream.set_nodelay(true);
             let pod = pod.clone();
             match role {
                 Role::Outbound => {
@@ -63,11 +125,8 @@ pub fn spawn_listener(pod: Arc<PodCtx>, listener: PodListener) -> io::Result<Joi
                     tokio::spawn(inbound::serve(pod, stream, peer).instrument(span));
                 }
                 Role::Hbone => {
-                    // mTLS termination is not built yet: refuse rather than
-                    // pretend. The port is held so that nothing else binds it.
-                    pod.metrics.connection("hbone", "refused");
-                    debug!(pod = %pod.name, client = %peer, "HBONE not implemented yet; closing");
-                    drop(stream);
+                    let span = info_span!("inbound", pod = %pod.name, client = %peer);
+                    tokio::spawn(hbone::serve(pod, stream, peer).instrument(span));
                 }
             }
         }
@@ -91,12 +150,105 @@ async fn connect_in_pod(
     }
 }
 
-/// Splices both directions until both are closed; half-close is passed on.
-/// Returns (bytes client->server, bytes server->client).
-async fn splice(mut client: TcpStream, mut server: TcpStream) -> io::Result<(u64, u64)> {
-    let r = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut server, COPY_BUF, COPY_BUF)
-        .await;
-    let _ = client.shutdown().await;
-    let _ = server.shutdown().await;
-    r
+/// How a splice ended.
+#[derive(Debug)]
+pub enum SpliceEnd {
+    /// Both directions finished (or one failed).
+    Done(io::Result<()>),
+    /// A policy change no longer allows the connection; it was closed.
+    Revoked,
+}
+
+/// Splices both directions until both are closed, passing half-close on, or
+/// until `revoked` resolves. Byte counts are read from `client` afterwards:
+/// what it yielded went to the server (sent), what it took came back.
+async fn splice<A, B>(
+    client: &mut Counted<A>,
+    server: &mut B,
+    revoked: impl Future<Output = ()>,
+) -> SpliceEnd
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let end = tokio::select! {
+        r = tokio::io::copy_bidirectional_with_sizes(client, server, COPY_BUF, COPY_BUF) => {
+            SpliceEnd::Done(r.map(|_| ()))
+        }
+        () = revoked => SpliceEnd::Revoked,
+    };
+    if matches!(end, SpliceEnd::Done(_)) {
+        let _ = client.shutdown().await;
+        let _ = server.shutdown().await;
+    }
+    end
+}
+
+/// A stream that counts the bytes read from and written to it.
+pub struct Counted<S> {
+    inner: S,
+    pub read: u64,
+    pub written: u64,
+}
+
+impl<S> Counted<S> {
+    pub fn new(inner: S) -> Self {
+        Counted {
+            inner,
+            read: 0,
+            written: 0,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.read += (buf.filled().len() - before) as u64;
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            self.written += n as u64;
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Resolves when a new store snapshot denies what `still_allowed` checks.
+async fn revoked_by_policy(
+    mut store: watch::Receiver<Arc<Store>>,
+    still_allowed: impl Fn(&Store) -> bool,
+) {
+    loop {
+        if store.changed().await.is_err() {
+            // The store is gone: the agent is shutting down; keep serving.
+            return std::future::pending().await;
+        }
+        let snapshot = store.borrow_and_update().clone();
+        if !still_allowed(&snapshot) {
+            return;
+        }
+    }
 }

@@ -1,7 +1,8 @@
 //! Outbound (15001): connections the kernel redirected away from their
 //! destination. The original destination is looked up by (netns cookie,
 //! client port, family); without one, the connection is refused, never
-//! guessed.
+//! guessed. Then: a Service VIP picks an endpoint; a meshed destination is
+//! reached over HBONE; anything else passes through as plain TCP.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -9,8 +10,65 @@ use mesh_common::{AF_INET, AF_INET6, ConnKey};
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
-use super::{PodCtx, connect_in_pod, splice};
-use crate::capture::orig_dst_addr;
+use super::{
+    Counted, PodCtx,
+    conn::{ConnRecord, Outcome, Peer},
+    connect_in_pod,
+    hbone::{Caller, HboneError, finish},
+    splice,
+};
+use crate::{
+    capture::orig_dst_addr,
+    identity::Identity,
+    state::{Endpoint, Service, Store, Workload},
+};
+
+/// At most this many endpoints of a Service are tried for one connection.
+const MAX_ATTEMPTS: usize = 3;
+
+/// Where a connection may go, in the order to try.
+struct Route {
+    service: Option<Arc<Service>>,
+    candidates: Vec<Candidate>,
+}
+
+struct Candidate {
+    addr: SocketAddr,
+    workload: Option<Arc<Workload>>,
+}
+
+fn route(store: &Store, pod: &PodCtx, dst: SocketAddr) -> Route {
+    if let Some((svc, port)) = store.service_by_vip(dst) {
+        let endpoints: Vec<Endpoint> = store.endpoints(svc, port);
+        let candidates = pod
+            .shared
+            .balancer
+            .order(&endpoints)
+            .into_iter()
+            .take(MAX_ATTEMPTS)
+            .map(|e| Candidate {
+                addr: e.addr,
+                workload: Some(e.workload),
+            })
+            .collect();
+        return Route {
+            service: Some(svc.clone()),
+            candidates,
+        };
+    }
+    Route {
+        service: None,
+        candidates: vec![Candidate {
+            addr: dst,
+            workload: store.workload_by_ip(dst.ip()).cloned(),
+        }],
+    }
+}
+
+enum Upstream {
+    Plain(TcpStream),
+    Hbone(hyper::upgrade::Upgraded),
+}
 
 pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
     // The key leaves out the client's source address: two clients in one pod
@@ -22,24 +80,158 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
         family: if peer.is_ipv4() { AF_INET } else { AF_INET6 },
         _pad: 0,
     };
-    let Some(orig) = pod.capture.take_orig_dst(key) else {
-        pod.metrics
-            .connection("outbound", "no_original_destination");
+    let metrics = pod.shared.metrics.clone();
+    let Some(orig) = pod.shared.capture.take_orig_dst(key) else {
+        metrics.connection("outbound", "no_original_destination");
         warn!("no original destination recorded for this connection; refusing it");
         return;
     };
     let dst = orig_dst_addr(&orig);
-    let server = match connect_in_pod(&pod, dst, false).await {
-        Ok(s) => s,
-        Err(e) => {
-            pod.metrics.connection("outbound", "connect_failed");
-            debug!(%dst, error = %e, "connect to original destination failed");
-            return;
+    let store = pod.shared.store();
+    let src_workload = pod.workload(&store);
+    let trust_domain = pod.shared.certs.trust_domain();
+    let src_identity = src_workload.as_ref().map(|w| w.identity(trust_domain));
+    // The app's own address rather than the loopback address it was
+    // redirected through.
+    let src_ip = pod
+        .addresses
+        .iter()
+        .find(|ip| ip.is_ipv4() == dst.is_ipv4())
+        .copied()
+        .unwrap_or(peer.ip());
+    let src = Peer {
+        addr: Some(SocketAddr::new(src_ip, peer.port())),
+        workload: src_workload.clone(),
+        identity: src_identity.clone(),
+    };
+    let route = route(&store, &pod, dst);
+    let service = route.service.as_deref();
+    let mut rec = ConnRecord::new(
+        metrics.clone(),
+        "outbound",
+        "source",
+        src,
+        Peer {
+            addr: Some(dst),
+            ..Peer::default()
+        },
+        service,
+        false,
+    );
+    if route.candidates.is_empty() {
+        metrics.connection("outbound", "no_endpoint");
+        rec.close(
+            "UH",
+            Outcome::error(format!("service {dst} has no endpoints")),
+        );
+        return;
+    }
+    let mut last_error = String::new();
+    let mut flags = "UF";
+    let mut upstream = None;
+    for c in &route.candidates {
+        let meshed = c.workload.as_ref().is_some_and(|w| w.captured);
+        let dst_identity = c
+            .workload
+            .as_ref()
+            .filter(|_| meshed)
+            .map(|w| w.identity(trust_domain));
+        rec.set_destination(
+            Peer {
+                addr: Some(c.addr),
+                workload: c.workload.clone(),
+                identity: dst_identity.clone(),
+            },
+            service,
+            meshed,
+        );
+        let attempt = match (&dst_identity, &src_identity, &src_workload) {
+            (Some(dst_id), Some(src_id), Some(src_wl)) => {
+                let caller = Caller {
+                    addr: SocketAddr::new(src_ip, peer.port()),
+                    workload: src_wl,
+                };
+                hbone(&pod, src_id, dst_id, c.addr, &caller).await
+            }
+            (Some(_), _, _) => {
+                // A meshed destination is never reached in plaintext.
+                metrics.connection("outbound", "no_source_identity");
+                rec.close(
+                    "NR",
+                    Outcome::error(
+                        "this pod is not in the state store, so it has no identity for mTLS",
+                    ),
+                );
+                return;
+            }
+            (None, _, _) => connect_in_pod(&pod, c.addr, false)
+                .await
+                .map(Upstream::Plain)
+                .map_err(|e| Attempt::Failed(format!("connect to {}: {e}", c.addr))),
+        };
+        match attempt {
+            Ok(u) => {
+                if service.is_some() {
+                    pod.shared.balancer.mark_up(c.addr);
+                }
+                upstream = Some(u);
+                break;
+            }
+            Err(Attempt::Denied(e)) => {
+                flags = "DENY";
+                last_error = e;
+                break;
+            }
+            Err(Attempt::Failed(e)) => {
+                debug!(endpoint = %c.addr, error = %e, "upstream failed");
+                if service.is_some() {
+                    pod.shared.balancer.mark_down(c.addr);
+                }
+                last_error = e;
+            }
+        }
+    }
+    let Some(upstream) = upstream else {
+        metrics.connection(
+            "outbound",
+            if flags == "DENY" {
+                "denied"
+            } else {
+                "connect_failed"
+            },
+        );
+        rec.close(flags, Outcome::error(last_error));
+        return;
+    };
+    metrics.connection("outbound", "forwarded");
+    rec.open();
+    let mut client = Counted::new(client);
+    let end = match upstream {
+        Upstream::Plain(mut s) => splice(&mut client, &mut s, std::future::pending()).await,
+        Upstream::Hbone(u) => {
+            let mut s = hyper_util::rt::TokioIo::new(u);
+            splice(&mut client, &mut s, std::future::pending()).await
         }
     };
-    pod.metrics.connection("outbound", "forwarded");
-    match splice(client, server).await {
-        Ok((sent, received)) => debug!(%dst, sent, received, "outbound closed"),
-        Err(e) => debug!(%dst, error = %e, "outbound ended with error"),
+    finish(rec, &client, end, &pod);
+}
+
+enum Attempt {
+    /// The destination's policy said no: do not try another endpoint.
+    Denied(String),
+    Failed(String),
+}
+
+async fn hbone(
+    pod: &PodCtx,
+    src: &Identity,
+    dst: &Identity,
+    target: SocketAddr,
+    caller: &Caller<'_>,
+) -> Result<Upstream, Attempt> {
+    match pod.pool.connect(pod, src, dst, target, caller).await {
+        Ok(u) => Ok(Upstream::Hbone(u)),
+        Err(e @ HboneError::Status { .. }) if e.is_denied() => Err(Attempt::Denied(e.to_string())),
+        Err(e) => Err(Attempt::Failed(e.to_string())),
     }
 }

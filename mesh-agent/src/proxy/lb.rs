@@ -1,0 +1,114 @@
+//! Service VIP load balancing: round robin over a Service's endpoints, with
+//! an endpoint that failed a connect set aside for a while so that new
+//! connections go elsewhere.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use crate::state::Endpoint;
+
+/// How long an endpoint that failed a connect gets no new connections
+/// (unless every endpoint is down).
+pub const DOWN_FOR: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Default)]
+pub struct Balancer {
+    next: AtomicUsize,
+    down: Mutex<HashMap<SocketAddr, Instant>>,
+}
+
+impl Balancer {
+    /// The endpoints in the order to try them: round robin among the healthy
+    /// ones, then the ones recently down as a last resort.
+    pub fn order(&self, endpoints: &[Endpoint]) -> Vec<Endpoint> {
+        if endpoints.is_empty() {
+            return Vec::new();
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % endpoints.len();
+        let now = Instant::now();
+        let mut down = self.down.lock().expect("balancer lock");
+        down.retain(|_, until| *until > now);
+        let rotated = endpoints[start..].iter().chain(&endpoints[..start]);
+        let (healthy, sick): (Vec<&Endpoint>, Vec<&Endpoint>) =
+            rotated.partition(|e| !down.contains_key(&e.addr));
+        healthy.into_iter().chain(sick).cloned().collect()
+    }
+
+    pub fn mark_down(&self, addr: SocketAddr) {
+        self.down
+            .lock()
+            .expect("balancer lock")
+            .insert(addr, Instant::now() + DOWN_FOR);
+    }
+
+    pub fn mark_up(&self, addr: SocketAddr) {
+        self.down.lock().expect("balancer lock").remove(&addr);
+    }
+
+    /// Endpoints currently set aside, for `/config_dump`.
+    pub fn down(&self) -> Vec<SocketAddr> {
+        let now = Instant::now();
+        let down = self.down.lock().expect("balancer lock");
+        down.iter()
+            .filter(|(_, until)| **until > now)
+            .map(|(a, _)| *a)
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeMap, sync::Arc};
+
+    use super::*;
+    use crate::state::Workload;
+
+    fn ep(last: u8) -> Endpoint {
+        let ip = std::net::IpAddr::from([10, 0, 0, last]);
+        Endpoint {
+            workload: Arc::new(Workload {
+                name: format!("p{last}"),
+                namespace: "ns".into(),
+                service_account: "sa".into(),
+                node: "n".into(),
+                ips: vec![ip],
+                labels: BTreeMap::new(),
+                ports: BTreeMap::new(),
+                captured: true,
+            }),
+            addr: SocketAddr::new(ip, 80),
+        }
+    }
+
+    fn firsts(b: &Balancer, eps: &[Endpoint], n: usize) -> Vec<u8> {
+        (0..n)
+            .map(|_| match b.order(eps)[0].addr.ip() {
+                std::net::IpAddr::V4(v4) => v4.octets()[3],
+                std::net::IpAddr::V6(_) => unreachable!(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn round_robin_then_skip_down() {
+        let b = Balancer::default();
+        let eps = vec![ep(1), ep(2), ep(3)];
+        assert_eq!(firsts(&b, &eps, 6), vec![1, 2, 3, 1, 2, 3]);
+        b.mark_down(eps[1].addr);
+        let f = firsts(&b, &eps, 6);
+        assert!(!f.contains(&2), "{f:?}");
+        assert!(f.contains(&1) && f.contains(&3), "{f:?}");
+        // The down endpoint is still tried last.
+        assert_eq!(b.order(&eps).last().unwrap().addr, eps[1].addr);
+        b.mark_up(eps[1].addr);
+        assert!(firsts(&b, &eps, 3).contains(&2));
+        assert!(b.order(&[]).is_empty());
+    }
+}
