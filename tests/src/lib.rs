@@ -24,6 +24,9 @@ use anyhow::{Context, bail, ensure};
 
 pub use serde_json::Value;
 
+pub mod mesh;
+pub mod probe;
+
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// The IP part of an address as the test app prints it (`1.2.3.4:5`,
@@ -411,7 +414,8 @@ impl Testbed {
     }
 
     /// Starts the test app's echo server in a pod, listening on `addr`.
-    pub fn serve(&mut self, pod: &Pod, addr: SocketAddr) -> anyhow::Result<()> {
+    /// Returns a handle for [`Testbed::stop`].
+    pub fn serve(&mut self, pod: &Pod, addr: SocketAddr) -> anyhow::Result<usize> {
         let app = testapp_bin();
         let idx = self.spawn_in(&pod.netns, &pod.cgroup, &app, &["serve", &addr.to_string()])?;
         let out = self.children[idx].stdout.take().expect("piped");
@@ -422,17 +426,44 @@ impl Testbed {
             "server in {} did not start: {line:?}",
             pod.name
         );
+        Ok(idx)
+    }
+
+    /// Stops a process started by the testbed.
+    pub fn stop(&mut self, handle: usize) -> anyhow::Result<()> {
+        let c = &mut self.children[handle];
+        c.kill()?;
+        c.wait()?;
         Ok(())
     }
 
     /// One connection from a (new) process in `pod` to `dst`, `bytes` echoed.
     pub fn connect(&self, pod: &Pod, dst: SocketAddr, bytes: usize) -> anyhow::Result<Value> {
+        self.run_app(pod, &["connect", &dst.to_string(), &bytes.to_string()])
+    }
+
+    /// Starts the test app in `pod` with its stdin and stdout piped to the caller.
+    pub fn spawn_piped(
+        &mut self,
+        pod: &Pod,
+        args: &[&str],
+    ) -> anyhow::Result<(ChildStdin, BufReader<ChildStdout>)> {
+        let idx = self.spawn_in(&pod.netns, &pod.cgroup, &testapp_bin(), args)?;
+        let child = &mut self.children[idx];
+        Ok((
+            child.stdin.take().expect("piped"),
+            BufReader::new(child.stdout.take().expect("piped")),
+        ))
+    }
+
+    /// Runs the test app once in `pod` and parses the JSON line it prints.
+    pub fn run_app(&self, pod: &Pod, args: &[&str]) -> anyhow::Result<Value> {
         let out = in_cgroup_netns(&pod.cgroup, &pod.netns, &testapp_bin())
-            .args(["connect", &dst.to_string(), &bytes.to_string()])
+            .args(args)
             .output()?;
         ensure!(
             out.status.success(),
-            "test client failed: {}",
+            "test app {args:?} failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         Ok(serde_json::from_slice(&out.stdout)?)

@@ -29,6 +29,8 @@ const TOOL_PACKAGES: &[&str] = &[
     "iperf3",
     "tshark",
     "python3",
+    // An independent OpenMetrics parser for the metrics page.
+    "python3-prometheus-client",
     "curl",
     "procps",
     "util-linux",

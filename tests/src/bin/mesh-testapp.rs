@@ -9,6 +9,14 @@
 //! the echo and prints one JSON line: the client's local and peer addresses as
 //! the client's socket sees them, what the server saw, and whether every byte
 //! came back intact.
+//!
+//! `hold ADDR`: one long-lived connection; each stdin line is sent and its
+//! echo read back, one JSON line per exchange (or `closed` once the
+//! connection is gone).
+//!
+//! `hbone ADDR AUTHORITY [cert=valid|none|other-root|expired] [ca=DIR]
+//! [id=SPIFFE] [method=CONNECT|GET|GARBAGE] [send=BYTES]`: a hand-held HBONE
+//! client (see `mesh_tests::probe`). `gen-ca DIR`: writes a CA root there.
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -40,8 +48,41 @@ fn main() {
                 std::io::stdout().flush().expect("stdout");
             }
         }
+        Some("hold") => hold(args[1].parse().expect("hold ADDR")),
+        Some("gen-ca") => {
+            mesh_tests::probe::write_root(std::path::Path::new(&args[1])).expect("gen-ca DIR");
+        }
+        Some("hbone") => {
+            let mut p = mesh_tests::probe::Probe {
+                addr: args[1].parse().expect("hbone ADDR"),
+                authority: args[2].clone(),
+                identity: "spiffe://cluster.local/ns/default/sa/default".into(),
+                cert: mesh_tests::probe::CertMode::Valid,
+                ca_dir: ".".into(),
+                method: "CONNECT".into(),
+                send: 0,
+            };
+            for kv in &args[3..] {
+                let (k, v) = kv.split_once('=').expect("key=value");
+                match k {
+                    "cert" => p.cert = v.parse().expect("cert mode"),
+                    "ca" => p.ca_dir = v.into(),
+                    "id" => p.identity = v.into(),
+                    "method" => p.method = v.into(),
+                    "send" => p.send = v.parse().expect("send=BYTES"),
+                    _ => panic!("unknown option {k}"),
+                }
+            }
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            println!("{}", rt.block_on(mesh_tests::probe::run(p)));
+        }
         _ => {
-            eprintln!("usage: mesh-testapp serve ADDR | connect ADDR BYTES | repl");
+            eprintln!(
+                "usage: mesh-testapp serve ADDR | connect ADDR BYTES | repl | hold ADDR | hbone ADDR AUTHORITY [k=v...] | gen-ca DIR"
+            );
             std::process::exit(64);
         }
     }
@@ -145,4 +186,43 @@ fn connect(addr: SocketAddr, bytes: usize) -> serde_json::Value {
         "received": got,
         "intact": intact,
     })
+}
+
+fn hold(addr: SocketAddr) {
+    let say = |v: serde_json::Value| {
+        println!("{v}");
+        std::io::stdout().flush().expect("stdout");
+    };
+    let s = match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+        Ok(s) => s,
+        Err(e) => return say(serde_json::json!({ "ok": false, "error": e.to_string() })),
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut reader = BufReader::new(s.try_clone().expect("clone"));
+    let mut w = s;
+    let mut hello = String::new();
+    if let Err(e) = reader.read_line(&mut hello) {
+        return say(serde_json::json!({ "ok": false, "error": e.to_string() }));
+    }
+    say(serde_json::json!({ "ok": true, "hello": hello.trim_end() }));
+    for line in std::io::stdin().lock().lines() {
+        let line = line.expect("stdin");
+        let mut echo = String::new();
+        let r = w
+            .write_all(format!("{line}\n").as_bytes())
+            .and_then(|()| reader.read_line(&mut echo));
+        match r {
+            Ok(n) if n > 0 => say(serde_json::json!({ "ok": true, "echo": echo.trim_end() })),
+            Ok(_) => {
+                return say(
+                    serde_json::json!({ "ok": false, "closed": true, "error": "end of stream" }),
+                );
+            }
+            Err(e) => {
+                return say(
+                    serde_json::json!({ "ok": false, "closed": true, "error": e.to_string() }),
+                );
+            }
+        }
+    }
 }

@@ -1,0 +1,523 @@
+//! The secure L4 data path, end to end: two simulated nodes, real eBPF
+//! capture, HBONE mTLS between the agents, identities, L4 policy, Service
+//! VIPs and the metrics a user would read.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use mesh_tests::{
+    Pod, Testbed, Value, ip_of,
+    mesh::{
+        has_app_plaintext, namespace_yaml, parse_openmetrics, pod_yaml, series_sum, service_yaml,
+        tshark,
+    },
+};
+
+const APP_PORT: u16 = 8080;
+const TD: &str = "spiffe://cluster.local";
+
+fn sa(ip: IpAddr, port: u16) -> SocketAddr {
+    SocketAddr::new(ip, port)
+}
+
+fn any6(port: u16) -> SocketAddr {
+    sa(IpAddr::from([0u8; 16]), port)
+}
+
+fn ok(r: &Value) -> bool {
+    r["ok"] == Value::Bool(true)
+}
+
+fn id(ns: &str, sa: &str) -> String {
+    format!("{TD}/ns/{ns}/sa/{sa}")
+}
+
+/// Pods of the `shop` namespace (in the mesh) and `legacy` (not).
+struct Shop {
+    tb: Testbed,
+    docs: Vec<String>,
+}
+
+impl Shop {
+    fn new(nodes: usize) -> anyhow::Result<Self> {
+        Ok(Shop {
+            tb: Testbed::new(nodes)?,
+            docs: vec![
+                namespace_yaml("shop", true),
+                namespace_yaml("legacy", false),
+            ],
+        })
+    }
+
+    fn pod(
+        &mut self,
+        node: usize,
+        name: &str,
+        ns: &str,
+        sa: &str,
+        labels: &[(&str, &str)],
+    ) -> anyhow::Result<Pod> {
+        let p = self.tb.add_pod(node, name)?;
+        self.docs.push(pod_yaml(&p, node, ns, sa, labels));
+        Ok(p)
+    }
+
+    /// Writes the configuration, starts an agent per node and enrols `meshed`.
+    fn start(&mut self, meshed: &[&Pod], extra: &[&str]) -> anyhow::Result<()> {
+        self.tb.write_config(&self.docs)?;
+        let mut args = self.tb.mesh_args()?;
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        for n in 0..self.tb.nodes.len() {
+            self.tb.start_agent(n, &args)?;
+        }
+        for p in meshed {
+            let node = node_of(p);
+            self.tb.agent(node).enroll(p)?;
+        }
+        Ok(())
+    }
+
+    /// Applies the base objects plus `extra`, waiting until every agent's
+    /// dump satisfies `applied`.
+    fn apply(&self, extra: &[&str], applied: impl Fn(&str) -> bool) -> anyhow::Result<()> {
+        let mut docs = self.docs.clone();
+        docs.extend(extra.iter().map(|s| (*s).to_owned()));
+        self.tb.apply_config(&docs, applied)
+    }
+}
+
+/// Node index of a testbed pod (its IPv4 is 10.(node+1).0.x).
+fn node_of(p: &Pod) -> usize {
+    match p.ip4 {
+        IpAddr::V4(v4) => usize::from(v4.octets()[1]) - 1,
+        IpAddr::V6(_) => unreachable!(),
+    }
+}
+
+#[test]
+fn hbone_carries_pod_traffic_encrypted_with_both_identities() -> anyhow::Result<()> {
+    let mut shop = Shop::new(2)?;
+    let client = shop.pod(0, "client", "shop", "client", &[("app", "client")])?;
+    let near = shop.pod(0, "near", "shop", "server", &[("app", "echo")])?;
+    let server = shop.pod(1, "server", "shop", "server", &[("app", "echo")])?;
+    let legacy = shop.pod(1, "legacy", "legacy", "default", &[])?;
+    for p in [&near, &server, &legacy] {
+        shop.tb.serve(p, any6(APP_PORT))?;
+    }
+    shop.start(&[&client, &near, &server], &[])?;
+    let tb = &mut shop.tb;
+
+    let wire = tb.capture_packets(&client, "meshed")?;
+    let mut cross_node = 0;
+    for bytes in [1, 1000, 1 << 20, 24 << 20] {
+        let r = tb.connect(&client, sa(server.ip4, APP_PORT), bytes)?;
+        assert!(ok(&r), "{bytes} bytes cross-node: {r}");
+        assert_eq!(
+            ip_of(r["server_local"].as_str().unwrap_or("")),
+            server.ip4.to_string(),
+            "{r}"
+        );
+        cross_node += 1;
+    }
+    let r = tb.connect(&client, sa(server.ip6, APP_PORT), 1 << 20)?;
+    assert!(ok(&r), "IPv6 cross-node: {r}");
+    cross_node += 1;
+    let r = tb.connect(&client, sa(near.ip4, APP_PORT), 4 << 20)?;
+    assert!(ok(&r), "same node: {r}");
+    let pcap = wire.stop()?;
+
+    // On the wire: TLS 1.3 to 15008, never the app's port or its bytes.
+    assert!(
+        !has_app_plaintext(&pcap)?,
+        "the app's plaintext crossed the wire"
+    );
+    let versions = tshark(
+        &pcap,
+        "tls.handshake.type == 2",
+        &["tls.handshake.extensions.supported_version"],
+    )?;
+    assert!(!versions.is_empty(), "no TLS ServerHello captured");
+    assert!(
+        versions.iter().all(|v| v == "0x0304"),
+        "not TLS 1.3: {versions:?}"
+    );
+    let app_data = tshark(&pcap, "tls.record.content_type == 23", &["tcp.port"])?;
+    assert!(app_data.len() > 100, "few TLS records: {}", app_data.len());
+    assert!(tshark(&pcap, &format!("tcp.port == {APP_PORT}"), &["frame.number"])?.is_empty());
+
+    // Control: traffic to a pod outside the mesh is plaintext, and the same
+    // check sees it.
+    let wire = tb.capture_packets(&client, "plain")?;
+    let r = tb.connect(&client, sa(legacy.ip4, APP_PORT), 64 << 10)?;
+    assert!(ok(&r), "to legacy: {r}");
+    assert!(
+        has_app_plaintext(&wire.stop()?)?,
+        "plaintext control not seen"
+    );
+
+    // The server's agent saw the client's exact identity.
+    let log = tb.agent(1).log_text();
+    let seen = format!("src.identity={}", id("shop", "client"));
+    assert!(
+        log.contains(&seen),
+        "no access log line with {seen}:\n{log}"
+    );
+    let page = tb.agent(1).metrics()?;
+    let labels = [
+        ("reporter", "destination"),
+        ("source_principal", &id("shop", "client") as &str),
+        ("destination_principal", &id("shop", "server")),
+        ("connection_security_policy", "mutual_tls"),
+        ("response_flags", "-"),
+    ];
+    let opened = series_sum(&page, "istio_tcp_connections_opened_total", &labels);
+    assert_eq!(opened, f64::from(cross_node), "{page}");
+    // One HBONE connection per destination address, reused by the calls.
+    let pods: Value = serde_json::from_str(&tb.agent(0).http("GET", "/pods", None)?.1)?;
+    let pooled = pods
+        .as_array()
+        .and_then(|a| a.iter().find(|p| p["name"] == "client"))
+        .map(|p| p["hbone_connections"].clone());
+    assert_eq!(pooled, Some(Value::from(3)), "{pods}");
+
+    // Exact lines after this known sequence, and a parser accepts the page.
+    let src_side = tb.agent(0).metrics()?;
+    let want = format!(
+        "istio_tcp_connections_closed_total{{reporter=\"source\",source_workload=\"client\",source_canonical_service=\"client\",source_canonical_revision=\"latest\",source_workload_namespace=\"shop\",source_principal=\"{}\",source_app=\"client\",source_version=\"latest\",source_cluster=\"Kubernetes\",destination_service=\"unknown\",destination_service_namespace=\"unknown\",destination_service_name=\"unknown\",destination_workload=\"near\",destination_canonical_service=\"echo\",destination_canonical_revision=\"latest\",destination_workload_namespace=\"shop\",destination_principal=\"{}\",destination_app=\"echo\",destination_version=\"latest\",destination_cluster=\"Kubernetes\",request_protocol=\"tcp\",response_flags=\"-\",connection_security_policy=\"mutual_tls\"}} 1",
+        id("shop", "client"),
+        id("shop", "server")
+    );
+    assert!(
+        src_side.lines().any(|l| l == want),
+        "missing\n{want}\nin\n{src_side}"
+    );
+    let received = series_sum(
+        &src_side,
+        "istio_tcp_received_bytes_total",
+        &[("destination_workload", "near")],
+    );
+    assert_eq!(received, f64::from(4u32 << 20), "request bytes to near");
+    for page in [&src_side, &page] {
+        assert!(parse_openmetrics(page)? >= 8);
+    }
+    Ok(())
+}
+
+#[test]
+fn hbone_refuses_bad_peers_and_bad_requests() -> anyhow::Result<()> {
+    let mut shop = Shop::new(1)?;
+    let server = shop.pod(0, "server", "shop", "server", &[("app", "echo")])?;
+    let prober = shop.pod(0, "prober", "legacy", "default", &[])?;
+    shop.tb.serve(&server, any6(APP_PORT))?;
+    shop.start(&[&server], &[])?;
+    let tb = &shop.tb;
+    let hbone = sa(server.ip4, 15008);
+    let app = format!("{}:{APP_PORT}", server.ip4);
+    let me = id("shop", "prober");
+    let me_opt = format!("id={me}");
+    let agent = tb.agent(0);
+    let refused = |result: &str| -> anyhow::Result<f64> {
+        agent.metric(&format!(
+            "mesh_proxy_connections_total{{direction=\"hbone\",result=\"{result}\"}}"
+        ))
+    };
+
+    // Certificates: another root, expired, none, another trust domain.
+    let cases = [
+        ("cert=other-root", "untrusted_certificate"),
+        ("cert=expired", "expired_certificate"),
+        ("cert=none", "no_client_certificate"),
+    ];
+    for (opt, result) in cases {
+        let r = tb.probe(&prober, hbone, &app, &[opt, &me_opt, "send=10"])?;
+        assert!(!ok(&r) || r["status"] != 200, "{opt} got through: {r}");
+        assert_eq!(refused(result)?, 1.0, "{opt}: {r}");
+    }
+    let r = tb.probe(
+        &prober,
+        hbone,
+        &app,
+        &["id=spiffe://elsewhere.test/ns/shop/sa/prober"],
+    )?;
+    assert!(!ok(&r), "a foreign trust domain got through: {r}");
+    assert_eq!(refused("bad_certificate")?, 1.0, "{r}");
+
+    // Not TLS at all: no HTTP answer, never plaintext back.
+    let r = tb.probe(&prober, hbone, &app, &["method=GARBAGE"])?;
+    assert!(
+        !r["reply_text"].as_str().unwrap_or("").starts_with("HTTP"),
+        "{r}"
+    );
+    assert_eq!(refused("not_tls")?, 1.0, "{r}");
+
+    // Valid TLS, bad requests.
+    let r = tb.probe(&prober, hbone, &app, &[&me_opt, "method=GET"])?;
+    assert_eq!(r["status"], 405, "{r}");
+    assert_eq!(refused("not_connect")?, 1.0);
+    let other = format!("{}:{APP_PORT}", prober.ip4);
+    let r = tb.probe(&prober, hbone, &other, &[&me_opt])?;
+    assert_eq!(r["status"], 400, "CONNECT to another pod: {r}");
+    let r = tb.probe(&prober, hbone, &format!("{}:15001", server.ip4), &[&me_opt])?;
+    assert_eq!(r["status"], 400, "CONNECT to an agent port: {r}");
+    assert_eq!(refused("wrong_destination")?, 2.0);
+    let r = tb.probe(&prober, hbone, "nonsense", &[&me_opt])?;
+    assert_eq!(r["status"], 400, "{r}");
+    assert_eq!(refused("bad_authority")?, 1.0);
+    let r = tb.probe(&prober, hbone, &format!("{}:9", server.ip4), &[&me_opt])?;
+    assert_eq!(r["status"], 503, "nothing listens on 9: {r}");
+
+    // After all that, a proper call works and shows both identities.
+    let r = tb.probe(&prober, hbone, &app, &[&me_opt, "send=100000"])?;
+    assert_eq!(r["status"], 200, "{r}");
+    assert_eq!(r["echo_ok"], true, "{r}");
+    assert_eq!(r["tls_version"], "TLSv1_3", "{r}");
+    assert_eq!(r["alpn"], "h2", "{r}");
+    assert!(agent.log_text().contains(&format!("src.identity={me}")));
+    Ok(())
+}
+
+const ALLOW_CLIENT_ONLY: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: clients-only
+  namespace: shop
+spec:
+  selector:
+    matchLabels:
+      app: echo
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: [\"cluster.local/ns/shop/sa/client\"]
+    to:
+    - operation:
+        ports: [\"8080\"]
+";
+
+const DENY_INTRUDER: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: no-intruder
+  namespace: shop
+spec:
+  action: DENY
+  rules:
+  - from:
+    - source:
+        principals: [\"cluster.local/ns/shop/sa/intruder\"]
+";
+
+const DENY_CLIENT: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: client-out
+  namespace: istio-system
+spec:
+  action: DENY
+  rules:
+  - from:
+    - source:
+        namespaces: [\"shop\"]
+        notPrincipals: [\"cluster.local/ns/shop/sa/intruder\"]
+";
+
+const L7_ONLY: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: get-only
+  namespace: shop
+spec:
+  action: ALLOW
+  rules:
+  - to:
+    - operation:
+        methods: [\"GET\"]
+";
+
+const STRICT: &str = "apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata:
+  name: strict
+  namespace: shop
+spec:
+  mtls:
+    mode: STRICT
+";
+
+#[test]
+fn authorization_policy_decides_at_the_destination() -> anyhow::Result<()> {
+    let mut shop = Shop::new(2)?;
+    let client = shop.pod(0, "client", "shop", "client", &[])?;
+    let intruder = shop.pod(0, "intruder", "shop", "intruder", &[])?;
+    let plain = shop.pod(0, "plain", "legacy", "default", &[])?;
+    let server = shop.pod(1, "server", "shop", "server", &[("app", "echo")])?;
+    shop.tb.serve(&server, any6(APP_PORT))?;
+    shop.start(&[&client, &intruder, &server], &["--cert-ttl", "6s"])?;
+    let dst = sa(server.ip4, APP_PORT);
+    let call =
+        |tb: &Testbed, p: &Pod| -> anyhow::Result<bool> { Ok(ok(&tb.connect(p, dst, 1000)?)) };
+    let denied_from = |tb: &Testbed, who: &str| -> anyhow::Result<f64> {
+        Ok(series_sum(
+            &tb.agent(1).metrics()?,
+            "istio_tcp_connections_closed_total",
+            &[("response_flags", "DENY"), ("source_principal", who)],
+        ))
+    };
+
+    // No policy: everyone, plaintext included (PERMISSIVE).
+    assert!(call(&shop.tb, &client)? && call(&shop.tb, &intruder)? && call(&shop.tb, &plain)?);
+    let serial_before = server_serial(&shop.tb)?;
+
+    // ALLOW by principal and port: the client only.
+    shop.apply(&[ALLOW_CLIENT_ONLY], |d| d.contains("clients-only"))?;
+    assert!(call(&shop.tb, &client)?, "client under clients-only");
+    assert!(!call(&shop.tb, &intruder)?, "intruder under clients-only");
+    assert!(!call(&shop.tb, &plain)?, "plaintext has no principal");
+    assert_eq!(denied_from(&shop.tb, &id("shop", "intruder"))?, 1.0);
+
+    // DENY first; no ALLOW policy left means allow.
+    shop.apply(&[DENY_INTRUDER], |d| {
+        d.contains("no-intruder") && !d.contains("clients-only")
+    })?;
+    assert!(
+        call(&shop.tb, &client)? && call(&shop.tb, &plain)?,
+        "DENY intruder let others in"
+    );
+    assert!(!call(&shop.tb, &intruder)?, "intruder under no-intruder");
+
+    // PeerAuthentication STRICT refuses plaintext, mTLS still passes.
+    shop.apply(&[DENY_INTRUDER, STRICT], |d| d.contains("\"strict\""))?;
+    assert!(!call(&shop.tb, &plain)?, "plaintext under STRICT");
+    assert!(call(&shop.tb, &client)?, "mTLS under STRICT");
+
+    // An ALLOW rule with L7 fields never matches at L4, and says so.
+    shop.apply(&[L7_ONLY], |d| d.contains("get-only"))?;
+    assert!(
+        !call(&shop.tb, &client)?,
+        "an L7-only ALLOW rule matched at L4"
+    );
+    let warnings = shop
+        .tb
+        .agent(1)
+        .metric("mesh_config_warnings_total{kind=\"l7_rule_at_l4\"}")?;
+    assert!(warnings >= 1.0, "L7 warning not counted");
+    let (_, dump) = shop.tb.agent(1).http("GET", "/config_dump", None)?;
+    assert!(dump.contains("AuthorizationPolicy shop/get-only"), "{dump}");
+    assert!(shop.tb.agent(1).log_text().contains("shop/get-only"));
+
+    // A live connection survives a change that still allows it, and is
+    // closed by one that does not (a mesh-wide DENY from the root namespace).
+    shop.apply(&[], |d| !d.contains("get-only"))?;
+    let mut live = shop.tb.hold(&client, dst)?;
+    assert!(ok(&live.hello), "{}", live.hello);
+    shop.apply(&[DENY_INTRUDER], |d| d.contains("no-intruder"))?;
+    assert_eq!(live.send("still there")?["echo"], "still there");
+    shop.apply(&[DENY_CLIENT], |d| d.contains("client-out"))?;
+    std::thread::sleep(Duration::from_millis(300));
+    let r = live.send("after deny")?;
+    assert_eq!(r["closed"], true, "live connection not closed: {r}");
+    assert_eq!(
+        shop.tb
+            .agent(1)
+            .metric("mesh_proxy_connections_total{direction=\"policy\",result=\"revoked\"}")?,
+        1.0
+    );
+    assert!(!call(&shop.tb, &client)?, "client under client-out");
+    assert!(
+        call(&shop.tb, &intruder)?,
+        "notPrincipals exempts the intruder"
+    );
+
+    // Certificates were renewed meanwhile (6 s lifetime), and new
+    // handshakes use them.
+    std::thread::sleep(Duration::from_secs(4));
+    let serial_after = server_serial(&shop.tb)?;
+    assert_ne!(serial_before, serial_after, "certificate not rotated");
+    shop.apply(&[], |d| !d.contains("client-out"))?;
+    assert!(call(&shop.tb, &client)?, "after rotation");
+    Ok(())
+}
+
+/// The serial of the server workload's certificate on node 1.
+fn server_serial(tb: &Testbed) -> anyhow::Result<String> {
+    let (_, dump) = tb.agent(1).http("GET", "/config_dump", None)?;
+    let dump: Value = serde_json::from_str(&dump)?;
+    let certs = dump["certificates"].as_array().cloned().unwrap_or_default();
+    let cert = certs
+        .iter()
+        .find(|c| c["identity"] == id("shop", "server"))
+        .ok_or_else(|| anyhow::anyhow!("no server certificate in {dump}"))?;
+    Ok(cert["serial"].as_str().unwrap_or_default().to_owned())
+}
+
+#[test]
+fn service_vip_spreads_and_skips_a_down_endpoint() -> anyhow::Result<()> {
+    let mut shop = Shop::new(2)?;
+    let client = shop.pod(0, "client", "shop", "client", &[])?;
+    let a = shop.pod(0, "echo-a", "shop", "echo", &[("app", "echo")])?;
+    let b = shop.pod(1, "echo-b", "shop", "echo", &[("app", "echo")])?;
+    let vip: IpAddr = "10.96.0.10".parse()?;
+    shop.docs.push(service_yaml(
+        "echo",
+        "shop",
+        "10.96.0.10",
+        80,
+        "http",
+        "echo",
+    ));
+    shop.tb.serve(&a, any6(APP_PORT))?;
+    let b_app = shop.tb.serve(&b, any6(APP_PORT))?;
+    shop.start(&[&client, &a, &b], &[])?;
+    let tb = &mut shop.tb;
+
+    let mut seen = std::collections::BTreeMap::<String, u32>::new();
+    for _ in 0..10 {
+        let r = tb.connect(&client, sa(vip, 80), 1000)?;
+        assert!(ok(&r), "{r}");
+        *seen
+            .entry(ip_of(r["server_local"].as_str().unwrap_or("")))
+            .or_default() += 1;
+    }
+    assert_eq!(seen.get(&a.ip4.to_string()), Some(&5), "{seen:?}");
+    assert_eq!(seen.get(&b.ip4.to_string()), Some(&5), "{seen:?}");
+    let page = tb.agent(0).metrics()?;
+    assert_eq!(
+        series_sum(
+            &page,
+            "istio_tcp_connections_opened_total",
+            &[("destination_service", "echo.shop.svc.cluster.local")]
+        ),
+        10.0
+    );
+
+    // b's app goes away: every call still succeeds, on a, and b is set aside.
+    tb.stop(b_app)?;
+    for _ in 0..6 {
+        let r = tb.connect(&client, sa(vip, 80), 1000)?;
+        assert!(ok(&r), "{r}");
+        assert_eq!(
+            ip_of(r["server_local"].as_str().unwrap_or("")),
+            a.ip4.to_string()
+        );
+    }
+    let (_, dump) = tb.agent(0).http("GET", "/config_dump", None)?;
+    let dump: Value = serde_json::from_str(&dump)?;
+    assert_eq!(
+        dump["endpoints_down"],
+        serde_json::json!([format!("{}:{APP_PORT}", b.ip4)]),
+        "{dump}"
+    );
+    // b's agent saw at most one attempt after its app died.
+    let failed = tb
+        .agent(1)
+        .metric("mesh_proxy_connections_total{direction=\"hbone\",result=\"connect_failed\"}")?;
+    assert!(
+        failed <= 1.0,
+        "down endpoint kept getting connections: {failed}"
+    );
+    Ok(())
+}
