@@ -7,9 +7,75 @@
 use std::net::{IpAddr, SocketAddr};
 
 use anyhow::Context as _;
-use mesh_tests::{Pod, Testbed, Value};
+use mesh_tests::{
+    Pod, Testbed, Value,
+    mesh::{has_app_plaintext, namespace_yaml, pod_yaml, tshark},
+};
 
 const PORT: u16 = 8080;
+
+/// Only the frontend may call the backend, on its app port.
+const POLICY: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: backend-from-frontend
+  namespace: shop
+spec:
+  selector:
+    matchLabels:
+      app: backend
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: [\"cluster.local/ns/shop/sa/frontend\"]
+    to:
+    - operation:
+        ports: [\"8080\"]
+";
+
+fn yes_no(b: bool) -> &'static str {
+    if b { "YES" } else { "no" }
+}
+
+/// The value of `field` (e.g. `src.identity=`) in the agent's last access
+/// log line that has it.
+fn last_access(tb: &Testbed, field: &str) -> Option<String> {
+    let log = tb.agent(0).log_text();
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("access:") && l.contains(field))?;
+    let rest = &line[line.find(field)? + field.len()..];
+    let value = if let Some(quoted) = rest.strip_prefix('"') {
+        quoted.split('"').next().unwrap_or_default()
+    } else {
+        rest.split(' ').next().unwrap_or_default()
+    };
+    Some(value.to_owned())
+}
+
+/// A metric line with only the labels a reader needs here.
+fn shorten(line: &str) -> String {
+    let keep = [
+        "source_principal",
+        "destination_workload",
+        "response_flags",
+        "connection_security_policy",
+    ];
+    let (Some(open), Some(close)) = (line.find('{'), line.rfind('}')) else {
+        return line.to_owned();
+    };
+    let labels: Vec<&str> = line[open + 1..close]
+        .split("\",")
+        .filter(|kv| keep.iter().any(|k| kv.starts_with(&format!("{k}="))))
+        .collect();
+    let mut labels = labels.join("\",");
+    if !labels.ends_with('"') {
+        labels.push('"');
+    }
+    format!("{}{{{labels}}}{}", &line[..open], &line[close + 1..])
+}
 
 pub fn run() -> anyhow::Result<()> {
     crate::setup::ensure()?;
@@ -30,60 +96,128 @@ pub fn run() -> anyhow::Result<()> {
     })
     .context("installing the Ctrl-C handler")?;
 
-    let frontend = tb.add_pod(0, "shop/frontend")?;
-    let backend = tb.add_pod(0, "shop/backend")?;
-    let batch = tb.add_pod(0, "legacy/batch")?;
+    let frontend = tb.add_pod(0, "frontend")?;
+    let backend = tb.add_pod(0, "backend")?;
+    let intruder = tb.add_pod(0, "intruder")?;
+    let batch = tb.add_pod(0, "batch")?;
     println!();
-    println!("Simulated node {} with three pods:", tb.nodes[0].netns);
+    println!("Simulated node {} with four pods:", tb.nodes[0].netns);
     println!(
-        "  namespace shop   (istio.io/dataplane-mode=ambient): shop/frontend {}, shop/backend {}",
-        frontend.ip4, backend.ip4
+        "  namespace shop   (istio.io/dataplane-mode=ambient): frontend {}, backend {}, intruder {}",
+        frontend.ip4, backend.ip4, intruder.ip4
     );
     println!(
-        "  namespace legacy (not enrolled):                     legacy/batch {}",
+        "  namespace legacy (not in the mesh):                 batch {}",
         batch.ip4
     );
     tb.serve(&backend, SocketAddr::new(backend.ip4, PORT))?;
     tb.serve(&batch, SocketAddr::new(batch.ip4, PORT))?;
     tb.serve(&frontend, "127.0.0.1:7000".parse()?)?;
 
-    tb.start_agent(0, &[])?;
+    let docs = vec![
+        namespace_yaml("shop", true),
+        namespace_yaml("legacy", false),
+        pod_yaml(&frontend, 0, "shop", "frontend", &[("app", "frontend")]),
+        pod_yaml(&backend, 0, "shop", "backend", &[("app", "backend")]),
+        pod_yaml(&intruder, 0, "shop", "intruder", &[("app", "intruder")]),
+        pod_yaml(&batch, 0, "legacy", "default", &[("app", "batch")]),
+        POLICY.to_owned(),
+    ];
+    tb.write_config(&docs)?;
+    let config = tb.config_path().display().to_string();
+    tb.start_agent(0, &["--config", &config])?;
     println!(
         "\nAgent started in the node's network namespace; eBPF programs attached to {}.",
         tb.nodes[0].cgroup.display()
     );
-    for pod in [&frontend, &backend] {
+    println!("  configuration: {config} (Namespaces, Pods and this AuthorizationPolicy):");
+    for line in POLICY.lines().filter(|l| !l.starts_with("apiVersion")) {
+        println!("    {line}");
+    }
+    println!(
+        "  embedded CA: a root generated once under {}",
+        tb.nodes[0].state_dir.join("ca").display()
+    );
+    for pod in [&frontend, &backend, &intruder] {
         let info = tb.agent(0).enroll(pod)?;
         println!(
-            "  enrolled {} (netns cookie {}): listeners 15001/15006/15008 opened inside the pod",
+            "  enrolled shop/{} (netns cookie {}): listeners 15001/15006/15008 opened inside the pod",
             pod.name, info["netns_cookie"]
         );
     }
 
-    println!("\nTraffic (each connection sends 64 KiB and expects it echoed):");
-    let calls: [(&Pod, &str, SocketAddr); 4] = [
-        (
-            &frontend,
-            "shop/backend",
-            SocketAddr::new(backend.ip4, PORT),
-        ),
-        (&batch, "shop/backend", SocketAddr::new(backend.ip4, PORT)),
-        (&frontend, "legacy/batch", SocketAddr::new(batch.ip4, PORT)),
-        (&frontend, "its own loopback", "127.0.0.1:7000".parse()?),
-    ];
-    for (i, (from, to, dst)) in calls.iter().enumerate() {
-        let r = tb.connect(from, *dst, 64 * 1024)?;
-        println!("  {}. {} -> {to} ({dst})", i + 1, from.name);
-        describe(&r, from);
-    }
+    println!("\nTraffic (each connection sends 64 KiB of a known pattern and expects it echoed):");
+    let to_backend = SocketAddr::new(backend.ip4, PORT);
+    let wire = tb.capture_packets(&frontend, "demo-mesh")?;
+    let r = tb.connect(&frontend, to_backend, 64 * 1024)?;
+    let pcap = wire.stop()?;
+    println!("  1. shop/frontend -> shop/backend ({to_backend}): allowed by the policy");
+    describe(&r, &frontend);
+    println!(
+        "     the backend's agent saw the caller as {}",
+        last_access(&tb, "src.identity=").unwrap_or_else(|| "(no access log line)".into())
+    );
+    let tls13 = tshark(
+        &pcap,
+        "tls.handshake.type == 2",
+        &["tls.handshake.extensions.supported_version"],
+    )?;
+    let records = tshark(&pcap, "tls.record.content_type == 23", &["tcp.port"])?;
+    let app_port = tshark(&pcap, &format!("tcp.port == {PORT}"), &["frame.number"])?;
+    println!(
+        "     on frontend's eth0 (dumpcap): {} TLS records to :15008, ServerHello version {}, {} packets to :{PORT}, app plaintext seen: {}",
+        records.len(),
+        tls13.first().map_or("none", |v| if v == "0x0304" {
+            "TLS 1.3"
+        } else {
+            v.as_str()
+        }),
+        app_port.len(),
+        yes_no(has_app_plaintext(&pcap)?)
+    );
 
-    println!("\nKernel capture counters and agent connections (from the agent's :15020/metrics):");
-    for line in tb.agent(0).metrics()?.lines() {
-        if line.starts_with("mesh_capture_events_total")
-            || line.starts_with("mesh_proxy_connections_total")
-        {
-            println!("  {line}");
-        }
+    let r = tb.connect(&intruder, to_backend, 64 * 1024)?;
+    println!("  2. shop/intruder -> shop/backend: not in the policy");
+    describe(&r, &intruder);
+    println!(
+        "     the backend's agent refused it: {}",
+        last_access(&tb, "error=").unwrap_or_default()
+    );
+
+    let r = tb.connect(&batch, to_backend, 64 * 1024)?;
+    println!("  3. legacy/batch -> shop/backend: plaintext, so no identity to allow");
+    describe(&r, &batch);
+
+    let to_batch = SocketAddr::new(batch.ip4, PORT);
+    let wire = tb.capture_packets(&frontend, "demo-plain")?;
+    let r = tb.connect(&frontend, to_batch, 64 * 1024)?;
+    let pcap = wire.stop()?;
+    println!("  4. shop/frontend -> legacy/batch ({to_batch}): outside the mesh, plain TCP");
+    describe(&r, &frontend);
+    println!(
+        "     on frontend's eth0: app plaintext seen: {} (the same check as in 1)",
+        yes_no(has_app_plaintext(&pcap)?)
+    );
+    let r = tb.connect(&frontend, "127.0.0.1:7000".parse()?, 64 * 1024)?;
+    println!("  5. shop/frontend -> its own loopback: never captured");
+    describe(&r, &frontend);
+
+    println!(
+        "\nIstio metrics reported by the destination (from :15020/metrics, labels shortened):"
+    );
+    let page = tb.agent(0).metrics()?;
+    for line in page.lines().filter(|l| {
+        l.starts_with("istio_tcp_connections_closed_total")
+            && l.contains("reporter=\"destination\"")
+    }) {
+        println!("  {}", shorten(line));
+    }
+    println!("Kernel capture counters:");
+    for line in page
+        .lines()
+        .filter(|l| l.starts_with("mesh_capture_events_total"))
+    {
+        println!("  {line}");
     }
 
     tb.kill_agent(0)?;
@@ -96,7 +230,7 @@ pub fn run() -> anyhow::Result<()> {
     } else {
         println!("  UNEXPECTED: {r}");
     }
-    tb.start_agent(0, &[])?;
+    tb.start_agent(0, &["--config", &config])?;
     let r = tb.connect(&frontend, SocketAddr::new(backend.ip4, PORT), 1024)?;
     println!("Agent restarted: it took its pods back from its state directory.");
     describe(&r, &frontend);
@@ -110,7 +244,10 @@ pub fn run() -> anyhow::Result<()> {
 fn describe(r: &Value, from: &Pod) {
     let get = |k: &str| r[k].as_str().unwrap_or_default().to_owned();
     if r["ok"] != Value::Bool(true) {
-        println!("     FAILED: {r}");
+        println!(
+            "     REFUSED: the client's connection was closed ({})",
+            get("error")
+        );
         return;
     }
     let peer = get("peer");
