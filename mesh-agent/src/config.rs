@@ -24,7 +24,7 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the node agent: load capture, serve enrolled pods.
-    Node(NodeArgs),
+    Node(Box<NodeArgs>),
     /// Detach capture and remove everything pinned under the bpf directory.
     /// Enrolled pods then talk directly again.
     Uninstall(UninstallArgs),

@@ -26,7 +26,7 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     match cli.command {
-        Command::Node(args) => rt.block_on(node(args, log_filter)),
+        Command::Node(args) => rt.block_on(node(*args, log_filter)),
         Command::Uninstall(args) => uninstall(&args),
         Command::Pods { admin, command } => rt.block_on(pods(admin, command)),
     }

@@ -288,13 +288,13 @@ pub fn parse_openmetrics(page: &str) -> anyhow::Result<usize> {
     let script = "import sys\n\
                   from prometheus_client.openmetrics.parser import text_string_to_metric_families\n\
                   print(len(list(text_string_to_metric_families(sys.stdin.read()))))\n";
-    let mut child = Command::new("python3")
+    let mut child = Command::new("/usr/bin/python3")
         .args(["-c", script])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .context("running python3")?;
+        .context("running /usr/bin/python3 (Debian python3-prometheus-client)")?;
     child
         .stdin
         .take()

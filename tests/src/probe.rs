@@ -212,7 +212,7 @@ async fn run_inner(p: &Probe) -> Result<Value, Fail> {
             .connect(name, tcp)
             .await,
     )?;
-    let version = format!("{:?}", tls.get_ref().1.protocol_version());
+    let version = tls.get_ref().1.protocol_version().map(|v| format!("{v:?}"));
     let alpn = tls
         .get_ref()
         .1

@@ -144,7 +144,7 @@ fn hbone_carries_pod_traffic_encrypted_with_both_identities() -> anyhow::Result<
         versions.iter().all(|v| v == "0x0304"),
         "not TLS 1.3: {versions:?}"
     );
-    let app_data = tshark(&pcap, "tls.record.content_type == 23", &["tcp.port"])?;
+    let app_data = tshark(&pcap, "tls.app_data", &["tcp.port"])?;
     assert!(app_data.len() > 100, "few TLS records: {}", app_data.len());
     assert!(tshark(&pcap, &format!("tcp.port == {APP_PORT}"), &["frame.number"])?.is_empty());
 
@@ -197,7 +197,7 @@ fn hbone_carries_pod_traffic_encrypted_with_both_identities() -> anyhow::Result<
     let received = series_sum(
         &src_side,
         "istio_tcp_received_bytes_total",
-        &[("destination_workload", "near")],
+        &[("reporter", "source"), ("destination_workload", "near")],
     );
     assert_eq!(received, f64::from(4u32 << 20), "request bytes to near");
     for page in [&src_side, &page] {

@@ -162,7 +162,7 @@ pub fn run() -> anyhow::Result<()> {
         "tls.handshake.type == 2",
         &["tls.handshake.extensions.supported_version"],
     )?;
-    let records = tshark(&pcap, "tls.record.content_type == 23", &["tcp.port"])?;
+    let records = tshark(&pcap, "tls.app_data", &["tcp.port"])?;
     let app_port = tshark(&pcap, &format!("tcp.port == {PORT}"), &["frame.number"])?;
     println!(
         "     on frontend's eth0 (dumpcap): {} TLS records to :15008, ServerHello version {}, {} packets to :{PORT}, app plaintext seen: {}",

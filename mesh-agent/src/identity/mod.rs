@@ -2,11 +2,19 @@
 //! the per-identity certificates (renewed at half-life) and the rustls
 //! configurations that present and verify them.
 
+mod ca;
+mod manager;
+#[cfg(test)]
+mod tests;
+mod tls;
+mod verify;
+
+pub use self::manager::CertManager;
+
 use std::{
-    fmt,
+    fmt, io,
     path::PathBuf,
     str::FromStr,
-    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -73,10 +81,67 @@ impl FromStr for Identity {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(thiserror::Error)]
 pub enum IdentityError {
     #[error("CA: {0}")]
     Ca(String),
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// A root certificate or key file that cannot be used, and why.
+    #[error("{}: {reason}", path.display())]
+    BadFile { path: PathBuf, reason: String },
+    #[error("{} is not the private key of the certificate in {}", key.display(), cert.display())]
+    KeyMismatch { cert: PathBuf, key: PathBuf },
+    #[error("generating the root CA: {0}")]
+    GenerateRoot(#[source] rcgen::Error),
+    #[error("issuing a certificate for {identity}: {source}")]
+    Issue {
+        identity: Box<Identity>,
+        #[source]
+        source: rcgen::Error,
+    },
+    #[error("TLS setup for {identity}: {source}")]
+    Tls {
+        identity: Box<Identity>,
+        #[source]
+        source: rustls::Error,
+    },
+    /// A certificate without exactly one URI SAN holding a SPIFFE workload ID.
+    #[error("certificate has no usable SPIFFE ID: {0}")]
+    NoSpiffeId(String),
+    #[error("{identity} is outside the trust domain {trust_domain}")]
+    ForeignTrustDomain {
+        identity: Box<Identity>,
+        trust_domain: String,
+    },
+    /// The server proved an identity other than the one the client dialled.
+    #[error("server presented {presented}, expected {expected}")]
+    UnexpectedPeer {
+        expected: Box<Identity>,
+        presented: Box<Identity>,
+    },
+}
+
+/// rustls prints a verifier's `CertificateError::Other` with `{:?}`; this
+/// keeps handshake errors as readable as the `Display` text.
+impl fmt::Debug for IdentityError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl IdentityError {
+    fn tls(identity: &Identity) -> impl Fn(rustls::Error) -> IdentityError + '_ {
+        move |source| IdentityError::Tls {
+            identity: Box::new(identity.clone()),
+            source,
+        }
+    }
 }
 
 /// Where the embedded CA's root comes from.
@@ -119,64 +184,23 @@ pub struct CertInfo {
     pub role: &'static str,
 }
 
-/// The embedded CA and the certificates of the identities this node serves.
-#[derive(Debug)]
-pub struct CertManager {}
-
-impl CertManager {
-    pub fn new(cfg: CaConfig) -> Result<Arc<Self>, IdentityError> {
-        let _ = cfg;
-        unimplemented!()
-    }
-
-    pub fn trust_domain(&self) -> &str {
-        unimplemented!()
-    }
-
-    /// The trust root, PEM.
-    pub fn root_pem(&self) -> String {
-        unimplemented!()
-    }
-
-    /// The current certificate for a local identity, issued on first use.
-    pub fn certificate(&self, id: &Identity) -> Result<Arc<WorkloadCert>, IdentityError> {
-        let _ = id;
-        unimplemented!()
-    }
-
-    /// Renews certificates past half their lifetime. Live TLS sessions keep
-    /// going; new handshakes get the new certificate.
-    pub fn spawn_rotation(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
-        unimplemented!()
-    }
-
-    /// TLS 1.3 server config for inbound HBONE: presents `id`'s current
-    /// certificate, requires a client certificate chaining to the root with a
-    /// SPIFFE URI SAN in the trust domain. ALPN `h2`.
-    pub fn server_config(&self, id: &Identity) -> Result<Arc<rustls::ServerConfig>, IdentityError> {
-        let _ = id;
-        unimplemented!()
-    }
-
-    /// TLS 1.3 client config for outbound HBONE: presents `id`'s current
-    /// certificate; accepts only a server chaining to the root whose URI SAN
-    /// is exactly `server`. ALPN `h2`.
-    pub fn client_config(
-        &self,
-        id: &Identity,
-        server: &Identity,
-    ) -> Result<Arc<rustls::ClientConfig>, IdentityError> {
-        let _ = (id, server);
-        unimplemented!()
-    }
-
-    pub fn dump(&self) -> Vec<CertInfo> {
-        unimplemented!()
-    }
-}
-
 /// The SPIFFE identity in the peer's (already verified) leaf certificate.
 pub fn peer_identity(conn: &rustls::CommonState) -> Option<Identity> {
-    let _ = conn;
-    unimplemented!()
+    let leaf = conn.peer_certificates()?.first()?;
+    cert_identity(leaf).ok()
+}
+
+/// The SPIFFE identity of a certificate: its one URI SAN, parsed.
+pub fn cert_identity(cert: &CertificateDer<'_>) -> Result<Identity, IdentityError> {
+    verify::spiffe_id(cert)
+}
+
+/// RFC 3339 in UTC, to the second (certificates carry no finer times).
+fn rfc3339(t: SystemTime) -> String {
+    use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+    OffsetDateTime::from(t)
+        .replace_nanosecond(0)
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_else(|| format!("{t:?}"))
 }

@@ -2,15 +2,29 @@
 //! policies, as one immutable snapshot that is swapped whole on every change.
 //! Built from Kubernetes objects; where they come from is a `Source`.
 
+mod k8s;
+mod matcher;
+mod peer_auth;
+mod policy;
+mod source;
+mod yaml;
+
+#[cfg(test)]
+mod peer_auth_tests;
+#[cfg(test)]
+mod policy_tests;
+#[cfg(test)]
+mod source_tests;
+#[cfg(test)]
+mod tests;
+
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     net::{IpAddr, SocketAddr},
-    path::PathBuf,
     sync::Arc,
-    time::Duration,
 };
 
-use tokio::sync::watch;
+pub use source::{LocalFiles, Source, spawn_watch};
 
 use crate::identity::Identity;
 
@@ -39,17 +53,33 @@ impl Workload {
     /// owner is not known here, so the pod name without a ReplicaSet hash is
     /// not attempted: the pod name.
     pub fn workload_name(&self) -> &str {
-        unimplemented!()
+        &self.name
     }
 
     /// `app.kubernetes.io/name`, else `app`, else the workload name.
     pub fn app(&self) -> &str {
-        unimplemented!()
+        self.label("app.kubernetes.io/name")
+            .or_else(|| self.label("app"))
+            .unwrap_or_else(|| self.workload_name())
     }
 
     /// `app.kubernetes.io/version`, else `version`, else `latest`.
     pub fn version(&self) -> &str {
-        unimplemented!()
+        self.label("app.kubernetes.io/version")
+            .or_else(|| self.label("version"))
+            .unwrap_or("latest")
+    }
+
+    fn label(&self, key: &str) -> Option<&str> {
+        self.labels.get(key).map(String::as_str)
+    }
+
+    /// Whether every label of `selector` is on this workload (an empty
+    /// selector selects everything).
+    fn has_labels(&self, selector: &BTreeMap<String, String>) -> bool {
+        selector
+            .iter()
+            .all(|(k, v)| self.labels.get(k).is_some_and(|have| have == v))
     }
 }
 
@@ -79,7 +109,7 @@ pub struct Service {
 impl Service {
     /// `<name>.<namespace>.svc.cluster.local`
     pub fn hostname(&self) -> String {
-        unimplemented!()
+        format!("{}.{}.svc.cluster.local", self.name, self.namespace)
     }
 }
 
@@ -122,10 +152,13 @@ pub enum Decision {
 /// Something in the configuration that was not applied as written.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct ConfigWarning {
-    /// `AuthorizationPolicy ns/name`, or the file for a parse error.
+    /// `AuthorizationPolicy ns/name`; for a parse error the file, and the
+    /// object when known (`policies.yaml: AuthorizationPolicy ns/name`).
     pub object: String,
     /// A short class for metrics: `parse_error`, `unknown_field`,
-    /// `l7_rule_at_l4`, `unsupported`.
+    /// `l7_rule_at_l4`, `unsupported`, `duplicate` (the same object twice:
+    /// the later one is used), `conflict` (two objects where Istio wants
+    /// one), `load_error` (the source could not be read at all).
     pub kind: &'static str,
     pub message: String,
 }
@@ -139,93 +172,186 @@ pub struct StoreOptions {
 
 /// One snapshot of everything known.
 #[derive(Debug, Default)]
-pub struct Store {}
+pub struct Store {
+    trust_domain: String,
+    root_namespace: String,
+    /// By (namespace, name): the order of endpoints and of the dump.
+    workloads: BTreeMap<(String, String), Arc<Workload>>,
+    by_ip: HashMap<IpAddr, Arc<Workload>>,
+    services: BTreeMap<(String, String), Arc<Service>>,
+    by_vip: HashMap<IpAddr, Vec<Arc<Service>>>,
+    /// Sorted by namespace/name: the order DENY policies are checked in, so
+    /// that the same connection is always denied by the same policy.
+    policies: Vec<policy::AuthzPolicy>,
+    peer_auths: Vec<peer_auth::PeerAuth>,
+    warnings: Vec<ConfigWarning>,
+}
 
 impl Store {
     /// Builds a snapshot from YAML documents (one or more per text, `---`
     /// separated). Bad objects become warnings; the rest is used.
     pub fn from_yaml(docs: &[(String, String)], opts: &StoreOptions) -> Store {
-        let _ = (docs, opts);
-        unimplemented!()
+        let mut warnings = Vec::new();
+        let objects = yaml::Objects::parse(docs, &mut warnings);
+        let pods = k8s::workloads(&objects, &mut warnings);
+        let services = k8s::services(&objects, &mut warnings);
+        let policies = policy::compile(&objects.authorization_policies, &mut warnings);
+        let peer_auths = peer_auth::compile(&objects.peer_authentications, &mut warnings);
+        let mut store = Store {
+            trust_domain: opts.trust_domain.clone(),
+            root_namespace: opts.root_namespace.clone(),
+            policies,
+            peer_auths,
+            ..Store::default()
+        };
+        store.index_workloads(pods, &mut warnings);
+        store.index_services(services);
+        store.warnings = warnings;
+        store
+    }
+
+    /// The snapshot used when the source could not be read at all.
+    fn unreadable(opts: &StoreOptions, source: String, error: &std::io::Error) -> Store {
+        Store {
+            trust_domain: opts.trust_domain.clone(),
+            root_namespace: opts.root_namespace.clone(),
+            warnings: vec![ConfigWarning {
+                object: source,
+                kind: "load_error",
+                message: format!("cannot read the configuration ({error}); starting empty"),
+            }],
+            ..Store::default()
+        }
+    }
+
+    fn index_workloads(&mut self, pods: Vec<k8s::PodWorkload>, warnings: &mut Vec<ConfigWarning>) {
+        for pod in pods {
+            let wl = Arc::new(pod.workload);
+            // A host-network pod's address is its node's: finding the pod by
+            // it would misattribute everything the node sends.
+            if !pod.host_network {
+                for ip in &wl.ips {
+                    match self.by_ip.get(ip) {
+                        Some(first) => warnings.push(ConfigWarning {
+                            object: format!("Pod {}/{}", wl.namespace, wl.name),
+                            kind: "conflict",
+                            message: format!(
+                                "IP {ip} is also the address of Pod {}/{}, which lookups \
+                                 by this IP find",
+                                first.namespace, first.name
+                            ),
+                        }),
+                        None => {
+                            self.by_ip.insert(*ip, wl.clone());
+                        }
+                    }
+                }
+            }
+            self.workloads
+                .insert((wl.namespace.clone(), wl.name.clone()), wl);
+        }
+    }
+
+    fn index_services(&mut self, services: Vec<Service>) {
+        for svc in services {
+            let svc = Arc::new(svc);
+            for vip in &svc.vips {
+                self.by_vip.entry(*vip).or_default().push(svc.clone());
+            }
+            self.services
+                .insert((svc.namespace.clone(), svc.name.clone()), svc);
+        }
     }
 
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
-        let _ = ip;
-        unimplemented!()
+        self.by_ip.get(&ip.to_canonical())
     }
 
+    #[allow(
+        dead_code,
+        reason = "API for the admin and Kubernetes sides; tests use it now"
+    )]
     pub fn workload(&self, namespace: &str, name: &str) -> Option<&Arc<Workload>> {
-        let _ = (namespace, name);
-        unimplemented!()
+        self.workloads.get(&(namespace.to_owned(), name.to_owned()))
     }
 
     /// The Service whose VIP and port this is.
     pub fn service_by_vip(&self, addr: SocketAddr) -> Option<(&Arc<Service>, &ServicePort)> {
-        let _ = addr;
-        unimplemented!()
+        self.by_vip
+            .get(&addr.ip().to_canonical())?
+            .iter()
+            .find_map(|svc| {
+                let port = svc.ports.iter().find(|p| p.port == addr.port())?;
+                Some((svc, port))
+            })
     }
 
     /// Endpoints of a service port: selected workloads with the target port
     /// resolved (a named port the pod does not have skips that pod).
     pub fn endpoints(&self, svc: &Service, port: &ServicePort) -> Vec<Endpoint> {
-        let _ = (svc, port);
-        unimplemented!()
+        // Kubernetes: a Service without a selector has its endpoints managed
+        // by someone else, which this store does not read.
+        if svc.selector.is_empty() {
+            return Vec::new();
+        }
+        let want_v4 = svc.vips.first().map(IpAddr::is_ipv4);
+        self.workloads
+            .range((svc.namespace.clone(), String::new())..)
+            .take_while(|((ns, _), _)| *ns == svc.namespace)
+            .map(|(_, wl)| wl)
+            .filter(|wl| wl.has_labels(&svc.selector))
+            .filter_map(|wl| {
+                let ip = want_v4
+                    .and_then(|v4| wl.ips.iter().find(|ip| ip.is_ipv4() == v4))
+                    .or_else(|| wl.ips.first())?;
+                let target = match &port.target_port {
+                    TargetPort::Number(n) => *n,
+                    TargetPort::Name(name) => *wl.ports.get(name)?,
+                };
+                Some(Endpoint {
+                    workload: wl.clone(),
+                    addr: SocketAddr::new(*ip, target),
+                })
+            })
+            .collect()
     }
 
     /// L4 AuthorizationPolicy at the destination.
     pub fn authorize(&self, conn: &Conn<'_>) -> Decision {
-        let _ = conn;
-        unimplemented!()
+        policy::authorize(&self.policies, &self.root_namespace, conn)
     }
 
     /// PeerAuthentication in effect for a workload and port (default PERMISSIVE).
     pub fn mtls_mode(&self, wl: &Workload, port: u16) -> MtlsMode {
-        let _ = (wl, port);
-        unimplemented!()
+        peer_auth::mtls_mode(&self.peer_auths, &self.root_namespace, wl, port)
     }
 
     pub fn warnings(&self) -> &[ConfigWarning] {
-        unimplemented!()
+        &self.warnings
     }
 
     /// Workloads, services, policies and warnings for `/config_dump`.
     pub fn dump(&self) -> serde_json::Value {
-        unimplemented!()
+        let workloads: Vec<&Workload> = self.workloads.values().map(|w| &**w).collect();
+        let services: Vec<&Service> = self.services.values().map(|s| &**s).collect();
+        let policies: Vec<_> = self
+            .policies
+            .iter()
+            .map(policy::AuthzPolicy::dump)
+            .collect();
+        let peer_auths: Vec<_> = self
+            .peer_auths
+            .iter()
+            .map(peer_auth::PeerAuth::dump)
+            .collect();
+        serde_json::json!({
+            "trust_domain": self.trust_domain,
+            "root_namespace": self.root_namespace,
+            "workloads": workloads,
+            "services": services,
+            "authorization_policies": policies,
+            "peer_authentications": peer_auths,
+            "warnings": self.warnings,
+        })
     }
-}
-
-/// Where the store's objects come from. Implemented by a local file or
-/// directory of YAML now; by the Kubernetes API later.
-pub trait Source: Send + 'static {
-    /// Reads the whole configuration. Called at start and on every change.
-    fn load(&mut self) -> Result<Vec<(String, String)>, std::io::Error>;
-    /// Whether the source may have changed since the last `load`.
-    fn changed(&mut self) -> bool;
-}
-
-/// A YAML file, or every `*.yaml`/`*.yml` file of a directory.
-#[derive(Debug)]
-pub struct LocalFiles {
-    pub path: PathBuf,
-}
-
-impl Source for LocalFiles {
-    fn load(&mut self) -> Result<Vec<(String, String)>, std::io::Error> {
-        unimplemented!()
-    }
-
-    fn changed(&mut self) -> bool {
-        unimplemented!()
-    }
-}
-
-/// Loads the source now, then polls it every `interval` and publishes a new
-/// snapshot when it changed. Warnings are logged once per new snapshot.
-pub fn spawn_watch(
-    source: Box<dyn Source>,
-    opts: StoreOptions,
-    interval: Duration,
-) -> (watch::Receiver<Arc<Store>>, tokio::task::JoinHandle<()>) {
-    let _ = (source, opts, interval);
-    unimplemented!()
 }

@@ -1,0 +1,208 @@
+//! The checks an L4 AuthorizationPolicy rule compiles to: one connection
+//! attribute against a list of values, in Istio's forms (exact, `prefix*`,
+//! `*suffix`, `*`, an address or a CIDR, a port), possibly negated.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use super::{ConfigWarning, Conn, yaml::Scalar};
+
+/// What of a connection a check looks at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Attr {
+    SrcIp,
+    DstIp,
+    DstPort,
+    /// `td/ns/N/sa/S` of the verified peer.
+    Principal,
+    /// The peer identity's namespace.
+    Namespace,
+    /// `N/S` of the peer identity.
+    ServiceAccount,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Pattern {
+    Any,
+    Exact(String),
+    Prefix(String),
+    Suffix(String),
+    Net(IpNet),
+    Port(u16),
+    /// A value that did not parse (reported when compiled).
+    Never,
+}
+
+impl Pattern {
+    fn matches_str(&self, value: &str) -> bool {
+        match self {
+            Pattern::Any => true,
+            Pattern::Exact(s) => value == s,
+            Pattern::Prefix(p) => value.starts_with(p.as_str()),
+            Pattern::Suffix(s) => value.ends_with(s.as_str()),
+            _ => false,
+        }
+    }
+}
+
+/// Holds when the attribute matches one of the patterns (or none of them,
+/// negated).
+#[derive(Debug)]
+pub(super) struct Check {
+    attr: Attr,
+    patterns: Vec<Pattern>,
+    negate: bool,
+}
+
+impl Check {
+    /// Without a peer identity (plaintext) there is no principal, namespace
+    /// or service account: a positive check fails and a negated one holds,
+    /// as in Istio, where the missing identity matches no value (even `*`,
+    /// which is how `principals: ["*"]` requires mTLS and
+    /// `notPrincipals: ["*"]` singles out plaintext).
+    pub fn holds(&self, conn: &Conn<'_>) -> bool {
+        let id = conn.src_identity;
+        let any_str = |value: Option<&str>| {
+            value.is_some_and(|v| self.patterns.iter().any(|p| p.matches_str(v)))
+        };
+        let any_ip = |ip: IpAddr| {
+            let ip = ip.to_canonical();
+            self.patterns
+                .iter()
+                .any(|p| matches!(p, Pattern::Net(net) if net.contains(&ip)))
+        };
+        let hit = match self.attr {
+            Attr::SrcIp => any_ip(conn.src_ip),
+            Attr::DstIp => any_ip(conn.dst_ip),
+            Attr::DstPort => self.patterns.contains(&Pattern::Port(conn.dst_port)),
+            Attr::Principal => any_str(id.map(|id| id.principal()).as_deref()),
+            Attr::Namespace => any_str(id.map(|id| id.namespace.as_str())),
+            Attr::ServiceAccount => any_str(
+                id.map(|id| format!("{}/{}", id.namespace, id.service_account))
+                    .as_deref(),
+            ),
+        };
+        hit != self.negate
+    }
+}
+
+/// Compiles the values of one policy, reporting those that do not parse.
+pub(super) struct Compiler<'w> {
+    object: String,
+    warnings: &'w mut Vec<ConfigWarning>,
+    /// The rule being compiled, for messages.
+    pub rule: usize,
+}
+
+impl<'w> Compiler<'w> {
+    pub fn new(object: String, warnings: &'w mut Vec<ConfigWarning>) -> Self {
+        Compiler {
+            object,
+            warnings,
+            rule: 0,
+        }
+    }
+
+    pub fn warn(&mut self, kind: &'static str, message: String) {
+        self.warnings.push(ConfigWarning {
+            object: self.object.clone(),
+            kind,
+            message,
+        });
+    }
+
+    /// None when there are no values: an absent or empty field constrains
+    /// nothing.
+    pub fn strings(
+        &mut self,
+        attr: Attr,
+        values: &Option<Vec<String>>,
+        negate: bool,
+    ) -> Option<Check> {
+        let values = values.as_deref().unwrap_or_default();
+        self.check(attr, values.iter().map(String::as_str), negate)
+    }
+
+    pub fn scalars(
+        &mut self,
+        attr: Attr,
+        values: &Option<Vec<Scalar>>,
+        negate: bool,
+    ) -> Option<Check> {
+        let values = values.as_deref().unwrap_or_default();
+        self.check(attr, values.iter().map(|s| s.0.as_str()), negate)
+    }
+
+    fn check<'a>(
+        &mut self,
+        attr: Attr,
+        values: impl Iterator<Item = &'a str>,
+        negate: bool,
+    ) -> Option<Check> {
+        let patterns: Vec<Pattern> = values.map(|v| self.pattern(attr, v)).collect();
+        (!patterns.is_empty()).then_some(Check {
+            attr,
+            patterns,
+            negate,
+        })
+    }
+
+    fn pattern(&mut self, attr: Attr, value: &str) -> Pattern {
+        let rule = self.rule;
+        match attr {
+            Attr::Principal | Attr::Namespace | Attr::ServiceAccount => {
+                if value == "*" {
+                    Pattern::Any
+                } else if let Some(suffix) = value.strip_prefix('*') {
+                    Pattern::Suffix(suffix.to_owned())
+                } else if let Some(prefix) = value.strip_suffix('*') {
+                    Pattern::Prefix(prefix.to_owned())
+                } else {
+                    Pattern::Exact(value.to_owned())
+                }
+            }
+            Attr::SrcIp | Attr::DstIp => match parse_net(value) {
+                Some(net) => Pattern::Net(net),
+                None => {
+                    self.warn(
+                        "parse_error",
+                        format!(
+                            "rule {rule}: {value:?} is not an IP address or CIDR; \
+                             it matches no address"
+                        ),
+                    );
+                    Pattern::Never
+                }
+            },
+            Attr::DstPort => match value.parse::<u16>() {
+                Ok(port) => Pattern::Port(port),
+                Err(_) => {
+                    self.warn(
+                        "parse_error",
+                        format!("rule {rule}: port {value:?} is not a number; it matches no port"),
+                    );
+                    Pattern::Never
+                }
+            },
+        }
+    }
+}
+
+/// `10.0.0.1` (one address) or `10.0.0.0/8`.
+fn parse_net(value: &str) -> Option<IpNet> {
+    if value.contains('/') {
+        let net: IpNet = value.parse().ok()?;
+        // An IPv4-mapped IPv6 block is written for IPv4 peers.
+        Some(match net {
+            IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+                Some(v4) => IpNet::new(IpAddr::V4(v4), v6.prefix_len() - 96).ok()?,
+                None => net,
+            },
+            _ => net,
+        })
+    } else {
+        let ip: IpAddr = value.parse().ok()?;
+        Some(IpNet::from(ip.to_canonical()))
+    }
+}

@@ -1,0 +1,160 @@
+//! PeerAuthentication precedence: workload selector (port-level first), then
+//! namespace-wide, then mesh-wide; UNSET inherits; DISABLE is permissive.
+
+use super::{tests::store, *};
+
+const PODS: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: shop, labels: {app: web}}
+status: {podIP: 10.0.0.10}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db, namespace: shop, labels: {app: db}}
+status: {podIP: 10.0.0.11}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: other, labels: {app: web}}
+status: {podIP: 10.0.1.10}
+"#;
+
+fn peer_auth(ns_name: &str, spec: &str) -> String {
+    let (ns, name) = ns_name.split_once('/').unwrap();
+    format!(
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n\
+         metadata: {{name: {name}, namespace: {ns}}}\nspec: {spec}\n---\n"
+    )
+}
+
+fn with(policies: &[String]) -> Store {
+    store(&format!("{PODS}---\n{}", policies.concat()))
+}
+
+fn mode(s: &Store, wl: &str, port: u16) -> MtlsMode {
+    let (ns, name) = wl.split_once('/').unwrap();
+    s.mtls_mode(s.workload(ns, name).unwrap(), port)
+}
+
+use MtlsMode::{Permissive, Strict};
+
+#[test]
+fn default_is_permissive() {
+    let s = with(&[]);
+    assert_eq!(mode(&s, "shop/web", 80), Permissive);
+}
+
+#[test]
+fn namespace_overrides_mesh_and_selector_overrides_namespace() {
+    let s = with(&[
+        peer_auth("istio-system/mesh", "{mtls: {mode: STRICT}}"),
+        peer_auth("shop/ns", "{mtls: {mode: PERMISSIVE}}"),
+        peer_auth(
+            "shop/db",
+            "{selector: {matchLabels: {app: db}}, mtls: {mode: STRICT}}",
+        ),
+    ]);
+    assert_eq!(mode(&s, "other/web", 80), Strict, "mesh-wide");
+    assert_eq!(mode(&s, "shop/web", 80), Permissive, "namespace-wide");
+    assert_eq!(mode(&s, "shop/db", 80), Strict, "workload selector");
+    assert_eq!(s.warnings(), &[]);
+}
+
+#[test]
+fn unset_inherits_and_disable_is_permissive() {
+    let s = with(&[
+        peer_auth("istio-system/mesh", "{mtls: {mode: STRICT}}"),
+        peer_auth("shop/ns", "{mtls: {mode: UNSET}}"),
+        peer_auth("shop/db", "{selector: {matchLabels: {app: db}}}"),
+        peer_auth("other/ns", "{mtls: {mode: DISABLE}}"),
+    ]);
+    assert_eq!(
+        mode(&s, "shop/web", 80),
+        Strict,
+        "UNSET namespace defers to the mesh"
+    );
+    assert_eq!(mode(&s, "shop/db", 80), Strict, "no mode at all defers too");
+    assert_eq!(mode(&s, "other/web", 80), Permissive, "DISABLE");
+}
+
+#[test]
+fn port_level_on_a_selector_policy() {
+    let s = with(&[
+        peer_auth("shop/ns", "{mtls: {mode: STRICT}}"),
+        peer_auth(
+            "shop/web",
+            "{selector: {matchLabels: {app: web}}, portLevelMtls: {8080: {mode: PERMISSIVE}, \"9090\": {mode: UNSET}}}",
+        ),
+        peer_auth(
+            "shop/db",
+            "{selector: {matchLabels: {app: db}}, mtls: {mode: PERMISSIVE}, portLevelMtls: {5432: {mode: STRICT}}}",
+        ),
+    ]);
+    assert_eq!(mode(&s, "shop/web", 8080), Permissive, "port-level");
+    assert_eq!(
+        mode(&s, "shop/web", 9090),
+        Strict,
+        "port-level UNSET inherits"
+    );
+    assert_eq!(
+        mode(&s, "shop/web", 80),
+        Strict,
+        "other ports inherit the namespace"
+    );
+    assert_eq!(mode(&s, "shop/db", 5432), Strict);
+    assert_eq!(mode(&s, "shop/db", 80), Permissive);
+}
+
+#[test]
+fn port_level_without_selector_and_conflicts_are_reported() {
+    let s = with(&[
+        peer_auth(
+            "shop/a",
+            "{mtls: {mode: STRICT}, portLevelMtls: {80: {mode: DISABLE}}}",
+        ),
+        peer_auth("shop/b", "{mtls: {mode: PERMISSIVE}}"),
+    ]);
+    assert_eq!(
+        mode(&s, "shop/web", 80),
+        Strict,
+        "port-level ignored; first by name wins"
+    );
+    let w: Vec<(&str, &str, &str)> = s
+        .warnings()
+        .iter()
+        .map(|w| (w.object.as_str(), w.kind, w.message.as_str()))
+        .collect();
+    assert_eq!(
+        w,
+        [
+            (
+                "PeerAuthentication shop/a",
+                "unsupported",
+                "portLevelMtls applies only to a policy with a selector; ignored"
+            ),
+            (
+                "PeerAuthentication shop/b",
+                "conflict",
+                "namespace shop already has the namespace-wide PeerAuthentication a; only one \
+                 is used, and this one is ignored"
+            ),
+        ]
+    );
+}
+
+#[test]
+fn typo_in_mode_is_a_parse_error() {
+    let s = with(&[peer_auth("shop/typo", "{mtls: {mode: STRICTT}}")]);
+    assert_eq!(mode(&s, "shop/web", 80), Permissive);
+    let w = &s.warnings()[0];
+    assert_eq!(
+        (w.object.as_str(), w.kind),
+        ("test.yaml: PeerAuthentication shop/typo", "parse_error")
+    );
+    assert!(
+        w.message.contains("unknown variant `STRICTT`"),
+        "{}",
+        w.message
+    );
+}

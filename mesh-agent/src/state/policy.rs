@@ -1,0 +1,371 @@
+//! Istio AuthorizationPolicy at L4: the object as written (strict about
+//! field names, so that a typo is an error and not a silently wider policy),
+//! compiled into checks on a connection, and evaluated DENY first, then ALLOW.
+//!
+//! The node agent sees connections, not requests. Rules that need a request
+//! (methods, paths, hosts, request principals, `request.*` conditions) are
+//! handled as Istio's ztunnel does: an ALLOW rule using them never matches,
+//! and a DENY rule is applied with those parts left out, so it denies more
+//! than written rather than less. Both cases are reported as warnings.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use serde_yaml::Value;
+
+use super::{
+    ConfigWarning, Conn, Decision, Workload,
+    matcher::{Attr, Check, Compiler},
+    yaml::{Key, Parsed, Scalar, WorkloadSelector},
+};
+
+#[derive(Debug, Deserialize)]
+pub(super) struct AuthorizationPolicy {
+    pub spec: Option<PolicySpec>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct PolicySpec {
+    selector: Option<WorkloadSelector>,
+    target_ref: Option<Value>,
+    target_refs: Option<Vec<Value>>,
+    action: Option<Action>,
+    /// Only meaningful with CUSTOM, which is not supported.
+    #[serde(rename = "provider")]
+    _provider: Option<serde::de::IgnoredAny>,
+    rules: Option<Vec<Rule>>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "UPPERCASE")]
+pub(super) enum Action {
+    #[default]
+    Allow,
+    Deny,
+    Audit,
+    Custom,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Rule {
+    from: Option<Vec<RuleFrom>>,
+    to: Option<Vec<RuleTo>>,
+    when: Option<Vec<Condition>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RuleFrom {
+    source: Option<SourceSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RuleTo {
+    operation: Option<Operation>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct SourceSpec {
+    principals: Option<Vec<String>>,
+    not_principals: Option<Vec<String>>,
+    request_principals: Option<Vec<String>>,
+    not_request_principals: Option<Vec<String>>,
+    namespaces: Option<Vec<String>>,
+    not_namespaces: Option<Vec<String>>,
+    service_accounts: Option<Vec<String>>,
+    not_service_accounts: Option<Vec<String>>,
+    ip_blocks: Option<Vec<String>>,
+    not_ip_blocks: Option<Vec<String>>,
+    remote_ip_blocks: Option<Vec<String>>,
+    not_remote_ip_blocks: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Operation {
+    hosts: Option<Vec<String>>,
+    not_hosts: Option<Vec<String>>,
+    ports: Option<Vec<Scalar>>,
+    not_ports: Option<Vec<Scalar>>,
+    methods: Option<Vec<String>>,
+    not_methods: Option<Vec<String>>,
+    paths: Option<Vec<String>>,
+    not_paths: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Condition {
+    key: String,
+    values: Option<Vec<Scalar>>,
+    not_values: Option<Vec<Scalar>>,
+}
+
+/// A policy as the data path evaluates it. Only ALLOW and DENY survive
+/// compilation.
+#[derive(Debug)]
+pub(super) struct AuthzPolicy {
+    namespace: String,
+    name: String,
+    action: Action,
+    /// None: every workload in scope.
+    selector: Option<BTreeMap<String, String>>,
+    rules: Vec<CompiledRule>,
+}
+
+#[derive(Debug)]
+struct CompiledRule {
+    /// Any entry matching is enough; empty means no constraint.
+    from: Vec<Vec<Check>>,
+    to: Vec<Vec<Check>>,
+    /// All must hold.
+    when: Vec<Check>,
+    /// An ALLOW rule that needs L7 attributes.
+    never: bool,
+}
+
+impl CompiledRule {
+    fn matches(&self, conn: &Conn<'_>) -> bool {
+        let any = |entries: &[Vec<Check>]| {
+            entries.is_empty() || entries.iter().any(|e| e.iter().all(|c| c.holds(conn)))
+        };
+        !self.never && any(&self.from) && any(&self.to) && self.when.iter().all(|c| c.holds(conn))
+    }
+}
+
+impl AuthzPolicy {
+    /// Root-namespace policies apply everywhere, others in their namespace;
+    /// a selector narrows either by labels.
+    fn applies_to(&self, wl: &Workload, root_namespace: &str) -> bool {
+        (self.namespace == wl.namespace || self.namespace == root_namespace)
+            && self.selector.as_ref().is_none_or(|s| wl.has_labels(s))
+    }
+
+    fn id(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    pub fn dump(&self) -> serde_json::Value {
+        serde_json::json!({
+            "namespace": self.namespace,
+            "name": self.name,
+            "action": match self.action {
+                Action::Deny => "DENY",
+                _ => "ALLOW",
+            },
+            "selector": self.selector,
+            "rules": self.rules.len(),
+            "l7_allow_rules_never_matching": self.rules.iter().filter(|r| r.never).count(),
+        })
+    }
+}
+
+/// Istio's order: a matching DENY policy denies; else no ALLOW policy in
+/// scope allows; else one of them must match.
+pub(super) fn authorize(
+    policies: &[AuthzPolicy],
+    root_namespace: &str,
+    conn: &Conn<'_>,
+) -> Decision {
+    let mut allow_policies = Vec::new();
+    let mut allowed = false;
+    for p in policies
+        .iter()
+        .filter(|p| p.applies_to(conn.dst, root_namespace))
+    {
+        let matched = p.rules.iter().any(|r| r.matches(conn));
+        match p.action {
+            Action::Deny if matched => {
+                let policy = p.id();
+                return Decision::Deny {
+                    reason: format!("denied by DENY policy {policy}"),
+                    policy,
+                };
+            }
+            Action::Allow => {
+                allow_policies.push(p.id());
+                allowed |= matched;
+            }
+            _ => {}
+        }
+    }
+    if allowed || allow_policies.is_empty() {
+        return Decision::Allow;
+    }
+    Decision::Deny {
+        policy: String::new(),
+        reason: format!(
+            "no ALLOW policy matched (applicable ALLOW policies: {})",
+            allow_policies.join(", ")
+        ),
+    }
+}
+
+/// Policies in namespace/name order; those the agent cannot enforce are left
+/// out with a warning.
+pub(super) fn compile(
+    objects: &BTreeMap<Key, Parsed<AuthorizationPolicy>>,
+    warnings: &mut Vec<ConfigWarning>,
+) -> Vec<AuthzPolicy> {
+    objects
+        .iter()
+        .filter_map(|((namespace, name), parsed)| {
+            compile_one(namespace, name, &parsed.object, warnings)
+        })
+        .collect()
+}
+
+fn compile_one(
+    namespace: &str,
+    name: &str,
+    policy: &AuthorizationPolicy,
+    warnings: &mut Vec<ConfigWarning>,
+) -> Option<AuthzPolicy> {
+    let object = format!("AuthorizationPolicy {namespace}/{name}");
+    let mut unsupported = |message: String| {
+        warnings.push(ConfigWarning {
+            object: object.clone(),
+            kind: "unsupported",
+            message,
+        });
+    };
+    let empty = PolicySpec::default();
+    let spec = policy.spec.as_ref().unwrap_or(&empty);
+    let has_target = spec.target_ref.as_ref().is_some_and(|v| !v.is_null())
+        || spec.target_refs.as_ref().is_some_and(|v| !v.is_empty());
+    if has_target {
+        unsupported(
+            "targetRef/targetRefs attach the policy to a waypoint or gateway and are not \
+             supported at L4; the node agent ignores this policy"
+                .to_owned(),
+        );
+        return None;
+    }
+    let action = spec.action.unwrap_or_default();
+    if let Action::Audit | Action::Custom = action {
+        let action = if action == Action::Audit {
+            "AUDIT"
+        } else {
+            "CUSTOM"
+        };
+        unsupported(format!(
+            "action {action} is not supported by the node agent; this policy is ignored"
+        ));
+        return None;
+    }
+
+    let mut compiler = Compiler::new(object.clone(), warnings);
+    let rules = spec
+        .rules
+        .iter()
+        .flatten()
+        .enumerate()
+        .map(|(index, rule)| compile_rule(&mut compiler, index, rule, action))
+        .collect();
+    Some(AuthzPolicy {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        action,
+        selector: WorkloadSelector::labels(spec.selector.as_ref()),
+        rules,
+    })
+}
+
+fn compile_rule(c: &mut Compiler<'_>, index: usize, rule: &Rule, action: Action) -> CompiledRule {
+    c.rule = index;
+    // L7 fields are collected instead of compiled: for DENY that is exactly
+    // "evaluated without them".
+    let mut l7: Vec<String> = Vec::new();
+    let mut note = |field: &str, values: bool| {
+        if values && !l7.iter().any(|f| f == field) {
+            l7.push(field.to_owned());
+        }
+    };
+
+    let mut from = Vec::new();
+    for entry in rule.from.iter().flatten() {
+        let empty = SourceSpec::default();
+        let s = entry.source.as_ref().unwrap_or(&empty);
+        note("requestPrincipals", has(&s.request_principals));
+        note("notRequestPrincipals", has(&s.not_request_principals));
+        let mut checks = Vec::new();
+        checks.extend(c.strings(Attr::Principal, &s.principals, false));
+        checks.extend(c.strings(Attr::Principal, &s.not_principals, true));
+        checks.extend(c.strings(Attr::Namespace, &s.namespaces, false));
+        checks.extend(c.strings(Attr::Namespace, &s.not_namespaces, true));
+        checks.extend(c.strings(Attr::ServiceAccount, &s.service_accounts, false));
+        checks.extend(c.strings(Attr::ServiceAccount, &s.not_service_accounts, true));
+        // At L4 the remote address is the source address.
+        checks.extend(c.strings(Attr::SrcIp, &s.ip_blocks, false));
+        checks.extend(c.strings(Attr::SrcIp, &s.not_ip_blocks, true));
+        checks.extend(c.strings(Attr::SrcIp, &s.remote_ip_blocks, false));
+        checks.extend(c.strings(Attr::SrcIp, &s.not_remote_ip_blocks, true));
+        from.push(checks);
+    }
+
+    let mut to = Vec::new();
+    for entry in rule.to.iter().flatten() {
+        let empty = Operation::default();
+        let op = entry.operation.as_ref().unwrap_or(&empty);
+        note("hosts", has(&op.hosts));
+        note("notHosts", has(&op.not_hosts));
+        note("methods", has(&op.methods));
+        note("notMethods", has(&op.not_methods));
+        note("paths", has(&op.paths));
+        note("notPaths", has(&op.not_paths));
+        let mut checks = Vec::new();
+        checks.extend(c.scalars(Attr::DstPort, &op.ports, false));
+        checks.extend(c.scalars(Attr::DstPort, &op.not_ports, true));
+        to.push(checks);
+    }
+
+    let mut when = Vec::new();
+    for cond in rule.when.iter().flatten() {
+        let attr = match cond.key.as_str() {
+            "source.ip" | "remote.ip" => Attr::SrcIp,
+            "source.namespace" => Attr::Namespace,
+            "source.principal" => Attr::Principal,
+            "destination.ip" => Attr::DstIp,
+            "destination.port" => Attr::DstPort,
+            // request.*, and anything else Istio knows: only a proxy that
+            // parses the traffic has it.
+            key => {
+                note(&format!("when {key}"), true);
+                continue;
+            }
+        };
+        when.extend(c.scalars(attr, &cond.values, false));
+        when.extend(c.scalars(attr, &cond.not_values, true));
+    }
+
+    if !l7.is_empty() {
+        let effect = match action {
+            Action::Deny => {
+                "this DENY rule is applied without them, so it denies more than written"
+            }
+            _ => "this ALLOW rule never matches",
+        };
+        c.warn(
+            "l7_rule_at_l4",
+            format!(
+                "rule {index} uses {}: L7 fields cannot be enforced by the node agent; \
+                 {effect} (use a waypoint)",
+                l7.join(", ")
+            ),
+        );
+    }
+    CompiledRule {
+        from,
+        to,
+        when,
+        never: action == Action::Allow && !l7.is_empty(),
+    }
+}
+
+fn has<T>(values: &Option<Vec<T>>) -> bool {
+    values.as_ref().is_some_and(|v| !v.is_empty())
+}

@@ -1,0 +1,420 @@
+//! Parsing Kubernetes objects into workloads and services, and warnings for
+//! bad input.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+};
+
+use super::*;
+
+pub(super) fn opts() -> StoreOptions {
+    StoreOptions {
+        trust_domain: "cluster.local".into(),
+        root_namespace: "istio-system".into(),
+    }
+}
+
+pub(super) fn store(yaml: &str) -> Store {
+    Store::from_yaml(&[("test.yaml".into(), yaml.into())], &opts())
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+const OBJECTS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: shop
+  labels: {istio.io/dataplane-mode: ambient}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web-1
+  namespace: shop
+  labels: {app: web, version: v2}
+spec:
+  serviceAccountName: web
+  nodeName: node-a
+  containers:
+  - name: app
+    ports:
+    - {name: http, containerPort: 8080}
+    - {containerPort: 9090}
+status:
+  phase: Running
+  podIP: 10.0.0.10
+  podIPs: [{ip: 10.0.0.10}, {ip: "fd00::10"}]
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web-2
+  namespace: shop
+  labels: {app: web, istio.io/dataplane-mode: none}
+spec:
+  containers:
+  - name: app
+    ports: [{name: http, containerPort: 8081}]
+status: {podIP: 10.0.0.11}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web-old
+  namespace: shop
+  labels: {app: web}
+spec: {containers: [{name: app}]}
+status: {phase: Succeeded, podIP: 10.0.0.12}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web-noport
+  namespace: shop
+  labels: {app: web}
+spec: {containers: [{name: app}]}
+status: {podIP: 10.0.0.13}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: pending
+  namespace: shop
+  labels: {app: web}
+spec: {containers: [{name: app}]}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: lone
+  labels:
+    app.kubernetes.io/name: lonely
+    app.kubernetes.io/version: "1.2"
+    istio.io/dataplane-mode: ambient
+spec: {containers: [{name: app}]}
+status: {podIP: 10.0.9.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: plain, namespace: other}
+spec: {containers: [{name: app}]}
+status: {podIP: 10.0.9.2}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10, "fd00:96::10"]
+  selector: {app: web}
+  ports:
+  - {name: http, port: 80, targetPort: http}
+  - {name: admin, port: 9090}
+  - {name: dns, port: 53, protocol: UDP}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: headless, namespace: shop}
+spec:
+  clusterIP: None
+  ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: external, namespace: shop}
+spec:
+  clusterIP: 10.96.0.11
+  ports: [{port: 443}]
+"#;
+
+#[test]
+fn pods_become_workloads() {
+    let s = store(OBJECTS);
+    assert_eq!(s.warnings(), &[]);
+    let web = s.workload("shop", "web-1").unwrap();
+    assert_eq!(
+        **web,
+        Workload {
+            name: "web-1".into(),
+            namespace: "shop".into(),
+            service_account: "web".into(),
+            node: "node-a".into(),
+            ips: vec![ip("10.0.0.10"), ip("fd00::10")],
+            labels: BTreeMap::from([
+                ("app".into(), "web".into()),
+                ("version".into(), "v2".into()),
+            ]),
+            ports: BTreeMap::from([("http".into(), 8080)]),
+            captured: true,
+        }
+    );
+    assert_eq!(
+        (web.workload_name(), web.app(), web.version()),
+        ("web-1", "web", "v2")
+    );
+
+    let lone = s.workload("default", "lone").unwrap();
+    assert_eq!(lone.service_account, "default");
+    assert_eq!(lone.node, "");
+    assert_eq!((lone.app(), lone.version()), ("lonely", "1.2"));
+    let plain = s.workload("other", "plain").unwrap();
+    assert_eq!((plain.app(), plain.version()), ("plain", "latest"));
+
+    assert_eq!(
+        s.workload("shop", "pending").unwrap().ips,
+        Vec::<IpAddr>::new()
+    );
+    assert!(
+        s.workload("shop", "web-old").is_none(),
+        "Succeeded pods are gone"
+    );
+    assert!(s.workload_by_ip(ip("10.0.0.12")).is_none());
+    assert_eq!(s.workload_by_ip(ip("fd00::10")).unwrap().name, "web-1");
+    assert_eq!(
+        s.workload_by_ip(ip("::ffff:10.0.0.11")).unwrap().name,
+        "web-2"
+    );
+}
+
+#[test]
+fn captured_follows_pod_then_namespace_label() {
+    let s = store(OBJECTS);
+    let captured = |ns, name| s.workload(ns, name).unwrap().captured;
+    assert!(captured("shop", "web-1"), "namespace ambient");
+    assert!(!captured("shop", "web-2"), "pod opts out with none");
+    assert!(
+        captured("default", "lone"),
+        "pod opts in, no namespace object"
+    );
+    assert!(!captured("other", "plain"), "no label anywhere");
+
+    let host = store(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: h, labels: {istio.io/dataplane-mode: ambient}}\n\
+         spec: {hostNetwork: true, containers: []}\nstatus: {podIP: 192.168.1.5}\n",
+    );
+    assert!(!host.workload("default", "h").unwrap().captured);
+    assert!(
+        host.workload_by_ip(ip("192.168.1.5")).is_none(),
+        "the node's address"
+    );
+}
+
+#[test]
+fn services_and_vip_lookup() {
+    let s = store(OBJECTS);
+    let (svc, port) = s.service_by_vip(addr("10.96.0.10:80")).unwrap();
+    assert_eq!(svc.hostname(), "web.shop.svc.cluster.local");
+    assert_eq!(svc.vips, vec![ip("10.96.0.10"), ip("fd00:96::10")]);
+    assert_eq!(
+        svc.ports,
+        vec![
+            ServicePort {
+                name: "http".into(),
+                port: 80,
+                target_port: TargetPort::Name("http".into()),
+            },
+            ServicePort {
+                name: "admin".into(),
+                port: 9090,
+                target_port: TargetPort::Number(9090),
+            },
+        ],
+        "UDP is left out; a missing targetPort is the port"
+    );
+    assert_eq!(port.port, 80);
+    assert_eq!(
+        s.service_by_vip(addr("[fd00:96::10]:9090")).unwrap().1.name,
+        "admin"
+    );
+    assert!(s.service_by_vip(addr("10.96.0.10:81")).is_none());
+    assert!(s.service_by_vip(addr("10.96.0.99:80")).is_none());
+    assert!(s.service_by_vip(addr("10.96.0.10:53")).is_none());
+}
+
+#[test]
+fn endpoints_resolve_named_ports() {
+    let s = store(OBJECTS);
+    let (svc, http) = s.service_by_vip(addr("10.96.0.10:80")).unwrap();
+    let eps: Vec<(String, SocketAddr)> = s
+        .endpoints(svc, http)
+        .into_iter()
+        .map(|e| (e.workload.name.clone(), e.addr))
+        .collect();
+    // web-noport has no `http` port, pending has no IP, web-old has ended.
+    assert_eq!(
+        eps,
+        vec![
+            ("web-1".into(), addr("10.0.0.10:8080")),
+            ("web-2".into(), addr("10.0.0.11:8081")),
+        ]
+    );
+    let admin = &svc.ports[1];
+    let addrs: Vec<SocketAddr> = s.endpoints(svc, admin).iter().map(|e| e.addr).collect();
+    assert_eq!(
+        addrs,
+        vec![
+            addr("10.0.0.10:9090"),
+            addr("10.0.0.11:9090"),
+            addr("10.0.0.13:9090")
+        ]
+    );
+
+    // An IPv6-first service picks each pod's IPv6 address when it has one.
+    let mut v6 = (**svc).clone();
+    v6.vips.reverse();
+    let addrs: Vec<SocketAddr> = s.endpoints(&v6, admin).iter().map(|e| e.addr).collect();
+    assert_eq!(addrs[0], addr("[fd00::10]:9090"));
+    assert_eq!(addrs[1], addr("10.0.0.11:9090"));
+
+    let (external, port) = s.service_by_vip(addr("10.96.0.11:443")).unwrap();
+    assert!(
+        s.endpoints(external, port).is_empty(),
+        "no selector, no endpoints"
+    );
+}
+
+#[test]
+fn list_duplicates_and_unsupported_kinds() {
+    let yaml = r#"
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Pod
+  metadata: {name: a}
+  status: {podIP: 10.1.0.1}
+- apiVersion: apps/v1
+  kind: Deployment
+  metadata: {name: d, namespace: shop}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: a}
+status: {podIP: 10.1.0.2}
+"#;
+    let s = store(yaml);
+    assert_eq!(
+        s.workload("default", "a").unwrap().ips,
+        vec![ip("10.1.0.2")]
+    );
+    assert_eq!(
+        s.warnings(),
+        &[
+            ConfigWarning {
+                object: "test.yaml: Deployment shop/d".into(),
+                kind: "unsupported",
+                message: "apps/v1 Deployment is not used by the node agent; ignored".into(),
+            },
+            ConfigWarning {
+                object: "Pod default/a".into(),
+                kind: "duplicate",
+                message: "defined again in test.yaml (first in test.yaml); the later \
+                          definition is used"
+                    .into(),
+            },
+        ]
+    );
+}
+
+#[test]
+fn unknown_field_names_the_object_and_the_rest_loads() {
+    let yaml = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: typo, namespace: shop}
+spec:
+  rules:
+  - from:
+    - source: {principal: ["cluster.local/ns/shop/sa/web"]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: still-here, namespace: shop}
+status: {podIP: 10.2.0.1}
+"#;
+    let s = store(yaml);
+    assert!(s.workload("shop", "still-here").is_some());
+    assert_eq!(s.warnings().len(), 1);
+    let w = &s.warnings()[0];
+    assert_eq!(w.kind, "unknown_field");
+    assert_eq!(w.object, "test.yaml: AuthorizationPolicy shop/typo");
+    assert!(
+        w.message
+            .starts_with("spec.rules[0].from[0].source: unknown field `principal`"),
+        "{}",
+        w.message
+    );
+    assert!(w.message.contains("line 8"), "{}", w.message);
+    assert_eq!(s.dump()["authorization_policies"], serde_json::json!([]));
+}
+
+#[test]
+fn malformed_yaml_names_the_origin() {
+    let good = "apiVersion: v1\nkind: Pod\nmetadata: {name: ok}\nstatus: {podIP: 10.3.0.1}\n";
+    let docs = [
+        ("a.yaml".to_owned(), format!("{good}---\nkind: [oops\n")),
+        (
+            "b.yaml".to_owned(),
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: b}\n".to_owned(),
+        ),
+        (
+            "c.yaml".to_owned(),
+            "apiVersion: v1\nkind: Pod\nspec: {}\n".to_owned(),
+        ),
+    ];
+    let s = Store::from_yaml(&docs, &opts());
+    assert!(
+        s.workload("default", "ok").is_some(),
+        "documents before the error load"
+    );
+    assert!(s.workload("default", "b").is_some(), "other files load");
+    let w = s.warnings();
+    assert_eq!(w.len(), 2, "{w:?}");
+    assert_eq!((w[0].object.as_str(), w[0].kind), ("a.yaml", "parse_error"));
+    assert!(w[0].message.contains("line 6"), "{}", w[0].message);
+    assert_eq!(
+        w[1],
+        ConfigWarning {
+            object: "c.yaml: Pod default/<unnamed>".into(),
+            kind: "parse_error",
+            message: "metadata.name is missing".into(),
+        }
+    );
+}
+
+#[test]
+fn bad_value_in_a_pod_is_a_parse_error() {
+    let s = store(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: x}\n\
+         spec: {containers: [{name: c, ports: [{containerPort: http}]}]}\n",
+    );
+    assert!(s.workload("x", "p").is_none());
+    let w = &s.warnings()[0];
+    assert_eq!(
+        (w.object.as_str(), w.kind),
+        ("test.yaml: Pod x/p", "parse_error")
+    );
+    assert!(w.message.contains("containerPort"), "{}", w.message);
+}
+
+#[test]
+fn dump_lists_everything() {
+    let s = store(OBJECTS);
+    let d = s.dump();
+    assert_eq!(d["workloads"].as_array().unwrap().len(), 6);
+    assert_eq!(d["workloads"][0]["name"], "lone");
+    assert_eq!(
+        d["services"][2]["vips"],
+        serde_json::json!(["10.96.0.10", "fd00:96::10"])
+    );
+    assert_eq!(d["warnings"], serde_json::json!([]));
+    assert_eq!(d["root_namespace"], "istio-system");
+}
