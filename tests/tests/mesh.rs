@@ -107,11 +107,17 @@ fn hbone_carries_pod_traffic_encrypted_with_both_identities() -> anyhow::Result<
     for p in [&near, &server, &legacy] {
         shop.tb.serve(p, any6(APP_PORT))?;
     }
-    shop.start(&[&client, &near, &server], &[])?;
+    // Short-lived certificates: they are renewed (at half-life) while a
+    // connection opened before stays up.
+    shop.start(&[&client, &near, &server], &["--cert-ttl", "4s"])?;
     let tb = &mut shop.tb;
+    let mut steady = tb.hold(&client, sa(server.ip4, APP_PORT))?;
+    assert!(ok(&steady.hello), "{}", steady.hello);
+    // Issued for the first handshake.
+    let serial_before = workload_serial(tb, 1, &id("shop", "server"))?;
 
     let wire = tb.capture_packets(&client, "meshed")?;
-    let mut cross_node = 0;
+    let mut cross_node = 1; // the steady connection
     for bytes in [1, 1000, 1 << 20, 24 << 20] {
         let r = tb.connect(&client, sa(server.ip4, APP_PORT), bytes)?;
         assert!(ok(&r), "{bytes} bytes cross-node: {r}");
@@ -203,6 +209,17 @@ fn hbone_carries_pod_traffic_encrypted_with_both_identities() -> anyhow::Result<
     for page in [&src_side, &page] {
         assert!(parse_openmetrics(page)? >= 8);
     }
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(6);
+    while workload_serial(tb, 1, &id("shop", "server"))? == serial_before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "certificate not renewed"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(steady.send("across rotation")?["echo"], "across rotation");
+    assert!(ok(&tb.connect(&client, sa(server.ip4, APP_PORT), 1000)?));
     Ok(())
 }
 
@@ -370,7 +387,7 @@ fn authorization_policy_decides_at_the_destination() -> anyhow::Result<()> {
 
     // No policy: everyone, plaintext included (PERMISSIVE).
     assert!(call(&shop.tb, &client)? && call(&shop.tb, &intruder)? && call(&shop.tb, &plain)?);
-    let serial_before = server_serial(&shop.tb)?;
+    let serial_before = workload_serial(&shop.tb, 1, &id("shop", "server"))?;
 
     // ALLOW by principal and port: the client only.
     shop.apply(&[ALLOW_CLIENT_ONLY], |d| d.contains("clients-only"))?;
@@ -435,21 +452,21 @@ fn authorization_policy_decides_at_the_destination() -> anyhow::Result<()> {
     // Certificates were renewed meanwhile (6 s lifetime), and new
     // handshakes use them.
     std::thread::sleep(Duration::from_secs(4));
-    let serial_after = server_serial(&shop.tb)?;
+    let serial_after = workload_serial(&shop.tb, 1, &id("shop", "server"))?;
     assert_ne!(serial_before, serial_after, "certificate not rotated");
     shop.apply(&[], |d| !d.contains("client-out"))?;
     assert!(call(&shop.tb, &client)?, "after rotation");
     Ok(())
 }
 
-/// The serial of the server workload's certificate on node 1.
-fn server_serial(tb: &Testbed) -> anyhow::Result<String> {
-    let (_, dump) = tb.agent(1).http("GET", "/config_dump", None)?;
+/// The serial of a workload certificate held by the agent on `node`.
+fn workload_serial(tb: &Testbed, node: usize, identity: &str) -> anyhow::Result<String> {
+    let (_, dump) = tb.agent(node).http("GET", "/config_dump", None)?;
     let dump: Value = serde_json::from_str(&dump)?;
     let certs = dump["certificates"].as_array().cloned().unwrap_or_default();
     let cert = certs
         .iter()
-        .find(|c| c["identity"] == id("shop", "server"))
+        .find(|c| c["identity"] == identity)
         .ok_or_else(|| anyhow::anyhow!("no server certificate in {dump}"))?;
     Ok(cert["serial"].as_str().unwrap_or_default().to_owned())
 }
@@ -471,7 +488,7 @@ fn service_vip_spreads_and_skips_a_down_endpoint() -> anyhow::Result<()> {
     ));
     shop.tb.serve(&a, any6(APP_PORT))?;
     let b_app = shop.tb.serve(&b, any6(APP_PORT))?;
-    shop.start(&[&client, &a, &b], &[])?;
+    shop.start(&[&client, &a, &b], &["--log-format", "json"])?;
     let tb = &mut shop.tb;
 
     let mut seen = std::collections::BTreeMap::<String, u32>::new();
@@ -511,6 +528,32 @@ fn service_vip_spreads_and_skips_a_down_endpoint() -> anyhow::Result<()> {
         serde_json::json!([format!("{}:{APP_PORT}", b.ip4)]),
         "{dump}"
     );
+    // The access log, as JSON: one event per connection.
+    let log = tb.agent(0).log_text();
+    let access: Vec<Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["target"] == "access" && v["fields"]["direction"] == "outbound")
+        .collect();
+    assert_eq!(access.len(), 16, "{log}");
+    let last = &access[15]["fields"];
+    assert_eq!(last["dst.service"], "echo.shop.svc.cluster.local", "{last}");
+    assert_eq!(last["dst.identity"], id("shop", "echo"), "{last}");
+    assert_eq!(last["src.identity"], id("shop", "client"), "{last}");
+    assert_eq!(last["request_bytes"], 1000, "{last}");
+    // The log level changes at run time through the admin port.
+    let (status, _) = tb
+        .agent(0)
+        .http("POST", "/logging?level=warn,access=info", None)?;
+    assert_eq!(status, 200);
+    let (status, body) = tb.agent(0).http("POST", "/logging?level=[[", None)?;
+    assert_eq!(status, 400, "{body}");
+    let (_, body) = tb.agent(0).http("GET", "/logging", None)?;
+    assert!(
+        body.contains("access=info") && body.contains("warn"),
+        "{body}"
+    );
+
     // b's agent saw at most one attempt after its app died.
     let failed = tb
         .agent(1)

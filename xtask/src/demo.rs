@@ -187,6 +187,10 @@ pub fn run() -> anyhow::Result<()> {
     let r = tb.connect(&batch, to_backend, 64 * 1024)?;
     println!("  3. legacy/batch -> shop/backend: plaintext, so no identity to allow");
     describe(&r, &batch);
+    println!(
+        "     the backend's agent refused it: {}",
+        last_access(&tb, "error=").unwrap_or_default()
+    );
 
     let to_batch = SocketAddr::new(batch.ip4, PORT);
     let wire = tb.capture_packets(&frontend, "demo-plain")?;
