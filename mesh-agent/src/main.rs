@@ -158,7 +158,7 @@ fn start_store(
     };
     let rx = match &m.config {
         Some(path) => {
-            let source = Box::new(state::LocalFiles { path: path.clone() });
+            let source = Box::new(state::LocalFiles::new(path.clone()));
             state::spawn_watch(source, opts, m.config_poll).0
         }
         None => tokio::sync::watch::channel(Arc::new(state::Store::default())).1,

@@ -2,10 +2,9 @@
 //! changes), and the task that turns every change into a new snapshot.
 
 use std::{
-    collections::BTreeMap,
     fs, io,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, PoisonError},
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -31,17 +30,20 @@ pub trait Source: Send + 'static {
 /// subdirectories, nor hidden files), read in file name order.
 #[derive(Debug)]
 pub struct LocalFiles {
-    pub path: PathBuf,
+    path: PathBuf,
+    /// The fingerprint at the last successful load.
+    loaded: Option<Fingerprint>,
+}
+
+impl LocalFiles {
+    pub fn new(path: PathBuf) -> Self {
+        LocalFiles { path, loaded: None }
+    }
 }
 
 /// Name, modification time and size of every file read.
 #[derive(Debug, PartialEq, Eq)]
 struct Fingerprint(Vec<(PathBuf, Option<SystemTime>, u64)>);
-
-/// The fingerprint of each path at its last successful load. Kept here rather
-/// than in `LocalFiles`, whose only field is public and which callers build
-/// as `LocalFiles { path }`; two sources on one path therefore share it.
-static LOADED: Mutex<BTreeMap<PathBuf, Fingerprint>> = Mutex::new(BTreeMap::new());
 
 impl Source for LocalFiles {
     fn load(&mut self) -> Result<Vec<(String, String)>, std::io::Error> {
@@ -53,20 +55,14 @@ impl Source for LocalFiles {
             let text = fs::read_to_string(&file).map_err(|e| in_file(&file, e))?;
             docs.push((file.display().to_string(), text));
         }
-        let mut loaded = LOADED.lock().unwrap_or_else(PoisonError::into_inner);
-        match before {
-            Ok(fp) => loaded.insert(self.path.clone(), fp),
-            Err(_) => loaded.remove(&self.path),
-        };
+        self.loaded = before.ok();
         Ok(docs)
     }
 
     /// A file that cannot be looked at counts as changed: the load that
     /// follows reports why.
     fn changed(&mut self) -> bool {
-        let now = fingerprint(&self.path);
-        let loaded = LOADED.lock().unwrap_or_else(PoisonError::into_inner);
-        match (now, loaded.get(&self.path)) {
+        match (fingerprint(&self.path), &self.loaded) {
             (Ok(now), Some(then)) => now != *then,
             _ => true,
         }

@@ -23,7 +23,7 @@ fn local_files_reads_yaml_in_order_and_sees_edits() {
     std::fs::write(dir.join("a.yaml"), "kind: A\n").unwrap();
     std::fs::write(dir.join("notes.txt"), "not yaml").unwrap();
     std::fs::write(dir.join(".hidden.yaml"), "kind: H\n").unwrap();
-    let mut src = LocalFiles { path: dir.clone() };
+    let mut src = LocalFiles::new(dir.clone());
     assert!(src.changed(), "never loaded");
     let docs = src.load().unwrap();
     let texts: Vec<&str> = docs.iter().map(|(_, t)| t.as_str()).collect();
@@ -57,7 +57,7 @@ async fn spawn_watch_publishes_changes_and_keeps_the_last_good_snapshot() {
         )
     };
     std::fs::write(&file, pod("first")).unwrap();
-    let source = Box::new(LocalFiles { path: file.clone() });
+    let source = Box::new(LocalFiles::new(file.clone()));
     let (mut rx, task) = spawn_watch(source, opts(), Duration::from_millis(10));
     assert_eq!(
         rx.borrow_and_update()
@@ -97,7 +97,7 @@ async fn spawn_watch_publishes_changes_and_keeps_the_last_good_snapshot() {
 async fn spawn_watch_starts_empty_when_the_source_is_missing() {
     let path = std::env::temp_dir().join(format!("mesh-state-{}-missing.yaml", std::process::id()));
     let (rx, task) = spawn_watch(
-        Box::new(LocalFiles { path: path.clone() }),
+        Box::new(LocalFiles::new(path.clone())),
         opts(),
         Duration::from_secs(60),
     );
