@@ -53,6 +53,9 @@ pub(super) struct Check {
     attr: Attr,
     patterns: Vec<Pattern>,
     negate: bool,
+    /// Set when a value did not parse: the check's outcome is then fixed
+    /// to the safe side (see `Compiler::check`).
+    fixed: Option<bool>,
 }
 
 impl Check {
@@ -62,6 +65,9 @@ impl Check {
     /// which is how `principals: ["*"]` requires mTLS and
     /// `notPrincipals: ["*"]` singles out plaintext).
     pub fn holds(&self, conn: &Conn<'_>) -> bool {
+        if let Some(fixed) = self.fixed {
+            return fixed;
+        }
         let id = conn.src_identity;
         let any_str = |value: Option<&str>| {
             value.is_some_and(|v| self.patterns.iter().any(|p| p.matches_str(v)))
@@ -93,6 +99,10 @@ pub(super) struct Compiler<'w> {
     warnings: &'w mut Vec<ConfigWarning>,
     /// The rule being compiled, for messages.
     pub rule: usize,
+    /// Compiling a DENY policy: a condition with a value that does not
+    /// parse then holds (the rule denies more); in an ALLOW policy it never
+    /// holds (the rule allows less). Either way it fails closed.
+    pub deny: bool,
 }
 
 impl<'w> Compiler<'w> {
@@ -101,6 +111,7 @@ impl<'w> Compiler<'w> {
             object,
             warnings,
             rule: 0,
+            deny: false,
         }
     }
 
@@ -141,10 +152,26 @@ impl<'w> Compiler<'w> {
         negate: bool,
     ) -> Option<Check> {
         let patterns: Vec<Pattern> = values.map(|v| self.pattern(attr, v)).collect();
+        let fixed = patterns.contains(&Pattern::Never).then_some(self.deny);
+        if fixed.is_some() {
+            let (rule, effect) = (
+                self.rule,
+                if self.deny {
+                    "holds for every connection (the DENY rule denies more than written)"
+                } else {
+                    "never holds (the ALLOW rule allows less than written)"
+                },
+            );
+            self.warn(
+                "parse_error",
+                format!("rule {rule}: a condition with a value that does not parse {effect}"),
+            );
+        }
         (!patterns.is_empty()).then_some(Check {
             attr,
             patterns,
             negate,
+            fixed,
         })
     }
 
@@ -167,10 +194,7 @@ impl<'w> Compiler<'w> {
                 None => {
                     self.warn(
                         "parse_error",
-                        format!(
-                            "rule {rule}: {value:?} is not an IP address or CIDR; \
-                             it matches no address"
-                        ),
+                        format!("rule {rule}: {value:?} is not an IP address or CIDR"),
                     );
                     Pattern::Never
                 }
@@ -180,7 +204,7 @@ impl<'w> Compiler<'w> {
                 Err(_) => {
                     self.warn(
                         "parse_error",
-                        format!("rule {rule}: port {value:?} is not a number; it matches no port"),
+                        format!("rule {rule}: port {value:?} is not a number"),
                     );
                     Pattern::Never
                 }

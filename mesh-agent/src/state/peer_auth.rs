@@ -17,6 +17,23 @@ pub(super) struct PeerAuthentication {
     pub spec: Option<PeerAuthenticationSpec>,
 }
 
+impl PeerAuthentication {
+    /// What stands in for a PeerAuthentication that does not parse: STRICT
+    /// for the workloads it selects (its whole namespace when the selector
+    /// cannot be read either), so a typo never lets plaintext in.
+    pub fn strict(selector: Option<WorkloadSelector>) -> Self {
+        PeerAuthentication {
+            spec: Some(PeerAuthenticationSpec {
+                selector,
+                mtls: Some(Mtls {
+                    mode: Some(Mode::Strict),
+                }),
+                port_level_mtls: None,
+            }),
+        }
+    }
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct PeerAuthenticationSpec {

@@ -144,9 +144,10 @@ fn port_level_without_selector_and_conflicts_are_reported() {
 }
 
 #[test]
-fn typo_in_mode_is_a_parse_error() {
+fn typo_in_mode_is_a_parse_error_and_fails_closed() {
     let s = with(&[peer_auth("shop/typo", "{mtls: {mode: STRICTT}}")]);
-    assert_eq!(mode(&s, "shop/web", 80), Permissive);
+    // Read as STRICT until it parses: a typo never lets plaintext in.
+    assert_eq!(mode(&s, "shop/web", 80), Strict);
     let w = &s.warnings()[0];
     assert_eq!(
         (w.object.as_str(), w.kind),

@@ -24,6 +24,26 @@ pub(super) struct AuthorizationPolicy {
     pub spec: Option<PolicySpec>,
 }
 
+impl AuthorizationPolicy {
+    /// What stands in for a policy that does not parse: a DENY of every
+    /// connection to the workloads it selects (its whole namespace when the
+    /// selector cannot be read either). A typo must never widen access.
+    pub fn deny_all(selector: Option<WorkloadSelector>) -> Self {
+        AuthorizationPolicy {
+            spec: Some(PolicySpec {
+                selector,
+                action: Some(Action::Deny),
+                rules: Some(vec![Rule {
+                    from: None,
+                    to: None,
+                    when: None,
+                }]),
+                ..PolicySpec::default()
+            }),
+        }
+    }
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct PolicySpec {
@@ -259,6 +279,7 @@ fn compile_one(
     }
 
     let mut compiler = Compiler::new(object.clone(), warnings);
+    compiler.deny = action == Action::Deny;
     let rules = spec
         .rules
         .iter()

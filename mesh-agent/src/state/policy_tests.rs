@@ -351,7 +351,7 @@ fn l7_deny_rule_applies_without_its_l7_parts() {
 }
 
 #[test]
-fn bad_values_match_nothing() {
+fn bad_values_fail_closed() {
     let s = with(&policy(
         "shop/bad",
         "  rules:\n  \
@@ -361,29 +361,48 @@ fn bad_values_match_nothing() {
     ));
     assert!(
         !allowed(&s, "shop/web", None, "10.0.0.5", 81),
-        "the bad block matches nothing"
+        "an ALLOW condition with a bad value never holds, even for its good values"
     );
-    let messages: Vec<(&str, &str)> = s
+    let never = "a condition with a value that does not parse never holds \
+                 (the ALLOW rule allows less than written)";
+    let messages: Vec<(&str, String)> = s
         .warnings()
         .iter()
-        .map(|w| (w.kind, w.message.as_str()))
+        .map(|w| (w.kind, w.message.clone()))
         .collect();
     assert_eq!(
         messages,
         [
             (
                 "parse_error",
-                "rule 0: \"10.0.0.0/33\" is not an IP address or CIDR; it matches no address"
+                "rule 0: \"10.0.0.0/33\" is not an IP address or CIDR".to_owned()
             ),
+            ("parse_error", format!("rule 0: {never}")),
             (
                 "parse_error",
-                "rule 0: port \"http\" is not a number; it matches no port"
+                "rule 0: port \"http\" is not a number".to_owned()
             ),
+            ("parse_error", format!("rule 0: {never}")),
             (
                 "parse_error",
-                "rule 1: port \"http\" is not a number; it matches no port"
+                "rule 1: port \"http\" is not a number".to_owned()
             ),
+            ("parse_error", format!("rule 1: {never}")),
         ]
+    );
+
+    // In a DENY rule the same mistake denies more, never less: a negated
+    // condition with a bad value still holds.
+    let s = with(&policy(
+        "shop/bad-deny",
+        "  action: DENY\n  rules:\n  - from: [{source: {notIpBlocks: [10.0.0.0/33]}}]",
+    ));
+    assert_eq!(
+        decide(&s, "shop/web", Some("shop/a"), "10.9.9.9", 80),
+        Decision::Deny {
+            policy: "shop/bad-deny".into(),
+            reason: "denied by DENY policy shop/bad-deny".into(),
+        }
     );
 }
 

@@ -353,7 +353,38 @@ status: {podIP: 10.2.0.1}
         w.message
     );
     assert!(w.message.contains("line 8"), "{}", w.message);
-    assert_eq!(s.dump()["authorization_policies"], serde_json::json!([]));
+    assert!(
+        w.message.ends_with(
+            "until it parses, the agent denies every connection to every workload of its namespace"
+        ),
+        "{}",
+        w.message
+    );
+    // It stands as a DENY of everything in its namespace, never as nothing.
+    let dump = &s.dump()["authorization_policies"][0];
+    assert_eq!(
+        (&dump["name"], &dump["action"]),
+        (&"typo".into(), &"DENY".into())
+    );
+    let web = Workload {
+        name: "web".into(),
+        namespace: "shop".into(),
+        service_account: "web".into(),
+        node: String::new(),
+        ips: vec![],
+        labels: Default::default(),
+        ports: Default::default(),
+        captured: true,
+    };
+    let id = crate::identity::Identity::new("cluster.local", "shop", "web");
+    let conn = Conn {
+        src_ip: "10.2.0.9".parse().unwrap(),
+        src_identity: Some(&id),
+        dst: &web,
+        dst_ip: "10.2.0.1".parse().unwrap(),
+        dst_port: 80,
+    };
+    assert!(matches!(s.authorize(&conn), Decision::Deny { .. }));
 }
 
 #[test]

@@ -185,25 +185,60 @@ impl Objects {
         };
         let key = (header.namespace(), name.clone());
         let origin = doc.origin;
+        // Read before the object is: a policy whose spec does not parse is
+        // replaced by a fail-closed one scoped by this selector.
+        let selector = value
+            .get("spec")
+            .and_then(|spec| spec.get("selector"))
+            .and_then(|v| serde_yaml::from_value::<WorkloadSelector>(v.clone()).ok());
         let result = match header.kind.as_str() {
             "Namespace" => typed(doc, value)
                 .map(|o| insert(&mut self.namespaces, name, &header, origin, o, warnings)),
-            "Pod" => {
-                typed(doc, value).map(|o| insert(&mut self.pods, key, &header, origin, o, warnings))
-            }
-            "Service" => typed(doc, value)
-                .map(|o| insert(&mut self.services, key, &header, origin, o, warnings)),
+            "Pod" => typed(doc, value)
+                .map(|o| insert(&mut self.pods, key.clone(), &header, origin, o, warnings)),
+            "Service" => typed(doc, value).map(|o| {
+                insert(
+                    &mut self.services,
+                    key.clone(),
+                    &header,
+                    origin,
+                    o,
+                    warnings,
+                )
+            }),
             "AuthorizationPolicy" => typed(doc, value).map(|o| {
                 let map = &mut self.authorization_policies;
-                insert(map, key, &header, origin, o, warnings)
+                insert(map, key.clone(), &header, origin, o, warnings)
             }),
             _ => typed(doc, value).map(|o| {
                 let map = &mut self.peer_authentications;
-                insert(map, key, &header, origin, o, warnings)
+                insert(map, key.clone(), &header, origin, o, warnings)
             }),
         };
-        if let Err(e) = result {
-            warn(warnings, e.kind(), e.to_string());
+        let Err(e) = result else { return };
+        let scope = if selector.is_some() {
+            "the workloads it selects"
+        } else {
+            "every workload of its namespace"
+        };
+        match header.kind.as_str() {
+            "AuthorizationPolicy" => {
+                let message =
+                    format!("{e}; until it parses, the agent denies every connection to {scope}");
+                warn(warnings, e.kind(), message);
+                let stand_in = AuthorizationPolicy::deny_all(selector);
+                let map = &mut self.authorization_policies;
+                insert(map, key, &header, origin, stand_in, warnings);
+            }
+            "PeerAuthentication" => {
+                let message =
+                    format!("{e}; until it parses, {scope} get STRICT (plaintext refused)");
+                warn(warnings, e.kind(), message);
+                let stand_in = PeerAuthentication::strict(selector);
+                let map = &mut self.peer_authentications;
+                insert(map, key, &header, origin, stand_in, warnings);
+            }
+            _ => warn(warnings, e.kind(), e.to_string()),
         }
     }
 }
