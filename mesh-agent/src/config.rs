@@ -118,8 +118,20 @@ pub struct MeshArgs {
     #[arg(long, env = "MESH_CA_KEY", requires = "ca_cert")]
     pub ca_key: Option<PathBuf>,
     /// Lifetime of workload certificates; they are renewed at half of it.
-    #[arg(long, env = "MESH_CERT_TTL", default_value = "24h", value_parser = parse_duration)]
+    #[arg(long, env = "MESH_CERT_TTL", default_value = "24h", value_parser = parse_cert_ttl)]
     pub cert_ttl: Duration,
+}
+
+/// Workload certificates live at most a year: short lifetimes are the point
+/// of renewing them.
+pub fn parse_cert_ttl(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_secs(2) || d > Duration::from_secs(365 * 24 * 3600) {
+        return Err(format!(
+            "{s:?}: a certificate lifetime must be between 2s and 8760h"
+        ));
+    }
+    Ok(d)
 }
 
 /// `500ms`, `30s`, `10m`, `24h`, or plain seconds.
@@ -130,11 +142,12 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let n: u64 = num
         .parse()
         .map_err(|_| format!("{s:?} is not a duration (like 500ms, 30s, 10m, 24h)"))?;
+    let too_large = || format!("{s:?} is too large");
     let d = match unit {
         "ms" => Duration::from_millis(n),
         "" | "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
+        "m" => Duration::from_secs(n.checked_mul(60).ok_or_else(too_large)?),
+        "h" => Duration::from_secs(n.checked_mul(3600).ok_or_else(too_large)?),
         _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
     };
     if d.is_zero() {
@@ -164,5 +177,13 @@ mod tests {
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("5d").unwrap_err().contains("unknown unit"));
         assert!(parse_duration("abc").is_err());
+        assert!(
+            parse_duration("99999999999999999h")
+                .unwrap_err()
+                .contains("too large")
+        );
+        assert!(parse_cert_ttl("1s").is_err());
+        assert!(parse_cert_ttl("9000h").is_err());
+        assert_eq!(parse_cert_ttl("4s"), Ok(Duration::from_secs(4)));
     }
 }

@@ -92,6 +92,7 @@ async fn node(args: NodeArgs, log_filter: admin::LogFilter) -> anyhow::Result<()
         metrics,
         certs,
         store,
+        configured: args.mesh.config.is_some(),
         balancer: proxy::Balancer::default(),
     });
     let pods = Arc::new(inpod::pods::Pods::new(shared.clone(), &args.state_dir));

@@ -32,6 +32,8 @@ pub struct ConnRecord {
     dst: Peer,
     start: Instant,
     opened: bool,
+    /// Closed and logged; nothing left for `Drop`.
+    done: bool,
 }
 
 /// What a connection carried, and why it ended badly if it did.
@@ -74,6 +76,7 @@ impl ConnRecord {
             dst,
             start: Instant::now(),
             opened: false,
+            done: false,
         }
     }
 
@@ -94,6 +97,11 @@ impl ConnRecord {
     /// A connection refused before it was opened is counted as opened and
     /// closed with `flags`.
     pub fn close(mut self, flags: &'static str, outcome: Outcome) {
+        self.record_close(flags, outcome);
+    }
+
+    fn record_close(&mut self, flags: &'static str, outcome: Outcome) {
+        self.done = true;
         self.labels.response_flags = flags;
         if !self.opened {
             self.open();
@@ -140,6 +148,17 @@ impl ConnRecord {
             error = outcome.error.as_deref().unwrap_or(""),
             "connection complete"
         );
+    }
+}
+
+impl Drop for ConnRecord {
+    /// A connection task that ended without closing its record (a panic, an
+    /// abort at release) still counts its close, so opened and closed agree.
+    fn drop(&mut self) {
+        if !self.done && self.opened {
+            let flags = self.labels.response_flags;
+            self.record_close(flags, Outcome::error("connection task ended"));
+        }
     }
 }
 

@@ -20,7 +20,7 @@ use hyper::{
     service::service_fn,
     upgrade::Upgraded,
 };
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh_common::{AGENT_PORTS, PORT_HBONE};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
@@ -42,8 +42,26 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// link without waiting for WINDOW_UPDATEs.
 const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 const CONN_WINDOW: u32 = 16 * 1024 * 1024;
+/// Streams one HTTP/2 connection carries at once (each is one tunnelled
+/// TCP connection); the server advertises it, a client past it waits.
+const MAX_STREAMS: u32 = 1024;
+/// A CONNECT must be answered in this time (a pooled connection to a peer
+/// that vanished would otherwise hold the call until TCP gives up).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 pings find dead peers on idle pooled connections.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A pooled connection takes no new streams after this age: new calls
+/// handshake again (fresh certificates, fresh policy checks of the peer),
+/// old streams finish on the old connection.
+const POOL_MAX_AGE: Duration = Duration::from_secs(300);
 
 type Sender = hyper::client::conn::http2::SendRequest<Empty<Bytes>>;
+
+struct Pooled {
+    sender: Sender,
+    since: std::time::Instant,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 struct PoolKey {
@@ -56,7 +74,7 @@ struct PoolKey {
 /// namespace, so they carry its address and cannot be shared across pods).
 #[derive(Default)]
 pub struct Pool {
-    conns: Mutex<HashMap<PoolKey, Sender>>,
+    conns: Mutex<HashMap<PoolKey, Pooled>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +96,13 @@ pub enum HboneError {
         authority: SocketAddr,
         status: StatusCode,
     },
+    #[error("{addr} did not answer CONNECT {authority} in {REQUEST_TIMEOUT:?}")]
+    Timeout {
+        addr: SocketAddr,
+        authority: SocketAddr,
+    },
+    #[error("building the CONNECT request: {0}")]
+    Request(#[from] hyper::http::Error),
 }
 
 impl HboneError {
@@ -85,6 +110,19 @@ impl HboneError {
     /// the endpoint, so another endpoint is not tried).
     pub fn is_denied(&self) -> bool {
         matches!(self, HboneError::Status { status, .. } if *status == StatusCode::UNAUTHORIZED)
+    }
+
+    /// Whether the endpoint itself failed (unreachable, TLS refused, its
+    /// app not accepting), so that it is set aside for new connections.
+    pub fn is_endpoint_fault(&self) -> bool {
+        match self {
+            HboneError::Connect { .. }
+            | HboneError::Tls { .. }
+            | HboneError::Http { .. }
+            | HboneError::Timeout { .. } => true,
+            HboneError::Status { status, .. } => *status == StatusCode::SERVICE_UNAVAILABLE,
+            HboneError::Identity { .. } | HboneError::Request(_) => false,
+        }
     }
 }
 
@@ -112,7 +150,10 @@ impl Pool {
         };
         let pooled = {
             let conns = self.conns.lock().expect("pool lock");
-            conns.get(&key).filter(|s| !s.is_closed()).cloned()
+            conns
+                .get(&key)
+                .filter(|p| !p.sender.is_closed() && p.since.elapsed() < POOL_MAX_AGE)
+                .map(|p| p.sender.clone())
         };
         if let Some(sender) = pooled {
             match request(sender, &key, target, caller).await {
@@ -153,8 +194,11 @@ impl Pool {
         })?
         .map_err(|source| HboneError::Tls { addr, source })?;
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONN_WINDOW)
+            .keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .handshake(TokioIo::new(tls))
             .await
             .map_err(|source| HboneError::Http { addr, source })?;
@@ -166,28 +210,49 @@ impl Pool {
             }
             .in_current_span(),
         );
-        self.conns
-            .lock()
-            .expect("pool lock")
-            .insert(key.clone(), sender.clone());
+        let mut conns = self.conns.lock().expect("pool lock");
+        // Closed connections leave the map here; replaced ones stay open
+        // only for the streams they still carry.
+        conns.retain(|_, p| !p.sender.is_closed());
+        let since = std::time::Instant::now();
+        conns.insert(
+            key.clone(),
+            Pooled {
+                sender: sender.clone(),
+                since,
+            },
+        );
         Ok(sender)
     }
 
     /// Number of live pooled connections, for `/config_dump`.
     pub fn len(&self) -> usize {
         let conns = self.conns.lock().expect("pool lock");
-        conns.values().filter(|s| !s.is_closed()).count()
+        conns.values().filter(|p| !p.sender.is_closed()).count()
     }
 }
 
+/// A W3C baggage value: anything outside a safe set is percent-encoded, so
+/// a label can neither break the header nor add members.
+fn baggage_value(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for b in v.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 async fn request(
-    mut sender: Sender,
+    sender: Sender,
     key: &PoolKey,
     target: SocketAddr,
     caller: &Caller<'_>,
 ) -> Result<Upgraded, HboneError> {
     let addr = key.addr;
-    let http = |source| HboneError::Http { addr, source };
     let wl = caller.workload;
     let req = Request::builder()
         .method(Method::CONNECT)
@@ -197,14 +262,28 @@ async fn request(
             "baggage",
             format!(
                 "k8s.namespace.name={},k8s.pod.name={},service.name={},service.version={}",
-                wl.namespace,
-                wl.name,
-                wl.app(),
-                wl.version()
+                baggage_value(&wl.namespace),
+                baggage_value(&wl.name),
+                baggage_value(wl.app()),
+                baggage_value(wl.version())
             ),
         )
-        .body(Empty::new())
-        .expect("CONNECT request parts are valid");
+        .body(Empty::new())?;
+    tokio::time::timeout(REQUEST_TIMEOUT, send(sender, req, addr, target))
+        .await
+        .map_err(|_| HboneError::Timeout {
+            addr,
+            authority: target,
+        })?
+}
+
+async fn send(
+    mut sender: Sender,
+    req: Request<Empty<Bytes>>,
+    addr: SocketAddr,
+    target: SocketAddr,
+) -> Result<Upgraded, HboneError> {
+    let http = |source| HboneError::Http { addr, source };
     sender.ready().await.map_err(http)?;
     let resp = sender.send_request(req).await.map_err(http)?;
     if resp.status() != StatusCode::OK {
@@ -289,8 +368,12 @@ pub async fn serve(pod: Arc<PodCtx>, stream: TcpStream, peer: SocketAddr) {
         async move { Ok::<_, Infallible>(inbound.handle(req).await) }
     });
     let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONN_WINDOW)
+        .max_concurrent_streams(MAX_STREAMS)
+        .keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
         .serve_connection(TokioIo::new(tls), svc)
         .await;
     if let Err(e) = served {

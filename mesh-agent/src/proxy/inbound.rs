@@ -26,7 +26,12 @@ fn admit(store: &Store, pod: &PodCtx, peer: SocketAddr, dst: SocketAddr) -> Resu
         .cloned()
         .or_else(|| pod.workload(store))
     else {
-        // Not in the store: no policy can name it.
+        if pod.shared.configured {
+            // Mesh-wide policy could apply to it; without knowing the pod,
+            // refuse rather than guess.
+            return Err("this pod is not in the configuration; plaintext refused".into());
+        }
+        // No configuration at all: capture only, plain pass-through.
         return Ok(());
     };
     if store.mtls_mode(&local, dst.port()) == MtlsMode::Strict {

@@ -5,10 +5,7 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    sync::{
-        Mutex,
-        atomic::{AtomicUsize, Ordering},
-    },
+    sync::Mutex,
     time::{Duration, Instant},
 };
 
@@ -20,18 +17,27 @@ pub const DOWN_FOR: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Default)]
 pub struct Balancer {
-    next: AtomicUsize,
+    /// Round-robin position per service port (keys come from the store,
+    /// not from traffic, so the map stays as small as the configuration).
+    next: Mutex<HashMap<String, usize>>,
     down: Mutex<HashMap<SocketAddr, Instant>>,
 }
 
 impl Balancer {
-    /// The endpoints in the order to try them: round robin among the healthy
-    /// ones, then the ones recently down as a last resort.
-    pub fn order(&self, endpoints: &[Endpoint]) -> Vec<Endpoint> {
+    /// The endpoints of service port `key` in the order to try them: round
+    /// robin among the healthy ones, then the ones recently down as a last
+    /// resort.
+    pub fn order(&self, key: &str, endpoints: &[Endpoint]) -> Vec<Endpoint> {
         if endpoints.is_empty() {
             return Vec::new();
         }
-        let start = self.next.fetch_add(1, Ordering::Relaxed) % endpoints.len();
+        let start = {
+            let mut next = self.next.lock().expect("balancer lock");
+            let n = next.entry(key.to_owned()).or_default();
+            let start = *n % endpoints.len();
+            *n = n.wrapping_add(1);
+            start
+        };
         let now = Instant::now();
         let mut down = self.down.lock().expect("balancer lock");
         down.retain(|_, until| *until > now);
@@ -89,7 +95,7 @@ mod tests {
 
     fn firsts(b: &Balancer, eps: &[Endpoint], n: usize) -> Vec<u8> {
         (0..n)
-            .map(|_| match b.order(eps)[0].addr.ip() {
+            .map(|_| match b.order("svc:80", eps)[0].addr.ip() {
                 std::net::IpAddr::V4(v4) => v4.octets()[3],
                 std::net::IpAddr::V6(_) => unreachable!(),
             })
@@ -106,9 +112,25 @@ mod tests {
         assert!(!f.contains(&2), "{f:?}");
         assert!(f.contains(&1) && f.contains(&3), "{f:?}");
         // The down endpoint is still tried last.
-        assert_eq!(b.order(&eps).last().unwrap().addr, eps[1].addr);
+        assert_eq!(b.order("svc:80", &eps).last().unwrap().addr, eps[1].addr);
         b.mark_up(eps[1].addr);
         assert!(firsts(&b, &eps, 3).contains(&2));
-        assert!(b.order(&[]).is_empty());
+        assert!(b.order("svc:80", &[]).is_empty());
+    }
+
+    #[test]
+    fn each_service_has_its_own_rotation() {
+        // A client alternating between two services still reaches every
+        // endpoint of each.
+        let b = Balancer::default();
+        let (x, y) = (vec![ep(1), ep(2)], vec![ep(3), ep(4)]);
+        let mut seen = Vec::new();
+        for _ in 0..2 {
+            seen.push(b.order("x:80", &x)[0].addr);
+            seen.push(b.order("y:80", &y)[0].addr);
+        }
+        for e in x.iter().chain(&y) {
+            assert!(seen.contains(&e.addr), "{seen:?}");
+        }
     }
 }

@@ -49,6 +49,9 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub certs: Arc<CertManager>,
     pub store: watch::Receiver<Arc<Store>>,
+    /// Whether a configuration source is set. Without one the agent only
+    /// captures and passes traffic through.
+    pub configured: bool,
     pub balancer: Balancer,
 }
 

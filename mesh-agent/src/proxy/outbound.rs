@@ -38,12 +38,17 @@ struct Candidate {
 }
 
 fn route(store: &Store, pod: &PodCtx, dst: SocketAddr) -> Route {
-    if let Some((svc, port)) = store.service_by_vip(dst) {
+    if let Some((svc, port)) = store.service_by_vip(dst)
+        // A Service without a selector has its endpoints managed elsewhere
+        // (EndpointSlices, `kubernetes`): pass it on to the VIP unchanged.
+        && !svc.selector.is_empty()
+    {
         let endpoints: Vec<Endpoint> = store.endpoints(svc, port);
+        let key = format!("{}:{}", svc.hostname(), port.port);
         let candidates = pod
             .shared
             .balancer
-            .order(&endpoints)
+            .order(&key, &endpoints)
             .into_iter()
             .take(MAX_ATTEMPTS)
             .map(|e| Candidate {
@@ -153,21 +158,16 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
                 };
                 hbone(&pod, src_id, dst_id, c.addr, &caller).await
             }
-            (Some(_), _, _) => {
-                // A meshed destination is never reached in plaintext.
-                metrics.connection("outbound", "no_source_identity");
-                rec.close(
-                    "NR",
-                    Outcome::error(
-                        "this pod is not in the state store, so it has no identity for mTLS",
-                    ),
-                );
-                return;
-            }
+            (Some(_), _, _) => Err(Attempt::Fatal(
+                "this pod is not in the configuration, so it has no identity for mTLS".into(),
+            )),
             (None, _, _) => connect_in_pod(&pod, c.addr, false)
                 .await
                 .map(Upstream::Plain)
-                .map_err(|e| Attempt::Failed(format!("connect to {}: {e}", c.addr))),
+                .map_err(|e| Attempt::Failed {
+                    error: format!("connect to {}: {e}", c.addr),
+                    endpoint_fault: true,
+                }),
         };
         match attempt {
             Ok(u) => {
@@ -182,24 +182,32 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
                 last_error = e;
                 break;
             }
-            Err(Attempt::Failed(e)) => {
-                debug!(endpoint = %c.addr, error = %e, "upstream failed");
-                if service.is_some() {
+            Err(Attempt::Fatal(e)) => {
+                // A meshed destination is never reached in plaintext, and no
+                // other endpoint would fare better.
+                flags = "NR";
+                last_error = e;
+                break;
+            }
+            Err(Attempt::Failed {
+                error,
+                endpoint_fault,
+            }) => {
+                debug!(endpoint = %c.addr, %error, "upstream failed");
+                if service.is_some() && endpoint_fault {
                     pod.shared.balancer.mark_down(c.addr);
                 }
-                last_error = e;
+                last_error = error;
             }
         }
     }
     let Some(upstream) = upstream else {
-        metrics.connection(
-            "outbound",
-            if flags == "DENY" {
-                "denied"
-            } else {
-                "connect_failed"
-            },
-        );
+        let result = match flags {
+            "DENY" => "denied",
+            "NR" => "no_identity",
+            _ => "connect_failed",
+        };
+        metrics.connection("outbound", result);
         rec.close(flags, Outcome::error(last_error));
         return;
     };
@@ -219,7 +227,11 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
 enum Attempt {
     /// The destination's policy said no: do not try another endpoint.
     Denied(String),
-    Failed(String),
+    /// This side cannot make the call at all (no identity, no certificate).
+    Fatal(String),
+    /// This endpoint failed; `endpoint_fault` when the endpoint itself is at
+    /// fault (unreachable, TLS failed, its app refused), which sets it aside.
+    Failed { error: String, endpoint_fault: bool },
 }
 
 async fn hbone(
@@ -232,6 +244,10 @@ async fn hbone(
     match pod.pool.connect(pod, src, dst, target, caller).await {
         Ok(u) => Ok(Upstream::Hbone(u)),
         Err(e @ HboneError::Status { .. }) if e.is_denied() => Err(Attempt::Denied(e.to_string())),
-        Err(e) => Err(Attempt::Failed(e.to_string())),
+        Err(e @ HboneError::Identity { .. }) => Err(Attempt::Fatal(e.to_string())),
+        Err(e) => Err(Attempt::Failed {
+            endpoint_fault: e.is_endpoint_fault(),
+            error: e.to_string(),
+        }),
     }
 }
