@@ -13,9 +13,7 @@ use tracing::debug;
 use super::{
     Counted, PodCtx,
     conn::{ConnRecord, Outcome, Peer},
-    connect_in_pod,
-    hbone::finish,
-    revoked_by_policy, splice,
+    connect_in_pod, finish, revoked_by_policy, splice,
 };
 use crate::state::{Conn, Decision, MtlsMode, Store};
 

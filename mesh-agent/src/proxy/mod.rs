@@ -39,6 +39,8 @@ mod outbound;
 
 pub use lb::Balancer;
 
+use conn::{ConnRecord, Outcome};
+
 /// Copy buffer per direction: large enough for bulk transfers in few syscalls.
 const COPY_BUF: usize = 64 * 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -254,4 +256,27 @@ async fn revoked_by_policy(
             return;
         }
     }
+}
+
+/// Closes the record of a spliced connection; `client` is the side the
+/// connection came from.
+fn finish<S>(rec: ConnRecord, client: &Counted<S>, end: SpliceEnd, pod: &PodCtx) {
+    let mut outcome = Outcome {
+        request_bytes: client.read,
+        response_bytes: client.written,
+        error: None,
+    };
+    let flags = match end {
+        SpliceEnd::Done(Ok(())) => "-",
+        SpliceEnd::Done(Err(e)) => {
+            outcome.error = Some(e.to_string());
+            "-"
+        }
+        SpliceEnd::Revoked => {
+            pod.shared.metrics.connection("policy", "revoked");
+            outcome.error = Some("closed: a policy change no longer allows this connection".into());
+            "DENY"
+        }
+    };
+    rec.close(flags, outcome);
 }

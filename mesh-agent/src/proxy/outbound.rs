@@ -13,8 +13,8 @@ use tracing::{debug, warn};
 use super::{
     Counted, PodCtx,
     conn::{ConnRecord, Outcome, Peer},
-    connect_in_pod,
-    hbone::{Caller, HboneError, finish},
+    connect_in_pod, finish,
+    hbone::{Caller, HboneError},
     splice,
 };
 use crate::{

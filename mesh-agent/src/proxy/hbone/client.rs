@@ -1,0 +1,261 @@
+//! The client side of HBONE: pooled HTTP/2 connections over mTLS, one
+//! CONNECT stream per tunnelled connection.
+
+use std::{collections::HashMap, io, net::SocketAddr, sync::Mutex};
+
+use http_body_util::Empty;
+use hyper::{Method, Request, StatusCode, body::Bytes, upgrade::Upgraded};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use mesh_common::PORT_HBONE;
+use rustls::pki_types::ServerName;
+use tracing::{Instrument as _, debug};
+
+use super::{
+    CONN_WINDOW, HANDSHAKE_TIMEOUT, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, POOL_MAX_AGE,
+    REQUEST_TIMEOUT, STREAM_WINDOW,
+};
+use crate::proxy::{PodCtx, connect_in_pod};
+use crate::{
+    identity::{Identity, IdentityError},
+    state::Workload,
+};
+
+type Sender = hyper::client::conn::http2::SendRequest<Empty<Bytes>>;
+
+struct Pooled {
+    sender: Sender,
+    since: std::time::Instant,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct PoolKey {
+    src: Identity,
+    dst: Identity,
+    addr: SocketAddr,
+}
+
+/// Pooled HBONE connections of one pod (they are opened from its network
+/// namespace, so they carry its address and cannot be shared across pods).
+#[derive(Default)]
+pub struct Pool {
+    conns: Mutex<HashMap<PoolKey, Pooled>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HboneError {
+    #[error("connecting to {addr}: {source}")]
+    Connect { addr: SocketAddr, source: io::Error },
+    #[error("TLS handshake with {addr}: {source}")]
+    Tls { addr: SocketAddr, source: io::Error },
+    #[error("no certificate for {id}: {source}")]
+    Identity { id: Identity, source: IdentityError },
+    #[error("HTTP/2 with {addr}: {source}")]
+    Http {
+        addr: SocketAddr,
+        source: hyper::Error,
+    },
+    #[error("{addr} answered {status} to CONNECT {authority}")]
+    Status {
+        addr: SocketAddr,
+        authority: SocketAddr,
+        status: StatusCode,
+    },
+    #[error("{addr} did not answer CONNECT {authority} in {REQUEST_TIMEOUT:?}")]
+    Timeout {
+        addr: SocketAddr,
+        authority: SocketAddr,
+    },
+    #[error("building the CONNECT request: {0}")]
+    Request(#[from] hyper::http::Error),
+}
+
+impl HboneError {
+    /// Whether the destination itself refused by policy (not a failure of
+    /// the endpoint, so another endpoint is not tried).
+    pub fn is_denied(&self) -> bool {
+        matches!(self, HboneError::Status { status, .. } if *status == StatusCode::UNAUTHORIZED)
+    }
+
+    /// Whether the endpoint itself failed (unreachable, TLS refused, its
+    /// app not accepting), so that it is set aside for new connections.
+    pub fn is_endpoint_fault(&self) -> bool {
+        match self {
+            HboneError::Connect { .. }
+            | HboneError::Tls { .. }
+            | HboneError::Http { .. }
+            | HboneError::Timeout { .. } => true,
+            HboneError::Status { status, .. } => *status == StatusCode::SERVICE_UNAVAILABLE,
+            HboneError::Identity { .. } | HboneError::Request(_) => false,
+        }
+    }
+}
+
+/// Who is calling, for the request headers the server may log.
+pub struct Caller<'a> {
+    pub addr: SocketAddr,
+    pub workload: &'a Workload,
+}
+
+impl Pool {
+    /// Opens a tunnelled stream to `target` (the destination pod's address
+    /// and the app's port) through the destination's HBONE port.
+    pub async fn connect(
+        &self,
+        pod: &PodCtx,
+        src: &Identity,
+        dst: &Identity,
+        target: SocketAddr,
+        caller: &Caller<'_>,
+    ) -> Result<Upgraded, HboneError> {
+        let key = PoolKey {
+            src: src.clone(),
+            dst: dst.clone(),
+            addr: SocketAddr::new(target.ip(), PORT_HBONE),
+        };
+        let pooled = {
+            let conns = self.conns.lock().expect("pool lock");
+            conns
+                .get(&key)
+                .filter(|p| !p.sender.is_closed() && p.since.elapsed() < POOL_MAX_AGE)
+                .map(|p| p.sender.clone())
+        };
+        if let Some(sender) = pooled {
+            match request(sender, &key, target, caller).await {
+                Err(HboneError::Http { .. }) => {
+                    // The pooled connection died under us: one fresh try.
+                    debug!(addr = %key.addr, "pooled HBONE connection failed; reconnecting");
+                }
+                r => return r,
+            }
+        }
+        let sender = self.dial(pod, &key).await?;
+        request(sender, &key, target, caller).await
+    }
+
+    async fn dial(&self, pod: &PodCtx, key: &PoolKey) -> Result<Sender, HboneError> {
+        let addr = key.addr;
+        let tcp = connect_in_pod(pod, addr, false)
+            .await
+            .map_err(|source| HboneError::Connect { addr, source })?;
+        let config = pod
+            .shared
+            .certs
+            .client_config(&key.src, &key.dst)
+            .map_err(|source| HboneError::Identity {
+                id: key.src.clone(),
+                source,
+            })?;
+        // The name is not checked: the verifier checks the SPIFFE ID.
+        let name = ServerName::IpAddress(addr.ip().into());
+        let tls = tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            tokio_rustls::TlsConnector::from(config).connect(name, tcp),
+        )
+        .await
+        .map_err(|_| HboneError::Tls {
+            addr,
+            source: io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"),
+        })?
+        .map_err(|source| HboneError::Tls { addr, source })?;
+        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONN_WINDOW)
+            .keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(|source| HboneError::Http { addr, source })?;
+        tokio::spawn(
+            async move {
+                if let Err(e) = conn.await {
+                    debug!(error = %e, "HBONE connection ended");
+                }
+            }
+            .in_current_span(),
+        );
+        let mut conns = self.conns.lock().expect("pool lock");
+        // Closed connections leave the map here; replaced ones stay open
+        // only for the streams they still carry.
+        conns.retain(|_, p| !p.sender.is_closed());
+        let since = std::time::Instant::now();
+        conns.insert(
+            key.clone(),
+            Pooled {
+                sender: sender.clone(),
+                since,
+            },
+        );
+        Ok(sender)
+    }
+
+    /// Number of live pooled connections, for `/config_dump`.
+    pub fn len(&self) -> usize {
+        let conns = self.conns.lock().expect("pool lock");
+        conns.values().filter(|p| !p.sender.is_closed()).count()
+    }
+}
+
+/// A W3C baggage value: anything outside a safe set is percent-encoded, so
+/// a label can neither break the header nor add members.
+fn baggage_value(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for b in v.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+async fn request(
+    sender: Sender,
+    key: &PoolKey,
+    target: SocketAddr,
+    caller: &Caller<'_>,
+) -> Result<Upgraded, HboneError> {
+    let addr = key.addr;
+    let wl = caller.workload;
+    let req = Request::builder()
+        .method(Method::CONNECT)
+        .uri(target.to_string())
+        .header("forwarded", format!("for=\"{}\"", caller.addr.ip()))
+        .header(
+            "baggage",
+            format!(
+                "k8s.namespace.name={},k8s.pod.name={},service.name={},service.version={}",
+                baggage_value(&wl.namespace),
+                baggage_value(&wl.name),
+                baggage_value(wl.app()),
+                baggage_value(wl.version())
+            ),
+        )
+        .body(Empty::new())?;
+    tokio::time::timeout(REQUEST_TIMEOUT, send(sender, req, addr, target))
+        .await
+        .map_err(|_| HboneError::Timeout {
+            addr,
+            authority: target,
+        })?
+}
+
+async fn send(
+    mut sender: Sender,
+    req: Request<Empty<Bytes>>,
+    addr: SocketAddr,
+    target: SocketAddr,
+) -> Result<Upgraded, HboneError> {
+    let http = |source| HboneError::Http { addr, source };
+    sender.ready().await.map_err(http)?;
+    let resp = sender.send_request(req).await.map_err(http)?;
+    if resp.status() != StatusCode::OK {
+        return Err(HboneError::Status {
+            addr,
+            authority: target,
+            status: resp.status(),
+        });
+    }
+    hyper::upgrade::on(resp).await.map_err(http)
+}

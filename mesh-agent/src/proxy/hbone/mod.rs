@@ -1,0 +1,33 @@
+//! HBONE: TCP carried as an HTTP/2 `CONNECT` stream over mutual TLS 1.3 on
+//! port 15008, as Istio's ambient mesh speaks it. The client side pools one
+//! HTTP/2 connection per (source identity, destination identity, address);
+//! the server side terminates TLS in the destination pod, checks who the
+//! peer is and what it asks for, authorizes, and splices to the app.
+
+use std::time::Duration;
+
+mod client;
+mod server;
+
+pub use client::{Caller, HboneError, Pool};
+pub use server::serve;
+
+/// A TLS handshake must finish in this time.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 flow-control windows: large, so that one stream can fill a fast
+/// link without waiting for WINDOW_UPDATEs.
+const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+const CONN_WINDOW: u32 = 16 * 1024 * 1024;
+/// Streams one HTTP/2 connection carries at once (each is one tunnelled
+/// TCP connection); the server advertises it, a client past it waits.
+const MAX_STREAMS: u32 = 1024;
+/// A CONNECT must be answered in this time (a pooled connection to a peer
+/// that vanished would otherwise hold the call until TCP gives up).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 pings find dead peers on idle pooled connections.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A pooled connection takes no new streams after this age: new calls
+/// handshake again (fresh certificates, fresh policy checks of the peer),
+/// old streams finish on the old connection.
+const POOL_MAX_AGE: Duration = Duration::from_secs(300);

@@ -1,0 +1,231 @@
+//! The server side of HBONE on a pod's 15008: TLS termination, the peer's
+//! identity, the CONNECT checks, authorization and the splice to the app.
+
+use std::{convert::Infallible, io, net::SocketAddr, sync::Arc};
+
+use http_body_util::Empty;
+use hyper::{
+    Method, Request, Response, StatusCode,
+    body::{Bytes, Incoming},
+    service::service_fn,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use mesh_common::AGENT_PORTS;
+use tokio::net::TcpStream;
+use tracing::{Instrument as _, debug, info_span, warn};
+
+use super::{
+    CONN_WINDOW, HANDSHAKE_TIMEOUT, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_STREAMS,
+    STREAM_WINDOW,
+};
+use crate::proxy::{
+    Counted, PodCtx,
+    conn::{ConnRecord, Outcome, Peer},
+    connect_in_pod, finish, revoked_by_policy, splice,
+};
+use crate::{
+    identity::{Identity, peer_identity},
+    state::{Conn, Decision, Store, Workload},
+};
+
+/// Why an inbound TLS handshake failed, as a short metric label.
+fn tls_failure(e: &io::Error) -> &'static str {
+    use rustls::{CertificateError, Error};
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        return "tls_eof";
+    }
+    match e.get_ref().and_then(|e| e.downcast_ref::<Error>()) {
+        Some(Error::NoCertificatesPresented) => "no_client_certificate",
+        Some(Error::InvalidCertificate(
+            CertificateError::Expired | CertificateError::ExpiredContext { .. },
+        )) => "expired_certificate",
+        Some(Error::InvalidCertificate(
+            CertificateError::UnknownIssuer | CertificateError::BadSignature,
+        )) => "untrusted_certificate",
+        Some(Error::InvalidCertificate(_)) => "bad_certificate",
+        Some(Error::InvalidMessage(_)) => "not_tls",
+        Some(Error::PeerIncompatible(_) | Error::NoApplicationProtocol) => "tls_incompatible",
+        _ => "tls_error",
+    }
+}
+
+/// Serves one connection accepted on the pod's 15008 listener.
+pub async fn serve(pod: Arc<PodCtx>, stream: TcpStream, peer: SocketAddr) {
+    let metrics = &pod.shared.metrics;
+    let store = pod.shared.store();
+    let Some(local) = pod.workload(&store) else {
+        metrics.connection("hbone", "no_local_identity");
+        warn!("pod is not in the state store, so it has no identity to accept HBONE with");
+        return;
+    };
+    let id = local.identity(pod.shared.certs.trust_domain());
+    let config = match pod.shared.certs.server_config(&id) {
+        Ok(c) => c,
+        Err(e) => {
+            metrics.connection("hbone", "no_local_identity");
+            warn!(identity = %id, error = %e, "no certificate to accept HBONE with");
+            return;
+        }
+    };
+    let accept = tokio_rustls::TlsAcceptor::from(config).accept(stream);
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            let reason = tls_failure(&e);
+            metrics.connection("hbone", reason);
+            debug!(reason, error = %e, "TLS handshake refused");
+            return;
+        }
+        Err(_) => {
+            metrics.connection("hbone", "handshake_timeout");
+            debug!("TLS handshake timed out");
+            return;
+        }
+    };
+    let Some(peer_id) = peer_identity(tls.get_ref().1) else {
+        // The verifier already requires a SPIFFE ID; this is belt and braces.
+        metrics.connection("hbone", "bad_certificate");
+        return;
+    };
+    debug!(peer = %peer_id, "HBONE peer verified");
+    let inbound = Arc::new(Inbound {
+        pod: pod.clone(),
+        local,
+        local_id: id,
+        peer,
+        peer_id,
+    });
+    let svc = service_fn(move |req| {
+        let inbound = inbound.clone();
+        async move { Ok::<_, Infallible>(inbound.handle(req).await) }
+    });
+    let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONN_WINDOW)
+        .max_concurrent_streams(MAX_STREAMS)
+        .keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .serve_connection(TokioIo::new(tls), svc)
+        .await;
+    if let Err(e) = served {
+        debug!(error = %e, "HBONE connection ended with error");
+    }
+}
+
+/// One verified HBONE connection into a local pod.
+struct Inbound {
+    pod: Arc<PodCtx>,
+    local: Arc<Workload>,
+    local_id: Identity,
+    peer: SocketAddr,
+    peer_id: Identity,
+}
+
+fn answer(status: StatusCode) -> Response<Empty<Bytes>> {
+    Response::builder()
+        .status(status)
+        .body(Empty::new())
+        .expect("static response parts are valid")
+}
+
+impl Inbound {
+    fn authorize(&self, store: &Store, dst: SocketAddr) -> Decision {
+        let local = store.workload_by_ip(dst.ip()).unwrap_or(&self.local);
+        store.authorize(&Conn {
+            src_ip: self.peer.ip(),
+            src_identity: Some(&self.peer_id),
+            dst: local,
+            dst_ip: dst.ip(),
+            dst_port: dst.port(),
+        })
+    }
+
+    /// One CONNECT stream. Answers as Istio's HBONE does: 400 for a request
+    /// that cannot be served here, 401 when policy denies, 503 when the app
+    /// does not accept, 200 and the tunnel otherwise. Not CONNECT: 405.
+    async fn handle(self: Arc<Self>, mut req: Request<Incoming>) -> Response<Empty<Bytes>> {
+        let pod = &self.pod;
+        let metrics = &pod.shared.metrics;
+        if req.method() != Method::CONNECT {
+            metrics.connection("hbone", "not_connect");
+            debug!(method = %req.method(), "HBONE request is not CONNECT");
+            return answer(StatusCode::METHOD_NOT_ALLOWED);
+        }
+        let Some(dst) = req
+            .uri()
+            .authority()
+            .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+        else {
+            metrics.connection("hbone", "bad_authority");
+            debug!(uri = %req.uri(), "CONNECT authority is not ip:port");
+            return answer(StatusCode::BAD_REQUEST);
+        };
+        if !pod.addresses.contains(&dst.ip()) || AGENT_PORTS.contains(&dst.port()) {
+            metrics.connection("hbone", "wrong_destination");
+            debug!(%dst, "CONNECT to an address that is not this pod's app");
+            return answer(StatusCode::BAD_REQUEST);
+        }
+        let store = pod.shared.store();
+        let src = Peer {
+            addr: Some(self.peer),
+            workload: store.workload_by_ip(self.peer.ip()).cloned(),
+            identity: Some(self.peer_id.clone()),
+        };
+        let dst_peer = Peer {
+            addr: Some(dst),
+            workload: Some(self.local.clone()),
+            identity: Some(self.local_id.clone()),
+        };
+        let rec = ConnRecord::new(
+            metrics.clone(),
+            "inbound",
+            "destination",
+            src,
+            dst_peer,
+            None,
+            true,
+        );
+        if let Decision::Deny { reason, .. } = self.authorize(&store, dst) {
+            metrics.connection("hbone", "denied");
+            rec.close("DENY", Outcome::error(reason));
+            return answer(StatusCode::UNAUTHORIZED);
+        }
+        let app = match connect_in_pod(pod, dst, true).await {
+            Ok(s) => s,
+            Err(e) => {
+                metrics.connection("hbone", "connect_failed");
+                rec.close("UF", Outcome::error(format!("connect to app: {e}")));
+                return answer(StatusCode::SERVICE_UNAVAILABLE);
+            }
+        };
+        metrics.connection("hbone", "forwarded");
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        let this = self.clone();
+        let span = info_span!("tunnel", %dst, peer = %self.peer_id);
+        tokio::spawn(
+            async move {
+                let mut rec = rec;
+                rec.open();
+                let upgraded = match on_upgrade.await {
+                    Ok(u) => u,
+                    Err(e) => {
+                        rec.close("-", Outcome::error(format!("upgrade: {e}")));
+                        return;
+                    }
+                };
+                let mut client = Counted::new(TokioIo::new(upgraded));
+                let mut app = app;
+                let store_rx = this.pod.shared.store.clone();
+                let check = this.clone();
+                let revoked = revoked_by_policy(store_rx, move |s| {
+                    check.authorize(s, dst) == Decision::Allow
+                });
+                let end = splice(&mut client, &mut app, revoked).await;
+                finish(rec, &client, end, &this.pod);
+            }
+            .instrument(span),
+        );
+        answer(StatusCode::OK)
+    }
+}
