@@ -1,24 +1,10 @@
 //! PeerAuthentication precedence: workload selector (port-level first), then
 //! namespace-wide, then mesh-wide; UNSET inherits; DISABLE is permissive.
 
-use super::{tests::store, *};
-
-const PODS: &str = r#"
-apiVersion: v1
-kind: Pod
-metadata: {name: web, namespace: shop, labels: {app: web}}
-status: {podIP: 10.0.0.10}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: db, namespace: shop, labels: {app: db}}
-status: {podIP: 10.0.0.11}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: web, namespace: other, labels: {app: web}}
-status: {podIP: 10.0.1.10}
-"#;
+use super::{
+    tests::{PODS, store},
+    *,
+};
 
 fn peer_auth(ns_name: &str, spec: &str) -> String {
     let (ns, name) = ns_name.split_once('/').unwrap();

@@ -1,25 +1,10 @@
 //! AuthorizationPolicy at L4: scope, actions, every source/operation/when
 //! field, Istio's edge cases, and the L7 rules the agent cannot enforce.
 
-use super::{tests::store, *};
-
-/// `web` and `db` in shop; `web` in other; a gateway in the root namespace.
-const PODS: &str = r#"
-apiVersion: v1
-kind: Pod
-metadata: {name: web, namespace: shop, labels: {app: web}}
-status: {podIP: 10.0.0.10}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: db, namespace: shop, labels: {app: db}}
-status: {podIP: 10.0.0.11}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: web, namespace: other, labels: {app: web}}
-status: {podIP: 10.0.1.10}
-"#;
+use super::{
+    tests::{PODS, store},
+    *,
+};
 
 fn with(policies: &str) -> Store {
     store(&format!("{PODS}---\n{policies}"))

@@ -135,6 +135,24 @@ spec:
   ports: [{port: 443}]
 "#;
 
+/// `web` and `db` in shop, `web` in other: the pods the policy tests use.
+pub(super) const PODS: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: shop, labels: {app: web}}
+status: {podIP: 10.0.0.10}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db, namespace: shop, labels: {app: db}}
+status: {podIP: 10.0.0.11}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: other, labels: {app: web}}
+status: {podIP: 10.0.1.10}
+"#;
+
 #[test]
 fn pods_become_workloads() {
     let s = store(OBJECTS);
