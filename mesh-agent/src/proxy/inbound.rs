@@ -19,11 +19,7 @@ use crate::state::{Conn, Decision, MtlsMode, Store};
 
 /// Whether plaintext from `peer` to `dst` may go on under this snapshot.
 fn admit(store: &Store, pod: &PodCtx, peer: SocketAddr, dst: SocketAddr) -> Result<(), String> {
-    let Some(local) = store
-        .workload_by_ip(dst.ip())
-        .cloned()
-        .or_else(|| pod.workload(store))
-    else {
+    let Some(local) = pod.workload_at(store, dst.ip()) else {
         if pod.shared.configured {
             // Mesh-wide policy could apply to it; without knowing the pod,
             // refuse rather than guess.
@@ -60,10 +56,7 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
         return;
     }
     let store = pod.shared.store();
-    let local = store
-        .workload_by_ip(dst.ip())
-        .cloned()
-        .or_else(|| pod.workload(&store));
+    let local = pod.workload_at(&store, dst.ip());
     let trust_domain = pod.shared.certs.trust_domain();
     let rec = ConnRecord::new(
         metrics.clone(),

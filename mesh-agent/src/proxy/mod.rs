@@ -92,6 +92,15 @@ impl PodCtx {
             .iter()
             .find_map(|ip| store.workload_by_ip(*ip).cloned())
     }
+
+    /// The workload a connection to `ip` in this pod reaches: the one with
+    /// that address, else the pod's own.
+    fn workload_at(&self, store: &Store, ip: IpAddr) -> Option<Arc<Workload>> {
+        store
+            .workload_by_ip(ip)
+            .cloned()
+            .or_else(|| self.workload(store))
+    }
 }
 
 impl std::fmt::Debug for PodCtx {

@@ -2,7 +2,7 @@
 //! namespace-wide, then mesh-wide; UNSET inherits; DISABLE is permissive.
 
 use super::{
-    tests::{PODS, store},
+    tests::{PODS, store, warning_list},
     *,
 };
 
@@ -106,11 +106,7 @@ fn port_level_without_selector_and_conflicts_are_reported() {
         Strict,
         "port-level ignored; first by name wins"
     );
-    let w: Vec<(&str, &str, &str)> = s
-        .warnings()
-        .iter()
-        .map(|w| (w.object.as_str(), w.kind, w.message.as_str()))
-        .collect();
+    let w = warning_list(&s);
     assert_eq!(
         w,
         [

@@ -2,7 +2,7 @@
 //! field, Istio's edge cases, and the L7 rules the agent cannot enforce.
 
 use super::{
-    tests::{PODS, store},
+    tests::{PODS, store, warning_list},
     *,
 };
 
@@ -403,11 +403,7 @@ fn unsupported_policies_are_ignored_with_a_warning() {
         );
     let s = with(&policies);
     assert!(allowed(&s, "shop/web", None, "10.0.0.5", 80));
-    let w: Vec<(&str, &str, &str)> = s
-        .warnings()
-        .iter()
-        .map(|w| (w.object.as_str(), w.kind, w.message.as_str()))
-        .collect();
+    let w = warning_list(&s);
     assert_eq!(
         w,
         [

@@ -135,6 +135,14 @@ spec:
   ports: [{port: 443}]
 "#;
 
+/// The warnings of a snapshot as (object, kind, message), for exact asserts.
+pub(super) fn warning_list(s: &Store) -> Vec<(&str, &str, &str)> {
+    s.warnings()
+        .iter()
+        .map(|w| (w.object.as_str(), w.kind, w.message.as_str()))
+        .collect()
+}
+
 /// `web` and `db` in shop, `web` in other: the pods the policy tests use.
 pub(super) const PODS: &str = r#"
 apiVersion: v1
