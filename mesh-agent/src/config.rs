@@ -28,6 +28,9 @@ pub enum Command {
     /// Detach capture and remove everything pinned under the bpf directory.
     /// Enrolled pods then talk directly again.
     Uninstall(UninstallArgs),
+    /// Run the cluster certificate authority: signs workload certificates
+    /// for node agents, which prove who they are with a ServiceAccount token.
+    Ca(Box<CaArgs>),
     /// Inspect or change the pods a running agent captures.
     Pods {
         /// The agent's admin address.
@@ -80,6 +83,14 @@ pub struct NodeArgs {
     /// Readiness probe address.
     #[arg(long, env = "MESH_READY_ADDR", default_value = "0.0.0.0:15021")]
     pub ready_addr: SocketAddr,
+    /// This node's name as pods' `spec.nodeName` gives it (default: the host
+    /// name). Only this node's pods are enrolled.
+    #[arg(long, env = "MESH_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Where the host's processes are seen: in a cluster, a pod's network
+    /// namespace is found through the cgroup of one of its processes.
+    #[arg(long, env = "MESH_PROC_ROOT", default_value = "/proc")]
+    pub proc_root: PathBuf,
     /// Destination ports never captured on the way out (comma separated).
     #[arg(long, env = "MESH_EXCLUDE_OUTBOUND_PORTS", value_delimiter = ',')]
     pub exclude_outbound_ports: Vec<u16>,
@@ -97,8 +108,12 @@ pub struct MeshArgs {
     /// Pods, Services, AuthorizationPolicies, PeerAuthentications. Reloaded
     /// when it changes. Without it, nothing is meshed: captured traffic
     /// passes through as plain TCP.
-    #[arg(long, env = "MESH_CONFIG")]
+    #[arg(long, env = "MESH_CONFIG", visible_alias = "config-dir", conflicts_with = "kubernetes")]
     pub config: Option<PathBuf>,
+    /// Read the objects from the Kubernetes API (in-cluster service account,
+    /// else KUBECONFIG) instead of a local directory.
+    #[arg(long, env = "MESH_KUBERNETES")]
+    pub kubernetes: bool,
     /// How often the configuration is checked for changes.
     #[arg(long, env = "MESH_CONFIG_POLL", default_value = "500ms", value_parser = parse_duration)]
     pub config_poll: Duration,
@@ -120,6 +135,50 @@ pub struct MeshArgs {
     /// Lifetime of workload certificates; they are renewed at half of it.
     #[arg(long, env = "MESH_CERT_TTL", default_value = "24h", value_parser = parse_cert_ttl)]
     pub cert_ttl: Duration,
+    /// Get certificates from a cluster CA (`mesh-agent ca`) at this URL
+    /// instead of the embedded CA. Needs --ca-root.
+    #[arg(long, env = "MESH_CA_ADDRESS", requires = "ca_root", conflicts_with_all = ["ca_dir", "ca_cert"])]
+    pub ca_address: Option<String>,
+    /// The cluster CA's root certificate (PEM): the mesh's trust anchor, and
+    /// how the agent checks the CA it talks to.
+    #[arg(long, env = "MESH_CA_ROOT")]
+    pub ca_root: Option<PathBuf>,
+    /// The ServiceAccount token (audience `mesh-ca`) the agent shows the
+    /// cluster CA; read again for every request, as the kubelet rotates it.
+    #[arg(long, env = "MESH_CA_TOKEN", default_value = "/var/run/secrets/mesh-ca/token")]
+    pub ca_token: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct CaArgs {
+    /// Address the CA serves on (HTTPS).
+    #[arg(long, env = "MESH_CA_LISTEN", default_value = "0.0.0.0:15012")]
+    pub listen: SocketAddr,
+    /// Readiness probe address (plain HTTP, `/healthz/ready`).
+    #[arg(long, env = "MESH_READY_ADDR", default_value = "0.0.0.0:15021")]
+    pub ready_addr: SocketAddr,
+    /// The root's files (root-cert.pem, root-key.pem), generated when absent.
+    #[arg(long, env = "MESH_CA_DIR", default_value = "/etc/mesh-ca")]
+    pub ca_dir: PathBuf,
+    /// SPIFFE trust domain of this mesh.
+    #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// Lifetime of the certificates it signs.
+    #[arg(long, env = "MESH_CERT_TTL", default_value = "24h", value_parser = parse_cert_ttl)]
+    pub cert_ttl: Duration,
+    /// DNS names on the CA's own serving certificate (comma separated).
+    #[arg(long, env = "MESH_CA_SERVER_NAMES", value_delimiter = ',', default_value = "mesh-ca.mesh-system.svc")]
+    pub server_names: Vec<String>,
+    /// The audience node agents' tokens must carry.
+    #[arg(long, env = "MESH_CA_AUDIENCE", default_value = "mesh-ca")]
+    pub audience: String,
+    /// The only caller allowed: the node agents' ServiceAccount (namespace/name).
+    #[arg(long, env = "MESH_CA_AGENT_SERVICE_ACCOUNT", default_value = "mesh-system/mesh-agent")]
+    pub agent_service_account: String,
+    /// The ConfigMap (namespace/name) where the CA publishes its root
+    /// certificate (key `root-cert.pem`) for the node agents to mount.
+    #[arg(long, env = "MESH_CA_ROOT_CONFIGMAP", default_value = "mesh-system/mesh-ca-root")]
+    pub root_configmap: String,
 }
 
 /// Workload certificates live at most a year: short lifetimes are the point

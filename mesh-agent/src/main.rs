@@ -8,7 +8,10 @@ use tracing::info;
 
 mod admin;
 mod capture;
+mod cluster;
 mod config;
+#[cfg(test)]
+mod deploy_tests;
 mod identity;
 mod inpod;
 mod metrics;
@@ -27,6 +30,7 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     match cli.command {
         Command::Node(args) => rt.block_on(node(*args, log_filter)),
+        Command::Ca(args) => rt.block_on(identity::ca_server::run(*args)),
         Command::Uninstall(args) => uninstall(&args),
         Command::Pods { admin, command } => rt.block_on(pods(admin, command)),
     }

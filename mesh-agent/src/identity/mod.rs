@@ -3,6 +3,7 @@
 //! configurations that present and verify them.
 
 mod ca;
+pub mod ca_server;
 mod manager;
 #[cfg(test)]
 mod tests;

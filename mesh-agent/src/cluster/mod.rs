@@ -1,0 +1,51 @@
+//! The Kubernetes API as the store's source: watchers on the kinds the agent
+//! reads, feeding the same objects the local directory does; and the Events
+//! the agent writes about objects it could not apply.
+
+#[cfg(test)]
+pub mod fake_api;
+
+/// A kind the cluster source lists and watches. RBAC must grant `list` and
+/// `watch` on every one (`deploy/rbac.yaml`, checked by a test).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Resource {
+    /// API group; empty for the core group.
+    pub group: &'static str,
+    pub version: &'static str,
+    pub kind: &'static str,
+    pub plural: &'static str,
+    pub namespaced: bool,
+}
+
+impl Resource {
+    const fn new(
+        group: &'static str,
+        version: &'static str,
+        kind: &'static str,
+        plural: &'static str,
+        namespaced: bool,
+    ) -> Self {
+        Resource {
+            group,
+            version,
+            kind,
+            plural,
+            namespaced,
+        }
+    }
+}
+
+/// Everything the cluster source watches.
+pub const WATCHED: &[Resource] = &[
+    Resource::new("", "v1", "Namespace", "namespaces", false),
+    Resource::new("", "v1", "Pod", "pods", true),
+    Resource::new("", "v1", "Service", "services", true),
+    Resource::new("", "v1", "ServiceAccount", "serviceaccounts", true),
+    Resource::new("security.istio.io", "v1", "AuthorizationPolicy", "authorizationpolicies", true),
+    Resource::new("security.istio.io", "v1", "PeerAuthentication", "peerauthentications", true),
+    Resource::new("gateway.networking.k8s.io", "v1", "HTTPRoute", "httproutes", true),
+    Resource::new("gateway.networking.k8s.io", "v1", "Gateway", "gateways", true),
+];
+
+/// Where the agent writes Events (`create` and `patch` in RBAC).
+pub const EVENTS: Resource = Resource::new("events.k8s.io", "v1", "Event", "events", true);
