@@ -99,6 +99,14 @@ fn enrol_status(e: &EnrolError) -> StatusCode {
     }
 }
 
+/// A pod enrolled by hand: the configuration never releases it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnrollRequest {
+    name: String,
+    netns: std::path::PathBuf,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct UnenrollRequest {
@@ -124,7 +132,19 @@ async fn route(
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
     match (surface, &method, path.as_str()) {
-        (_, &Method::GET, "/healthz/ready") => reply(StatusCode::OK, "text/plain", "ready\n"),
+        (_, &Method::GET, "/healthz/ready") => {
+            // Until the configuration is read once, the agent cannot tell a
+            // meshed destination from a plain one.
+            if admin.shared.configured && admin.shared.store().generation == 0 {
+                reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "configuration not loaded yet\n",
+                )
+            } else {
+                reply(StatusCode::OK, "text/plain", "ready\n")
+            }
+        }
         (Surface::Admin | Surface::Metrics, &Method::GET, "/metrics" | "/stats/prometheus") => {
             reply(
                 StatusCode::OK,
@@ -134,8 +154,13 @@ async fn route(
         }
         (Surface::Admin, &Method::GET, "/pods") => json(StatusCode::OK, &admin.pods.list()),
         (Surface::Admin, &Method::POST, "/pods/enroll") => {
-            let spec: PodSpec = match body_json(req).await {
-                Ok(s) => s,
+            let spec = match body_json::<EnrollRequest>(req).await {
+                Ok(r) => PodSpec {
+                    name: r.name,
+                    netns: r.netns,
+                    uid: None,
+                    managed: false,
+                },
                 Err(e) => return error(StatusCode::BAD_REQUEST, e),
             };
             let pods = admin.pods.clone();
@@ -167,6 +192,7 @@ async fn route(
                     "config": shared.store().dump(),
                     "certificates": shared.certs.dump(),
                     "pods": admin.pods.list(),
+                    "pods_pending": admin.pods.pending(),
                     "endpoints_down": shared.balancer.down(),
                 }),
             )

@@ -108,7 +108,12 @@ pub struct MeshArgs {
     /// Pods, Services, AuthorizationPolicies, PeerAuthentications. Reloaded
     /// when it changes. Without it, nothing is meshed: captured traffic
     /// passes through as plain TCP.
-    #[arg(long, env = "MESH_CONFIG", visible_alias = "config-dir", conflicts_with = "kubernetes")]
+    #[arg(
+        long,
+        env = "MESH_CONFIG",
+        visible_alias = "config-dir",
+        conflicts_with = "kubernetes"
+    )]
     pub config: Option<PathBuf>,
     /// Read the objects from the Kubernetes API (in-cluster service account,
     /// else KUBECONFIG) instead of a local directory.
@@ -145,7 +150,11 @@ pub struct MeshArgs {
     pub ca_root: Option<PathBuf>,
     /// The ServiceAccount token (audience `mesh-ca`) the agent shows the
     /// cluster CA; read again for every request, as the kubelet rotates it.
-    #[arg(long, env = "MESH_CA_TOKEN", default_value = "/var/run/secrets/mesh-ca/token")]
+    #[arg(
+        long,
+        env = "MESH_CA_TOKEN",
+        default_value = "/var/run/secrets/mesh-ca/token"
+    )]
     pub ca_token: PathBuf,
 }
 
@@ -167,17 +176,30 @@ pub struct CaArgs {
     #[arg(long, env = "MESH_CERT_TTL", default_value = "24h", value_parser = parse_cert_ttl)]
     pub cert_ttl: Duration,
     /// DNS names on the CA's own serving certificate (comma separated).
-    #[arg(long, env = "MESH_CA_SERVER_NAMES", value_delimiter = ',', default_value = "mesh-ca.mesh-system.svc")]
+    #[arg(
+        long,
+        env = "MESH_CA_SERVER_NAMES",
+        value_delimiter = ',',
+        default_value = "mesh-ca.mesh-system.svc"
+    )]
     pub server_names: Vec<String>,
     /// The audience node agents' tokens must carry.
     #[arg(long, env = "MESH_CA_AUDIENCE", default_value = "mesh-ca")]
     pub audience: String,
     /// The only caller allowed: the node agents' ServiceAccount (namespace/name).
-    #[arg(long, env = "MESH_CA_AGENT_SERVICE_ACCOUNT", default_value = "mesh-system/mesh-agent")]
+    #[arg(
+        long,
+        env = "MESH_CA_AGENT_SERVICE_ACCOUNT",
+        default_value = "mesh-system/mesh-agent"
+    )]
     pub agent_service_account: String,
     /// The ConfigMap (namespace/name) where the CA publishes its root
     /// certificate (key `root-cert.pem`) for the node agents to mount.
-    #[arg(long, env = "MESH_CA_ROOT_CONFIGMAP", default_value = "mesh-system/mesh-ca-root")]
+    #[arg(
+        long,
+        env = "MESH_CA_ROOT_CONFIGMAP",
+        default_value = "mesh-system/mesh-ca-root"
+    )]
     pub root_configmap: String,
 }
 

@@ -22,6 +22,9 @@ use config::{Cli, Command, LogFormat, NodeArgs, PodsCommand, UninstallArgs};
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // kube's HTTPS client takes the process's provider; ring is the only one
+    // built in. An error means one is installed already.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let log_filter = init_logging(cli.log_format);
     // Before any thread exists, so that every thread starts in it.
     inpod::netns::init_home();
@@ -90,19 +93,51 @@ async fn node(args: NodeArgs, log_filter: admin::LogFilter) -> anyhow::Result<()
     let registry = metrics::registry(&metrics, capture.clone());
     let certs = identity::CertManager::new(ca_config(&args))?;
     certs.spawn_rotation();
-    let store = start_store(&args.mesh, metrics.clone());
+    let node_name = match &args.node_name {
+        Some(name) => name.clone(),
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .context("reading the host name (or give --node-name)")?
+            .trim()
+            .to_owned(),
+    };
+    info!(node = %node_name, "this node");
+    let client = if args.mesh.kubernetes {
+        let client = kube::Client::try_default()
+            .await
+            .context("--kubernetes: no Kubernetes API configuration (in-cluster or KUBECONFIG)")?;
+        Some(client)
+    } else {
+        None
+    };
+    let (store, references) = start_store(&args.mesh, metrics.clone(), client.clone());
+    let configured = args.mesh.config.is_some() || args.mesh.kubernetes;
     let shared = Arc::new(proxy::Shared {
         capture: capture.clone(),
         metrics,
         certs,
-        store,
-        configured: args.mesh.config.is_some(),
+        store: store.clone(),
+        configured,
         balancer: proxy::Balancer::default(),
     });
     let pods = Arc::new(inpod::pods::Pods::new(shared.clone(), &args.state_dir));
     {
         let pods = pods.clone();
         tokio::task::spawn_blocking(move || pods.restore()).await?;
+    }
+    if configured {
+        let finder = match client {
+            Some(_) => inpod::enrol::NetnsFinder::Proc(args.proc_root.clone()),
+            None => inpod::enrol::NetnsFinder::Annotation,
+        };
+        let enroller = inpod::enrol::Enroller {
+            pods: pods.clone(),
+            node: node_name.clone(),
+            finder,
+        };
+        inpod::enrol::spawn(enroller, store.clone());
+    }
+    if let Some(client) = client {
+        cluster::events::spawn(client, node_name.clone(), references, store.clone());
     }
     let admin = Arc::new(admin::Admin {
         pods,
@@ -132,8 +167,14 @@ async fn node(args: NodeArgs, log_filter: admin::LogFilter) -> anyhow::Result<()
 
 fn ca_config(args: &NodeArgs) -> identity::CaConfig {
     let m = &args.mesh;
-    let source = match (&m.ca_cert, &m.ca_key) {
-        (Some(cert), Some(key)) => identity::CaSource::Files {
+    let source = match (&m.ca_address, &m.ca_root, &m.ca_cert, &m.ca_key) {
+        // clap makes --ca-address need --ca-root.
+        (Some(address), Some(root), _, _) => identity::CaSource::Remote {
+            address: address.clone(),
+            root: root.clone(),
+            token: m.ca_token.clone(),
+        },
+        (_, _, Some(cert), Some(key)) => identity::CaSource::Files {
             cert: cert.clone(),
             key: key.clone(),
         },
@@ -151,39 +192,54 @@ fn ca_config(args: &NodeArgs) -> identity::CaConfig {
     }
 }
 
-/// Starts the configuration source and counts the warnings of each new
-/// snapshot.
+/// Starts the configuration source (local files or the Kubernetes API) and
+/// counts each configuration warning when it appears.
 fn start_store(
     m: &config::MeshArgs,
     metrics: Arc<metrics::Metrics>,
-) -> tokio::sync::watch::Receiver<Arc<state::Store>> {
+    client: Option<kube::Client>,
+) -> (
+    tokio::sync::watch::Receiver<Arc<state::Store>>,
+    cluster::source::References,
+) {
     let opts = state::StoreOptions {
         trust_domain: m.trust_domain.clone(),
         root_namespace: m.root_namespace.clone(),
     };
-    let rx = match &m.config {
-        Some(path) => {
-            let source = Box::new(state::LocalFiles::new(path.clone()));
-            state::spawn_watch(source, opts, m.config_poll).0
+    let mut references = cluster::source::References::default();
+    let rx = match (&m.config, client) {
+        (_, Some(client)) => {
+            let source = cluster::KubeSource::new(client);
+            references = source.references();
+            state::spawn_source(Box::new(source), opts).0
         }
-        None => tokio::sync::watch::channel(Arc::new(state::Store::default())).1,
+        (Some(path), None) => {
+            let source = Box::new(state::LocalFiles::new(path.clone(), m.config_poll));
+            state::spawn_source(source, opts).0
+        }
+        (None, None) => tokio::sync::watch::channel(Arc::new(state::Store::empty(&opts))).1,
     };
     let mut watch = rx.clone();
     tokio::spawn(async move {
+        // Counts each warning once, when it appears.
+        let mut seen = std::collections::HashSet::new();
         loop {
             let snapshot = watch.borrow_and_update().clone();
             for w in snapshot.warnings() {
-                metrics
-                    .config_warnings
-                    .get_or_create(&metrics::WarningLabels { kind: w.kind })
-                    .inc();
+                if !seen.contains(w) {
+                    metrics
+                        .config_warnings
+                        .get_or_create(&metrics::WarningLabels { kind: w.kind })
+                        .inc();
+                }
             }
+            seen = snapshot.warnings().iter().cloned().collect();
             if watch.changed().await.is_err() {
                 return;
             }
         }
     });
-    rx
+    (rx, references)
 }
 
 fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {

@@ -132,7 +132,7 @@ pub fn registry(metrics: &Arc<Metrics>, capture: Arc<Capture>) -> Registry {
     );
     r.register(
         "mesh_config_warnings",
-        "Configuration not applied as written (one per warning per loaded snapshot), by kind",
+        "Configuration not applied as written, by kind (each warning counted once, when it appears)",
         metrics.config_warnings.clone(),
     );
     r.register_collector(Box::new(CaptureCollector(capture)));

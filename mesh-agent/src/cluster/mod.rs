@@ -2,8 +2,12 @@
 //! reads, feeding the same objects the local directory does; and the Events
 //! the agent writes about objects it could not apply.
 
+pub mod events;
 #[cfg(test)]
 pub mod fake_api;
+pub mod source;
+
+pub use source::KubeSource;
 
 /// A kind the cluster source lists and watches. RBAC must grant `list` and
 /// `watch` on every one (`deploy/rbac.yaml`, checked by a test).
@@ -41,10 +45,34 @@ pub const WATCHED: &[Resource] = &[
     Resource::new("", "v1", "Pod", "pods", true),
     Resource::new("", "v1", "Service", "services", true),
     Resource::new("", "v1", "ServiceAccount", "serviceaccounts", true),
-    Resource::new("security.istio.io", "v1", "AuthorizationPolicy", "authorizationpolicies", true),
-    Resource::new("security.istio.io", "v1", "PeerAuthentication", "peerauthentications", true),
-    Resource::new("gateway.networking.k8s.io", "v1", "HTTPRoute", "httproutes", true),
-    Resource::new("gateway.networking.k8s.io", "v1", "Gateway", "gateways", true),
+    Resource::new(
+        "security.istio.io",
+        "v1",
+        "AuthorizationPolicy",
+        "authorizationpolicies",
+        true,
+    ),
+    Resource::new(
+        "security.istio.io",
+        "v1",
+        "PeerAuthentication",
+        "peerauthentications",
+        true,
+    ),
+    Resource::new(
+        "gateway.networking.k8s.io",
+        "v1",
+        "HTTPRoute",
+        "httproutes",
+        true,
+    ),
+    Resource::new(
+        "gateway.networking.k8s.io",
+        "v1",
+        "Gateway",
+        "gateways",
+        true,
+    ),
 ];
 
 /// Where the agent writes Events (`create` and `patch` in RBAC).

@@ -12,7 +12,7 @@ use std::{
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
+    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, PublicKeyData, SanType, SerialNumber,
 };
 use rustls::{
     crypto::{CryptoProvider, SecureRandom},
@@ -39,6 +39,15 @@ pub(super) const CLOCK_SKEW: Duration = Duration::from_secs(60);
 pub(super) struct Ca {
     issuer: Issuer<'static, KeyPair>,
     random: &'static dyn SecureRandom,
+    pub(super) root: RootCert,
+}
+
+/// A root certificate as read from a PEM file: what verifying against it
+/// and showing it need. Node agents of a cluster CA have only this.
+#[derive(Clone, Debug)]
+pub(super) struct RootCert {
+    pub(super) der: CertificateDer<'static>,
+    /// The certificate's PEM block alone.
     pub(super) pem: String,
     pub(super) anchor: TrustAnchor<'static>,
     pub(super) facts: CertFacts,
@@ -90,6 +99,9 @@ impl Ca {
                 Ok(ca)
             }
             CaSource::Generate { dir } => Ca::load_or_generate(dir, trust_domain, provider),
+            CaSource::Remote { address, .. } => Err(IdentityError::Ca(format!(
+                "certificates come from the cluster CA at {address}; this node holds no signing root"
+            ))),
         }
     }
 
@@ -140,7 +152,7 @@ impl Ca {
         write_atomic(&key_path, key_pem.as_bytes(), 0o600)?;
         write_atomic(&cert_path, cert_pem.as_bytes(), 0o644)?;
         let ca = Ca::load(&cert_path, &key_path, provider)?;
-        info!(dir = %dir.display(), serial = %ca.facts.serial, "generated a new root CA");
+        info!(dir = %dir.display(), serial = %ca.root.facts.serial, "generated a new root CA");
         Ok(ca)
     }
 
@@ -160,35 +172,7 @@ impl Ca {
             reason,
         };
 
-        let cert_bytes = read(cert_path)?;
-        let certs = CertificateDer::pem_slice_iter(&cert_bytes)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| bad_cert(format!("not a PEM file: {e}")))?;
-        let der = match certs.as_slice() {
-            [der] => der.clone(),
-            [] => return Err(bad_cert("no CERTIFICATE PEM block".into())),
-            more => {
-                return Err(bad_cert(format!(
-                    "expected one root certificate, found {}",
-                    more.len()
-                )));
-            }
-        };
-        let (_, x509) = x509_parser::parse_x509_certificate(&der)
-            .map_err(|e| bad_cert(format!("not an X.509 certificate: {e}")))?;
-        if !x509.is_ca() {
-            return Err(bad_cert(
-                "not a CA certificate (basicConstraints CA is not set)".into(),
-            ));
-        }
-        let facts = CertFacts::of(&x509);
-        if facts.not_after <= SystemTime::now() {
-            return Err(bad_cert(format!(
-                "the root certificate expired at {}",
-                rfc3339(facts.not_after)
-            )));
-        }
-
+        let root = RootCert::load(cert_path)?;
         let key_bytes = read(key_path)?;
         let key = match PrivateKeyDer::from_pem_slice(&key_bytes) {
             Ok(PrivateKeyDer::Pkcs8(key)) => key,
@@ -209,6 +193,8 @@ impl Ca {
         };
         let key = KeyPair::try_from(&key)
             .map_err(|e| bad_key(format!("unsupported or malformed private key: {e}")))?;
+        let (_, x509) = x509_parser::parse_x509_certificate(&root.der)
+            .map_err(|e| bad_cert(format!("not an X.509 certificate: {e}")))?;
         if key.public_key_raw() != x509.public_key().subject_public_key.data.as_ref() {
             return Err(IdentityError::KeyMismatch {
                 cert: cert_path.to_owned(),
@@ -216,17 +202,12 @@ impl Ca {
             });
         }
 
-        let anchor = webpki::anchor_from_trusted_cert(&der)
-            .map_err(|e| bad_cert(format!("not usable as a trust anchor: {e}")))?
-            .to_owned();
-        let issuer = Issuer::from_ca_cert_der(&der, key)
+        let issuer = Issuer::from_ca_cert_der(&root.der, key)
             .map_err(|e| bad_cert(format!("cannot sign with this root: {e}")))?;
         let ca = Ca {
             issuer,
             random: provider.secure_random,
-            pem: pem_block(&cert_bytes),
-            anchor,
-            facts,
+            root,
         };
         ca.self_check(provider).map_err(bad_cert)?;
         Ok(ca)
@@ -246,7 +227,7 @@ impl Ca {
             .map_err(|e| format!("signs unparseable certificates: {e}"))?;
         leaf.verify_for_usage(
             provider.signature_verification_algorithms.all,
-            std::slice::from_ref(&self.anchor),
+            std::slice::from_ref(&self.root.anchor),
             &[],
             UnixTime::now(),
             webpki::KeyUsage::client_auth(),
@@ -266,6 +247,27 @@ impl Ca {
         not_after: SystemTime,
     ) -> Result<Issued, rcgen::Error> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let cert = self
+            .sign_workload(id, &key, not_before, not_after)?
+            .der()
+            .clone();
+        let facts = facts_of(&cert)?;
+        Ok(Issued {
+            cert,
+            key: PrivatePkcs8KeyDer::from(key.serialize_der()),
+            facts,
+        })
+    }
+
+    /// A workload leaf for a key held elsewhere (a node agent's CSR): the
+    /// same profile as [`Ca::issue`], whatever else the request asked for.
+    pub(super) fn sign_workload(
+        &self,
+        id: &Identity,
+        public_key: &impl PublicKeyData,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<rcgen::Certificate, rcgen::Error> {
         let mut params = CertificateParams::default();
         // SPIFFE X.509-SVIDs name the workload in the SAN only; rcgen marks
         // the SAN critical when the subject is empty, as RFC 5280 requires.
@@ -281,16 +283,95 @@ impl Ca {
         params.serial_number = Some(random_serial(self.random)?);
         params.not_before = not_before.into();
         params.not_after = not_after.into();
-        let cert = params.signed_by(&key, &self.issuer)?;
-        let (_, x509) = x509_parser::parse_x509_certificate(cert.der())
-            .map_err(|_| rcgen::Error::CouldNotParseCertificate)?;
-        let facts = CertFacts::of(&x509);
+        params.signed_by(public_key, &self.issuer)
+    }
+
+    /// A TLS server certificate for the cluster CA itself: the given DNS
+    /// names (or IP addresses) as SANs, server authentication only.
+    pub(super) fn issue_server(
+        &self,
+        names: &[String],
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<Issued, rcgen::Error> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names = names
+            .iter()
+            .map(|name| match name.parse::<std::net::IpAddr>() {
+                Ok(ip) => Ok(SanType::IpAddress(ip)),
+                Err(_) => Ok(SanType::DnsName(name.as_str().try_into()?)),
+            })
+            .collect::<Result<_, rcgen::Error>>()?;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        params.serial_number = Some(random_serial(self.random)?);
+        params.not_before = not_before.into();
+        params.not_after = not_after.into();
+        let cert = params.signed_by(&key, &self.issuer)?.der().clone();
+        let facts = facts_of(&cert)?;
         Ok(Issued {
-            cert: cert.der().clone(),
+            cert,
             key: PrivatePkcs8KeyDer::from(key.serialize_der()),
             facts,
         })
     }
+}
+
+impl RootCert {
+    /// Reads one PEM root certificate that is a CA and still valid.
+    pub(super) fn load(path: &Path) -> Result<RootCert, IdentityError> {
+        let bad = |reason: String| IdentityError::BadFile {
+            path: path.to_owned(),
+            reason,
+        };
+        let bytes = read(path)?;
+        let certs = CertificateDer::pem_slice_iter(&bytes)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(format!("not a PEM file: {e}")))?;
+        let der = match certs.as_slice() {
+            [der] => der.clone(),
+            [] => return Err(bad("no CERTIFICATE PEM block".into())),
+            more => {
+                return Err(bad(format!(
+                    "expected one root certificate, found {}",
+                    more.len()
+                )));
+            }
+        };
+        let (_, x509) = x509_parser::parse_x509_certificate(&der)
+            .map_err(|e| bad(format!("not an X.509 certificate: {e}")))?;
+        if !x509.is_ca() {
+            return Err(bad(
+                "not a CA certificate (basicConstraints CA is not set)".into()
+            ));
+        }
+        let facts = CertFacts::of(&x509);
+        if facts.not_after <= SystemTime::now() {
+            return Err(bad(format!(
+                "the root certificate expired at {}",
+                rfc3339(facts.not_after)
+            )));
+        }
+        let anchor = webpki::anchor_from_trusted_cert(&der)
+            .map_err(|e| bad(format!("not usable as a trust anchor: {e}")))?
+            .to_owned();
+        Ok(RootCert {
+            pem: pem_block(&bytes),
+            der,
+            anchor,
+            facts,
+        })
+    }
+}
+
+fn facts_of(cert: &CertificateDer<'_>) -> Result<CertFacts, rcgen::Error> {
+    let (_, x509) = x509_parser::parse_x509_certificate(cert)
+        .map_err(|_| rcgen::Error::CouldNotParseCertificate)?;
+    Ok(CertFacts::of(&x509))
 }
 
 /// A self-signed P-256 root, PEM certificate and PKCS#8 key.

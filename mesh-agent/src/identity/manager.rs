@@ -1,6 +1,6 @@
-//! The certificate manager: the embedded CA, the current certificate of each
-//! local identity (renewed at half-life) and the cached TLS configs that read
-//! it per handshake.
+//! The certificate manager: where certificates come from (the embedded CA or
+//! the cluster CA), the current certificate of each local identity (renewed
+//! at half-life) and the cached TLS configs that read it per handshake.
 
 use std::{
     collections::HashMap,
@@ -12,24 +12,42 @@ use rustls::{crypto::CryptoProvider, pki_types::PrivateKeyDer, sign::CertifiedKe
 use tracing::{debug, info, warn};
 
 use super::{
-    CaConfig, CertInfo, Identity, IdentityError, WorkloadCert,
-    ca::{self, Ca},
+    CaConfig, CaSource, CertInfo, Identity, IdentityError, WorkloadCert,
+    ca::{self, Ca, RootCert},
+    ca_client::{self, CaClient},
     rfc3339,
     tls::{self, CertSource},
     verify::Roots,
 };
 
-/// The embedded CA and the certificates of the identities this node serves.
+/// After a failed renewal the old certificate stays in use and the next
+/// attempt waits twice as long as the last, up to this.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(60);
+
+/// Where certificates come from and the certificates of the identities this
+/// node serves.
 #[derive(Debug)]
 pub struct CertManager {
     trust_domain: String,
     cert_ttl: Duration,
-    ca: Ca,
+    authority: Authority,
+    root: RootCert,
     pub(super) provider: Arc<CryptoProvider>,
     pub(super) roots: Arc<Roots>,
     certs: Mutex<HashMap<Identity, Arc<Slot>>>,
+    /// One request at a time per identity: whoever comes second waits and
+    /// finds the certificate the first one got.
+    pending: Mutex<HashMap<Identity, Arc<tokio::sync::Mutex<()>>>>,
     server_configs: Mutex<HashMap<Identity, Arc<rustls::ServerConfig>>>,
     client_configs: Mutex<HashMap<(Identity, Identity), Arc<rustls::ClientConfig>>>,
+}
+
+#[derive(Debug)]
+enum Authority {
+    /// Signs here, synchronously if need be.
+    Embedded(Arc<Ca>),
+    /// Asks the cluster CA; never on the data path.
+    Remote(CaClient),
 }
 
 /// The current certificate of one identity. The TLS configs hold the slot and
@@ -43,6 +61,8 @@ pub(super) struct Current {
     cert: Arc<WorkloadCert>,
     pub(super) tls: Arc<CertifiedKey>,
     renew_at: SystemTime,
+    /// Failed renewals since this certificate was issued.
+    failures: u32,
 }
 
 impl Slot {
@@ -78,27 +98,51 @@ impl CertManager {
             ));
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let ca = Ca::from_source(&cfg.source, td, &provider)?;
+        let (authority, root) = match &cfg.source {
+            CaSource::Remote {
+                address,
+                root,
+                token,
+            } => {
+                let client = CaClient::new(address, root, token)?;
+                let root = client.root().clone();
+                info!(
+                    address = %address,
+                    root = %root.facts.subject,
+                    serial = %root.facts.serial,
+                    token = %token.display(),
+                    "certificates come from the cluster CA"
+                );
+                (Authority::Remote(client), root)
+            }
+            source => {
+                let ca = Ca::from_source(source, td, &provider)?;
+                let root = ca.root.clone();
+                (Authority::Embedded(Arc::new(ca)), root)
+            }
+        };
         let roots = Arc::new(Roots::new(
-            ca.anchor.clone(),
+            root.anchor.clone(),
             td,
             provider.signature_verification_algorithms,
         ));
         info!(
             trust_domain = %td,
-            root = %ca.facts.subject,
-            serial = %ca.facts.serial,
-            not_after = %rfc3339(ca.facts.not_after),
+            root = %root.facts.subject,
+            serial = %root.facts.serial,
+            not_after = %rfc3339(root.facts.not_after),
             cert_ttl = ?cfg.cert_ttl,
             "certificate authority ready"
         );
         Ok(Arc::new(CertManager {
             trust_domain: cfg.trust_domain,
             cert_ttl: cfg.cert_ttl,
-            ca,
+            authority,
+            root,
             provider,
             roots,
             certs: Mutex::default(),
+            pending: Mutex::default(),
             server_configs: Mutex::default(),
             client_configs: Mutex::default(),
         }))
@@ -114,7 +158,7 @@ impl CertManager {
         reason = "API for the admin server and tools, not called by every build yet"
     )]
     pub fn root_pem(&self) -> String {
-        self.ca.pem.clone()
+        self.root.pem.clone()
     }
 
     /// The current certificate for a local identity, issued on first use.
@@ -128,11 +172,51 @@ impl CertManager {
         if SystemTime::now() < current.renew_at {
             return Ok(current.cert);
         }
-        // Past half-life and the rotation task has not got to it (or is not
-        // running): renew here rather than hand out an ageing certificate.
-        let renewed = self.issue_current(id)?;
-        slot.replace(renewed.clone());
-        Ok(renewed.cert)
+        match &self.authority {
+            // Past half-life and the rotation task has not got to it (or is
+            // not running): renew here rather than hand out an ageing
+            // certificate.
+            Authority::Embedded(ca) => {
+                let renewed =
+                    issue_current(ca, &self.provider, id, &self.trust_domain, self.cert_ttl)?;
+                slot.replace(renewed.clone());
+                Ok(renewed.cert)
+            }
+            // Renewing means the network; the rotation task does that.
+            Authority::Remote(_) => Ok(current.cert),
+        }
+    }
+
+    /// Makes sure `id` has a certificate, getting its first one if needed:
+    /// from the cluster CA, or signed on a blocking thread by the embedded
+    /// CA. Called when a pod is enrolled, so that neither the network nor
+    /// key generation is on its first connection.
+    #[allow(
+        dead_code,
+        reason = "called by pod enrolment, which is wired separately"
+    )]
+    pub async fn prepare(&self, id: &Identity) -> Result<(), IdentityError> {
+        if lock(&self.certs).contains_key(id) {
+            return Ok(());
+        }
+        let gate = lock(&self.pending).entry(id.clone()).or_default().clone();
+        let result = async {
+            let _turn = gate.lock().await;
+            if lock(&self.certs).contains_key(id) {
+                return Ok(());
+            }
+            let current = self.fetch(id).await?;
+            info!(identity = %id, serial = %current.cert.serial, "certificate issued");
+            lock(&self.certs)
+                .entry(id.clone())
+                .or_insert_with(|| Arc::new(Slot(RwLock::new(current))));
+            Ok(())
+        }
+        .await;
+        // Anyone still waiting holds the gate itself; the next caller finds
+        // the certificate, or tries again after a failure.
+        lock(&self.pending).remove(id);
+        result
     }
 
     /// Renews certificates past half their lifetime. Live TLS sessions keep
@@ -150,39 +234,51 @@ impl CertManager {
                 let Some(manager) = manager.upgrade() else {
                     break;
                 };
-                // Key generation and signing are CPU work: keep them off the
-                // async workers.
-                if let Err(e) = tokio::task::spawn_blocking(move || manager.renew_due()).await {
-                    warn!(error = %e, "certificate renewal task failed");
-                }
+                manager.renew_due().await;
             }
         })
     }
 
-    /// Re-issues every cached certificate past half its lifetime; returns how
-    /// many were renewed. [`CertManager::spawn_rotation`] calls it on a timer.
-    pub fn renew_due(&self) -> usize {
-        let slots: Vec<(Identity, Arc<Slot>)> = lock(&self.certs)
+    /// Renews every cached certificate past half its lifetime, all at once;
+    /// returns how many were renewed. [`CertManager::spawn_rotation`] calls
+    /// it on a timer. A failed renewal keeps the old certificate and is
+    /// tried again after a back-off.
+    pub async fn renew_due(&self) -> usize {
+        let now = SystemTime::now();
+        let due: Vec<(Identity, Arc<Slot>)> = lock(&self.certs)
             .iter()
+            .filter(|(_, slot)| now >= slot.current().renew_at)
             .map(|(id, slot)| (id.clone(), slot.clone()))
             .collect();
-        let now = SystemTime::now();
-        let mut renewed = 0;
-        for (id, slot) in slots {
-            if now < slot.current().renew_at {
-                continue;
-            }
-            match self.issue_current(&id) {
+        let renewals = due.into_iter().map(|(id, slot)| async move {
+            match self.fetch(&id).await {
                 Ok(current) => {
                     debug!(identity = %id, serial = %current.cert.serial, "certificate renewed");
                     slot.replace(current);
-                    renewed += 1;
+                    true
                 }
-                // The old certificate stays in use; the next tick retries.
-                Err(e) => warn!(identity = %id, error = %e, "certificate renewal failed"),
+                Err(e) => {
+                    let mut current = slot.current();
+                    current.failures = current.failures.saturating_add(1);
+                    let delay = retry_delay(current.failures);
+                    current.renew_at = SystemTime::now() + delay;
+                    warn!(
+                        identity = %id,
+                        error = %e,
+                        retry_in = ?delay,
+                        not_after = %rfc3339(current.cert.not_after),
+                        "certificate renewal failed; the current certificate stays in use"
+                    );
+                    slot.replace(current);
+                    false
+                }
             }
-        }
-        renewed
+        });
+        futures::future::join_all(renewals)
+            .await
+            .into_iter()
+            .filter(|renewed| *renewed)
+            .count()
     }
 
     /// TLS 1.3 server config for inbound HBONE: presents `id`'s current
@@ -224,7 +320,7 @@ impl CertManager {
     }
 
     pub fn dump(&self) -> Vec<CertInfo> {
-        let root = &self.ca.facts;
+        let root = &self.root.facts;
         let mut out = vec![CertInfo {
             identity: root.subject.clone(),
             serial: root.serial.clone(),
@@ -253,27 +349,20 @@ impl CertManager {
     /// Signs a certificate for `id` with the given validity, outside the
     /// cache and rotation and without the trust-domain check. For tests and
     /// tools: an expired certificate, one from another trust domain.
+    #[allow(dead_code, reason = "API for tests and tools")]
     pub fn issue(
         &self,
         id: &Identity,
         not_before: SystemTime,
         not_after: SystemTime,
     ) -> Result<WorkloadCert, IdentityError> {
-        let issued =
-            self.ca
-                .issue(id, not_before, not_after)
-                .map_err(|source| IdentityError::Issue {
-                    identity: Box::new(id.clone()),
-                    source,
-                })?;
-        Ok(WorkloadCert {
-            identity: id.clone(),
-            chain: vec![issued.cert],
-            key: PrivateKeyDer::Pkcs8(issued.key),
-            serial: issued.facts.serial,
-            not_before: issued.facts.not_before,
-            not_after: issued.facts.not_after,
-        })
+        match &self.authority {
+            Authority::Embedded(ca) => issue(ca, id, not_before, not_after),
+            Authority::Remote(client) => Err(IdentityError::Ca(format!(
+                "cannot sign {id} here: certificates come from the cluster CA at {}",
+                client.address()
+            ))),
+        }
     }
 
     /// A server config presenting `cert` as given, never renewed: for tests
@@ -283,7 +372,7 @@ impl CertManager {
         &self,
         cert: &WorkloadCert,
     ) -> Result<Arc<rustls::ServerConfig>, IdentityError> {
-        let key = self.certified_key(cert)?;
+        let key = certified_key(&self.provider, cert)?;
         let cfg = tls::server_config(&self.provider, &self.roots, CertSource::Fixed(key))
             .map_err(IdentityError::tls(&cert.identity))?;
         Ok(Arc::new(cfg))
@@ -297,7 +386,7 @@ impl CertManager {
         cert: &WorkloadCert,
         server: &Identity,
     ) -> Result<Arc<rustls::ClientConfig>, IdentityError> {
-        let key = self.certified_key(cert)?;
+        let key = certified_key(&self.provider, cert)?;
         let cfg = tls::client_config(
             &self.provider,
             &self.roots,
@@ -308,14 +397,20 @@ impl CertManager {
         Ok(Arc::new(cfg))
     }
 
-    /// The slot for `id`, issuing its first certificate if needed.
+    /// The slot for `id`. The embedded CA issues a first certificate here
+    /// if [`CertManager::prepare`] has not; in remote mode that would mean
+    /// waiting for the network, so it is an error instead.
     fn slot(&self, id: &Identity) -> Result<Arc<Slot>, IdentityError> {
         if let Some(slot) = lock(&self.certs).get(id) {
             return Ok(slot.clone());
         }
+        let ca = match &self.authority {
+            Authority::Embedded(ca) => ca,
+            Authority::Remote(_) => return Err(IdentityError::NotReady(Box::new(id.clone()))),
+        };
         // Issue without holding the lock; if two callers race, the first
         // insert wins and the other certificate is dropped unused.
-        let current = self.issue_current(id)?;
+        let current = issue_current(ca, &self.provider, id, &self.trust_domain, self.cert_ttl)?;
         info!(identity = %id, serial = %current.cert.serial, "certificate issued");
         let mut certs = lock(&self.certs);
         let slot = certs
@@ -324,33 +419,102 @@ impl CertManager {
         Ok(slot.clone())
     }
 
-    /// A fresh certificate for a local identity, valid from a minute ago
-    /// (clock skew between nodes) for the configured TTL.
-    fn issue_current(&self, id: &Identity) -> Result<Current, IdentityError> {
-        if id.trust_domain != self.trust_domain {
-            return Err(IdentityError::ForeignTrustDomain {
-                identity: Box::new(id.clone()),
-                trust_domain: self.trust_domain.clone(),
-            });
+    /// A fresh certificate for a local identity, without blocking the
+    /// async workers: key generation and signing run on a blocking thread.
+    async fn fetch(&self, id: &Identity) -> Result<Current, IdentityError> {
+        match &self.authority {
+            Authority::Embedded(ca) => {
+                let (ca, provider, id) = (ca.clone(), self.provider.clone(), id.clone());
+                let (trust_domain, ttl) = (self.trust_domain.clone(), self.cert_ttl);
+                tokio::task::spawn_blocking(move || {
+                    issue_current(&ca, &provider, &id, &trust_domain, ttl)
+                })
+                .await
+                .map_err(|e| IdentityError::Ca(format!("signing task failed: {e}")))?
+            }
+            Authority::Remote(client) => {
+                check_trust_domain(id, &self.trust_domain)?;
+                let requested = SystemTime::now();
+                let cert = client.sign(id).await?;
+                let tls = certified_key(&self.provider, &cert)?;
+                Ok(Current {
+                    renew_at: ca_client::renew_at(requested, &cert),
+                    cert: Arc::new(cert),
+                    tls,
+                    failures: 0,
+                })
+            }
         }
-        let now = SystemTime::now();
-        let cert = self.issue(id, now - ca::CLOCK_SKEW, now + self.cert_ttl)?;
-        let tls = self.certified_key(&cert)?;
-        Ok(Current {
-            cert: Arc::new(cert),
-            tls,
-            // Half of the real lifetime: the back-dating is not counted.
-            renew_at: now + self.cert_ttl / 2,
-        })
     }
+}
 
-    /// The certificate as rustls presents it.
-    fn certified_key(&self, cert: &WorkloadCert) -> Result<Arc<CertifiedKey>, IdentityError> {
-        let key = self
-            .provider
-            .key_provider
-            .load_private_key(cert.key.clone_key())
-            .map_err(IdentityError::tls(&cert.identity))?;
-        Ok(Arc::new(CertifiedKey::new(cert.chain.clone(), key)))
+fn check_trust_domain(id: &Identity, trust_domain: &str) -> Result<(), IdentityError> {
+    if id.trust_domain != trust_domain {
+        return Err(IdentityError::ForeignTrustDomain {
+            identity: Box::new(id.clone()),
+            trust_domain: trust_domain.to_owned(),
+        });
     }
+    Ok(())
+}
+
+fn issue(
+    ca: &Ca,
+    id: &Identity,
+    not_before: SystemTime,
+    not_after: SystemTime,
+) -> Result<WorkloadCert, IdentityError> {
+    let issued = ca
+        .issue(id, not_before, not_after)
+        .map_err(|source| IdentityError::Issue {
+            identity: Box::new(id.clone()),
+            source,
+        })?;
+    Ok(WorkloadCert {
+        identity: id.clone(),
+        chain: vec![issued.cert],
+        key: PrivateKeyDer::Pkcs8(issued.key),
+        serial: issued.facts.serial,
+        not_before: issued.facts.not_before,
+        not_after: issued.facts.not_after,
+    })
+}
+
+/// A fresh certificate from the embedded CA for a local identity, valid
+/// from a minute ago (clock skew between nodes) for `ttl`.
+fn issue_current(
+    ca: &Ca,
+    provider: &CryptoProvider,
+    id: &Identity,
+    trust_domain: &str,
+    ttl: Duration,
+) -> Result<Current, IdentityError> {
+    check_trust_domain(id, trust_domain)?;
+    let now = SystemTime::now();
+    let cert = issue(ca, id, now - ca::CLOCK_SKEW, now + ttl)?;
+    let tls = certified_key(provider, &cert)?;
+    Ok(Current {
+        cert: Arc::new(cert),
+        tls,
+        // Half of the real lifetime: the back-dating is not counted.
+        renew_at: now + ttl / 2,
+        failures: 0,
+    })
+}
+
+/// The certificate as rustls presents it.
+fn certified_key(
+    provider: &CryptoProvider,
+    cert: &WorkloadCert,
+) -> Result<Arc<CertifiedKey>, IdentityError> {
+    let key = provider
+        .key_provider
+        .load_private_key(cert.key.clone_key())
+        .map_err(IdentityError::tls(&cert.identity))?;
+    Ok(Arc::new(CertifiedKey::new(cert.chain.clone(), key)))
+}
+
+/// 1 s, 2 s, 4 s, ... up to [`MAX_RETRY_DELAY`].
+fn retry_delay(failures: u32) -> Duration {
+    Duration::from_secs(1u64 << failures.saturating_sub(1).min(6)).min(MAX_RETRY_DELAY)
 }

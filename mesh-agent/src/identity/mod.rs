@@ -3,6 +3,7 @@
 //! configurations that present and verify them.
 
 mod ca;
+mod ca_client;
 pub mod ca_server;
 mod manager;
 #[cfg(test)]
@@ -10,6 +11,11 @@ mod tests;
 mod tls;
 mod verify;
 
+#[allow(
+    unused_imports,
+    reason = "API for tools; the manager uses the client through CaSource::Remote"
+)]
+pub use self::ca_client::CaClient;
 pub use self::manager::CertManager;
 
 use std::{
@@ -120,6 +126,18 @@ pub enum IdentityError {
         identity: Box<Identity>,
         trust_domain: String,
     },
+    /// Remote mode: the identity has no certificate yet because the cluster
+    /// CA has not (successfully) answered for it. The data path never waits
+    /// for the network; it fails the connection instead.
+    #[error("no certificate yet for {0}: the cluster CA has not answered")]
+    NotReady(Box<Identity>),
+    /// A cluster CA address that cannot be used, and why.
+    #[error("--ca-address {address:?}: {reason}")]
+    BadCaAddress { address: String, reason: String },
+    /// A request to the cluster CA that failed: what the CA (or the way to
+    /// it) said.
+    #[error("cluster CA {address}: {reason}")]
+    Remote { address: String, reason: String },
     /// The server proved an identity other than the one the client dialled.
     #[error("server presented {presented}, expected {expected}")]
     UnexpectedPeer {
@@ -145,13 +163,21 @@ impl IdentityError {
     }
 }
 
-/// Where the embedded CA's root comes from.
+/// Where certificates come from: the embedded CA's root, or a cluster CA.
 #[derive(Clone, Debug)]
 pub enum CaSource {
     /// Generate a root once and keep it in `dir` (root-cert.pem, root-key.pem).
     Generate { dir: PathBuf },
     /// Bring your own root: PEM certificate and key files.
     Files { cert: PathBuf, key: PathBuf },
+    /// Ask the cluster CA (`mesh-agent ca`) at `address` (`https://host:port`),
+    /// trusting the PEM root in `root` and showing the ServiceAccount token
+    /// in `token` (read again for every request).
+    Remote {
+        address: String,
+        root: PathBuf,
+        token: PathBuf,
+    },
 }
 
 #[derive(Clone, Debug)]

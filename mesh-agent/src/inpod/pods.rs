@@ -31,6 +31,14 @@ pub struct PodSpec {
     pub name: String,
     /// A handle on the pod's network namespace (`/run/netns/X`, `/proc/PID/ns/net`).
     pub netns: PathBuf,
+    /// The pod's `metadata.uid`, when it came from the configuration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+    /// Enrolled because the configuration says so (namespace or pod label),
+    /// and released when it stops saying so. Pods enrolled through the admin
+    /// API are not managed: only the admin API releases them.
+    #[serde(default)]
+    pub managed: bool,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -41,6 +49,9 @@ pub struct PodInfo {
     pub addresses: Vec<IpAddr>,
     /// Pooled outbound HBONE connections.
     pub hbone_connections: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+    pub managed: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +89,8 @@ impl EnrolError {
 struct Enrolled {
     ctx: Arc<PodCtx>,
     tasks: Vec<JoinHandle<()>>,
+    uid: Option<String>,
+    managed: bool,
 }
 
 impl Enrolled {
@@ -88,6 +101,8 @@ impl Enrolled {
             netns_cookie: self.ctx.netns.cookie(),
             addresses: self.ctx.addresses.clone(),
             hbone_connections: self.ctx.pool.len(),
+            uid: self.uid.clone(),
+            managed: self.managed,
         }
     }
 }
@@ -98,6 +113,10 @@ struct SavedPod {
     name: String,
     netns: PathBuf,
     netns_cookie: u64,
+    #[serde(default)]
+    uid: Option<String>,
+    #[serde(default)]
+    managed: bool,
 }
 
 pub struct Pods {
@@ -106,6 +125,8 @@ pub struct Pods {
     metrics: Arc<Metrics>,
     state_file: PathBuf,
     pods: Mutex<BTreeMap<String, Enrolled>>,
+    /// Pods the configuration enrols that could not be yet, and why.
+    pending: Mutex<BTreeMap<String, String>>,
 }
 
 impl Pods {
@@ -116,7 +137,17 @@ impl Pods {
             shared,
             state_file: state_dir.join("pods.json"),
             pods: Mutex::new(BTreeMap::new()),
+            pending: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// Pods waiting to be enrolled, with the reason.
+    pub fn pending(&self) -> BTreeMap<String, String> {
+        self.pending.lock().expect("pending lock").clone()
+    }
+
+    pub(super) fn set_pending(&self, pending: BTreeMap<String, String>) {
+        *self.pending.lock().expect("pending lock") = pending;
     }
 
     pub fn list(&self) -> Vec<PodInfo> {
@@ -211,7 +242,12 @@ impl Pods {
                 }
             }
         }
-        let enrolled = Enrolled { ctx, tasks };
+        let enrolled = Enrolled {
+            ctx,
+            tasks,
+            uid: spec.uid.clone(),
+            managed: spec.managed,
+        };
         let info = enrolled.info();
         pods.insert(name, enrolled);
         self.metrics.enrolled_pods.set(pods.len() as i64);
@@ -268,6 +304,8 @@ impl Pods {
                 name: p.ctx.name.clone(),
                 netns: p.ctx.netns.path().to_owned(),
                 netns_cookie: p.ctx.netns.cookie().0,
+                uid: p.uid.clone(),
+                managed: p.managed,
             })
             .collect();
         let err = |source| EnrolError::State {
@@ -298,6 +336,8 @@ impl Pods {
             let spec = PodSpec {
                 name: s.name.clone(),
                 netns: s.netns.clone(),
+                uid: s.uid.clone(),
+                managed: s.managed,
             };
             // The namespace may have been replaced under the same path: only
             // the same namespace keeps its pinned inbound link.

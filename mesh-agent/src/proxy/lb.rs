@@ -88,6 +88,8 @@ mod tests {
                 labels: BTreeMap::new(),
                 ports: BTreeMap::new(),
                 captured: true,
+                uid: String::new(),
+                netns: None,
             }),
             addr: SocketAddr::new(ip, 80),
         }

@@ -13,6 +13,10 @@ use super::{ConfigWarning, Service, ServicePort, TargetPort, Workload, yaml::Obj
 /// The label (on a namespace or a pod) that puts workloads in the mesh.
 const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
 
+/// The annotation naming a pod's network namespace in a local configuration
+/// (`/run/netns/NAME`, `/proc/PID/ns/net`).
+pub const NETNS_ANNOTATION: &str = "mesh-agent/netns";
+
 /// A workload and what the store needs to know about its pod besides.
 #[derive(Debug)]
 pub(super) struct PodWorkload {
@@ -94,6 +98,13 @@ fn workload<'a>(
         labels,
         ports,
         captured,
+        uid: meta.uid.clone().unwrap_or_default(),
+        netns: meta
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(NETNS_ANNOTATION))
+            .filter(|path| !path.is_empty())
+            .map(std::path::PathBuf::from),
     };
     Some(PodWorkload {
         workload,

@@ -2,6 +2,7 @@
 //! policies, as one immutable snapshot that is swapped whole on every change.
 //! Built from Kubernetes objects; where they come from is a `Source`.
 
+mod gateway;
 mod k8s;
 mod matcher;
 mod peer_auth;
@@ -24,7 +25,9 @@ use std::{
     sync::Arc,
 };
 
-pub use source::{LocalFiles, Source, spawn_watch};
+pub use k8s::NETNS_ANNOTATION;
+pub use source::{LocalFiles, Publisher, Source, spawn_source};
+pub use yaml::{Document, ObjectKey};
 
 use crate::identity::Identity;
 
@@ -42,6 +45,12 @@ pub struct Workload {
     /// In the mesh: its namespace or the pod itself is labelled
     /// `istio.io/dataplane-mode=ambient` and the pod did not opt out (`none`).
     pub captured: bool,
+    /// `metadata.uid`: tells a pod from its replacement of the same name.
+    pub uid: String,
+    /// The pod's network namespace, when its manifest names it (annotation
+    /// `mesh-agent/netns`, local configuration); in a cluster the agent finds
+    /// it from the pod UID.
+    pub netns: Option<std::path::PathBuf>,
 }
 
 impl Workload {
@@ -150,13 +159,14 @@ pub enum Decision {
 }
 
 /// Something in the configuration that was not applied as written.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize)]
 pub struct ConfigWarning {
     /// `AuthorizationPolicy ns/name`; for a parse error the file, and the
     /// object when known (`policies.yaml: AuthorizationPolicy ns/name`).
     pub object: String,
     /// A short class for metrics: `parse_error`, `unknown_field`,
-    /// `l7_rule_at_l4`, `unsupported`, `duplicate` (the same object twice:
+    /// `l7_rule_at_l4`, `missing_waypoint` (a route or policy for a waypoint
+    /// that does not exist), `unsupported`, `duplicate` (the same object twice:
     /// the later one is used), `conflict` (two objects where Istio wants
     /// one), `load_error` (the source could not be read at all).
     pub kind: &'static str,
@@ -173,6 +183,9 @@ pub struct StoreOptions {
 /// One snapshot of everything known.
 #[derive(Debug, Default)]
 pub struct Store {
+    /// Counts the snapshots a source published; 0 is the empty one that
+    /// stands until the source has read everything once.
+    pub generation: u64,
     trust_domain: String,
     root_namespace: String,
     /// By (namespace, name): the order of endpoints and of the dump.
@@ -184,24 +197,45 @@ pub struct Store {
     /// that the same connection is always denied by the same policy.
     policies: Vec<policy::AuthzPolicy>,
     peer_auths: Vec<peer_auth::PeerAuth>,
+    /// Read and counted; nothing on the node's data path uses them.
+    service_accounts: usize,
+    http_routes: usize,
+    gateways: usize,
     warnings: Vec<ConfigWarning>,
 }
 
 impl Store {
-    /// Builds a snapshot from YAML documents (one or more per text, `---`
-    /// separated). Bad objects become warnings; the rest is used.
+    /// Builds a snapshot from YAML texts `(origin, text)`, each with one or
+    /// more `---` separated documents. Bad objects become warnings; the rest
+    /// is used.
     pub fn from_yaml(docs: &[(String, String)], opts: &StoreOptions) -> Store {
+        let docs: Vec<Document> = docs
+            .iter()
+            .map(|(origin, text)| Document::parse_text(origin, text))
+            .collect();
+        Store::from_documents(&docs, opts)
+    }
+
+    /// Builds a snapshot from parsed documents, merged in order.
+    pub fn from_documents<'a>(
+        docs: impl IntoIterator<Item = &'a Document>,
+        opts: &StoreOptions,
+    ) -> Store {
         let mut warnings = Vec::new();
-        let objects = yaml::Objects::parse(docs, &mut warnings);
+        let objects = yaml::Objects::merge(docs, &mut warnings);
         let pods = k8s::workloads(&objects, &mut warnings);
         let services = k8s::services(&objects, &mut warnings);
         let policies = policy::compile(&objects.authorization_policies, &mut warnings);
         let peer_auths = peer_auth::compile(&objects.peer_authentications, &mut warnings);
+        gateway::check_routes(&objects, &mut warnings);
         let mut store = Store {
             trust_domain: opts.trust_domain.clone(),
             root_namespace: opts.root_namespace.clone(),
             policies,
             peer_auths,
+            service_accounts: objects.service_accounts.len(),
+            http_routes: objects.http_routes.len(),
+            gateways: objects.gateways.len(),
             ..Store::default()
         };
         store.index_workloads(pods, &mut warnings);
@@ -210,16 +244,11 @@ impl Store {
         store
     }
 
-    /// The snapshot used when the source could not be read at all.
-    fn unreadable(opts: &StoreOptions, source: String, error: &std::io::Error) -> Store {
+    /// A snapshot with nothing in it.
+    pub fn empty(opts: &StoreOptions) -> Store {
         Store {
             trust_domain: opts.trust_domain.clone(),
             root_namespace: opts.root_namespace.clone(),
-            warnings: vec![ConfigWarning {
-                object: source,
-                kind: "load_error",
-                message: format!("cannot read the configuration ({error}); starting empty"),
-            }],
             ..Store::default()
         }
     }
@@ -267,10 +296,11 @@ impl Store {
         self.by_ip.get(&ip.to_canonical())
     }
 
-    #[allow(
-        dead_code,
-        reason = "API for the admin and Kubernetes sides; tests use it now"
-    )]
+    pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
+        self.workloads.values()
+    }
+
+    #[allow(dead_code, reason = "lookup by name for tests and tools")]
     pub fn workload(&self, namespace: &str, name: &str) -> Option<&Arc<Workload>> {
         self.workloads.get(&(namespace.to_owned(), name.to_owned()))
     }
@@ -345,12 +375,16 @@ impl Store {
             .map(peer_auth::PeerAuth::dump)
             .collect();
         serde_json::json!({
+            "generation": self.generation,
             "trust_domain": self.trust_domain,
             "root_namespace": self.root_namespace,
             "workloads": workloads,
             "services": services,
             "authorization_policies": policies,
             "peer_authentications": peer_auths,
+            "service_accounts": self.service_accounts,
+            "http_routes": self.http_routes,
+            "gateways": self.gateways,
             "warnings": self.warnings,
         })
     }

@@ -1,75 +1,299 @@
-//! Where the store's objects come from (local YAML files for now, polled for
-//! changes), and the task that turns every change into a new snapshot.
+//! Where the store's objects come from, and how a change becomes a new
+//! snapshot. A `Source` keeps parsed `Document`s and re-parses only what
+//! changed (a file, an API object); the `Publisher` merges them into a new
+//! snapshot. Two sources: `LocalFiles` here, the Kubernetes API in
+//! `crate::cluster`.
 
 use std::{
+    collections::{BTreeMap, BTreeSet},
     fs, io,
+    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, SystemTime},
 };
 
+use futures::future::BoxFuture;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::{Store, StoreOptions};
+use super::{ConfigWarning, Document, ObjectKey, Store, StoreOptions};
 
-/// Where the store's objects come from. Implemented by a local file or
-/// directory of YAML now; by the Kubernetes API later.
+/// A source of Kubernetes objects.
 pub trait Source: Send + 'static {
-    /// Reads the whole configuration. Called at start and on every change.
-    fn load(&mut self) -> Result<Vec<(String, String)>, std::io::Error>;
-    /// Whether the source may have changed since the last `load`.
-    fn changed(&mut self) -> bool;
     /// For logs and warnings.
-    fn name(&self) -> String {
-        "configuration source".to_owned()
+    fn name(&self) -> String;
+    /// Reads everything, publishes it, then publishes again after every
+    /// change, until no one listens to the publisher any more.
+    fn run(self: Box<Self>, out: Publisher) -> BoxFuture<'static, ()>;
+}
+
+/// Turns a source's documents into snapshots for the data path.
+pub struct Publisher {
+    tx: watch::Sender<Arc<Store>>,
+    opts: StoreOptions,
+    source: String,
+    generation: u64,
+    /// The last snapshot's warnings: only new ones are logged.
+    warned: std::collections::HashSet<ConfigWarning>,
+}
+
+impl Publisher {
+    /// Merges `docs` (in order) into a new snapshot, logs it and hands it to
+    /// the data path. False when no one listens any more.
+    pub fn publish<'a>(&mut self, docs: impl IntoIterator<Item = &'a Document>) -> bool {
+        let mut store = Store::from_documents(docs, &self.opts);
+        self.generation += 1;
+        store.generation = self.generation;
+        self.log(&store);
+        self.tx.send(Arc::new(store)).is_ok()
     }
+
+    fn log(&mut self, store: &Store) {
+        info!(
+            source = %self.source,
+            generation = store.generation,
+            workloads = store.workloads.len(),
+            services = store.services.len(),
+            authorization_policies = store.policies.len(),
+            peer_authentications = store.peer_auths.len(),
+            warnings = store.warnings.len(),
+            "configuration loaded"
+        );
+        for w in store.warnings() {
+            if !self.warned.contains(w) {
+                warn!(object = %w.object, kind = w.kind, "{}", w.message);
+            }
+        }
+        self.warned = store.warnings().iter().cloned().collect();
+    }
+
+    /// The source could not be read at all. Before anything was read, this
+    /// publishes an empty snapshot with a `load_error` warning; afterwards
+    /// the last snapshot stays and only the log says so.
+    pub fn failed(&mut self, error: &str) -> bool {
+        if self.generation > 0 {
+            return !self.tx.is_closed();
+        }
+        self.generation = 1;
+        let store = Store {
+            generation: 1,
+            warnings: vec![ConfigWarning {
+                object: self.source.clone(),
+                kind: "load_error",
+                message: format!("cannot read the configuration ({error}); starting empty"),
+            }],
+            ..Store::empty(&self.opts)
+        };
+        self.log(&store);
+        self.tx.send(Arc::new(store)).is_ok()
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
+
+/// Runs `source` on the tokio runtime. The receiver holds an empty snapshot
+/// (generation 0) until the source has read everything once.
+pub fn spawn_source(
+    source: Box<dyn Source>,
+    opts: StoreOptions,
+) -> (watch::Receiver<Arc<Store>>, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = watch::channel(Arc::new(Store::empty(&opts)));
+    let out = Publisher {
+        tx,
+        opts,
+        source: source.name(),
+        generation: 0,
+        warned: Default::default(),
+    };
+    (rx, tokio::spawn(source.run(out)))
 }
 
 /// A YAML file, or every `*.yaml`/`*.yml` file of a directory (not its
-/// subdirectories, nor hidden files), read in file name order.
+/// subdirectories, nor hidden files), merged in file name order; checked for
+/// changes every `interval`. Only files whose size, modification time or
+/// inode changed are read and parsed again.
 #[derive(Debug)]
 pub struct LocalFiles {
     path: PathBuf,
-    /// The fingerprint at the last successful load.
-    loaded: Option<Fingerprint>,
+    interval: Duration,
+    files: BTreeMap<PathBuf, File>,
+}
+
+#[derive(Debug)]
+struct File {
+    stamp: Stamp,
+    doc: Document,
+}
+
+/// What tells that a file changed: an editor's rewrite, a ConfigMap's
+/// symlink swap (a new inode), an append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    modified: Option<SystemTime>,
+    len: u64,
+    inode: u64,
+}
+
+/// What one scan found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Diff {
+    pub added: Vec<ObjectKey>,
+    pub changed: Vec<ObjectKey>,
+    pub removed: Vec<ObjectKey>,
+    /// Files read again (new or changed) and files gone.
+    pub files: usize,
 }
 
 impl LocalFiles {
-    pub fn new(path: PathBuf) -> Self {
-        LocalFiles { path, loaded: None }
+    pub fn new(path: PathBuf, interval: Duration) -> Self {
+        LocalFiles {
+            path,
+            // tokio's interval refuses zero.
+            interval: interval.max(Duration::from_millis(1)),
+            files: BTreeMap::new(),
+        }
+    }
+
+    /// Looks at the files and applies what changed. `Ok(None)` when nothing
+    /// did. An unreadable directory is an error and changes nothing.
+    pub fn scan(&mut self) -> io::Result<Option<Diff>> {
+        let mut seen = BTreeSet::new();
+        let mut diff = Diff::default();
+        for path in yaml_files(&self.path)? {
+            seen.insert(path.clone());
+            let stamp = match fs::metadata(&path) {
+                Ok(meta) => Stamp {
+                    modified: meta.modified().ok(),
+                    len: meta.len(),
+                    inode: meta.ino(),
+                },
+                // Gone between the listing and now: the next scan sees it.
+                Err(_) => continue,
+            };
+            if self.files.get(&path).is_some_and(|f| f.stamp == stamp) {
+                continue;
+            }
+            let origin = path.display().to_string();
+            let doc = match fs::read_to_string(&path) {
+                Ok(text) => Document::parse_text(&origin, &text),
+                Err(e) => {
+                    // Dropping the file's objects could drop a DENY policy:
+                    // its last good version stays until it reads again.
+                    warn!(file = %origin, error = %e, "cannot read; keeping its last version");
+                    if self.files.contains_key(&path) {
+                        continue;
+                    }
+                    Document::unreadable(&origin, &e)
+                }
+            };
+            diff.files += 1;
+            let before: BTreeSet<&ObjectKey> = self
+                .files
+                .get(&path)
+                .map(|f| f.doc.keys().collect())
+                .unwrap_or_default();
+            for key in doc.keys() {
+                if before.contains(key) {
+                    diff.changed.push(key.clone());
+                } else {
+                    diff.added.push(key.clone());
+                }
+            }
+            diff.removed.extend(
+                before
+                    .into_iter()
+                    .filter(|k| !doc.keys().any(|n| n == *k))
+                    .cloned(),
+            );
+            self.files.insert(path, File { stamp, doc });
+        }
+        let gone: Vec<PathBuf> = self
+            .files
+            .keys()
+            .filter(|p| !seen.contains(*p))
+            .cloned()
+            .collect();
+        for path in gone {
+            diff.files += 1;
+            if let Some(f) = self.files.remove(&path) {
+                diff.removed.extend(f.doc.keys().cloned());
+            }
+        }
+        // An object moved from one file to another is changed, not gone.
+        let added: BTreeSet<ObjectKey> = diff.added.iter().cloned().collect();
+        diff.removed.retain(|k| {
+            if added.contains(k) {
+                diff.changed.push(k.clone());
+                false
+            } else {
+                true
+            }
+        });
+        diff.added.retain(|k| !diff.changed.contains(k));
+        Ok((diff.files > 0).then_some(diff))
+    }
+
+    pub fn documents(&self) -> impl Iterator<Item = &Document> {
+        self.files.values().map(|f| &f.doc)
     }
 }
 
-/// Name, modification time and size of every file read.
-#[derive(Debug, PartialEq, Eq)]
-struct Fingerprint(Vec<(PathBuf, Option<SystemTime>, u64)>);
-
 impl Source for LocalFiles {
-    fn load(&mut self) -> Result<Vec<(String, String)>, std::io::Error> {
-        // Taken before reading: a change made while reading shows up as a
-        // change at the next poll.
-        let before = fingerprint(&self.path);
-        let mut docs = Vec::new();
-        for file in yaml_files(&self.path)? {
-            let text = fs::read_to_string(&file).map_err(|e| in_file(&file, e))?;
-            docs.push((file.display().to_string(), text));
-        }
-        self.loaded = before.ok();
-        Ok(docs)
-    }
-
-    /// A file that cannot be looked at counts as changed: the load that
-    /// follows reports why.
-    fn changed(&mut self) -> bool {
-        match (fingerprint(&self.path), &self.loaded) {
-            (Ok(now), Some(then)) => now != *then,
-            _ => true,
-        }
-    }
-
     fn name(&self) -> String {
         self.path.display().to_string()
+    }
+
+    fn run(mut self: Box<Self>, mut out: Publisher) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            let name = self.name();
+            let mut ticks = tokio::time::interval(self.interval);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut first = true;
+            let mut last_error: Option<String> = None;
+            loop {
+                ticks.tick().await;
+                if out.is_closed() {
+                    return;
+                }
+                let open = match self.scan() {
+                    // The first scan publishes even an empty directory.
+                    Ok(None) if !first => true,
+                    Ok(diff) => {
+                        last_error = None;
+                        if let Some(diff) = diff.filter(|_| !first) {
+                            log_diff(&name, &diff);
+                        }
+                        first = false;
+                        out.publish(self.documents())
+                    }
+                    Err(e) => {
+                        let error = e.to_string();
+                        if last_error.as_ref() != Some(&error) {
+                            warn!(source = %name, %error, "cannot read the configuration; keeping the previous one");
+                        }
+                        last_error = Some(error.clone());
+                        out.failed(&error)
+                    }
+                };
+                if !open {
+                    return;
+                }
+            }
+        })
+    }
+}
+
+impl Document {
+    /// A file that could not be read: no objects, one `load_error`.
+    fn unreadable(origin: &str, e: &io::Error) -> Document {
+        Document::with_warning(ConfigWarning {
+            object: origin.to_owned(),
+            kind: "load_error",
+            message: format!("cannot read: {e}"),
+        })
     }
 }
 
@@ -95,92 +319,30 @@ fn yaml_files(path: &Path) -> io::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-fn fingerprint(path: &Path) -> io::Result<Fingerprint> {
-    yaml_files(path)?
-        .into_iter()
-        .map(|file| {
-            let meta = fs::metadata(&file)?;
-            Ok((file, meta.modified().ok(), meta.len()))
-        })
-        .collect::<io::Result<_>>()
-        .map(Fingerprint)
-}
-
 fn in_file(path: &Path, e: io::Error) -> io::Error {
     io::Error::new(e.kind(), format!("{}: {e}", path.display()))
 }
 
-/// Loads the source now, synchronously (so call it inside a tokio runtime,
-/// which the returned task runs on), and publishes the snapshot. Then checks
-/// `changed()` every `interval` and publishes a new snapshot after each
-/// successful reload. A failed load keeps the previous snapshot and is
-/// logged once per distinct error; if the very first load fails, the first
-/// snapshot is empty with a `load_error` warning. Each new snapshot's
-/// warnings are logged once. The task ends when every receiver is gone.
-pub fn spawn_watch(
-    mut source: Box<dyn Source>,
-    opts: StoreOptions,
-    interval: Duration,
-) -> (watch::Receiver<Arc<Store>>, tokio::task::JoinHandle<()>) {
-    let first = match source.load() {
-        Ok(docs) => Store::from_yaml(&docs, &opts),
-        Err(e) => Store::unreadable(&opts, source.name(), &e),
-    };
-    log_snapshot(&source.name(), &first);
-    let (tx, rx) = watch::channel(Arc::new(first));
-    // tokio's interval refuses zero.
-    let interval = interval.max(Duration::from_millis(1));
-    let task = tokio::spawn(async move {
-        let mut ticks = tokio::time::interval(interval);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // The first tick is immediate; the first load has just been done.
-        ticks.tick().await;
-        let mut last_error: Option<String> = None;
-        loop {
-            ticks.tick().await;
-            if tx.is_closed() {
-                return;
-            }
-            if !source.changed() {
-                continue;
-            }
-            match source.load() {
-                Ok(docs) => {
-                    last_error = None;
-                    let store = Store::from_yaml(&docs, &opts);
-                    log_snapshot(&source.name(), &store);
-                    if tx.send(Arc::new(store)).is_err() {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    let error = e.to_string();
-                    if last_error.as_ref() != Some(&error) {
-                        warn!(
-                            source = %source.name(),
-                            %error,
-                            "cannot reload the configuration; keeping the previous one"
-                        );
-                    }
-                    last_error = Some(error);
-                }
-            }
-        }
-    });
-    (rx, task)
-}
+/// At most this many object names per line of the change log.
+const NAMES_LOGGED: usize = 20;
 
-fn log_snapshot(source: &str, store: &Store) {
+fn log_diff(source: &str, diff: &Diff) {
+    let names = |keys: &[ObjectKey]| {
+        let mut s: Vec<String> = keys
+            .iter()
+            .take(NAMES_LOGGED)
+            .map(|k| k.to_string())
+            .collect();
+        if keys.len() > NAMES_LOGGED {
+            s.push(format!("and {} more", keys.len() - NAMES_LOGGED));
+        }
+        s.join(", ")
+    };
     info!(
         source,
-        workloads = store.workloads.len(),
-        services = store.services.len(),
-        authorization_policies = store.policies.len(),
-        peer_authentications = store.peer_auths.len(),
-        warnings = store.warnings.len(),
-        "configuration loaded"
+        added = %names(&diff.added),
+        changed = %names(&diff.changed),
+        removed = %names(&diff.removed),
+        "configuration changed"
     );
-    for w in store.warnings() {
-        warn!(object = %w.object, kind = w.kind, "{}", w.message);
-    }
 }

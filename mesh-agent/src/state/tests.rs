@@ -180,6 +180,8 @@ fn pods_become_workloads() {
             ]),
             ports: BTreeMap::from([("http".into(), 8080)]),
             captured: true,
+            uid: String::new(),
+            netns: None,
         }
     );
     assert_eq!(
@@ -337,7 +339,7 @@ status: {podIP: 10.1.0.2}
             ConfigWarning {
                 object: "test.yaml: Deployment shop/d".into(),
                 kind: "unsupported",
-                message: "apps/v1 Deployment is not used by the node agent; ignored".into(),
+                message: "apps/v1 Deployment is not a kind the node agent reads; ignored".into(),
             },
             ConfigWarning {
                 object: "Pod default/a".into(),
@@ -401,6 +403,8 @@ status: {podIP: 10.2.0.1}
         labels: Default::default(),
         ports: Default::default(),
         captured: true,
+        uid: String::new(),
+        netns: None,
     };
     let id = crate::identity::Identity::new("cluster.local", "shop", "web");
     let conn = Conn {

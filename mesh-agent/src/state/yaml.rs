@@ -2,13 +2,18 @@
 //! `kind: List`, dispatch on apiVersion/kind, and a warning for every object
 //! that cannot be used (the others still are).
 
-use std::{collections::BTreeMap, fmt};
+use std::{collections::BTreeMap, fmt, sync::Arc};
 
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service as K8sService};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service as K8sService, ServiceAccount};
 use serde::{Deserialize, de::DeserializeOwned};
 use serde_yaml::Value;
 
-use super::{ConfigWarning, peer_auth::PeerAuthentication, policy::AuthorizationPolicy};
+use super::{
+    ConfigWarning,
+    gateway::{Gateway, HttpRoute},
+    peer_auth::PeerAuthentication,
+    policy::AuthorizationPolicy,
+};
 
 /// `(namespace, name)` of a namespaced object.
 pub(super) type Key = (String, String);
@@ -16,8 +21,8 @@ pub(super) type Key = (String, String);
 /// An object and the file it came from.
 #[derive(Debug)]
 pub(super) struct Parsed<T> {
-    pub origin: String,
-    pub object: T,
+    pub origin: Arc<str>,
+    pub object: Arc<T>,
 }
 
 /// Every usable object, the later definition of a duplicate winning.
@@ -26,8 +31,159 @@ pub(super) struct Objects {
     pub namespaces: BTreeMap<String, Parsed<Namespace>>,
     pub pods: BTreeMap<Key, Parsed<Pod>>,
     pub services: BTreeMap<Key, Parsed<K8sService>>,
+    pub service_accounts: BTreeMap<Key, Parsed<ServiceAccount>>,
     pub authorization_policies: BTreeMap<Key, Parsed<AuthorizationPolicy>>,
     pub peer_authentications: BTreeMap<Key, Parsed<PeerAuthentication>>,
+    pub http_routes: BTreeMap<Key, Parsed<HttpRoute>>,
+    pub gateways: BTreeMap<Key, Parsed<Gateway>>,
+}
+
+/// Kind, namespace and name: what identifies an object in a source.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectKey {
+    pub kind: &'static str,
+    /// Empty for a Namespace.
+    pub namespace: String,
+    pub name: String,
+}
+
+/// `Pod ns/name`, `Namespace name`.
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.namespace.is_empty() {
+            write!(f, "{} {}", self.kind, self.name)
+        } else {
+            write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+        }
+    }
+}
+
+/// An object of a kind the agent reads, parsed.
+#[derive(Clone, Debug)]
+enum Typed {
+    Namespace(Arc<Namespace>),
+    Pod(Arc<Pod>),
+    Service(Arc<K8sService>),
+    ServiceAccount(Arc<ServiceAccount>),
+    AuthorizationPolicy(Arc<AuthorizationPolicy>),
+    PeerAuthentication(Arc<PeerAuthentication>),
+    HttpRoute(Arc<HttpRoute>),
+    Gateway(Arc<Gateway>),
+}
+
+/// The kinds the agent reads: (apiVersions, kind).
+const KINDS: &[(&[&str], &str)] = &[
+    (&["v1"], "Namespace"),
+    (&["v1"], "Pod"),
+    (&["v1"], "Service"),
+    (&["v1"], "ServiceAccount"),
+    (
+        &["security.istio.io/v1", "security.istio.io/v1beta1"],
+        "AuthorizationPolicy",
+    ),
+    (
+        &["security.istio.io/v1", "security.istio.io/v1beta1"],
+        "PeerAuthentication",
+    ),
+    (
+        &[
+            "gateway.networking.k8s.io/v1",
+            "gateway.networking.k8s.io/v1beta1",
+        ],
+        "HTTPRoute",
+    ),
+    (
+        &[
+            "gateway.networking.k8s.io/v1",
+            "gateway.networking.k8s.io/v1beta1",
+        ],
+        "Gateway",
+    ),
+];
+
+/// One unit a source delivers: the objects of a file (every `---` document
+/// and `kind: List` item in it) or one object from the Kubernetes API,
+/// parsed once, with the warnings about it. Sources keep these and re-parse
+/// only what changed; the store is merged from all of them.
+#[derive(Debug, Default)]
+pub struct Document {
+    origin: Arc<str>,
+    entries: Vec<(ObjectKey, Typed)>,
+    warnings: Vec<ConfigWarning>,
+}
+
+impl Document {
+    /// Every object in a YAML text (`---` separated documents, `kind: List`).
+    pub fn parse_text(origin: &str, text: &str) -> Document {
+        let mut doc = Document {
+            origin: origin.into(),
+            ..Document::default()
+        };
+        for (index, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
+            match Value::deserialize(de) {
+                Ok(Value::Null) => {}
+                Ok(value) => {
+                    let at = At {
+                        origin,
+                        text: Some(text),
+                        index: Some(index),
+                    };
+                    doc.add(at, value);
+                }
+                Err(e) => {
+                    doc.warnings.push(ConfigWarning {
+                        object: origin.to_owned(),
+                        kind: "parse_error",
+                        message: e.to_string(),
+                    });
+                    // The YAML parser cannot find the next document after
+                    // a syntax error: the rest of this text is lost.
+                    break;
+                }
+            }
+        }
+        doc
+    }
+
+    /// One object as the Kubernetes API serves it (JSON).
+    pub fn from_json(origin: &str, object: serde_json::Value) -> Document {
+        let mut doc = Document {
+            origin: origin.into(),
+            ..Document::default()
+        };
+        let at = At {
+            origin,
+            text: None,
+            index: None,
+        };
+        match serde_yaml::to_value(object) {
+            Ok(value) => doc.add(at, value),
+            Err(e) => doc.warnings.push(ConfigWarning {
+                object: origin.to_owned(),
+                kind: "parse_error",
+                message: e.to_string(),
+            }),
+        }
+        doc
+    }
+
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// The objects it defines.
+    pub fn keys(&self) -> impl Iterator<Item = &ObjectKey> {
+        self.entries.iter().map(|(key, _)| key)
+    }
+
+    /// A document that only says something about the source itself.
+    pub fn with_warning(w: ConfigWarning) -> Document {
+        Document {
+            origin: w.object.as_str().into(),
+            warnings: vec![w],
+            ..Document::default()
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -51,9 +207,9 @@ impl ObjectError {
 /// Where a value came from: the text is parsed again on an error, because
 /// serde_yaml names the field path and line only when reading text.
 #[derive(Clone, Copy)]
-struct Doc<'a> {
+struct At<'a> {
     origin: &'a str,
-    text: &'a str,
+    text: Option<&'a str>,
     /// Index of the `---` document; None inside a `kind: List`.
     index: Option<usize>,
 }
@@ -97,7 +253,16 @@ impl fmt::Display for Header {
         let name = self.name.as_deref().unwrap_or("<unnamed>");
         match (kind, &self.namespace) {
             ("Namespace", _) => write!(f, "Namespace {name}"),
-            ("Pod" | "Service" | "AuthorizationPolicy" | "PeerAuthentication", _) => {
+            (
+                "Pod"
+                | "Service"
+                | "ServiceAccount"
+                | "AuthorizationPolicy"
+                | "PeerAuthentication"
+                | "HTTPRoute"
+                | "Gateway",
+                _,
+            ) => {
                 write!(f, "{kind} {}/{name}", self.namespace())
             }
             (_, Some(ns)) => write!(f, "{kind} {ns}/{name}"),
@@ -107,176 +272,170 @@ impl fmt::Display for Header {
 }
 
 impl Objects {
-    pub fn parse(docs: &[(String, String)], warnings: &mut Vec<ConfigWarning>) -> Objects {
+    /// Merges documents in order; an object defined twice is warned about
+    /// and the later definition wins.
+    pub fn merge<'a>(
+        docs: impl IntoIterator<Item = &'a Document>,
+        warnings: &mut Vec<ConfigWarning>,
+    ) -> Objects {
         let mut objects = Objects::default();
-        for (origin, text) in docs {
-            for (index, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
-                match Value::deserialize(de) {
-                    Ok(Value::Null) => {}
-                    Ok(value) => {
-                        let doc = Doc {
-                            origin,
-                            text,
-                            index: Some(index),
-                        };
-                        objects.add(doc, value, warnings);
-                    }
-                    Err(e) => {
-                        warnings.push(ConfigWarning {
-                            object: origin.clone(),
-                            kind: "parse_error",
-                            message: e.to_string(),
-                        });
-                        // The YAML parser cannot find the next document after
-                        // a syntax error: the rest of this text is lost.
-                        break;
-                    }
-                }
+        for doc in docs {
+            warnings.extend(doc.warnings.iter().cloned());
+            for (key, typed) in &doc.entries {
+                objects.insert(&doc.origin, key, typed.clone(), warnings);
             }
         }
         objects
     }
 
-    fn add(&mut self, doc: Doc<'_>, value: Value, warnings: &mut Vec<ConfigWarning>) {
-        let header = Header::of(&value);
-        let warn = |warnings: &mut Vec<ConfigWarning>, kind, message| {
+    fn insert(
+        &mut self,
+        origin: &Arc<str>,
+        key: &ObjectKey,
+        typed: Typed,
+        warnings: &mut Vec<ConfigWarning>,
+    ) {
+        fn put<K: Ord, T>(
+            map: &mut BTreeMap<K, Parsed<T>>,
+            k: K,
+            object: Arc<T>,
+            origin: &Arc<str>,
+        ) -> Option<Arc<str>> {
+            let parsed = Parsed {
+                origin: origin.clone(),
+                object,
+            };
+            map.insert(k, parsed).map(|first| first.origin)
+        }
+        let nk = || (key.namespace.clone(), key.name.clone());
+        let first = match typed {
+            Typed::Namespace(o) => put(&mut self.namespaces, key.name.clone(), o, origin),
+            Typed::Pod(o) => put(&mut self.pods, nk(), o, origin),
+            Typed::Service(o) => put(&mut self.services, nk(), o, origin),
+            Typed::ServiceAccount(o) => put(&mut self.service_accounts, nk(), o, origin),
+            Typed::AuthorizationPolicy(o) => put(&mut self.authorization_policies, nk(), o, origin),
+            Typed::PeerAuthentication(o) => put(&mut self.peer_authentications, nk(), o, origin),
+            Typed::HttpRoute(o) => put(&mut self.http_routes, nk(), o, origin),
+            Typed::Gateway(o) => put(&mut self.gateways, nk(), o, origin),
+        };
+        if let Some(first) = first {
             warnings.push(ConfigWarning {
-                object: format!("{}: {header}", doc.origin),
+                object: key.to_string(),
+                kind: "duplicate",
+                message: format!(
+                    "defined again in {origin} (first in {first}); the later definition is used"
+                ),
+            });
+        }
+    }
+}
+
+impl Document {
+    fn add(&mut self, at: At<'_>, value: Value) {
+        let header = Header::of(&value);
+        let warn = |doc: &mut Document, kind, message| {
+            doc.warnings.push(ConfigWarning {
+                object: format!("{}: {header}", at.origin),
                 kind,
                 message,
             });
         };
         if header.api_version.is_empty() || header.kind.is_empty() {
             let message = "not a Kubernetes object: apiVersion and kind are required".to_owned();
-            return warn(warnings, "parse_error", message);
+            return warn(self, "parse_error", message);
         }
         if header.api_version == "v1" && header.kind == "List" {
             return match value.get("items") {
                 Some(Value::Sequence(items)) => {
-                    let inner = Doc { index: None, ..doc };
+                    let inner = At { index: None, ..at };
                     for item in items.iter().filter(|v| !v.is_null()) {
-                        self.add(inner, item.clone(), warnings);
+                        self.add(inner, item.clone());
                     }
                 }
                 None | Some(Value::Null) => {}
-                Some(_) => warn(warnings, "parse_error", "items is not a list".to_owned()),
+                Some(_) => warn(self, "parse_error", "items is not a list".to_owned()),
             };
         }
-        let istio = matches!(
-            header.api_version.as_str(),
-            "security.istio.io/v1" | "security.istio.io/v1beta1"
-        );
-        let core = header.api_version == "v1";
-        let supported = match header.kind.as_str() {
-            "Namespace" | "Pod" | "Service" => core,
-            "AuthorizationPolicy" | "PeerAuthentication" => istio,
-            _ => false,
-        };
-        if !supported {
+        let Some(&(_, kind)) = KINDS.iter().find(|(versions, kind)| {
+            *kind == header.kind && versions.contains(&header.api_version.as_str())
+        }) else {
             let message = format!(
-                "{} {} is not used by the node agent; ignored",
+                "{} {} is not a kind the node agent reads; ignored",
                 header.api_version, header.kind
             );
-            return warn(warnings, "unsupported", message);
-        }
+            return warn(self, "unsupported", message);
+        };
         let Some(name) = header.name.clone() else {
             let e = ObjectError::Missing("metadata.name");
-            return warn(warnings, e.kind(), e.to_string());
+            return warn(self, e.kind(), e.to_string());
         };
-        let key = (header.namespace(), name.clone());
-        let origin = doc.origin;
+        let key = ObjectKey {
+            kind,
+            namespace: if kind == "Namespace" {
+                String::new()
+            } else {
+                header.namespace()
+            },
+            name,
+        };
         // Read before the object is: a policy whose spec does not parse is
         // replaced by a fail-closed one scoped by this selector.
         let selector = value
             .get("spec")
             .and_then(|spec| spec.get("selector"))
             .and_then(|v| serde_yaml::from_value::<WorkloadSelector>(v.clone()).ok());
-        let result = match header.kind.as_str() {
-            "Namespace" => typed(doc, value)
-                .map(|o| insert(&mut self.namespaces, name, &header, origin, o, warnings)),
-            "Pod" => typed(doc, value)
-                .map(|o| insert(&mut self.pods, key.clone(), &header, origin, o, warnings)),
-            "Service" => typed(doc, value).map(|o| {
-                insert(
-                    &mut self.services,
-                    key.clone(),
-                    &header,
-                    origin,
-                    o,
-                    warnings,
-                )
-            }),
-            "AuthorizationPolicy" => typed(doc, value).map(|o| {
-                let map = &mut self.authorization_policies;
-                insert(map, key.clone(), &header, origin, o, warnings)
-            }),
-            _ => typed(doc, value).map(|o| {
-                let map = &mut self.peer_authentications;
-                insert(map, key.clone(), &header, origin, o, warnings)
-            }),
+        let result = match kind {
+            "Namespace" => typed(at, value).map(Typed::Namespace),
+            "Pod" => typed(at, value).map(Typed::Pod),
+            "Service" => typed(at, value).map(Typed::Service),
+            "ServiceAccount" => typed(at, value).map(Typed::ServiceAccount),
+            "AuthorizationPolicy" => typed(at, value).map(Typed::AuthorizationPolicy),
+            "PeerAuthentication" => typed(at, value).map(Typed::PeerAuthentication),
+            "HTTPRoute" => typed(at, value).map(Typed::HttpRoute),
+            _ => typed(at, value).map(Typed::Gateway),
         };
-        let Err(e) = result else { return };
+        let e = match result {
+            Ok(object) => return self.entries.push((key, object)),
+            Err(e) => e,
+        };
         let scope = if selector.is_some() {
             "the workloads it selects"
         } else {
             "every workload of its namespace"
         };
-        match header.kind.as_str() {
+        match kind {
             "AuthorizationPolicy" => {
                 let message =
                     format!("{e}; until it parses, the agent denies every connection to {scope}");
-                warn(warnings, e.kind(), message);
+                warn(self, e.kind(), message);
                 let stand_in = AuthorizationPolicy::deny_all(selector);
-                let map = &mut self.authorization_policies;
-                insert(map, key, &header, origin, stand_in, warnings);
+                self.entries
+                    .push((key, Typed::AuthorizationPolicy(Arc::new(stand_in))));
             }
             "PeerAuthentication" => {
                 let message =
                     format!("{e}; until it parses, {scope} get STRICT (plaintext refused)");
-                warn(warnings, e.kind(), message);
+                warn(self, e.kind(), message);
                 let stand_in = PeerAuthentication::strict(selector);
-                let map = &mut self.peer_authentications;
-                insert(map, key, &header, origin, stand_in, warnings);
+                self.entries
+                    .push((key, Typed::PeerAuthentication(Arc::new(stand_in))));
             }
-            _ => warn(warnings, e.kind(), e.to_string()),
+            _ => warn(self, e.kind(), e.to_string()),
         }
     }
 }
 
 /// The typed object; on failure, serde's message with the field path and the
 /// line when the document can be read again from its text.
-fn typed<T: DeserializeOwned>(doc: Doc<'_>, value: Value) -> Result<T, ObjectError> {
-    serde_yaml::from_value(value).map_err(|e| {
-        let located = doc
+fn typed<T: DeserializeOwned>(at: At<'_>, value: Value) -> Result<Arc<T>, ObjectError> {
+    serde_yaml::from_value(value).map(Arc::new).map_err(|e| {
+        let located = at
             .index
-            .and_then(|i| serde_yaml::Deserializer::from_str(doc.text).nth(i))
+            .zip(at.text)
+            .and_then(|(i, text)| serde_yaml::Deserializer::from_str(text).nth(i))
             .and_then(|de| T::deserialize(de).err());
         ObjectError::Yaml(located.unwrap_or(e))
     })
-}
-
-fn insert<K: Ord, T>(
-    map: &mut BTreeMap<K, Parsed<T>>,
-    key: K,
-    header: &Header,
-    origin: &str,
-    object: T,
-    warnings: &mut Vec<ConfigWarning>,
-) {
-    let parsed = Parsed {
-        origin: origin.to_owned(),
-        object,
-    };
-    if let Some(first) = map.insert(key, parsed) {
-        warnings.push(ConfigWarning {
-            object: header.to_string(),
-            kind: "duplicate",
-            message: format!(
-                "defined again in {origin} (first in {}); the later definition is used",
-                first.origin
-            ),
-        });
-    }
 }
 
 /// A label selector as Istio writes it (`selector: {matchLabels: ...}`).

@@ -1,0 +1,173 @@
+//! Enrolment by configuration: every snapshot of the store says which pods of
+//! this node are in the mesh (`istio.io/dataplane-mode` on their namespace or
+//! themselves); this task enrols the ones that are not yet and releases the
+//! ones that left, without restarting anything. A pod that cannot be enrolled
+//! yet (no network namespace, no IP) is retried every second.
+
+use std::{collections::BTreeMap, path::PathBuf, sync::Arc, time::Duration};
+
+use tokio::{sync::watch, task::JoinHandle};
+use tracing::{info, warn};
+
+use super::{
+    discover::ProcessTable,
+    pods::{PodInfo, PodSpec, Pods},
+};
+use crate::state::{Store, Workload};
+
+/// How soon a pod that could not be enrolled is tried again.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// How the agent finds an enrolled pod's network namespace.
+#[derive(Clone, Debug)]
+pub enum NetnsFinder {
+    /// The pod's `mesh-agent/netns` annotation (local configuration).
+    Annotation,
+    /// The pod UID through the cgroups of the processes under this `/proc`
+    /// (cluster).
+    Proc(PathBuf),
+}
+
+pub struct Enroller {
+    pub pods: Arc<Pods>,
+    /// This node's name, as `spec.nodeName` gives it.
+    pub node: String,
+    pub finder: NetnsFinder,
+}
+
+impl Enroller {
+    /// Whether a workload is this agent's to capture. Locally, a pod without
+    /// `spec.nodeName` runs here: a single machine needs no node names.
+    fn is_mine(&self, wl: &Workload) -> bool {
+        wl.captured
+            && (wl.node == self.node
+                || (wl.node.is_empty() && matches!(self.finder, NetnsFinder::Annotation)))
+    }
+
+    /// Whether an enrolled pod is still the workload the store describes: a
+    /// pod replaced under the same name has a new UID (and a new netns).
+    fn same_pod(&self, enrolled: &PodInfo, wl: &Workload) -> bool {
+        let uid_same = enrolled.uid.as_deref().unwrap_or_default() == wl.uid;
+        match self.finder {
+            NetnsFinder::Annotation => uid_same && wl.netns.as_ref() == Some(&enrolled.netns),
+            NetnsFinder::Proc(_) => uid_same,
+        }
+    }
+
+    /// Brings the enrolled set in line with `store`. Returns the pods that
+    /// should be enrolled but are not, with the reason.
+    pub fn reconcile(&self, store: &Store) -> BTreeMap<String, String> {
+        let mine: BTreeMap<String, &Arc<Workload>> = store
+            .workloads()
+            .filter(|wl| self.is_mine(wl))
+            .map(|wl| (format!("{}/{}", wl.namespace, wl.name), wl))
+            .collect();
+        for p in self.pods.list().iter().filter(|p| p.managed) {
+            if mine.get(&p.name).is_some_and(|wl| self.same_pod(p, wl)) {
+                continue;
+            }
+            match self.pods.unenroll(&p.name) {
+                Ok(_) => info!(pod = %p.name, "released: no longer in the mesh on this node"),
+                Err(e) => warn!(pod = %p.name, error = %e, "release failed"),
+            }
+        }
+        let enrolled: BTreeMap<String, PodInfo> = self
+            .pods
+            .list()
+            .into_iter()
+            .map(|p| (p.name.clone(), p))
+            .collect();
+        let mut pending = BTreeMap::new();
+        let mut table: Option<ProcessTable> = None;
+        for (name, wl) in mine {
+            // Enrolled already: by this pass's rule, or by hand (the admin
+            // API owns those).
+            if enrolled.contains_key(&name) {
+                continue;
+            }
+            if wl.ips.is_empty() {
+                pending.insert(name, "the pod has no IP yet".to_owned());
+                continue;
+            }
+            let netns = match self.find_netns(wl, &mut table) {
+                Ok(path) => path,
+                Err(reason) => {
+                    pending.insert(name, reason);
+                    continue;
+                }
+            };
+            let spec = PodSpec {
+                name: name.clone(),
+                netns,
+                uid: Some(wl.uid.clone()),
+                managed: true,
+            };
+            if let Err(e) = self.pods.enroll(&spec) {
+                pending.insert(name, e.to_string());
+            }
+        }
+        pending
+    }
+
+    fn find_netns(
+        &self,
+        wl: &Workload,
+        table: &mut Option<ProcessTable>,
+    ) -> Result<PathBuf, String> {
+        match &self.finder {
+            NetnsFinder::Annotation => wl.netns.clone().ok_or_else(|| {
+                format!(
+                    "no {} annotation naming its network namespace",
+                    crate::state::NETNS_ANNOTATION
+                )
+            }),
+            NetnsFinder::Proc(root) => {
+                if wl.uid.is_empty() {
+                    return Err("the pod has no metadata.uid".to_owned());
+                }
+                if table.is_none() {
+                    *table = Some(ProcessTable::read(root).map_err(|e| e.to_string())?);
+                }
+                let table = table.as_ref().expect("just read");
+                table.netns(&wl.uid).map_err(|e| e.to_string())
+            }
+        }
+    }
+}
+
+/// Reconciles on every new snapshot (once the source has read everything:
+/// an empty first snapshot must not release the pods a restarted agent took
+/// back), and every second while some pod is pending.
+pub fn spawn(enroller: Enroller, mut store: watch::Receiver<Arc<Store>>) -> JoinHandle<()> {
+    let enroller = Arc::new(enroller);
+    tokio::spawn(async move {
+        let mut reported: BTreeMap<String, String> = BTreeMap::new();
+        loop {
+            let snapshot = store.borrow_and_update().clone();
+            let mut retry = false;
+            if snapshot.generation > 0 {
+                let e = enroller.clone();
+                let pending =
+                    match tokio::task::spawn_blocking(move || e.reconcile(&snapshot)).await {
+                        Ok(p) => p,
+                        Err(e) => {
+                            warn!(error = %e, "enrolment pass failed");
+                            BTreeMap::new()
+                        }
+                    };
+                for (pod, reason) in &pending {
+                    if reported.get(pod) != Some(reason) {
+                        warn!(pod = %pod, %reason, "in the mesh but not enrolled yet; retrying");
+                    }
+                }
+                retry = !pending.is_empty();
+                enroller.pods.set_pending(pending.clone());
+                reported = pending;
+            }
+            tokio::select! {
+                changed = store.changed() => if changed.is_err() { return },
+                () = tokio::time::sleep(RETRY), if retry => {}
+            }
+        }
+    })
+}
