@@ -505,6 +505,9 @@ impl Testbed {
             .arg(&cgroup)
             .arg("--state-dir")
             .arg(&state_dir)
+            // The name `pod_yaml` gives the node in `spec.nodeName`.
+            .arg("--node-name")
+            .arg(format!("node{node}"))
             .args(extra)
             .env("MESH_LOG", "info,mesh_agent=debug")
             .stdin(Stdio::null())

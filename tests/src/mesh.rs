@@ -55,6 +55,19 @@ pub fn pod_yaml(
     )
 }
 
+/// The same Pod object, with the annotation that names its network
+/// namespace: the agent enrols it when its labels put it in the mesh.
+pub fn with_netns(pod_yaml: &str, pod: &Pod) -> String {
+    pod_yaml.replacen(
+        "metadata:\n",
+        &format!(
+            "metadata:\n  annotations:\n    mesh-agent/netns: {}\n",
+            pod.netns_path().display()
+        ),
+        1,
+    )
+}
+
 /// A ClusterIP Service: `vip:port` to `target_port` on pods with `app=<app>`.
 pub fn service_yaml(
     name: &str,

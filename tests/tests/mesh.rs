@@ -11,7 +11,7 @@ use mesh_tests::{
     Pod, Testbed, Value, ip_of,
     mesh::{
         has_app_plaintext, namespace_yaml, parse_openmetrics, pod_yaml, series_sum, service_yaml,
-        tshark,
+        tshark, with_netns,
     },
 };
 
@@ -562,5 +562,98 @@ fn service_vip_spreads_and_skips_a_down_endpoint() -> anyhow::Result<()> {
         failed <= 1.0,
         "down endpoint kept getting connections: {failed}"
     );
+    Ok(())
+}
+
+/// Names of the pods an agent has enrolled.
+fn enrolled(tb: &Testbed, node: usize) -> anyhow::Result<Vec<String>> {
+    let (status, body) = tb.agent(node).http("GET", "/pods", None)?;
+    anyhow::ensure!(status == 200, "GET /pods answered {status}: {body}");
+    let pods: Vec<Value> = serde_json::from_str(&body)?;
+    Ok(pods
+        .iter()
+        .map(|p| p["name"].as_str().unwrap_or_default().to_owned())
+        .collect())
+}
+
+/// Polls until `done`, for at most 5 s; returns how long it took.
+fn converge(
+    what: &str,
+    mut done: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<Duration> {
+    let start = std::time::Instant::now();
+    while !done()? {
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(5),
+            "not converged after 5 s: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(start.elapsed())
+}
+
+#[test]
+fn labels_enrol_and_release_running_pods_without_a_restart() -> anyhow::Result<()> {
+    let mut tb = Testbed::new(2)?;
+    let client = tb.add_pod(0, "client")?;
+    let server = tb.add_pod(1, "server")?;
+    tb.serve(&server, any6(APP_PORT))?;
+    let config = |ambient: bool, client_labels: &[(&str, &str)]| {
+        vec![
+            namespace_yaml("shop", ambient),
+            with_netns(&pod_yaml(&client, 0, "shop", "client", client_labels), &client),
+            with_netns(&pod_yaml(&server, 1, "shop", "server", &[]), &server),
+        ]
+    };
+    tb.write_config(&config(false, &[]))?;
+    let args = tb.mesh_args()?;
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    for node in 0..2 {
+        tb.start_agent(node, &args)?;
+    }
+    let dst = sa(server.ip4, APP_PORT);
+    let over_hbone = |tb: &Testbed| -> anyhow::Result<f64> {
+        Ok(series_sum(
+            &tb.agent(1).metrics()?,
+            "istio_tcp_connections_opened_total",
+            &[
+                ("reporter", "destination"),
+                ("source_principal", &id("shop", "client")),
+            ],
+        ))
+    };
+
+    // No label: nothing enrolled, plain TCP.
+    assert!(ok(&tb.connect(&client, dst, 1000)?));
+    assert!(enrolled(&tb, 0)?.is_empty() && enrolled(&tb, 1)?.is_empty());
+    assert_eq!(over_hbone(&tb)?, 0.0);
+
+    // The namespace gains the label: both running pods are enrolled by
+    // their agents within a second, and the next call goes over HBONE.
+    tb.write_config(&config(true, &[]))?;
+    let took = converge("namespace labelled ambient", || {
+        Ok(enrolled(&tb, 0)? == ["shop/client"] && enrolled(&tb, 1)? == ["shop/server"])
+    })?;
+    assert!(took < Duration::from_secs(1), "enrolled after {took:?}");
+    let r = tb.connect(&client, dst, 100_000)?;
+    assert!(ok(&r), "{r}");
+    assert_eq!(r["received"], 100_000, "{r}");
+    assert_eq!(over_hbone(&tb)?, 1.0, "the call went over HBONE");
+
+    // The pod opts out with its own label: released, the server stays.
+    tb.write_config(&config(true, &[("istio.io/dataplane-mode", "none")]))?;
+    let took = converge("pod labelled none", || {
+        Ok(enrolled(&tb, 0)?.is_empty() && enrolled(&tb, 1)? == ["shop/server"])
+    })?;
+    assert!(took < Duration::from_secs(1), "released after {took:?}");
+    assert!(ok(&tb.connect(&client, dst, 1000)?));
+    assert_eq!(over_hbone(&tb)?, 1.0, "plaintext now, not HBONE");
+
+    // The label leaves the namespace: the server is released too.
+    tb.write_config(&config(false, &[]))?;
+    converge("namespace unlabelled", || Ok(enrolled(&tb, 1)?.is_empty()))?;
+    assert!(ok(&tb.connect(&client, dst, 1000)?));
+    let log = tb.agent(1).log_text();
+    assert!(log.contains("pod enrolled") && log.contains("released"), "{log}");
     Ok(())
 }

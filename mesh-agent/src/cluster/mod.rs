@@ -75,5 +75,10 @@ pub const WATCHED: &[Resource] = &[
     ),
 ];
 
-/// Where the agent writes Events (`create` and `patch` in RBAC).
+/// Where the agent writes Events (`create` and `patch` in RBAC): kube's
+/// recorder picks the resource; this names it for the RBAC check.
+#[cfg_attr(
+    not(test),
+    allow(dead_code, reason = "read by the test that checks deploy/rbac.yaml")
+)]
 pub const EVENTS: Resource = Resource::new("events.k8s.io", "v1", "Event", "events", true);

@@ -208,6 +208,7 @@ impl Store {
     /// Builds a snapshot from YAML texts `(origin, text)`, each with one or
     /// more `---` separated documents. Bad objects become warnings; the rest
     /// is used.
+    #[cfg(test)]
     pub fn from_yaml(docs: &[(String, String)], opts: &StoreOptions) -> Store {
         let docs: Vec<Document> = docs
             .iter()

@@ -167,6 +167,7 @@ impl Document {
         doc
     }
 
+    #[cfg(test)]
     pub fn origin(&self) -> &str {
         &self.origin
     }
