@@ -6,6 +6,8 @@ pub mod events;
 #[cfg(test)]
 pub mod fake_api;
 pub mod source;
+#[cfg(test)]
+mod source_tests;
 
 pub use source::KubeSource;
 

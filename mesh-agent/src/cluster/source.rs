@@ -41,7 +41,7 @@ pub type References = Arc<Mutex<HashMap<ObjectKey, ObjectReference>>>;
 
 pub struct KubeSource {
     client: Client,
-    resources: Vec<Resource>,
+    pub(super) resources: Vec<Resource>,
     references: References,
 }
 

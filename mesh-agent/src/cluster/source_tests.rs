@@ -1,0 +1,201 @@
+//! The Kubernetes API source against the in-process API server stand-in,
+//! through the real kube-rs client: the store converges after list, watch
+//! events, bookmarks, a dropped connection, `410 Gone` and API errors; a
+//! kind the server does not serve is reported and the rest still loads;
+//! Events are written on objects the agent could not apply.
+
+use std::{net::IpAddr, sync::Arc, time::Duration};
+
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use super::{
+    Resource, events,
+    fake_api::FakeApi,
+    source::{KubeSource, ORIGIN},
+};
+use crate::state::{Conn, Decision, Store, StoreOptions, spawn_source};
+
+fn opts() -> StoreOptions {
+    StoreOptions {
+        trust_domain: "cluster.local".into(),
+        root_namespace: "istio-system".into(),
+    }
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn namespace(name: &str, ambient: bool) -> Value {
+    let labels = if ambient {
+        json!({"istio.io/dataplane-mode": "ambient"})
+    } else {
+        json!({})
+    };
+    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})
+}
+
+fn pod(name: &str, node: &str, pod_ip: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "shop", "labels": {"app": "web"}},
+        "spec": {"nodeName": node, "serviceAccountName": "web", "containers": [{"name": "app", "image": "x"}]},
+        "status": {"phase": "Running", "podIP": pod_ip, "podIPs": [{"ip": pod_ip}]}
+    })
+}
+
+fn policy(name: &str, spec: Value) -> Value {
+    json!({
+        "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": name, "namespace": "shop"}, "spec": spec
+    })
+}
+
+/// Waits (bounded) for a snapshot that satisfies `ok`.
+async fn until(rx: &mut watch::Receiver<Arc<Store>>, what: &str, ok: impl Fn(&Store) -> bool) {
+    let converged = tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|s| ok(s)))
+        .await
+        .is_ok_and(|r| r.is_ok());
+    assert!(
+        converged,
+        "store did not converge: {what}; last snapshot: {:#}",
+        rx.borrow().dump()
+    );
+}
+
+/// Plaintext from 10.9.9.9 to the pod at `ip`, as authorization sees it.
+fn allowed(s: &Store, pod_ip: &str) -> bool {
+    let Some(dst) = s.workload_by_ip(ip(pod_ip)) else {
+        return false;
+    };
+    s.authorize(&Conn {
+        src_ip: ip("10.9.9.9"),
+        src_identity: None,
+        dst,
+        dst_ip: ip(pod_ip),
+        dst_port: 8080,
+    }) == Decision::Allow
+}
+
+fn lists(fake: &FakeApi, plural: &str) -> usize {
+    fake.requests()
+        .iter()
+        .filter(|r| r.starts_with("GET ") && r.contains(&format!("/{plural}")) && !r.contains("watch="))
+        .count()
+}
+
+#[tokio::test]
+async fn converges_through_watch_events_bookmarks_drops_410_and_api_errors() {
+    let fake = FakeApi::start().await;
+    fake.apply(namespace("shop", true));
+    fake.apply(pod("web-1", "node-a", "10.1.0.5"));
+    let source = Box::new(KubeSource::new(fake.client()));
+    let (mut rx, task) = spawn_source(source, opts());
+    until(&mut rx, "initial list", |s| {
+        s.generation > 0 && s.workload_by_ip(ip("10.1.0.5")).is_some_and(|w| w.captured)
+    })
+    .await;
+    assert!(rx.borrow().warnings().is_empty(), "{:?}", rx.borrow().warnings());
+
+    // Watch events: add, change, delete.
+    fake.apply(policy("deny-all", json!({"action": "DENY", "rules": [{}]})));
+    until(&mut rx, "policy added", |s| !allowed(s, "10.1.0.5")).await;
+    fake.apply(pod("web-1", "node-a", "10.1.0.6"));
+    until(&mut rx, "pod changed", |s| {
+        s.workload_by_ip(ip("10.1.0.6")).is_some() && s.workload_by_ip(ip("10.1.0.5")).is_none()
+    })
+    .await;
+    fake.delete("security.istio.io/v1", "AuthorizationPolicy", Some("shop"), "deny-all");
+    until(&mut rx, "policy deleted", |s| allowed(s, "10.1.0.6")).await;
+
+    // A dropped connection: the watch resumes from where it was (after a
+    // bookmark), nothing missed, no relist.
+    let pod_lists = lists(&fake, "pods");
+    fake.bookmark();
+    fake.drop_watches();
+    fake.apply(pod("web-2", "node-b", "10.2.0.7"));
+    until(&mut rx, "pod added while the watch was down", |s| {
+        s.workload_by_ip(ip("10.2.0.7")).is_some()
+    })
+    .await;
+    assert_eq!(lists(&fake, "pods"), pod_lists, "resumed without a relist");
+
+    // The API fails while the watches are down (they back off), objects
+    // change and history is compacted meanwhile: each watch gets 410 Gone,
+    // relists, and what was deleted in between is gone.
+    fake.fail_next(8, 503);
+    fake.drop_watches();
+    fake.delete("v1", "Pod", Some("shop"), "web-2");
+    fake.apply(namespace("shop", false));
+    fake.compact();
+    until(&mut rx, "relisted after API errors and 410", |s| {
+        s.workload_by_ip(ip("10.2.0.7")).is_none()
+            && s.workload_by_ip(ip("10.1.0.6")).is_some_and(|w| !w.captured)
+    })
+    .await;
+    assert!(lists(&fake, "pods") > pod_lists, "410 Gone led to a new list");
+    drop(rx);
+    task.abort();
+}
+
+#[tokio::test]
+async fn a_kind_the_server_does_not_serve_is_reported_and_the_rest_loads() {
+    let fake = FakeApi::start().await;
+    fake.apply(pod("web-1", "node-a", "10.1.0.5"));
+    let mut source = KubeSource::new(fake.client());
+    source.resources.push(Resource::new("example.com", "v1", "Widget", "widgets", true));
+    let (mut rx, task) = spawn_source(Box::new(source), opts());
+    until(&mut rx, "loaded without widgets", |s| {
+        s.workload_by_ip(ip("10.1.0.5")).is_some()
+    })
+    .await;
+    let store = rx.borrow().clone();
+    let w = &store.warnings()[0];
+    assert_eq!((w.object.as_str(), w.kind), (&*format!("{ORIGIN}: widgets"), "load_error"));
+    assert!(w.message.contains("example.com/v1/widgets"), "{}", w.message);
+    task.abort();
+}
+
+#[tokio::test]
+async fn objects_that_cannot_be_applied_get_an_event_and_fail_closed() {
+    let fake = FakeApi::start().await;
+    fake.apply(pod("web-1", "node-a", "10.1.0.5"));
+    let source = KubeSource::new(fake.client());
+    let references = source.references();
+    let (mut rx, task) = spawn_source(Box::new(source), opts());
+    let writer = events::spawn(fake.client(), "node-a".into(), references, rx.clone());
+    fake.apply(policy("typo", json!({"acton": "ALLOW"})));
+    until(&mut rx, "typo'd policy", |s| !s.warnings().is_empty()).await;
+    {
+        let store = rx.borrow();
+        let w = &store.warnings()[0];
+        assert_eq!(
+            (w.object.as_str(), w.kind),
+            ("kubernetes: AuthorizationPolicy shop/typo", "unknown_field")
+        );
+        assert!(w.message.contains("acton"), "{}", w.message);
+        assert!(!allowed(&store, "10.1.0.5"), "a policy that does not parse denies");
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let event = loop {
+        let found = fake
+            .objects("events.k8s.io/v1", "Event")
+            .into_iter()
+            .find(|e| e["regarding"]["name"] == "typo");
+        if let Some(e) = found {
+            break e;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no Event written");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(event["regarding"]["kind"], "AuthorizationPolicy");
+    assert_eq!(event["regarding"]["namespace"], "shop");
+    assert!(event["regarding"]["uid"].is_string(), "{event}");
+    assert_eq!(event["reason"], "UnknownField");
+    assert_eq!(event["type"], "Warning");
+    assert_eq!(event["reportingController"], events::CONTROLLER);
+    assert!(event["note"].as_str().unwrap().contains("acton"), "{event}");
+    writer.abort();
+    task.abort();
+}
