@@ -9,7 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 use anyhow::Context as _;
 use mesh_tests::{
     Pod, Testbed, Value,
-    mesh::{has_app_plaintext, namespace_yaml, pod_yaml, tshark},
+    mesh::{has_app_plaintext, namespace_yaml, pod_yaml, tshark, with_netns},
 };
 
 const PORT: u16 = 8080;
@@ -114,16 +114,23 @@ pub fn run() -> anyhow::Result<()> {
     tb.serve(&batch, SocketAddr::new(batch.ip4, PORT))?;
     tb.serve(&frontend, "127.0.0.1:7000".parse()?)?;
 
-    let docs = vec![
-        namespace_yaml("shop", true),
-        namespace_yaml("legacy", false),
-        pod_yaml(&frontend, 0, "shop", "frontend", &[("app", "frontend")]),
-        pod_yaml(&backend, 0, "shop", "backend", &[("app", "backend")]),
-        pod_yaml(&intruder, 0, "shop", "intruder", &[("app", "intruder")]),
-        pod_yaml(&batch, 0, "legacy", "default", &[("app", "batch")]),
-        POLICY.to_owned(),
-    ];
-    tb.write_config(&docs)?;
+    // Each Pod names its network namespace (annotation mesh-agent/netns):
+    // on a single machine that is how the agent finds it.
+    let docs = |shop_ambient: bool| {
+        let pod = |p: &Pod, ns: &str, sa: &str, app: &str| {
+            with_netns(&pod_yaml(p, 0, ns, sa, &[("app", app)]), p)
+        };
+        vec![
+            namespace_yaml("shop", shop_ambient),
+            namespace_yaml("legacy", false),
+            pod(&frontend, "shop", "frontend", "frontend"),
+            pod(&backend, "shop", "backend", "backend"),
+            pod(&intruder, "shop", "intruder", "intruder"),
+            pod(&batch, "legacy", "default", "batch"),
+            POLICY.to_owned(),
+        ]
+    };
+    tb.write_config(&docs(false))?;
     let config = tb.config_path().display().to_string();
     tb.start_agent(0, &["--config", &config])?;
     println!(
@@ -138,11 +145,34 @@ pub fn run() -> anyhow::Result<()> {
         "  embedded CA: a root generated once under {}",
         tb.nodes[0].state_dir.join("ca").display()
     );
-    for pod in [&frontend, &backend, &intruder] {
-        let info = tb.agent(0).enroll(pod)?;
+    println!("  enrolled pods: {} (no namespace is labelled yet)", enrolled(&tb)?.len());
+
+    println!(
+        "\nLabelling namespace shop istio.io/dataplane-mode=ambient in {config} (the agent keeps running):"
+    );
+    let labelled = std::time::Instant::now();
+    tb.write_config(&docs(true))?;
+    let pods = loop {
+        let pods = enrolled(&tb)?;
+        if pods.len() == 3 {
+            break pods;
+        }
+        anyhow::ensure!(
+            labelled.elapsed() < std::time::Duration::from_secs(10),
+            "the shop pods were not enrolled; agent log:\n{}",
+            tb.agent(0).log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    println!(
+        "  the agent enrolled the three running shop pods within {} ms:",
+        labelled.elapsed().as_millis()
+    );
+    for info in &pods {
         println!(
-            "  enrolled shop/{} (netns cookie {}): listeners 15001/15006/15008 opened inside the pod",
-            pod.name, info["netns_cookie"]
+            "    {} (netns cookie {}): listeners 15001/15006/15008 opened inside the pod",
+            info["name"].as_str().unwrap_or_default(),
+            info["netns_cookie"]
         );
     }
 
@@ -243,6 +273,13 @@ pub fn run() -> anyhow::Result<()> {
     drop(tb);
     println!("Done.");
     Ok(())
+}
+
+/// The agent's enrolled pods (`/pods`).
+fn enrolled(tb: &Testbed) -> anyhow::Result<Vec<Value>> {
+    let (status, body) = tb.agent(0).http("GET", "/pods", None)?;
+    anyhow::ensure!(status == 200, "GET /pods answered {status}: {body}");
+    Ok(serde_json::from_str(&body)?)
 }
 
 fn describe(r: &Value, from: &Pod) {
