@@ -133,6 +133,7 @@ async fn node(args: NodeArgs, log_filter: admin::LogFilter) -> anyhow::Result<()
             pods: pods.clone(),
             node: node_name.clone(),
             finder,
+            certs: shared.certs.clone(),
         };
         inpod::enrol::spawn(enroller, store.clone());
     }

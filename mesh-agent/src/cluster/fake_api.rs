@@ -19,8 +19,7 @@ use hyper::{
     server::conn::http1, service::service_fn,
 };
 use hyper_util::rt::TokioIo;
-use k8s_openapi::chrono::{SecondsFormat, Utc};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use tokio::{
     net::TcpListener,
     sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel},
@@ -30,14 +29,14 @@ use tokio::{
 
 use super::{EVENTS, Resource, WATCHED};
 
-/// Server-side apply's content type.
-const APPLY_PATCH: &str = "application/apply-patch+yaml";
-
 /// Kinds served besides the watched ones: what the agent and the CA write.
 const WRITTEN: &[Resource] = &[
     Resource::new("", "v1", "ConfigMap", "configmaps", true),
     Resource::new("", "v1", "Event", "events", true),
 ];
+
+const TOKEN_REVIEWS: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
+const APPLY_PATCH: &str = "application/apply-patch+yaml";
 
 /// A running fake API server; dropping it stops the server and its connections.
 pub struct FakeApi {
@@ -61,7 +60,7 @@ impl FakeApi {
     pub async fn start() -> FakeApi {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
-            .expect("bind the fake API on 127.0.0.1:0");
+            .expect("bind 127.0.0.1:0");
         let addr = listener
             .local_addr()
             .expect("a bound listener has an address");
@@ -78,23 +77,26 @@ impl FakeApi {
         format!("http://{}", self.addr)
     }
 
-    /// A client without auth whose default namespace is "default". Must be
-    /// called inside a tokio runtime (the client spawns its buffer task).
+    /// A client without auth whose default namespace is "default". Call it
+    /// inside a tokio runtime: the client spawns its buffer task.
     pub fn client(&self) -> kube::Client {
-        let url = self.url().parse().expect("the fake API URL is a valid URI");
+        let url = self.url().parse().expect("the fake API URL is a URI");
         kube::Client::try_from(kube::Config::new(url)).expect("a kube client for the fake API")
     }
 
-    /// Creates or replaces an object (given with apiVersion, kind,
-    /// metadata.name and, for namespaced kinds, metadata.namespace defaulting
-    /// to "default"), notifies watches and returns what was stored.
+    /// Creates or replaces an object (with apiVersion, kind, metadata.name
+    /// and, for namespaced kinds, metadata.namespace, default "default"),
+    /// notifies watches and returns what was stored.
     pub fn apply(&self, obj: Value) -> Value {
-        let resource = resource_of(&obj);
-        let name = meta_str(&obj, "name").expect("apply: the object needs metadata.name");
-        let namespace = resource
-            .namespaced
-            .then(|| meta_str(&obj, "namespace").unwrap_or("default").to_owned());
-        let key = ObjectKey::new(resource, namespace.as_deref(), name);
+        let api_version = obj["apiVersion"].as_str().expect("apply: no apiVersion");
+        let resource = served_kind(api_version, obj["kind"].as_str().expect("apply: no kind"));
+        let name = meta_str(&obj, "name").expect("apply: no metadata.name");
+        let namespace = meta_str(&obj, "namespace").unwrap_or("default");
+        let key = ObjectKey::new(
+            resource,
+            resource.get().namespaced.then_some(namespace),
+            name,
+        );
         self.lock().store(key, obj)
     }
 
@@ -106,9 +108,11 @@ impl FakeApi {
         namespace: Option<&str>,
         name: &str,
     ) -> bool {
-        let resource = by_kind(api_version, kind)
-            .unwrap_or_else(|| panic!("delete: {api_version} {kind} is not served"));
-        let namespace = resource.namespaced.then(|| namespace.unwrap_or("default"));
+        let resource = served_kind(api_version, kind);
+        let namespace = resource
+            .get()
+            .namespaced
+            .then(|| namespace.unwrap_or("default"));
         self.lock()
             .remove(&ObjectKey::new(resource, namespace, name))
             .is_some()
@@ -116,14 +120,13 @@ impl FakeApi {
 
     /// Current objects of a kind, ordered by namespace and name.
     pub fn objects(&self, api_version: &str, kind: &str) -> Vec<Value> {
-        let resource = by_kind(api_version, kind)
-            .unwrap_or_else(|| panic!("objects: {api_version} {kind} is not served"));
+        let resource = served_kind(api_version, kind);
         let state = self.lock();
-        let objects = state.objects.iter();
-        objects
-            .filter(|(key, _)| key.is(resource))
-            .map(|(_, obj)| obj.clone())
-            .collect()
+        let objects = state
+            .objects
+            .iter()
+            .filter(|(key, _)| key.resource == resource);
+        objects.map(|(_, obj)| obj.clone()).collect()
     }
 
     /// Forgets the event history up to now, like etcd compaction: a watch
@@ -145,8 +148,8 @@ impl FakeApi {
         let mut state = self.lock();
         let resource_version = state.resource_version;
         state.watches.retain(|watch| {
-            let line = event_line("BOOKMARK", &watch.filter.bookmark(resource_version, None));
-            !watch.bookmarks || watch.tx.send(line).is_ok()
+            let bookmark = watch.filter.bookmark(resource_version, json!({}));
+            !watch.bookmarks || watch.tx.send(event_line("BOOKMARK", &bookmark)).is_ok()
         });
     }
 
@@ -160,8 +163,8 @@ impl FakeApi {
         self.lock().tokens.insert(token.to_owned(), user);
     }
 
-    /// Every request seen, as "METHOD /path?query" (query as sent, still
-    /// percent-encoded), in order.
+    /// Every request seen, as "METHOD /path?query" with the query as sent
+    /// (still percent-encoded), in order.
     pub fn requests(&self) -> Vec<String> {
         self.lock().requests.clone()
     }
@@ -177,7 +180,7 @@ impl Drop for FakeApi {
     }
 }
 
-/// A test that panicked while holding the lock must not take the others down.
+/// A test that panicked while holding the lock must not fail the others.
 fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
     state.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -197,26 +200,25 @@ struct State {
     requests: Vec<String>,
 }
 
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
 struct ObjectKey {
-    group: &'static str,
-    kind: &'static str,
+    resource: ServedKind,
     namespace: Option<String>,
     name: String,
 }
 
+/// A served kind, compared by identity so it can order the store.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct ServedKind(usize);
+
 impl ObjectKey {
-    fn new(resource: &'static Resource, namespace: Option<&str>, name: &str) -> Self {
+    fn new(resource: ServedKind, namespace: Option<&str>, name: &str) -> Self {
+        let namespace = namespace.map(str::to_owned);
         ObjectKey {
-            group: resource.group,
-            kind: resource.kind,
-            namespace: namespace.map(str::to_owned),
+            resource,
+            namespace,
             name: name.to_owned(),
         }
-    }
-
-    fn is(&self, resource: &Resource) -> bool {
-        self.group == resource.group && self.kind == resource.kind
     }
 }
 
@@ -237,79 +239,52 @@ struct Watch {
 }
 
 impl State {
-    fn next_resource_version(&mut self) -> u64 {
-        self.resource_version += 1;
-        self.resource_version
-    }
-
-    /// Writes `obj` under `key`, keeping the uid and creation time of what it
-    /// replaces unless `obj` gives its own.
+    /// Writes `obj` under `key`, keeping the uid of what it replaces unless
+    /// `obj` gives its own.
     fn store(&mut self, key: ObjectKey, mut obj: Value) -> Value {
         let previous = self.objects.get(&key).cloned();
-        let old_meta = |field| {
-            previous
-                .as_ref()
-                .and_then(|p| meta_str(p, field))
-                .map(str::to_owned)
+        let old_uid = previous.as_ref().and_then(|old| meta_str(old, "uid"));
+        let uid = match meta_str(&obj, "uid").or(old_uid) {
+            Some(uid) => uid.to_owned(),
+            None => {
+                self.uids += 1;
+                format!("00000000-0000-4000-8000-{:012x}", self.uids)
+            }
         };
-        let uid = meta_str(&obj, "uid")
-            .map(str::to_owned)
-            .or_else(|| old_meta("uid"));
-        let uid = uid.unwrap_or_else(|| {
-            self.uids += 1;
-            format!("00000000-0000-4000-8000-{:012x}", self.uids)
-        });
-        let created = old_meta("creationTimestamp")
-            .or_else(|| meta_str(&obj, "creationTimestamp").map(str::to_owned));
-        let created =
-            created.unwrap_or_else(|| Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true));
-        let resource_version = self.next_resource_version();
-
-        let resource = by_kind_key(&key);
+        self.resource_version += 1;
+        let resource = key.resource.get();
         obj["apiVersion"] = api_version(resource).into();
         obj["kind"] = resource.kind.into();
-        let meta = metadata_mut(&mut obj);
-        meta.insert("name".into(), key.name.clone().into());
-        match &key.namespace {
-            Some(namespace) => meta.insert("namespace".into(), namespace.clone().into()),
-            None => meta.remove("namespace"),
-        };
-        meta.insert("uid".into(), uid.into());
-        meta.insert("creationTimestamp".into(), created.into());
-        meta.insert(
-            "resourceVersion".into(),
-            resource_version.to_string().into(),
-        );
-
+        obj["metadata"]["name"] = key.name.clone().into();
+        obj["metadata"]["namespace"] = key.namespace.clone().into();
+        obj["metadata"]["uid"] = uid.into();
+        obj["metadata"]["resourceVersion"] = self.resource_version.to_string().into();
+        if let Some(meta) = obj["metadata"].as_object_mut() {
+            meta.retain(|_, value| !value.is_null());
+        }
         self.objects.insert(key, obj.clone());
-        self.record(Change {
-            resource_version,
-            object: obj.clone(),
-            previous,
-            exists: true,
-        });
+        self.record(obj.clone(), previous, true);
         obj
     }
 
     fn remove(&mut self, key: &ObjectKey) -> Option<Value> {
         let previous = self.objects.remove(key)?;
-        let resource_version = self.next_resource_version();
+        self.resource_version += 1;
         let mut object = previous.clone();
-        metadata_mut(&mut object).insert(
-            "resourceVersion".into(),
-            resource_version.to_string().into(),
-        );
-        self.record(Change {
-            resource_version,
-            object: object.clone(),
-            previous: Some(previous),
-            exists: false,
-        });
+        object["metadata"]["resourceVersion"] = self.resource_version.to_string().into();
+        self.record(object.clone(), Some(previous), false);
         Some(object)
     }
 
-    fn record(&mut self, change: Change) {
-        // A watch whose client went away is dropped on the first failed send.
+    fn record(&mut self, object: Value, previous: Option<Value>, exists: bool) {
+        let resource_version = self.resource_version;
+        let change = Change {
+            resource_version,
+            object,
+            previous,
+            exists,
+        };
+        // A watch whose client went away is dropped on the next failed send.
         self.watches
             .retain(|watch| match watch.filter.event_line(&change) {
                 Some(line) => watch.tx.send(line).is_ok(),
@@ -318,8 +293,22 @@ impl State {
         self.history.push(change);
     }
 
-    /// Starts a watch: replays what it asked for into the channel, then
-    /// registers it for live changes (under one lock, so nothing slips between).
+    fn list(&self, filter: &Filter) -> Value {
+        let items: Vec<&Value> = self
+            .objects
+            .values()
+            .filter(|o| filter.matches(o))
+            .collect();
+        json!({
+            "apiVersion": api_version(filter.resource.get()),
+            "kind": format!("{}List", filter.resource.get().kind),
+            "metadata": { "resourceVersion": self.resource_version.to_string() },
+            "items": items,
+        })
+    }
+
+    /// Starts a watch: queues what it asked to replay, then registers it for
+    /// live changes, under one lock so that nothing slips in between.
     fn open_watch(
         &mut self,
         filter: Filter,
@@ -331,18 +320,14 @@ impl State {
         let send_initial = query.flag("sendInitialEvents");
         let from = query
             .get("resourceVersion")
-            .filter(|rv| !rv.is_empty() && *rv != "0");
+            .filter(|rv| !matches!(*rv, "" | "0"));
         match from {
             Some(from) if !send_initial => {
-                let from: u64 = from
-                    .parse()
-                    .map_err(|_| Status::new(400, format!("invalid resourceVersion {from:?}")))?;
+                let bad = |_| Status::new(400, format!("invalid resourceVersion {from:?}"));
+                let from: u64 = from.parse().map_err(bad)?;
                 if from < self.compacted {
-                    let gone = Status::new(
-                        410,
-                        format!("too old resource version: {from} ({})", self.compacted),
-                    );
-                    send(event_line("ERROR", &gone.to_json()));
+                    let message = format!("too old resource version: {from} ({})", self.compacted);
+                    send(event_line("ERROR", &Status::new(410, message).to_json()));
                     return Ok(rx);
                 }
                 let replay = self
@@ -354,7 +339,7 @@ impl State {
                     .for_each(send);
             }
             // No resourceVersion, "0", or a streaming list: the current state
-            // as synthetic ADDED events first.
+            // as ADDED events first.
             _ => {
                 let current = self.objects.values().filter(|obj| filter.matches(obj));
                 current.for_each(|obj| send(event_line("ADDED", obj)));
@@ -362,7 +347,7 @@ impl State {
                     let end = json!({ "k8s.io/initial-events-end": "true" });
                     send(event_line(
                         "BOOKMARK",
-                        &filter.bookmark(self.resource_version, Some(end)),
+                        &filter.bookmark(self.resource_version, end),
                     ));
                 }
             }
@@ -373,20 +358,6 @@ impl State {
             tx,
         });
         Ok(rx)
-    }
-
-    fn list(&self, filter: &Filter) -> Value {
-        let items: Vec<&Value> = self
-            .objects
-            .values()
-            .filter(|obj| filter.matches(obj))
-            .collect();
-        json!({
-            "apiVersion": api_version(filter.resource),
-            "kind": format!("{}List", filter.resource.kind),
-            "metadata": { "resourceVersion": self.resource_version.to_string() },
-            "items": items,
-        })
     }
 
     fn take_failure(&mut self) -> Option<u16> {
@@ -401,31 +372,26 @@ impl State {
 /// Which objects a list or watch returns: a kind, maybe one namespace, and
 /// equality selectors on fields and labels.
 struct Filter {
-    resource: &'static Resource,
+    resource: ServedKind,
     namespace: Option<String>,
     fields: Vec<Requirement>,
     labels: Vec<Requirement>,
 }
 
-/// `key=value`, `key==value` or `key!=value`.
-struct Requirement {
-    key: String,
-    value: String,
-    equal: bool,
-}
-
 impl Filter {
     fn matches(&self, obj: &Value) -> bool {
-        obj["apiVersion"] == api_version(self.resource).as_str()
-            && obj["kind"] == self.resource.kind
+        let resource = self.resource.get();
+        let field = |path: &str| path.split('.').try_fold(obj, |v, part| v.get(part));
+        obj["apiVersion"] == api_version(resource).as_str()
+            && obj["kind"] == resource.kind
             && self
                 .namespace
                 .as_deref()
                 .is_none_or(|ns| meta_str(obj, "namespace") == Some(ns))
-            && self.fields.iter().all(|r| {
-                let field = r.key.split('.').try_fold(obj, |v, part| v.get(part));
-                r.holds(field.and_then(Value::as_str))
-            })
+            && self
+                .fields
+                .iter()
+                .all(|r| r.holds(field(&r.key).and_then(Value::as_str)))
             && self
                 .labels
                 .iter()
@@ -445,32 +411,40 @@ impl Filter {
         Some(event_line(kind, &change.object))
     }
 
-    fn bookmark(&self, resource_version: u64, annotations: Option<Value>) -> Value {
-        let mut metadata = json!({ "resourceVersion": resource_version.to_string() });
-        if let Some(annotations) = annotations {
-            metadata["annotations"] = annotations;
-        }
-        json!({ "apiVersion": api_version(self.resource), "kind": self.resource.kind, "metadata": metadata })
+    /// An object of the watched kind carrying only a resourceVersion (and
+    /// maybe annotations): what kube's `Bookmark` expects.
+    fn bookmark(&self, resource_version: u64, annotations: Value) -> Value {
+        let resource = self.resource.get();
+        let metadata =
+            json!({ "resourceVersion": resource_version.to_string(), "annotations": annotations });
+        json!({ "apiVersion": api_version(resource), "kind": resource.kind, "metadata": metadata })
     }
 }
 
+/// `key=value`, `key==value` or `key!=value`.
+struct Requirement {
+    key: String,
+    value: String,
+    equal: bool,
+}
+
 impl Requirement {
-    fn parse_all(selector: &str) -> Result<Vec<Self>, Status> {
-        let terms = selector.split(',').filter(|term| !term.trim().is_empty());
+    fn parse_all(selector: Option<&str>) -> Result<Vec<Self>, Status> {
+        let terms = selector
+            .unwrap_or("")
+            .split(',')
+            .filter(|term| !term.trim().is_empty());
         terms.map(Self::parse).collect()
     }
 
     fn parse(term: &str) -> Result<Self, Status> {
-        let (key, value, equal) = if let Some((key, value)) = term.split_once("!=") {
-            (key, value, false)
-        } else if let Some((key, value)) = term.split_once("==").or_else(|| term.split_once('=')) {
-            (key, value, true)
-        } else {
-            return Err(Status::new(
-                400,
-                format!("unsupported selector {term:?}: only = and != are served"),
-            ));
+        let (split, equal) = match term.split_once("!=") {
+            Some(split) => (Some(split), false),
+            None => (term.split_once("==").or_else(|| term.split_once('=')), true),
         };
+        let unsupported =
+            || Status::new(400, format!("unsupported selector {term:?}: only = and !="));
+        let (key, value) = split.ok_or_else(unsupported)?;
         Ok(Requirement {
             key: key.trim().to_owned(),
             value: value.trim().to_owned(),
@@ -532,17 +506,14 @@ impl Status {
 type Body = UnsyncBoxBody<Bytes, Infallible>;
 
 async fn accept(listener: TcpListener, state: Arc<Mutex<State>>) {
-    // Owning the connections here means aborting this task also closes them.
+    // Owning the connections here means aborting this task closes them too.
     let mut connections = JoinSet::new();
     while let Ok((stream, _)) = listener.accept().await {
         let state = state.clone();
         let service = service_fn(move |req| serve(state.clone(), req));
-        connections.spawn(async move {
-            // A client hanging up mid-response is normal for a test.
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
+        let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+        // A client hanging up mid-response is normal for a test.
+        connections.spawn(async move { connection.await.ok() });
         while connections.try_join_next().is_some() {}
     }
 }
@@ -558,100 +529,106 @@ async fn serve(
         state.requests.push(format!("{} {target}", parts.method));
         state.take_failure()
     };
-    if let Some(code) = failure {
-        return Ok(Status::new(code, "injected failure").into_response());
-    }
-    let response = match body.collect().await {
-        Ok(body) => handle(&state, &parts, &body.to_bytes()),
-        Err(err) => Err(Status::new(400, format!("reading the request body: {err}"))),
+    let response = match (failure, body.collect().await) {
+        (Some(code), _) => Err(Status::new(code, "injected failure")),
+        (None, Ok(body)) => handle(&state, &parts, &body.to_bytes()),
+        (None, Err(err)) => Err(Status::new(400, format!("reading the request body: {err}"))),
     };
     Ok(response.unwrap_or_else(Status::into_response))
 }
 
 fn handle(state: &Mutex<State>, parts: &Parts, body: &[u8]) -> Result<Response<Body>, Status> {
     let path = parts.uri.path();
+    if path == TOKEN_REVIEWS && parts.method == Method::POST {
+        return token_review(&lock(state), body);
+    }
     let not_found = || {
         Status::new(
             404,
             format!("the server could not find the requested resource ({path})"),
         )
     };
-    let target = match route(path).ok_or_else(not_found)? {
-        Route::TokenReviews if parts.method == Method::POST => {
-            return token_review(&lock(state), body);
-        }
-        Route::TokenReviews => return Err(Status::new(405, "tokenreviews only accept POST")),
-        Route::Resource(target) => target,
-    };
-    let Target {
-        resource,
-        namespace,
-        name,
-    } = &target;
-    if namespace.is_some() && !resource.namespaced
-        || name.is_some() && resource.namespaced && namespace.is_none()
-    {
-        return Err(not_found());
-    }
-    let call = ApiCall {
-        resource,
-        namespace: namespace.as_deref(),
-        parts,
-        query: Query::parse(parts.uri.query().unwrap_or("")),
-        body,
-    };
+    let call = ApiCall::route(parts, body).ok_or_else(not_found)?;
     let mut state = lock(state);
-    match name {
+    match call.name {
         None => call.on_collection(&mut state),
         Some(name) => call.on_object(&mut state, name),
     }
 }
 
-/// A request for a served kind, once routed.
+/// A request for a served kind, routed by its path.
 struct ApiCall<'a> {
-    resource: &'static Resource,
+    resource: ServedKind,
     namespace: Option<&'a str>,
+    name: Option<&'a str>,
     parts: &'a Parts,
     query: Query,
     body: &'a [u8],
 }
 
-impl ApiCall<'_> {
+impl<'a> ApiCall<'a> {
+    /// `/api/v1/...` or `/apis/{group}/{version}/...`, then `{plural}[/{name}]`
+    /// or `namespaces/{ns}/{plural}[/{name}]`.
+    fn route(parts: &'a Parts, body: &'a [u8]) -> Option<Self> {
+        let segments: Vec<&str> = parts.uri.path().trim_matches('/').split('/').collect();
+        let (group, version, rest) = match segments.as_slice() {
+            ["api", version, rest @ ..] => ("", *version, rest),
+            ["apis", group, version, rest @ ..] => (*group, *version, rest),
+            _ => return None,
+        };
+        let (namespace, plural, name) = match *rest {
+            [plural] => (None, plural, None),
+            [plural, name] => (None, plural, Some(name)),
+            ["namespaces", namespace, plural] => (Some(namespace), plural, None),
+            ["namespaces", namespace, plural, name] => (Some(namespace), plural, Some(name)),
+            _ => return None,
+        };
+        let resource =
+            ServedKind::find(|r| (r.group, r.version, r.plural) == (group, version, plural))?;
+        let namespaced = resource.get().namespaced;
+        if namespace.is_some() && !namespaced || name.is_some() && namespaced && namespace.is_none()
+        {
+            return None;
+        }
+        let query = Query::parse(parts.uri.query().unwrap_or(""));
+        Some(ApiCall {
+            resource,
+            namespace,
+            name,
+            parts,
+            query,
+            body,
+        })
+    }
+
     fn on_collection(&self, state: &mut State) -> Result<Response<Body>, Status> {
-        let resource = self.resource;
         match self.parts.method {
             Method::GET if self.query.flag("watch") => {
                 let timeout = self.query.get("timeoutSeconds").map(str::parse).transpose();
                 let timeout =
-                    timeout.map_err(|_| Status::new(400, "timeoutSeconds must be a number"))?;
+                    timeout.map_err(|_| Status::new(400, "timeoutSeconds is not a number"))?;
                 let events = state.open_watch(self.filter()?, &self.query)?;
                 Ok(watch_response(events, timeout.map(Duration::from_secs)))
             }
             Method::GET => Ok(json_response(200, &state.list(&self.filter()?))),
-            Method::POST if resource.namespaced && self.namespace.is_none() => Err(Status::new(
-                405,
-                format!("POST {} needs a namespace in the path", resource.plural),
-            )),
-            Method::POST => {
-                let obj = parse_json(self.body)?;
-                let name = meta_str(&obj, "name").map(str::to_owned).or_else(|| {
-                    let prefix = meta_str(&obj, "generateName")?;
-                    Some(format!("{prefix}{:05x}", state.resource_version + 1))
-                });
-                let name = name.ok_or_else(|| Status::new(400, "metadata.name: Required value"))?;
+            Method::POST if self.namespace.is_some() || !self.resource.get().namespaced => {
+                let obj = parse_object(self.body, false)?;
+                let name = meta_str(&obj, "name")
+                    .ok_or_else(|| Status::new(400, "metadata.name: Required value"))?;
                 self.check_namespace(&obj)?;
-                let key = ObjectKey::new(resource, self.namespace, &name);
+                let key = ObjectKey::new(self.resource, self.namespace, name);
                 if state.objects.contains_key(&key) {
+                    let plural = self.resource.get().plural;
                     return Err(Status::new(
                         409,
-                        format!("{} {name:?} already exists", resource.plural),
+                        format!("{plural} {name:?} already exists"),
                     ));
                 }
                 Ok(json_response(201, &state.store(key, obj)))
             }
             _ => Err(Status::new(
                 405,
-                format!("{} is not allowed on a collection", self.parts.method),
+                format!("{} is not allowed here", self.parts.method),
             )),
         }
     }
@@ -659,13 +636,18 @@ impl ApiCall<'_> {
     fn on_object(&self, state: &mut State, name: &str) -> Result<Response<Body>, Status> {
         let key = ObjectKey::new(self.resource, self.namespace, name);
         let current = state.objects.get(&key).cloned();
-        let missing = || Status::new(404, format!("{} {name:?} not found", self.resource.plural));
+        let missing = || {
+            Status::new(
+                404,
+                format!("{} {name:?} not found", self.resource.get().plural),
+            )
+        };
         match self.parts.method {
             Method::GET => Ok(json_response(200, &current.ok_or_else(missing)?)),
             Method::DELETE => Ok(json_response(200, &state.remove(&key).ok_or_else(missing)?)),
             Method::PUT => {
                 let current = current.ok_or_else(missing)?;
-                let obj = parse_json(self.body)?;
+                let obj = parse_object(self.body, false)?;
                 if meta_str(&obj, "name") != Some(name) {
                     return Err(Status::new(400, "metadata.name does not match the path"));
                 }
@@ -687,7 +669,7 @@ impl ApiCall<'_> {
             }
             _ => Err(Status::new(
                 405,
-                format!("{} is not allowed on an object", self.parts.method),
+                format!("{} is not allowed here", self.parts.method),
             )),
         }
     }
@@ -696,34 +678,36 @@ impl ApiCall<'_> {
         Ok(Filter {
             resource: self.resource,
             namespace: self.namespace.map(str::to_owned),
-            fields: Requirement::parse_all(self.query.get("fieldSelector").unwrap_or(""))?,
-            labels: Requirement::parse_all(self.query.get("labelSelector").unwrap_or(""))?,
+            fields: Requirement::parse_all(self.query.get("fieldSelector"))?,
+            labels: Requirement::parse_all(self.query.get("labelSelector"))?,
         })
     }
 
     fn content_type(&self) -> &str {
-        let content_type = self.parts.headers.get(header::CONTENT_TYPE);
-        let content_type = content_type.and_then(|v| v.to_str().ok()).unwrap_or("");
-        content_type.split(';').next().unwrap_or("").trim()
+        let content_type = self
+            .parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok());
+        content_type
+            .unwrap_or("")
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
     }
 
-    /// Merge and strategic merge patches are both applied as JSON merge
-    /// patches, server-side apply as a merge of the whole applied object.
+    /// Merge and strategic merge patches are both taken as JSON merge
+    /// patches; server-side apply as a merge of the applied object.
     fn patch(&self) -> Result<Value, Status> {
         match self.content_type() {
             "application/merge-patch+json" | "application/strategic-merge-patch+json" => {
-                parse_json(self.body)
+                parse_object(self.body, false)
             }
-            APPLY_PATCH => {
-                if self.query.get("fieldManager").is_none_or(str::is_empty) {
-                    return Err(Status::new(
-                        400,
-                        "fieldManager: Required value for apply patches",
-                    ));
-                }
-                serde_yaml::from_slice(self.body)
-                    .map_err(|err| Status::new(400, format!("the apply patch is not YAML: {err}")))
-            }
+            APPLY_PATCH if self.query.get("fieldManager").is_none_or(str::is_empty) => Err(
+                Status::new(400, "fieldManager: Required value for apply patches"),
+            ),
+            APPLY_PATCH => parse_object(self.body, true),
             other => Err(Status::new(
                 415,
                 format!("unsupported patch type {other:?}"),
@@ -731,15 +715,13 @@ impl ApiCall<'_> {
         }
     }
 
-    /// The body's namespace, if any, must be the path's (as the API server checks).
+    /// The body's namespace, if any, must be the path's, as the API server checks.
     fn check_namespace(&self, obj: &Value) -> Result<(), Status> {
         match meta_str(obj, "namespace") {
-            Some(given) if self.resource.namespaced && self.namespace != Some(given) => {
+            Some(given) if self.resource.get().namespaced && self.namespace != Some(given) => {
                 Err(Status::new(
                     400,
-                    format!(
-                        "the namespace of the object ({given}) does not match the namespace on the request"
-                    ),
+                    format!("the object's namespace {given:?} is not the request's"),
                 ))
             }
             _ => Ok(()),
@@ -748,7 +730,7 @@ impl ApiCall<'_> {
 }
 
 fn token_review(state: &State, body: &[u8]) -> Result<Response<Body>, Status> {
-    let mut review = parse_json(body)?;
+    let mut review = parse_object(body, false)?;
     let token = review["spec"]["token"].as_str().unwrap_or("");
     let asked: Vec<&str> = match review["spec"]["audiences"].as_array() {
         Some(audiences) => audiences.iter().filter_map(Value::as_str).collect(),
@@ -764,16 +746,21 @@ fn token_review(state: &State, body: &[u8]) -> Result<Response<Body>, Status> {
             let granted: Vec<&String> = granted.collect();
             if granted.is_empty() && !asked.is_empty() {
                 let error = format!(
-                    "token audiences {:?} is invalid for the target audiences {asked:?}",
+                    "token audiences {:?} are not among {asked:?}",
                     user.audiences
                 );
                 json!({ "authenticated": false, "error": error })
             } else {
-                json!({
-                    "authenticated": true,
-                    "user": { "username": user.username, "uid": user.uid, "groups": user.groups, "extra": user.extra },
-                    "audiences": granted,
-                })
+                let TokenUser {
+                    username,
+                    uid,
+                    groups,
+                    extra,
+                    ..
+                } = user;
+                let user =
+                    json!({ "username": username, "uid": uid, "groups": groups, "extra": extra });
+                json!({ "authenticated": true, "user": user, "audiences": granted })
             }
         }
     };
@@ -783,70 +770,25 @@ fn token_review(state: &State, body: &[u8]) -> Result<Response<Body>, Status> {
     Ok(json_response(201, &review))
 }
 
-enum Route<'a> {
-    TokenReviews,
-    Resource(Target<'a>),
-}
-
-/// A served kind, and the namespace and name when the path gives them.
-struct Target<'a> {
-    resource: &'static Resource,
-    namespace: Option<String>,
-    name: Option<&'a str>,
-}
-
-/// `/api/v1/...` or `/apis/{group}/{version}/...`, then `{plural}[/{name}]`
-/// or `namespaces/{ns}/{plural}[/{name}]`.
-fn route(path: &str) -> Option<Route<'_>> {
-    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let (group, version, rest) = match segments.as_slice() {
-        ["api", version, rest @ ..] => ("", *version, rest),
-        ["apis", group, version, rest @ ..] => (*group, *version, rest),
-        _ => return None,
-    };
-    let (namespace, plural, name) = match rest {
-        [plural] => (None, *plural, None),
-        [plural, name] => (None, *plural, Some(*name)),
-        ["namespaces", namespace, plural] => (Some(*namespace), *plural, None),
-        ["namespaces", namespace, plural, name] => (Some(*namespace), *plural, Some(*name)),
-        _ => return None,
-    };
-    if (group, version, plural, namespace, name)
-        == ("authentication.k8s.io", "v1", "tokenreviews", None, None)
-    {
-        return Some(Route::TokenReviews);
+impl ServedKind {
+    fn find(wanted: impl Fn(&Resource) -> bool) -> Option<Self> {
+        served().position(wanted).map(ServedKind)
     }
-    let resource = served().find(|r| (r.group, r.version, r.plural) == (group, version, plural))?;
-    Some(Route::Resource(Target {
-        resource,
-        namespace: namespace.map(str::to_owned),
-        name,
-    }))
+
+    fn get(self) -> &'static Resource {
+        served()
+            .nth(self.0)
+            .expect("a ServedKind indexes the served kinds")
+    }
 }
 
 fn served() -> impl Iterator<Item = &'static Resource> {
-    WATCHED
-        .iter()
-        .chain(std::iter::once(&EVENTS))
-        .chain(WRITTEN)
+    WATCHED.iter().chain([&EVENTS]).chain(WRITTEN)
 }
 
-fn by_kind(wanted: &str, kind: &str) -> Option<&'static Resource> {
-    served().find(|r| api_version(r) == wanted && r.kind == kind)
-}
-
-fn by_kind_key(key: &ObjectKey) -> &'static Resource {
-    served()
-        .find(|r| key.is(r))
-        .expect("keys are only made for served kinds")
-}
-
-fn resource_of(obj: &Value) -> &'static Resource {
-    let api_version = obj["apiVersion"]
-        .as_str()
-        .expect("the object needs apiVersion");
-    let kind = obj["kind"].as_str().expect("the object needs kind");
-    by_kind(api_version, kind).unwrap_or_else(|| panic!("{api_version} {kind} is not served"))
+fn served_kind(wanted: &str, kind: &str) -> ServedKind {
+    let found = ServedKind::find(|r| api_version(r) == wanted && r.kind == kind);
+    found.unwrap_or_else(|| panic!("{wanted} {kind} is not served by the fake API"))
 }
 
 fn api_version(resource: &Resource) -> String {
@@ -860,16 +802,7 @@ fn meta_str<'a>(obj: &'a Value, field: &str) -> Option<&'a str> {
     obj["metadata"][field].as_str().filter(|s| !s.is_empty())
 }
 
-fn metadata_mut(obj: &mut Value) -> &mut Map<String, Value> {
-    if !obj["metadata"].is_object() {
-        obj["metadata"] = json!({});
-    }
-    obj["metadata"]
-        .as_object_mut()
-        .expect("metadata was just made an object")
-}
-
-/// Optimistic concurrency: a write that names a resourceVersion must name the current one.
+/// Optimistic concurrency: a write naming a resourceVersion must name the current one.
 fn check_resource_version(obj: &Value, current: &Value) -> Result<(), Status> {
     match meta_str(obj, "resourceVersion") {
         Some(given) if Some(given) != meta_str(current, "resourceVersion") => Err(Status::new(
@@ -889,21 +822,31 @@ fn merge_patch(target: &mut Value, patch: &Value) {
     if !target.is_object() {
         *target = json!({});
     }
-    let target = target
-        .as_object_mut()
-        .expect("target was just made an object");
-    for (key, value) in patch {
-        if value.is_null() {
-            target.remove(key);
-        } else {
-            merge_patch(target.entry(key.clone()).or_insert(Value::Null), value);
+    if let Value::Object(target) = target {
+        for (key, value) in patch {
+            if value.is_null() {
+                target.remove(key);
+            } else {
+                merge_patch(target.entry(key.clone()).or_insert(Value::Null), value);
+            }
         }
     }
 }
 
-fn parse_json(body: &[u8]) -> Result<Value, Status> {
-    serde_json::from_slice(body)
-        .map_err(|err| Status::new(400, format!("the request body is not JSON: {err}")))
+/// A request body: a JSON object (or, for apply patches, YAML).
+fn parse_object(body: &[u8], yaml: bool) -> Result<Value, Status> {
+    let parsed = match yaml {
+        true => serde_yaml::from_slice(body).map_err(|err| err.to_string()),
+        false => serde_json::from_slice(body).map_err(|err| err.to_string()),
+    };
+    match parsed {
+        Ok(obj @ Value::Object(_)) => Ok(obj),
+        Ok(other) => Err(Status::new(
+            400,
+            format!("the body is not an object: {other}"),
+        )),
+        Err(err) => Err(Status::new(400, format!("the body does not parse: {err}"))),
+    }
 }
 
 fn event_line(kind: &str, object: &Value) -> Bytes {
@@ -911,14 +854,11 @@ fn event_line(kind: &str, object: &Value) -> Bytes {
 }
 
 fn json_response(code: u16, body: &Value) -> Response<Body> {
-    let body = Full::new(Bytes::from(body.to_string())).boxed_unsync();
-    let mut response = Response::new(body);
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())).boxed_unsync());
     *response.status_mut() =
         StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        "application/json".parse().expect("a valid header"),
-    );
+    let json = header::HeaderValue::from_static("application/json");
+    response.headers_mut().insert(header::CONTENT_TYPE, json);
     response
 }
 
@@ -933,14 +873,12 @@ fn watch_response(events: UnboundedReceiver<Bytes>, timeout: Option<Duration>) -
                 .ok()
                 .flatten(),
             None => events.recv().await,
-        }?;
-        Some((Ok(Frame::data(line)), events))
+        };
+        Some((Ok(Frame::data(line?)), events))
     });
     let mut response = Response::new(StreamBody::new(lines).boxed_unsync());
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        "application/json".parse().expect("a valid header"),
-    );
+    let json = header::HeaderValue::from_static("application/json");
+    response.headers_mut().insert(header::CONTENT_TYPE, json);
     response
 }
 
@@ -950,12 +888,10 @@ struct Query(Vec<(String, String)>);
 impl Query {
     fn parse(query: &str) -> Self {
         let pairs = query.split('&').filter(|pair| !pair.is_empty());
+        let pairs = pairs.map(|pair| pair.split_once('=').unwrap_or((pair, "")));
         Query(
             pairs
-                .map(|pair| {
-                    let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-                    (percent_decode(key), percent_decode(value))
-                })
+                .map(|(key, value)| (percent_decode(key), percent_decode(value)))
                 .collect(),
         )
     }
@@ -972,27 +908,20 @@ impl Query {
     }
 }
 
+/// Form decoding: `%XX` escapes, and `+` for a space.
 fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
+    let (bytes, mut out, mut i) = (s.as_bytes(), Vec::with_capacity(s.len()), 0);
+    while let Some(&byte) = bytes.get(i) {
         let hex = bytes
             .get(i + 1..i + 3)
-            .filter(|hex| hex.iter().all(u8::is_ascii_hexdigit));
-        let escaped =
-            hex.and_then(|hex| u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok());
-        match (bytes[i], escaped) {
-            (b'%', Some(byte)) => {
-                out.push(byte);
+            .and_then(|hex| std::str::from_utf8(hex).ok());
+        match hex.filter(|hex| hex.bytes().all(|b| b.is_ascii_hexdigit())) {
+            Some(hex) if byte == b'%' => {
+                out.push(u8::from_str_radix(hex, 16).expect("two hex digits"));
                 i += 3;
             }
-            (b'+', _) => {
-                out.push(b' ');
-                i += 1;
-            }
-            (byte, _) => {
-                out.push(byte);
+            _ => {
+                out.push(if byte == b'+' { b' ' } else { byte });
                 i += 1;
             }
         }

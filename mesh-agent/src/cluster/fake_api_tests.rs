@@ -10,7 +10,7 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, Resource, ResourceExt,
-    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams},
     runtime::{
         WatchStreamExt,
         events::{Event, EventType, Recorder, Reporter},
@@ -145,6 +145,38 @@ async fn watcher_sees_the_list_then_changes() {
     assert_eq!(lists, ["GET /api/v1/pods?&limit=500"]);
     let watch = "GET /api/v1/pods?&watch=true&timeoutSeconds=290&allowWatchBookmarks=true&resourceVersion=1";
     assert_eq!(watches, [watch]);
+}
+
+#[tokio::test]
+async fn streaming_list_ends_with_the_initial_events_bookmark() {
+    let api = FakeApi::start().await;
+    api.apply(pod("a", "node-a"));
+    let config = watcher::Config::default().streaming_lists();
+    let mut events = watcher(Api::<Pod>::all(api.client()), config).boxed();
+    // kube 2.0.1 sends no Init before a streaming list.
+    assert_eq!(take(&mut events, 2).await, ["InitApply a", "InitDone"]);
+    api.apply(pod("b", "node-a"));
+    assert_eq!(take(&mut events, 1).await, ["Apply b"]);
+    let (_, watches) = pod_requests(&api);
+    assert!(
+        watches[0].contains("&sendInitialEvents=true&"),
+        "{watches:?}"
+    );
+}
+
+#[tokio::test]
+async fn watch_ends_after_its_timeout() {
+    let api = FakeApi::start().await;
+    api.apply(pod("a", "node-a"));
+    let pods = Api::<Pod>::all(api.client());
+    let stream = pods
+        .watch(&WatchParams::default().timeout(1), "0")
+        .await
+        .unwrap();
+    let within = Duration::from_secs(3);
+    let events = tokio::time::timeout(within, stream.collect::<Vec<_>>()).await;
+    let events = events.expect("the watch ended after timeoutSeconds");
+    assert!(matches!(events.as_slice(), [Ok(WatchEvent::Added(pod))] if pod.name_any() == "a"));
 }
 
 #[tokio::test]

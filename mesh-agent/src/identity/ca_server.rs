@@ -491,8 +491,7 @@ impl CaServer {
         if !status
             .audiences
             .unwrap_or_default()
-            .iter()
-            .any(|a| *a == self.audience)
+            .contains(&self.audience)
         {
             return Err(Refusal::new(
                 StatusCode::UNAUTHORIZED,

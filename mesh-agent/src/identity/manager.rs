@@ -38,6 +38,9 @@ pub struct CertManager {
     /// One request at a time per identity: whoever comes second waits and
     /// finds the certificate the first one got.
     pending: Mutex<HashMap<Identity, Arc<tokio::sync::Mutex<()>>>>,
+    /// Remote mode: identities asked for that have no certificate yet; the
+    /// rotation task keeps trying to get them.
+    wanted: Mutex<HashMap<Identity, Retry>>,
     server_configs: Mutex<HashMap<Identity, Arc<rustls::ServerConfig>>>,
     client_configs: Mutex<HashMap<(Identity, Identity), Arc<rustls::ClientConfig>>>,
 }
@@ -47,7 +50,14 @@ enum Authority {
     /// Signs here, synchronously if need be.
     Embedded(Arc<Ca>),
     /// Asks the cluster CA; never on the data path.
-    Remote(CaClient),
+    Remote(Box<CaClient>),
+}
+
+/// When to try again for an identity without a certificate.
+#[derive(Clone, Copy, Debug)]
+struct Retry {
+    at: SystemTime,
+    failures: u32,
 }
 
 /// The current certificate of one identity. The TLS configs hold the slot and
@@ -113,7 +123,7 @@ impl CertManager {
                     token = %token.display(),
                     "certificates come from the cluster CA"
                 );
-                (Authority::Remote(client), root)
+                (Authority::Remote(Box::new(client)), root)
             }
             source => {
                 let ca = Ca::from_source(source, td, &provider)?;
@@ -143,6 +153,7 @@ impl CertManager {
             roots,
             certs: Mutex::default(),
             pending: Mutex::default(),
+            wanted: Mutex::default(),
             server_configs: Mutex::default(),
             client_configs: Mutex::default(),
         }))
@@ -216,6 +227,23 @@ impl CertManager {
         // Anyone still waiting holds the gate itself; the next caller finds
         // the certificate, or tries again after a failure.
         lock(&self.pending).remove(id);
+        let mut wanted = lock(&self.wanted);
+        match &result {
+            Ok(()) => {
+                wanted.remove(id);
+            }
+            // Not ours to sign, whoever asks: no point in trying again.
+            Err(IdentityError::ForeignTrustDomain { .. }) => {}
+            // The rotation task tries again, later each time.
+            Err(_) => {
+                let retry = wanted.entry(id.clone()).or_insert(Retry {
+                    at: SystemTime::now(),
+                    failures: 0,
+                });
+                retry.failures = retry.failures.saturating_add(1);
+                retry.at = SystemTime::now() + retry_delay(retry.failures);
+            }
+        }
         result
     }
 
@@ -239,10 +267,11 @@ impl CertManager {
         })
     }
 
-    /// Renews every cached certificate past half its lifetime, all at once;
-    /// returns how many were renewed. [`CertManager::spawn_rotation`] calls
-    /// it on a timer. A failed renewal keeps the old certificate and is
-    /// tried again after a back-off.
+    /// Renews every cached certificate past half its lifetime, all at once,
+    /// and in remote mode tries again for identities still without one;
+    /// returns how many certificates it got. [`CertManager::spawn_rotation`]
+    /// calls it on a timer. A failed renewal keeps the old certificate and
+    /// is tried again after a back-off.
     pub async fn renew_due(&self) -> usize {
         let now = SystemTime::now();
         let due: Vec<(Identity, Arc<Slot>)> = lock(&self.certs)
@@ -250,6 +279,20 @@ impl CertManager {
             .filter(|(_, slot)| now >= slot.current().renew_at)
             .map(|(id, slot)| (id.clone(), slot.clone()))
             .collect();
+        let wanted: Vec<Identity> = lock(&self.wanted)
+            .iter()
+            .filter(|(_, retry)| now >= retry.at)
+            .map(|(id, _)| id.clone())
+            .collect();
+        let first = futures::future::join_all(wanted.iter().map(|id| async move {
+            match self.prepare(id).await {
+                Ok(()) => true,
+                Err(e) => {
+                    warn!(identity = %id, error = %e, "still no certificate");
+                    false
+                }
+            }
+        }));
         let renewals = due.into_iter().map(|(id, slot)| async move {
             match self.fetch(&id).await {
                 Ok(current) => {
@@ -274,11 +317,9 @@ impl CertManager {
                 }
             }
         });
-        futures::future::join_all(renewals)
-            .await
-            .into_iter()
-            .filter(|renewed| *renewed)
-            .count()
+        let (first, renewed) =
+            futures::future::join(first, futures::future::join_all(renewals)).await;
+        first.into_iter().chain(renewed).filter(|got| *got).count()
     }
 
     /// TLS 1.3 server config for inbound HBONE: presents `id`'s current
@@ -399,14 +440,23 @@ impl CertManager {
 
     /// The slot for `id`. The embedded CA issues a first certificate here
     /// if [`CertManager::prepare`] has not; in remote mode that would mean
-    /// waiting for the network, so it is an error instead.
+    /// waiting for the network, so it is an error instead, and the rotation
+    /// task asks the CA in the background.
     fn slot(&self, id: &Identity) -> Result<Arc<Slot>, IdentityError> {
         if let Some(slot) = lock(&self.certs).get(id) {
             return Ok(slot.clone());
         }
         let ca = match &self.authority {
             Authority::Embedded(ca) => ca,
-            Authority::Remote(_) => return Err(IdentityError::NotReady(Box::new(id.clone()))),
+            // The rotation task gets it; a later connection finds it.
+            Authority::Remote(_) => {
+                check_trust_domain(id, &self.trust_domain)?;
+                lock(&self.wanted).entry(id.clone()).or_insert(Retry {
+                    at: SystemTime::now(),
+                    failures: 0,
+                });
+                return Err(IdentityError::NotReady(Box::new(id.clone())));
+            }
         };
         // Issue without holding the lock; if two callers race, the first
         // insert wins and the other certificate is dropped unused.

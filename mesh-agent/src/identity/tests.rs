@@ -1,7 +1,10 @@
 //! Identity tests: SPIFFE parsing, the CA's root handling and the dump;
-//! `handshake` runs real TLS 1.3 handshakes between the configs.
+//! `handshake` runs real TLS 1.3 handshakes between the configs;
+//! `cluster_ca` and `remote` the cluster CA and the agents that use it.
 
+mod cluster_ca;
 mod handshake;
+mod remote;
 
 use std::{
     path::{Path, PathBuf},

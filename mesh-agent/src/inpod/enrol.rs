@@ -13,7 +13,10 @@ use super::{
     discover::ProcessTable,
     pods::{PodInfo, PodSpec, Pods},
 };
-use crate::state::{Store, Workload};
+use crate::{
+    identity::CertManager,
+    state::{Store, Workload},
+};
 
 /// How soon a pod that could not be enrolled is tried again.
 const RETRY: Duration = Duration::from_secs(1);
@@ -33,6 +36,9 @@ pub struct Enroller {
     /// This node's name, as `spec.nodeName` gives it.
     pub node: String,
     pub finder: NetnsFinder,
+    /// Enrolled pods get their certificates now, not on their first
+    /// connection (with a cluster CA, a first connection cannot wait for one).
+    pub certs: Arc<CertManager>,
 }
 
 impl Enroller {
@@ -109,6 +115,24 @@ impl Enroller {
         pending
     }
 
+    /// Makes sure every enrolled pod's identity has a certificate.
+    async fn prepare_certificates(&self, store: &Store) {
+        let enrolled = self.pods.list();
+        let td = self.certs.trust_domain().to_owned();
+        let mut ids: Vec<_> = store
+            .workloads()
+            .filter(|wl| enrolled.iter().any(|p| p.name == format!("{}/{}", wl.namespace, wl.name)))
+            .map(|wl| wl.identity(&td))
+            .collect();
+        ids.sort();
+        ids.dedup();
+        for id in ids {
+            if let Err(e) = self.certs.prepare(&id).await {
+                warn!(identity = %id, error = %e, "no certificate yet; retried in the background");
+            }
+        }
+    }
+
     fn find_netns(
         &self,
         wl: &Workload,
@@ -163,6 +187,8 @@ pub fn spawn(enroller: Enroller, mut store: watch::Receiver<Arc<Store>>) -> Join
                 retry = !pending.is_empty();
                 enroller.pods.set_pending(pending.clone());
                 reported = pending;
+                let current = store.borrow().clone();
+                enroller.prepare_certificates(&current).await;
             }
             tokio::select! {
                 changed = store.changed() => if changed.is_err() { return },

@@ -120,7 +120,8 @@ impl Cluster {
                 audiences: vec![audience.into()],
             },
         );
-        self.dir.write(&format!("{name}.token"), &format!("{token}\n"))
+        self.dir
+            .write(&format!("{name}.token"), &format!("{token}\n"))
     }
 
     /// The token of the node agent on `node`.
@@ -174,7 +175,11 @@ impl Cluster {
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
-        cfg.alpn_protocols = vec![if h2 { b"h2".to_vec() } else { b"http/1.1".to_vec() }];
+        cfg.alpn_protocols = vec![if h2 {
+            b"h2".to_vec()
+        } else {
+            b"http/1.1".to_vec()
+        }];
         let tcp = tokio::net::TcpStream::connect(self.addr).await.unwrap();
         let name = rustls::pki_types::ServerName::try_from("mesh-ca.mesh-system.svc").unwrap();
         let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
@@ -187,7 +192,10 @@ impl Cluster {
         );
         let mut req = Request::builder()
             .method(method)
-            .uri(format!("https://mesh-ca.mesh-system.svc{}", "/v1/certificates"))
+            .uri(format!(
+                "https://mesh-ca.mesh-system.svc{}",
+                "/v1/certificates"
+            ))
             .header("content-type", "application/json");
         if let Some(token) = token {
             req = req.header("authorization", format!("Bearer {token}"));
@@ -195,9 +203,10 @@ impl Cluster {
         let req = req.body(Full::new(body.into())).unwrap();
         let io = TokioIo::new(tls);
         let resp = if h2 {
-            let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
-                .await
-                .unwrap();
+            let (mut sender, conn) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                    .await
+                    .unwrap();
             tokio::spawn(conn);
             sender.send_request(req).await.unwrap()
         } else {
@@ -213,7 +222,10 @@ impl Cluster {
     async fn post_csr(&self, token: &str, csr: &str) -> (StatusCode, String) {
         let body = json!({ "csr": csr }).to_string();
         let (status, answer) = self.raw(Method::POST, Some(token), body, false).await;
-        (status, answer["error"].as_str().unwrap_or_default().to_owned())
+        (
+            status,
+            answer["error"].as_str().unwrap_or_default().to_owned(),
+        )
     }
 
     /// GET on the readiness port: status and body.
@@ -383,7 +395,10 @@ async fn tokens_that_do_not_prove_a_node_agent_are_refused() {
 
         let unknown = c.dir.write("unknown.token", "not-a-token\n");
         let reason = refusal(c.client(&unknown).sign(&web).await.unwrap_err());
-        assert!(reason.contains("401") && reason.contains("invalid bearer token"), "{reason}");
+        assert!(
+            reason.contains("401") && reason.contains("invalid bearer token"),
+            "{reason}"
+        );
 
         let audience = c.token("aud", AGENT_SA, &[(NODE_NAME, "node-a")], "kubernetes");
         let reason = refusal(c.client(&audience).sign(&web).await.unwrap_err());
@@ -429,7 +444,13 @@ async fn the_node_comes_from_the_bound_pod_without_a_node_claim() {
     within(async {
         let c = Cluster::start(Duration::from_secs(3600)).await;
         c.pod("default", "web-1", "web", "node-a", "Running");
-        let agent = c.pod("mesh-system", "mesh-agent-x1", "mesh-agent", "node-a", "Running");
+        let agent = c.pod(
+            "mesh-system",
+            "mesh-agent-x1",
+            "mesh-agent",
+            "node-a",
+            "Running",
+        );
         let uid = agent["metadata"]["uid"].as_str().unwrap();
         let bound = c.token(
             "bound",
@@ -441,8 +462,19 @@ async fn the_node_comes_from_the_bound_pod_without_a_node_claim() {
         assert_eq!(cert_identity(&cert.chain[0]).unwrap(), id("default", "web"));
 
         // The pod moved to node B: the agent there is not the caller.
-        c.pod("mesh-system", "mesh-agent-x1", "mesh-agent", "node-b", "Running");
-        let reason = refusal(c.client(&bound).sign(&id("default", "web")).await.unwrap_err());
+        c.pod(
+            "mesh-system",
+            "mesh-agent-x1",
+            "mesh-agent",
+            "node-b",
+            "Running",
+        );
+        let reason = refusal(
+            c.client(&bound)
+                .sign(&id("default", "web"))
+                .await
+                .unwrap_err(),
+        );
         assert!(reason.contains("runs on node node-b"), "{reason}");
 
         let stale = c.token(
@@ -451,11 +483,29 @@ async fn the_node_comes_from_the_bound_pod_without_a_node_claim() {
             &[(POD_NAME, "mesh-agent-x1"), (POD_UID, "another-uid")],
             "mesh-ca",
         );
-        let reason = refusal(c.client(&stale).sign(&id("default", "web")).await.unwrap_err());
-        assert!(reason.contains("403") && reason.contains("earlier pod"), "{reason}");
+        let reason = refusal(
+            c.client(&stale)
+                .sign(&id("default", "web"))
+                .await
+                .unwrap_err(),
+        );
+        assert!(
+            reason.contains("403") && reason.contains("earlier pod"),
+            "{reason}"
+        );
 
-        let gone = c.token("gone", AGENT_SA, &[(POD_NAME, "mesh-agent-gone")], "mesh-ca");
-        let reason = refusal(c.client(&gone).sign(&id("default", "web")).await.unwrap_err());
+        let gone = c.token(
+            "gone",
+            AGENT_SA,
+            &[(POD_NAME, "mesh-agent-gone")],
+            "mesh-ca",
+        );
+        let reason = refusal(
+            c.client(&gone)
+                .sign(&id("default", "web"))
+                .await
+                .unwrap_err(),
+        );
         assert!(
             reason.contains("403")
                 && reason.contains("mesh-system/mesh-agent-gone, which does not exist"),
@@ -478,7 +528,10 @@ async fn malformed_requests_are_bad_requests_with_the_reason() {
         let cases = [
             ("garbage".to_owned(), "not a PEM CERTIFICATE REQUEST"),
             (
-                csr_with(vec![uri(web), uri("spiffe://cluster.local/ns/default/sa/db")]),
+                csr_with(vec![
+                    uri(web),
+                    uri("spiffe://cluster.local/ns/default/sa/db"),
+                ]),
                 "exactly one subjectAltName",
             ),
             (
@@ -505,16 +558,24 @@ async fn malformed_requests_are_bad_requests_with_the_reason() {
         let (status, error) = c.post_csr(token, &good).await;
         assert_eq!(status, StatusCode::OK, "{error}");
 
-        let (status, answer) = c.raw(Method::POST, Some(token), "{\"pem\": 1}", false).await;
+        let (status, answer) = c
+            .raw(Method::POST, Some(token), "{\"pem\": 1}", false)
+            .await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
-        assert!(answer["error"].as_str().unwrap().contains("csr"), "{answer}");
+        assert!(
+            answer["error"].as_str().unwrap().contains("csr"),
+            "{answer}"
+        );
         let (status, _) = c.raw(Method::GET, Some(token), "", false).await;
         assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
         let (status, answer) = c
             .raw(Method::POST, Some(token), vec![b' '; 100 * 1024], false)
             .await;
         assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
-        assert!(answer["error"].as_str().unwrap().contains("over"), "{answer}");
+        assert!(
+            answer["error"].as_str().unwrap().contains("over"),
+            "{answer}"
+        );
 
         assert_eq!(c.count("bad_request").await, cases.len() as u64 + 3);
         assert_eq!(c.count("issued").await, 1);
@@ -550,7 +611,10 @@ async fn api_failures_are_errors_not_refusals() {
         wait_for_root(&c).await;
         c.fake.fail_next(1, 503);
         let reason = refusal(client.sign(&id("default", "web")).await.unwrap_err());
-        assert!(reason.contains("500") && reason.contains("TokenReview failed"), "{reason}");
+        assert!(
+            reason.contains("500") && reason.contains("TokenReview failed"),
+            "{reason}"
+        );
         client.sign(&id("default", "web")).await.unwrap();
         assert_eq!(c.count("error").await, 1);
         assert_eq!(c.count("issued").await, 1);
@@ -574,13 +638,14 @@ async fn wait_for_root(c: &Cluster) -> Value {
 #[tokio::test]
 async fn the_root_is_published_after_api_failures() {
     within(async {
-        let c = Cluster::start_with(Duration::from_secs(3600), |fake| fake.fail_next(2, 500))
-            .await;
+        let c = Cluster::start_with(Duration::from_secs(3600), |fake| fake.fail_next(2, 500)).await;
         let cm = wait_for_root(&c).await;
         assert_eq!(cm["metadata"]["namespace"], "mesh-system");
         assert_eq!(cm["data"][ROOT_KEY].as_str(), Some(c.ca.root_pem()));
         // An agent mounting it trusts the CA.
-        let root = c.dir.write("from-configmap.pem", cm["data"][ROOT_KEY].as_str().unwrap());
+        let root = c
+            .dir
+            .write("from-configmap.pem", cm["data"][ROOT_KEY].as_str().unwrap());
         CaClient::new(&c.address(), &root, &c.agent_token("node-a")).unwrap();
         let (status, body) = c.probe("/healthz/ready").await;
         assert_eq!((status, body.as_str()), (StatusCode::OK, "ready\n"));
