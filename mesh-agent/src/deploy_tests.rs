@@ -20,8 +20,8 @@ use k8s_openapi::{
     api::{
         apps::v1::{DaemonSet, Deployment},
         core::v1::{
-            Container, Namespace, PodSpec, PodTemplateSpec, Probe, Service, ServiceAccount, Volume,
-            VolumeMount,
+            Container, Namespace, PodSpec, PodTemplateSpec, Probe, Service, ServiceAccount,
+            ServiceAccountTokenProjection, Volume, VolumeMount,
         },
         rbac::v1::{
             ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject,
@@ -412,6 +412,19 @@ impl<'a> Workload<'a> {
             .max_by_key(|m| Path::new(&m.mount_path).components().count())?;
         let rest = path.strip_prefix(&m.mount_path).ok()?.to_owned();
         Some((m, self.volume(&m.name)?, rest))
+    }
+
+    /// The projected ServiceAccount token `c` sees at `path`.
+    fn token_at<'c>(
+        &'c self,
+        c: &'c Container,
+        path: &Path,
+    ) -> Option<&'c ServiceAccountTokenProjection> {
+        let (_, vol, rest) = self.mount_of(c, path)?;
+        let sources = vol.projected.as_ref()?.sources.as_ref()?;
+        (sources.iter())
+            .filter_map(|s| s.service_account_token.as_ref())
+            .find(|t| Path::new(&t.path) == rest)
     }
 
     /// The node directory a hostPath mount of `c` shows at `path`, if any.
@@ -889,28 +902,16 @@ fn agent_daemonset_matches_node_flags() {
     p.check(node_field == Some("spec.nodeName"), || {
         format!("MESH_NODE_NAME comes from {node_field:?}, not the downward API's spec.nodeName that pods are matched by")
     });
-    match w.mount_of(c, &args.mesh.ca_token) {
-        Some((_, vol, rest)) => {
-            let token = (vol
-                .projected
-                .as_ref()
-                .and_then(|p| p.sources.as_ref())
-                .into_iter()
-                .flatten())
-            .filter_map(|s| s.service_account_token.as_ref())
-            .find(|t| Path::new(&t.path) == rest);
-            match token {
-                Some(t) => p.check(t.expiration_seconds.is_some_and(|s| s >= 600), || {
-                    format!("the token's expirationSeconds {:?} is unset or below the API's minimum of 600", t.expiration_seconds)
-                }),
-                None => p.check(false, || {
-                    format!("--ca-token {} is not a projected ServiceAccount token in volume {}", args.mesh.ca_token.display(), vol.name)
-                }),
-            }
-        }
+    match w.token_at(c, &args.mesh.ca_token) {
+        Some(t) => p.check(t.expiration_seconds.is_some_and(|s| s >= 600), || {
+            format!(
+                "the CA token's expirationSeconds {:?} is unset or below the API's minimum of 600",
+                t.expiration_seconds
+            )
+        }),
         None => p.check(false, || {
             format!(
-                "nothing is mounted at --ca-token {}",
+                "--ca-token {} is not a projected ServiceAccount token",
                 args.mesh.ca_token.display()
             )
         }),
@@ -1124,19 +1125,15 @@ fn agent_finds_and_trusts_the_ca() {
     });
 
     // The token the agent shows carries the audience the CA wants.
-    if let Some((_, vol, rest)) = aw.mount_of(ac, &agent.mesh.ca_token) {
-        let sources = vol.projected.as_ref().and_then(|p| p.sources.as_ref());
-        let audience = (sources.into_iter().flatten())
-            .filter_map(|s| s.service_account_token.as_ref())
-            .find(|t| Path::new(&t.path) == rest)
-            .and_then(|t| t.audience.clone());
-        p.check(audience.as_deref() == Some(ca.audience.as_str()), || {
-            format!(
-                "--ca-token has audience {audience:?}, the CA's --audience is {}",
-                ca.audience
-            )
-        });
-    }
+    let audience = aw
+        .token_at(ac, &agent.mesh.ca_token)
+        .and_then(|t| t.audience.as_deref());
+    p.check(audience == Some(ca.audience.as_str()), || {
+        format!(
+            "--ca-token has audience {audience:?}, the CA's --audience is {}",
+            ca.audience
+        )
+    });
 
     // MESH_CA_ROOT is the key the CA publishes, from the ConfigMap it
     // publishes it in, which the agent's pod can mount only in its own

@@ -88,7 +88,17 @@ async fn node(args: NodeArgs, log_filter: admin::LogFilter) -> anyhow::Result<()
 
     let excluded =
         capture::ExcludedPorts::new(&args.exclude_outbound_ports, &args.exclude_inbound_ports);
-    let capture = Arc::new(capture::Capture::load(&args.bpf_dir, &cgroup, &excluded)?);
+    // In a cluster the agent runs in a container: bpffs must be the node's
+    // (the DaemonSet's init container mounts it), never one of its own.
+    let capture = capture::Capture::load(&args.bpf_dir, &cgroup, &excluded, !args.mesh.kubernetes)
+        .with_context(|| {
+            if args.mesh.kubernetes {
+                "loading capture (in a cluster, the node must have bpffs mounted at /sys/fs/bpf)"
+            } else {
+                "loading capture"
+            }
+        })?;
+    let capture = Arc::new(capture);
     let metrics = Arc::new(metrics::Metrics::default());
     let registry = metrics::registry(&metrics, capture.clone());
     let certs = identity::CertManager::new(ca_config(&args))?;

@@ -28,9 +28,13 @@ fn magic(path: &Path) -> Option<i64> {
 
 /// Makes sure `dir` (or its nearest existing parent) is on bpffs, mounting
 /// bpffs at /sys/fs/bpf when nothing is mounted there yet.
-pub fn ensure_bpffs(dir: &Path) -> Result<(), FsError> {
+///
+/// With `mount_if_missing` false (in a container), a missing bpffs is an
+/// error: one mounted inside the container would go away with it, taking
+/// the pins and the pods' fail-closed protection along.
+pub fn ensure_bpffs(dir: &Path, mount_if_missing: bool) -> Result<(), FsError> {
     let sysfs_bpf = Path::new("/sys/fs/bpf");
-    if dir.starts_with(sysfs_bpf) && magic(sysfs_bpf) != Some(BPF_FS_MAGIC) {
+    if mount_if_missing && dir.starts_with(sysfs_bpf) && magic(sysfs_bpf) != Some(BPF_FS_MAGIC) {
         nix::mount::mount(
             Some("bpf"),
             sysfs_bpf,

@@ -103,9 +103,15 @@ impl std::fmt::Debug for Capture {
 impl Capture {
     /// Loads the programs and maps (reusing pinned maps), attaches the cgroup
     /// programs to `cgroup` unless pinned links already hold them, and sets the
-    /// excluded ports.
-    pub fn load(dir: &Path, cgroup: &Path, excluded: &ExcludedPorts) -> Result<Self, CaptureError> {
-        fs::ensure_bpffs(dir)?;
+    /// excluded ports. Mounts bpffs at /sys/fs/bpf if it is missing and
+    /// `mount_bpffs` allows.
+    pub fn load(
+        dir: &Path,
+        cgroup: &Path,
+        excluded: &ExcludedPorts,
+        mount_bpffs: bool,
+    ) -> Result<Self, CaptureError> {
+        fs::ensure_bpffs(dir, mount_bpffs)?;
         let map_dir = dir.join("maps");
         let link_dir = dir.join("links");
         for d in [&map_dir, &link_dir] {

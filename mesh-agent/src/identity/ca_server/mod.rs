@@ -4,10 +4,9 @@
 //! for an identity that a pod on that node has.
 
 use std::{
-    collections::BTreeMap,
     convert::Infallible,
     net::SocketAddr,
-    sync::{Arc, PoisonError, RwLock},
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -20,33 +19,15 @@ use hyper::{
     service::service_fn,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use k8s_openapi::api::{
-    authentication::v1::{TokenReview, TokenReviewSpec, UserInfo},
-    core::v1::{ConfigMap, Pod},
-};
-use kube::api::{Api, ListParams, ObjectMeta, PostParams};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family},
     registry::Registry,
 };
-use rustls::{
-    ServerConfig,
-    crypto::CryptoProvider,
-    pki_types::{CertificateSigningRequestDer, PrivateKeyDer, pem::PemObject},
-    server::{ClientHello, ResolvesServerCert},
-    sign::CertifiedKey,
-};
+use rustls::{ServerConfig, crypto::CryptoProvider};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, error, info, warn};
-use x509_parser::{
-    certification_request::X509CertificationRequest,
-    cri_attributes::ParsedCriAttribute,
-    extensions::{GeneralName, ParsedExtension},
-    oid_registry::OID_X509_EXT_SUBJECT_ALT_NAME,
-    prelude::FromDer,
-};
 
 use super::{
     CaSource, Identity,
@@ -56,19 +37,19 @@ use super::{
 };
 use crate::config::CaArgs;
 
+mod csr;
+mod review;
+mod serving;
+
+use csr::Csr;
+use serving::ServingCert;
+
 /// A CSR is well under 2 KiB; nothing bigger is read.
 const MAX_BODY: usize = 64 * 1024;
 /// TLS handshake, and reading a request's headers.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Publishing the root: the first retry, doubling up to the last.
-const PUBLISH_RETRY: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(60));
 /// The ConfigMap key node agents mount as their `--ca-root`.
 pub const ROOT_KEY: &str = "root-cert.pem";
-/// Bound ServiceAccount tokens (Kubernetes >= 1.30) name their node here...
-const NODE_NAME: &str = "authentication.kubernetes.io/node-name";
-/// ... and always their pod.
-const POD_NAME: &str = "authentication.kubernetes.io/pod-name";
-const POD_UID: &str = "authentication.kubernetes.io/pod-uid";
 
 /// Runs the CA until SIGINT or SIGTERM.
 pub async fn run(args: CaArgs) -> anyhow::Result<()> {
@@ -200,12 +181,12 @@ impl CaServer {
             .map(|n| n.trim().to_owned())
             .filter(|n| !n.is_empty())
             .collect();
-        let serving = Arc::new(ServingCert(RwLock::new(serving_cert(
+        let serving = Arc::new(ServingCert::new(
             &ca,
             &provider,
             &server_names,
             args.cert_ttl,
-        )?)));
+        )?);
         let mut tls = ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_no_client_auth()
@@ -274,25 +255,6 @@ impl CaServer {
             }
         }
     }
-
-    fn renew_serving_cert(&self) {
-        if SystemTime::now() < self.serving.renew_at() {
-            return;
-        }
-        match serving_cert(&self.ca, &self.provider, &self.server_names, self.cert_ttl) {
-            Ok(fresh) => {
-                info!(serial = %fresh.serial, "serving certificate renewed");
-                *self
-                    .serving
-                    .0
-                    .write()
-                    .unwrap_or_else(PoisonError::into_inner) = fresh;
-            }
-            // The current one is still valid for half its life.
-            Err(e) => warn!(error = %e, "renewing the serving certificate failed"),
-        }
-    }
-
     async fn connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
         let accept = TlsAcceptor::from(self.tls.clone()).accept(stream);
         let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
@@ -457,213 +419,6 @@ impl CaServer {
         })
     }
 
-    /// Who the token belongs to, by the API server's TokenReview.
-    async fn review(&self, token: &str) -> Result<UserInfo, Refusal> {
-        let review = TokenReview {
-            spec: TokenReviewSpec {
-                token: Some(token.to_owned()),
-                audiences: Some(vec![self.audience.clone()]),
-            },
-            ..TokenReview::default()
-        };
-        let reviewed = Api::<TokenReview>::all(self.kube.clone())
-            .create(&PostParams::default(), &review)
-            .await
-            .map_err(|e| {
-                Refusal::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("TokenReview failed: {e}"),
-                )
-            })?;
-        let status = reviewed.status.unwrap_or_default();
-        if status.authenticated != Some(true) {
-            let why = status
-                .error
-                .filter(|e| !e.is_empty())
-                .unwrap_or_else(|| "not authenticated".into());
-            return Err(Refusal::new(
-                StatusCode::UNAUTHORIZED,
-                format!("the token was not accepted: {why}"),
-            ));
-        }
-        // The API server answers with the audiences the token is valid for
-        // among those asked; a token for anyone else is no proof to us.
-        if !status
-            .audiences
-            .unwrap_or_default()
-            .contains(&self.audience)
-        {
-            return Err(Refusal::new(
-                StatusCode::UNAUTHORIZED,
-                format!("the token is not for the audience {:?}", self.audience),
-            ));
-        }
-        status.user.ok_or_else(|| {
-            Refusal::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "TokenReview authenticated the token but named no user",
-            )
-        })
-    }
-
-    /// The node the caller runs on: from the token itself when it carries
-    /// it, else from the pod it is bound to.
-    async fn node_of(&self, user: &UserInfo) -> Result<String, Refusal> {
-        let empty = BTreeMap::new();
-        let extra = user.extra.as_ref().unwrap_or(&empty);
-        let first = |key: &str| {
-            extra
-                .get(key)
-                .and_then(|v| v.first())
-                .filter(|v| !v.is_empty())
-                .cloned()
-        };
-        if let Some(node) = first(NODE_NAME) {
-            return Ok(node);
-        }
-        let Some(pod_name) = first(POD_NAME) else {
-            return Err(Refusal::new(
-                StatusCode::FORBIDDEN,
-                "token is not bound to a pod: use a projected ServiceAccount token",
-            ));
-        };
-        let pod_ref = format!("{}/{pod_name}", self.agent.namespace);
-        let pod = Api::<Pod>::namespaced(self.kube.clone(), &self.agent.namespace)
-            .get_opt(&pod_name)
-            .await
-            .map_err(|e| {
-                Refusal::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("looking up the caller's pod {pod_ref}: {e}"),
-                )
-            })?
-            .ok_or_else(|| {
-                Refusal::new(
-                    StatusCode::FORBIDDEN,
-                    format!("the token is bound to pod {pod_ref}, which does not exist"),
-                )
-            })?;
-        // A pod of the same name made since the token was issued is not
-        // the caller.
-        if let Some(uid) = first(POD_UID)
-            && pod.metadata.uid.as_deref() != Some(uid.as_str())
-        {
-            return Err(Refusal::new(
-                StatusCode::FORBIDDEN,
-                format!("the token is bound to an earlier pod {pod_ref} (uid {uid})"),
-            ));
-        }
-        pod.spec
-            .and_then(|spec| spec.node_name)
-            .filter(|node| !node.is_empty())
-            .ok_or_else(|| {
-                Refusal::new(
-                    StatusCode::FORBIDDEN,
-                    format!("the caller's pod {pod_ref} is not scheduled on a node"),
-                )
-            })
-    }
-
-    /// Some live pod on `node` runs as `id`.
-    async fn check_runs_on(&self, id: &Identity, node: &str) -> Result<(), Refusal> {
-        let on_node = ListParams::default().fields(&format!("spec.nodeName={node}"));
-        let pods = Api::<Pod>::namespaced(self.kube.clone(), &id.namespace)
-            .list(&on_node)
-            .await
-            .map_err(|e| {
-                Refusal::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!(
-                        "listing the pods of namespace {} on node {node}: {e}",
-                        id.namespace
-                    ),
-                )
-            })?;
-        let runs = pods.items.iter().any(|pod| {
-            let Some(spec) = &pod.spec else {
-                return false;
-            };
-            let account = spec
-                .service_account_name
-                .as_deref()
-                .filter(|sa| !sa.is_empty())
-                .unwrap_or("default");
-            let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-            spec.node_name.as_deref() == Some(node)
-                && pod
-                    .metadata
-                    .namespace
-                    .as_deref()
-                    .is_none_or(|ns| ns == id.namespace)
-                && account == id.service_account
-                && !matches!(phase, Some("Succeeded" | "Failed"))
-        });
-        if runs {
-            Ok(())
-        } else {
-            Err(Refusal::new(
-                StatusCode::FORBIDDEN,
-                format!("no pod with identity {id} runs on node {node}"),
-            ))
-        }
-    }
-
-    /// Writes the root into the ConfigMap, retrying with back-off until the
-    /// API server takes it.
-    pub async fn publish_root(self: Arc<Self>) {
-        let mut delay = PUBLISH_RETRY.0;
-        loop {
-            match self.try_publish_root().await {
-                Ok(action) => {
-                    info!(configmap = %self.root_configmap, key = ROOT_KEY, action, "root certificate published");
-                    return;
-                }
-                Err(e) => {
-                    warn!(configmap = %self.root_configmap, error = %e, retry_in = ?delay, "publishing the root certificate failed");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(PUBLISH_RETRY.1);
-                }
-            }
-        }
-    }
-
-    async fn try_publish_root(&self) -> Result<&'static str, kube::Error> {
-        let target = &self.root_configmap;
-        let api = Api::<ConfigMap>::namespaced(self.kube.clone(), &target.namespace);
-        let pem = self.root_pem().to_owned();
-        match api.get_opt(&target.name).await? {
-            None => {
-                let cm = ConfigMap {
-                    metadata: ObjectMeta {
-                        name: Some(target.name.clone()),
-                        namespace: Some(target.namespace.clone()),
-                        labels: Some(BTreeMap::from([(
-                            "app.kubernetes.io/managed-by".to_owned(),
-                            "mesh-agent-ca".to_owned(),
-                        )])),
-                        ..ObjectMeta::default()
-                    },
-                    data: Some(BTreeMap::from([(ROOT_KEY.to_owned(), pem)])),
-                    ..ConfigMap::default()
-                };
-                api.create(&PostParams::default(), &cm).await?;
-                Ok("created")
-            }
-            Some(mut cm) => {
-                let data = cm.data.get_or_insert_with(BTreeMap::new);
-                if data.get(ROOT_KEY) == Some(&pem) {
-                    return Ok("unchanged");
-                }
-                data.insert(ROOT_KEY.to_owned(), pem);
-                // Carries the resourceVersion read: a concurrent change makes
-                // this fail and the next attempt start over.
-                api.replace(&target.name, &PostParams::default(), &cm)
-                    .await?;
-                Ok("updated")
-            }
-        }
-    }
-
     /// `/healthz/ready` and `/metrics`, plain HTTP.
     pub async fn serve_ready(self: Arc<Self>, listener: TcpListener) {
         loop {
@@ -778,133 +533,6 @@ async fn read_body(req: Request<Incoming>) -> Result<Bytes, Refusal> {
             format!("reading the request body: {e}"),
         )),
     }
-}
-
-/// A certificate request as the CA accepts it: signed by its own key, and
-/// naming one workload of our trust domain in its one SAN.
-struct Csr {
-    identity: Identity,
-    public_key: rcgen::SubjectPublicKeyInfo,
-}
-
-impl Csr {
-    fn parse(pem: &str, trust_domain: &str) -> Result<Csr, String> {
-        let der = CertificateSigningRequestDer::from_pem_slice(pem.as_bytes())
-            .map_err(|e| format!("csr is not a PEM CERTIFICATE REQUEST: {e}"))?;
-        let (rest, csr) = X509CertificationRequest::from_der(der.as_ref())
-            .map_err(|e| format!("csr is not a PKCS#10 request: {e}"))?;
-        if !rest.is_empty() {
-            return Err("csr has trailing bytes after the request".into());
-        }
-        csr.verify_signature()
-            .map_err(|e| format!("csr signature does not verify with its own key: {e}"))?;
-
-        let mut names = Vec::new();
-        for attr in csr.certification_request_info.iter_attributes() {
-            let ParsedCriAttribute::ExtensionRequest(req) = attr.parsed_attribute() else {
-                continue;
-            };
-            for ext in &req.extensions {
-                if ext.oid != OID_X509_EXT_SUBJECT_ALT_NAME {
-                    continue;
-                }
-                match ext.parsed_extension() {
-                    ParsedExtension::SubjectAlternativeName(san) => {
-                        names.extend(san.general_names.iter())
-                    }
-                    _ => return Err("csr has a malformed subjectAltName".into()),
-                }
-            }
-        }
-        let uri = match names.as_slice() {
-            [GeneralName::URI(uri)] => *uri,
-            [other] => {
-                return Err(format!(
-                    "csr subjectAltName {other} is not a URI; it must be the SPIFFE ID"
-                ));
-            }
-            _ => {
-                return Err(format!(
-                    "csr must name exactly one subjectAltName, the SPIFFE ID; it names {}",
-                    names.len()
-                ));
-            }
-        };
-        let identity: Identity = uri.parse().map_err(|e| format!("csr: {e}"))?;
-        if identity.trust_domain != trust_domain {
-            return Err(format!(
-                "csr asks for {identity}, outside the trust domain {trust_domain}"
-            ));
-        }
-        let public_key =
-            rcgen::SubjectPublicKeyInfo::from_der(csr.certification_request_info.subject_pki.raw)
-                .map_err(|e| format!("csr public key is not supported: {e}"))?;
-        Ok(Csr {
-            identity,
-            public_key,
-        })
-    }
-}
-
-/// The CA's own certificate and when to renew it.
-struct Serving {
-    key: Arc<CertifiedKey>,
-    serial: String,
-    renew_at: SystemTime,
-}
-
-#[derive(Debug)]
-struct ServingCert(RwLock<Serving>);
-
-impl std::fmt::Debug for Serving {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Serving")
-            .field("serial", &self.serial)
-            .finish_non_exhaustive()
-    }
-}
-
-impl ServingCert {
-    fn current(&self) -> Arc<CertifiedKey> {
-        self.0
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .key
-            .clone()
-    }
-
-    fn renew_at(&self) -> SystemTime {
-        self.0
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .renew_at
-    }
-}
-
-impl ResolvesServerCert for ServingCert {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current())
-    }
-}
-
-fn serving_cert(
-    ca: &Ca,
-    provider: &CryptoProvider,
-    names: &[String],
-    ttl: Duration,
-) -> anyhow::Result<Serving> {
-    let now = SystemTime::now();
-    let issued = ca
-        .issue_server(names, now - CLOCK_SKEW, now + ttl)
-        .with_context(|| format!("--server-names {names:?}: making the serving certificate"))?;
-    let key = provider
-        .key_provider
-        .load_private_key(PrivateKeyDer::Pkcs8(issued.key))?;
-    Ok(Serving {
-        key: Arc::new(CertifiedKey::new(vec![issued.cert], key)),
-        serial: issued.facts.serial,
-        renew_at: now + ttl / 2,
-    })
 }
 
 fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {

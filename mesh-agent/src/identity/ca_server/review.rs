@@ -1,0 +1,233 @@
+//! The CA's side of the Kubernetes API: who a ServiceAccount token belongs to
+//! (TokenReview), which node its caller runs on, whether a pod with the
+//! identity asked for runs on that node, and the root's ConfigMap.
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use hyper::StatusCode;
+use k8s_openapi::api::{
+    authentication::v1::{TokenReview, TokenReviewSpec, UserInfo},
+    core::v1::{ConfigMap, Pod},
+};
+use kube::api::{Api, ListParams, ObjectMeta, PostParams};
+use tracing::{info, warn};
+
+use super::{CaServer, ROOT_KEY, Refusal};
+use crate::identity::Identity;
+
+/// Publishing the root: the first retry, doubling up to the last.
+const PUBLISH_RETRY: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(60));
+/// Bound ServiceAccount tokens (Kubernetes >= 1.30) name their node here...
+const NODE_NAME: &str = "authentication.kubernetes.io/node-name";
+/// ... and always their pod.
+const POD_NAME: &str = "authentication.kubernetes.io/pod-name";
+const POD_UID: &str = "authentication.kubernetes.io/pod-uid";
+
+impl CaServer {
+    /// Who the token belongs to, by the API server's TokenReview.
+    pub(super) async fn review(&self, token: &str) -> Result<UserInfo, Refusal> {
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: Some(token.to_owned()),
+                audiences: Some(vec![self.audience.clone()]),
+            },
+            ..TokenReview::default()
+        };
+        let reviewed = Api::<TokenReview>::all(self.kube.clone())
+            .create(&PostParams::default(), &review)
+            .await
+            .map_err(|e| {
+                Refusal::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("TokenReview failed: {e}"),
+                )
+            })?;
+        let status = reviewed.status.unwrap_or_default();
+        if status.authenticated != Some(true) {
+            let why = status
+                .error
+                .filter(|e| !e.is_empty())
+                .unwrap_or_else(|| "not authenticated".into());
+            return Err(Refusal::new(
+                StatusCode::UNAUTHORIZED,
+                format!("the token was not accepted: {why}"),
+            ));
+        }
+        // The API server answers with the audiences the token is valid for
+        // among those asked; a token for anyone else is no proof to us.
+        if !status
+            .audiences
+            .unwrap_or_default()
+            .contains(&self.audience)
+        {
+            return Err(Refusal::new(
+                StatusCode::UNAUTHORIZED,
+                format!("the token is not for the audience {:?}", self.audience),
+            ));
+        }
+        status.user.ok_or_else(|| {
+            Refusal::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "TokenReview authenticated the token but named no user",
+            )
+        })
+    }
+
+    /// The node the caller runs on: from the token itself when it carries
+    /// it, else from the pod it is bound to.
+    pub(super) async fn node_of(&self, user: &UserInfo) -> Result<String, Refusal> {
+        let empty = BTreeMap::new();
+        let extra = user.extra.as_ref().unwrap_or(&empty);
+        let first = |key: &str| {
+            extra
+                .get(key)
+                .and_then(|v| v.first())
+                .filter(|v| !v.is_empty())
+                .cloned()
+        };
+        if let Some(node) = first(NODE_NAME) {
+            return Ok(node);
+        }
+        let Some(pod_name) = first(POD_NAME) else {
+            return Err(Refusal::new(
+                StatusCode::FORBIDDEN,
+                "token is not bound to a pod: use a projected ServiceAccount token",
+            ));
+        };
+        let pod_ref = format!("{}/{pod_name}", self.agent.namespace);
+        let pod = Api::<Pod>::namespaced(self.kube.clone(), &self.agent.namespace)
+            .get_opt(&pod_name)
+            .await
+            .map_err(|e| {
+                Refusal::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("looking up the caller's pod {pod_ref}: {e}"),
+                )
+            })?
+            .ok_or_else(|| {
+                Refusal::new(
+                    StatusCode::FORBIDDEN,
+                    format!("the token is bound to pod {pod_ref}, which does not exist"),
+                )
+            })?;
+        // A pod of the same name made since the token was issued is not
+        // the caller.
+        if let Some(uid) = first(POD_UID)
+            && pod.metadata.uid.as_deref() != Some(uid.as_str())
+        {
+            return Err(Refusal::new(
+                StatusCode::FORBIDDEN,
+                format!("the token is bound to an earlier pod {pod_ref} (uid {uid})"),
+            ));
+        }
+        pod.spec
+            .and_then(|spec| spec.node_name)
+            .filter(|node| !node.is_empty())
+            .ok_or_else(|| {
+                Refusal::new(
+                    StatusCode::FORBIDDEN,
+                    format!("the caller's pod {pod_ref} is not scheduled on a node"),
+                )
+            })
+    }
+
+    /// Some live pod on `node` runs as `id`.
+    pub(super) async fn check_runs_on(&self, id: &Identity, node: &str) -> Result<(), Refusal> {
+        let on_node = ListParams::default().fields(&format!("spec.nodeName={node}"));
+        let pods = Api::<Pod>::namespaced(self.kube.clone(), &id.namespace)
+            .list(&on_node)
+            .await
+            .map_err(|e| {
+                Refusal::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!(
+                        "listing the pods of namespace {} on node {node}: {e}",
+                        id.namespace
+                    ),
+                )
+            })?;
+        let runs = pods.items.iter().any(|pod| {
+            let Some(spec) = &pod.spec else {
+                return false;
+            };
+            let account = spec
+                .service_account_name
+                .as_deref()
+                .filter(|sa| !sa.is_empty())
+                .unwrap_or("default");
+            let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+            spec.node_name.as_deref() == Some(node)
+                && pod
+                    .metadata
+                    .namespace
+                    .as_deref()
+                    .is_none_or(|ns| ns == id.namespace)
+                && account == id.service_account
+                && !matches!(phase, Some("Succeeded" | "Failed"))
+        });
+        if runs {
+            Ok(())
+        } else {
+            Err(Refusal::new(
+                StatusCode::FORBIDDEN,
+                format!("no pod with identity {id} runs on node {node}"),
+            ))
+        }
+    }
+
+    /// Writes the root into the ConfigMap, retrying with back-off until the
+    /// API server takes it.
+    pub async fn publish_root(self: Arc<Self>) {
+        let mut delay = PUBLISH_RETRY.0;
+        loop {
+            match self.try_publish_root().await {
+                Ok(action) => {
+                    info!(configmap = %self.root_configmap, key = ROOT_KEY, action, "root certificate published");
+                    return;
+                }
+                Err(e) => {
+                    warn!(configmap = %self.root_configmap, error = %e, retry_in = ?delay, "publishing the root certificate failed");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(PUBLISH_RETRY.1);
+                }
+            }
+        }
+    }
+
+    async fn try_publish_root(&self) -> Result<&'static str, kube::Error> {
+        let target = &self.root_configmap;
+        let api = Api::<ConfigMap>::namespaced(self.kube.clone(), &target.namespace);
+        let pem = self.root_pem().to_owned();
+        match api.get_opt(&target.name).await? {
+            None => {
+                let cm = ConfigMap {
+                    metadata: ObjectMeta {
+                        name: Some(target.name.clone()),
+                        namespace: Some(target.namespace.clone()),
+                        labels: Some(BTreeMap::from([(
+                            "app.kubernetes.io/managed-by".to_owned(),
+                            "mesh-agent-ca".to_owned(),
+                        )])),
+                        ..ObjectMeta::default()
+                    },
+                    data: Some(BTreeMap::from([(ROOT_KEY.to_owned(), pem)])),
+                    ..ConfigMap::default()
+                };
+                api.create(&PostParams::default(), &cm).await?;
+                Ok("created")
+            }
+            Some(mut cm) => {
+                let data = cm.data.get_or_insert_with(BTreeMap::new);
+                if data.get(ROOT_KEY) == Some(&pem) {
+                    return Ok("unchanged");
+                }
+                data.insert(ROOT_KEY.to_owned(), pem);
+                // Carries the resourceVersion read: a concurrent change makes
+                // this fail and the next attempt start over.
+                api.replace(&target.name, &PostParams::default(), &cm)
+                    .await?;
+                Ok("updated")
+            }
+        }
+    }
+}
