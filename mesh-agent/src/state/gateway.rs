@@ -84,18 +84,54 @@ pub(super) fn check_routes(objects: &Objects, warnings: &mut Vec<ConfigWarning>)
                 );
                 continue;
             }
-            let (kind, message) = service_route(objects, ns, &parent.name);
+            let (kind, message) = service_status(objects, ns, &parent.name, "route");
             warn(kind, message);
         }
     }
 }
 
-/// Why a route on Service `ns/name` is not applied.
-fn service_route(objects: &Objects, ns: &str, name: &str) -> (&'static str, String) {
+/// Why a policy attached with `targetRef(s)` (to a Service or a waypoint
+/// Gateway) is not applied by the node agent.
+pub(super) fn policy_target_status(
+    objects: &Objects,
+    ns: &str,
+    target: &serde_yaml::Value,
+) -> (&'static str, String) {
+    let field = |k: &str| target.get(k).and_then(|v| v.as_str()).unwrap_or_default();
+    let (kind, name) = (field("kind"), field("name"));
+    let ns = Some(field("namespace")).filter(|n| !n.is_empty()).unwrap_or(ns);
+    match kind {
+        "Service" => service_status(objects, ns, name, "policy"),
+        "Gateway" => match objects.gateways.get(&(ns.to_owned(), name.to_owned())) {
+            None => (
+                "missing_waypoint",
+                format!("target Gateway {ns}/{name} does not exist; not applied"),
+            ),
+            Some(gw) if gw.object.spec.gateway_class_name == WAYPOINT_CLASS => (
+                "unsupported",
+                format!(
+                    "target waypoint {ns}/{name}: waypoints are not part of this version, so \
+                     the policy is not applied"
+                ),
+            ),
+            Some(_) => (
+                "unsupported",
+                format!("target Gateway {ns}/{name} is not a waypoint; not applied"),
+            ),
+        },
+        _ => (
+            "unsupported",
+            format!("targetRef kind {kind:?} is not supported; not applied"),
+        ),
+    }
+}
+
+/// Why a route or policy (`what`) on Service `ns/name` is not applied.
+fn service_status(objects: &Objects, ns: &str, name: &str, what: &str) -> (&'static str, String) {
     let Some(svc) = objects.services.get(&(ns.to_owned(), name.to_owned())) else {
         return (
             "missing_waypoint",
-            format!("parent Service {ns}/{name} does not exist; not applied"),
+            format!("Service {ns}/{name} does not exist; the {what} is not applied"),
         );
     };
     let label = |labels: Option<&BTreeMap<String, String>>| {
@@ -110,8 +146,8 @@ fn service_route(objects: &Objects, ns: &str, name: &str) -> (&'static str, Stri
             "missing_waypoint",
             format!(
                 "Service {ns}/{name} has no waypoint (label {USE_WAYPOINT} on the Service or \
-                 its namespace); L7 routes are applied only by a waypoint, so this route is \
-                 not applied"
+                 its namespace); only a waypoint applies what targets a Service, so this \
+                 {what} is not applied"
             ),
         );
     };
@@ -132,7 +168,7 @@ fn service_route(objects: &Objects, ns: &str, name: &str) -> (&'static str, Stri
         "unsupported",
         format!(
             "Service {ns}/{name} uses waypoint {ns}/{waypoint}; waypoints are not part of this \
-             version, so the route is not applied"
+             version, so the {what} is not applied"
         ),
     )
 }

@@ -226,7 +226,7 @@ impl Store {
         let objects = yaml::Objects::merge(docs, &mut warnings);
         let pods = k8s::workloads(&objects, &mut warnings);
         let services = k8s::services(&objects, &mut warnings);
-        let policies = policy::compile(&objects.authorization_policies, &mut warnings);
+        let policies = policy::compile(&objects, &mut warnings);
         let peer_auths = peer_auth::compile(&objects.peer_authentications, &mut warnings);
         gateway::check_routes(&objects, &mut warnings);
         let mut store = Store {

@@ -15,8 +15,9 @@ use serde_yaml::Value;
 
 use super::{
     ConfigWarning, Conn, Decision, Workload,
+    gateway,
     matcher::{Attr, Check, Compiler},
-    yaml::{Key, Parsed, Scalar, WorkloadSelector},
+    yaml::{Objects, Scalar, WorkloadSelector},
 };
 
 #[derive(Debug, Deserialize)]
@@ -227,19 +228,18 @@ pub(super) fn authorize(
 
 /// Policies in namespace/name order; those the agent cannot enforce are left
 /// out with a warning.
-pub(super) fn compile(
-    objects: &BTreeMap<Key, Parsed<AuthorizationPolicy>>,
-    warnings: &mut Vec<ConfigWarning>,
-) -> Vec<AuthzPolicy> {
+pub(super) fn compile(objects: &Objects, warnings: &mut Vec<ConfigWarning>) -> Vec<AuthzPolicy> {
     objects
+        .authorization_policies
         .iter()
         .filter_map(|((namespace, name), parsed)| {
-            compile_one(namespace, name, &parsed.object, warnings)
+            compile_one(objects, namespace, name, &parsed.object, warnings)
         })
         .collect()
 }
 
 fn compile_one(
+    objects: &Objects,
     namespace: &str,
     name: &str,
     policy: &AuthorizationPolicy,
@@ -255,14 +255,23 @@ fn compile_one(
     };
     let empty = PolicySpec::default();
     let spec = policy.spec.as_ref().unwrap_or(&empty);
-    let has_target = spec.target_ref.as_ref().is_some_and(|v| !v.is_null())
-        || spec.target_refs.as_ref().is_some_and(|v| !v.is_empty());
-    if has_target {
-        unsupported(
-            "targetRef/targetRefs attach the policy to a waypoint or gateway and are not \
-             supported at L4; the node agent ignores this policy"
-                .to_owned(),
-        );
+    let targets: Vec<&Value> = spec
+        .target_ref
+        .iter()
+        .filter(|v| !v.is_null())
+        .chain(spec.target_refs.iter().flatten())
+        .collect();
+    if !targets.is_empty() {
+        // Attached to a Service or waypoint: a waypoint's to enforce, never
+        // the node agent's. Say why it is not in effect here.
+        for target in targets {
+            let (kind, message) = gateway::policy_target_status(objects, namespace, target);
+            warnings.push(ConfigWarning {
+                object: object.clone(),
+                kind,
+                message,
+            });
+        }
         return None;
     }
     let action = spec.action.unwrap_or_default();

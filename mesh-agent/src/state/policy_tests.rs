@@ -419,9 +419,8 @@ fn unsupported_policies_are_ignored_with_a_warning() {
             ),
             (
                 "AuthorizationPolicy shop/waypoint",
-                "unsupported",
-                "targetRef/targetRefs attach the policy to a waypoint or gateway and are not \
-                 supported at L4; the node agent ignores this policy"
+                "missing_waypoint",
+                "Service shop/web does not exist; the policy is not applied"
             ),
         ]
     );
