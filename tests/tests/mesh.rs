@@ -601,7 +601,10 @@ fn labels_enrol_and_release_running_pods_without_a_restart() -> anyhow::Result<(
     let config = |ambient: bool, client_labels: &[(&str, &str)]| {
         vec![
             namespace_yaml("shop", ambient),
-            with_netns(&pod_yaml(&client, 0, "shop", "client", client_labels), &client),
+            with_netns(
+                &pod_yaml(&client, 0, "shop", "client", client_labels),
+                &client,
+            ),
             with_netns(&pod_yaml(&server, 1, "shop", "server", &[]), &server),
         ]
     };
@@ -654,6 +657,9 @@ fn labels_enrol_and_release_running_pods_without_a_restart() -> anyhow::Result<(
     converge("namespace unlabelled", || Ok(enrolled(&tb, 1)?.is_empty()))?;
     assert!(ok(&tb.connect(&client, dst, 1000)?));
     let log = tb.agent(1).log_text();
-    assert!(log.contains("pod enrolled") && log.contains("released"), "{log}");
+    assert!(
+        log.contains("pod enrolled") && log.contains("released"),
+        "{log}"
+    );
     Ok(())
 }

@@ -145,7 +145,10 @@ pub fn run() -> anyhow::Result<()> {
         "  embedded CA: a root generated once under {}",
         tb.nodes[0].state_dir.join("ca").display()
     );
-    println!("  enrolled pods: {} (no namespace is labelled yet)", enrolled(&tb)?.len());
+    println!(
+        "  enrolled pods: {} (no namespace is labelled yet)",
+        enrolled(&tb)?.len()
+    );
 
     println!(
         "\nLabelling namespace shop istio.io/dataplane-mode=ambient in {config} (the agent keeps running):"

@@ -30,8 +30,10 @@ use tracing::{debug, info, warn};
 use super::{Resource, WATCHED};
 use crate::state::{ConfigWarning, Document, ObjectKey, Publisher, Source};
 
-/// Changes arriving within this window are published as one snapshot.
+/// Changes arriving within this window are published as one snapshot...
 const SETTLE: Duration = Duration::from_millis(50);
+/// ...but a steady stream of changes is published at least this often.
+const MAX_DELAY: Duration = Duration::from_secs(1);
 
 /// How documents from the API are named in warnings.
 pub const ORIGIN: &str = "kubernetes";
@@ -90,30 +92,34 @@ impl Source for KubeSource {
                 streams.push(stream.boxed());
             }
             let mut kinds: Vec<Kind> = self.resources.iter().map(|_| Kind::default()).collect();
-            let mut dirty = false;
+            // Since when changes wait to be published.
+            let mut dirty: Option<tokio::time::Instant> = None;
             let mut published = false;
             loop {
                 let all_synced = kinds.iter().all(|k| k.synced);
-                let next = if dirty && all_synced {
-                    match tokio::time::timeout(SETTLE, streams.next()).await {
-                        Ok(next) => next,
-                        Err(_) => {
-                            // Quiet for a moment: publish what has arrived.
-                            if !published {
-                                info!(
-                                    "every kind listed; configuration from the Kubernetes API is complete"
-                                );
+                let next = match dirty.filter(|_| all_synced) {
+                    Some(since) => {
+                        let wait = SETTLE.min(MAX_DELAY.saturating_sub(since.elapsed()));
+                        match tokio::time::timeout(wait, streams.next()).await {
+                            Ok(next) => next,
+                            Err(_) => {
+                                // Quiet for a moment (or waiting too long):
+                                // publish what has arrived.
+                                if !published {
+                                    info!(
+                                        "every kind listed; configuration from the Kubernetes API is complete"
+                                    );
+                                }
+                                published = true;
+                                dirty = None;
+                                if !publish(&mut out, &self.resources, &kinds) {
+                                    return;
+                                }
+                                continue;
                             }
-                            published = true;
-                            dirty = false;
-                            if !publish(&mut out, &self.resources, &kinds) {
-                                return;
-                            }
-                            continue;
                         }
                     }
-                } else {
-                    streams.next().await
+                    None => streams.next().await,
                 };
                 let Some((index, event)) = next else { return };
                 if out.is_closed() {
@@ -121,12 +127,15 @@ impl Source for KubeSource {
                 }
                 let resource = &self.resources[index];
                 let kind = &mut kinds[index];
-                match event {
+                let changed = match event {
                     Ok(event) => {
                         kind.last_error = None;
-                        dirty |= apply(resource, kind, event, &self.references);
+                        apply(resource, kind, event, &self.references)
                     }
-                    Err(e) => dirty |= failed(resource, kind, &e),
+                    Err(e) => failed(resource, kind, &e),
+                };
+                if changed && dirty.is_none() {
+                    dirty = Some(tokio::time::Instant::now());
                 }
             }
         })

@@ -81,7 +81,9 @@ fn allowed(s: &Store, pod_ip: &str) -> bool {
 fn lists(fake: &FakeApi, plural: &str) -> usize {
     fake.requests()
         .iter()
-        .filter(|r| r.starts_with("GET ") && r.contains(&format!("/{plural}")) && !r.contains("watch="))
+        .filter(|r| {
+            r.starts_with("GET ") && r.contains(&format!("/{plural}")) && !r.contains("watch=")
+        })
         .count()
 }
 
@@ -96,7 +98,11 @@ async fn converges_through_watch_events_bookmarks_drops_410_and_api_errors() {
         s.generation > 0 && s.workload_by_ip(ip("10.1.0.5")).is_some_and(|w| w.captured)
     })
     .await;
-    assert!(rx.borrow().warnings().is_empty(), "{:?}", rx.borrow().warnings());
+    assert!(
+        rx.borrow().warnings().is_empty(),
+        "{:?}",
+        rx.borrow().warnings()
+    );
 
     // Watch events: add, change, delete.
     fake.apply(policy("deny-all", json!({"action": "DENY", "rules": [{}]})));
@@ -106,7 +112,12 @@ async fn converges_through_watch_events_bookmarks_drops_410_and_api_errors() {
         s.workload_by_ip(ip("10.1.0.6")).is_some() && s.workload_by_ip(ip("10.1.0.5")).is_none()
     })
     .await;
-    fake.delete("security.istio.io/v1", "AuthorizationPolicy", Some("shop"), "deny-all");
+    fake.delete(
+        "security.istio.io/v1",
+        "AuthorizationPolicy",
+        Some("shop"),
+        "deny-all",
+    );
     until(&mut rx, "policy deleted", |s| allowed(s, "10.1.0.6")).await;
 
     // A dropped connection: the watch resumes from where it was (after a
@@ -131,10 +142,14 @@ async fn converges_through_watch_events_bookmarks_drops_410_and_api_errors() {
     fake.compact();
     until(&mut rx, "relisted after API errors and 410", |s| {
         s.workload_by_ip(ip("10.2.0.7")).is_none()
-            && s.workload_by_ip(ip("10.1.0.6")).is_some_and(|w| !w.captured)
+            && s.workload_by_ip(ip("10.1.0.6"))
+                .is_some_and(|w| !w.captured)
     })
     .await;
-    assert!(lists(&fake, "pods") > pod_lists, "410 Gone led to a new list");
+    assert!(
+        lists(&fake, "pods") > pod_lists,
+        "410 Gone led to a new list"
+    );
     drop(rx);
     task.abort();
 }
@@ -144,7 +159,13 @@ async fn a_kind_the_server_does_not_serve_is_reported_and_the_rest_loads() {
     let fake = FakeApi::start().await;
     fake.apply(pod("web-1", "node-a", "10.1.0.5"));
     let mut source = KubeSource::new(fake.client());
-    source.resources.push(Resource::new("example.com", "v1", "Widget", "widgets", true));
+    source.resources.push(Resource::new(
+        "example.com",
+        "v1",
+        "Widget",
+        "widgets",
+        true,
+    ));
     let (mut rx, task) = spawn_source(Box::new(source), opts());
     until(&mut rx, "loaded without widgets", |s| {
         s.workload_by_ip(ip("10.1.0.5")).is_some()
@@ -152,8 +173,15 @@ async fn a_kind_the_server_does_not_serve_is_reported_and_the_rest_loads() {
     .await;
     let store = rx.borrow().clone();
     let w = &store.warnings()[0];
-    assert_eq!((w.object.as_str(), w.kind), (&*format!("{ORIGIN}: widgets"), "load_error"));
-    assert!(w.message.contains("example.com/v1/widgets"), "{}", w.message);
+    assert_eq!(
+        (w.object.as_str(), w.kind),
+        (&*format!("{ORIGIN}: widgets"), "load_error")
+    );
+    assert!(
+        w.message.contains("example.com/v1/widgets"),
+        "{}",
+        w.message
+    );
     task.abort();
 }
 
@@ -175,7 +203,10 @@ async fn objects_that_cannot_be_applied_get_an_event_and_fail_closed() {
             ("kubernetes: AuthorizationPolicy shop/typo", "unknown_field")
         );
         assert!(w.message.contains("acton"), "{}", w.message);
-        assert!(!allowed(&store, "10.1.0.5"), "a policy that does not parse denies");
+        assert!(
+            !allowed(&store, "10.1.0.5"),
+            "a policy that does not parse denies"
+        );
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     let event = loop {

@@ -117,12 +117,15 @@ impl Enroller {
 
     /// Makes sure every enrolled pod's identity has a certificate.
     async fn prepare_certificates(&self, store: &Store) {
-        let enrolled = self.pods.list();
         let td = self.certs.trust_domain().to_owned();
-        let mut ids: Vec<_> = store
-            .workloads()
-            .filter(|wl| enrolled.iter().any(|p| p.name == format!("{}/{}", wl.namespace, wl.name)))
-            .map(|wl| wl.identity(&td))
+        let mut ids: Vec<_> = self
+            .pods
+            .list()
+            .iter()
+            .filter_map(|p| {
+                let (ns, name) = p.name.split_once('/')?;
+                Some(store.workload(ns, name)?.identity(&td))
+            })
             .collect();
         ids.sort();
         ids.dedup();

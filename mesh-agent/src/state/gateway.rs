@@ -99,7 +99,9 @@ pub(super) fn policy_target_status(
 ) -> (&'static str, String) {
     let field = |k: &str| target.get(k).and_then(|v| v.as_str()).unwrap_or_default();
     let (kind, name) = (field("kind"), field("name"));
-    let ns = Some(field("namespace")).filter(|n| !n.is_empty()).unwrap_or(ns);
+    let ns = Some(field("namespace"))
+        .filter(|n| !n.is_empty())
+        .unwrap_or(ns);
     match kind {
         "Service" => service_status(objects, ns, name, "policy"),
         "Gateway" => match objects.gateways.get(&(ns.to_owned(), name.to_owned())) {

@@ -301,7 +301,6 @@ impl Store {
         self.workloads.values()
     }
 
-    #[allow(dead_code, reason = "lookup by name for tests and tools")]
     pub fn workload(&self, namespace: &str, name: &str) -> Option<&Arc<Workload>> {
         self.workloads.get(&(namespace.to_owned(), name.to_owned()))
     }

@@ -14,8 +14,7 @@ use serde::Deserialize;
 use serde_yaml::Value;
 
 use super::{
-    ConfigWarning, Conn, Decision, Workload,
-    gateway,
+    ConfigWarning, Conn, Decision, Workload, gateway,
     matcher::{Attr, Check, Compiler},
     yaml::{Objects, Scalar, WorkloadSelector},
 };
