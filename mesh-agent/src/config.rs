@@ -180,7 +180,7 @@ pub struct CaArgs {
         long,
         env = "MESH_CA_SERVER_NAMES",
         value_delimiter = ',',
-        default_value = "mesh-ca.mesh-system.svc"
+        default_value = "mesh-ca.mesh-system.svc,mesh-ca.mesh-system.svc.cluster.local"
     )]
     pub server_names: Vec<String>,
     /// The audience node agents' tokens must carry.
