@@ -98,9 +98,13 @@ pub fn agent_bin() -> PathBuf {
     sibling_bin("mesh-agent")
 }
 
-/// A binary of this workspace next to the running one: `target/<profile>/`
+/// A binary of this workspace: from `MESH_BIN_DIR` when set (the benchmark
+/// runs a release build), else next to the running one: `target/<profile>/`
 /// for xtask, one level up from `deps/` for a test.
-fn sibling_bin(name: &str) -> PathBuf {
+pub fn sibling_bin(name: &str) -> PathBuf {
+    if let Ok(dir) = std::env::var("MESH_BIN_DIR") {
+        return PathBuf::from(dir).join(name);
+    }
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe.parent().expect("exe has a directory");
     let candidates = [dir.join(name), dir.parent().unwrap_or(dir).join(name)];
@@ -392,6 +396,11 @@ impl Testbed {
         Ok(pod)
     }
 
+    /// Where this testbed keeps its files.
+    pub fn workdir(&self) -> &Path {
+        &self.workdir
+    }
+
     /// Starts `cmd` inside `netns` and `cgroup` (moved into the cgroup first:
     /// entering a netns with `ip netns exec` would hide the cgroup mount).
     pub fn spawn_in(
@@ -454,6 +463,21 @@ impl Testbed {
             child.stdin.take().expect("piped"),
             BufReader::new(child.stdout.take().expect("piped")),
         ))
+    }
+
+    /// Runs `program` once in `pod` and returns its standard output.
+    pub fn run_in_pod(&self, pod: &Pod, program: &Path, args: &[&str]) -> anyhow::Result<String> {
+        let out = in_cgroup_netns(&pod.cgroup, &pod.netns, program)
+            .args(args)
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "{} {args:?} in {} failed: {}",
+            program.display(),
+            pod.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Runs the test app once in `pod` and parses the JSON line it prints.
@@ -666,6 +690,11 @@ pub struct Agent {
 impl Agent {
     pub fn log_text(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The agent's process ID (the pod shell execs nsenter, which execs it).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// One HTTP/1.0 request to the admin server, made from inside the node netns.

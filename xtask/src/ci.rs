@@ -70,6 +70,14 @@ pub fn run(options: &Options) -> Result<()> {
                 .args(&options.test_args),
         )
     })?;
+    step(&mut timings, "bench --quick", || {
+        crate::bench::run(&crate::bench::Options {
+            quick: true,
+            reps: 1,
+            seconds: 1.0,
+            out: None,
+        })
+    })?;
 
     println!();
     for (name, took) in &timings {

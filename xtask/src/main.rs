@@ -1,6 +1,7 @@
 //! Developer tasks for this workspace, run as `cargo xtask <command>` (the
 //! alias lives in `.cargo/config.toml`). Each subcommand is its own module.
 
+mod bench;
 mod build_ebpf;
 mod ci;
 mod demo;
@@ -39,6 +40,9 @@ enum Command {
     /// The main job: a simulated node with pods, the real agent and eBPF
     /// programs, traffic, and a plain account of what was captured.
     Demo,
+    /// Benchmarks: direct TCP, the mesh and a standard TLS tunnel between
+    /// the same pods, side by side (release build).
+    Bench(bench::Options),
 }
 
 fn main() -> ExitCode {
@@ -47,6 +51,7 @@ fn main() -> ExitCode {
         Command::BuildEbpf(options) => build_ebpf::run(&options),
         Command::Ci(options) => ci::run(&options),
         Command::Demo => demo::run(),
+        Command::Bench(options) => bench::run(&options),
     };
     // Printed by hand rather than by returning the error from main: that
     // would add anyhow's backtrace whenever RUST_BACKTRACE is set, burying

@@ -34,6 +34,9 @@ const TOOL_PACKAGES: &[&str] = &[
     "curl",
     "procps",
     "util-linux",
+    // The benchmark's peer: a standard TLS tunnel, and certificates for it.
+    "stunnel4",
+    "openssl",
 ];
 
 /// bpf-linker links the bitcode nightly rustc emits with its own LLVM, which

@@ -177,16 +177,20 @@ impl Manifests {
         let mut errors = Vec::new();
         for (file, text) in MANIFESTS {
             for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
-                let read = Value::deserialize(de)
-                    .map_err(|e| e.to_string())
-                    .and_then(|doc| match doc {
-                        Value::Null => Ok(None),
-                        doc => Object::read(&doc).map(Some),
-                    });
-                match read {
-                    Ok(Some(object)) => docs.push(Doc { file, object }),
-                    Ok(None) => {}
-                    Err(e) => errors.push(format!("deploy/{file} document {}: {e}", i + 1)),
+                let at = format!("deploy/{file} document {}", i + 1);
+                let doc = match Value::deserialize(de) {
+                    Ok(Value::Null) => continue,
+                    Ok(doc) => doc,
+                    Err(e) => {
+                        // serde_yaml yields a syntax error again for every
+                        // document after it, without end.
+                        errors.push(format!("{at}: {e}"));
+                        break;
+                    }
+                };
+                match Object::read(&doc) {
+                    Ok(object) => docs.push(Doc { file, object }),
+                    Err(e) => errors.push(format!("{at}: {e}")),
                 }
             }
         }

@@ -1,0 +1,307 @@
+//! `cargo xtask bench`: the same client and server pods, cross-node and on
+//! one node, measured over each path (`paths.rs`) in one run, repeated, and
+//! reported as min/median/max with ratios to `direct` and `tls-tunnel`
+//! (`report.rs`).
+
+mod paths;
+mod report;
+
+use std::{
+    collections::BTreeMap,
+    path::{Path as FsPath, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, ensure};
+use mesh_tests::{Pod, Testbed, Value};
+
+use paths::{Path, Targets};
+pub use report::Results;
+
+#[derive(clap::Args)]
+pub struct Options {
+    /// One short repetition of everything: checks that the harness works
+    /// (under 3 minutes), not the numbers.
+    #[arg(long)]
+    pub quick: bool,
+    /// Repetitions of each measurement (at least 5 for a full run).
+    #[arg(long, default_value_t = 5)]
+    pub reps: usize,
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 3.0)]
+    pub seconds: f64,
+    /// Where the JSON results go (a Markdown copy beside it); default
+    /// target/bench/results.json, or quick.json with --quick.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// Where the client and the server pods run.
+#[derive(Clone, Copy, Debug)]
+pub enum Placement {
+    CrossNode,
+    SameNode,
+}
+
+impl Placement {
+    pub fn name(self) -> &'static str {
+        match self {
+            Placement::CrossNode => "cross-node",
+            Placement::SameNode => "same-node",
+        }
+    }
+}
+
+pub fn run(opts: &Options) -> anyhow::Result<()> {
+    crate::setup::ensure()?;
+    let (reps, seconds) = if opts.quick {
+        (1, 1.0)
+    } else {
+        ensure!(
+            opts.reps >= 5,
+            "--reps must be at least 5 for a full run (or use --quick)"
+        );
+        (opts.reps, opts.seconds)
+    };
+    // The numbers need a release build; the quick check of the harness
+    // runs on the debug build CI already has.
+    let profile = if opts.quick { "debug" } else { "release" };
+    println!("==> building {profile} binaries (agent, eBPF programs, load tools)");
+    let root = crate::workspace_root();
+    let mut build = Command::new("cargo");
+    build.args(["build", "-p", "mesh-agent", "-p", "mesh-tests", "--bins"]);
+    if !opts.quick {
+        build.arg("--release");
+    }
+    crate::exec::run(build.current_dir(&root))?;
+    let bin_dir = root.join("target").join(profile);
+    // SAFETY: set before any thread of this process is started.
+    unsafe { std::env::set_var("MESH_BIN_DIR", &bin_dir) };
+
+    let mut results = Results::new(reps, seconds);
+    for placement in [Placement::CrossNode, Placement::SameNode] {
+        for &path in paths::ALL {
+            println!("==> {} {}", placement.name(), path.name());
+            measure_path(&mut results, placement, path, reps, seconds)
+                .with_context(|| format!("{} {}", placement.name(), path.name()))?;
+        }
+    }
+    let md = results.markdown();
+    println!("\n{md}");
+    let out = match &opts.out {
+        Some(out) => root.join(out),
+        None if opts.quick => root.join("target/bench/quick.json"),
+        None => root.join("target/bench/results.json"),
+    };
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&out, serde_json::to_string_pretty(&results.json())?)?;
+    std::fs::write(out.with_extension("md"), &md)?;
+    println!(
+        "results: {} and {}",
+        out.display(),
+        out.with_extension("md").display()
+    );
+    Ok(())
+}
+
+fn measure_path(
+    results: &mut Results,
+    placement: Placement,
+    path: Path,
+    reps: usize,
+    seconds: f64,
+) -> anyhow::Result<()> {
+    let mut tb = Testbed::new(2)?;
+    let server_node = match placement {
+        Placement::CrossNode => 1,
+        Placement::SameNode => 0,
+    };
+    let client = tb.add_pod(0, "client")?;
+    let server = tb.add_pod(server_node, "server")?;
+    paths::start_servers(&mut tb, &server)?;
+    let targets = path.start(&mut tb, &client, 0, &server, server_node)?;
+    let agents: Vec<u32> = if path.is_mesh() {
+        let mut nodes = vec![0, server_node];
+        nodes.dedup();
+        nodes.iter().map(|&n| tb.agent(n).pid()).collect()
+    } else {
+        Vec::new()
+    };
+    // A short warm-up: connections pooled, certificates issued, caches hot.
+    load(&tb, &client, targets.http, 4, 1000.0, 0.5, false)?;
+    let mut record = |metric: &str, value: f64| results.add(placement, path, metric, value);
+    for rep in 0..reps {
+        for (metric, streams) in [("throughput_1_gbps", 1), ("throughput_8_gbps", 8)] {
+            record(metric, iperf(&tb, &client, &targets, streams, seconds)?);
+        }
+        for rate in [1000.0, 5000.0] {
+            let cpu_before = cpu_seconds(&agents)?;
+            let r = load(&tb, &client, targets.http, 4, rate, seconds, false)?;
+            let cpu = cpu_seconds(&agents)? - cpu_before;
+            let tag = format!("{}k", rate as u32 / 1000);
+            for p in ["p50", "p90", "p99", "max"] {
+                record(
+                    &format!("latency_{tag}_{p}_ms"),
+                    r[&format!("{p}_us")].as_f64().unwrap_or(f64::NAN) / 1000.0,
+                );
+            }
+            record(
+                &format!("errors_{tag}"),
+                r["errors"].as_f64().unwrap_or(f64::NAN),
+            );
+            if path.is_mesh() && rate == 1000.0 {
+                let requests = r["requests"].as_f64().unwrap_or(f64::NAN);
+                record("agent_cpu_s_per_1000_req", cpu / requests * 1000.0);
+                record("agent_vcpu_at_1k", cpu / seconds);
+            }
+        }
+        let r = load(&tb, &client, targets.http, 4, 0.0, seconds, false)?;
+        record("saturation_rps", r["rps"].as_f64().unwrap_or(f64::NAN));
+        let r = load(&tb, &client, targets.http, 4, 0.0, seconds, true)?;
+        record("connections_per_s", r["rps"].as_f64().unwrap_or(f64::NAN));
+        record(
+            "connection_p99_ms",
+            r["p99_us"].as_f64().unwrap_or(f64::NAN) / 1000.0,
+        );
+        println!("    rep {}/{reps} done", rep + 1);
+    }
+    if path.is_mesh() {
+        let peak = agents
+            .iter()
+            .map(|&pid| status_kib(pid, "VmHWM"))
+            .collect::<anyhow::Result<Vec<u64>>>()?;
+        results.add(
+            placement,
+            path,
+            "agent_peak_rss_mib",
+            peak.iter().copied().max().unwrap_or(0) as f64 / 1024.0,
+        );
+    }
+    Ok(())
+}
+
+/// iperf3 from the client to `targets.iperf` with `streams` parallel
+/// streams; Gbit/s received.
+fn iperf(
+    tb: &Testbed,
+    client: &Pod,
+    targets: &Targets,
+    streams: usize,
+    seconds: f64,
+) -> anyhow::Result<f64> {
+    let out = tb.run_in_pod(
+        client,
+        FsPath::new("/usr/bin/iperf3"),
+        &[
+            "-c",
+            &targets.iperf.ip().to_string(),
+            "-p",
+            &targets.iperf.port().to_string(),
+            "-t",
+            &format!("{}", seconds.ceil() as u64),
+            "-P",
+            &streams.to_string(),
+            "-J",
+        ],
+    )?;
+    let v: Value = serde_json::from_str(&out).context("iperf3 -J output")?;
+    let bps = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .with_context(|| format!("no sum_received in iperf3 output: {}", v["error"]))?;
+    Ok(bps / 1e9)
+}
+
+/// The load generator in the client pod (`mesh-load load`).
+fn load(
+    tb: &Testbed,
+    client: &Pod,
+    target: std::net::SocketAddr,
+    conns: usize,
+    rate: f64,
+    seconds: f64,
+    new_conn: bool,
+) -> anyhow::Result<Value> {
+    let bin = mesh_tests::sibling_bin("mesh-load");
+    let mut args = vec![
+        "load".to_owned(),
+        target.to_string(),
+        conns.to_string(),
+        rate.to_string(),
+        seconds.to_string(),
+    ];
+    if new_conn {
+        args.push("new-conn".into());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = tb.run_in_pod(client, &bin, &args)?;
+    let v: Value = serde_json::from_str(out.trim()).context("mesh-load output")?;
+    ensure!(
+        v["requests"].as_u64().unwrap_or(0) > 0,
+        "no request succeeded: {v}"
+    );
+    Ok(v)
+}
+
+/// User plus system CPU seconds of these processes so far.
+fn cpu_seconds(pids: &[u32]) -> anyhow::Result<f64> {
+    let tick = 100.0; // USER_HZ on Linux
+    let mut total = 0.0;
+    for pid in pids {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        // Fields after the command name, which is in parentheses.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let utime: f64 = f.get(11).context("utime")?.parse()?;
+        let stime: f64 = f.get(12).context("stime")?.parse()?;
+        total += (utime + stime) / tick;
+    }
+    Ok(total)
+}
+
+/// A `/proc/PID/status` field in KiB (VmRSS, VmHWM).
+fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .with_context(|| format!("{field} of pid {pid}"))
+}
+
+/// Used by `report` to name the machine.
+pub fn machine() -> BTreeMap<&'static str, String> {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let cpu = read("/proc/cpuinfo")
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")?
+                .split_once(':')
+                .map(|x| x.1.trim().to_owned())
+        })
+        .unwrap_or_default();
+    let cores = read("/proc/cpuinfo")
+        .lines()
+        .filter(|l| l.starts_with("processor"))
+        .count();
+    let mem_kib: u64 = read("/proc/meminfo")
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("MemTotal:")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0);
+    BTreeMap::from([
+        ("cpu", cpu),
+        ("cores", cores.to_string()),
+        ("memory_gib", format!("{:.0}", mem_kib as f64 / 1048576.0)),
+        (
+            "kernel",
+            read("/proc/sys/kernel/osrelease").trim().to_owned(),
+        ),
+    ])
+}

@@ -1,0 +1,297 @@
+//! The paths a benchmark measures between the same client and server pods.
+//! Each is one `Path` value: how to set it up on a testbed, and where the
+//! client then sends its HTTP and iperf3 traffic. Adding a path (a waypoint
+//! next to nginx, say) is one more variant here.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::{Path as FsPath, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail, ensure};
+use mesh_tests::{
+    Pod, Testbed,
+    mesh::{namespace_yaml, pod_yaml, with_netns},
+};
+
+/// The server pod's ports: the HTTP server and the iperf3 server.
+pub const HTTP_PORT: u16 = 8080;
+pub const IPERF_PORT: u16 = 5201;
+/// The tunnel's ports: on the server pod (TLS) and on the client pod's
+/// loopback (plaintext in).
+const TUNNEL_HTTP: u16 = 9443;
+const TUNNEL_IPERF: u16 = 9444;
+const LOCAL_HTTP: u16 = 9080;
+const LOCAL_IPERF: u16 = 9081;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Path {
+    /// No mesh: the machine's own limit.
+    Direct,
+    /// eBPF capture and HBONE mTLS between the agents.
+    MeshEbpf,
+    /// stunnel4 at both ends, mutual TLS 1.3: what a user would otherwise
+    /// reach for.
+    TlsTunnel,
+}
+
+pub const ALL: &[Path] = &[Path::Direct, Path::MeshEbpf, Path::TlsTunnel];
+
+/// Where the client sends its traffic once a path is up.
+#[derive(Clone, Copy, Debug)]
+pub struct Targets {
+    pub http: SocketAddr,
+    pub iperf: SocketAddr,
+}
+
+impl Path {
+    pub fn name(self) -> &'static str {
+        match self {
+            Path::Direct => "direct",
+            Path::MeshEbpf => "mesh-ebpf",
+            Path::TlsTunnel => "tls-tunnel",
+        }
+    }
+
+    pub fn is_mesh(self) -> bool {
+        matches!(self, Path::MeshEbpf)
+    }
+
+    /// Sets the path up between `client` (node of index `client_node`) and
+    /// `server`; returns where the client sends its traffic.
+    pub fn start(
+        self,
+        tb: &mut Testbed,
+        client: &Pod,
+        client_node: usize,
+        server: &Pod,
+        server_node: usize,
+    ) -> anyhow::Result<Targets> {
+        let direct = Targets {
+            http: SocketAddr::new(server.ip4, HTTP_PORT),
+            iperf: SocketAddr::new(server.ip4, IPERF_PORT),
+        };
+        match self {
+            Path::Direct => Ok(direct),
+            Path::MeshEbpf => {
+                let docs = vec![
+                    namespace_yaml("bench", true),
+                    with_netns(
+                        &pod_yaml(client, client_node, "bench", "client", &[]),
+                        client,
+                    ),
+                    with_netns(
+                        &pod_yaml(server, server_node, "bench", "server", &[]),
+                        server,
+                    ),
+                ];
+                tb.write_config(&docs)?;
+                let args = tb.mesh_args()?;
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                let mut nodes = vec![client_node, server_node];
+                nodes.dedup();
+                for &n in &nodes {
+                    tb.start_agent(n, &args)?;
+                }
+                let deadline = Instant::now() + Duration::from_secs(10);
+                for (n, pod) in [(client_node, client), (server_node, server)] {
+                    let want = format!("\"bench/{}\"", pod.name);
+                    loop {
+                        let (_, body) = tb.agent(n).http("GET", "/pods", None)?;
+                        if body.contains(&want) {
+                            break;
+                        }
+                        ensure!(
+                            Instant::now() < deadline,
+                            "{} not enrolled; agent log:\n{}",
+                            pod.name,
+                            tb.agent(n).log_text()
+                        );
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                }
+                Ok(direct)
+            }
+            Path::TlsTunnel => {
+                let dir = tb.workdir().join("tunnel");
+                make_certs(&dir)?;
+                let server_conf = tunnel_conf(&dir, "server", None)?;
+                tb.spawn_in(
+                    &server.netns,
+                    &server.cgroup,
+                    FsPath::new(STUNNEL),
+                    &[&server_conf],
+                )?;
+                let client_conf = tunnel_conf(&dir, "client", Some(server.ip4))?;
+                tb.spawn_in(
+                    &client.netns,
+                    &client.cgroup,
+                    FsPath::new(STUNNEL),
+                    &[&client_conf],
+                )?;
+                let targets = Targets {
+                    http: SocketAddr::from(([127, 0, 0, 1], LOCAL_HTTP)),
+                    iperf: SocketAddr::from(([127, 0, 0, 1], LOCAL_IPERF)),
+                };
+                wait_listening(tb, client, targets.http)?;
+                wait_listening(tb, server, SocketAddr::new(server.ip4, TUNNEL_HTTP))?;
+                Ok(targets)
+            }
+        }
+    }
+}
+
+const STUNNEL: &str = "/usr/bin/stunnel4";
+
+/// A root and one leaf each for the tunnel's ends: ECDSA P-256, as the
+/// mesh's own certificates.
+fn make_certs(dir: &FsPath) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let openssl = |args: &[&str]| -> anyhow::Result<()> {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    openssl(
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-keyout",
+                "root.key",
+                "-out",
+                "root.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=bench root",
+            ],
+            &["-addext", "basicConstraints=critical,CA:TRUE"],
+        ]
+        .concat(),
+    )?;
+    for end in ["server", "client"] {
+        let (key, csr, pem) = (
+            format!("{end}.key"),
+            format!("{end}.csr"),
+            format!("{end}.pem"),
+        );
+        openssl(
+            &[
+                &["req"][..],
+                &ec,
+                &[
+                    "-keyout",
+                    &key,
+                    "-out",
+                    &csr,
+                    "-subj",
+                    &format!("/CN={end}"),
+                ],
+            ]
+            .concat(),
+        )?;
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "root.pem",
+            "-CAkey",
+            "root.key",
+            "-CAcreateserial",
+            "-out",
+            &pem,
+            "-days",
+            "2",
+        ])?;
+    }
+    Ok(())
+}
+
+/// An stunnel configuration for one end; `server_ip` for the client end.
+fn tunnel_conf(dir: &FsPath, end: &str, server_ip: Option<IpAddr>) -> anyhow::Result<String> {
+    let d = dir.display();
+    let common = format!(
+        "cert = {d}/{end}.pem\nkey = {d}/{end}.key\nCAfile = {d}/root.pem\nverifyChain = yes\n\
+         sslVersionMin = TLSv1.3\n"
+    );
+    let services = match server_ip {
+        None => format!(
+            "[http]\naccept = {TUNNEL_HTTP}\nconnect = 127.0.0.1:{HTTP_PORT}\n{common}\n\
+             [iperf]\naccept = {TUNNEL_IPERF}\nconnect = 127.0.0.1:{IPERF_PORT}\n{common}"
+        ),
+        Some(ip) => format!(
+            "client = yes\n\n[http]\naccept = 127.0.0.1:{LOCAL_HTTP}\nconnect = {ip}:{TUNNEL_HTTP}\n{common}\n\
+             [iperf]\naccept = 127.0.0.1:{LOCAL_IPERF}\nconnect = {ip}:{TUNNEL_IPERF}\n{common}"
+        ),
+    };
+    // debug = 0: the readiness probe's bare connect would log an error.
+    let conf = format!("foreground = yes\npid =\nsyslog = no\ndebug = 0\n{services}");
+    let path: PathBuf = dir.join(format!("{end}.conf"));
+    std::fs::write(&path, conf)?;
+    Ok(path.display().to_string())
+}
+
+/// Waits until something accepts connections at `addr` inside `pod`.
+fn wait_listening(tb: &Testbed, pod: &Pod, addr: SocketAddr) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let probe = format!("exec 3<>/dev/tcp/{}/{}", addr.ip(), addr.port());
+    loop {
+        if tb
+            .run_in_pod(pod, FsPath::new("/bin/bash"), &["-c", &probe])
+            .is_ok()
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("nothing listens at {addr} in {}", pod.name);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Starts the benchmark's servers in `pod`.
+pub fn start_servers(tb: &mut Testbed, pod: &Pod) -> anyhow::Result<()> {
+    let load = mesh_tests::sibling_bin("mesh-load");
+    tb.spawn_in(
+        &pod.netns,
+        &pod.cgroup,
+        &load,
+        &["http-serve", &format!("0.0.0.0:{HTTP_PORT}")],
+    )
+    .context("starting the HTTP server")?;
+    tb.spawn_in(
+        &pod.netns,
+        &pod.cgroup,
+        FsPath::new("/usr/bin/iperf3"),
+        // The readiness probe's bare connect makes iperf3 complain.
+        &[
+            "-s",
+            "-p",
+            &IPERF_PORT.to_string(),
+            "--logfile",
+            "/dev/null",
+        ],
+    )
+    .context("starting iperf3 -s")?;
+    wait_listening(tb, pod, SocketAddr::new(pod.ip4, HTTP_PORT))?;
+    wait_listening(tb, pod, SocketAddr::new(pod.ip4, IPERF_PORT))
+}
