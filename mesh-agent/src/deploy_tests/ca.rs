@@ -55,7 +55,7 @@ fn ca_deployment_matches_ca_flags() {
                 p.check(mode & 0o007 == 0 && mode & !0o777 == 0, || {
                     format!("the root Secret's mode {mode:#o} lets every user read the key (or is not a mode)")
                 });
-                if pod_sc.run_as_non_root.or(sc.run_as_non_root) == Some(true) {
+                if sc.run_as_non_root.or(pod_sc.run_as_non_root) == Some(true) {
                     let fs_group = pod_sc.fs_group;
                     p.check(fs_group.is_some() && mode & 0o040 != 0, || {
                         format!("the CA runs as non-root but cannot read the root: fsGroup {fs_group:?}, mode {mode:#o}")
