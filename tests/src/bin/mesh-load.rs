@@ -122,6 +122,7 @@ impl Client {
 struct Tally {
     latencies_us: Vec<u32>,
     errors: u64,
+    first_error: Option<String>,
 }
 
 fn load(addr: SocketAddr, conns: usize, rate: f64, seconds: f64, new_conn: bool) -> String {
@@ -133,6 +134,7 @@ fn load(addr: SocketAddr, conns: usize, rate: f64, seconds: f64, new_conn: bool)
                 let mut t = Tally {
                     latencies_us: Vec::new(),
                     errors: 0,
+                    first_error: None,
                 };
                 let mut body = Vec::new();
                 let mut client: Option<Client> = None;
@@ -168,8 +170,9 @@ fn load(addr: SocketAddr, conns: usize, rate: f64, seconds: f64, new_conn: bool)
                             let us = began.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
                             t.latencies_us.push(us);
                         }
-                        Err(_) => {
+                        Err(e) => {
                             t.errors += 1;
+                            t.first_error.get_or_insert_with(|| e.to_string());
                             client = None;
                         }
                     }
@@ -184,10 +187,12 @@ fn load(addr: SocketAddr, conns: usize, rate: f64, seconds: f64, new_conn: bool)
         .collect();
     let mut all = Vec::new();
     let mut errors = 0;
+    let mut first_error = None;
     for w in workers {
         let t = w.join().expect("load worker");
         all.extend(t.latencies_us);
         errors += t.errors;
+        first_error = first_error.or(t.first_error);
     }
     let elapsed = end.saturating_duration_since(start).as_secs_f64();
     all.sort_unstable();
@@ -207,6 +212,7 @@ fn load(addr: SocketAddr, conns: usize, rate: f64, seconds: f64, new_conn: bool)
         "p90_us": pct(0.90),
         "p99_us": pct(0.99),
         "max_us": all.last().copied().unwrap_or(0),
+        "first_error": first_error,
     })
     .to_string()
 }

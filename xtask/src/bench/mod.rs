@@ -120,6 +120,15 @@ fn measure_path(
     };
     let client = tb.add_pod(0, "client")?;
     let server = tb.add_pod(server_node, "server")?;
+    // Thousands of short connections per second per run: without reuse the
+    // client's ports sit in TIME_WAIT and later runs cannot connect.
+    for pod in [&client, &server] {
+        tb.run_in_pod(
+            pod,
+            FsPath::new("/usr/sbin/sysctl"),
+            &["-qw", "net.ipv4.tcp_tw_reuse=1", "net.ipv4.ip_local_port_range=1024 65000"],
+        )?;
+    }
     paths::start_servers(&mut tb, &server)?;
     let targets = path.start(&mut tb, &client, 0, &server, server_node)?;
     let agents: Vec<u32> = if path.is_mesh() {
