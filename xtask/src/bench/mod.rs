@@ -126,7 +126,11 @@ fn measure_path(
         tb.run_in_pod(
             pod,
             FsPath::new("/usr/sbin/sysctl"),
-            &["-qw", "net.ipv4.tcp_tw_reuse=1", "net.ipv4.ip_local_port_range=1024 65000"],
+            &[
+                "-qw",
+                "net.ipv4.tcp_tw_reuse=1",
+                "net.ipv4.ip_local_port_range=1024 65000",
+            ],
         )?;
     }
     paths::start_servers(&mut tb, &server)?;
