@@ -233,18 +233,15 @@ fn start_store(
     let mut watch = rx.clone();
     tokio::spawn(async move {
         // Counts each warning once, when it appears.
-        let mut seen = std::collections::HashSet::new();
+        let mut new = state::NewWarnings::default();
         loop {
             let snapshot = watch.borrow_and_update().clone();
-            for w in snapshot.warnings() {
-                if !seen.contains(w) {
-                    metrics
-                        .config_warnings
-                        .get_or_create(&metrics::WarningLabels { kind: w.kind })
-                        .inc();
-                }
+            for w in new.of(&snapshot) {
+                metrics
+                    .config_warnings
+                    .get_or_create(&metrics::WarningLabels { kind: w.kind })
+                    .inc();
             }
-            seen = snapshot.warnings().iter().cloned().collect();
             if watch.changed().await.is_err() {
                 return;
             }

@@ -761,6 +761,22 @@ impl Agent {
         ))
     }
 
+    /// The pods the agent has enrolled (`GET /pods`), as it reports them.
+    pub fn pods(&self) -> anyhow::Result<Vec<Value>> {
+        let (status, body) = self.http("GET", "/pods", None)?;
+        ensure!(status == 200, "GET /pods answered {status}: {body}");
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    /// Names of the pods the agent has enrolled.
+    pub fn pod_names(&self) -> anyhow::Result<Vec<String>> {
+        Ok(self
+            .pods()?
+            .iter()
+            .map(|p| p["name"].as_str().unwrap_or_default().to_owned())
+            .collect())
+    }
+
     /// `mesh-agent pods enroll`, whatever its outcome: (success, stdout, stderr).
     pub fn try_enroll(&self, name: &str, netns: &Path) -> anyhow::Result<(bool, String, String)> {
         self.cli(&[

@@ -565,17 +565,6 @@ fn service_vip_spreads_and_skips_a_down_endpoint() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Names of the pods an agent has enrolled.
-fn enrolled(tb: &Testbed, node: usize) -> anyhow::Result<Vec<String>> {
-    let (status, body) = tb.agent(node).http("GET", "/pods", None)?;
-    anyhow::ensure!(status == 200, "GET /pods answered {status}: {body}");
-    let pods: Vec<Value> = serde_json::from_str(&body)?;
-    Ok(pods
-        .iter()
-        .map(|p| p["name"].as_str().unwrap_or_default().to_owned())
-        .collect())
-}
-
 /// Polls until `done`, for at most 5 s; returns how long it took.
 fn converge(
     what: &str,
@@ -628,14 +617,15 @@ fn labels_enrol_and_release_running_pods_without_a_restart() -> anyhow::Result<(
 
     // No label: nothing enrolled, plain TCP.
     assert!(ok(&tb.connect(&client, dst, 1000)?));
-    assert!(enrolled(&tb, 0)?.is_empty() && enrolled(&tb, 1)?.is_empty());
+    assert!(tb.agent(0).pod_names()?.is_empty() && tb.agent(1).pod_names()?.is_empty());
     assert_eq!(over_hbone(&tb)?, 0.0);
 
     // The namespace gains the label: both running pods are enrolled by
     // their agents within a second, and the next call goes over HBONE.
     tb.write_config(&config(true, &[]))?;
     let took = converge("namespace labelled ambient", || {
-        Ok(enrolled(&tb, 0)? == ["shop/client"] && enrolled(&tb, 1)? == ["shop/server"])
+        Ok(tb.agent(0).pod_names()? == ["shop/client"]
+            && tb.agent(1).pod_names()? == ["shop/server"])
     })?;
     assert!(took < Duration::from_secs(1), "enrolled after {took:?}");
     let r = tb.connect(&client, dst, 100_000)?;
@@ -646,7 +636,7 @@ fn labels_enrol_and_release_running_pods_without_a_restart() -> anyhow::Result<(
     // The pod opts out with its own label: released, the server stays.
     tb.write_config(&config(true, &[("istio.io/dataplane-mode", "none")]))?;
     let took = converge("pod labelled none", || {
-        Ok(enrolled(&tb, 0)?.is_empty() && enrolled(&tb, 1)? == ["shop/server"])
+        Ok(tb.agent(0).pod_names()?.is_empty() && tb.agent(1).pod_names()? == ["shop/server"])
     })?;
     assert!(took < Duration::from_secs(1), "released after {took:?}");
     assert!(ok(&tb.connect(&client, dst, 1000)?));
@@ -654,7 +644,9 @@ fn labels_enrol_and_release_running_pods_without_a_restart() -> anyhow::Result<(
 
     // The label leaves the namespace: the server is released too.
     tb.write_config(&config(false, &[]))?;
-    converge("namespace unlabelled", || Ok(enrolled(&tb, 1)?.is_empty()))?;
+    converge("namespace unlabelled", || {
+        Ok(tb.agent(1).pod_names()?.is_empty())
+    })?;
     assert!(ok(&tb.connect(&client, dst, 1000)?));
     let log = tb.agent(1).log_text();
     assert!(

@@ -147,7 +147,7 @@ pub fn run() -> anyhow::Result<()> {
     );
     println!(
         "  enrolled pods: {} (no namespace is labelled yet)",
-        enrolled(&tb)?.len()
+        tb.agent(0).pods()?.len()
     );
 
     println!(
@@ -156,7 +156,7 @@ pub fn run() -> anyhow::Result<()> {
     let labelled = std::time::Instant::now();
     tb.write_config(&docs(true))?;
     let pods = loop {
-        let pods = enrolled(&tb)?;
+        let pods = tb.agent(0).pods()?;
         if pods.len() == 3 {
             break pods;
         }
@@ -276,13 +276,6 @@ pub fn run() -> anyhow::Result<()> {
     drop(tb);
     println!("Done.");
     Ok(())
-}
-
-/// The agent's enrolled pods (`/pods`).
-fn enrolled(tb: &Testbed) -> anyhow::Result<Vec<Value>> {
-    let (status, body) = tb.agent(0).http("GET", "/pods", None)?;
-    anyhow::ensure!(status == 200, "GET /pods answered {status}: {body}");
-    Ok(serde_json::from_str(&body)?)
 }
 
 fn describe(r: &Value, from: &Pod) {

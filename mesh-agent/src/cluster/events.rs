@@ -4,7 +4,7 @@
 //! into a series); the log, `/config_dump` and `mesh_config_warnings_total`
 //! say the same.
 
-use std::{collections::HashSet, sync::Arc};
+use std::sync::Arc;
 
 use kube::{
     Client,
@@ -17,7 +17,7 @@ use super::{
     WATCHED,
     source::{ORIGIN, References},
 };
-use crate::state::{ConfigWarning, ObjectKey, Store};
+use crate::state::{ConfigWarning, NewWarnings, ObjectKey, Store};
 
 /// The `reportingController` of the agent's Events.
 pub const CONTROLLER: &str = "mesh-agent";
@@ -39,11 +39,11 @@ pub fn spawn(
         },
     );
     tokio::spawn(async move {
-        let mut seen: HashSet<ConfigWarning> = HashSet::new();
+        let mut new = NewWarnings::default();
         let mut failing = false;
         loop {
             let snapshot = store.borrow_and_update().clone();
-            for w in snapshot.warnings().iter().filter(|w| !seen.contains(*w)) {
+            for w in new.of(&snapshot) {
                 let Some(key) = object_of(w) else { continue };
                 let reference = references
                     .lock()
@@ -70,7 +70,6 @@ pub fn spawn(
                     Err(_) => {}
                 }
             }
-            seen = snapshot.warnings().iter().cloned().collect();
             if store.changed().await.is_err() {
                 return;
             }

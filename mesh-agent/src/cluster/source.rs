@@ -65,6 +65,9 @@ impl KubeSource {
 /// What one kind's watcher has delivered so far.
 #[derive(Default)]
 struct Kind {
+    /// `group/version` (`v1` for the core group), for every object's
+    /// reference.
+    api_version: String,
     /// Listed completely at least once (or known to be unavailable).
     synced: bool,
     /// Objects being relisted, replacing `objects` when the list is done.
@@ -91,7 +94,14 @@ impl Source for KubeSource {
                     .map(move |event| (index, event));
                 streams.push(stream.boxed());
             }
-            let mut kinds: Vec<Kind> = self.resources.iter().map(|_| Kind::default()).collect();
+            let mut kinds: Vec<Kind> = self
+                .resources
+                .iter()
+                .map(|r| Kind {
+                    api_version: api_resource(r).api_version,
+                    ..Kind::default()
+                })
+                .collect();
             // Since when changes wait to be published.
             let mut dirty: Option<tokio::time::Instant> = None;
             let mut published = false;
@@ -169,7 +179,7 @@ fn apply(
             false
         }
         Event::InitApply(obj) => {
-            if let Some((key, doc)) = document(r, obj, references) {
+            if let Some((key, doc)) = document(r, &kind.api_version, obj, references) {
                 kind.relisting.get_or_insert_default().insert(key, doc);
             }
             false
@@ -186,7 +196,7 @@ fn apply(
             kind.unavailable = None;
             true
         }
-        Event::Apply(obj) => match document(r, obj, references) {
+        Event::Apply(obj) => match document(r, &kind.api_version, obj, references) {
             Some((key, doc)) => {
                 kind.objects.insert(key, doc);
                 true
@@ -225,8 +235,8 @@ fn failed(r: &Resource, kind: &mut Kind, e: &watcher::Error) -> bool {
         Some(404 | 403) if !kind.synced => {
             let why = if code == Some(404) {
                 format!(
-                    "the API server does not serve {} (is its CRD installed?)",
-                    api_resource(r).api_version + "/" + r.plural
+                    "the API server does not serve {}/{} (is its CRD installed?)",
+                    kind.api_version, r.plural
                 )
             } else {
                 format!(
@@ -257,16 +267,16 @@ fn object_key(r: &Resource, namespace: &str, name: &str) -> ObjectKey {
 /// The object as a document, its reference recorded for Events.
 fn document(
     r: &Resource,
+    api_version: &str,
     obj: DynamicObject,
     references: &References,
 ) -> Option<((String, String), Document)> {
     let ns = obj.metadata.namespace.clone().unwrap_or_default();
     let name = obj.metadata.name.clone()?;
-    let api_version = api_resource(r).api_version;
     references.lock().expect("references lock").insert(
         object_key(r, &ns, &name),
         ObjectReference {
-            api_version: Some(api_version.clone()),
+            api_version: Some(api_version.to_owned()),
             kind: Some(r.kind.to_owned()),
             namespace: obj.metadata.namespace.clone(),
             name: Some(name.clone()),

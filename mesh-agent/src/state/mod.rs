@@ -173,6 +173,24 @@ pub struct ConfigWarning {
     pub message: String,
 }
 
+/// Picks out, snapshot after snapshot, the warnings the previous snapshot
+/// did not have: what is logged, counted and written as an Event once, when
+/// it appears.
+#[derive(Debug, Default)]
+pub struct NewWarnings(std::collections::HashSet<ConfigWarning>);
+
+impl NewWarnings {
+    pub fn of<'a>(&mut self, store: &'a Store) -> Vec<&'a ConfigWarning> {
+        let new = store
+            .warnings()
+            .iter()
+            .filter(|w| !self.0.contains(*w))
+            .collect();
+        self.0 = store.warnings().iter().cloned().collect();
+        new
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct StoreOptions {
     pub trust_domain: String,

@@ -35,7 +35,7 @@ pub struct Publisher {
     source: String,
     generation: u64,
     /// The last snapshot's warnings: only new ones are logged.
-    warned: std::collections::HashSet<ConfigWarning>,
+    warned: super::NewWarnings,
 }
 
 impl Publisher {
@@ -60,12 +60,9 @@ impl Publisher {
             warnings = store.warnings.len(),
             "configuration loaded"
         );
-        for w in store.warnings() {
-            if !self.warned.contains(w) {
-                warn!(object = %w.object, kind = w.kind, "{}", w.message);
-            }
+        for w in self.warned.of(store) {
+            warn!(object = %w.object, kind = w.kind, "{}", w.message);
         }
-        self.warned = store.warnings().iter().cloned().collect();
     }
 
     /// The source could not be read at all. Before anything was read, this
@@ -202,12 +199,9 @@ impl LocalFiles {
                     diff.added.push(key.clone());
                 }
             }
-            diff.removed.extend(
-                before
-                    .into_iter()
-                    .filter(|k| !doc.keys().any(|n| n == *k))
-                    .cloned(),
-            );
+            let now: BTreeSet<&ObjectKey> = doc.keys().collect();
+            diff.removed
+                .extend(before.difference(&now).map(|k| (*k).clone()));
             self.files.insert(path, File { stamp, doc });
         }
         let gone: Vec<PathBuf> = self
@@ -223,16 +217,14 @@ impl LocalFiles {
             }
         }
         // An object moved from one file to another is changed, not gone.
-        let added: BTreeSet<ObjectKey> = diff.added.iter().cloned().collect();
-        diff.removed.retain(|k| {
-            if added.contains(k) {
-                diff.changed.push(k.clone());
-                false
-            } else {
-                true
-            }
-        });
-        diff.added.retain(|k| !diff.changed.contains(k));
+        let added: BTreeSet<&ObjectKey> = diff.added.iter().collect();
+        let (moved, removed): (Vec<ObjectKey>, Vec<ObjectKey>) = std::mem::take(&mut diff.removed)
+            .into_iter()
+            .partition(|k| added.contains(k));
+        diff.removed = removed;
+        diff.changed.extend(moved);
+        let changed: BTreeSet<ObjectKey> = diff.changed.iter().cloned().collect();
+        diff.added.retain(|k| !changed.contains(k));
         Ok((diff.files > 0).then_some(diff))
     }
 

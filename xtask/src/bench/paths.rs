@@ -97,10 +97,9 @@ impl Path {
                 }
                 let deadline = Instant::now() + Duration::from_secs(10);
                 for (n, pod) in [(client_node, client), (server_node, server)] {
-                    let want = format!("\"bench/{}\"", pod.name);
+                    let want = format!("bench/{}", pod.name);
                     loop {
-                        let (_, body) = tb.agent(n).http("GET", "/pods", None)?;
-                        if body.contains(&want) {
+                        if tb.agent(n).pod_names()?.contains(&want) {
                             break;
                         }
                         ensure!(
