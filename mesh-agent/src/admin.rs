@@ -230,14 +230,7 @@ async fn route(
                 ),
             }
         }
-        (Surface::Admin, &Method::GET, "/capture") => json(
-            StatusCode::OK,
-            &serde_json::json!({
-                "bpf_dir": admin.capture.dir(),
-                "counters": admin.capture.counters(),
-                "enrolled_netns_cookies": admin.capture.enrolled_cookies(),
-            }),
-        ),
+        (Surface::Admin, &Method::GET, "/capture") => json(StatusCode::OK, &admin.capture.status()),
         _ => error(
             StatusCode::NOT_FOUND,
             format!("no route for {method} {path}"),

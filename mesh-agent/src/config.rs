@@ -65,7 +65,11 @@ pub enum PodsCommand {
 
 #[derive(Debug, Args)]
 pub struct NodeArgs {
-    /// Directory on bpffs where maps and links are pinned.
+    /// How pods' connections are steered to the agent: eBPF programs, or
+    /// iptables REDIRECT rules inside each pod (needs iptables-restore).
+    #[arg(long, env = "MESH_CAPTURE", value_enum, default_value_t = crate::capture::Mode::Ebpf)]
+    pub capture: crate::capture::Mode,
+    /// Directory on bpffs where maps and links are pinned (eBPF capture).
     #[arg(long, env = "MESH_BPF_DIR", default_value = "/sys/fs/bpf/mesh")]
     pub bpf_dir: PathBuf,
     /// cgroup v2 directory holding the pods (default: the cgroup v2 root).

@@ -1,6 +1,6 @@
 //! `mesh-agent`: the node agent and its inspection commands.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, path::Path, sync::Arc};
 
 use anyhow::Context as _;
 use clap::Parser as _;
@@ -63,6 +63,7 @@ async fn node(args: NodeArgs, log_filter: admin::LogFilter) -> anyhow::Result<()
         .clone()
         .unwrap_or_else(capture::fs::default_cgroup_root);
     info!(
+        capture = ?args.capture,
         bpf_dir = %args.bpf_dir.display(),
         cgroup = %cgroup.display(),
         state_dir = %args.state_dir.display(),
@@ -86,18 +87,27 @@ async fn node(args: NodeArgs, log_filter: admin::LogFilter) -> anyhow::Result<()
         .context("--metrics-addr")?;
     let ready_l = admin::bind(args.ready_addr).await.context("--ready-addr")?;
 
+    check_capture_mode(&args.state_dir, args.capture)?;
     let excluded =
         capture::ExcludedPorts::new(&args.exclude_outbound_ports, &args.exclude_inbound_ports);
-    // In a cluster the agent runs in a container: bpffs must be the node's
-    // (the DaemonSet's init container mounts it), never one of its own.
-    let capture = capture::Capture::load(&args.bpf_dir, &cgroup, &excluded, !args.mesh.kubernetes)
-        .with_context(|| {
-            if args.mesh.kubernetes {
-                "loading capture (in a cluster, the node must have bpffs mounted at /sys/fs/bpf)"
-            } else {
-                "loading capture"
-            }
-        })?;
+    let capture = match args.capture {
+        // In a cluster the agent runs in a container: bpffs must be the
+        // node's (the DaemonSet's init container mounts it), never its own.
+        capture::Mode::Ebpf => capture::Capture::Ebpf(
+            capture::Programs::load(&args.bpf_dir, &cgroup, &excluded, !args.mesh.kubernetes)
+                .with_context(|| {
+                    if args.mesh.kubernetes {
+                        "loading capture (in a cluster, the node must have bpffs mounted at /sys/fs/bpf)"
+                    } else {
+                        "loading capture"
+                    }
+                })?,
+        ),
+        capture::Mode::Iptables => capture::Capture::Iptables(
+            capture::Iptables::new(&excluded).context("--capture iptables")?,
+        ),
+    };
+    let mode = capture.mode();
     let capture = Arc::new(capture);
     let metrics = Arc::new(metrics::Metrics::default());
     let registry = metrics::registry(&metrics, capture.clone());
@@ -171,9 +181,32 @@ async fn node(args: NodeArgs, log_filter: admin::LogFilter) -> anyhow::Result<()
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
-    // Pins stay: enrolled pods fail closed until the next agent takes over.
-    info!("stopping; capture stays attached (use `mesh-agent uninstall` to remove it)");
+    // Pins and rules stay: enrolled pods fail closed until the next agent
+    // takes over.
+    info!(capture = ?mode, "stopping; capture stays in place (use `mesh-agent uninstall` to remove it)");
     Ok(())
+}
+
+/// Pods captured one way cannot be taken back the other way (the old
+/// rules or programs would still steer their traffic): the mode is kept in
+/// the state directory and a change needs `mesh-agent uninstall` first.
+fn check_capture_mode(state_dir: &Path, mode: capture::Mode) -> anyhow::Result<()> {
+    let file = state_dir.join("capture-mode");
+    let name = mode.name();
+    match std::fs::read_to_string(&file) {
+        Ok(prev) if prev.trim() != name && !inpod::pods::saved_netns(state_dir).is_empty() => {
+            anyhow::bail!(
+                "--capture {name}: the enrolled pods in {} were captured with `{}`; \
+                 run `mesh-agent uninstall` (same --state-dir) before changing the capture mode",
+                state_dir.display(),
+                prev.trim()
+            );
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| file.display().to_string()),
+    }
+    std::fs::write(&file, name).with_context(|| file.display().to_string())
 }
 
 fn ca_config(args: &NodeArgs) -> identity::CaConfig {
@@ -252,11 +285,21 @@ fn start_store(
 
 fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {
     capture::unpin_all(&args.bpf_dir)?;
-    let state = args.state_dir.join("pods.json");
-    match std::fs::remove_file(&state) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| state.display().to_string()),
+    // iptables capture lives in the pods' namespaces: remove it from every
+    // pod the agent had enrolled whose namespace is still there.
+    for path in inpod::pods::saved_netns(&args.state_dir) {
+        let Ok(netns) = inpod::netns::Netns::open(&path) else {
+            continue;
+        };
+        capture::remove_rules(&netns)
+            .with_context(|| format!("removing iptables capture from {}", path.display()))?;
+    }
+    for state in ["pods.json", "capture-mode"].map(|f| args.state_dir.join(f)) {
+        match std::fs::remove_file(&state) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| state.display().to_string()),
+        }
     }
     info!(bpf_dir = %args.bpf_dir.display(), "capture removed");
     Ok(())

@@ -538,7 +538,7 @@ impl Testbed {
             .stdout(log_file.try_clone()?)
             .stderr(log_file);
         let child = c.spawn().context("spawning the agent")?;
-        let agent = Agent {
+        let mut agent = Agent {
             child,
             netns: netns.clone(),
             log,
@@ -547,6 +547,12 @@ impl Testbed {
         loop {
             if let Ok((200, _)) = agent.http("GET", "/healthz/ready", None) {
                 break;
+            }
+            if let Some(status) = agent.child.try_wait()? {
+                bail!(
+                    "agent on node {node} exited ({status}) before it was ready; log:\n{}",
+                    agent.log_text()
+                );
             }
             if Instant::now() > deadline {
                 bail!(

@@ -386,3 +386,163 @@ fn two_nodes_two_agents_capture_cross_node_traffic() -> anyhow::Result<()> {
     assert_eq!(tb.agent(1).capture_counter("outbound_redirected")?, 0.0);
     Ok(())
 }
+
+/// The nat rules of one family inside a pod, as `iptables-save` prints them.
+fn nat_rules(tb: &Testbed, pod: &mesh_tests::Pod, save: &str) -> anyhow::Result<Vec<String>> {
+    let out = tb.run_in_pod(pod, Path::new(&format!("/usr/sbin/{save}")), &["-t", "nat"])?;
+    Ok(out
+        .lines()
+        .filter(|l| l.starts_with("-A") || l.starts_with(':'))
+        .map(str::to_owned)
+        .collect())
+}
+
+fn count_of(rules: &[String], line: &str) -> usize {
+    rules.iter().filter(|l| l.as_str() == line).count()
+}
+
+#[test]
+fn iptables_capture_steers_both_ways_fails_closed_and_is_removed() -> anyhow::Result<()> {
+    let mut tb = Testbed::new(2)?;
+    let client = tb.add_pod(0, "default/client")?;
+    let server = tb.add_pod(1, "default/server")?;
+    for port in [APP_PORT, 9901, 9902] {
+        tb.serve(&server, sa(IpAddr::from([0u8; 16]), port))?;
+    }
+    tb.serve(&client, "127.0.0.1:7000".parse()?)?;
+    let args = [
+        "--capture",
+        "iptables",
+        "--exclude-outbound-ports",
+        "9901",
+        "--exclude-inbound-ports",
+        "9902",
+    ];
+    tb.start_agent(0, &args)?;
+    tb.start_agent(1, &args)?;
+    tb.agent(0).enroll(&client)?;
+    tb.agent(1).enroll(&server)?;
+    let (status, body) = tb.agent(0).http("GET", "/capture", None)?;
+    let body: Value = serde_json::from_str(&body)?;
+    assert_eq!(
+        (status, body["mode"].as_str()),
+        (200, Some("iptables")),
+        "{body}"
+    );
+    let forwarded = |tb: &Testbed, node: usize, direction: &str| {
+        tb.agent(node).metric(&format!(
+            r#"mesh_proxy_connections_total{{direction="{direction}",result="forwarded"}}"#
+        ))
+    };
+
+    // Out through the client's agent, in through the server's: the app is
+    // reached at the address dialed, from 127.0.0.6 (IPv4) or its own
+    // address (IPv6), which only the inbound agent connects from.
+    let cases = [
+        (
+            sa(server.ip4, APP_PORT),
+            server.ip4,
+            "127.0.0.6".to_owned(),
+            1 << 20,
+        ),
+        (
+            sa(server.ip6, APP_PORT),
+            server.ip6,
+            server.ip6.to_string(),
+            1 << 20,
+        ),
+        // IPv4 packets from an IPv6 socket meet the IPv4 rules.
+        (
+            format!("[::ffff:{}]:{APP_PORT}", server.ip4).parse()?,
+            server.ip4,
+            "127.0.0.6".to_owned(),
+            1000,
+        ),
+    ];
+    for (i, (dst, server_ip, agent_source, bytes)) in cases.iter().enumerate() {
+        let r = tb.connect(&client, *dst, *bytes)?;
+        assert_intact(&r, &format!("to {dst}"));
+        assert_eq!(ip_of(&s(&r, "server_local")), server_ip.to_string(), "{r}");
+        assert_eq!(port_of(&s(&r, "server_local")), APP_PORT.to_string(), "{r}");
+        assert_eq!(ip_of(&s(&r, "server_peer")), *agent_source, "{r}");
+        assert_eq!(forwarded(&tb, 0, "outbound")?, (i + 1) as f64, "{r}");
+        assert_eq!(
+            forwarded(&tb, 1, "inbound_plaintext")?,
+            (i + 1) as f64,
+            "{r}"
+        );
+    }
+
+    // Loopback in the pod and an excluded outbound port are not captured;
+    // an excluded inbound port is captured on the way out only.
+    let r = tb.connect(&client, "127.0.0.1:7000".parse()?, 1000)?;
+    assert_intact(&r, "loopback");
+    let r = tb.connect(&client, sa(server.ip4, 9901), 1000)?;
+    assert_intact(&r, "excluded outbound");
+    assert_eq!(forwarded(&tb, 0, "outbound")?, 3.0, "9901 went direct");
+    assert_eq!(
+        forwarded(&tb, 1, "inbound_plaintext")?,
+        4.0,
+        "9901 captured inbound"
+    );
+    let r = tb.connect(&client, sa(server.ip4, 9902), 1000)?;
+    assert_intact(&r, "excluded inbound");
+    assert_eq!(ip_of(&s(&r, "server_peer")), client.ip4.to_string(), "{r}");
+    assert_eq!(forwarded(&tb, 0, "outbound")?, 4.0);
+    assert_eq!(forwarded(&tb, 1, "inbound_plaintext")?, 4.0);
+
+    // A connection to the inbound listener itself is not forwarded.
+    let r = tb.connect(&client, sa(server.ip4, 15006), 10)?;
+    assert_eq!(r["ok"], Value::Bool(false), "{r}");
+    assert_eq!(forwarded(&tb, 1, "inbound_plaintext")?, 4.0);
+
+    // With the client's agent gone, the rules stay and its pod fails closed.
+    tb.kill_agent(0)?;
+    let r = tb.connect(&client, sa(server.ip4, APP_PORT), 10)?;
+    assert_eq!(
+        r["refused"],
+        Value::Bool(true),
+        "not refused without an agent: {r}"
+    );
+    // A restarted agent takes the pod back with one copy of the rules.
+    tb.start_agent(0, &args)?;
+    let r = tb.connect(&client, sa(server.ip4, APP_PORT), 1000)?;
+    assert_intact(&r, "after restart");
+    assert_eq!(forwarded(&tb, 0, "outbound")?, 1.0);
+    for save in ["iptables-save", "ip6tables-save"] {
+        let rules = nat_rules(&tb, &client, save)?;
+        assert_eq!(
+            count_of(&rules, "-A OUTPUT -p tcp -j MESH_OUTBOUND"),
+            1,
+            "{rules:?}"
+        );
+        assert_eq!(
+            count_of(&rules, "-A PREROUTING -p tcp -j MESH_INBOUND"),
+            1,
+            "{rules:?}"
+        );
+    }
+
+    // Changing the capture mode over enrolled pods is refused until uninstall.
+    tb.kill_agent(1)?;
+    let err = tb.start_agent(1, &[]).expect_err("mode change refused");
+    assert!(
+        format!("{err:#}").contains("run `mesh-agent uninstall`"),
+        "{err:#}"
+    );
+    tb.start_agent(1, &args)?;
+
+    // Released: no rule of ours is left, and the app sees the client itself.
+    tb.agent(1).unenroll(&server)?;
+    for save in ["iptables-save", "ip6tables-save"] {
+        let rules = nat_rules(&tb, &server, save)?;
+        assert!(
+            !rules.iter().any(|l| l.contains("MESH_")),
+            "{save}: {rules:?}"
+        );
+    }
+    let r = tb.connect(&client, sa(server.ip4, APP_PORT), 1000)?;
+    assert_intact(&r, "after release");
+    assert_eq!(ip_of(&s(&r, "server_peer")), client.ip4.to_string(), "{r}");
+    Ok(())
+}

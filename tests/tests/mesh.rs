@@ -655,3 +655,42 @@ fn labels_enrol_and_release_running_pods_without_a_restart() -> anyhow::Result<(
     );
     Ok(())
 }
+
+#[test]
+fn iptables_capture_carries_hbone_with_both_identities() -> anyhow::Result<()> {
+    let mut shop = Shop::new(2)?;
+    let client = shop.pod(0, "client", "shop", "client", &[])?;
+    let server = shop.pod(1, "server", "shop", "server", &[])?;
+    shop.tb.serve(&server, any6(APP_PORT))?;
+    shop.start(&[&client, &server], &["--capture", "iptables"])?;
+    let tb = &shop.tb;
+
+    let wire = tb.capture_packets(&client, "iptables")?;
+    for dst in [sa(server.ip4, APP_PORT), sa(server.ip6, APP_PORT)] {
+        let r = tb.connect(&client, dst, 1 << 20)?;
+        assert!(ok(&r), "{dst}: {r}");
+        assert_eq!(r["received"], 1 << 20, "{r}");
+    }
+    let pcap = wire.stop()?;
+    assert!(
+        !has_app_plaintext(&pcap)?,
+        "the app's plaintext crossed the wire"
+    );
+    assert!(tshark(&pcap, &format!("tcp.port == {APP_PORT}"), &["frame.number"])?.is_empty());
+    assert!(!tshark(&pcap, "tls.app_data", &["tcp.port"])?.is_empty());
+    // The server's agent took both calls over mutual TLS from the client's
+    // identity.
+    let page = tb.agent(1).metrics()?;
+    let opened = series_sum(
+        &page,
+        "istio_tcp_connections_opened_total",
+        &[
+            ("reporter", "destination"),
+            ("source_principal", &id("shop", "client")),
+            ("destination_principal", &id("shop", "server")),
+            ("connection_security_policy", "mutual_tls"),
+        ],
+    );
+    assert_eq!(opened, 2.0, "{page}");
+    Ok(())
+}

@@ -37,6 +37,8 @@ const TOOL_PACKAGES: &[&str] = &[
     // The benchmark's peer: a standard TLS tunnel, and certificates for it.
     "stunnel4",
     "openssl",
+    // The agent's fallback capture mode (`--capture iptables`).
+    "iptables",
 ];
 
 /// bpf-linker links the bitcode nightly rustc emits with its own LLVM, which

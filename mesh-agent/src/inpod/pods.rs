@@ -16,7 +16,7 @@ use tracing::{info, warn};
 
 use super::{
     netns::{Netns, NetnsCookie, NetnsError},
-    sockets::{self, Role},
+    sockets,
 };
 use crate::{
     capture::{Capture, CaptureError},
@@ -212,23 +212,10 @@ impl Pods {
             addresses.clone(),
             self.shared.clone(),
         ));
-        // 2. maps, 3. attach; on failure undo what was done, so that the
-        // kernel maps never name a pod the agent does not serve.
-        let captured = (|| -> Result<(), CaptureError> {
-            for addr in &addresses {
-                let Some(l) = listeners
-                    .iter()
-                    .find(|l| l.role == Role::InboundPlaintext && l.v6 == addr.is_ipv6())
-                else {
-                    continue;
-                };
-                self.capture.add_inbound(*addr, cookie, &l.socket)?;
-            }
-            self.capture.enroll_netns(cookie)?;
-            self.capture.attach_sk_lookup(&ctx.netns)
-        })();
-        if let Err(source) = captured {
-            self.release_kernel(cookie, &addresses);
+        // 2. capture (maps and attach, or rules); on failure undo what was
+        // done, so that the kernel never names a pod the agent does not serve.
+        if let Err(source) = self.capture.take_in(&ctx.netns, &addresses, &listeners) {
+            self.capture.let_go(&ctx.netns, &addresses);
             return Err(EnrolError::Capture { name, source });
         }
         let mut tasks = Vec::new();
@@ -237,7 +224,7 @@ impl Pods {
                 Ok(t) => tasks.push(t),
                 Err(source) => {
                     tasks.iter().for_each(JoinHandle::abort);
-                    self.release_kernel(cookie, &addresses);
+                    self.capture.let_go(&ctx.netns, &addresses);
                     return Err(EnrolError::Listeners { name, source });
                 }
             }
@@ -275,26 +262,12 @@ impl Pods {
         let info = p.info();
         // Reverse order: detach, maps, listeners. Live connections finish on
         // their own; new ones go direct.
-        self.release_kernel(info.netns_cookie, &info.addresses);
+        self.capture.let_go(&p.ctx.netns, &info.addresses);
         p.tasks.iter().for_each(JoinHandle::abort);
         self.metrics.enrolled_pods.set(pods.len() as i64);
         self.save(&pods)?;
         info!(pod = %name, "pod released");
         Ok(info)
-    }
-
-    fn release_kernel(&self, cookie: NetnsCookie, addresses: &[IpAddr]) {
-        if let Err(e) = self.capture.detach_sk_lookup(cookie) {
-            warn!(%cookie, error = %e, "detaching inbound capture");
-        }
-        if let Err(e) = self.capture.unenroll_netns(cookie) {
-            warn!(%cookie, error = %e, "removing enrolled netns");
-        }
-        for addr in addresses {
-            if let Err(e) = self.capture.remove_inbound(*addr) {
-                warn!(%addr, error = %e, "removing inbound address");
-            }
-        }
     }
 
     fn save(&self, pods: &BTreeMap<String, Enrolled>) -> Result<(), EnrolError> {
@@ -321,18 +294,7 @@ impl Pods {
     /// Takes back the pods a previous agent enrolled, then clears whatever
     /// the kernel maps or pins still hold for pods that are gone.
     pub fn restore(&self) {
-        let saved: Vec<SavedPod> = match std::fs::read(&self.state_file) {
-            Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
-                warn!(file = %self.state_file.display(), error = %e, "ignoring unreadable state file");
-                Vec::new()
-            }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => {
-                warn!(file = %self.state_file.display(), error = %e, "cannot read state file");
-                Vec::new()
-            }
-        };
-        for s in &saved {
+        for s in &read_saved(&self.state_file) {
             let spec = PodSpec {
                 name: s.name.clone(),
                 netns: s.netns.clone(),
@@ -344,7 +306,7 @@ impl Pods {
             if let Ok(ns) = Netns::open(&s.netns)
                 && ns.cookie().0 != s.netns_cookie
             {
-                let _ = self.capture.detach_sk_lookup(NetnsCookie(s.netns_cookie));
+                self.capture.forget(NetnsCookie(s.netns_cookie));
             }
             match self.enroll(&spec) {
                 Ok(_) => info!(pod = %s.name, "restored enrolled pod"),
@@ -354,7 +316,7 @@ impl Pods {
         self.sweep();
     }
 
-    /// Removes kernel state that no enrolled pod owns.
+    /// Removes capture state that no enrolled pod owns.
     pub fn sweep(&self) {
         let live: Vec<NetnsCookie> = self
             .pods
@@ -363,22 +325,30 @@ impl Pods {
             .values()
             .map(|p| p.ctx.netns.cookie())
             .collect();
-        for cookie in self.capture.enrolled_cookies() {
-            if !live.contains(&cookie) {
-                info!(%cookie, "removing stale enrolled netns");
-                let _ = self.capture.unenroll_netns(cookie);
-            }
-        }
-        for (key, cookie) in self.capture.inbound_addrs() {
-            if !live.contains(&cookie) {
-                let _ = self.capture.remove_inbound_key(&key);
-            }
-        }
-        for cookie in self.capture.pinned_sk_lookup_cookies() {
-            if !live.contains(&cookie) {
-                info!(%cookie, "detaching stale inbound capture link");
-                let _ = self.capture.detach_sk_lookup(cookie);
-            }
+        self.capture.sweep(&live);
+    }
+}
+
+/// The enrolled set a (previous) agent saved; empty when there is none.
+fn read_saved(file: &Path) -> Vec<SavedPod> {
+    match std::fs::read(file) {
+        Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
+            warn!(file = %file.display(), error = %e, "ignoring unreadable state file");
+            Vec::new()
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => {
+            warn!(file = %file.display(), error = %e, "cannot read state file");
+            Vec::new()
         }
     }
+}
+
+/// Network namespaces of the pods an agent saved as enrolled in `state_dir`
+/// (for `mesh-agent uninstall`).
+pub fn saved_netns(state_dir: &Path) -> Vec<PathBuf> {
+    read_saved(&state_dir.join("pods.json"))
+        .into_iter()
+        .map(|s| s.netns)
+        .collect()
 }

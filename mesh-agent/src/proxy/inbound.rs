@@ -44,17 +44,15 @@ fn admit(store: &Store, pod: &PodCtx, peer: SocketAddr, dst: SocketAddr) -> Resu
 }
 
 pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
-    let Ok(dst) = client.local_addr() else {
-        return;
-    };
     let metrics = pod.shared.metrics.clone();
-    if AGENT_PORTS.contains(&dst.port()) {
+    let dst = pod.shared.capture.inbound_dst(&client);
+    let Some(dst) = dst.filter(|d| !AGENT_PORTS.contains(&d.port())) else {
         // A direct connection to the capture port itself: forwarding it would
         // loop back into this listener.
         metrics.connection("inbound_plaintext", "refused");
-        debug!(%peer, %dst, "direct connection to an agent port; closing");
+        debug!(%peer, ?dst, "direct connection to an agent port; closing");
         return;
-    }
+    };
     let store = pod.shared.store();
     let local = pod.workload_at(&store, dst.ip());
     let trust_domain = pod.shared.certs.trust_domain();

@@ -1,12 +1,11 @@
 //! Outbound (15001): connections the kernel redirected away from their
-//! destination. The original destination is looked up by (netns cookie,
-//! client port, family); without one, the connection is refused, never
-//! guessed. Then: a Service VIP picks an endpoint; a meshed destination is
+//! destination. The capture gives the original destination (a map entry
+//! the kernel wrote, or the socket's pre-NAT address); without one, the
+//! connection is refused, never guessed. Then: a Service VIP picks an endpoint; a meshed destination is
 //! reached over HBONE; anything else passes through as plain TCP.
 
 use std::{net::SocketAddr, sync::Arc};
 
-use mesh_common::{AF_INET, AF_INET6, ConnKey};
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
@@ -18,7 +17,6 @@ use super::{
     splice,
 };
 use crate::{
-    capture::orig_dst_addr,
     identity::Identity,
     state::{Endpoint, Service, Store, Workload},
 };
@@ -76,22 +74,16 @@ enum Upstream {
 }
 
 pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
-    // The key leaves out the client's source address: two clients in one pod
-    // on the same port, one bound to a non-loopback source, would share it.
-    // Rare enough to accept for now; the kernel side would need the source too.
-    let key = ConnKey {
-        netns_cookie: pod.netns.cookie().0,
-        port: peer.port(),
-        family: if peer.is_ipv4() { AF_INET } else { AF_INET6 },
-        _pad: 0,
-    };
     let metrics = pod.shared.metrics.clone();
-    let Some(orig) = pod.shared.capture.take_orig_dst(key) else {
+    let Some(dst) = pod
+        .shared
+        .capture
+        .outbound_dst(pod.netns.cookie(), &client, peer)
+    else {
         metrics.connection("outbound", "no_original_destination");
         warn!("no original destination recorded for this connection; refusing it");
         return;
     };
-    let dst = orig_dst_addr(&orig);
     let store = pod.shared.store();
     let src_workload = pod.workload(&store);
     let trust_domain = pod.shared.certs.trust_domain();

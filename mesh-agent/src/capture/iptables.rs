@@ -1,0 +1,356 @@
+//! Capture with iptables nat REDIRECT rules inside each enrolled pod's
+//! network namespace.
+//!
+//! Per pod and address family (IPv6 when the pod has it), in the nat table:
+//! - `OUTPUT` jumps to `MESH_OUTBOUND`, which leaves alone the agent's own
+//!   marked sockets, loopback destinations, the agent's ports and the
+//!   excluded outbound ports, and redirects every other TCP connection to
+//!   the outbound listener (15001 on loopback);
+//! - `PREROUTING` jumps to `MESH_INBOUND`, which leaves alone what arrives
+//!   on `lo`, the agent's ports and the excluded inbound ports, and
+//!   redirects the rest to the inbound plaintext listener (15006).
+//!
+//! The agent reads the original destination back with `SO_ORIGINAL_DST`.
+//! Its own connections to a local app are locally generated, so they never
+//! meet `PREROUTING`'s nat rules (those decide only a connection's first
+//! packet, and loopback traffic was decided on the way out).
+//!
+//! Rules are written with one `iptables-restore --noflush` per family after
+//! one `iptables-save` shows what is already there, so enrolling a pod again
+//! (an agent restart) leaves one copy. They stay when the agent stops:
+//! redirected connections then find no listener and are refused, so pods
+//! fail closed as they do with the pinned eBPF programs.
+
+use std::{
+    fmt::Write as _,
+    io::Write as _,
+    net::SocketAddr,
+    process::{Command, Stdio},
+};
+
+use mesh_common::{AGENT_MARK, AGENT_PORTS, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND, PortFlags};
+use tokio::net::TcpStream;
+
+use super::{CaptureError, ExcludedPorts};
+use crate::inpod::netns::Netns;
+
+pub const OUT_CHAIN: &str = "MESH_OUTBOUND";
+pub const IN_CHAIN: &str = "MESH_INBOUND";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    fn save(self) -> &'static str {
+        match self {
+            Family::V4 => "iptables-save",
+            Family::V6 => "ip6tables-save",
+        }
+    }
+
+    fn restore(self) -> &'static str {
+        match self {
+            Family::V4 => "iptables-restore",
+            Family::V6 => "ip6tables-restore",
+        }
+    }
+
+    fn loopback(self) -> &'static str {
+        match self {
+            Family::V4 => "127.0.0.0/8",
+            Family::V6 => "::1/128",
+        }
+    }
+}
+
+/// The jumps from the built-in chains, as `iptables-save` prints them.
+fn jump(builtin: &str, chain: &str) -> String {
+    format!("-A {builtin} -p tcp -j {chain}")
+}
+
+#[derive(Debug)]
+pub struct Iptables {
+    excluded: ExcludedPorts,
+}
+
+impl Iptables {
+    /// Checks that the iptables tools run here.
+    pub fn new(excluded: &ExcludedPorts) -> Result<Self, CaptureError> {
+        for program in ["iptables-restore", "iptables-save"] {
+            match Command::new(program).arg("--version").output() {
+                Ok(out) if out.status.success() => {}
+                Ok(out) => {
+                    return Err(CaptureError::IptablesMissing {
+                        program,
+                        detail: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+                    });
+                }
+                Err(e) => {
+                    return Err(CaptureError::IptablesMissing {
+                        program,
+                        detail: e.to_string(),
+                    });
+                }
+            }
+        }
+        Ok(Iptables {
+            excluded: excluded.clone(),
+        })
+    }
+
+    pub fn excluded(&self) -> &ExcludedPorts {
+        &self.excluded
+    }
+
+    pub(super) fn take_in(&self, netns: &Netns, v6: bool) -> Result<(), CaptureError> {
+        self.apply(netns, Family::V4, true)?;
+        if v6 {
+            // Undo IPv4 if IPv6 cannot be captured: half a capture would
+            // let IPv6 traffic leave in plaintext.
+            if let Err(e) = self.apply(netns, Family::V6, true) {
+                let _ = self.apply(netns, Family::V4, false);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn let_go(&self, netns: &Netns) {
+        if let Err(e) = remove_rules(netns) {
+            tracing::warn!(netns = %netns.path().display(), error = %e, "removing iptables capture");
+        }
+    }
+
+    fn apply(&self, netns: &Netns, family: Family, wanted: bool) -> Result<(), CaptureError> {
+        apply(netns, family, &self.excluded, wanted)
+    }
+}
+
+/// Removes the capture rules of both families from a pod's namespace, if
+/// there are any (an agent in either mode, or `mesh-agent uninstall`).
+pub fn remove_rules(netns: &Netns) -> Result<(), CaptureError> {
+    let none = ExcludedPorts::default();
+    apply(netns, Family::V4, &none, false)?;
+    apply(netns, Family::V6, &none, false)
+}
+
+/// Brings the pod's rules of one family to `wanted` (present or absent).
+fn apply(
+    netns: &Netns,
+    family: Family,
+    excluded: &ExcludedPorts,
+    wanted: bool,
+) -> Result<(), CaptureError> {
+    let saved = match run(netns, family.save(), &["-t", "nat"], None) {
+        Ok(saved) => saved,
+        // Nothing of ours can be where the tool cannot look: no iptables
+        // installed (uninstall after eBPF capture), or no IPv6 in the pod.
+        Err(_) if !wanted => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    match script(&saved, family, excluded, wanted) {
+        Some(script) => run(netns, family.restore(), &["--noflush"], Some(&script)).map(drop),
+        None => Ok(()),
+    }
+}
+
+/// The `iptables-restore` input that turns the nat table `saved` into one
+/// with (or without) the pod's capture rules; `None` when nothing is to do.
+fn script(saved: &str, family: Family, excluded: &ExcludedPorts, wanted: bool) -> Option<String> {
+    let has_line = |line: &str| saved.lines().any(|l| l.trim_end() == line);
+    let has_chain = |chain: &str| {
+        saved
+            .lines()
+            .any(|l| l.strip_prefix(':').and_then(|l| l.split(' ').next()) == Some(chain))
+    };
+    let out_jump = jump("OUTPUT", OUT_CHAIN);
+    let in_jump = jump("PREROUTING", IN_CHAIN);
+    let mut s = String::from("*nat\n");
+    if wanted {
+        // Declaring a chain creates it, or empties it if it is there.
+        let _ = writeln!(s, ":{OUT_CHAIN} - [0:0]\n:{IN_CHAIN} - [0:0]");
+        let _ = writeln!(s, "-A {OUT_CHAIN} -m mark --mark {AGENT_MARK:#x} -j RETURN");
+        let _ = writeln!(s, "-A {OUT_CHAIN} -d {} -j RETURN", family.loopback());
+        for port in skipped_ports(excluded, PortFlags::OUTBOUND) {
+            let _ = writeln!(s, "-A {OUT_CHAIN} -p tcp --dport {port} -j RETURN");
+        }
+        let _ = writeln!(
+            s,
+            "-A {OUT_CHAIN} -p tcp -j REDIRECT --to-ports {PORT_OUTBOUND}"
+        );
+        let _ = writeln!(s, "-A {IN_CHAIN} -i lo -j RETURN");
+        for port in skipped_ports(excluded, PortFlags::INBOUND) {
+            let _ = writeln!(s, "-A {IN_CHAIN} -p tcp --dport {port} -j RETURN");
+        }
+        let _ = writeln!(
+            s,
+            "-A {IN_CHAIN} -p tcp -j REDIRECT --to-ports {PORT_INBOUND_PLAINTEXT}"
+        );
+        // First in the built-in chains, ahead of anything else there.
+        if !has_line(&out_jump) {
+            let _ = writeln!(s, "-I OUTPUT 1 -p tcp -j {OUT_CHAIN}");
+        }
+        if !has_line(&in_jump) {
+            let _ = writeln!(s, "-I PREROUTING 1 -p tcp -j {IN_CHAIN}");
+        }
+    } else {
+        let mut any = false;
+        for (line, chain) in [(&out_jump, OUT_CHAIN), (&in_jump, IN_CHAIN)] {
+            if has_line(line) {
+                let _ = writeln!(s, "{}", line.replacen("-A", "-D", 1));
+                any = true;
+            }
+            if has_chain(chain) {
+                let _ = writeln!(s, "-F {chain}\n-X {chain}");
+                any = true;
+            }
+        }
+        if !any {
+            return None;
+        }
+    }
+    s.push_str("COMMIT\n");
+    Some(s)
+}
+
+/// Destination ports a chain returns early for: the agent's own and the
+/// excluded ones of that direction.
+fn skipped_ports(excluded: &ExcludedPorts, direction: u8) -> Vec<u16> {
+    let mut ports: Vec<u16> = AGENT_PORTS.to_vec();
+    ports.extend(
+        excluded
+            .0
+            .iter()
+            .filter(|(_, flags)| *flags & direction != 0)
+            .map(|(port, _)| *port),
+    );
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
+/// Runs an iptables tool inside the pod's namespace and returns its stdout.
+fn run(
+    netns: &Netns,
+    program: &'static str,
+    args: &[&str],
+    input: Option<&str>,
+) -> Result<String, CaptureError> {
+    let fail = |detail: String| CaptureError::Iptables {
+        netns: netns.path().to_owned(),
+        program,
+        detail,
+    };
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // A child started from a thread inside the pod's namespace starts there.
+    let mut child = netns
+        .run(|| cmd.spawn())
+        .map_err(|e| fail(e.to_string()))?
+        .map_err(|e| fail(e.to_string()))?;
+    if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+        stdin
+            .write_all(input.as_bytes())
+            .map_err(|e| fail(format!("writing rules: {e}")))?;
+    }
+    let out = child.wait_with_output().map_err(|e| fail(e.to_string()))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        return Err(fail(format!("{}: {}", out.status, stderr.trim())));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The destination a REDIRECTed connection had before NAT.
+pub(super) fn original_dst(client: &TcpStream) -> Option<SocketAddr> {
+    let sock = socket2::SockRef::from(client);
+    let addr = match client.local_addr().ok()? {
+        SocketAddr::V4(_) => sock.original_dst_v4(),
+        SocketAddr::V6(_) => sock.original_dst_v6(),
+    };
+    addr.ok()?.as_socket()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn excluded() -> ExcludedPorts {
+        ExcludedPorts::new(&[22], &[9902])
+    }
+
+    #[test]
+    fn a_fresh_namespace_gets_both_chains_and_both_jumps_first() {
+        let empty = "*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n";
+        let s = script(empty, Family::V4, &excluded(), true).unwrap();
+        let lines: Vec<&str> = s.lines().collect();
+        assert_eq!(lines.first(), Some(&"*nat"));
+        assert_eq!(lines.last(), Some(&"COMMIT"));
+        assert!(
+            lines.contains(&"-I OUTPUT 1 -p tcp -j MESH_OUTBOUND"),
+            "{s}"
+        );
+        assert!(
+            lines.contains(&"-I PREROUTING 1 -p tcp -j MESH_INBOUND"),
+            "{s}"
+        );
+        assert!(lines.contains(&"-A MESH_OUTBOUND -m mark --mark 0x539 -j RETURN"));
+        assert!(lines.contains(&"-A MESH_OUTBOUND -d 127.0.0.0/8 -j RETURN"));
+        // The excluded ports in their own direction only, the agent's in both.
+        assert!(lines.contains(&"-A MESH_OUTBOUND -p tcp --dport 22 -j RETURN"));
+        assert!(!lines.contains(&"-A MESH_INBOUND -p tcp --dport 22 -j RETURN"));
+        assert!(lines.contains(&"-A MESH_INBOUND -p tcp --dport 9902 -j RETURN"));
+        assert!(lines.contains(&"-A MESH_INBOUND -p tcp --dport 15008 -j RETURN"));
+        assert!(lines.contains(&"-A MESH_OUTBOUND -p tcp --dport 15008 -j RETURN"));
+        // Every RETURN comes before its chain's REDIRECT.
+        for chain in [OUT_CHAIN, IN_CHAIN] {
+            let redirect = lines
+                .iter()
+                .position(|l| l.starts_with(&format!("-A {chain}")) && l.contains("REDIRECT"))
+                .unwrap();
+            let last_return = lines
+                .iter()
+                .rposition(|l| l.starts_with(&format!("-A {chain}")) && l.ends_with("RETURN"))
+                .unwrap();
+            assert!(last_return < redirect, "{s}");
+        }
+        let v6 = script(empty, Family::V6, &excluded(), true).unwrap();
+        assert!(v6.contains("-A MESH_OUTBOUND -d ::1/128 -j RETURN"), "{v6}");
+    }
+
+    #[test]
+    fn enrolling_again_refills_the_chains_without_a_second_jump() {
+        let saved = "*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n\
+            :MESH_INBOUND - [0:0]\n:MESH_OUTBOUND - [0:0]\n\
+            -A PREROUTING -p tcp -j MESH_INBOUND\n-A OUTPUT -p tcp -j MESH_OUTBOUND\n\
+            -A MESH_OUTBOUND -p tcp -j REDIRECT --to-ports 15001\nCOMMIT\n";
+        let s = script(saved, Family::V4, &excluded(), true).unwrap();
+        assert!(s.contains(":MESH_OUTBOUND - [0:0]"), "{s}");
+        assert!(!s.contains("-I OUTPUT"), "{s}");
+        assert!(!s.contains("-I PREROUTING"), "{s}");
+    }
+
+    #[test]
+    fn release_removes_only_what_is_there() {
+        let saved = "*nat\n:OUTPUT ACCEPT [0:0]\n:MESH_OUTBOUND - [0:0]\n\
+            -A OUTPUT -p tcp -j MESH_OUTBOUND\n-A OUTPUT -p tcp -j CNI_THING\nCOMMIT\n";
+        let s = script(saved, Family::V4, &excluded(), false).unwrap();
+        assert_eq!(
+            s,
+            "*nat\n-D OUTPUT -p tcp -j MESH_OUTBOUND\n-F MESH_OUTBOUND\n-X MESH_OUTBOUND\nCOMMIT\n"
+        );
+        let clean = "*nat\n:OUTPUT ACCEPT [0:0]\n-A OUTPUT -p tcp -j CNI_THING\nCOMMIT\n";
+        assert_eq!(script(clean, Family::V4, &excluded(), false), None);
+        assert_eq!(script("", Family::V6, &excluded(), false), None);
+    }
+}
