@@ -93,7 +93,7 @@ async fn node(args: NodeArgs, log_filter: admin::LogFilter) -> anyhow::Result<()
     let capture = match args.capture {
         // In a cluster the agent runs in a container: bpffs must be the
         // node's (the DaemonSet's init container mounts it), never its own.
-        capture::Mode::Ebpf => capture::Capture::Ebpf(
+        capture::Mode::Ebpf => capture::Capture::Ebpf(Box::new(
             capture::Programs::load(&args.bpf_dir, &cgroup, &excluded, !args.mesh.kubernetes)
                 .with_context(|| {
                     if args.mesh.kubernetes {
@@ -102,7 +102,7 @@ async fn node(args: NodeArgs, log_filter: admin::LogFilter) -> anyhow::Result<()
                         "loading capture"
                     }
                 })?,
-        ),
+        )),
         capture::Mode::Iptables => capture::Capture::Iptables(
             capture::Iptables::new(&excluded).context("--capture iptables")?,
         ),

@@ -99,7 +99,7 @@ pub enum CaptureError {
 /// The capture of one agent process.
 #[derive(Debug)]
 pub enum Capture {
-    Ebpf(Programs),
+    Ebpf(Box<Programs>),
     Iptables(Iptables),
 }
 
