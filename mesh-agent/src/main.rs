@@ -265,15 +265,21 @@ fn start_store(
     };
     let mut watch = rx.clone();
     tokio::spawn(async move {
-        // Counts each warning once, when it appears.
+        // Counts each warning once, when it appears, and the objects held.
         let mut new = state::NewWarnings::default();
         loop {
             let snapshot = watch.borrow_and_update().clone();
             for w in new.of(&snapshot) {
                 metrics
                     .config_warnings
-                    .get_or_create(&metrics::WarningLabels { kind: w.kind })
+                    .get_or_create(&metrics::KindLabels { kind: w.kind })
                     .inc();
+            }
+            for (kind, n) in snapshot.counts() {
+                metrics
+                    .config_objects
+                    .get_or_create(&metrics::KindLabels { kind })
+                    .set(n as i64);
             }
             if watch.changed().await.is_err() {
                 return;

@@ -63,7 +63,7 @@ pub struct TcpLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct WarningLabels {
+pub struct KindLabels {
     pub kind: &'static str,
 }
 
@@ -76,7 +76,8 @@ pub struct Metrics {
     pub tcp_closed: Family<TcpLabels, Counter>,
     pub tcp_sent: Family<TcpLabels, Counter>,
     pub tcp_received: Family<TcpLabels, Counter>,
-    pub config_warnings: Family<WarningLabels, Counter>,
+    pub config_warnings: Family<KindLabels, Counter>,
+    pub config_objects: Family<KindLabels, Gauge>,
 }
 
 impl Metrics {
@@ -134,6 +135,11 @@ pub fn registry(metrics: &Arc<Metrics>, capture: Arc<Capture>) -> Registry {
         "mesh_config_warnings",
         "Configuration not applied as written, by kind (each warning counted once, when it appears)",
         metrics.config_warnings.clone(),
+    );
+    r.register(
+        "mesh_config_objects",
+        "Objects of each kind in the configuration snapshot the data path follows",
+        metrics.config_objects.clone(),
     );
     r.register_collector(Box::new(CaptureCollector(capture)));
     r

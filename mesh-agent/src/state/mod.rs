@@ -379,6 +379,19 @@ impl Store {
     }
 
     /// Workloads, services, policies and warnings for `/config_dump`.
+    /// How many objects of each kind this snapshot holds.
+    pub fn counts(&self) -> [(&'static str, usize); 7] {
+        [
+            ("workloads", self.workloads.len()),
+            ("services", self.services.len()),
+            ("authorization_policies", self.policies.len()),
+            ("peer_authentications", self.peer_auths.len()),
+            ("service_accounts", self.service_accounts),
+            ("http_routes", self.http_routes),
+            ("gateways", self.gateways),
+        ]
+    }
+
     pub fn dump(&self) -> serde_json::Value {
         let workloads: Vec<&Workload> = self.workloads.values().map(|w| &**w).collect();
         let services: Vec<&Service> = self.services.values().map(|s| &**s).collect();
