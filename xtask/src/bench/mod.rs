@@ -3,6 +3,7 @@
 //! reported as min/median/max with ratios to `direct` and `tls-tunnel`
 //! (`report.rs`).
 
+mod idle;
 mod paths;
 mod report;
 
@@ -41,6 +42,8 @@ pub struct Options {
 pub enum Placement {
     CrossNode,
     SameNode,
+    /// One node, no traffic: the memory figures.
+    Idle,
 }
 
 impl Placement {
@@ -48,6 +51,7 @@ impl Placement {
         match self {
             Placement::CrossNode => "cross-node",
             Placement::SameNode => "same-node",
+            Placement::Idle => "idle",
         }
     }
 }
@@ -78,7 +82,13 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     // SAFETY: set before any thread of this process is started.
     unsafe { std::env::set_var("MESH_BIN_DIR", &bin_dir) };
 
-    let mut results = Results::new(reps, seconds);
+    // Enrolled pods and stored workloads for the idle memory figures.
+    let (pods, workloads) = if opts.quick {
+        (10, 1000)
+    } else {
+        (100, 10_000)
+    };
+    let mut results = Results::new(reps, seconds, pods, workloads);
     for placement in [Placement::CrossNode, Placement::SameNode] {
         for &path in paths::ALL {
             println!("==> {} {}", placement.name(), path.name());
@@ -86,6 +96,8 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
                 .with_context(|| format!("{} {}", placement.name(), path.name()))?;
         }
     }
+    println!("==> idle memory: {pods} enrolled pods, {workloads} more workloads");
+    idle::measure(&mut results, reps, pods, workloads).context("idle memory")?;
     let md = results.markdown();
     println!("\n{md}");
     let out = match &opts.out {
@@ -116,7 +128,7 @@ fn measure_path(
     let mut tb = Testbed::new(2)?;
     let server_node = match placement {
         Placement::CrossNode => 1,
-        Placement::SameNode => 0,
+        Placement::SameNode | Placement::Idle => 0,
     };
     let client = tb.add_pod(0, "client")?;
     let server = tb.add_pod(server_node, "server")?;

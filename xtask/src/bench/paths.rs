@@ -32,12 +32,19 @@ pub enum Path {
     Direct,
     /// eBPF capture and HBONE mTLS between the agents.
     MeshEbpf,
+    /// The same agents with iptables REDIRECT capture inside the pods.
+    MeshIptables,
     /// stunnel4 at both ends, mutual TLS 1.3: what a user would otherwise
     /// reach for.
     TlsTunnel,
 }
 
-pub const ALL: &[Path] = &[Path::Direct, Path::MeshEbpf, Path::TlsTunnel];
+pub const ALL: &[Path] = &[
+    Path::Direct,
+    Path::MeshEbpf,
+    Path::MeshIptables,
+    Path::TlsTunnel,
+];
 
 /// Where the client sends its traffic once a path is up.
 #[derive(Clone, Copy, Debug)]
@@ -51,12 +58,13 @@ impl Path {
         match self {
             Path::Direct => "direct",
             Path::MeshEbpf => "mesh-ebpf",
+            Path::MeshIptables => "mesh-iptables",
             Path::TlsTunnel => "tls-tunnel",
         }
     }
 
     pub fn is_mesh(self) -> bool {
-        matches!(self, Path::MeshEbpf)
+        matches!(self, Path::MeshEbpf | Path::MeshIptables)
     }
 
     /// Sets the path up between `client` (node of index `client_node`) and
@@ -76,41 +84,12 @@ impl Path {
         match self {
             Path::Direct => Ok(direct),
             Path::MeshEbpf => {
-                let docs = vec![
-                    namespace_yaml("bench", true),
-                    with_netns(
-                        &pod_yaml(client, client_node, "bench", "client", &[]),
-                        client,
-                    ),
-                    with_netns(
-                        &pod_yaml(server, server_node, "bench", "server", &[]),
-                        server,
-                    ),
-                ];
-                tb.write_config(&docs)?;
-                let args = tb.mesh_args()?;
-                let args: Vec<&str> = args.iter().map(String::as_str).collect();
-                let mut nodes = vec![client_node, server_node];
-                nodes.dedup();
-                for &n in &nodes {
-                    tb.start_agent(n, &args)?;
-                }
-                let deadline = Instant::now() + Duration::from_secs(10);
-                for (n, pod) in [(client_node, client), (server_node, server)] {
-                    let want = format!("bench/{}", pod.name);
-                    loop {
-                        if tb.agent(n).pod_names()?.contains(&want) {
-                            break;
-                        }
-                        ensure!(
-                            Instant::now() < deadline,
-                            "{} not enrolled; agent log:\n{}",
-                            pod.name,
-                            tb.agent(n).log_text()
-                        );
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                }
+                start_mesh(tb, client, client_node, server, server_node, &[])?;
+                Ok(direct)
+            }
+            Path::MeshIptables => {
+                let capture = ["--capture", "iptables"];
+                start_mesh(tb, client, client_node, server, server_node, &capture)?;
                 Ok(direct)
             }
             Path::TlsTunnel => {
@@ -140,6 +119,66 @@ impl Path {
             }
         }
     }
+}
+
+/// Agents on the client's and the server's nodes (with `extra` arguments),
+/// both pods in a namespace labelled for the mesh; returns once both pods
+/// are enrolled.
+fn start_mesh(
+    tb: &mut Testbed,
+    client: &Pod,
+    client_node: usize,
+    server: &Pod,
+    server_node: usize,
+    extra: &[&str],
+) -> anyhow::Result<()> {
+    let docs = vec![
+        namespace_yaml("bench", true),
+        with_netns(
+            &pod_yaml(client, client_node, "bench", "client", &[]),
+            client,
+        ),
+        with_netns(
+            &pod_yaml(server, server_node, "bench", "server", &[]),
+            server,
+        ),
+    ];
+    tb.write_config(&docs)?;
+    let mut args = tb.mesh_args()?;
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut nodes = vec![client_node, server_node];
+    nodes.dedup();
+    for &n in &nodes {
+        tb.start_agent(n, &args)?;
+    }
+    for (n, pod) in [(client_node, client), (server_node, server)] {
+        let want = format!("bench/{}", pod.name);
+        wait_for(Duration::from_secs(10), || {
+            Ok(tb.agent(n).pod_names()?.contains(&want))
+        })
+        .with_context(|| {
+            format!(
+                "{} not enrolled; agent log:\n{}",
+                pod.name,
+                tb.agent(n).log_text()
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// Polls `done` every 20 ms until it holds, for at most `limit`.
+pub fn wait_for(
+    limit: Duration,
+    mut done: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    while !done()? {
+        ensure!(Instant::now() < deadline, "not done after {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
 }
 
 const STUNNEL: &str = "/usr/bin/stunnel4";

@@ -33,9 +33,27 @@ const METRICS: &[(&str, &str)] = &[
     ("errors_5k", "failed requests at 5,000 req/s"),
 ];
 
+/// The idle table's metrics (agent RSS, mesh-ebpf); `{pods}` and
+/// `{workloads}` are filled in from the run.
+const IDLE_METRICS: &[(&str, &str)] = &[
+    ("idle_rss_mib", "RSS, nothing enrolled, empty store (MiB)"),
+    ("idle_rss_pods_mib", "RSS, {pods} enrolled pods (MiB)"),
+    (
+        "idle_rss_pods_workloads_mib",
+        "RSS, {pods} enrolled pods + {workloads} workloads (MiB)",
+    ),
+    ("rss_per_pod_kib", "per enrolled pod (KiB)"),
+    ("rss_per_workload_kib", "per stored workload (KiB)"),
+];
+
+/// The capture modes compared in their own column.
+const CAPTURE_COMPARISON: (&str, &str) = ("mesh-ebpf", "mesh-iptables");
+
 pub struct Results {
     reps: usize,
     seconds: f64,
+    idle_pods: usize,
+    idle_workloads: usize,
     values: BTreeMap<(&'static str, &'static str, String), Vec<f64>>,
     paths: Vec<Path>,
 }
@@ -78,10 +96,12 @@ fn fmt(x: f64) -> String {
 }
 
 impl Results {
-    pub fn new(reps: usize, seconds: f64) -> Self {
+    pub fn new(reps: usize, seconds: f64, idle_pods: usize, idle_workloads: usize) -> Self {
         Results {
             reps,
             seconds,
+            idle_pods,
+            idle_workloads,
             values: BTreeMap::new(),
             paths: Vec::new(),
         }
@@ -108,6 +128,15 @@ impl Results {
         (b != 0.0).then(|| a / b)
     }
 
+    /// One cell: median (min-max), or the median alone for one run.
+    fn cell(&self, s: &Summary) -> String {
+        if self.reps > 1 {
+            format!("{} ({}-{})", fmt(s.median), fmt(s.min), fmt(s.max))
+        } else {
+            fmt(s.median)
+        }
+    }
+
     pub fn markdown(&self) -> String {
         let mut out = String::new();
         let machine = super::machine();
@@ -116,19 +145,22 @@ impl Results {
             machine["cpu"], machine["cores"], machine["memory_gib"], machine["kernel"], self.reps, self.seconds
         ));
         let mesh: Vec<&Path> = self.paths.iter().filter(|p| p.is_mesh()).collect();
+        let (ebpf, iptables) = CAPTURE_COMPARISON;
+        let compare = [ebpf, iptables]
+            .iter()
+            .all(|name| self.paths.iter().any(|p| p.name() == *name));
         for placement in ["cross-node", "same-node"] {
-            out.push_str(&format!("\n### {placement}\n\n| metric |"));
-            for p in &self.paths {
-                out.push_str(&format!(" {} |", p.name()));
-            }
+            let mut header = vec!["metric".to_owned()];
+            header.extend(self.paths.iter().map(|p| p.name().to_owned()));
             for m in &mesh {
-                out.push_str(&format!(" {0} / direct | {0} / tls-tunnel |", m.name()));
+                header.push(format!("{} / direct", m.name()));
+                header.push(format!("{} / tls-tunnel", m.name()));
             }
-            out.push_str("\n|---|");
-            for _ in 0..self.paths.len() + 2 * mesh.len() {
-                out.push_str("---|");
+            if compare {
+                header.push(format!("{ebpf} / {iptables}"));
             }
-            out.push('\n');
+            out.push_str(&format!("\n### {placement}\n\n"));
+            table_head(&mut out, &header);
             for (metric, label) in METRICS {
                 let row: Vec<Option<Summary>> = self
                     .paths
@@ -138,28 +170,40 @@ impl Results {
                 if row.iter().all(Option::is_none) {
                     continue;
                 }
-                out.push_str(&format!("| {label} |"));
-                for s in &row {
-                    match s {
-                        Some(s) if self.reps > 1 => out.push_str(&format!(
-                            " {} ({}-{}) |",
-                            fmt(s.median),
-                            fmt(s.min),
-                            fmt(s.max)
-                        )),
-                        Some(s) => out.push_str(&format!(" {} |", fmt(s.median))),
-                        None => out.push_str(" |"),
-                    }
-                }
+                let mut cells = vec![(*label).to_owned()];
+                cells.extend(
+                    row.iter()
+                        .map(|s| s.as_ref().map(|s| self.cell(s)).unwrap_or_default()),
+                );
+                let ratio = |path: &str, base: &str| {
+                    self.ratio(placement, path, base, metric)
+                        .map(|r| format!("{}x", fmt(r)))
+                        .unwrap_or_default()
+                };
                 for m in &mesh {
-                    for base in ["direct", "tls-tunnel"] {
-                        match self.ratio(placement, m.name(), base, metric) {
-                            Some(r) => out.push_str(&format!(" {}x |", fmt(r))),
-                            None => out.push_str(" |"),
-                        }
-                    }
+                    cells.push(ratio(m.name(), "direct"));
+                    cells.push(ratio(m.name(), "tls-tunnel"));
                 }
-                out.push('\n');
+                if compare {
+                    cells.push(ratio(ebpf, iptables));
+                }
+                table_row(&mut out, &cells);
+            }
+        }
+        let idle: Vec<(String, Summary)> = IDLE_METRICS
+            .iter()
+            .filter_map(|(metric, label)| {
+                let label = label
+                    .replace("{pods}", &self.idle_pods.to_string())
+                    .replace("{workloads}", &self.idle_workloads.to_string());
+                Some((label, self.summary("idle", "mesh-ebpf", metric)?))
+            })
+            .collect();
+        if !idle.is_empty() {
+            out.push_str("\n### idle memory (one agent, mesh-ebpf)\n\n");
+            table_head(&mut out, &["metric".to_owned(), "agent".to_owned()]);
+            for (label, s) in &idle {
+                table_row(&mut out, &[label.clone(), self.cell(s)]);
             }
         }
         out
@@ -186,6 +230,9 @@ impl Results {
                     "max": s.max,
                     "ratio_to_direct": ratio("direct"),
                     "ratio_to_tls_tunnel": ratio("tls-tunnel"),
+                    "ratio_to_mesh_iptables": (*path == CAPTURE_COMPARISON.0)
+                        .then(|| self.ratio(placement, path, CAPTURE_COMPARISON.1, metric))
+                        .flatten(),
                 })
             })
             .collect();
@@ -193,7 +240,22 @@ impl Results {
             "machine": super::machine(),
             "reps": self.reps,
             "seconds_per_measurement": self.seconds,
+            "idle_enrolled_pods": self.idle_pods,
+            "idle_stored_workloads": self.idle_workloads,
             "results": rows,
         })
     }
+}
+
+fn table_head(out: &mut String, header: &[String]) {
+    table_row(out, header);
+    table_row(out, &vec!["---".to_owned(); header.len()]);
+}
+
+fn table_row(out: &mut String, cells: &[String]) {
+    out.push('|');
+    for c in cells {
+        out.push_str(&format!(" {c} |"));
+    }
+    out.push('\n');
 }
