@@ -76,6 +76,10 @@ pub fn run(options: &Options) -> Result<()> {
             reps: 1,
             seconds: 1.0,
             out: None,
+            paths: Vec::new(),
+            placements: Vec::new(),
+            no_idle: false,
+            profile: false,
         })
     })?;
 

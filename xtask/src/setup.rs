@@ -39,6 +39,8 @@ const TOOL_PACKAGES: &[&str] = &[
     "openssl",
     // The agent's fallback capture mode (`--capture iptables`).
     "iptables",
+    // `cargo xtask bench --profile`.
+    "linux-perf",
 ];
 
 /// bpf-linker links the bitcode nightly rustc emits with its own LLVM, which

@@ -97,9 +97,34 @@ pub fn connect_socket(dst: SocketAddr, to_local_app: bool) -> io::Result<std::ne
             IpAddr::V4(_) => Ipv4Addr::from(AGENT_SOURCE_V4).into(),
             IpAddr::V6(ip) => ip.into(),
         };
+        // The port is picked at connect time, for the whole 4-tuple: a port
+        // picked at bind time must be free of every TIME_WAIT to any
+        // destination, and at thousands of connections per second the
+        // search for one stalls.
+        bind_address_no_port(&s)?;
         s.bind(&SocketAddr::new(src, 0).into())?;
     }
     Ok(s.into())
+}
+
+fn bind_address_no_port(s: &Socket) -> io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket, and an int option with its exact size.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&raw const on).cast(),
+            std::mem::size_of_val(&on) as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// The pod's own addresses: global unicast addresses on non-loopback

@@ -25,7 +25,7 @@ pub struct Options {
     /// (under 3 minutes), not the numbers.
     #[arg(long)]
     pub quick: bool,
-    /// Repetitions of each measurement (at least 5 for a full run).
+    /// Repetitions of each measurement (5 or more for a published table).
     #[arg(long, default_value_t = 5)]
     pub reps: usize,
     /// Seconds per measurement.
@@ -35,14 +35,30 @@ pub struct Options {
     /// target/bench/results.json, or quick.json with --quick.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Only these paths (repeat the option; default: all). Ratios need
+    /// `direct` and `tls-tunnel` in the run.
+    #[arg(long = "path", value_enum)]
+    pub paths: Vec<Path>,
+    /// Only these placements (repeat the option; default: both).
+    #[arg(long = "placement", value_enum)]
+    pub placements: Vec<Placement>,
+    /// Skip the idle memory measurement.
+    #[arg(long)]
+    pub no_idle: bool,
+    /// Also record the agents with `perf` during one more 1-stream
+    /// throughput run of each mesh path; the flat profile (by DSO and
+    /// symbol) goes to profile-<placement>-<path>.txt beside the results.
+    #[arg(long)]
+    pub profile: bool,
 }
 
 /// Where the client and the server pods run.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Placement {
     CrossNode,
     SameNode,
-    /// One node, no traffic: the memory figures.
+    /// One node, no traffic: the memory figures (not a `--placement`).
+    #[value(skip)]
     Idle,
 }
 
@@ -61,10 +77,13 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     let (reps, seconds) = if opts.quick {
         (1, 1.0)
     } else {
-        ensure!(
-            opts.reps >= 5,
-            "--reps must be at least 5 for a full run (or use --quick)"
-        );
+        ensure!(opts.reps >= 1, "--reps must be at least 1");
+        if opts.reps < 5 {
+            println!(
+                "note: {} repetition(s): fine for a comparison, but a published table needs at least 5",
+                opts.reps
+            );
+        }
         (opts.reps, opts.seconds)
     };
     // The numbers need a release build; the quick check of the harness
@@ -89,25 +108,43 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         (100, 10_000)
     };
     let mut results = Results::new(reps, seconds, pods, workloads);
-    for placement in [Placement::CrossNode, Placement::SameNode] {
-        for &path in paths::ALL {
-            println!("==> {} {}", placement.name(), path.name());
-            measure_path(&mut results, placement, path, reps, seconds)
-                .with_context(|| format!("{} {}", placement.name(), path.name()))?;
-        }
-    }
-    println!("==> idle memory: {pods} enrolled pods, {workloads} more workloads");
-    idle::measure(&mut results, reps, pods, workloads).context("idle memory")?;
-    let md = results.markdown();
-    println!("\n{md}");
     let out = match &opts.out {
         Some(out) => root.join(out),
         None if opts.quick => root.join("target/bench/quick.json"),
         None => root.join("target/bench/results.json"),
     };
-    if let Some(dir) = out.parent() {
-        std::fs::create_dir_all(dir)?;
+    let out_dir = out.parent().unwrap_or(&root).to_owned();
+    std::fs::create_dir_all(&out_dir)?;
+    let chosen: Vec<Path> = paths::ALL
+        .iter()
+        .copied()
+        .filter(|p| opts.paths.is_empty() || opts.paths.contains(p))
+        .collect();
+    for placement in [Placement::CrossNode, Placement::SameNode] {
+        if !opts.placements.is_empty() && !opts.placements.contains(&placement) {
+            continue;
+        }
+        for &path in &chosen {
+            println!("==> {} {}", placement.name(), path.name());
+            let profile = (opts.profile && path.is_mesh())
+                .then(|| out_dir.join(format!("profile-{}-{}.txt", placement.name(), path.name())));
+            let run = Run {
+                placement,
+                path,
+                reps,
+                seconds,
+                profile,
+            };
+            measure_path(&mut results, &run)
+                .with_context(|| format!("{} {}", placement.name(), path.name()))?;
+        }
     }
+    if chosen.contains(&Path::MeshEbpf) && !opts.no_idle {
+        println!("==> idle memory: {pods} enrolled pods, {workloads} more workloads");
+        idle::measure(&mut results, reps, pods, workloads).context("idle memory")?;
+    }
+    let md = results.markdown();
+    println!("\n{md}");
     std::fs::write(&out, serde_json::to_string_pretty(&results.json())?)?;
     std::fs::write(out.with_extension("md"), &md)?;
     println!(
@@ -118,13 +155,24 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn measure_path(
-    results: &mut Results,
+/// One path in one placement.
+struct Run {
     placement: Placement,
     path: Path,
     reps: usize,
     seconds: f64,
-) -> anyhow::Result<()> {
+    /// Where a perf profile of the agents goes, if one is wanted.
+    profile: Option<PathBuf>,
+}
+
+fn measure_path(results: &mut Results, run: &Run) -> anyhow::Result<()> {
+    let &Run {
+        placement,
+        path,
+        reps,
+        seconds,
+        ..
+    } = run;
     let mut tb = Testbed::new(2)?;
     let server_node = match placement {
         Placement::CrossNode => 1,
@@ -192,6 +240,9 @@ fn measure_path(
         );
         println!("    rep {}/{reps} done", rep + 1);
     }
+    if let Some(file) = &run.profile {
+        profile(&tb, &client, &targets, &agents, seconds, file)?;
+    }
     if path.is_mesh() {
         let peak = agents
             .iter()
@@ -204,6 +255,47 @@ fn measure_path(
             peak.iter().copied().max().unwrap_or(0) as f64 / 1024.0,
         );
     }
+    Ok(())
+}
+
+/// Records the agents with `perf` (999 Hz, no call graphs) during a
+/// 1-stream iperf3 run and writes the flat profile to `file`.
+fn profile(
+    tb: &Testbed,
+    client: &Pod,
+    targets: &Targets,
+    agents: &[u32],
+    seconds: f64,
+    file: &FsPath,
+) -> anyhow::Result<()> {
+    let data = file.with_extension("data");
+    let pids: Vec<String> = agents.iter().map(u32::to_string).collect();
+    let mut perf = Command::new("perf")
+        .args(["record", "-F", "999", "-p", &pids.join(","), "-o"])
+        .arg(&data)
+        .args(["--", "sleep", &format!("{seconds}")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("running perf (apt-get install linux-perf)")?;
+    let gbps = iperf(tb, client, targets, 1, seconds)?;
+    ensure!(perf.wait()?.success(), "perf record failed");
+    let report = Command::new("perf")
+        .args(["report", "--stdio", "--no-children", "--sort", "dso,symbol"])
+        .args(["--percent-limit", "0.5", "-i"])
+        .arg(&data)
+        .output()?;
+    ensure!(
+        report.status.success(),
+        "perf report: {}",
+        String::from_utf8_lossy(&report.stderr)
+    );
+    let text = format!(
+        "# agents {pids:?} during 1-stream iperf3 at {gbps:.2} Gbit/s\n{}",
+        String::from_utf8_lossy(&report.stdout)
+    );
+    std::fs::write(file, text)?;
+    println!("    profile: {}", file.display());
     Ok(())
 }
 

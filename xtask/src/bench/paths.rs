@@ -26,7 +26,7 @@ const TUNNEL_IPERF: u16 = 9444;
 const LOCAL_HTTP: u16 = 9080;
 const LOCAL_IPERF: u16 = 9081;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Path {
     /// No mesh: the machine's own limit.
     Direct,

@@ -11,8 +11,8 @@ use rustls::pki_types::ServerName;
 use tracing::{Instrument as _, debug};
 
 use super::{
-    CONN_WINDOW, HANDSHAKE_TIMEOUT, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, POOL_MAX_AGE,
-    REQUEST_TIMEOUT, STREAM_WINDOW,
+    CONN_WINDOW, HANDSHAKE_TIMEOUT, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_FRAME, POOL_MAX_AGE,
+    REQUEST_TIMEOUT, STREAM_WINDOW, buffered,
 };
 use crate::proxy::{PodCtx, connect_in_pod};
 use crate::{
@@ -149,7 +149,7 @@ impl Pool {
         let name = ServerName::IpAddress(addr.ip().into());
         let tls = tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
-            tokio_rustls::TlsConnector::from(config).connect(name, tcp),
+            tokio_rustls::TlsConnector::from(config).connect(name, buffered(tcp)),
         )
         .await
         .map_err(|_| HboneError::Tls {
@@ -161,6 +161,7 @@ impl Pool {
             .timer(TokioTimer::new())
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONN_WINDOW)
+            .max_frame_size(MAX_FRAME)
             .keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .handshake(TokioIo::new(tls))

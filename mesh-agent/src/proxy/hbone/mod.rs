@@ -18,6 +18,20 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// link without waiting for WINDOW_UPDATEs.
 const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 const CONN_WINDOW: u32 = 16 * 1024 * 1024;
+/// The largest HTTP/2 frame each side accepts: a 16 KiB default frame
+/// costs one round of stream and flow-control bookkeeping per TLS record.
+const MAX_FRAME: u32 = 256 * 1024;
+/// rustls reads the socket at most 4 KiB at a time; a buffer under it turns
+/// four or more reads per 16 KiB record into one read per 64 KiB.
+const TLS_READ_BUF: usize = 64 * 1024;
+
+/// The TCP stream under TLS, read through [`TLS_READ_BUF`].
+type Buffered = tokio::io::BufReader<tokio::net::TcpStream>;
+
+fn buffered(tcp: tokio::net::TcpStream) -> Buffered {
+    tokio::io::BufReader::with_capacity(TLS_READ_BUF, tcp)
+}
+
 /// Streams one HTTP/2 connection carries at once (each is one tunnelled
 /// TCP connection); the server advertises it, a client past it waits.
 const MAX_STREAMS: u32 = 1024;

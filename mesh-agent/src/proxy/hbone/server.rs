@@ -15,8 +15,8 @@ use tokio::net::TcpStream;
 use tracing::{Instrument as _, debug, info_span, warn};
 
 use super::{
-    CONN_WINDOW, HANDSHAKE_TIMEOUT, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_STREAMS,
-    STREAM_WINDOW,
+    CONN_WINDOW, HANDSHAKE_TIMEOUT, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_FRAME, MAX_STREAMS,
+    STREAM_WINDOW, buffered,
 };
 use crate::proxy::{
     Counted, PodCtx,
@@ -67,7 +67,7 @@ pub async fn serve(pod: Arc<PodCtx>, stream: TcpStream, peer: SocketAddr) {
             return;
         }
     };
-    let accept = tokio_rustls::TlsAcceptor::from(config).accept(stream);
+    let accept = tokio_rustls::TlsAcceptor::from(config).accept(buffered(stream));
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
@@ -103,6 +103,7 @@ pub async fn serve(pod: Arc<PodCtx>, stream: TcpStream, peer: SocketAddr) {
         .timer(TokioTimer::new())
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONN_WINDOW)
+        .max_frame_size(MAX_FRAME)
         .max_concurrent_streams(MAX_STREAMS)
         .keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
