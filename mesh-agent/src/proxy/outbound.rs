@@ -13,7 +13,7 @@ use super::{
     Counted, PodCtx,
     conn::{ConnRecord, Outcome, Peer},
     connect_in_pod, finish,
-    hbone::{Caller, HboneError},
+    hbone::{Caller, HboneError, Tunnel},
     splice,
 };
 use crate::{
@@ -70,7 +70,7 @@ fn route(store: &Store, pod: &PodCtx, dst: SocketAddr) -> Route {
 
 enum Upstream {
     Plain(TcpStream),
-    Hbone(hyper::upgrade::Upgraded),
+    Hbone(Tunnel),
 }
 
 pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
@@ -208,8 +208,9 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
     let mut client = Counted::new(client);
     let end = match upstream {
         Upstream::Plain(mut s) => splice(&mut client, &mut s, std::future::pending()).await,
-        Upstream::Hbone(u) => {
-            let mut s = hyper_util::rt::TokioIo::new(u);
+        Upstream::Hbone(tunnel) => {
+            let (io, _active) = tunnel.into_parts();
+            let mut s = hyper_util::rt::TokioIo::new(io);
             splice(&mut client, &mut s, std::future::pending()).await
         }
     };

@@ -1,7 +1,15 @@
 //! The client side of HBONE: pooled HTTP/2 connections over mTLS, one
 //! CONNECT stream per tunnelled connection.
 
-use std::{collections::HashMap, io, net::SocketAddr, sync::Mutex};
+use std::{
+    collections::HashMap,
+    io,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
 
 use http_body_util::Empty;
 use hyper::{Method, Request, StatusCode, body::Bytes, upgrade::Upgraded};
@@ -25,6 +33,52 @@ type Sender = hyper::client::conn::http2::SendRequest<Empty<Bytes>>;
 struct Pooled {
     sender: Sender,
     since: std::time::Instant,
+    /// Streams open on this connection now.
+    active: Arc<AtomicUsize>,
+}
+
+impl Pooled {
+    fn usable(&self) -> bool {
+        !self.sender.is_closed() && self.since.elapsed() < POOL_MAX_AGE
+    }
+}
+
+/// Connections to one peer (same identities, same address) the pool keeps
+/// at most: one per core, so that the TLS work of parallel streams, which
+/// runs in each connection's own task, can use every core.
+fn conns_per_peer() -> usize {
+    static N: OnceLock<usize> = OnceLock::new();
+    *N.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(8)))
+}
+
+/// A tunnelled connection: the CONNECT stream, and its count on the
+/// pooled connection that carries it (released when this is dropped).
+pub struct Tunnel {
+    io: Upgraded,
+    active: ActiveStream,
+}
+
+impl Tunnel {
+    /// The stream, and the count to keep until the stream is done with.
+    pub fn into_parts(self) -> (Upgraded, ActiveStream) {
+        (self.io, self.active)
+    }
+}
+
+/// One stream's count on its pooled connection.
+pub struct ActiveStream(Arc<AtomicUsize>);
+
+impl ActiveStream {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        ActiveStream(count.clone())
+    }
+}
+
+impl Drop for ActiveStream {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
@@ -36,9 +90,12 @@ struct PoolKey {
 
 /// Pooled HBONE connections of one pod (they are opened from its network
 /// namespace, so they carry its address and cannot be shared across pods).
+/// A new stream takes an idle connection to its peer, or opens another one
+/// while there are fewer than [`conns_per_peer`], or else shares the
+/// least busy one.
 #[derive(Default)]
 pub struct Pool {
-    conns: Mutex<HashMap<PoolKey, Pooled>>,
+    conns: Mutex<HashMap<PoolKey, Vec<Pooled>>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -106,7 +163,7 @@ impl Pool {
         dst: &Identity,
         target: SocketAddr,
         caller: &Caller<'_>,
-    ) -> Result<Upgraded, HboneError> {
+    ) -> Result<Tunnel, HboneError> {
         let key = PoolKey {
             src: src.clone(),
             dst: dst.clone(),
@@ -114,25 +171,50 @@ impl Pool {
         };
         let pooled = {
             let conns = self.conns.lock().expect("pool lock");
-            conns
+            let usable: Vec<&Pooled> = conns
                 .get(&key)
-                .filter(|p| !p.sender.is_closed() && p.since.elapsed() < POOL_MAX_AGE)
-                .map(|p| p.sender.clone())
+                .map(|v| v.iter().filter(|p| p.usable()).collect())
+                .unwrap_or_default();
+            let least = usable
+                .iter()
+                .min_by_key(|p| p.active.load(Ordering::Relaxed));
+            match least {
+                Some(p)
+                    if p.active.load(Ordering::Relaxed) == 0
+                        || usable.len() >= conns_per_peer() =>
+                {
+                    Some((p.sender.clone(), p.active.clone()))
+                }
+                _ => None,
+            }
         };
-        if let Some(sender) = pooled {
+        if let Some((sender, active)) = pooled {
             match request(sender, &key, target, caller).await {
                 Err(HboneError::Http { .. }) => {
                     // The pooled connection died under us: one fresh try.
                     debug!(addr = %key.addr, "pooled HBONE connection failed; reconnecting");
                 }
-                r => return r,
+                r => {
+                    return r.map(|io| Tunnel {
+                        io,
+                        active: ActiveStream::new(&active),
+                    });
+                }
             }
         }
-        let sender = self.dial(pod, &key).await?;
-        request(sender, &key, target, caller).await
+        let (sender, active) = self.dial(pod, &key).await?;
+        let io = request(sender, &key, target, caller).await?;
+        Ok(Tunnel {
+            io,
+            active: ActiveStream::new(&active),
+        })
     }
 
-    async fn dial(&self, pod: &PodCtx, key: &PoolKey) -> Result<Sender, HboneError> {
+    async fn dial(
+        &self,
+        pod: &PodCtx,
+        key: &PoolKey,
+    ) -> Result<(Sender, Arc<AtomicUsize>), HboneError> {
         let addr = key.addr;
         let tcp = connect_in_pod(pod, addr, false)
             .await
@@ -178,22 +260,27 @@ impl Pool {
         let mut conns = self.conns.lock().expect("pool lock");
         // Closed connections leave the map here; replaced ones stay open
         // only for the streams they still carry.
-        conns.retain(|_, p| !p.sender.is_closed());
-        let since = std::time::Instant::now();
-        conns.insert(
-            key.clone(),
-            Pooled {
-                sender: sender.clone(),
-                since,
-            },
-        );
-        Ok(sender)
+        conns.retain(|_, v| {
+            v.retain(|p| !p.sender.is_closed());
+            !v.is_empty()
+        });
+        let active = Arc::new(AtomicUsize::new(0));
+        conns.entry(key.clone()).or_default().push(Pooled {
+            sender: sender.clone(),
+            since: std::time::Instant::now(),
+            active: active.clone(),
+        });
+        Ok((sender, active))
     }
 
     /// Number of live pooled connections, for `/config_dump`.
     pub fn len(&self) -> usize {
         let conns = self.conns.lock().expect("pool lock");
-        conns.values().filter(|p| !p.sender.is_closed()).count()
+        conns
+            .values()
+            .flatten()
+            .filter(|p| !p.sender.is_closed())
+            .count()
     }
 }
 

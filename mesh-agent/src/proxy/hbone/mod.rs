@@ -9,7 +9,7 @@ use std::time::Duration;
 mod client;
 mod server;
 
-pub use client::{Caller, HboneError, Pool};
+pub use client::{Caller, HboneError, Pool, Tunnel};
 pub use server::serve;
 
 /// A TLS handshake must finish in this time.
