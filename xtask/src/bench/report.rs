@@ -28,7 +28,8 @@ const METRICS: &[(&str, &str)] = &[
         "agents' CPU per 1,000 requests (s)",
     ),
     ("agent_vcpu_at_1k", "agents' CPU at 1,000 req/s (vCPU)"),
-    ("agent_peak_rss_mib", "agent peak RSS (MiB)"),
+    ("agent_rss_at_1k_mib", "agent RSS after 1,000 req/s (MiB)"),
+    ("agent_peak_rss_mib", "agent peak RSS, whole run (MiB)"),
     ("errors_1k", "failed requests at 1,000 req/s"),
     ("errors_5k", "failed requests at 5,000 req/s"),
 ];
