@@ -152,7 +152,15 @@ fn apply(
         Err(e) => return Err(e),
     };
     match script(&saved, family, excluded, wanted) {
-        Some(script) => run(netns, family.restore(), &["--noflush"], Some(&script)).map(drop),
+        // --wait: the legacy backend's lock is host-wide, and pods are
+        // enrolled in parallel.
+        Some(script) => run(
+            netns,
+            family.restore(),
+            &["--noflush", "--wait=10"],
+            Some(&script),
+        )
+        .map(drop),
         None => Ok(()),
     }
 }

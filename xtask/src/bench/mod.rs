@@ -5,6 +5,7 @@
 
 mod idle;
 mod paths;
+mod profile;
 mod report;
 
 use std::{
@@ -248,7 +249,7 @@ fn measure_path(results: &mut Results, run: &Run) -> anyhow::Result<()> {
         println!("    rep {}/{reps} done", rep + 1);
     }
     if let Some(file) = &run.profile {
-        profile(&tb, &client, &targets, &agents, seconds, file)?;
+        profile::record(&tb, &client, &targets, &agents, seconds, file)?;
     }
     if path.is_mesh() {
         let peak = agents
@@ -262,47 +263,6 @@ fn measure_path(results: &mut Results, run: &Run) -> anyhow::Result<()> {
             peak.iter().copied().max().unwrap_or(0) as f64 / 1024.0,
         );
     }
-    Ok(())
-}
-
-/// Records the agents with `perf` (999 Hz, no call graphs) during a
-/// 1-stream iperf3 run and writes the flat profile to `file`.
-fn profile(
-    tb: &Testbed,
-    client: &Pod,
-    targets: &Targets,
-    agents: &[u32],
-    seconds: f64,
-    file: &FsPath,
-) -> anyhow::Result<()> {
-    let data = file.with_extension("data");
-    let pids: Vec<String> = agents.iter().map(u32::to_string).collect();
-    let mut perf = Command::new("perf")
-        .args(["record", "-F", "999", "-p", &pids.join(","), "-o"])
-        .arg(&data)
-        .args(["--", "sleep", &format!("{seconds}")])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .context("running perf (apt-get install linux-perf)")?;
-    let gbps = iperf(tb, client, targets, 1, seconds)?;
-    ensure!(perf.wait()?.success(), "perf record failed");
-    let report = Command::new("perf")
-        .args(["report", "--stdio", "--no-children", "--sort", "dso,symbol"])
-        .args(["--percent-limit", "0.5", "-i"])
-        .arg(&data)
-        .output()?;
-    ensure!(
-        report.status.success(),
-        "perf report: {}",
-        String::from_utf8_lossy(&report.stderr)
-    );
-    let text = format!(
-        "# agents {pids:?} during 1-stream iperf3 at {gbps:.2} Gbit/s\n{}",
-        String::from_utf8_lossy(&report.stdout)
-    );
-    std::fs::write(file, text)?;
-    println!("    profile: {}", file.display());
     Ok(())
 }
 

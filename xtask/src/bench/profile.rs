@@ -1,0 +1,181 @@
+//! `--profile`: the agents under `perf record` during one 1-stream iperf3
+//! run, reported as where the cycles go (a few categories) and the top
+//! symbols.
+
+use std::{
+    path::Path as FsPath,
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, ensure};
+use mesh_tests::{Pod, Testbed};
+
+use super::{iperf, paths::Targets};
+
+/// Categories, first match wins: (name, does a (DSO, symbol) belong to it).
+type Rule = (&'static str, fn(&str, &str) -> bool);
+
+const CATEGORIES: &[Rule] = &[
+    ("crypto (AES-GCM, GHASH)", |_, s| {
+        s.contains("aes_gcm") || s.contains("ghash") || s.contains("gcm_")
+    }),
+    ("kernel: copies to and from user space", |d, s| {
+        d == KERNEL
+            && [
+                "_copy_to_iter",
+                "_copy_from_iter",
+                "__check_object_size",
+                "__virt_addr_valid",
+                "check_heap_object",
+            ]
+            .contains(&s)
+    }),
+    ("kernel: wakeups, scheduling, locks", |d, s| {
+        d == KERNEL
+            && [
+                "finish_task_switch",
+                "spin_unlock",
+                "spin_lock",
+                "futex",
+                "schedule",
+                "try_to_wake",
+                "pv_queued",
+                "ttwu",
+                "ep_",
+                "epoll",
+                "wake",
+            ]
+            .iter()
+            .any(|k| s.contains(k))
+    }),
+    ("kernel: TCP/IP, veth, bridge, syscalls", |d, _| d == KERNEL),
+    ("user space: memmove/memcpy", |_, s| {
+        s.contains("memmove") || s.contains("memcpy")
+    }),
+    ("user space: malloc/free", |d, s| {
+        d.starts_with("libc")
+            && ["malloc", "free", "realloc", "_int_", "tcache", "unlink"]
+                .iter()
+                .any(|k| s.contains(k))
+    }),
+    ("agent code: HTTP/2, TLS records, tokio, splice", |d, _| {
+        d == "mesh-agent"
+    }),
+    ("other", |_, _| true),
+];
+
+const KERNEL: &str = "[kernel.kallsyms]";
+
+/// One line of `perf report --sort dso,symbol`: percent, DSO, symbol.
+fn parse_line(line: &str) -> Option<(f64, &str, &str)> {
+    let mut words = line.split_whitespace();
+    let pct = words.next()?.strip_suffix('%')?.parse().ok()?;
+    let dso = words.next()?;
+    let kind = words.next()?;
+    if kind != "[.]" && kind != "[k]" {
+        return None;
+    }
+    Some((pct, dso, words.next()?))
+}
+
+/// The category table and the top symbols of a `perf report` text.
+pub fn summarize(report: &str, top: usize) -> String {
+    let mut shares = vec![0.0; CATEGORIES.len()];
+    let mut symbols = Vec::new();
+    for (pct, dso, sym) in report.lines().filter_map(parse_line) {
+        let i = CATEGORIES
+            .iter()
+            .position(|(_, f)| f(dso, sym))
+            .unwrap_or(CATEGORIES.len() - 1);
+        shares[i] += pct;
+        symbols.push((pct, dso, sym));
+    }
+    let mut out = String::from("where the cycles go (share of the agents' samples):\n");
+    for ((name, _), share) in CATEGORIES.iter().zip(&shares) {
+        out.push_str(&format!("  {share:5.1}%  {name}\n"));
+    }
+    out.push_str(&format!("top {top} symbols:\n"));
+    for (pct, dso, sym) in symbols.iter().take(top) {
+        out.push_str(&format!("  {pct:5.2}%  {dso:<20} {sym}\n"));
+    }
+    out
+}
+
+/// Records the agents with `perf` (999 Hz, no call graphs) during a
+/// 1-stream iperf3 run and writes the summary, then the whole report, to
+/// `file`.
+pub fn record(
+    tb: &Testbed,
+    client: &Pod,
+    targets: &Targets,
+    agents: &[u32],
+    seconds: f64,
+    file: &FsPath,
+) -> anyhow::Result<()> {
+    let data = file.with_extension("data");
+    let pids: Vec<String> = agents.iter().map(u32::to_string).collect();
+    let mut perf = Command::new("perf")
+        .args(["record", "-F", "999", "-p", &pids.join(","), "-o"])
+        .arg(&data)
+        .args(["--", "sleep", &format!("{seconds}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("running perf (apt-get install linux-perf)")?;
+    let gbps = iperf(tb, client, targets, 1, seconds)?;
+    ensure!(perf.wait()?.success(), "perf record failed");
+    let report = Command::new("perf")
+        .args(["report", "--stdio", "--no-children", "--sort", "dso,symbol"])
+        .args(["--percent-limit", "0", "-i"])
+        .arg(&data)
+        .output()?;
+    ensure!(
+        report.status.success(),
+        "perf report: {}",
+        String::from_utf8_lossy(&report.stderr)
+    );
+    let report = String::from_utf8_lossy(&report.stdout);
+    let summary = summarize(&report, 25);
+    println!("{summary}");
+    std::fs::write(
+        file,
+        format!("agents {pids:?}, 1-stream iperf3 at {gbps:.2} Gbit/s\n{summary}\n{report}"),
+    )?;
+    println!("    profile: {}", file.display());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn perf_lines_fall_into_their_categories() {
+        let report = "\
+# Overhead  Shared Object      Symbol
+    10.55%  libc.so.6          [.] __memmove_avx512_unaligned_erms   -  -
+     8.11%  [kernel.kallsyms]  [k] _copy_to_iter                      -  -
+     7.08%  mesh-agent         [.] ring_core_0_17_14__aes_gcm_enc_update_vaes_avx2
+     4.57%  [kernel.kallsyms]  [k] _raw_spin_unlock_irqrestore
+     1.95%  [kernel.kallsyms]  [k] tcp_sendmsg_locked
+     1.22%  libc.so.6          [.] _int_free
+     0.50%  mesh-agent         [.] h2::proto::streams::prioritize::Prioritize::pop_frame
+     0.25%  [vdso]             [.] __vdso_clock_gettime
+";
+        let s = summarize(report, 3);
+        for line in [
+            "7.1%  crypto",
+            "8.1%  kernel: copies",
+            "4.6%  kernel: wakeups",
+            "1.9%  kernel: TCP/IP",
+            "10.6%  user space: memmove",
+            "1.2%  user space: malloc",
+            "0.5%  agent code",
+            "0.2%  other",
+        ] {
+            assert!(s.contains(line), "{line:?} not in\n{s}");
+        }
+        assert!(s.contains("10.55%  libc.so.6"), "{s}");
+        assert_eq!(s.matches("%  ").count(), CATEGORIES.len() + 3, "{s}");
+    }
+}
