@@ -78,7 +78,6 @@ pub fn run(options: &Options) -> Result<()> {
             out: None,
             paths: Vec::new(),
             placements: Vec::new(),
-            no_idle: false,
             profile: false,
         })
     })?;

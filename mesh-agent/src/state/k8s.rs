@@ -4,8 +4,8 @@
 use std::{collections::BTreeMap, net::IpAddr};
 
 use k8s_openapi::{
-    api::core::v1::{Pod, PodStatus, Service as K8sService},
-    apimachinery::pkg::util::intstr::IntOrString,
+    api::core::v1::{Container, ContainerPort, Pod, PodSpec, PodStatus, Service as K8sService},
+    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
 
 use super::{ConfigWarning, Service, ServicePort, TargetPort, Workload, yaml::Objects};
@@ -23,6 +23,69 @@ pub(super) struct PodWorkload {
     pub workload: Workload,
     /// Shares its node's network namespace and addresses.
     pub host_network: bool,
+}
+
+/// What the agent keeps of a Pod: the fields [`workload`] reads. A Pod as
+/// the API server sends it also carries container specs, env, volumes,
+/// conditions and managed fields, kilobytes each that every agent would
+/// otherwise hold for every pod of the cluster.
+pub(super) fn slim_pod(pod: Pod) -> Pod {
+    let Pod {
+        metadata,
+        spec,
+        status,
+    } = pod;
+    let metadata = ObjectMeta {
+        name: metadata.name,
+        namespace: metadata.namespace,
+        uid: metadata.uid,
+        labels: metadata.labels,
+        annotations: metadata
+            .annotations
+            .map(|a| {
+                a.into_iter()
+                    .filter(|(k, _)| k == NETNS_ANNOTATION)
+                    .collect::<BTreeMap<_, _>>()
+            })
+            .filter(|a| !a.is_empty()),
+        ..ObjectMeta::default()
+    };
+    let spec = spec.map(|s| PodSpec {
+        node_name: s.node_name,
+        service_account_name: s.service_account_name,
+        host_network: s.host_network,
+        containers: s
+            .containers
+            .into_iter()
+            .map(|c| Container {
+                name: c.name,
+                ports: c.ports.map(|ports| {
+                    ports
+                        .into_iter()
+                        .filter(|p| p.name.is_some())
+                        .map(|p| ContainerPort {
+                            name: p.name,
+                            container_port: p.container_port,
+                            ..ContainerPort::default()
+                        })
+                        .collect()
+                }),
+                ..Container::default()
+            })
+            .collect(),
+        ..PodSpec::default()
+    });
+    let status = status.map(|s| PodStatus {
+        phase: s.phase,
+        pod_ip: s.pod_ip,
+        pod_ips: s.pod_ips,
+        ..PodStatus::default()
+    });
+    Pod {
+        metadata,
+        spec,
+        status,
+    }
 }
 
 /// Workloads of the pods that may still run (not Succeeded or Failed), in
@@ -259,4 +322,78 @@ fn target_port(port: u16, target: Option<&IntOrString>) -> Option<TargetPort> {
 
 fn port_number(n: i32) -> Option<u16> {
     u16::try_from(n).ok().filter(|&p| p != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pod as a watch delivers it, with much the agent does not read.
+    const FULL_POD: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web-7d9c5b6f4-x2x9q
+  namespace: shop
+  uid: 3f6c1a52-0001-4b7e-9c1d-5e8f2a7b0001
+  resourceVersion: "1234"
+  labels: {app: web, version: v2, istio.io/dataplane-mode: ambient}
+  annotations:
+    mesh-agent/netns: /run/netns/web
+    prometheus.io/scrape: "true"
+  ownerReferences:
+  - {apiVersion: apps/v1, kind: ReplicaSet, name: web-7d9c5b6f4, uid: 9a1b, controller: true}
+  managedFields:
+  - {manager: kubelet, operation: Update, apiVersion: v1, fieldsType: FieldsV1, fieldsV1: {"f:status": {}}}
+spec:
+  nodeName: node-a
+  serviceAccountName: web
+  containers:
+  - name: app
+    image: registry.example.com/web:2
+    env: [{name: LOG, value: json}]
+    ports:
+    - {name: http, containerPort: 8080}
+    - {containerPort: 9090}
+  - name: sidecar-free
+    image: registry.example.com/helper:1
+    ports: [{name: admin, containerPort: 9901}]
+  volumes: [{name: data, emptyDir: {}}]
+status:
+  phase: Running
+  podIP: 10.1.0.5
+  podIPs: [{ip: 10.1.0.5}, {ip: "fd00:1::5"}]
+  conditions: [{type: Ready, status: "True"}]
+"#;
+
+    #[test]
+    fn a_slim_pod_gives_the_same_workload_and_keeps_nothing_else() {
+        let full: Pod = serde_yaml::from_str(FULL_POD).unwrap();
+        let slim = slim_pod(full.clone());
+        let ns_labels = |_: &str| None;
+        let (mut w1, mut w2) = (Vec::new(), Vec::new());
+        let a = workload(&full, ns_labels, &mut w1).unwrap();
+        let b = workload(&slim, ns_labels, &mut w2).unwrap();
+        assert_eq!(a.workload, b.workload);
+        assert_eq!(a.host_network, b.host_network);
+        assert_eq!(w1, w2);
+        assert_eq!(b.workload.ports.len(), 2, "{:?}", b.workload.ports);
+        assert_eq!(b.workload.ips.len(), 2);
+        assert!(b.workload.netns.is_some());
+        // What is gone.
+        assert!(slim.metadata.managed_fields.is_none());
+        assert!(slim.metadata.owner_references.is_none());
+        assert_eq!(
+            slim.metadata.annotations.as_ref().map(BTreeMap::len),
+            Some(1)
+        );
+        let spec = slim.spec.as_ref().unwrap();
+        assert!(spec.volumes.is_none());
+        assert!(
+            spec.containers
+                .iter()
+                .all(|c| c.image.is_none() && c.env.is_none())
+        );
+        assert!(slim.status.as_ref().unwrap().conditions.is_none());
+    }
 }

@@ -387,7 +387,8 @@ impl Document {
             .and_then(|v| serde_yaml::from_value::<WorkloadSelector>(v.clone()).ok());
         let result = match kind {
             "Namespace" => typed(at, value).map(Typed::Namespace),
-            "Pod" => typed(at, value).map(Typed::Pod),
+            "Pod" => typed(at, value)
+                .map(|pod| Typed::Pod(Arc::new(super::k8s::slim_pod(Arc::unwrap_or_clone(pod))))),
             "Service" => typed(at, value).map(Typed::Service),
             "ServiceAccount" => typed(at, value).map(Typed::ServiceAccount),
             "AuthorizationPolicy" => typed(at, value).map(Typed::AuthorizationPolicy),

@@ -17,15 +17,172 @@ use super::{Placement, Results, paths::Path, paths::wait_for, status_kib};
 /// How long the agent is left alone before its RSS is read.
 const SETTLE: Duration = Duration::from_secs(2);
 
-/// A Pod object for a workload on another node: in the store, never
-/// enrolled here.
+/// A Pod of another node (in the store, never enrolled here), shaped like a
+/// Deployment's pod as the API server sends it to a watch: owner, managed
+/// fields, one container with env, probes, resources and the projected
+/// token volume, status with conditions and a container status.
 fn remote_pod_yaml(i: usize) -> String {
+    let app = i % 500;
     let ip4 = format!("10.100.{}.{}", i / 250, i % 250 + 1);
     format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: w{i}\n  namespace: elsewhere\n  labels:\n    app: w{app}\n\
-         spec:\n  nodeName: other-node\n  serviceAccountName: sa{app}\n\
-         status:\n  phase: Running\n  podIP: {ip4}\n  podIPs:\n  - ip: {ip4}\n  - ip: fd00:200::{i:x}\n",
-        app = i % 500,
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: w{app}-7d9c5b6f4-{i:05}
+  generateName: w{app}-7d9c5b6f4-
+  namespace: elsewhere
+  uid: 3f6c1a52-{i:04x}-4b7e-9c1d-5e8f2a7b{app:04x}
+  resourceVersion: "{rv}"
+  creationTimestamp: "2026-11-20T10:00:00Z"
+  labels:
+    app: w{app}
+    version: v1
+    pod-template-hash: 7d9c5b6f4
+  annotations:
+    kubectl.kubernetes.io/restartedAt: "2026-11-20T09:59:00Z"
+    prometheus.io/scrape: "true"
+  ownerReferences:
+  - apiVersion: apps/v1
+    kind: ReplicaSet
+    name: w{app}-7d9c5b6f4
+    uid: 9a1b2c3d-0000-4000-8000-00000000{app:04x}
+    controller: true
+    blockOwnerDeletion: true
+  managedFields:
+  - manager: kube-controller-manager
+    operation: Update
+    apiVersion: v1
+    time: "2026-11-20T10:00:00Z"
+    fieldsType: FieldsV1
+    fieldsV1:
+      f:metadata:
+        f:generateName: {{}}
+        f:labels:
+          .: {{}}
+          f:app: {{}}
+          f:pod-template-hash: {{}}
+          f:version: {{}}
+      f:spec:
+        f:containers:
+          'k:{{"name":"app"}}':
+            .: {{}}
+            f:env: {{}}
+            f:image: {{}}
+            f:ports: {{}}
+  - manager: kubelet
+    operation: Update
+    apiVersion: v1
+    time: "2026-11-20T10:00:05Z"
+    fieldsType: FieldsV1
+    subresource: status
+    fieldsV1:
+      f:status:
+        f:conditions: {{}}
+        f:containerStatuses: {{}}
+        f:podIP: {{}}
+        f:podIPs: {{}}
+spec:
+  nodeName: other-node
+  serviceAccountName: sa{app}
+  restartPolicy: Always
+  terminationGracePeriodSeconds: 30
+  dnsPolicy: ClusterFirst
+  schedulerName: default-scheduler
+  containers:
+  - name: app
+    image: registry.example.com/team/w{app}:1.4.2
+    imagePullPolicy: IfNotPresent
+    args: ["--port=8080", "--log-level=info"]
+    ports:
+    - name: http
+      containerPort: 8080
+      protocol: TCP
+    - name: metrics
+      containerPort: 9090
+      protocol: TCP
+    env:
+    - name: LOG_FORMAT
+      value: json
+    - name: UPSTREAM
+      value: http://backend.elsewhere.svc.cluster.local:8080
+    - name: POD_NAME
+      valueFrom:
+        fieldRef:
+          fieldPath: metadata.name
+    resources:
+      requests:
+        cpu: 100m
+        memory: 128Mi
+      limits:
+        memory: 256Mi
+    readinessProbe:
+      httpGet:
+        path: /ready
+        port: 8080
+      periodSeconds: 5
+    livenessProbe:
+      httpGet:
+        path: /healthz
+        port: 8080
+      periodSeconds: 10
+    volumeMounts:
+    - name: kube-api-access-{i:05}
+      mountPath: /var/run/secrets/kubernetes.io/serviceaccount
+      readOnly: true
+  volumes:
+  - name: kube-api-access-{i:05}
+    projected:
+      defaultMode: 420
+      sources:
+      - serviceAccountToken:
+          expirationSeconds: 3607
+          path: token
+      - configMap:
+          name: kube-root-ca.crt
+          items:
+          - key: ca.crt
+            path: ca.crt
+  tolerations:
+  - key: node.kubernetes.io/not-ready
+    operator: Exists
+    effect: NoExecute
+    tolerationSeconds: 300
+status:
+  phase: Running
+  hostIP: 192.168.1.{host}
+  podIP: {ip4}
+  podIPs:
+  - ip: {ip4}
+  - ip: fd00:200::{i:x}
+  qosClass: Burstable
+  startTime: "2026-11-20T10:00:00Z"
+  conditions:
+  - type: Initialized
+    status: "True"
+    lastTransitionTime: "2026-11-20T10:00:00Z"
+  - type: Ready
+    status: "True"
+    lastTransitionTime: "2026-11-20T10:00:05Z"
+  - type: ContainersReady
+    status: "True"
+    lastTransitionTime: "2026-11-20T10:00:05Z"
+  - type: PodScheduled
+    status: "True"
+    lastTransitionTime: "2026-11-20T10:00:00Z"
+  containerStatuses:
+  - name: app
+    ready: true
+    started: true
+    restartCount: 0
+    image: registry.example.com/team/w{app}:1.4.2
+    imageID: registry.example.com/team/w{app}@sha256:{i:064x}
+    containerID: containerd://{i:064x}
+    state:
+      running:
+        startedAt: "2026-11-20T10:00:03Z"
+"#,
+        rv = 100_000 + i,
+        host = i % 200 + 1,
     )
 }
 

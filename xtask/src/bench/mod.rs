@@ -40,12 +40,10 @@ pub struct Options {
     /// `direct` and `tls-tunnel` in the run.
     #[arg(long = "path", value_enum)]
     pub paths: Vec<Path>,
-    /// Only these placements (repeat the option; default: both).
+    /// Only these placements (repeat the option; default: cross-node,
+    /// same-node, and idle when mesh-ebpf is measured).
     #[arg(long = "placement", value_enum)]
     pub placements: Vec<Placement>,
-    /// Skip the idle memory measurement.
-    #[arg(long)]
-    pub no_idle: bool,
     /// Also record the agents with `perf` during one more 1-stream
     /// throughput run of each mesh path; the flat profile (by DSO and
     /// symbol) goes to profile-<placement>-<path>.txt beside the results.
@@ -58,8 +56,7 @@ pub struct Options {
 pub enum Placement {
     CrossNode,
     SameNode,
-    /// One node, no traffic: the memory figures (not a `--placement`).
-    #[value(skip)]
+    /// One agent, no traffic: the memory figures.
     Idle,
 }
 
@@ -121,8 +118,17 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         .copied()
         .filter(|p| opts.paths.is_empty() || opts.paths.contains(p))
         .collect();
-    for placement in [Placement::CrossNode, Placement::SameNode] {
-        if !opts.placements.is_empty() && !opts.placements.contains(&placement) {
+    let placements = if opts.placements.is_empty() {
+        let mut all = vec![Placement::CrossNode, Placement::SameNode];
+        if chosen.contains(&Path::MeshEbpf) {
+            all.push(Placement::Idle);
+        }
+        all
+    } else {
+        opts.placements.clone()
+    };
+    for &placement in &placements {
+        if placement == Placement::Idle {
             continue;
         }
         for &path in &chosen {
@@ -140,7 +146,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
                 .with_context(|| format!("{} {}", placement.name(), path.name()))?;
         }
     }
-    if chosen.contains(&Path::MeshEbpf) && !opts.no_idle {
+    if placements.contains(&Placement::Idle) {
         println!("==> idle memory: {pods} enrolled pods, {workloads} more workloads");
         idle::measure(&mut results, reps, pods, workloads).context("idle memory")?;
     }

@@ -151,6 +151,9 @@ impl Results {
             .iter()
             .all(|name| self.paths.iter().any(|p| p.name() == *name));
         for placement in ["cross-node", "same-node"] {
+            if !self.values.keys().any(|(p, _, _)| *p == placement) {
+                continue;
+            }
             let mut header = vec!["metric".to_owned()];
             header.extend(self.paths.iter().map(|p| p.name().to_owned()));
             for m in &mesh {
