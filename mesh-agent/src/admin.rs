@@ -178,9 +178,11 @@ async fn route(
                 Ok(s) => s,
                 Err(e) => return error(StatusCode::BAD_REQUEST, e),
             };
-            match admin.pods.unenroll(&r.name) {
-                Ok(info) => json(StatusCode::OK, &info),
-                Err(e) => error(enrol_status(&e), e.to_string()),
+            let pods = admin.pods.clone();
+            match tokio::task::spawn_blocking(move || pods.unenroll(&r.name)).await {
+                Ok(Ok(info)) => json(StatusCode::OK, &info),
+                Ok(Err(e)) => error(enrol_status(&e), e.to_string()),
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
             }
         }
         (Surface::Admin, &Method::GET, "/config_dump") => {

@@ -210,11 +210,13 @@ async fn give_back_memory() {
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
+        // It walks the heap under the arena lock: not on a worker.
         #[cfg(target_env = "gnu")]
-        // SAFETY: malloc_trim only releases free memory of glibc's arenas.
-        unsafe {
-            libc::malloc_trim(0);
-        }
+        let _ = tokio::task::spawn_blocking(|| {
+            // SAFETY: malloc_trim only releases free memory of glibc's arenas.
+            unsafe { libc::malloc_trim(0) }
+        })
+        .await;
     }
 }
 
@@ -224,18 +226,18 @@ async fn give_back_memory() {
 fn check_capture_mode(state_dir: &Path, mode: capture::Mode) -> anyhow::Result<()> {
     let file = state_dir.join("capture-mode");
     let name = mode.name();
-    match std::fs::read_to_string(&file) {
-        Ok(prev) if prev.trim() != name && !inpod::pods::saved_netns(state_dir).is_empty() => {
-            anyhow::bail!(
-                "--capture {name}: the enrolled pods in {} were captured with `{}`; \
-                 run `mesh-agent uninstall` (same --state-dir) before changing the capture mode",
-                state_dir.display(),
-                prev.trim()
-            );
-        }
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+    let prev = match std::fs::read_to_string(&file) {
+        Ok(prev) => prev.trim().to_owned(),
+        // Agents before the file existed had only eBPF capture.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => capture::Mode::Ebpf.name().into(),
         Err(e) => return Err(e).with_context(|| file.display().to_string()),
+    };
+    if prev != name && !inpod::pods::saved_netns(state_dir).is_empty() {
+        anyhow::bail!(
+            "--capture {name}: the enrolled pods in {} were captured with `{prev}`; \
+             run `mesh-agent uninstall` (same --state-dir) before changing the capture mode",
+            state_dir.display(),
+        );
     }
     std::fs::write(&file, name).with_context(|| file.display().to_string())
 }

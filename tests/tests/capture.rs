@@ -491,10 +491,20 @@ fn iptables_capture_steers_both_ways_fails_closed_and_is_removed() -> anyhow::Re
     assert_eq!(forwarded(&tb, 0, "outbound")?, 4.0);
     assert_eq!(forwarded(&tb, 1, "inbound_plaintext")?, 4.0);
 
-    // A connection to the inbound listener itself is not forwarded.
+    // A connection to the inbound listener itself is not forwarded, nor is
+    // one to the outbound listener (conntrack gives it an "original"
+    // destination too: the listener, which would loop).
     let r = tb.connect(&client, sa(server.ip4, 15006), 10)?;
     assert_eq!(r["ok"], Value::Bool(false), "{r}");
     assert_eq!(forwarded(&tb, 1, "inbound_plaintext")?, 4.0);
+    for dst in ["127.0.0.1:15001", "[::1]:15001"] {
+        let r = tb.connect(&client, dst.parse()?, 10)?;
+        assert_eq!(r["ok"], Value::Bool(false), "{dst}: {r}");
+    }
+    let refused =
+        r#"mesh_proxy_connections_total{direction="outbound",result="no_original_destination"}"#;
+    assert_eq!(tb.agent(0).metric(refused)?, 2.0);
+    assert_eq!(forwarded(&tb, 0, "outbound")?, 4.0);
 
     // With the client's agent gone, the rules stay and its pod fails closed.
     tb.kill_agent(0)?;

@@ -7,7 +7,8 @@
 //!   excluded outbound ports, and redirects every other TCP connection to
 //!   the outbound listener (15001 on loopback);
 //! - `PREROUTING` jumps to `MESH_INBOUND`, which leaves alone what arrives
-//!   on `lo`, the agent's ports and the excluded inbound ports, and
+//!   on `lo` or for a loopback address, the agent's ports and the excluded
+//!   inbound ports, and
 //!   redirects the rest to the inbound plaintext listener (15006).
 //!
 //! The agent reads the original destination back with `SO_ORIGINAL_DST`.
@@ -96,6 +97,13 @@ impl Iptables {
                 }
             }
         }
+        if !Command::new("ip6tables-restore")
+            .arg("--version")
+            .output()
+            .is_ok_and(|out| out.status.success())
+        {
+            tracing::warn!("ip6tables-restore does not run: pods with IPv6 cannot be enrolled");
+        }
         Ok(Iptables {
             excluded: excluded.clone(),
         })
@@ -133,8 +141,10 @@ impl Iptables {
 /// there are any (an agent in either mode, or `mesh-agent uninstall`).
 pub fn remove_rules(netns: &Netns) -> Result<(), CaptureError> {
     let none = ExcludedPorts::default();
-    apply(netns, Family::V4, &none, false)?;
-    apply(netns, Family::V6, &none, false)
+    // Both families, whatever the first one does.
+    let v4 = apply(netns, Family::V4, &none, false);
+    let v6 = apply(netns, Family::V6, &none, false);
+    v4.and(v6)
 }
 
 /// Brings the pod's rules of one family to `wanted` (present or absent).
@@ -190,6 +200,9 @@ fn script(saved: &str, family: Family, excluded: &ExcludedPorts, wanted: bool) -
             "-A {OUT_CHAIN} -p tcp -j REDIRECT --to-ports {PORT_OUTBOUND}"
         );
         let _ = writeln!(s, "-A {IN_CHAIN} -i lo -j RETURN");
+        // A loopback destination arriving from outside is the kernel's to
+        // drop; redirected, it would reach services bound to loopback only.
+        let _ = writeln!(s, "-A {IN_CHAIN} -d {} -j RETURN", family.loopback());
         for port in skipped_ports(excluded, PortFlags::INBOUND) {
             let _ = writeln!(s, "-A {IN_CHAIN} -p tcp --dport {port} -j RETURN");
         }
@@ -266,10 +279,12 @@ fn run(
         .run(|| cmd.spawn())
         .map_err(|e| fail(e.to_string()))?
         .map_err(|e| fail(e.to_string()))?;
-    if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
-        stdin
-            .write_all(input.as_bytes())
-            .map_err(|e| fail(format!("writing rules: {e}")))?;
+    if let (Some(input), Some(mut stdin)) = (input, child.stdin.take())
+        && let Err(e) = stdin.write_all(input.as_bytes())
+    {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(fail(format!("writing rules: {e}")));
     }
     let out = child.wait_with_output().map_err(|e| fail(e.to_string()))?;
     if !out.status.success() {
@@ -279,14 +294,18 @@ fn run(
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// The destination a REDIRECTed connection had before NAT.
+/// The destination a REDIRECTed connection had before NAT; `None` for a
+/// connection made to the listener itself (conntrack knows every
+/// connection, and its "original" destination is then the listener's own
+/// address: forwarding there would loop through the agent without end).
 pub(super) fn original_dst(client: &TcpStream) -> Option<SocketAddr> {
     let sock = socket2::SockRef::from(client);
-    let addr = match client.local_addr().ok()? {
+    let local = client.local_addr().ok()?;
+    let addr = match local {
         SocketAddr::V4(_) => sock.original_dst_v4(),
         SocketAddr::V6(_) => sock.original_dst_v6(),
     };
-    addr.ok()?.as_socket()
+    addr.ok()?.as_socket().filter(|orig| *orig != local)
 }
 
 #[cfg(test)]
@@ -314,6 +333,8 @@ mod tests {
         );
         assert!(lines.contains(&"-A MESH_OUTBOUND -m mark --mark 0x539 -j RETURN"));
         assert!(lines.contains(&"-A MESH_OUTBOUND -d 127.0.0.0/8 -j RETURN"));
+        // Loopback from outside is never redirected to a loopback-only app.
+        assert!(lines.contains(&"-A MESH_INBOUND -d 127.0.0.0/8 -j RETURN"));
         // The excluded ports in their own direction only, the agent's in both.
         assert!(lines.contains(&"-A MESH_OUTBOUND -p tcp --dport 22 -j RETURN"));
         assert!(!lines.contains(&"-A MESH_INBOUND -p tcp --dport 22 -j RETURN"));

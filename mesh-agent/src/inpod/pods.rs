@@ -310,7 +310,15 @@ impl Pods {
             }
             match self.enroll(&spec) {
                 Ok(_) => info!(pod = %s.name, "restored enrolled pod"),
-                Err(e) => warn!(pod = %s.name, error = %e, "could not restore enrolled pod"),
+                Err(e) => {
+                    warn!(pod = %s.name, error = %e, "could not restore enrolled pod; releasing it");
+                    // What an earlier agent left in the pod (iptables rules)
+                    // would leave it with no path at all, and the state file
+                    // is about to forget it.
+                    if let Ok(ns) = Netns::open(&s.netns) {
+                        self.capture.let_go(&ns, &[]);
+                    }
+                }
             }
         }
         self.sweep();

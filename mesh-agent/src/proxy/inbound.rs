@@ -1,8 +1,9 @@
-//! Inbound plaintext (15006): connections the kernel handed to the pod's
-//! listener with sk_lookup. The accepted socket's local address is the
-//! destination the client asked for; the app is reached there from the
-//! agent's own source address. Refused under PeerAuthentication STRICT;
-//! otherwise authorized with no peer identity.
+//! Inbound plaintext (15006): connections the capture handed to the pod's
+//! listener (sk_lookup, or an iptables REDIRECT). The capture gives the
+//! destination the client asked for, which must be one of the pod's own
+//! addresses; the app is reached there from the agent's own source
+//! address. Refused under PeerAuthentication STRICT; otherwise authorized
+//! with no peer identity.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -46,11 +47,14 @@ fn admit(store: &Store, pod: &PodCtx, peer: SocketAddr, dst: SocketAddr) -> Resu
 pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
     let metrics = pod.shared.metrics.clone();
     let dst = pod.shared.capture.inbound_dst(&client);
-    let Some(dst) = dst.filter(|d| !AGENT_PORTS.contains(&d.port())) else {
-        // A direct connection to the capture port itself: forwarding it would
-        // loop back into this listener.
+    // A direct connection to the capture port itself (forwarding it would
+    // loop back into this listener), or one to an address that is not the
+    // pod's (a loopback-only service reached from outside).
+    let Some(dst) =
+        dst.filter(|d| !AGENT_PORTS.contains(&d.port()) && pod.addresses.contains(&d.ip()))
+    else {
         metrics.connection("inbound_plaintext", "refused");
-        debug!(%peer, ?dst, "direct connection to an agent port; closing");
+        debug!(%peer, ?dst, "not a connection to the pod's own address and app port; closing");
         return;
     };
     let store = pod.shared.store();

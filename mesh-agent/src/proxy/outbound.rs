@@ -6,6 +6,7 @@
 
 use std::{net::SocketAddr, sync::Arc};
 
+use mesh_common::AGENT_PORTS;
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
@@ -75,10 +76,13 @@ enum Upstream {
 
 pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
     let metrics = pod.shared.metrics.clone();
+    // Neither capture mode redirects loopback or the agent's ports: such a
+    // destination means the connection was made to the listener itself.
     let Some(dst) = pod
         .shared
         .capture
         .outbound_dst(pod.netns.cookie(), &client, peer)
+        .filter(|d| !d.ip().is_loopback() && !AGENT_PORTS.contains(&d.port()))
     else {
         metrics.connection("outbound", "no_original_destination");
         warn!("no original destination recorded for this connection; refusing it");

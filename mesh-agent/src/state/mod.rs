@@ -378,7 +378,6 @@ impl Store {
         &self.warnings
     }
 
-    /// Workloads, services, policies and warnings for `/config_dump`.
     /// How many objects of each kind this snapshot holds.
     pub fn counts(&self) -> [(&'static str, usize); 7] {
         [
@@ -392,6 +391,7 @@ impl Store {
         ]
     }
 
+    /// Workloads, services, policies and warnings for `/config_dump`.
     pub fn dump(&self) -> serde_json::Value {
         let workloads: Vec<&Workload> = self.workloads.values().map(|w| &**w).collect();
         let services: Vec<&Service> = self.services.values().map(|s| &**s).collect();

@@ -14,8 +14,9 @@ use mesh_tests::{
 
 use super::{Placement, Results, paths::Path, paths::wait_for, status_kib};
 
-/// How long the agent is left alone before its RSS is read.
-const SETTLE: Duration = Duration::from_secs(2);
+/// How long the agent is left alone before its RSS is read: longer than
+/// its 5 s period of giving freed memory back.
+const SETTLE: Duration = Duration::from_secs(6);
 
 /// A Pod of another node (in the store, never enrolled here), shaped like a
 /// Deployment's pod as the API server sends it to a watch: owner, managed
@@ -225,8 +226,12 @@ pub fn measure(
         let mut docs = namespaces.clone();
         docs.extend(pod_docs.iter().cloned());
         tb.write_config(&docs)?;
+        // Enrolled, and each pod's certificate issued (the root is listed too).
         wait_for(Duration::from_secs(60), || {
-            Ok(tb.agent(0).pod_names()?.len() == pods)
+            let (_, dump) = tb.agent(0).http("GET", "/config_dump", None)?;
+            let dump: mesh_tests::Value = serde_json::from_str(&dump)?;
+            let count = |key: &str| dump[key].as_array().map_or(0, Vec::len);
+            Ok(count("pods") == pods && count("certificates") > pods)
         })
         .context("enrolling the idle pods")?;
         let with_pods = rss(&tb)?;

@@ -119,11 +119,23 @@ pub fn record(
         .arg(&data)
         .args(["--", "sleep", &format!("{seconds}")])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .context("running perf (apt-get install linux-perf)")?;
-    let gbps = iperf(tb, client, targets, 1, seconds)?;
-    ensure!(perf.wait()?.success(), "perf record failed");
+    let gbps = match iperf(tb, client, targets, 1, seconds) {
+        Ok(gbps) => gbps,
+        Err(e) => {
+            let _ = perf.kill();
+            let _ = perf.wait();
+            return Err(e);
+        }
+    };
+    let out = perf.wait_with_output()?;
+    ensure!(
+        out.status.success(),
+        "perf record failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let report = Command::new("perf")
         .args(["report", "--stdio", "--no-children", "--sort", "dso,symbol"])
         .args(["--percent-limit", "0", "-i"])

@@ -51,6 +51,12 @@ fn conns_per_peer() -> usize {
     *N.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(8)))
 }
 
+/// Drops the pool's handle on connections that are closed, or expired with
+/// no stream left.
+fn forget_idle_expired(peer: &mut Vec<Pooled>) {
+    peer.retain(|p| !p.sender.is_closed() && (p.usable() || p.active.load(Ordering::Relaxed) > 0));
+}
+
 /// A tunnelled connection: the CONNECT stream, and its count on the
 /// pooled connection that carries it (released when this is dropped).
 pub struct Tunnel {
@@ -169,21 +175,20 @@ impl Pool {
             dst: dst.clone(),
             addr: SocketAddr::new(target.ip(), PORT_HBONE),
         };
+        // The stream is counted on its connection as soon as it is chosen,
+        // so that concurrent calls spread instead of all picking it.
         let pooled = {
-            let conns = self.conns.lock().expect("pool lock");
-            let usable: Vec<&Pooled> = conns
-                .get(&key)
-                .map(|v| v.iter().filter(|p| p.usable()).collect())
-                .unwrap_or_default();
-            let least = usable
+            let mut conns = self.conns.lock().expect("pool lock");
+            let peer = conns.entry(key.clone()).or_default();
+            forget_idle_expired(peer);
+            let usable = peer.iter().filter(|p| p.usable()).count();
+            let least = peer
                 .iter()
+                .filter(|p| p.usable())
                 .min_by_key(|p| p.active.load(Ordering::Relaxed));
             match least {
-                Some(p)
-                    if p.active.load(Ordering::Relaxed) == 0
-                        || usable.len() >= conns_per_peer() =>
-                {
-                    Some((p.sender.clone(), p.active.clone()))
+                Some(p) if p.active.load(Ordering::Relaxed) == 0 || usable >= conns_per_peer() => {
+                    Some((p.sender.clone(), ActiveStream::new(&p.active)))
                 }
                 _ => None,
             }
@@ -194,27 +199,19 @@ impl Pool {
                     // The pooled connection died under us: one fresh try.
                     debug!(addr = %key.addr, "pooled HBONE connection failed; reconnecting");
                 }
-                r => {
-                    return r.map(|io| Tunnel {
-                        io,
-                        active: ActiveStream::new(&active),
-                    });
-                }
+                r => return r.map(|io| Tunnel { io, active }),
             }
         }
         let (sender, active) = self.dial(pod, &key).await?;
         let io = request(sender, &key, target, caller).await?;
-        Ok(Tunnel {
-            io,
-            active: ActiveStream::new(&active),
-        })
+        Ok(Tunnel { io, active })
     }
 
     async fn dial(
         &self,
         pod: &PodCtx,
         key: &PoolKey,
-    ) -> Result<(Sender, Arc<AtomicUsize>), HboneError> {
+    ) -> Result<(Sender, ActiveStream), HboneError> {
         let addr = key.addr;
         let tcp = connect_in_pod(pod, addr, false)
             .await
@@ -258,18 +255,25 @@ impl Pool {
             .in_current_span(),
         );
         let mut conns = self.conns.lock().expect("pool lock");
-        // Closed connections leave the map here; replaced ones stay open
-        // only for the streams they still carry.
+        // Closed connections leave the map here, and expired ones once
+        // their last stream is done (the pool's handle is what keeps an
+        // idle connection open).
         conns.retain(|_, v| {
-            v.retain(|p| !p.sender.is_closed());
+            forget_idle_expired(v);
             !v.is_empty()
         });
-        let active = Arc::new(AtomicUsize::new(0));
-        conns.entry(key.clone()).or_default().push(Pooled {
-            sender: sender.clone(),
-            since: std::time::Instant::now(),
-            active: active.clone(),
-        });
+        let count = Arc::new(AtomicUsize::new(0));
+        let active = ActiveStream::new(&count);
+        let peer = conns.entry(key.clone()).or_default();
+        // Calls that dialled at once may find the pool full by now: the
+        // extra connection then carries this one stream and closes with it.
+        if peer.iter().filter(|p| p.usable()).count() < conns_per_peer() {
+            peer.push(Pooled {
+                sender: sender.clone(),
+                since: std::time::Instant::now(),
+                active: count,
+            });
+        }
         Ok((sender, active))
     }
 
