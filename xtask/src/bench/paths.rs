@@ -320,7 +320,6 @@ pub fn start_servers(tb: &mut Testbed, pod: &Pod) -> anyhow::Result<()> {
         &pod.netns,
         &pod.cgroup,
         FsPath::new("/usr/bin/iperf3"),
-        // The readiness probe's bare connect makes iperf3 complain.
         &[
             "-s",
             "-p",
@@ -331,5 +330,11 @@ pub fn start_servers(tb: &mut Testbed, pod: &Pod) -> anyhow::Result<()> {
     )
     .context("starting iperf3 -s")?;
     wait_listening(tb, pod, SocketAddr::new(pod.ip4, HTTP_PORT))?;
-    wait_listening(tb, pod, SocketAddr::new(pod.ip4, IPERF_PORT))
+    // Not by connecting: iperf3 prints an error for a bare connect.
+    let sport = format!("sport = :{IPERF_PORT}");
+    wait_for(Duration::from_secs(10), || {
+        let out = tb.run_in_pod(pod, FsPath::new("/usr/bin/ss"), &["-Hltn", &sport])?;
+        Ok(!out.trim().is_empty())
+    })
+    .context("iperf3 -s not listening")
 }
