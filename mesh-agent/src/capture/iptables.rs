@@ -67,6 +67,15 @@ impl Family {
     }
 }
 
+/// Whether `program --version` runs; why not, if it does not.
+fn tool_runs(program: &str) -> Result<(), String> {
+    match Command::new(program).arg("--version").output() {
+        Ok(out) if out.status.success() => Ok(()),
+        Ok(out) => Err(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// The jumps from the built-in chains, as `iptables-save` prints them.
 fn jump(builtin: &str, chain: &str) -> String {
     format!("-A {builtin} -p tcp -j {chain}")
@@ -81,28 +90,11 @@ impl Iptables {
     /// Checks that the iptables tools run here.
     pub fn new(excluded: &ExcludedPorts) -> Result<Self, CaptureError> {
         for program in ["iptables-restore", "iptables-save"] {
-            match Command::new(program).arg("--version").output() {
-                Ok(out) if out.status.success() => {}
-                Ok(out) => {
-                    return Err(CaptureError::IptablesMissing {
-                        program,
-                        detail: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-                    });
-                }
-                Err(e) => {
-                    return Err(CaptureError::IptablesMissing {
-                        program,
-                        detail: e.to_string(),
-                    });
-                }
-            }
+            tool_runs(program)
+                .map_err(|detail| CaptureError::IptablesMissing { program, detail })?;
         }
-        if !Command::new("ip6tables-restore")
-            .arg("--version")
-            .output()
-            .is_ok_and(|out| out.status.success())
-        {
-            tracing::warn!("ip6tables-restore does not run: pods with IPv6 cannot be enrolled");
+        if let Err(detail) = tool_runs("ip6tables-restore") {
+            tracing::warn!(%detail, "ip6tables-restore does not run: pods with IPv6 cannot be enrolled");
         }
         Ok(Iptables {
             excluded: excluded.clone(),

@@ -241,7 +241,7 @@ fn measure_path(results: &mut Results, run: &Run) -> anyhow::Result<()> {
                 let requests = r["requests"].as_f64().unwrap_or(f64::NAN);
                 record("agent_cpu_s_per_1000_req", cpu / requests * 1000.0);
                 record("agent_vcpu_at_1k", cpu / wall);
-                record("agent_rss_at_1k_mib", max_rss_mib(&agents)?);
+                record("agent_rss_at_1k_mib", max_status_mib(&agents, "VmRSS")?);
             }
         }
         let r = load(&tb, &client, targets.http, 4, 0.0, seconds, false)?;
@@ -261,16 +261,8 @@ fn measure_path(results: &mut Results, run: &Run) -> anyhow::Result<()> {
         profile::record(&tb, &client, &targets, &agents, seconds, file)?;
     }
     if path.is_mesh() {
-        let peak = agents
-            .iter()
-            .map(|&pid| status_kib(pid, "VmHWM"))
-            .collect::<anyhow::Result<Vec<u64>>>()?;
-        results.add(
-            placement,
-            path,
-            "agent_peak_rss_mib",
-            peak.iter().copied().max().unwrap_or(0) as f64 / 1024.0,
-        );
+        let peak = max_status_mib(&agents, "VmHWM")?;
+        results.add(placement, path, "agent_peak_rss_mib", peak);
     }
     Ok(())
 }
@@ -353,11 +345,12 @@ fn cpu_seconds(pids: &[u32]) -> anyhow::Result<f64> {
     Ok(total)
 }
 
-/// The largest resident set of these processes now (MiB).
-fn max_rss_mib(pids: &[u32]) -> anyhow::Result<f64> {
+/// The largest value of a `/proc/PID/status` memory field (VmRSS, VmHWM)
+/// among these processes, in MiB.
+fn max_status_mib(pids: &[u32], field: &str) -> anyhow::Result<f64> {
     let mut max = 0;
     for &pid in pids {
-        max = max.max(status_kib(pid, "VmRSS")?);
+        max = max.max(status_kib(pid, field)?);
     }
     Ok(max as f64 / 1024.0)
 }

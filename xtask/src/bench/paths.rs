@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, bail, ensure};
+use anyhow::{Context as _, ensure};
 use mesh_tests::{
     Pod, Testbed,
     mesh::{namespace_yaml, pod_yaml, with_netns},
@@ -290,20 +290,13 @@ fn tunnel_conf(dir: &FsPath, end: &str, server_ip: Option<IpAddr>) -> anyhow::Re
 
 /// Waits until something accepts connections at `addr` inside `pod`.
 fn wait_listening(tb: &Testbed, pod: &Pod, addr: SocketAddr) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
     let probe = format!("exec 3<>/dev/tcp/{}/{}", addr.ip(), addr.port());
-    loop {
-        if tb
+    wait_for(Duration::from_secs(10), || {
+        Ok(tb
             .run_in_pod(pod, FsPath::new("/bin/bash"), &["-c", &probe])
-            .is_ok()
-        {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("nothing listens at {addr} in {}", pod.name);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+            .is_ok())
+    })
+    .with_context(|| format!("nothing listens at {addr} in {}", pod.name))
 }
 
 /// Starts the benchmark's servers in `pod`.

@@ -179,8 +179,13 @@ impl Pool {
         // so that concurrent calls spread instead of all picking it.
         let pooled = {
             let mut conns = self.conns.lock().expect("pool lock");
-            let peer = conns.entry(key.clone()).or_default();
-            forget_idle_expired(peer);
+            let peer: &[Pooled] = match conns.get_mut(&key) {
+                Some(v) => {
+                    forget_idle_expired(v);
+                    v
+                }
+                None => &[],
+            };
             let usable = peer.iter().filter(|p| p.usable()).count();
             let least = peer
                 .iter()
