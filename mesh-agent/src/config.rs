@@ -28,6 +28,10 @@ pub enum Command {
     /// Detach capture and remove everything pinned under the bpf directory.
     /// Enrolled pods then talk directly again.
     Uninstall(UninstallArgs),
+    /// Run a waypoint: the L7 proxy (HTTP routing, method-level
+    /// authorization, request metrics) of the Services and pods bound to its
+    /// Gateway. Runs in a pod of its own, which is not captured.
+    Waypoint(Box<WaypointArgs>),
     /// Run the cluster certificate authority: signs workload certificates
     /// for node agents, which prove who they are with a ServiceAccount token.
     Ca(Box<CaArgs>),
@@ -160,6 +164,35 @@ pub struct MeshArgs {
         default_value = "/var/run/secrets/mesh-ca/token"
     )]
     pub ca_token: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct WaypointArgs {
+    /// This pod's name (the Deployment gives it from the downward API); its
+    /// Pod object gives the waypoint's identity and Gateway.
+    #[arg(long, env = "MESH_POD_NAME")]
+    pub pod_name: String,
+    /// This pod's namespace.
+    #[arg(long, env = "MESH_POD_NAMESPACE")]
+    pub pod_namespace: String,
+    /// HBONE listener.
+    #[arg(long, env = "MESH_LISTEN", default_value = "[::]:15008")]
+    pub listen: SocketAddr,
+    /// Admin server address (`/config_dump`; keep it on localhost).
+    #[arg(long, env = "MESH_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+    /// Prometheus metrics address.
+    #[arg(long, env = "MESH_METRICS_ADDR", default_value = "0.0.0.0:15020")]
+    pub metrics_addr: SocketAddr,
+    /// Readiness probe address.
+    #[arg(long, env = "MESH_READY_ADDR", default_value = "0.0.0.0:15021")]
+    pub ready_addr: SocketAddr,
+    /// Directory for the waypoint's state (the embedded CA's root when it
+    /// generates one).
+    #[arg(long, env = "MESH_STATE_DIR", default_value = "/var/run/mesh-waypoint")]
+    pub state_dir: PathBuf,
+    #[command(flatten)]
+    pub mesh: MeshArgs,
 }
 
 #[derive(Debug, Args)]

@@ -17,6 +17,7 @@ mod inpod;
 mod metrics;
 mod proxy;
 mod state;
+mod waypoint;
 
 use config::{Cli, Command, LogFormat, NodeArgs, PodsCommand, UninstallArgs};
 
@@ -35,6 +36,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Node(args) => rt.block_on(node(*args, log_filter)),
         Command::Ca(args) => rt.block_on(identity::ca_server::run(*args)),
+        Command::Waypoint(args) => rt.block_on(waypoint::run(*args)),
         Command::Uninstall(args) => uninstall(&args),
         Command::Pods { admin, command } => rt.block_on(pods(admin, command)),
     }
@@ -112,7 +114,7 @@ async fn node(args: NodeArgs, log_filter: admin::LogFilter) -> anyhow::Result<()
     let capture = Arc::new(capture);
     let metrics = Arc::new(metrics::Metrics::default());
     let registry = metrics::registry(&metrics, capture.clone());
-    let certs = identity::CertManager::new(ca_config(&args))?;
+    let certs = identity::CertManager::new(ca_config(&args.mesh, &args.state_dir))?;
     certs.spawn_rotation();
     let node_name = match &args.node_name {
         Some(name) => name.clone(),
@@ -242,8 +244,7 @@ fn check_capture_mode(state_dir: &Path, mode: capture::Mode) -> anyhow::Result<(
     std::fs::write(&file, name).with_context(|| file.display().to_string())
 }
 
-fn ca_config(args: &NodeArgs) -> identity::CaConfig {
-    let m = &args.mesh;
+fn ca_config(m: &config::MeshArgs, state_dir: &Path) -> identity::CaConfig {
     let source = match (&m.ca_address, &m.ca_root, &m.ca_cert, &m.ca_key) {
         // clap makes --ca-address need --ca-root.
         (Some(address), Some(root), _, _) => identity::CaSource::Remote {
@@ -256,10 +257,7 @@ fn ca_config(args: &NodeArgs) -> identity::CaConfig {
             key: key.clone(),
         },
         _ => identity::CaSource::Generate {
-            dir: m
-                .ca_dir
-                .clone()
-                .unwrap_or_else(|| args.state_dir.join("ca")),
+            dir: m.ca_dir.clone().unwrap_or_else(|| state_dir.join("ca")),
         },
     };
     identity::CaConfig {

@@ -95,6 +95,14 @@ impl Metrics {
 }
 
 pub fn registry(metrics: &Arc<Metrics>, capture: Arc<Capture>) -> Registry {
+    let mut r = proxy_registry(metrics);
+    r.register_collector(Box::new(CaptureCollector(capture)));
+    r
+}
+
+/// Everything but the kernel's counters: what a waypoint, which captures
+/// nothing, exports too.
+pub fn proxy_registry(metrics: &Arc<Metrics>) -> Registry {
     let mut r = Registry::default();
     r.register(
         "mesh_proxy_connections",
@@ -141,7 +149,6 @@ pub fn registry(metrics: &Arc<Metrics>, capture: Arc<Capture>) -> Registry {
         "Objects of each kind in the configuration snapshot the data path follows",
         metrics.config_objects.clone(),
     );
-    r.register_collector(Box::new(CaptureCollector(capture)));
     r
 }
 

@@ -24,8 +24,10 @@ use anyhow::{Context, bail, ensure};
 
 pub use serde_json::Value;
 
+pub mod httpapp;
 pub mod mesh;
 pub mod probe;
+pub mod waypoint;
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
@@ -691,6 +693,14 @@ pub struct Agent {
     child: Child,
     netns: String,
     pub log: PathBuf,
+}
+
+/// An agent (or waypoint) never outlives its test, whoever holds it.
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl Agent {

@@ -162,7 +162,7 @@ impl Drop for ConnRecord {
     }
 }
 
-fn labels(
+pub fn labels(
     reporter: &'static str,
     src: &Peer,
     dst: &Peer,

@@ -32,14 +32,14 @@ use crate::{
 };
 
 mod conn;
-mod hbone;
+pub mod hbone;
 mod inbound;
 mod lb;
 mod outbound;
 
+pub use conn::{ConnRecord, Outcome, Peer, labels as tcp_labels};
+pub use hbone::{Caller, Pool, Tunnel};
 pub use lb::Balancer;
-
-use conn::{ConnRecord, Outcome};
 
 /// Copy buffer per direction: large enough for bulk transfers in few syscalls.
 const COPY_BUF: usize = 64 * 1024;
@@ -147,16 +147,46 @@ pub fn spawn_listener(pod: Arc<PodCtx>, listener: PodListener) -> io::Result<Joi
     }))
 }
 
+/// Where HBONE connections are opened from, with which certificates: a
+/// pod's namespace (the node agent, for that pod) or the process's own (a
+/// waypoint, which runs in its own pod).
+#[derive(Clone, Copy)]
+pub struct Dialer<'a> {
+    pub netns: Option<&'a Netns>,
+    pub certs: &'a CertManager,
+}
+
+impl PodCtx {
+    pub fn dialer(&self) -> Dialer<'_> {
+        Dialer {
+            netns: Some(&self.netns),
+            certs: &self.shared.certs,
+        }
+    }
+}
+
 /// Connects from inside the pod's namespace with the agent's mark.
 async fn connect_in_pod(
     pod: &PodCtx,
     dst: SocketAddr,
     to_local_app: bool,
 ) -> io::Result<TcpStream> {
-    let std = pod
-        .netns
-        .run(|| connect_socket(dst, to_local_app))
-        .map_err(io::Error::other)??;
+    connect_from(Some(&pod.netns), dst, to_local_app).await
+}
+
+/// Connects from `netns` (None: where the process runs) with the agent's
+/// mark.
+pub async fn connect_from(
+    netns: Option<&Netns>,
+    dst: SocketAddr,
+    to_local_app: bool,
+) -> io::Result<TcpStream> {
+    let std = match netns {
+        Some(netns) => netns
+            .run(|| connect_socket(dst, to_local_app))
+            .map_err(io::Error::other)??,
+        None => connect_socket(dst, to_local_app)?,
+    };
     let socket = TcpSocket::from_std_stream(std);
     match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst)).await {
         Ok(r) => r,

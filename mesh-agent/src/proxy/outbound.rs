@@ -1,7 +1,10 @@
 //! Outbound (15001): connections the kernel redirected away from their
 //! destination. The capture gives the original destination (a map entry
 //! the kernel wrote, or the socket's pre-NAT address); without one, the
-//! connection is refused, never guessed. Then: a Service VIP picks an endpoint; a meshed destination is
+//! connection is refused, never guessed. Then: a destination bound to a
+//! waypoint goes to a waypoint pod over HBONE with the original address as
+//! the authority (or is refused when its waypoint cannot serve it: never
+//! around it); a Service VIP picks an endpoint; a meshed destination is
 //! reached over HBONE; anything else passes through as plain TCP.
 
 use std::{net::SocketAddr, sync::Arc};
@@ -19,7 +22,7 @@ use super::{
 };
 use crate::{
     identity::Identity,
-    state::{Endpoint, Service, Store, Workload},
+    state::{Binding, Endpoint, Service, Store, Waypoint, Workload},
 };
 
 /// At most this many endpoints of a Service are tried for one connection.
@@ -29,43 +32,123 @@ const MAX_ATTEMPTS: usize = 3;
 struct Route {
     service: Option<Arc<Service>>,
     candidates: Vec<Candidate>,
+    /// Bound to a waypoint that cannot serve it: why it is refused.
+    refused: Option<String>,
 }
 
 struct Candidate {
+    /// The CONNECT authority (or the plain TCP destination).
     addr: SocketAddr,
     workload: Option<Arc<Workload>>,
+    /// A waypoint pod to send it through, instead of `workload` itself.
+    waypoint: Option<Arc<Workload>>,
 }
 
-fn route(store: &Store, pod: &PodCtx, dst: SocketAddr) -> Route {
-    if let Some((svc, port)) = store.service_by_vip(dst)
+/// A waypoint's pods in balancer order, each carrying the original
+/// destination as the authority.
+fn through_waypoint(
+    pod: &PodCtx,
+    wp: &Waypoint,
+    dst: SocketAddr,
+    service: Option<Arc<Service>>,
+    workload: Option<Arc<Workload>>,
+) -> Route {
+    let endpoints: Vec<Endpoint> = wp
+        .pods
+        .iter()
+        .filter_map(|w| {
+            let ip = w
+                .ips
+                .iter()
+                .find(|ip| ip.is_ipv4() == dst.is_ipv4())
+                .or(w.ips.first())?;
+            Some(Endpoint {
+                workload: w.clone(),
+                addr: SocketAddr::new(*ip, mesh_common::PORT_HBONE),
+            })
+        })
+        .collect();
+    let key = format!("waypoint {}", wp.key());
+    let candidates = pod
+        .shared
+        .balancer
+        .order(&key, &endpoints)
+        .into_iter()
+        .take(MAX_ATTEMPTS)
+        .map(|e| Candidate {
+            addr: dst,
+            workload: workload.clone(),
+            waypoint: Some(e.workload),
+        })
+        .collect();
+    Route {
+        service,
+        candidates,
+        refused: None,
+    }
+}
+
+fn refused(service: Option<Arc<Service>>, reason: &str) -> Route {
+    Route {
+        service,
+        candidates: Vec::new(),
+        refused: Some(reason.to_owned()),
+    }
+}
+
+fn route(store: &Store, pod: &PodCtx, dst: SocketAddr, src: Option<&Workload>) -> Route {
+    // A waypoint's own traffic is never sent back to it.
+    let from_waypoint = |wp: &Waypoint| src.is_some_and(|s| wp.has_pod(s));
+    if let Some((svc, port)) = store.service_by_vip(dst) {
+        match store.service_binding(svc) {
+            Some(Binding::Bound(wp)) if !from_waypoint(wp) => {
+                return through_waypoint(pod, wp, dst, Some(svc.clone()), None);
+            }
+            Some(Binding::Refused { reason, .. }) => return refused(Some(svc.clone()), reason),
+            _ => {}
+        }
         // A Service without a selector has its endpoints managed elsewhere
         // (EndpointSlices, `kubernetes`): pass it on to the VIP unchanged.
-        && !svc.selector.is_empty()
-    {
-        let endpoints: Vec<Endpoint> = store.endpoints(svc, port);
-        let key = format!("{}:{}", svc.hostname(), port.port);
-        let candidates = pod
-            .shared
-            .balancer
-            .order(&key, &endpoints)
-            .into_iter()
-            .take(MAX_ATTEMPTS)
-            .map(|e| Candidate {
-                addr: e.addr,
-                workload: Some(e.workload),
-            })
-            .collect();
-        return Route {
-            service: Some(svc.clone()),
-            candidates,
-        };
+        if !svc.selector.is_empty() {
+            let endpoints: Vec<Endpoint> = store.endpoints(svc, port);
+            let key = format!("{}:{}", svc.hostname(), port.port);
+            let candidates = pod
+                .shared
+                .balancer
+                .order(&key, &endpoints)
+                .into_iter()
+                .take(MAX_ATTEMPTS)
+                .map(|e| Candidate {
+                    addr: e.addr,
+                    workload: Some(e.workload),
+                    waypoint: None,
+                })
+                .collect();
+            return Route {
+                service: Some(svc.clone()),
+                candidates,
+                refused: None,
+            };
+        }
+    }
+    let workload = store.workload_by_ip(dst.ip()).cloned();
+    if let Some(wl) = &workload {
+        match store.workload_binding(wl) {
+            Some(Binding::Bound(wp)) if !from_waypoint(wp) => {
+                return through_waypoint(pod, wp, dst, None, Some(wl.clone()));
+            }
+            Some(Binding::Refused { reason, .. }) => return refused(None, reason),
+            _ => {}
+        }
     }
     Route {
         service: None,
         candidates: vec![Candidate {
             addr: dst,
-            workload: store.workload_by_ip(dst.ip()).cloned(),
+            workload,
+            waypoint: None,
         }],
+        refused: None,
     }
 }
 
@@ -105,7 +188,7 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
         workload: src_workload.clone(),
         identity: src_identity.clone(),
     };
-    let route = route(&store, &pod, dst);
+    let route = route(&store, &pod, dst, src_workload.as_deref());
     let service = route.service.as_deref();
     let mut rec = ConnRecord::new(
         metrics.clone(),
@@ -119,6 +202,14 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
         service,
         false,
     );
+    if let Some(reason) = &route.refused {
+        // Fail closed: a destination bound to a waypoint is never reached
+        // around it.
+        metrics.connection("outbound", "no_waypoint");
+        warn!(%dst, reason, "refused: its waypoint cannot serve it");
+        rec.close("NW", Outcome::error(reason.clone()));
+        return;
+    }
     if route.candidates.is_empty() {
         metrics.connection("outbound", "no_endpoint");
         rec.close(
@@ -131,12 +222,10 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
     let mut flags = "UF";
     let mut upstream = None;
     for c in &route.candidates {
-        let meshed = c.workload.as_ref().is_some_and(|w| w.captured);
-        let dst_identity = c
-            .workload
-            .as_ref()
-            .filter(|_| meshed)
-            .map(|w| w.identity(trust_domain));
+        // Through a waypoint: mTLS with the waypoint's identity, to its pod.
+        let via = c.waypoint.as_ref().or(c.workload.as_ref());
+        let meshed = c.waypoint.is_some() || c.workload.as_ref().is_some_and(|w| w.captured);
+        let dst_identity = via.filter(|_| meshed).map(|w| w.identity(trust_domain));
         rec.set_destination(
             Peer {
                 addr: Some(c.addr),
@@ -146,13 +235,23 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
             service,
             meshed,
         );
+        let via_ip = match &c.waypoint {
+            Some(w) => w
+                .ips
+                .iter()
+                .find(|ip| ip.is_ipv4() == c.addr.is_ipv4())
+                .or(w.ips.first())
+                .copied()
+                .unwrap_or(c.addr.ip()),
+            None => c.addr.ip(),
+        };
         let attempt = match (&dst_identity, &src_identity, &src_workload) {
             (Some(dst_id), Some(src_id), Some(src_wl)) => {
                 let caller = Caller {
                     addr: SocketAddr::new(src_ip, peer.port()),
                     workload: src_wl,
                 };
-                hbone(&pod, src_id, dst_id, c.addr, &caller).await
+                hbone(&pod, src_id, dst_id, via_ip, c.addr, &caller).await
             }
             (Some(_), _, _) => Err(Attempt::Fatal(
                 "this pod is not in the configuration, so it has no identity for mTLS".into(),
@@ -167,7 +266,7 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
         };
         match attempt {
             Ok(u) => {
-                if service.is_some() {
+                if service.is_some() && c.waypoint.is_none() {
                     pod.shared.balancer.mark_up(c.addr);
                 }
                 upstream = Some(u);
@@ -190,7 +289,7 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
                 endpoint_fault,
             }) => {
                 debug!(endpoint = %c.addr, %error, "upstream failed");
-                if service.is_some() && endpoint_fault {
+                if service.is_some() && endpoint_fault && c.waypoint.is_none() {
                     pod.shared.balancer.mark_down(c.addr);
                 }
                 last_error = error;
@@ -235,10 +334,15 @@ async fn hbone(
     pod: &PodCtx,
     src: &Identity,
     dst: &Identity,
+    via: std::net::IpAddr,
     target: SocketAddr,
     caller: &Caller<'_>,
 ) -> Result<Upstream, Attempt> {
-    match pod.pool.connect(pod, src, dst, target, caller).await {
+    match pod
+        .pool
+        .connect(pod.dialer(), src, dst, via, target, caller)
+        .await
+    {
         Ok(u) => Ok(Upstream::Hbone(u)),
         Err(e @ HboneError::Status { .. }) if e.is_denied() => Err(Attempt::Denied(e.to_string())),
         Err(e @ HboneError::Identity { .. }) => Err(Attempt::Fatal(e.to_string())),

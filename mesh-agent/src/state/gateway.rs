@@ -1,45 +1,65 @@
-//! Gateway API objects (HTTPRoute, Gateway). The node agent applies no L7
-//! route itself: routes belong to a waypoint. What it does is say, for every
-//! route, why it is not applied here, so that a user never wonders.
+//! Gateway API objects (Gateway, HTTPRoute) as written, and what becomes of
+//! them: a waypoint Gateway serves the Services and pods bound to it
+//! (`waypoint.rs`), a route attached to a Service bound to a waypoint is
+//! compiled for that waypoint (`route.rs`). Everything that cannot be
+//! applied says why, so that a user never wonders.
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Deserialize;
 
-use super::{ConfigWarning, yaml::Objects};
-
-/// The label naming the waypoint of a Service or namespace.
-pub(super) const USE_WAYPOINT: &str = "istio.io/use-waypoint";
+use super::{
+    ConfigWarning,
+    waypoint::{self, Binding},
+    yaml::Objects,
+};
 
 /// The GatewayClass of waypoints.
-const WAYPOINT_CLASS: &str = "istio-waypoint";
+pub(super) const WAYPOINT_CLASS: &str = "istio-waypoint";
 
-/// The parts of an HTTPRoute the node agent reads (where it attaches); its
-/// rules are the waypoint's to check.
 #[derive(Debug, Deserialize)]
 pub(super) struct HttpRoute {
+    #[serde(default)]
+    pub metadata: ObjectMeta,
     #[serde(default)]
     pub spec: HttpRouteSpec,
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct HttpRouteSpec {
     #[serde(default)]
     pub parent_refs: Vec<ParentRef>,
+    #[serde(default)]
+    pub hostnames: Vec<String>,
+    #[serde(default)]
+    pub rules: Vec<super::route::RuleSpec>,
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct ParentRef {
     pub group: Option<String>,
     pub kind: Option<String>,
     pub namespace: Option<String>,
     pub name: String,
+    pub port: Option<u16>,
+    pub section_name: Option<String>,
+}
+
+impl ParentRef {
+    /// A Service parent (`group: ""`, `kind: Service`): a mesh route.
+    pub fn is_service(&self) -> bool {
+        matches!(self.group.as_deref(), Some("" | "core"))
+            && self.kind.as_deref() == Some("Service")
+    }
 }
 
 #[derive(Debug, Deserialize)]
 pub(super) struct Gateway {
+    #[serde(default)]
+    pub metadata: ObjectMeta,
     pub spec: GatewaySpec,
 }
 
@@ -47,12 +67,32 @@ pub(super) struct Gateway {
 #[serde(rename_all = "camelCase")]
 pub(super) struct GatewaySpec {
     pub gateway_class_name: String,
+    #[serde(default)]
+    pub listeners: Vec<Listener>,
 }
 
-/// A warning for every HTTPRoute parent, saying why the route is not in
-/// effect on this node: no waypoint, a waypoint that does not exist, or a
-/// waypoint (which this version does not run yet).
-pub(super) fn check_routes(objects: &Objects, warnings: &mut Vec<ConfigWarning>) {
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct Listener {
+    pub port: u16,
+    #[serde(default)]
+    pub protocol: String,
+}
+
+impl Gateway {
+    pub fn labels(&self) -> Option<&BTreeMap<String, String>> {
+        self.metadata.labels.as_ref()
+    }
+}
+
+/// A warning for every HTTPRoute parent that is not in effect: no
+/// waypoint, a waypoint that does not exist, or a parent of a kind this
+/// agent does not serve.
+pub(super) fn check_routes(
+    objects: &Objects,
+    services: &std::collections::HashMap<(String, String), Binding>,
+    warnings: &mut Vec<ConfigWarning>,
+) {
     for ((namespace, name), route) in &objects.http_routes {
         let object = format!("HTTPRoute {namespace}/{name}");
         let mut warn = |kind, message| {
@@ -70,9 +110,7 @@ pub(super) fn check_routes(objects: &Objects, warnings: &mut Vec<ConfigWarning>)
         }
         for parent in &route.object.spec.parent_refs {
             let ns = parent.namespace.as_deref().unwrap_or(namespace);
-            let service = matches!(parent.group.as_deref(), Some("" | "core"))
-                && parent.kind.as_deref() == Some("Service");
-            if !service {
+            if !parent.is_service() {
                 warn(
                     "unsupported",
                     format!(
@@ -84,93 +122,80 @@ pub(super) fn check_routes(objects: &Objects, warnings: &mut Vec<ConfigWarning>)
                 );
                 continue;
             }
-            let (kind, message) = service_status(objects, ns, &parent.name, "route");
-            warn(kind, message);
+            if let Some((kind, message)) =
+                service_status(objects, services, ns, &parent.name, "route")
+            {
+                warn(kind, message);
+            }
         }
     }
 }
 
 /// Why a policy attached with `targetRef(s)` (to a Service or a waypoint
-/// Gateway) is not applied by the node agent.
+/// Gateway) is not applied by a waypoint; None when a waypoint applies it.
 pub(super) fn policy_target_status(
     objects: &Objects,
+    services: &std::collections::HashMap<(String, String), Binding>,
     ns: &str,
     target: &serde_yaml::Value,
-) -> (&'static str, String) {
+) -> Option<(&'static str, String)> {
     let field = |k: &str| target.get(k).and_then(|v| v.as_str()).unwrap_or_default();
     let (kind, name) = (field("kind"), field("name"));
     let ns = Some(field("namespace"))
         .filter(|n| !n.is_empty())
         .unwrap_or(ns);
     match kind {
-        "Service" => service_status(objects, ns, name, "policy"),
+        "Service" => service_status(objects, services, ns, name, "policy"),
         "Gateway" => match objects.gateways.get(&(ns.to_owned(), name.to_owned())) {
-            None => (
+            None => Some((
                 "missing_waypoint",
                 format!("target Gateway {ns}/{name} does not exist; not applied"),
-            ),
-            Some(gw) if gw.object.spec.gateway_class_name == WAYPOINT_CLASS => (
-                "unsupported",
-                format!(
-                    "target waypoint {ns}/{name}: waypoints are not part of this version, so \
-                     the policy is not applied"
-                ),
-            ),
-            Some(_) => (
+            )),
+            Some(gw) if gw.object.spec.gateway_class_name == WAYPOINT_CLASS => None,
+            Some(_) => Some((
                 "unsupported",
                 format!("target Gateway {ns}/{name} is not a waypoint; not applied"),
-            ),
+            )),
         },
-        _ => (
+        _ => Some((
             "unsupported",
             format!("targetRef kind {kind:?} is not supported; not applied"),
-        ),
+        )),
     }
 }
 
-/// Why a route or policy (`what`) on Service `ns/name` is not applied.
-fn service_status(objects: &Objects, ns: &str, name: &str, what: &str) -> (&'static str, String) {
-    let Some(svc) = objects.services.get(&(ns.to_owned(), name.to_owned())) else {
-        return (
+/// Why a route or policy (`what`) on Service `ns/name` is not applied;
+/// None when the Service is bound to a waypoint that serves it.
+fn service_status(
+    objects: &Objects,
+    services: &std::collections::HashMap<(String, String), Binding>,
+    ns: &str,
+    name: &str,
+    what: &str,
+) -> Option<(&'static str, String)> {
+    if !objects
+        .services
+        .contains_key(&(ns.to_owned(), name.to_owned()))
+    {
+        return Some((
             "missing_waypoint",
             format!("Service {ns}/{name} does not exist; the {what} is not applied"),
-        );
-    };
-    let label = |labels: Option<&BTreeMap<String, String>>| {
-        labels.and_then(|l| l.get(USE_WAYPOINT)).cloned()
-    };
-    let waypoint = label(svc.object.metadata.labels.as_ref()).or_else(|| {
-        let namespace = objects.namespaces.get(ns)?;
-        label(namespace.object.metadata.labels.as_ref())
-    });
-    let Some(waypoint) = waypoint.filter(|w| w != "none") else {
-        return (
-            "missing_waypoint",
-            format!(
-                "Service {ns}/{name} has no waypoint (label {USE_WAYPOINT} on the Service or \
-                 its namespace); only a waypoint applies what targets a Service, so this \
-                 {what} is not applied"
-            ),
-        );
-    };
-    let exists = objects
-        .gateways
-        .get(&(ns.to_owned(), waypoint.clone()))
-        .is_some_and(|gw| gw.object.spec.gateway_class_name == WAYPOINT_CLASS);
-    if !exists {
-        return (
-            "missing_waypoint",
-            format!(
-                "Service {ns}/{name} names waypoint {waypoint}, but there is no Gateway \
-                 {ns}/{waypoint} of class {WAYPOINT_CLASS}; not applied"
-            ),
-        );
+        ));
     }
-    (
-        "unsupported",
-        format!(
-            "Service {ns}/{name} uses waypoint {ns}/{waypoint}; waypoints are not part of this \
-             version, so the {what} is not applied"
-        ),
-    )
+    match services.get(&(ns.to_owned(), name.to_owned())) {
+        Some(Binding::Bound(_)) => None,
+        Some(Binding::Refused { reason, .. }) => Some((
+            "missing_waypoint",
+            format!("Service {ns}/{name}: {reason}; the {what} is not applied"),
+        )),
+        None => Some((
+            "missing_waypoint",
+            format!(
+                "Service {ns}/{name} has no waypoint (label {} on the Service or its \
+                 namespace); only a waypoint applies what targets a Service, so this {what} \
+                 is not applied",
+                waypoint::USE_WAYPOINT
+            ),
+        )),
+    }
 }

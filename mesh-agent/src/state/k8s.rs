@@ -289,6 +289,7 @@ fn service(svc: &K8sService, warnings: &mut Vec<ConfigWarning>) -> Service {
                 name: port_name,
                 port,
                 target_port,
+                app_protocol: p.app_protocol.clone(),
             }),
             None => warn(format!(
                 "port {port_name:?}: targetPort {:?} is not a port number or name; ignored",

@@ -1,15 +1,41 @@
-//! The checks an L4 AuthorizationPolicy rule compiles to: one connection
-//! attribute against a list of values, in Istio's forms (exact, `prefix*`,
-//! `*suffix`, `*`, an address or a CIDR, a port), possibly negated.
+//! The checks an AuthorizationPolicy rule compiles to: one attribute of a
+//! connection (or, at a waypoint, of a request) against a list of values,
+//! in Istio's forms (exact, `prefix*`, `*suffix`, `*`, an address or a
+//! CIDR, a port), possibly negated.
 
 use std::net::IpAddr;
 
+use hyper::http::{HeaderMap, HeaderName};
 use ipnet::IpNet;
 
-use super::{ConfigWarning, Conn, yaml::Scalar};
+use super::{ConfigWarning, yaml::Scalar};
+use crate::identity::Identity;
 
-/// What of a connection a check looks at.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What a rule is checked against: the connection, and at a waypoint the
+/// HTTP request on it.
+#[derive(Clone, Copy, Debug)]
+pub struct Attrs<'a> {
+    pub src_ip: IpAddr,
+    /// The verified peer identity (None for plaintext).
+    pub src_identity: Option<&'a Identity>,
+    pub dst_ip: IpAddr,
+    pub dst_port: u16,
+    pub request: Option<&'a L7Request<'a>>,
+}
+
+/// The parts of an HTTP request that L7 rules read.
+#[derive(Clone, Copy, Debug)]
+pub struct L7Request<'a> {
+    pub method: &'a str,
+    /// The path without its query string.
+    pub path: &'a str,
+    /// `:authority` or `Host`.
+    pub host: &'a str,
+    pub headers: &'a HeaderMap,
+}
+
+/// What of a connection or request a check looks at.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) enum Attr {
     SrcIp,
     DstIp,
@@ -20,6 +46,20 @@ pub(super) enum Attr {
     Namespace,
     /// `N/S` of the peer identity.
     ServiceAccount,
+    /// Request attributes (a waypoint's).
+    Method,
+    Path,
+    Host,
+    Header(HeaderName),
+}
+
+impl Attr {
+    fn is_l7(&self) -> bool {
+        matches!(
+            self,
+            Attr::Method | Attr::Path | Attr::Host | Attr::Header(_)
+        )
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -56,6 +96,9 @@ pub(super) struct Check {
     /// Set when a value did not parse: the check's outcome is then fixed
     /// to the safe side (see `Compiler::check`).
     fixed: Option<bool>,
+    /// The outcome of a request check on traffic that is not HTTP: the
+    /// safe side again (a DENY rule denies more, an ALLOW rule allows less).
+    without_request: bool,
 }
 
 impl Check {
@@ -64,9 +107,12 @@ impl Check {
     /// as in Istio, where the missing identity matches no value (even `*`,
     /// which is how `principals: ["*"]` requires mTLS and
     /// `notPrincipals: ["*"]` singles out plaintext).
-    pub fn holds(&self, conn: &Conn<'_>) -> bool {
+    pub fn holds(&self, conn: &Attrs<'_>) -> bool {
         if let Some(fixed) = self.fixed {
             return fixed;
+        }
+        if self.attr.is_l7() && conn.request.is_none() {
+            return self.without_request;
         }
         let id = conn.src_identity;
         let any_str = |value: Option<&str>| {
@@ -88,6 +134,23 @@ impl Check {
                 id.map(|id| format!("{}/{}", id.namespace, id.service_account))
                     .as_deref(),
             ),
+            Attr::Method => any_str(conn.request.map(|r| r.method)),
+            Attr::Path => any_str(conn.request.map(|r| r.path)),
+            Attr::Host => conn.request.is_some_and(|r| {
+                // Case-insensitive, with or without the port.
+                let host = r.host.to_ascii_lowercase();
+                let bare = match host.rsplit_once(':') {
+                    Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+                    _ => host.as_str(),
+                };
+                any_str(Some(&host)) || any_str(Some(bare))
+            }),
+            Attr::Header(ref name) => conn.request.is_some_and(|r| {
+                r.headers
+                    .get_all(name)
+                    .iter()
+                    .any(|v| any_str(v.to_str().ok()))
+            }),
         };
         hit != self.negate
     }
@@ -151,7 +214,7 @@ impl<'w> Compiler<'w> {
         values: impl Iterator<Item = &'a str>,
         negate: bool,
     ) -> Option<Check> {
-        let patterns: Vec<Pattern> = values.map(|v| self.pattern(attr, v)).collect();
+        let patterns: Vec<Pattern> = values.map(|v| self.pattern(&attr, v)).collect();
         let fixed = patterns.contains(&Pattern::Never).then_some(self.deny);
         if fixed.is_some() {
             let (rule, effect) = (
@@ -172,23 +235,20 @@ impl<'w> Compiler<'w> {
             patterns,
             negate,
             fixed,
+            without_request: self.deny,
         })
     }
 
-    fn pattern(&mut self, attr: Attr, value: &str) -> Pattern {
+    fn pattern(&mut self, attr: &Attr, value: &str) -> Pattern {
         let rule = self.rule;
         match attr {
-            Attr::Principal | Attr::Namespace | Attr::ServiceAccount => {
-                if value == "*" {
-                    Pattern::Any
-                } else if let Some(suffix) = value.strip_prefix('*') {
-                    Pattern::Suffix(suffix.to_owned())
-                } else if let Some(prefix) = value.strip_suffix('*') {
-                    Pattern::Prefix(prefix.to_owned())
-                } else {
-                    Pattern::Exact(value.to_owned())
-                }
-            }
+            Attr::Host => string_pattern(&value.to_ascii_lowercase()),
+            Attr::Principal
+            | Attr::Namespace
+            | Attr::ServiceAccount
+            | Attr::Method
+            | Attr::Path
+            | Attr::Header(_) => string_pattern(value),
             Attr::SrcIp | Attr::DstIp => match parse_net(value) {
                 Some(net) => Pattern::Net(net),
                 None => {
@@ -210,6 +270,19 @@ impl<'w> Compiler<'w> {
                 }
             },
         }
+    }
+}
+
+/// Istio's string forms: `*`, `*suffix`, `prefix*`, exact.
+fn string_pattern(value: &str) -> Pattern {
+    if value == "*" {
+        Pattern::Any
+    } else if let Some(suffix) = value.strip_prefix('*') {
+        Pattern::Suffix(suffix.to_owned())
+    } else if let Some(prefix) = value.strip_suffix('*') {
+        Pattern::Prefix(prefix.to_owned())
+    } else {
+        Pattern::Exact(value.to_owned())
     }
 }
 

@@ -7,7 +7,9 @@ mod k8s;
 mod matcher;
 mod peer_auth;
 mod policy;
+mod route;
 mod source;
+mod waypoint;
 mod yaml;
 
 #[cfg(test)]
@@ -26,7 +28,10 @@ use std::{
 };
 
 pub use k8s::NETNS_ANNOTATION;
+pub use matcher::{Attrs, L7Request};
+pub use route::{Backend, RequestView, RouteEntry, RuleAction, modify_path};
 pub use source::{LocalFiles, Publisher, Source, spawn_source};
+pub use waypoint::{Binding, GATEWAY_NAME, Waypoint};
 pub use yaml::{Document, ObjectKey};
 
 use crate::identity::Identity;
@@ -103,6 +108,10 @@ pub struct ServicePort {
     pub name: String,
     pub port: u16,
     pub target_port: TargetPort,
+    /// `appProtocol` as written (`http`, `http2`, `grpc`,
+    /// `kubernetes.io/h2c`, `tcp`, ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub app_protocol: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -145,6 +154,26 @@ pub struct Conn<'a> {
     pub dst: &'a Workload,
     pub dst_ip: IpAddr,
     pub dst_port: u16,
+}
+
+impl Conn<'_> {
+    pub fn attrs(&self) -> Attrs<'_> {
+        Attrs {
+            src_ip: self.src_ip,
+            src_identity: self.src_identity,
+            dst_ip: self.dst_ip,
+            dst_port: self.dst_port,
+            request: None,
+        }
+    }
+}
+
+/// What a waypoint was asked to serve: a Service port (by its VIP) or a
+/// pod (by its address).
+#[derive(Clone, Debug)]
+pub enum WaypointTarget {
+    Service(Arc<Service>, ServicePort),
+    Workload(Arc<Workload>, u16),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -214,7 +243,12 @@ pub struct Store {
     /// Sorted by namespace/name: the order DENY policies are checked in, so
     /// that the same connection is always denied by the same policy.
     policies: Vec<policy::AuthzPolicy>,
+    /// Policies attached with `targetRefs`: the waypoints'.
+    waypoint_policies: Vec<policy::AuthzPolicy>,
     peer_auths: Vec<peer_auth::PeerAuth>,
+    bindings: waypoint::Bindings,
+    /// HTTPRoutes of Services that have a waypoint.
+    routes: route::Routes,
     /// Read and counted; nothing on the node's data path uses them.
     service_accounts: usize,
     http_routes: usize,
@@ -244,13 +278,10 @@ impl Store {
         let objects = yaml::Objects::merge(docs, &mut warnings);
         let pods = k8s::workloads(&objects, &mut warnings);
         let services = k8s::services(&objects, &mut warnings);
-        let policies = policy::compile(&objects, &mut warnings);
         let peer_auths = peer_auth::compile(&objects.peer_authentications, &mut warnings);
-        gateway::check_routes(&objects, &mut warnings);
         let mut store = Store {
             trust_domain: opts.trust_domain.clone(),
             root_namespace: opts.root_namespace.clone(),
-            policies,
             peer_auths,
             service_accounts: objects.service_accounts.len(),
             http_routes: objects.http_routes.len(),
@@ -259,6 +290,26 @@ impl Store {
         };
         store.index_workloads(pods, &mut warnings);
         store.index_services(services);
+        store.bindings = waypoint::bind(
+            &objects,
+            store.workloads.values(),
+            store.services.values(),
+            &mut warnings,
+        );
+        let bound = &store.bindings.services;
+        (store.policies, store.waypoint_policies) = policy::compile(&objects, bound, &mut warnings);
+        gateway::check_routes(&objects, bound, &mut warnings);
+        store.routes = route::compile(
+            &objects,
+            &store.services,
+            |ns, name| {
+                matches!(
+                    bound.get(&(ns.to_owned(), name.to_owned())),
+                    Some(Binding::Bound(_))
+                )
+            },
+            &mut warnings,
+        );
         store.warnings = warnings;
         store
     }
@@ -369,6 +420,63 @@ impl Store {
         policy::authorize(&self.policies, &self.root_namespace, conn)
     }
 
+    /// The waypoint a Service must be reached through, if it names one.
+    pub fn service_binding(&self, svc: &Service) -> Option<&Binding> {
+        self.bindings
+            .services
+            .get(&(svc.namespace.clone(), svc.name.clone()))
+    }
+
+    /// The waypoint a pod must be reached through (by its own address), if
+    /// it names one.
+    pub fn workload_binding(&self, wl: &Workload) -> Option<&Binding> {
+        self.bindings
+            .workloads
+            .get(&(wl.namespace.clone(), wl.name.clone()))
+    }
+
+    pub fn waypoint(&self, namespace: &str, name: &str) -> Option<&Arc<Waypoint>> {
+        self.bindings
+            .waypoints
+            .get(&(namespace.to_owned(), name.to_owned()))
+    }
+
+    /// What `dst` (a CONNECT authority) is to waypoint `ns/name`: a Service
+    /// VIP and port or a pod address bound to it; None when it is not bound
+    /// to that waypoint.
+    pub fn waypoint_target(&self, ns: &str, name: &str, dst: SocketAddr) -> Option<WaypointTarget> {
+        let ours = |b: Option<&Binding>| matches!(b, Some(Binding::Bound(w)) if w.namespace == ns && w.name == name);
+        if let Some((svc, port)) = self.service_by_vip(dst)
+            && ours(self.service_binding(svc))
+        {
+            return Some(WaypointTarget::Service(svc.clone(), port.clone()));
+        }
+        let wl = self.workload_by_ip(dst.ip())?;
+        ours(self.workload_binding(wl)).then(|| WaypointTarget::Workload(wl.clone(), dst.port()))
+    }
+
+    /// The HTTPRoute entry of Service `svc` that a request on `port` matches.
+    pub fn route(&self, svc: &Service, port: u16, req: &RequestView<'_>) -> Option<&RouteEntry> {
+        self.routes
+            .select(&(svc.namespace.clone(), svc.name.clone()), port, req)
+    }
+
+    /// A waypoint's authorization of a request (or, without one, of a TCP
+    /// connection): its decision and the AUDIT policies that matched.
+    pub fn authorize_at_waypoint(
+        &self,
+        waypoint: &Waypoint,
+        service: Option<&Service>,
+        attrs: &Attrs<'_>,
+    ) -> (Decision, Vec<String>) {
+        policy::authorize_waypoint(
+            &self.waypoint_policies,
+            service.map(|s| (s.namespace.as_str(), s.name.as_str())),
+            (&waypoint.namespace, &waypoint.name),
+            attrs,
+        )
+    }
+
     /// PeerAuthentication in effect for a workload and port (default PERMISSIVE).
     pub fn mtls_mode(&self, wl: &Workload, port: u16) -> MtlsMode {
         peer_auth::mtls_mode(&self.peer_auths, &self.root_namespace, wl, port)
@@ -379,11 +487,15 @@ impl Store {
     }
 
     /// How many objects of each kind this snapshot holds.
-    pub fn counts(&self) -> [(&'static str, usize); 7] {
+    pub fn counts(&self) -> [(&'static str, usize); 8] {
         [
             ("workloads", self.workloads.len()),
             ("services", self.services.len()),
-            ("authorization_policies", self.policies.len()),
+            (
+                "authorization_policies",
+                self.policies.len() + self.waypoint_policies.len(),
+            ),
+            ("waypoints", self.bindings.waypoints.len()),
             ("peer_authentications", self.peer_auths.len()),
             ("service_accounts", self.service_accounts),
             ("http_routes", self.http_routes),
@@ -398,8 +510,17 @@ impl Store {
         let policies: Vec<_> = self
             .policies
             .iter()
+            .chain(&self.waypoint_policies)
             .map(policy::AuthzPolicy::dump)
             .collect();
+        let waypoints: Vec<&Waypoint> = self.bindings.waypoints.values().map(|w| &**w).collect();
+        let bindings = |m: &HashMap<(String, String), Binding>| {
+            let sorted: BTreeMap<String, &Binding> = m
+                .iter()
+                .map(|((ns, name), b)| (format!("{ns}/{name}"), b))
+                .collect();
+            serde_json::json!(sorted)
+        };
         let peer_auths: Vec<_> = self
             .peer_auths
             .iter()
@@ -416,6 +537,10 @@ impl Store {
             "service_accounts": self.service_accounts,
             "http_routes": self.http_routes,
             "gateways": self.gateways,
+            "waypoints": waypoints,
+            "service_waypoints": bindings(&self.bindings.services),
+            "workload_waypoints": bindings(&self.bindings.workloads),
+            "routes": self.routes.dump(),
             "warnings": self.warnings,
         })
     }

@@ -1,12 +1,16 @@
-//! Istio AuthorizationPolicy at L4: the object as written (strict about
-//! field names, so that a typo is an error and not a silently wider policy),
-//! compiled into checks on a connection, and evaluated DENY first, then ALLOW.
+//! Istio AuthorizationPolicy: the object as written (strict about field
+//! names, so that a typo is an error and not a silently wider policy),
+//! compiled into checks, and evaluated DENY first, then ALLOW.
 //!
-//! The node agent sees connections, not requests. Rules that need a request
-//! (methods, paths, hosts, request principals, `request.*` conditions) are
-//! handled as Istio's ztunnel does: an ALLOW rule using them never matches,
-//! and a DENY rule is applied with those parts left out, so it denies more
-//! than written rather than less. Both cases are reported as warnings.
+//! A policy with a `selector` (or none) is the node agent's, at L4: it sees
+//! connections, not requests. Rules that need a request (methods, paths,
+//! hosts, request principals, `request.*` conditions) are handled as
+//! Istio's ztunnel does: an ALLOW rule using them never matches, and a DENY
+//! rule is applied with those parts left out, so it denies more than
+//! written rather than less. Both cases are reported as warnings.
+//!
+//! A policy with `targetRefs` (a Service, or a waypoint Gateway) is a
+//! waypoint's, with the request fields compiled too.
 
 use std::collections::BTreeMap;
 
@@ -15,7 +19,8 @@ use serde_yaml::Value;
 
 use super::{
     ConfigWarning, Conn, Decision, Workload, gateway,
-    matcher::{Attr, Check, Compiler},
+    matcher::{Attr, Attrs, Check, Compiler},
+    waypoint::Binding,
     yaml::{Objects, Scalar, WorkloadSelector},
 };
 
@@ -125,8 +130,8 @@ struct Condition {
     not_values: Option<Vec<Scalar>>,
 }
 
-/// A policy as the data path evaluates it. Only ALLOW and DENY survive
-/// compilation.
+/// A policy as the data path evaluates it. At L4 only ALLOW and DENY
+/// survive compilation; a waypoint's policies keep AUDIT too.
 #[derive(Debug)]
 pub(super) struct AuthzPolicy {
     namespace: String,
@@ -134,7 +139,17 @@ pub(super) struct AuthzPolicy {
     action: Action,
     /// None: every workload in scope.
     selector: Option<BTreeMap<String, String>>,
+    /// A waypoint's policy: what it is attached to.
+    targets: Vec<Target>,
     rules: Vec<CompiledRule>,
+}
+
+/// What a waypoint policy is attached to.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub(super) struct Target {
+    kind: String,
+    namespace: String,
+    name: String,
 }
 
 #[derive(Debug)]
@@ -149,7 +164,7 @@ struct CompiledRule {
 }
 
 impl CompiledRule {
-    fn matches(&self, conn: &Conn<'_>) -> bool {
+    fn matches(&self, conn: &Attrs<'_>) -> bool {
         let any = |entries: &[Vec<Check>]| {
             entries.is_empty() || entries.iter().any(|e| e.iter().all(|c| c.holds(conn)))
         };
@@ -175,9 +190,11 @@ impl AuthzPolicy {
             "name": self.name,
             "action": match self.action {
                 Action::Deny => "DENY",
+                Action::Audit => "AUDIT",
                 _ => "ALLOW",
             },
             "selector": self.selector,
+            "target_refs": self.targets,
             "rules": self.rules.len(),
             "l7_allow_rules_never_matching": self.rules.iter().filter(|r| r.never).count(),
         })
@@ -191,67 +208,105 @@ pub(super) fn authorize(
     root_namespace: &str,
     conn: &Conn<'_>,
 ) -> Decision {
+    let in_scope = policies
+        .iter()
+        .filter(|p| p.applies_to(conn.dst, root_namespace));
+    evaluate(in_scope, &conn.attrs()).0
+}
+
+/// A waypoint's decision on a request (or a TCP connection) for the
+/// Service `service` (None when it was addressed to a pod) through the
+/// waypoint `gateway`; the second value names the AUDIT policies that
+/// matched.
+pub(super) fn authorize_waypoint(
+    policies: &[AuthzPolicy],
+    service: Option<(&str, &str)>,
+    gateway: (&str, &str),
+    attrs: &Attrs<'_>,
+) -> (Decision, Vec<String>) {
+    let in_scope = policies.iter().filter(|p| {
+        p.targets.iter().any(|t| {
+            let key = (t.namespace.as_str(), t.name.as_str());
+            match t.kind.as_str() {
+                "Service" => service == Some(key),
+                _ => key == gateway,
+            }
+        })
+    });
+    evaluate(in_scope, attrs)
+}
+
+fn evaluate<'p>(
+    in_scope: impl Iterator<Item = &'p AuthzPolicy>,
+    conn: &Attrs<'_>,
+) -> (Decision, Vec<String>) {
     let mut allow_policies = Vec::new();
     let mut allowed = false;
-    for p in policies
-        .iter()
-        .filter(|p| p.applies_to(conn.dst, root_namespace))
-    {
+    let mut audited = Vec::new();
+    for p in in_scope {
         let matched = p.rules.iter().any(|r| r.matches(conn));
         match p.action {
             Action::Deny if matched => {
                 let policy = p.id();
-                return Decision::Deny {
+                let deny = Decision::Deny {
                     reason: format!("denied by DENY policy {policy}"),
                     policy,
                 };
+                return (deny, audited);
             }
             Action::Allow => {
                 allow_policies.push(p.id());
                 allowed |= matched;
             }
+            Action::Audit if matched => audited.push(p.id()),
             _ => {}
         }
     }
     if allowed || allow_policies.is_empty() {
-        return Decision::Allow;
+        return (Decision::Allow, audited);
     }
-    Decision::Deny {
+    let deny = Decision::Deny {
         policy: String::new(),
         reason: format!(
             "no ALLOW policy matched (applicable ALLOW policies: {})",
             allow_policies.join(", ")
         ),
-    }
+    };
+    (deny, audited)
 }
 
-/// Policies in namespace/name order; those the agent cannot enforce are left
-/// out with a warning.
-pub(super) fn compile(objects: &Objects, warnings: &mut Vec<ConfigWarning>) -> Vec<AuthzPolicy> {
-    objects
-        .authorization_policies
-        .iter()
-        .filter_map(|((namespace, name), parsed)| {
-            compile_one(objects, namespace, name, &parsed.object, warnings)
-        })
-        .collect()
+/// The node agent's policies and the waypoints' (attached with
+/// `targetRefs`), each in namespace/name order; those that cannot be
+/// enforced are left out with a warning.
+pub(super) fn compile(
+    objects: &Objects,
+    services: &std::collections::HashMap<(String, String), Binding>,
+    warnings: &mut Vec<ConfigWarning>,
+) -> (Vec<AuthzPolicy>, Vec<AuthzPolicy>) {
+    let (mut l4, mut l7) = (Vec::new(), Vec::new());
+    for ((namespace, name), parsed) in &objects.authorization_policies {
+        let Some(p) = compile_one(objects, services, namespace, name, &parsed.object, warnings)
+        else {
+            continue;
+        };
+        if p.targets.is_empty() {
+            l4.push(p);
+        } else {
+            l7.push(p);
+        }
+    }
+    (l4, l7)
 }
 
 fn compile_one(
     objects: &Objects,
+    services: &std::collections::HashMap<(String, String), Binding>,
     namespace: &str,
     name: &str,
     policy: &AuthorizationPolicy,
     warnings: &mut Vec<ConfigWarning>,
 ) -> Option<AuthzPolicy> {
     let object = format!("AuthorizationPolicy {namespace}/{name}");
-    let mut unsupported = |message: String| {
-        warnings.push(ConfigWarning {
-            object: object.clone(),
-            kind: "unsupported",
-            message,
-        });
-    };
     let empty = PolicySpec::default();
     let spec = policy.spec.as_ref().unwrap_or(&empty);
     let targets: Vec<&Value> = spec
@@ -260,29 +315,50 @@ fn compile_one(
         .filter(|v| !v.is_null())
         .chain(spec.target_refs.iter().flatten())
         .collect();
-    if !targets.is_empty() {
-        // Attached to a Service or waypoint: a waypoint's to enforce, never
-        // the node agent's. Say why it is not in effect here.
-        for target in targets {
-            let (kind, message) = gateway::policy_target_status(objects, namespace, target);
-            warnings.push(ConfigWarning {
+    // Attached to a Service or waypoint: a waypoint's to enforce, never
+    // the node agent's. A target no waypoint serves says why.
+    let mut applied = Vec::new();
+    for target in &targets {
+        match gateway::policy_target_status(objects, services, namespace, target) {
+            Some((kind, message)) => warnings.push(ConfigWarning {
                 object: object.clone(),
                 kind,
                 message,
-            });
+            }),
+            None => {
+                let field = |k: &str| target.get(k).and_then(|v| v.as_str()).unwrap_or_default();
+                let ns = Some(field("namespace"))
+                    .filter(|n| !n.is_empty())
+                    .unwrap_or(namespace);
+                applied.push(Target {
+                    kind: field("kind").to_owned(),
+                    namespace: ns.to_owned(),
+                    name: field("name").to_owned(),
+                });
+            }
         }
+    }
+    if !targets.is_empty() && applied.is_empty() {
         return None;
     }
+    let at_waypoint = !applied.is_empty();
     let action = spec.action.unwrap_or_default();
-    if let Action::Audit | Action::Custom = action {
+    if action == Action::Custom || (action == Action::Audit && !at_waypoint) {
         let action = if action == Action::Audit {
             "AUDIT"
         } else {
             "CUSTOM"
         };
-        unsupported(format!(
-            "action {action} is not supported by the node agent; this policy is ignored"
-        ));
+        let by = if at_waypoint {
+            "this version"
+        } else {
+            "the node agent"
+        };
+        warnings.push(ConfigWarning {
+            object: object.clone(),
+            kind: "unsupported",
+            message: format!("action {action} is not supported by {by}; this policy is ignored"),
+        });
         return None;
     }
 
@@ -293,18 +369,25 @@ fn compile_one(
         .iter()
         .flatten()
         .enumerate()
-        .map(|(index, rule)| compile_rule(&mut compiler, index, rule, action))
+        .map(|(index, rule)| compile_rule(&mut compiler, index, rule, action, at_waypoint))
         .collect();
     Some(AuthzPolicy {
         namespace: namespace.to_owned(),
         name: name.to_owned(),
         action,
         selector: WorkloadSelector::labels(spec.selector.as_ref()),
+        targets: applied,
         rules,
     })
 }
 
-fn compile_rule(c: &mut Compiler<'_>, index: usize, rule: &Rule, action: Action) -> CompiledRule {
+fn compile_rule(
+    c: &mut Compiler<'_>,
+    index: usize,
+    rule: &Rule,
+    action: Action,
+    at_waypoint: bool,
+) -> CompiledRule {
     c.rule = index;
     // L7 fields are collected instead of compiled: for DENY that is exactly
     // "evaluated without them".
@@ -340,13 +423,22 @@ fn compile_rule(c: &mut Compiler<'_>, index: usize, rule: &Rule, action: Action)
     for entry in rule.to.iter().flatten() {
         let empty = Operation::default();
         let op = entry.operation.as_ref().unwrap_or(&empty);
-        note("hosts", has(&op.hosts));
-        note("notHosts", has(&op.not_hosts));
-        note("methods", has(&op.methods));
-        note("notMethods", has(&op.not_methods));
-        note("paths", has(&op.paths));
-        note("notPaths", has(&op.not_paths));
         let mut checks = Vec::new();
+        if at_waypoint {
+            checks.extend(c.strings(Attr::Host, &op.hosts, false));
+            checks.extend(c.strings(Attr::Host, &op.not_hosts, true));
+            checks.extend(c.strings(Attr::Method, &op.methods, false));
+            checks.extend(c.strings(Attr::Method, &op.not_methods, true));
+            checks.extend(c.strings(Attr::Path, &op.paths, false));
+            checks.extend(c.strings(Attr::Path, &op.not_paths, true));
+        } else {
+            note("hosts", has(&op.hosts));
+            note("notHosts", has(&op.not_hosts));
+            note("methods", has(&op.methods));
+            note("notMethods", has(&op.not_methods));
+            note("paths", has(&op.paths));
+            note("notPaths", has(&op.not_paths));
+        }
         checks.extend(c.scalars(Attr::DstPort, &op.ports, false));
         checks.extend(c.scalars(Attr::DstPort, &op.not_ports, true));
         to.push(checks);
@@ -360,14 +452,24 @@ fn compile_rule(c: &mut Compiler<'_>, index: usize, rule: &Rule, action: Action)
             "source.principal" => Attr::Principal,
             "destination.ip" => Attr::DstIp,
             "destination.port" => Attr::DstPort,
-            // request.*, and anything else Istio knows: only a proxy that
-            // parses the traffic has it.
+            key if at_waypoint && key.starts_with("request.headers[") && key.ends_with(']') => {
+                let name = &key["request.headers[".len()..key.len() - 1];
+                match hyper::http::HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()) {
+                    Ok(h) => Attr::Header(h),
+                    Err(_) => {
+                        note(&format!("when {key}"), true);
+                        continue;
+                    }
+                }
+            }
+            // request.auth.*, and anything else Istio knows: only a proxy
+            // that parses the traffic (and JWTs) has it.
             key => {
                 note(&format!("when {key}"), true);
                 continue;
             }
         };
-        when.extend(c.scalars(attr, &cond.values, false));
+        when.extend(c.scalars(attr.clone(), &cond.values, false));
         when.extend(c.scalars(attr, &cond.not_values, true));
     }
 
@@ -378,14 +480,24 @@ fn compile_rule(c: &mut Compiler<'_>, index: usize, rule: &Rule, action: Action)
             }
             _ => "this ALLOW rule never matches",
         };
-        c.warn(
-            "l7_rule_at_l4",
-            format!(
-                "rule {index} uses {}: L7 fields cannot be enforced by the node agent; \
-                 {effect} (use a waypoint)",
-                l7.join(", ")
-            ),
-        );
+        if at_waypoint {
+            c.warn(
+                "unsupported",
+                format!(
+                    "rule {index} uses {}, which this waypoint does not read; {effect}",
+                    l7.join(", ")
+                ),
+            );
+        } else {
+            c.warn(
+                "l7_rule_at_l4",
+                format!(
+                    "rule {index} uses {}: L7 fields cannot be enforced by the node agent; \
+                     {effect} (use a waypoint)",
+                    l7.join(", ")
+                ),
+            );
+        }
     }
     CompiledRule {
         from,

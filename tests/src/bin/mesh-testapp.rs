@@ -14,6 +14,9 @@
 //! echo read back, one JSON line per exchange (or `closed` once the
 //! connection is gone).
 //!
+//! `http-serve ADDR NAME`: an HTTP/1.1 and h2c server that answers every
+//! request with what it saw (see `mesh_tests::httpapp`).
+//!
 //! `hbone ADDR AUTHORITY [cert=valid|none|other-root|expired] [ca=DIR]
 //! [id=SPIFFE] [method=CONNECT|GET|GARBAGE] [send=BYTES]`: a hand-held HBONE
 //! client (see `mesh_tests::probe`). `gen-ca DIR`: writes a CA root there.
@@ -49,6 +52,9 @@ fn main() {
             }
         }
         Some("hold") => hold(args[1].parse().expect("hold ADDR")),
+        Some("http-serve") => {
+            mesh_tests::httpapp::serve(args[1].parse().expect("http-serve ADDR"), args[2].clone())
+        }
         Some("gen-ca") => {
             mesh_tests::probe::write_root(std::path::Path::new(&args[1])).expect("gen-ca DIR");
         }

@@ -22,7 +22,7 @@ use super::{
     CONN_WINDOW, HANDSHAKE_TIMEOUT, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_FRAME, POOL_MAX_AGE,
     REQUEST_TIMEOUT, STREAM_WINDOW, buffered,
 };
-use crate::proxy::{PodCtx, connect_in_pod};
+use crate::proxy::{Dialer, connect_from};
 use crate::{
     identity::{Identity, IdentityError},
     state::Workload,
@@ -65,6 +65,11 @@ pub struct Tunnel {
 }
 
 impl Tunnel {
+    /// The stream, for a user that keeps the tunnel (and its count) whole.
+    pub fn io_mut(&mut self) -> &mut Upgraded {
+        &mut self.io
+    }
+
     /// The stream, and the count to keep until the stream is done with.
     pub fn into_parts(self) -> (Upgraded, ActiveStream) {
         (self.io, self.active)
@@ -160,20 +165,23 @@ pub struct Caller<'a> {
 }
 
 impl Pool {
-    /// Opens a tunnelled stream to `target` (the destination pod's address
-    /// and the app's port) through the destination's HBONE port.
+    /// Opens a tunnelled stream to `target` (the CONNECT authority: the
+    /// destination pod's address and the app's port, or for a waypoint the
+    /// original destination) through the HBONE port of `via` (the
+    /// destination pod, or the waypoint pod), which must prove `dst`.
     pub async fn connect(
         &self,
-        pod: &PodCtx,
+        dialer: Dialer<'_>,
         src: &Identity,
         dst: &Identity,
+        via: std::net::IpAddr,
         target: SocketAddr,
         caller: &Caller<'_>,
     ) -> Result<Tunnel, HboneError> {
         let key = PoolKey {
             src: src.clone(),
             dst: dst.clone(),
-            addr: SocketAddr::new(target.ip(), PORT_HBONE),
+            addr: SocketAddr::new(via, PORT_HBONE),
         };
         // The stream is counted on its connection as soon as it is chosen,
         // so that concurrent calls spread instead of all picking it.
@@ -207,22 +215,21 @@ impl Pool {
                 r => return r.map(|io| Tunnel { io, active }),
             }
         }
-        let (sender, active) = self.dial(pod, &key).await?;
+        let (sender, active) = self.dial(dialer, &key).await?;
         let io = request(sender, &key, target, caller).await?;
         Ok(Tunnel { io, active })
     }
 
     async fn dial(
         &self,
-        pod: &PodCtx,
+        dialer: Dialer<'_>,
         key: &PoolKey,
     ) -> Result<(Sender, ActiveStream), HboneError> {
         let addr = key.addr;
-        let tcp = connect_in_pod(pod, addr, false)
+        let tcp = connect_from(dialer.netns, addr, false)
             .await
             .map_err(|source| HboneError::Connect { addr, source })?;
-        let config = pod
-            .shared
+        let config = dialer
             .certs
             .client_config(&key.src, &key.dst)
             .map_err(|source| HboneError::Identity {

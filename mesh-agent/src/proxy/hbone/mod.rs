@@ -10,7 +10,7 @@ mod client;
 mod server;
 
 pub use client::{Caller, HboneError, Pool, Tunnel};
-pub use server::serve;
+pub use server::{accept, answer, serve, serve_connects};
 
 /// A TLS handshake must finish in this time.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

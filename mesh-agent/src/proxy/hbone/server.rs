@@ -67,27 +67,9 @@ pub async fn serve(pod: Arc<PodCtx>, stream: TcpStream, peer: SocketAddr) {
             return;
         }
     };
-    let accept = tokio_rustls::TlsAcceptor::from(config).accept(buffered(stream));
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            let reason = tls_failure(&e);
-            metrics.connection("hbone", reason);
-            debug!(reason, error = %e, "TLS handshake refused");
-            return;
-        }
-        Err(_) => {
-            metrics.connection("hbone", "handshake_timeout");
-            debug!("TLS handshake timed out");
-            return;
-        }
-    };
-    let Some(peer_id) = peer_identity(tls.get_ref().1) else {
-        // The verifier already requires a SPIFFE ID; this is belt and braces.
-        metrics.connection("hbone", "bad_certificate");
+    let Some((tls, peer_id)) = accept(stream, config, metrics).await else {
         return;
     };
-    debug!(peer = %peer_id, "HBONE peer verified");
     let inbound = Arc::new(Inbound {
         pod: pod.clone(),
         local,
@@ -95,9 +77,58 @@ pub async fn serve(pod: Arc<PodCtx>, stream: TcpStream, peer: SocketAddr) {
         peer,
         peer_id,
     });
-    let svc = service_fn(move |req| {
+    serve_connects(tls, move |req| {
         let inbound = inbound.clone();
-        async move { Ok::<_, Infallible>(inbound.handle(req).await) }
+        async move { inbound.handle(req).await }
+    })
+    .await;
+}
+
+/// The TLS side of an accepted HBONE connection, read through a buffer.
+pub type TlsStream = tokio_rustls::server::TlsStream<super::Buffered>;
+
+/// Terminates TLS on an accepted connection and returns the peer's
+/// verified identity; a failure is counted by its reason.
+pub async fn accept(
+    stream: TcpStream,
+    config: Arc<rustls::ServerConfig>,
+    metrics: &crate::metrics::Metrics,
+) -> Option<(TlsStream, Identity)> {
+    let accept = tokio_rustls::TlsAcceptor::from(config).accept(buffered(stream));
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            let reason = tls_failure(&e);
+            metrics.connection("hbone", reason);
+            debug!(reason, error = %e, "TLS handshake refused");
+            return None;
+        }
+        Err(_) => {
+            metrics.connection("hbone", "handshake_timeout");
+            debug!("TLS handshake timed out");
+            return None;
+        }
+    };
+    let Some(peer_id) = peer_identity(tls.get_ref().1) else {
+        // The verifier already requires a SPIFFE ID; this is belt and braces.
+        metrics.connection("hbone", "bad_certificate");
+        return None;
+    };
+    debug!(peer = %peer_id, "HBONE peer verified");
+    Some((tls, peer_id))
+}
+
+/// Serves HTTP/2 on a verified HBONE connection; `handle` answers each
+/// request (a CONNECT, or whatever else a peer sends) and takes the
+/// upgraded stream from it.
+pub async fn serve_connects<F, Fut>(tls: TlsStream, handle: F)
+where
+    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<Empty<Bytes>>> + Send + 'static,
+{
+    let svc = service_fn(move |req| {
+        let answer = handle(req);
+        async move { Ok::<_, Infallible>(answer.await) }
     });
     let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
@@ -123,7 +154,7 @@ struct Inbound {
     peer_id: Identity,
 }
 
-fn answer(status: StatusCode) -> Response<Empty<Bytes>> {
+pub fn answer(status: StatusCode) -> Response<Empty<Bytes>> {
     Response::builder()
         .status(status)
         .body(Empty::new())

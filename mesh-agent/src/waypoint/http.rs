@@ -1,0 +1,663 @@
+//! One HTTP request at the waypoint: authorize (403 `RBAC: access
+//! denied`, or `grpc-status: 7` for gRPC), route (HTTPRoute: the first
+//! matching entry by precedence; no match means the Service itself),
+//! apply the rule's filters, pick a weighted backend and one of its
+//! endpoints, send it on (with retries and timeouts), and count it.
+
+use std::{
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use http_body_util::{BodyExt as _, Empty, Full};
+use hyper::{
+    HeaderMap, Request, Response, StatusCode, Uri,
+    body::{Body as _, Bytes, Frame, Incoming, SizeHint},
+    header::{self, HeaderValue},
+};
+use tracing::{debug, info};
+
+use super::{Client, Ctx, telemetry::HttpLabels, upstream::Body};
+use crate::{
+    proxy::{Peer, tcp_labels},
+    state::{
+        Backend, Decision, Endpoint, L7Request, RequestView, RuleAction, Store, Waypoint,
+        WaypointTarget, Workload, modify_path,
+    },
+};
+
+pub struct Handler {
+    pub ctx: Arc<Ctx>,
+    pub client: Client,
+    pub waypoint: Arc<Waypoint>,
+    pub target: WaypointTarget,
+    /// The CONNECT authority: the original destination.
+    pub dst: std::net::SocketAddr,
+}
+
+/// Headers that belong to one hop and are not passed on.
+const HOP_BY_HOP: [&str; 6] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "http2-settings",
+];
+
+fn full(status: StatusCode, body: &'static str) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "text/plain")
+        .body(
+            Full::new(Bytes::from_static(body.as_bytes()))
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+        )
+        .expect("static response parts are valid")
+}
+
+fn empty_body() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// 16 random bytes as 32 hex digits (and the first 8 as 16), for ids.
+fn random_hex(bytes: usize) -> String {
+    let mut buf = [0u8; 16];
+    // SAFETY: writes at most 16 bytes into a 16-byte buffer.
+    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), bytes.min(16), 0) };
+    if n < 0 {
+        // Unique, if not random: never fails a request over an id.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        buf = t.to_le_bytes();
+    }
+    buf[..bytes.min(16)]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The endpoints of a target in balancer order (set-aside ones last).
+pub fn endpoints(ctx: &Ctx, store: &Store, target: &WaypointTarget) -> Vec<Endpoint> {
+    match target {
+        WaypointTarget::Service(svc, port) => {
+            let all = store.endpoints(svc, port);
+            ctx.balancer
+                .order(&format!("{}:{}", svc.hostname(), port.port), &all)
+        }
+        WaypointTarget::Workload(wl, port) => wl
+            .ips
+            .first()
+            .map(|ip| Endpoint {
+                workload: wl.clone(),
+                addr: std::net::SocketAddr::new(*ip, *port),
+            })
+            .into_iter()
+            .collect(),
+    }
+}
+
+/// What one request became, for its metrics and access log line.
+struct Done {
+    labels: HttpLabels,
+    client: std::net::SocketAddr,
+    start: Instant,
+    method: String,
+    authority: String,
+    path: String,
+    upstream: String,
+    route: String,
+    policy: String,
+    request_bytes: Arc<AtomicU64>,
+}
+
+impl Handler {
+    pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        let start = Instant::now();
+        let ctx = &self.ctx;
+        let store = ctx.store();
+        let (mut parts, body) = req.into_parts();
+        let grpc = is_grpc(&parts.headers);
+        let host = parts
+            .uri
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .or_else(|| {
+                parts
+                    .headers
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned)
+            })
+            .unwrap_or_default();
+        let path = parts.uri.path().to_owned();
+        let query = parts.uri.query().map(str::to_owned);
+        let service = match &self.target {
+            WaypointTarget::Service(s, _) => Some(s.clone()),
+            WaypointTarget::Workload(..) => None,
+        };
+        let src_workload = store.workload_by_ip(self.client.addr.ip()).cloned();
+        let mut done = Done {
+            labels: HttpLabels {
+                conn: tcp_labels(
+                    "waypoint",
+                    &Peer {
+                        addr: Some(self.client.addr),
+                        workload: src_workload,
+                        identity: Some(self.client.identity.clone()),
+                    },
+                    &Peer::default(),
+                    service.as_deref(),
+                    true,
+                ),
+                response_code: String::new(),
+                grpc_response_status: "-".into(),
+            },
+            client: self.client.addr,
+            start,
+            method: parts.method.to_string(),
+            authority: host.clone(),
+            path: parts
+                .uri
+                .path_and_query()
+                .map_or_else(|| "/".into(), |p| p.as_str().to_owned()),
+            upstream: String::new(),
+            route: "-".into(),
+            policy: "allow".into(),
+            request_bytes: Arc::new(AtomicU64::new(0)),
+        };
+        done.labels.conn.request_protocol = if grpc { "grpc" } else { "http" };
+
+        // Authorization first: a denied request reaches no backend.
+        let l7 = L7Request {
+            method: parts.method.as_str(),
+            path: &path,
+            host: &host,
+            headers: &parts.headers,
+        };
+        let attrs = crate::state::Attrs {
+            src_ip: self.client.addr.ip(),
+            src_identity: Some(&self.client.identity),
+            dst_ip: self.dst.ip(),
+            dst_port: self.dst.port(),
+            request: Some(&l7),
+        };
+        let (decision, audited) =
+            store.authorize_at_waypoint(&self.waypoint, service.as_deref(), &attrs);
+        if !audited.is_empty() {
+            done.policy = format!("audit:{}", audited.join(","));
+        }
+        if let Decision::Deny { reason, .. } = decision {
+            ctx.metrics.connection("waypoint", "request_denied");
+            debug!(%reason, "request denied");
+            done.policy = format!("deny: {reason}");
+            let resp = if grpc {
+                grpc_error(7, "RBAC: access denied")
+            } else {
+                full(StatusCode::FORBIDDEN, "RBAC: access denied")
+            };
+            return self.finish(done, resp, "RBAC");
+        }
+
+        // Route: the first match by precedence; none means the Service.
+        let view = RequestView {
+            method: &parts.method,
+            path: &path,
+            query: query.as_deref(),
+            headers: &parts.headers,
+        };
+        let entry = match &self.target {
+            WaypointTarget::Service(svc, port) => store.route(svc, port.port, &view),
+            WaypointTarget::Workload(..) => None,
+        };
+        let action: Option<Arc<RuleAction>> = entry.map(|e| e.action.clone());
+        let matched_path = entry.map(|e| e.matcher.path.clone());
+        if let Some(a) = &action {
+            done.route = format!("{} rule {}", a.route, a.rule);
+        }
+
+        if let Some(r) = action.as_ref().and_then(|a| a.redirect.as_ref()) {
+            let scheme = r.scheme.as_deref().unwrap_or("http");
+            let hostname = r
+                .hostname
+                .clone()
+                .unwrap_or_else(|| host.split(':').next().unwrap_or_default().to_owned());
+            let port = r.port.map(|p| format!(":{p}")).unwrap_or_default();
+            let new_path = r.path.as_ref().map_or_else(
+                || path.clone(),
+                |m| modify_path(&path, m, matched_path.as_ref()),
+            );
+            let q = query.as_ref().map(|q| format!("?{q}")).unwrap_or_default();
+            let location = format!("{scheme}://{hostname}{port}{new_path}{q}");
+            let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::FOUND);
+            let resp = Response::builder()
+                .status(status)
+                .header(header::LOCATION, location)
+                .body(empty_body())
+                .expect("redirect parts are valid");
+            return self.finish(done, resp, "-");
+        }
+
+        // The request as the backend will see it.
+        let mut path_and_query = parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
+        if let Some(a) = &action {
+            a.request_headers.apply(&mut parts.headers);
+            if let Some(rw) = &a.rewrite {
+                if let Some(h) = &rw.hostname
+                    && let Ok(v) = HeaderValue::from_str(h)
+                {
+                    parts.headers.insert(header::HOST, v);
+                }
+                if let Some(m) = &rw.path {
+                    let p = modify_path(&path, m, matched_path.as_ref());
+                    let q = query.as_ref().map(|q| format!("?{q}")).unwrap_or_default();
+                    path_and_query = format!("{p}{q}");
+                }
+            }
+        }
+        for h in HOP_BY_HOP {
+            parts.headers.remove(h);
+        }
+        if !parts.headers.contains_key("x-request-id") {
+            let id = random_hex(16);
+            if let Ok(v) = HeaderValue::from_str(&id) {
+                parts.headers.insert("x-request-id", v);
+            }
+        }
+        if !parts.headers.contains_key("traceparent") {
+            let tp = format!("00-{}-{}-01", random_hex(16), random_hex(8));
+            if let Ok(v) = HeaderValue::from_str(&tp) {
+                parts.headers.insert("traceparent", v);
+            }
+        }
+
+        // Which Service port serves it: a weighted backend of the rule, or
+        // the Service (or pod) it was sent to.
+        let chosen: Result<WaypointTarget, String> = match action.as_deref() {
+            Some(a) if !a.backends.is_empty() => self.pick(a).and_then(backend_target),
+            Some(_) if action.as_ref().is_some_and(|a| a.backends.is_empty()) => {
+                Ok(self.target.clone())
+            }
+            _ => Ok(self.target.clone()),
+        };
+        let chosen = match chosen {
+            Ok(t) => t,
+            Err(why) => {
+                done.upstream = why;
+                return self.finish(
+                    done,
+                    full(StatusCode::INTERNAL_SERVER_ERROR, "backend not resolved\n"),
+                    "NR",
+                );
+            }
+        };
+        if let WaypointTarget::Service(svc, _) = &chosen {
+            done.labels.conn.destination_service = svc.hostname();
+            done.labels.conn.destination_service_name = svc.name.clone();
+            done.labels.conn.destination_service_namespace = svc.namespace.clone();
+        }
+
+        if let Some(a) = &action {
+            for m in &a.mirrors {
+                let pick = ctx.picks.fetch_add(1, Ordering::Relaxed) % 100;
+                if pick < u64::from(m.percent)
+                    && let Ok(t) = backend_target(&m.backend)
+                {
+                    self.mirror(t, &parts, &path_and_query);
+                }
+            }
+        }
+
+        let retry = action.as_ref().map(|a| a.retry.clone()).unwrap_or_default();
+        let try_timeout = action.as_ref().and_then(|a| a.backend_timeout);
+        let timeout = action.as_ref().and_then(|a| a.timeout);
+        // Only a request without a body can be sent again.
+        let replayable = body.is_end_stream();
+        let counter = done.request_bytes.clone();
+        let mut body = Some(
+            Counting {
+                inner: body,
+                count: counter,
+            }
+            .boxed_unsync(),
+        );
+        let endpoints = endpoints(ctx, &store, &chosen);
+        if endpoints.is_empty() {
+            done.upstream = "no endpoint".into();
+            return self.finish(
+                done,
+                full(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream\n"),
+                "UH",
+            );
+        }
+        let attempts = if replayable {
+            1 + retry.attempts as usize
+        } else {
+            1
+        };
+        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        let mut last: Option<(Response<Body>, &'static str)> = None;
+        for (i, ep) in endpoints.iter().cycle().take(attempts).enumerate() {
+            if i > 0 {
+                tokio::time::sleep(retry.backoff).await;
+            }
+            done.upstream = ep.addr.to_string();
+            self.set_destination(&mut done, &ep.workload);
+            let uri: Uri = match format!("http://{}{}", ep.addr, path_and_query).parse() {
+                Ok(u) => u,
+                Err(_) => {
+                    return self.finish(done, full(StatusCode::BAD_REQUEST, "bad path\n"), "-");
+                }
+            };
+            let mut up = Request::from_parts(parts.clone(), body.take().unwrap_or_else(empty_body));
+            *up.uri_mut() = uri;
+            *up.version_mut() = hyper::Version::HTTP_11;
+            let client = if parts.version == hyper::Version::HTTP_2 {
+                *up.version_mut() = hyper::Version::HTTP_2;
+                &ctx.clients.http2
+            } else {
+                &ctx.clients.http1
+            };
+            let send = client.request(up);
+            let limit = match (try_timeout, deadline) {
+                (Some(t), Some(d)) => Some(d.min(tokio::time::Instant::now() + t)),
+                (Some(t), None) => Some(tokio::time::Instant::now() + t),
+                (None, d) => d,
+            };
+            let result = match limit {
+                Some(at) => match tokio::time::timeout_at(at, send).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        last = Some((
+                            full(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout\n"),
+                            "UT",
+                        ));
+                        if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                            break;
+                        }
+                        continue;
+                    }
+                },
+                None => send.await,
+            };
+            match result {
+                Ok(resp) if retry.codes.contains(&resp.status().as_u16()) && i + 1 < attempts => {
+                    debug!(endpoint = %ep.addr, status = %resp.status(), "retrying");
+                    last = Some((resp.map(http_body_util::BodyExt::boxed_unsync), "URX"));
+                }
+                Ok(resp) => {
+                    ctx.balancer.mark_up(ep.addr);
+                    let (mut rp, rb) = resp.into_parts();
+                    for h in HOP_BY_HOP {
+                        rp.headers.remove(h);
+                    }
+                    if let Some(a) = &action {
+                        a.response_headers.apply(&mut rp.headers);
+                    }
+                    return self.finish(done, Response::from_parts(rp, rb.boxed_unsync()), "-");
+                }
+                Err(e) => {
+                    debug!(endpoint = %ep.addr, error = %e, "upstream failed");
+                    if e.is_connect() {
+                        ctx.balancer.mark_down(ep.addr);
+                    }
+                    last = Some((
+                        full(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error\n"),
+                        "UF",
+                    ));
+                }
+            }
+        }
+        let (resp, flags) = last.unwrap_or_else(|| {
+            (
+                full(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream\n"),
+                "UH",
+            )
+        });
+        self.finish(done, resp, flags)
+    }
+
+    fn set_destination(&self, done: &mut Done, wl: &Arc<Workload>) {
+        let l = &mut done.labels.conn;
+        let td = self.ctx.certs.trust_domain();
+        l.destination_workload = wl.workload_name().to_owned();
+        l.destination_workload_namespace = wl.namespace.clone();
+        l.destination_principal = wl.identity(td).to_string();
+        l.destination_app = wl.app().to_owned();
+        l.destination_version = wl.version().to_owned();
+        l.destination_canonical_service = wl.app().to_owned();
+        l.destination_canonical_revision = wl.version().to_owned();
+        l.destination_cluster = "Kubernetes".into();
+    }
+
+    /// A weighted choice among the rule's backends, spread evenly over
+    /// consecutive requests.
+    fn pick<'a>(&self, a: &'a RuleAction) -> Result<&'a Backend, String> {
+        let total: u64 = a.backends.iter().map(|b| u64::from(b.weight)).sum();
+        if total == 0 {
+            return Err("every backend has weight 0".into());
+        }
+        // A multiplicative hash of a counter: consecutive requests land far
+        // apart, so a 90/10 split holds over small windows too.
+        let n = self.ctx.picks.fetch_add(1, Ordering::Relaxed);
+        let mut at = n.wrapping_mul(0x9E37_79B9_7F4A_7C15) % total;
+        for b in &a.backends {
+            let w = u64::from(b.weight);
+            if at < w {
+                return Ok(b);
+            }
+            at -= w;
+        }
+        Err("no backend".into())
+    }
+
+    /// Sends a copy of a request to a mirror; its answer is dropped and it
+    /// never delays the original (only requests without a body are copied).
+    fn mirror(&self, target: WaypointTarget, parts: &hyper::http::request::Parts, pq: &str) {
+        let ctx = self.ctx.clone();
+        let mut parts = parts.clone();
+        let pq = pq.to_owned();
+        tokio::spawn(async move {
+            let store = ctx.store();
+            let Some(ep) = endpoints(&ctx, &store, &target).into_iter().next() else {
+                return;
+            };
+            let Ok(uri) = format!("http://{}{}", ep.addr, pq).parse::<Uri>() else {
+                return;
+            };
+            parts.uri = uri;
+            let client = if parts.version == hyper::Version::HTTP_2 {
+                &ctx.clients.http2
+            } else {
+                parts.version = hyper::Version::HTTP_11;
+                &ctx.clients.http1
+            };
+            if let Some(h) = parts.headers.get(header::HOST).cloned()
+                && let Ok(s) = h.to_str()
+                && let Ok(v) = HeaderValue::from_str(&format!("{s}-shadow"))
+            {
+                parts.headers.insert(header::HOST, v);
+            }
+            let req = Request::from_parts(parts, empty_body());
+            let sent = tokio::time::timeout(Duration::from_secs(10), client.request(req)).await;
+            if let Ok(Ok(resp)) = sent {
+                // Read and drop, so the connection can be reused.
+                let _ = resp.into_body().collect().await;
+            }
+        });
+    }
+
+    /// Wraps the response so that the metrics and the access log line are
+    /// written when its body ends.
+    fn finish(&self, mut done: Done, resp: Response<Body>, flags: &'static str) -> Response<Body> {
+        done.labels.response_code = resp.status().as_u16().to_string();
+        done.labels.conn.response_flags = flags;
+        if let Some(s) = resp
+            .headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+        {
+            done.labels.grpc_response_status = s.to_owned();
+        }
+        let ctx = self.ctx.clone();
+        let (parts, body) = resp.into_parts();
+        let metered = Metered {
+            inner: body,
+            bytes: 0,
+            done: Some(done),
+            ctx,
+        };
+        Response::from_parts(parts, metered.boxed_unsync())
+    }
+}
+
+/// A gRPC error as a trailers-only response.
+fn grpc_error(code: u8, message: &'static str) -> Response<Body> {
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/grpc")
+        .header("grpc-status", code.to_string())
+        .header("grpc-message", message)
+        .body(empty_body())
+        .expect("static response parts are valid")
+}
+
+fn backend_target(b: &Backend) -> Result<WaypointTarget, String> {
+    let svc = b.service.as_ref().map_err(Clone::clone)?;
+    let port = svc
+        .ports
+        .iter()
+        .find(|p| p.port == b.port)
+        .ok_or_else(|| format!("{} has no port {}", svc.hostname(), b.port))?;
+    Ok(WaypointTarget::Service(svc.clone(), port.clone()))
+}
+
+/// A request body that counts what passes through it.
+struct Counting {
+    inner: Incoming,
+    count: Arc<AtomicU64>,
+}
+
+impl hyper::body::Body for Counting {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &r
+            && let Some(d) = f.data_ref()
+        {
+            self.count.fetch_add(d.len() as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A response body that records its request when it ends (or is
+/// dropped, when the client goes away first).
+struct Metered {
+    inner: Body,
+    bytes: u64,
+    done: Option<Done>,
+    ctx: Arc<Ctx>,
+}
+
+impl Metered {
+    fn record(&mut self) {
+        let Some(d) = self.done.take() else { return };
+        let ms = d.start.elapsed().as_secs_f64() * 1000.0;
+        let req = d.request_bytes.load(Ordering::Relaxed);
+        self.ctx.requests.record(&d.labels, ms, req, self.bytes);
+        info!(
+            target: "access",
+            direction = "waypoint",
+            src.addr = %d.client,
+            src.identity = %d.labels.conn.source_principal,
+            method = %d.method,
+            authority = %d.authority,
+            path = %d.path,
+            status = %d.labels.response_code,
+            grpc_status = %d.labels.grpc_response_status,
+            duration_ms = ms as u64,
+            upstream = %d.upstream,
+            dst.service = %d.labels.conn.destination_service,
+            route = %d.route,
+            policy = %d.policy,
+            flags = d.labels.conn.response_flags,
+            request_bytes = req,
+            response_bytes = self.bytes,
+            "request complete"
+        );
+    }
+}
+
+impl hyper::body::Body for Metered {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    self.bytes += d.len() as u64;
+                }
+                if let Some(t) = f.trailers_ref()
+                    && let Some(s) = t.get("grpc-status").and_then(|v| v.to_str().ok())
+                    && let Some(done) = self.done.as_mut()
+                {
+                    done.labels.grpc_response_status = s.to_owned();
+                }
+            }
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => self.record(),
+            Poll::Pending => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Metered {
+    fn drop(&mut self) {
+        self.record();
+    }
+}

@@ -1,0 +1,160 @@
+//! `mesh-agent waypoint`: the L7 proxy of the mesh. It runs as a pod of
+//! its own (not captured), with its own SPIFFE identity. Node agents send
+//! it the traffic of the Services and pods bound to it over HBONE, with
+//! the original destination as the CONNECT authority; it authorizes each
+//! request (AuthorizationPolicy with `targetRefs`, full L7 semantics),
+//! routes it (HTTPRoute), and sends it on over HBONE to the chosen
+//! endpoint with its own identity.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use tokio::{net::TcpListener, sync::watch};
+use tracing::{Instrument as _, info, info_span, warn};
+
+use crate::{
+    config::WaypointArgs,
+    identity::{CertManager, Identity},
+    metrics::Metrics,
+    proxy::{Balancer, Pool},
+    state::{Store, Waypoint, Workload},
+};
+
+mod http;
+mod serve;
+mod telemetry;
+mod upstream;
+
+/// What every connection of the waypoint shares.
+pub struct Ctx {
+    pub store: watch::Receiver<Arc<Store>>,
+    pub certs: Arc<CertManager>,
+    pub metrics: Arc<Metrics>,
+    pub requests: telemetry::RequestMetrics,
+    pub pool: Pool,
+    pub balancer: Balancer,
+    pub clients: upstream::Clients,
+    /// The waypoint's own pod (namespace, name).
+    pub pod: (String, String),
+    /// Picks among weighted backends.
+    pub picks: std::sync::atomic::AtomicU64,
+}
+
+impl Ctx {
+    pub fn store(&self) -> Arc<Store> {
+        self.store.borrow().clone()
+    }
+
+    /// The waypoint's own pod, as the store knows it.
+    pub fn me(&self, store: &Store) -> Option<Arc<Workload>> {
+        store.workload(&self.pod.0, &self.pod.1).cloned()
+    }
+
+    /// The waypoint Gateway this pod belongs to.
+    pub fn waypoint(&self, store: &Store) -> Option<Arc<Waypoint>> {
+        let me = self.me(store)?;
+        let gw = me.labels.get(crate::state::GATEWAY_NAME)?;
+        store.waypoint(&me.namespace, gw).cloned()
+    }
+
+    pub fn identity(&self, store: &Store) -> Option<Identity> {
+        self.me(store)
+            .map(|w| w.identity(self.certs.trust_domain()))
+    }
+}
+
+pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
+    info!(
+        pod = %format!("{}/{}", args.pod_namespace, args.pod_name),
+        listen = %args.listen,
+        metrics = %args.metrics_addr,
+        ready = %args.ready_addr,
+        admin = %args.admin_addr,
+        config = ?args.mesh.config,
+        trust_domain = %args.mesh.trust_domain,
+        "starting waypoint"
+    );
+    std::fs::create_dir_all(&args.state_dir)
+        .with_context(|| format!("--state-dir {}", args.state_dir.display()))?;
+    let hbone = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("--listen {}", args.listen))?;
+    let admin_l = crate::admin::bind(args.admin_addr)
+        .await
+        .context("--admin-addr")?;
+    let metrics_l = crate::admin::bind(args.metrics_addr)
+        .await
+        .context("--metrics-addr")?;
+    let ready_l = crate::admin::bind(args.ready_addr)
+        .await
+        .context("--ready-addr")?;
+    anyhow::ensure!(
+        args.mesh.config.is_some() || args.mesh.kubernetes,
+        "a waypoint needs its configuration: --config DIR or --kubernetes"
+    );
+    let metrics = Arc::new(Metrics::default());
+    let certs = CertManager::new(crate::ca_config(&args.mesh, &args.state_dir))?;
+    certs.spawn_rotation();
+    let client = if args.mesh.kubernetes {
+        Some(
+            kube::Client::try_default()
+                .await
+                .context("--kubernetes: no Kubernetes API configuration")?,
+        )
+    } else {
+        None
+    };
+    let (store, _) = crate::start_store(&args.mesh, metrics.clone(), client);
+    let ctx = Arc::new_cyclic(|weak| Ctx {
+        store,
+        certs,
+        metrics: metrics.clone(),
+        requests: telemetry::RequestMetrics::default(),
+        pool: Pool::default(),
+        balancer: Balancer::default(),
+        clients: upstream::Clients::new(weak.clone()),
+        pod: (args.pod_namespace.clone(), args.pod_name.clone()),
+        picks: std::sync::atomic::AtomicU64::new(0),
+    });
+    let mut registry = crate::metrics::proxy_registry(&metrics);
+    ctx.requests.register(&mut registry);
+    let admin = Arc::new(serve::Admin {
+        ctx: ctx.clone(),
+        registry,
+    });
+    tokio::spawn(serve::admin(admin_l, admin.clone(), true));
+    tokio::spawn(serve::admin(metrics_l, admin.clone(), false));
+    tokio::spawn(serve::admin(ready_l, admin, false));
+    tokio::spawn(accept(hbone, ctx.clone()));
+    info!("waypoint serving");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    info!("waypoint stopping");
+    Ok(())
+}
+
+async fn accept(l: TcpListener, ctx: Arc<Ctx>) {
+    loop {
+        let (stream, peer) = match l.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let span = info_span!("waypoint", client = %peer);
+        tokio::spawn(serve::connection(ctx.clone(), stream, peer).instrument(span));
+    }
+}
+
+/// The client a request came from: the HBONE peer's address and identity.
+#[derive(Clone, Debug)]
+pub struct Client {
+    pub addr: SocketAddr,
+    pub identity: Identity,
+}

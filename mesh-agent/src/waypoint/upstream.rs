@@ -1,0 +1,179 @@
+//! The waypoint's way to its backends: per request, one endpoint of the
+//! chosen Service (round robin, set-aside endpoints skipped), reached over
+//! HBONE with the waypoint's own identity (authority `podIP:targetPort`),
+//! or as plain TCP when the endpoint is not in the mesh. HTTP connections
+//! over those tunnels are pooled per endpoint by hyper's client, so a
+//! keep-alive or HTTP/2 client is not pinned to one endpoint.
+
+use std::{
+    future::Future,
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use hyper::{Uri, body::Bytes, rt};
+use hyper_util::{
+    client::legacy::{
+        Client,
+        connect::{Connected, Connection},
+    },
+    rt::{TokioExecutor, TokioIo},
+};
+use tracing::debug;
+
+use super::Ctx;
+use crate::proxy::{Caller, Dialer, Tunnel, connect_from};
+
+pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, hyper::Error>;
+
+/// HTTP/1.1 and HTTP/2 clients (the protocol the downstream spoke, so
+/// that gRPC and its trailers stay HTTP/2 end to end).
+pub struct Clients {
+    pub http1: Client<Connector, Body>,
+    pub http2: Client<Connector, Body>,
+}
+
+impl Clients {
+    pub fn new(ctx: std::sync::Weak<Ctx>) -> Self {
+        let connector = Connector { ctx };
+        Clients {
+            http1: Client::builder(TokioExecutor::new()).build(connector.clone()),
+            http2: Client::builder(TokioExecutor::new())
+                .http2_only(true)
+                .build(connector),
+        }
+    }
+}
+
+/// Opens the transport for `http://podIP:port`: HBONE when the pod at that
+/// address is in the mesh, plain TCP otherwise.
+#[derive(Clone)]
+pub struct Connector {
+    ctx: std::sync::Weak<Ctx>,
+}
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = Upstream;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<Upstream>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let ctx = self.ctx.clone();
+        Box::pin(async move {
+            let ctx = ctx
+                .upgrade()
+                .ok_or_else(|| io::Error::other("waypoint is stopping"))?;
+            let addr: SocketAddr = uri
+                .authority()
+                .and_then(|a| a.as_str().parse().ok())
+                .ok_or_else(|| io::Error::other(format!("upstream {uri} is not ip:port")))?;
+            open(&ctx, addr).await
+        })
+    }
+}
+
+async fn open(ctx: &Ctx, addr: SocketAddr) -> io::Result<Upstream> {
+    let store = ctx.store();
+    let endpoint = store.workload_by_ip(addr.ip()).cloned();
+    let Some(me) = ctx.me(&store) else {
+        return Err(io::Error::other(
+            "the waypoint's own pod is not in the store",
+        ));
+    };
+    match endpoint {
+        Some(wl) if wl.captured => {
+            let td = ctx.certs.trust_domain();
+            let caller = Caller {
+                addr: SocketAddr::new(me.ips.first().copied().unwrap_or(addr.ip()), 0),
+                workload: &me,
+            };
+            let dialer = Dialer {
+                netns: None,
+                certs: &ctx.certs,
+            };
+            debug!(%addr, "HBONE to endpoint");
+            let tunnel = ctx
+                .pool
+                .connect(
+                    dialer,
+                    &me.identity(td),
+                    &wl.identity(td),
+                    addr.ip(),
+                    addr,
+                    &caller,
+                )
+                .await
+                .map_err(io::Error::other)?;
+            Ok(Upstream::Hbone(Box::new(tunnel)))
+        }
+        // Not in the mesh (or not known): the waypoint is its client, as a
+        // sidecar-less client would be.
+        _ => Ok(Upstream::Plain(TokioIo::new(
+            connect_from(None, addr, false).await?,
+        ))),
+    }
+}
+
+/// A transport to one endpoint.
+pub enum Upstream {
+    Hbone(Box<Tunnel>),
+    Plain(TokioIo<tokio::net::TcpStream>),
+}
+
+impl Connection for Upstream {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl rt::Read for Upstream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Hbone(t) => Pin::new(t.io_mut()).poll_read(cx, buf),
+            Upstream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl rt::Write for Upstream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Upstream::Hbone(t) => Pin::new(t.io_mut()).poll_write(cx, buf),
+            Upstream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Hbone(t) => Pin::new(t.io_mut()).poll_flush(cx),
+            Upstream::Plain(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Hbone(t) => Pin::new(t.io_mut()).poll_shutdown(cx),
+            Upstream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Opens a raw stream to an endpoint, for TCP traffic and upgrades.
+pub async fn stream(ctx: &Arc<Ctx>, addr: SocketAddr) -> io::Result<Upstream> {
+    open(ctx, addr).await
+}

@@ -1,0 +1,131 @@
+//! Waypoint harness: the YAML of a waypoint Gateway and its pod, the
+//! waypoint process in its own pod (not captured), the HTTP test app, and
+//! curl inside a pod.
+
+use std::{
+    fs,
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::Path,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail, ensure};
+
+use crate::{Agent, Pod, Testbed, agent_bin, in_cgroup_netns, testapp_bin};
+
+/// A waypoint Gateway (`istio-waypoint`, the HBONE listener), serving what
+/// `waypoint_for` says (None: the default, Services).
+pub fn gateway_yaml(name: &str, namespace: &str, waypoint_for: Option<&str>) -> String {
+    let labels = waypoint_for
+        .map(|f| format!("\n  labels:\n    istio.io/waypoint-for: {f}"))
+        .unwrap_or_default();
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  name: {name}\n  namespace: {namespace}{labels}\n\
+         spec:\n  gatewayClassName: istio-waypoint\n  listeners:\n  - name: mesh\n    port: 15008\n    protocol: HBONE\n"
+    )
+}
+
+impl Testbed {
+    /// Starts `mesh-agent waypoint` inside `pod` (its own netns and cgroup,
+    /// not enrolled) with `args`, and waits until it is ready. Its admin,
+    /// metrics and readiness ports are the pod's own.
+    pub fn start_waypoint(
+        &mut self,
+        pod: &Pod,
+        namespace: &str,
+        args: &[String],
+    ) -> anyhow::Result<Agent> {
+        let log = self.workdir.join(format!("waypoint-{}.log", pod.name));
+        let log_file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        let state = self.workdir.join(format!("waypoint-{}", pod.name));
+        let mut c = in_cgroup_netns(&pod.cgroup, &pod.netns, &agent_bin());
+        c.arg("waypoint")
+            .arg("--pod-name")
+            .arg(&pod.name)
+            .arg("--pod-namespace")
+            .arg(namespace)
+            .arg("--state-dir")
+            .arg(&state)
+            .args(args)
+            .env("MESH_LOG", "info,mesh_agent=debug")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file);
+        let child = c.spawn().context("spawning the waypoint")?;
+        let mut wp = Agent {
+            child,
+            netns: pod.netns.clone(),
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok((200, _)) = wp.request(15021, "GET", "/healthz/ready", None) {
+                return Ok(wp);
+            }
+            if let Some(status) = wp.child.try_wait()? {
+                bail!(
+                    "waypoint in {} exited ({status}) before it was ready; log:\n{}",
+                    pod.name,
+                    wp.log_text()
+                );
+            }
+            if Instant::now() > deadline {
+                let ready = wp.request(15021, "GET", "/healthz/ready", None);
+                bail!(
+                    "waypoint in {} not ready after 20s ({ready:?}); log:\n{}",
+                    pod.name,
+                    wp.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Starts the HTTP test app in `pod` on `addr`, answering as `name`.
+    pub fn serve_http(&mut self, pod: &Pod, addr: SocketAddr, name: &str) -> anyhow::Result<usize> {
+        let idx = self.spawn_in(
+            &pod.netns,
+            &pod.cgroup,
+            &testapp_bin(),
+            &["http-serve", &addr.to_string(), name],
+        )?;
+        let out = self.children[idx].stdout.take().expect("piped");
+        let mut line = String::new();
+        BufReader::new(out).read_line(&mut line)?;
+        ensure!(
+            line.starts_with("listening"),
+            "HTTP server in {} did not start: {line:?}",
+            pod.name
+        );
+        Ok(idx)
+    }
+
+    /// Runs curl in `pod`: one line per URL, `STATUS BODY` (the body's
+    /// newlines removed), and curl's exit code.
+    pub fn curl(&self, pod: &Pod, args: &[&str]) -> anyhow::Result<(i32, Vec<(u16, String)>)> {
+        let mut full = vec!["-s", "--max-time", "10", "-w", "\\n%{http_code}\\n"];
+        full.extend_from_slice(args);
+        let out = in_cgroup_netns(&pod.cgroup, &pod.netns, Path::new("/usr/bin/curl"))
+            .args(&full)
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        // Each transfer prints its body, a newline, its code and a newline.
+        let mut lines: Vec<&str> = text.lines().collect();
+        let mut answers = Vec::new();
+        let mut body = String::new();
+        for l in lines.drain(..) {
+            match l.parse::<u16>() {
+                Ok(code) if l.len() == 3 => {
+                    answers.push((code, std::mem::take(&mut body)));
+                }
+                _ => body.push_str(l),
+            }
+        }
+        Ok((out.status.code().unwrap_or(-1), answers))
+    }
+}
