@@ -20,6 +20,8 @@ mod policy_tests;
 mod source_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod waypoint_tests;
 
 use std::{
     collections::{BTreeMap, HashMap},

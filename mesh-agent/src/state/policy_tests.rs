@@ -439,6 +439,7 @@ fn v1beta1_and_dump() {
         serde_json::json!([{
             "namespace": "shop", "name": "old", "action": "DENY",
             "selector": {"app": "db"}, "rules": 2, "l7_allow_rules_never_matching": 0,
+            "target_refs": [],
         }])
     );
 }

@@ -231,12 +231,18 @@ async fn each_kind_added_changed_and_deleted_in_the_directory_converges() {
         &dir,
         "gw.yaml",
         "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: wp, namespace: shop}\n\
-         spec: {gatewayClassName: istio-waypoint, listeners: []}\n",
+         spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}\n",
     );
+    // A waypoint with no pod yet: the route is still not applied, and says
+    // why.
     until(&mut rx, "gateway added", |s| {
-        s.dump()["gateways"] == 1
-            && has_warning(s, "HTTPRoute shop/r", "unsupported")
-            && !has_warning(s, "HTTPRoute shop/r", "missing_waypoint")
+        let dump = s.dump();
+        dump["gateways"] == 1
+            && dump["waypoints"][0]["name"] == "wp"
+            && has_warning(s, "HTTPRoute shop/r", "missing_waypoint")
+            && dump["warnings"]
+                .to_string()
+                .contains("bound to waypoint shop/wp, which has no running pod")
     })
     .await;
 
@@ -256,7 +262,15 @@ async fn each_kind_added_changed_and_deleted_in_the_directory_converges() {
             "gw.yaml" => {
                 s.dump()["gateways"] == 0 && has_warning(s, "HTTPRoute shop/r", "missing_waypoint")
             }
-            "route.yaml" => s.dump()["http_routes"] == 0 && s.warnings().is_empty(),
+            "route.yaml" => {
+                // The Service still names the waypoint that is gone: its
+                // traffic is refused, and that is the one warning left.
+                s.dump()["http_routes"] == 0
+                    && !s.warnings().is_empty()
+                    && s.warnings()
+                        .iter()
+                        .all(|w| w.object.starts_with("Service ") && w.kind == "missing_waypoint")
+            }
             "pa.yaml" => {
                 s.mtls_mode(&web, 8080) == MtlsMode::Permissive
                     && s.dump()["peer_authentications"]

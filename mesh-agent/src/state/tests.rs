@@ -248,11 +248,13 @@ fn services_and_vip_lookup() {
                 name: "http".into(),
                 port: 80,
                 target_port: TargetPort::Name("http".into()),
+                app_protocol: None,
             },
             ServicePort {
                 name: "admin".into(),
                 port: 9090,
                 target_port: TargetPort::Number(9090),
+                app_protocol: None,
             },
         ],
         "UDP is left out; a missing targetPort is the port"
