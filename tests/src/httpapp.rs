@@ -3,7 +3,8 @@
 //! answer is one JSON line saying who served it and what arrived (method,
 //! path with query, version, headers, body size), so a test sees the
 //! request as the backend saw it. `/status/N` answers with status N;
-//! `/slow...` answers after 5 s.
+//! `/slow...` answers after 5 s; `/bytes/N` answers N bytes; an `Upgrade`
+//! request is switched (101) and its bytes echoed.
 
 use std::{convert::Infallible, net::SocketAddr};
 
@@ -31,7 +32,7 @@ pub fn serve(addr: SocketAddr, name: String) {
             tokio::spawn(async move {
                 let svc = service_fn(move |req| answer(name.clone(), peer, req));
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(s), svc)
+                    .serve_connection_with_upgrades(TokioIo::new(s), svc)
                     .await;
             });
         }
@@ -41,8 +42,33 @@ pub fn serve(addr: SocketAddr, name: String) {
 async fn answer(
     name: String,
     peer: SocketAddr,
-    req: Request<hyper::body::Incoming>,
+    mut req: Request<hyper::body::Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    if req.headers().contains_key("upgrade") {
+        let on = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(up) = on.await {
+                let mut io = TokioIo::new(up);
+                let (mut r, mut w) = tokio::io::split(&mut io);
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            }
+        });
+        return Ok(Response::builder()
+            .status(101)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .header("x-server", name)
+            .body(Full::new(Bytes::new()))
+            .expect("valid response"));
+    }
+    if let Some(n) = req
+        .uri()
+        .path()
+        .strip_prefix("/bytes/")
+        .and_then(|n| n.parse::<usize>().ok())
+    {
+        return Ok(Response::new(Full::new(Bytes::from(vec![b'x'; n]))));
+    }
     let (parts, body) = req.into_parts();
     if parts.uri.path().starts_with("/slow") {
         tokio::time::sleep(std::time::Duration::from_secs(5)).await;

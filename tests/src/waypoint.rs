@@ -27,7 +27,58 @@ pub fn gateway_yaml(name: &str, namespace: &str, waypoint_for: Option<&str>) -> 
     )
 }
 
+/// A gRPC server with one service `test.Echo` (methods `Say` and `Secret`
+/// echo their bytes), no generated code: Debian's python3-grpcio.
+pub const GRPC_SERVER: &str = r#"
+import sys, grpc
+from concurrent import futures
+def echo(request, context):
+    return b"echo:" + request
+handlers = {
+    "Say": grpc.unary_unary_rpc_method_handler(echo),
+    "Secret": grpc.unary_unary_rpc_method_handler(echo),
+}
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Echo", handlers),))
+server.add_insecure_port(sys.argv[1])
+server.start()
+print("listening", flush=True)
+server.wait_for_termination()
+"#;
+
+/// One unary call: `client.py ADDR METHOD`; prints the outcome as JSON.
+pub const GRPC_CLIENT: &str = r#"
+import sys, json, grpc
+with grpc.insecure_channel(sys.argv[1]) as ch:
+    call = ch.unary_unary("/test.Echo/" + sys.argv[2])
+    try:
+        reply = call(b"hello", timeout=10)
+        print(json.dumps({"ok": True, "code": 0, "reply": reply.decode()}))
+    except grpc.RpcError as e:
+        print(json.dumps({"ok": False, "code": e.code().value[0], "details": e.details()}))
+"#;
+
 impl Testbed {
+    /// Starts `program args` in `pod` and waits for its `listening` line.
+    pub fn serve_program(
+        &mut self,
+        pod: &Pod,
+        program: &Path,
+        args: &[&str],
+    ) -> anyhow::Result<usize> {
+        let idx = self.spawn_in(&pod.netns, &pod.cgroup, program, args)?;
+        let out = self.children[idx].stdout.take().expect("piped");
+        let mut line = String::new();
+        BufReader::new(out).read_line(&mut line)?;
+        ensure!(
+            line.starts_with("listening"),
+            "{} in {} did not start: {line:?}",
+            program.display(),
+            pod.name
+        );
+        Ok(idx)
+    }
+
     /// Starts `mesh-agent waypoint` inside `pod` (its own netns and cgroup,
     /// not enrolled) with `args`, and waits until it is ready. Its admin,
     /// metrics and readiness ports are the pod's own.

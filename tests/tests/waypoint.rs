@@ -9,7 +9,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 use mesh_tests::{
     Pod, Testbed, Value,
     mesh::{namespace_yaml, parse_openmetrics, pod_yaml, series_sum},
-    waypoint::gateway_yaml,
+    waypoint::{GRPC_CLIENT, GRPC_SERVER, gateway_yaml},
 };
 
 const TD: &str = "spiffe://cluster.local";
@@ -64,22 +64,46 @@ spec:
     to: [{operation: {methods: [GET], notPaths: [/admin*]}}]
 ";
 
+const GRPC_POLICY: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: grpc-say-only, namespace: shop}
+spec:
+  targetRefs: [{kind: Service, group: \"\", name: grpc-echo}]
+  rules: [{to: [{operation: {paths: [/test.Echo/Say]}}]}]
+";
+
 struct Setup {
     tb: Testbed,
     frontend: Pod,
     waypoint: mesh_tests::Agent,
+    /// The second waypoint, when the variant has one.
+    all_waypoint: Option<mesh_tests::Agent>,
 }
 
-/// frontend (node 0), reviews-v1 (node 1), reviews-v2 (node 0), the
-/// waypoint pod (node 1).
-fn setup() -> anyhow::Result<Setup> {
+/// frontend (node 0), reviews-v1 (node 1), reviews-v2 (node 0, also a gRPC
+/// server on 9090), the waypoint pod (node 1). With `second`, a waypoint
+/// for all traffic (pod on node 0) bound by the namespace label, and
+/// reviews-v2 labelled with the Service-only waypoint.
+fn setup(second: bool) -> anyhow::Result<Setup> {
     let mut tb = Testbed::new(2)?;
     let frontend = tb.add_pod(0, "frontend")?;
     let v1 = tb.add_pod(1, "reviews-v1")?;
     let v2 = tb.add_pod(0, "reviews-v2")?;
     let wp = tb.add_pod(1, "waypoint-0")?;
+    let waypoint_labels = |gw: &'static str| {
+        [
+            ("gateway.networking.k8s.io/gateway-name", gw),
+            ("istio.io/dataplane-mode", "none"),
+        ]
+    };
+    let mut v2_labels = vec![("app", "reviews"), ("version", "v2")];
+    let mut ns = namespace_yaml("shop", true);
+    if second {
+        v2_labels.push(("istio.io/use-waypoint", "waypoint"));
+        ns = ns.replace("labels:\n", "labels:\n    istio.io/use-waypoint: all-wp\n");
+    }
     let mut docs = vec![
-        namespace_yaml("shop", true),
+        ns,
         pod_yaml(&frontend, 0, "shop", "frontend", &[("app", "frontend")]),
         pod_yaml(
             &v1,
@@ -88,23 +112,8 @@ fn setup() -> anyhow::Result<Setup> {
             "reviews",
             &[("app", "reviews"), ("version", "v1")],
         ),
-        pod_yaml(
-            &v2,
-            0,
-            "shop",
-            "reviews",
-            &[("app", "reviews"), ("version", "v2")],
-        ),
-        pod_yaml(
-            &wp,
-            1,
-            "shop",
-            "waypoint",
-            &[
-                ("gateway.networking.k8s.io/gateway-name", "waypoint"),
-                ("istio.io/dataplane-mode", "none"),
-            ],
-        ),
+        pod_yaml(&v2, 0, "shop", "reviews", &v2_labels),
+        pod_yaml(&wp, 1, "shop", "waypoint", &waypoint_labels("waypoint")),
         gateway_yaml("waypoint", "shop", None),
         service(
             "reviews",
@@ -114,6 +123,22 @@ fn setup() -> anyhow::Result<Setup> {
         ),
         service("reviews-v1", "10.96.0.21", "app: reviews, version: v1", ""),
         service("reviews-v2", "10.96.0.22", "app: reviews, version: v2", ""),
+        service(
+            "upload",
+            "10.96.0.24",
+            "app: reviews, version: v1",
+            "istio.io/use-waypoint: waypoint",
+        ),
+        service(
+            "grpc-echo",
+            "10.96.0.25",
+            "app: reviews, version: v2",
+            "istio.io/use-waypoint: waypoint",
+        )
+        .replace(
+            "name: http\n    port: 80\n    targetPort: 8080",
+            "name: grpc\n    port: 9090\n    targetPort: 9090",
+        ),
         // Bound to a waypoint that does not exist: refused, never direct.
         service(
             "ratings",
@@ -123,11 +148,34 @@ fn setup() -> anyhow::Result<Setup> {
         ),
         ROUTE.into(),
         POLICY.into(),
+        GRPC_POLICY.into(),
     ];
+    let wp_all = if second {
+        let p = tb.add_pod(0, "waypoint-all")?;
+        docs.push(pod_yaml(
+            &p,
+            0,
+            "shop",
+            "all-wp",
+            &waypoint_labels("all-wp"),
+        ));
+        docs.push(gateway_yaml("all-wp", "shop", Some("all")));
+        Some(p)
+    } else {
+        None
+    };
     docs.iter_mut().for_each(|d| d.push('\n'));
     tb.write_config(&docs)?;
     tb.serve_http(&v1, "[::]:8080".parse()?, "v1")?;
     tb.serve_http(&v2, "[::]:8080".parse()?, "v2")?;
+    let grpc_server = tb.workdir().join("grpc_server.py");
+    std::fs::write(&grpc_server, GRPC_SERVER)?;
+    std::fs::write(tb.workdir().join("grpc_client.py"), GRPC_CLIENT)?;
+    tb.serve_program(
+        &v2,
+        std::path::Path::new("/usr/bin/python3"),
+        &[grpc_server.to_str().unwrap_or_default(), "[::]:9090"],
+    )?;
     let args = tb.mesh_args()?;
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     tb.start_agent(0, &argv)?;
@@ -137,10 +185,15 @@ fn setup() -> anyhow::Result<Setup> {
     }
     tb.agent(1).enroll(&v1)?;
     let waypoint = tb.start_waypoint(&wp, "shop", &args)?;
+    let all_waypoint = match wp_all {
+        Some(p) => Some(tb.start_waypoint(&p, "shop", &args)?),
+        None => None,
+    };
     Ok(Setup {
         tb,
         frontend,
         waypoint,
+        all_waypoint,
     })
 }
 
@@ -154,7 +207,8 @@ fn waypoint_routes_authorizes_and_counts_requests() -> anyhow::Result<()> {
         tb,
         frontend,
         waypoint,
-    } = setup()?;
+        ..
+    } = setup(false)?;
     let url = |path: &str| format!("http://{VIP}{path}");
 
     // 90/10 over 1,000 keep-alive requests on one connection: each request
@@ -336,19 +390,83 @@ fn waypoint_routes_authorizes_and_counts_requests() -> anyhow::Result<()> {
 }
 
 #[test]
-fn waypoint_refuses_what_is_not_bound_to_it() -> anyhow::Result<()> {
+fn binding_rules_for_services_and_pods_fail_closed() -> anyhow::Result<()> {
     let Setup {
         tb,
         frontend,
         waypoint,
-    } = setup()?;
-    // Pod-addressed traffic to reviews-v1 is not bound (the Service is),
-    // so it goes straight to the pod over HBONE, not through the waypoint.
+        all_waypoint,
+    } = setup(true)?;
+    let all_waypoint = all_waypoint.expect("second waypoint");
     let v1_ip: IpAddr = tb.nodes[1].pods[0].ip4;
+    let v2_ip: IpAddr = tb.nodes[0].pods[1].ip4;
+    // Pod-addressed: reviews-v1 is bound by its namespace's label to the
+    // waypoint for all traffic, which serves it.
     let (_, a) = tb.curl(&frontend, &[&format!("http://{v1_ip}:8080/direct")])?;
     assert_eq!(a[0].0, 200, "{a:?}");
     assert_eq!(json(&a[0].1)["server"], "v1");
-    // A CONNECT to the waypoint for an address not bound to it: 400.
+    let through_all = |page: &str, service: &str| {
+        series_sum(
+            page,
+            "istio_requests_total",
+            &[
+                ("reporter", "waypoint"),
+                ("destination_service_name", service),
+            ],
+        )
+    };
+    let page = all_waypoint.metrics()?;
+    assert_eq!(
+        series_sum(
+            &page,
+            "istio_requests_total",
+            &[
+                ("reporter", "waypoint"),
+                ("destination_workload", "reviews-v1")
+            ]
+        ),
+        1.0,
+        "{page}"
+    );
+    // Service-addressed: reviews-v1's Service carries no label of its own,
+    // so its namespace's waypoint serves it too.
+    let (_, a) = tb.curl(&frontend, &["http://10.96.0.21/svc"])?;
+    assert_eq!(a[0].0, 200, "{a:?}");
+    let page = all_waypoint.metrics()?;
+    assert_eq!(through_all(&page, "reviews-v1"), 1.0, "{page}");
+    // The Service's own label beats the namespace's: reviews goes through
+    // the Service waypoint, not the namespace's.
+    let (_, a) = tb.curl(&frontend, &[&format!("http://{VIP}/own-label")])?;
+    assert_eq!(a[0].0, 200, "{a:?}");
+    assert_eq!(through_all(&all_waypoint.metrics()?, "reviews"), 0.0);
+    assert_eq!(
+        through_all(&waypoint.metrics()?, "reviews-v1")
+            + through_all(&waypoint.metrics()?, "reviews-v2"),
+        1.0
+    );
+    // reviews-v2's own label names the Service-only waypoint: pod traffic
+    // to it is refused at the client's agent, never sent direct.
+    let (code, a) = tb.curl(&frontend, &[&format!("http://{v2_ip}:8080/")])?;
+    assert_ne!(code, 0, "{a:?}");
+    let agent0 = tb.agent(0).metrics()?;
+    assert_eq!(
+        series_sum(
+            &agent0,
+            "istio_tcp_connections_closed_total",
+            &[
+                ("response_flags", "NW"),
+                ("destination_workload", "unknown")
+            ]
+        ),
+        1.0,
+        "{agent0}"
+    );
+    let (_, dump) = tb.agent(0).http("GET", "/config_dump", None)?;
+    assert!(
+        dump.contains("serves Service traffic (istio.io/waypoint-for), not workload traffic"),
+        "{dump}"
+    );
+    // A CONNECT to a waypoint for an address not bound to it: 400.
     let wp_ip = tb.nodes[1].pods[1].ip4;
     let probe = tb.probe(
         &frontend,
@@ -357,15 +475,163 @@ fn waypoint_refuses_what_is_not_bound_to_it() -> anyhow::Result<()> {
         &["id=spiffe://cluster.local/ns/shop/sa/frontend"],
     )?;
     assert_eq!(probe["status"], 400, "{probe}");
-    let page = waypoint.metrics()?;
     assert_eq!(
         series_sum(
-            &page,
+            &waypoint.metrics()?,
             "mesh_proxy_connections_total",
             &[("direction", "waypoint"), ("result", "not_bound")]
         ),
-        1.0,
+        1.0
+    );
+    Ok(())
+}
+
+/// HTTP/2 frames of a byte string (given as hex): their types.
+fn frame_types(hex: &str) -> Vec<u8> {
+    let bytes: Vec<u8> = (0..hex.len() / 2)
+        .filter_map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok())
+        .collect();
+    let mut types = Vec::new();
+    let mut at = 0;
+    while at + 9 <= bytes.len() {
+        let len = usize::from(bytes[at]) << 16
+            | usize::from(bytes[at + 1]) << 8
+            | usize::from(bytes[at + 2]);
+        types.push(bytes[at + 3]);
+        at += 9 + len;
+    }
+    types
+}
+
+fn peak_rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no VmHWM in /proc/{pid}/status"))
+}
+
+#[test]
+fn waypoint_carries_upgrades_streams_and_grpc_and_answers_bad_input() -> anyhow::Result<()> {
+    let Setup {
+        tb,
+        frontend,
+        waypoint,
+        ..
+    } = setup(false)?;
+    // A WebSocket upgrade through the waypoint: switched, then bytes echo.
+    let r = tb.run_app(&frontend, &["upgrade", &format!("{VIP}:80"), "/ws"])?;
+    assert_eq!(r["ok"], true, "{r}");
+
+    // 100 MiB each way, streamed: the waypoint's peak memory barely moves.
+    let before = peak_rss_kib(waypoint.pid())?;
+    let file = tb.workdir().join("upload.bin");
+    std::fs::write(&file, vec![7u8; 100 << 20])?;
+    let (_, a) = tb.curl(
+        &frontend,
+        &[
+            "-X",
+            "PUT",
+            "--data-binary",
+            &format!("@{}", file.display()),
+            "http://10.96.0.24/upload",
+        ],
+    )?;
+    assert_eq!(a[0].0, 200, "{a:?}");
+    assert_eq!(json(&a[0].1)["body_bytes"], 100 << 20, "{a:?}");
+    let (_, a) = tb.curl(
+        &frontend,
+        &[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{size_download}\\n%{http_code}\\n",
+            &format!("http://10.96.0.24/bytes/{}", 100 << 20),
+        ],
+    )?;
+    assert_eq!(a[0], (200, (100u64 << 20).to_string()), "{a:?}");
+    let grew = peak_rss_kib(waypoint.pid())?.saturating_sub(before);
+    assert!(
+        grew < 32 * 1024,
+        "the waypoint's peak RSS grew by {grew} KiB for 2 x 100 MiB"
+    );
+    std::fs::remove_file(&file)?;
+
+    // gRPC through the waypoint: Say allowed, Secret denied with status 7.
+    let client = tb.workdir().join("grpc_client.py");
+    let call = |method: &str| -> anyhow::Result<Value> {
+        let out = tb.run_in_pod(
+            &frontend,
+            std::path::Path::new("/usr/bin/python3"),
+            &[
+                client.to_str().unwrap_or_default(),
+                "10.96.0.25:9090",
+                method,
+            ],
+        )?;
+        Ok(serde_json::from_str(out.trim())?)
+    };
+    let ok = call("Say")?;
+    assert_eq!(ok["reply"], "echo:hello", "{ok}");
+    let denied = call("Secret")?;
+    assert_eq!(denied["code"], 7, "{denied}");
+    assert_eq!(denied["details"], "RBAC: access denied", "{denied}");
+
+    // Bad input: answered clearly, counted, and the waypoint keeps serving.
+    let raw = |name: &str, bytes: &[u8]| -> anyhow::Result<Value> {
+        let f = tb.workdir().join(name);
+        std::fs::write(&f, bytes)?;
+        tb.run_app(
+            &frontend,
+            &["raw", &format!("{VIP}:80"), f.to_str().unwrap_or_default()],
+        )
+    };
+    let r = raw("garbage", b"GET\x01 nonsense\r\n\r\n")?;
+    assert!(
+        r["text"].as_str().unwrap_or("").starts_with("HTTP/1.1 400"),
+        "{r}"
+    );
+    let mut big = b"GET / HTTP/1.1\r\nHost: reviews\r\nX-Big: ".to_vec();
+    big.extend(std::iter::repeat_n(b'a', 80 * 1024));
+    big.extend_from_slice(b"\r\n\r\n");
+    let r = raw("big", &big)?;
+    assert!(
+        r["text"].as_str().unwrap_or("").starts_with("HTTP/1.1 431"),
+        "{r}"
+    );
+    // The HTTP/2 preface, then a SETTINGS frame of an impossible length.
+    let mut h2 = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    h2.extend_from_slice(&[0, 0, 5, 4, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5]);
+    let r = raw("h2", &h2)?;
+    assert!(
+        frame_types(r["hex"].as_str().unwrap_or("")).contains(&7),
+        "no GOAWAY: {r}"
+    );
+    let page = waypoint.metrics()?;
+    assert!(
+        series_sum(
+            &page,
+            "mesh_proxy_connections_total",
+            &[("direction", "waypoint"), ("result", "http_error")]
+        ) >= 3.0,
         "{page}"
     );
+    let (_, a) = tb.curl(&frontend, &[&format!("http://{VIP}/after")])?;
+    assert_eq!(a[0].0, 200, "{a:?}");
+
+    let page = waypoint.metrics()?;
+    parse_openmetrics(&page)?;
+    let grpc = |status: &str| {
+        series_sum(
+            &page,
+            "istio_requests_total",
+            &[
+                ("request_protocol", "grpc"),
+                ("grpc_response_status", status),
+            ],
+        )
+    };
+    assert_eq!((grpc("0"), grpc("7")), (1.0, 1.0), "{page}");
     Ok(())
 }

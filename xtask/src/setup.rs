@@ -41,6 +41,10 @@ const TOOL_PACKAGES: &[&str] = &[
     "iptables",
     // `cargo xtask bench --profile`.
     "linux-perf",
+    // A real gRPC client and server for the waypoint tests.
+    "python3-grpcio",
+    // The benchmark's L7 floor: a reverse proxy in the waypoint's place.
+    "nginx-light",
 ];
 
 /// bpf-linker links the bitcode nightly rustc emits with its own LLVM, which

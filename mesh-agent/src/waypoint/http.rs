@@ -127,10 +127,13 @@ struct Done {
 }
 
 impl Handler {
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+    pub async fn handle(&self, mut req: Request<Incoming>) -> Response<Body> {
         let start = Instant::now();
         let ctx = &self.ctx;
         let store = ctx.store();
+        // An HTTP/1.1 Upgrade (WebSocket): the upgraded bytes are passed
+        // through once the backend answers 101.
+        let upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         let grpc = is_grpc(&parts.headers);
         let host = parts
@@ -273,8 +276,18 @@ impl Handler {
                 }
             }
         }
+        let upgrade_headers = upgrade.is_some().then(|| {
+            (
+                parts.headers.get(header::CONNECTION).cloned(),
+                parts.headers.get(header::UPGRADE).cloned(),
+            )
+        });
         for h in HOP_BY_HOP {
             parts.headers.remove(h);
+        }
+        if let Some((Some(c), Some(u))) = upgrade_headers {
+            parts.headers.insert(header::CONNECTION, c);
+            parts.headers.insert(header::UPGRADE, u);
         }
         if !parts.headers.contains_key("x-request-id") {
             let id = random_hex(16);
@@ -330,7 +343,8 @@ impl Handler {
         let try_timeout = action.as_ref().and_then(|a| a.backend_timeout);
         let timeout = action.as_ref().and_then(|a| a.timeout);
         // Only a request without a body can be sent again.
-        let replayable = body.is_end_stream();
+        let replayable = body.is_end_stream() && upgrade.is_none();
+        let mut upgrade = upgrade;
         let counter = done.request_bytes.clone();
         let mut body = Some(
             Counting {
@@ -403,11 +417,26 @@ impl Handler {
                     debug!(endpoint = %ep.addr, status = %resp.status(), "retrying");
                     last = Some((resp.map(http_body_util::BodyExt::boxed_unsync), "URX"));
                 }
-                Ok(resp) => {
+                Ok(mut resp) => {
                     ctx.balancer.mark_up(ep.addr);
+                    let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+                    if switched && let Some(down) = upgrade.take() {
+                        let up = hyper::upgrade::on(&mut resp);
+                        tokio::spawn(splice_upgrade(down, up));
+                    }
                     let (mut rp, rb) = resp.into_parts();
+                    let kept = switched.then(|| {
+                        (
+                            rp.headers.get(header::CONNECTION).cloned(),
+                            rp.headers.get(header::UPGRADE).cloned(),
+                        )
+                    });
                     for h in HOP_BY_HOP {
                         rp.headers.remove(h);
+                    }
+                    if let Some((Some(c), Some(u))) = kept {
+                        rp.headers.insert(header::CONNECTION, c);
+                        rp.headers.insert(header::UPGRADE, u);
                     }
                     if let Some(a) = &action {
                         a.response_headers.apply(&mut rp.headers);
@@ -527,6 +556,31 @@ impl Handler {
         };
         Response::from_parts(parts, metered.boxed_unsync())
     }
+}
+
+/// `Connection: upgrade` with an `Upgrade` header (HTTP/1.1).
+fn is_upgrade(h: &HeaderMap) -> bool {
+    h.contains_key(header::UPGRADE)
+        && h.get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+        })
+}
+
+/// Passes the bytes of an upgraded connection (WebSocket) both ways.
+async fn splice_upgrade(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade) {
+    let (down, up) = match tokio::try_join!(down, up) {
+        Ok(x) => x,
+        Err(e) => {
+            debug!(error = %e, "upgrade did not complete");
+            return;
+        }
+    };
+    let mut down = hyper_util::rt::TokioIo::new(down);
+    let mut up = hyper_util::rt::TokioIo::new(up);
+    let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
 }
 
 /// A gRPC error as a trailers-only response.

@@ -38,6 +38,10 @@ use crate::{
 /// waited for before it is taken as TCP (a server-first protocol sends
 /// nothing until the server speaks).
 const SNIFF_TIMEOUT: Duration = Duration::from_millis(500);
+/// A request's head (line and headers) must arrive in this time.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// The largest request head the waypoint reads.
+const MAX_HEAD: usize = 64 * 1024;
 
 pub async fn connection(ctx: Arc<Ctx>, stream: TcpStream, peer: SocketAddr) {
     let store = ctx.store();
@@ -197,6 +201,7 @@ async fn tunnel(
     };
     match protocol {
         Protocol::Http => {
+            let handler_metrics = ctx.metrics.clone();
             let handler = Arc::new(http::Handler {
                 ctx,
                 client,
@@ -208,10 +213,26 @@ async fn tunnel(
                 let h = handler.clone();
                 async move { Ok::<_, Infallible>(h.handle(req).await) }
             });
-            let served = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            let metrics = handler_metrics;
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                // Larger request heads are answered 431.
+                .max_buf_size(MAX_HEAD);
+            builder
+                .http2()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .max_header_list_size(MAX_HEAD as u32)
+                .max_concurrent_streams(1024);
+            let served = builder
                 .serve_connection_with_upgrades(TokioIo::new(io), svc)
                 .await;
             if let Err(e) = served {
+                // Malformed HTTP/1 (answered 400 or 431 by hyper), HTTP/2
+                // protocol errors (GOAWAY), or a client that went away.
+                metrics.connection("waypoint", "http_error");
                 debug!(error = %e, "HTTP connection ended with error");
             }
         }

@@ -17,6 +17,12 @@
 //! `http-serve ADDR NAME`: an HTTP/1.1 and h2c server that answers every
 //! request with what it saw (see `mesh_tests::httpapp`).
 //!
+//! `upgrade ADDR PATH`: an HTTP/1.1 `Upgrade: websocket` request; once
+//! switched, sends a line and reads its echo (one JSON line).
+//!
+//! `raw ADDR FILE`: sends the file's bytes, reads what comes back for up to
+//! 3 s, prints it as hex in one JSON line.
+//!
 //! `hbone ADDR AUTHORITY [cert=valid|none|other-root|expired] [ca=DIR]
 //! [id=SPIFFE] [method=CONNECT|GET|GARBAGE] [send=BYTES]`: a hand-held HBONE
 //! client (see `mesh_tests::probe`). `gen-ca DIR`: writes a CA root there.
@@ -52,6 +58,14 @@ fn main() {
             }
         }
         Some("hold") => hold(args[1].parse().expect("hold ADDR")),
+        Some("upgrade") => println!("{}", upgrade(args[1].parse().expect("ADDR"), &args[2])),
+        Some("raw") => println!(
+            "{}",
+            raw(
+                args[1].parse().expect("ADDR"),
+                &std::fs::read(&args[2]).expect("FILE")
+            )
+        ),
         Some("http-serve") => {
             mesh_tests::httpapp::serve(args[1].parse().expect("http-serve ADDR"), args[2].clone())
         }
@@ -231,4 +245,55 @@ fn hold(addr: SocketAddr) {
             }
         }
     }
+}
+
+fn upgrade(addr: SocketAddr, path: &str) -> serde_json::Value {
+    let mut s = match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+        Ok(s) => s,
+        Err(e) => return serde_json::json!({"ok": false, "error": e.to_string()}),
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+    );
+    if let Err(e) = s.write_all(req.as_bytes()) {
+        return serde_json::json!({"ok": false, "error": e.to_string()});
+    }
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => break,
+        }
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let switched = head.starts_with("HTTP/1.1 101");
+    let line = b"ping through the upgrade\n";
+    let mut echo = vec![0u8; line.len()];
+    let echoed = switched && s.write_all(line).is_ok() && s.read_exact(&mut echo).is_ok();
+    serde_json::json!({
+        "ok": switched && echoed && echo == line,
+        "head": head,
+        "echo": String::from_utf8_lossy(&echo),
+    })
+}
+
+fn raw(addr: SocketAddr, bytes: &[u8]) -> serde_json::Value {
+    let mut s = match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+        Ok(s) => s,
+        Err(e) => return serde_json::json!({"ok": false, "error": e.to_string()}),
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
+    let _ = s.write_all(bytes);
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    let hex: String = got.iter().map(|b| format!("{b:02x}")).collect();
+    serde_json::json!({"ok": true, "hex": hex, "text": String::from_utf8_lossy(&got)})
 }
