@@ -65,27 +65,6 @@ impl Publisher {
         }
     }
 
-    /// The source could not be read at all. Before anything was read, this
-    /// publishes an empty snapshot with a `load_error` warning; afterwards
-    /// the last snapshot stays and only the log says so.
-    pub fn failed(&mut self, error: &str) -> bool {
-        if self.generation > 0 {
-            return !self.tx.is_closed();
-        }
-        self.generation = 1;
-        let store = Store {
-            generation: 1,
-            warnings: vec![ConfigWarning {
-                object: self.source.clone(),
-                kind: "load_error",
-                message: format!("cannot read the configuration ({error}); starting empty"),
-            }],
-            ..Store::empty(&self.opts)
-        };
-        self.log(&store);
-        self.tx.send(Arc::new(store)).is_ok()
-    }
-
     pub fn is_closed(&self) -> bool {
         self.tx.is_closed()
     }
@@ -263,11 +242,19 @@ impl Source for LocalFiles {
                     }
                     Err(e) => {
                         let error = e.to_string();
-                        if last_error.as_ref() != Some(&error) {
+                        if last_error.as_ref() != Some(&error) && first {
+                            warn!(source = %name, %error, "cannot read the configuration: not loaded yet, so not ready; enrolled pods stay captured and fail closed; retrying");
+                        } else if last_error.as_ref() != Some(&error) {
                             warn!(source = %name, %error, "cannot read the configuration; keeping the previous one");
                         }
-                        last_error = Some(error.clone());
-                        out.failed(&error)
+                        last_error = Some(error);
+                        // Nothing is published. Before the first read the
+                        // store stays at generation 0: the agent is not
+                        // ready, releases no pod and serves no connection
+                        // (an empty snapshot would release every managed
+                        // pod and make every meshed destination look
+                        // plain). Afterwards the last snapshot stays.
+                        !out.is_closed()
                     }
                 };
                 if !open {
