@@ -17,6 +17,8 @@ mod policy_tests;
 #[cfg(test)]
 mod source_tests;
 #[cfg(test)]
+mod source_unparsed_tests;
+#[cfg(test)]
 mod tests;
 
 use std::{
