@@ -1,7 +1,8 @@
-//! The agent fails closed while it does not know its configuration: a
-//! restarted agent whose configuration cannot be read keeps its pods
-//! captured, reports not ready, and sends nothing in plaintext; a call made
-//! meanwhile waits for the configuration (bounded) and then goes over HBONE.
+//! The agent fails closed where it used to fail open: a restarted agent
+//! whose configuration cannot be read keeps its pods captured, reports not
+//! ready, and sends nothing in plaintext (a call made meanwhile waits for
+//! the configuration, bounded, and then goes over HBONE); an app on a port
+//! the node agent uses on the host (15020) is meshed like any other.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -143,5 +144,72 @@ fn an_agent_restarted_without_its_configuration_keeps_pods_captured_and_sends_no
     assert_eq!(plaintext_in(&tb)?, 0.0);
     assert_eq!(tb.agent(0).http("GET", "/healthz/ready", None)?.0, 200);
     assert_eq!(tb.agent(0).pod_names()?, ["shop/client"]);
+    Ok(())
+}
+
+const STRICT: &str = "apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata:
+  name: strict
+  namespace: shop
+spec:
+  mtls:
+    mode: STRICT
+";
+
+/// Only the agent's in-pod listeners are exempt from capture: an app on
+/// 15020 in an enrolled pod is reached over HBONE by meshed callers and
+/// refused in plaintext under STRICT, like any app port.
+#[test]
+fn an_app_on_port_15020_is_meshed_and_held_to_strict() -> anyhow::Result<()> {
+    const PORT: u16 = 15020;
+    let mut tb = Testbed::new(2)?;
+    let client = tb.add_pod(0, "client")?;
+    let outsider = tb.add_pod(0, "outsider")?;
+    let server = tb.add_pod(1, "server")?;
+    tb.serve(&server, sa(IpAddr::from([0u8; 16]), PORT))?;
+    tb.write_config(&[
+        namespace_yaml("shop", true),
+        namespace_yaml("legacy", false),
+        with_netns(&pod_yaml(&client, 0, "shop", "client", &[]), &client),
+        pod_yaml(&outsider, 0, "legacy", "outsider", &[]),
+        with_netns(&pod_yaml(&server, 1, "shop", "server", &[]), &server),
+        STRICT.to_owned(),
+    ])?;
+    let args = tb.mesh_args()?;
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    for node in 0..2 {
+        tb.start_agent(node, &argv)?;
+    }
+    converge("both pods enrolled by their labels", || {
+        Ok(tb.agent(0).pod_names()? == ["shop/client"]
+            && tb.agent(1).pod_names()? == ["shop/server"])
+    })?;
+    let dst = sa(server.ip4, PORT);
+
+    let r = tb.connect(&client, dst, 1000)?;
+    assert!(ok(&r), "meshed caller: {r}");
+    let page = tb.agent(1).metrics()?;
+    assert_eq!(
+        series_sum(
+            &page,
+            "istio_tcp_connections_opened_total",
+            &[
+                ("reporter", "destination"),
+                ("connection_security_policy", "mutual_tls"),
+            ],
+        ),
+        1.0,
+        "{page}"
+    );
+
+    let r = tb.connect(&outsider, dst, 1000)?;
+    assert!(!ok(&r), "plaintext under STRICT: {r}");
+    assert_eq!(
+        tb.agent(1).metric(
+            "mesh_proxy_connections_total{direction=\"inbound_plaintext\",result=\"denied\"}"
+        )?,
+        1.0
+    );
     Ok(())
 }
