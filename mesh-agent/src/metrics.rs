@@ -16,7 +16,8 @@ use crate::capture::Capture;
 pub struct ProxyLabels {
     /// `outbound`, `inbound_plaintext` or `hbone`.
     pub direction: &'static str,
-    /// `forwarded`, `no_original_destination`, `connect_failed`, `refused`, ...
+    /// `forwarded`, `no_original_destination`, `connect_failed`, `refused`,
+    /// `not_synced` (the configuration was not read yet), ...
     pub result: &'static str,
 }
 

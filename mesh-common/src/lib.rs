@@ -17,15 +17,13 @@ pub const PORT_METRICS: u16 = 15020;
 /// Readiness probe.
 pub const PORT_READY: u16 = 15021;
 
-/// Ports the agent itself serves: never captured in either direction.
-pub const AGENT_PORTS: [u16; 6] = [
-    PORT_ADMIN,
-    PORT_OUTBOUND,
-    PORT_INBOUND_PLAINTEXT,
-    PORT_HBONE,
-    PORT_METRICS,
-    PORT_READY,
-];
+/// The agent's listeners inside a pod: never captured in either direction
+/// (a connection to one is for the agent itself). The node agent's other
+/// ports ([`PORT_ADMIN`], [`PORT_METRICS`], [`PORT_READY`]) are on the host,
+/// not in pods: inside a pod they are an app's ports like any other, and
+/// exempting them would let plaintext reach such an app past STRICT and
+/// policy.
+pub const AGENT_PORTS: [u16; 3] = [PORT_OUTBOUND, PORT_INBOUND_PLAINTEXT, PORT_HBONE];
 
 /// `SO_MARK` carried by every socket the agent opens inside a pod netns; the
 /// connect programs leave such sockets alone, which is what prevents loops.

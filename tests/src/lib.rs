@@ -507,8 +507,22 @@ impl Testbed {
         })
     }
 
-    /// Starts the agent on a node (inside the node netns and cgroup).
+    /// Starts the agent on a node (inside the node netns and cgroup) and
+    /// waits until it is ready.
     pub fn start_agent(&mut self, node: usize, extra: &[&str]) -> anyhow::Result<()> {
+        self.launch_agent(node, extra, true)
+    }
+
+    /// Starts the agent on a node and waits only until its admin server
+    /// answers `/healthz/ready`, ready or not (an agent whose configuration
+    /// cannot be read).
+    pub fn start_agent_unready(&mut self, node: usize, extra: &[&str]) -> anyhow::Result<()> {
+        self.launch_agent(node, extra, false)
+    }
+
+    /// Starts the agent; returns once `/healthz/ready` answers 200, or
+    /// answers at all when `ready` is false.
+    fn launch_agent(&mut self, node: usize, extra: &[&str], ready: bool) -> anyhow::Result<()> {
         let (netns, cgroup, bpf_dir, state_dir) = {
             let n = &self.nodes[node];
             (
@@ -547,7 +561,10 @@ impl Testbed {
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok((200, _)) = agent.http("GET", "/healthz/ready", None) {
+            if agent
+                .http("GET", "/healthz/ready", None)
+                .is_ok_and(|(status, _)| status == 200 || !ready && status != 0)
+            {
                 break;
             }
             if let Some(status) = agent.child.try_wait()? {
@@ -558,7 +575,7 @@ impl Testbed {
             }
             if Instant::now() > deadline {
                 bail!(
-                    "agent on node {node} not ready after 20s; log:\n{}",
+                    "agent on node {node} not ready (or not answering, if !{ready}) after 20s; log:\n{}",
                     agent.log_text()
                 );
             }

@@ -556,3 +556,39 @@ fn iptables_capture_steers_both_ways_fails_closed_and_is_removed() -> anyhow::Re
     assert_eq!(ip_of(&s(&r, "server_peer")), client.ip4.to_string(), "{r}");
     Ok(())
 }
+
+/// Only the agent's in-pod listeners (15001, 15006, 15008) are exempt from
+/// inbound capture: an app of an enrolled pod on a port the node agent
+/// happens to use on the host (15000, 15020, 15021) is captured like any
+/// other, in both capture modes, so STRICT and policy apply to it.
+#[test]
+fn an_app_on_an_agent_host_port_in_an_enrolled_pod_is_captured() -> anyhow::Result<()> {
+    for mode in ["ebpf", "iptables"] {
+        let mut tb = Testbed::new(1)?;
+        let client = tb.add_pod(0, "plain/client")?;
+        let server = tb.add_pod(0, "default/server")?;
+        for port in [15000, 15020, 15021] {
+            tb.serve(&server, sa(IpAddr::from([0u8; 16]), port))?;
+        }
+        tb.start_agent(0, &["--capture", mode])?;
+        tb.agent(0).enroll(&server)?;
+        for (i, port) in [15000u16, 15020, 15021].into_iter().enumerate() {
+            let r = tb.connect(&client, sa(server.ip4, port), 1000)?;
+            assert_intact(&r, &format!("{mode}: to {port}"));
+            // Delivered by the agent (from 127.0.0.6), not by the client.
+            assert_eq!(
+                ip_of(&s(&r, "server_peer")),
+                "127.0.0.6",
+                "{mode}: port {port} reached the app uncaptured: {r}"
+            );
+            assert_eq!(
+                tb.agent(0).metric(
+                    r#"mesh_proxy_connections_total{direction="inbound_plaintext",result="forwarded"}"#
+                )?,
+                (i + 1) as f64,
+                "{mode}: port {port}"
+            );
+        }
+    }
+    Ok(())
+}

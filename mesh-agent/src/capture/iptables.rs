@@ -333,6 +333,14 @@ mod tests {
         assert!(lines.contains(&"-A MESH_INBOUND -p tcp --dport 9902 -j RETURN"));
         assert!(lines.contains(&"-A MESH_INBOUND -p tcp --dport 15008 -j RETURN"));
         assert!(lines.contains(&"-A MESH_OUTBOUND -p tcp --dport 15008 -j RETURN"));
+        // The node agent's host ports are an app's ports inside a pod: an app
+        // there is captured like any other.
+        for port in [15000, 15020, 15021] {
+            for chain in [IN_CHAIN, OUT_CHAIN] {
+                let rule = format!("-A {chain} -p tcp --dport {port} -j RETURN");
+                assert!(!lines.contains(&rule.as_str()), "{rule}: {s}");
+            }
+        }
         // Every RETURN comes before its chain's REDIRECT.
         for chain in [OUT_CHAIN, IN_CHAIN] {
             let redirect = lines

@@ -158,6 +158,16 @@ impl FakeApi {
         self.lock().failures = (n, status);
     }
 
+    /// Answers every request for the kind with this plural 403 Forbidden, as
+    /// an RBAC rule that does not grant it would (`permit` lifts it).
+    pub fn forbid(&self, plural: &str) {
+        self.lock().forbidden.insert(plural.to_owned());
+    }
+
+    pub fn permit(&self, plural: &str) {
+        self.lock().forbidden.remove(plural);
+    }
+
     /// Lets TokenReview authenticate `token` as `user`.
     pub fn add_token(&self, token: &str, user: TokenUser) {
         self.lock().tokens.insert(token.to_owned(), user);
@@ -198,6 +208,8 @@ struct State {
     failures: (usize, u16),
     tokens: HashMap<String, TokenUser>,
     requests: Vec<String>,
+    /// Plurals answered 403 Forbidden.
+    forbidden: std::collections::BTreeSet<String>,
 }
 
 #[derive(PartialEq, Eq, PartialOrd, Ord)]
@@ -550,6 +562,16 @@ fn handle(state: &Mutex<State>, parts: &Parts, body: &[u8]) -> Result<Response<B
     };
     let call = ApiCall::route(parts, body).ok_or_else(not_found)?;
     let mut state = lock(state);
+    let plural = call.resource.get().plural;
+    if state.forbidden.contains(plural) {
+        return Err(Status::new(
+            403,
+            format!(
+                "{plural} is forbidden: User \"system:serviceaccount:istio-system:mesh-agent\" cannot {} resource \"{plural}\"",
+                parts.method
+            ),
+        ));
+    }
     match call.name {
         None => call.on_collection(&mut state),
         Some(name) => call.on_object(&mut state, name),

@@ -216,9 +216,13 @@ fn apply(
 }
 
 /// A watcher error. A kind the API server does not serve (its CRD is not
-/// installed) or that RBAC does not let the agent read counts as listed and
-/// empty, with a warning: one missing kind must not hold back the rest.
-/// Other errors are retried by the watcher's back-off; logged once each.
+/// installed, or not at this version) or that RBAC does not let the agent
+/// read counts as listed, with a warning: one missing kind must not hold
+/// back the rest. It is empty, except for the policy kinds, which stand in
+/// closed (`fail_closed_stand_in`). The watcher keeps retrying it with
+/// back-off; once it lists, its objects replace the stand-in. A kind that
+/// had been listed keeps its last objects through later errors. Logged once
+/// each.
 fn failed(r: &Resource, kind: &mut Kind, e: &watcher::Error) -> bool {
     let code = match e {
         watcher::Error::InitialListFailed(kube::Error::Api(status))
@@ -306,17 +310,56 @@ fn document(
 }
 
 fn publish(out: &mut Publisher, resources: &[Resource], kinds: &[Kind]) -> bool {
-    let notes: Vec<Document> = resources
-        .iter()
-        .zip(kinds)
-        .filter_map(|(r, k)| {
-            let why = k.unavailable.as_ref()?;
-            Some(Document::with_warning(ConfigWarning {
-                object: format!("{ORIGIN}: {}", r.plural),
-                kind: "load_error",
-                message: format!("{why}; no {} objects are read", r.kind),
-            }))
-        })
-        .collect();
+    let mut notes: Vec<Document> = Vec::new();
+    for (r, k) in resources.iter().zip(kinds) {
+        let Some(why) = k.unavailable.as_ref() else {
+            continue;
+        };
+        let stand_in = fail_closed_stand_in(r, out.root_namespace());
+        let effect = match &stand_in {
+            Some((_, effect)) => effect,
+            None => "no objects of this kind are read",
+        };
+        notes.push(Document::with_warning(ConfigWarning {
+            object: format!("{ORIGIN}: {}", r.plural),
+            kind: "load_error",
+            message: format!("{why}; {effect}"),
+        }));
+        notes.extend(stand_in.map(|(object, _)| Document::from_json(ORIGIN, object)));
+    }
     out.publish(kinds.iter().flat_map(|k| k.objects.values()).chain(&notes))
+}
+
+/// What stands for a policy kind that could not be read: its objects may
+/// exist (RBAC hides them, or the cluster serves another version), and
+/// reading it as empty would drop every DENY and every STRICT. A mesh-wide
+/// DENY-all AuthorizationPolicy, or a mesh-wide STRICT PeerAuthentication
+/// (no narrower one can be in the store, since none was read), with what it
+/// does, for the warning.
+fn fail_closed_stand_in(
+    r: &Resource,
+    root_namespace: &str,
+) -> Option<(serde_json::Value, &'static str)> {
+    let metadata = serde_json::json!({
+        "name": format!("mesh-agent-unreadable-{}", r.plural),
+        "namespace": root_namespace,
+    });
+    let (spec, effect) = match r.kind {
+        "AuthorizationPolicy" => (
+            serde_json::json!({"action": "DENY", "rules": [{}]}),
+            "every connection to a meshed pod is denied until they can be read",
+        ),
+        "PeerAuthentication" => (
+            serde_json::json!({"mtls": {"mode": "STRICT"}}),
+            "every meshed pod refuses plaintext until they can be read",
+        ),
+        _ => return None,
+    };
+    let object = serde_json::json!({
+        "apiVersion": format!("{}/{}", r.group, r.version),
+        "kind": r.kind,
+        "metadata": metadata,
+        "spec": spec,
+    });
+    Some((object, effect))
 }

@@ -14,7 +14,7 @@ use super::{
     fake_api::FakeApi,
     source::{KubeSource, ORIGIN},
 };
-use crate::state::{Conn, Decision, Store, StoreOptions, spawn_source};
+use crate::state::{Conn, Decision, MtlsMode, Store, StoreOptions, spawn_source};
 
 fn opts() -> StoreOptions {
     StoreOptions {
@@ -228,5 +228,88 @@ async fn objects_that_cannot_be_applied_get_an_event_and_fail_closed() {
     assert_eq!(event["reportingController"], events::CONTROLLER);
     assert!(event["note"].as_str().unwrap().contains("acton"), "{event}");
     writer.abort();
+    task.abort();
+}
+
+/// A policy kind the agent may not list is not an empty one: until it can
+/// be read every connection to a meshed pod is denied and every workload is
+/// STRICT, and the store says why; once read, its objects apply; forbidden
+/// again later, its last objects stay.
+#[tokio::test]
+async fn a_policy_kind_that_cannot_be_listed_fails_closed_and_keeps_its_last_objects() {
+    let fake = FakeApi::start().await;
+    fake.apply(namespace("shop", true));
+    fake.apply(pod("web-1", "node-a", "10.1.0.5"));
+    fake.apply(policy("deny-all", json!({"action": "DENY", "rules": [{}]})));
+    fake.forbid("authorizationpolicies");
+    fake.forbid("peerauthentications");
+    let (mut rx, task) = spawn_source(Box::new(KubeSource::new(fake.client())), opts());
+    until(&mut rx, "loaded", |s| {
+        s.workload_by_ip(ip("10.1.0.5")).is_some()
+    })
+    .await;
+    let strict = |s: &Store| {
+        s.workload_by_ip(ip("10.1.0.5"))
+            .is_some_and(|w| s.mtls_mode(w, 8080) == MtlsMode::Strict)
+    };
+    {
+        let store = rx.borrow().clone();
+        assert!(
+            !allowed(&store, "10.1.0.5"),
+            "AuthorizationPolicies that cannot be read deny: {:#}",
+            store.dump()
+        );
+        assert!(
+            strict(&store),
+            "PeerAuthentications that cannot be read are STRICT"
+        );
+        let errors: Vec<(&str, &str)> = store
+            .warnings()
+            .iter()
+            .filter(|w| w.kind == "load_error")
+            .map(|w| (w.object.as_str(), w.message.as_str()))
+            .collect();
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert_eq!(errors[0].0, format!("{ORIGIN}: authorizationpolicies"));
+        assert!(errors[0].1.contains("RBAC"), "{}", errors[0].1);
+        assert_eq!(errors[1].0, format!("{ORIGIN}: peerauthentications"));
+    }
+
+    // Granted: what is there applies (here an ALLOW beside the DENY, then
+    // the DENY goes), the stand-ins and their warnings go.
+    fake.delete(
+        "security.istio.io/v1",
+        "AuthorizationPolicy",
+        Some("shop"),
+        "deny-all",
+    );
+    fake.apply(policy(
+        "deny-other",
+        json!({"action": "DENY", "rules": [{"from": [{"source": {"ipBlocks": ["10.7.0.0/16"]}}]}]}),
+    ));
+    fake.permit("authorizationpolicies");
+    fake.permit("peerauthentications");
+    until(&mut rx, "policies readable", |s| {
+        allowed(s, "10.1.0.5") && !strict(s) && s.warnings().is_empty()
+    })
+    .await;
+
+    // Forbidden again and relisted after 410 Gone: the last objects stay
+    // while the rest of the configuration moves on.
+    fake.apply(policy("deny-all", json!({"action": "DENY", "rules": [{}]})));
+    until(&mut rx, "deny-all read", |s| !allowed(s, "10.1.0.5")).await;
+    fake.forbid("authorizationpolicies");
+    fake.drop_watches();
+    fake.compact();
+    fake.apply(pod("web-2", "node-b", "10.2.0.7"));
+    until(&mut rx, "pods relisted", |s| {
+        s.workload_by_ip(ip("10.2.0.7")).is_some()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !allowed(&rx.borrow(), "10.1.0.5"),
+        "the last AuthorizationPolicies read still apply"
+    );
     task.abort();
 }

@@ -44,6 +44,9 @@ pub use lb::Balancer;
 /// Copy buffer per direction: large enough for bulk transfers in few syscalls.
 const COPY_BUF: usize = 64 * 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a captured connection waits for the configuration's first
+/// complete read before it is refused.
+const SYNC_WAIT: Duration = Duration::from_secs(10);
 
 /// Agent-wide parts every connection needs.
 pub struct Shared {
@@ -60,6 +63,20 @@ pub struct Shared {
 impl Shared {
     pub fn store(&self) -> Arc<Store> {
         self.store.borrow().clone()
+    }
+
+    /// Whether connections may be decided: always without a configuration
+    /// source; with one, once it has read everything (generation 1), waiting
+    /// up to [`SYNC_WAIT`]. Before that the store is empty, every meshed
+    /// destination would look plain and its traffic would leave in
+    /// plaintext; inbound would skip STRICT and policy.
+    pub async fn synced(&self) -> bool {
+        if !self.configured {
+            return true;
+        }
+        let mut store = self.store.clone();
+        let first_read = store.wait_for(|s| s.generation > 0);
+        matches!(tokio::time::timeout(SYNC_WAIT, first_read).await, Ok(Ok(_)))
     }
 }
 
@@ -132,15 +149,21 @@ pub fn spawn_listener(pod: Arc<PodCtx>, listener: PodListener) -> io::Result<Joi
             match role {
                 Role::Outbound => {
                     let span = info_span!("outbound", pod = %pod.name, client = %peer);
-                    tokio::spawn(outbound::serve(pod, stream, peer).instrument(span));
+                    spawn_synced(pod, "outbound", span, move |pod| {
+                        outbound::serve(pod, stream, peer)
+                    });
                 }
                 Role::InboundPlaintext => {
                     let span = info_span!("inbound_plaintext", pod = %pod.name, client = %peer);
-                    tokio::spawn(inbound::serve(pod, stream, peer).instrument(span));
+                    spawn_synced(pod, "inbound_plaintext", span, move |pod| {
+                        inbound::serve(pod, stream, peer)
+                    });
                 }
                 Role::Hbone => {
                     let span = info_span!("inbound", pod = %pod.name, client = %peer);
-                    tokio::spawn(hbone::serve(pod, stream, peer).instrument(span));
+                    spawn_synced(pod, "hbone", span, move |pod| {
+                        hbone::serve(pod, stream, peer)
+                    });
                 }
             }
         }
@@ -163,6 +186,32 @@ impl PodCtx {
             certs: &self.shared.certs,
         }
     }
+}
+
+/// Serves one accepted connection once the configuration has been read
+/// (see [`Shared::synced`]); until then it waits, and after [`SYNC_WAIT`]
+/// it is closed unserved and counted as `not_synced`: refused, never sent
+/// on in plaintext nor let in unchecked.
+fn spawn_synced<F>(
+    pod: Arc<PodCtx>,
+    direction: &'static str,
+    span: tracing::Span,
+    serve: impl FnOnce(Arc<PodCtx>) -> F + Send + 'static,
+) where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let task = async move {
+        if !pod.shared.synced().await {
+            pod.shared.metrics.connection(direction, "not_synced");
+            warn!(
+                waited = ?SYNC_WAIT,
+                "configuration not synced: the source has not been read yet; connection refused"
+            );
+            return;
+        }
+        serve(pod).await;
+    };
+    tokio::spawn(task.instrument(span));
 }
 
 /// Connects from inside the pod's namespace with the agent's mark.

@@ -19,6 +19,8 @@ mod policy_tests;
 #[cfg(test)]
 mod source_tests;
 #[cfg(test)]
+mod source_unparsed_tests;
+#[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod waypoint_tests;

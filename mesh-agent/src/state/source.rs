@@ -65,29 +65,13 @@ impl Publisher {
         }
     }
 
-    /// The source could not be read at all. Before anything was read, this
-    /// publishes an empty snapshot with a `load_error` warning; afterwards
-    /// the last snapshot stays and only the log says so.
-    pub fn failed(&mut self, error: &str) -> bool {
-        if self.generation > 0 {
-            return !self.tx.is_closed();
-        }
-        self.generation = 1;
-        let store = Store {
-            generation: 1,
-            warnings: vec![ConfigWarning {
-                object: self.source.clone(),
-                kind: "load_error",
-                message: format!("cannot read the configuration ({error}); starting empty"),
-            }],
-            ..Store::empty(&self.opts)
-        };
-        self.log(&store);
-        self.tx.send(Arc::new(store)).is_ok()
-    }
-
     pub fn is_closed(&self) -> bool {
         self.tx.is_closed()
+    }
+
+    /// Where mesh-wide policies live, for a source's fail-closed stand-ins.
+    pub fn root_namespace(&self) -> &str {
+        &self.opts.root_namespace
     }
 }
 
@@ -112,17 +96,37 @@ pub fn spawn_source(
 /// subdirectories, nor hidden files), merged in file name order; checked for
 /// changes every `interval`. Only files whose size, modification time or
 /// inode changed are read and parsed again.
+///
+/// A file is applied whole or not at all: it is read once it has not
+/// changed for [`SETTLE`] (a file written in place is not read half), and a
+/// version that cannot be read or does not parse as YAML is not applied:
+/// the file's last good version stays, with a warning. A file that never
+/// read whole holds back the first snapshot (the agent stays not ready):
+/// its AuthorizationPolicies cannot be known, and a store without them
+/// could allow what they deny. Once a snapshot is out, such a new file
+/// stays out of the store, as before it was written.
 #[derive(Debug)]
 pub struct LocalFiles {
     path: PathBuf,
     interval: Duration,
     files: BTreeMap<PathBuf, File>,
+    /// Files the last scan saw but could not take yet (still changing).
+    unsettled: usize,
 }
+
+/// A file is read once its modification time is at least this old, so
+/// that one being written in place (which can parse when cut at a line or
+/// a document boundary, with fewer rules than written) is read whole.
+const SETTLE: Duration = Duration::from_millis(300);
 
 #[derive(Debug)]
 struct File {
+    /// The version last read, good or not.
     stamp: Stamp,
-    doc: Document,
+    /// The last version that read and parsed whole.
+    good: Option<Document>,
+    /// Why the version last read is not applied: its warning alone.
+    broken: Option<Document>,
 }
 
 /// What tells that a file changed: an editor's rewrite, a ConfigMap's
@@ -132,6 +136,25 @@ struct Stamp {
     modified: Option<SystemTime>,
     len: u64,
     inode: u64,
+}
+
+impl Stamp {
+    fn of(path: &Path) -> Option<Stamp> {
+        let meta = fs::metadata(path).ok()?;
+        Some(Stamp {
+            modified: meta.modified().ok(),
+            len: meta.len(),
+            inode: meta.ino(),
+        })
+    }
+
+    /// Unchanged for [`SETTLE`]. A time in the future (another clock)
+    /// cannot tell: the check after reading still catches a write.
+    fn settled(&self) -> bool {
+        self.modified
+            .and_then(|m| SystemTime::now().duration_since(m).ok())
+            .is_none_or(|age| age >= SETTLE)
+    }
 }
 
 /// What one scan found.
@@ -151,7 +174,33 @@ impl LocalFiles {
             // tokio's interval refuses zero.
             interval: interval.max(Duration::from_millis(1)),
             files: BTreeMap::new(),
+            unsettled: 0,
         }
+    }
+
+    /// Whether every file has been read whole: the first snapshot waits
+    /// for it.
+    pub fn complete(&self) -> bool {
+        self.unsettled == 0 && self.files.values().all(|f| f.good.is_some())
+    }
+
+    /// Files whose version last read is not applied.
+    fn broken(&self) -> Vec<String> {
+        self.files
+            .iter()
+            .filter(|(_, f)| f.broken.is_some())
+            .map(|(p, _)| p.display().to_string())
+            .collect()
+    }
+
+    /// Reads `path` if it has settled and did not change while read; `None`
+    /// when a later scan should read it.
+    fn read(path: &Path, stamp: Stamp) -> Option<io::Result<String>> {
+        if !stamp.settled() {
+            return None;
+        }
+        let text = fs::read_to_string(path);
+        (Stamp::of(path) == Some(stamp)).then_some(text)
     }
 
     /// Looks at the files and applies what changed. `Ok(None)` when nothing
@@ -159,38 +208,63 @@ impl LocalFiles {
     pub fn scan(&mut self) -> io::Result<Option<Diff>> {
         let mut seen = BTreeSet::new();
         let mut diff = Diff::default();
+        self.unsettled = 0;
         for path in yaml_files(&self.path)? {
             seen.insert(path.clone());
-            let stamp = match fs::metadata(&path) {
-                Ok(meta) => Stamp {
-                    modified: meta.modified().ok(),
-                    len: meta.len(),
-                    inode: meta.ino(),
-                },
-                // Gone between the listing and now: the next scan sees it.
-                Err(_) => continue,
+            // Gone between the listing and now: the next scan sees it.
+            let Some(stamp) = Stamp::of(&path) else {
+                continue;
             };
             if self.files.get(&path).is_some_and(|f| f.stamp == stamp) {
                 continue;
             }
+            let Some(text) = Self::read(&path, stamp) else {
+                self.unsettled += 1;
+                continue;
+            };
             let origin = path.display().to_string();
-            let doc = match fs::read_to_string(&path) {
-                Ok(text) => Document::parse_text(&origin, &text),
-                Err(e) => {
-                    // Dropping the file's objects could drop a DENY policy:
-                    // its last good version stays until it reads again.
-                    warn!(file = %origin, error = %e, "cannot read; keeping its last version");
-                    if self.files.contains_key(&path) {
-                        continue;
+            let doc = match text {
+                Ok(text) => {
+                    let doc = Document::parse_text(&origin, &text);
+                    match doc.syntax_error() {
+                        Some(w) => Err(w.clone()),
+                        None => Ok(doc),
                     }
-                    Document::unreadable(&origin, &e)
                 }
+                Err(e) => Err(ConfigWarning {
+                    object: origin.clone(),
+                    kind: "load_error",
+                    message: format!("cannot read: {e}"),
+                }),
             };
             diff.files += 1;
-            let before: BTreeSet<&ObjectKey> = self
-                .files
-                .get(&path)
-                .map(|f| f.doc.keys().collect())
+            let file = self.files.entry(path).or_insert(File {
+                stamp,
+                good: None,
+                broken: None,
+            });
+            file.stamp = stamp;
+            let doc = match doc {
+                Ok(doc) => doc,
+                Err(why) => {
+                    // Dropping the file's objects could drop a DENY policy,
+                    // and what parsed before a syntax error is not the file.
+                    warn!(file = %origin, error = %why.message, "not applied; keeping its last good version");
+                    file.broken = Some(Document::with_warning(ConfigWarning {
+                        message: format!(
+                            "{}; not applied (its last good version, if any, stays)",
+                            why.message
+                        ),
+                        ..why
+                    }));
+                    continue;
+                }
+            };
+            file.broken = None;
+            let before: BTreeSet<&ObjectKey> = file
+                .good
+                .as_ref()
+                .map(|d| d.keys().collect())
                 .unwrap_or_default();
             for key in doc.keys() {
                 if before.contains(key) {
@@ -202,7 +276,7 @@ impl LocalFiles {
             let now: BTreeSet<&ObjectKey> = doc.keys().collect();
             diff.removed
                 .extend(before.difference(&now).map(|k| (*k).clone()));
-            self.files.insert(path, File { stamp, doc });
+            file.good = Some(doc);
         }
         let gone: Vec<PathBuf> = self
             .files
@@ -212,8 +286,8 @@ impl LocalFiles {
             .collect();
         for path in gone {
             diff.files += 1;
-            if let Some(f) = self.files.remove(&path) {
-                diff.removed.extend(f.doc.keys().cloned());
+            if let Some(doc) = self.files.remove(&path).and_then(|f| f.good) {
+                diff.removed.extend(doc.keys().cloned());
             }
         }
         // An object moved from one file to another is changed, not gone.
@@ -228,8 +302,12 @@ impl LocalFiles {
         Ok((diff.files > 0).then_some(diff))
     }
 
+    /// The last good version of every file, and the warning of each file
+    /// whose current version is not applied.
     pub fn documents(&self) -> impl Iterator<Item = &Document> {
-        self.files.values().map(|f| &f.doc)
+        self.files
+            .values()
+            .flat_map(|f| f.good.iter().chain(f.broken.iter()))
     }
 }
 
@@ -253,6 +331,20 @@ impl Source for LocalFiles {
                 let open = match self.scan() {
                     // The first scan publishes even an empty directory.
                     Ok(None) if !first => true,
+                    Ok(_) if first && !self.complete() => {
+                        // A file still being written is read by a later
+                        // scan; one that cannot be read or parsed is worth
+                        // a warning.
+                        let broken = self.broken();
+                        if !broken.is_empty() {
+                            let error = format!("not read whole: {}", broken.join(", "));
+                            if last_error.as_ref() != Some(&error) {
+                                warn!(source = %name, %error, "configuration not loaded yet, so not ready; enrolled pods stay captured and fail closed");
+                            }
+                            last_error = Some(error);
+                        }
+                        !out.is_closed()
+                    }
                     Ok(diff) => {
                         last_error = None;
                         if let Some(diff) = diff.filter(|_| !first) {
@@ -263,28 +355,25 @@ impl Source for LocalFiles {
                     }
                     Err(e) => {
                         let error = e.to_string();
-                        if last_error.as_ref() != Some(&error) {
+                        if last_error.as_ref() != Some(&error) && first {
+                            warn!(source = %name, %error, "cannot read the configuration: not loaded yet, so not ready; enrolled pods stay captured and fail closed; retrying");
+                        } else if last_error.as_ref() != Some(&error) {
                             warn!(source = %name, %error, "cannot read the configuration; keeping the previous one");
                         }
-                        last_error = Some(error.clone());
-                        out.failed(&error)
+                        last_error = Some(error);
+                        // Nothing is published. Before the first read the
+                        // store stays at generation 0: the agent is not
+                        // ready, releases no pod and serves no connection
+                        // (an empty snapshot would release every managed
+                        // pod and make every meshed destination look
+                        // plain). Afterwards the last snapshot stays.
+                        !out.is_closed()
                     }
                 };
                 if !open {
                     return;
                 }
             }
-        })
-    }
-}
-
-impl Document {
-    /// A file that could not be read: no objects, one `load_error`.
-    fn unreadable(origin: &str, e: &io::Error) -> Document {
-        Document::with_warning(ConfigWarning {
-            object: origin.to_owned(),
-            kind: "load_error",
-            message: format!("cannot read: {e}"),
         })
     }
 }

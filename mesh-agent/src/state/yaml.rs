@@ -110,6 +110,8 @@ pub struct Document {
     origin: Arc<str>,
     entries: Vec<(ObjectKey, Typed)>,
     warnings: Vec<ConfigWarning>,
+    /// The YAML syntax error that ended parsing early, if one did.
+    syntax_error: Option<ConfigWarning>,
 }
 
 impl Document {
@@ -131,11 +133,13 @@ impl Document {
                     doc.add(at, value);
                 }
                 Err(e) => {
-                    doc.warnings.push(ConfigWarning {
+                    let w = ConfigWarning {
                         object: origin.to_owned(),
                         kind: "parse_error",
                         message: e.to_string(),
-                    });
+                    };
+                    doc.warnings.push(w.clone());
+                    doc.syntax_error = Some(w);
                     // The YAML parser cannot find the next document after
                     // a syntax error: the rest of this text is lost.
                     break;
@@ -165,6 +169,12 @@ impl Document {
             }),
         }
         doc
+    }
+
+    /// The syntax error that cut the text short: what parsed before it is
+    /// not the whole text, so a source must not apply it.
+    pub fn syntax_error(&self) -> Option<&ConfigWarning> {
+        self.syntax_error.as_ref()
     }
 
     #[cfg(test)]

@@ -1,0 +1,155 @@
+//! The local source never applies what it could not read whole: a file that
+//! stops parsing keeps its last good version, a file that never parsed
+//! holds back the first snapshot (its policies cannot be known), and a file
+//! being written in place is read only once it has settled.
+
+use std::{io::Write as _, net::IpAddr, path::Path, time::Duration};
+
+use tokio::sync::watch;
+
+use super::{tests::opts, *};
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("mesh-unparsed-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+const POD: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}\n---\n\
+                   apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: shop}\nstatus: {podIP: 10.4.0.1}\n";
+const DENY_ALL: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+                        metadata: {name: deny-all, namespace: shop}\nspec: {action: DENY, rules: [{}]}\n";
+/// Valid YAML up to its last document, which is cut off mid-flow.
+const BROKEN: &str = "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: web, namespace: shop}\n---\n\
+                      apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+                      metadata: {name: deny-all, namespace: shop}\nspec: {action: DENY, rules: [{}\n";
+
+fn write(dir: &Path, file: &str, text: &str) {
+    let tmp = dir.join(format!(".{file}.tmp"));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, dir.join(file)).unwrap();
+}
+
+/// Plaintext from 10.4.0.50 to the pod, as authorization sees it.
+fn allowed(s: &Store) -> bool {
+    let Some(web) = s.workload_by_ip(ip("10.4.0.1")) else {
+        return false;
+    };
+    s.authorize(&Conn {
+        src_ip: ip("10.4.0.50"),
+        src_identity: None,
+        dst: web,
+        dst_ip: ip("10.4.0.1"),
+        dst_port: 8080,
+    }) == Decision::Allow
+}
+
+async fn until(rx: &mut watch::Receiver<Arc<Store>>, what: &str, ok: impl Fn(&Store) -> bool) {
+    let waited = tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|s| ok(s)))
+        .await
+        .is_ok_and(|r| r.is_ok());
+    assert!(
+        waited,
+        "store did not converge: {what}; last snapshot: {:#}",
+        rx.borrow().dump()
+    );
+}
+
+fn warned(s: &Store, kind: &str, object: &Path) -> bool {
+    s.warnings()
+        .iter()
+        .any(|w| w.kind == kind && w.object == object.display().to_string())
+}
+
+#[tokio::test]
+async fn a_file_that_stops_parsing_keeps_its_last_good_version() {
+    let dir = temp_dir("stops");
+    write(&dir, "pod.yaml", POD);
+    write(&dir, "policy.yaml", DENY_ALL);
+    let source = Box::new(LocalFiles::new(dir.clone(), Duration::from_millis(10)));
+    let (mut rx, task) = spawn_source(source, opts());
+    until(&mut rx, "deny-all applied", |s| {
+        s.generation > 0 && s.workload_by_ip(ip("10.4.0.1")).is_some() && !allowed(s)
+    })
+    .await;
+
+    write(&dir, "policy.yaml", BROKEN);
+    let file = dir.join("policy.yaml");
+    until(&mut rx, "syntax error reported", |s| {
+        warned(s, "parse_error", &file)
+    })
+    .await;
+    let store = rx.borrow().clone();
+    assert!(
+        !allowed(&store),
+        "the last good version still denies: {:#}",
+        store.dump()
+    );
+    assert_eq!(
+        store.dump()["service_accounts"],
+        0,
+        "nothing of the broken version applies"
+    );
+
+    // Fixed: the new version applies.
+    write(&dir, "policy.yaml", "");
+    until(&mut rx, "fixed", |s| allowed(s) && s.warnings().is_empty()).await;
+    task.abort();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn a_file_that_never_parsed_holds_back_the_first_snapshot() {
+    let dir = temp_dir("never");
+    write(&dir, "pod.yaml", POD);
+    write(&dir, "policy.yaml", BROKEN);
+    let source = Box::new(LocalFiles::new(dir.clone(), Duration::from_millis(10)));
+    let (mut rx, task) = spawn_source(source, opts());
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        rx.borrow().generation,
+        0,
+        "a snapshot without the policies of a file that does not parse was published: {:#}",
+        rx.borrow().dump()
+    );
+    write(&dir, "policy.yaml", DENY_ALL);
+    until(&mut rx, "first snapshot, with the policy", |s| {
+        s.generation > 0 && s.workload_by_ip(ip("10.4.0.1")).is_some() && !allowed(s)
+    })
+    .await;
+    task.abort();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn a_file_being_written_in_place_is_read_once_it_has_settled() {
+    let dir = temp_dir("inplace");
+    let source = Box::new(LocalFiles::new(dir.clone(), Duration::from_millis(10)));
+    let (mut rx, task) = spawn_source(source, opts());
+    until(&mut rx, "first snapshot", |s| s.generation > 0).await;
+
+    // The pod and its namespace are written, the policy that follows them
+    // in the same file not yet: what is there parses, but is not the file.
+    let mut file = std::fs::File::create(dir.join("shop.yaml")).unwrap();
+    file.write_all(format!("{POD}---\n").as_bytes()).unwrap();
+    file.flush().unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        rx.borrow().workload_by_ip(ip("10.4.0.1")).is_none(),
+        "half a file was applied: {:#}",
+        rx.borrow().dump()
+    );
+    file.write_all(DENY_ALL.as_bytes()).unwrap();
+    drop(file);
+    until(&mut rx, "the whole file", |s| {
+        s.workload_by_ip(ip("10.4.0.1")).is_some() && !allowed(s)
+    })
+    .await;
+    task.abort();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
