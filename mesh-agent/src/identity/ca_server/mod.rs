@@ -374,17 +374,34 @@ impl CaServer {
             "system:serviceaccount:{}:{}",
             self.agent.namespace, self.agent.name
         );
-        if username != expected {
-            return Err(Refusal::new(
-                StatusCode::FORBIDDEN,
-                format!(
-                    "{username} may not request certificates: only the node agents' ServiceAccount {} may",
-                    self.agent
-                ),
-            ));
-        }
-        let node = self.node_of(&user).await?;
-        caller.node = Some(node.clone());
+        // A node agent signs for the pods of its node; anyone else may only
+        // be a waypoint asking for its own pod's identity.
+        let waypoint = if username == expected {
+            None
+        } else {
+            let Some((ns, sa)) = username
+                .strip_prefix("system:serviceaccount:")
+                .and_then(|rest| rest.split_once(':'))
+            else {
+                return Err(Refusal::new(
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "{username} may not request certificates: only the node agents' \
+                         ServiceAccount {} may, or a waypoint pod",
+                        self.agent
+                    ),
+                ));
+            };
+            Some(
+                self.waypoint_identity(&user, ns, sa, &self.trust_domain)
+                    .await?,
+            )
+        };
+        let node = match &waypoint {
+            None => Some(self.node_of(&user).await?),
+            Some(_) => None,
+        };
+        caller.node = node.clone();
 
         let request: SignRequest = serde_json::from_slice(&body).map_err(|e| {
             Refusal::new(
@@ -396,7 +413,19 @@ impl CaServer {
             .map_err(|reason| Refusal::new(StatusCode::BAD_REQUEST, reason))?;
         caller.identity = Some(csr.identity.clone());
 
-        self.check_runs_on(&csr.identity, &node).await?;
+        if let Some(own) = &waypoint {
+            if *own != csr.identity {
+                return Err(Refusal::new(
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "a waypoint's token gets only its own identity {own}, not {}",
+                        csr.identity
+                    ),
+                ));
+            }
+        } else if let Some(node) = &node {
+            self.check_runs_on(&csr.identity, node).await?;
+        }
 
         let now = SystemTime::now();
         let leaf = self

@@ -1,6 +1,7 @@
 //! The CA's side of the Kubernetes API: who a ServiceAccount token belongs to
 //! (TokenReview), which node its caller runs on, whether a pod with the
-//! identity asked for runs on that node, and the root's ConfigMap.
+//! identity asked for runs on that node, which waypoint pod a waypoint's
+//! token is bound to, and the root's ConfigMap.
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
@@ -129,6 +130,85 @@ impl CaServer {
                     format!("the caller's pod {pod_ref} is not scheduled on a node"),
                 )
             })
+    }
+
+    /// The one identity a waypoint may have: that of the live waypoint pod
+    /// (labelled `gateway.networking.k8s.io/gateway-name`) its token is
+    /// bound to, whose ServiceAccount is the token's. `namespace` and
+    /// `account` come from the token's user name.
+    pub(super) async fn waypoint_identity(
+        &self,
+        user: &UserInfo,
+        namespace: &str,
+        account: &str,
+        trust_domain: &str,
+    ) -> Result<Identity, Refusal> {
+        let empty = BTreeMap::new();
+        let extra = user.extra.as_ref().unwrap_or(&empty);
+        let first = |key: &str| {
+            extra
+                .get(key)
+                .and_then(|v| v.first())
+                .filter(|v| !v.is_empty())
+                .cloned()
+        };
+        let forbidden = |why: String| Refusal::new(StatusCode::FORBIDDEN, why);
+        let (Some(pod_name), Some(uid)) = (first(POD_NAME), first(POD_UID)) else {
+            return Err(forbidden(format!(
+                "system:serviceaccount:{namespace}:{account} may not request certificates: only \
+                 the node agents' ServiceAccount {} may, or a waypoint pod with a token bound to \
+                 it",
+                self.agent
+            )));
+        };
+        let pod_ref = format!("{namespace}/{pod_name}");
+        let pod = Api::<Pod>::namespaced(self.kube.clone(), namespace)
+            .get_opt(&pod_name)
+            .await
+            .map_err(|e| {
+                Refusal::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("looking up the caller's pod {pod_ref}: {e}"),
+                )
+            })?
+            .ok_or_else(|| {
+                forbidden(format!(
+                    "the token is bound to pod {pod_ref}, which does not exist"
+                ))
+            })?;
+        if pod.metadata.uid.as_deref() != Some(uid.as_str()) {
+            return Err(forbidden(format!(
+                "the token is bound to an earlier pod {pod_ref} (uid {uid})"
+            )));
+        }
+        let is_waypoint = pod
+            .metadata
+            .labels
+            .as_ref()
+            .is_some_and(|l| l.contains_key(crate::state::GATEWAY_NAME));
+        if !is_waypoint {
+            return Err(forbidden(format!(
+                "pod {pod_ref} is not a waypoint (no label {}); only node agents and waypoints \
+                 may request certificates",
+                crate::state::GATEWAY_NAME
+            )));
+        }
+        let pod_account = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.service_account_name.as_deref())
+            .filter(|sa| !sa.is_empty())
+            .unwrap_or("default");
+        if pod_account != account {
+            return Err(forbidden(format!(
+                "pod {pod_ref} runs as {pod_account}, not as the token's {account}"
+            )));
+        }
+        let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+        if matches!(phase, Some("Succeeded" | "Failed")) {
+            return Err(forbidden(format!("pod {pod_ref} has ended")));
+        }
+        Ok(Identity::new(trust_domain, namespace, account))
     }
 
     /// Some live pod on `node` runs as `id`.

@@ -728,3 +728,103 @@ fn ca_addresses_are_checked() {
     let err = CaClient::new("https://ca", &missing, &token).unwrap_err();
     assert!(matches!(err, IdentityError::Io { .. }), "{err}");
 }
+
+#[tokio::test]
+async fn a_waypoint_token_gets_exactly_its_own_pods_identity() {
+    within(async {
+        let c = Cluster::start(Duration::from_secs(3600)).await;
+        let waypoint = |name: &str, sa: &str, gateway: bool| {
+            let mut labels = json!({});
+            if gateway {
+                labels["gateway.networking.k8s.io/gateway-name"] = json!("waypoint");
+            }
+            c.fake.apply(json!({
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": { "name": name, "namespace": "shop", "labels": labels },
+                "spec": { "nodeName": "node-a", "serviceAccountName": sa, "containers": [] },
+                "status": { "phase": "Running" },
+            }))
+        };
+        let wp = waypoint("waypoint-0", "waypoint", true);
+        let uid = wp["metadata"]["uid"].as_str().unwrap().to_owned();
+        let user = "system:serviceaccount:shop:waypoint";
+        let token = c.token(
+            "wp",
+            user,
+            &[(POD_NAME, "waypoint-0"), (POD_UID, &uid)],
+            "mesh-ca",
+        );
+        // Its own identity: issued, and a remote-mode manager completes it.
+        let own = id("shop", "waypoint");
+        let cert = c.client(&token).sign(&own).await.unwrap();
+        assert_eq!(cert_identity(&cert.chain[0]).unwrap(), own);
+        verify_chain(&cert.chain[0], &der_of_pem(c.ca.root_pem())).unwrap();
+
+        // Any other identity, even one running on its node: refused.
+        c.pod("shop", "reviews-1", "reviews", "node-a", "Running");
+        let reason = refusal(
+            c.client(&token)
+                .sign(&id("shop", "reviews"))
+                .await
+                .unwrap_err(),
+        );
+        assert!(
+            reason.contains("403")
+                && reason.contains("only its own identity")
+                && reason.contains("/ns/shop/sa/reviews"),
+            "{reason}"
+        );
+        // A token bound to a pod that is not a waypoint.
+        let plain = waypoint("reviews-2", "reviews", false);
+        let plain_uid = plain["metadata"]["uid"].as_str().unwrap().to_owned();
+        let not_wp = c.token(
+            "notwp",
+            "system:serviceaccount:shop:reviews",
+            &[(POD_NAME, "reviews-2"), (POD_UID, &plain_uid)],
+            "mesh-ca",
+        );
+        let reason = refusal(
+            c.client(&not_wp)
+                .sign(&id("shop", "reviews"))
+                .await
+                .unwrap_err(),
+        );
+        assert!(
+            reason.contains("403") && reason.contains("is not a waypoint"),
+            "{reason}"
+        );
+        // A token of another ServiceAccount bound to the waypoint pod.
+        let other = c.token(
+            "other",
+            "system:serviceaccount:shop:reviews",
+            &[(POD_NAME, "waypoint-0"), (POD_UID, &uid)],
+            "mesh-ca",
+        );
+        let reason = refusal(
+            c.client(&other)
+                .sign(&id("shop", "reviews"))
+                .await
+                .unwrap_err(),
+        );
+        assert!(
+            reason.contains("403") && reason.contains("runs as waypoint"),
+            "{reason}"
+        );
+        // The pod was replaced since the token was issued.
+        let stale = c.token(
+            "stale",
+            user,
+            &[(POD_NAME, "waypoint-0"), (POD_UID, "an-earlier-uid")],
+            "mesh-ca",
+        );
+        let reason = refusal(c.client(&stale).sign(&own).await.unwrap_err());
+        assert!(
+            reason.contains("403") && reason.contains("earlier pod"),
+            "{reason}"
+        );
+        assert_eq!(c.count("issued").await, 1);
+        assert_eq!(c.count("forbidden").await, 4);
+    })
+    .await
+}
