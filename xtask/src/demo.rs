@@ -6,6 +6,8 @@
 
 use std::net::{IpAddr, SocketAddr};
 
+mod waypoint;
+
 use anyhow::Context as _;
 use mesh_tests::{
     Pod, Testbed, Value,
@@ -57,12 +59,19 @@ fn last_access(tb: &Testbed, field: &str) -> Option<String> {
 
 /// A metric line with only the labels a reader needs here.
 fn shorten(line: &str) -> String {
-    let keep = [
-        "source_principal",
-        "destination_workload",
-        "response_flags",
-        "connection_security_policy",
-    ];
+    shorten_with(
+        line,
+        &[
+            "source_principal",
+            "destination_workload",
+            "response_flags",
+            "connection_security_policy",
+        ],
+    )
+}
+
+/// A metric line with only the labels in `keep`.
+fn shorten_with(line: &str, keep: &[&str]) -> String {
     let (Some(open), Some(close)) = (line.find('{'), line.rfind('}')) else {
         return line.to_owned();
     };
@@ -256,6 +265,8 @@ pub fn run() -> anyhow::Result<()> {
     {
         println!("  {line}");
     }
+
+    waypoint::run(&mut tb, docs(true))?;
 
     tb.kill_agent(0)?;
     println!("\nAgent killed (programs stay pinned). shop/frontend -> shop/backend again:");
