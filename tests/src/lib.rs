@@ -141,6 +141,8 @@ pub struct Testbed {
     cgroup: PathBuf,
     children: Vec<Child>,
     pub workdir: PathBuf,
+    /// Agents (waypoints) the testbed keeps running until it is dropped.
+    kept: Vec<Agent>,
 }
 
 pub struct Node {
@@ -187,6 +189,7 @@ impl Testbed {
             cgroup,
             children: Vec::new(),
             workdir,
+            kept: Vec::new(),
         };
         fs::create_dir_all(&tb.cgroup).context("creating the testbed cgroup")?;
         ip(&["netns", "add", &tb.fabric])?;
@@ -440,6 +443,12 @@ impl Testbed {
         Ok(idx)
     }
 
+    /// The process ID of a process started by the testbed (the program
+    /// itself: the wrapper shell and nsenter exec it).
+    pub fn child_pid(&self, handle: usize) -> u32 {
+        self.children[handle].id()
+    }
+
     /// Stops a process started by the testbed.
     pub fn stop(&mut self, handle: usize) -> anyhow::Result<()> {
         let c = &mut self.children[handle];
@@ -603,6 +612,7 @@ impl Testbed {
 
 impl Drop for Testbed {
     fn drop(&mut self) {
+        self.kept.clear();
         for n in &mut self.nodes {
             if let Some(mut a) = n.agent.take() {
                 let _ = a.child.kill();

@@ -137,6 +137,14 @@ impl Testbed {
         }
     }
 
+    /// Keeps `agent` (a waypoint) running until the testbed is dropped;
+    /// returns its process ID.
+    pub fn keep(&mut self, agent: Agent) -> u32 {
+        let pid = agent.pid();
+        self.kept.push(agent);
+        pid
+    }
+
     /// Starts the HTTP test app in `pod` on `addr`, answering as `name`.
     pub fn serve_http(&mut self, pod: &Pod, addr: SocketAddr, name: &str) -> anyhow::Result<usize> {
         let idx = self.spawn_in(

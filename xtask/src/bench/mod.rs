@@ -17,7 +17,7 @@ use std::{
 use anyhow::{Context as _, ensure};
 use mesh_tests::{Pod, Testbed, Value};
 
-use paths::{Path, Targets};
+use paths::Path;
 pub use report::Results;
 
 #[derive(clap::Args)]
@@ -221,6 +221,10 @@ fn measure_path(results: &mut Results, run: &Run) -> anyhow::Result<()> {
         }
         for rate in [1000.0, 5000.0] {
             let cpu_before = cpu_seconds(&agents)?;
+            let middle_before = match targets.middle {
+                Some(pid) => cpu_seconds(&[pid])?,
+                None => 0.0,
+            };
             let started = std::time::Instant::now();
             let r = load(&tb, &client, targets.http, 4, rate, seconds, false)?;
             // The load tool's start and exit are in it too: per wall second.
@@ -243,6 +247,13 @@ fn measure_path(results: &mut Results, run: &Run) -> anyhow::Result<()> {
                 record("agent_vcpu_at_1k", cpu / wall);
                 record("agent_rss_at_1k_mib", max_status_mib(&agents, "VmRSS")?);
             }
+            if let (Some(pid), true) = (targets.middle, rate == 1000.0) {
+                let requests = r["requests"].as_f64().unwrap_or(f64::NAN);
+                let cpu = cpu_seconds(&[pid])? - middle_before;
+                record("middle_cpu_s_per_1000_req", cpu / requests * 1000.0);
+                record("middle_vcpu_at_1k", cpu / wall);
+                record("middle_rss_at_1k_mib", max_status_mib(&[pid], "VmRSS")?);
+            }
         }
         let r = load(&tb, &client, targets.http, 4, 0.0, seconds, false)?;
         record("saturation_rps", r["rps"].as_f64().unwrap_or(f64::NAN));
@@ -252,8 +263,10 @@ fn measure_path(results: &mut Results, run: &Run) -> anyhow::Result<()> {
             "connection_p99_ms",
             r["p99_us"].as_f64().unwrap_or(f64::NAN) / 1000.0,
         );
-        for (metric, streams) in [("throughput_1_gbps", 1), ("throughput_8_gbps", 8)] {
-            record(metric, iperf(&tb, &client, &targets, streams, seconds)?);
+        if let Some(iperf_target) = targets.iperf {
+            for (metric, streams) in [("throughput_1_gbps", 1), ("throughput_8_gbps", 8)] {
+                record(metric, iperf(&tb, &client, iperf_target, streams, seconds)?);
+            }
         }
         println!("    rep {}/{reps} done", rep + 1);
     }
@@ -264,6 +277,10 @@ fn measure_path(results: &mut Results, run: &Run) -> anyhow::Result<()> {
         let peak = max_status_mib(&agents, "VmHWM")?;
         results.add(placement, path, "agent_peak_rss_mib", peak);
     }
+    if let Some(pid) = targets.middle {
+        let peak = max_status_mib(&[pid], "VmHWM")?;
+        results.add(placement, path, "middle_peak_rss_mib", peak);
+    }
     Ok(())
 }
 
@@ -272,7 +289,7 @@ fn measure_path(results: &mut Results, run: &Run) -> anyhow::Result<()> {
 fn iperf(
     tb: &Testbed,
     client: &Pod,
-    targets: &Targets,
+    target: std::net::SocketAddr,
     streams: usize,
     seconds: f64,
 ) -> anyhow::Result<f64> {
@@ -281,9 +298,9 @@ fn iperf(
         FsPath::new("/usr/bin/iperf3"),
         &[
             "-c",
-            &targets.iperf.ip().to_string(),
+            &target.ip().to_string(),
             "-p",
-            &targets.iperf.port().to_string(),
+            &target.port().to_string(),
             "-t",
             &format!("{}", seconds.ceil() as u64),
             "-P",

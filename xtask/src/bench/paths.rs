@@ -1,7 +1,7 @@
 //! The paths a benchmark measures between the same client and server pods.
 //! Each is one `Path` value: how to set it up on a testbed, and where the
-//! client then sends its HTTP and iperf3 traffic. Adding a path (a waypoint
-//! next to nginx, say) is one more variant here.
+//! client then sends its HTTP and iperf3 traffic. Adding a path is one more
+//! variant here.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -13,7 +13,8 @@ use std::{
 use anyhow::{Context as _, ensure};
 use mesh_tests::{
     Pod, Testbed,
-    mesh::{namespace_yaml, pod_yaml, with_netns},
+    mesh::{namespace_yaml, pod_yaml, series_sum, with_netns},
+    waypoint::gateway_yaml,
 };
 
 /// The server pod's ports: the HTTP server and the iperf3 server.
@@ -37,6 +38,13 @@ pub enum Path {
     /// stunnel4 at both ends, mutual TLS 1.3: what a user would otherwise
     /// reach for.
     TlsTunnel,
+    /// eBPF capture, and the server's Service bound to a waypoint in a pod
+    /// of its own: client -> agent -> waypoint -> agent -> server.
+    MeshWaypoint,
+    /// nginx as a reverse proxy (keep-alive upstream) in a pod between
+    /// client and server, plain TCP: the floor of any L7 hop here. Only
+    /// HTTP is measured through it.
+    L7Proxy,
 }
 
 pub const ALL: &[Path] = &[
@@ -44,13 +52,24 @@ pub const ALL: &[Path] = &[
     Path::MeshEbpf,
     Path::MeshIptables,
     Path::TlsTunnel,
+    Path::MeshWaypoint,
+    Path::L7Proxy,
 ];
+
+/// The waypoint path's Service address.
+const WAYPOINT_VIP: [u8; 4] = [10, 96, 0, 80];
+/// The L7 proxy's port.
+const PROXY_PORT: u16 = 8088;
 
 /// Where the client sends its traffic once a path is up.
 #[derive(Clone, Copy, Debug)]
 pub struct Targets {
     pub http: SocketAddr,
-    pub iperf: SocketAddr,
+    /// None where the path carries only HTTP.
+    pub iperf: Option<SocketAddr>,
+    /// The process in the middle that is not an agent (the waypoint, or
+    /// nginx), whose CPU and memory are reported.
+    pub middle: Option<u32>,
 }
 
 impl Path {
@@ -60,11 +79,26 @@ impl Path {
             Path::MeshEbpf => "mesh-ebpf",
             Path::MeshIptables => "mesh-iptables",
             Path::TlsTunnel => "tls-tunnel",
+            Path::MeshWaypoint => "mesh-waypoint",
+            Path::L7Proxy => "l7-proxy",
         }
     }
 
+    /// Node agents run on this path.
     pub fn is_mesh(self) -> bool {
-        matches!(self, Path::MeshEbpf | Path::MeshIptables)
+        matches!(
+            self,
+            Path::MeshEbpf | Path::MeshIptables | Path::MeshWaypoint
+        )
+    }
+
+    /// The paths this one is compared with, as ratios in the report.
+    pub fn baselines(self) -> &'static [&'static str] {
+        match self {
+            Path::MeshEbpf | Path::MeshIptables => &["direct", "tls-tunnel"],
+            Path::MeshWaypoint => &["mesh-ebpf", "l7-proxy"],
+            _ => &[],
+        }
     }
 
     /// Sets the path up between `client` (node of index `client_node`) and
@@ -79,7 +113,8 @@ impl Path {
     ) -> anyhow::Result<Targets> {
         let direct = Targets {
             http: SocketAddr::new(server.ip4, HTTP_PORT),
-            iperf: SocketAddr::new(server.ip4, IPERF_PORT),
+            iperf: Some(SocketAddr::new(server.ip4, IPERF_PORT)),
+            middle: None,
         };
         match self {
             Path::Direct => Ok(direct),
@@ -111,14 +146,120 @@ impl Path {
                 )?;
                 let targets = Targets {
                     http: SocketAddr::from(([127, 0, 0, 1], LOCAL_HTTP)),
-                    iperf: SocketAddr::from(([127, 0, 0, 1], LOCAL_IPERF)),
+                    iperf: Some(SocketAddr::from(([127, 0, 0, 1], LOCAL_IPERF))),
+                    middle: None,
                 };
                 wait_listening(tb, client, targets.http)?;
                 wait_listening(tb, server, SocketAddr::new(server.ip4, TUNNEL_HTTP))?;
                 Ok(targets)
             }
+            Path::MeshWaypoint => start_waypoint(tb, client, client_node, server, server_node),
+            Path::L7Proxy => {
+                let proxy = tb.add_pod(server_node, "proxy")?;
+                let pid = start_nginx(tb, &proxy, server)?;
+                Ok(Targets {
+                    http: SocketAddr::new(proxy.ip4, PROXY_PORT),
+                    iperf: None,
+                    middle: Some(pid),
+                })
+            }
         }
     }
+}
+
+/// The mesh with the server's Service bound to a waypoint whose pod is on
+/// the server's node; HTTP and iperf3 go to the Service.
+fn start_waypoint(
+    tb: &mut Testbed,
+    client: &Pod,
+    client_node: usize,
+    server: &Pod,
+    server_node: usize,
+) -> anyhow::Result<Targets> {
+    let wp = tb.add_pod(server_node, "waypoint")?;
+    let vip = IpAddr::from(WAYPOINT_VIP);
+    let service = format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: server\n  namespace: bench\n  labels: {{istio.io/use-waypoint: waypoint}}\n\
+         spec:\n  clusterIP: {vip}\n  selector: {{app: server}}\n  ports:\n  - {{name: http, port: 80, targetPort: {HTTP_PORT}}}\n  - {{name: tcp-iperf, port: {IPERF_PORT}, targetPort: {IPERF_PORT}}}\n"
+    );
+    let extra = [
+        pod_yaml(
+            &wp,
+            server_node,
+            "bench",
+            "waypoint",
+            &[
+                ("gateway.networking.k8s.io/gateway-name", "waypoint"),
+                ("istio.io/dataplane-mode", "none"),
+            ],
+        ),
+        gateway_yaml("waypoint", "bench", None),
+        service,
+    ];
+    start_mesh_with(tb, client, client_node, server, server_node, &[], &extra)?;
+    let args = tb.mesh_args()?;
+    let waypoint = tb.start_waypoint(&wp, "bench", &args)?;
+    // Measured only once a request is seen going through it.
+    let http = SocketAddr::new(vip, 80);
+    let probe = tb.run_in_pod(
+        client,
+        FsPath::new("/usr/bin/curl"),
+        &[
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("http://{http}/"),
+        ],
+    )?;
+    ensure!(
+        probe == "200",
+        "a request through the waypoint answered {probe}"
+    );
+    let served = series_sum(
+        &waypoint.metrics()?,
+        "istio_requests_total",
+        &[("response_code", "200")],
+    );
+    ensure!(served >= 1.0, "the waypoint did not see the probe request");
+    let pid = tb.keep(waypoint);
+    Ok(Targets {
+        http,
+        iperf: Some(SocketAddr::new(vip, IPERF_PORT)),
+        middle: Some(pid),
+    })
+}
+
+/// nginx in `proxy`, forwarding to the server's HTTP port over keep-alive
+/// upstream connections; returns its master's process ID.
+fn start_nginx(tb: &mut Testbed, proxy: &Pod, server: &Pod) -> anyhow::Result<u32> {
+    let dir = tb.workdir().join("nginx");
+    std::fs::create_dir_all(&dir)?;
+    let d = dir.display();
+    // One process (no master): its CPU and memory are read like the
+    // waypoint's, and it serves with one core.
+    let conf = format!(
+        "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log stderr error;\n\
+         events {{ worker_connections 4096; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+           fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+           upstream server {{ server {}:{HTTP_PORT}; keepalive 64; }}\n\
+           server {{\n    listen {PROXY_PORT};\n    location / {{\n      proxy_pass http://server;\n\
+               proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n",
+        server.ip4
+    );
+    let file = dir.join("nginx.conf");
+    std::fs::write(&file, conf)?;
+    let conf_path = file.display().to_string();
+    let idx = tb.spawn_in(
+        &proxy.netns,
+        &proxy.cgroup,
+        FsPath::new("/usr/sbin/nginx"),
+        &["-c", &conf_path, "-p", &dir.display().to_string()],
+    )?;
+    wait_listening(tb, proxy, SocketAddr::new(proxy.ip4, PROXY_PORT))?;
+    Ok(tb.child_pid(idx))
 }
 
 /// Agents on the client's and the server's nodes (with `extra` arguments),
@@ -132,17 +273,31 @@ fn start_mesh(
     server_node: usize,
     extra: &[&str],
 ) -> anyhow::Result<()> {
-    let docs = vec![
+    start_mesh_with(tb, client, client_node, server, server_node, extra, &[])
+}
+
+/// [`start_mesh`] with more objects in the configuration.
+fn start_mesh_with(
+    tb: &mut Testbed,
+    client: &Pod,
+    client_node: usize,
+    server: &Pod,
+    server_node: usize,
+    extra: &[&str],
+    objects: &[String],
+) -> anyhow::Result<()> {
+    let mut docs = vec![
         namespace_yaml("bench", true),
         with_netns(
             &pod_yaml(client, client_node, "bench", "client", &[]),
             client,
         ),
         with_netns(
-            &pod_yaml(server, server_node, "bench", "server", &[]),
+            &pod_yaml(server, server_node, "bench", "server", &[("app", "server")]),
             server,
         ),
     ];
+    docs.extend(objects.iter().cloned());
     tb.write_config(&docs)?;
     let mut args = tb.mesh_args()?;
     args.extend(extra.iter().map(|s| (*s).to_owned()));

@@ -122,7 +122,10 @@ pub fn record(
         .stderr(Stdio::piped())
         .spawn()
         .context("running perf (apt-get install linux-perf)")?;
-    let gbps = match iperf(tb, client, targets, 1, seconds) {
+    let target = targets
+        .iperf
+        .context("this path carries no iperf3 traffic to profile")?;
+    let gbps = match iperf(tb, client, target, 1, seconds) {
         Ok(gbps) => gbps,
         Err(e) => {
             let _ = perf.kill();

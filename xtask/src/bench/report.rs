@@ -30,6 +30,22 @@ const METRICS: &[(&str, &str)] = &[
     ("agent_vcpu_at_1k", "agents' CPU at 1,000 req/s (vCPU)"),
     ("agent_rss_at_1k_mib", "agent RSS after 1,000 req/s (MiB)"),
     ("agent_peak_rss_mib", "agent peak RSS, whole run (MiB)"),
+    (
+        "middle_cpu_s_per_1000_req",
+        "waypoint's / proxy's CPU per 1,000 requests (s)",
+    ),
+    (
+        "middle_vcpu_at_1k",
+        "waypoint's / proxy's CPU at 1,000 req/s (vCPU)",
+    ),
+    (
+        "middle_rss_at_1k_mib",
+        "waypoint / proxy RSS after 1,000 req/s (MiB)",
+    ),
+    (
+        "middle_peak_rss_mib",
+        "waypoint / proxy peak RSS, whole run (MiB)",
+    ),
     ("errors_1k", "failed requests at 1,000 req/s"),
     ("errors_5k", "failed requests at 5,000 req/s"),
 ];
@@ -138,6 +154,15 @@ impl Results {
         }
     }
 
+    /// The baselines that were measured in this run.
+    fn present<'b>(&self, bases: &[&'b str]) -> Vec<&'b str> {
+        bases
+            .iter()
+            .copied()
+            .filter(|b| self.paths.iter().any(|p| p.name() == *b))
+            .collect()
+    }
+
     pub fn markdown(&self) -> String {
         let mut out = String::new();
         let machine = super::machine();
@@ -157,8 +182,9 @@ impl Results {
             let mut header = vec!["metric".to_owned()];
             header.extend(self.paths.iter().map(|p| p.name().to_owned()));
             for m in &mesh {
-                header.push(format!("{} / direct", m.name()));
-                header.push(format!("{} / tls-tunnel", m.name()));
+                for base in self.present(m.baselines()) {
+                    header.push(format!("{} / {base}", m.name()));
+                }
             }
             if compare {
                 header.push(format!("{ebpf} / {iptables}"));
@@ -185,8 +211,9 @@ impl Results {
                         .unwrap_or_default()
                 };
                 for m in &mesh {
-                    cells.push(ratio(m.name(), "direct"));
-                    cells.push(ratio(m.name(), "tls-tunnel"));
+                    for base in self.present(m.baselines()) {
+                        cells.push(ratio(m.name(), base));
+                    }
                 }
                 if compare {
                     cells.push(ratio(ebpf, iptables));
@@ -219,9 +246,15 @@ impl Results {
             .iter()
             .map(|((placement, path, metric), values)| {
                 let s = summary(values).expect("a recorded metric has values");
-                let mesh = self.paths.iter().any(|p| p.name() == *path && p.is_mesh());
-                let ratio = |base| {
-                    mesh.then(|| self.ratio(placement, path, base, metric))
+                let bases = self
+                    .paths
+                    .iter()
+                    .find(|p| p.name() == *path)
+                    .map_or(&[][..], |p| p.baselines());
+                let ratio = |base: &str| {
+                    bases
+                        .contains(&base)
+                        .then(|| self.ratio(placement, path, base, metric))
                         .flatten()
                 };
                 json!({
@@ -234,6 +267,8 @@ impl Results {
                     "max": s.max,
                     "ratio_to_direct": ratio("direct"),
                     "ratio_to_tls_tunnel": ratio("tls-tunnel"),
+                    "ratio_to_mesh_ebpf": ratio("mesh-ebpf"),
+                    "ratio_to_l7_proxy": ratio("l7-proxy"),
                     "ratio_to_mesh_iptables": (*path == CAPTURE_COMPARISON.0)
                         .then(|| self.ratio(placement, path, CAPTURE_COMPARISON.1, metric))
                         .flatten(),
