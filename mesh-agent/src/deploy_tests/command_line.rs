@@ -83,7 +83,7 @@ impl Manifests {
 
 /// The arguments after the program name, if `c` runs mesh-agent: an image
 /// named mesh-agent with its entrypoint, or a command naming the binary.
-fn mesh_argv(c: &Container) -> Option<Vec<String>> {
+pub(super) fn mesh_argv(c: &Container) -> Option<Vec<String>> {
     let is_mesh_agent = |s: &str| s.rsplit('/').next() == Some("mesh-agent");
     let mut argv = match c.command.as_deref() {
         None => {
@@ -103,7 +103,7 @@ fn mesh_argv(c: &Container) -> Option<Vec<String>> {
 
 /// The `MESH_*` variables of `c` as the flags they stand for, each checked
 /// to be one the container's subcommand reads.
-fn env_flags(c: &Container, namespace: &str) -> Result<Vec<(String, String)>, String> {
+pub(super) fn env_flags(c: &Container, namespace: &str) -> Result<Vec<(String, String)>, String> {
     let cli = Cli::command();
     let argv = mesh_argv(c).unwrap_or_default();
     let sub_name = argv.first().ok_or("no subcommand in args")?;
@@ -170,7 +170,10 @@ fn env_flags(c: &Container, namespace: &str) -> Result<Vec<(String, String)>, St
 }
 
 /// Parses like the binary, but without reading this process's environment.
-fn parse_cli(argv: Vec<String>, env_flags: Vec<(String, String)>) -> Result<Cli, String> {
+pub(super) fn parse_cli(
+    argv: Vec<String>,
+    env_flags: Vec<(String, String)>,
+) -> Result<Cli, String> {
     let no_env = |a: clap::Arg| a.env(None);
     let cmd = Cli::command()
         .mut_args(no_env)

@@ -10,7 +10,8 @@
 //! would make of the manifests.
 //!
 //! This module loads and types the manifests; `workload` reads the pods
-//! they run.
+//! they run. `waypoint` checks `deploy/waypoint/`, a waypoint for a user's
+//! namespace, applied on its own.
 
 mod agent;
 mod ca;
@@ -20,6 +21,7 @@ mod crds;
 mod kustomize;
 mod rbac;
 mod trust;
+mod waypoint;
 mod workload;
 
 use std::any::TypeId;
