@@ -3,10 +3,19 @@
 //! answer is one JSON line saying who served it and what arrived (method,
 //! path with query, version, headers, body size), so a test sees the
 //! request as the backend saw it. `/status/N` answers with status N;
-//! `/slow...` answers after 5 s; `/bytes/N` answers N bytes; an `Upgrade`
+//! `/slow...` answers after 5 s; `/bytes/N` answers N bytes; `/seen/PATH`
+//! answers how many requests for `/PATH` it has served; an `Upgrade`
 //! request is switched (101) and its bytes echoed.
 
-use std::{convert::Infallible, net::SocketAddr};
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{LazyLock, Mutex},
+};
+
+/// Requests served, by path.
+static SEEN: LazyLock<Mutex<HashMap<String, u64>>> = LazyLock::new(Mutex::default);
 
 use http_body_util::{BodyExt as _, Full};
 use hyper::{Request, Response, body::Bytes, service::service_fn};
@@ -69,6 +78,15 @@ async fn answer(
     {
         return Ok(Response::new(Full::new(Bytes::from(vec![b'x'; n]))));
     }
+    if let Some(path) = req.uri().path().strip_prefix("/seen") {
+        let n = SEEN.lock().expect("seen").get(path).copied().unwrap_or(0);
+        return Ok(Response::new(Full::new(Bytes::from(format!("{n}\n")))));
+    }
+    *SEEN
+        .lock()
+        .expect("seen")
+        .entry(req.uri().path().to_owned())
+        .or_default() += 1;
     let (parts, body) = req.into_parts();
     if parts.uri.path().starts_with("/slow") {
         tokio::time::sleep(std::time::Duration::from_secs(5)).await;

@@ -614,13 +614,8 @@ impl Drop for Testbed {
     fn drop(&mut self) {
         self.kept.clear();
         for n in &mut self.nodes {
-            if let Some(mut a) = n.agent.take() {
-                let _ = a.child.kill();
-                let _ = a.child.wait();
-                if std::thread::panicking() {
-                    eprintln!("--- agent log (node {}) ---\n{}", n.index, a.log_text());
-                }
-            }
+            // Killed, and its log shown when the test failed, as it drops.
+            drop(n.agent.take());
         }
         for c in &mut self.children {
             let _ = c.kill();
@@ -722,11 +717,15 @@ pub struct Agent {
     pub log: PathBuf,
 }
 
-/// An agent (or waypoint) never outlives its test, whoever holds it.
+/// An agent (or waypoint) never outlives its test, whoever holds it; a
+/// failing test shows its log.
 impl Drop for Agent {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- log of {} ---\n{}", self.log.display(), self.log_text());
+        }
     }
 }
 

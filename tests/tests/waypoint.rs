@@ -45,6 +45,11 @@ spec:
     - type: RequestHeaderModifier
       requestHeaderModifier: {set: [{name: x-route, value: v1api}], remove: [x-drop]}
     backendRefs: [{name: reviews-v1, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /mirror}}]
+    filters:
+    - type: RequestMirror
+      requestMirror: {backendRef: {name: reviews-v2, port: 80}}
+    backendRefs: [{name: reviews-v1, port: 80}]
   - matches: [{path: {type: Exact, value: /slow}}]
     timeouts: {request: 300ms}
     backendRefs: [{name: reviews-v1, port: 80}]
@@ -90,6 +95,8 @@ fn setup(second: bool) -> anyhow::Result<Setup> {
     let v1 = tb.add_pod(1, "reviews-v1")?;
     let v2 = tb.add_pod(0, "reviews-v2")?;
     let wp = tb.add_pod(1, "waypoint-0")?;
+    // An endpoint of Service flaky whose app never listens.
+    let dead = tb.add_pod(1, "reviews-dead")?;
     let waypoint_labels = |gw: &'static str| {
         [
             ("gateway.networking.k8s.io/gateway-name", gw),
@@ -110,10 +117,11 @@ fn setup(second: bool) -> anyhow::Result<Setup> {
             1,
             "shop",
             "reviews",
-            &[("app", "reviews"), ("version", "v1")],
+            &[("app", "reviews"), ("version", "v1"), ("tier", "flaky")],
         ),
         pod_yaml(&v2, 0, "shop", "reviews", &v2_labels),
         pod_yaml(&wp, 1, "shop", "waypoint", &waypoint_labels("waypoint")),
+        pod_yaml(&dead, 1, "shop", "reviews", &[("tier", "flaky")]),
         gateway_yaml("waypoint", "shop", None),
         service(
             "reviews",
@@ -138,6 +146,12 @@ fn setup(second: bool) -> anyhow::Result<Setup> {
         .replace(
             "name: http\n    port: 80\n    targetPort: 8080",
             "name: grpc\n    port: 9090\n    targetPort: 9090",
+        ),
+        service(
+            "flaky",
+            "10.96.0.26",
+            "tier: flaky",
+            "istio.io/use-waypoint: waypoint",
         ),
         // Bound to a waypoint that does not exist: refused, never direct.
         service(
@@ -184,6 +198,7 @@ fn setup(second: bool) -> anyhow::Result<Setup> {
         tb.agent(0).enroll(p)?;
     }
     tb.agent(1).enroll(&v1)?;
+    tb.agent(1).enroll(&dead)?;
     let waypoint = tb.start_waypoint(&wp, "shop", &args)?;
     let all_waypoint = match wp_all {
         Some(p) => Some(tb.start_waypoint(&p, "shop", &args)?),
@@ -633,5 +648,73 @@ fn waypoint_carries_upgrades_streams_and_grpc_and_answers_bad_input() -> anyhow:
         )
     };
     assert_eq!((grpc("0"), grpc("7")), (1.0, 1.0), "{page}");
+    Ok(())
+}
+
+#[test]
+fn retries_move_off_a_dead_endpoint_and_mirrors_get_a_copy() -> anyhow::Result<()> {
+    let Setup {
+        tb,
+        frontend,
+        waypoint,
+        ..
+    } = setup(false)?;
+    // Service flaky has two endpoints, one with no app: Istio's default
+    // retry (connect failure) turns each request that picks it into a
+    // success on the other, and the dead one is set aside.
+    let urls: Vec<String> = (0..10)
+        .map(|i| format!("http://10.96.0.26/try/{i}"))
+        .collect();
+    let args: Vec<&str> = urls.iter().map(String::as_str).collect();
+    let (_, a) = tb.curl(&frontend, &args)?;
+    assert_eq!(a.len(), 10, "{a:?}");
+    assert!(
+        a.iter()
+            .all(|(s, b)| *s == 200 && json(b)["server"] == "v1"),
+        "{a:?}"
+    );
+    let dead = tb.nodes[1].pods[2].ip4;
+    let (_, dump) = waypoint.http("GET", "/config_dump", None)?;
+    let dump: Value = serde_json::from_str(&dump)?;
+    assert_eq!(
+        dump["endpoints_down"],
+        serde_json::json!([format!("{dead}:8080")]),
+        "{dump}"
+    );
+    // The retried request is one request: it counts once, as a 200.
+    let page = waypoint.metrics()?;
+    assert_eq!(
+        series_sum(
+            &page,
+            "istio_requests_total",
+            &[
+                ("destination_service_name", "flaky"),
+                ("response_code", "200")
+            ]
+        ),
+        10.0,
+        "{page}"
+    );
+
+    // A mirrored request: v1 answers; v2 receives a copy, whose answer is
+    // dropped.
+    let (_, a) = tb.curl(&frontend, &[&format!("http://{VIP}/mirror/me")])?;
+    assert_eq!(a[0].0, 200, "{a:?}");
+    assert_eq!(json(&a[0].1)["server"], "v1", "{a:?}");
+    let v2 = tb.nodes[0].pods[1].ip4;
+    let seen_by_v2 = || -> anyhow::Result<String> {
+        let (_, a) = tb.curl(&frontend, &[&format!("http://{v2}:8080/seen/mirror/me")])?;
+        Ok(a.first()
+            .map(|(_, b)| b.trim().to_owned())
+            .unwrap_or_default())
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while seen_by_v2()? != "1" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the mirror never reached v2"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     Ok(())
 }
