@@ -397,8 +397,22 @@ fn waypoint_routes_authorizes_and_counts_requests() -> anyhow::Result<()> {
         1000.0 + 2.0 + 1.0 + 1.0 + 2.0 + 1.0 + 1.0,
         "{page}"
     );
+    // The route's status: in the dump, and logged by the waypoint.
+    let (_, dump) = waypoint.http("GET", "/config_dump", None)?;
+    let dump: Value = serde_json::from_str(&dump)?;
+    let status = &dump["config"]["route_status"][0];
+    assert_eq!(status["name"], "reviews", "{status}");
+    assert_eq!(status["parents"][0]["accepted"]["status"], true, "{status}");
+    assert_eq!(
+        status["parents"][0]["resolved_refs"]["reason"], "ResolvedRefs",
+        "{status}"
+    );
     // The access log has a line per request with its route and decision.
     let log = waypoint.log_text();
+    assert!(
+        log.contains("HTTPRoute status route=shop/reviews parent=Service shop/reviews accepted=true resolved_refs=true"),
+        "{log}"
+    );
     assert!(log.contains("route=shop/reviews rule 2"), "{log}");
     assert!(log.contains("policy=deny"), "{log}");
     Ok(())

@@ -583,6 +583,8 @@ struct ApiCall<'a> {
     resource: ServedKind,
     namespace: Option<&'a str>,
     name: Option<&'a str>,
+    /// The status subresource: a write changes `status` only.
+    status_only: bool,
     parts: &'a Parts,
     query: Query,
     body: &'a [u8],
@@ -597,6 +599,11 @@ impl<'a> ApiCall<'a> {
             ["api", version, rest @ ..] => ("", *version, rest),
             ["apis", group, version, rest @ ..] => (*group, *version, rest),
             _ => return None,
+        };
+        // `.../{name}/status`: the status subresource.
+        let (rest, status_only) = match *rest {
+            [ref head @ .., "status"] if head.len() == 2 || head.len() == 4 => (head, true),
+            _ => (rest, false),
         };
         let (namespace, plural, name) = match *rest {
             [plural] => (None, plural, None),
@@ -617,6 +624,7 @@ impl<'a> ApiCall<'a> {
             resource,
             namespace,
             name,
+            status_only,
             parts,
             query,
             body,
@@ -678,7 +686,10 @@ impl<'a> ApiCall<'a> {
                 Ok(json_response(200, &state.store(key, obj)))
             }
             Method::PATCH => {
-                let patch = self.patch()?;
+                let mut patch = self.patch()?;
+                if self.status_only {
+                    patch = json!({ "status": patch["status"].clone() });
+                }
                 let mut merged = match (current, self.content_type()) {
                     (Some(current), _) => current,
                     // Server-side apply creates what is missing.

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::{
     apps::v1::Deployment,
     core::v1::{Service, ServiceAccount},
-    rbac::v1::{ClusterRole, ClusterRoleBinding},
+    rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
 };
 use serde::Deserialize as _;
 use serde_json::Value;
@@ -276,5 +276,31 @@ fn waypoint_deployment_runs_a_waypoint_its_gateway_recognises() {
     p.check(main.find::<ClusterRole>(None, role).is_some(), || {
         format!("ClusterRole {role} is not in deploy/")
     });
+    // It may write the status of the routes it serves.
+    let role: &Role = wm.one();
+    let grants_status = role.rules.iter().flatten().any(|r| {
+        r.api_groups
+            .iter()
+            .flatten()
+            .any(|g| g == "gateway.networking.k8s.io")
+            && r.resources
+                .iter()
+                .flatten()
+                .any(|x| x == "httproutes/status")
+            && r.verbs.iter().any(|v| v == "patch")
+    });
+    p.check(grants_status, || {
+        "no Role grants patch on httproutes/status".into()
+    });
+    let role_binding: &RoleBinding = wm.one();
+    p.check(
+        role_binding.role_ref.name == role.metadata.name.clone().unwrap_or_default()
+            && role_binding
+                .subjects
+                .iter()
+                .flatten()
+                .any(|s| s.kind == "ServiceAccount" && s.name == w.service_account()),
+        || "the RoleBinding does not give the waypoint's ServiceAccount its Role".into(),
+    );
     p.assert_none("deploy/waypoint/ would not run a working waypoint");
 }

@@ -33,7 +33,9 @@ use std::{
 
 pub use k8s::NETNS_ANNOTATION;
 pub use matcher::{Attrs, L7Request};
-pub use route::{Backend, RequestView, RouteEntry, RuleAction, modify_path};
+pub use route::{
+    Backend, Condition, RequestView, RouteEntry, RouteStatus, RuleAction, modify_path,
+};
 pub use source::{LocalFiles, Publisher, Source, spawn_source};
 pub use waypoint::{Binding, GATEWAY_NAME, Waypoint};
 pub use yaml::{Document, ObjectKey};
@@ -306,11 +308,9 @@ impl Store {
         store.routes = route::compile(
             &objects,
             &store.services,
-            |ns, name| {
-                matches!(
-                    bound.get(&(ns.to_owned(), name.to_owned())),
-                    Some(Binding::Bound(_))
-                )
+            |ns, name| match bound.get(&(ns.to_owned(), name.to_owned())) {
+                Some(Binding::Bound(wp)) => Some(wp.key()),
+                _ => None,
             },
             &mut warnings,
         );
@@ -439,6 +439,18 @@ impl Store {
             .get(&(wl.namespace.clone(), wl.name.clone()))
     }
 
+    /// Every HTTPRoute's status per parent (`Accepted`, `ResolvedRefs`).
+    pub fn route_statuses(&self) -> &[RouteStatus] {
+        self.routes.statuses()
+    }
+
+    /// The waypoint whose pod `namespace/name` is.
+    pub fn waypoint_of_pod(&self, namespace: &str, name: &str) -> Option<&Arc<Waypoint>> {
+        let pod = self.workload(namespace, name)?;
+        let gateway = pod.labels.get(GATEWAY_NAME)?;
+        self.waypoint(&pod.namespace, gateway)
+    }
+
     pub fn waypoint(&self, namespace: &str, name: &str) -> Option<&Arc<Waypoint>> {
         self.bindings
             .waypoints
@@ -545,6 +557,7 @@ impl Store {
             "service_waypoints": bindings(&self.bindings.services),
             "workload_waypoints": bindings(&self.bindings.workloads),
             "routes": self.routes.dump(),
+            "route_status": self.routes.statuses(),
             "warnings": self.warnings,
         })
     }

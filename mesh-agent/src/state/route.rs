@@ -363,9 +363,47 @@ impl RouteEntry {
     }
 }
 
-/// Routes by parent Service (namespace, name), in precedence order.
+/// Routes by parent Service (namespace, name), in precedence order, and
+/// every HTTPRoute's status per parent.
 #[derive(Debug, Default)]
-pub struct Routes(HashMap<(String, String), Vec<RouteEntry>>);
+pub struct Routes(HashMap<(String, String), Vec<RouteEntry>>, Vec<RouteStatus>);
+
+/// A Gateway API condition (`Accepted`, `ResolvedRefs`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Condition {
+    pub status: bool,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// An HTTPRoute's status for one of its parents.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ParentStatus {
+    pub group: String,
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub section_name: Option<String>,
+    pub accepted: Condition,
+    pub resolved_refs: Condition,
+    /// The waypoint (`namespace/name`) that serves this parent, which is
+    /// the one to write this status.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waypoint: Option<String>,
+}
+
+/// What the Gateway API calls an HTTPRoute's status, as computed here.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct RouteStatus {
+    pub namespace: String,
+    pub name: String,
+    /// `metadata.generation`, for the conditions' `observedGeneration`.
+    pub generation: Option<i64>,
+    pub parents: Vec<ParentStatus>,
+}
 
 impl Routes {
     /// The first entry of Service `key` that matches the request on `port`.
@@ -380,6 +418,10 @@ impl Routes {
             .iter()
             .filter(|e| e.port.is_none_or(|p| p == port))
             .find(|e| e.matcher.matches(req))
+    }
+
+    pub fn statuses(&self) -> &[RouteStatus] {
+        &self.1
     }
 
     /// Route names per Service, for `/config_dump`.
@@ -397,11 +439,12 @@ impl Routes {
 }
 
 /// Compiles every HTTPRoute attached to a Service that `bound` says has a
-/// waypoint (the others are warned about by `gateway::check_routes`).
+/// waypoint (it names it; the others are warned about by
+/// `gateway::check_routes`).
 pub(super) fn compile(
     objects: &Objects,
     services: &std::collections::BTreeMap<(String, String), Arc<Service>>,
-    bound: impl Fn(&str, &str) -> bool,
+    bound: impl Fn(&str, &str) -> Option<String>,
     warnings: &mut Vec<ConfigWarning>,
 ) -> Routes {
     let mut routes = Routes::default();
@@ -413,6 +456,7 @@ pub(super) fn compile(
             ns,
             services,
             warnings: &mut *warnings,
+            unresolved: None,
         };
         let created = route
             .metadata
@@ -427,9 +471,68 @@ pub(super) fn compile(
             .enumerate()
             .filter_map(|(i, r)| c.rule(&format!("{ns}/{name}"), i, r))
             .collect();
+        let resolved_refs = match c.unresolved.take() {
+            None => Condition {
+                status: true,
+                reason: "ResolvedRefs",
+                message: "every backendRef resolves".into(),
+            },
+            Some((reason, message)) => Condition {
+                status: false,
+                reason,
+                message,
+            },
+        };
+        let mut status = RouteStatus {
+            namespace: ns.clone(),
+            name: name.clone(),
+            generation: route.metadata.generation,
+            parents: Vec::new(),
+        };
         for parent in &route.spec.parent_refs {
             let pns = parent.namespace.as_deref().unwrap_or(ns);
-            if !parent.is_service() || !bound(pns, &parent.name) {
+            let waypoint = parent
+                .is_service()
+                .then(|| bound(pns, &parent.name))
+                .flatten();
+            let accepted = if !parent.is_service() {
+                Condition {
+                    status: false,
+                    reason: "NotAllowedByListeners",
+                    message: "only Service parents (mesh routes) are served by a waypoint".into(),
+                }
+            } else if let Some(wp) = &waypoint {
+                Condition {
+                    status: true,
+                    reason: "Accepted",
+                    message: format!("served by waypoint {wp}"),
+                }
+            } else {
+                Condition {
+                    status: false,
+                    reason: "NoMatchingParent",
+                    message: format!(
+                        "Service {pns}/{} has no waypoint that serves it",
+                        parent.name
+                    ),
+                }
+            };
+            let serving = accepted.status;
+            status.parents.push(ParentStatus {
+                group: parent
+                    .group
+                    .clone()
+                    .unwrap_or_else(|| "gateway.networking.k8s.io".into()),
+                kind: parent.kind.clone().unwrap_or_else(|| "Gateway".into()),
+                namespace: pns.to_owned(),
+                name: parent.name.clone(),
+                port: parent.port,
+                section_name: parent.section_name.clone(),
+                accepted,
+                resolved_refs: resolved_refs.clone(),
+                waypoint,
+            });
+            if !serving {
                 continue;
             }
             if !route.spec.hostnames.is_empty() {
@@ -465,6 +568,7 @@ pub(super) fn compile(
                 }
             }
         }
+        routes.1.push(status);
     }
     for list in routes.0.values_mut() {
         list.sort_by(|a, b| a.precedence().cmp(&b.precedence()));
@@ -477,6 +581,8 @@ struct RouteCompiler<'a> {
     ns: &'a str,
     services: &'a std::collections::BTreeMap<(String, String), Arc<Service>>,
     warnings: &'a mut Vec<ConfigWarning>,
+    /// The first backendRef that does not resolve: ResolvedRefs' reason.
+    unresolved: Option<(&'static str, String)>,
 }
 
 impl RouteCompiler<'_> {
@@ -631,9 +737,9 @@ impl RouteCompiler<'_> {
         let ns = b.namespace.as_deref().unwrap_or(self.ns);
         let weight = b.weight.unwrap_or(1);
         let port = b.port.unwrap_or(0);
-        let service = if !matches!(b.group.as_deref(), None | Some("" | "core"))
-            || !matches!(b.kind.as_deref(), None | Some("Service"))
-        {
+        let kind_ok = matches!(b.group.as_deref(), None | Some("" | "core"))
+            && matches!(b.kind.as_deref(), None | Some("Service"));
+        let service = if !kind_ok {
             Err(format!(
                 "backendRef {}/{} of kind {:?} is not a Service",
                 ns,
@@ -651,6 +757,12 @@ impl RouteCompiler<'_> {
             }
         };
         if let Err(e) = &service {
+            let reason = if kind_ok {
+                "BackendNotFound"
+            } else {
+                "InvalidKind"
+            };
+            self.unresolved.get_or_insert((reason, e.clone()));
             self.warn(
                 "unresolved_ref",
                 format!("rule {rule}: {e} (ResolvedRefs: False); requests sent to it get 500"),

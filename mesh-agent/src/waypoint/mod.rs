@@ -22,6 +22,9 @@ use crate::{
 
 mod http;
 mod serve;
+mod status;
+#[cfg(test)]
+mod status_tests;
 mod telemetry;
 mod upstream;
 
@@ -52,9 +55,7 @@ impl Ctx {
 
     /// The waypoint Gateway this pod belongs to.
     pub fn waypoint(&self, store: &Store) -> Option<Arc<Waypoint>> {
-        let me = self.me(store)?;
-        let gw = me.labels.get(crate::state::GATEWAY_NAME)?;
-        store.waypoint(&me.namespace, gw).cloned()
+        store.waypoint_of_pod(&self.pod.0, &self.pod.1).cloned()
     }
 
     pub fn identity(&self, store: &Store) -> Option<Identity> {
@@ -104,7 +105,12 @@ pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
     } else {
         None
     };
-    let (store, _) = crate::start_store(&args.mesh, metrics.clone(), client);
+    let (store, _) = crate::start_store(&args.mesh, metrics.clone(), client.clone());
+    status::spawn(
+        client,
+        store.clone(),
+        (args.pod_namespace.clone(), args.pod_name.clone()),
+    );
     let ctx = Arc::new_cyclic(|weak| Ctx {
         store,
         certs,
