@@ -75,6 +75,13 @@ pub const WATCHED: &[Resource] = &[
         "gateways",
         true,
     ),
+    Resource::new(
+        "gateway.networking.k8s.io",
+        "v1",
+        "GatewayClass",
+        "gatewayclasses",
+        false,
+    ),
 ];
 
 /// Where the agent writes Events (`create` and `patch` in RBAC): kube's

@@ -54,6 +54,14 @@ impl ParentRef {
         matches!(self.group.as_deref(), Some("" | "core"))
             && self.kind.as_deref() == Some("Service")
     }
+
+    /// A Gateway parent (the Gateway API's default kind).
+    pub fn is_gateway(&self) -> bool {
+        matches!(
+            self.group.as_deref(),
+            None | Some("gateway.networking.k8s.io")
+        ) && matches!(self.kind.as_deref(), None | Some("Gateway"))
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -85,6 +93,14 @@ impl Gateway {
     }
 }
 
+/// A GatewayClass: read for its labels (`istio.io/waypoint-for`, which a
+/// Gateway of the class inherits unless it sets its own).
+#[derive(Debug, Deserialize)]
+pub(super) struct GatewayClass {
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+}
+
 /// A warning for every HTTPRoute parent that is not in effect: no
 /// waypoint, a waypoint that does not exist, or a parent of a kind this
 /// agent does not serve.
@@ -110,12 +126,21 @@ pub(super) fn check_routes(
         }
         for parent in &route.object.spec.parent_refs {
             let ns = parent.namespace.as_deref().unwrap_or(namespace);
+            let waypoint = objects
+                .gateways
+                .get(&(ns.to_owned(), parent.name.clone()))
+                .is_some_and(|g| g.object.spec.gateway_class_name == WAYPOINT_CLASS);
+            if parent.is_gateway() && waypoint {
+                // Applies to the Services the waypoint serves.
+                continue;
+            }
             if !parent.is_service() {
                 warn(
                     "unsupported",
                     format!(
-                        "parent {} {ns}/{}: only Service parents (the mesh's routes) are \
-                         read; ingress Gateways are not this agent's; not applied",
+                        "parent {} {ns}/{}: only Service parents and waypoint Gateways (the \
+                         mesh's routes) are read; ingress Gateways are not this agent's; not \
+                         applied",
                         parent.kind.as_deref().unwrap_or("Gateway"),
                         parent.name
                     ),

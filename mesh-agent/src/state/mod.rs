@@ -312,6 +312,21 @@ impl Store {
                 Some(Binding::Bound(wp)) => Some(wp.key()),
                 _ => None,
             },
+            |ns, gw| {
+                store
+                    .bindings
+                    .waypoints
+                    .get(&(ns.to_owned(), gw.to_owned()))?;
+                let mut served: Vec<(String, String)> = bound
+                    .iter()
+                    .filter(|(_, b)| {
+                        matches!(b, Binding::Bound(w) if w.namespace == ns && w.name == gw)
+                    })
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                served.sort();
+                Some(served)
+            },
             &mut warnings,
         );
         store.warnings = warnings;

@@ -439,12 +439,14 @@ impl Routes {
 }
 
 /// Compiles every HTTPRoute attached to a Service that `bound` says has a
-/// waypoint (it names it; the others are warned about by
+/// waypoint (it names it), or to a waypoint Gateway, which `served` says
+/// serves which Services (the rest are warned about by
 /// `gateway::check_routes`).
 pub(super) fn compile(
     objects: &Objects,
     services: &std::collections::BTreeMap<(String, String), Arc<Service>>,
     bound: impl Fn(&str, &str) -> Option<String>,
+    served: impl Fn(&str, &str) -> Option<Vec<(String, String)>>,
     warnings: &mut Vec<ConfigWarning>,
 ) -> Routes {
     let mut routes = Routes::default();
@@ -491,11 +493,26 @@ pub(super) fn compile(
         };
         for parent in &route.spec.parent_refs {
             let pns = parent.namespace.as_deref().unwrap_or(ns);
-            let waypoint = parent
-                .is_service()
-                .then(|| bound(pns, &parent.name))
+            // A route on a waypoint Gateway applies to every Service it
+            // serves.
+            let on_waypoint = parent
+                .is_gateway()
+                .then(|| served(pns, &parent.name))
                 .flatten();
-            let accepted = if !parent.is_service() {
+            let waypoint = if parent.is_service() {
+                bound(pns, &parent.name)
+            } else {
+                on_waypoint
+                    .as_ref()
+                    .map(|_| format!("{pns}/{}", parent.name))
+            };
+            let accepted = if on_waypoint.is_some() {
+                Condition {
+                    status: true,
+                    reason: "Accepted",
+                    message: format!("waypoint {pns}/{}", parent.name),
+                }
+            } else if !parent.is_service() {
                 Condition {
                     status: false,
                     reason: "NotAllowedByListeners",
@@ -535,36 +552,43 @@ pub(super) fn compile(
             if !serving {
                 continue;
             }
+            let targets: Vec<(String, String)> = match on_waypoint {
+                Some(services) => services,
+                None => vec![(pns.to_owned(), parent.name.clone())],
+            };
             if !route.spec.hostnames.is_empty() {
                 c.warn(
                     "unsupported",
                     "hostnames are ignored for a Service parent (the Service is the host)".into(),
                 );
             }
-            // A Service parent's sectionName names one of its ports.
-            let port = parent.port.or_else(|| {
-                let section = parent.section_name.as_deref()?;
-                let svc = services.get(&(pns.to_owned(), parent.name.clone()))?;
-                // A name that is no port matches nothing rather than all.
-                Some(
-                    svc.ports
-                        .iter()
-                        .find(|p| p.name == section)
-                        .map_or(0, |p| p.port),
-                )
-            });
-            let list = routes
-                .0
-                .entry((pns.to_owned(), parent.name.clone()))
-                .or_default();
-            for (ri, (matches, action)) in rules.iter().enumerate() {
-                for (mi, matcher) in matches.iter().enumerate() {
-                    list.push(RouteEntry {
-                        port,
-                        matcher: matcher.clone(),
-                        action: action.clone(),
-                        order: (created.clone(), format!("{ns}/{name}"), ri, mi),
-                    });
+            for target in targets {
+                // A Service parent's sectionName names one of its ports (a
+                // Gateway's names a listener: the waypoint has one).
+                let port = parent.port.filter(|_| parent.is_service()).or_else(|| {
+                    let section = parent
+                        .section_name
+                        .as_deref()
+                        .filter(|_| parent.is_service())?;
+                    let svc = services.get(&target)?;
+                    // A name that is no port matches nothing rather than all.
+                    Some(
+                        svc.ports
+                            .iter()
+                            .find(|p| p.name == section)
+                            .map_or(0, |p| p.port),
+                    )
+                });
+                let list = routes.0.entry(target).or_default();
+                for (ri, (matches, action)) in rules.iter().enumerate() {
+                    for (mi, matcher) in matches.iter().enumerate() {
+                        list.push(RouteEntry {
+                            port,
+                            matcher: matcher.clone(),
+                            action: action.clone(),
+                            order: (created.clone(), format!("{ns}/{name}"), ri, mi),
+                        });
+                    }
                 }
             }
         }

@@ -2,7 +2,7 @@
 //! waypoint is a `Gateway` of class `istio-waypoint` with an HBONE
 //! listener on 15008; its pods carry the label
 //! `gateway.networking.k8s.io/gateway-name`; `istio.io/waypoint-for` on the
-//! Gateway says what it serves; `istio.io/use-waypoint` on a Service or
+//! Gateway (else on its GatewayClass) says what it serves; `istio.io/use-waypoint` on a Service or
 //! pod (else on its namespace) binds it, `none` opts out, and
 //! `istio.io/use-waypoint-namespace` names a waypoint in another
 //! namespace. Unlike Istio, a binding that cannot be served (no such
@@ -142,7 +142,15 @@ pub(super) fn bind<'a>(
                 ),
             });
         }
-        let label = gw.labels().and_then(|l| l.get(WAYPOINT_FOR));
+        // The Gateway's own label wins over its class's.
+        let class = objects
+            .gateway_classes
+            .get(&gw.spec.gateway_class_name)
+            .and_then(|c| c.object.metadata.labels.as_ref());
+        let label = gw
+            .labels()
+            .and_then(|l| l.get(WAYPOINT_FOR))
+            .or_else(|| class.and_then(|l| l.get(WAYPOINT_FOR)));
         let serves = match label.map(|v| (v, WaypointFor::parse(v))) {
             None => WaypointFor::Service,
             Some((_, Some(f))) => f,

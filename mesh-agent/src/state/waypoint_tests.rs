@@ -417,3 +417,80 @@ fn l7_policy_at_the_waypoint() {
     });
     assert_eq!(l4, Decision::Allow);
 }
+
+#[test]
+fn waypoint_for_comes_from_the_gateway_else_its_class() {
+    let class = "
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata: {name: istio-waypoint, labels: {istio.io/waypoint-for: all}}
+spec: {controllerName: istio.io/waypoint-controller}
+";
+    let s = store(&format!("{BASE}{class}"));
+    // wp has no label of its own: its class's `all` serves pods too.
+    assert!(matches!(
+        s.waypoint("shop", "wp").unwrap().serves,
+        waypoint::WaypointFor::All
+    ));
+    let web = s.workload("shop", "web-1").unwrap();
+    assert_eq!(state(s.workload_binding(web)), "bound shop/wp");
+    // pods-only says `workload` itself, which wins over the class.
+    assert!(matches!(
+        s.waypoint("shop", "pods-only").unwrap().serves,
+        waypoint::WaypointFor::Workload
+    ));
+    assert!(
+        s.warnings()
+            .iter()
+            .all(|w| !w.object.starts_with("GatewayClass"))
+    );
+}
+
+#[test]
+fn a_route_on_the_waypoint_gateway_applies_to_every_service_it_serves() {
+    let route = "
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: all, namespace: shop}
+spec:
+  parentRefs: [{name: wp}]
+  rules:
+  - matches: [{headers: [{name: canary, value: 'yes'}]}]
+    backendRefs: [{name: web-v2, port: 80}]
+";
+    let s = store(&format!("{BASE}{route}"));
+    let mut h = HeaderMap::new();
+    h.insert("canary", HeaderValue::from_static("yes"));
+    let view = RequestView {
+        method: &Method::GET,
+        path: "/",
+        query: None,
+        headers: &h,
+    };
+    let web = s
+        .service_by_vip("10.96.0.1:80".parse().unwrap())
+        .unwrap()
+        .0
+        .clone();
+    let hit = s.route(&web, 80, &view).map(|e| e.action.route.clone());
+    assert_eq!(hit.as_deref(), Some("shop/all"));
+    // web-v2 opts out of the waypoint: the route is not its.
+    let v2 = s
+        .service_by_vip("10.96.0.2:80".parse().unwrap())
+        .unwrap()
+        .0
+        .clone();
+    assert!(s.route(&v2, 80, &view).is_none());
+    assert!(
+        s.warnings()
+            .iter()
+            .all(|w| w.object != "HTTPRoute shop/all"),
+        "{:?}",
+        s.warnings()
+    );
+    let status = &s.route_statuses()[0];
+    assert_eq!(status.parents[0].waypoint.as_deref(), Some("shop/wp"));
+    assert!(status.parents[0].accepted.status);
+}

@@ -10,7 +10,7 @@ use serde_yaml::Value;
 
 use super::{
     ConfigWarning,
-    gateway::{Gateway, HttpRoute},
+    gateway::{Gateway, GatewayClass, HttpRoute},
     peer_auth::PeerAuthentication,
     policy::AuthorizationPolicy,
 };
@@ -36,6 +36,8 @@ pub(super) struct Objects {
     pub peer_authentications: BTreeMap<Key, Parsed<PeerAuthentication>>,
     pub http_routes: BTreeMap<Key, Parsed<HttpRoute>>,
     pub gateways: BTreeMap<Key, Parsed<Gateway>>,
+    /// Cluster-scoped: by name.
+    pub gateway_classes: BTreeMap<String, Parsed<GatewayClass>>,
 }
 
 /// Kind, namespace and name: what identifies an object in a source.
@@ -69,6 +71,7 @@ enum Typed {
     PeerAuthentication(Arc<PeerAuthentication>),
     HttpRoute(Arc<HttpRoute>),
     Gateway(Arc<Gateway>),
+    GatewayClass(Arc<GatewayClass>),
 }
 
 /// The kinds the agent reads: (apiVersions, kind).
@@ -98,6 +101,13 @@ const KINDS: &[(&[&str], &str)] = &[
             "gateway.networking.k8s.io/v1beta1",
         ],
         "Gateway",
+    ),
+    (
+        &[
+            "gateway.networking.k8s.io/v1",
+            "gateway.networking.k8s.io/v1beta1",
+        ],
+        "GatewayClass",
     ),
 ];
 
@@ -263,7 +273,7 @@ impl fmt::Display for Header {
         };
         let name = self.name.as_deref().unwrap_or("<unnamed>");
         match (kind, &self.namespace) {
-            ("Namespace", _) => write!(f, "Namespace {name}"),
+            ("Namespace" | "GatewayClass", _) => write!(f, "{kind} {name}"),
             (
                 "Pod"
                 | "Service"
@@ -328,6 +338,7 @@ impl Objects {
             Typed::PeerAuthentication(o) => put(&mut self.peer_authentications, nk(), o, origin),
             Typed::HttpRoute(o) => put(&mut self.http_routes, nk(), o, origin),
             Typed::Gateway(o) => put(&mut self.gateways, nk(), o, origin),
+            Typed::GatewayClass(o) => put(&mut self.gateway_classes, key.name.clone(), o, origin),
         };
         if let Some(first) = first {
             warnings.push(ConfigWarning {
@@ -382,7 +393,7 @@ impl Document {
         };
         let key = ObjectKey {
             kind,
-            namespace: if kind == "Namespace" {
+            namespace: if kind == "Namespace" || kind == "GatewayClass" {
                 String::new()
             } else {
                 header.namespace()
@@ -404,6 +415,7 @@ impl Document {
             "AuthorizationPolicy" => typed(at, value).map(Typed::AuthorizationPolicy),
             "PeerAuthentication" => typed(at, value).map(Typed::PeerAuthentication),
             "HTTPRoute" => typed(at, value).map(Typed::HttpRoute),
+            "GatewayClass" => typed(at, value).map(Typed::GatewayClass),
             _ => typed(at, value).map(Typed::Gateway),
         };
         let e = match result {
