@@ -79,6 +79,8 @@ spec:
 
 struct Setup {
     tb: Testbed,
+    /// The configuration as written.
+    docs: Vec<String>,
     frontend: Pod,
     waypoint: mesh_tests::Agent,
     /// The second waypoint, when the variant has one.
@@ -206,6 +208,7 @@ fn setup(second: bool) -> anyhow::Result<Setup> {
     };
     Ok(Setup {
         tb,
+        docs,
         frontend,
         waypoint,
         all_waypoint,
@@ -425,6 +428,7 @@ fn binding_rules_for_services_and_pods_fail_closed() -> anyhow::Result<()> {
         frontend,
         waypoint,
         all_waypoint,
+        ..
     } = setup(true)?;
     let all_waypoint = all_waypoint.expect("second waypoint");
     let v1_ip: IpAddr = tb.nodes[1].pods[0].ip4;
@@ -730,5 +734,65 @@ fn retries_move_off_a_dead_endpoint_and_mirrors_get_a_copy() -> anyhow::Result<(
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+    Ok(())
+}
+
+/// The policy the README gives to forbid going around the waypoint: the
+/// backend's agent allows only the waypoint's identity.
+const ONLY_THROUGH_WAYPOINT: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: only-through-waypoint, namespace: shop}
+spec:
+  selector: {matchLabels: {version: v1}}
+  action: ALLOW
+  rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/waypoint]}}]}]
+";
+
+#[test]
+fn an_l4_policy_on_the_backend_forbids_going_around_the_waypoint() -> anyhow::Result<()> {
+    // The waypoint runs as long as its handle lives.
+    let Setup {
+        tb,
+        mut docs,
+        frontend,
+        waypoint: _waypoint,
+        ..
+    } = setup(false)?;
+    docs.push(format!("{ONLY_THROUGH_WAYPOINT}\n"));
+    tb.apply_config(&docs, |dump| dump.contains("only-through-waypoint"))?;
+    // Through the waypoint (the rewrite rule goes to v1): allowed.
+    let (_, a) = tb.curl(&frontend, &[&format!("http://{VIP}/v1api/x")])?;
+    assert_eq!(a[0].0, 200, "{a:?}");
+    assert_eq!(json(&a[0].1)["server"], "v1");
+    // Straight to the pod, with the frontend's own identity: denied by the
+    // backend's agent (HBONE 401), which says why.
+    let v1_ip = tb.nodes[1].pods[0].ip4;
+    let (code, a) = tb.curl(&frontend, &[&format!("http://{v1_ip}:8080/around")])?;
+    assert_ne!(code, 0, "{a:?}");
+    let agent1 = tb.agent(1).metrics()?;
+    assert_eq!(
+        series_sum(
+            &agent1,
+            "istio_tcp_connections_closed_total",
+            &[
+                ("reporter", "destination"),
+                ("response_flags", "DENY"),
+                ("source_principal", &id("shop", "frontend")),
+                ("destination_workload", "reviews-v1"),
+            ]
+        ),
+        1.0,
+        "{agent1}"
+    );
+    let agent0 = tb.agent(0).metrics()?;
+    assert_eq!(
+        series_sum(
+            &agent0,
+            "mesh_proxy_connections_total",
+            &[("direction", "outbound"), ("result", "denied")]
+        ),
+        1.0,
+        "{agent0}"
+    );
     Ok(())
 }
