@@ -1,6 +1,7 @@
 //! `cargo xtask ci`: the project's single test command, run by `.ci/run` and
-//! by hand. Setup, formatting, clippy, the agent build, the unit tests and the
-//! namespaced tests, each timed, stopping at the first failure.
+//! by hand. Setup, formatting, clippy, the agent build, the unit tests, the
+//! namespaced tests, the quick bench and the demo, each timed, stopping at
+//! the first failure.
 
 use std::{
     path::Path,
@@ -81,6 +82,8 @@ pub fn run(options: &Options) -> Result<()> {
             profile: false,
         })
     })?;
+    // The README's first command: every claim it prints is checked.
+    step(&mut timings, "demo", crate::demo::run)?;
 
     println!();
     for (name, took) in &timings {

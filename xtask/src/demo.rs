@@ -2,13 +2,14 @@
 //! simulated node with three pods out of network namespaces (namespace `shop`
 //! enrolled, namespace `legacy` not), starts the real agent with the real eBPF
 //! programs, sends traffic and says in plain words what was captured.
-//! Everything is removed on exit and on Ctrl-C.
+//! Every claim it prints is checked: the demo fails when one does not hold,
+//! and CI runs it. Everything is removed on exit and on Ctrl-C.
 
 use std::net::{IpAddr, SocketAddr};
 
 mod waypoint;
 
-use anyhow::Context as _;
+use anyhow::{Context as _, ensure};
 use mesh_tests::{
     Pod, Testbed, Value,
     mesh::{has_app_plaintext, namespace_yaml, pod_yaml, tshark, with_netns},
@@ -43,11 +44,16 @@ fn yes_no(b: bool) -> &'static str {
 /// The value of `field` (e.g. `src.identity=`) in the agent's last access
 /// log line that has it.
 fn last_access(tb: &Testbed, field: &str) -> Option<String> {
+    last_access_where(tb, field, "")
+}
+
+/// [`last_access`] among the lines that also contain `filter`.
+fn last_access_where(tb: &Testbed, field: &str, filter: &str) -> Option<String> {
     let log = tb.agent(0).log_text();
     let line = log
         .lines()
         .rev()
-        .find(|l| l.contains("access:") && l.contains(field))?;
+        .find(|l| l.contains("access:") && l.contains(field) && l.contains(filter))?;
     let rest = &line[line.find(field)? + field.len()..];
     let value = if let Some(quoted) = rest.strip_prefix('"') {
         quoted.split('"').next().unwrap_or_default()
@@ -194,10 +200,12 @@ pub fn run() -> anyhow::Result<()> {
     let r = tb.connect(&frontend, to_backend, 64 * 1024)?;
     let pcap = wire.stop()?;
     println!("  1. shop/frontend -> shop/backend ({to_backend}): allowed by the policy");
-    describe(&r, &frontend);
-    println!(
-        "     the backend's agent saw the caller as {}",
-        last_access(&tb, "src.identity=").unwrap_or_else(|| "(no access log line)".into())
+    expect(describe(&r, &frontend), Path::Captured, "1")?;
+    let caller = last_access(&tb, "src.identity=").unwrap_or_else(|| "(no access log line)".into());
+    println!("     the backend's agent saw the caller as {caller}");
+    ensure!(
+        caller == "spiffe://cluster.local/ns/shop/sa/frontend",
+        "1: the backend's agent saw {caller}"
     );
     let tls13 = tshark(
         &pcap,
@@ -217,21 +225,32 @@ pub fn run() -> anyhow::Result<()> {
         app_port.len(),
         yes_no(has_app_plaintext(&pcap)?)
     );
+    ensure!(
+        !records.is_empty()
+            && tls13.first().map(String::as_str) == Some("0x0304")
+            && app_port.is_empty()
+            && !has_app_plaintext(&pcap)?,
+        "1: the wire did not show TLS 1.3 only"
+    );
 
     let r = tb.connect(&intruder, to_backend, 64 * 1024)?;
     println!("  2. shop/intruder -> shop/backend: not in the policy");
-    describe(&r, &intruder);
-    println!(
-        "     the backend's agent refused it: {}",
-        last_access(&tb, "error=").unwrap_or_default()
+    expect(describe(&r, &intruder), Path::Refused, "2")?;
+    let why = last_access_where(&tb, "error=", "direction=\"inbound").unwrap_or_default();
+    println!("     the backend's agent refused it: {why}");
+    ensure!(
+        why.contains("no ALLOW policy matched"),
+        "2: the refusal's reason is {why:?}"
     );
 
     let r = tb.connect(&batch, to_backend, 64 * 1024)?;
     println!("  3. legacy/batch -> shop/backend: plaintext, so no identity to allow");
-    describe(&r, &batch);
-    println!(
-        "     the backend's agent refused it: {}",
-        last_access(&tb, "error=").unwrap_or_default()
+    expect(describe(&r, &batch), Path::Refused, "3")?;
+    let why = last_access_where(&tb, "error=", "direction=\"inbound").unwrap_or_default();
+    println!("     the backend's agent refused it: {why}");
+    ensure!(
+        why.contains("no ALLOW policy matched"),
+        "3: the refusal's reason is {why:?}"
     );
 
     let to_batch = SocketAddr::new(batch.ip4, PORT);
@@ -239,14 +258,19 @@ pub fn run() -> anyhow::Result<()> {
     let r = tb.connect(&frontend, to_batch, 64 * 1024)?;
     let pcap = wire.stop()?;
     println!("  4. shop/frontend -> legacy/batch ({to_batch}): outside the mesh, plain TCP");
-    describe(&r, &frontend);
+    expect(describe(&r, &frontend), Path::OutOnly, "4")?;
+    let plain = has_app_plaintext(&pcap)?;
     println!(
         "     on frontend's eth0: app plaintext seen: {} (the same check as in 1)",
-        yes_no(has_app_plaintext(&pcap)?)
+        yes_no(plain)
+    );
+    ensure!(
+        plain,
+        "4: the plaintext control saw no plaintext: the check in 1 proves nothing"
     );
     let r = tb.connect(&frontend, "127.0.0.1:7000".parse()?, 64 * 1024)?;
     println!("  5. shop/frontend -> its own loopback: never captured");
-    describe(&r, &frontend);
+    expect(describe(&r, &frontend), Path::Direct, "5")?;
 
     println!(
         "\nIstio metrics reported by the destination (from :15020/metrics, labels shortened):"
@@ -271,17 +295,17 @@ pub fn run() -> anyhow::Result<()> {
     tb.kill_agent(0)?;
     println!("\nAgent killed (programs stay pinned). shop/frontend -> shop/backend again:");
     let r = tb.connect(&frontend, SocketAddr::new(backend.ip4, PORT), 1024)?;
-    if r["refused"] == Value::Bool(true) {
-        println!(
-            "  refused: with no agent listening, enrolled pods fail closed; nothing leaves in plaintext."
-        );
-    } else {
-        println!("  UNEXPECTED: {r}");
-    }
+    ensure!(
+        r["refused"] == Value::Bool(true),
+        "with the agent down, the call was not refused: {r}"
+    );
+    println!(
+        "  refused: with no agent listening, enrolled pods fail closed; nothing leaves in plaintext."
+    );
     tb.start_agent(0, &["--config", &config])?;
     let r = tb.connect(&frontend, SocketAddr::new(backend.ip4, PORT), 1024)?;
     println!("Agent restarted: it took its pods back from its state directory.");
-    describe(&r, &frontend);
+    expect(describe(&r, &frontend), Path::Captured, "after the restart")?;
 
     println!("\nCleaning up the simulated node.");
     drop(tb);
@@ -289,17 +313,34 @@ pub fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn describe(r: &Value, from: &Pod) {
+/// What a call went through, as `describe` saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Path {
+    /// Captured out of the client and into the server.
+    Captured,
+    /// Captured out (to a destination outside the mesh), direct in.
+    OutOnly,
+    Direct,
+    Refused,
+}
+
+fn expect(seen: Path, want: Path, step: &str) -> anyhow::Result<()> {
+    ensure!(seen == want, "{step}: the call was {seen:?}, not {want:?}");
+    Ok(())
+}
+
+fn describe(r: &Value, from: &Pod) -> Path {
     let get = |k: &str| r[k].as_str().unwrap_or_default().to_owned();
     if r["ok"] != Value::Bool(true) {
         println!(
             "     REFUSED: the client's connection was closed ({})",
             get("error")
         );
-        return;
+        return Path::Refused;
     }
     let peer = get("peer");
-    if peer.ends_with(":15001") {
+    let out = peer.ends_with(":15001");
+    if out {
         println!(
             "     out: CAPTURED  - the client's socket is connected to {peer}, the agent's outbound listener in its own pod"
         );
@@ -309,7 +350,8 @@ fn describe(r: &Value, from: &Pod) {
     let seen: IpAddr = mesh_tests::ip_of(&get("server_peer"))
         .parse()
         .unwrap_or(IpAddr::from([0, 0, 0, 0]));
-    if seen == IpAddr::from([127, 0, 0, 6]) {
+    let captured_in = seen == IpAddr::from([127, 0, 0, 6]);
+    if captured_in {
         println!(
             "     in:  CAPTURED  - the server saw the agent (127.0.0.6) deliver it to {}, the address the client dialed",
             get("server_local")
@@ -323,4 +365,10 @@ fn describe(r: &Value, from: &Pod) {
         "     {} bytes sent, {} echoed back intact",
         r["sent"], r["received"]
     );
+    match (out, captured_in, r["sent"] == r["received"]) {
+        (_, _, false) => Path::Refused,
+        (true, true, true) => Path::Captured,
+        (true, false, true) => Path::OutOnly,
+        _ => Path::Direct,
+    }
 }
