@@ -159,6 +159,7 @@ async fn route(
                     name: r.name,
                     netns: r.netns,
                     uid: None,
+                    addresses: Vec::new(),
                     managed: false,
                 },
                 Err(e) => return error(StatusCode::BAD_REQUEST, e),

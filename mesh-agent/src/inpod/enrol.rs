@@ -106,6 +106,7 @@ impl Enroller {
                 name: name.clone(),
                 netns,
                 uid: Some(wl.uid.clone()),
+                addresses: wl.ips.clone(),
                 managed: true,
             };
             if let Err(e) = self.pods.enroll(&spec) {

@@ -34,11 +34,38 @@ pub struct PodSpec {
     /// The pod's `metadata.uid`, when it came from the configuration.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uid: Option<String>,
+    /// The addresses of the Pod's status (`podIPs`), for a pod enrolled from
+    /// its Pod object. Empty for a pod enrolled by hand: its addresses are
+    /// then read from inside its namespace.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<IpAddr>,
     /// Enrolled because the configuration says so (namespace or pod label),
     /// and released when it stops saying so. Pods enrolled through the admin
     /// API are not managed: only the admin API releases them.
     #[serde(default)]
     pub managed: bool,
+}
+
+/// The Pod object a managed pod was enrolled from. Its identity comes from
+/// here, never from the addresses its namespace shows, which the pod itself
+/// can change (with NET_ADMIN in its own namespace).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+}
+
+impl PodSpec {
+    /// The Pod object behind a managed pod (`namespace/name` and its UID).
+    fn pod_ref(&self) -> Option<PodRef> {
+        let (namespace, name) = self.name.split_once('/')?;
+        Some(PodRef {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            uid: self.uid.clone().filter(|_| self.managed)?,
+        })
+    }
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -91,6 +118,8 @@ struct Enrolled {
     tasks: Vec<JoinHandle<()>>,
     uid: Option<String>,
     managed: bool,
+    /// The Pod's own addresses, as enrolled (empty: read from the netns).
+    pod_ips: Vec<IpAddr>,
 }
 
 impl Enrolled {
@@ -117,6 +146,10 @@ struct SavedPod {
     uid: Option<String>,
     #[serde(default)]
     managed: bool,
+    /// The Pod's addresses (managed pods): a restarted agent must not take
+    /// them from the namespace, which the pod controls.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    addresses: Vec<IpAddr>,
 }
 
 pub struct Pods {
@@ -192,32 +225,57 @@ impl Pods {
             name: name.clone(),
             source,
         };
-        let (addresses, listeners) = netns
+        let from_netns = spec.addresses.is_empty();
+        let (found, listeners) = netns
             .run(|| -> io::Result<_> {
-                let addresses = sockets::pod_addresses()?;
+                // A pod enrolled by hand has no Pod object to say which
+                // addresses are its own: its namespace is all there is.
+                let found = if from_netns {
+                    sockets::pod_addresses()?
+                } else {
+                    Vec::new()
+                };
                 let v6 = sockets::has_ipv6_loopback();
-                Ok((addresses, sockets::open_listeners(v6)?))
+                Ok((found, sockets::open_listeners(v6)?))
             })
             .map_err(|source| EnrolError::Netns {
                 name: name.clone(),
                 source,
             })?
             .map_err(listeners_err)?;
+        let wanted = if from_netns {
+            found
+        } else {
+            spec.addresses.clone()
+        };
 
-        // 1. listeners (kept as fds for the maps; served once all is in place)
+        // 1. listeners (kept as fds for the maps; served once all is in
+        // place), 2. capture (maps and attach, or rules). An address
+        // another live pod owns stays that pod's (a Pod's own addresses
+        // take it over from one read from a namespace). On failure undo
+        // what was done, so that the kernel never names a pod the agent
+        // does not serve.
         let cookie = netns.cookie();
+        let addresses = match self
+            .capture
+            .take_in(&netns, &wanted, &listeners, !from_netns)
+        {
+            Ok(claimed) => claimed,
+            Err(source) => {
+                self.capture.let_go(&netns, &wanted);
+                return Err(EnrolError::Capture { name, source });
+            }
+        };
+        for addr in wanted.iter().filter(|a| !addresses.contains(a)) {
+            warn!(pod = %name, %addr, "address held by another enrolled pod; left to it");
+        }
         let ctx = Arc::new(PodCtx::new(
             name.clone(),
             netns,
             addresses.clone(),
+            spec.pod_ref(),
             self.shared.clone(),
         ));
-        // 2. capture (maps and attach, or rules); on failure undo what was
-        // done, so that the kernel never names a pod the agent does not serve.
-        if let Err(source) = self.capture.take_in(&ctx.netns, &addresses, &listeners) {
-            self.capture.let_go(&ctx.netns, &addresses);
-            return Err(EnrolError::Capture { name, source });
-        }
         let mut tasks = Vec::new();
         for l in listeners {
             match proxy::spawn_listener(ctx.clone(), l) {
@@ -234,6 +292,7 @@ impl Pods {
             tasks,
             uid: spec.uid.clone(),
             managed: spec.managed,
+            pod_ips: spec.addresses.clone(),
         };
         let info = enrolled.info();
         pods.insert(name, enrolled);
@@ -279,6 +338,7 @@ impl Pods {
                 netns_cookie: p.ctx.netns.cookie().0,
                 uid: p.uid.clone(),
                 managed: p.managed,
+                addresses: p.pod_ips.clone(),
             })
             .collect();
         let err = |source| EnrolError::State {
@@ -300,6 +360,7 @@ impl Pods {
                 netns: s.netns.clone(),
                 uid: s.uid.clone(),
                 managed: s.managed,
+                addresses: s.addresses.clone(),
             };
             // The namespace may have been replaced under the same path: only
             // the same namespace keeps its pinned inbound link.
