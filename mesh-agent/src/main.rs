@@ -145,7 +145,9 @@ async fn node(args: NodeArgs, log_filter: admin::LogFilter) -> anyhow::Result<()
     let pods = Arc::new(inpod::pods::Pods::new(shared.clone(), &args.state_dir));
     {
         let pods = pods.clone();
-        tokio::task::spawn_blocking(move || pods.restore()).await?;
+        tokio::task::spawn_blocking(move || pods.restore())
+            .await?
+            .context("restoring the enrolled pods")?;
     }
     if configured {
         let finder = match client {
@@ -324,10 +326,15 @@ fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {
     capture::unpin_all(&args.bpf_dir)?;
     // iptables capture lives in the pods' namespaces: remove it from every
     // pod the agent had enrolled whose namespace is still there.
-    for path in inpod::pods::saved_netns(&args.state_dir) {
+    for (path, cookie) in inpod::pods::saved_netns(&args.state_dir) {
+        // Only the namespace that was enrolled: the path may name another
+        // one now (a reused PID).
         let Ok(netns) = inpod::netns::Netns::open(&path) else {
             continue;
         };
+        if netns.cookie() != cookie {
+            continue;
+        }
         capture::remove_rules(&netns)
             .with_context(|| format!("removing iptables capture from {}", path.display()))?;
     }

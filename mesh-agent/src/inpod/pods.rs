@@ -97,6 +97,19 @@ pub enum EnrolError {
     Capture { name: String, source: CaptureError },
     #[error("saving enrolled pods to {path}: {source}")]
     State { path: PathBuf, source: io::Error },
+    #[error(
+        "pod {name}: {netns} is not the network namespace that was enrolled (saved cookie {saved}, found {found}): replaced, or its process ID reused"
+    )]
+    NetnsReplaced {
+        name: String,
+        netns: PathBuf,
+        saved: NetnsCookie,
+        found: NetnsCookie,
+    },
+    #[error(
+        "reading the enrolled pods saved in {path}: {reason}; refusing to start rather than release them all (repair the file, or run `mesh-agent uninstall` to release every pod)"
+    )]
+    Saved { path: PathBuf, reason: String },
 }
 
 impl EnrolError {
@@ -108,7 +121,8 @@ impl EnrolError {
             EnrolError::Netns { .. } => "bad_netns",
             EnrolError::Listeners { .. } => "listeners",
             EnrolError::Capture { .. } => "capture",
-            EnrolError::State { .. } => "state",
+            EnrolError::NetnsReplaced { .. } => "bad_netns",
+            EnrolError::State { .. } | EnrolError::Saved { .. } => "state",
         }
     }
 }
@@ -193,13 +207,27 @@ impl Pods {
     }
 
     pub fn enroll(&self, spec: &PodSpec) -> Result<PodInfo, EnrolError> {
-        let r = self.enroll_inner(spec);
+        self.enroll_expecting(spec, None)
+    }
+
+    /// Enrols a pod whose namespace, when `expect` is given, must be the one
+    /// with that cookie (checked on the handle it then keeps).
+    fn enroll_expecting(
+        &self,
+        spec: &PodSpec,
+        expect: Option<NetnsCookie>,
+    ) -> Result<PodInfo, EnrolError> {
+        let r = self.enroll_inner(spec, expect);
         self.metrics
             .enrolment("enroll", r.as_ref().map_or_else(EnrolError::kind, |_| "ok"));
         r
     }
 
-    fn enroll_inner(&self, spec: &PodSpec) -> Result<PodInfo, EnrolError> {
+    fn enroll_inner(
+        &self,
+        spec: &PodSpec,
+        expect: Option<NetnsCookie>,
+    ) -> Result<PodInfo, EnrolError> {
         let name = spec.name.clone();
         let mut pods = self.pods.lock().expect("pods lock");
         if let Some(p) = pods.get(&name) {
@@ -212,6 +240,16 @@ impl Pods {
             name: name.clone(),
             source,
         })?;
+        if let Some(saved) = expect
+            && netns.cookie() != saved
+        {
+            return Err(EnrolError::NetnsReplaced {
+                name,
+                netns: spec.netns.clone(),
+                saved,
+                found: netns.cookie(),
+            });
+        }
         if let Some(other) = pods
             .values()
             .find(|p| p.ctx.netns.cookie() == netns.cookie())
@@ -352,9 +390,14 @@ impl Pods {
     }
 
     /// Takes back the pods a previous agent enrolled, then clears whatever
-    /// the kernel maps or pins still hold for pods that are gone.
-    pub fn restore(&self) {
-        for s in &read_saved(&self.state_file) {
+    /// the kernel maps or pins still hold for pods that are gone. A saved
+    /// path is trusted only while it names the same namespace (the saved
+    /// cookie): after a PID is reused or a namespace replaced under the same
+    /// path it names another, perhaps the host's, which is left alone. A
+    /// state file that cannot be read is an error, and nothing is swept:
+    /// taking it as empty would release every pod.
+    pub fn restore(&self) -> Result<(), EnrolError> {
+        for s in read_saved(&self.state_file)? {
             let spec = PodSpec {
                 name: s.name.clone(),
                 netns: s.netns.clone(),
@@ -362,27 +405,33 @@ impl Pods {
                 managed: s.managed,
                 addresses: s.addresses.clone(),
             };
-            // The namespace may have been replaced under the same path: only
-            // the same namespace keeps its pinned inbound link.
-            if let Ok(ns) = Netns::open(&s.netns)
-                && ns.cookie().0 != s.netns_cookie
-            {
-                self.capture.forget(NetnsCookie(s.netns_cookie));
-            }
-            match self.enroll(&spec) {
+            let saved = NetnsCookie(s.netns_cookie);
+            match self.enroll_expecting(&spec, Some(saved)) {
                 Ok(_) => info!(pod = %s.name, "restored enrolled pod"),
+                Err(e @ EnrolError::NetnsReplaced { .. }) => {
+                    warn!(pod = %s.name, error = %e, "not taking the pod back; releasing what was left for it");
+                    // The kernel state of the saved namespace, by its cookie;
+                    // the namespace now at the path is not touched.
+                    self.capture.forget(saved);
+                }
                 Err(e) => {
                     warn!(pod = %s.name, error = %e, "could not restore enrolled pod; releasing it");
+                    self.capture.forget(saved);
                     // What an earlier agent left in the pod (iptables rules)
                     // would leave it with no path at all, and the state file
                     // is about to forget it.
-                    if let Ok(ns) = Netns::open(&s.netns) {
+                    if let Ok(ns) = Netns::open(&s.netns)
+                        && ns.cookie() == saved
+                    {
                         self.capture.let_go(&ns, &[]);
                     }
                 }
             }
         }
+        // The state file now lists only the pods taken back.
+        self.save(&self.pods.lock().expect("pods lock"))?;
         self.sweep();
+        Ok(())
     }
 
     /// Removes capture state that no enrolled pod owns.
@@ -399,25 +448,28 @@ impl Pods {
 }
 
 /// The enrolled set a (previous) agent saved; empty when there is none.
-fn read_saved(file: &Path) -> Vec<SavedPod> {
+fn read_saved(file: &Path) -> Result<Vec<SavedPod>, EnrolError> {
+    let err = |reason: String| EnrolError::Saved {
+        path: file.to_owned(),
+        reason,
+    };
     match std::fs::read(file) {
-        Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
-            warn!(file = %file.display(), error = %e, "ignoring unreadable state file");
-            Vec::new()
-        }),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => {
-            warn!(file = %file.display(), error = %e, "cannot read state file");
-            Vec::new()
-        }
+        Ok(b) => serde_json::from_slice(&b).map_err(|e| err(e.to_string())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(err(e.to_string())),
     }
 }
 
-/// Network namespaces of the pods an agent saved as enrolled in `state_dir`
-/// (for `mesh-agent uninstall`).
-pub fn saved_netns(state_dir: &Path) -> Vec<PathBuf> {
+/// Network namespaces (path and cookie) of the pods an agent saved as
+/// enrolled in `state_dir` (for `mesh-agent uninstall`); empty, with a
+/// warning, when the file cannot be read.
+pub fn saved_netns(state_dir: &Path) -> Vec<(PathBuf, NetnsCookie)> {
     read_saved(&state_dir.join("pods.json"))
+        .unwrap_or_else(|e| {
+            warn!(error = %e, "ignoring the saved pods");
+            Vec::new()
+        })
         .into_iter()
-        .map(|s| s.netns)
+        .map(|s| (s.netns, NetnsCookie(s.netns_cookie)))
         .collect()
 }
