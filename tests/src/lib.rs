@@ -330,61 +330,14 @@ impl Testbed {
     /// A pod on node `node`: a netns with `eth0` on the node's bridge, its
     /// addresses and default routes, and a cgroup under the node's.
     pub fn add_pod(&mut self, node: usize, name: &str) -> anyhow::Result<Pod> {
-        let nd = &mut self.nodes[node];
+        let nd = &self.nodes[node];
         let j = nd.pods.len();
         let n = node + 1;
         let netns = format!("{}-n{node}p{j}", self.prefix);
-        ip(&["netns", "add", &netns])?;
-        ip(&["-n", &netns, "link", "set", "lo", "up"])?;
-        let host_if = format!("p{j}");
-        ip(&[
-            "-n", &nd.netns, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0",
-            "netns", &netns,
-        ])?;
-        ip(&[
-            "-n", &nd.netns, "link", "set", &host_if, "master", "br0", "up",
-        ])?;
-        ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
         let ip4: IpAddr = format!("10.{n}.0.{}", 10 + j).parse()?;
         let ip6: IpAddr = format!("fd00:{n}::{:x}", 10 + j).parse()?;
-        ip(&[
-            "-n",
-            &netns,
-            "addr",
-            "add",
-            &format!("{ip4}/24"),
-            "dev",
-            "eth0",
-        ])?;
-        ip(&[
-            "-n",
-            &netns,
-            "addr",
-            "add",
-            &format!("{ip6}/64"),
-            "dev",
-            "eth0",
-            "nodad",
-        ])?;
-        ip(&[
-            "-n",
-            &netns,
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("10.{n}.0.1"),
-        ])?;
-        ip(&[
-            "-n",
-            &netns,
-            "-6",
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("fd00:{n}::1"),
-        ])?;
+        wire_pod(&nd.netns, n, j, &netns, ip4, ip6)?;
+        let nd = &mut self.nodes[node];
         let cgroup = nd.cgroup.join(format!("p{j}"));
         fs::create_dir_all(&cgroup)?;
         let pod = Pod {
@@ -396,6 +349,31 @@ impl Testbed {
         };
         nd.pods.push(pod.clone());
         Ok(pod)
+    }
+
+    /// Re-creates a pod's sandbox, as a kubelet does after the old one died:
+    /// a new network namespace under the same name, with the same link and
+    /// addresses. The pod's processes are not restarted.
+    pub fn recreate_pod_netns(&self, pod: &Pod) -> anyhow::Result<()> {
+        let (node, j) = pod
+            .netns
+            .rsplit_once("-n")
+            .and_then(|(_, nj)| nj.split_once('p'))
+            .and_then(|(n, j)| Some((n.parse::<usize>().ok()?, j.parse::<usize>().ok()?)))
+            .context("a testbed pod's netns name")?;
+        // The old namespace may live on (the agent holds it): its link goes
+        // first, as a CNI's DEL would remove it.
+        let node_ns = &self.nodes[node].netns;
+        ip(&["-n", node_ns, "link", "del", &format!("p{j}")])?;
+        ip(&["netns", "del", &pod.netns])?;
+        wire_pod(
+            &self.nodes[node].netns,
+            node + 1,
+            j,
+            &pod.netns,
+            pod.ip4,
+            pod.ip6,
+        )
     }
 
     /// Where this testbed keeps its files.
@@ -599,6 +577,67 @@ impl Testbed {
         a.child.wait()?;
         Ok(())
     }
+}
+
+/// A pod's netns `netns` with `eth0` on bridge `br0` of node netns
+/// `node_ns` (node number `n`, from 1), its addresses and default routes.
+fn wire_pod(
+    node_ns: &str,
+    n: usize,
+    j: usize,
+    netns: &str,
+    ip4: IpAddr,
+    ip6: IpAddr,
+) -> anyhow::Result<()> {
+    ip(&["netns", "add", netns])?;
+    ip(&["-n", netns, "link", "set", "lo", "up"])?;
+    let host_if = format!("p{j}");
+    ip(&[
+        "-n", node_ns, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns",
+        netns,
+    ])?;
+    ip(&[
+        "-n", node_ns, "link", "set", &host_if, "master", "br0", "up",
+    ])?;
+    ip(&["-n", netns, "link", "set", "eth0", "up"])?;
+    ip(&[
+        "-n",
+        netns,
+        "addr",
+        "add",
+        &format!("{ip4}/24"),
+        "dev",
+        "eth0",
+    ])?;
+    ip(&[
+        "-n",
+        netns,
+        "addr",
+        "add",
+        &format!("{ip6}/64"),
+        "dev",
+        "eth0",
+        "nodad",
+    ])?;
+    ip(&[
+        "-n",
+        netns,
+        "route",
+        "add",
+        "default",
+        "via",
+        &format!("10.{n}.0.1"),
+    ])?;
+    ip(&[
+        "-n",
+        netns,
+        "-6",
+        "route",
+        "add",
+        "default",
+        "via",
+        &format!("fd00:{n}::1"),
+    ])
 }
 
 impl Drop for Testbed {

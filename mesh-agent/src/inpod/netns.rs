@@ -62,6 +62,9 @@ pub struct Netns {
     path: PathBuf,
     file: File,
     cookie: NetnsCookie,
+    /// The nsfs inode: what `stat` of any handle on this namespace shows,
+    /// so a path can be checked against it without entering it.
+    inode: u64,
 }
 
 impl Netns {
@@ -79,10 +82,17 @@ impl Netns {
                 path: path.to_owned(),
             });
         }
+        let inode = std::os::unix::fs::MetadataExt::ino(&file.metadata().map_err(|source| {
+            NetnsError::Open {
+                path: path.to_owned(),
+                source,
+            }
+        })?);
         let mut netns = Netns {
             path: path.to_owned(),
             file,
             cookie: NetnsCookie(0),
+            inode,
         };
         let cookie = netns
             .run(|| {
@@ -104,6 +114,10 @@ impl Netns {
 
     pub fn cookie(&self) -> NetnsCookie {
         self.cookie
+    }
+
+    pub fn inode(&self) -> u64 {
+        self.inode
     }
 
     /// Runs `f` with the calling thread inside this namespace. `f` must not

@@ -73,6 +73,8 @@ pub struct PodInfo {
     pub name: String,
     pub netns: PathBuf,
     pub netns_cookie: NetnsCookie,
+    /// The namespace's nsfs inode (`stat -L` of its handle).
+    pub netns_inode: u64,
     pub addresses: Vec<IpAddr>,
     /// Pooled outbound HBONE connections.
     pub hbone_connections: usize,
@@ -142,6 +144,7 @@ impl Enrolled {
             name: self.ctx.name.clone(),
             netns: self.ctx.netns.path().to_owned(),
             netns_cookie: self.ctx.netns.cookie(),
+            netns_inode: self.ctx.netns.inode(),
             addresses: self.ctx.addresses.clone(),
             hbone_connections: self.ctx.pool.len(),
             uid: self.uid.clone(),
