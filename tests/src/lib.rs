@@ -726,6 +726,29 @@ fn remove_cgroup_tree(dir: &Path) {
     });
 }
 
+/// Writes one HTTP/1.0 request and reads the whole answer: (status, body).
+fn exchange(
+    s: &mut (impl Read + Write),
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> anyhow::Result<(u16, String)> {
+    let req = format!(
+        "{method} {path} HTTP/1.0\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{}",
+        body.map_or(0, str::len),
+        body.unwrap_or("")
+    );
+    s.write_all(req.as_bytes())?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let status = resp.split_whitespace().nth(1).unwrap_or("0").parse()?;
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
 pub fn testapp_bin() -> PathBuf {
     sibling_bin("mesh-testapp")
 }
@@ -779,6 +802,34 @@ impl Agent {
         self.request(15000, method, path, body)
     }
 
+    /// The agent's `--state-dir`, read from its command line (an agent
+    /// started by the harness always gives it).
+    pub fn state_dir(&self) -> PathBuf {
+        let cmdline = fs::read(format!("/proc/{}/cmdline", self.pid())).unwrap_or_default();
+        let mut args = cmdline.split(|b| *b == 0);
+        args.find(|a| *a == b"--state-dir");
+        args.next()
+            .map(|a| PathBuf::from(String::from_utf8_lossy(a).into_owned()))
+            .unwrap_or_default()
+    }
+
+    /// The agent's control socket, where requests that change anything go.
+    pub fn control_socket(&self) -> PathBuf {
+        self.state_dir().join("admin.sock")
+    }
+
+    /// One HTTP/1.0 request on the agent's control socket.
+    pub fn control(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> anyhow::Result<(u16, String)> {
+        let mut s = std::os::unix::net::UnixStream::connect(self.control_socket())?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        exchange(&mut s, method, path, body)
+    }
+
     /// One HTTP/1.0 request to `127.0.0.1:port` inside the node netns.
     pub fn request(
         &self,
@@ -788,11 +839,6 @@ impl Agent {
         body: Option<&str>,
     ) -> anyhow::Result<(u16, String)> {
         let ns = fs::File::open(format!("/run/netns/{}", self.netns))?;
-        let req = format!(
-            "{method} {path} HTTP/1.0\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{}",
-            body.map_or(0, str::len),
-            body.unwrap_or("")
-        );
         std::thread::scope(|s| {
             s.spawn(|| -> anyhow::Result<(u16, String)> {
                 nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
@@ -801,28 +847,22 @@ impl Agent {
                     Duration::from_secs(2),
                 )?;
                 s.set_read_timeout(Some(Duration::from_secs(10)))?;
-                s.write_all(req.as_bytes())?;
-                let mut resp = String::new();
-                s.read_to_string(&mut resp)?;
-                let status = resp.split_whitespace().nth(1).unwrap_or("0").parse()?;
-                let body = resp
-                    .split_once("\r\n\r\n")
-                    .map(|x| x.1.to_owned())
-                    .unwrap_or_default();
-                Ok((status, body))
+                exchange(&mut s, method, path, body)
             })
             .join()
             .expect("http thread")
         })
     }
 
-    /// Runs the agent's own CLI (`mesh-agent pods ...`) inside the node netns.
+    /// Runs the agent's own CLI (`mesh-agent pods ...`) inside the node
+    /// netns, with the agent's state directory (its control socket).
     pub fn cli(&self, args: &[&str]) -> anyhow::Result<(bool, String, String)> {
         let out = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", self.netns))
             .arg("--")
             .arg(agent_bin())
             .args(args)
+            .env("MESH_STATE_DIR", self.state_dir())
             .env_remove("RUST_BACKTRACE")
             .env_remove("RUST_LIB_BACKTRACE")
             .output()?;

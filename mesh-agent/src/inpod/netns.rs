@@ -11,6 +11,8 @@ use std::{
     sync::OnceLock,
 };
 
+use std::os::unix::fs::OpenOptionsExt as _;
+
 use nix::sched::{CloneFlags, setns};
 
 /// `statfs` magic of nsfs, where netns handles live.
@@ -69,10 +71,16 @@ pub struct Netns {
 
 impl Netns {
     pub fn open(path: &Path) -> Result<Self, NetnsError> {
-        let file = File::open(path).map_err(|source| NetnsError::Open {
-            path: path.to_owned(),
-            source,
-        })?;
+        // Non-blocking: a FIFO (or a device) given as a netns path must not
+        // hang the open; the nsfs check below then refuses it.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|source| NetnsError::Open {
+                path: path.to_owned(),
+                source,
+            })?;
         let fs = nix::sys::statfs::fstatfs(&file).map_err(|e| NetnsError::Open {
             path: path.to_owned(),
             source: e.into(),

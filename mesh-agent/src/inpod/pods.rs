@@ -232,6 +232,12 @@ impl Pods {
         expect: Option<NetnsCookie>,
     ) -> Result<PodInfo, EnrolError> {
         let name = spec.name.clone();
+        // Opened (and checked to be a netns) before the lock: a path that
+        // is not a namespace is refused without holding up other pods.
+        let netns = Netns::open(&spec.netns).map_err(|source| EnrolError::Netns {
+            name: name.clone(),
+            source,
+        })?;
         let mut pods = self.pods.lock().expect("pods lock");
         if let Some(p) = pods.get(&name) {
             return Err(EnrolError::AlreadyEnrolled {
@@ -239,10 +245,6 @@ impl Pods {
                 netns: p.ctx.netns.path().to_owned(),
             });
         }
-        let netns = Netns::open(&spec.netns).map_err(|source| EnrolError::Netns {
-            name: name.clone(),
-            source,
-        })?;
         if let Some(saved) = expect
             && netns.cookie() != saved
         {
