@@ -1,15 +1,26 @@
-//! HTTP servers of the agent's control side: admin on localhost (pods,
-//! capture state, metrics), metrics and readiness for the kubelet and
-//! Prometheus. Plain HTTP/1.1, one small router.
+//! HTTP servers of the agent's control side: the control socket (a Unix
+//! socket in the state directory, root or the agent's own user only: the
+//! requests that change anything), admin on localhost (read-only pages:
+//! pods, capture state, configuration, metrics), metrics and readiness for
+//! the kubelet and Prometheus. Plain HTTP/1.1, one small router.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use http_body_util::{BodyExt as _, Full};
 use hyper::{Method, Request, Response, StatusCode, body::Bytes, service::service_fn};
 use hyper_util::rt::TokioIo;
 use prometheus_client::registry::Registry;
 use serde::Deserialize;
-use tokio::net::TcpListener;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::{TcpListener, UnixListener},
+};
 use tracing::{debug, warn};
 
 use crate::{
@@ -37,7 +48,13 @@ pub struct Admin {
 /// What a server on a given address answers.
 #[derive(Clone, Copy, Debug)]
 pub enum Surface {
-    /// Everything: localhost only.
+    /// Everything, changes included: the control socket, for a caller the
+    /// socket's peer credentials show as root or the agent's own user.
+    Control,
+    /// The control socket, for any other caller: refused.
+    Refused { uid: u32 },
+    /// The read-only pages: localhost TCP, which every host-network process
+    /// reaches.
     Admin,
     /// `/metrics`.
     Metrics,
@@ -51,25 +68,85 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
         .map_err(|e| std::io::Error::new(e.kind(), format!("bind {addr}: {e}")))
 }
 
+/// Binds the control socket at `path` (replacing one a previous agent
+/// left), readable and writable by its owner only.
+pub fn bind_control(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let ctx = |e: std::io::Error| {
+        std::io::Error::new(e.kind(), format!("control socket {}: {e}", path.display()))
+    };
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(ctx(e)),
+        _ => {}
+    }
+    let listener = UnixListener::bind(path).map_err(ctx)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(ctx)?;
+    Ok(listener)
+}
+
+/// The control socket in a state directory.
+pub fn control_socket(state_dir: &Path) -> PathBuf {
+    state_dir.join("admin.sock")
+}
+
+/// Pause after a failed accept (EMFILE and friends) rather than spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>, surface: Surface) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let admin = admin.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let admin = admin.clone();
-                async move { Ok::<_, Infallible>(route(&admin, surface, req).await) }
-            });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await
-            {
-                debug!(error = %e, "admin connection");
+        match listener.accept().await {
+            Ok((stream, _)) => serve_conn(stream, admin.clone(), surface),
+            Err(e) => {
+                debug!(error = %e, "admin accept");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
             }
-        });
+        }
     }
+}
+
+/// Serves the control socket. The file mode already keeps other users
+/// out; the peer's credentials are checked as well, so that a socket
+/// made reachable by mistake still answers only root and the agent's user.
+pub async fn serve_control(listener: UnixListener, admin: Arc<Admin>) {
+    // SAFETY: geteuid has no preconditions.
+    let own = unsafe { libc::geteuid() };
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let surface = match stream.peer_cred() {
+                    Ok(c) if c.uid() == 0 || c.uid() == own => Surface::Control,
+                    Ok(c) => Surface::Refused { uid: c.uid() },
+                    Err(e) => {
+                        warn!(error = %e, "control socket: no peer credentials; closing");
+                        continue;
+                    }
+                };
+                serve_conn(stream, admin.clone(), surface);
+            }
+            Err(e) => {
+                debug!(error = %e, "control accept");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
+        }
+    }
+}
+
+fn serve_conn<S>(stream: S, admin: Arc<Admin>, surface: Surface)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        let svc = service_fn(move |req| {
+            let admin = admin.clone();
+            async move { Ok::<_, Infallible>(route(&admin, surface, req).await) }
+        });
+        if let Err(e) = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), svc)
+            .await
+        {
+            debug!(error = %e, "admin connection");
+        }
+    });
 }
 
 fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -131,6 +208,30 @@ async fn route(
 ) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
+    if let Surface::Refused { uid } = surface {
+        warn!(uid, %method, %path, "control socket: caller refused");
+        return error(
+            StatusCode::FORBIDDEN,
+            format!(
+                "the agent's control socket answers only root and the agent's own user; caller uid {uid} refused"
+            ),
+        );
+    }
+    if matches!(surface, Surface::Admin)
+        && method == Method::POST
+        && matches!(
+            path.as_str(),
+            "/pods/enroll" | "/pods/unenroll" | "/logging"
+        )
+    {
+        return error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!(
+                "POST {path} is served only on the agent's control socket (STATE_DIR/admin.sock, root or the agent's user); use `mesh-agent pods ...`"
+            ),
+        );
+    }
+    let full = matches!(surface, Surface::Control | Surface::Admin);
     match (surface, &method, path.as_str()) {
         (_, &Method::GET, "/healthz/ready") => {
             // Until the configuration is read once, the agent cannot tell a
@@ -145,20 +246,23 @@ async fn route(
                 reply(StatusCode::OK, "text/plain", "ready\n")
             }
         }
-        (Surface::Admin | Surface::Metrics, &Method::GET, "/metrics" | "/stats/prometheus") => {
-            reply(
-                StatusCode::OK,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                metrics::encode(&admin.registry),
-            )
-        }
-        (Surface::Admin, &Method::GET, "/pods") => json(StatusCode::OK, &admin.pods.list()),
-        (Surface::Admin, &Method::POST, "/pods/enroll") => {
+        (
+            Surface::Control | Surface::Admin | Surface::Metrics,
+            &Method::GET,
+            "/metrics" | "/stats/prometheus",
+        ) => reply(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            metrics::encode(&admin.registry),
+        ),
+        (_, &Method::GET, "/pods") if full => json(StatusCode::OK, &admin.pods.list()),
+        (Surface::Control, &Method::POST, "/pods/enroll") => {
             let spec = match body_json::<EnrollRequest>(req).await {
                 Ok(r) => PodSpec {
                     name: r.name,
                     netns: r.netns,
                     uid: None,
+                    addresses: Vec::new(),
                     managed: false,
                 },
                 Err(e) => return error(StatusCode::BAD_REQUEST, e),
@@ -173,7 +277,7 @@ async fn route(
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
             }
         }
-        (Surface::Admin, &Method::POST, "/pods/unenroll") => {
+        (Surface::Control, &Method::POST, "/pods/unenroll") => {
             let r: UnenrollRequest = match body_json(req).await {
                 Ok(s) => s,
                 Err(e) => return error(StatusCode::BAD_REQUEST, e),
@@ -185,7 +289,7 @@ async fn route(
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
             }
         }
-        (Surface::Admin, &Method::GET, "/config_dump") => {
+        (_, &Method::GET, "/config_dump") if full => {
             let shared = &admin.shared;
             json(
                 StatusCode::OK,
@@ -199,14 +303,14 @@ async fn route(
                 }),
             )
         }
-        (Surface::Admin, &Method::GET, "/logging") => {
+        (_, &Method::GET, "/logging") if full => {
             let current = admin
                 .log_filter
                 .with_current(|f| f.to_string())
                 .unwrap_or_default();
             json(StatusCode::OK, &serde_json::json!({ "level": current }))
         }
-        (Surface::Admin, &Method::POST, "/logging") => {
+        (Surface::Control, &Method::POST, "/logging") => {
             let level = req
                 .uri()
                 .query()
@@ -232,7 +336,7 @@ async fn route(
                 ),
             }
         }
-        (Surface::Admin, &Method::GET, "/capture") => json(StatusCode::OK, &admin.capture.status()),
+        (_, &Method::GET, "/capture") if full => json(StatusCode::OK, &admin.capture.status()),
         _ => error(
             StatusCode::NOT_FOUND,
             format!("no route for {method} {path}"),

@@ -37,9 +37,10 @@ pub enum Command {
     Ca(Box<CaArgs>),
     /// Inspect or change the pods a running agent captures.
     Pods {
-        /// The agent's admin address.
-        #[arg(long, env = "MESH_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
-        admin: SocketAddr,
+        /// The agent's state directory, which holds its control socket
+        /// (`admin.sock`, root or the agent's own user only).
+        #[arg(long, env = "MESH_STATE_DIR", default_value = "/var/run/mesh")]
+        state_dir: PathBuf,
         #[command(subcommand)]
         command: PodsCommand,
     },

@@ -1,6 +1,6 @@
 //! `mesh-agent`: the node agent and its inspection commands.
 
-use std::{net::SocketAddr, path::Path, sync::Arc};
+use std::{path::Path, sync::Arc};
 
 use anyhow::Context as _;
 use clap::Parser as _;
@@ -38,7 +38,7 @@ fn main() -> anyhow::Result<()> {
         Command::Ca(args) => rt.block_on(identity::ca_server::run(*args)),
         Command::Waypoint(args) => rt.block_on(waypoint::run(*args)),
         Command::Uninstall(args) => uninstall(&args),
-        Command::Pods { admin, command } => rt.block_on(pods(admin, command)),
+        Command::Pods { state_dir, command } => rt.block_on(pods(&state_dir, command)),
     }
 }
 
@@ -85,6 +85,8 @@ async fn node(args: NodeArgs, log_filter: admin::LogFilter) -> anyhow::Result<()
         .with_context(|| format!("--state-dir {}", args.state_dir.display()))?;
     // Bind first: a port clash is reported before the kernel is touched.
     let admin_l = admin::bind(args.admin_addr).await.context("--admin-addr")?;
+    let control_l =
+        admin::bind_control(&admin::control_socket(&args.state_dir)).context("--state-dir")?;
     let metrics_l = admin::bind(args.metrics_addr)
         .await
         .context("--metrics-addr")?;
@@ -145,7 +147,9 @@ async fn node(args: NodeArgs, log_filter: admin::LogFilter) -> anyhow::Result<()
     let pods = Arc::new(inpod::pods::Pods::new(shared.clone(), &args.state_dir));
     {
         let pods = pods.clone();
-        tokio::task::spawn_blocking(move || pods.restore()).await?;
+        tokio::task::spawn_blocking(move || pods.restore())
+            .await?
+            .context("restoring the enrolled pods")?;
     }
     if configured {
         let finder = match client {
@@ -171,6 +175,7 @@ async fn node(args: NodeArgs, log_filter: admin::LogFilter) -> anyhow::Result<()
         log_filter,
     });
     tokio::spawn(admin::serve(admin_l, admin.clone(), admin::Surface::Admin));
+    tokio::spawn(admin::serve_control(control_l, admin.clone()));
     tokio::spawn(admin::serve(
         metrics_l,
         admin.clone(),
@@ -324,10 +329,15 @@ fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {
     capture::unpin_all(&args.bpf_dir)?;
     // iptables capture lives in the pods' namespaces: remove it from every
     // pod the agent had enrolled whose namespace is still there.
-    for path in inpod::pods::saved_netns(&args.state_dir) {
+    for (path, cookie) in inpod::pods::saved_netns(&args.state_dir) {
+        // Only the namespace that was enrolled: the path may name another
+        // one now (a reused PID).
         let Ok(netns) = inpod::netns::Netns::open(&path) else {
             continue;
         };
+        if netns.cookie() != cookie {
+            continue;
+        }
         capture::remove_rules(&netns)
             .with_context(|| format!("removing iptables capture from {}", path.display()))?;
     }
@@ -342,7 +352,7 @@ fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn pods(admin: SocketAddr, command: PodsCommand) -> anyhow::Result<()> {
+async fn pods(state_dir: &Path, command: PodsCommand) -> anyhow::Result<()> {
     let (method, path, body) = match command {
         PodsCommand::List => ("GET", "/pods", None),
         PodsCommand::Capture => ("GET", "/capture", None),
@@ -357,7 +367,8 @@ async fn pods(admin: SocketAddr, command: PodsCommand) -> anyhow::Result<()> {
             Some(serde_json::json!({ "name": name })),
         ),
     };
-    let (status, text) = admin_request(admin, method, path, body).await?;
+    let socket = admin::control_socket(state_dir);
+    let (status, text) = admin_request(&socket, method, path, body).await?;
     if status.is_success() {
         print!("{text}");
         return Ok(());
@@ -367,18 +378,20 @@ async fn pods(admin: SocketAddr, command: PodsCommand) -> anyhow::Result<()> {
     std::process::exit(1);
 }
 
+/// One request on the agent's control socket.
 async fn admin_request(
-    addr: SocketAddr,
+    socket: &Path,
     method: &str,
     path: &str,
     body: Option<serde_json::Value>,
 ) -> anyhow::Result<(hyper::StatusCode, String)> {
     use http_body_util::{BodyExt as _, Full};
-    let stream = tokio::net::TcpStream::connect(addr)
+    let stream = tokio::net::UnixStream::connect(socket)
         .await
         .with_context(|| {
             format!(
-                "connecting to the agent's admin server at {addr} (is `mesh-agent node` running?)"
+                "connecting to the agent's control socket {} (is `mesh-agent node` running with this --state-dir, and are you root?)",
+                socket.display()
             )
         })?;
     let (mut sender, conn) =
@@ -388,7 +401,7 @@ async fn admin_request(
     let req = hyper::Request::builder()
         .method(method)
         .uri(path)
-        .header("host", addr.to_string())
+        .header("host", "localhost")
         .header("content-type", "application/json")
         .body(Full::new(hyper::body::Bytes::from(bytes)))?;
     let resp = sender.send_request(req).await?;

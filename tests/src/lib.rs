@@ -333,61 +333,14 @@ impl Testbed {
     /// A pod on node `node`: a netns with `eth0` on the node's bridge, its
     /// addresses and default routes, and a cgroup under the node's.
     pub fn add_pod(&mut self, node: usize, name: &str) -> anyhow::Result<Pod> {
-        let nd = &mut self.nodes[node];
+        let nd = &self.nodes[node];
         let j = nd.pods.len();
         let n = node + 1;
         let netns = format!("{}-n{node}p{j}", self.prefix);
-        ip(&["netns", "add", &netns])?;
-        ip(&["-n", &netns, "link", "set", "lo", "up"])?;
-        let host_if = format!("p{j}");
-        ip(&[
-            "-n", &nd.netns, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0",
-            "netns", &netns,
-        ])?;
-        ip(&[
-            "-n", &nd.netns, "link", "set", &host_if, "master", "br0", "up",
-        ])?;
-        ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
         let ip4: IpAddr = format!("10.{n}.0.{}", 10 + j).parse()?;
         let ip6: IpAddr = format!("fd00:{n}::{:x}", 10 + j).parse()?;
-        ip(&[
-            "-n",
-            &netns,
-            "addr",
-            "add",
-            &format!("{ip4}/24"),
-            "dev",
-            "eth0",
-        ])?;
-        ip(&[
-            "-n",
-            &netns,
-            "addr",
-            "add",
-            &format!("{ip6}/64"),
-            "dev",
-            "eth0",
-            "nodad",
-        ])?;
-        ip(&[
-            "-n",
-            &netns,
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("10.{n}.0.1"),
-        ])?;
-        ip(&[
-            "-n",
-            &netns,
-            "-6",
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("fd00:{n}::1"),
-        ])?;
+        wire_pod(&nd.netns, n, j, &netns, ip4, ip6)?;
+        let nd = &mut self.nodes[node];
         let cgroup = nd.cgroup.join(format!("p{j}"));
         fs::create_dir_all(&cgroup)?;
         let pod = Pod {
@@ -399,6 +352,31 @@ impl Testbed {
         };
         nd.pods.push(pod.clone());
         Ok(pod)
+    }
+
+    /// Re-creates a pod's sandbox, as a kubelet does after the old one died:
+    /// a new network namespace under the same name, with the same link and
+    /// addresses. The pod's processes are not restarted.
+    pub fn recreate_pod_netns(&self, pod: &Pod) -> anyhow::Result<()> {
+        let (node, j) = pod
+            .netns
+            .rsplit_once("-n")
+            .and_then(|(_, nj)| nj.split_once('p'))
+            .and_then(|(n, j)| Some((n.parse::<usize>().ok()?, j.parse::<usize>().ok()?)))
+            .context("a testbed pod's netns name")?;
+        // The old namespace may live on (the agent holds it): its link goes
+        // first, as a CNI's DEL would remove it.
+        let node_ns = &self.nodes[node].netns;
+        ip(&["-n", node_ns, "link", "del", &format!("p{j}")])?;
+        ip(&["netns", "del", &pod.netns])?;
+        wire_pod(
+            &self.nodes[node].netns,
+            node + 1,
+            j,
+            &pod.netns,
+            pod.ip4,
+            pod.ip6,
+        )
     }
 
     /// Where this testbed keeps its files.
@@ -610,6 +588,67 @@ impl Testbed {
     }
 }
 
+/// A pod's netns `netns` with `eth0` on bridge `br0` of node netns
+/// `node_ns` (node number `n`, from 1), its addresses and default routes.
+fn wire_pod(
+    node_ns: &str,
+    n: usize,
+    j: usize,
+    netns: &str,
+    ip4: IpAddr,
+    ip6: IpAddr,
+) -> anyhow::Result<()> {
+    ip(&["netns", "add", netns])?;
+    ip(&["-n", netns, "link", "set", "lo", "up"])?;
+    let host_if = format!("p{j}");
+    ip(&[
+        "-n", node_ns, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns",
+        netns,
+    ])?;
+    ip(&[
+        "-n", node_ns, "link", "set", &host_if, "master", "br0", "up",
+    ])?;
+    ip(&["-n", netns, "link", "set", "eth0", "up"])?;
+    ip(&[
+        "-n",
+        netns,
+        "addr",
+        "add",
+        &format!("{ip4}/24"),
+        "dev",
+        "eth0",
+    ])?;
+    ip(&[
+        "-n",
+        netns,
+        "addr",
+        "add",
+        &format!("{ip6}/64"),
+        "dev",
+        "eth0",
+        "nodad",
+    ])?;
+    ip(&[
+        "-n",
+        netns,
+        "route",
+        "add",
+        "default",
+        "via",
+        &format!("10.{n}.0.1"),
+    ])?;
+    ip(&[
+        "-n",
+        netns,
+        "-6",
+        "route",
+        "add",
+        "default",
+        "via",
+        &format!("fd00:{n}::1"),
+    ])
+}
+
 impl Drop for Testbed {
     fn drop(&mut self) {
         self.kept.clear();
@@ -692,6 +731,29 @@ fn remove_cgroup_tree(dir: &Path) {
     });
 }
 
+/// Writes one HTTP/1.0 request and reads the whole answer: (status, body).
+fn exchange(
+    s: &mut (impl Read + Write),
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> anyhow::Result<(u16, String)> {
+    let req = format!(
+        "{method} {path} HTTP/1.0\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{}",
+        body.map_or(0, str::len),
+        body.unwrap_or("")
+    );
+    s.write_all(req.as_bytes())?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let status = resp.split_whitespace().nth(1).unwrap_or("0").parse()?;
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
 pub fn testapp_bin() -> PathBuf {
     sibling_bin("mesh-testapp")
 }
@@ -749,6 +811,34 @@ impl Agent {
         self.request(15000, method, path, body)
     }
 
+    /// The agent's `--state-dir`, read from its command line (an agent
+    /// started by the harness always gives it).
+    pub fn state_dir(&self) -> PathBuf {
+        let cmdline = fs::read(format!("/proc/{}/cmdline", self.pid())).unwrap_or_default();
+        let mut args = cmdline.split(|b| *b == 0);
+        args.find(|a| *a == b"--state-dir");
+        args.next()
+            .map(|a| PathBuf::from(String::from_utf8_lossy(a).into_owned()))
+            .unwrap_or_default()
+    }
+
+    /// The agent's control socket, where requests that change anything go.
+    pub fn control_socket(&self) -> PathBuf {
+        self.state_dir().join("admin.sock")
+    }
+
+    /// One HTTP/1.0 request on the agent's control socket.
+    pub fn control(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> anyhow::Result<(u16, String)> {
+        let mut s = std::os::unix::net::UnixStream::connect(self.control_socket())?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        exchange(&mut s, method, path, body)
+    }
+
     /// One HTTP/1.0 request to `127.0.0.1:port` inside the node netns.
     pub fn request(
         &self,
@@ -758,11 +848,6 @@ impl Agent {
         body: Option<&str>,
     ) -> anyhow::Result<(u16, String)> {
         let ns = fs::File::open(format!("/run/netns/{}", self.netns))?;
-        let req = format!(
-            "{method} {path} HTTP/1.0\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{}",
-            body.map_or(0, str::len),
-            body.unwrap_or("")
-        );
         std::thread::scope(|s| {
             s.spawn(|| -> anyhow::Result<(u16, String)> {
                 nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
@@ -771,28 +856,22 @@ impl Agent {
                     Duration::from_secs(2),
                 )?;
                 s.set_read_timeout(Some(Duration::from_secs(10)))?;
-                s.write_all(req.as_bytes())?;
-                let mut resp = String::new();
-                s.read_to_string(&mut resp)?;
-                let status = resp.split_whitespace().nth(1).unwrap_or("0").parse()?;
-                let body = resp
-                    .split_once("\r\n\r\n")
-                    .map(|x| x.1.to_owned())
-                    .unwrap_or_default();
-                Ok((status, body))
+                exchange(&mut s, method, path, body)
             })
             .join()
             .expect("http thread")
         })
     }
 
-    /// Runs the agent's own CLI (`mesh-agent pods ...`) inside the node netns.
+    /// Runs the agent's own CLI (`mesh-agent pods ...`) inside the node
+    /// netns, with the agent's state directory (its control socket).
     pub fn cli(&self, args: &[&str]) -> anyhow::Result<(bool, String, String)> {
         let out = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", self.netns))
             .arg("--")
             .arg(agent_bin())
             .args(args)
+            .env("MESH_STATE_DIR", self.state_dir())
             .env_remove("RUST_BACKTRACE")
             .env_remove("RUST_LIB_BACKTRACE")
             .output()?;

@@ -319,7 +319,7 @@ fn bad_enrolment_requests_get_clear_errors_and_leave_maps_consistent() -> anyhow
     assert!(!ok);
     assert!(err.contains("not enrolled") && err.contains("404"), "{err}");
 
-    let (status, body) = a.http(
+    let (status, body) = a.control(
         "POST",
         "/pods/enroll",
         Some(r#"{"name": "x", "netns": "/x", "colour": "red"}"#),

@@ -546,12 +546,12 @@ fn service_vip_spreads_and_skips_a_down_endpoint() -> anyhow::Result<()> {
     assert_eq!(last["dst.identity"], id("shop", "echo"), "{last}");
     assert_eq!(last["src.identity"], id("shop", "client"), "{last}");
     assert_eq!(last["request_bytes"], 1000, "{last}");
-    // The log level changes at run time through the admin port.
+    // The log level changes at run time through the control socket.
     let (status, _) = tb
         .agent(0)
-        .http("POST", "/logging?level=warn,access=info", None)?;
+        .control("POST", "/logging?level=warn,access=info", None)?;
     assert_eq!(status, 200);
-    let (status, body) = tb.agent(0).http("POST", "/logging?level=[[", None)?;
+    let (status, body) = tb.agent(0).control("POST", "/logging?level=[[", None)?;
     assert_eq!(status, 400, "{body}");
     let (_, body) = tb.agent(0).http("GET", "/logging", None)?;
     assert!(

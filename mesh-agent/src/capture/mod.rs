@@ -121,20 +121,29 @@ impl Capture {
     }
 
     /// Starts capturing a pod whose listeners are open (not yet served).
+    /// Returns the addresses whose inbound traffic is now the pod's: an
+    /// address another live pod holds stays with it, unless `take_over`
+    /// (the addresses come from the Pod object, not from the pod's
+    /// namespace, which the pod controls).
     pub fn take_in(
         &self,
         netns: &Netns,
         addresses: &[IpAddr],
         listeners: &[PodListener],
-    ) -> Result<(), CaptureError> {
+        take_over: bool,
+    ) -> Result<Vec<IpAddr>, CaptureError> {
         match self {
-            Capture::Ebpf(p) => p.take_in(netns, addresses, listeners),
-            Capture::Iptables(t) => t.take_in(netns, listeners.iter().any(|l| l.v6)),
+            Capture::Ebpf(p) => p.take_in(netns, addresses, listeners, take_over),
+            // The rules live in the pod's own namespace: nothing to share.
+            Capture::Iptables(t) => t
+                .take_in(netns, listeners.iter().any(|l| l.v6))
+                .map(|()| addresses.to_vec()),
         }
     }
 
-    /// Stops capturing a pod: new connections go direct. Logs what it
-    /// cannot undo.
+    /// Stops capturing a pod: new connections go direct. Only what the pod
+    /// owns is removed (an address now held by another pod stays). Logs
+    /// what it cannot undo.
     pub fn let_go(&self, netns: &Netns, addresses: &[IpAddr]) {
         match self {
             Capture::Ebpf(p) => p.let_go(netns.cookie(), addresses),

@@ -158,35 +158,50 @@ impl Programs {
     }
 
     /// Hands a pod's inbound listener to the kernel: SYNs to `addr` go to it.
+    /// Each address has one owner, the netns cookie in `INBOUND_ADDRS`: an
+    /// address that another enrolled netns owns is left to it (returns
+    /// false) unless `take_over`. An owner no longer enrolled (left by an
+    /// earlier agent) is replaced.
     pub fn add_inbound<L: AsRawFd>(
         &self,
         addr: IpAddr,
         cookie: NetnsCookie,
         listener: &L,
-    ) -> Result<(), CaptureError> {
+        take_over: bool,
+    ) -> Result<bool, CaptureError> {
         let key = addr_key(addr);
+        let enrolled = self.enrolled_cookies();
+        let mut owners = self.inbound_addrs.lock().expect("inbound lock");
+        if let Ok(owner) = owners.get(&key, 0)
+            && owner != cookie.0
+            && enrolled.contains(&NetnsCookie(owner))
+        {
+            if !take_over {
+                return Ok(false);
+            }
+            tracing::warn!(%addr, from = owner, to = %cookie, "inbound address taken over by the pod the configuration gives it to");
+        }
         self.listeners
             .lock()
             .expect("listeners lock")
             .insert(key, listener.as_raw_fd(), 0)
             .map_err(map_err(maps::INBOUND_LISTENERS))?;
-        self.inbound_addrs
-            .lock()
-            .expect("inbound lock")
+        owners
             .insert(key, cookie.0, 0)
-            .map_err(map_err(maps::INBOUND_ADDRS))
+            .map_err(map_err(maps::INBOUND_ADDRS))?;
+        Ok(true)
     }
 
-    /// Stops inbound capture of `addr`.
-    pub fn remove_inbound(&self, addr: IpAddr) -> Result<(), CaptureError> {
+    /// Stops inbound capture of `addr`, if the netns `cookie` still owns it:
+    /// the address may have passed to another pod (a reused IP, a pod that
+    /// claimed it), whose capture must stay.
+    pub fn remove_inbound(&self, addr: IpAddr, cookie: NetnsCookie) -> Result<(), CaptureError> {
         let key = addr_key(addr);
-        ignore_missing(
-            self.inbound_addrs
-                .lock()
-                .expect("inbound lock")
-                .remove(&key),
-        )
-        .map_err(map_err(maps::INBOUND_ADDRS))?;
+        let mut owners = self.inbound_addrs.lock().expect("inbound lock");
+        if owners.get(&key, 0).ok() != Some(cookie.0) {
+            return Ok(());
+        }
+        ignore_missing(owners.remove(&key)).map_err(map_err(maps::INBOUND_ADDRS))?;
         ignore_missing(self.listeners.lock().expect("listeners lock").remove(&key))
             .map_err(map_err(maps::INBOUND_LISTENERS))
     }
@@ -302,8 +317,10 @@ impl Programs {
         netns: &Netns,
         addresses: &[IpAddr],
         listeners: &[PodListener],
-    ) -> Result<(), CaptureError> {
+        take_over: bool,
+    ) -> Result<Vec<IpAddr>, CaptureError> {
         let cookie = netns.cookie();
+        let mut claimed = Vec::new();
         for addr in addresses {
             let Some(l) = listeners
                 .iter()
@@ -311,10 +328,13 @@ impl Programs {
             else {
                 continue;
             };
-            self.add_inbound(*addr, cookie, &l.socket)?;
+            if self.add_inbound(*addr, cookie, &l.socket, take_over)? {
+                claimed.push(*addr);
+            }
         }
         self.enroll_netns(cookie)?;
-        self.attach_sk_lookup(netns)
+        self.attach_sk_lookup(netns)?;
+        Ok(claimed)
     }
 
     /// The reverse of [`Programs::take_in`], by cookie, so that it works for
@@ -327,7 +347,7 @@ impl Programs {
             tracing::warn!(%cookie, error = %e, "removing enrolled netns");
         }
         for addr in addresses {
-            if let Err(e) = self.remove_inbound(*addr) {
+            if let Err(e) = self.remove_inbound(*addr, cookie) {
                 tracing::warn!(%addr, error = %e, "removing inbound address");
             }
         }

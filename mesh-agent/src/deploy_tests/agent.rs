@@ -48,7 +48,7 @@ fn agent_daemonset_matches_node_flags() {
         "the kubelet and Prometheus cannot reach it",
     );
     p.check(args.admin_addr.ip().is_loopback(), || {
-        format!("--admin-addr {} is not loopback: the unauthenticated admin API would face the node's network", args.admin_addr)
+        format!("--admin-addr {} is not loopback: the unauthenticated read-only admin pages would face the node's network", args.admin_addr)
     });
 
     // Host namespaces.

@@ -50,14 +50,21 @@ impl Enroller {
                 || (wl.node.is_empty() && matches!(self.finder, NetnsFinder::Annotation)))
     }
 
-    /// Whether an enrolled pod is still the workload the store describes: a
-    /// pod replaced under the same name has a new UID (and a new netns).
-    fn same_pod(&self, enrolled: &PodInfo, wl: &Workload) -> bool {
-        let uid_same = enrolled.uid.as_deref().unwrap_or_default() == wl.uid;
-        match self.finder {
-            NetnsFinder::Annotation => uid_same && wl.netns.as_ref() == Some(&enrolled.netns),
-            NetnsFinder::Proc(_) => uid_same,
-        }
+    /// Whether an enrolled pod is still the workload the store describes,
+    /// looking up where its namespace is now.
+    fn same_pod(
+        &self,
+        enrolled: &PodInfo,
+        wl: &Workload,
+        table: &mut Option<ProcessTable>,
+    ) -> bool {
+        use std::os::unix::fs::MetadataExt as _;
+        let found = self
+            .find_netns(wl, table)
+            .ok()
+            .and_then(|path| std::fs::metadata(path).ok())
+            .map(|m| m.ino());
+        same_pod(enrolled, &wl.uid, found)
     }
 
     /// Brings the enrolled set in line with `store`. Returns the pods that
@@ -68,8 +75,12 @@ impl Enroller {
             .filter(|wl| self.is_mine(wl))
             .map(|wl| (format!("{}/{}", wl.namespace, wl.name), wl))
             .collect();
+        let mut table: Option<ProcessTable> = None;
         for p in self.pods.list().iter().filter(|p| p.managed) {
-            if mine.get(&p.name).is_some_and(|wl| self.same_pod(p, wl)) {
+            if mine
+                .get(&p.name)
+                .is_some_and(|wl| self.same_pod(p, wl, &mut table))
+            {
                 continue;
             }
             match self.pods.unenroll(&p.name) {
@@ -84,7 +95,6 @@ impl Enroller {
             .map(|p| (p.name.clone(), p))
             .collect();
         let mut pending = BTreeMap::new();
-        let mut table: Option<ProcessTable> = None;
         for (name, wl) in mine {
             // Enrolled already: by this pass's rule, or by hand (the admin
             // API owns those).
@@ -106,6 +116,7 @@ impl Enroller {
                 name: name.clone(),
                 netns,
                 uid: Some(wl.uid.clone()),
+                addresses: wl.ips.clone(),
                 managed: true,
             };
             if let Err(e) = self.pods.enroll(&spec) {
@@ -162,6 +173,17 @@ impl Enroller {
     }
 }
 
+/// Whether an enrolled pod is still the pod the store describes (UID
+/// `uid`), whose namespace is now the one with inode `found` (None: not
+/// found at the moment, and left as it is). A pod replaced under its name
+/// has a new UID; a sandbox re-created for the same pod keeps the UID and
+/// has a new namespace, maybe under the same path: both are released and
+/// enrolled again, which also lets go of the old namespace's handle.
+fn same_pod(enrolled: &PodInfo, uid: &str, found: Option<u64>) -> bool {
+    enrolled.uid.as_deref().unwrap_or_default() == uid
+        && found.is_none_or(|inode| inode == enrolled.netns_inode)
+}
+
 /// Reconciles on every new snapshot (once the source has read everything:
 /// an empty first snapshot must not release the pods a restarted agent took
 /// back), and every second while some pod is pending.
@@ -199,4 +221,42 @@ pub fn spawn(enroller: Enroller, mut store: watch::Receiver<Arc<Store>>) -> Join
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use super::*;
+    use crate::inpod::netns::NetnsCookie;
+
+    const UID: &str = "5f0c3c2e-8d1a-4b7e-9c3d-2a1b0c9d8e7f";
+
+    fn enrolled(netns_inode: u64) -> PodInfo {
+        PodInfo {
+            name: "shop/app".into(),
+            netns: "/run/netns/app".into(),
+            netns_cookie: NetnsCookie(1),
+            netns_inode,
+            addresses: vec![IpAddr::from([10, 1, 0, 10])],
+            hbone_connections: 0,
+            uid: Some(UID.into()),
+            managed: true,
+        }
+    }
+
+    #[test]
+    fn a_pod_is_the_same_while_its_uid_and_namespace_are() {
+        let p = enrolled(4026532001);
+        assert!(same_pod(&p, UID, Some(4026532001)), "unchanged");
+        assert!(same_pod(&p, UID, None), "namespace not found now: left");
+        assert!(
+            !same_pod(&p, "00000000-0000-0000-0000-000000000000", Some(4026532001)),
+            "another pod under the same name"
+        );
+        assert!(
+            !same_pod(&p, UID, Some(4026532002)),
+            "sandbox re-created (same UID, new namespace): enrolled again"
+        );
+    }
 }

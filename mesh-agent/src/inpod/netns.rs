@@ -11,6 +11,8 @@ use std::{
     sync::OnceLock,
 };
 
+use std::os::unix::fs::OpenOptionsExt as _;
+
 use nix::sched::{CloneFlags, setns};
 
 /// `statfs` magic of nsfs, where netns handles live.
@@ -62,14 +64,23 @@ pub struct Netns {
     path: PathBuf,
     file: File,
     cookie: NetnsCookie,
+    /// The nsfs inode: what `stat` of any handle on this namespace shows,
+    /// so a path can be checked against it without entering it.
+    inode: u64,
 }
 
 impl Netns {
     pub fn open(path: &Path) -> Result<Self, NetnsError> {
-        let file = File::open(path).map_err(|source| NetnsError::Open {
-            path: path.to_owned(),
-            source,
-        })?;
+        // Non-blocking: a FIFO (or a device) given as a netns path must not
+        // hang the open; the nsfs check below then refuses it.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|source| NetnsError::Open {
+                path: path.to_owned(),
+                source,
+            })?;
         let fs = nix::sys::statfs::fstatfs(&file).map_err(|e| NetnsError::Open {
             path: path.to_owned(),
             source: e.into(),
@@ -79,10 +90,17 @@ impl Netns {
                 path: path.to_owned(),
             });
         }
+        let inode = std::os::unix::fs::MetadataExt::ino(&file.metadata().map_err(|source| {
+            NetnsError::Open {
+                path: path.to_owned(),
+                source,
+            }
+        })?);
         let mut netns = Netns {
             path: path.to_owned(),
             file,
             cookie: NetnsCookie(0),
+            inode,
         };
         let cookie = netns
             .run(|| {
@@ -104,6 +122,10 @@ impl Netns {
 
     pub fn cookie(&self) -> NetnsCookie {
         self.cookie
+    }
+
+    pub fn inode(&self) -> u64 {
+        self.inode
     }
 
     /// Runs `f` with the calling thread inside this namespace. `f` must not

@@ -34,6 +34,11 @@ pub struct PodSpec {
     /// The pod's `metadata.uid`, when it came from the configuration.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uid: Option<String>,
+    /// The addresses of the Pod's status (`podIPs`), for a pod enrolled from
+    /// its Pod object. Empty for a pod enrolled by hand: its addresses are
+    /// then read from inside its namespace.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<IpAddr>,
     /// Enrolled because the configuration says so (namespace or pod label),
     /// and released when it stops saying so. Pods enrolled through the admin
     /// API are not managed: only the admin API releases them.
@@ -41,11 +46,35 @@ pub struct PodSpec {
     pub managed: bool,
 }
 
+/// The Pod object a managed pod was enrolled from. Its identity comes from
+/// here, never from the addresses its namespace shows, which the pod itself
+/// can change (with NET_ADMIN in its own namespace).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+}
+
+impl PodSpec {
+    /// The Pod object behind a managed pod (`namespace/name` and its UID).
+    fn pod_ref(&self) -> Option<PodRef> {
+        let (namespace, name) = self.name.split_once('/')?;
+        Some(PodRef {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            uid: self.uid.clone().filter(|_| self.managed)?,
+        })
+    }
+}
+
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct PodInfo {
     pub name: String,
     pub netns: PathBuf,
     pub netns_cookie: NetnsCookie,
+    /// The namespace's nsfs inode (`stat -L` of its handle).
+    pub netns_inode: u64,
     pub addresses: Vec<IpAddr>,
     /// Pooled outbound HBONE connections.
     pub hbone_connections: usize,
@@ -70,6 +99,19 @@ pub enum EnrolError {
     Capture { name: String, source: CaptureError },
     #[error("saving enrolled pods to {path}: {source}")]
     State { path: PathBuf, source: io::Error },
+    #[error(
+        "pod {name}: {netns} is not the network namespace that was enrolled (saved cookie {saved}, found {found}): replaced, or its process ID reused"
+    )]
+    NetnsReplaced {
+        name: String,
+        netns: PathBuf,
+        saved: NetnsCookie,
+        found: NetnsCookie,
+    },
+    #[error(
+        "reading the enrolled pods saved in {path}: {reason}; refusing to start rather than release them all (repair the file, or run `mesh-agent uninstall` to release every pod)"
+    )]
+    Saved { path: PathBuf, reason: String },
 }
 
 impl EnrolError {
@@ -81,7 +123,8 @@ impl EnrolError {
             EnrolError::Netns { .. } => "bad_netns",
             EnrolError::Listeners { .. } => "listeners",
             EnrolError::Capture { .. } => "capture",
-            EnrolError::State { .. } => "state",
+            EnrolError::NetnsReplaced { .. } => "bad_netns",
+            EnrolError::State { .. } | EnrolError::Saved { .. } => "state",
         }
     }
 }
@@ -91,6 +134,8 @@ struct Enrolled {
     tasks: Vec<JoinHandle<()>>,
     uid: Option<String>,
     managed: bool,
+    /// The Pod's own addresses, as enrolled (empty: read from the netns).
+    pod_ips: Vec<IpAddr>,
 }
 
 impl Enrolled {
@@ -99,6 +144,7 @@ impl Enrolled {
             name: self.ctx.name.clone(),
             netns: self.ctx.netns.path().to_owned(),
             netns_cookie: self.ctx.netns.cookie(),
+            netns_inode: self.ctx.netns.inode(),
             addresses: self.ctx.addresses.clone(),
             hbone_connections: self.ctx.pool.len(),
             uid: self.uid.clone(),
@@ -117,6 +163,10 @@ struct SavedPod {
     uid: Option<String>,
     #[serde(default)]
     managed: bool,
+    /// The Pod's addresses (managed pods): a restarted agent must not take
+    /// them from the namespace, which the pod controls.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    addresses: Vec<IpAddr>,
 }
 
 pub struct Pods {
@@ -160,14 +210,34 @@ impl Pods {
     }
 
     pub fn enroll(&self, spec: &PodSpec) -> Result<PodInfo, EnrolError> {
-        let r = self.enroll_inner(spec);
+        self.enroll_expecting(spec, None)
+    }
+
+    /// Enrols a pod whose namespace, when `expect` is given, must be the one
+    /// with that cookie (checked on the handle it then keeps).
+    fn enroll_expecting(
+        &self,
+        spec: &PodSpec,
+        expect: Option<NetnsCookie>,
+    ) -> Result<PodInfo, EnrolError> {
+        let r = self.enroll_inner(spec, expect);
         self.metrics
             .enrolment("enroll", r.as_ref().map_or_else(EnrolError::kind, |_| "ok"));
         r
     }
 
-    fn enroll_inner(&self, spec: &PodSpec) -> Result<PodInfo, EnrolError> {
+    fn enroll_inner(
+        &self,
+        spec: &PodSpec,
+        expect: Option<NetnsCookie>,
+    ) -> Result<PodInfo, EnrolError> {
         let name = spec.name.clone();
+        // Opened (and checked to be a netns) before the lock: a path that
+        // is not a namespace is refused without holding up other pods.
+        let netns = Netns::open(&spec.netns).map_err(|source| EnrolError::Netns {
+            name: name.clone(),
+            source,
+        })?;
         let mut pods = self.pods.lock().expect("pods lock");
         if let Some(p) = pods.get(&name) {
             return Err(EnrolError::AlreadyEnrolled {
@@ -175,10 +245,16 @@ impl Pods {
                 netns: p.ctx.netns.path().to_owned(),
             });
         }
-        let netns = Netns::open(&spec.netns).map_err(|source| EnrolError::Netns {
-            name: name.clone(),
-            source,
-        })?;
+        if let Some(saved) = expect
+            && netns.cookie() != saved
+        {
+            return Err(EnrolError::NetnsReplaced {
+                name,
+                netns: spec.netns.clone(),
+                saved,
+                found: netns.cookie(),
+            });
+        }
         if let Some(other) = pods
             .values()
             .find(|p| p.ctx.netns.cookie() == netns.cookie())
@@ -192,32 +268,57 @@ impl Pods {
             name: name.clone(),
             source,
         };
-        let (addresses, listeners) = netns
+        let from_netns = spec.addresses.is_empty();
+        let (found, listeners) = netns
             .run(|| -> io::Result<_> {
-                let addresses = sockets::pod_addresses()?;
+                // A pod enrolled by hand has no Pod object to say which
+                // addresses are its own: its namespace is all there is.
+                let found = if from_netns {
+                    sockets::pod_addresses()?
+                } else {
+                    Vec::new()
+                };
                 let v6 = sockets::has_ipv6_loopback();
-                Ok((addresses, sockets::open_listeners(v6)?))
+                Ok((found, sockets::open_listeners(v6)?))
             })
             .map_err(|source| EnrolError::Netns {
                 name: name.clone(),
                 source,
             })?
             .map_err(listeners_err)?;
+        let wanted = if from_netns {
+            found
+        } else {
+            spec.addresses.clone()
+        };
 
-        // 1. listeners (kept as fds for the maps; served once all is in place)
+        // 1. listeners (kept as fds for the maps; served once all is in
+        // place), 2. capture (maps and attach, or rules). An address
+        // another live pod owns stays that pod's (a Pod's own addresses
+        // take it over from one read from a namespace). On failure undo
+        // what was done, so that the kernel never names a pod the agent
+        // does not serve.
         let cookie = netns.cookie();
+        let addresses = match self
+            .capture
+            .take_in(&netns, &wanted, &listeners, !from_netns)
+        {
+            Ok(claimed) => claimed,
+            Err(source) => {
+                self.capture.let_go(&netns, &wanted);
+                return Err(EnrolError::Capture { name, source });
+            }
+        };
+        for addr in wanted.iter().filter(|a| !addresses.contains(a)) {
+            warn!(pod = %name, %addr, "address held by another enrolled pod; left to it");
+        }
         let ctx = Arc::new(PodCtx::new(
             name.clone(),
             netns,
             addresses.clone(),
+            spec.pod_ref(),
             self.shared.clone(),
         ));
-        // 2. capture (maps and attach, or rules); on failure undo what was
-        // done, so that the kernel never names a pod the agent does not serve.
-        if let Err(source) = self.capture.take_in(&ctx.netns, &addresses, &listeners) {
-            self.capture.let_go(&ctx.netns, &addresses);
-            return Err(EnrolError::Capture { name, source });
-        }
         let mut tasks = Vec::new();
         for l in listeners {
             match proxy::spawn_listener(ctx.clone(), l) {
@@ -234,6 +335,7 @@ impl Pods {
             tasks,
             uid: spec.uid.clone(),
             managed: spec.managed,
+            pod_ips: spec.addresses.clone(),
         };
         let info = enrolled.info();
         pods.insert(name, enrolled);
@@ -279,6 +381,7 @@ impl Pods {
                 netns_cookie: p.ctx.netns.cookie().0,
                 uid: p.uid.clone(),
                 managed: p.managed,
+                addresses: p.pod_ips.clone(),
             })
             .collect();
         let err = |source| EnrolError::State {
@@ -292,36 +395,48 @@ impl Pods {
     }
 
     /// Takes back the pods a previous agent enrolled, then clears whatever
-    /// the kernel maps or pins still hold for pods that are gone.
-    pub fn restore(&self) {
-        for s in &read_saved(&self.state_file) {
+    /// the kernel maps or pins still hold for pods that are gone. A saved
+    /// path is trusted only while it names the same namespace (the saved
+    /// cookie): after a PID is reused or a namespace replaced under the same
+    /// path it names another, perhaps the host's, which is left alone. A
+    /// state file that cannot be read is an error, and nothing is swept:
+    /// taking it as empty would release every pod.
+    pub fn restore(&self) -> Result<(), EnrolError> {
+        for s in read_saved(&self.state_file)? {
             let spec = PodSpec {
                 name: s.name.clone(),
                 netns: s.netns.clone(),
                 uid: s.uid.clone(),
                 managed: s.managed,
+                addresses: s.addresses.clone(),
             };
-            // The namespace may have been replaced under the same path: only
-            // the same namespace keeps its pinned inbound link.
-            if let Ok(ns) = Netns::open(&s.netns)
-                && ns.cookie().0 != s.netns_cookie
-            {
-                self.capture.forget(NetnsCookie(s.netns_cookie));
-            }
-            match self.enroll(&spec) {
+            let saved = NetnsCookie(s.netns_cookie);
+            match self.enroll_expecting(&spec, Some(saved)) {
                 Ok(_) => info!(pod = %s.name, "restored enrolled pod"),
+                Err(e @ EnrolError::NetnsReplaced { .. }) => {
+                    warn!(pod = %s.name, error = %e, "not taking the pod back; releasing what was left for it");
+                    // The kernel state of the saved namespace, by its cookie;
+                    // the namespace now at the path is not touched.
+                    self.capture.forget(saved);
+                }
                 Err(e) => {
                     warn!(pod = %s.name, error = %e, "could not restore enrolled pod; releasing it");
+                    self.capture.forget(saved);
                     // What an earlier agent left in the pod (iptables rules)
                     // would leave it with no path at all, and the state file
                     // is about to forget it.
-                    if let Ok(ns) = Netns::open(&s.netns) {
+                    if let Ok(ns) = Netns::open(&s.netns)
+                        && ns.cookie() == saved
+                    {
                         self.capture.let_go(&ns, &[]);
                     }
                 }
             }
         }
+        // The state file now lists only the pods taken back.
+        self.save(&self.pods.lock().expect("pods lock"))?;
         self.sweep();
+        Ok(())
     }
 
     /// Removes capture state that no enrolled pod owns.
@@ -338,25 +453,28 @@ impl Pods {
 }
 
 /// The enrolled set a (previous) agent saved; empty when there is none.
-fn read_saved(file: &Path) -> Vec<SavedPod> {
+fn read_saved(file: &Path) -> Result<Vec<SavedPod>, EnrolError> {
+    let err = |reason: String| EnrolError::Saved {
+        path: file.to_owned(),
+        reason,
+    };
     match std::fs::read(file) {
-        Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
-            warn!(file = %file.display(), error = %e, "ignoring unreadable state file");
-            Vec::new()
-        }),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => {
-            warn!(file = %file.display(), error = %e, "cannot read state file");
-            Vec::new()
-        }
+        Ok(b) => serde_json::from_slice(&b).map_err(|e| err(e.to_string())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(err(e.to_string())),
     }
 }
 
-/// Network namespaces of the pods an agent saved as enrolled in `state_dir`
-/// (for `mesh-agent uninstall`).
-pub fn saved_netns(state_dir: &Path) -> Vec<PathBuf> {
+/// Network namespaces (path and cookie) of the pods an agent saved as
+/// enrolled in `state_dir` (for `mesh-agent uninstall`); empty, with a
+/// warning, when the file cannot be read.
+pub fn saved_netns(state_dir: &Path) -> Vec<(PathBuf, NetnsCookie)> {
     read_saved(&state_dir.join("pods.json"))
+        .unwrap_or_else(|e| {
+            warn!(error = %e, "ignoring the saved pods");
+            Vec::new()
+        })
         .into_iter()
-        .map(|s| s.netns)
+        .map(|s| (s.netns, NetnsCookie(s.netns_cookie)))
         .collect()
 }

@@ -25,6 +25,7 @@ use crate::{
     identity::CertManager,
     inpod::{
         netns::Netns,
+        pods::PodRef,
         sockets::{PodListener, Role, connect_socket},
     },
     metrics::Metrics,
@@ -85,34 +86,55 @@ impl Shared {
 pub struct PodCtx {
     pub name: String,
     pub netns: Netns,
-    /// The pod's own addresses, read at enrolment.
+    /// The pod's own addresses: its Pod's, or read from its namespace at
+    /// enrolment (by hand).
     pub addresses: Vec<IpAddr>,
+    /// The Pod object it was enrolled from; `None` when enrolled by hand.
+    pub pod: Option<PodRef>,
     pub shared: Arc<Shared>,
     /// HBONE connections from this pod, reused across its connections.
     pub pool: hbone::Pool,
 }
 
 impl PodCtx {
-    pub fn new(name: String, netns: Netns, addresses: Vec<IpAddr>, shared: Arc<Shared>) -> Self {
+    pub fn new(
+        name: String,
+        netns: Netns,
+        addresses: Vec<IpAddr>,
+        pod: Option<PodRef>,
+        shared: Arc<Shared>,
+    ) -> Self {
         PodCtx {
             name,
             netns,
             addresses,
+            pod,
             shared,
             pool: hbone::Pool::default(),
         }
     }
 
-    /// This pod's workload in the store, found by its addresses.
+    /// This pod's workload in the store: its own Pod object (same UID),
+    /// else, for a pod enrolled by hand, found by its addresses.
     fn workload(&self, store: &Store) -> Option<Arc<Workload>> {
+        if let Some(pod) = &self.pod {
+            return store
+                .workload(&pod.namespace, &pod.name)
+                .filter(|w| w.uid == pod.uid)
+                .cloned();
+        }
         self.addresses
             .iter()
             .find_map(|ip| store.workload_by_ip(*ip).cloned())
     }
 
-    /// The workload a connection to `ip` in this pod reaches: the one with
-    /// that address, else the pod's own.
+    /// The workload a connection to `ip` in this pod reaches: the pod's own
+    /// Pod object; for a pod enrolled by hand, the one with that address,
+    /// else the pod's own.
     fn workload_at(&self, store: &Store, ip: IpAddr) -> Option<Arc<Workload>> {
+        if self.pod.is_some() {
+            return self.workload(store);
+        }
         store
             .workload_by_ip(ip)
             .cloned()
