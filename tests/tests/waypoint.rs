@@ -641,15 +641,22 @@ fn waypoint_carries_upgrades_streams_and_grpc_and_answers_bad_input() -> anyhow:
         frame_types(r["hex"].as_str().unwrap_or("")).contains(&7),
         "no GOAWAY: {r}"
     );
-    let page = waypoint.metrics()?;
-    assert!(
-        series_sum(
+    // Counted when the waypoint ends the connection, which the client may
+    // see a moment before: wait for it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let page = waypoint.metrics()?;
+        let errors = series_sum(
             &page,
             "mesh_proxy_connections_total",
-            &[("direction", "waypoint"), ("result", "http_error")]
-        ) >= 3.0,
-        "{page}"
-    );
+            &[("direction", "waypoint"), ("result", "http_error")],
+        );
+        if errors >= 3.0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{page}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     let (_, a) = tb.curl(&frontend, &[&format!("http://{VIP}/after")])?;
     assert_eq!(a[0].0, 200, "{a:?}");
 

@@ -132,6 +132,7 @@ pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
     tokio::spawn(serve::admin(metrics_l, admin.clone(), false));
     tokio::spawn(serve::admin(ready_l, admin, false));
     tokio::spawn(accept(hbone, ctx.clone()));
+    tokio::spawn(crate::give_back_memory());
     info!("waypoint serving");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
