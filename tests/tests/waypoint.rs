@@ -803,3 +803,144 @@ fn an_l4_policy_on_the_backend_forbids_going_around_the_waypoint() -> anyhow::Re
     );
     Ok(())
 }
+
+const ISTIO_ROUTING: &str = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: ratings, namespace: shop}
+spec:
+  host: ratings-vs.shop.svc.cluster.local
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: ratings, namespace: shop}
+spec:
+  hosts: [ratings-vs]
+  http:
+  - match: [{headers: {end-user: {exact: jason}}}]
+    route: [{destination: {host: ratings-vs, subset: v2}}]
+  - match: [{uri: {prefix: /abort}}]
+    fault: {abort: {httpStatus: 503, percentage: {value: 50}}}
+    route: [{destination: {host: ratings-vs, subset: v1}}]
+  - match: [{uri: {exact: /delay}}]
+    fault: {delay: {fixedDelay: 300ms, percentage: {value: 100}}}
+    route: [{destination: {host: ratings-vs, subset: v1}}]
+  - route:
+    - {destination: {host: ratings-vs, subset: v1}, weight: 80}
+    - {destination: {host: ratings-vs, subset: v2}, weight: 20}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews-too, namespace: shop}
+spec:
+  hosts: [reviews]
+  http: [{route: [{destination: {host: reviews-v2}}]}]
+";
+
+#[test]
+fn virtual_service_and_destination_rule_route_through_the_waypoint() -> anyhow::Result<()> {
+    let Setup {
+        tb,
+        mut docs,
+        frontend,
+        waypoint,
+        ..
+    } = setup(false)?;
+    docs.push(
+        service(
+            "ratings-vs",
+            "10.96.0.27",
+            "app: reviews",
+            "istio.io/use-waypoint: waypoint",
+        ) + "\n",
+    );
+    docs.push(format!("{ISTIO_ROUTING}\n"));
+    tb.write_config(&docs)?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let dump = loop {
+        let (_, dump) = waypoint.http("GET", "/config_dump", None)?;
+        if dump.contains("shop/ratings-vs") && dump.contains("reviews-too") {
+            break dump;
+        }
+        assert!(std::time::Instant::now() < deadline, "{dump}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    // HTTPRoute wins where both route a Service; the VirtualService says so.
+    assert!(
+        dump.contains("routed by HTTPRoute shop/reviews, which wins over a VirtualService"),
+        "{dump}"
+    );
+    let url = |p: &str| format!("http://10.96.0.27{p}");
+
+    // Weighted subsets: 80/20 over 500 requests.
+    let urls: Vec<String> = (0..500).map(|_| url("/split")).collect();
+    let args: Vec<&str> = urls.iter().map(String::as_str).collect();
+    let (_, a) = tb.curl(&frontend, &args)?;
+    let v2 = a
+        .iter()
+        .filter(|(s, b)| *s == 200 && json(b)["server"] == "v2")
+        .count();
+    let v1 = a
+        .iter()
+        .filter(|(s, b)| *s == 200 && json(b)["server"] == "v1")
+        .count();
+    assert_eq!(v1 + v2, 500, "{a:?}");
+    assert!(
+        (70..=130).contains(&v2),
+        "80/20 split off: v1 {v1}, v2 {v2}"
+    );
+
+    // A header match to a subset.
+    let (_, a) = tb.curl(
+        &frontend,
+        &["-H", "end-user: jason", &url("/j"), &url("/k")],
+    )?;
+    assert!(
+        a.iter()
+            .all(|(s, b)| *s == 200 && json(b)["server"] == "v2"),
+        "{a:?}"
+    );
+
+    // Abort for half the requests, within tolerance; counted as FI.
+    let urls: Vec<String> = (0..200).map(|i| url(&format!("/abort/{i}"))).collect();
+    let args: Vec<&str> = urls.iter().map(String::as_str).collect();
+    let (_, a) = tb.curl(&frontend, &args)?;
+    let aborted = a.iter().filter(|(s, _)| *s == 503).count();
+    let served = a
+        .iter()
+        .filter(|(s, b)| *s == 200 && json(b)["server"] == "v1")
+        .count();
+    assert_eq!(aborted + served, 200, "{a:?}");
+    assert!(
+        (70..=130).contains(&aborted),
+        "50% abort off: {aborted} of 200"
+    );
+    let page = waypoint.metrics()?;
+    assert_eq!(
+        series_sum(
+            &page,
+            "istio_requests_total",
+            &[("response_code", "503"), ("response_flags", "FI")]
+        ),
+        aborted as f64,
+        "{page}"
+    );
+
+    // A fixed delay on every request of a path.
+    let (_, a) = tb.curl(
+        &frontend,
+        &[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{time_total}\\n%{http_code}\\n",
+            &url("/delay"),
+        ],
+    )?;
+    assert_eq!(a[0].0, 200, "{a:?}");
+    let took: f64 = a[0].1.trim().parse()?;
+    assert!(took >= 0.3, "the delay was not applied: {took} s");
+    Ok(())
+}

@@ -82,6 +82,20 @@ pub const WATCHED: &[Resource] = &[
         "gatewayclasses",
         false,
     ),
+    Resource::new(
+        "networking.istio.io",
+        "v1",
+        "VirtualService",
+        "virtualservices",
+        true,
+    ),
+    Resource::new(
+        "networking.istio.io",
+        "v1",
+        "DestinationRule",
+        "destinationrules",
+        true,
+    ),
 ];
 
 /// Where the agent writes Events (`create` and `patch` in RBAC): kube's

@@ -58,6 +58,16 @@ impl Balancer {
         self.down.lock().expect("balancer lock").remove(&addr);
     }
 
+    /// How many of `endpoints` are set aside now (`order` puts them last).
+    pub fn down_among(&self, endpoints: &[Endpoint]) -> usize {
+        let now = Instant::now();
+        let down = self.down.lock().expect("balancer lock");
+        endpoints
+            .iter()
+            .filter(|e| down.get(&e.addr).is_some_and(|until| *until > now))
+            .count()
+    }
+
     /// Endpoints currently set aside, for `/config_dump`.
     pub fn down(&self) -> Vec<SocketAddr> {
         let now = Instant::now();

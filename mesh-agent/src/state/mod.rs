@@ -13,6 +13,8 @@ mod waypoint;
 mod yaml;
 
 #[cfg(test)]
+mod istio_route_tests;
+#[cfg(test)]
 mod peer_auth_tests;
 #[cfg(test)]
 mod policy_tests;
@@ -34,7 +36,8 @@ use std::{
 pub use k8s::NETNS_ANNOTATION;
 pub use matcher::{Attrs, L7Request};
 pub use route::{
-    Backend, Condition, RequestView, RouteEntry, RouteStatus, RuleAction, modify_path,
+    Abort, Backend, Condition, LoadBalancer, RequestView, RouteEntry, RouteStatus, RuleAction,
+    modify_path,
 };
 pub use source::{LocalFiles, Publisher, Source, spawn_source};
 pub use waypoint::{Binding, GATEWAY_NAME, Waypoint};
@@ -329,6 +332,16 @@ impl Store {
             },
             &mut warnings,
         );
+        route::compile_istio(
+            &objects,
+            &store.services,
+            |ns, name| match bound.get(&(ns.to_owned(), name.to_owned())) {
+                Some(Binding::Bound(wp)) => Some(wp.key()),
+                _ => None,
+            },
+            &mut store.routes,
+            &mut warnings,
+        );
         store.warnings = warnings;
         store
     }
@@ -486,7 +499,13 @@ impl Store {
         ours(self.workload_binding(wl)).then(|| WaypointTarget::Workload(wl.clone(), dst.port()))
     }
 
-    /// The HTTPRoute entry of Service `svc` that a request on `port` matches.
+    /// The DestinationRule applied to Service `svc`, if any.
+    pub fn destination_policy(&self, svc: &Service) -> Option<&route::DestinationPolicy> {
+        self.routes
+            .destination(&(svc.namespace.clone(), svc.name.clone()))
+    }
+
+    /// The route entry of Service `svc` that a request on `port` matches.
     pub fn route(&self, svc: &Service, port: u16, req: &RequestView<'_>) -> Option<&RouteEntry> {
         self.routes
             .select(&(svc.namespace.clone(), svc.name.clone()), port, req)
@@ -572,6 +591,7 @@ impl Store {
             "service_waypoints": bindings(&self.bindings.services),
             "workload_waypoints": bindings(&self.bindings.workloads),
             "routes": self.routes.dump(),
+            "destination_rules": self.routes.destinations(),
             "route_status": self.routes.statuses(),
             "warnings": self.warnings,
         })

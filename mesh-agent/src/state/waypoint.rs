@@ -244,7 +244,10 @@ enum Kind {
 
 impl Bindings {
     /// The object's own `use-waypoint` label wins over its namespace's; the
-    /// waypoint's namespace comes from the label beside it.
+    /// waypoint's namespace comes from the label beside it. A namespace's
+    /// label binds only what its waypoint serves (as in Istio, a Service
+    /// waypoint leaves the namespace's pod-addressed traffic alone); an
+    /// object's own label naming a waypoint that cannot serve it is refused.
     fn binding(
         &self,
         own: Option<&BTreeMap<String, String>>,
@@ -252,10 +255,10 @@ impl Bindings {
         ns: &str,
         kind: Kind,
     ) -> Option<Binding> {
-        let labels = [own, namespace]
-            .into_iter()
-            .flatten()
-            .find(|l| l.contains_key(USE_WAYPOINT))?;
+        let (labels, inherited) = match own.filter(|l| l.contains_key(USE_WAYPOINT)) {
+            Some(l) => (l, false),
+            None => (namespace.filter(|l| l.contains_key(USE_WAYPOINT))?, true),
+        };
         let name = &labels[USE_WAYPOINT];
         if name == "none" || name.is_empty() {
             return None;
@@ -279,6 +282,9 @@ impl Bindings {
             Kind::Service => (wp.serves.serves_services(), "Service"),
             Kind::Workload => (wp.serves.serves_workloads(), "workload"),
         };
+        if !serves && inherited {
+            return None;
+        }
         if !serves {
             return refuse(format!(
                 "bound to waypoint {key}, which serves {:?} traffic ({WAYPOINT_FOR}), not {what} \

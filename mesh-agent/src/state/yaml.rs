@@ -13,6 +13,7 @@ use super::{
     gateway::{Gateway, GatewayClass, HttpRoute},
     peer_auth::PeerAuthentication,
     policy::AuthorizationPolicy,
+    route::{DestinationRule, VirtualService},
 };
 
 /// `(namespace, name)` of a namespaced object.
@@ -38,6 +39,8 @@ pub(super) struct Objects {
     pub gateways: BTreeMap<Key, Parsed<Gateway>>,
     /// Cluster-scoped: by name.
     pub gateway_classes: BTreeMap<String, Parsed<GatewayClass>>,
+    pub virtual_services: BTreeMap<Key, Parsed<VirtualService>>,
+    pub destination_rules: BTreeMap<Key, Parsed<DestinationRule>>,
 }
 
 /// Kind, namespace and name: what identifies an object in a source.
@@ -72,6 +75,8 @@ enum Typed {
     HttpRoute(Arc<HttpRoute>),
     Gateway(Arc<Gateway>),
     GatewayClass(Arc<GatewayClass>),
+    VirtualService(Arc<VirtualService>),
+    DestinationRule(Arc<DestinationRule>),
 }
 
 /// The kinds the agent reads: (apiVersions, kind).
@@ -108,6 +113,22 @@ const KINDS: &[(&[&str], &str)] = &[
             "gateway.networking.k8s.io/v1beta1",
         ],
         "GatewayClass",
+    ),
+    (
+        &[
+            "networking.istio.io/v1",
+            "networking.istio.io/v1beta1",
+            "networking.istio.io/v1alpha3",
+        ],
+        "VirtualService",
+    ),
+    (
+        &[
+            "networking.istio.io/v1",
+            "networking.istio.io/v1beta1",
+            "networking.istio.io/v1alpha3",
+        ],
+        "DestinationRule",
     ),
 ];
 
@@ -281,7 +302,9 @@ impl fmt::Display for Header {
                 | "AuthorizationPolicy"
                 | "PeerAuthentication"
                 | "HTTPRoute"
-                | "Gateway",
+                | "Gateway"
+                | "VirtualService"
+                | "DestinationRule",
                 _,
             ) => {
                 write!(f, "{kind} {}/{name}", self.namespace())
@@ -339,6 +362,8 @@ impl Objects {
             Typed::HttpRoute(o) => put(&mut self.http_routes, nk(), o, origin),
             Typed::Gateway(o) => put(&mut self.gateways, nk(), o, origin),
             Typed::GatewayClass(o) => put(&mut self.gateway_classes, key.name.clone(), o, origin),
+            Typed::VirtualService(o) => put(&mut self.virtual_services, nk(), o, origin),
+            Typed::DestinationRule(o) => put(&mut self.destination_rules, nk(), o, origin),
         };
         if let Some(first) = first {
             warnings.push(ConfigWarning {
@@ -416,6 +441,8 @@ impl Document {
             "PeerAuthentication" => typed(at, value).map(Typed::PeerAuthentication),
             "HTTPRoute" => typed(at, value).map(Typed::HttpRoute),
             "GatewayClass" => typed(at, value).map(Typed::GatewayClass),
+            "VirtualService" => typed(at, value).map(Typed::VirtualService),
+            "DestinationRule" => typed(at, value).map(Typed::DestinationRule),
             _ => typed(at, value).map(Typed::Gateway),
         };
         let e = match result {

@@ -22,12 +22,17 @@ use hyper::{
 };
 use tracing::{debug, info};
 
-use super::{Client, Ctx, telemetry::HttpLabels, upstream::Body};
+use super::{
+    Client, Ctx,
+    balance::{self, Choice, Keys},
+    telemetry::HttpLabels,
+    upstream::Body,
+};
 use crate::{
     proxy::{Peer, tcp_labels},
     state::{
-        Backend, Decision, Endpoint, L7Request, RequestView, RuleAction, Store, Waypoint,
-        WaypointTarget, Workload, modify_path,
+        Abort, Backend, Decision, L7Request, RequestView, RuleAction, Waypoint, WaypointTarget,
+        Workload, modify_path,
     },
 };
 
@@ -92,24 +97,25 @@ fn random_hex(bytes: usize) -> String {
         .collect()
 }
 
-/// The endpoints of a target in balancer order (set-aside ones last).
-pub fn endpoints(ctx: &Ctx, store: &Store, target: &WaypointTarget) -> Vec<Endpoint> {
-    match target {
-        WaypointTarget::Service(svc, port) => {
-            let all = store.endpoints(svc, port);
-            ctx.balancer
-                .order(&format!("{}:{}", svc.hostname(), port.port), &all)
-        }
-        WaypointTarget::Workload(wl, port) => wl
-            .ips
-            .first()
-            .map(|ip| Endpoint {
-                workload: wl.clone(),
-                addr: std::net::SocketAddr::new(*ip, *port),
-            })
-            .into_iter()
-            .collect(),
+/// A random number from the kernel (for shares of requests and random
+/// picks), or the clock's nanoseconds if that fails.
+pub fn random_u64() -> u64 {
+    let mut buf = [0u8; 8];
+    // SAFETY: writes at most 8 bytes into an 8-byte buffer.
+    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n == 8 {
+        u64::from_le_bytes(buf)
+    } else {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as u64
     }
+}
+
+/// True for `percent` percent of calls.
+fn chance(percent: f64) -> bool {
+    percent >= 100.0 || (random_u64() % 1_000_000) as f64 / 10_000.0 < percent
 }
 
 /// What one request became, for its metrics and access log line.
@@ -304,12 +310,15 @@ impl Handler {
 
         // Which Service port serves it: a weighted backend of the rule, or
         // the Service (or pod) it was sent to.
-        let chosen: Result<WaypointTarget, String> = match action.as_deref() {
-            Some(a) if !a.backends.is_empty() => self.pick(a).and_then(backend_target),
-            Some(_) if action.as_ref().is_some_and(|a| a.backends.is_empty()) => {
-                Ok(self.target.clone())
+        let request_port = match &self.target {
+            WaypointTarget::Service(_, p) => p.port,
+            WaypointTarget::Workload(_, p) => *p,
+        };
+        let chosen: Result<Choice, String> = match action.as_deref() {
+            Some(a) if !a.backends.is_empty() => {
+                self.pick(a).and_then(|b| backend_choice(b, request_port))
             }
-            _ => Ok(self.target.clone()),
+            _ => Ok(Choice::from(self.target.clone())),
         };
         let chosen = match chosen {
             Ok(t) => t,
@@ -322,7 +331,7 @@ impl Handler {
                 );
             }
         };
-        if let WaypointTarget::Service(svc, _) = &chosen {
+        if let WaypointTarget::Service(svc, _) = &chosen.target {
             done.labels.conn.destination_service = svc.hostname();
             done.labels.conn.destination_service_name = svc.name.clone();
             done.labels.conn.destination_service_namespace = svc.namespace.clone();
@@ -332,7 +341,7 @@ impl Handler {
             for m in &a.mirrors {
                 let pick = ctx.picks.fetch_add(1, Ordering::Relaxed) % 100;
                 if pick < u64::from(m.percent)
-                    && let Ok(t) = backend_target(&m.backend)
+                    && let Ok(t) = backend_choice(&m.backend, request_port)
                 {
                     self.mirror(t, &parts, &path_and_query);
                 }
@@ -353,7 +362,39 @@ impl Handler {
             }
             .boxed_unsync(),
         );
-        let endpoints = endpoints(ctx, &store, &chosen);
+        // Istio's fault injection: a delay, then an abort, for a share of
+        // requests each.
+        if let Some(fault) = action.as_ref().and_then(|a| a.fault.as_ref()) {
+            if let Some((delay, percent)) = fault.delay
+                && chance(percent)
+            {
+                done.labels.conn.response_flags = "DI";
+                tokio::time::sleep(delay).await;
+            }
+            if let Some((abort, percent)) = fault.abort
+                && chance(percent)
+            {
+                let resp = match (abort, grpc) {
+                    (Abort::Grpc(code), _) => grpc_error(code, "fault filter abort"),
+                    (Abort::Http(code), true) => {
+                        grpc_error(http_to_grpc(code), "fault filter abort")
+                    }
+                    (Abort::Http(code), false) => {
+                        let mut r = full(StatusCode::OK, "fault filter abort");
+                        *r.status_mut() =
+                            StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+                        r
+                    }
+                };
+                done.upstream = "fault injected".into();
+                return self.finish(done, resp, "FI");
+            }
+        }
+        let keys = Keys {
+            headers: Some(&parts.headers),
+            client: Some(self.client.addr.ip()),
+        };
+        let endpoints = balance::endpoints(ctx, &store, &chosen, keys);
         if endpoints.is_empty() {
             done.upstream = "no endpoint".into();
             return self.finish(
@@ -375,6 +416,7 @@ impl Handler {
             }
             done.upstream = ep.addr.to_string();
             self.set_destination(&mut done, &ep.workload);
+            let _in_flight = ctx.in_flight.start(ep.addr);
             let uri: Uri = match format!("http://{}{}", ep.addr, path_and_query).parse() {
                 Ok(u) => u,
                 Err(_) => {
@@ -500,13 +542,16 @@ impl Handler {
 
     /// Sends a copy of a request to a mirror; its answer is dropped and it
     /// never delays the original (only requests without a body are copied).
-    fn mirror(&self, target: WaypointTarget, parts: &hyper::http::request::Parts, pq: &str) {
+    fn mirror(&self, target: Choice, parts: &hyper::http::request::Parts, pq: &str) {
         let ctx = self.ctx.clone();
         let mut parts = parts.clone();
         let pq = pq.to_owned();
         tokio::spawn(async move {
             let store = ctx.store();
-            let Some(ep) = endpoints(&ctx, &store, &target).into_iter().next() else {
+            let Some(ep) = balance::endpoints(&ctx, &store, &target, Keys::default())
+                .into_iter()
+                .next()
+            else {
                 return;
             };
             let Ok(uri) = format!("http://{}{}", ep.addr, pq).parse::<Uri>() else {
@@ -594,14 +639,35 @@ fn grpc_error(code: u8, message: &'static str) -> Response<Body> {
         .expect("static response parts are valid")
 }
 
-fn backend_target(b: &Backend) -> Result<WaypointTarget, String> {
+/// The Service port (and subset) a backend names; port 0 means the port
+/// the request came on, else the Service's first.
+fn backend_choice(b: &Backend, request_port: u16) -> Result<Choice, String> {
     let svc = b.service.as_ref().map_err(Clone::clone)?;
-    let port = svc
-        .ports
-        .iter()
-        .find(|p| p.port == b.port)
-        .ok_or_else(|| format!("{} has no port {}", svc.hostname(), b.port))?;
-    Ok(WaypointTarget::Service(svc.clone(), port.clone()))
+    let port = match b.port {
+        0 => svc
+            .ports
+            .iter()
+            .find(|p| p.port == request_port)
+            .or(svc.ports.first()),
+        n => svc.ports.iter().find(|p| p.port == n),
+    }
+    .ok_or_else(|| format!("{} has no port {}", svc.hostname(), b.port))?;
+    Ok(Choice {
+        target: WaypointTarget::Service(svc.clone(), port.clone()),
+        subset: b.subset.clone(),
+    })
+}
+
+/// The gRPC status Istio gives an HTTP status it injects into a gRPC call.
+fn http_to_grpc(code: u16) -> u8 {
+    match code {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502..=504 => 14,
+        _ => 2,
+    }
 }
 
 /// A request body that counts what passes through it.

@@ -20,6 +20,7 @@ use crate::{
     state::{Store, Waypoint, Workload},
 };
 
+mod balance;
 mod http;
 mod serve;
 mod status;
@@ -36,6 +37,8 @@ pub struct Ctx {
     pub requests: telemetry::RequestMetrics,
     pub pool: Pool,
     pub balancer: Balancer,
+    /// Requests in flight per endpoint (`LEAST_REQUEST`).
+    pub in_flight: balance::InFlight,
     pub clients: upstream::Clients,
     /// The waypoint's own pod (namespace, name).
     pub pod: (String, String),
@@ -118,6 +121,7 @@ pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
         requests: telemetry::RequestMetrics::default(),
         pool: Pool::default(),
         balancer: Balancer::default(),
+        in_flight: balance::InFlight::default(),
         clients: upstream::Clients::new(weak.clone()),
         pod: (args.pod_namespace.clone(), args.pod_name.clone()),
         picks: std::sync::atomic::AtomicU64::new(0),

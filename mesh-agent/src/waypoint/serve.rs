@@ -28,7 +28,7 @@ use tokio::{
 };
 use tracing::{Instrument as _, debug, info_span, warn};
 
-use super::{Client, Ctx, http, upstream};
+use super::{Client, Ctx, balance, http, upstream};
 use crate::{
     proxy::{ConnRecord, Outcome, Peer, hbone},
     state::{Decision, Waypoint, WaypointTarget},
@@ -286,7 +286,12 @@ async fn tcp(
         rec.close("DENY", Outcome::error(reason));
         return;
     }
-    let endpoints = http::endpoints(&ctx, &store, &target);
+    let choice = balance::Choice::from(target.clone());
+    let keys = balance::Keys {
+        headers: None,
+        client: Some(client.addr.ip()),
+    };
+    let endpoints = balance::endpoints(&ctx, &store, &choice, keys);
     let mut last = String::from("no endpoint");
     for ep in endpoints.iter().take(3) {
         match upstream::stream(&ctx, ep.addr).await {

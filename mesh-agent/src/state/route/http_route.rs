@@ -1,18 +1,21 @@
-//! HTTPRoute rules for waypoints: the spec as written (strict about field
-//! names), compiled per parent Service into match entries sorted by the
-//! Gateway API's precedence, so that a request is matched by walking one
-//! list and the first hit wins.
+//! HTTPRoute: the spec as written (strict about field names), compiled
+//! per parent Service into match entries sorted by the Gateway API's
+//! precedence, with each route's status per parent.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
-use hyper::http::{HeaderMap, HeaderName, HeaderValue, Method};
+use hyper::http::{HeaderName, HeaderValue, Method};
 use serde::Deserialize;
 
-use super::{ConfigWarning, Service, yaml::Objects};
+use super::{
+    Backend, Condition, HeaderModifier, Mirror, ParentStatus, PathMatch, PathModifier, Redirect,
+    Retry, Rewrite, RouteEntry, RouteMatch, RouteStatus, Routes, RuleAction, ValueMatch,
+};
+use crate::state::{ConfigWarning, Service, yaml::Objects};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub(super) struct RuleSpec {
+pub(crate) struct RuleSpec {
     name: Option<String>,
     #[serde(default)]
     matches: Vec<MatchSpec>,
@@ -155,294 +158,11 @@ struct RetrySpec {
     backoff: Option<String>,
 }
 
-/// How a request path is matched.
-#[derive(Debug, Clone)]
-pub enum PathMatch {
-    Exact(String),
-    /// Whole path segments: `/api` matches `/api` and `/api/x`, not `/apix`.
-    Prefix(String),
-    Regex(regex_lite::Regex),
-}
-
-impl PathMatch {
-    fn matches(&self, path: &str) -> bool {
-        match self {
-            PathMatch::Exact(p) => path == p,
-            PathMatch::Prefix(p) => {
-                let p = p.trim_end_matches('/');
-                p.is_empty()
-                    || path == p
-                    || path
-                        .strip_prefix(p)
-                        .is_some_and(|rest| rest.starts_with('/'))
-            }
-            PathMatch::Regex(r) => r.is_match(path),
-        }
-    }
-
-    /// Gateway API precedence: Exact, then the longest prefix; regular
-    /// expressions (implementation-specific) after both.
-    fn rank(&self) -> (u8, usize) {
-        match self {
-            PathMatch::Exact(p) => (3, p.len()),
-            PathMatch::Prefix(p) => (2, p.len()),
-            PathMatch::Regex(r) => (1, r.as_str().len()),
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub enum ValueMatch {
-    Exact(String),
-    Regex(regex_lite::Regex),
-}
-
-impl ValueMatch {
-    fn matches(&self, v: &str) -> bool {
-        match self {
-            ValueMatch::Exact(e) => v == e,
-            ValueMatch::Regex(r) => r.is_match(v),
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct RouteMatch {
-    pub path: PathMatch,
-    pub headers: Vec<(HeaderName, ValueMatch)>,
-    pub query: Vec<(String, ValueMatch)>,
-    pub method: Option<Method>,
-}
-
-/// What a router needs of a request.
-pub struct RequestView<'a> {
-    pub method: &'a Method,
-    pub path: &'a str,
-    pub query: Option<&'a str>,
-    pub headers: &'a HeaderMap,
-}
-
-impl RouteMatch {
-    fn matches(&self, req: &RequestView<'_>) -> bool {
-        self.path.matches(req.path)
-            && self.method.as_ref().is_none_or(|m| m == req.method)
-            && self.headers.iter().all(|(name, m)| {
-                req.headers
-                    .get_all(name)
-                    .iter()
-                    .any(|v| v.to_str().is_ok_and(|v| m.matches(v)))
-            })
-            && self.query.iter().all(|(name, m)| {
-                req.query.is_some_and(|q| {
-                    q.split('&')
-                        .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
-                        .find(|(k, _)| k == name)
-                        .is_some_and(|(_, v)| m.matches(v))
-                })
-            })
-    }
-}
-
-#[derive(Debug, Default)]
-pub struct HeaderModifier {
-    pub set: Vec<(HeaderName, HeaderValue)>,
-    pub add: Vec<(HeaderName, HeaderValue)>,
-    pub remove: Vec<HeaderName>,
-}
-
-impl HeaderModifier {
-    pub fn apply(&self, headers: &mut HeaderMap) {
-        for (k, v) in &self.set {
-            headers.insert(k.clone(), v.clone());
-        }
-        for (k, v) in &self.add {
-            headers.append(k.clone(), v.clone());
-        }
-        for k in &self.remove {
-            headers.remove(k);
-        }
-    }
-}
-
-/// A path change (redirect or rewrite).
-#[derive(Debug, Clone)]
-pub enum PathModifier {
-    Full(String),
-    /// Replaces the matched prefix (the rule's match must be a prefix).
-    Prefix(String),
-}
-
-#[derive(Debug)]
-pub struct Redirect {
-    pub scheme: Option<String>,
-    pub hostname: Option<String>,
-    pub path: Option<PathModifier>,
-    pub port: Option<u16>,
-    pub status: u16,
-}
-
-#[derive(Debug)]
-pub struct Rewrite {
-    pub hostname: Option<String>,
-    pub path: Option<PathModifier>,
-}
-
-/// A backend of a rule: a Service port, or a reference that does not
-/// resolve (requests that pick it get 500, as the Gateway API says).
-#[derive(Debug)]
-pub struct Backend {
-    pub service: Result<Arc<Service>, String>,
-    pub port: u16,
-    pub weight: u32,
-}
-
-#[derive(Debug)]
-pub struct Mirror {
-    pub backend: Backend,
-    pub percent: u32,
-}
-
-/// Istio's default retry policy for a route that sets none: 2 retries on
-/// connect failure, refused stream and 503.
-#[derive(Debug, Clone)]
-pub struct Retry {
-    pub attempts: u32,
-    pub codes: Vec<u16>,
-    pub backoff: Duration,
-}
-
-impl Default for Retry {
-    fn default() -> Self {
-        Retry {
-            attempts: 2,
-            codes: vec![503],
-            backoff: Duration::from_millis(25),
-        }
-    }
-}
-
-/// What a matched rule does with the request.
-#[derive(Debug, Default)]
-pub struct RuleAction {
-    /// `namespace/name` of the HTTPRoute, and the rule index or name.
-    pub route: String,
-    pub rule: String,
-    pub backends: Vec<Backend>,
-    pub request_headers: HeaderModifier,
-    pub response_headers: HeaderModifier,
-    pub redirect: Option<Redirect>,
-    pub rewrite: Option<Rewrite>,
-    pub mirrors: Vec<Mirror>,
-    pub timeout: Option<Duration>,
-    pub backend_timeout: Option<Duration>,
-    pub retry: Retry,
-}
-
-/// One match of one rule, attached to a Service (or one of its ports).
-#[derive(Debug)]
-pub struct RouteEntry {
-    pub port: Option<u16>,
-    pub matcher: RouteMatch,
-    pub action: Arc<RuleAction>,
-    /// Tie-breakers after the match's own precedence: the route's creation
-    /// time and name, the rule and the match index.
-    order: (String, String, usize, usize),
-}
-
-impl RouteEntry {
-    fn precedence(&self) -> impl Ord + '_ {
-        let (rank, len) = self.matcher.path.rank();
-        (
-            std::cmp::Reverse(rank),
-            std::cmp::Reverse(len),
-            std::cmp::Reverse(self.matcher.method.is_some()),
-            std::cmp::Reverse(self.matcher.headers.len()),
-            std::cmp::Reverse(self.matcher.query.len()),
-            &self.order,
-        )
-    }
-}
-
-/// Routes by parent Service (namespace, name), in precedence order, and
-/// every HTTPRoute's status per parent.
-#[derive(Debug, Default)]
-pub struct Routes(HashMap<(String, String), Vec<RouteEntry>>, Vec<RouteStatus>);
-
-/// A Gateway API condition (`Accepted`, `ResolvedRefs`).
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct Condition {
-    pub status: bool,
-    pub reason: &'static str,
-    pub message: String,
-}
-
-/// An HTTPRoute's status for one of its parents.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct ParentStatus {
-    pub group: String,
-    pub kind: String,
-    pub namespace: String,
-    pub name: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub port: Option<u16>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub section_name: Option<String>,
-    pub accepted: Condition,
-    pub resolved_refs: Condition,
-    /// The waypoint (`namespace/name`) that serves this parent, which is
-    /// the one to write this status.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub waypoint: Option<String>,
-}
-
-/// What the Gateway API calls an HTTPRoute's status, as computed here.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct RouteStatus {
-    pub namespace: String,
-    pub name: String,
-    /// `metadata.generation`, for the conditions' `observedGeneration`.
-    pub generation: Option<i64>,
-    pub parents: Vec<ParentStatus>,
-}
-
-impl Routes {
-    /// The first entry of Service `key` that matches the request on `port`.
-    pub fn select(
-        &self,
-        key: &(String, String),
-        port: u16,
-        req: &RequestView<'_>,
-    ) -> Option<&RouteEntry> {
-        self.0
-            .get(key)?
-            .iter()
-            .filter(|e| e.port.is_none_or(|p| p == port))
-            .find(|e| e.matcher.matches(req))
-    }
-
-    pub fn statuses(&self) -> &[RouteStatus] {
-        &self.1
-    }
-
-    /// Route names per Service, for `/config_dump`.
-    pub fn dump(&self) -> serde_json::Value {
-        let mut out = std::collections::BTreeMap::new();
-        for ((ns, name), entries) in &self.0 {
-            let names: Vec<String> = entries
-                .iter()
-                .map(|e| format!("{} rule {}", e.action.route, e.action.rule))
-                .collect();
-            out.insert(format!("{ns}/{name}"), names);
-        }
-        serde_json::json!(out)
-    }
-}
-
 /// Compiles every HTTPRoute attached to a Service that `bound` says has a
 /// waypoint (it names it), or to a waypoint Gateway, which `served` says
 /// serves which Services (the rest are warned about by
 /// `gateway::check_routes`).
-pub(super) fn compile(
+pub(crate) fn compile(
     objects: &Objects,
     services: &std::collections::BTreeMap<(String, String), Arc<Service>>,
     bound: impl Fn(&str, &str) -> Option<String>,
@@ -796,6 +516,7 @@ impl RouteCompiler<'_> {
             service,
             port,
             weight,
+            subset: None,
         }
     }
 
@@ -943,24 +664,4 @@ pub fn parse_gateway_duration(s: &str) -> Option<Duration> {
         rest = &rest[len..];
     }
     Some(total)
-}
-
-/// Applies a path modifier; `matched` is the prefix the rule matched.
-pub fn modify_path(path: &str, modifier: &PathModifier, matched: Option<&PathMatch>) -> String {
-    match modifier {
-        PathModifier::Full(p) => p.clone(),
-        PathModifier::Prefix(new) => {
-            let old = match matched {
-                Some(PathMatch::Prefix(p)) => p.trim_end_matches('/'),
-                _ => "",
-            };
-            let rest = path.strip_prefix(old).unwrap_or(path);
-            let new = new.trim_end_matches('/');
-            match (new.is_empty(), rest.is_empty()) {
-                (true, true) => "/".into(),
-                (true, false) => rest.into(),
-                (false, _) => format!("{new}{rest}"),
-            }
-        }
-    }
 }

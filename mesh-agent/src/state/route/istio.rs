@@ -1,0 +1,879 @@
+//! Istio's VirtualService and DestinationRule at the waypoint, compiled
+//! into the same match entries and rule actions as HTTPRoute. A
+//! VirtualService's `http` rules keep their written order (the first match
+//! wins, as in Istio). Where a Service has both an HTTPRoute and a
+//! VirtualService, the HTTPRoute wins and the VirtualService is reported as
+//! not applied: Istio leaves mixing them undefined; here it is decided.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+    time::Duration,
+};
+
+use hyper::http::{HeaderName, HeaderValue, Method};
+use serde::Deserialize;
+use serde_yaml::Value;
+
+use super::{
+    Abort, Backend, DestinationPolicy, Fault, HeaderModifier, LoadBalancer, Mirror, PathMatch,
+    PathModifier, Redirect, Retry, Rewrite, RouteEntry, RouteMatch, Routes, RuleAction, ValueMatch,
+    http_route::parse_gateway_duration,
+};
+use crate::state::{ConfigWarning, Service, yaml::Objects};
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct VirtualService {
+    #[serde(default)]
+    spec: VsSpec,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct VsSpec {
+    #[serde(default)]
+    hosts: Vec<String>,
+    #[serde(default)]
+    gateways: Vec<String>,
+    #[serde(default)]
+    http: Vec<VsHttp>,
+    tcp: Option<Value>,
+    tls: Option<Value>,
+    #[serde(rename = "exportTo")]
+    _export_to: Option<serde::de::IgnoredAny>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct VsHttp {
+    name: Option<String>,
+    #[serde(default, rename = "match")]
+    matches: Vec<VsMatch>,
+    #[serde(default)]
+    route: Vec<VsRouteDestination>,
+    redirect: Option<VsRedirect>,
+    rewrite: Option<VsRewrite>,
+    timeout: Option<String>,
+    retries: Option<VsRetries>,
+    fault: Option<VsFault>,
+    mirror: Option<VsDestination>,
+    mirror_percentage: Option<Percent>,
+    headers: Option<VsHeaders>,
+    cors_policy: Option<Value>,
+    delegate: Option<Value>,
+    direct_response: Option<Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct VsMatch {
+    #[serde(rename = "name")]
+    _name: Option<serde::de::IgnoredAny>,
+    uri: Option<StringMatch>,
+    #[serde(default)]
+    headers: BTreeMap<String, StringMatch>,
+    #[serde(default)]
+    query_params: BTreeMap<String, StringMatch>,
+    method: Option<StringMatch>,
+    port: Option<u16>,
+    authority: Option<Value>,
+    scheme: Option<Value>,
+    ignore_uri_case: Option<bool>,
+    source_labels: Option<Value>,
+    source_namespace: Option<Value>,
+    without_headers: Option<Value>,
+    gateways: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct StringMatch {
+    exact: Option<String>,
+    prefix: Option<String>,
+    regex: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct VsRouteDestination {
+    destination: VsDestination,
+    weight: Option<u32>,
+    headers: Option<VsHeaders>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct VsDestination {
+    host: String,
+    subset: Option<String>,
+    port: Option<PortSelector>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PortSelector {
+    number: u16,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Percent {
+    value: f64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct VsRedirect {
+    uri: Option<String>,
+    authority: Option<String>,
+    port: Option<u16>,
+    scheme: Option<String>,
+    redirect_code: Option<u16>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct VsRewrite {
+    uri: Option<String>,
+    authority: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct VsRetries {
+    attempts: Option<u32>,
+    per_try_timeout: Option<String>,
+    retry_on: Option<String>,
+    #[serde(rename = "retryRemoteLocalities")]
+    _retry_remote_localities: Option<serde::de::IgnoredAny>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct VsFault {
+    delay: Option<VsDelay>,
+    abort: Option<VsAbort>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct VsDelay {
+    fixed_delay: String,
+    percentage: Option<Percent>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct VsAbort {
+    http_status: Option<u16>,
+    grpc_status: Option<String>,
+    percentage: Option<Percent>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct VsHeaders {
+    request: Option<HeaderOps>,
+    response: Option<HeaderOps>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct HeaderOps {
+    #[serde(default)]
+    set: BTreeMap<String, String>,
+    #[serde(default)]
+    add: BTreeMap<String, String>,
+    #[serde(default)]
+    remove: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct DestinationRule {
+    spec: DrSpec,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct DrSpec {
+    host: String,
+    traffic_policy: Option<TrafficPolicy>,
+    #[serde(default)]
+    subsets: Vec<Subset>,
+    #[serde(rename = "exportTo")]
+    _export_to: Option<serde::de::IgnoredAny>,
+    workload_selector: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Subset {
+    name: String,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    traffic_policy: Option<TrafficPolicy>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct TrafficPolicy {
+    load_balancer: Option<LbSettings>,
+    connection_pool: Option<Value>,
+    outlier_detection: Option<Value>,
+    tls: Option<Value>,
+    port_level_settings: Option<Value>,
+    tunnel: Option<Value>,
+    proxy_protocol: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct LbSettings {
+    simple: Option<String>,
+    consistent_hash: Option<ConsistentHash>,
+    locality_lb_setting: Option<Value>,
+    warmup_duration_secs: Option<Value>,
+}
+
+impl LbSettings {
+    /// Fields read but not applied.
+    fn ignored(&self) -> Option<&'static str> {
+        if self.locality_lb_setting.is_some() {
+            Some("localityLbSetting")
+        } else if self.warmup_duration_secs.is_some() {
+            Some("warmupDurationSecs")
+        } else {
+            None
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ConsistentHash {
+    http_header_name: Option<String>,
+    use_source_ip: Option<bool>,
+    #[serde(rename = "httpCookie")]
+    _http_cookie: Option<serde::de::IgnoredAny>,
+    #[serde(rename = "httpQueryParameterName")]
+    _http_query_parameter_name: Option<serde::de::IgnoredAny>,
+    #[serde(rename = "minimumRingSize")]
+    _minimum_ring_size: Option<serde::de::IgnoredAny>,
+}
+
+type Services = BTreeMap<(String, String), Arc<Service>>;
+
+/// The Service a host names, from namespace `ns`: `name`, `name.ns`,
+/// `name.ns.svc` or `name.ns.svc.cluster.local`.
+fn service_of(host: &str, ns: &str) -> (String, String) {
+    let host = host
+        .strip_suffix(".cluster.local")
+        .unwrap_or(host)
+        .trim_end_matches(".svc");
+    match host.split_once('.') {
+        Some((name, in_ns)) if !in_ns.contains('.') => (in_ns.to_owned(), name.to_owned()),
+        _ => (ns.to_owned(), host.to_owned()),
+    }
+}
+
+/// Compiles DestinationRules and VirtualServices into `routes` (after the
+/// HTTPRoutes, which win where both route a Service). `bound` names the
+/// waypoint serving a Service, if any.
+pub(crate) fn compile_istio(
+    objects: &Objects,
+    services: &Services,
+    bound: impl Fn(&str, &str) -> Option<String>,
+    routes: &mut Routes,
+    warnings: &mut Vec<ConfigWarning>,
+) {
+    for ((ns, name), parsed) in &objects.destination_rules {
+        let object = format!("DestinationRule {ns}/{name}");
+        let dr = &parsed.object.spec;
+        let mut warn = |kind, message: String| {
+            warnings.push(ConfigWarning {
+                object: object.clone(),
+                kind,
+                message,
+            })
+        };
+        let key = service_of(&dr.host, ns);
+        if !services.contains_key(&key) {
+            warn(
+                "unsupported",
+                format!(
+                    "host {:?} is not a Service in the mesh (ServiceEntry hosts are not read); not applied",
+                    dr.host
+                ),
+            );
+            continue;
+        }
+        if bound(&key.0, &key.1).is_none() {
+            warn(
+                "missing_waypoint",
+                format!(
+                    "Service {}/{} has no waypoint: a DestinationRule is applied by one; not applied",
+                    key.0, key.1
+                ),
+            );
+            continue;
+        }
+        let mut policy = DestinationPolicy {
+            rule: format!("{ns}/{name}"),
+            ..DestinationPolicy::default()
+        };
+        if let Some(tp) = &dr.traffic_policy {
+            policy.load_balancer = traffic_policy(tp, "trafficPolicy", &mut warn);
+        }
+        for s in &dr.subsets {
+            policy
+                .subsets
+                .insert(s.name.clone(), Arc::new(s.labels.clone()));
+            if let Some(tp) = &s.traffic_policy {
+                let lb = traffic_policy(tp, &format!("subset {}", s.name), &mut warn);
+                policy.subset_load_balancers.insert(s.name.clone(), lb);
+            }
+        }
+        if dr.workload_selector.is_some() {
+            warn(
+                "unsupported",
+                "workloadSelector is not read; the rule applies to every client".into(),
+            );
+        }
+        if routes.3.insert(key.clone(), policy).is_some() {
+            warn(
+                "conflict",
+                format!(
+                    "another DestinationRule also names Service {}/{}; this one (later by name) is used",
+                    key.0, key.1
+                ),
+            );
+        }
+    }
+
+    for ((ns, name), parsed) in &objects.virtual_services {
+        let object = format!("VirtualService {ns}/{name}");
+        let vs = &parsed.object.spec;
+        let mut c = VsCompiler {
+            object: &object,
+            ns,
+            services,
+            destinations: &routes.3,
+            warnings: &mut *warnings,
+        };
+        if vs.gateways.iter().any(|g| g != "mesh") {
+            c.warn(
+                "unsupported",
+                "gateways other than `mesh` are ingress, not this waypoint's; not applied to them"
+                    .into(),
+            );
+        }
+        if vs.tcp.is_some() || vs.tls.is_some() {
+            c.warn("unsupported", "tcp and tls routes are not read".into());
+        }
+        let rules: Vec<(Vec<RouteMatch>, Arc<RuleAction>)> = vs
+            .http
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| c.rule(&format!("{ns}/{name}"), i, r))
+            .collect();
+        for host in &vs.hosts {
+            let key = service_of(host, ns);
+            if !services.contains_key(&key) {
+                c.warn(
+                    "unsupported",
+                    format!("host {host:?} is not a Service in the mesh; not applied to it"),
+                );
+                continue;
+            }
+            if bound(&key.0, &key.1).is_none() {
+                c.warn(
+                    "missing_waypoint",
+                    format!(
+                        "Service {}/{} has no waypoint: a VirtualService is applied by one; not applied to it",
+                        key.0, key.1
+                    ),
+                );
+                continue;
+            }
+            if let Some(by) = routes.0.get(&key).and_then(|l| l.first()) {
+                c.warn(
+                    "conflict",
+                    format!(
+                        "Service {}/{} is routed by HTTPRoute {}, which wins over a VirtualService; not applied to it",
+                        key.0, key.1, by.action.route
+                    ),
+                );
+                continue;
+            }
+            let list = routes.2.entry(key).or_default();
+            if !list.is_empty() {
+                c.warn(
+                    "conflict",
+                    "another VirtualService also routes this host; its rules come first".into(),
+                );
+            }
+            for (ri, (matches, action)) in rules.iter().enumerate() {
+                for (mi, matcher) in matches.iter().enumerate() {
+                    list.push(RouteEntry {
+                        port: None,
+                        matcher: matcher.clone(),
+                        action: action.clone(),
+                        order: (String::new(), format!("{ns}/{name}"), ri, mi),
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// The load balancer of a traffic policy; the parts not applied are warned.
+fn traffic_policy(
+    tp: &TrafficPolicy,
+    at: &str,
+    warn: &mut impl FnMut(&'static str, String),
+) -> LoadBalancer {
+    for (field, set) in [
+        ("connectionPool", tp.connection_pool.is_some()),
+        ("outlierDetection", tp.outlier_detection.is_some()),
+        ("tls", tp.tls.is_some()),
+        ("portLevelSettings", tp.port_level_settings.is_some()),
+        ("tunnel", tp.tunnel.is_some()),
+        ("proxyProtocol", tp.proxy_protocol.is_some()),
+    ] {
+        if set {
+            warn(
+                "unsupported",
+                format!("{at}: {field} is not applied by this version"),
+            );
+        }
+    }
+    let Some(lb) = &tp.load_balancer else {
+        return LoadBalancer::RoundRobin;
+    };
+    if let Some(field) = lb.ignored() {
+        warn(
+            "unsupported",
+            format!("{at}: loadBalancer {field} is not applied by this version"),
+        );
+    }
+    if let Some(h) = &lb.consistent_hash {
+        if let Some(name) = &h.http_header_name {
+            return LoadBalancer::HashHeader(name.to_ascii_lowercase());
+        }
+        if h.use_source_ip == Some(true) {
+            return LoadBalancer::HashSourceIp;
+        }
+        warn(
+            "unsupported",
+            format!(
+                "{at}: consistentHash by cookie or query parameter is not supported; round robin"
+            ),
+        );
+        return LoadBalancer::RoundRobin;
+    }
+    match lb.simple.as_deref() {
+        None | Some("UNSPECIFIED" | "ROUND_ROBIN") => LoadBalancer::RoundRobin,
+        Some("LEAST_REQUEST" | "LEAST_CONN") => LoadBalancer::LeastRequest,
+        Some("RANDOM") => LoadBalancer::Random,
+        Some(other) => {
+            warn(
+                "unsupported",
+                format!("{at}: loadBalancer {other:?} is not supported; round robin"),
+            );
+            LoadBalancer::RoundRobin
+        }
+    }
+}
+
+struct VsCompiler<'a> {
+    object: &'a str,
+    ns: &'a str,
+    services: &'a Services,
+    destinations: &'a HashMap<(String, String), DestinationPolicy>,
+    warnings: &'a mut Vec<ConfigWarning>,
+}
+
+impl VsCompiler<'_> {
+    fn warn(&mut self, kind: &'static str, message: String) {
+        let w = ConfigWarning {
+            object: self.object.to_owned(),
+            kind,
+            message,
+        };
+        if !self.warnings.contains(&w) {
+            self.warnings.push(w);
+        }
+    }
+
+    fn rule(
+        &mut self,
+        vs: &str,
+        index: usize,
+        r: &VsHttp,
+    ) -> Option<(Vec<RouteMatch>, Arc<RuleAction>)> {
+        let label = r.name.clone().unwrap_or_else(|| index.to_string());
+        for (field, set) in [
+            ("corsPolicy", r.cors_policy.is_some()),
+            ("delegate", r.delegate.is_some()),
+            ("directResponse", r.direct_response.is_some()),
+        ] {
+            if set {
+                self.warn(
+                    "unsupported",
+                    format!("http {label}: {field} is not supported; the rule is not applied"),
+                );
+                return None;
+            }
+        }
+        let mut action = RuleAction {
+            route: vs.to_owned(),
+            rule: label.clone(),
+            ..RuleAction::default()
+        };
+        let single = r.route.len() == 1;
+        for d in &r.route {
+            let weight = d.weight.unwrap_or(if single { 100 } else { 0 });
+            action
+                .backends
+                .push(self.backend(&d.destination, weight, &label));
+            if d.headers.is_some() {
+                self.warn(
+                    "unsupported",
+                    format!("http {label}: per-destination headers are not applied"),
+                );
+            }
+        }
+        if let Some(h) = &r.headers {
+            if let Some(ops) = &h.request {
+                action.request_headers = self.headers(ops, &label);
+            }
+            if let Some(ops) = &h.response {
+                action.response_headers = self.headers(ops, &label);
+            }
+        }
+        let prefix_match = r
+            .matches
+            .iter()
+            .any(|m| m.uri.as_ref().is_some_and(|u| u.prefix.is_some()));
+        if let Some(rw) = &r.rewrite {
+            action.rewrite = Some(Rewrite {
+                hostname: rw.authority.clone(),
+                path: rw.uri.clone().map(|u| {
+                    if prefix_match {
+                        PathModifier::Prefix(u)
+                    } else {
+                        PathModifier::Full(u)
+                    }
+                }),
+            });
+        }
+        if let Some(rd) = &r.redirect {
+            action.redirect = Some(Redirect {
+                scheme: rd.scheme.clone(),
+                hostname: rd.authority.clone(),
+                path: rd.uri.clone().map(PathModifier::Full),
+                port: rd.port,
+                status: rd.redirect_code.unwrap_or(301),
+            });
+        }
+        if let Some(t) = &r.timeout {
+            action.timeout = self.duration(t, &label).filter(|d| !d.is_zero());
+        }
+        if let Some(rt) = &r.retries {
+            let mut codes = Vec::new();
+            for on in rt
+                .retry_on
+                .as_deref()
+                .unwrap_or("connect-failure,refused-stream,unavailable,cancelled,503")
+                .split(',')
+            {
+                match on.trim() {
+                    "5xx" => codes.extend(500..=599),
+                    "gateway-error" => codes.extend([502, 503, 504]),
+                    "connect-failure"
+                    | "refused-stream"
+                    | "reset"
+                    | "unavailable"
+                    | "cancelled"
+                    | "retriable-status-codes"
+                    | "" => {}
+                    code => match code.parse::<u16>() {
+                        Ok(c) => codes.push(c),
+                        Err(_) => self.warn(
+                            "unsupported",
+                            format!("http {label}: retryOn {code:?} is not supported"),
+                        ),
+                    },
+                }
+            }
+            codes.sort_unstable();
+            codes.dedup();
+            action.retry = Retry {
+                attempts: rt.attempts.unwrap_or(2),
+                codes,
+                backoff: Duration::from_millis(25),
+            };
+            action.backend_timeout = rt
+                .per_try_timeout
+                .as_deref()
+                .and_then(|d| self.duration(d, &label));
+        }
+        if let Some(m) = &r.mirror {
+            let backend = self.backend(m, 1, &label);
+            let percent = r.mirror_percentage.as_ref().map_or(100.0, |p| p.value);
+            action.mirrors.push(Mirror {
+                backend,
+                percent: percent.clamp(0.0, 100.0).round() as u32,
+            });
+        }
+        if let Some(f) = &r.fault {
+            let share =
+                |p: &Option<Percent>| p.as_ref().map_or(100.0, |p| p.value.clamp(0.0, 100.0));
+            let mut fault = Fault::default();
+            if let Some(d) = &f.delay
+                && let Some(dur) = self.duration(&d.fixed_delay, &label)
+            {
+                fault.delay = Some((dur, share(&d.percentage)));
+            }
+            if let Some(a) = &f.abort {
+                let abort = match (a.http_status, a.grpc_status.as_deref()) {
+                    (Some(code), _) => Some(Abort::Http(code)),
+                    (None, Some(name)) => grpc_code(name).map(Abort::Grpc),
+                    (None, None) => None,
+                };
+                match abort {
+                    Some(abort) => fault.abort = Some((abort, share(&a.percentage))),
+                    None => self.warn(
+                        "parse_error",
+                        format!("http {label}: fault.abort needs httpStatus or a known grpcStatus; ignored"),
+                    ),
+                }
+            }
+            action.fault = Some(fault);
+        }
+        let matches = if r.matches.is_empty() {
+            vec![RouteMatch {
+                path: PathMatch::StringPrefix("/".into()),
+                headers: Vec::new(),
+                query: Vec::new(),
+                method: None,
+            }]
+        } else {
+            let m: Vec<RouteMatch> = r
+                .matches
+                .iter()
+                .filter_map(|m| self.matcher(m, &label))
+                .collect();
+            if m.is_empty() {
+                return None;
+            }
+            m
+        };
+        Some((matches, Arc::new(action)))
+    }
+
+    fn matcher(&mut self, m: &VsMatch, rule: &str) -> Option<RouteMatch> {
+        for (field, set) in [
+            ("authority", m.authority.is_some()),
+            ("scheme", m.scheme.is_some()),
+            ("sourceLabels", m.source_labels.is_some()),
+            ("sourceNamespace", m.source_namespace.is_some()),
+            ("withoutHeaders", m.without_headers.is_some()),
+            ("gateways", m.gateways.is_some()),
+            ("ignoreUriCase", m.ignore_uri_case == Some(true)),
+        ] {
+            if set {
+                self.warn(
+                    "unsupported",
+                    format!(
+                        "http {rule}: match {field} is not supported; that match never applies"
+                    ),
+                );
+                return None;
+            }
+        }
+        if m.port.is_some() {
+            self.warn(
+                "unsupported",
+                format!("http {rule}: match port is not read"),
+            );
+        }
+        let path = match &m.uri {
+            None => PathMatch::StringPrefix("/".into()),
+            Some(u) => match self.string_match(u, rule)? {
+                ValueMatch::Exact(e) => PathMatch::Exact(e),
+                ValueMatch::Prefix(p) => PathMatch::StringPrefix(p),
+                ValueMatch::Regex(r) => PathMatch::Regex(r),
+            },
+        };
+        let mut headers = Vec::new();
+        for (name, v) in &m.headers {
+            let Ok(h) = HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()) else {
+                self.warn(
+                    "parse_error",
+                    format!("http {rule}: header name {name:?} is not valid"),
+                );
+                return None;
+            };
+            headers.push((h, self.string_match(v, rule)?));
+        }
+        let mut query = Vec::new();
+        for (name, v) in &m.query_params {
+            query.push((name.clone(), self.string_match(v, rule)?));
+        }
+        let method = match &m.method {
+            None => None,
+            Some(StringMatch { exact: Some(e), .. }) => Method::from_bytes(e.as_bytes()).ok(),
+            Some(_) => {
+                self.warn(
+                    "unsupported",
+                    format!("http {rule}: only an exact method match is supported"),
+                );
+                return None;
+            }
+        };
+        Some(RouteMatch {
+            path,
+            headers,
+            query,
+            method,
+        })
+    }
+
+    fn string_match(&mut self, m: &StringMatch, rule: &str) -> Option<ValueMatch> {
+        match (&m.exact, &m.prefix, &m.regex) {
+            (Some(e), None, None) => Some(ValueMatch::Exact(e.clone())),
+            (None, Some(p), None) => Some(ValueMatch::Prefix(p.clone())),
+            (None, None, Some(r)) => match regex_lite::Regex::new(&format!("^(?:{r})$")) {
+                Ok(re) => Some(ValueMatch::Regex(re)),
+                Err(e) => {
+                    self.warn("parse_error", format!("http {rule}: regex {r:?}: {e}"));
+                    None
+                }
+            },
+            _ => {
+                self.warn(
+                    "parse_error",
+                    format!(
+                        "http {rule}: a string match takes exactly one of exact, prefix, regex"
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn backend(&mut self, d: &VsDestination, weight: u32, rule: &str) -> Backend {
+        let key = service_of(&d.host, self.ns);
+        let port = d.port.as_ref().map_or(0, |p| p.number);
+        let service = match self.services.get(&key) {
+            None => Err(format!("destination host {:?} is not a Service", d.host)),
+            Some(s) if port != 0 && !s.ports.iter().any(|p| p.port == port) => {
+                Err(format!("destination {} has no port {port}", s.hostname()))
+            }
+            Some(s) => Ok(s.clone()),
+        };
+        let subset = d.subset.as_ref().map(|name| {
+            let labels = self
+                .destinations
+                .get(&key)
+                .and_then(|p| p.subsets.get(name))
+                .cloned();
+            (name.clone(), labels)
+        });
+        let (service, subset) = match subset {
+            Some((name, None)) => (
+                Err(format!(
+                    "subset {name:?} of host {:?} is not defined by a DestinationRule",
+                    d.host
+                )),
+                None,
+            ),
+            Some((name, Some(labels))) => (service, Some((name, labels))),
+            None => (service, None),
+        };
+        if let Err(e) = &service {
+            self.warn(
+                "unresolved_ref",
+                format!("http {rule}: {e}; requests sent to it get 500"),
+            );
+        }
+        Backend {
+            service,
+            port,
+            weight,
+            subset,
+        }
+    }
+
+    fn headers(&mut self, ops: &HeaderOps, rule: &str) -> HeaderModifier {
+        let mut out = HeaderModifier::default();
+        let pair = |this: &mut Self, k: &str, v: &str| match (
+            HeaderName::from_bytes(k.to_ascii_lowercase().as_bytes()),
+            HeaderValue::from_str(v),
+        ) {
+            (Ok(k), Ok(v)) => Some((k, v)),
+            _ => {
+                this.warn(
+                    "parse_error",
+                    format!("http {rule}: header {k:?}: {v:?} is not valid; ignored"),
+                );
+                None
+            }
+        };
+        out.set = ops
+            .set
+            .iter()
+            .filter_map(|(k, v)| pair(self, k, v))
+            .collect();
+        out.add = ops
+            .add
+            .iter()
+            .filter_map(|(k, v)| pair(self, k, v))
+            .collect();
+        out.remove = ops
+            .remove
+            .iter()
+            .filter_map(|n| HeaderName::from_bytes(n.to_ascii_lowercase().as_bytes()).ok())
+            .collect();
+        out
+    }
+
+    fn duration(&mut self, d: &str, rule: &str) -> Option<Duration> {
+        // Istio writes protobuf durations (`1.5s` too); whole units here.
+        match parse_gateway_duration(d) {
+            Some(d) => Some(d),
+            None => {
+                self.warn(
+                    "parse_error",
+                    format!("http {rule}: duration {d:?} is not like 10s, 500ms or 1h; ignored"),
+                );
+                None
+            }
+        }
+    }
+}
+
+/// gRPC status codes by name, as Istio's `grpcStatus` takes them.
+fn grpc_code(name: &str) -> Option<u8> {
+    const NAMES: [&str; 17] = [
+        "OK",
+        "CANCELLED",
+        "UNKNOWN",
+        "INVALID_ARGUMENT",
+        "DEADLINE_EXCEEDED",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "PERMISSION_DENIED",
+        "RESOURCE_EXHAUSTED",
+        "FAILED_PRECONDITION",
+        "ABORTED",
+        "OUT_OF_RANGE",
+        "UNIMPLEMENTED",
+        "INTERNAL",
+        "UNAVAILABLE",
+        "DATA_LOSS",
+        "UNAUTHENTICATED",
+    ];
+    NAMES.iter().position(|n| *n == name).map(|i| i as u8)
+}
