@@ -832,6 +832,20 @@ spec:
     - {destination: {host: ratings-vs, subset: v2}, weight: 20}
 ---
 apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: sticky, namespace: shop}
+spec:
+  host: sticky
+  trafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: x-user}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: dice, namespace: shop}
+spec:
+  host: dice
+  trafficPolicy: {loadBalancer: {simple: RANDOM}}
+---
+apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata: {name: reviews-too, namespace: shop}
 spec:
@@ -856,12 +870,18 @@ fn virtual_service_and_destination_rule_route_through_the_waypoint() -> anyhow::
             "istio.io/use-waypoint: waypoint",
         ) + "\n",
     );
+    for (name, vip) in [("sticky", "10.96.0.28"), ("dice", "10.96.0.29")] {
+        docs.push(service(name, vip, "app: reviews", "istio.io/use-waypoint: waypoint") + "\n");
+    }
     docs.push(format!("{ISTIO_ROUTING}\n"));
     tb.write_config(&docs)?;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let dump = loop {
         let (_, dump) = waypoint.http("GET", "/config_dump", None)?;
-        if dump.contains("shop/ratings-vs") && dump.contains("reviews-too") {
+        if dump.contains("shop/ratings-vs")
+            && dump.contains("reviews-too")
+            && dump.contains("shop/dice")
+        {
             break dump;
         }
         assert!(std::time::Instant::now() < deadline, "{dump}");
@@ -926,6 +946,42 @@ fn virtual_service_and_destination_rule_route_through_the_waypoint() -> anyhow::
         ),
         aborted as f64,
         "{page}"
+    );
+
+    // consistentHash by header: a user always lands on the same pod, and
+    // users spread over both.
+    let server_for = |user: &str, n: usize| -> anyhow::Result<Vec<String>> {
+        let urls: Vec<String> = (0..n).map(|i| format!("http://10.96.0.28/u/{i}")).collect();
+        let header = format!("x-user: {user}");
+        let mut args = vec!["-H", header.as_str()];
+        args.extend(urls.iter().map(String::as_str));
+        let (_, a) = tb.curl(&frontend, &args)?;
+        Ok(a.iter()
+            .map(|(_, b)| json(b)["server"].as_str().unwrap_or("?").to_owned())
+            .collect())
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    for user in [
+        "alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi",
+    ] {
+        let servers = server_for(user, 5)?;
+        assert!(
+            servers.iter().all(|s| *s == servers[0]),
+            "{user}: {servers:?}"
+        );
+        seen.insert(servers[0].clone());
+    }
+    assert_eq!(seen.len(), 2, "eight users all hashed to {seen:?}");
+    // RANDOM: both pods serve, neither nearly all.
+    let urls: Vec<String> = (0..100)
+        .map(|i| format!("http://10.96.0.29/r/{i}"))
+        .collect();
+    let args: Vec<&str> = urls.iter().map(String::as_str).collect();
+    let (_, a) = tb.curl(&frontend, &args)?;
+    let v1 = a.iter().filter(|(_, b)| json(b)["server"] == "v1").count();
+    assert!(
+        (15..=85).contains(&v1),
+        "random picked v1 {v1} times of 100"
     );
 
     // A fixed delay on every request of a path.
