@@ -188,6 +188,11 @@ pub struct WaypointArgs {
     /// Readiness probe address.
     #[arg(long, env = "MESH_READY_ADDR", default_value = "0.0.0.0:15021")]
     pub ready_addr: SocketAddr,
+    /// Runtime worker threads. A waypoint scales by replicas; one thread
+    /// each spares the cross-thread wakeups that cost more CPU per request
+    /// than they win (measured with `cargo xtask bench`).
+    #[arg(long, env = "MESH_WORKER_THREADS", default_value_t = 1)]
+    pub worker_threads: usize,
     /// Directory for the waypoint's state (the embedded CA's root when it
     /// generates one).
     #[arg(long, env = "MESH_STATE_DIR", default_value = "/var/run/mesh-waypoint")]

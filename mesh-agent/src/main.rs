@@ -30,9 +30,11 @@ fn main() -> anyhow::Result<()> {
     let log_filter = init_logging(cli.log_format);
     // Before any thread exists, so that every thread starts in it.
     inpod::netns::init_home();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if let Command::Waypoint(args) = &cli.command {
+        rt.worker_threads(args.worker_threads.max(1));
+    }
+    let rt = rt.enable_all().build()?;
     match cli.command {
         Command::Node(args) => rt.block_on(node(*args, log_filter)),
         Command::Ca(args) => rt.block_on(identity::ca_server::run(*args)),
