@@ -3,7 +3,9 @@
 //! answer is one JSON line saying who served it and what arrived (method,
 //! path with query, version, headers, body size), so a test sees the
 //! request as the backend saw it. `/status/N` answers with status N;
-//! `/slow...` answers after 5 s; `/bytes/N` answers N bytes; `/seen/PATH`
+//! `/slow...` answers after 5 s; `/sleep/MS` after MS milliseconds;
+//! `/fail-if/NAME` answers 503 when the server is NAME; `/bytes/N` answers
+//! N bytes; `/seen/PATH`
 //! answers how many requests for `/PATH` it has served; an `Upgrade`
 //! request is switched (101) and its bytes echoed.
 
@@ -88,6 +90,19 @@ async fn answer(
         .entry(req.uri().path().to_owned())
         .or_default() += 1;
     let (parts, body) = req.into_parts();
+    if let Some(ms) = parts
+        .uri
+        .path()
+        .strip_prefix("/sleep/")
+        .and_then(|ms| ms.parse::<u64>().ok())
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
+    let failing = parts
+        .uri
+        .path()
+        .strip_prefix("/fail-if/")
+        .is_some_and(|n| n == name);
     if parts.uri.path().starts_with("/slow") {
         tokio::time::sleep(std::time::Duration::from_secs(5)).await;
     }
@@ -107,7 +122,7 @@ async fn answer(
         .path()
         .strip_prefix("/status/")
         .and_then(|s| s.parse::<u16>().ok())
-        .unwrap_or(200);
+        .unwrap_or(if failing { 503 } else { 200 });
     let out = serde_json::json!({
         "server": name,
         "peer": peer.to_string(),

@@ -1000,3 +1000,129 @@ fn virtual_service_and_destination_rule_route_through_the_waypoint() -> anyhow::
     assert!(took >= 0.3, "the delay was not applied: {took} s");
     Ok(())
 }
+
+const BREAKERS: &str = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: breaker, namespace: shop}
+spec:
+  host: breaker
+  trafficPolicy:
+    outlierDetection: {consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 2s, maxEjectionPercent: 50}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: pool, namespace: shop}
+spec:
+  host: pool
+  trafficPolicy:
+    connectionPool: {http: {http2MaxRequests: 1, http1MaxPendingRequests: 1}}
+";
+
+#[test]
+fn circuit_breakers_eject_outliers_and_refuse_overflow() -> anyhow::Result<()> {
+    let Setup {
+        tb,
+        mut docs,
+        frontend,
+        waypoint,
+        ..
+    } = setup(false)?;
+    docs.push(
+        service(
+            "breaker",
+            "10.96.0.31",
+            "app: reviews",
+            "istio.io/use-waypoint: waypoint",
+        ) + "\n",
+    );
+    docs.push(
+        service(
+            "pool",
+            "10.96.0.32",
+            "app: reviews, version: v1",
+            "istio.io/use-waypoint: waypoint",
+        ) + "\n",
+    );
+    docs.push(format!("{BREAKERS}\n"));
+    tb.write_config(&docs)?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (_, dump) = waypoint.http("GET", "/config_dump", None)?;
+        if dump.contains("shop/breaker") && dump.contains("shop/pool\"") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{dump}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+
+    // v1 answers /fail-if/v1 with 503 (Istio's default retry then serves
+    // the request from v2): after two in a row v1 is ejected and gets no
+    // request until its time is up.
+    let run = |n: usize| -> anyhow::Result<Vec<(u16, String)>> {
+        let urls: Vec<String> = (0..n)
+            .map(|_| "http://10.96.0.31/fail-if/v1".to_owned())
+            .collect();
+        let args: Vec<&str> = urls.iter().map(String::as_str).collect();
+        Ok(tb.curl(&frontend, &args)?.1)
+    };
+    let v1 = tb.nodes[1].pods[0].ip4;
+    let seen_by_v1 = || -> anyhow::Result<u64> {
+        let (_, a) = tb.curl(&frontend, &[&format!("http://{v1}:8080/seen/fail-if/v1")])?;
+        Ok(a.first()
+            .and_then(|(_, b)| b.trim().parse().ok())
+            .unwrap_or(u64::MAX))
+    };
+    let first = run(8)?;
+    assert!(
+        first
+            .iter()
+            .all(|(s, b)| *s == 200 && json(b)["server"] == "v2"),
+        "{first:?}"
+    );
+    assert_eq!(
+        seen_by_v1()?,
+        2,
+        "v1 should have had exactly its two failures"
+    );
+    let (_, dump) = waypoint.http("GET", "/config_dump", None)?;
+    let dump: Value = serde_json::from_str(&dump)?;
+    assert_eq!(
+        dump["endpoints_ejected"][0]["endpoint"],
+        format!("{v1}:8080"),
+        "{dump}"
+    );
+    assert_eq!(
+        series_sum(
+            &waypoint.metrics()?,
+            "mesh_waypoint_outlier_ejections_total",
+            &[("service", "breaker.shop.svc.cluster.local:80")]
+        ),
+        1.0
+    );
+    let more = run(6)?;
+    assert!(more.iter().all(|(s, _)| *s == 200), "{more:?}");
+    assert_eq!(seen_by_v1()?, 2, "an ejected endpoint got requests");
+    std::thread::sleep(std::time::Duration::from_millis(2200));
+    run(4)?;
+    assert!(seen_by_v1()? > 2, "v1 did not come back after its ejection");
+
+    // One request in flight and one waiting at most: of three at once, one
+    // is refused with 503 UO and counted.
+    let url = "http://10.96.0.32/sleep/700";
+    let (_, a) = tb.curl(
+        &frontend,
+        &["--parallel", "--parallel-immediate", url, url, url],
+    )?;
+    let codes: Vec<u16> = a.iter().map(|(s, _)| *s).collect();
+    assert_eq!(codes.iter().filter(|c| **c == 503).count(), 1, "{a:?}");
+    assert_eq!(codes.iter().filter(|c| **c == 200).count(), 2, "{a:?}");
+    assert_eq!(
+        series_sum(
+            &waypoint.metrics()?,
+            "istio_requests_total",
+            &[("response_code", "503"), ("response_flags", "UO")]
+        ),
+        1.0
+    );
+    Ok(())
+}

@@ -231,7 +231,9 @@ kind: DestinationRule
 metadata: {name: pool, namespace: shop}
 spec:
   host: other
-  trafficPolicy: {connectionPool: {tcp: {maxConnections: 1}}}
+  trafficPolicy:
+    connectionPool: {tcp: {maxConnections: 4, connectTimeout: 1s}, http: {http1MaxPendingRequests: 2}}
+    outlierDetection: {consecutiveGatewayErrors: 3, baseEjectionTime: 5s, maxEjectionPercent: 50}
 ";
     let s = store(&format!("{BASE}{VS}{route}"));
     let got: Vec<(&str, &str, &str)> = s
@@ -287,10 +289,29 @@ spec:
         has(
             "DestinationRule shop/pool",
             "unsupported",
-            "connectionPool is not applied"
+            "only tcp.maxConnections"
         ),
         "{got:?}"
     );
+    let other = s.service_by_vip("10.96.0.2:80".parse().unwrap()).unwrap().0;
+    let dr = s.destination_policy(other).unwrap();
+    assert_eq!(
+        dr.connection_pool,
+        Some(ConnectionPool {
+            max_requests: Some(4),
+            max_pending: 2
+        })
+    );
+    let od = dr.outlier_detection.as_ref().unwrap();
+    assert_eq!(
+        (
+            od.consecutive_5xx,
+            od.consecutive_gateway,
+            od.max_ejection_percent
+        ),
+        (None, Some(3), 50)
+    );
+    assert_eq!((od.base_ejection.as_secs(), od.interval.as_secs()), (5, 10));
     // The HTTPRoute routes reviews; the VirtualService still routes other.
     assert_eq!(
         rule(pick(&s, "10.96.0.1:80", "GET", "/api", &[])),

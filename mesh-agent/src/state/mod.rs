@@ -36,8 +36,8 @@ use std::{
 pub use k8s::NETNS_ANNOTATION;
 pub use matcher::{Attrs, L7Request};
 pub use route::{
-    Abort, Backend, Condition, LoadBalancer, RequestView, RouteEntry, RouteStatus, RuleAction,
-    modify_path,
+    Abort, Backend, Condition, ConnectionPool, LoadBalancer, OutlierDetection, RequestView,
+    RouteEntry, RouteStatus, RuleAction, modify_path,
 };
 pub use source::{LocalFiles, Publisher, Source, spawn_source};
 pub use waypoint::{Binding, GATEWAY_NAME, Waypoint};

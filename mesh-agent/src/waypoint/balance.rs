@@ -97,6 +97,10 @@ pub fn endpoints(ctx: &Ctx, store: &Store, choice: &Choice, keys: Keys<'_>) -> V
         }
     };
     let mut all = store.endpoints(svc, port);
+    // Ejected endpoints (outlier detection) get nothing while others remain.
+    if all.iter().any(|e| !ctx.outliers.is_ejected(e.addr)) {
+        all.retain(|e| !ctx.outliers.is_ejected(e.addr));
+    }
     if let Some((_, labels)) = &choice.subset {
         all.retain(|e| {
             labels

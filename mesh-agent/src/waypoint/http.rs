@@ -25,6 +25,7 @@ use tracing::{debug, info};
 use super::{
     Client, Ctx,
     balance::{self, Choice, Keys},
+    resilience::{self, Admit, Outcome},
     telemetry::HttpLabels,
     upstream::Body,
 };
@@ -395,6 +396,40 @@ impl Handler {
             client: Some(self.client.addr.ip()),
         };
         let endpoints = balance::endpoints(ctx, &store, &chosen, keys);
+        // The DestinationRule's circuit breakers for the chosen Service.
+        let (policy, breaker_key) = match &chosen.target {
+            WaypointTarget::Service(svc, port) => (
+                store.destination_policy(svc),
+                format!("{}:{}", svc.hostname(), port.port),
+            ),
+            WaypointTarget::Workload(..) => (None, String::new()),
+        };
+        let admitted = tokio::time::timeout(
+            resilience::QUEUE_TIMEOUT,
+            ctx.limits.admit(
+                &breaker_key,
+                policy.and_then(|p| p.connection_pool.as_ref()),
+            ),
+        )
+        .await;
+        let _place = match admitted {
+            Ok(Admit::Go(place)) => place,
+            Ok(Admit::Overflow) | Err(_) => {
+                done.upstream = "connectionPool full".into();
+                return self.finish(
+                    done,
+                    full(StatusCode::SERVICE_UNAVAILABLE, "upstream overflow"),
+                    "UO",
+                );
+            }
+        };
+        let outlier = policy.and_then(|p| p.outlier_detection.as_ref());
+        let observe = |addr, outcome| {
+            if let Some(config) = outlier {
+                ctx.outliers
+                    .observe(&breaker_key, &endpoints, addr, outcome, config);
+            }
+        };
         if endpoints.is_empty() {
             done.upstream = "no endpoint".into();
             return self.finish(
@@ -454,6 +489,10 @@ impl Handler {
                 },
                 None => send.await,
             };
+            match &result {
+                Ok(resp) => observe(ep.addr, Outcome::Status(resp.status().as_u16())),
+                Err(_) => observe(ep.addr, Outcome::Failed),
+            }
             match result {
                 Ok(resp) if retry.codes.contains(&resp.status().as_u16()) && i + 1 < attempts => {
                     debug!(endpoint = %ep.addr, status = %resp.status(), "retrying");

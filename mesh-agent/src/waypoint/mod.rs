@@ -22,6 +22,7 @@ use crate::{
 
 mod balance;
 mod http;
+mod resilience;
 mod serve;
 mod status;
 #[cfg(test)]
@@ -39,6 +40,9 @@ pub struct Ctx {
     pub balancer: Balancer,
     /// Requests in flight per endpoint (`LEAST_REQUEST`).
     pub in_flight: balance::InFlight,
+    /// DestinationRule `connectionPool` caps and `outlierDetection`.
+    pub limits: resilience::Limits,
+    pub outliers: resilience::Outliers,
     pub clients: upstream::Clients,
     /// The waypoint's own pod (namespace, name).
     pub pod: (String, String),
@@ -122,12 +126,19 @@ pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
         pool: Pool::default(),
         balancer: Balancer::default(),
         in_flight: balance::InFlight::default(),
+        limits: resilience::Limits::default(),
+        outliers: resilience::Outliers::default(),
         clients: upstream::Clients::new(weak.clone()),
         pod: (args.pod_namespace.clone(), args.pod_name.clone()),
         picks: std::sync::atomic::AtomicU64::new(0),
     });
     let mut registry = crate::metrics::proxy_registry(&metrics);
     ctx.requests.register(&mut registry);
+    registry.register(
+        "mesh_waypoint_outlier_ejections",
+        "Endpoints ejected by a DestinationRule's outlierDetection, by Service",
+        ctx.outliers.ejections.clone(),
+    );
     let admin = Arc::new(serve::Admin {
         ctx: ctx.clone(),
         registry,

@@ -432,6 +432,7 @@ fn admin_page(admin: &Admin, full: bool, req: &Request<Incoming>) -> Response<Fu
                 "config": store.dump(),
                 "certificates": ctx.certs.dump(),
                 "endpoints_down": ctx.balancer.down(),
+                "endpoints_ejected": ctx.outliers.dump(),
             });
             reply(
                 StatusCode::OK,

@@ -218,12 +218,56 @@ struct Subset {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct TrafficPolicy {
     load_balancer: Option<LbSettings>,
-    connection_pool: Option<Value>,
-    outlier_detection: Option<Value>,
+    connection_pool: Option<PoolSettings>,
+    outlier_detection: Option<OutlierSettings>,
     tls: Option<Value>,
     port_level_settings: Option<Value>,
     tunnel: Option<Value>,
     proxy_protocol: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct PoolSettings {
+    tcp: Option<TcpPool>,
+    http: Option<HttpPool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct TcpPool {
+    max_connections: Option<usize>,
+    connect_timeout: Option<Value>,
+    tcp_keepalive: Option<Value>,
+    max_connection_duration: Option<Value>,
+    idle_timeout: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct HttpPool {
+    http1_max_pending_requests: Option<usize>,
+    http2_max_requests: Option<usize>,
+    max_requests_per_connection: Option<usize>,
+    max_retries: Option<Value>,
+    idle_timeout: Option<Value>,
+    h2_upgrade_policy: Option<Value>,
+    use_client_protocol: Option<Value>,
+    max_concurrent_streams: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct OutlierSettings {
+    consecutive_5xx_errors: Option<u32>,
+    consecutive_gateway_errors: Option<u32>,
+    interval: Option<String>,
+    base_ejection_time: Option<String>,
+    max_ejection_percent: Option<u32>,
+    min_health_percent: Option<Value>,
+    split_external_local_origin_errors: Option<Value>,
+    consecutive_local_origin_failures: Option<Value>,
+    consecutive_errors: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -323,14 +367,29 @@ pub(crate) fn compile_istio(
         };
         if let Some(tp) = &dr.traffic_policy {
             policy.load_balancer = traffic_policy(tp, "trafficPolicy", &mut warn);
+            if let Some(cp) = &tp.connection_pool {
+                policy.connection_pool = Some(connection_pool(cp, &mut warn));
+            }
+            if let Some(od) = &tp.outlier_detection {
+                policy.outlier_detection = outlier_detection(od, &mut warn);
+            }
         }
         for s in &dr.subsets {
             policy
                 .subsets
                 .insert(s.name.clone(), Arc::new(s.labels.clone()));
             if let Some(tp) = &s.traffic_policy {
-                let lb = traffic_policy(tp, &format!("subset {}", s.name), &mut warn);
+                let at = format!("subset {}", s.name);
+                let lb = traffic_policy(tp, &at, &mut warn);
                 policy.subset_load_balancers.insert(s.name.clone(), lb);
+                if tp.connection_pool.is_some() || tp.outlier_detection.is_some() {
+                    warn(
+                        "unsupported",
+                        format!(
+                            "{at}: connectionPool and outlierDetection apply per Service here, not per subset; not applied"
+                        ),
+                    );
+                }
             }
         }
         if dr.workload_selector.is_some() {
@@ -433,8 +492,6 @@ fn traffic_policy(
     warn: &mut impl FnMut(&'static str, String),
 ) -> LoadBalancer {
     for (field, set) in [
-        ("connectionPool", tp.connection_pool.is_some()),
-        ("outlierDetection", tp.outlier_detection.is_some()),
         ("tls", tp.tls.is_some()),
         ("portLevelSettings", tp.port_level_settings.is_some()),
         ("tunnel", tp.tunnel.is_some()),
@@ -483,6 +540,100 @@ fn traffic_policy(
             LoadBalancer::RoundRobin
         }
     }
+}
+
+/// `connectionPool`: a cap on requests in flight to the Service and on
+/// those that may wait for a place; the rest is reported as not applied.
+fn connection_pool(
+    cp: &PoolSettings,
+    warn: &mut impl FnMut(&'static str, String),
+) -> super::ConnectionPool {
+    let tcp_max = cp.tcp.as_ref().and_then(|t| t.max_connections);
+    let h2_max = cp.http.as_ref().and_then(|h| h.http2_max_requests);
+    let max_requests = match (tcp_max, h2_max) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    let ignored = cp.tcp.as_ref().is_some_and(|t| {
+        t.connect_timeout.is_some()
+            || t.tcp_keepalive.is_some()
+            || t.max_connection_duration.is_some()
+            || t.idle_timeout.is_some()
+    }) || cp.http.as_ref().is_some_and(|h| {
+        h.max_requests_per_connection.is_some()
+            || h.max_retries.is_some()
+            || h.idle_timeout.is_some()
+            || h.h2_upgrade_policy.is_some()
+            || h.use_client_protocol.is_some()
+            || h.max_concurrent_streams.is_some()
+    });
+    if ignored {
+        warn(
+            "unsupported",
+            "connectionPool: only tcp.maxConnections, http.http2MaxRequests and \
+             http.http1MaxPendingRequests are applied (as a cap on requests in flight to the \
+             Service and on those waiting)"
+                .into(),
+        );
+    }
+    super::ConnectionPool {
+        max_requests: max_requests.map(|n| n.max(1)),
+        max_pending: cp
+            .http
+            .as_ref()
+            .and_then(|h| h.http1_max_pending_requests)
+            .unwrap_or(0),
+    }
+}
+
+/// `outlierDetection`, with Istio's defaults (10 s interval, 30 s base
+/// ejection, at most 10% ejected); None when it ejects on nothing.
+fn outlier_detection(
+    od: &OutlierSettings,
+    warn: &mut impl FnMut(&'static str, String),
+) -> Option<super::OutlierDetection> {
+    if od.min_health_percent.is_some()
+        || od.split_external_local_origin_errors.is_some()
+        || od.consecutive_local_origin_failures.is_some()
+        || od.consecutive_errors.is_some()
+    {
+        warn(
+            "unsupported",
+            "outlierDetection: only consecutive5xxErrors, consecutiveGatewayErrors, interval, \
+             baseEjectionTime and maxEjectionPercent are applied"
+                .into(),
+        );
+    }
+    let mut duration = |d: &Option<String>, default: u64| {
+        d.as_deref()
+            .map(|d| {
+                parse_gateway_duration(d).unwrap_or_else(|| {
+                    warn(
+                        "parse_error",
+                        format!("outlierDetection: duration {d:?} does not parse; default used"),
+                    );
+                    Duration::from_secs(default)
+                })
+            })
+            .unwrap_or(Duration::from_secs(default))
+    };
+    let out = super::OutlierDetection {
+        consecutive_5xx: od.consecutive_5xx_errors.filter(|n| *n > 0),
+        consecutive_gateway: od.consecutive_gateway_errors.filter(|n| *n > 0),
+        interval: duration(&od.interval, 10),
+        base_ejection: duration(&od.base_ejection_time, 30),
+        max_ejection_percent: od.max_ejection_percent.unwrap_or(10).min(100),
+    };
+    // Istio's default when neither is given: 5 consecutive 5xx.
+    let out = if od.consecutive_5xx_errors.is_none() && od.consecutive_gateway_errors.is_none() {
+        super::OutlierDetection {
+            consecutive_5xx: Some(5),
+            ..out
+        }
+    } else {
+        out
+    };
+    (out.consecutive_5xx.is_some() || out.consecutive_gateway.is_some()).then_some(out)
 }
 
 struct VsCompiler<'a> {

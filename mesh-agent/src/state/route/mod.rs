@@ -216,6 +216,27 @@ pub struct DestinationPolicy {
     #[serde(serialize_with = "subset_labels")]
     pub subsets: BTreeMap<String, Arc<BTreeMap<String, String>>>,
     pub subset_load_balancers: BTreeMap<String, LoadBalancer>,
+    pub connection_pool: Option<ConnectionPool>,
+    pub outlier_detection: Option<OutlierDetection>,
+}
+
+/// DestinationRule `connectionPool`, as the waypoint applies it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ConnectionPool {
+    /// Requests in flight to the Service at most (None: no cap).
+    pub max_requests: Option<usize>,
+    /// Requests that may wait for a place; past them, 503 `UO`.
+    pub max_pending: usize,
+}
+
+/// DestinationRule `outlierDetection`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct OutlierDetection {
+    pub consecutive_5xx: Option<u32>,
+    pub consecutive_gateway: Option<u32>,
+    pub interval: Duration,
+    pub base_ejection: Duration,
+    pub max_ejection_percent: u32,
 }
 
 #[derive(Debug)]
