@@ -1126,3 +1126,124 @@ fn circuit_breakers_eject_outliers_and_refuse_overflow() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+const RATE_LIMITS: &str = "apiVersion: policy.mesh-agent.dev/v1alpha1
+kind: LocalRateLimitPolicy
+metadata: {name: limited, namespace: shop}
+spec:
+  targetRefs: [{kind: Service, group: \"\", name: limited}]
+  total: {requestsPerSecond: 40}
+  identity: {requestsPerSecond: 5}
+  overrides: [{requestsPerSecond: 8, clientRefs: [{kind: ServiceAccount, name: frontend}]}]
+---
+apiVersion: policy.mesh-agent.dev/v1alpha1
+kind: LocalRateLimitPolicy
+metadata: {name: total, namespace: shop}
+spec:
+  targetRefs: [{kind: Service, group: \"\", name: limited-total}]
+  total: {requestsPerSecond: 6}
+---
+apiVersion: policy.mesh-agent.dev/v1alpha1
+kind: LocalRateLimitPolicy
+metadata: {name: grpc, namespace: shop}
+spec:
+  targetRefs: [{kind: Service, group: \"\", name: grpc-echo}]
+  total: {requestsPerSecond: 1}
+";
+
+#[test]
+fn local_rate_limits_refuse_past_the_rate_with_429_and_retry_after() -> anyhow::Result<()> {
+    let Setup {
+        tb,
+        mut docs,
+        frontend,
+        waypoint,
+        ..
+    } = setup(false)?;
+    for (name, vip) in [("limited", "10.96.0.33"), ("limited-total", "10.96.0.34")] {
+        docs.push(
+            service(
+                name,
+                vip,
+                "app: reviews, version: v1",
+                "istio.io/use-waypoint: waypoint",
+            ) + "\n",
+        );
+    }
+    docs.push(format!("{RATE_LIMITS}\n"));
+    tb.write_config(&docs)?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (_, dump) = waypoint.http("GET", "/config_dump", None)?;
+        if dump.contains("shop/limited") && dump.contains("shop/grpc") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{dump}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let burst = |pod: &Pod, vip: &str, n: usize| -> anyhow::Result<(usize, Vec<(u16, String)>)> {
+        let urls: Vec<String> = (0..n).map(|i| format!("http://{vip}/b/{i}")).collect();
+        let mut args = vec!["-D", "-"];
+        args.extend(urls.iter().map(String::as_str));
+        let (_, a) = tb.curl(pod, &args)?;
+        Ok((a.iter().filter(|(s, _)| *s == 200).count(), a))
+    };
+    // The frontend's override: 8 per second.
+    let (passed, a) = burst(&frontend, "10.96.0.33", 20)?;
+    assert!((8..=9).contains(&passed), "override: {passed} of 20 passed");
+    let refused: Vec<&(u16, String)> = a.iter().filter(|(s, _)| *s == 429).collect();
+    assert_eq!(refused.len(), 20 - passed, "{a:?}");
+    assert!(
+        refused[0].1.to_ascii_lowercase().contains("retry-after: 1"),
+        "{:?}",
+        refused[0]
+    );
+    // A second later the bucket is full again.
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    let (passed, _) = burst(&frontend, "10.96.0.33", 20)?;
+    assert!(
+        (8..=9).contains(&passed),
+        "override, a second later: {passed} of 20"
+    );
+    // Another identity (reviews-v2's pod, ServiceAccount reviews): 5 per second.
+    let v2 = tb.nodes[0].pods[1].clone();
+    let (passed, _) = burst(&v2, "10.96.0.33", 20)?;
+    assert!((5..=6).contains(&passed), "identity: {passed} of 20");
+    // A total rate alone.
+    let (passed, _) = burst(&frontend, "10.96.0.34", 20)?;
+    assert!((6..=7).contains(&passed), "total: {passed} of 20");
+    // gRPC past the rate: status 8.
+    let client = tb.workdir().join("grpc_client.py");
+    let call = || -> anyhow::Result<Value> {
+        let out = tb.run_in_pod(
+            &frontend,
+            std::path::Path::new("/usr/bin/python3"),
+            &[
+                client.to_str().unwrap_or_default(),
+                "10.96.0.25:9090",
+                "Say",
+            ],
+        )?;
+        Ok(serde_json::from_str(out.trim())?)
+    };
+    let (first, second) = (call()?, call()?);
+    assert_eq!(first["code"], 0, "{first}");
+    assert_eq!(second["code"], 8, "{second}");
+    let page = waypoint.metrics()?;
+    for (policy, scope) in [
+        ("shop/limited", "override"),
+        ("shop/limited", "identity"),
+        ("shop/total", "total"),
+        ("shop/grpc", "total"),
+    ] {
+        assert!(
+            series_sum(
+                &page,
+                "mesh_waypoint_rate_limited_total",
+                &[("policy", policy), ("scope", scope)]
+            ) >= 1.0,
+            "{policy} {scope}: {page}"
+        );
+    }
+    Ok(())
+}

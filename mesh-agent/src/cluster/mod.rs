@@ -96,6 +96,13 @@ pub const WATCHED: &[Resource] = &[
         "destinationrules",
         true,
     ),
+    Resource::new(
+        "policy.mesh-agent.dev",
+        "v1alpha1",
+        "LocalRateLimitPolicy",
+        "localratelimitpolicies",
+        true,
+    ),
 ];
 
 /// Where the agent writes Events (`create` and `patch` in RBAC): kube's

@@ -322,3 +322,58 @@ spec:
         "shop/odd 0"
     );
 }
+
+#[test]
+fn rate_limit_policies_target_waypoint_services() {
+    let limits = "
+---
+apiVersion: policy.mesh-agent.dev/v1alpha1
+kind: LocalRateLimitPolicy
+metadata: {name: reviews, namespace: shop}
+spec:
+  targetRefs: [{kind: Service, group: '', name: reviews}, {kind: Service, group: '', name: plain}]
+  total: {requestsPerSecond: 100}
+  identity: {requestsPerSecond: 10}
+  overrides:
+  - requestsPerSecond: 50
+    clientRefs: [{kind: ServiceAccount, name: frontend}, {kind: Group, name: x}]
+";
+    let s = store(&format!("{BASE}{limits}"));
+    let wp = s.waypoint("shop", "wp").unwrap().clone();
+    let reviews = s
+        .service_by_vip("10.96.0.1:80".parse().unwrap())
+        .unwrap()
+        .0
+        .clone();
+    let other = s
+        .service_by_vip("10.96.0.2:80".parse().unwrap())
+        .unwrap()
+        .0
+        .clone();
+    let found: Vec<&RateLimit> = s.rate_limits(&wp, Some(&reviews)).collect();
+    assert_eq!(found.len(), 1);
+    let r = found[0];
+    assert_eq!((r.total, r.per_identity), (Some(100), Some(10)));
+    let frontend = crate::identity::Identity::new("cluster.local", "shop", "frontend");
+    let batch = crate::identity::Identity::new("cluster.local", "shop", "batch");
+    assert_eq!(r.client_rate(&frontend), Some(50));
+    assert_eq!(r.client_rate(&batch), Some(10));
+    assert_eq!(s.rate_limits(&wp, Some(&other)).count(), 0);
+    let w: Vec<(&str, &str)> = s
+        .warnings()
+        .iter()
+        .filter(|w| w.object == "LocalRateLimitPolicy shop/reviews")
+        .map(|w| (w.kind, w.message.as_str()))
+        .collect();
+    assert_eq!(w.len(), 2, "{w:?}");
+    assert!(
+        w.iter()
+            .any(|(k, m)| *k == "missing_waypoint" && m.contains("shop/plain")),
+        "{w:?}"
+    );
+    assert!(
+        w.iter()
+            .any(|(k, m)| *k == "unsupported" && m.contains("\"Group\"")),
+        "{w:?}"
+    );
+}

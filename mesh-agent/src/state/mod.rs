@@ -7,6 +7,7 @@ mod k8s;
 mod matcher;
 mod peer_auth;
 mod policy;
+mod ratelimit;
 mod route;
 mod source;
 mod waypoint;
@@ -35,6 +36,7 @@ use std::{
 
 pub use k8s::NETNS_ANNOTATION;
 pub use matcher::{Attrs, L7Request};
+pub use ratelimit::RateLimit;
 pub use route::{
     Abort, Backend, Condition, ConnectionPool, LoadBalancer, OutlierDetection, RequestView,
     RouteEntry, RouteStatus, RuleAction, modify_path,
@@ -258,6 +260,8 @@ pub struct Store {
     bindings: waypoint::Bindings,
     /// HTTPRoutes of Services that have a waypoint.
     routes: route::Routes,
+    /// LocalRateLimitPolicies, the waypoints'.
+    rate_limits: Vec<RateLimit>,
     /// Read and counted; nothing on the node's data path uses them.
     service_accounts: usize,
     http_routes: usize,
@@ -308,6 +312,7 @@ impl Store {
         let bound = &store.bindings.services;
         (store.policies, store.waypoint_policies) = policy::compile(&objects, bound, &mut warnings);
         gateway::check_routes(&objects, bound, &mut warnings);
+        store.rate_limits = ratelimit::compile(&objects, bound, &mut warnings);
         store.routes = route::compile(
             &objects,
             &store.services,
@@ -499,6 +504,18 @@ impl Store {
         ours(self.workload_binding(wl)).then(|| WaypointTarget::Workload(wl.clone(), dst.port()))
     }
 
+    /// The rate limits for a request for `service` through `waypoint`.
+    pub fn rate_limits<'a>(
+        &'a self,
+        waypoint: &'a Waypoint,
+        service: Option<&'a Service>,
+    ) -> impl Iterator<Item = &'a RateLimit> {
+        let svc = service.map(|s| (s.namespace.as_str(), s.name.as_str()));
+        self.rate_limits
+            .iter()
+            .filter(move |r| r.applies(svc, (&waypoint.namespace, &waypoint.name)))
+    }
+
     /// The DestinationRule applied to Service `svc`, if any.
     pub fn destination_policy(&self, svc: &Service) -> Option<&route::DestinationPolicy> {
         self.routes
@@ -592,6 +609,7 @@ impl Store {
             "workload_waypoints": bindings(&self.bindings.workloads),
             "routes": self.routes.dump(),
             "destination_rules": self.routes.destinations(),
+            "rate_limits": self.rate_limits,
             "route_status": self.routes.statuses(),
             "warnings": self.warnings,
         })

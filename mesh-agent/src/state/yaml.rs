@@ -13,6 +13,7 @@ use super::{
     gateway::{Gateway, GatewayClass, HttpRoute},
     peer_auth::PeerAuthentication,
     policy::AuthorizationPolicy,
+    ratelimit::LocalRateLimitPolicy,
     route::{DestinationRule, VirtualService},
 };
 
@@ -41,6 +42,7 @@ pub(super) struct Objects {
     pub gateway_classes: BTreeMap<String, Parsed<GatewayClass>>,
     pub virtual_services: BTreeMap<Key, Parsed<VirtualService>>,
     pub destination_rules: BTreeMap<Key, Parsed<DestinationRule>>,
+    pub rate_limits: BTreeMap<Key, Parsed<LocalRateLimitPolicy>>,
 }
 
 /// Kind, namespace and name: what identifies an object in a source.
@@ -77,6 +79,7 @@ enum Typed {
     GatewayClass(Arc<GatewayClass>),
     VirtualService(Arc<VirtualService>),
     DestinationRule(Arc<DestinationRule>),
+    LocalRateLimitPolicy(Arc<LocalRateLimitPolicy>),
 }
 
 /// The kinds the agent reads: (apiVersions, kind).
@@ -130,6 +133,7 @@ const KINDS: &[(&[&str], &str)] = &[
         ],
         "DestinationRule",
     ),
+    (&["policy.mesh-agent.dev/v1alpha1"], "LocalRateLimitPolicy"),
 ];
 
 /// One unit a source delivers: the objects of a file (every `---` document
@@ -304,7 +308,8 @@ impl fmt::Display for Header {
                 | "HTTPRoute"
                 | "Gateway"
                 | "VirtualService"
-                | "DestinationRule",
+                | "DestinationRule"
+                | "LocalRateLimitPolicy",
                 _,
             ) => {
                 write!(f, "{kind} {}/{name}", self.namespace())
@@ -364,6 +369,7 @@ impl Objects {
             Typed::GatewayClass(o) => put(&mut self.gateway_classes, key.name.clone(), o, origin),
             Typed::VirtualService(o) => put(&mut self.virtual_services, nk(), o, origin),
             Typed::DestinationRule(o) => put(&mut self.destination_rules, nk(), o, origin),
+            Typed::LocalRateLimitPolicy(o) => put(&mut self.rate_limits, nk(), o, origin),
         };
         if let Some(first) = first {
             warnings.push(ConfigWarning {
@@ -443,6 +449,7 @@ impl Document {
             "GatewayClass" => typed(at, value).map(Typed::GatewayClass),
             "VirtualService" => typed(at, value).map(Typed::VirtualService),
             "DestinationRule" => typed(at, value).map(Typed::DestinationRule),
+            "LocalRateLimitPolicy" => typed(at, value).map(Typed::LocalRateLimitPolicy),
             _ => typed(at, value).map(Typed::Gateway),
         };
         let e = match result {

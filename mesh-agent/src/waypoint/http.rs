@@ -224,6 +224,23 @@ impl Handler {
             return self.finish(done, resp, "RBAC");
         }
 
+        // Rate limits, after authorization: a denied request costs no token.
+        let limits = store.rate_limits(&self.waypoint, service.as_deref());
+        if let Err(wait) = ctx.rate_limiter.check(limits, &self.client.identity) {
+            done.policy = "rate limited".into();
+            let resp = if grpc {
+                grpc_error(8, "rate limited")
+            } else {
+                let mut r = full(StatusCode::TOO_MANY_REQUESTS, "rate limited");
+                let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+                if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+                    r.headers_mut().insert(header::RETRY_AFTER, v);
+                }
+                r
+            };
+            return self.finish(done, resp, "RL");
+        }
+
         // Route: the first match by precedence; none means the Service.
         let view = RequestView {
             method: &parts.method,

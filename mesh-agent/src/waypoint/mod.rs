@@ -22,6 +22,7 @@ use crate::{
 
 mod balance;
 mod http;
+mod ratelimit;
 mod resilience;
 mod serve;
 mod status;
@@ -43,6 +44,8 @@ pub struct Ctx {
     /// DestinationRule `connectionPool` caps and `outlierDetection`.
     pub limits: resilience::Limits,
     pub outliers: resilience::Outliers,
+    /// LocalRateLimitPolicy buckets.
+    pub rate_limiter: ratelimit::RateLimiter,
     pub clients: upstream::Clients,
     /// The waypoint's own pod (namespace, name).
     pub pod: (String, String),
@@ -128,12 +131,18 @@ pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
         in_flight: balance::InFlight::default(),
         limits: resilience::Limits::default(),
         outliers: resilience::Outliers::default(),
+        rate_limiter: ratelimit::RateLimiter::default(),
         clients: upstream::Clients::new(weak.clone()),
         pod: (args.pod_namespace.clone(), args.pod_name.clone()),
         picks: std::sync::atomic::AtomicU64::new(0),
     });
     let mut registry = crate::metrics::proxy_registry(&metrics);
     ctx.requests.register(&mut registry);
+    registry.register(
+        "mesh_waypoint_rate_limited",
+        "Requests refused by a LocalRateLimitPolicy, by policy and bucket",
+        ctx.rate_limiter.limited.clone(),
+    );
     registry.register(
         "mesh_waypoint_outlier_ejections",
         "Endpoints ejected by a DestinationRule's outlierDetection, by Service",
