@@ -150,7 +150,62 @@ pub fn proxy_registry(metrics: &Arc<Metrics>) -> Registry {
         "Objects of each kind in the configuration snapshot the data path follows",
         metrics.config_objects.clone(),
     );
+    r.register_collector(Box::new(ProcessCollector));
     r
+}
+
+/// The process's own CPU, memory and open files, under the names
+/// Prometheus' client libraries use, read from `/proc/self` at scrape time:
+/// what the dashboards' resource panels plot for agents and waypoints.
+#[derive(Debug)]
+struct ProcessCollector;
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use prometheus_client::metrics::{MetricType, gauge::ConstGauge};
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+        // Fields after the command name, which is in parentheses.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map_or("", |(_, r)| r)
+            .split_whitespace()
+            .collect();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        // utime + stime, in USER_HZ (100 on Linux).
+        let cpu = (ticks(11) + ticks(12)) / 100.0;
+        let rss_pages = std::fs::read_to_string("/proc/self/statm")
+            .ok()
+            .and_then(|s| s.split_whitespace().nth(1)?.parse::<i64>().ok())
+            .unwrap_or(0);
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as i64;
+        let fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as i64);
+        let c = ConstCounter::new(cpu);
+        c.encode(encoder.encode_descriptor(
+            "process_cpu_seconds",
+            "User and system CPU time spent, in seconds",
+            None,
+            MetricType::Counter,
+        )?)?;
+        ConstGauge::new(rss_pages * page).encode(encoder.encode_descriptor(
+            "process_resident_memory_bytes",
+            "Resident memory size, in bytes",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        ConstGauge::new(fds).encode(encoder.encode_descriptor(
+            "process_open_fds",
+            "Open file descriptors",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        Ok(())
+    }
 }
 
 #[derive(Debug)]

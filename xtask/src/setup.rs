@@ -45,6 +45,8 @@ const TOOL_PACKAGES: &[&str] = &[
     "python3-grpcio",
     // The benchmark's L7 floor: a reverse proxy in the waypoint's place.
     "nginx-light",
+    // A real scraper for the dashboards' queries.
+    "prometheus",
 ];
 
 /// bpf-linker links the bitcode nightly rustc emits with its own LLVM, which
