@@ -188,6 +188,18 @@ pub struct WaypointArgs {
     /// Readiness probe address.
     #[arg(long, env = "MESH_READY_ADDR", default_value = "0.0.0.0:15021")]
     pub ready_addr: SocketAddr,
+    /// Export spans to this OTLP/HTTP endpoint (JSON encoding), e.g.
+    /// `http://collector:4318/v1/traces`.
+    #[arg(long, env = "MESH_TRACING_OTLP")]
+    pub tracing_otlp: Option<String>,
+    /// Export spans to this Zipkin v2 endpoint, e.g.
+    /// `http://zipkin:9411/api/v2/spans`.
+    #[arg(long, env = "MESH_TRACING_ZIPKIN")]
+    pub tracing_zipkin: Option<String>,
+    /// Percent of new traces recorded (Istio's default, 1); a caller's own
+    /// sampling decision is kept.
+    #[arg(long, env = "MESH_TRACING_SAMPLING", default_value_t = 1.0)]
+    pub tracing_sampling: f64,
     /// Runtime worker threads. A waypoint scales by replicas; one thread
     /// each spares the cross-thread wakeups that cost more CPU per request
     /// than they win (measured with `cargo xtask bench`).

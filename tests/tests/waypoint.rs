@@ -92,6 +92,12 @@ struct Setup {
 /// for all traffic (pod on node 0) bound by the namespace label, and
 /// reviews-v2 labelled with the Service-only waypoint.
 fn setup(second: bool) -> anyhow::Result<Setup> {
+    setup_with(second, None)
+}
+
+/// [`setup`], with the waypoint exporting spans to a collector at
+/// `tracing` (OTLP on 4318, Zipkin on 9411) when given.
+fn setup_with(second: bool, tracing: Option<IpAddr>) -> anyhow::Result<Setup> {
     let mut tb = Testbed::new(2)?;
     let frontend = tb.add_pod(0, "frontend")?;
     let v1 = tb.add_pod(1, "reviews-v1")?;
@@ -201,7 +207,15 @@ fn setup(second: bool) -> anyhow::Result<Setup> {
     }
     tb.agent(1).enroll(&v1)?;
     tb.agent(1).enroll(&dead)?;
-    let waypoint = tb.start_waypoint(&wp, "shop", &args)?;
+    let mut wp_args = args.clone();
+    if let Some(c) = tracing {
+        wp_args.extend([
+            format!("--tracing-otlp=http://{c}:4318/v1/traces"),
+            format!("--tracing-zipkin=http://{c}:9411/api/v2/spans"),
+            "--tracing-sampling=100".to_owned(),
+        ]);
+    }
+    let waypoint = tb.start_waypoint(&wp, "shop", &wp_args)?;
     let all_waypoint = match wp_all {
         Some(p) => Some(tb.start_waypoint(&p, "shop", &args)?),
         None => None,
@@ -1343,5 +1357,206 @@ fn every_dashboard_query_returns_series_from_a_real_prometheus() -> anyhow::Resu
         "queries with no series:\n{}",
         empty.join("\n")
     );
+    Ok(())
+}
+
+/// A trace collector: OTLP/HTTP on 4318 and Zipkin on 9411, each request
+/// body appended as one line to `otlp.jsonl` / `zipkin.jsonl` in DIR.
+const COLLECTOR: &str = r#"
+import sys, threading, os
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+out = sys.argv[1]
+def handler(name):
+    class H(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers.get("content-length", 0)))
+            with open(os.path.join(out, name), "ab") as f:
+                f.write(body.replace(b"\n", b" ") + b"\n")
+            self.send_response(200); self.end_headers()
+        def log_message(self, *a): pass
+    return H
+servers = [ThreadingHTTPServer(("0.0.0.0", p), handler(n)) for p, n in [(4318, "otlp.jsonl"), (9411, "zipkin.jsonl")]]
+for s in servers[1:]:
+    threading.Thread(target=s.serve_forever, daemon=True).start()
+print("listening", flush=True)
+servers[0].serve_forever()
+"#;
+
+/// Decodes each OTLP/HTTP JSON body with the OpenTelemetry protobuf
+/// definitions (ids are hex in OTLP/JSON, base64 in protobuf's JSON
+/// mapping) and prints one line per span.
+const DECODE_OTLP: &str = r#"
+import sys, json, base64
+from google.protobuf import json_format
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+for line in open(sys.argv[1]):
+    doc = json.loads(line)
+    for rs in doc["resourceSpans"]:
+        for ss in rs["scopeSpans"]:
+            for sp in ss["spans"]:
+                for k in ("traceId", "spanId", "parentSpanId"):
+                    if k in sp:
+                        sp[k] = base64.b64encode(bytes.fromhex(sp[k])).decode()
+    req = json_format.Parse(json.dumps(doc), ExportTraceServiceRequest())
+    for rs in req.resource_spans:
+        for ss in rs.scope_spans:
+            for sp in ss.spans:
+                print(json.dumps({
+                    "trace": sp.trace_id.hex(), "id": sp.span_id.hex(), "parent": sp.parent_span_id.hex(),
+                    "kind": sp.kind, "name": sp.name,
+                    "attrs": {a.key: a.value.string_value for a in sp.attributes},
+                }))
+"#;
+
+#[test]
+fn traces_join_the_callers_and_export_to_otlp_and_zipkin() -> anyhow::Result<()> {
+    // The collector's pod is added on node 1 after the others: its address
+    // is the next there, known before the waypoint starts.
+    let collector_ip: IpAddr = "10.2.0.13".parse()?;
+    let Setup {
+        mut tb,
+        frontend,
+        waypoint,
+        ..
+    } = setup_with(false, Some(collector_ip))?;
+    let collector = tb.add_pod(1, "collector")?;
+    assert_eq!(collector.ip4, collector_ip, "the collector's address moved");
+    let dir = tb.workdir().join("collector");
+    std::fs::create_dir_all(&dir)?;
+    let script = dir.join("collector.py");
+    std::fs::write(&script, COLLECTOR)?;
+    let collector_proc = tb.serve_program(
+        &collector,
+        std::path::Path::new("/usr/bin/python3"),
+        &[
+            script.to_str().unwrap_or_default(),
+            dir.to_str().unwrap_or_default(),
+        ],
+    )?;
+
+    // W3C: the caller's trace goes on, through the waypoint's two spans.
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller = "00f067aa0ba902b7";
+    let (_, a) = tb.curl(
+        &frontend,
+        &[
+            "-H",
+            &format!("traceparent: 00-{trace}-{caller}-01"),
+            &format!("http://{VIP}/traced"),
+        ],
+    )?;
+    assert_eq!(a[0].0, 200, "{a:?}");
+    let seen = json(&a[0].1)["headers"]["traceparent"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        seen.starts_with(&format!("00-{trace}-")) && seen.ends_with("-01"),
+        "{seen}"
+    );
+    let client_span = seen[36..52].to_owned();
+    // B3 in, B3 out.
+    let (_, a) = tb.curl(
+        &frontend,
+        &[
+            "-H",
+            "x-b3-traceid: 80f198ee56343ba864fe8b2a57d3eff7",
+            "-H",
+            "x-b3-spanid: e457b5a2e4d86bd1",
+            "-H",
+            "x-b3-sampled: 1",
+            &format!("http://{VIP}/b3"),
+        ],
+    )?;
+    let h = &json(&a[0].1)["headers"];
+    assert_eq!(h["x-b3-traceid"], "80f198ee56343ba864fe8b2a57d3eff7", "{h}");
+    assert!(
+        h["x-b3-parentspanid"]
+            .as_str()
+            .is_some_and(|p| p.len() == 16),
+        "{h}"
+    );
+
+    // Spans reach both collectors within the batch interval.
+    let otlp = dir.join("otlp.jsonl");
+    let zipkin = dir.join("zipkin.jsonl");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let spans: Vec<Value> = loop {
+        if otlp.exists() && zipkin.exists() {
+            let decode = dir.join("decode.py");
+            std::fs::write(&decode, DECODE_OTLP)?;
+            let out = std::process::Command::new("python3")
+                .arg(&decode)
+                .arg(&otlp)
+                .output()?;
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let spans: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect();
+            if spans.iter().filter(|s| s["trace"] == trace).count() >= 2 {
+                break spans;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "no spans exported");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let ours: Vec<&Value> = spans.iter().filter(|s| s["trace"] == trace).collect();
+    let server = ours.iter().find(|s| s["kind"] == 2).expect("a server span");
+    let client = ours.iter().find(|s| s["kind"] == 3).expect("a client span");
+    assert_eq!(server["parent"], caller, "{server}");
+    assert_eq!(client["parent"], server["id"], "{client}");
+    assert_eq!(client["id"], client_span.as_str(), "{client}");
+    assert_eq!(
+        server["name"], "reviews.shop.svc.cluster.local:80/*",
+        "{server}"
+    );
+    assert_eq!(server["attrs"]["http.status_code"], "200", "{server}");
+    assert_eq!(server["attrs"]["istio.namespace"], "shop", "{server}");
+    assert!(
+        server["attrs"]["upstream_cluster"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("outbound|80|")),
+        "{server}"
+    );
+    let z: Vec<Value> = std::fs::read_to_string(&zipkin)?
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .flat_map(|v| v.as_array().cloned().unwrap_or_default())
+        .filter(|s| s["traceId"] == trace)
+        .collect();
+    assert!(
+        z.iter()
+            .any(|s| s["kind"] == "SERVER" && s["parentId"] == caller && s["id"] == server["id"]),
+        "{z:?}"
+    );
+
+    // The collector gone: requests are unaffected, the spans dropped and
+    // counted.
+    tb.stop(collector_proc)?;
+    let urls: Vec<String> = (0..20).map(|i| format!("http://{VIP}/down/{i}")).collect();
+    let args: Vec<&str> = urls.iter().map(String::as_str).collect();
+    let (_, a) = tb.curl(&frontend, &args)?;
+    assert!(a.iter().all(|(s, _)| *s == 200), "{a:?}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let dropped = series_sum(
+            &waypoint.metrics()?,
+            "mesh_waypoint_spans_dropped_total",
+            &[("reason", "export_failed")],
+        );
+        if dropped >= 40.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "dropped spans not counted: {dropped}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
     Ok(())
 }

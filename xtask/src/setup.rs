@@ -88,9 +88,10 @@ type Step = fn(Mode) -> Result<bool>;
 fn setup(mode: Mode) -> Result<()> {
     // Root first: in Fix mode the installs and the mount below need it, and
     // saying so before anything else beats failing halfway.
-    let steps: [Step; 6] = [
+    let steps: [Step; 7] = [
         root,
         apt_packages,
+        python_packages,
         rust_toolchains,
         bpf_linker,
         bpffs,
@@ -109,6 +110,38 @@ fn setup(mode: Mode) -> Result<()> {
     }
     println!("setup: everything is in place");
     Ok(())
+}
+
+/// The OpenTelemetry protobuf definitions the tracing test decodes OTLP
+/// with (PyPI, for the `python3` on PATH).
+const OTEL_PROTO: &str = "opentelemetry-proto==1.45.2";
+
+fn python_packages(mode: Mode) -> Result<bool> {
+    let probe = Command::new("python3")
+        .args(["-c", "import opentelemetry.proto.trace.v1.trace_pb2"])
+        .output();
+    if probe.as_ref().is_ok_and(|o| o.status.success()) {
+        println!("ok: python3 has {OTEL_PROTO}");
+        return Ok(true);
+    }
+    match mode {
+        Mode::Check => {
+            println!("missing: python3 package {OTEL_PROTO}");
+            Ok(false)
+        }
+        Mode::Fix => {
+            println!("install: python3 package {OTEL_PROTO}");
+            exec::run(Command::new("python3").args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--break-system-packages",
+                OTEL_PROTO,
+            ]))?;
+            Ok(true)
+        }
+    }
 }
 
 fn root(mode: Mode) -> Result<bool> {

@@ -5,13 +5,14 @@
 //! endpoints, send it on (with retries and timeouts), and count it.
 
 use std::{
+    collections::BTreeMap,
     pin::Pin,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
     task::{Context, Poll},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use http_body_util::{BodyExt as _, Empty, Full};
@@ -27,6 +28,7 @@ use super::{
     balance::{self, Choice, Keys},
     resilience::{self, Admit, Outcome},
     telemetry::HttpLabels,
+    trace::{Span, TraceContext},
     upstream::Body,
 };
 use crate::{
@@ -115,7 +117,7 @@ pub fn random_u64() -> u64 {
 }
 
 /// True for `percent` percent of calls.
-fn chance(percent: f64) -> bool {
+pub fn chance(percent: f64) -> bool {
     percent >= 100.0 || (random_u64() % 1_000_000) as f64 / 10_000.0 < percent
 }
 
@@ -131,6 +133,17 @@ struct Done {
     route: String,
     policy: String,
     request_bytes: Arc<AtomicU64>,
+    /// The trace, when this request is sampled and spans are exported.
+    trace: Option<TraceContext>,
+    started: SystemTime,
+    /// When the upstream call was sent and answered.
+    upstream_times: Option<(SystemTime, SystemTime)>,
+    request_id: String,
+    user_agent: String,
+    /// `host:port/*` of what was asked for, Istio's span name.
+    span_name: String,
+    /// `outbound|port|subset|host` of the backend chosen.
+    upstream_cluster: String,
 }
 
 impl Handler {
@@ -190,7 +203,25 @@ impl Handler {
             route: "-".into(),
             policy: "allow".into(),
             request_bytes: Arc::new(AtomicU64::new(0)),
+            trace: None,
+            started: SystemTime::now(),
+            upstream_times: None,
+            request_id: String::new(),
+            span_name: match &self.target {
+                WaypointTarget::Service(s, p) => format!("{}:{}/*", s.hostname(), p.port),
+                WaypointTarget::Workload(_, p) => format!("{}:{p}/*", self.dst.ip()),
+            },
+            upstream_cluster: String::new(),
+            user_agent: parts
+                .headers
+                .get(header::USER_AGENT)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned(),
         };
+        // The trace this request joins (or starts), read before any header
+        // is changed.
+        let trace = TraceContext::from_headers(&parts.headers, ctx.tracer.sampling);
         done.labels.conn.request_protocol = if grpc { "grpc" } else { "http" };
 
         // Authorization first: a denied request reaches no backend.
@@ -319,11 +350,16 @@ impl Handler {
                 parts.headers.insert("x-request-id", v);
             }
         }
-        if !parts.headers.contains_key("traceparent") {
-            let tp = format!("00-{}-{}-01", random_hex(16), random_hex(8));
-            if let Ok(v) = HeaderValue::from_str(&tp) {
-                parts.headers.insert("traceparent", v);
-            }
+        done.request_id = parts
+            .headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        // The upstream call carries the waypoint's client span.
+        trace.inject(&mut parts.headers);
+        if trace.sampled && ctx.tracer.enabled() {
+            done.trace = Some(trace);
         }
 
         // Which Service port serves it: a weighted backend of the rule, or
@@ -348,6 +384,15 @@ impl Handler {
                     "NR",
                 );
             }
+        };
+        done.upstream_cluster = match &chosen.target {
+            WaypointTarget::Service(s, p) => format!(
+                "outbound|{}|{}|{}",
+                p.port,
+                chosen.subset.as_ref().map_or("", |(n, _)| n.as_str()),
+                s.hostname()
+            ),
+            WaypointTarget::Workload(w, p) => format!("outbound|{p}||{}", w.name),
         };
         if let WaypointTarget::Service(svc, _) = &chosen.target {
             done.labels.conn.destination_service = svc.hostname();
@@ -484,6 +529,7 @@ impl Handler {
             } else {
                 &ctx.clients.http1
             };
+            let sent_at = SystemTime::now();
             let send = client.request(up);
             let limit = match (try_timeout, deadline) {
                 (Some(t), Some(d)) => Some(d.min(tokio::time::Instant::now() + t)),
@@ -516,6 +562,7 @@ impl Handler {
                     last = Some((resp.map(http_body_util::BodyExt::boxed_unsync), "URX"));
                 }
                 Ok(mut resp) => {
+                    done.upstream_times = Some((sent_at, SystemTime::now()));
                     ctx.balancer.mark_up(ep.addr);
                     let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
                     if switched && let Some(down) = upgrade.take() {
@@ -773,6 +820,9 @@ impl Metered {
         let ms = d.start.elapsed().as_secs_f64() * 1000.0;
         let req = d.request_bytes.load(Ordering::Relaxed);
         self.ctx.requests.record(&d.labels, ms, req, self.bytes);
+        if let Some(t) = &d.trace {
+            self.spans(&d, t, req);
+        }
         info!(
             target: "access",
             direction = "waypoint",
@@ -793,6 +843,67 @@ impl Metered {
             response_bytes = self.bytes,
             "request complete"
         );
+    }
+}
+
+impl Metered {
+    /// The waypoint's server span and, when the request went upstream, its
+    /// client span, with Istio's attributes.
+    fn spans(&self, d: &Done, t: &TraceContext, request_bytes: u64) {
+        let l = &d.labels.conn;
+        let mut attrs: BTreeMap<&'static str, String> = BTreeMap::from([
+            ("component", "proxy".to_owned()),
+            (
+                "istio.canonical_service",
+                l.destination_canonical_service.clone(),
+            ),
+            (
+                "istio.canonical_revision",
+                l.destination_canonical_revision.clone(),
+            ),
+            ("istio.namespace", l.destination_service_namespace.clone()),
+            ("http.method", d.method.clone()),
+            ("http.url", format!("http://{}{}", d.authority, d.path)),
+            ("http.status_code", d.labels.response_code.clone()),
+            ("response_flags", l.response_flags.to_owned()),
+            ("request_size", request_bytes.to_string()),
+            ("response_size", self.bytes.to_string()),
+            ("guid:x-request-id", d.request_id.clone()),
+            ("user_agent", d.user_agent.clone()),
+            ("peer.address", d.client.ip().to_canonical().to_string()),
+            ("downstream_cluster", l.source_principal.clone()),
+        ]);
+        attrs.insert("upstream_cluster", d.upstream_cluster.clone());
+        attrs.insert("upstream_cluster.name", d.upstream_cluster.clone());
+        let error = d.labels.response_code.starts_with('5');
+        let end = SystemTime::now();
+        let name = d.span_name.clone();
+        if let Some((start, answered)) = d.upstream_times {
+            let mut client_attrs = attrs.clone();
+            client_attrs.insert("upstream_host", d.upstream.clone());
+            self.ctx.tracer.record(Span {
+                trace_id: t.trace_id,
+                id: t.client_span,
+                parent: Some(t.server_span),
+                name: name.clone(),
+                kind: "CLIENT",
+                start,
+                end: answered,
+                attributes: client_attrs,
+                error,
+            });
+        }
+        self.ctx.tracer.record(Span {
+            trace_id: t.trace_id,
+            id: t.server_span,
+            parent: t.parent,
+            name,
+            kind: "SERVER",
+            start: d.started,
+            end,
+            attributes: attrs,
+            error,
+        });
     }
 }
 

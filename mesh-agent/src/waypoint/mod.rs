@@ -29,6 +29,7 @@ mod status;
 #[cfg(test)]
 mod status_tests;
 mod telemetry;
+mod trace;
 mod upstream;
 
 /// What every connection of the waypoint shares.
@@ -46,6 +47,7 @@ pub struct Ctx {
     pub outliers: resilience::Outliers,
     /// LocalRateLimitPolicy buckets.
     pub rate_limiter: ratelimit::RateLimiter,
+    pub tracer: trace::Tracer,
     pub clients: upstream::Clients,
     /// The waypoint's own pod (namespace, name).
     pub pod: (String, String),
@@ -132,12 +134,23 @@ pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
         limits: resilience::Limits::default(),
         outliers: resilience::Outliers::default(),
         rate_limiter: ratelimit::RateLimiter::default(),
+        tracer: trace::Tracer::start(&trace::TracingConfig {
+            otlp: args.tracing_otlp.clone(),
+            zipkin: args.tracing_zipkin.clone(),
+            sampling: args.tracing_sampling.clamp(0.0, 100.0),
+            service_name: format!("waypoint.{}", args.pod_namespace),
+        }),
         clients: upstream::Clients::new(weak.clone()),
         pod: (args.pod_namespace.clone(), args.pod_name.clone()),
         picks: std::sync::atomic::AtomicU64::new(0),
     });
     let mut registry = crate::metrics::proxy_registry(&metrics);
     ctx.requests.register(&mut registry);
+    registry.register(
+        "mesh_waypoint_spans_dropped",
+        "Trace spans not exported, by reason (queue_full, export_failed)",
+        ctx.tracer.dropped.clone(),
+    );
     registry.register(
         "mesh_waypoint_rate_limited",
         "Requests refused by a LocalRateLimitPolicy, by policy and bucket",
