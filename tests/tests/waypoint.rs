@@ -1560,3 +1560,154 @@ fn traces_join_the_callers_and_export_to_otlp_and_zipkin() -> anyhow::Result<()>
     }
     Ok(())
 }
+
+const VS_FEATURES: &str = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: ratings2, namespace: shop}
+spec:
+  host: ratings-vs2
+  subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: least, namespace: shop}
+spec:
+  host: least
+  trafficPolicy: {loadBalancer: {simple: LEAST_REQUEST}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: ratings2, namespace: shop}
+spec:
+  hosts: [ratings-vs2.shop.svc.cluster.local]
+  http:
+  - match: [{uri: {regex: '/items/[0-9]+'}}, {queryParams: {debug: {exact: '1'}}}, {method: {exact: DELETE}}]
+    route: [{destination: {host: ratings-vs2, subset: v2}}]
+  - match: [{uri: {prefix: /old}}]
+    redirect: {uri: /new, authority: moved.example}
+  - match: [{uri: {prefix: /svc}}]
+    rewrite: {uri: /api}
+    headers:
+      request: {set: {x-vs: 'yes'}, remove: [x-drop]}
+      response: {add: {x-served-by: waypoint}}
+    route: [{destination: {host: ratings-vs2, subset: v1}}]
+  - match: [{uri: {exact: /slow}}]
+    timeout: 300ms
+    route: [{destination: {host: ratings-vs2, subset: v1}}]
+  - match: [{uri: {prefix: /fail-if}}]
+    retries: {attempts: 2, retryOn: 5xx}
+    route: [{destination: {host: ratings-vs2}}]
+  - match: [{uri: {prefix: /mirror}}]
+    mirror: {host: ratings-vs2, subset: v2}
+    mirrorPercentage: {value: 50}
+    route: [{destination: {host: ratings-vs2, subset: v1}}]
+";
+
+#[test]
+fn virtual_service_matches_filters_timeouts_retries_and_mirror_share() -> anyhow::Result<()> {
+    let Setup {
+        mut tb,
+        mut docs,
+        frontend,
+        waypoint,
+        ..
+    } = setup(false)?;
+    for (name, vip) in [("ratings-vs2", "10.96.0.35"), ("least", "10.96.0.36")] {
+        docs.push(service(name, vip, "app: reviews", "istio.io/use-waypoint: waypoint") + "\n");
+    }
+    docs.push(format!("{VS_FEATURES}\n"));
+    tb.write_config(&docs)?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (_, dump) = waypoint.http("GET", "/config_dump", None)?;
+        if dump.contains("shop/ratings2") && dump.contains("shop/least") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{dump}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let url = |p: &str| format!("http://10.96.0.35{p}");
+    let server = |a: &[(u16, String)]| json(&a[0].1)["server"].as_str().unwrap_or("?").to_owned();
+    // Regex, query parameter and method matches, each to v2.
+    for args in [
+        vec![url("/items/42")],
+        vec![url("/x?debug=1")],
+        vec!["-X".into(), "DELETE".into(), url("/x")],
+    ] {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (_, a) = tb.curl(&frontend, &args)?;
+        assert_eq!((a[0].0, server(&a)), (200, "v2".into()), "{args:?}: {a:?}");
+    }
+    // Redirect.
+    let (_, a) = tb.curl(&frontend, &["-D", "-", &url("/old/page")])?;
+    assert_eq!(a[0].0, 301, "{a:?}");
+    assert!(
+        a[0].1
+            .to_ascii_lowercase()
+            .contains("location: http://moved.example/new"),
+        "{a:?}"
+    );
+    // Rewrite and header edits, as the backend saw them and as returned.
+    let (_, a) = tb.curl(
+        &frontend,
+        &["-D", "-", "-H", "x-drop: 1", &url("/svc/list")],
+    )?;
+    let text = &a[0].1;
+    assert!(
+        text.to_ascii_lowercase().contains("x-served-by: waypoint"),
+        "{text}"
+    );
+    let body: Value = serde_json::from_str(&text[text.find('{').unwrap_or(0)..])?;
+    assert_eq!(body["path"], "/api/list", "{body}");
+    assert_eq!(body["headers"]["x-vs"], "yes", "{body}");
+    assert!(body["headers"].get("x-drop").is_none(), "{body}");
+    // Timeout: 504.
+    let (_, a) = tb.curl(&frontend, &[&url("/slow")])?;
+    assert_eq!(a[0].0, 504, "{a:?}");
+    // Retries on 5xx: v1 fails every /fail-if/v1, each request still ends 200.
+    let urls: Vec<String> = (0..10).map(|_| url("/fail-if/v1")).collect();
+    let args: Vec<&str> = urls.iter().map(String::as_str).collect();
+    let (_, a) = tb.curl(&frontend, &args)?;
+    assert!(
+        a.iter()
+            .all(|(s, b)| *s == 200 && json(b)["server"] == "v2"),
+        "{a:?}"
+    );
+    // The mirror gets about half of the requests.
+    let urls: Vec<String> = (0..100).map(|_| url("/mirror/half")).collect();
+    let args: Vec<&str> = urls.iter().map(String::as_str).collect();
+    tb.curl(&frontend, &args)?;
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let v2 = tb.nodes[0].pods[1].ip4;
+    let (_, a) = tb.curl(&frontend, &[&format!("http://{v2}:8080/seen/mirror/half")])?;
+    let mirrored: u32 = a[0].1.trim().parse()?;
+    assert!(
+        (30..=70).contains(&mirrored),
+        "mirrored {mirrored} of 100 at 50%"
+    );
+
+    // LEAST_REQUEST: while one request holds a pod, the others go to the
+    // other pod.
+    tb.spawn_in(
+        &frontend.netns,
+        &frontend.cgroup,
+        std::path::Path::new("/usr/bin/curl"),
+        &["-s", "-o", "/dev/null", "http://10.96.0.36/sleep/2000"],
+    )?;
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    let urls: Vec<String> = (0..6)
+        .map(|i| format!("http://10.96.0.36/quick/{i}"))
+        .collect();
+    let args: Vec<&str> = urls.iter().map(String::as_str).collect();
+    let (_, a) = tb.curl(&frontend, &args)?;
+    let servers: std::collections::BTreeSet<String> = a
+        .iter()
+        .map(|(_, b)| json(b)["server"].as_str().unwrap_or("?").to_owned())
+        .collect();
+    assert_eq!(
+        servers.len(),
+        1,
+        "least request spread over the busy pod: {a:?}"
+    );
+    Ok(())
+}
