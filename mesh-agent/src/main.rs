@@ -12,6 +12,8 @@ mod cluster;
 mod config;
 #[cfg(test)]
 mod deploy_tests;
+#[cfg(test)]
+mod fuzz;
 mod identity;
 mod inpod;
 mod limit;

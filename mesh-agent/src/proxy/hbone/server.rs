@@ -156,6 +156,13 @@ struct Inbound {
     peer_id: Identity,
 }
 
+/// Where a CONNECT asks to go: its authority, which must be `ip:port`
+/// (Istio's HBONE names no host names).
+pub fn connect_destination(uri: &hyper::Uri) -> Option<SocketAddr> {
+    uri.authority()
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+}
+
 pub fn answer(status: StatusCode) -> Response<Empty<Bytes>> {
     Response::builder()
         .status(status)
@@ -186,11 +193,7 @@ impl Inbound {
             debug!(method = %req.method(), "HBONE request is not CONNECT");
             return answer(StatusCode::METHOD_NOT_ALLOWED);
         }
-        let Some(dst) = req
-            .uri()
-            .authority()
-            .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
-        else {
+        let Some(dst) = connect_destination(req.uri()) else {
             metrics.connection("hbone", "bad_authority");
             debug!(uri = %req.uri(), "CONNECT authority is not ip:port");
             return answer(StatusCode::BAD_REQUEST);
