@@ -14,7 +14,7 @@ use std::{
 
 use http_body_util::{BodyExt as _, Full};
 use hyper::{Method, Request, Response, StatusCode, body::Bytes, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
 use serde::Deserialize;
 use tokio::{
@@ -26,7 +26,7 @@ use tracing::{debug, warn};
 use crate::{
     capture::Capture,
     inpod::pods::{EnrolError, PodSpec, Pods},
-    metrics,
+    limit, metrics,
     proxy::Shared,
 };
 
@@ -62,10 +62,22 @@ pub enum Surface {
     Ready,
 }
 
+/// Accept queue of the HTTP listeners: a flood that outruns the accept
+/// loop for a moment is queued rather than left to the client's
+/// retransmissions (seconds each). The kernel caps it at `somaxconn`.
+const BACKLOG: u32 = 4096;
+
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| std::io::Error::new(e.kind(), format!("bind {addr}: {e}")))
+    let ctx = |e: std::io::Error| std::io::Error::new(e.kind(), format!("bind {addr}: {e}"));
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    }
+    .map_err(ctx)?;
+    // As std's bind does: a restarted agent rebinds over TIME_WAIT.
+    socket.set_reuseaddr(true).map_err(ctx)?;
+    socket.bind(addr).map_err(ctx)?;
+    socket.listen(BACKLOG).map_err(ctx)
 }
 
 /// Binds the control socket at `path` (replacing one a previous agent
@@ -91,16 +103,27 @@ pub fn control_socket(state_dir: &Path) -> PathBuf {
 
 /// Pause after a failed accept (EMFILE and friends) rather than spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+/// A request's head must arrive in this time, counted from when the
+/// server starts waiting for it (a new or an idle kept-alive connection):
+/// a connection that sends nothing, or a byte at a time, is closed.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// No connection lives longer, whatever it does (a client that reads its
+/// answer a byte at a time); scrapers and probes reconnect.
+pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(60);
 
+/// Serves a TCP listener within [`limit::CONTROL`]: every host-network
+/// process and, on 15020/15021 (all addresses, for the kubelet and
+/// Prometheus), every pod reaches it.
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>, surface: Surface) {
+    let direction = match surface {
+        Surface::Metrics => "metrics",
+        Surface::Ready => "ready",
+        Surface::Admin | Surface::Control | Surface::Refused { .. } => "admin",
+    };
+    let gate = limit::Gate::new(limit::CONTROL, admin.shared.metrics.clone(), direction);
     loop {
-        match listener.accept().await {
-            Ok((stream, _)) => serve_conn(stream, admin.clone(), surface),
-            Err(e) => {
-                debug!(error = %e, "admin accept");
-                tokio::time::sleep(ACCEPT_BACKOFF).await;
-            }
-        }
+        let (stream, _, admitted) = gate.accept(&listener).await;
+        serve_conn(stream, admin.clone(), surface, Some((admitted, direction)));
     }
 }
 
@@ -121,7 +144,7 @@ pub async fn serve_control(listener: UnixListener, admin: Arc<Admin>) {
                         continue;
                     }
                 };
-                serve_conn(stream, admin.clone(), surface);
+                serve_conn(stream, admin.clone(), surface, None);
             }
             Err(e) => {
                 debug!(error = %e, "control accept");
@@ -131,20 +154,39 @@ pub async fn serve_control(listener: UnixListener, admin: Arc<Admin>) {
     }
 }
 
-fn serve_conn<S>(stream: S, admin: Arc<Admin>, surface: Surface)
-where
+/// Serves one connection; a TCP one holds its place in the listener's
+/// limits (`admitted`) until it ends, and its timeouts are counted under
+/// the listener's name.
+fn serve_conn<S>(
+    stream: S,
+    admin: Arc<Admin>,
+    surface: Surface,
+    admitted: Option<(limit::Admitted, &'static str)>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     tokio::spawn(async move {
+        let metrics = admin.shared.metrics.clone();
         let svc = service_fn(move |req| {
             let admin = admin.clone();
             async move { Ok::<_, Infallible>(route(&admin, surface, req).await) }
         });
-        if let Err(e) = hyper::server::conn::http1::Builder::new()
-            .serve_connection(TokioIo::new(stream), svc)
-            .await
-        {
-            debug!(error = %e, "admin connection");
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_TIMEOUT)
+            .serve_connection(TokioIo::new(stream), svc);
+        // A scrape or probe served is not counted: only what was cut off.
+        let cut = match tokio::time::timeout(MAX_CONNECTION_AGE, conn).await {
+            Ok(Err(e)) if e.is_timeout() => Some("header_timeout"),
+            Ok(Err(e)) => {
+                debug!(error = %e, "admin connection");
+                None
+            }
+            Err(_) => Some("max_age"),
+            Ok(Ok(())) => None,
+        };
+        if let (Some((_admitted, direction)), Some(cut)) = (admitted, cut) {
+            metrics.connection(direction, cut);
         }
     });
 }

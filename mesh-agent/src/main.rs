@@ -12,8 +12,11 @@ mod cluster;
 mod config;
 #[cfg(test)]
 mod deploy_tests;
+#[cfg(test)]
+mod fuzz;
 mod identity;
 mod inpod;
+mod limit;
 mod metrics;
 mod proxy;
 mod state;
@@ -28,6 +31,8 @@ fn main() -> anyhow::Result<()> {
     // built in. An error means one is installed already.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let log_filter = init_logging(cli.log_format);
+    // Before any listener: every held connection costs descriptors.
+    limit::raise_nofile_logged();
     // Before any thread exists, so that every thread starts in it.
     inpod::netns::init_home();
     let mut rt = tokio::runtime::Builder::new_multi_thread();

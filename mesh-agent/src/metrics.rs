@@ -14,10 +14,14 @@ use crate::capture::Capture;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProxyLabels {
-    /// `outbound`, `inbound_plaintext` or `hbone`.
+    /// The listener: `outbound`, `inbound_plaintext`, `hbone`, `waypoint`
+    /// (a waypoint's 15008), or the HTTP servers `admin`, `metrics`, `ready`.
     pub direction: &'static str,
     /// `forwarded`, `no_original_destination`, `connect_failed`, `refused`,
-    /// `not_synced` (the configuration was not read yet), ...
+    /// `not_synced` (the configuration was not read yet),
+    /// `handshake_timeout`, `header_timeout`, `limit` (the listener was
+    /// full and stopped accepting), `peer_limit` (one address held its
+    /// share and was closed), `accept_error`, ...
     pub result: &'static str,
 }
 
@@ -107,7 +111,7 @@ pub fn proxy_registry(metrics: &Arc<Metrics>) -> Registry {
     let mut r = Registry::default();
     r.register(
         "mesh_proxy_connections",
-        "Connections the agent's capture listeners accepted, by direction and outcome",
+        "Connections the agent's listeners accepted or refused, by listener and outcome",
         metrics.proxy_connections.clone(),
     );
     r.register(

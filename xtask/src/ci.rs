@@ -61,6 +61,14 @@ pub fn run(options: &Options) -> Result<()> {
         // The namespaced tests get their own step, serialised.
         exec::run(cargo(&root).args(["test", "--workspace", "--exclude", NAMESPACED_TESTS]))
     })?;
+    // A smoke run of each fuzz target; `cargo xtask fuzz` runs longer.
+    step(&mut timings, "fuzz (10 s each)", || {
+        crate::fuzz::run(&crate::fuzz::Options {
+            seconds: 10.0,
+            seed: 0x9e37_79b9_7f4a_7c15,
+            targets: Vec::new(),
+        })
+    })?;
     step(&mut timings, "namespaced tests", || {
         exec::run(
             cargo(&root)

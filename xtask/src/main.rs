@@ -6,6 +6,7 @@ mod build_ebpf;
 mod ci;
 mod demo;
 mod exec;
+mod fuzz;
 mod setup;
 
 use std::{
@@ -40,6 +41,9 @@ enum Command {
     /// The main job: a simulated node with pods, the real agent and eBPF
     /// programs, traffic, and a plain account of what was captured.
     Demo,
+    /// Fuzz the parsers of what the agent reads from others (policy YAML,
+    /// CONNECT authorities, CA requests, API objects), bounded in time.
+    Fuzz(fuzz::Options),
     /// Benchmarks: direct TCP, the mesh and a standard TLS tunnel between
     /// the same pods, side by side (release build).
     Bench(bench::Options),
@@ -51,6 +55,7 @@ fn main() -> ExitCode {
         Command::BuildEbpf(options) => build_ebpf::run(&options),
         Command::Ci(options) => ci::run(&options),
         Command::Demo => demo::run(),
+        Command::Fuzz(options) => fuzz::run(&options),
         Command::Bench(options) => bench::run(&options),
     };
     // Printed by hand rather than by returning the error from main: that

@@ -363,3 +363,23 @@ fn fail_closed_stand_in(
     });
     Some((object, effect))
 }
+
+/// One API object as JSON through the conversion the watchers apply, as
+/// every watched kind, then into a snapshot: what `cargo xtask fuzz` feeds
+/// arbitrary bytes.
+#[cfg(test)]
+pub(crate) fn fuzz_object(json: &[u8]) {
+    let Ok(obj) = serde_json::from_slice::<DynamicObject>(json) else {
+        return;
+    };
+    let references = References::default();
+    let docs: Vec<Document> = WATCHED
+        .iter()
+        .filter_map(|r| document(r, "v1", obj.clone(), &references).map(|(_, d)| d))
+        .collect();
+    let opts = crate::state::StoreOptions {
+        trust_domain: "cluster.local".into(),
+        root_namespace: "istio-system".into(),
+    };
+    let _ = crate::state::Store::from_documents(&docs, &opts);
+}

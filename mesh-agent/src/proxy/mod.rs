@@ -28,6 +28,7 @@ use crate::{
         pods::PodRef,
         sockets::{PodListener, Role, connect_socket},
     },
+    limit,
     metrics::Metrics,
     state::{Store, Workload},
 };
@@ -155,35 +156,36 @@ impl std::fmt::Debug for PodCtx {
 pub fn spawn_listener(pod: Arc<PodCtx>, listener: PodListener) -> io::Result<JoinHandle<()>> {
     let role = listener.role;
     let l = TcpListener::from_std(listener.socket)?;
+    let direction = role.as_str();
+    let limits = match role {
+        Role::Outbound => limit::OUTBOUND,
+        Role::InboundPlaintext => limit::INBOUND_PLAINTEXT,
+        Role::Hbone => limit::HBONE,
+    };
+    // One gate per listener: a flood against one pod takes that pod's
+    // slots, not another pod's nor the agent's descriptors.
+    let gate = limit::Gate::new(limits, pod.shared.metrics.clone(), direction);
     Ok(tokio::spawn(async move {
         loop {
-            let (stream, peer) = match l.accept().await {
-                Ok(x) => x,
-                Err(e) => {
-                    // EMFILE and friends: back off rather than spin.
-                    warn!(pod = %pod.name, listener = role.as_str(), error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
+            let (stream, peer, admitted) = gate.accept(&l).await;
             let _ = stream.set_nodelay(true);
             let pod = pod.clone();
             match role {
                 Role::Outbound => {
                     let span = info_span!("outbound", pod = %pod.name, client = %peer);
-                    spawn_synced(pod, "outbound", span, move |pod| {
+                    spawn_synced(pod, direction, span, admitted, move |pod| {
                         outbound::serve(pod, stream, peer)
                     });
                 }
                 Role::InboundPlaintext => {
                     let span = info_span!("inbound_plaintext", pod = %pod.name, client = %peer);
-                    spawn_synced(pod, "inbound_plaintext", span, move |pod| {
+                    spawn_synced(pod, direction, span, admitted, move |pod| {
                         inbound::serve(pod, stream, peer)
                     });
                 }
                 Role::Hbone => {
                     let span = info_span!("inbound", pod = %pod.name, client = %peer);
-                    spawn_synced(pod, "hbone", span, move |pod| {
+                    spawn_synced(pod, direction, span, admitted, move |pod| {
                         hbone::serve(pod, stream, peer)
                     });
                 }
@@ -213,16 +215,19 @@ impl PodCtx {
 /// Serves one accepted connection once the configuration has been read
 /// (see [`Shared::synced`]); until then it waits, and after [`SYNC_WAIT`]
 /// it is closed unserved and counted as `not_synced`: refused, never sent
-/// on in plaintext nor let in unchecked.
+/// on in plaintext nor let in unchecked. The connection keeps its place in
+/// its listener's limits (`admitted`) until the task ends.
 fn spawn_synced<F>(
     pod: Arc<PodCtx>,
     direction: &'static str,
     span: tracing::Span,
+    admitted: crate::limit::Admitted,
     serve: impl FnOnce(Arc<PodCtx>) -> F + Send + 'static,
 ) where
     F: Future<Output = ()> + Send + 'static,
 {
     let task = async move {
+        let _admitted = admitted;
         if !pod.shared.synced().await {
             pod.shared.metrics.connection(direction, "not_synced");
             warn!(

@@ -6,11 +6,11 @@
 //! routes it (HTTPRoute), and sends it on over HBONE to the chosen
 //! endpoint with its own identity.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc};
 
 use anyhow::Context as _;
 use tokio::{net::TcpListener, sync::watch};
-use tracing::{Instrument as _, info, info_span, warn};
+use tracing::{Instrument as _, info, info_span};
 
 use crate::{
     config::WaypointArgs,
@@ -181,18 +181,20 @@ pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
 }
 
 async fn accept(l: TcpListener, ctx: Arc<Ctx>) {
+    // Bounded as a pod's 15008 is; back-pressure and back-off in the gate.
+    let gate = crate::limit::Gate::new(crate::limit::HBONE, ctx.metrics.clone(), "waypoint");
     loop {
-        let (stream, peer) = match l.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+        let (stream, peer, admitted) = gate.accept(&l).await;
         let _ = stream.set_nodelay(true);
         let span = info_span!("waypoint", client = %peer);
-        tokio::spawn(serve::connection(ctx.clone(), stream, peer).instrument(span));
+        let serve = serve::connection(ctx.clone(), stream, peer);
+        tokio::spawn(
+            async move {
+                serve.await;
+                drop(admitted);
+            }
+            .instrument(span),
+        );
     }
 }
 

@@ -376,22 +376,21 @@ pub struct Admin {
 /// and its Gateway is a waypoint), `/metrics`, and on the admin address
 /// `/config_dump`.
 pub async fn admin(listener: TcpListener, admin: Arc<Admin>, full: bool) {
+    let gate = crate::limit::Gate::new(crate::limit::CONTROL, admin.ctx.metrics.clone(), "admin");
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
+        let (stream, _, admitted) = gate.accept(&listener).await;
         let admin = admin.clone();
         tokio::spawn(async move {
+            let _admitted = admitted;
             let svc = service_fn(move |req: Request<Incoming>| {
                 let admin = admin.clone();
                 async move { Ok::<_, Infallible>(admin_page(&admin, full, &req)) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
+            let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+                .header_read_timeout(crate::admin::HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), svc);
+            let _ = tokio::time::timeout(crate::admin::MAX_CONNECTION_AGE, conn).await;
         });
     }
 }

@@ -14,13 +14,13 @@ use crate::identity::Identity;
 
 /// A certificate request as the CA accepts it: signed by its own key, and
 /// naming one workload of our trust domain in its one SAN.
-pub(super) struct Csr {
-    pub(super) identity: Identity,
+pub(crate) struct Csr {
+    pub(crate) identity: Identity,
     pub(super) public_key: rcgen::SubjectPublicKeyInfo,
 }
 
 impl Csr {
-    pub(super) fn parse(pem: &str, trust_domain: &str) -> Result<Csr, String> {
+    pub(crate) fn parse(pem: &str, trust_domain: &str) -> Result<Csr, String> {
         let der = CertificateSigningRequestDer::from_pem_slice(pem.as_bytes())
             .map_err(|e| format!("csr is not a PEM CERTIFICATE REQUEST: {e}"))?;
         let (rest, csr) = X509CertificationRequest::from_der(der.as_ref())

@@ -37,7 +37,7 @@ use super::{
 };
 use crate::config::CaArgs;
 
-mod csr;
+pub(crate) mod csr;
 mod review;
 mod serving;
 

@@ -19,8 +19,8 @@ use rustls::pki_types::ServerName;
 use tracing::{Instrument as _, debug};
 
 use super::{
-    CONN_WINDOW, HANDSHAKE_TIMEOUT, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_FRAME, POOL_MAX_AGE,
-    REQUEST_TIMEOUT, STREAM_WINDOW, buffered,
+    Buffered, CONN_WINDOW, HANDSHAKE_TIMEOUT, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_FRAME,
+    POOL_MAX_AGE, REQUEST_TIMEOUT, STREAM_WINDOW,
 };
 use crate::proxy::{Dialer, connect_from};
 use crate::{
@@ -238,9 +238,9 @@ impl Pool {
             })?;
         // The name is not checked: the verifier checks the SPIFFE ID.
         let name = ServerName::IpAddress(addr.ip().into());
-        let tls = tokio::time::timeout(
+        let mut tls = tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
-            tokio_rustls::TlsConnector::from(config).connect(name, buffered(tcp)),
+            tokio_rustls::TlsConnector::from(config).connect(name, Buffered::new(tcp)),
         )
         .await
         .map_err(|_| HboneError::Tls {
@@ -248,6 +248,7 @@ impl Pool {
             source: io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"),
         })?
         .map_err(|source| HboneError::Tls { addr, source })?;
+        tls.get_mut().0.buffer();
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .initial_stream_window_size(STREAM_WINDOW)

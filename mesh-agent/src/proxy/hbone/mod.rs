@@ -7,13 +7,22 @@
 use std::time::Duration;
 
 mod client;
+mod io;
 mod server;
 
 pub use client::{Caller, HboneError, Pool, Tunnel};
+#[cfg(test)]
+pub use server::connect_destination;
 pub use server::{accept, answer, serve, serve_connects};
 
 /// A TLS handshake must finish in this time.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// An accepted connection's TLS handshake must finish in this time: until
+/// it does, the peer is nobody, and thousands of such peers must not hold
+/// the pod's connection slots for long.
+const ACCEPT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A verified peer's request heads (HPACK-decoded) stay under this size.
+const MAX_HEADER_LIST: u32 = 16 * 1024;
 /// HTTP/2 flow-control windows: large, so that one stream can fill a fast
 /// link without waiting for WINDOW_UPDATEs.
 const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
@@ -21,16 +30,7 @@ const CONN_WINDOW: u32 = 16 * 1024 * 1024;
 /// The largest HTTP/2 frame each side accepts: a 16 KiB default frame
 /// costs one round of stream and flow-control bookkeeping per TLS record.
 const MAX_FRAME: u32 = 256 * 1024;
-/// rustls reads the socket at most 4 KiB at a time; a buffer under it turns
-/// four or more reads per 16 KiB record into one read per 64 KiB.
-const TLS_READ_BUF: usize = 64 * 1024;
-
-/// The TCP stream under TLS, read through [`TLS_READ_BUF`].
-type Buffered = tokio::io::BufReader<tokio::net::TcpStream>;
-
-fn buffered(tcp: tokio::net::TcpStream) -> Buffered {
-    tokio::io::BufReader::with_capacity(TLS_READ_BUF, tcp)
-}
+use io::Buffered;
 
 /// Streams one HTTP/2 connection carries at once (each is one tunnelled
 /// TCP connection); the server advertises it, a client past it waits.

@@ -15,8 +15,8 @@ use tokio::net::TcpStream;
 use tracing::{Instrument as _, debug, info_span, warn};
 
 use super::{
-    CONN_WINDOW, HANDSHAKE_TIMEOUT, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_FRAME, MAX_STREAMS,
-    STREAM_WINDOW, buffered,
+    ACCEPT_HANDSHAKE_TIMEOUT, Buffered, CONN_WINDOW, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT,
+    MAX_FRAME, MAX_HEADER_LIST, MAX_STREAMS, STREAM_WINDOW,
 };
 use crate::proxy::{
     Counted, PodCtx,
@@ -85,7 +85,7 @@ pub async fn serve(pod: Arc<PodCtx>, stream: TcpStream, peer: SocketAddr) {
 }
 
 /// The TLS side of an accepted HBONE connection, read through a buffer.
-pub type TlsStream = tokio_rustls::server::TlsStream<super::Buffered>;
+pub type TlsStream = tokio_rustls::server::TlsStream<Buffered>;
 
 /// Terminates TLS on an accepted connection and returns the peer's
 /// verified identity; a failure is counted by its reason.
@@ -94,8 +94,8 @@ pub async fn accept(
     config: Arc<rustls::ServerConfig>,
     metrics: &crate::metrics::Metrics,
 ) -> Option<(TlsStream, Identity)> {
-    let accept = tokio_rustls::TlsAcceptor::from(config).accept(buffered(stream));
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
+    let accept = tokio_rustls::TlsAcceptor::from(config).accept(Buffered::new(stream));
+    let mut tls = match tokio::time::timeout(ACCEPT_HANDSHAKE_TIMEOUT, accept).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             let reason = tls_failure(&e);
@@ -115,6 +115,7 @@ pub async fn accept(
         return None;
     };
     debug!(peer = %peer_id, "HBONE peer verified");
+    tls.get_mut().0.buffer();
     Some((tls, peer_id))
 }
 
@@ -136,6 +137,7 @@ where
         .initial_connection_window_size(CONN_WINDOW)
         .max_frame_size(MAX_FRAME)
         .max_concurrent_streams(MAX_STREAMS)
+        .max_header_list_size(MAX_HEADER_LIST)
         .keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
         .serve_connection(TokioIo::new(tls), svc)
@@ -152,6 +154,13 @@ struct Inbound {
     local_id: Identity,
     peer: SocketAddr,
     peer_id: Identity,
+}
+
+/// Where a CONNECT asks to go: its authority, which must be `ip:port`
+/// (Istio's HBONE names no host names).
+pub fn connect_destination(uri: &hyper::Uri) -> Option<SocketAddr> {
+    uri.authority()
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
 }
 
 pub fn answer(status: StatusCode) -> Response<Empty<Bytes>> {
@@ -184,11 +193,7 @@ impl Inbound {
             debug!(method = %req.method(), "HBONE request is not CONNECT");
             return answer(StatusCode::METHOD_NOT_ALLOWED);
         }
-        let Some(dst) = req
-            .uri()
-            .authority()
-            .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
-        else {
+        let Some(dst) = connect_destination(req.uri()) else {
             metrics.connection("hbone", "bad_authority");
             debug!(uri = %req.uri(), "CONNECT authority is not ip:port");
             return answer(StatusCode::BAD_REQUEST);

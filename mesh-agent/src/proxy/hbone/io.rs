@@ -1,0 +1,134 @@
+//! The TCP stream under HBONE's TLS, read through a buffer that exists
+//! only once the handshake is done. rustls reads at most 4 KiB per call,
+//! so a verified connection reads through [`TLS_READ_BUF`]; a connection
+//! still in its handshake (anyone can open thousands) holds no buffer.
+
+use std::{
+    io,
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+};
+
+/// Read buffer of a verified connection: four or more reads per 16 KiB
+/// record become one read per 64 KiB.
+const TLS_READ_BUF: usize = 64 * 1024;
+
+pub struct Buffered {
+    tcp: TcpStream,
+    /// Empty until [`Buffered::buffer`].
+    buf: Box<[u8]>,
+    pos: usize,
+    filled: usize,
+}
+
+impl Buffered {
+    /// Unbuffered until [`Buffered::buffer`] is called.
+    pub fn new(tcp: TcpStream) -> Self {
+        Buffered {
+            tcp,
+            buf: Box::default(),
+            pos: 0,
+            filled: 0,
+        }
+    }
+
+    /// Reads through [`TLS_READ_BUF`] from now on.
+    pub fn buffer(&mut self) {
+        if self.buf.is_empty() {
+            self.buf = vec![0; TLS_READ_BUF].into_boxed_slice();
+        }
+    }
+}
+
+impl AsyncRead for Buffered {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.pos == this.filled {
+            // Nothing held: a caller reading at least a buffer's worth (or
+            // any read before the handshake ends) goes straight to the socket.
+            if this.buf.is_empty() || out.remaining() >= this.buf.len() {
+                return Pin::new(&mut this.tcp).poll_read(cx, out);
+            }
+            let mut fill = ReadBuf::new(&mut this.buf);
+            std::task::ready!(Pin::new(&mut this.tcp).poll_read(cx, &mut fill))?;
+            this.pos = 0;
+            this.filled = fill.filled().len();
+        }
+        let n = out.remaining().min(this.filled - this.pos);
+        out.put_slice(&this.buf[this.pos..this.pos + n]);
+        this.pos += n;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Buffered {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn reads_the_same_bytes_before_and_after_buffering() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            s.write_all(&sent).await.unwrap();
+        });
+        let mut b = Buffered::new(TcpStream::connect(addr).await.unwrap());
+        let mut got = vec![0u8; 1000];
+        b.read_exact(&mut got).await.unwrap();
+        assert!(b.buf.is_empty(), "no buffer before the handshake ends");
+        b.buffer();
+        // Small reads (as rustls makes) and large ones, mixed.
+        let mut small = [0u8; 4096];
+        while got.len() < data.len() {
+            let n = b.read(&mut small[..(got.len() % 4000) + 1]).await.unwrap();
+            assert!(n > 0);
+            got.extend_from_slice(&small[..n]);
+        }
+        writer.await.unwrap();
+        assert_eq!(got, data);
+    }
+}
