@@ -58,6 +58,22 @@ with grpc.insecure_channel(sys.argv[1]) as ch:
         print(json.dumps({"ok": False, "code": e.code().value[0], "details": e.details()}))
 "#;
 
+/// A ClusterIP Service with one `http` port (80 to 8080), selecting
+/// `selector` and carrying `labels` (both as YAML flow maps' insides, e.g.
+/// `app: reviews` and `istio.io/use-waypoint: waypoint`).
+pub fn http_service_yaml(
+    name: &str,
+    namespace: &str,
+    vip: &str,
+    selector: &str,
+    labels: &str,
+) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {namespace}\n  labels: {{{labels}}}\n\
+         spec:\n  clusterIP: {vip}\n  selector: {{{selector}}}\n  ports:\n  - name: http\n    port: 80\n    targetPort: 8080\n"
+    )
+}
+
 impl Testbed {
     /// Starts `program args` in `pod` and waits for its `listening` line.
     pub fn serve_program(

@@ -9,7 +9,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 use mesh_tests::{
     Pod, Testbed, Value,
     mesh::{namespace_yaml, parse_openmetrics, pod_yaml, series_sum},
-    waypoint::{GRPC_CLIENT, GRPC_SERVER, gateway_yaml},
+    waypoint::{GRPC_CLIENT, GRPC_SERVER, gateway_yaml, http_service_yaml},
 };
 
 const TD: &str = "spiffe://cluster.local";
@@ -20,10 +20,7 @@ fn id(ns: &str, sa: &str) -> String {
 }
 
 fn service(name: &str, vip: &str, selector: &str, labels: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: shop\n  labels: {{{labels}}}\n\
-         spec:\n  clusterIP: {vip}\n  selector: {{{selector}}}\n  ports:\n  - name: http\n    port: 80\n    targetPort: 8080\n"
-    )
+    http_service_yaml(name, "shop", vip, selector, labels)
 }
 
 const ROUTE: &str = "apiVersion: gateway.networking.k8s.io/v1
@@ -227,6 +224,44 @@ fn setup_with(second: bool, tracing: Option<IpAddr>) -> anyhow::Result<Setup> {
         waypoint,
         all_waypoint,
     })
+}
+
+/// Writes the configuration and waits until the waypoint's dump holds
+/// every one of `needles`; returns the dump.
+fn apply_at_waypoint(
+    tb: &Testbed,
+    waypoint: &mesh_tests::Agent,
+    docs: &[String],
+    needles: &[&str],
+) -> anyhow::Result<String> {
+    tb.write_config(docs)?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (_, dump) = waypoint.http("GET", "/config_dump", None)?;
+        if needles.iter().all(|n| dump.contains(n)) {
+            return Ok(dump);
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the waypoint did not apply {needles:?}: {dump}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// `n` requests from `pod`, to `url(i)`, over one keep-alive connection,
+/// after the curl arguments `first`.
+fn requests(
+    tb: &Testbed,
+    pod: &Pod,
+    first: &[&str],
+    n: usize,
+    url: impl Fn(usize) -> String,
+) -> anyhow::Result<Vec<(u16, String)>> {
+    let urls: Vec<String> = (0..n).map(url).collect();
+    let mut args: Vec<&str> = first.to_vec();
+    args.extend(urls.iter().map(String::as_str));
+    Ok(tb.curl(pod, &args)?.1)
 }
 
 fn json(body: &str) -> Value {
@@ -888,19 +923,12 @@ fn virtual_service_and_destination_rule_route_through_the_waypoint() -> anyhow::
         docs.push(service(name, vip, "app: reviews", "istio.io/use-waypoint: waypoint") + "\n");
     }
     docs.push(format!("{ISTIO_ROUTING}\n"));
-    tb.write_config(&docs)?;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let dump = loop {
-        let (_, dump) = waypoint.http("GET", "/config_dump", None)?;
-        if dump.contains("shop/ratings-vs")
-            && dump.contains("reviews-too")
-            && dump.contains("shop/dice")
-        {
-            break dump;
-        }
-        assert!(std::time::Instant::now() < deadline, "{dump}");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
+    let dump = apply_at_waypoint(
+        &tb,
+        &waypoint,
+        &docs,
+        &["shop/ratings-vs", "reviews-too", "shop/dice"],
+    )?;
     // HTTPRoute wins where both route a Service; the VirtualService says so.
     assert!(
         dump.contains("routed by HTTPRoute shop/reviews, which wins over a VirtualService"),
@@ -909,9 +937,7 @@ fn virtual_service_and_destination_rule_route_through_the_waypoint() -> anyhow::
     let url = |p: &str| format!("http://10.96.0.27{p}");
 
     // Weighted subsets: 80/20 over 500 requests.
-    let urls: Vec<String> = (0..500).map(|_| url("/split")).collect();
-    let args: Vec<&str> = urls.iter().map(String::as_str).collect();
-    let (_, a) = tb.curl(&frontend, &args)?;
+    let a = requests(&tb, &frontend, &[], 500, |_| url("/split"))?;
     let v2 = a
         .iter()
         .filter(|(s, b)| *s == 200 && json(b)["server"] == "v2")
@@ -938,9 +964,7 @@ fn virtual_service_and_destination_rule_route_through_the_waypoint() -> anyhow::
     );
 
     // Abort for half the requests, within tolerance; counted as FI.
-    let urls: Vec<String> = (0..200).map(|i| url(&format!("/abort/{i}"))).collect();
-    let args: Vec<&str> = urls.iter().map(String::as_str).collect();
-    let (_, a) = tb.curl(&frontend, &args)?;
+    let a = requests(&tb, &frontend, &[], 200, |i| url(&format!("/abort/{i}")))?;
     let aborted = a.iter().filter(|(s, _)| *s == 503).count();
     let served = a
         .iter()
@@ -1058,16 +1082,7 @@ fn circuit_breakers_eject_outliers_and_refuse_overflow() -> anyhow::Result<()> {
         ) + "\n",
     );
     docs.push(format!("{BREAKERS}\n"));
-    tb.write_config(&docs)?;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let (_, dump) = waypoint.http("GET", "/config_dump", None)?;
-        if dump.contains("shop/breaker") && dump.contains("shop/pool\"") {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "{dump}");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    apply_at_waypoint(&tb, &waypoint, &docs, &["shop/breaker", "shop/pool\""])?;
 
     // v1 answers /fail-if/v1 with 503 (Istio's default retry then serves
     // the request from v2): after two in a row v1 is ejected and gets no
@@ -1185,16 +1200,7 @@ fn local_rate_limits_refuse_past_the_rate_with_429_and_retry_after() -> anyhow::
         );
     }
     docs.push(format!("{RATE_LIMITS}\n"));
-    tb.write_config(&docs)?;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let (_, dump) = waypoint.http("GET", "/config_dump", None)?;
-        if dump.contains("shop/limited") && dump.contains("shop/grpc") {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "{dump}");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    apply_at_waypoint(&tb, &waypoint, &docs, &["shop/limited", "shop/grpc"])?;
     let burst = |pod: &Pod, vip: &str, n: usize| -> anyhow::Result<(usize, Vec<(u16, String)>)> {
         let urls: Vec<String> = (0..n).map(|i| format!("http://{vip}/b/{i}")).collect();
         let mut args = vec!["-D", "-"];
@@ -1315,9 +1321,7 @@ fn every_dashboard_query_returns_series_from_a_real_prometheus() -> anyhow::Resu
     }
     // Known traffic while it scrapes: successes, errors, denials, a refusal.
     let url = |p: &str| format!("http://{VIP}{p}");
-    let urls: Vec<String> = (0..40).map(|i| url(&format!("/ok/{i}"))).collect();
-    let args: Vec<&str> = urls.iter().map(String::as_str).collect();
-    tb.curl(&frontend, &args)?;
+    requests(&tb, &frontend, &[], 40, |i| url(&format!("/ok/{i}")))?;
     tb.curl(&frontend, &[&url("/status/500"), &url("/status/500")])?;
     tb.curl(&frontend, &["-X", "POST", "-d", "x", &url("/denied")])?;
     tb.curl(&frontend, &["http://10.96.0.30/"])?;
@@ -1326,7 +1330,7 @@ fn every_dashboard_query_returns_series_from_a_real_prometheus() -> anyhow::Resu
     let v1 = tb.nodes[1].pods[0].ip4;
     tb.curl(&frontend, &[&format!("http://{v1}:8080/direct")])?;
     std::thread::sleep(std::time::Duration::from_secs(4));
-    tb.curl(&frontend, &args)?;
+    requests(&tb, &frontend, &[], 40, |i| url(&format!("/ok/{i}")))?;
     std::thread::sleep(std::time::Duration::from_secs(3));
 
     let dashboards = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/dashboards");
@@ -1538,9 +1542,9 @@ fn traces_join_the_callers_and_export_to_otlp_and_zipkin() -> anyhow::Result<()>
     // The collector gone: requests are unaffected, the spans dropped and
     // counted.
     tb.stop(collector_proc)?;
-    let urls: Vec<String> = (0..20).map(|i| format!("http://{VIP}/down/{i}")).collect();
-    let args: Vec<&str> = urls.iter().map(String::as_str).collect();
-    let (_, a) = tb.curl(&frontend, &args)?;
+    let a = requests(&tb, &frontend, &[], 20, |i| {
+        format!("http://{VIP}/down/{i}")
+    })?;
     assert!(a.iter().all(|(s, _)| *s == 200), "{a:?}");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
@@ -1616,16 +1620,7 @@ fn virtual_service_matches_filters_timeouts_retries_and_mirror_share() -> anyhow
         docs.push(service(name, vip, "app: reviews", "istio.io/use-waypoint: waypoint") + "\n");
     }
     docs.push(format!("{VS_FEATURES}\n"));
-    tb.write_config(&docs)?;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let (_, dump) = waypoint.http("GET", "/config_dump", None)?;
-        if dump.contains("shop/ratings2") && dump.contains("shop/least") {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "{dump}");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    apply_at_waypoint(&tb, &waypoint, &docs, &["shop/ratings2", "shop/least"])?;
     let url = |p: &str| format!("http://10.96.0.35{p}");
     let server = |a: &[(u16, String)]| json(&a[0].1)["server"].as_str().unwrap_or("?").to_owned();
     // Regex, query parameter and method matches, each to v2.
@@ -1665,18 +1660,14 @@ fn virtual_service_matches_filters_timeouts_retries_and_mirror_share() -> anyhow
     let (_, a) = tb.curl(&frontend, &[&url("/slow")])?;
     assert_eq!(a[0].0, 504, "{a:?}");
     // Retries on 5xx: v1 fails every /fail-if/v1, each request still ends 200.
-    let urls: Vec<String> = (0..10).map(|_| url("/fail-if/v1")).collect();
-    let args: Vec<&str> = urls.iter().map(String::as_str).collect();
-    let (_, a) = tb.curl(&frontend, &args)?;
+    let a = requests(&tb, &frontend, &[], 10, |_| url("/fail-if/v1"))?;
     assert!(
         a.iter()
             .all(|(s, b)| *s == 200 && json(b)["server"] == "v2"),
         "{a:?}"
     );
     // The mirror gets about half of the requests.
-    let urls: Vec<String> = (0..100).map(|_| url("/mirror/half")).collect();
-    let args: Vec<&str> = urls.iter().map(String::as_str).collect();
-    tb.curl(&frontend, &args)?;
+    requests(&tb, &frontend, &[], 100, |_| url("/mirror/half"))?;
     std::thread::sleep(std::time::Duration::from_millis(500));
     let v2 = tb.nodes[0].pods[1].ip4;
     let (_, a) = tb.curl(&frontend, &[&format!("http://{v2}:8080/seen/mirror/half")])?;

@@ -331,19 +331,7 @@ impl Handler {
                 }
             }
         }
-        let upgrade_headers = upgrade.is_some().then(|| {
-            (
-                parts.headers.get(header::CONNECTION).cloned(),
-                parts.headers.get(header::UPGRADE).cloned(),
-            )
-        });
-        for h in HOP_BY_HOP {
-            parts.headers.remove(h);
-        }
-        if let Some((Some(c), Some(u))) = upgrade_headers {
-            parts.headers.insert(header::CONNECTION, c);
-            parts.headers.insert(header::UPGRADE, u);
-        }
+        strip_hop_by_hop(&mut parts.headers, upgrade.is_some());
         if !parts.headers.contains_key("x-request-id") {
             let id = random_hex(16);
             if let Ok(v) = HeaderValue::from_str(&id) {
@@ -570,19 +558,7 @@ impl Handler {
                         tokio::spawn(splice_upgrade(down, up));
                     }
                     let (mut rp, rb) = resp.into_parts();
-                    let kept = switched.then(|| {
-                        (
-                            rp.headers.get(header::CONNECTION).cloned(),
-                            rp.headers.get(header::UPGRADE).cloned(),
-                        )
-                    });
-                    for h in HOP_BY_HOP {
-                        rp.headers.remove(h);
-                    }
-                    if let Some((Some(c), Some(u))) = kept {
-                        rp.headers.insert(header::CONNECTION, c);
-                        rp.headers.insert(header::UPGRADE, u);
-                    }
+                    strip_hop_by_hop(&mut rp.headers, switched);
                     if let Some(a) = &action {
                         a.response_headers.apply(&mut rp.headers);
                     }
@@ -703,6 +679,24 @@ impl Handler {
             ctx,
         };
         Response::from_parts(parts, metered.boxed_unsync())
+    }
+}
+
+/// Removes the headers that belong to one hop; an upgrade keeps its
+/// `Connection` and `Upgrade`, which the next hop must see.
+fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
+    let kept = upgrading.then(|| {
+        (
+            headers.get(header::CONNECTION).cloned(),
+            headers.get(header::UPGRADE).cloned(),
+        )
+    });
+    for h in HOP_BY_HOP {
+        headers.remove(h);
+    }
+    if let Some((Some(c), Some(u))) = kept {
+        headers.insert(header::CONNECTION, c);
+        headers.insert(header::UPGRADE, u);
     }
 }
 

@@ -9,7 +9,7 @@ use anyhow::{Context as _, ensure};
 use mesh_tests::{
     Testbed,
     mesh::{namespace_yaml, pod_yaml, series_sum, with_netns},
-    waypoint::gateway_yaml,
+    waypoint::{gateway_yaml, http_service_yaml},
 };
 
 const VIP: &str = "10.96.0.50";
@@ -38,10 +38,7 @@ spec:
 ";
 
 fn service(name: &str, vip: &str, selector: &str, labels: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: bookinfo\n  labels: {{{labels}}}\n\
-         spec:\n  clusterIP: {vip}\n  selector: {{{selector}}}\n  ports:\n  - name: http\n    port: 80\n    targetPort: 8080\n"
-    )
+    http_service_yaml(name, "bookinfo", vip, selector, labels)
 }
 
 /// Adds the bookinfo pods and objects to `docs` (the configuration so

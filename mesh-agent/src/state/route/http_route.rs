@@ -331,14 +331,7 @@ struct RouteCompiler<'a> {
 
 impl RouteCompiler<'_> {
     fn warn(&mut self, kind: &'static str, message: String) {
-        let w = ConfigWarning {
-            object: self.object.to_owned(),
-            kind,
-            message,
-        };
-        if !self.warnings.contains(&w) {
-            self.warnings.push(w);
-        }
+        super::warn_once(self.warnings, self.object, kind, message);
     }
 
     /// A rule whose matches all fail to compile is dropped (requests then

@@ -646,14 +646,7 @@ struct VsCompiler<'a> {
 
 impl VsCompiler<'_> {
     fn warn(&mut self, kind: &'static str, message: String) {
-        let w = ConfigWarning {
-            object: self.object.to_owned(),
-            kind,
-            message,
-        };
-        if !self.warnings.contains(&w) {
-            self.warnings.push(w);
-        }
+        super::warn_once(self.warnings, self.object, kind, message);
     }
 
     fn rule(

@@ -199,6 +199,24 @@ pub enum LoadBalancer {
     HashSourceIp,
 }
 
+/// Adds a warning about `object` unless the same one is there already (a
+/// route's rules can repeat a mistake).
+fn warn_once(
+    warnings: &mut Vec<crate::state::ConfigWarning>,
+    object: &str,
+    kind: &'static str,
+    message: String,
+) {
+    let w = crate::state::ConfigWarning {
+        object: object.to_owned(),
+        kind,
+        message,
+    };
+    if !warnings.contains(&w) {
+        warnings.push(w);
+    }
+}
+
 fn subset_labels<S: serde::Serializer>(
     subsets: &BTreeMap<String, Arc<BTreeMap<String, String>>>,
     s: S,
