@@ -1580,6 +1580,22 @@ spec:
   trafficPolicy: {loadBalancer: {simple: LEAST_REQUEST}}
 ---
 apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: byip, namespace: shop}
+spec:
+  host: byip
+  trafficPolicy: {loadBalancer: {consistentHash: {useSourceIp: true}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: grpc-fault, namespace: shop}
+spec:
+  hosts: [grpc-echo]
+  http:
+  - fault: {abort: {grpcStatus: UNAVAILABLE, percentage: {value: 100}}}
+    route: [{destination: {host: grpc-echo}}]
+---
+apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata: {name: ratings2, namespace: shop}
 spec:
@@ -1616,11 +1632,20 @@ fn virtual_service_matches_filters_timeouts_retries_and_mirror_share() -> anyhow
         waypoint,
         ..
     } = setup(false)?;
-    for (name, vip) in [("ratings-vs2", "10.96.0.35"), ("least", "10.96.0.36")] {
+    for (name, vip) in [
+        ("ratings-vs2", "10.96.0.35"),
+        ("least", "10.96.0.36"),
+        ("byip", "10.96.0.37"),
+    ] {
         docs.push(service(name, vip, "app: reviews", "istio.io/use-waypoint: waypoint") + "\n");
     }
     docs.push(format!("{VS_FEATURES}\n"));
-    apply_at_waypoint(&tb, &waypoint, &docs, &["shop/ratings2", "shop/least"])?;
+    apply_at_waypoint(
+        &tb,
+        &waypoint,
+        &docs,
+        &["shop/ratings2", "shop/least", "shop/byip", "grpc-fault"],
+    )?;
     let url = |p: &str| format!("http://10.96.0.35{p}");
     let server = |a: &[(u16, String)]| json(&a[0].1)["server"].as_str().unwrap_or("?").to_owned();
     // Regex, query parameter and method matches, each to v2.
