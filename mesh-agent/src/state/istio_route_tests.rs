@@ -377,3 +377,61 @@ spec:
         "{w:?}"
     );
 }
+
+#[test]
+fn subset_then_port_then_service_policies() {
+    let dr = "
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: layered, namespace: shop}
+spec:
+  host: other
+  trafficPolicy:
+    loadBalancer: {simple: RANDOM}
+    connectionPool: {http: {http2MaxRequests: 10}}
+    portLevelSettings:
+    - port: {number: 80}
+      loadBalancer: {simple: LEAST_REQUEST}
+      outlierDetection: {consecutiveGatewayErrors: 2}
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - name: v2
+    labels: {version: v2}
+    trafficPolicy:
+      loadBalancer: {consistentHash: {httpHeaderName: x-user}}
+      connectionPool: {http: {http2MaxRequests: 1}}
+";
+    let s = store(&format!("{BASE}{dr}"));
+    let other = s.service_by_vip("10.96.0.2:80".parse().unwrap()).unwrap().0;
+    let p = s.destination_policy(other).unwrap();
+    assert_eq!(p.load_balancer_for(None, 80), LoadBalancer::LeastRequest);
+    assert_eq!(p.load_balancer_for(None, 81), LoadBalancer::Random);
+    assert_eq!(
+        p.load_balancer_for(Some("v1"), 80),
+        LoadBalancer::LeastRequest
+    );
+    assert_eq!(
+        p.load_balancer_for(Some("v2"), 80),
+        LoadBalancer::HashHeader("x-user".into())
+    );
+    let pool = |subset, port| {
+        p.connection_pool_for(subset, port)
+            .and_then(|c| c.max_requests)
+    };
+    assert_eq!(pool(Some("v2"), 80), Some(1));
+    assert_eq!(pool(Some("v1"), 80), Some(10));
+    assert_eq!(
+        p.outlier_detection_for(Some("v1"), 80)
+            .and_then(|o| o.consecutive_gateway),
+        Some(2)
+    );
+    assert!(p.outlier_detection_for(None, 81).is_none());
+    assert!(
+        s.warnings()
+            .iter()
+            .all(|w| w.object != "DestinationRule shop/layered"),
+        "{:?}",
+        s.warnings()
+    );
+}

@@ -108,18 +108,11 @@ pub fn endpoints(ctx: &Ctx, store: &Store, choice: &Choice, keys: Keys<'_>) -> V
                 .all(|(k, v)| e.workload.labels.get(k) == Some(v))
         });
     }
-    let policy = store.destination_policy(svc);
-    let lb = policy
-        .and_then(|p| {
-            choice
-                .subset
-                .as_ref()
-                .and_then(|(name, _)| p.subset_load_balancers.get(name))
-                .or(Some(&p.load_balancer))
-        })
-        .cloned()
-        .unwrap_or_default();
     let subset = choice.subset.as_ref().map_or("", |(n, _)| n.as_str());
+    let lb = store
+        .destination_policy(svc)
+        .map(|p| p.load_balancer_for(Some(subset).filter(|s| !s.is_empty()), port.port))
+        .unwrap_or_default();
     let key = format!("{}:{}:{subset}", svc.hostname(), port.port);
     // Round robin first: it also puts set-aside endpoints last.
     let mut order = ctx.balancer.order(&key, &all);

@@ -447,18 +447,22 @@ impl Handler {
         };
         let endpoints = balance::endpoints(ctx, &store, &chosen, keys);
         // The DestinationRule's circuit breakers for the chosen Service.
-        let (policy, breaker_key) = match &chosen.target {
+        // Per subset, else per port, else per Service (Istio's precedence).
+        let subset = chosen.subset.as_ref().map(|(n, _)| n.as_str());
+        let (policy, breaker_key, port) = match &chosen.target {
             WaypointTarget::Service(svc, port) => (
                 store.destination_policy(svc),
                 format!("{}:{}", svc.hostname(), port.port),
+                port.port,
             ),
-            WaypointTarget::Workload(..) => (None, String::new()),
+            WaypointTarget::Workload(..) => (None, String::new(), 0),
         };
+        let pool_key = format!("{breaker_key}:{}", subset.unwrap_or(""));
         let admitted = tokio::time::timeout(
             resilience::QUEUE_TIMEOUT,
             ctx.limits.admit(
-                &breaker_key,
-                policy.and_then(|p| p.connection_pool.as_ref()),
+                &pool_key,
+                policy.and_then(|p| p.connection_pool_for(subset, port)),
             ),
         )
         .await;
@@ -473,7 +477,7 @@ impl Handler {
                 );
             }
         };
-        let outlier = policy.and_then(|p| p.outlier_detection.as_ref());
+        let outlier = policy.and_then(|p| p.outlier_detection_for(subset, port));
         let observe = |addr, outcome| {
             if let Some(config) = outlier {
                 ctx.outliers

@@ -221,9 +221,20 @@ struct TrafficPolicy {
     connection_pool: Option<PoolSettings>,
     outlier_detection: Option<OutlierSettings>,
     tls: Option<Value>,
-    port_level_settings: Option<Value>,
+    #[serde(default)]
+    port_level_settings: Vec<PortSettings>,
     tunnel: Option<Value>,
     proxy_protocol: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct PortSettings {
+    port: PortSelector,
+    load_balancer: Option<LbSettings>,
+    connection_pool: Option<PoolSettings>,
+    outlier_detection: Option<OutlierSettings>,
+    tls: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -366,12 +377,38 @@ pub(crate) fn compile_istio(
             ..DestinationPolicy::default()
         };
         if let Some(tp) = &dr.traffic_policy {
-            policy.load_balancer = traffic_policy(tp, "trafficPolicy", &mut warn);
+            if let Some(lb) = traffic_policy(tp, "trafficPolicy", &mut warn) {
+                policy.load_balancer = lb;
+            }
             if let Some(cp) = &tp.connection_pool {
                 policy.connection_pool = Some(connection_pool(cp, &mut warn));
             }
             if let Some(od) = &tp.outlier_detection {
                 policy.outlier_detection = outlier_detection(od, &mut warn);
+            }
+            for p in &tp.port_level_settings {
+                let at = format!("portLevelSettings {}", p.port.number);
+                if p.tls.is_some() {
+                    warn(
+                        "unsupported",
+                        format!("{at}: tls is not applied by this version"),
+                    );
+                }
+                let port = super::PortPolicy {
+                    load_balancer: p
+                        .load_balancer
+                        .as_ref()
+                        .map(|lb| load_balancer(lb, &at, &mut warn)),
+                    connection_pool: p
+                        .connection_pool
+                        .as_ref()
+                        .map(|cp| connection_pool(cp, &mut warn)),
+                    outlier_detection: p
+                        .outlier_detection
+                        .as_ref()
+                        .and_then(|od| outlier_detection(od, &mut warn)),
+                };
+                policy.ports.insert(p.port.number, port);
             }
         }
         for s in &dr.subsets {
@@ -380,14 +417,22 @@ pub(crate) fn compile_istio(
                 .insert(s.name.clone(), Arc::new(s.labels.clone()));
             if let Some(tp) = &s.traffic_policy {
                 let at = format!("subset {}", s.name);
-                let lb = traffic_policy(tp, &at, &mut warn);
-                policy.subset_load_balancers.insert(s.name.clone(), lb);
-                if tp.connection_pool.is_some() || tp.outlier_detection.is_some() {
+                if let Some(lb) = traffic_policy(tp, &at, &mut warn) {
+                    policy.subset_load_balancers.insert(s.name.clone(), lb);
+                }
+                if let Some(cp) = &tp.connection_pool {
+                    let pool = connection_pool(cp, &mut warn);
+                    policy.subset_pools.insert(s.name.clone(), pool);
+                }
+                if let Some(od) = &tp.outlier_detection
+                    && let Some(od) = outlier_detection(od, &mut warn)
+                {
+                    policy.subset_outliers.insert(s.name.clone(), od);
+                }
+                if !tp.port_level_settings.is_empty() {
                     warn(
                         "unsupported",
-                        format!(
-                            "{at}: connectionPool and outlierDetection apply per Service here, not per subset; not applied"
-                        ),
+                        format!("{at}: portLevelSettings inside a subset are not applied"),
                     );
                 }
             }
@@ -485,15 +530,15 @@ pub(crate) fn compile_istio(
     }
 }
 
-/// The load balancer of a traffic policy; the parts not applied are warned.
+/// The load balancer a traffic policy sets, if any; the parts not applied
+/// are warned.
 fn traffic_policy(
     tp: &TrafficPolicy,
     at: &str,
     warn: &mut impl FnMut(&'static str, String),
-) -> LoadBalancer {
+) -> Option<LoadBalancer> {
     for (field, set) in [
         ("tls", tp.tls.is_some()),
-        ("portLevelSettings", tp.port_level_settings.is_some()),
         ("tunnel", tp.tunnel.is_some()),
         ("proxyProtocol", tp.proxy_protocol.is_some()),
     ] {
@@ -504,9 +549,16 @@ fn traffic_policy(
             );
         }
     }
-    let Some(lb) = &tp.load_balancer else {
-        return LoadBalancer::RoundRobin;
-    };
+    tp.load_balancer
+        .as_ref()
+        .map(|lb| load_balancer(lb, at, warn))
+}
+
+fn load_balancer(
+    lb: &LbSettings,
+    at: &str,
+    warn: &mut impl FnMut(&'static str, String),
+) -> LoadBalancer {
     if let Some(field) = lb.ignored() {
         warn(
             "unsupported",

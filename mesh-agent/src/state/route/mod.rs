@@ -236,6 +236,49 @@ pub struct DestinationPolicy {
     pub subset_load_balancers: BTreeMap<String, LoadBalancer>,
     pub connection_pool: Option<ConnectionPool>,
     pub outlier_detection: Option<OutlierDetection>,
+    pub subset_pools: BTreeMap<String, ConnectionPool>,
+    pub subset_outliers: BTreeMap<String, OutlierDetection>,
+    /// `portLevelSettings`, by Service port.
+    pub ports: BTreeMap<u16, PortPolicy>,
+}
+
+/// What `portLevelSettings` sets for one port (unset parts come from the
+/// Service's).
+#[derive(Debug, Default, serde::Serialize)]
+pub struct PortPolicy {
+    pub load_balancer: Option<LoadBalancer>,
+    pub connection_pool: Option<ConnectionPool>,
+    pub outlier_detection: Option<OutlierDetection>,
+}
+
+impl DestinationPolicy {
+    /// The load balancer for a subset on a port: the subset's, else the
+    /// port's, else the Service's (Istio's precedence).
+    pub fn load_balancer_for(&self, subset: Option<&str>, port: u16) -> LoadBalancer {
+        subset
+            .and_then(|s| self.subset_load_balancers.get(s))
+            .or_else(|| self.ports.get(&port)?.load_balancer.as_ref())
+            .unwrap_or(&self.load_balancer)
+            .clone()
+    }
+
+    pub fn connection_pool_for(&self, subset: Option<&str>, port: u16) -> Option<&ConnectionPool> {
+        subset
+            .and_then(|s| self.subset_pools.get(s))
+            .or_else(|| self.ports.get(&port)?.connection_pool.as_ref())
+            .or(self.connection_pool.as_ref())
+    }
+
+    pub fn outlier_detection_for(
+        &self,
+        subset: Option<&str>,
+        port: u16,
+    ) -> Option<&OutlierDetection> {
+        subset
+            .and_then(|s| self.subset_outliers.get(s))
+            .or_else(|| self.ports.get(&port)?.outlier_detection.as_ref())
+            .or(self.outlier_detection.as_ref())
+    }
 }
 
 /// DestinationRule `connectionPool`, as the waypoint applies it.
