@@ -35,6 +35,26 @@ pub fn run(options: &Options) -> Result<()> {
     // Also the root check: setup fails first thing when not root, which the
     // namespaced tests need anyway.
     step(&mut timings, "setup", setup::ensure)?;
+    if !options.test_args.is_empty() {
+        // A filter that matches nothing would pass with nothing run: say so
+        // first, before the long steps.
+        let listed = exec::probe(
+            cargo(&root)
+                .args(["test", "-p", NAMESPACED_TESTS, "--", "--list"])
+                .args(&options.test_args),
+        )
+        .unwrap_or_default();
+        let matched = listed.lines().filter(|l| l.ends_with(": test")).count();
+        anyhow::ensure!(
+            matched > 0,
+            "no namespaced test matches {:?}: nothing would run",
+            options.test_args
+        );
+        println!(
+            "ci: {matched} namespaced test(s) match {:?}",
+            options.test_args
+        );
+    }
     if options.skip_lint {
         println!("\nskipped: fmt and clippy (--skip-lint)");
     } else {
