@@ -1,10 +1,12 @@
 //! Istio PeerAuthentication: whether a workload port requires mutual TLS.
 //! Precedence as Istio's: a selector policy in the workload's namespace
 //! (port-level first), then the namespace-wide policy, then the mesh-wide one
-//! in the root namespace; UNSET at a level defers to the next.
+//! in the root namespace; UNSET at a level defers to the next. Among
+//! policies of the same scope the oldest wins, as in Istio.
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -14,7 +16,17 @@ use super::{
 
 #[derive(Debug, Deserialize)]
 pub(super) struct PeerAuthentication {
+    #[serde(default)]
+    pub metadata: Metadata,
     pub spec: Option<PeerAuthenticationSpec>,
+}
+
+/// The one field of the metadata that decides: the name and namespace are
+/// the object's key.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct Metadata {
+    creation_timestamp: Option<Time>,
 }
 
 impl PeerAuthentication {
@@ -23,6 +35,9 @@ impl PeerAuthentication {
     /// cannot be read either), so a typo never lets plaintext in.
     pub fn strict(selector: Option<WorkloadSelector>) -> Self {
         PeerAuthentication {
+            // No creation time: a stand-in ranks as the oldest, so a policy
+            // that does not parse wins its conflicts, closed.
+            metadata: Metadata::default(),
             spec: Some(PeerAuthenticationSpec {
                 selector,
                 mtls: Some(Mtls {
@@ -118,14 +133,21 @@ pub(super) fn mtls_mode(
         .unwrap_or(MtlsMode::Permissive)
 }
 
-/// Policies in namespace/name order. Where Istio would take the oldest of
-/// several namespace-wide policies, this takes the first by name and warns.
+/// Policies per namespace, oldest first (by `creationTimestamp`, the name
+/// breaking ties; one without a time counts as oldest), so the first that
+/// applies is the one Istio would pick. Of several namespace-wide policies
+/// only the oldest is kept, and the others are warned about.
 pub(super) fn compile(
     objects: &BTreeMap<Key, Parsed<PeerAuthentication>>,
     warnings: &mut Vec<ConfigWarning>,
 ) -> Vec<PeerAuth> {
+    let mut by_age: Vec<_> = objects.iter().collect();
+    by_age.sort_by_key(|((namespace, name), parsed)| {
+        let created = parsed.object.metadata.creation_timestamp.as_ref();
+        (namespace, created.map(|t| t.0), name)
+    });
     let mut policies: Vec<PeerAuth> = Vec::new();
-    for ((namespace, name), parsed) in objects {
+    for ((namespace, name), parsed) in by_age {
         let object = format!("PeerAuthentication {namespace}/{name}");
         let empty = PeerAuthenticationSpec::default();
         let spec = parsed.object.spec.as_ref().unwrap_or(&empty);
@@ -167,8 +189,8 @@ pub(super) fn compile(
                     object,
                     kind: "conflict",
                     message: format!(
-                        "namespace {namespace} already has the namespace-wide PeerAuthentication \
-                         {}; only one is used, and this one is ignored",
+                        "namespace {namespace} already has the older namespace-wide \
+                         PeerAuthentication {}; only the oldest is used, and this one is ignored",
                         first.name
                     ),
                 });
