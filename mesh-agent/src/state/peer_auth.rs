@@ -93,6 +93,9 @@ pub(super) struct PeerAuth {
     selector: Option<BTreeMap<String, String>>,
     mode: Mode,
     ports: BTreeMap<u16, Mode>,
+    /// A `portLevelMtls` key that is not a port: nobody can tell which port
+    /// was meant, so every port of the workloads it selects is STRICT.
+    unreadable_port: bool,
 }
 
 impl PeerAuth {
@@ -103,6 +106,7 @@ impl PeerAuth {
             "selector": self.selector,
             "mode": self.mode,
             "port_level": self.ports,
+            "unreadable_port_strict": self.unreadable_port,
         })
     }
 }
@@ -118,6 +122,9 @@ pub(super) fn mtls_mode(
         .filter(|p| p.namespace == wl.namespace)
         .find(|p| p.selector.as_ref().is_some_and(|s| wl.has_labels(s)))
         .and_then(|p| {
+            if p.unreadable_port {
+                return Some(MtlsMode::Strict);
+            }
             let port_mode = p.ports.get(&port).and_then(|m| m.set());
             port_mode.or_else(|| p.mode.set())
         });
@@ -154,6 +161,7 @@ pub(super) fn compile(
         let selector = WorkloadSelector::labels(spec.selector.as_ref());
 
         let mut ports = BTreeMap::new();
+        let mut unreadable_port = false;
         let port_level = spec.port_level_mtls.iter().flatten();
         if selector.is_none() && spec.port_level_mtls.as_ref().is_some_and(|m| !m.is_empty()) {
             warnings.push(ConfigWarning {
@@ -168,14 +176,18 @@ pub(super) fn compile(
                     Ok(n) if n != 0 => {
                         ports.insert(n, mtls.mode.unwrap_or_default());
                     }
-                    _ => warnings.push(ConfigWarning {
-                        object: object.clone(),
-                        kind: "parse_error",
-                        message: format!(
-                            "portLevelMtls: {:?} is not a port number; ignored",
-                            port.0
-                        ),
-                    }),
+                    _ => {
+                        unreadable_port = true;
+                        warnings.push(ConfigWarning {
+                            object: object.clone(),
+                            kind: "parse_error",
+                            message: format!(
+                                "portLevelMtls: {:?} is not a port number; every port of the \
+                                 workloads it selects gets STRICT (plaintext refused)",
+                                port.0
+                            ),
+                        });
+                    }
                 }
             }
         }
@@ -204,6 +216,7 @@ pub(super) fn compile(
             selector,
             mode: spec.mtls.as_ref().and_then(|m| m.mode).unwrap_or_default(),
             ports,
+            unreadable_port,
         });
     }
     policies

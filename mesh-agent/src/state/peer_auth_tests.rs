@@ -199,3 +199,29 @@ fn same_creation_time_falls_back_to_the_name() {
     assert_eq!(mode(&s, "shop/web", 80), Strict);
     assert_eq!(warning_list(&s)[0].0, "PeerAuthentication shop/b");
 }
+
+#[test]
+fn a_port_level_key_that_is_not_a_port_makes_the_policy_strict() {
+    let s = with(&[
+        peer_auth("shop/ns", "{mtls: {mode: PERMISSIVE}}"),
+        peer_auth(
+            "shop/web",
+            "{selector: {matchLabels: {app: web}}, mtls: {mode: PERMISSIVE}, \
+             portLevelMtls: {http: {mode: DISABLE}, 8080: {mode: PERMISSIVE}}}",
+        ),
+    ]);
+    // Which port "http" meant is unknown: every port of the workload is
+    // STRICT, the ones named correctly too; other workloads are untouched.
+    assert_eq!(mode(&s, "shop/web", 80), Strict);
+    assert_eq!(mode(&s, "shop/web", 8080), Strict);
+    assert_eq!(mode(&s, "shop/db", 80), Permissive);
+    assert_eq!(
+        warning_list(&s),
+        [(
+            "PeerAuthentication shop/web",
+            "parse_error",
+            "portLevelMtls: \"http\" is not a port number; every port of the workloads it \
+             selects gets STRICT (plaintext refused)"
+        )]
+    );
+}
