@@ -256,6 +256,13 @@ pub struct CaArgs {
         default_value = "mesh-system/mesh-ca-root"
     )]
     pub root_configmap: String,
+    /// Certificate requests one client address may make at once before it
+    /// is answered 429: each costs the API server a TokenReview.
+    #[arg(long, env = "MESH_CA_REVIEW_BURST", default_value_t = 50)]
+    pub review_burst: u32,
+    /// Requests per second a client address gets back after its burst.
+    #[arg(long, env = "MESH_CA_REVIEW_RATE", default_value_t = 5.0)]
+    pub review_rate: f64,
 }
 
 /// Workload certificates live at most a year: short lifetimes are the point

@@ -1,7 +1,10 @@
 //! The agent's Prometheus registry. Capture counters are read from the
 //! kernel's per-CPU map at scrape time.
 
-use std::sync::Arc;
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex},
+};
 
 use prometheus_client::{
     collector::Collector,
@@ -67,6 +70,21 @@ pub struct TcpLabels {
     pub connection_security_policy: &'static str,
 }
 
+impl TcpLabels {
+    /// The known workloads at the source and the destination end.
+    fn workloads(&self) -> [Option<(String, String)>; 2] {
+        let known =
+            |ns: &str, name: &str| (name != "unknown").then(|| (ns.to_owned(), name.to_owned()));
+        [
+            known(&self.source_workload_namespace, &self.source_workload),
+            known(
+                &self.destination_workload_namespace,
+                &self.destination_workload,
+            ),
+        ]
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     pub kind: &'static str,
@@ -83,6 +101,11 @@ pub struct Metrics {
     pub tcp_received: Family<TcpLabels, Counter>,
     pub config_warnings: Family<KindLabels, Counter>,
     pub config_objects: Family<KindLabels, Gauge>,
+    /// The `istio_tcp_*` label sets by the workload (namespace, name) at
+    /// either end: prometheus-client cannot list a family's label sets, and
+    /// without this a node that sees many short-lived pods would export
+    /// their series forever.
+    tcp_series: Mutex<HashMap<(String, String), HashSet<TcpLabels>>>,
 }
 
 impl Metrics {
@@ -90,6 +113,45 @@ impl Metrics {
         self.proxy_connections
             .get_or_create(&ProxyLabels { direction, result })
             .inc();
+    }
+
+    /// Notes a label set the `istio_tcp_*` families now hold; called when a
+    /// connection opens and when it closes (the flags differ), not per byte.
+    pub fn tcp_series(&self, labels: &TcpLabels) {
+        let mut index = self.tcp_series.lock().expect("tcp series lock");
+        for end in TcpLabels::workloads(labels).into_iter().flatten() {
+            index.entry(end).or_default().insert(labels.clone());
+        }
+    }
+
+    /// Removes every `istio_tcp_*` series with this workload at either end:
+    /// called when its pod is released, the workload label being the pod's
+    /// name. A connection of the pod that is still open when it goes counts
+    /// its close afterwards, which brings back that one series.
+    pub fn forget_workload(&self, namespace: &str, name: &str) {
+        let mut index = self.tcp_series.lock().expect("tcp series lock");
+        let Some(series) = index.remove(&(namespace.to_owned(), name.to_owned())) else {
+            return;
+        };
+        for labels in series {
+            for family in [
+                &self.tcp_opened,
+                &self.tcp_closed,
+                &self.tcp_sent,
+                &self.tcp_received,
+            ] {
+                family.remove(&labels);
+            }
+            // The other end's entry must not keep the label set alive.
+            for end in TcpLabels::workloads(&labels).into_iter().flatten() {
+                if let Some(set) = index.get_mut(&end) {
+                    set.remove(&labels);
+                    if set.is_empty() {
+                        index.remove(&end);
+                    }
+                }
+            }
+        }
     }
 
     pub fn enrolment(&self, op: &'static str, result: &'static str) {

@@ -366,6 +366,9 @@ impl Pods {
         // their own; new ones go direct.
         self.capture.let_go(&p.ctx.netns, &info.addresses);
         p.tasks.iter().for_each(JoinHandle::abort);
+        if let Some((namespace, workload)) = p.ctx.workload_key() {
+            self.metrics.forget_workload(&namespace, &workload);
+        }
         self.metrics.enrolled_pods.set(pods.len() as i64);
         self.save(&pods)?;
         info!(pod = %name, "pod released");

@@ -90,6 +90,7 @@ impl ConnRecord {
         if !self.opened {
             self.opened = true;
             self.metrics.tcp_opened.get_or_create(&self.labels).inc();
+            self.metrics.tcp_series(&self.labels);
         }
     }
 
@@ -108,6 +109,9 @@ impl ConnRecord {
         }
         let m = &self.metrics;
         m.tcp_closed.get_or_create(&self.labels).inc();
+        if flags != "-" {
+            m.tcp_series(&self.labels);
+        }
         // Istio's meaning: received = the request direction, sent = the
         // response direction, from the destination's point of view.
         m.tcp_received
@@ -201,5 +205,77 @@ pub fn labels(
         request_protocol: "tcp",
         response_flags: "-",
         connection_security_policy: if mtls { "mutual_tls" } else { "unknown" },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::{encode, proxy_registry};
+
+    fn pod(namespace: &str, name: &str) -> Peer {
+        Peer {
+            workload: Some(Arc::new(Workload {
+                name: name.to_owned(),
+                namespace: namespace.to_owned(),
+                service_account: "default".to_owned(),
+                node: "node".to_owned(),
+                ips: Vec::new(),
+                labels: Default::default(),
+                ports: Default::default(),
+                captured: true,
+                uid: name.to_owned(),
+                netns: None,
+            })),
+            ..Peer::default()
+        }
+    }
+
+    fn connection(metrics: &Arc<Metrics>, src: Peer, dst: Peer, flags: &'static str) {
+        let mut c = ConnRecord::new(metrics.clone(), "outbound", "source", src, dst, None, true);
+        c.open();
+        c.close(flags, Outcome::default());
+    }
+
+    /// The `istio_tcp_connections_opened` lines naming a workload.
+    fn lines_with(page: &str, workload: &str) -> usize {
+        page.lines()
+            .filter(|l| l.starts_with("istio_tcp_"))
+            .filter(|l| l.contains(&format!("_workload=\"{workload}\"")))
+            .count()
+    }
+
+    #[test]
+    fn a_released_pods_series_leave_the_metrics_page() {
+        let metrics = Arc::new(Metrics::default());
+        let registry = proxy_registry(&metrics);
+        connection(&metrics, pod("shop", "web-1"), pod("shop", "db-1"), "-");
+        connection(&metrics, pod("shop", "web-1"), pod("shop", "db-1"), "UF");
+        connection(&metrics, pod("shop", "api-1"), pod("shop", "web-1"), "-");
+        connection(&metrics, pod("shop", "api-1"), pod("shop", "db-1"), "-");
+        let page = encode(&registry);
+        // As source: opened once (both opened unflagged), closed, sent and
+        // received twice (`-` and `UF`); as destination: four lines.
+        assert_eq!(lines_with(&page, "web-1"), 11, "{page}");
+
+        metrics.forget_workload("shop", "web-1");
+
+        let page = encode(&registry);
+        assert_eq!(lines_with(&page, "web-1"), 0, "{page}");
+        assert_eq!(
+            lines_with(&page, "api-1"),
+            4,
+            "what web-1 had no part in stays"
+        );
+        assert!(
+            page.contains(
+                "istio_tcp_connections_opened_total{reporter=\"source\",source_workload=\"api-1\""
+            ),
+            "{page}"
+        );
+        // A pod of the same name in another namespace is not touched.
+        connection(&metrics, pod("other", "web-1"), pod("shop", "db-1"), "-");
+        metrics.forget_workload("shop", "web-1");
+        assert_eq!(lines_with(&encode(&registry), "web-1"), 4);
     }
 }

@@ -129,6 +129,17 @@ impl PodCtx {
             .find_map(|ip| store.workload_by_ip(*ip).cloned())
     }
 
+    /// The (namespace, name) this pod's connections carry as their workload
+    /// label: its Pod's, or for a pod enrolled by hand the workload its
+    /// addresses find in the current store.
+    pub fn workload_key(&self) -> Option<(String, String)> {
+        if let Some(pod) = &self.pod {
+            return Some((pod.namespace.clone(), pod.name.clone()));
+        }
+        let w = self.workload(&self.shared.store())?;
+        Some((w.namespace.clone(), w.workload_name().to_owned()))
+    }
+
     /// The workload a connection to `ip` in this pod reaches: the pod's own
     /// Pod object; for a pod enrolled by hand, the one with that address,
     /// else the pod's own.

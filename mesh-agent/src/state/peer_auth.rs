@@ -1,10 +1,12 @@
 //! Istio PeerAuthentication: whether a workload port requires mutual TLS.
 //! Precedence as Istio's: a selector policy in the workload's namespace
 //! (port-level first), then the namespace-wide policy, then the mesh-wide one
-//! in the root namespace; UNSET at a level defers to the next.
+//! in the root namespace; UNSET at a level defers to the next. Among
+//! policies of the same scope the oldest wins, as in Istio.
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -14,7 +16,17 @@ use super::{
 
 #[derive(Debug, Deserialize)]
 pub(super) struct PeerAuthentication {
+    #[serde(default)]
+    pub metadata: Metadata,
     pub spec: Option<PeerAuthenticationSpec>,
+}
+
+/// The one field of the metadata that decides: the name and namespace are
+/// the object's key.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct Metadata {
+    creation_timestamp: Option<Time>,
 }
 
 impl PeerAuthentication {
@@ -23,6 +35,9 @@ impl PeerAuthentication {
     /// cannot be read either), so a typo never lets plaintext in.
     pub fn strict(selector: Option<WorkloadSelector>) -> Self {
         PeerAuthentication {
+            // No creation time: a stand-in ranks as the oldest, so a policy
+            // that does not parse wins its conflicts, closed.
+            metadata: Metadata::default(),
             spec: Some(PeerAuthenticationSpec {
                 selector,
                 mtls: Some(Mtls {
@@ -78,6 +93,9 @@ pub(super) struct PeerAuth {
     selector: Option<BTreeMap<String, String>>,
     mode: Mode,
     ports: BTreeMap<u16, Mode>,
+    /// A `portLevelMtls` key that is not a port: nobody can tell which port
+    /// was meant, so every port of the workloads it selects is STRICT.
+    unreadable_port: bool,
 }
 
 impl PeerAuth {
@@ -88,6 +106,7 @@ impl PeerAuth {
             "selector": self.selector,
             "mode": self.mode,
             "port_level": self.ports,
+            "unreadable_port_strict": self.unreadable_port,
         })
     }
 }
@@ -103,6 +122,9 @@ pub(super) fn mtls_mode(
         .filter(|p| p.namespace == wl.namespace)
         .find(|p| p.selector.as_ref().is_some_and(|s| wl.has_labels(s)))
         .and_then(|p| {
+            if p.unreadable_port {
+                return Some(MtlsMode::Strict);
+            }
             let port_mode = p.ports.get(&port).and_then(|m| m.set());
             port_mode.or_else(|| p.mode.set())
         });
@@ -118,20 +140,28 @@ pub(super) fn mtls_mode(
         .unwrap_or(MtlsMode::Permissive)
 }
 
-/// Policies in namespace/name order. Where Istio would take the oldest of
-/// several namespace-wide policies, this takes the first by name and warns.
+/// Policies per namespace, oldest first (by `creationTimestamp`, the name
+/// breaking ties; one without a time counts as oldest), so the first that
+/// applies is the one Istio would pick. Of several namespace-wide policies
+/// only the oldest is kept, and the others are warned about.
 pub(super) fn compile(
     objects: &BTreeMap<Key, Parsed<PeerAuthentication>>,
     warnings: &mut Vec<ConfigWarning>,
 ) -> Vec<PeerAuth> {
+    let mut by_age: Vec<_> = objects.iter().collect();
+    by_age.sort_by_key(|((namespace, name), parsed)| {
+        let created = parsed.object.metadata.creation_timestamp.as_ref();
+        (namespace, created.map(|t| t.0), name)
+    });
     let mut policies: Vec<PeerAuth> = Vec::new();
-    for ((namespace, name), parsed) in objects {
+    for ((namespace, name), parsed) in by_age {
         let object = format!("PeerAuthentication {namespace}/{name}");
         let empty = PeerAuthenticationSpec::default();
         let spec = parsed.object.spec.as_ref().unwrap_or(&empty);
         let selector = WorkloadSelector::labels(spec.selector.as_ref());
 
         let mut ports = BTreeMap::new();
+        let mut unreadable_port = false;
         let port_level = spec.port_level_mtls.iter().flatten();
         if selector.is_none() && spec.port_level_mtls.as_ref().is_some_and(|m| !m.is_empty()) {
             warnings.push(ConfigWarning {
@@ -146,14 +176,18 @@ pub(super) fn compile(
                     Ok(n) if n != 0 => {
                         ports.insert(n, mtls.mode.unwrap_or_default());
                     }
-                    _ => warnings.push(ConfigWarning {
-                        object: object.clone(),
-                        kind: "parse_error",
-                        message: format!(
-                            "portLevelMtls: {:?} is not a port number; ignored",
-                            port.0
-                        ),
-                    }),
+                    _ => {
+                        unreadable_port = true;
+                        warnings.push(ConfigWarning {
+                            object: object.clone(),
+                            kind: "parse_error",
+                            message: format!(
+                                "portLevelMtls: {:?} is not a port number; every port of the \
+                                 workloads it selects gets STRICT (plaintext refused)",
+                                port.0
+                            ),
+                        });
+                    }
                 }
             }
         }
@@ -167,8 +201,8 @@ pub(super) fn compile(
                     object,
                     kind: "conflict",
                     message: format!(
-                        "namespace {namespace} already has the namespace-wide PeerAuthentication \
-                         {}; only one is used, and this one is ignored",
+                        "namespace {namespace} already has the older namespace-wide \
+                         PeerAuthentication {}; only the oldest is used, and this one is ignored",
                         first.name
                     ),
                 });
@@ -182,6 +216,7 @@ pub(super) fn compile(
             selector,
             mode: spec.mtls.as_ref().and_then(|m| m.mode).unwrap_or_default(),
             ports,
+            unreadable_port,
         });
     }
     policies

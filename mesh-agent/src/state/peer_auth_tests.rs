@@ -14,6 +14,16 @@ fn peer_auth(ns_name: &str, spec: &str) -> String {
     )
 }
 
+/// A policy with a `creationTimestamp`, as the API server writes it.
+fn created(ns_name: &str, at: &str, spec: &str) -> String {
+    let (ns, name) = ns_name.split_once('/').unwrap();
+    format!(
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n\
+         metadata: {{name: {name}, namespace: {ns}, creationTimestamp: \"{at}\"}}\n\
+         spec: {spec}\n---\n"
+    )
+}
+
 fn with(policies: &[String]) -> Store {
     store(&format!("{PODS}---\n{}", policies.concat()))
 }
@@ -118,8 +128,8 @@ fn port_level_without_selector_and_conflicts_are_reported() {
             (
                 "PeerAuthentication shop/b",
                 "conflict",
-                "namespace shop already has the namespace-wide PeerAuthentication a; only one \
-                 is used, and this one is ignored"
+                "namespace shop already has the older namespace-wide PeerAuthentication a; \
+                 only the oldest is used, and this one is ignored"
             ),
         ]
     );
@@ -139,5 +149,79 @@ fn typo_in_mode_is_a_parse_error_and_fails_closed() {
         w.message.contains("unknown variant `STRICTT`"),
         "{}",
         w.message
+    );
+}
+
+#[test]
+fn the_oldest_policy_of_a_scope_wins_not_the_first_by_name() {
+    let s = with(&[
+        created(
+            "shop/a-new",
+            "2026-03-01T00:00:00Z",
+            "{mtls: {mode: STRICT}}",
+        ),
+        created(
+            "shop/b-old",
+            "2026-01-01T00:00:00Z",
+            "{mtls: {mode: PERMISSIVE}}",
+        ),
+        created(
+            "shop/db-a-new",
+            "2026-03-01T00:00:00Z",
+            "{selector: {matchLabels: {app: db}}, mtls: {mode: STRICT}}",
+        ),
+        created(
+            "shop/db-b-old",
+            "2026-01-01T00:00:00Z",
+            "{selector: {matchLabels: {app: db}}, mtls: {mode: PERMISSIVE}}",
+        ),
+    ]);
+    assert_eq!(mode(&s, "shop/web", 80), Permissive, "namespace-wide");
+    assert_eq!(mode(&s, "shop/db", 80), Permissive, "workload selector");
+    assert_eq!(
+        warning_list(&s),
+        [(
+            "PeerAuthentication shop/a-new",
+            "conflict",
+            "namespace shop already has the older namespace-wide PeerAuthentication b-old; \
+             only the oldest is used, and this one is ignored"
+        )]
+    );
+}
+
+#[test]
+fn same_creation_time_falls_back_to_the_name() {
+    let at = "2026-01-01T00:00:00Z";
+    let s = with(&[
+        created("shop/b", at, "{mtls: {mode: PERMISSIVE}}"),
+        created("shop/a", at, "{mtls: {mode: STRICT}}"),
+    ]);
+    assert_eq!(mode(&s, "shop/web", 80), Strict);
+    assert_eq!(warning_list(&s)[0].0, "PeerAuthentication shop/b");
+}
+
+#[test]
+fn a_port_level_key_that_is_not_a_port_makes_the_policy_strict() {
+    let s = with(&[
+        peer_auth("shop/ns", "{mtls: {mode: PERMISSIVE}}"),
+        peer_auth(
+            "shop/web",
+            "{selector: {matchLabels: {app: web}}, mtls: {mode: PERMISSIVE}, \
+             portLevelMtls: {http: {mode: DISABLE}, 8080: {mode: PERMISSIVE}}}",
+        ),
+    ]);
+    // Which port "http" meant is unknown: every port of the workload is
+    // STRICT, the ones named correctly too; other workloads are untouched.
+    assert_eq!(mode(&s, "shop/web", 80), Strict);
+    assert_eq!(mode(&s, "shop/web", 8080), Strict);
+    assert_eq!(mode(&s, "shop/db", 80), Permissive);
+    assert_eq!(
+        warning_list(&s),
+        [(
+            "PeerAuthentication shop/web",
+            "parse_error",
+            "portLevelMtls: \"http\" is not a port number; every port of the workloads it \
+             selects gets STRICT (plaintext refused)"
+        )]
     );
 }

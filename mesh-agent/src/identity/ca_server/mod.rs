@@ -5,7 +5,9 @@
 
 use std::{
     convert::Infallible,
+    future::Future,
     net::SocketAddr,
+    pin::Pin,
     sync::Arc,
     time::{Duration, SystemTime},
 };
@@ -38,16 +40,24 @@ use super::{
 use crate::config::CaArgs;
 
 pub(crate) mod csr;
+mod limit;
 mod review;
 mod serving;
 
 use csr::Csr;
+use limit::ReviewLimiter;
 use serving::ServingCert;
 
 /// A CSR is well under 2 KiB; nothing bigger is read.
 const MAX_BODY: usize = 64 * 1024;
 /// TLS handshake, and reading a request's headers.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one connection is served: then it is closed gracefully (the
+/// requests in flight are answered), so an idle or trickling connection
+/// cannot hold a socket and a task. An agent asks once per certificate.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+/// Streams one h2 connection may have open.
+const MAX_STREAMS: u32 = 16;
 /// The ConfigMap key node agents mount as their `--ca-root`.
 pub const ROOT_KEY: &str = "root-cert.pem";
 
@@ -122,15 +132,17 @@ impl std::fmt::Display for ObjectRef {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
-    /// `issued`, `unauthenticated`, `forbidden`, `bad_request` or `error`.
+    /// `issued`, `unauthenticated`, `forbidden`, `bad_request`,
+    /// `rate_limited` or `error`.
     result: &'static str,
 }
 
-const RESULTS: [&str; 5] = [
+const RESULTS: [&str; 6] = [
     "issued",
     "unauthenticated",
     "forbidden",
     "bad_request",
+    "rate_limited",
     "error",
 ];
 
@@ -151,6 +163,7 @@ pub struct CaServer {
     tls: Arc<ServerConfig>,
     requests: Family<ResultLabels, Counter>,
     registry: Registry,
+    reviews: ReviewLimiter,
 }
 
 impl CaServer {
@@ -224,6 +237,7 @@ impl CaServer {
             tls: Arc::new(tls),
             requests,
             registry,
+            reviews: ReviewLimiter::new(args.review_burst, args.review_rate),
         }))
     }
 
@@ -276,16 +290,19 @@ impl CaServer {
         });
         let io = TokioIo::new(tls);
         let served = if h2 {
-            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
-                .serve_connection(io, svc)
-                .await
+                .max_concurrent_streams(MAX_STREAMS)
+                .keep_alive_interval(HANDSHAKE_TIMEOUT)
+                .keep_alive_timeout(HANDSHAKE_TIMEOUT)
+                .serve_connection(io, svc);
+            for_a_while(conn, |c| c.graceful_shutdown()).await
         } else {
-            hyper::server::conn::http1::Builder::new()
+            let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HANDSHAKE_TIMEOUT)
-                .serve_connection(io, svc)
-                .await
+                .serve_connection(io, svc);
+            for_a_while(conn, |c| c.graceful_shutdown()).await
         };
         if let Err(e) = served {
             debug!(%peer, error = %e, "CA connection");
@@ -295,7 +312,7 @@ impl CaServer {
     /// One request: decided, counted and, when refused, logged.
     async fn answer(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
         let mut caller = Caller::default();
-        let outcome = self.decide(req, &mut caller).await;
+        let outcome = self.decide(req, peer, &mut caller).await;
         let result = match &outcome {
             Ok(_) => "issued",
             Err(refusal) => refusal.result(),
@@ -342,6 +359,7 @@ impl CaServer {
     async fn decide(
         &self,
         req: Request<Incoming>,
+        peer: SocketAddr,
         caller: &mut Caller,
     ) -> Result<SignResponse, Refusal> {
         if req.uri().path() != SIGN_PATH {
@@ -367,6 +385,15 @@ impl CaServer {
         })?;
         let body = read_body(req).await?;
 
+        if !self.reviews.allow(peer.ip()) {
+            return Err(Refusal::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "too many certificate requests from {}; retry later",
+                    peer.ip()
+                ),
+            ));
+        }
         let user = self.review(&token).await?;
         let username = user.username.clone().unwrap_or_default();
         caller.user = Some(username.clone());
@@ -502,6 +529,24 @@ struct Caller {
     identity: Option<Identity>,
 }
 
+/// Serves a connection for [`CONNECTION_LIFETIME`], then has it answer the
+/// requests in flight and close, within [`HANDSHAKE_TIMEOUT`].
+async fn for_a_while<C, E>(conn: C, shutdown: impl FnOnce(Pin<&mut C>)) -> Result<(), E>
+where
+    C: Future<Output = Result<(), E>>,
+{
+    let mut conn = std::pin::pin!(conn);
+    match tokio::time::timeout(CONNECTION_LIFETIME, conn.as_mut()).await {
+        Ok(served) => served,
+        Err(_) => {
+            shutdown(conn.as_mut());
+            tokio::time::timeout(HANDSHAKE_TIMEOUT, conn)
+                .await
+                .unwrap_or(Ok(()))
+        }
+    }
+}
+
 fn shown(id: &Option<Identity>) -> String {
     id.as_ref().map_or_else(|| "-".into(), Identity::to_string)
 }
@@ -526,6 +571,7 @@ impl Refusal {
         match self.status {
             StatusCode::UNAUTHORIZED => "unauthenticated",
             StatusCode::FORBIDDEN => "forbidden",
+            StatusCode::TOO_MANY_REQUESTS => "rate_limited",
             s if s.is_server_error() => "error",
             _ => "bad_request",
         }

@@ -58,6 +58,16 @@ impl Cluster {
 
     /// `before` runs on the fake API before the CA publishes its root.
     async fn start_with(ttl: Duration, before: impl FnOnce(&FakeApi)) -> Cluster {
+        Cluster::build(ttl, 50, before).await
+    }
+
+    /// A CA that lets one address make `burst` requests, and no more for
+    /// the length of a test.
+    async fn start_limited(burst: u32) -> Cluster {
+        Cluster::build(Duration::from_secs(3600), burst, |_| {}).await
+    }
+
+    async fn build(ttl: Duration, burst: u32, before: impl FnOnce(&FakeApi)) -> Cluster {
         let fake = FakeApi::start().await;
         let dir = TempDir::new("cluster-ca");
         let args = CaArgs {
@@ -70,6 +80,8 @@ impl Cluster {
             audience: "mesh-ca".into(),
             agent_service_account: "mesh-system/mesh-agent".into(),
             root_configmap: "mesh-system/mesh-ca-root".into(),
+            review_burst: burst,
+            review_rate: 0.001,
         };
         let ca = CaServer::new(&args, fake.client()).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -692,6 +704,8 @@ async fn the_root_survives_a_restart_of_the_ca() {
             audience: "mesh-ca".into(),
             agent_service_account: "mesh-system/mesh-agent".into(),
             root_configmap: "mesh-system/mesh-ca-root".into(),
+            review_burst: 50,
+            review_rate: 5.0,
         };
         let again = CaServer::new(&args, c.fake.client()).unwrap();
         assert_eq!(again.root_pem(), c.ca.root_pem());
@@ -825,6 +839,40 @@ async fn a_waypoint_token_gets_exactly_its_own_pods_identity() {
         );
         assert_eq!(c.count("issued").await, 1);
         assert_eq!(c.count("forbidden").await, 4);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn one_address_gets_its_burst_of_token_reviews_then_429() {
+    within(async {
+        let c = Cluster::start_limited(3).await;
+        c.pod("default", "web-1", "web", "node-a", "Running");
+        let reviews = |c: &Cluster| {
+            c.fake
+                .requests()
+                .iter()
+                .filter(|r| r.contains("tokenreviews"))
+                .count()
+        };
+        for _ in 0..3 {
+            let (status, _) = c.post_csr("not-a-token", "x").await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED);
+        }
+        let (status, reason) = c.post_csr("not-a-token", "x").await;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(
+            reason,
+            "too many certificate requests from 127.0.0.1; retry later"
+        );
+        // The bucket is the address's, whatever the token: a real agent
+        // behind the same address waits too, and the API server is not asked.
+        let agent = c.client(&c.agent_token("node-a"));
+        let reason = refusal(agent.sign(&id("default", "web")).await.unwrap_err());
+        assert!(reason.contains("429"), "{reason}");
+        assert_eq!(reviews(&c), 3);
+        assert_eq!(c.count("rate_limited").await, 2);
+        assert_eq!(c.count("unauthenticated").await, 3);
     })
     .await
 }
