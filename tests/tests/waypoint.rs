@@ -356,6 +356,28 @@ fn waypoint_routes_authorizes_and_counts_requests() -> anyhow::Result<()> {
     assert_eq!(a[0], (403, "RBAC: access denied".to_owned()));
     let (_, a) = tb.curl(&frontend, &[&url("/admin/users")])?;
     assert_eq!(a[0], (403, "RBAC: access denied".to_owned()));
+    // The ways around a path rule are the same path to the waypoint.
+    for p in [
+        "/./admin/users",
+        "//admin/users",
+        "/%61dmin/users",
+        "/x/../admin/users",
+    ] {
+        let (_, a) = tb.curl(&frontend, &["--path-as-is", &url(p)])?;
+        assert_eq!(a[0], (403, "RBAC: access denied".to_owned()), "{p}");
+    }
+    // The host policy reads is the host the backend gets.
+    let (_, a) = tb.curl(
+        &frontend,
+        &[
+            "--request-target",
+            "http://admin.internal/x",
+            "-H",
+            "Host: reviews",
+            &url("/x"),
+        ],
+    )?;
+    assert_eq!(a[0].0, 400, "{a:?}");
 
     // A backend slower than the route's timeout: 504.
     let (_, a) = tb.curl(&frontend, &[&url("/slow")])?;
@@ -422,7 +444,7 @@ fn waypoint_routes_authorizes_and_counts_requests() -> anyhow::Result<()> {
     );
     assert_eq!(
         requests(&[("response_code", "403"), ("response_flags", "RBAC")]),
-        2.0,
+        2.0 + 4.0,
         "{page}"
     );
     assert_eq!(requests(&[("response_code", "301")]), 1.0, "{page}");
@@ -446,7 +468,7 @@ fn waypoint_routes_authorizes_and_counts_requests() -> anyhow::Result<()> {
             "istio_request_duration_milliseconds_count",
             &[("reporter", "waypoint")]
         ),
-        1000.0 + 2.0 + 1.0 + 1.0 + 2.0 + 1.0 + 1.0,
+        1000.0 + 2.0 + 1.0 + 1.0 + 2.0 + 4.0 + 1.0 + 1.0,
         "{page}"
     );
     // The route's status: in the dump, and logged by the waypoint.

@@ -166,9 +166,18 @@ pub(super) fn policy_target_status(
 ) -> Option<(&'static str, String)> {
     let field = |k: &str| target.get(k).and_then(|v| v.as_str()).unwrap_or_default();
     let (kind, name) = (field("kind"), field("name"));
-    let ns = Some(field("namespace"))
-        .filter(|n| !n.is_empty())
-        .unwrap_or(ns);
+    // A policy governs its own namespace only: one in another namespace
+    // could otherwise allow (or shut) a Service it does not own.
+    let target_ns = field("namespace");
+    if !target_ns.is_empty() && target_ns != ns {
+        return Some((
+            "unsupported",
+            format!(
+                "targetRef {kind} {target_ns}/{name} is in another namespace: a policy applies to \
+                 its own namespace's objects only; not applied"
+            ),
+        ));
+    }
     match kind {
         "Service" => service_status(objects, services, ns, name, "policy"),
         "Gateway" => match objects.gateways.get(&(ns.to_owned(), name.to_owned())) {

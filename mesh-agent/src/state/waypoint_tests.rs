@@ -492,3 +492,80 @@ spec:
     assert_eq!(status.parents[0].waypoint.as_deref(), Some("shop/wp"));
     assert!(status.parents[0].accepted.status);
 }
+
+#[test]
+fn nothing_from_another_namespace_governs_a_service() {
+    let foreign = "
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: open-it, namespace: other}
+spec:
+  targetRefs: [{kind: Service, group: '', namespace: shop, name: web}]
+  rules: [{}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: hijack, namespace: other}
+spec:
+  parentRefs: [{group: '', kind: Service, namespace: shop, name: web}]
+  rules: [{backendRefs: [{name: db, port: 80}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: out, namespace: shop}
+spec:
+  parentRefs: [{group: '', kind: Service, name: web}]
+  rules: [{backendRefs: [{name: db, namespace: other, port: 80}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: vs-hijack, namespace: other}
+spec:
+  hosts: [web.shop.svc.cluster.local]
+  http: [{route: [{destination: {host: db}}]}]
+";
+    let s = store(&format!("{BASE}{foreign}"));
+    let has = |object: &str, text: &str| {
+        s.warnings()
+            .iter()
+            .any(|w| w.object == object && w.message.contains(text))
+    };
+    assert!(
+        has("AuthorizationPolicy other/open-it", "in another namespace"),
+        "{:?}",
+        s.warnings()
+    );
+    assert!(
+        has("VirtualService other/vs-hijack", "in another namespace"),
+        "{:?}",
+        s.warnings()
+    );
+    assert!(
+        has("HTTPRoute shop/out", "ReferenceGrant is not read"),
+        "{:?}",
+        s.warnings()
+    );
+    // The foreign route is not the Service's; the own route sends nowhere.
+    let web = s
+        .service_by_vip("10.96.0.1:80".parse().unwrap())
+        .unwrap()
+        .0
+        .clone();
+    let view = RequestView {
+        method: &Method::GET,
+        path: "/",
+        query: None,
+        headers: &HeaderMap::new(),
+    };
+    let entry = s.route(&web, 80, &view).unwrap();
+    assert_eq!(entry.action.route, "shop/out");
+    assert!(entry.action.backends[0].service.is_err());
+    let hijack = s
+        .route_statuses()
+        .iter()
+        .find(|r| r.name == "hijack")
+        .unwrap();
+    assert!(!hijack.parents[0].accepted.status);
+    assert_eq!(hijack.parents[0].waypoint, None);
+}

@@ -26,6 +26,7 @@ use tracing::{debug, info};
 use super::{
     Client, Ctx,
     balance::{self, Choice, Keys},
+    path,
     resilience::{self, Admit, Outcome},
     telemetry::HttpLabels,
     trace::{Span, TraceContext},
@@ -156,19 +157,38 @@ impl Handler {
         let upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         let grpc = is_grpc(&parts.headers);
-        let host = parts
-            .uri
-            .authority()
-            .map(|a| a.as_str().to_owned())
-            .or_else(|| {
-                parts
-                    .headers
-                    .get(header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_owned)
-            })
-            .unwrap_or_default();
-        let path = parts.uri.path().to_owned();
+        let header_host = parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_owned);
+        let uri_host = parts.uri.authority().map(|a| a.as_str().to_owned());
+        // Policy reads one host; the backend must see that same one.
+        if let (Some(u), Some(h)) = (&uri_host, &header_host)
+            && !u.eq_ignore_ascii_case(h)
+        {
+            ctx.metrics.connection("waypoint", "host_mismatch");
+            return full(
+                StatusCode::BAD_REQUEST,
+                "the request's authority and Host differ\n",
+            );
+        }
+        let host = uri_host.or(header_host).unwrap_or_default();
+        // Authorized, routed and sent on in its normalized form.
+        let path = path::normalize(parts.uri.path());
+        if path != parts.uri.path() {
+            let pq = match parts.uri.query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path.clone(),
+            };
+            let mut uri = parts.uri.clone().into_parts();
+            if let Ok(pq) = pq.parse() {
+                uri.path_and_query = Some(pq);
+                if let Ok(u) = Uri::from_parts(uri) {
+                    parts.uri = u;
+                }
+            }
+        }
         let query = parts.uri.query().map(str::to_owned);
         let service = match &self.target {
             WaypointTarget::Service(s, _) => Some(s.clone()),
@@ -388,10 +408,10 @@ impl Handler {
             done.labels.conn.destination_service_namespace = svc.namespace.clone();
         }
 
-        if let Some(a) = &action {
+        // Only a request without a body is copied: its copy is complete.
+        if let Some(a) = action.as_ref().filter(|_| body.is_end_stream()) {
             for m in &a.mirrors {
-                let pick = ctx.picks.fetch_add(1, Ordering::Relaxed) % 100;
-                if pick < u64::from(m.percent)
+                if chance(f64::from(m.percent))
                     && let Ok(t) = backend_choice(&m.backend, request_port)
                 {
                     self.mirror(t, &parts, &path_and_query);
@@ -478,10 +498,16 @@ impl Handler {
             }
         };
         let outlier = policy.and_then(|p| p.outlier_detection_for(subset, port));
+        // maxEjectionPercent counts among all the endpoints, ejected ones
+        // included (`endpoints` leaves those out).
+        let population = match (&chosen.target, outlier) {
+            (WaypointTarget::Service(svc, port), Some(_)) => store.endpoints(svc, port),
+            _ => Vec::new(),
+        };
         let observe = |addr, outcome| {
             if let Some(config) = outlier {
                 ctx.outliers
-                    .observe(&breaker_key, &endpoints, addr, outcome, config);
+                    .observe(&breaker_key, &population, addr, outcome, config);
             }
         };
         if endpoints.is_empty() {
@@ -672,7 +698,7 @@ impl Handler {
             .get("grpc-status")
             .and_then(|v| v.to_str().ok())
         {
-            done.labels.grpc_response_status = s.to_owned();
+            done.labels.grpc_response_status = grpc_status_label(s);
         }
         let ctx = self.ctx.clone();
         let (parts, body) = resp.into_parts();
@@ -757,6 +783,15 @@ fn backend_choice(b: &Backend, request_port: u16) -> Result<Choice, String> {
         target: WaypointTarget::Service(svc.clone(), port.clone()),
         subset: b.subset.clone(),
     })
+}
+
+/// A gRPC status as a metric label: 0-16, else `unknown` (the upstream
+/// writes it; it must not grow the label set).
+fn grpc_status_label(s: &str) -> String {
+    match s.trim().parse::<u8>() {
+        Ok(n) if n <= 16 => n.to_string(),
+        _ => "unknown".into(),
+    }
 }
 
 /// The gRPC status Istio gives an HTTP status it injects into a gRPC call.
@@ -923,7 +958,7 @@ impl hyper::body::Body for Metered {
                     && let Some(s) = t.get("grpc-status").and_then(|v| v.to_str().ok())
                     && let Some(done) = self.done.as_mut()
                 {
-                    done.labels.grpc_response_status = s.to_owned();
+                    done.labels.grpc_response_status = grpc_status_label(s);
                 }
             }
             Poll::Ready(None) | Poll::Ready(Some(Err(_))) => self.record(),

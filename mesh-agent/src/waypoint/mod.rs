@@ -22,6 +22,7 @@ use crate::{
 
 mod balance;
 mod http;
+mod path;
 mod ratelimit;
 mod resilience;
 mod serve;

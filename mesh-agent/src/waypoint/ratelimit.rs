@@ -70,6 +70,14 @@ impl RateLimiter {
         let now = Instant::now();
         let sa = format!("{}/{}", client.namespace, client.service_account);
         let mut buckets = self.buckets.lock().expect("rate limit lock");
+        // A full bucket is the same as none: drop them when the map grows,
+        // so identities that stopped calling (or deleted policies) leave.
+        if buckets.len() > 4096 {
+            buckets.retain(|_, b| {
+                b.refill(now);
+                b.tokens < f64::from(b.rate)
+            });
+        }
         let mut keys = Vec::new();
         for p in policies {
             if let Some(rate) = p.total {

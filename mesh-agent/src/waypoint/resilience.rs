@@ -74,8 +74,16 @@ impl Limits {
             gate.waiting.fetch_sub(1, Ordering::AcqRel);
             return Admit::Overflow;
         }
+        // Leaves the waiting room however the wait ends (a timeout or a
+        // client that went away drops this future).
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        let _waiting = Waiting(&gate.waiting);
         let permit = gate.slots.clone().acquire_owned().await;
-        gate.waiting.fetch_sub(1, Ordering::AcqRel);
         match permit {
             Ok(p) => Admit::Go(Some(p)),
             Err(_) => Admit::Overflow,

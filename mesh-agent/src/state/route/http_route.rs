@@ -219,14 +219,30 @@ pub(crate) fn compile(
                 .is_gateway()
                 .then(|| served(pns, &parent.name))
                 .flatten();
-            let waypoint = if parent.is_service() {
+            let waypoint = if pns != ns.as_str() {
+                None
+            } else if parent.is_service() {
                 bound(pns, &parent.name)
             } else {
                 on_waypoint
                     .as_ref()
                     .map(|_| format!("{pns}/{}", parent.name))
             };
-            let accepted = if on_waypoint.is_some() {
+            // A route attaches to its own namespace's Services and
+            // waypoints only: a route elsewhere (a consumer route) would
+            // otherwise redirect every client of a Service it does not own.
+            let foreign = pns != ns.as_str();
+            let accepted = if foreign {
+                Condition {
+                    status: false,
+                    reason: "NotAllowedByListeners",
+                    message: format!(
+                        "parent {pns}/{} is in another namespace; routes from other namespaces \
+                         (consumer routes) are not applied",
+                        parent.name
+                    ),
+                }
+            } else if on_waypoint.is_some() {
                 Condition {
                     status: true,
                     reason: "Accepted",
@@ -472,6 +488,26 @@ impl RouteCompiler<'_> {
 
     fn backend(&mut self, b: &BackendRefSpec, rule: &str) -> Backend {
         let ns = b.namespace.as_deref().unwrap_or(self.ns);
+        if ns != self.ns {
+            // No ReferenceGrant is read: a route sends only to its own
+            // namespace's Services.
+            let e = format!(
+                "backendRef {ns}/{} is in another namespace (ReferenceGrant is not read)",
+                b.name
+            );
+            self.unresolved
+                .get_or_insert(("RefNotPermitted", e.clone()));
+            self.warn(
+                "unresolved_ref",
+                format!("rule {rule}: {e}; requests sent to it get 500"),
+            );
+            return Backend {
+                service: Err(e),
+                port: b.port.unwrap_or(0),
+                weight: b.weight.unwrap_or(1),
+                subset: None,
+            };
+        }
         let weight = b.weight.unwrap_or(1);
         let port = b.port.unwrap_or(0);
         let kind_ok = matches!(b.group.as_deref(), None | Some("" | "core"))

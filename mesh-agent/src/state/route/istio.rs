@@ -352,6 +352,17 @@ pub(crate) fn compile_istio(
             })
         };
         let key = service_of(&dr.host, ns);
+        if key.0 != *ns {
+            warn(
+                "unsupported",
+                format!(
+                    "host {:?} is in another namespace: a DestinationRule applies to its own \
+                     namespace's Services only; not applied",
+                    dr.host
+                ),
+            );
+            continue;
+        }
         if !services.contains_key(&key) {
             warn(
                 "unsupported",
@@ -482,6 +493,16 @@ pub(crate) fn compile_istio(
             .collect();
         for host in &vs.hosts {
             let key = service_of(host, ns);
+            if key.0 != *ns {
+                c.warn(
+                    "unsupported",
+                    format!(
+                        "host {host:?} is in another namespace: a VirtualService routes its own \
+                         namespace's Services only; not applied to it"
+                    ),
+                );
+                continue;
+            }
             if !services.contains_key(&key) {
                 c.warn(
                     "unsupported",
@@ -963,6 +984,10 @@ impl VsCompiler<'_> {
         let key = service_of(&d.host, self.ns);
         let port = d.port.as_ref().map_or(0, |p| p.number);
         let service = match self.services.get(&key) {
+            _ if key.0 != self.ns => Err(format!(
+                "destination host {:?} is in another namespace",
+                d.host
+            )),
             None => Err(format!("destination host {:?} is not a Service", d.host)),
             Some(s) if port != 0 && !s.ports.iter().any(|p| p.port == port) => {
                 Err(format!("destination {} has no port {port}", s.hostname()))
