@@ -184,7 +184,8 @@ impl Conn<'_> {
 #[derive(Clone, Debug)]
 pub enum WaypointTarget {
     Service(Arc<Service>, ServicePort),
-    Workload(Arc<Workload>, u16),
+    /// A pod, at the address it was addressed by.
+    Workload(Arc<Workload>, SocketAddr),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -501,7 +502,7 @@ impl Store {
             return Some(WaypointTarget::Service(svc.clone(), port.clone()));
         }
         let wl = self.workload_by_ip(dst.ip())?;
-        ours(self.workload_binding(wl)).then(|| WaypointTarget::Workload(wl.clone(), dst.port()))
+        ours(self.workload_binding(wl)).then(|| WaypointTarget::Workload(wl.clone(), dst))
     }
 
     /// The rate limits for a request for `service` through `waypoint`.

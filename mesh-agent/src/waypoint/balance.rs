@@ -84,29 +84,26 @@ impl Drop for InFlightGuard<'_> {
 pub fn endpoints(ctx: &Ctx, store: &Store, choice: &Choice, keys: Keys<'_>) -> Vec<Endpoint> {
     let (svc, port) = match &choice.target {
         WaypointTarget::Service(svc, port) => (svc, port),
-        WaypointTarget::Workload(wl, port) => {
-            return wl
-                .ips
-                .first()
-                .map(|ip| Endpoint {
-                    workload: wl.clone(),
-                    addr: SocketAddr::new(*ip, *port),
-                })
-                .into_iter()
-                .collect();
+        // The pod at the address it was addressed by.
+        WaypointTarget::Workload(wl, addr) => {
+            return vec![Endpoint {
+                workload: wl.clone(),
+                addr: *addr,
+            }];
         }
     };
     let mut all = store.endpoints(svc, port);
-    // Ejected endpoints (outlier detection) get nothing while others remain.
-    if all.iter().any(|e| !ctx.outliers.is_ejected(e.addr)) {
-        all.retain(|e| !ctx.outliers.is_ejected(e.addr));
-    }
     if let Some((_, labels)) = &choice.subset {
         all.retain(|e| {
             labels
                 .iter()
                 .all(|(k, v)| e.workload.labels.get(k) == Some(v))
         });
+    }
+    // Ejected endpoints (outlier detection) get nothing while others of
+    // the subset remain.
+    if all.iter().any(|e| !ctx.outliers.is_ejected(e.addr)) {
+        all.retain(|e| !ctx.outliers.is_ejected(e.addr));
     }
     let subset = choice.subset.as_ref().map_or("", |(n, _)| n.as_str());
     let lb = store

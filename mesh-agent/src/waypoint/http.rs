@@ -229,7 +229,7 @@ impl Handler {
             request_id: String::new(),
             span_name: match &self.target {
                 WaypointTarget::Service(s, p) => format!("{}:{}/*", s.hostname(), p.port),
-                WaypointTarget::Workload(_, p) => format!("{}:{p}/*", self.dst.ip()),
+                WaypointTarget::Workload(_, a) => format!("{a}/*"),
             },
             upstream_cluster: String::new(),
             user_agent: parts
@@ -374,7 +374,7 @@ impl Handler {
         // the Service (or pod) it was sent to.
         let request_port = match &self.target {
             WaypointTarget::Service(_, p) => p.port,
-            WaypointTarget::Workload(_, p) => *p,
+            WaypointTarget::Workload(_, a) => a.port(),
         };
         let chosen: Result<Choice, String> = match action.as_deref() {
             Some(a) if !a.backends.is_empty() => {
@@ -400,7 +400,7 @@ impl Handler {
                 chosen.subset.as_ref().map_or("", |(n, _)| n.as_str()),
                 s.hostname()
             ),
-            WaypointTarget::Workload(w, p) => format!("outbound|{p}||{}", w.name),
+            WaypointTarget::Workload(w, a) => format!("outbound|{}||{}", a.port(), w.name),
         };
         if let WaypointTarget::Service(svc, _) = &chosen.target {
             done.labels.conn.destination_service = svc.hostname();

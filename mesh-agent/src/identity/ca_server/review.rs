@@ -181,18 +181,22 @@ impl CaServer {
                 "the token is bound to an earlier pod {pod_ref} (uid {uid})"
             )));
         }
-        let is_waypoint = pod
+        let gateway = pod
             .metadata
             .labels
             .as_ref()
-            .is_some_and(|l| l.contains_key(crate::state::GATEWAY_NAME));
-        if !is_waypoint {
+            .and_then(|l| l.get(crate::state::GATEWAY_NAME))
+            .cloned();
+        let Some(gateway) = gateway else {
             return Err(forbidden(format!(
                 "pod {pod_ref} is not a waypoint (no label {}); only node agents and waypoints \
                  may request certificates",
                 crate::state::GATEWAY_NAME
             )));
-        }
+        };
+        // The label alone proves nothing: the Gateway it names must be a
+        // waypoint in the pod's namespace.
+        self.check_waypoint_gateway(namespace, &gateway).await?;
         let pod_account = pod
             .spec
             .as_ref()
@@ -209,6 +213,39 @@ impl CaServer {
             return Err(forbidden(format!("pod {pod_ref} has ended")));
         }
         Ok(Identity::new(trust_domain, namespace, account))
+    }
+
+    /// `namespace/name` is a Gateway of class `istio-waypoint`.
+    async fn check_waypoint_gateway(&self, namespace: &str, name: &str) -> Result<(), Refusal> {
+        use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
+        let gvk = GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", "Gateway");
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(self.kube.clone(), namespace, &ApiResource::from_gvk(&gvk));
+        let gw = api.get_opt(name).await.map_err(|e| {
+            Refusal::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("looking up Gateway {namespace}/{name}: {e}"),
+            )
+        })?;
+        let class = gw.as_ref().and_then(|g| {
+            g.data["spec"]["gatewayClassName"]
+                .as_str()
+                .map(str::to_owned)
+        });
+        if class.as_deref() == Some("istio-waypoint") {
+            return Ok(());
+        }
+        Err(Refusal::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "the pod's Gateway {namespace}/{name} is not a waypoint (class istio-waypoint): {}",
+                if gw.is_some() {
+                    "another class"
+                } else {
+                    "no such Gateway"
+                }
+            ),
+        ))
     }
 
     /// Some live pod on `node` runs as `id`.

@@ -760,7 +760,31 @@ async fn a_waypoint_token_gets_exactly_its_own_pods_identity() {
                 "status": { "phase": "Running" },
             }))
         };
+        // Before its Gateway exists, the label proves nothing.
         let wp = waypoint("waypoint-0", "waypoint", true);
+        let early_uid = wp["metadata"]["uid"].as_str().unwrap().to_owned();
+        let early = c.token(
+            "early",
+            "system:serviceaccount:shop:waypoint",
+            &[(POD_NAME, "waypoint-0"), (POD_UID, &early_uid)],
+            "mesh-ca",
+        );
+        let reason = refusal(
+            c.client(&early)
+                .sign(&id("shop", "waypoint"))
+                .await
+                .unwrap_err(),
+        );
+        assert!(
+            reason.contains("403") && reason.contains("no such Gateway"),
+            "{reason}"
+        );
+        c.fake.apply(json!({
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "Gateway",
+            "metadata": {"name": "waypoint", "namespace": "shop"},
+            "spec": {"gatewayClassName": "istio-waypoint", "listeners": []},
+        }));
         let uid = wp["metadata"]["uid"].as_str().unwrap().to_owned();
         let user = "system:serviceaccount:shop:waypoint";
         let token = c.token(
@@ -838,7 +862,7 @@ async fn a_waypoint_token_gets_exactly_its_own_pods_identity() {
             "{reason}"
         );
         assert_eq!(c.count("issued").await, 1);
-        assert_eq!(c.count("forbidden").await, 4);
+        assert_eq!(c.count("forbidden").await, 5);
     })
     .await
 }
