@@ -731,8 +731,15 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
 }
 
 /// `Connection: upgrade` with an `Upgrade` header (HTTP/1.1).
+/// Only WebSocket is passed through, as Istio's default allows; other
+/// upgrades go on as plain requests without their upgrade headers.
 fn is_upgrade(h: &HeaderMap) -> bool {
-    h.contains_key(header::UPGRADE)
+    h.get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("websocket"))
+        })
         && h.get_all(header::CONNECTION).iter().any(|v| {
             v.to_str().is_ok_and(|v| {
                 v.split(',')
@@ -979,5 +986,33 @@ impl hyper::body::Body for Metered {
 impl Drop for Metered {
     fn drop(&mut self) {
         self.record();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use hyper::{HeaderMap, header::HeaderValue};
+
+    use super::{grpc_status_label, is_upgrade};
+
+    #[test]
+    fn only_websocket_upgrades_and_bounded_grpc_labels() {
+        let headers = |upgrade: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(
+                "connection",
+                HeaderValue::from_static("keep-alive, Upgrade"),
+            );
+            h.insert("upgrade", HeaderValue::from_static(upgrade));
+            h
+        };
+        assert!(is_upgrade(&headers("websocket")));
+        assert!(is_upgrade(&headers("WebSocket")));
+        assert!(!is_upgrade(&headers("h2c")));
+        assert!(!is_upgrade(&headers("tls/1.3")));
+        assert_eq!(grpc_status_label("7"), "7");
+        assert_eq!(grpc_status_label("16"), "16");
+        assert_eq!(grpc_status_label("17"), "unknown");
+        assert_eq!(grpc_status_label("boom"), "unknown");
     }
 }

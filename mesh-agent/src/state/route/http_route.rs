@@ -379,7 +379,7 @@ impl RouteCompiler<'_> {
         }
         if let Some(retry) = &r.retry {
             action.retry = Retry {
-                attempts: retry.attempts.unwrap_or(0),
+                attempts: retry.attempts.unwrap_or(0).min(super::MAX_RETRIES),
                 codes: retry.codes.clone(),
                 backoff: retry
                     .backoff

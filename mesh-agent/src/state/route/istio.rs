@@ -826,7 +826,7 @@ impl VsCompiler<'_> {
             codes.sort_unstable();
             codes.dedup();
             action.retry = Retry {
-                attempts: rt.attempts.unwrap_or(2),
+                attempts: rt.attempts.unwrap_or(2).min(super::MAX_RETRIES),
                 codes,
                 backoff: Duration::from_millis(25),
             };

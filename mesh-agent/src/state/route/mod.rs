@@ -306,6 +306,10 @@ pub struct Mirror {
     pub percent: u32,
 }
 
+/// At most this many retries of one request, whatever a route asks: each
+/// costs the backend a request.
+pub const MAX_RETRIES: u32 = 10;
+
 /// Istio's default retry policy for a route that sets none: 2 retries on
 /// connect failure, refused stream and 503.
 #[derive(Debug, Clone)]
