@@ -24,6 +24,16 @@ const NODE_NAME: &str = "authentication.kubernetes.io/node-name";
 const POD_NAME: &str = "authentication.kubernetes.io/pod-name";
 const POD_UID: &str = "authentication.kubernetes.io/pod-uid";
 
+/// A claim of a bound token (`extra` of its TokenReview), if set.
+fn claim(user: &UserInfo, key: &str) -> Option<String> {
+    user.extra
+        .as_ref()?
+        .get(key)?
+        .first()
+        .filter(|v| !v.is_empty())
+        .cloned()
+}
+
 impl CaServer {
     /// Who the token belongs to, by the API server's TokenReview.
     pub(super) async fn review(&self, token: &str) -> Result<UserInfo, Refusal> {
@@ -77,15 +87,7 @@ impl CaServer {
     /// The node the caller runs on: from the token itself when it carries
     /// it, else from the pod it is bound to.
     pub(super) async fn node_of(&self, user: &UserInfo) -> Result<String, Refusal> {
-        let empty = BTreeMap::new();
-        let extra = user.extra.as_ref().unwrap_or(&empty);
-        let first = |key: &str| {
-            extra
-                .get(key)
-                .and_then(|v| v.first())
-                .filter(|v| !v.is_empty())
-                .cloned()
-        };
+        let first = |key: &str| claim(user, key);
         if let Some(node) = first(NODE_NAME) {
             return Ok(node);
         }
@@ -95,9 +97,32 @@ impl CaServer {
                 "token is not bound to a pod: use a projected ServiceAccount token",
             ));
         };
-        let pod_ref = format!("{}/{pod_name}", self.agent.namespace);
-        let pod = Api::<Pod>::namespaced(self.kube.clone(), &self.agent.namespace)
-            .get_opt(&pod_name)
+        let (pod, pod_ref) = self
+            .bound_pod(&self.agent.namespace, &pod_name, first(POD_UID).as_deref())
+            .await?;
+        pod.spec
+            .and_then(|spec| spec.node_name)
+            .filter(|node| !node.is_empty())
+            .ok_or_else(|| {
+                Refusal::new(
+                    StatusCode::FORBIDDEN,
+                    format!("the caller's pod {pod_ref} is not scheduled on a node"),
+                )
+            })
+    }
+
+    /// The pod `namespace/name` a token is bound to, as `(pod, "ns/name")`;
+    /// with `uid`, only that very pod (one of the same name made since the
+    /// token was issued is not the caller).
+    async fn bound_pod(
+        &self,
+        namespace: &str,
+        name: &str,
+        uid: Option<&str>,
+    ) -> Result<(Pod, String), Refusal> {
+        let pod_ref = format!("{namespace}/{name}");
+        let pod = Api::<Pod>::namespaced(self.kube.clone(), namespace)
+            .get_opt(name)
             .await
             .map_err(|e| {
                 Refusal::new(
@@ -111,25 +136,15 @@ impl CaServer {
                     format!("the token is bound to pod {pod_ref}, which does not exist"),
                 )
             })?;
-        // A pod of the same name made since the token was issued is not
-        // the caller.
-        if let Some(uid) = first(POD_UID)
-            && pod.metadata.uid.as_deref() != Some(uid.as_str())
+        if let Some(uid) = uid
+            && pod.metadata.uid.as_deref() != Some(uid)
         {
             return Err(Refusal::new(
                 StatusCode::FORBIDDEN,
                 format!("the token is bound to an earlier pod {pod_ref} (uid {uid})"),
             ));
         }
-        pod.spec
-            .and_then(|spec| spec.node_name)
-            .filter(|node| !node.is_empty())
-            .ok_or_else(|| {
-                Refusal::new(
-                    StatusCode::FORBIDDEN,
-                    format!("the caller's pod {pod_ref} is not scheduled on a node"),
-                )
-            })
+        Ok((pod, pod_ref))
     }
 
     /// The one identity a waypoint may have: that of the live waypoint pod
@@ -143,15 +158,7 @@ impl CaServer {
         account: &str,
         trust_domain: &str,
     ) -> Result<Identity, Refusal> {
-        let empty = BTreeMap::new();
-        let extra = user.extra.as_ref().unwrap_or(&empty);
-        let first = |key: &str| {
-            extra
-                .get(key)
-                .and_then(|v| v.first())
-                .filter(|v| !v.is_empty())
-                .cloned()
-        };
+        let first = |key: &str| claim(user, key);
         let forbidden = |why: String| Refusal::new(StatusCode::FORBIDDEN, why);
         let (Some(pod_name), Some(uid)) = (first(POD_NAME), first(POD_UID)) else {
             return Err(forbidden(format!(
@@ -161,26 +168,7 @@ impl CaServer {
                 self.agent
             )));
         };
-        let pod_ref = format!("{namespace}/{pod_name}");
-        let pod = Api::<Pod>::namespaced(self.kube.clone(), namespace)
-            .get_opt(&pod_name)
-            .await
-            .map_err(|e| {
-                Refusal::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("looking up the caller's pod {pod_ref}: {e}"),
-                )
-            })?
-            .ok_or_else(|| {
-                forbidden(format!(
-                    "the token is bound to pod {pod_ref}, which does not exist"
-                ))
-            })?;
-        if pod.metadata.uid.as_deref() != Some(uid.as_str()) {
-            return Err(forbidden(format!(
-                "the token is bound to an earlier pod {pod_ref} (uid {uid})"
-            )));
-        }
+        let (pod, pod_ref) = self.bound_pod(namespace, &pod_name, Some(&uid)).await?;
         let gateway = pod
             .metadata
             .labels
