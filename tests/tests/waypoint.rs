@@ -235,16 +235,35 @@ fn apply_at_waypoint(
     needles: &[&str],
 ) -> anyhow::Result<String> {
     tb.write_config(docs)?;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut applied = String::new();
+    wait_until(
+        10,
+        &format!("the waypoint did not apply {needles:?}"),
+        || {
+            let (_, dump) = waypoint.http("GET", "/config_dump", None)?;
+            if needles.iter().all(|n| dump.contains(n)) {
+                applied = dump;
+                return Ok(None);
+            }
+            Ok(Some(dump))
+        },
+    )?;
+    Ok(applied)
+}
+
+/// Polls `pending` (None once done, else what it still sees) every 50 ms
+/// for at most `secs` seconds; fails with `what` and the last sight.
+fn wait_until(
+    secs: u64,
+    what: &str,
+    mut pending: impl FnMut() -> anyhow::Result<Option<String>>,
+) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
     loop {
-        let (_, dump) = waypoint.http("GET", "/config_dump", None)?;
-        if needles.iter().all(|n| dump.contains(n)) {
-            return Ok(dump);
-        }
-        anyhow::ensure!(
-            std::time::Instant::now() < deadline,
-            "the waypoint did not apply {needles:?}: {dump}"
-        );
+        let Some(seen) = pending()? else {
+            return Ok(());
+        };
+        anyhow::ensure!(std::time::Instant::now() < deadline, "{what}: {seen}");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
@@ -714,20 +733,15 @@ fn waypoint_carries_upgrades_streams_and_grpc_and_answers_bad_input() -> anyhow:
     );
     // Counted when the waypoint ends the connection, which the client may
     // see a moment before: wait for it.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    loop {
+    wait_until(5, "fewer than 3 HTTP errors counted", || {
         let page = waypoint.metrics()?;
         let errors = series_sum(
             &page,
             "mesh_proxy_connections_total",
             &[("direction", "waypoint"), ("result", "http_error")],
         );
-        if errors >= 3.0 {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "{page}");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+        Ok((errors < 3.0).then_some(page))
+    })?;
     let (_, a) = tb.curl(&frontend, &[&format!("http://{VIP}/after")])?;
     assert_eq!(a[0].0, 200, "{a:?}");
 
@@ -804,14 +818,10 @@ fn retries_move_off_a_dead_endpoint_and_mirrors_get_a_copy() -> anyhow::Result<(
             .map(|(_, b)| b.trim().to_owned())
             .unwrap_or_default())
     };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while seen_by_v2()? != "1" {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the mirror never reached v2"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_until(5, "the mirror never reached v2", || {
+        let seen = seen_by_v2()?;
+        Ok((seen != "1").then_some(seen))
+    })?;
     Ok(())
 }
 
@@ -1332,15 +1342,10 @@ fn every_dashboard_query_returns_series_from_a_real_prometheus() -> anyhow::Resu
             "--log.level=error",
         ],
     )?;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
+    wait_until(30, "targets not up", || {
         let up = prom_query(&tb, "sum(up)")?;
-        if up["data"]["result"][0]["value"][1] == "3" {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "targets not up: {up}");
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
+        Ok((up["data"]["result"][0]["value"][1] != "3").then(|| up.to_string()))
+    })?;
     // Known traffic while it scrapes: successes, errors, denials, a refusal.
     let url = |p: &str| format!("http://{VIP}{p}");
     requests(&tb, &frontend, &[], 40, |i| url(&format!("/ok/{i}")))?;
@@ -1568,22 +1573,14 @@ fn traces_join_the_callers_and_export_to_otlp_and_zipkin() -> anyhow::Result<()>
         format!("http://{VIP}/down/{i}")
     })?;
     assert!(a.iter().all(|(s, _)| *s == 200), "{a:?}");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
+    wait_until(10, "dropped spans not counted", || {
         let dropped = series_sum(
             &waypoint.metrics()?,
             "mesh_waypoint_spans_dropped_total",
             &[("reason", "export_failed")],
         );
-        if dropped >= 40.0 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "dropped spans not counted: {dropped}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
+        Ok((dropped < 40.0).then(|| dropped.to_string()))
+    })?;
     Ok(())
 }
 
