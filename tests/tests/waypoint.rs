@@ -226,15 +226,17 @@ fn setup_with(second: bool, tracing: Option<IpAddr>) -> anyhow::Result<Setup> {
     })
 }
 
-/// Writes the configuration and waits until the waypoint's dump holds
-/// every one of `needles`; returns the dump.
+/// Writes the configuration and waits until every agent's dump and the
+/// waypoint's hold every one of `needles`; returns the waypoint's dump.
 fn apply_at_waypoint(
     tb: &Testbed,
     waypoint: &mesh_tests::Agent,
     docs: &[String],
     needles: &[&str],
 ) -> anyhow::Result<String> {
-    tb.write_config(docs)?;
+    // The agents first: a Service they do not know yet is not sent to the
+    // waypoint at all.
+    tb.apply_config(docs, |dump| needles.iter().all(|n| dump.contains(n)))?;
     let mut applied = String::new();
     wait_until(
         10,
