@@ -20,6 +20,7 @@ mod limit;
 mod metrics;
 mod proxy;
 mod state;
+mod sync;
 mod waypoint;
 
 use config::{Cli, Command, LogFormat, NodeArgs, PodsCommand, UninstallArgs};

@@ -14,6 +14,7 @@ use prometheus_client::{
 };
 
 use crate::capture::Capture;
+use crate::sync::LockExt as _;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProxyLabels {
@@ -118,7 +119,7 @@ impl Metrics {
     /// Notes a label set the `istio_tcp_*` families now hold; called when a
     /// connection opens and when it closes (the flags differ), not per byte.
     pub fn tcp_series(&self, labels: &TcpLabels) {
-        let mut index = self.tcp_series.lock().expect("tcp series lock");
+        let mut index = self.tcp_series.locked();
         for end in TcpLabels::workloads(labels).into_iter().flatten() {
             index.entry(end).or_default().insert(labels.clone());
         }
@@ -129,7 +130,7 @@ impl Metrics {
     /// name. A connection of the pod that is still open when it goes counts
     /// its close afterwards, which brings back that one series.
     pub fn forget_workload(&self, namespace: &str, name: &str) {
-        let mut index = self.tcp_series.lock().expect("tcp series lock");
+        let mut index = self.tcp_series.locked();
         let Some(series) = index.remove(&(namespace.to_owned(), name.to_owned())) else {
             return;
         };
@@ -217,7 +218,24 @@ pub fn proxy_registry(metrics: &Arc<Metrics>) -> Registry {
         metrics.config_objects.clone(),
     );
     r.register_collector(Box::new(ProcessCollector));
+    r.register_collector(Box::new(SnapshotCollector));
     r
+}
+
+/// Configuration snapshots alive in the process ([`crate::state::live_snapshots`]).
+#[derive(Debug)]
+struct SnapshotCollector;
+
+impl Collector for SnapshotCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use prometheus_client::metrics::{MetricType, gauge::ConstGauge};
+        ConstGauge::new(crate::state::live_snapshots()).encode(encoder.encode_descriptor(
+            "mesh_config_snapshots",
+            "Configuration snapshots held in memory: the current one, and older ones tasks still hold (stays low however long connections live)",
+            None,
+            MetricType::Gauge,
+        )?)
+    }
 }
 
 /// The process's own CPU, memory and open files, under the names

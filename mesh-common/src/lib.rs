@@ -29,9 +29,32 @@ pub const AGENT_PORTS: [u16; 3] = [PORT_OUTBOUND, PORT_INBOUND_PLAINTEXT, PORT_H
 /// connect programs leave such sockets alone, which is what prevents loops.
 pub const AGENT_MARK: u32 = 0x539;
 
-/// Source address of the agent's connections to a local app (IPv4). Inbound
-/// capture skips SYNs from it. In network byte order, as the kernel gives it.
+/// `SO_MARK` of the agent's connections to a local app, which come from the
+/// real client's address (`IP_TRANSPARENT`). With `tcp_fwmark_accept` set in
+/// the pod netns the app's accepted socket takes the SYN's mark, and a
+/// policy rule ([`LOCAL_DELIVERY_TABLE`]) sends its replies to that
+/// non-local address back over `lo` to the agent instead of out of the pod.
+/// Left alone by the connect programs, like [`AGENT_MARK`], and by inbound
+/// capture through [`maps::AGENT_FLOWS`].
+pub const AGENT_LOCAL_MARK: u32 = 0x53a;
+
+/// Routing table (and rule priority) inside a pod netns holding the
+/// `local 0.0.0.0/0 dev lo` (and `::/0`) route for [`AGENT_LOCAL_MARK`].
+pub const LOCAL_DELIVERY_TABLE: u32 = 0x53a;
+pub const LOCAL_DELIVERY_RULE_PRIORITY: u32 = 0x53a;
+
+/// Source address of the agent's connections to a local app when the
+/// client's address cannot be used (an IPv4 client of an IPv6 app). In
+/// network byte order, as the kernel gives it.
 pub const AGENT_SOURCE_V4: [u8; 4] = [127, 0, 0, 6];
+
+/// `ifindex` of `lo` in every network namespace.
+pub const LOOPBACK_IFINDEX: u32 = 1;
+
+/// Source ports of the agent's connections to a local app (from the
+/// client's address): outside Linux's default ephemeral range
+/// (32768-60999), so that a client's own port rarely meets one.
+pub const LOCAL_APP_PORTS: core::ops::RangeInclusive<u16> = 61000..=65535;
 
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
@@ -52,8 +75,13 @@ pub mod maps {
     pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
     /// Per-CPU `u64` counters indexed by [`super::Counter`].
     pub const COUNTERS: &str = "COUNTERS";
+    /// [`super::FlowKey`] -> 0: the agent's own connections to a local app,
+    /// by their exact 4-tuple, while they are being set up. Inbound capture
+    /// leaves these SYNs alone: they come from the client's address, and
+    /// nothing else in a SYN tells them apart from the client's own.
+    pub const AGENT_FLOWS: &str = "AGENT_FLOWS";
 
-    pub const ALL: [&str; 7] = [
+    pub const ALL: [&str; 8] = [
         ENROLLED_NETNS,
         PENDING_CONNECT,
         ORIG_DST,
@@ -61,6 +89,7 @@ pub mod maps {
         INBOUND_ADDRS,
         INBOUND_LISTENERS,
         COUNTERS,
+        AGENT_FLOWS,
     ];
 }
 
@@ -77,6 +106,7 @@ pub const MAX_ENROLLED_NETNS: u32 = 4096;
 pub const MAX_PENDING: u32 = 65536;
 pub const MAX_EXCLUDED_PORTS: u32 = 256;
 pub const MAX_INBOUND_ADDRS: u32 = 8192;
+pub const MAX_AGENT_FLOWS: u32 = 65536;
 
 /// Values of [`maps::ENROLLED_NETNS`]. `flags` is reserved for per-pod modes.
 #[repr(C)]
@@ -132,6 +162,20 @@ pub struct AddrKey {
     pub family: u32,
 }
 
+/// Key of [`maps::AGENT_FLOWS`]: one TCP connection as the SYN shows it to
+/// the pod (`remote` is the agent's source, `local` the app's address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    /// Addresses in network byte order; IPv4 uses `[0]`.
+    pub remote: [u32; 4],
+    pub local: [u32; 4],
+    /// Ports in host byte order.
+    pub remote_port: u16,
+    pub local_port: u16,
+    pub family: u32,
+}
+
 /// Indexes into [`maps::COUNTERS`].
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -150,12 +194,16 @@ pub enum Counter {
     /// was dropped (fail closed).
     InboundNoListener = 4,
     /// An inbound SYN to an enrolled pod was left alone (agent port,
-    /// excluded port, from the agent itself).
+    /// excluded port, one of the agent's own connections to the app).
     InboundSkipped = 5,
+    /// An inbound SYN from the network to an address of an enrolled pod that
+    /// is not one of its Pod's addresses (IPv6 link-local, an address added
+    /// inside the pod) was dropped: no address reaches the app uncaptured.
+    InboundUnknownAddress = 6,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 6;
+    pub const COUNT: u32 = 7;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::OutboundRedirected,
         Counter::OutboundSkipped,
@@ -163,6 +211,7 @@ impl Counter {
         Counter::InboundAssigned,
         Counter::InboundNoListener,
         Counter::InboundSkipped,
+        Counter::InboundUnknownAddress,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -173,6 +222,7 @@ impl Counter {
             Counter::InboundAssigned => "inbound_assigned",
             Counter::InboundNoListener => "inbound_no_listener",
             Counter::InboundSkipped => "inbound_skipped",
+            Counter::InboundUnknownAddress => "inbound_unknown_address",
         }
     }
 }
@@ -184,4 +234,5 @@ mod pod_impls {
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::ConnKey {}
     unsafe impl aya::Pod for super::AddrKey {}
+    unsafe impl aya::Pod for super::FlowKey {}
 }

@@ -6,9 +6,11 @@
 //!   destination kept by socket cookie;
 //! - `mesh_sockops` (sockops, `bpf_get_netns_cookie` >= 5.15): once the client
 //!   port is known, the record moves to a key the agent can build after accept;
-//! - `mesh_sk_lookup` (sk_lookup, kernel >= 5.9, attached per pod netns): a SYN
-//!   to an enrolled pod address is handed to the pod's 15006 listener, or dropped
-//!   (fail closed) when no agent listens.
+//! - `mesh_sk_lookup` (sk_lookup, kernel >= 5.9, attached per pod netns): a
+//!   SYN to an enrolled pod address is handed to the pod's 15006 listener, or
+//!   dropped (fail closed) when no agent listens or the address is not one the
+//!   pod was enrolled with; the agent's own connections to the app (listed in
+//!   `AGENT_FLOWS` by 4-tuple) and loopback are left alone.
 // For bpf the object has no std and no main. On the host (clippy, `cargo
 // test --workspace`) it is an ordinary binary that only type-checks the
 // programs, so workspace-wide lints see the kernel code too.
@@ -24,9 +26,9 @@ use aya_ebpf::{
 };
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use mesh_common::{
-    AF_INET, AF_INET6, AGENT_MARK, AGENT_PORTS, AGENT_SOURCE_V4, AddrKey, ConnKey, Counter,
-    MAX_ENROLLED_NETNS, MAX_EXCLUDED_PORTS, MAX_INBOUND_ADDRS, MAX_PENDING, NetnsInfo, OrigDst,
-    PORT_HBONE, PORT_OUTBOUND, PortFlags,
+    AF_INET, AF_INET6, AGENT_LOCAL_MARK, AGENT_MARK, AGENT_PORTS, AddrKey, ConnKey, Counter,
+    FlowKey, MAX_AGENT_FLOWS, MAX_ENROLLED_NETNS, MAX_EXCLUDED_PORTS, MAX_INBOUND_ADDRS,
+    MAX_PENDING, NetnsInfo, OrigDst, PORT_HBONE, PORT_OUTBOUND, PortFlags,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -51,6 +53,8 @@ static INBOUND_ADDRS: HashMap<AddrKey, u64> = HashMap::pinned(MAX_INBOUND_ADDRS,
 static INBOUND_LISTENERS: SockHash<AddrKey> = SockHash::pinned(MAX_INBOUND_ADDRS, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::COUNT, 0);
+#[map]
+static AGENT_FLOWS: HashMap<FlowKey, u8> = HashMap::pinned(MAX_AGENT_FLOWS, 0);
 
 #[inline(always)]
 fn count(counter: Counter) {
@@ -88,7 +92,7 @@ fn capturable(ctx: &SockAddrContext) -> Option<u64> {
     unsafe { ENROLLED_NETNS.get(netns) }?;
     // SAFETY: `sk` is always set for sock_addr programs; `mark` is a readable field.
     let mark = unsafe { (*(*sa).__bindgen_anon_1.sk).mark };
-    if mark == AGENT_MARK {
+    if mark == AGENT_MARK || mark == AGENT_LOCAL_MARK {
         count(Counter::OutboundSkipped);
         return None;
     }
@@ -230,61 +234,84 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
     1
 }
 
+#[inline(always)]
+fn read_ip6(p: *const u32) -> [u32; 4] {
+    // SAFETY: callers pass a ctx field the verifier lets us read 4 bytes at
+    // a time.
+    unsafe {
+        [
+            read_volatile(p),
+            read_volatile(p.add(1)),
+            read_volatile(p.add(2)),
+            read_volatile(p.add(3)),
+        ]
+    }
+}
+
 #[sk_lookup]
 pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
     let l = ctx.lookup;
     // SAFETY: ctx fields readable in sk_lookup.
-    let (protocol, family, local_port) = unsafe { ((*l).protocol, (*l).family, (*l).local_port) };
+    let (protocol, family, local_port, remote_port) = unsafe {
+        (
+            (*l).protocol,
+            (*l).family,
+            (*l).local_port,
+            u16::from_be((*l).remote_port),
+        )
+    };
     if protocol != IPPROTO_TCP {
         return sk_action::SK_PASS;
     }
-    let (key, from_agent) = if family == u32::from(AF_INET) {
+    let (local, remote) = if family == u32::from(AF_INET) {
         // SAFETY: as above.
-        let (local, remote) = unsafe { ((*l).local_ip4, (*l).remote_ip4) };
-        (
-            AddrKey {
-                addr: [local, 0, 0, 0],
-                family,
-            },
-            remote == u32::from_ne_bytes(AGENT_SOURCE_V4) || remote == local,
-        )
+        unsafe { ([(*l).local_ip4, 0, 0, 0], [(*l).remote_ip4, 0, 0, 0]) }
     } else if family == u32::from(AF_INET6) {
-        // SAFETY: as above, 4 bytes at a time.
-        let (local, remote) = unsafe {
-            let lp = addr_of!((*l).local_ip6) as *const u32;
-            let rp = addr_of!((*l).remote_ip6) as *const u32;
+        // SAFETY: as above.
+        unsafe {
             (
-                [
-                    read_volatile(lp),
-                    read_volatile(lp.add(1)),
-                    read_volatile(lp.add(2)),
-                    read_volatile(lp.add(3)),
-                ],
-                [
-                    read_volatile(rp),
-                    read_volatile(rp.add(1)),
-                    read_volatile(rp.add(2)),
-                    read_volatile(rp.add(3)),
-                ],
+                read_ip6(addr_of!((*l).local_ip6) as *const u32),
+                read_ip6(addr_of!((*l).remote_ip6) as *const u32),
             )
-        };
-        (
-            AddrKey {
-                addr: local,
-                family,
-            },
-            remote == local,
-        )
+        }
     } else {
         return sk_action::SK_PASS;
     };
+    // The agent's own connection to the app, from the client's address: it
+    // registered the exact 4-tuple before connecting.
+    let flow = FlowKey {
+        remote,
+        local,
+        remote_port,
+        local_port: local_port as u16,
+        family,
+    };
     // SAFETY: key lookup only.
-    if unsafe { INBOUND_ADDRS.get(key) }.is_none() {
-        return sk_action::SK_PASS;
-    }
-    if from_agent || port_excluded(local_port as u16, PortFlags::INBOUND) {
+    if unsafe { AGENT_FLOWS.get(flow) }.is_some() {
         count(Counter::InboundSkipped);
         return sk_action::SK_PASS;
+    }
+    let key = AddrKey {
+        addr: local,
+        family,
+    };
+    // Inside the pod, over loopback: the pod talking to itself.
+    if is_loopback(&key) {
+        return sk_action::SK_PASS;
+    }
+    if port_excluded(local_port as u16, PortFlags::INBOUND) {
+        count(Counter::InboundSkipped);
+        return sk_action::SK_PASS;
+    }
+    // This program is attached only to enrolled pods' namespaces, so every
+    // other SYN here is for an enrolled pod. One to an address that is not
+    // its Pod's (an IPv6 link-local address, one added inside the pod) has
+    // no listener to go to and is dropped: it must not reach the app
+    // uncaptured.
+    // SAFETY: key lookup only.
+    if unsafe { INBOUND_ADDRS.get(key) }.is_none() {
+        count(Counter::InboundUnknownAddress);
+        return sk_action::SK_DROP;
     }
     match INBOUND_LISTENERS.redirect_sk_lookup(ctx, key, 0) {
         Ok(()) => {
@@ -296,6 +323,18 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
             sk_action::SK_DROP
         }
     }
+}
+
+/// 127.0.0.0/8, `::1` and v4-mapped loopback.
+#[inline(always)]
+fn is_loopback(key: &AddrKey) -> bool {
+    let a = key.addr;
+    if key.family == u32::from(AF_INET) {
+        return a[0] & 0xff == 127;
+    }
+    let v4_mapped = a[0] == 0 && a[1] == 0 && a[2] == V4_MAPPED_PREFIX;
+    (v4_mapped && a[3] & 0xff == 127)
+        || (a[0] == 0 && a[1] == 0 && a[2] == 0 && a[3] == LOOPBACK_V6_LAST)
 }
 
 #[cfg(not(target_arch = "bpf"))]

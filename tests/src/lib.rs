@@ -41,6 +41,14 @@ pub fn ip_of(addr: &str) -> String {
         .unwrap_or_default()
 }
 
+/// Whether the test app's server saw a connection the agent delivered on the
+/// client's behalf (its accepted socket carries the agent's local-delivery
+/// mark), rather than one that reached it directly. The peer address cannot
+/// tell: the agent connects from the client's own address.
+pub fn delivered_by_agent(r: &Value) -> bool {
+    r["server_mark"].as_str() == Some(&mesh_common::AGENT_LOCAL_MARK.to_string())
+}
+
 /// The port part of an address as the test app prints it.
 pub fn port_of(addr: &str) -> String {
     addr.rsplit(':').next().unwrap_or_default().to_owned()

@@ -6,7 +6,8 @@ use std::{
     path::Path,
 };
 
-use mesh_tests::{Testbed, Value, ip_of, port_of};
+use anyhow::Context as _;
+use mesh_tests::{Pod, Testbed, Value, delivered_by_agent, ip_of, port_of};
 
 const APP_PORT: u16 = 8080;
 const OUTBOUND: &str = "15001";
@@ -95,8 +96,10 @@ fn inbound_is_captured_on_15006_and_delivered_to_the_app() -> anyhow::Result<()>
     assert_intact(&r, "v4 inbound");
     // Not captured on the client side (not enrolled)...
     assert_eq!(s(&r, "peer"), sa(server.ip4, APP_PORT).to_string());
-    // ...but delivered by the agent: from 127.0.0.6, to the original address.
-    assert_eq!(ip_of(&s(&r, "server_peer")), "127.0.0.6", "{r}");
+    // ...but delivered by the agent, to the original address and from the
+    // client's own address (the app sees who calls, not a loopback peer).
+    assert!(delivered_by_agent(&r), "{r}");
+    assert_eq!(ip_of(&s(&r, "server_peer")), client.ip4.to_string(), "{r}");
     assert_eq!(
         s(&r, "server_local"),
         format!("[::ffff:{}]:{APP_PORT}", server.ip4),
@@ -105,8 +108,8 @@ fn inbound_is_captured_on_15006_and_delivered_to_the_app() -> anyhow::Result<()>
 
     let r = tb.connect(&client, sa(server.ip6, APP_PORT), 1000)?;
     assert_intact(&r, "v6 inbound");
-    // IPv6: the agent connects from the pod's own address.
-    assert_eq!(ip_of(&s(&r, "server_peer")), server.ip6.to_string(), "{r}");
+    assert!(delivered_by_agent(&r), "{r}");
+    assert_eq!(ip_of(&s(&r, "server_peer")), client.ip6.to_string(), "{r}");
     assert_eq!(
         s(&r, "server_local"),
         sa(server.ip6, APP_PORT).to_string(),
@@ -121,8 +124,126 @@ fn inbound_is_captured_on_15006_and_delivered_to_the_app() -> anyhow::Result<()>
         2.0
     );
     assert_eq!(a.capture_counter("inbound_assigned")?, 2.0);
+
     // The agent's own two connections to the app were skipped, not looped.
     assert_eq!(a.capture_counter("inbound_skipped")?, 2.0);
+    // No app on the port: the kernel's RST to the client's address comes
+    // back to the agent at once (not out of the pod, which would leave the
+    // agent to time out), and the client's connection is closed.
+    let r = tb.connect(&client, sa(server.ip4, 9999), 10)?;
+    assert_eq!(r["ok"], Value::Bool(false), "{r}");
+    // Its record is written as the connection closes (the agent's connect
+    // would give up after 10 s, so a refusal seen within 5 s is the RST).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !a
+        .log_text()
+        .contains("error=\"connect to app: Connection refused")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent saw no refusal from the app's port:\n{}",
+            a.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// The link-local IPv6 address of a pod's `eth0`, scoped for a client on
+/// the same bridge (`client`'s own `eth0` index).
+fn link_local(pod: &Pod, client: &Pod) -> anyhow::Result<SocketAddr> {
+    let show = |ns: &str, what: &[&str]| -> anyhow::Result<Value> {
+        let mut args = vec!["-j", "-n", ns];
+        args.extend_from_slice(what);
+        Ok(serde_json::from_str(&mesh_tests::sh("ip", &args)?)?)
+    };
+    // Usable once duplicate address detection is over.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let ip: std::net::Ipv6Addr = loop {
+        let addrs = show(
+            &pod.netns,
+            &["-6", "addr", "show", "dev", "eth0", "scope", "link"],
+        )?;
+        let usable = addrs[0]["addr_info"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|a| a["local"].is_string() && a["tentative"] != Value::Bool(true));
+        if let Some(a) = usable {
+            break a["local"].as_str().unwrap_or_default().parse()?;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the pod's eth0 has no usable link-local address: {addrs}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let link = show(&client.netns, &["link", "show", "dev", "eth0"])?;
+    let ifindex = link[0]["ifindex"].as_u64().context("eth0's index")? as u32;
+    Ok(SocketAddr::V6(std::net::SocketAddrV6::new(
+        ip, APP_PORT, 0, ifindex,
+    )))
+}
+
+/// No address of an enrolled pod reaches its app uncaptured: not its IPv6
+/// link-local address, which is not one of the pod's, nor an address added
+/// inside the pod after enrolment. With the eBPF programs such SYNs have no
+/// listener to go to and are dropped (and counted); with iptables they are
+/// redirected to the agent, which refuses them.
+#[test]
+fn addresses_an_enrolled_pod_was_not_enrolled_with_never_reach_its_app() -> anyhow::Result<()> {
+    for mode in ["ebpf", "iptables"] {
+        let mut tb = Testbed::new(1)?;
+        let client = tb.add_pod(0, "plain/client")?;
+        let server = tb.add_pod(0, "default/server")?;
+        tb.serve(&server, sa(IpAddr::from([0u8; 16]), APP_PORT))?;
+        tb.start_agent(0, &["--capture", mode])?;
+        tb.agent(0).enroll(&server)?;
+        let late: IpAddr = "10.1.0.200".parse()?;
+        mesh_tests::sh(
+            "ip",
+            &[
+                "-n",
+                &server.netns,
+                "addr",
+                "add",
+                "10.1.0.200/24",
+                "dev",
+                "eth0",
+            ],
+        )?;
+        // The pod's own address is captured and delivered by the agent...
+        let r = tb.connect(&client, sa(server.ip4, APP_PORT), 1000)?;
+        assert_intact(&r, &format!("{mode}: to the pod's address"));
+        assert!(delivered_by_agent(&r), "{mode}: {r}");
+        // ...the others never reach the app.
+        for dst in [sa(late, APP_PORT), link_local(&server, &client)?] {
+            let r = tb.connect(&client, dst, 1000)?;
+            assert_eq!(
+                r["ok"],
+                Value::Bool(false),
+                "{mode}: {dst} reached the app: {r}"
+            );
+            assert!(
+                r.get("server_peer").is_none(),
+                "{mode}: {dst}: the app answered: {r}"
+            );
+        }
+        let a = tb.agent(0);
+        match mode {
+            "ebpf" => assert!(
+                a.capture_counter("inbound_unknown_address")? >= 2.0,
+                "both SYNs dropped by sk_lookup, and counted"
+            ),
+            _ => assert_eq!(
+                a.metric(
+                    r#"mesh_proxy_connections_total{direction="inbound_plaintext",result="refused"}"#
+                )?,
+                2.0,
+                "both redirected to the agent and refused"
+            ),
+        }
+    }
     Ok(())
 }
 
@@ -205,8 +326,9 @@ fn a_running_pod_is_enrolled_and_released_without_restart() -> anyhow::Result<()
         "captured after enrolment: {r}"
     );
     // Both ends enrolled: out through the client's 15001, in through the
-    // server's 15006.
-    assert_eq!(ip_of(&s(&r, "server_peer")), "127.0.0.6", "{r}");
+    // server's 15006, which delivers it from the client's address.
+    assert!(delivered_by_agent(&r), "{r}");
+    assert_eq!(ip_of(&s(&r, "server_peer")), client.ip4.to_string(), "{r}");
 
     tb.agent(0).unenroll(&client)?;
     tb.agent(0).unenroll(&server)?;
@@ -277,7 +399,8 @@ fn restart_keeps_capture_attached_and_fails_closed_meanwhile() -> anyhow::Result
     assert_eq!(port_of(&s(&r, "peer")), OUTBOUND);
     let r = tb.connect(&outside, sa(server.ip4, APP_PORT), 1000)?;
     assert_intact(&r, "inbound after restart");
-    assert_eq!(ip_of(&s(&r, "server_peer")), "127.0.0.6", "{r}");
+    assert!(delivered_by_agent(&r), "{r}");
+    assert_eq!(ip_of(&s(&r, "server_peer")), outside.ip4.to_string(), "{r}");
     Ok(())
 }
 
@@ -436,35 +559,26 @@ fn iptables_capture_steers_both_ways_fails_closed_and_is_removed() -> anyhow::Re
     };
 
     // Out through the client's agent, in through the server's: the app is
-    // reached at the address dialed, from 127.0.0.6 (IPv4) or its own
-    // address (IPv6), which only the inbound agent connects from.
+    // reached at the address dialed, by the inbound agent (its socket's
+    // mark), from the client's own address.
     let cases = [
-        (
-            sa(server.ip4, APP_PORT),
-            server.ip4,
-            "127.0.0.6".to_owned(),
-            1 << 20,
-        ),
-        (
-            sa(server.ip6, APP_PORT),
-            server.ip6,
-            server.ip6.to_string(),
-            1 << 20,
-        ),
+        (sa(server.ip4, APP_PORT), server.ip4, client.ip4, 1 << 20),
+        (sa(server.ip6, APP_PORT), server.ip6, client.ip6, 1 << 20),
         // IPv4 packets from an IPv6 socket meet the IPv4 rules.
         (
             format!("[::ffff:{}]:{APP_PORT}", server.ip4).parse()?,
             server.ip4,
-            "127.0.0.6".to_owned(),
+            client.ip4,
             1000,
         ),
     ];
-    for (i, (dst, server_ip, agent_source, bytes)) in cases.iter().enumerate() {
+    for (i, (dst, server_ip, client_ip, bytes)) in cases.iter().enumerate() {
         let r = tb.connect(&client, *dst, *bytes)?;
         assert_intact(&r, &format!("to {dst}"));
         assert_eq!(ip_of(&s(&r, "server_local")), server_ip.to_string(), "{r}");
         assert_eq!(port_of(&s(&r, "server_local")), APP_PORT.to_string(), "{r}");
-        assert_eq!(ip_of(&s(&r, "server_peer")), *agent_source, "{r}");
+        assert!(delivered_by_agent(&r), "{r}");
+        assert_eq!(ip_of(&s(&r, "server_peer")), client_ip.to_string(), "{r}");
         assert_eq!(forwarded(&tb, 0, "outbound")?, (i + 1) as f64, "{r}");
         assert_eq!(
             forwarded(&tb, 1, "inbound_plaintext")?,
@@ -575,12 +689,12 @@ fn an_app_on_an_agent_host_port_in_an_enrolled_pod_is_captured() -> anyhow::Resu
         for (i, port) in [15000u16, 15020, 15021].into_iter().enumerate() {
             let r = tb.connect(&client, sa(server.ip4, port), 1000)?;
             assert_intact(&r, &format!("{mode}: to {port}"));
-            // Delivered by the agent (from 127.0.0.6), not by the client.
-            assert_eq!(
-                ip_of(&s(&r, "server_peer")),
-                "127.0.0.6",
+            // Delivered by the agent (its mark), from the client's address.
+            assert!(
+                delivered_by_agent(&r),
                 "{mode}: port {port} reached the app uncaptured: {r}"
             );
+            assert_eq!(ip_of(&s(&r, "server_peer")), client.ip4.to_string(), "{r}");
             assert_eq!(
                 tb.agent(0).metric(
                     r#"mesh_proxy_connections_total{direction="inbound_plaintext",result="forwarded"}"#

@@ -699,3 +699,41 @@ fn iptables_capture_carries_hbone_with_both_identities() -> anyhow::Result<()> {
     assert_eq!(opened, 2.0, "{page}");
     Ok(())
 }
+
+/// Long-lived connections do not keep the configuration they were opened
+/// under in memory: every change would otherwise pile up behind them. Each
+/// connection here opens under a different snapshot, through both agents
+/// (client side and HBONE server side); afterwards each agent holds at most
+/// the current snapshot and one being swapped in.
+#[test]
+fn long_lived_connections_do_not_hold_old_configuration_snapshots() -> anyhow::Result<()> {
+    let mut shop = Shop::new(2)?;
+    let client = shop.pod(0, "client", "shop", "client", &[("app", "client")])?;
+    let server = shop.pod(1, "server", "shop", "server", &[("app", "echo")])?;
+    shop.tb.serve(&server, any6(APP_PORT))?;
+    shop.start(&[&client, &server], &[])?;
+    let dst = sa(server.ip4, APP_PORT);
+    let mut sessions = Vec::new();
+    for i in 0..4 {
+        let name = format!("generation-{i}");
+        let vip = format!("10.96.0.{}", 100 + i);
+        let svc = service_yaml(&name, "shop", &vip, 80, "8080", "echo");
+        shop.apply(&[&svc], |dump| dump.contains(&name))?;
+        let s = shop.tb.hold(&client, dst)?;
+        assert!(ok(&s.hello), "{}", s.hello);
+        sessions.push(s);
+    }
+    shop.apply(&[], |dump| !dump.contains("generation-3"))?;
+    for (i, s) in sessions.iter_mut().enumerate() {
+        let r = s.send(&format!("still here {i}"))?;
+        assert_eq!(r["echo"], Value::from(format!("still here {i}")), "{r}");
+    }
+    for node in 0..2 {
+        let held = shop.tb.agent(node).metric("mesh_config_snapshots")?;
+        assert!(
+            (1.0..=2.0).contains(&held),
+            "node {node} holds {held} snapshots with 4 connections open across 5 changes"
+        );
+    }
+    Ok(())
+}

@@ -10,7 +10,7 @@ use std::{
 };
 
 use mesh_tests::{
-    Pod, Testbed, Value, ip_of,
+    Pod, Testbed, Value, delivered_by_agent, ip_of,
     mesh::{namespace_yaml, pod_yaml, series_sum, with_netns},
     sh,
 };
@@ -81,8 +81,8 @@ fn opened_from(tb: &Testbed, node: usize, principal: &str) -> anyhow::Result<f64
 }
 
 /// A plaintext call to `dst` from `client` lands on the agent's inbound
-/// listener of `dst`'s pod (the app sees the agent's 127.0.0.6), and the
-/// agent counts it.
+/// listener of `dst`'s pod (the app's socket carries the agent's mark, and
+/// its peer is the client's address), and the agent counts it.
 fn assert_captured_inbound(
     tb: &Testbed,
     client: &Pod,
@@ -92,10 +92,14 @@ fn assert_captured_inbound(
 ) -> anyhow::Result<f64> {
     let r = tb.connect(client, dst, 1000)?;
     assert!(ok(&r), "{when}: {r}");
+    assert!(
+        delivered_by_agent(&r),
+        "{when}: the call reached the app through the agent: {r}"
+    );
     assert_eq!(
         ip_of(r["server_peer"].as_str().unwrap_or_default()),
-        "127.0.0.6",
-        "{when}: the call reached the app through the agent: {r}"
+        client.ip4.to_string(),
+        "{when}: from the client's address: {r}"
     );
     let forwarded = tb.agent(0).metric(
         r#"mesh_proxy_connections_total{direction="inbound_plaintext",result="forwarded"}"#,

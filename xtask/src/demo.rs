@@ -350,10 +350,10 @@ fn describe(r: &Value, from: &Pod) -> Path {
     let seen: IpAddr = mesh_tests::ip_of(&get("server_peer"))
         .parse()
         .unwrap_or(IpAddr::from([0, 0, 0, 0]));
-    let captured_in = seen == IpAddr::from([127, 0, 0, 6]);
+    let captured_in = mesh_tests::delivered_by_agent(r);
     if captured_in {
         println!(
-            "     in:  CAPTURED  - the server saw the agent (127.0.0.6) deliver it to {}, the address the client dialed",
+            "     in:  CAPTURED  - the agent delivered it to {}, the address the client dialed, from the client's own address {seen} (the server's socket carries the agent's mark)",
             get("server_local")
         );
     } else if seen == from.ip4 {

@@ -29,7 +29,9 @@ use std::{
     process::{Command, Stdio},
 };
 
-use mesh_common::{AGENT_MARK, AGENT_PORTS, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND, PortFlags};
+use mesh_common::{
+    AGENT_LOCAL_MARK, AGENT_MARK, AGENT_PORTS, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND, PortFlags,
+};
 use tokio::net::TcpStream;
 
 use super::{CaptureError, ExcludedPorts};
@@ -183,6 +185,10 @@ fn script(saved: &str, family: Family, excluded: &ExcludedPorts, wanted: bool) -
         // Declaring a chain creates it, or empties it if it is there.
         let _ = writeln!(s, ":{OUT_CHAIN} - [0:0]\n:{IN_CHAIN} - [0:0]");
         let _ = writeln!(s, "-A {OUT_CHAIN} -m mark --mark {AGENT_MARK:#x} -j RETURN");
+        let _ = writeln!(
+            s,
+            "-A {OUT_CHAIN} -m mark --mark {AGENT_LOCAL_MARK:#x} -j RETURN"
+        );
         let _ = writeln!(s, "-A {OUT_CHAIN} -d {} -j RETURN", family.loopback());
         for port in skipped_ports(excluded, PortFlags::OUTBOUND) {
             let _ = writeln!(s, "-A {OUT_CHAIN} -p tcp --dport {port} -j RETURN");

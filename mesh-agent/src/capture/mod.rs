@@ -37,6 +37,18 @@ mod programs;
 pub use iptables::{Iptables, remove_rules};
 pub use programs::{Programs, unpin_all};
 
+/// A connection of the agent's own that inbound capture lets through, for as
+/// long as this lives.
+pub struct LetThrough<'a>(Option<(&'a Programs, mesh_common::FlowKey)>);
+
+impl Drop for LetThrough<'_> {
+    fn drop(&mut self) {
+        if let Some((programs, key)) = &self.0 {
+            programs.forget_flow(key);
+        }
+    }
+}
+
 /// How pods' connections are steered to the agent (`--capture`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -167,6 +179,21 @@ impl Capture {
             Capture::Ebpf(p) => p.sweep(live),
             // Rules live inside the pods' namespaces and go with them.
             Capture::Iptables(_) => {}
+        }
+    }
+
+    /// Lets the agent's own connection `src -> dst` to a local app through
+    /// inbound capture until the returned guard is dropped (once connected).
+    /// With iptables the agent's connections are locally generated and meet
+    /// no inbound rule: nothing to do.
+    pub fn let_through(
+        &self,
+        src: SocketAddr,
+        dst: SocketAddr,
+    ) -> Result<LetThrough<'_>, CaptureError> {
+        match self {
+            Capture::Ebpf(p) => Ok(LetThrough(Some((p, p.let_through(src, dst)?)))),
+            Capture::Iptables(_) => Ok(LetThrough(None)),
         }
     }
 

@@ -21,13 +21,14 @@ use aya::{
         links::{FdLink, PinnedLink},
     },
 };
-use mesh_common::{AddrKey, ConnKey, Counter, NetnsInfo, OrigDst, maps, programs};
+use mesh_common::{AddrKey, ConnKey, Counter, FlowKey, NetnsInfo, OrigDst, maps, programs};
 
 use super::{CaptureError, ExcludedPorts, fs};
 use crate::inpod::{
     netns::{Netns, NetnsCookie},
     sockets::{PodListener, Role},
 };
+use crate::sync::LockExt as _;
 
 /// The kernel object built by `build.rs` from `mesh-ebpf`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh"));
@@ -56,6 +57,7 @@ pub struct Programs {
     inbound_addrs: Mutex<HashMap<MapData, AddrKey, u64>>,
     listeners: Mutex<SockHash<MapData, AddrKey>>,
     counters: PerCpuArray<MapData, u64>,
+    flows: Mutex<HashMap<MapData, FlowKey, u8>>,
 }
 
 impl std::fmt::Debug for Programs {
@@ -145,6 +147,7 @@ impl Programs {
             inbound_addrs: Mutex::new(take_map(&mut ebpf, maps::INBOUND_ADDRS)?),
             listeners: Mutex::new(take_map(&mut ebpf, maps::INBOUND_LISTENERS)?),
             counters: take_map(&mut ebpf, maps::COUNTERS)?,
+            flows: Mutex::new(take_map(&mut ebpf, maps::AGENT_FLOWS)?),
             ebpf: Mutex::new(ebpf),
         })
     }
@@ -171,7 +174,7 @@ impl Programs {
     ) -> Result<bool, CaptureError> {
         let key = addr_key(addr);
         let enrolled = self.enrolled_cookies();
-        let mut owners = self.inbound_addrs.lock().expect("inbound lock");
+        let mut owners = self.inbound_addrs.locked();
         if let Ok(owner) = owners.get(&key, 0)
             && owner != cookie.0
             && enrolled.contains(&NetnsCookie(owner))
@@ -182,8 +185,7 @@ impl Programs {
             tracing::warn!(%addr, from = owner, to = %cookie, "inbound address taken over by the pod the configuration gives it to");
         }
         self.listeners
-            .lock()
-            .expect("listeners lock")
+            .locked()
             .insert(key, listener.as_raw_fd(), 0)
             .map_err(map_err(maps::INBOUND_LISTENERS))?;
         owners
@@ -197,32 +199,26 @@ impl Programs {
     /// claimed it), whose capture must stay.
     pub fn remove_inbound(&self, addr: IpAddr, cookie: NetnsCookie) -> Result<(), CaptureError> {
         let key = addr_key(addr);
-        let mut owners = self.inbound_addrs.lock().expect("inbound lock");
+        let mut owners = self.inbound_addrs.locked();
         if owners.get(&key, 0).ok() != Some(cookie.0) {
             return Ok(());
         }
         ignore_missing(owners.remove(&key)).map_err(map_err(maps::INBOUND_ADDRS))?;
-        ignore_missing(self.listeners.lock().expect("listeners lock").remove(&key))
+        ignore_missing(self.listeners.locked().remove(&key))
             .map_err(map_err(maps::INBOUND_LISTENERS))
     }
 
     /// Marks a netns as enrolled: its outbound connects are captured.
     pub fn enroll_netns(&self, cookie: NetnsCookie) -> Result<(), CaptureError> {
         self.enrolled
-            .lock()
-            .expect("enrolled lock")
+            .locked()
             .insert(cookie.0, NetnsInfo::default(), 0)
             .map_err(map_err(maps::ENROLLED_NETNS))
     }
 
     pub fn unenroll_netns(&self, cookie: NetnsCookie) -> Result<(), CaptureError> {
-        ignore_missing(
-            self.enrolled
-                .lock()
-                .expect("enrolled lock")
-                .remove(&cookie.0),
-        )
-        .map_err(map_err(maps::ENROLLED_NETNS))
+        ignore_missing(self.enrolled.locked().remove(&cookie.0))
+            .map_err(map_err(maps::ENROLLED_NETNS))
     }
 
     /// Attaches inbound capture to a pod netns, reusing a pinned link left by
@@ -230,7 +226,7 @@ impl Programs {
     pub fn attach_sk_lookup(&self, netns: &Netns) -> Result<(), CaptureError> {
         attach_once(&self.sk_lookup_pin(netns.cookie()), || {
             let name = programs::SK_LOOKUP;
-            let mut ebpf = self.ebpf.lock().expect("ebpf lock");
+            let mut ebpf = self.ebpf.locked();
             let prog: &mut SkLookup = program(&mut ebpf, name)?;
             let id = prog.attach(netns.as_fd()).map_err(prog_err(name))?;
             Ok(prog.take_link(id).map_err(prog_err(name))?.into())
@@ -246,7 +242,7 @@ impl Programs {
     /// The original destination of an accepted outbound connection, removed
     /// from the map as it is read.
     pub fn take_orig_dst(&self, key: ConnKey) -> Option<OrigDst> {
-        let mut map = self.orig_dst.lock().expect("orig_dst lock");
+        let mut map = self.orig_dst.locked();
         let found = map.get(&key, 0).ok()?;
         let _ = map.remove(&key);
         Some(found)
@@ -254,13 +250,13 @@ impl Programs {
 
     /// Netns cookies the kernel maps hold as enrolled.
     pub fn enrolled_cookies(&self) -> Vec<NetnsCookie> {
-        let map = self.enrolled.lock().expect("enrolled lock");
+        let map = self.enrolled.locked();
         map.keys().filter_map(Result::ok).map(NetnsCookie).collect()
     }
 
     /// Inbound pod addresses and the netns cookie each belongs to.
     pub fn inbound_addrs(&self) -> Vec<(AddrKey, NetnsCookie)> {
-        let map = self.inbound_addrs.lock().expect("inbound lock");
+        let map = self.inbound_addrs.locked();
         map.iter()
             .filter_map(Result::ok)
             .map(|(k, v)| (k, NetnsCookie(v)))
@@ -268,9 +264,9 @@ impl Programs {
     }
 
     pub fn remove_inbound_key(&self, key: &AddrKey) -> Result<(), CaptureError> {
-        ignore_missing(self.inbound_addrs.lock().expect("inbound lock").remove(key))
+        ignore_missing(self.inbound_addrs.locked().remove(key))
             .map_err(map_err(maps::INBOUND_ADDRS))?;
-        ignore_missing(self.listeners.lock().expect("listeners lock").remove(key))
+        ignore_missing(self.listeners.locked().remove(key))
             .map_err(map_err(maps::INBOUND_LISTENERS))
     }
 
@@ -290,6 +286,25 @@ impl Programs {
                     .map(NetnsCookie)
             })
             .collect()
+    }
+
+    /// Lists one of the agent's own connections to a local app (`src` the
+    /// client's address and the agent's port, `dst` the app), so that
+    /// inbound capture lets its SYN through. Fails closed: with the map
+    /// full, the connection is not made.
+    pub fn let_through(&self, src: SocketAddr, dst: SocketAddr) -> Result<FlowKey, CaptureError> {
+        let key = flow_key(src, dst);
+        self.flows
+            .locked()
+            .insert(key, 0, 0)
+            .map_err(map_err(maps::AGENT_FLOWS))?;
+        Ok(key)
+    }
+
+    /// The reverse of [`Programs::let_through`], once the connection is set
+    /// up (or failed): later packets are matched by the kernel's own tables.
+    pub fn forget_flow(&self, key: &FlowKey) {
+        let _ = self.flows.locked().remove(key);
     }
 
     /// Sums the per-CPU capture counters.
@@ -392,6 +407,18 @@ impl Programs {
                 let _ = self.detach_sk_lookup(cookie);
             }
         }
+    }
+}
+
+/// A connection's 4-tuple as inbound capture sees its SYN.
+fn flow_key(src: SocketAddr, dst: SocketAddr) -> FlowKey {
+    let (remote, local) = (addr_key(src.ip()), addr_key(dst.ip()));
+    FlowKey {
+        remote: remote.addr,
+        local: local.addr,
+        remote_port: src.port(),
+        local_port: dst.port(),
+        family: local.family,
     }
 }
 

@@ -29,6 +29,7 @@ use tracing::{debug, info, warn};
 
 use super::{Resource, WATCHED};
 use crate::state::{ConfigWarning, Document, ObjectKey, Publisher, Source};
+use crate::sync::LockExt as _;
 
 /// Changes arriving within this window are published as one snapshot...
 const SETTLE: Duration = Duration::from_millis(50);
@@ -187,7 +188,7 @@ fn apply(
         Event::InitDone => {
             let listed = kind.relisting.take().unwrap_or_default();
             debug!(kind = r.kind, objects = listed.len(), "listed");
-            let mut refs = references.lock().expect("references lock");
+            let mut refs = references.locked();
             for (ns, name) in kind.objects.keys().filter(|k| !listed.contains_key(*k)) {
                 refs.remove(&object_key(r, ns, name));
             }
@@ -206,10 +207,7 @@ fn apply(
         Event::Delete(obj) => {
             let ns = obj.metadata.namespace.clone().unwrap_or_default();
             let name = obj.metadata.name.clone().unwrap_or_default();
-            references
-                .lock()
-                .expect("references lock")
-                .remove(&object_key(r, &ns, &name));
+            references.locked().remove(&object_key(r, &ns, &name));
             kind.objects.remove(&(ns, name)).is_some()
         }
     }
@@ -277,7 +275,7 @@ fn document(
 ) -> Option<((String, String), Document)> {
     let ns = obj.metadata.namespace.clone().unwrap_or_default();
     let name = obj.metadata.name.clone()?;
-    references.lock().expect("references lock").insert(
+    references.locked().insert(
         object_key(r, &ns, &name),
         ObjectReference {
             api_version: Some(api_version.to_owned()),

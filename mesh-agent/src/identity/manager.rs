@@ -4,12 +4,14 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock},
+    sync::{Arc, Mutex, PoisonError, RwLock},
     time::{Duration, SystemTime},
 };
 
 use rustls::{crypto::CryptoProvider, pki_types::PrivateKeyDer, sign::CertifiedKey};
 use tracing::{debug, info, warn};
+
+use crate::sync::LockExt as _;
 
 use super::{
     CaConfig, CaSource, CertInfo, Identity, IdentityError, WorkloadCert,
@@ -86,12 +88,6 @@ impl Slot {
     fn replace(&self, current: Current) {
         *self.0.write().unwrap_or_else(PoisonError::into_inner) = current;
     }
-}
-
-/// The maps only ever get whole values inserted, so a panic elsewhere while
-/// one was held cannot leave them half-updated.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl CertManager {
@@ -207,18 +203,19 @@ impl CertManager {
         reason = "called by pod enrolment, which is wired separately"
     )]
     pub async fn prepare(&self, id: &Identity) -> Result<(), IdentityError> {
-        if lock(&self.certs).contains_key(id) {
+        if self.certs.locked().contains_key(id) {
             return Ok(());
         }
-        let gate = lock(&self.pending).entry(id.clone()).or_default().clone();
+        let gate = self.pending.locked().entry(id.clone()).or_default().clone();
         let result = async {
             let _turn = gate.lock().await;
-            if lock(&self.certs).contains_key(id) {
+            if self.certs.locked().contains_key(id) {
                 return Ok(());
             }
             let current = self.fetch(id).await?;
             info!(identity = %id, serial = %current.cert.serial, "certificate issued");
-            lock(&self.certs)
+            self.certs
+                .locked()
                 .entry(id.clone())
                 .or_insert_with(|| Arc::new(Slot(RwLock::new(current))));
             Ok(())
@@ -226,8 +223,8 @@ impl CertManager {
         .await;
         // Anyone still waiting holds the gate itself; the next caller finds
         // the certificate, or tries again after a failure.
-        lock(&self.pending).remove(id);
-        let mut wanted = lock(&self.wanted);
+        self.pending.locked().remove(id);
+        let mut wanted = self.wanted.locked();
         match &result {
             Ok(()) => {
                 wanted.remove(id);
@@ -274,12 +271,16 @@ impl CertManager {
     /// is tried again after a back-off.
     pub async fn renew_due(&self) -> usize {
         let now = SystemTime::now();
-        let due: Vec<(Identity, Arc<Slot>)> = lock(&self.certs)
+        let due: Vec<(Identity, Arc<Slot>)> = self
+            .certs
+            .locked()
             .iter()
             .filter(|(_, slot)| now >= slot.current().renew_at)
             .map(|(id, slot)| (id.clone(), slot.clone()))
             .collect();
-        let wanted: Vec<Identity> = lock(&self.wanted)
+        let wanted: Vec<Identity> = self
+            .wanted
+            .locked()
             .iter()
             .filter(|(_, retry)| now >= retry.at)
             .map(|(id, _)| id.clone())
@@ -326,13 +327,13 @@ impl CertManager {
     /// certificate, requires a client certificate chaining to the root with a
     /// SPIFFE URI SAN in the trust domain. ALPN `h2`.
     pub fn server_config(&self, id: &Identity) -> Result<Arc<rustls::ServerConfig>, IdentityError> {
-        if let Some(cfg) = lock(&self.server_configs).get(id) {
+        if let Some(cfg) = self.server_configs.locked().get(id) {
             return Ok(cfg.clone());
         }
         let slot = self.slot(id)?;
         let cfg = tls::server_config(&self.provider, &self.roots, CertSource::Current(slot))
             .map_err(IdentityError::tls(id))?;
-        let mut configs = lock(&self.server_configs);
+        let mut configs = self.server_configs.locked();
         Ok(configs.entry(id.clone()).or_insert(Arc::new(cfg)).clone())
     }
 
@@ -345,7 +346,7 @@ impl CertManager {
         server: &Identity,
     ) -> Result<Arc<rustls::ClientConfig>, IdentityError> {
         let key = (id.clone(), server.clone());
-        if let Some(cfg) = lock(&self.client_configs).get(&key) {
+        if let Some(cfg) = self.client_configs.locked().get(&key) {
             return Ok(cfg.clone());
         }
         let slot = self.slot(id)?;
@@ -356,7 +357,7 @@ impl CertManager {
             server,
         )
         .map_err(IdentityError::tls(id))?;
-        let mut configs = lock(&self.client_configs);
+        let mut configs = self.client_configs.locked();
         Ok(configs.entry(key).or_insert(Arc::new(cfg)).clone())
     }
 
@@ -369,7 +370,9 @@ impl CertManager {
             not_after: rfc3339(root.not_after),
             role: "root",
         }];
-        let mut slots: Vec<(Identity, Arc<Slot>)> = lock(&self.certs)
+        let mut slots: Vec<(Identity, Arc<Slot>)> = self
+            .certs
+            .locked()
             .iter()
             .map(|(id, slot)| (id.clone(), slot.clone()))
             .collect();
@@ -443,7 +446,7 @@ impl CertManager {
     /// waiting for the network, so it is an error instead, and the rotation
     /// task asks the CA in the background.
     fn slot(&self, id: &Identity) -> Result<Arc<Slot>, IdentityError> {
-        if let Some(slot) = lock(&self.certs).get(id) {
+        if let Some(slot) = self.certs.locked().get(id) {
             return Ok(slot.clone());
         }
         let ca = match &self.authority {
@@ -451,7 +454,7 @@ impl CertManager {
             // The rotation task gets it; a later connection finds it.
             Authority::Remote(_) => {
                 check_trust_domain(id, &self.trust_domain)?;
-                lock(&self.wanted).entry(id.clone()).or_insert(Retry {
+                self.wanted.locked().entry(id.clone()).or_insert(Retry {
                     at: SystemTime::now(),
                     failures: 0,
                 });
@@ -462,7 +465,7 @@ impl CertManager {
         // insert wins and the other certificate is dropped unused.
         let current = issue_current(ca, &self.provider, id, &self.trust_domain, self.cert_ttl)?;
         info!(identity = %id, serial = %current.cert.serial, "certificate issued");
-        let mut certs = lock(&self.certs);
+        let mut certs = self.certs.locked();
         let slot = certs
             .entry(id.clone())
             .or_insert_with(|| Arc::new(Slot(RwLock::new(current))));

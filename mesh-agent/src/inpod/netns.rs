@@ -129,20 +129,32 @@ impl Netns {
     }
 
     /// Runs `f` with the calling thread inside this namespace. `f` must not
-    /// block on anything but its own syscalls.
+    /// block on anything but its own syscalls. The thread returns home when
+    /// `f` returns and also when it panics: a worker thread left in a pod's
+    /// namespace would open later sockets there.
     pub fn run<T>(&self, f: impl FnOnce() -> T) -> Result<T, NetnsError> {
         setns(&self.file, CloneFlags::CLONE_NEWNET).map_err(|source| NetnsError::Enter {
             path: self.path.clone(),
             source,
         })?;
-        let out = f();
-        // A thread left in a pod's namespace would open the next pod's sockets
-        // in the wrong place: better to stop the agent than to carry on.
+        let _home = ReturnHome;
+        Ok(f())
+    }
+}
+
+/// Moves the thread back to the agent's namespace when dropped, on return
+/// and on unwind alike.
+struct ReturnHome;
+
+impl Drop for ReturnHome {
+    fn drop(&mut self) {
+        // A thread left in a pod's namespace would open the next pod's
+        // sockets in the wrong place: better to stop the agent than to carry
+        // on.
         if let Err(e) = setns(home(), CloneFlags::CLONE_NEWNET) {
             eprintln!("fatal: cannot return to the agent's network namespace: {e}");
             std::process::abort();
         }
-        Ok(out)
     }
 }
 
@@ -170,4 +182,37 @@ pub fn netns_cookie_of(socket: BorrowedFd<'_>) -> io::Result<NetnsCookie> {
         return Err(io::Error::last_os_error());
     }
     Ok(NetnsCookie(cookie))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cookie_here() -> NetnsCookie {
+        let probe = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("a socket");
+        netns_cookie_of(probe.as_fd()).expect("SO_NETNS_COOKIE")
+    }
+
+    /// Needs root (a new network namespace): fails without it.
+    #[test]
+    fn a_panic_inside_a_pod_namespace_leaves_the_thread_back_home() {
+        init_home();
+        // A namespace of its own, made by a thread that then exits; the
+        // handle keeps it alive.
+        let handle = std::thread::spawn(|| {
+            nix::sched::unshare(CloneFlags::CLONE_NEWNET).expect("unshare (needs root)");
+            File::open("/proc/thread-self/ns/net").expect("own netns handle")
+        })
+        .join()
+        .expect("helper thread");
+        let path = PathBuf::from(format!("/proc/self/fd/{}", handle.as_raw_fd()));
+        let ns = Netns::open(&path).expect("open the new namespace");
+        let home = cookie_here();
+        assert_ne!(ns.cookie(), home);
+        assert_eq!(ns.run(cookie_here).expect("enter"), ns.cookie());
+        let r = std::panic::catch_unwind(|| ns.run(|| panic!("a closure panics inside")));
+        assert!(r.is_err());
+        assert_eq!(cookie_here(), home, "the thread went back home on unwind");
+    }
 }

@@ -15,9 +15,11 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use super::{
+    local_delivery,
     netns::{Netns, NetnsCookie, NetnsError},
     sockets,
 };
+use crate::sync::LockExt as _;
 use crate::{
     capture::{Capture, CaptureError},
     metrics::Metrics,
@@ -95,6 +97,8 @@ pub enum EnrolError {
     Netns { name: String, source: NetnsError },
     #[error("pod {name}: opening capture listeners: {source}")]
     Listeners { name: String, source: io::Error },
+    #[error("pod {name}: setting up delivery from the client's address inside the pod: {source}")]
+    LocalDelivery { name: String, source: io::Error },
     #[error("pod {name}: {source}")]
     Capture { name: String, source: CaptureError },
     #[error("saving enrolled pods to {path}: {source}")]
@@ -122,6 +126,7 @@ impl EnrolError {
             EnrolError::NotEnrolled { .. } => "not_found",
             EnrolError::Netns { .. } => "bad_netns",
             EnrolError::Listeners { .. } => "listeners",
+            EnrolError::LocalDelivery { .. } => "local_delivery",
             EnrolError::Capture { .. } => "capture",
             EnrolError::NetnsReplaced { .. } => "bad_netns",
             EnrolError::State { .. } | EnrolError::Saved { .. } => "state",
@@ -193,20 +198,15 @@ impl Pods {
 
     /// Pods waiting to be enrolled, with the reason.
     pub fn pending(&self) -> BTreeMap<String, String> {
-        self.pending.lock().expect("pending lock").clone()
+        self.pending.locked().clone()
     }
 
     pub(super) fn set_pending(&self, pending: BTreeMap<String, String>) {
-        *self.pending.lock().expect("pending lock") = pending;
+        *self.pending.locked() = pending;
     }
 
     pub fn list(&self) -> Vec<PodInfo> {
-        self.pods
-            .lock()
-            .expect("pods lock")
-            .values()
-            .map(Enrolled::info)
-            .collect()
+        self.pods.locked().values().map(Enrolled::info).collect()
     }
 
     pub fn enroll(&self, spec: &PodSpec) -> Result<PodInfo, EnrolError> {
@@ -238,7 +238,7 @@ impl Pods {
             name: name.clone(),
             source,
         })?;
-        let mut pods = self.pods.lock().expect("pods lock");
+        let mut pods = self.pods.locked();
         if let Some(p) = pods.get(&name) {
             return Err(EnrolError::AlreadyEnrolled {
                 name,
@@ -270,22 +270,25 @@ impl Pods {
         };
         let from_netns = spec.addresses.is_empty();
         let (found, listeners) = netns
-            .run(|| -> io::Result<_> {
+            .run(|| -> Result<_, EnrolError> {
                 // A pod enrolled by hand has no Pod object to say which
                 // addresses are its own: its namespace is all there is.
                 let found = if from_netns {
-                    sockets::pod_addresses()?
+                    sockets::pod_addresses().map_err(listeners_err)?
                 } else {
                     Vec::new()
                 };
                 let v6 = sockets::has_ipv6_loopback();
-                Ok((found, sockets::open_listeners(v6)?))
+                local_delivery::prepare(v6).map_err(|source| EnrolError::LocalDelivery {
+                    name: name.clone(),
+                    source,
+                })?;
+                Ok((found, sockets::open_listeners(v6).map_err(listeners_err)?))
             })
             .map_err(|source| EnrolError::Netns {
                 name: name.clone(),
                 source,
-            })?
-            .map_err(listeners_err)?;
+            })??;
         let wanted = if from_netns {
             found
         } else {
@@ -355,7 +358,7 @@ impl Pods {
     }
 
     fn unenroll_inner(&self, name: &str) -> Result<PodInfo, EnrolError> {
-        let mut pods = self.pods.lock().expect("pods lock");
+        let mut pods = self.pods.locked();
         let Some(p) = pods.remove(name) else {
             return Err(EnrolError::NotEnrolled {
                 name: name.to_owned(),
@@ -437,7 +440,7 @@ impl Pods {
             }
         }
         // The state file now lists only the pods taken back.
-        self.save(&self.pods.lock().expect("pods lock"))?;
+        self.save(&self.pods.locked())?;
         self.sweep();
         Ok(())
     }
@@ -446,8 +449,7 @@ impl Pods {
     pub fn sweep(&self) {
         let live: Vec<NetnsCookie> = self
             .pods
-            .lock()
-            .expect("pods lock")
+            .locked()
             .values()
             .map(|p| p.ctx.netns.cookie())
             .collect();

@@ -6,7 +6,10 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
-use mesh_common::{AGENT_MARK, AGENT_SOURCE_V4, PORT_HBONE, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND};
+use mesh_common::{
+    AGENT_LOCAL_MARK, AGENT_MARK, AGENT_SOURCE_V4, PORT_HBONE, PORT_INBOUND_PLAINTEXT,
+    PORT_OUTBOUND,
+};
 use socket2::{Domain, Socket, Type};
 
 /// Which capture listener a socket is.
@@ -83,48 +86,65 @@ pub fn open_listeners(v6: bool) -> io::Result<Vec<PodListener>> {
     Ok(out)
 }
 
-/// A marked, non-blocking socket for connecting to `dst`. Call inside the pod
-/// namespace. With `to_local_app`, the source is the agent's own address
-/// (127.0.0.6 for IPv4, the destination itself for IPv6) so that inbound
-/// capture does not take the connection back.
-pub fn connect_socket(dst: SocketAddr, to_local_app: bool) -> io::Result<std::net::TcpStream> {
+/// Where a connection the agent opens inside a pod comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// Out of the pod: the kernel picks the address.
+    Pod,
+    /// To the pod's own app, on behalf of `client`: the app sees the real
+    /// client's address (`IP_TRANSPARENT`), as it would without the mesh, so
+    /// a remote caller never looks like a local one. Needs the pod netns set
+    /// up by [`super::local_delivery::prepare`].
+    LocalApp { client: IpAddr },
+}
+
+/// The address the agent connects to a local app `dst` from on `client`'s
+/// behalf, and whether it is the client's own (not local: transparent).
+/// The client's address cannot be the source of a connection of the other
+/// family: the agent's own address is used then.
+pub fn local_app_source(client: IpAddr, dst: IpAddr) -> (IpAddr, bool) {
+    match (client, dst) {
+        (IpAddr::V4(_), IpAddr::V4(_)) | (IpAddr::V6(_), IpAddr::V6(_)) => (client, true),
+        (_, IpAddr::V4(_)) => (Ipv4Addr::from(AGENT_SOURCE_V4).into(), false),
+        (_, ip @ IpAddr::V6(_)) => (ip, false),
+    }
+}
+
+/// A marked, non-blocking socket for connecting out of the pod. Call inside
+/// the pod namespace.
+pub fn connect_socket(dst: SocketAddr) -> io::Result<std::net::TcpStream> {
     let s = Socket::new(Domain::for_address(dst), Type::STREAM, None)?;
-    s.set_mark(AGENT_MARK)?;
     s.set_nonblocking(true)?;
     s.set_tcp_nodelay(true)?;
-    if to_local_app {
-        let src: IpAddr = match dst.ip() {
-            IpAddr::V4(_) => Ipv4Addr::from(AGENT_SOURCE_V4).into(),
-            IpAddr::V6(ip) => ip.into(),
-        };
-        // The port is picked at connect time, for the whole 4-tuple: a port
-        // picked at bind time must be free of every TIME_WAIT to any
-        // destination, and at thousands of connections per second the
-        // search for one stalls.
-        bind_address_no_port(&s)?;
-        s.bind(&SocketAddr::new(src, 0).into())?;
-    }
+    s.set_mark(AGENT_MARK)?;
     Ok(s.into())
 }
 
-fn bind_address_no_port(s: &Socket) -> io::Result<()> {
-    use std::os::fd::AsRawFd as _;
-    let on: libc::c_int = 1;
-    // SAFETY: a valid socket, and an int option with its exact size.
-    let rc = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
-            (&raw const on).cast(),
-            std::mem::size_of_val(&on) as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
+/// A non-blocking socket bound to exactly `src` for connecting to the
+/// pod's own app (see [`local_app_source`]). Call inside the pod namespace.
+/// The port is the caller's to pick, so that inbound capture can be told
+/// the connection's 4-tuple before its SYN is sent.
+pub fn local_app_socket(src: SocketAddr, transparent: bool) -> io::Result<std::net::TcpStream> {
+    let s = Socket::new(Domain::for_address(src), Type::STREAM, None)?;
+    s.set_nonblocking(true)?;
+    s.set_tcp_nodelay(true)?;
+    if transparent {
+        // The app's replies to this non-local address carry the SYN's mark
+        // and are routed back over `lo` to this socket.
+        s.set_mark(AGENT_LOCAL_MARK)?;
+        if src.is_ipv6() {
+            s.set_ip_transparent_v6(true)?;
+        } else {
+            s.set_ip_transparent_v4(true)?;
+        }
     } else {
-        Err(io::Error::last_os_error())
+        s.set_mark(AGENT_MARK)?;
     }
+    // Ports still in TIME_WAIT from earlier connections to other
+    // destinations do not stand in the way; connect checks the 4-tuple.
+    s.set_reuse_address(true)?;
+    s.bind(&src.into())?;
+    Ok(s.into())
 }
 
 /// The pod's own addresses: global unicast addresses on non-loopback

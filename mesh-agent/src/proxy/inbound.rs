@@ -16,7 +16,10 @@ use super::{
     conn::{ConnRecord, Outcome, Peer},
     connect_in_pod, finish, revoked_by_policy, splice,
 };
-use crate::state::{Conn, Decision, MtlsMode, Store};
+use crate::{
+    inpod::sockets::Source,
+    state::{Conn, Decision, MtlsMode, Store},
+};
 
 /// Whether plaintext from `peer` to `dst` may go on under this snapshot.
 fn admit(store: &Store, pod: &PodCtx, peer: SocketAddr, dst: SocketAddr) -> Result<(), String> {
@@ -83,7 +86,10 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
         rec.close("DENY", Outcome::error(reason));
         return;
     }
-    let mut app = match connect_in_pod(&pod, dst, true).await {
+    // Not held for the connection's life; the policy watch reads the
+    // current snapshot on each change.
+    drop(store);
+    let mut app = match connect_in_pod(&pod, dst, Source::LocalApp { client: peer.ip() }).await {
         Ok(s) => s,
         Err(e) => {
             metrics.connection("inbound_plaintext", "connect_failed");

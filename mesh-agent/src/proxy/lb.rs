@@ -10,6 +10,7 @@ use std::{
 };
 
 use crate::state::Endpoint;
+use crate::sync::LockExt as _;
 
 /// How long an endpoint that failed a connect gets no new connections
 /// (unless every endpoint is down).
@@ -32,14 +33,14 @@ impl Balancer {
             return Vec::new();
         }
         let start = {
-            let mut next = self.next.lock().expect("balancer lock");
+            let mut next = self.next.locked();
             let n = next.entry(key.to_owned()).or_default();
             let start = *n % endpoints.len();
             *n = n.wrapping_add(1);
             start
         };
         let now = Instant::now();
-        let mut down = self.down.lock().expect("balancer lock");
+        let mut down = self.down.locked();
         down.retain(|_, until| *until > now);
         let rotated = endpoints[start..].iter().chain(&endpoints[..start]);
         let (healthy, sick): (Vec<&Endpoint>, Vec<&Endpoint>) =
@@ -48,20 +49,17 @@ impl Balancer {
     }
 
     pub fn mark_down(&self, addr: SocketAddr) {
-        self.down
-            .lock()
-            .expect("balancer lock")
-            .insert(addr, Instant::now() + DOWN_FOR);
+        self.down.locked().insert(addr, Instant::now() + DOWN_FOR);
     }
 
     pub fn mark_up(&self, addr: SocketAddr) {
-        self.down.lock().expect("balancer lock").remove(&addr);
+        self.down.locked().remove(&addr);
     }
 
     /// How many of `endpoints` are set aside now (`order` puts them last).
     pub fn down_among(&self, endpoints: &[Endpoint]) -> usize {
         let now = Instant::now();
-        let down = self.down.lock().expect("balancer lock");
+        let down = self.down.locked();
         endpoints
             .iter()
             .filter(|e| down.get(&e.addr).is_some_and(|until| *until > now))
@@ -71,7 +69,7 @@ impl Balancer {
     /// Endpoints currently set aside, for `/config_dump`.
     pub fn down(&self) -> Vec<SocketAddr> {
         let now = Instant::now();
-        let down = self.down.lock().expect("balancer lock");
+        let down = self.down.locked();
         down.iter()
             .filter(|(_, until)| **until > now)
             .map(|(a, _)| *a)

@@ -26,7 +26,7 @@ use crate::{
     inpod::{
         netns::Netns,
         pods::PodRef,
-        sockets::{PodListener, Role, connect_socket},
+        sockets::{self, PodListener, Role, Source, connect_socket},
     },
     limit,
     metrics::Metrics,
@@ -252,28 +252,76 @@ fn spawn_synced<F>(
     tokio::spawn(task.instrument(span));
 }
 
-/// Connects from inside the pod's namespace with the agent's mark.
-async fn connect_in_pod(
-    pod: &PodCtx,
-    dst: SocketAddr,
-    to_local_app: bool,
-) -> io::Result<TcpStream> {
-    connect_from(Some(&pod.netns), dst, to_local_app).await
+/// Connects from inside the pod's namespace with the agent's mark: out of
+/// the pod, or to its own app on a client's behalf.
+async fn connect_in_pod(pod: &PodCtx, dst: SocketAddr, source: Source) -> io::Result<TcpStream> {
+    match source {
+        Source::Pod => connect_from(Some(&pod.netns), dst).await,
+        Source::LocalApp { client } => connect_local_app(pod, client, dst).await,
+    }
+}
+
+/// How many source ports a connection to a local app tries before it gives
+/// up (each is in use only while an earlier connection's 4-tuple is).
+const LOCAL_APP_PORT_TRIES: usize = 16;
+
+/// The next source port for a connection to a local app, shared by all
+/// pods: consecutive connections from one client get different ports.
+fn next_local_app_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let range = mesh_common::LOCAL_APP_PORTS;
+    let len = u32::from(*range.end() - *range.start()) + 1;
+    *range.start() + (NEXT.fetch_add(1, Ordering::Relaxed) % len) as u16
+}
+
+/// Connects to the pod's app `dst` from the client's address. The 4-tuple is
+/// chosen here and handed to inbound capture before the SYN leaves, so that
+/// capture lets exactly this connection through (from the client's address,
+/// nothing else in the SYN sets it apart from the client's own).
+async fn connect_local_app(pod: &PodCtx, client: IpAddr, dst: SocketAddr) -> io::Result<TcpStream> {
+    let (ip, transparent) = sockets::local_app_source(client, dst.ip());
+    let mut last = None;
+    for _ in 0..LOCAL_APP_PORT_TRIES {
+        let src = SocketAddr::new(ip, next_local_app_port());
+        let std = match pod
+            .netns
+            .run(|| sockets::local_app_socket(src, transparent))
+            .map_err(io::Error::other)?
+        {
+            Ok(s) => s,
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+                last = Some(e);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let _let_through = pod
+            .shared
+            .capture
+            .let_through(src, dst)
+            .map_err(io::Error::other)?;
+        match connect_std(std, dst).await {
+            Err(e) if e.kind() == io::ErrorKind::AddrNotAvailable => last = Some(e),
+            r => return r,
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::from(io::ErrorKind::AddrInUse)))
 }
 
 /// Connects from `netns` (None: where the process runs) with the agent's
-/// mark.
-pub async fn connect_from(
-    netns: Option<&Netns>,
-    dst: SocketAddr,
-    to_local_app: bool,
-) -> io::Result<TcpStream> {
+/// mark, out of the pod.
+pub async fn connect_from(netns: Option<&Netns>, dst: SocketAddr) -> io::Result<TcpStream> {
     let std = match netns {
         Some(netns) => netns
-            .run(|| connect_socket(dst, to_local_app))
+            .run(|| connect_socket(dst))
             .map_err(io::Error::other)??,
-        None => connect_socket(dst, to_local_app)?,
+        None => connect_socket(dst)?,
     };
+    connect_std(std, dst).await
+}
+
+async fn connect_std(std: std::net::TcpStream, dst: SocketAddr) -> io::Result<TcpStream> {
     let socket = TcpSocket::from_std_stream(std);
     match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst)).await {
         Ok(r) => r,

@@ -22,6 +22,7 @@ use super::{
 };
 use crate::{
     identity::Identity,
+    inpod::sockets::Source,
     state::{Binding, Endpoint, Service, Store, Waypoint, Workload},
 };
 
@@ -189,6 +190,9 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
         identity: src_identity.clone(),
     };
     let route = route(&store, &pod, dst, src_workload.as_deref());
+    // What the connection needs is taken; the snapshot is not held for its
+    // whole life (configuration changes would pile up behind it).
+    drop(store);
     let service = route.service.as_deref();
     let mut rec = ConnRecord::new(
         metrics.clone(),
@@ -256,7 +260,7 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
             (Some(_), _, _) => Err(Attempt::Fatal(
                 "this pod is not in the configuration, so it has no identity for mTLS".into(),
             )),
-            (None, _, _) => connect_in_pod(&pod, c.addr, false)
+            (None, _, _) => connect_in_pod(&pod, c.addr, Source::Pod)
                 .await
                 .map(Upstream::Plain)
                 .map_err(|e| Attempt::Failed {

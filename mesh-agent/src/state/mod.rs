@@ -268,6 +268,36 @@ pub struct Store {
     http_routes: usize,
     gateways: usize,
     warnings: Vec<ConfigWarning>,
+    _live: Live,
+}
+
+/// Snapshots alive in the process: the one the data path follows, plus any
+/// a task still holds. A connection that held its first snapshot for its
+/// whole life would keep every configuration it outlived in memory; tasks
+/// take what they need from a snapshot and let it go, and this count (the
+/// `mesh_config_snapshots` gauge) shows that they do.
+static LIVE_SNAPSHOTS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+/// Counts one live [`Store`].
+#[derive(Debug)]
+struct Live;
+
+impl Default for Live {
+    fn default() -> Self {
+        LIVE_SNAPSHOTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Live
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        LIVE_SNAPSHOTS.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// How many configuration snapshots the process holds now.
+pub fn live_snapshots() -> i64 {
+    LIVE_SNAPSHOTS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 impl Store {

@@ -15,6 +15,7 @@ use hyper::HeaderMap;
 
 use super::Ctx;
 use crate::state::{Endpoint, LoadBalancer, Store, WaypointTarget};
+use crate::sync::LockExt as _;
 
 /// A Service port (or pod) and, from a DestinationRule, the subset of its
 /// pods that may serve.
@@ -49,28 +50,18 @@ pub struct InFlightGuard<'a>(&'a InFlight, SocketAddr);
 
 impl InFlight {
     pub fn start(&self, addr: SocketAddr) -> InFlightGuard<'_> {
-        *self
-            .0
-            .lock()
-            .expect("in-flight lock")
-            .entry(addr)
-            .or_default() += 1;
+        *self.0.locked().entry(addr).or_default() += 1;
         InFlightGuard(self, addr)
     }
 
     fn get(&self, addr: SocketAddr) -> usize {
-        self.0
-            .lock()
-            .expect("in-flight lock")
-            .get(&addr)
-            .copied()
-            .unwrap_or(0)
+        self.0.locked().get(&addr).copied().unwrap_or(0)
     }
 }
 
 impl Drop for InFlightGuard<'_> {
     fn drop(&mut self) {
-        let mut map = self.0.0.lock().expect("in-flight lock");
+        let mut map = self.0.0.locked();
         if let Some(n) = map.get_mut(&self.1) {
             *n -= 1;
             if *n == 0 {

@@ -14,6 +14,7 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family},
 };
 
+use crate::sync::LockExt as _;
 use crate::{identity::Identity, state::RateLimit};
 
 #[derive(Debug)]
@@ -69,7 +70,7 @@ impl RateLimiter {
     ) -> Result<(), Duration> {
         let now = Instant::now();
         let sa = format!("{}/{}", client.namespace, client.service_account);
-        let mut buckets = self.buckets.lock().expect("rate limit lock");
+        let mut buckets = self.buckets.locked();
         // A full bucket is the same as none: drop them when the map grows,
         // so identities that stopped calling (or deleted policies) leave.
         if buckets.len() > 4096 {

@@ -21,6 +21,7 @@ use prometheus_client::{
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::state::{ConnectionPool, Endpoint, OutlierDetection};
+use crate::sync::LockExt as _;
 
 /// One Service's cap, made again when its configuration changes.
 struct Gate {
@@ -50,7 +51,7 @@ impl Limits {
             return Admit::Go(None);
         };
         let gate = {
-            let mut gates = self.0.lock().expect("limits lock");
+            let mut gates = self.0.locked();
             let gate = gates.entry(service.to_owned()).or_insert_with(|| {
                 Arc::new(Gate {
                     config: config.clone(),
@@ -123,8 +124,7 @@ impl Outliers {
     pub fn is_ejected(&self, addr: SocketAddr) -> bool {
         let now = Instant::now();
         self.health
-            .lock()
-            .expect("outliers lock")
+            .locked()
             .get(&addr)
             .and_then(|h| h.ejected_until)
             .is_some_and(|until| until > now)
@@ -142,7 +142,7 @@ impl Outliers {
         config: &OutlierDetection,
     ) {
         let now = Instant::now();
-        let mut health = self.health.lock().expect("outliers lock");
+        let mut health = self.health.locked();
         let out = endpoints
             .iter()
             .filter(|e| {
@@ -199,8 +199,7 @@ impl Outliers {
         let now = Instant::now();
         let mut out: Vec<serde_json::Value> = self
             .health
-            .lock()
-            .expect("outliers lock")
+            .locked()
             .iter()
             .filter_map(|(addr, h)| {
                 let until = h.ejected_until.filter(|u| *u > now)?;

@@ -44,8 +44,8 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_HEAD: usize = 64 * 1024;
 
 pub async fn connection(ctx: Arc<Ctx>, stream: TcpStream, peer: SocketAddr) {
-    let store = ctx.store();
-    let Some(id) = ctx.identity(&store) else {
+    // Not held for the connection's life: each CONNECT reads the current one.
+    let Some(id) = ctx.identity(&ctx.store()) else {
         ctx.metrics.connection("waypoint", "no_local_identity");
         warn!("the waypoint's own pod is not in the configuration; it has no identity yet");
         return;
@@ -292,6 +292,8 @@ async fn tcp(
         client: Some(client.addr.ip()),
     };
     let endpoints = balance::endpoints(&ctx, &store, &choice, keys);
+    // Not held while the stream lasts.
+    drop(store);
     let mut last = String::from("no endpoint");
     for ep in endpoints.iter().take(3) {
         match upstream::stream(&ctx, ep.addr).await {

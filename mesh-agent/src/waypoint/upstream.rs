@@ -116,7 +116,7 @@ async fn open(ctx: &Ctx, addr: SocketAddr) -> io::Result<Upstream> {
         // Not in the mesh (or not known): the waypoint is its client, as a
         // sidecar-less client would be.
         _ => Ok(Upstream::Plain(TokioIo::new(
-            connect_from(None, addr, false).await?,
+            connect_from(None, addr).await?,
         ))),
     }
 }

@@ -1,8 +1,8 @@
 //! The application the namespaced tests run inside pods.
 //!
 //! `serve ADDR`: accepts TCP connections; on each, writes one line
-//! `peer=<client addr> local=<local addr>` and then echoes every byte until the
-//! client half-closes.
+//! `peer=<client addr> local=<local addr> mark=<SO_MARK>` and then echoes
+//! every byte until the client half-closes.
 //!
 //! `connect ADDR BYTES` / `repl`: connects to ADDR (for `repl`, one connection
 //! per stdin line `ADDR BYTES`), sends BYTES of a pattern, half-closes, reads
@@ -117,7 +117,8 @@ fn serve(addr: SocketAddr) {
         std::thread::spawn(move || {
             let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
             let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
-            let _ = s.write_all(format!("peer={peer} local={local}\n").as_bytes());
+            let mark = socket_mark(&s);
+            let _ = s.write_all(format!("peer={peer} local={local} mark={mark}\n").as_bytes());
             let mut buf = vec![0u8; 64 * 1024];
             loop {
                 match s.read(&mut buf) {
@@ -132,6 +133,26 @@ fn serve(addr: SocketAddr) {
             let _ = s.shutdown(Shutdown::Write);
         });
     }
+}
+
+/// The accepted socket's `SO_MARK`: the agent's local-delivery mark when the
+/// agent connected on a client's behalf (the SYN's mark, kept with
+/// `tcp_fwmark_accept`), 0 for a client that connected directly.
+fn socket_mark(s: &TcpStream) -> u32 {
+    use std::os::fd::AsRawFd as _;
+    let mut mark: u32 = 0;
+    let mut len = std::mem::size_of::<u32>() as libc::socklen_t;
+    // SAFETY: valid fd, out-pointer and length for a u32 option.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MARK,
+            (&raw mut mark).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 { mark } else { u32::MAX }
 }
 
 fn pattern(i: usize) -> u8 {
@@ -156,11 +177,14 @@ fn connect(addr: SocketAddr, bytes: usize) -> serde_json::Value {
     }
     let mut server_peer = String::new();
     let mut server_local = String::new();
+    let mut server_mark = String::new();
     for kv in hello.split_whitespace() {
         if let Some(v) = kv.strip_prefix("peer=") {
             server_peer = v.to_owned();
         } else if let Some(v) = kv.strip_prefix("local=") {
             server_local = v.to_owned();
+        } else if let Some(v) = kv.strip_prefix("mark=") {
+            server_mark = v.to_owned();
         }
     }
     let mut w = s;
@@ -202,6 +226,7 @@ fn connect(addr: SocketAddr, bytes: usize) -> serde_json::Value {
         "peer": peer,
         "server_peer": server_peer,
         "server_local": server_local,
+        "server_mark": server_mark,
         "sent": bytes,
         "received": got,
         "intact": intact,

@@ -23,6 +23,7 @@ use super::{
     POOL_MAX_AGE, REQUEST_TIMEOUT, STREAM_WINDOW,
 };
 use crate::proxy::{Dialer, connect_from};
+use crate::sync::LockExt as _;
 use crate::{
     identity::{Identity, IdentityError},
     state::Workload,
@@ -186,7 +187,7 @@ impl Pool {
         // The stream is counted on its connection as soon as it is chosen,
         // so that concurrent calls spread instead of all picking it.
         let pooled = {
-            let mut conns = self.conns.lock().expect("pool lock");
+            let mut conns = self.conns.locked();
             let peer: &[Pooled] = match conns.get_mut(&key) {
                 Some(v) => {
                     forget_idle_expired(v);
@@ -226,7 +227,7 @@ impl Pool {
         key: &PoolKey,
     ) -> Result<(Sender, ActiveStream), HboneError> {
         let addr = key.addr;
-        let tcp = connect_from(dialer.netns, addr, false)
+        let tcp = connect_from(dialer.netns, addr)
             .await
             .map_err(|source| HboneError::Connect { addr, source })?;
         let config = dialer
@@ -267,7 +268,7 @@ impl Pool {
             }
             .in_current_span(),
         );
-        let mut conns = self.conns.lock().expect("pool lock");
+        let mut conns = self.conns.locked();
         // Closed connections leave the map here, and expired ones once
         // their last stream is done (the pool's handle is what keeps an
         // idle connection open).
@@ -292,7 +293,7 @@ impl Pool {
 
     /// Number of live pooled connections, for `/config_dump`.
     pub fn len(&self) -> usize {
-        let conns = self.conns.lock().expect("pool lock");
+        let conns = self.conns.locked();
         conns
             .values()
             .flatten()

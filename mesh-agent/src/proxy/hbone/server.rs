@@ -25,6 +25,7 @@ use crate::proxy::{
 };
 use crate::{
     identity::{Identity, peer_identity},
+    inpod::sockets::Source,
     state::{Conn, Decision, Store, Workload},
 };
 
@@ -52,8 +53,8 @@ fn tls_failure(e: &io::Error) -> &'static str {
 /// Serves one connection accepted on the pod's 15008 listener.
 pub async fn serve(pod: Arc<PodCtx>, stream: TcpStream, peer: SocketAddr) {
     let metrics = &pod.shared.metrics;
-    let store = pod.shared.store();
-    let Some(local) = pod.workload(&store) else {
+    // Not held for the connection's life: each CONNECT reads the current one.
+    let Some(local) = pod.workload(&pod.shared.store()) else {
         metrics.connection("hbone", "no_local_identity");
         warn!("pod is not in the state store, so it has no identity to accept HBONE with");
         return;
@@ -228,7 +229,16 @@ impl Inbound {
             rec.close("DENY", Outcome::error(reason));
             return answer(StatusCode::UNAUTHORIZED);
         }
-        let app = match connect_in_pod(pod, dst, true).await {
+        drop(store);
+        let app = match connect_in_pod(
+            pod,
+            dst,
+            Source::LocalApp {
+                client: self.peer.ip(),
+            },
+        )
+        .await
+        {
             Ok(s) => s,
             Err(e) => {
                 metrics.connection("hbone", "connect_failed");
