@@ -157,6 +157,14 @@ pub struct MeshArgs {
     /// how the agent checks the CA it talks to.
     #[arg(long, env = "MESH_CA_ROOT")]
     pub ca_root: Option<PathBuf>,
+    /// More trust roots (a PEM bundle of one or more CA certificates): peers
+    /// whose certificates chain to any of them are accepted too, as well as
+    /// those of the CA's own root. To rotate the root: give every agent a
+    /// bundle with the new root, then move the CA to it, then drop the old
+    /// one. Read at start; a certificate that is not a valid CA refuses
+    /// the start.
+    #[arg(long, env = "MESH_TRUST_BUNDLE")]
+    pub trust_bundle: Option<PathBuf>,
     /// The ServiceAccount token (audience `mesh-ca`) the agent shows the
     /// cluster CA; read again for every request, as the kubelet rotates it.
     #[arg(

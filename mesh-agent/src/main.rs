@@ -277,6 +277,7 @@ fn ca_config(m: &config::MeshArgs, state_dir: &Path) -> identity::CaConfig {
         trust_domain: m.trust_domain.clone(),
         cert_ttl: m.cert_ttl,
         source,
+        trust_bundle: m.trust_bundle.clone(),
     }
 }
 

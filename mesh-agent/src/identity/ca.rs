@@ -324,6 +324,20 @@ impl Ca {
 impl RootCert {
     /// Reads one PEM root certificate that is a CA and still valid.
     pub(super) fn load(path: &Path) -> Result<RootCert, IdentityError> {
+        let mut roots = Self::load_bundle(path)?;
+        match roots.len() {
+            1 => Ok(roots.remove(0)),
+            n => Err(IdentityError::BadFile {
+                path: path.to_owned(),
+                reason: format!("expected one root certificate, found {n}"),
+            }),
+        }
+    }
+
+    /// Reads a PEM bundle of one or more root certificates, each a CA and
+    /// still valid: one that is not refuses the whole bundle (a trust
+    /// bundle half read would fail some peers in ways hard to trace).
+    pub(super) fn load_bundle(path: &Path) -> Result<Vec<RootCert>, IdentityError> {
         let bad = |reason: String| IdentityError::BadFile {
             path: path.to_owned(),
             reason,
@@ -332,35 +346,44 @@ impl RootCert {
         let certs = CertificateDer::pem_slice_iter(&bytes)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| bad(format!("not a PEM file: {e}")))?;
-        let der = match certs.as_slice() {
-            [der] => der.clone(),
-            [] => return Err(bad("no CERTIFICATE PEM block".into())),
-            more => {
-                return Err(bad(format!(
-                    "expected one root certificate, found {}",
-                    more.len()
-                )));
-            }
-        };
+        if certs.is_empty() {
+            return Err(bad("no CERTIFICATE PEM block".into()));
+        }
+        let several = certs.len() > 1;
+        let blocks = pem_blocks(&bytes);
+        certs
+            .into_iter()
+            .enumerate()
+            .map(|(i, der)| {
+                let which = if several {
+                    format!("certificate {}: ", i + 1)
+                } else {
+                    String::new()
+                };
+                let pem = blocks.get(i).cloned().unwrap_or_default();
+                Self::from_der(der, pem).map_err(|reason| bad(format!("{which}{reason}")))
+            })
+            .collect()
+    }
+
+    fn from_der(der: CertificateDer<'static>, pem: String) -> Result<RootCert, String> {
         let (_, x509) = x509_parser::parse_x509_certificate(&der)
-            .map_err(|e| bad(format!("not an X.509 certificate: {e}")))?;
+            .map_err(|e| format!("not an X.509 certificate: {e}"))?;
         if !x509.is_ca() {
-            return Err(bad(
-                "not a CA certificate (basicConstraints CA is not set)".into()
-            ));
+            return Err("not a CA certificate (basicConstraints CA is not set)".into());
         }
         let facts = CertFacts::of(&x509);
         if facts.not_after <= SystemTime::now() {
-            return Err(bad(format!(
+            return Err(format!(
                 "the root certificate expired at {}",
                 rfc3339(facts.not_after)
-            )));
+            ));
         }
         let anchor = webpki::anchor_from_trusted_cert(&der)
-            .map_err(|e| bad(format!("not usable as a trust anchor: {e}")))?
+            .map_err(|e| format!("not usable as a trust anchor: {e}"))?
             .to_owned();
         Ok(RootCert {
-            pem: pem_block(&bytes),
+            pem,
             der,
             anchor,
             facts,
@@ -424,14 +447,22 @@ fn random_serial(random: &dyn SecureRandom) -> Result<SerialNumber, rcgen::Error
 
 /// The one CERTIFICATE block of an already parsed file, without whatever
 /// text (openssl's "Bag Attributes", comments) surrounds it.
-fn pem_block(file: &[u8]) -> String {
+/// Every CERTIFICATE block of a PEM file, in order, each ending in a newline.
+fn pem_blocks(file: &[u8]) -> Vec<String> {
     const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
     const END: &str = "-----END CERTIFICATE-----";
     let text = String::from_utf8_lossy(file);
-    match (text.find(BEGIN), text.find(END)) {
-        (Some(begin), Some(end)) if begin < end => format!("{}\n", &text[begin..end + END.len()]),
-        _ => text.into_owned(),
+    let mut out = Vec::new();
+    let mut rest = &text[..];
+    while let Some(begin) = rest.find(BEGIN) {
+        let Some(end) = rest[begin..].find(END) else {
+            break;
+        };
+        let stop = begin + end + END.len();
+        out.push(format!("{}\n", &rest[begin..stop]));
+        rest = &rest[stop..];
     }
+    out
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, IdentityError> {

@@ -127,8 +127,23 @@ impl CertManager {
                 (Authority::Embedded(Arc::new(ca)), root)
             }
         };
+        let mut anchors = vec![root.anchor.clone()];
+        if let Some(path) = &cfg.trust_bundle {
+            for extra in RootCert::load_bundle(path)? {
+                if extra.der != root.der {
+                    info!(
+                        bundle = %path.display(),
+                        root = %extra.facts.subject,
+                        serial = %extra.facts.serial,
+                        not_after = %rfc3339(extra.facts.not_after),
+                        "also trusting peers of this root"
+                    );
+                    anchors.push(extra.anchor);
+                }
+            }
+        }
         let roots = Arc::new(Roots::new(
-            root.anchor.clone(),
+            anchors,
             td,
             provider.signature_verification_algorithms,
         ));

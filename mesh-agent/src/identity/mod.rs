@@ -186,6 +186,9 @@ pub struct CaConfig {
     /// Lifetime of workload certificates; they are renewed at half of it.
     pub cert_ttl: Duration,
     pub source: CaSource,
+    /// More roots whose workloads peers are accepted from (PEM bundle), on
+    /// top of the CA's own: how a root is rotated without a flag day.
+    pub trust_bundle: Option<PathBuf>,
 }
 
 /// A workload certificate and its key.

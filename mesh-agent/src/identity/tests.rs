@@ -64,6 +64,7 @@ fn manager(dir: &TempDir, ttl: Duration) -> Arc<CertManager> {
         trust_domain: TD.into(),
         cert_ttl: ttl,
         source: CaSource::Generate { dir: dir.0.clone() },
+        trust_bundle: None,
     })
     .unwrap()
 }
@@ -151,6 +152,7 @@ fn a_cert_without_its_key_is_an_error_not_a_new_root() {
         trust_domain: TD.into(),
         cert_ttl: Duration::from_secs(3600),
         source: CaSource::Generate { dir: dir.0.clone() },
+        trust_bundle: None,
     })
     .unwrap_err();
     assert!(matches!(&err, IdentityError::BadFile { path, .. } if path.ends_with("root-key.pem")));
@@ -184,6 +186,7 @@ fn brought_root_signs_workload_certs() {
         trust_domain: TD.into(),
         cert_ttl: ttl,
         source: CaSource::Files { cert, key },
+        trust_bundle: None,
     })
     .unwrap();
     assert_eq!(der_of_pem(&m.root_pem()), der_of_pem(&cert_pem));
@@ -223,6 +226,7 @@ fn byo(cert: PathBuf, key: PathBuf) -> IdentityError {
         trust_domain: TD.into(),
         cert_ttl: Duration::from_secs(3600),
         source: CaSource::Files { cert, key },
+        trust_bundle: None,
     })
     .unwrap_err()
 }

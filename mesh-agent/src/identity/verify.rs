@@ -15,11 +15,12 @@ use x509_parser::extensions::GeneralName;
 
 use super::{Identity, IdentityError};
 
-/// The trust root and what verifying against it needs.
+/// The trust roots (the CA's, then any from the trust bundle) and what
+/// verifying against them needs.
 #[derive(Debug)]
 pub(super) struct Roots {
     anchors: Vec<TrustAnchor<'static>>,
-    /// Sent in the CertificateRequest so clients know which root we trust.
+    /// Sent in the CertificateRequest so clients know which roots we trust.
     hints: Vec<DistinguishedName>,
     trust_domain: String,
     algs: WebPkiSupportedAlgorithms,
@@ -27,13 +28,16 @@ pub(super) struct Roots {
 
 impl Roots {
     pub(super) fn new(
-        anchor: TrustAnchor<'static>,
+        anchors: Vec<TrustAnchor<'static>>,
         trust_domain: &str,
         algs: WebPkiSupportedAlgorithms,
     ) -> Self {
-        let hints = vec![DistinguishedName::in_sequence(anchor.subject.as_ref())];
+        let hints = anchors
+            .iter()
+            .map(|a| DistinguishedName::in_sequence(a.subject.as_ref()))
+            .collect();
         Roots {
-            anchors: vec![anchor],
+            anchors,
             hints,
             trust_domain: trust_domain.to_owned(),
             algs,

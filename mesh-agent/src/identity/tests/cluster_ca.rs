@@ -155,6 +155,7 @@ impl Cluster {
                 root: self.root.clone(),
                 token: token.to_owned(),
             },
+            trust_bundle: None,
         })
         .unwrap()
     }

@@ -247,3 +247,106 @@ async fn rotation_renews_at_half_life_for_new_handshakes() {
     let (_, sc) = h.0.as_ref().unwrap().get_ref();
     assert_eq!(peer_identity(sc), Some(cli));
 }
+
+/// A trust bundle lets a second root's workloads in (a root being rotated
+/// in or out) on both sides of a handshake; a third root's stay out.
+#[tokio::test]
+async fn a_trust_bundle_accepts_peers_of_its_roots_and_no_others() {
+    let dir = TempDir::new("bundle-a");
+    let b = manager(&TempDir::new("bundle-b"), Duration::from_secs(3600));
+    let c = manager(&TempDir::new("bundle-c"), Duration::from_secs(3600));
+    let bundle = dir.write("bundle.pem", &b.root_pem());
+    let a = CertManager::new(CaConfig {
+        trust_domain: TD.into(),
+        cert_ttl: Duration::from_secs(3600),
+        source: CaSource::Generate {
+            dir: dir.path("ca"),
+        },
+        trust_bundle: Some(bundle),
+    })
+    .unwrap();
+    let (srv, cli) = (id("prod", "db"), id("default", "web"));
+
+    // A client of root B at a server of root A.
+    let from_b = b.certificate(&cli).unwrap();
+    let (s, c_side) = handshake(
+        a.server_config(&srv).unwrap(),
+        a.client_config_with(&from_b, &srv).unwrap(),
+    )
+    .await;
+    let s = s.expect("the server accepts a client of a bundled root");
+    assert_eq!(peer_identity(s.get_ref().1), Some(cli.clone()));
+    c_side.expect("and the client completes");
+
+    // A server of root B, reached by a client of root A.
+    let b_server = b.server_config(&srv).unwrap();
+    let (s, c_side) = handshake(b_server, a.client_config(&cli, &srv).unwrap()).await;
+    let c_side = c_side.expect("the client accepts a server of a bundled root");
+    assert_eq!(peer_identity(c_side.get_ref().1), Some(srv.clone()));
+    drop(s);
+
+    // Root C is in no bundle.
+    let from_c = c.certificate(&cli).unwrap();
+    let h = handshake(
+        a.server_config(&srv).unwrap(),
+        a.client_config_with(&from_c, &srv).unwrap(),
+    )
+    .await;
+    assert_eq!(
+        server_error(h),
+        rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)
+    );
+}
+
+/// A bundle is all valid CA certificates or the agent does not start.
+#[test]
+fn a_bundle_with_a_certificate_that_is_not_a_ca_is_refused() {
+    let dir = TempDir::new("bundle-bad");
+    let b = manager(&TempDir::new("bundle-b2"), Duration::from_secs(3600));
+    let leaf = b.certificate(&id("default", "web")).unwrap();
+    let leaf_pem = format!(
+        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+        base64_of(leaf.chain[0].as_ref())
+    );
+    let bundle = dir.write("bundle.pem", &format!("{}{leaf_pem}", b.root_pem()));
+    let err = CertManager::new(CaConfig {
+        trust_domain: TD.into(),
+        cert_ttl: Duration::from_secs(3600),
+        source: CaSource::Generate {
+            dir: dir.path("ca"),
+        },
+        trust_bundle: Some(bundle),
+    })
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("certificate 2: not a CA certificate"),
+        "{err}"
+    );
+}
+
+/// Standard base64 with 64-character lines, for a PEM body.
+fn base64_of(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(A[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out.as_bytes()
+        .chunks(64)
+        .map(|l| String::from_utf8_lossy(l).into_owned())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
