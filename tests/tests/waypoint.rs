@@ -1088,6 +1088,14 @@ spec:
   host: pool
   trafficPolicy:
     connectionPool: {http: {http2MaxRequests: 1, http1MaxPendingRequests: 1}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: oneshot, namespace: shop}
+spec:
+  host: oneshot
+  trafficPolicy:
+    connectionPool: {http: {maxRequestsPerConnection: 1}}
 ";
 
 #[test]
@@ -1115,8 +1123,40 @@ fn circuit_breakers_eject_outliers_and_refuse_overflow() -> anyhow::Result<()> {
             "istio.io/use-waypoint: waypoint",
         ) + "\n",
     );
+    docs.push(
+        service(
+            "oneshot",
+            "10.96.0.33",
+            "app: reviews, version: v1",
+            "istio.io/use-waypoint: waypoint",
+        ) + "\n",
+    );
     docs.push(format!("{BREAKERS}\n"));
-    apply_at_waypoint(&tb, &waypoint, &docs, &["shop/breaker", "shop/pool\""])?;
+    apply_at_waypoint(
+        &tb,
+        &waypoint,
+        &docs,
+        &["shop/breaker", "shop/pool\"", "shop/oneshot\""],
+    )?;
+
+    // maxRequestsPerConnection 1: each request on a connection of its own
+    // to the backend (the app sees a new peer port each time); without it
+    // the waypoint keeps one connection alive for consecutive requests.
+    let peers = |vip: &str| -> anyhow::Result<Vec<String>> {
+        let urls: Vec<String> = (0..3).map(|i| format!("http://{vip}/peer/{i}")).collect();
+        let args: Vec<&str> = urls.iter().map(String::as_str).collect();
+        let (_, a) = tb.curl(&frontend, &args)?;
+        anyhow::ensure!(a.iter().all(|(s, _)| *s == 200), "{a:?}");
+        Ok(a.iter()
+            .map(|(_, b)| json(b)["peer"].as_str().unwrap_or_default().to_owned())
+            .collect())
+    };
+    let mut oneshot = peers("10.96.0.33")?;
+    oneshot.dedup();
+    assert_eq!(oneshot.len(), 3, "one connection per request: {oneshot:?}");
+    let mut pooled = peers("10.96.0.32")?;
+    pooled.dedup();
+    assert_eq!(pooled.len(), 1, "kept alive without the limit: {pooled:?}");
 
     // v1 answers /fail-if/v1 with 503 (Istio's default retry then serves
     // the request from v2): after two in a row v1 is ejected and gets no

@@ -232,7 +232,7 @@ metadata: {name: pool, namespace: shop}
 spec:
   host: other
   trafficPolicy:
-    connectionPool: {tcp: {maxConnections: 4, connectTimeout: 1s}, http: {http1MaxPendingRequests: 2}}
+    connectionPool: {tcp: {maxConnections: 4, connectTimeout: 1s}, http: {http1MaxPendingRequests: 2, maxRequestsPerConnection: 3}}
     outlierDetection: {consecutiveGatewayErrors: 3, baseEjectionTime: 5s, maxEjectionPercent: 50}
 ";
     let s = store(&format!("{BASE}{VS}{route}"));
@@ -299,7 +299,8 @@ spec:
         dr.connection_pool,
         Some(ConnectionPool {
             max_requests: Some(4),
-            max_pending: 2
+            max_pending: 2,
+            max_requests_per_connection: Some(3),
         })
     );
     let od = dr.outlier_detection.as_ref().unwrap();

@@ -21,6 +21,7 @@ use hyper::{
     body::{Body as _, Bytes, Frame, Incoming, SizeHint},
     header::{self, HeaderValue},
 };
+use hyper_util::client::legacy::connect::capture_connection;
 use tracing::{debug, info};
 
 use super::{
@@ -30,7 +31,7 @@ use super::{
     resilience::{self, Admit, Outcome},
     telemetry::HttpLabels,
     trace::{Span, TraceContext},
-    upstream::Body,
+    upstream::{self, Body},
 };
 use crate::{
     proxy::{Peer, tcp_labels},
@@ -478,6 +479,9 @@ impl Handler {
             WaypointTarget::Workload(..) => (None, String::new(), 0),
         };
         let pool_key = format!("{breaker_key}:{}", subset.unwrap_or(""));
+        let per_connection = policy
+            .and_then(|p| p.connection_pool_for(subset, port))
+            .and_then(|c| c.max_requests_per_connection);
         let admitted = tokio::time::timeout(
             resilience::QUEUE_TIMEOUT,
             ctx.limits.admit(
@@ -548,6 +552,7 @@ impl Handler {
                 &ctx.clients.http1
             };
             let sent_at = SystemTime::now();
+            let connection = capture_connection(&mut up);
             let send = client.request(up);
             let limit = match (try_timeout, deadline) {
                 (Some(t), Some(d)) => Some(d.min(tokio::time::Instant::now() + t)),
@@ -573,6 +578,20 @@ impl Handler {
             match &result {
                 Ok(resp) => observe(ep.addr, Outcome::Status(resp.status().as_u16())),
                 Err(_) => observe(ep.addr, Outcome::Failed),
+            }
+            // A connection that has carried its share is not used again; it
+            // closes once this response is read.
+            if let (Some(max), Some(conn)) =
+                (per_connection, connection.connection_metadata().as_ref())
+            {
+                let mut extra = hyper::http::Extensions::new();
+                conn.get_extras(&mut extra);
+                if extra
+                    .get::<upstream::Served>()
+                    .is_some_and(|s| s.count(max))
+                {
+                    conn.poison();
+                }
             }
             match result {
                 Ok(resp) if retry.codes.contains(&resp.status().as_u16()) && i + 1 < attempts => {

@@ -127,9 +127,21 @@ pub enum Upstream {
     Plain(TokioIo<tokio::net::TcpStream>),
 }
 
+/// Requests an upstream connection has carried, shared by the requests
+/// that go over it (DestinationRule `maxRequestsPerConnection`).
+#[derive(Clone, Debug, Default)]
+pub struct Served(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Served {
+    /// Counts one more request; true once `max` have gone over it.
+    pub fn count(&self, max: usize) -> bool {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 >= max
+    }
+}
+
 impl Connection for Upstream {
     fn connected(&self) -> Connected {
-        Connected::new()
+        Connected::new().extra(Served::default())
     }
 }
 

@@ -633,8 +633,7 @@ fn connection_pool(
             || t.max_connection_duration.is_some()
             || t.idle_timeout.is_some()
     }) || cp.http.as_ref().is_some_and(|h| {
-        h.max_requests_per_connection.is_some()
-            || h.max_retries.is_some()
+        h.max_retries.is_some()
             || h.idle_timeout.is_some()
             || h.h2_upgrade_policy.is_some()
             || h.use_client_protocol.is_some()
@@ -643,9 +642,9 @@ fn connection_pool(
     if ignored {
         warn(
             "unsupported",
-            "connectionPool: only tcp.maxConnections, http.http2MaxRequests and \
-             http.http1MaxPendingRequests are applied (as a cap on requests in flight to the \
-             Service and on those waiting)"
+            "connectionPool: only tcp.maxConnections, http.http2MaxRequests, \
+             http.http1MaxPendingRequests (as a cap on requests in flight to the Service and on \
+             those waiting) and http.maxRequestsPerConnection are applied"
                 .into(),
         );
     }
@@ -656,6 +655,12 @@ fn connection_pool(
             .as_ref()
             .and_then(|h| h.http1_max_pending_requests)
             .unwrap_or(0),
+        // Istio's 0 is "no limit".
+        max_requests_per_connection: cp
+            .http
+            .as_ref()
+            .and_then(|h| h.max_requests_per_connection)
+            .filter(|n| *n > 0),
     }
 }
 

@@ -288,6 +288,9 @@ pub struct ConnectionPool {
     pub max_requests: Option<usize>,
     /// Requests that may wait for a place; past them, 503 `UO`.
     pub max_pending: usize,
+    /// Requests one upstream connection carries before it is closed (1:
+    /// no keep-alive). None: no limit.
+    pub max_requests_per_connection: Option<usize>,
 }
 
 /// DestinationRule `outlierDetection`.
