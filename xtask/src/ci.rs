@@ -203,6 +203,28 @@ fn run_tests(cmd: &mut Command, is_tool: fn(&str) -> bool) -> Result<Tally> {
     Ok(tally)
 }
 
+/// Runs one step between a header and a footer with its wall time.
+fn step(
+    timings: &mut Vec<(&'static str, Duration)>,
+    name: &'static str,
+    body: impl FnOnce() -> Result<()>,
+) -> Result<()> {
+    println!("\n==> {name}");
+    let started = Instant::now();
+    let result = body();
+    let took = started.elapsed();
+    let outcome = if result.is_ok() { "ok" } else { "FAILED" };
+    println!("<== {name}: {outcome} in {:.1}s", took.as_secs_f64());
+    timings.push((name, took));
+    result.with_context(|| format!("ci step `{name}` failed"))
+}
+
+fn cargo(root: &Path) -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root);
+    cmd
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -236,26 +258,4 @@ mod tests {
         );
         assert_eq!((t.product, t.tools), (1, 1));
     }
-}
-
-/// Runs one step between a header and a footer with its wall time.
-fn step(
-    timings: &mut Vec<(&'static str, Duration)>,
-    name: &'static str,
-    body: impl FnOnce() -> Result<()>,
-) -> Result<()> {
-    println!("\n==> {name}");
-    let started = Instant::now();
-    let result = body();
-    let took = started.elapsed();
-    let outcome = if result.is_ok() { "ok" } else { "FAILED" };
-    println!("<== {name}: {outcome} in {:.1}s", took.as_secs_f64());
-    timings.push((name, took));
-    result.with_context(|| format!("ci step `{name}` failed"))
-}
-
-fn cargo(root: &Path) -> Command {
-    let mut cmd = Command::new("cargo");
-    cmd.current_dir(root);
-    cmd
 }
