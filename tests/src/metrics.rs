@@ -151,8 +151,8 @@ fn name_and_keys(series: &str) -> (&str, Vec<&str>) {
 }
 
 /// The value of one series, by its exact name and labels as the page
-/// spells them (`name{a="b"}`); None when the page has no such line (its
-/// family being declared).
+/// spells them (`name{a="b"}`); None when the page has no such line (the
+/// name and label keys being ones the code defines).
 pub fn series_value(page: &str, series: &str) -> anyhow::Result<Option<f64>> {
     let (name, keys) = name_and_keys(series);
     check_defined(page, name, &keys)?;
