@@ -1,11 +1,12 @@
 //! Mesh-level harness: the Kubernetes YAML the agents read, a CA root the
-//! agents share, long-lived sessions, the HBONE probe, packet captures on a
-//! pod's link and metric lookups.
+//! agents share, long-lived sessions, the HBONE probe and packet captures
+//! on a pod's link.
 
 use std::{
     fs,
     io::{BufRead, BufReader, Write},
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
     process::{Child, ChildStdin, ChildStdout, Command, Stdio},
     time::{Duration, Instant},
@@ -180,7 +181,9 @@ impl Testbed {
         self.run_app(pod, &args)
     }
 
-    /// Starts capturing packets on `eth0` of `pod` into a pcap file.
+    /// Starts capturing packets on `eth0` of `pod` into a pcap file;
+    /// returns once a marker datagram sent from the pod is in the file, so
+    /// the capture is live (dumpcap writes its file header before).
     pub fn capture_packets(&self, pod: &Pod, name: &str) -> anyhow::Result<PacketCapture> {
         let file = self.workdir.join(format!("{name}.pcapng"));
         let _ = fs::remove_file(&file);
@@ -193,16 +196,25 @@ impl Testbed {
             .stderr(Stdio::null())
             .spawn()
             .context("starting dumpcap")?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while fs::metadata(&file).map(|m| m.len()).unwrap_or(0) == 0 {
-            ensure!(Instant::now() < deadline, "dumpcap did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        // dumpcap writes the file header before the capture is live.
-        std::thread::sleep(Duration::from_millis(500));
-        Ok(PacketCapture { child, file })
+        let IpAddr::V4(ip) = pod.ip4 else {
+            bail!("a testbed pod's ip4 is IPv4");
+        };
+        let [a, b, c, _] = ip.octets();
+        let capture = PacketCapture {
+            child,
+            file,
+            netns: pod.netns_path(),
+            // The pod's gateway: its node's address on the pod bridge.
+            gateway: SocketAddr::from(([a, b, c, 1], DISCARD_PORT)),
+        };
+        capture.mark(&format!("mesh-capture-start-{name}"))?;
+        Ok(capture)
     }
 }
+
+/// Where the capture's marker datagrams go (the node answers with an ICMP
+/// port unreachable, which is fine).
+const DISCARD_PORT: u16 = 9;
 
 pub struct Session {
     stdin: ChildStdin,
@@ -226,12 +238,41 @@ impl Session {
 pub struct PacketCapture {
     child: Child,
     file: PathBuf,
+    netns: PathBuf,
+    gateway: SocketAddr,
 }
 
 impl PacketCapture {
-    /// Stops the capture and returns the file.
+    /// Sends `marker` in a UDP datagram from the pod to its gateway until
+    /// the capture file holds it (at most 10 s): every packet the pod sent
+    /// before is in the file too.
+    fn mark(&self, marker: &str) -> anyhow::Result<()> {
+        let ns = fs::File::open(&self.netns)?;
+        let socket = std::thread::scope(|s| {
+            s.spawn(|| -> anyhow::Result<std::net::UdpSocket> {
+                nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
+                Ok(std::net::UdpSocket::bind("0.0.0.0:0")?)
+            })
+            .join()
+            .expect("marker thread")
+        })?;
+        crate::converge(
+            &format!("the capture holds its marker {marker}"),
+            Duration::from_secs(10),
+            || {
+                socket.send_to(marker.as_bytes(), self.gateway)?;
+                std::thread::sleep(Duration::from_millis(30));
+                let bytes = fs::read(&self.file).unwrap_or_default();
+                Ok(bytes.windows(marker.len()).any(|w| w == marker.as_bytes()))
+            },
+        )
+        .map(drop)
+    }
+
+    /// Stops the capture, once it holds every packet sent so far, and
+    /// returns the file.
     pub fn stop(mut self) -> anyhow::Result<PathBuf> {
-        std::thread::sleep(Duration::from_millis(300));
+        self.mark("mesh-capture-end")?;
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.child.id() as i32),
             nix::sys::signal::Signal::SIGINT,
@@ -277,47 +318,4 @@ pub fn has_app_plaintext(file: &Path) -> anyhow::Result<bool> {
     Ok(bytes
         .windows(needle.len())
         .any(|w| w[0] == 0 && w[1] == 1 && w == needle.as_slice()))
-}
-
-/// The sum of every line of metric `name` that carries all of `labels`.
-pub fn series_sum(page: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    page.lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        })
-        .filter(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-/// Checks the page with an independent OpenMetrics parser (python3's
-/// prometheus_client); returns the number of metric families it read.
-pub fn parse_openmetrics(page: &str) -> anyhow::Result<usize> {
-    let script = "import sys\n\
-                  from prometheus_client.openmetrics.parser import text_string_to_metric_families\n\
-                  print(len(list(text_string_to_metric_families(sys.stdin.read()))))\n";
-    let mut child = Command::new("/usr/bin/python3")
-        .args(["-c", script])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("running /usr/bin/python3 (Debian python3-prometheus-client)")?;
-    child
-        .stdin
-        .take()
-        .expect("piped")
-        .write_all(page.as_bytes())?;
-    let out = child.wait_with_output()?;
-    ensure!(
-        out.status.success(),
-        "the OpenMetrics parser rejected the page: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
 }

@@ -295,7 +295,9 @@ fn unenrolled_pods_loopback_and_excluded_ports_are_not_captured() -> anyhow::Res
     assert_eq!(a.capture_counter("outbound_redirected")?, 0.0);
     assert_eq!(a.capture_counter("inbound_assigned")?, 0.0);
     assert_eq!(
-        a.metric(r#"mesh_proxy_connections_total{direction="outbound",result="forwarded"}"#)?,
+        a.metric_or_absent(
+            r#"mesh_proxy_connections_total{direction="outbound",result="forwarded"}"#
+        )?,
         0.0
     );
     Ok(())
@@ -703,6 +705,81 @@ fn an_app_on_an_agent_host_port_in_an_enrolled_pod_is_captured() -> anyhow::Resu
                 "{mode}: port {port}"
             );
         }
+    }
+    Ok(())
+}
+
+/// `mesh-agent uninstall` after the agent is gone: nothing of the capture
+/// is left pinned or installed, the state is forgotten, and the pods that
+/// failed closed while no agent ran talk directly again, in both capture
+/// modes.
+#[test]
+fn uninstall_leaves_nothing_pinned_and_the_pods_talk_directly() -> anyhow::Result<()> {
+    for mode in ["ebpf", "iptables"] {
+        let mut tb = Testbed::new(1)?;
+        let client = tb.add_pod(0, "default/client")?;
+        let server = tb.add_pod(0, "default/server")?;
+        tb.serve(&server, sa(IpAddr::from([0u8; 16]), APP_PORT))?;
+        tb.start_agent(0, &["--capture", mode])?;
+        tb.agent(0).enroll(&client)?;
+        tb.agent(0).enroll(&server)?;
+        let dst = sa(server.ip4, APP_PORT);
+        let r = tb.connect(&client, dst, 1000)?;
+        assert_intact(&r, &format!("{mode}: captured"));
+        // Delivered by the server's agent (iptables keeps the dialed peer
+        // on the client's socket, eBPF shows the agent's 15001).
+        assert!(delivered_by_agent(&r), "{mode}: {r}");
+        tb.kill_agent(0)?;
+        let r = tb.connect(&client, dst, 1000)?;
+        assert_eq!(r["refused"], Value::Bool(true), "{mode}: no agent: {r}");
+
+        let node = &tb.nodes[0];
+        let out = std::process::Command::new(mesh_tests::agent_bin())
+            .arg("uninstall")
+            .arg("--bpf-dir")
+            .arg(&node.bpf_dir)
+            .arg("--state-dir")
+            .arg(&node.state_dir)
+            .output()?;
+        assert!(
+            out.status.success(),
+            "{mode}: mesh-agent uninstall: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            !node.bpf_dir.exists(),
+            "{mode}: pins left: {:?}",
+            std::fs::read_dir(&node.bpf_dir)?
+                .map(|e| e.map(|e| e.path()))
+                .collect::<Result<Vec<_>, _>>()?
+        );
+        for file in ["pods.json", "capture-mode"] {
+            assert!(
+                !node.state_dir.join(file).exists(),
+                "{mode}: {file} left in the state directory"
+            );
+        }
+        for pod in [&client, &server] {
+            for save in ["iptables-save", "ip6tables-save"] {
+                let rules = nat_rules(&tb, pod, save)?;
+                assert!(
+                    !rules.iter().any(|l| l.contains("MESH_")),
+                    "{mode}: {save} in {}: {rules:?}",
+                    pod.name
+                );
+            }
+        }
+        // Neither side is captured any more: the client reaches the
+        // server's address itself, and the server sees the client's.
+        let r = tb.connect(&client, dst, 1000)?;
+        assert_intact(&r, &format!("{mode}: after uninstall"));
+        assert_eq!(s(&r, "peer"), dst.to_string(), "{mode}: {r}");
+        assert!(!delivered_by_agent(&r), "{mode}: {r}");
+        assert_eq!(
+            ip_of(&s(&r, "server_peer")),
+            client.ip4.to_string(),
+            "{mode}: {r}"
+        );
     }
     Ok(())
 }

@@ -16,7 +16,8 @@ use std::{
 use anyhow::{Context as _, ensure};
 use mesh_tests::{
     Testbed, Value,
-    mesh::{namespace_yaml, pod_yaml, series_sum, with_netns},
+    mesh::{namespace_yaml, pod_yaml, with_netns},
+    metrics::{series_sum, series_sum_or_absent},
 };
 
 const APP_PORT: u16 = 8080;
@@ -172,8 +173,26 @@ fn a_flood_of_idle_and_slow_connections_leaves_the_agent_serving_with_bounded_me
         })
     };
 
-    // Meanwhile, real traffic: a meshed call, a probe, a scrape.
-    std::thread::sleep(Duration::from_millis(500));
+    // Meanwhile, once the agent is turning the flood away on every port
+    // (past the attacker's share), real traffic: a meshed call, a probe,
+    // a scrape.
+    mesh_tests::converge(
+        "the flood refused past its share on 15008, 15020 and 15021",
+        Duration::from_secs(10),
+        || {
+            let page = tb.agent(0).metrics()?;
+            let mut refusing = true;
+            for direction in ["hbone", "metrics", "ready"] {
+                let refused = series_sum_or_absent(
+                    &page,
+                    "mesh_proxy_connections_total",
+                    &[("direction", direction), ("result", "peer_limit")],
+                )?;
+                refusing &= refused > 0.0;
+            }
+            Ok(refusing)
+        },
+    )?;
     let t = Instant::now();
     let r = tb.connect(&client, dst, 10_000)?;
     let call_latency = t.elapsed();
@@ -217,12 +236,12 @@ fn a_flood_of_idle_and_slow_connections_leaves_the_agent_serving_with_bounded_me
             &[("direction", direction), ("result", result)],
         )
     };
-    let hbone_timeouts = count("hbone", "handshake_timeout");
-    let hbone_refused = count("hbone", "peer_limit");
-    let metrics_timeouts = count("metrics", "header_timeout");
-    let metrics_refused = count("metrics", "peer_limit");
-    let ready_timeouts = count("ready", "header_timeout");
-    let ready_refused = count("ready", "peer_limit");
+    let hbone_timeouts = count("hbone", "handshake_timeout")?;
+    let hbone_refused = count("hbone", "peer_limit")?;
+    let metrics_timeouts = count("metrics", "header_timeout")?;
+    let metrics_refused = count("metrics", "peer_limit")?;
+    let ready_timeouts = count("ready", "header_timeout")?;
+    let ready_refused = count("ready", "peer_limit")?;
     println!(
         "flood: {FLOOD} connections to each of {targets:?} opened in {opened:?}, all closed by the agent after {all_closed_after:?}\n\
          meshed call during the flood: {call_latency:?}; readiness probe: {probe_latency:?}\n\

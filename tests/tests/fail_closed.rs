@@ -11,7 +11,8 @@ use std::{
 
 use mesh_tests::{
     Testbed, Value,
-    mesh::{namespace_yaml, pod_yaml, series_sum, with_netns},
+    mesh::{namespace_yaml, pod_yaml, with_netns},
+    metrics::{series_sum, series_sum_or_absent},
 };
 
 const APP_PORT: u16 = 8080;
@@ -25,16 +26,8 @@ fn ok(r: &Value) -> bool {
 }
 
 /// Polls until `done`, for at most 10 s.
-fn converge(what: &str, mut done: impl FnMut() -> anyhow::Result<bool>) -> anyhow::Result<()> {
-    let start = Instant::now();
-    while !done()? {
-        anyhow::ensure!(
-            start.elapsed() < Duration::from_secs(10),
-            "not converged after 10 s: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
+fn converge(what: &str, done: impl FnMut() -> anyhow::Result<bool>) -> anyhow::Result<()> {
+    mesh_tests::converge(what, Duration::from_secs(10), done).map(drop)
 }
 
 #[test]
@@ -61,21 +54,21 @@ fn an_agent_restarted_without_its_configuration_keeps_pods_captured_and_sends_no
     })?;
     let dst = sa(server.ip4, APP_PORT);
     let over_hbone = |tb: &Testbed| -> anyhow::Result<f64> {
-        Ok(series_sum(
+        series_sum(
             &tb.agent(1).metrics()?,
             "istio_tcp_connections_opened_total",
             &[
                 ("reporter", "destination"),
                 ("connection_security_policy", "mutual_tls"),
             ],
-        ))
+        )
     };
     let plaintext_in = |tb: &Testbed| -> anyhow::Result<f64> {
-        Ok(series_sum(
+        series_sum_or_absent(
             &tb.agent(1).metrics()?,
             "mesh_proxy_connections_total",
             &[("direction", "inbound_plaintext")],
-        ))
+        )
     };
     let r = tb.connect(&client, dst, 1000)?;
     assert!(ok(&r), "{r}");
@@ -93,7 +86,14 @@ fn an_agent_restarted_without_its_configuration_keeps_pods_captured_and_sends_no
     args0[at] = later.display().to_string();
     let argv0: Vec<&str> = args0.iter().map(String::as_str).collect();
     tb.start_agent_unready(0, &argv0)?;
-    std::thread::sleep(Duration::from_secs(1));
+    // Once it has tried to read the configuration and failed, it says so
+    // and stays not ready.
+    converge("the failed read logged", || {
+        Ok(tb
+            .agent(0)
+            .log_text()
+            .contains("cannot read the configuration: not loaded yet"))
+    })?;
     let (status, body) = tb.agent(0).http("GET", "/healthz/ready", None)?;
     assert_eq!(
         (status, body.trim()),
@@ -116,12 +116,10 @@ fn an_agent_restarted_without_its_configuration_keeps_pods_captured_and_sends_no
         "refused after a bounded wait, not at once: {:?}",
         started.elapsed()
     );
-    converge("the refusal is counted", || {
-        Ok(tb
-            .agent(0)
-            .metric("mesh_proxy_connections_total{direction=\"outbound\",result=\"not_synced\"}")?
-            == 1.0)
-    })?;
+    tb.agent(0).wait_metric(
+        "mesh_proxy_connections_total{direction=\"outbound\",result=\"not_synced\"}",
+        1.0,
+    )?;
     assert_eq!(plaintext_in(&tb)?, 0.0, "no plaintext reached the server");
     assert_eq!(over_hbone(&tb)?, 1.0);
     let log = tb.agent(0).log_text();
@@ -132,9 +130,13 @@ fn an_agent_restarted_without_its_configuration_keeps_pods_captured_and_sends_no
     );
 
     // A call waiting when the configuration appears goes on, over HBONE.
+    let redirected = tb.agent(0).capture_counter("outbound_redirected")?;
     std::thread::scope(|s| -> anyhow::Result<()> {
         let call = s.spawn(|| tb.connect(&client, dst, 1000));
-        std::thread::sleep(Duration::from_secs(2));
+        // The call has reached the agent (the kernel sent it to 15001).
+        converge("the call captured", || {
+            Ok(tb.agent(0).capture_counter("outbound_redirected")? > redirected)
+        })?;
         std::fs::write(&later, docs.join("---\n"))?;
         let r = call.join().expect("connect thread")?;
         assert!(ok(&r), "{r}");
@@ -198,18 +200,110 @@ fn an_app_on_port_15020_is_meshed_and_held_to_strict() -> anyhow::Result<()> {
                 ("reporter", "destination"),
                 ("connection_security_policy", "mutual_tls"),
             ],
-        ),
+        )?,
         1.0,
         "{page}"
     );
 
     let r = tb.connect(&outsider, dst, 1000)?;
     assert!(!ok(&r), "plaintext under STRICT: {r}");
+    tb.agent(1).wait_metric(
+        "mesh_proxy_connections_total{direction=\"inbound_plaintext\",result=\"denied\"}",
+        1.0,
+    )?;
+    converge("the STRICT refusal logged with its reason", || {
+        Ok(tb.agent(1).log_text().lines().any(|l| {
+            l.contains("connection complete")
+                && l.contains("PeerAuthentication STRICT: plaintext is refused")
+                && l.contains(&outsider.ip4.to_string())
+        }))
+    })?;
+    Ok(())
+}
+
+/// With a configuration, a pod it does not list has no identity. Enrolled
+/// by hand, its calls to a meshed pod are refused (`NR`), never sent in
+/// plaintext, while its calls outside the mesh go on as plain TCP; and
+/// plaintext into it is refused, since mesh-wide policy could apply to it.
+#[test]
+fn a_pod_the_configuration_does_not_list_is_refused_both_ways() -> anyhow::Result<()> {
+    let mut tb = Testbed::new(1)?;
+    let stray = tb.add_pod(0, "stray")?;
+    let server = tb.add_pod(0, "server")?;
+    let legacy = tb.add_pod(0, "legacy")?;
+    for p in [&stray, &server, &legacy] {
+        tb.serve(p, sa(IpAddr::from([0u8; 16]), APP_PORT))?;
+    }
+    tb.write_config(&[
+        namespace_yaml("shop", true),
+        namespace_yaml("legacy", false),
+        with_netns(&pod_yaml(&server, 0, "shop", "server", &[]), &server),
+        pod_yaml(&legacy, 0, "legacy", "legacy", &[]),
+    ])?;
+    let args = tb.mesh_args()?;
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    tb.start_agent(0, &argv)?;
+    converge("the server enrolled by its label", || {
+        Ok(tb.agent(0).pod_names()? == ["shop/server"])
+    })?;
+    tb.agent(0).enroll(&stray)?;
+    let a = tb.agent(0);
+    let counted = |direction: &str, result: &str| {
+        format!("mesh_proxy_connections_total{{direction=\"{direction}\",result=\"{result}\"}}")
+    };
+
+    // Out of the unlisted pod: to a meshed pod, refused for want of an
+    // identity; nothing reached the server, over HBONE or in plaintext.
+    let r = tb.connect(&stray, sa(server.ip4, APP_PORT), 1000)?;
+    assert!(!ok(&r), "an unlisted pod reached a meshed one: {r}");
+    a.wait_metric(&counted("outbound", "no_identity"), 1.0)?;
+    let page = a.metrics()?;
     assert_eq!(
-        tb.agent(1).metric(
-            "mesh_proxy_connections_total{direction=\"inbound_plaintext\",result=\"denied\"}"
+        series_sum(
+            &page,
+            "istio_tcp_connections_closed_total",
+            &[
+                ("reporter", "source"),
+                ("response_flags", "NR"),
+                ("destination_workload", "server"),
+            ],
         )?,
-        1.0
+        1.0,
+        "{page}"
     );
+    for direction in ["hbone", "inbound_plaintext"] {
+        assert_eq!(
+            a.metric_or_absent(&counted(direction, "forwarded"))?,
+            0.0,
+            "{direction}"
+        );
+    }
+    // To a pod outside the mesh: plain TCP, from the pod's own address.
+    let r = tb.connect(&stray, sa(legacy.ip4, APP_PORT), 1000)?;
+    assert!(ok(&r), "{r}");
+    assert!(
+        r["peer"].as_str().is_some_and(|p| p.ends_with(":15001")),
+        "captured: {r}"
+    );
+    assert_eq!(
+        mesh_tests::ip_of(r["server_peer"].as_str().unwrap_or_default()),
+        stray.ip4.to_string(),
+        "{r}"
+    );
+
+    // Plaintext in: into the listed meshed pod, let in (PERMISSIVE); into
+    // the unlisted one, refused with the reason.
+    let r = tb.connect(&legacy, sa(server.ip4, APP_PORT), 1000)?;
+    assert!(ok(&r), "{r}");
+    let r = tb.connect(&legacy, sa(stray.ip4, APP_PORT), 1000)?;
+    assert!(!ok(&r), "plaintext into an unlisted pod: {r}");
+    a.wait_metric(&counted("inbound_plaintext", "denied"), 1.0)?;
+    converge("the refusal logged with its reason", || {
+        Ok(a.log_text().lines().any(|l| {
+            l.contains("connection complete")
+                && l.contains("this pod is not in the configuration; plaintext refused")
+        }))
+    })?;
+    assert_eq!(a.metric(&counted("inbound_plaintext", "forwarded"))?, 1.0);
     Ok(())
 }

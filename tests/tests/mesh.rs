@@ -8,11 +8,9 @@ use std::{
 };
 
 use mesh_tests::{
-    Pod, Testbed, Value, ip_of,
-    mesh::{
-        has_app_plaintext, namespace_yaml, parse_openmetrics, pod_yaml, series_sum, service_yaml,
-        tshark, with_netns,
-    },
+    Pod, Testbed, Value, converge, ip_of,
+    mesh::{has_app_plaintext, namespace_yaml, pod_yaml, service_yaml, tshark, with_netns},
+    metrics::{parse_openmetrics, series_sum, series_sum_or_absent},
 };
 
 const APP_PORT: u16 = 8080;
@@ -131,8 +129,8 @@ fn hbone_carries_pod_traffic_encrypted_with_both_identities() -> anyhow::Result<
     let r = tb.connect(&client, sa(server.ip6, APP_PORT), 1 << 20)?;
     assert!(ok(&r), "IPv6 cross-node: {r}");
     cross_node += 1;
-    let r = tb.connect(&client, sa(near.ip4, APP_PORT), 4 << 20)?;
-    assert!(ok(&r), "same node: {r}");
+    let to_near = tb.connect(&client, sa(near.ip4, APP_PORT), 4 << 20)?;
+    assert!(ok(&to_near), "same node: {to_near}");
     let pcap = wire.stop()?;
 
     // On the wire: TLS 1.3 to 15008, never the app's port or its bytes.
@@ -179,7 +177,7 @@ fn hbone_carries_pod_traffic_encrypted_with_both_identities() -> anyhow::Result<
         ("connection_security_policy", "mutual_tls"),
         ("response_flags", "-"),
     ];
-    let opened = series_sum(&page, "istio_tcp_connections_opened_total", &labels);
+    let opened = series_sum(&page, "istio_tcp_connections_opened_total", &labels)?;
     assert_eq!(opened, f64::from(cross_node), "{page}");
     // Pooled HBONE connections, reused by the calls: one per destination
     // address, plus (on a machine with more than one core) a second one to
@@ -205,12 +203,35 @@ fn hbone_carries_pod_traffic_encrypted_with_both_identities() -> anyhow::Result<
         src_side.lines().any(|l| l == want),
         "missing\n{want}\nin\n{src_side}"
     );
-    let received = series_sum(
-        &src_side,
-        "istio_tcp_received_bytes_total",
-        &[("reporter", "source"), ("destination_workload", "near")],
-    );
+    let to_near_labels = [("reporter", "source"), ("destination_workload", "near")];
+    let received = series_sum(&src_side, "istio_tcp_received_bytes_total", &to_near_labels)?;
     assert_eq!(received, f64::from(4u32 << 20), "request bytes to near");
+    // The response direction: the server's greeting line, then the echo.
+    let greeting = format!(
+        "peer={} local={}\n",
+        to_near["server_peer"].as_str().unwrap_or_default(),
+        to_near["server_local"].as_str().unwrap_or_default()
+    );
+    let sent = series_sum(&src_side, "istio_tcp_sent_bytes_total", &to_near_labels)?;
+    assert_eq!(
+        sent,
+        (greeting.len() + (4 << 20)) as f64,
+        "response bytes from near"
+    );
+    // What each agent holds: its enrolled pods, and the configuration's
+    // four Pods as workloads.
+    tb.agent(0).wait_metric("mesh_enrolled_pods", 2.0)?;
+    tb.agent(1).wait_metric("mesh_enrolled_pods", 1.0)?;
+    for node in 0..2 {
+        let a = tb.agent(node);
+        a.wait_metric("mesh_config_objects{kind=\"workloads\"}", 4.0)?;
+        for kind in ["authorization_policies", "services"] {
+            assert_eq!(
+                a.metric(&format!("mesh_config_objects{{kind=\"{kind}\"}}"))?,
+                0.0
+            );
+        }
+    }
     for page in [&src_side, &page] {
         assert!(parse_openmetrics(page)? >= 8);
     }
@@ -267,12 +288,9 @@ fn hbone_refuses_bad_peers_and_bad_requests() -> anyhow::Result<()> {
     assert!(!ok(&r), "a foreign trust domain got through: {r}");
     assert_eq!(refused("bad_certificate")?, 1.0, "{r}");
 
-    // Not TLS at all: no HTTP answer, never plaintext back.
+    // Not TLS at all: a TLS alert back, never an HTTP answer nor plaintext.
     let r = tb.probe(&prober, hbone, &app, &["method=GARBAGE"])?;
-    assert!(
-        !r["reply_text"].as_str().unwrap_or("").starts_with("HTTP"),
-        "{r}"
-    );
+    assert_eq!(r["reply_is_tls_alert"], true, "{r}");
     assert_eq!(refused("not_tls")?, 1.0, "{r}");
 
     // Valid TLS, bad requests.
@@ -290,6 +308,7 @@ fn hbone_refuses_bad_peers_and_bad_requests() -> anyhow::Result<()> {
     assert_eq!(refused("bad_authority")?, 1.0);
     let r = tb.probe(&prober, hbone, &format!("{}:9", server.ip4), &[&me_opt])?;
     assert_eq!(r["status"], 503, "nothing listens on 9: {r}");
+    assert_eq!(refused("connect_failed")?, 1.0, "{r}");
 
     // After all that, a proper call works and shows both identities.
     let r = tb.probe(&prober, hbone, &app, &[&me_opt, "send=100000"])?;
@@ -370,6 +389,77 @@ spec:
     mode: STRICT
 ";
 
+/// The refusals the agents counted: the destination's agent's HBONE and
+/// plaintext denials, and the source agent's outbound calls it saw denied
+/// (an HBONE 401).
+fn denials(tb: &Testbed) -> anyhow::Result<[f64; 3]> {
+    let counter = |node: usize, direction: &str| {
+        tb.agent(node).metric_or_absent(&format!(
+            "mesh_proxy_connections_total{{direction=\"{direction}\",result=\"denied\"}}"
+        ))
+    };
+    Ok([
+        counter(1, "hbone")?,
+        counter(1, "inbound_plaintext")?,
+        counter(0, "outbound")?,
+    ])
+}
+
+/// Access log lines of the destination's agent (node 1) closing a
+/// connection for `reason`.
+fn refused_for(tb: &Testbed, reason: &str) -> usize {
+    tb.agent(1)
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("connection complete") && l.contains(reason))
+        .count()
+}
+
+/// Over HBONE: counted at the destination and, from its 401, at the source.
+const OVER_HBONE: [f64; 3] = [1.0, 0.0, 1.0];
+/// In plaintext: counted at the destination only.
+const PLAINTEXT: [f64; 3] = [0.0, 1.0, 0.0];
+
+/// A call from `p` to `dst` that the destination's agent refuses for
+/// `reason` (its access log says so), counted where `counted` says (see
+/// [`denials`]) and nowhere else: not a timeout, a crash or a routing bug.
+fn assert_refused(
+    tb: &Testbed,
+    p: &Pod,
+    dst: SocketAddr,
+    reason: &str,
+    counted: [f64; 3],
+) -> anyhow::Result<()> {
+    let before = denials(tb)?;
+    let logged = refused_for(tb, reason);
+    let r = tb.connect(p, dst, 1000)?;
+    assert!(!ok(&r), "{} got through ({reason}): {r}", p.name);
+    let want: Vec<f64> = before.iter().zip(counted).map(|(b, c)| b + c).collect();
+    let mut seen = Vec::new();
+    converge(
+        &format!("{} refused for {reason}", p.name),
+        Duration::from_secs(5),
+        || {
+            seen = denials(tb)?.to_vec();
+            Ok(seen == want && refused_for(tb, reason) == logged + 1)
+        },
+    )
+    .map_err(|e| {
+        e.context(format!(
+            "{}: denials {seen:?}, want {want:?}; {} log lines for {reason:?} (had {logged})",
+            p.name,
+            refused_for(tb, reason)
+        ))
+    })?;
+    Ok(())
+}
+
+fn assert_allowed(tb: &Testbed, p: &Pod, dst: SocketAddr) -> anyhow::Result<()> {
+    let r = tb.connect(p, dst, 1000)?;
+    assert!(ok(&r), "{} refused: {r}", p.name);
+    Ok(())
+}
+
 #[test]
 fn authorization_policy_decides_at_the_destination() -> anyhow::Result<()> {
     let mut shop = Shop::new(2)?;
@@ -380,56 +470,67 @@ fn authorization_policy_decides_at_the_destination() -> anyhow::Result<()> {
     shop.tb.serve(&server, any6(APP_PORT))?;
     shop.start(&[&client, &intruder, &server], &["--cert-ttl", "6s"])?;
     let dst = sa(server.ip4, APP_PORT);
-    let call =
-        |tb: &Testbed, p: &Pod| -> anyhow::Result<bool> { Ok(ok(&tb.connect(p, dst, 1000)?)) };
     let denied_from = |tb: &Testbed, who: &str| -> anyhow::Result<f64> {
-        Ok(series_sum(
+        series_sum_or_absent(
             &tb.agent(1).metrics()?,
             "istio_tcp_connections_closed_total",
             &[("response_flags", "DENY"), ("source_principal", who)],
-        ))
+        )
     };
 
     // No policy: everyone, plaintext included (PERMISSIVE).
-    assert!(call(&shop.tb, &client)? && call(&shop.tb, &intruder)? && call(&shop.tb, &plain)?);
+    for p in [&client, &intruder, &plain] {
+        assert_allowed(&shop.tb, p, dst)?;
+    }
     let serial_before = workload_serial(&shop.tb, 1, &id("shop", "server"))?;
 
     // ALLOW by principal and port: the client only.
     shop.apply(&[ALLOW_CLIENT_ONLY], |d| d.contains("clients-only"))?;
-    assert!(call(&shop.tb, &client)?, "client under clients-only");
-    assert!(!call(&shop.tb, &intruder)?, "intruder under clients-only");
-    assert!(!call(&shop.tb, &plain)?, "plaintext has no principal");
-    assert_eq!(denied_from(&shop.tb, &id("shop", "intruder"))?, 1.0);
+    let tb = &shop.tb;
+    let no_allow = "no ALLOW policy matched (applicable ALLOW policies: shop/clients-only)";
+    assert_allowed(tb, &client, dst)?;
+    assert_refused(tb, &intruder, dst, no_allow, OVER_HBONE)?;
+    assert_eq!(denied_from(tb, &id("shop", "intruder"))?, 1.0);
+    // Plaintext has no principal to match.
+    assert_refused(tb, &plain, dst, no_allow, PLAINTEXT)?;
+    // What the intruder's agent was told: HBONE 401, as Istio answers.
+    let hbone = sa(server.ip4, 15008);
+    let r = tb.probe(
+        &plain,
+        hbone,
+        &dst.to_string(),
+        &[&format!("id={}", id("shop", "intruder"))],
+    )?;
+    assert_eq!(r["status"], 401, "{r}");
+    assert_eq!(denials(tb)?[0], 2.0, "the probe's 401 is counted");
 
     // DENY first; no ALLOW policy left means allow.
     shop.apply(&[DENY_INTRUDER], |d| {
         d.contains("no-intruder") && !d.contains("clients-only")
     })?;
-    assert!(
-        call(&shop.tb, &client)? && call(&shop.tb, &plain)?,
-        "DENY intruder let others in"
-    );
-    assert!(!call(&shop.tb, &intruder)?, "intruder under no-intruder");
+    let tb = &shop.tb;
+    assert_allowed(tb, &client, dst)?;
+    assert_allowed(tb, &plain, dst)?;
+    let deny_intruder = "denied by DENY policy shop/no-intruder";
+    assert_refused(tb, &intruder, dst, deny_intruder, OVER_HBONE)?;
 
     // PeerAuthentication STRICT refuses plaintext, mTLS still passes.
     shop.apply(&[DENY_INTRUDER, STRICT], |d| d.contains("\"strict\""))?;
-    assert!(!call(&shop.tb, &plain)?, "plaintext under STRICT");
-    assert!(call(&shop.tb, &client)?, "mTLS under STRICT");
+    let tb = &shop.tb;
+    let strict = "PeerAuthentication STRICT: plaintext is refused";
+    assert_refused(tb, &plain, dst, strict, PLAINTEXT)?;
+    assert_allowed(tb, &client, dst)?;
 
     // An ALLOW rule with L7 fields never matches at L4, and says so.
     shop.apply(&[L7_ONLY], |d| d.contains("get-only"))?;
-    assert!(
-        !call(&shop.tb, &client)?,
-        "an L7-only ALLOW rule matched at L4"
-    );
-    let warnings = shop
-        .tb
-        .agent(1)
-        .metric("mesh_config_warnings_total{kind=\"l7_rule_at_l4\"}")?;
-    assert!(warnings >= 1.0, "L7 warning not counted");
-    let (_, dump) = shop.tb.agent(1).http("GET", "/config_dump", None)?;
+    let tb = &shop.tb;
+    let l7_only = "no ALLOW policy matched (applicable ALLOW policies: shop/get-only)";
+    assert_refused(tb, &client, dst, l7_only, OVER_HBONE)?;
+    tb.agent(1)
+        .wait_metric("mesh_config_warnings_total{kind=\"l7_rule_at_l4\"}", 1.0)?;
+    let (_, dump) = tb.agent(1).http("GET", "/config_dump", None)?;
     assert!(dump.contains("AuthorizationPolicy shop/get-only"), "{dump}");
-    assert!(shop.tb.agent(1).log_text().contains("shop/get-only"));
+    assert!(tb.agent(1).log_text().contains("shop/get-only"));
 
     // A live connection survives a change that still allows it, and is
     // closed by one that does not (a mesh-wide DENY from the root namespace).
@@ -439,28 +540,26 @@ fn authorization_policy_decides_at_the_destination() -> anyhow::Result<()> {
     shop.apply(&[DENY_INTRUDER], |d| d.contains("no-intruder"))?;
     assert_eq!(live.send("still there")?["echo"], "still there");
     shop.apply(&[DENY_CLIENT], |d| d.contains("client-out"))?;
-    std::thread::sleep(Duration::from_millis(300));
+    let tb = &shop.tb;
+    // The agent closes it once it has applied the change: counted, then
+    // seen by the client.
+    let revoked = "mesh_proxy_connections_total{direction=\"policy\",result=\"revoked\"}";
+    tb.agent(1).wait_metric(revoked, 1.0)?;
     let r = live.send("after deny")?;
     assert_eq!(r["closed"], true, "live connection not closed: {r}");
-    assert_eq!(
-        shop.tb
-            .agent(1)
-            .metric("mesh_proxy_connections_total{direction=\"policy\",result=\"revoked\"}")?,
-        1.0
-    );
-    assert!(!call(&shop.tb, &client)?, "client under client-out");
-    assert!(
-        call(&shop.tb, &intruder)?,
-        "notPrincipals exempts the intruder"
-    );
+    let deny_client = "denied by DENY policy istio-system/client-out";
+    assert_refused(tb, &client, dst, deny_client, OVER_HBONE)?;
+    assert_allowed(tb, &intruder, dst)?; // notPrincipals exempts it
 
-    // Certificates were renewed meanwhile (6 s lifetime), and new
-    // handshakes use them.
-    std::thread::sleep(Duration::from_secs(4));
-    let serial_after = workload_serial(&shop.tb, 1, &id("shop", "server"))?;
-    assert_ne!(serial_before, serial_after, "certificate not rotated");
+    // Certificates were renewed meanwhile (6 s lifetime, renewed at half
+    // life), and new handshakes use them.
+    converge(
+        "server certificate rotated",
+        Duration::from_secs(10),
+        || Ok(workload_serial(tb, 1, &id("shop", "server"))? != serial_before),
+    )?;
     shop.apply(&[], |d| !d.contains("client-out"))?;
-    assert!(call(&shop.tb, &client)?, "after rotation");
+    assert_allowed(&shop.tb, &client, dst)?;
     Ok(())
 }
 
@@ -512,7 +611,7 @@ fn service_vip_spreads_and_skips_a_down_endpoint() -> anyhow::Result<()> {
             &page,
             "istio_tcp_connections_opened_total",
             &[("destination_service", "echo.shop.svc.cluster.local")]
-        ),
+        )?,
         10.0
     );
 
@@ -559,31 +658,13 @@ fn service_vip_spreads_and_skips_a_down_endpoint() -> anyhow::Result<()> {
         "{body}"
     );
 
-    // b's agent saw at most one attempt after its app died.
+    // b's agent saw one attempt after its app died, the one that found it
+    // down (answered 503): then b was set aside.
     let failed = tb
         .agent(1)
         .metric("mesh_proxy_connections_total{direction=\"hbone\",result=\"connect_failed\"}")?;
-    assert!(
-        failed <= 1.0,
-        "down endpoint kept getting connections: {failed}"
-    );
+    assert_eq!(failed, 1.0, "down endpoint kept getting connections");
     Ok(())
-}
-
-/// Polls until `done`, for at most 5 s; returns how long it took.
-fn converge(
-    what: &str,
-    mut done: impl FnMut() -> anyhow::Result<bool>,
-) -> anyhow::Result<Duration> {
-    let start = std::time::Instant::now();
-    while !done()? {
-        anyhow::ensure!(
-            start.elapsed() < Duration::from_secs(5),
-            "not converged after 5 s: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(start.elapsed())
 }
 
 #[test]
@@ -610,14 +691,14 @@ fn labels_enrol_and_release_running_pods_without_a_restart() -> anyhow::Result<(
     }
     let dst = sa(server.ip4, APP_PORT);
     let over_hbone = |tb: &Testbed| -> anyhow::Result<f64> {
-        Ok(series_sum(
+        series_sum_or_absent(
             &tb.agent(1).metrics()?,
             "istio_tcp_connections_opened_total",
             &[
                 ("reporter", "destination"),
                 ("source_principal", &id("shop", "client")),
             ],
-        ))
+        )
     };
 
     // No label: nothing enrolled, plain TCP.
@@ -628,7 +709,7 @@ fn labels_enrol_and_release_running_pods_without_a_restart() -> anyhow::Result<(
     // The namespace gains the label: both running pods are enrolled by
     // their agents within a second, and the next call goes over HBONE.
     tb.write_config(&config(true, &[]))?;
-    let took = converge("namespace labelled ambient", || {
+    let took = converge("namespace labelled ambient", Duration::from_secs(5), || {
         Ok(tb.agent(0).pod_names()? == ["shop/client"]
             && tb.agent(1).pod_names()? == ["shop/server"])
     })?;
@@ -640,7 +721,7 @@ fn labels_enrol_and_release_running_pods_without_a_restart() -> anyhow::Result<(
 
     // The pod opts out with its own label: released, the server stays.
     tb.write_config(&config(true, &[("istio.io/dataplane-mode", "none")]))?;
-    let took = converge("pod labelled none", || {
+    let took = converge("pod labelled none", Duration::from_secs(5), || {
         Ok(tb.agent(0).pod_names()?.is_empty() && tb.agent(1).pod_names()? == ["shop/server"])
     })?;
     assert!(took < Duration::from_secs(1), "released after {took:?}");
@@ -649,7 +730,7 @@ fn labels_enrol_and_release_running_pods_without_a_restart() -> anyhow::Result<(
 
     // The label leaves the namespace: the server is released too.
     tb.write_config(&config(false, &[]))?;
-    converge("namespace unlabelled", || {
+    converge("namespace unlabelled", Duration::from_secs(5), || {
         Ok(tb.agent(1).pod_names()?.is_empty())
     })?;
     assert!(ok(&tb.connect(&client, dst, 1000)?));
@@ -695,7 +776,7 @@ fn iptables_capture_carries_hbone_with_both_identities() -> anyhow::Result<()> {
             ("destination_principal", &id("shop", "server")),
             ("connection_security_policy", "mutual_tls"),
         ],
-    );
+    )?;
     assert_eq!(opened, 2.0, "{page}");
     Ok(())
 }

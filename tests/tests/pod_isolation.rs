@@ -6,12 +6,13 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use mesh_tests::{
     Pod, Testbed, Value, delivered_by_agent, ip_of,
-    mesh::{namespace_yaml, pod_yaml, series_sum, with_netns},
+    mesh::{namespace_yaml, pod_yaml, with_netns},
+    metrics::series_sum_or_absent,
     sh,
 };
 
@@ -27,16 +28,8 @@ fn ok(r: &Value) -> bool {
 }
 
 /// Polls until `done`, for at most 10 s.
-fn converge(what: &str, mut done: impl FnMut() -> anyhow::Result<bool>) -> anyhow::Result<()> {
-    let start = Instant::now();
-    while !done()? {
-        anyhow::ensure!(
-            start.elapsed() < Duration::from_secs(10),
-            "not converged after 10 s: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
+fn converge(what: &str, done: impl FnMut() -> anyhow::Result<bool>) -> anyhow::Result<()> {
+    mesh_tests::converge(what, Duration::from_secs(10), done).map(drop)
 }
 
 /// Puts `ip` on the loopback interface of `pod`, as a pod with NET_ADMIN
@@ -72,12 +65,13 @@ fn steal_address(pod: &Pod, ip: IpAddr) -> anyhow::Result<()> {
 }
 
 /// Connections the destination's agent accepted over HBONE from `principal`.
+/// Absent reads 0: bravo never calls.
 fn opened_from(tb: &Testbed, node: usize, principal: &str) -> anyhow::Result<f64> {
-    Ok(series_sum(
+    series_sum_or_absent(
         &tb.agent(node).metrics()?,
         "istio_tcp_connections_opened_total",
         &[("reporter", "destination"), ("source_principal", principal)],
-    ))
+    )
 }
 
 /// A plaintext call to `dst` from `client` lands on the agent's inbound

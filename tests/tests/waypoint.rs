@@ -8,7 +8,8 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use mesh_tests::{
     Pod, Testbed, Value,
-    mesh::{namespace_yaml, parse_openmetrics, pod_yaml, series_sum},
+    mesh::{namespace_yaml, pod_yaml},
+    metrics::{parse_openmetrics, series_sum, series_sum_or_absent},
     waypoint::{GRPC_CLIENT, GRPC_SERVER, gateway_yaml, http_service_yaml},
 };
 
@@ -359,7 +360,7 @@ fn waypoint_routes_authorizes_and_counts_requests() -> anyhow::Result<()> {
             ("destination_workload", "reviews-v1"),
             ("connection_security_policy", "mutual_tls"),
         ],
-    );
+    )?;
     assert!(from_waypoint >= 1.0, "{page}");
 
     // Redirect.
@@ -428,7 +429,7 @@ fn waypoint_routes_authorizes_and_counts_requests() -> anyhow::Result<()> {
             &agent0,
             "mesh_proxy_connections_total",
             &[("direction", "outbound"), ("result", "no_waypoint")]
-        ),
+        )?,
         1.0,
         "{agent0}"
     );
@@ -440,7 +441,7 @@ fn waypoint_routes_authorizes_and_counts_requests() -> anyhow::Result<()> {
                 ("response_flags", "NW"),
                 ("destination_service_name", "ratings")
             ]
-        ),
+        )?,
         1.0,
         "{agent0}"
     );
@@ -459,18 +460,18 @@ fn waypoint_routes_authorizes_and_counts_requests() -> anyhow::Result<()> {
         series_sum(&page, "istio_requests_total", &l)
     };
     assert_eq!(
-        requests(&[("response_code", "200")]),
+        requests(&[("response_code", "200")])?,
         1000.0 + 2.0 + 1.0 + 1.0,
         "{page}"
     );
     assert_eq!(
-        requests(&[("response_code", "403"), ("response_flags", "RBAC")]),
+        requests(&[("response_code", "403"), ("response_flags", "RBAC")])?,
         2.0 + 4.0,
         "{page}"
     );
-    assert_eq!(requests(&[("response_code", "301")]), 1.0, "{page}");
+    assert_eq!(requests(&[("response_code", "301")])?, 1.0, "{page}");
     assert_eq!(
-        requests(&[("response_code", "504"), ("response_flags", "UT")]),
+        requests(&[("response_code", "504"), ("response_flags", "UT")])?,
         1.0,
         "{page}"
     );
@@ -479,7 +480,7 @@ fn waypoint_routes_authorizes_and_counts_requests() -> anyhow::Result<()> {
             ("source_principal", &id("shop", "frontend")),
             ("destination_service_name", "reviews-v2"),
             ("request_protocol", "http"),
-        ]),
+        ])?,
         (v2 + 3) as f64,
         "{page}"
     );
@@ -488,7 +489,7 @@ fn waypoint_routes_authorizes_and_counts_requests() -> anyhow::Result<()> {
             &page,
             "istio_request_duration_milliseconds_count",
             &[("reporter", "waypoint")]
-        ),
+        )?,
         1000.0 + 2.0 + 1.0 + 1.0 + 2.0 + 4.0 + 1.0 + 1.0,
         "{page}"
     );
@@ -530,8 +531,9 @@ fn binding_rules_for_services_and_pods_fail_closed() -> anyhow::Result<()> {
     let (_, a) = tb.curl(&frontend, &[&format!("http://{v1_ip}:8080/direct")])?;
     assert_eq!(a[0].0, 200, "{a:?}");
     assert_eq!(json(&a[0].1)["server"], "v1");
+    // Absent reads 0: a waypoint that served no request for it.
     let through_all = |page: &str, service: &str| {
-        series_sum(
+        series_sum_or_absent(
             page,
             "istio_requests_total",
             &[
@@ -549,7 +551,7 @@ fn binding_rules_for_services_and_pods_fail_closed() -> anyhow::Result<()> {
                 ("reporter", "waypoint"),
                 ("destination_workload", "reviews-v1")
             ]
-        ),
+        )?,
         1.0,
         "{page}"
     );
@@ -558,15 +560,15 @@ fn binding_rules_for_services_and_pods_fail_closed() -> anyhow::Result<()> {
     let (_, a) = tb.curl(&frontend, &["http://10.96.0.21/svc"])?;
     assert_eq!(a[0].0, 200, "{a:?}");
     let page = all_waypoint.metrics()?;
-    assert_eq!(through_all(&page, "reviews-v1"), 1.0, "{page}");
+    assert_eq!(through_all(&page, "reviews-v1")?, 1.0, "{page}");
     // The Service's own label beats the namespace's: reviews goes through
     // the Service waypoint, not the namespace's.
     let (_, a) = tb.curl(&frontend, &[&format!("http://{VIP}/own-label")])?;
     assert_eq!(a[0].0, 200, "{a:?}");
-    assert_eq!(through_all(&all_waypoint.metrics()?, "reviews"), 0.0);
+    assert_eq!(through_all(&all_waypoint.metrics()?, "reviews")?, 0.0);
     assert_eq!(
-        through_all(&waypoint.metrics()?, "reviews-v1")
-            + through_all(&waypoint.metrics()?, "reviews-v2"),
+        through_all(&waypoint.metrics()?, "reviews-v1")?
+            + through_all(&waypoint.metrics()?, "reviews-v2")?,
         1.0
     );
     // reviews-v2's own label names the Service-only waypoint: pod traffic
@@ -582,7 +584,7 @@ fn binding_rules_for_services_and_pods_fail_closed() -> anyhow::Result<()> {
                 ("response_flags", "NW"),
                 ("destination_workload", "unknown")
             ]
-        ),
+        )?,
         1.0,
         "{agent0}"
     );
@@ -605,7 +607,7 @@ fn binding_rules_for_services_and_pods_fail_closed() -> anyhow::Result<()> {
             &waypoint.metrics()?,
             "mesh_proxy_connections_total",
             &[("direction", "waypoint"), ("result", "not_bound")]
-        ),
+        )?,
         1.0
     );
     Ok(())
@@ -737,11 +739,11 @@ fn waypoint_carries_upgrades_streams_and_grpc_and_answers_bad_input() -> anyhow:
     // see a moment before: wait for it.
     wait_until(5, "fewer than 3 HTTP errors counted", || {
         let page = waypoint.metrics()?;
-        let errors = series_sum(
+        let errors = series_sum_or_absent(
             &page,
             "mesh_proxy_connections_total",
             &[("direction", "waypoint"), ("result", "http_error")],
-        );
+        )?;
         Ok((errors < 3.0).then_some(page))
     })?;
     let (_, a) = tb.curl(&frontend, &[&format!("http://{VIP}/after")])?;
@@ -759,7 +761,7 @@ fn waypoint_carries_upgrades_streams_and_grpc_and_answers_bad_input() -> anyhow:
             ],
         )
     };
-    assert_eq!((grpc("0"), grpc("7")), (1.0, 1.0), "{page}");
+    assert_eq!((grpc("0")?, grpc("7")?), (1.0, 1.0), "{page}");
     Ok(())
 }
 
@@ -803,7 +805,7 @@ fn retries_move_off_a_dead_endpoint_and_mirrors_get_a_copy() -> anyhow::Result<(
                 ("destination_service_name", "flaky"),
                 ("response_code", "200")
             ]
-        ),
+        )?,
         10.0,
         "{page}"
     );
@@ -870,7 +872,7 @@ fn an_l4_policy_on_the_backend_forbids_going_around_the_waypoint() -> anyhow::Re
                 ("source_principal", &id("shop", "frontend")),
                 ("destination_workload", "reviews-v1"),
             ]
-        ),
+        )?,
         1.0,
         "{agent1}"
     );
@@ -880,7 +882,7 @@ fn an_l4_policy_on_the_backend_forbids_going_around_the_waypoint() -> anyhow::Re
             &agent0,
             "mesh_proxy_connections_total",
             &[("direction", "outbound"), ("result", "denied")]
-        ),
+        )?,
         1.0,
         "{agent0}"
     );
@@ -1015,7 +1017,7 @@ fn virtual_service_and_destination_rule_route_through_the_waypoint() -> anyhow::
             &page,
             "istio_requests_total",
             &[("response_code", "503"), ("response_flags", "FI")]
-        ),
+        )?,
         aborted as f64,
         "{page}"
     );
@@ -1199,15 +1201,18 @@ fn circuit_breakers_eject_outliers_and_refuse_overflow() -> anyhow::Result<()> {
             &waypoint.metrics()?,
             "mesh_waypoint_outlier_ejections_total",
             &[("service", "breaker.shop.svc.cluster.local:80")]
-        ),
+        )?,
         1.0
     );
     let more = run(6)?;
     assert!(more.iter().all(|(s, _)| *s == 200), "{more:?}");
     assert_eq!(seen_by_v1()?, 2, "an ejected endpoint got requests");
-    std::thread::sleep(std::time::Duration::from_millis(2200));
-    run(4)?;
-    assert!(seen_by_v1()? > 2, "v1 did not come back after its ejection");
+    // Its ejection (2 s) over, v1 is tried again.
+    wait_until(10, "v1 did not come back after its ejection", || {
+        run(2)?;
+        let seen = seen_by_v1()?;
+        Ok((seen <= 2).then(|| format!("v1 served {seen}")))
+    })?;
 
     // One request in flight and one waiting at most: of three at once, one
     // is refused with 503 UO and counted.
@@ -1224,7 +1229,7 @@ fn circuit_breakers_eject_outliers_and_refuse_overflow() -> anyhow::Result<()> {
             &waypoint.metrics()?,
             "istio_requests_total",
             &[("response_code", "503"), ("response_flags", "UO")]
-        ),
+        )?,
         1.0
     );
     Ok(())
@@ -1335,7 +1340,7 @@ fn local_rate_limits_refuse_past_the_rate_with_429_and_retry_after() -> anyhow::
                 &page,
                 "mesh_waypoint_rate_limited_total",
                 &[("policy", policy), ("scope", scope)]
-            ) >= 1.0,
+            )? >= 1.0,
             "{policy} {scope}: {page}"
         );
     }
@@ -1398,38 +1403,40 @@ fn every_dashboard_query_returns_series_from_a_real_prometheus() -> anyhow::Resu
     // tunnels stay open): one direct call that ends.
     let v1 = tb.nodes[1].pods[0].ip4;
     tb.curl(&frontend, &[&format!("http://{v1}:8080/direct")])?;
-    std::thread::sleep(std::time::Duration::from_secs(4));
-    requests(&tb, &frontend, &[], 40, |i| url(&format!("/ok/{i}")))?;
-    std::thread::sleep(std::time::Duration::from_secs(3));
 
     let dashboards = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/dashboards");
-    let mut checked = 0;
-    let mut empty = Vec::new();
+    let mut queries = Vec::new();
     for entry in std::fs::read_dir(&dashboards)? {
         let path = entry?.path();
         let dash: Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
         for panel in dash["panels"].as_array().into_iter().flatten() {
             for target in panel["targets"].as_array().into_iter().flatten() {
-                let expr = target["expr"].as_str().unwrap_or_default();
-                let r = prom_query(&tb, expr)?;
-                assert_eq!(r["status"], "success", "{expr}: {r}");
-                if r["data"]["result"].as_array().is_none_or(Vec::is_empty) {
-                    empty.push(format!("{}: {} / {expr}", path.display(), panel["title"]));
-                }
-                checked += 1;
+                let expr = target["expr"].as_str().unwrap_or_default().to_owned();
+                let name = format!("{}: {}", path.display(), panel["title"]);
+                queries.push((name, expr));
             }
         }
     }
     assert!(
-        checked >= 20,
-        "only {checked} queries in {}",
+        queries.len() >= 20,
+        "only {} queries in {}",
+        queries.len(),
         dashboards.display()
     );
-    assert!(
-        empty.is_empty(),
-        "queries with no series:\n{}",
-        empty.join("\n")
-    );
+    // Rates need two scrapes of a series (one a second): traffic goes on
+    // until every query has returned series.
+    wait_until(60, "queries with no series", || {
+        requests(&tb, &frontend, &[], 10, |i| url(&format!("/ok/{i}")))?;
+        let mut empty = Vec::new();
+        for (name, expr) in &queries {
+            let r = prom_query(&tb, expr)?;
+            assert_eq!(r["status"], "success", "{expr}: {r}");
+            if r["data"]["result"].as_array().is_none_or(Vec::is_empty) {
+                empty.push(format!("{name} / {expr}"));
+            }
+        }
+        Ok((!empty.is_empty()).then(|| empty.join("\n")))
+    })?;
     Ok(())
 }
 
@@ -1616,11 +1623,11 @@ fn traces_join_the_callers_and_export_to_otlp_and_zipkin() -> anyhow::Result<()>
     })?;
     assert!(a.iter().all(|(s, _)| *s == 200), "{a:?}");
     wait_until(10, "dropped spans not counted", || {
-        let dropped = series_sum(
+        let dropped = series_sum_or_absent(
             &waypoint.metrics()?,
             "mesh_waypoint_spans_dropped_total",
             &[("reason", "export_failed")],
-        );
+        )?;
         Ok((dropped < 40.0).then(|| dropped.to_string()))
     })?;
     Ok(())
@@ -1754,10 +1761,23 @@ fn virtual_service_matches_filters_timeouts_retries_and_mirror_share() -> anyhow
     );
     // The mirror gets about half of the requests.
     requests(&tb, &frontend, &[], 100, |_| url("/mirror/half"))?;
-    std::thread::sleep(std::time::Duration::from_millis(500));
     let v2 = tb.nodes[0].pods[1].ip4;
-    let (_, a) = tb.curl(&frontend, &[&format!("http://{v2}:8080/seen/mirror/half")])?;
-    let mirrored: u32 = a[0].1.trim().parse()?;
+    let seen_by_v2 = |path: &str| -> anyhow::Result<u32> {
+        let (_, a) = tb.curl(&frontend, &[&format!("http://{v2}:8080/seen{path}")])?;
+        Ok(a.first()
+            .and_then(|(_, b)| b.trim().parse().ok())
+            .unwrap_or(0))
+    };
+    // Copies go out in the waypoint's order: once a copy of a later request
+    // (the HTTPRoute mirror of Service reviews, every request, to v2 too)
+    // has arrived, the earlier ones have.
+    let (_, a) = tb.curl(&frontend, &[&format!("http://{VIP}/mirror/end-of-half")])?;
+    assert_eq!(a[0].0, 200, "{a:?}");
+    wait_until(5, "the last mirror copy never reached v2", || {
+        let seen = seen_by_v2("/mirror/end-of-half")?;
+        Ok((seen != 1).then(|| seen.to_string()))
+    })?;
+    let mirrored = seen_by_v2("/mirror/half")?;
     assert!(
         (30..=70).contains(&mirrored),
         "mirrored {mirrored} of 100 at 50%"
@@ -1771,7 +1791,18 @@ fn virtual_service_matches_filters_timeouts_retries_and_mirror_share() -> anyhow
         std::path::Path::new("/usr/bin/curl"),
         &["-s", "-o", "/dev/null", "http://10.96.0.36/sleep/2000"],
     )?;
-    std::thread::sleep(std::time::Duration::from_millis(400));
+    // Held once a pod has it (a pod counts a request as it starts it).
+    let v1 = tb.nodes[1].pods[0].ip4;
+    let holding = |ip: IpAddr| -> anyhow::Result<u32> {
+        let (_, a) = tb.curl(&frontend, &[&format!("http://{ip}:8080/seen/sleep/2000")])?;
+        Ok(a.first()
+            .and_then(|(_, b)| b.trim().parse().ok())
+            .unwrap_or(0))
+    };
+    wait_until(5, "the slow request reached no pod", || {
+        let held = holding(v1)? + holding(v2)?;
+        Ok((held != 1).then(|| held.to_string()))
+    })?;
     let urls: Vec<String> = (0..6)
         .map(|i| format!("http://10.96.0.36/quick/{i}"))
         .collect();

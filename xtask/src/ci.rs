@@ -4,12 +4,13 @@
 //! the first failure.
 
 use std::{
+    io::{BufRead as _, BufReader},
     path::Path,
-    process::Command,
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, ensure};
 
 use crate::{exec, setup};
 
@@ -77,9 +78,14 @@ pub fn run(options: &Options) -> Result<()> {
     step(&mut timings, "build mesh-agent", || {
         exec::run(cargo(&root).args(["build", "-p", "mesh-agent"]))
     })?;
+    let mut unit = Tally::default();
     step(&mut timings, "unit tests", || {
         // The namespaced tests get their own step, serialised.
-        exec::run(cargo(&root).args(["test", "--workspace", "--exclude", NAMESPACED_TESTS]))
+        unit = run_tests(
+            cargo(&root).args(["test", "--workspace", "--exclude", NAMESPACED_TESTS]),
+            of_the_api_stand_in,
+        )?;
+        Ok(())
     })?;
     // A smoke run of each fuzz target; `cargo xtask fuzz` runs longer.
     step(&mut timings, "fuzz (10 s each)", || {
@@ -89,15 +95,18 @@ pub fn run(options: &Options) -> Result<()> {
             targets: Vec::new(),
         })
     })?;
+    let mut namespaced = Tally::default();
     step(&mut timings, "namespaced tests", || {
-        exec::run(
+        namespaced = run_tests(
             cargo(&root)
                 .args(["test", "-p", NAMESPACED_TESTS, "--"])
                 // Each test builds namespaces, veths and pinned BPF state
                 // that share one kernel; serial keeps failures readable.
                 .arg("--test-threads=1")
                 .args(&options.test_args),
-        )
+            of_the_harness,
+        )?;
+        Ok(())
     })?;
     step(&mut timings, "bench --quick", || {
         crate::bench::run(&crate::bench::Options {
@@ -119,8 +128,79 @@ pub fn run(options: &Options) -> Result<()> {
     }
     let total: Duration = timings.iter().map(|(_, took)| *took).sum();
     println!("ci: {:<18} {:>7.1}s", "total", total.as_secs_f64());
+    // The product's tests apart from the tests of what only tests use.
+    println!(
+        "ci: {} unit tests of the product passed ({} ignored), {} of the API stand-in",
+        unit.product, unit.ignored, unit.tools
+    );
+    println!(
+        "ci: {} namespaced tests passed ({} ignored), {} of their harness",
+        namespaced.product, namespaced.ignored, namespaced.tools
+    );
     println!("ci: passed");
     Ok(())
+}
+
+/// Tests counted from `cargo test`'s line per test, the tests of test
+/// tooling apart: they say nothing about the product.
+#[derive(Debug, Default, PartialEq)]
+struct Tally {
+    product: usize,
+    tools: usize,
+    ignored: usize,
+}
+
+impl Tally {
+    /// Counts one output line if it is a test's outcome (`test NAME ... ok`).
+    fn count(&mut self, line: &str, is_tool: fn(&str) -> bool) {
+        let Some((name, outcome)) = line
+            .strip_prefix("test ")
+            .and_then(|l| l.rsplit_once(" ... "))
+        else {
+            return;
+        };
+        if outcome.starts_with("ignored") {
+            self.ignored += 1;
+        } else if outcome == "ok" {
+            if is_tool(name) {
+                self.tools += 1;
+            } else {
+                self.product += 1;
+            }
+        }
+    }
+}
+
+/// The tests of the in-process Kubernetes API server the cluster source
+/// and CA tests run against (`cluster/fake_api_tests.rs`).
+fn of_the_api_stand_in(name: &str) -> bool {
+    name.starts_with("cluster::fake_api::")
+}
+
+/// The harness's own unit tests (in its modules); the namespaced tests are
+/// the top-level functions of `tests/tests/*.rs`.
+fn of_the_harness(name: &str) -> bool {
+    name.contains("::")
+}
+
+/// Runs a `cargo test` command like [`exec::run`], its output shown as it
+/// comes, and counts its tests.
+fn run_tests(cmd: &mut Command, is_tool: fn(&str) -> bool) -> Result<Tally> {
+    let shown = exec::display(cmd);
+    println!("$ {shown}");
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start `{shown}`"))?;
+    let mut tally = Tally::default();
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line?;
+        println!("{line}");
+        tally.count(&line, is_tool);
+    }
+    let status = child.wait()?;
+    ensure!(status.success(), "`{shown}` failed ({status})");
+    Ok(tally)
 }
 
 /// Runs one step between a header and a footer with its wall time.
@@ -143,4 +223,39 @@ fn cargo(root: &Path) -> Command {
     let mut cmd = Command::new("cargo");
     cmd.current_dir(root);
     cmd
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tests_of_the_api_stand_in_are_counted_apart() {
+        let mut t = Tally::default();
+        for line in [
+            "running 4 tests",
+            "test cluster::fake_api::tests::lists_pods_with_selectors ... ok",
+            "test cluster::source_tests::relists_after_410 ... ok",
+            "test fuzz::tests::policy_yaml ... ignored, slow",
+            "test state::tests::x ... FAILED",
+            "test result: ok. 2 passed; 0 failed; 1 ignored",
+        ] {
+            t.count(line, of_the_api_stand_in);
+        }
+        assert_eq!(
+            t,
+            Tally {
+                product: 1,
+                tools: 1,
+                ignored: 1
+            }
+        );
+        let mut t = Tally::default();
+        t.count("test metrics::tests::sums ... ok", of_the_harness);
+        t.count(
+            "test hbone_refuses_bad_peers_and_bad_requests ... ok",
+            of_the_harness,
+        );
+        assert_eq!((t.product, t.tools), (1, 1));
+    }
 }

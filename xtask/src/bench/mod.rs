@@ -7,6 +7,7 @@ mod idle;
 mod paths;
 mod profile;
 mod report;
+mod verify;
 
 use std::{
     collections::BTreeMap,
@@ -95,7 +96,8 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         build.arg("--release");
     }
     crate::exec::run(build.current_dir(&root))?;
-    let bin_dir = root.join("target").join(profile);
+    let target_dir = target_dir(&root);
+    let bin_dir = target_dir.join(profile);
     // SAFETY: set before any thread of this process is started.
     unsafe { std::env::set_var("MESH_BIN_DIR", &bin_dir) };
 
@@ -108,8 +110,8 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     let mut results = Results::new(reps, seconds, pods, workloads);
     let out = match &opts.out {
         Some(out) => root.join(out),
-        None if opts.quick => root.join("target/bench/quick.json"),
-        None => root.join("target/bench/results.json"),
+        None if opts.quick => target_dir.join("bench/quick.json"),
+        None => target_dir.join("bench/results.json"),
     };
     let out_dir = out.parent().unwrap_or(&root).to_owned();
     std::fs::create_dir_all(&out_dir)?;
@@ -141,6 +143,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
                 reps,
                 seconds,
                 profile,
+                quick: opts.quick,
             };
             measure_path(&mut results, &run)
                 .with_context(|| format!("{} {}", placement.name(), path.name()))?;
@@ -162,6 +165,15 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where cargo builds: `CARGO_TARGET_DIR` when set (a relative one from
+/// the workspace root, where the build runs), else `target/` there.
+fn target_dir(root: &FsPath) -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) if !dir.is_empty() => root.join(dir),
+        _ => root.join("target"),
+    }
+}
+
 /// One path in one placement.
 struct Run {
     placement: Placement,
@@ -170,6 +182,8 @@ struct Run {
     seconds: f64,
     /// Where a perf profile of the agents goes, if one is wanted.
     profile: Option<PathBuf>,
+    /// A check of the harness: no request may fail.
+    quick: bool,
 }
 
 fn measure_path(results: &mut Results, run: &Run) -> anyhow::Result<()> {
@@ -178,6 +192,7 @@ fn measure_path(results: &mut Results, run: &Run) -> anyhow::Result<()> {
         path,
         reps,
         seconds,
+        quick,
         ..
     } = run;
     let mut tb = Testbed::new(2)?;
@@ -209,8 +224,25 @@ fn measure_path(results: &mut Results, run: &Run) -> anyhow::Result<()> {
     } else {
         Vec::new()
     };
-    // A short warm-up: connections pooled, certificates issued, caches hot.
-    load(&tb, &client, targets.http, 4, 1000.0, 0.5, false)?;
+    // A short warm-up: connections pooled, certificates issued, caches hot;
+    // and the path checked before any figure is taken.
+    let warm = load(&tb, &client, targets.http, 4, 1000.0, 0.5, false)?;
+    verify::no_failures(&warm, "warm-up")?;
+    let mtls_before = if path.is_mesh() {
+        verify::carried_over_hbone(&tb, path, server_node, 4)?;
+        verify::mtls_opened_for_client(&tb)?
+    } else {
+        0.0
+    };
+    // In the quick check every request must succeed; in a full run the
+    // failed requests are one of the figures.
+    let checked = |r: &Value, what: &str| -> anyhow::Result<()> {
+        if quick {
+            verify::no_failures(r, what)?;
+        }
+        Ok(())
+    };
+    let mut new_connections = 0.0;
     let mut record = |metric: &str, value: f64| results.add(placement, path, metric, value);
     for rep in 0..reps {
         if path.is_mesh() && rep > 0 {
@@ -227,6 +259,7 @@ fn measure_path(results: &mut Results, run: &Run) -> anyhow::Result<()> {
             };
             let started = std::time::Instant::now();
             let r = load(&tb, &client, targets.http, 4, rate, seconds, false)?;
+            checked(&r, &format!("{rate} req/s"))?;
             // The load tool's start and exit are in it too: per wall second.
             let wall = started.elapsed().as_secs_f64();
             let cpu = cpu_seconds(&agents)? - cpu_before;
@@ -256,8 +289,11 @@ fn measure_path(results: &mut Results, run: &Run) -> anyhow::Result<()> {
             }
         }
         let r = load(&tb, &client, targets.http, 4, 0.0, seconds, false)?;
+        checked(&r, "saturation")?;
         record("saturation_rps", r["rps"].as_f64().unwrap_or(f64::NAN));
         let r = load(&tb, &client, targets.http, 4, 0.0, seconds, true)?;
+        checked(&r, "new connections")?;
+        new_connections += r["requests"].as_f64().unwrap_or(0.0);
         record("connections_per_s", r["rps"].as_f64().unwrap_or(f64::NAN));
         record(
             "connection_p99_ms",
@@ -269,6 +305,15 @@ fn measure_path(results: &mut Results, run: &Run) -> anyhow::Result<()> {
             }
         }
         println!("    rep {}/{reps} done", rep + 1);
+    }
+    if path.is_mesh() {
+        // Each measured new connection was one the client's agent carried
+        // over mutual TLS.
+        let carried = verify::mtls_opened_for_client(&tb)? - mtls_before;
+        ensure!(
+            carried >= new_connections,
+            "the client's agent carried {carried} mutual TLS connections during the runs, fewer than the {new_connections} new connections measured"
+        );
     }
     if let Some(file) = &run.profile {
         profile::record(&tb, &client, &targets, &agents, seconds, file)?;

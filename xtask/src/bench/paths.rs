@@ -13,7 +13,8 @@ use std::{
 use anyhow::{Context as _, ensure};
 use mesh_tests::{
     Pod, Testbed,
-    mesh::{namespace_yaml, pod_yaml, series_sum, with_netns},
+    mesh::{namespace_yaml, pod_yaml, with_netns},
+    metrics::series_sum,
     waypoint::gateway_yaml,
 };
 
@@ -217,11 +218,17 @@ fn start_waypoint(
         probe == "200",
         "a request through the waypoint answered {probe}"
     );
+    // It went through the waypoint, which saw the client's identity.
     let served = series_sum(
         &waypoint.metrics()?,
         "istio_requests_total",
-        &[("response_code", "200")],
-    );
+        &[
+            ("reporter", "waypoint"),
+            ("response_code", "200"),
+            ("source_principal", super::verify::CLIENT_ID),
+            ("destination_principal", super::verify::SERVER_ID),
+        ],
+    )?;
     ensure!(served >= 1.0, "the waypoint did not see the probe request");
     let pid = tb.keep(waypoint);
     Ok(Targets {
@@ -238,13 +245,15 @@ fn start_nginx(tb: &mut Testbed, proxy: &Pod, server: &Pod) -> anyhow::Result<u3
     std::fs::create_dir_all(&dir)?;
     let d = dir.display();
     // One process (no master): its CPU and memory are read like the
-    // waypoint's, and it serves with one core.
+    // waypoint's, and it serves with one core. Keep-alive connections are
+    // not closed after nginx's default 1,000 requests (the load tool's
+    // next request on one would fail, counted against the path).
     let conf = format!(
         "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log stderr error;\n\
          events {{ worker_connections 4096; }}\n\
-         http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+         http {{\n  access_log off;\n  keepalive_requests 1000000;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
            fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-           upstream server {{ server {}:{HTTP_PORT}; keepalive 64; }}\n\
+           upstream server {{ server {}:{HTTP_PORT}; keepalive 64; keepalive_requests 1000000; }}\n\
            server {{\n    listen {PROXY_PORT};\n    location / {{\n      proxy_pass http://server;\n\
                proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n",
         server.ip4

@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 use anyhow::{Context as _, ensure};
 use mesh_tests::{
     Testbed,
-    mesh::{namespace_yaml, pod_yaml, series_sum, with_netns},
+    mesh::{namespace_yaml, pod_yaml, with_netns},
+    metrics::series_sum_or_absent,
     waypoint::{gateway_yaml, http_service_yaml},
 };
 
@@ -183,11 +184,11 @@ pub fn run(tb: &mut Testbed, mut docs: Vec<String>) -> anyhow::Result<()> {
 
     let (code, _) = tb.curl(&page, &["http://10.96.0.53/"])?;
     let agent = tb.agent(0).metrics()?;
-    let refused = series_sum(
+    let refused = series_sum_or_absent(
         &agent,
         "mesh_proxy_connections_total",
         &[("direction", "outbound"), ("result", "no_waypoint")],
-    );
+    )?;
     println!(
         "  9. productpage -> ratings (bound to waypoint `missing`, which does not exist): curl exit {code}, refused by the agent ({refused} counted as no_waypoint)"
     );
