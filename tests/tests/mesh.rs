@@ -208,9 +208,10 @@ fn hbone_carries_pod_traffic_encrypted_with_both_identities() -> anyhow::Result<
     assert_eq!(received, f64::from(4u32 << 20), "request bytes to near");
     // The response direction: the server's greeting line, then the echo.
     let greeting = format!(
-        "peer={} local={}\n",
+        "peer={} local={} mark={}\n",
         to_near["server_peer"].as_str().unwrap_or_default(),
-        to_near["server_local"].as_str().unwrap_or_default()
+        to_near["server_local"].as_str().unwrap_or_default(),
+        to_near["server_mark"].as_str().unwrap_or_default()
     );
     let sent = series_sum(&src_side, "istio_tcp_sent_bytes_total", &to_near_labels)?;
     assert_eq!(
