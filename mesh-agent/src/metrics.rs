@@ -91,6 +91,14 @@ pub struct KindLabels {
     pub kind: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DryRunLabels {
+    /// The listener that evaluated it: `hbone` or `inbound_plaintext`.
+    pub direction: &'static str,
+    /// What the dry-run policies would have decided: `allow` or `deny`.
+    pub result: &'static str,
+}
+
 #[derive(Debug, Default)]
 pub struct Metrics {
     pub proxy_connections: Family<ProxyLabels, Counter>,
@@ -102,6 +110,7 @@ pub struct Metrics {
     pub tcp_received: Family<TcpLabels, Counter>,
     pub config_warnings: Family<KindLabels, Counter>,
     pub config_objects: Family<KindLabels, Gauge>,
+    pub policy_dry_run: Family<DryRunLabels, Counter>,
     /// The `istio_tcp_*` label sets by the workload (namespace, name) at
     /// either end: prometheus-client cannot list a family's label sets, and
     /// without this a node that sees many short-lived pods would export
@@ -110,6 +119,23 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Reports what the dry-run policies in scope would decide on a
+    /// connection, if there are any: counted, and logged when they would
+    /// deny (the enforced decision is unchanged).
+    pub fn dry_run(&self, direction: &'static str, decision: Option<crate::state::Decision>) {
+        let Some(decision) = decision else { return };
+        let result = match &decision {
+            crate::state::Decision::Allow => "allow",
+            crate::state::Decision::Deny { reason, .. } => {
+                tracing::info!(direction, reason = %reason, "dry-run policy would deny this connection (not enforced)");
+                "deny"
+            }
+        };
+        self.policy_dry_run
+            .get_or_create(&DryRunLabels { direction, result })
+            .inc();
+    }
+
     pub fn connection(&self, direction: &'static str, result: &'static str) {
         self.proxy_connections
             .get_or_create(&ProxyLabels { direction, result })
@@ -206,6 +232,11 @@ pub fn proxy_registry(metrics: &Arc<Metrics>) -> Registry {
         "istio_tcp_received_bytes",
         "Bytes of the request direction (client to server), counted when a connection closes",
         metrics.tcp_received.clone(),
+    );
+    r.register(
+        "mesh_policy_dry_run",
+        "Connections the istio.io/dry-run AuthorizationPolicies in scope would have allowed or denied (never enforced)",
+        metrics.policy_dry_run.clone(),
     );
     r.register(
         "mesh_config_warnings",

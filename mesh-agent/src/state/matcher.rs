@@ -162,19 +162,21 @@ pub(super) struct Compiler<'w> {
     warnings: &'w mut Vec<ConfigWarning>,
     /// The rule being compiled, for messages.
     pub rule: usize,
-    /// Compiling a DENY policy: a condition with a value that does not
-    /// parse then holds (the rule denies more); in an ALLOW policy it never
-    /// holds (the rule allows less). Either way it fails closed.
+    /// Compiling a DENY policy: see [`Compiler::check`] for what a value
+    /// that does not parse does to a condition. Either way it fails closed.
     pub deny: bool,
+    /// The policy's namespace: a bare `serviceAccounts` entry is in it.
+    namespace: String,
 }
 
 impl<'w> Compiler<'w> {
-    pub fn new(object: String, warnings: &'w mut Vec<ConfigWarning>) -> Self {
+    pub fn new(object: String, namespace: &str, warnings: &'w mut Vec<ConfigWarning>) -> Self {
         Compiler {
             object,
             warnings,
             rule: 0,
             deny: false,
+            namespace: namespace.to_owned(),
         }
     }
 
@@ -208,13 +210,37 @@ impl<'w> Compiler<'w> {
         self.check(attr, values.iter().map(|s| s.0.as_str()), negate)
     }
 
+    /// A value that does not parse is left out of its list, as istiod does,
+    /// where that only narrows what the policy grants: from an ALLOW's
+    /// positive list that keeps other values (the rule allows less), from a
+    /// DENY's negated list (the rule denies more). Anywhere else leaving it
+    /// out would widen an ALLOW or narrow a DENY, so the whole condition is
+    /// fixed to the safe side instead: it holds in a DENY (denies more) and
+    /// never holds in an ALLOW (allows less).
     fn check<'a>(
         &mut self,
         attr: Attr,
         values: impl Iterator<Item = &'a str>,
         negate: bool,
     ) -> Option<Check> {
-        let patterns: Vec<Pattern> = values.map(|v| self.pattern(&attr, v)).collect();
+        let mut patterns: Vec<Pattern> = values.map(|v| self.pattern(&attr, v)).collect();
+        let bad = patterns.contains(&Pattern::Never);
+        let good = patterns.iter().filter(|p| **p != Pattern::Never).count();
+        if bad && ((!self.deny && !negate && good > 0) || (self.deny && negate)) {
+            patterns.retain(|p| *p != Pattern::Never);
+            let (rule, effect) = (
+                self.rule,
+                if self.deny {
+                    "the DENY rule denies more than written"
+                } else {
+                    "the ALLOW rule allows less than written"
+                },
+            );
+            self.warn(
+                "parse_error",
+                format!("rule {rule}: values that do not parse are left out ({effect})"),
+            );
+        }
         let fixed = patterns.contains(&Pattern::Never).then_some(self.deny);
         if fixed.is_some() {
             let (rule, effect) = (
@@ -243,12 +269,16 @@ impl<'w> Compiler<'w> {
         let rule = self.rule;
         match attr {
             Attr::Host => string_pattern(&value.to_ascii_lowercase()),
-            Attr::Principal
-            | Attr::Namespace
-            | Attr::ServiceAccount
-            | Attr::Method
-            | Attr::Path
-            | Attr::Header(_) => string_pattern(value),
+            // `namespace/name`, exact; a bare name is in the policy's
+            // namespace.
+            Attr::ServiceAccount => Pattern::Exact(if value.contains('/') {
+                value.to_owned()
+            } else {
+                format!("{}/{value}", self.namespace)
+            }),
+            Attr::Principal | Attr::Namespace | Attr::Method | Attr::Path | Attr::Header(_) => {
+                string_pattern(value)
+            }
             Attr::SrcIp | Attr::DstIp => match parse_net(value) {
                 Some(net) => Pattern::Net(net),
                 None => {

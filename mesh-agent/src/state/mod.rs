@@ -488,6 +488,12 @@ impl Store {
         policy::authorize(&self.policies, &self.root_namespace, conn)
     }
 
+    /// What the `istio.io/dry-run` policies in scope would decide, if any:
+    /// for the log and `mesh_policy_dry_run_total`, never enforced.
+    pub fn dry_run(&self, conn: &Conn<'_>) -> Option<Decision> {
+        policy::dry_run(&self.policies, &self.root_namespace, conn)
+    }
+
     /// The waypoint a Service must be reached through, if it names one.
     pub fn service_binding(&self, svc: &Service) -> Option<&Binding> {
         self.bindings

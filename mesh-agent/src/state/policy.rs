@@ -26,8 +26,21 @@ use super::{
 
 #[derive(Debug, Deserialize)]
 pub(super) struct AuthorizationPolicy {
+    #[serde(default)]
+    pub metadata: PolicyMetadata,
     pub spec: Option<PolicySpec>,
 }
+
+/// The part of the metadata that changes what a policy does.
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct PolicyMetadata {
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+}
+
+/// Istio's annotation for a policy that is evaluated and reported, not
+/// enforced.
+const DRY_RUN: &str = "istio.io/dry-run";
 
 impl AuthorizationPolicy {
     /// What stands in for a policy that does not parse: a DENY of every
@@ -35,6 +48,7 @@ impl AuthorizationPolicy {
     /// selector cannot be read either). A typo must never widen access.
     pub fn deny_all(selector: Option<WorkloadSelector>) -> Self {
         AuthorizationPolicy {
+            metadata: PolicyMetadata::default(),
             spec: Some(PolicySpec {
                 selector,
                 action: Some(Action::Deny),
@@ -142,6 +156,8 @@ pub(super) struct AuthzPolicy {
     /// A waypoint's policy: what it is attached to.
     targets: Vec<Target>,
     rules: Vec<CompiledRule>,
+    /// `istio.io/dry-run: "true"`: evaluated and reported, never enforced.
+    dry_run: bool,
 }
 
 /// What a waypoint policy is attached to.
@@ -197,6 +213,7 @@ impl AuthzPolicy {
             "target_refs": self.targets,
             "rules": self.rules.len(),
             "l7_allow_rules_never_matching": self.rules.iter().filter(|r| r.never).count(),
+            "dry_run": self.dry_run,
         })
     }
 }
@@ -210,8 +227,23 @@ pub(super) fn authorize(
 ) -> Decision {
     let in_scope = policies
         .iter()
-        .filter(|p| p.applies_to(conn.dst, root_namespace));
+        .filter(|p| !p.dry_run && p.applies_to(conn.dst, root_namespace));
     evaluate(in_scope, &conn.attrs()).0
+}
+
+/// What the dry-run policies in scope would decide on their own, by the
+/// same rules (None when there are none): reported, never enforced.
+pub(super) fn dry_run(
+    policies: &[AuthzPolicy],
+    root_namespace: &str,
+    conn: &Conn<'_>,
+) -> Option<Decision> {
+    let mut in_scope = policies
+        .iter()
+        .filter(|p| p.dry_run && p.applies_to(conn.dst, root_namespace))
+        .peekable();
+    in_scope.peek()?;
+    Some(evaluate(in_scope, &conn.attrs()).0)
 }
 
 /// A waypoint's decision on a request (or a TCP connection) for the
@@ -225,13 +257,14 @@ pub(super) fn authorize_waypoint(
     attrs: &Attrs<'_>,
 ) -> (Decision, Vec<String>) {
     let in_scope = policies.iter().filter(|p| {
-        p.targets.iter().any(|t| {
-            let key = (t.namespace.as_str(), t.name.as_str());
-            match t.kind.as_str() {
-                "Service" => service == Some(key),
-                _ => key == gateway,
-            }
-        })
+        !p.dry_run
+            && p.targets.iter().any(|t| {
+                let key = (t.namespace.as_str(), t.name.as_str());
+                match t.kind.as_str() {
+                    "Service" => service == Some(key),
+                    _ => key == gateway,
+                }
+            })
     });
     evaluate(in_scope, attrs)
 }
@@ -362,7 +395,7 @@ fn compile_one(
         return None;
     }
 
-    let mut compiler = Compiler::new(object.clone(), warnings);
+    let mut compiler = Compiler::new(object.clone(), namespace, warnings);
     compiler.deny = action == Action::Deny;
     let rules = spec
         .rules
@@ -378,6 +411,11 @@ fn compile_one(
         selector: WorkloadSelector::labels(spec.selector.as_ref()),
         targets: applied,
         rules,
+        dry_run: policy
+            .metadata
+            .annotations
+            .get(DRY_RUN)
+            .is_some_and(|v| v.eq_ignore_ascii_case("true")),
     })
 }
 
@@ -411,11 +449,18 @@ fn compile_rule(
         checks.extend(c.strings(Attr::Namespace, &s.not_namespaces, true));
         checks.extend(c.strings(Attr::ServiceAccount, &s.service_accounts, false));
         checks.extend(c.strings(Attr::ServiceAccount, &s.not_service_accounts, true));
-        // At L4 the remote address is the source address.
         checks.extend(c.strings(Attr::SrcIp, &s.ip_blocks, false));
         checks.extend(c.strings(Attr::SrcIp, &s.not_ip_blocks, true));
-        checks.extend(c.strings(Attr::SrcIp, &s.remote_ip_blocks, false));
-        checks.extend(c.strings(Attr::SrcIp, &s.not_remote_ip_blocks, true));
+        // The remote address is an HTTP attribute in Istio (the client
+        // before any proxy, from X-Forwarded-For): at L4 it is not known,
+        // as istiod tells ztunnel. A waypoint takes its downstream peer.
+        if at_waypoint {
+            checks.extend(c.strings(Attr::SrcIp, &s.remote_ip_blocks, false));
+            checks.extend(c.strings(Attr::SrcIp, &s.not_remote_ip_blocks, true));
+        } else {
+            note("remoteIpBlocks", has(&s.remote_ip_blocks));
+            note("notRemoteIpBlocks", has(&s.not_remote_ip_blocks));
+        }
         from.push(checks);
     }
 
@@ -447,7 +492,8 @@ fn compile_rule(
     let mut when = Vec::new();
     for cond in rule.when.iter().flatten() {
         let attr = match cond.key.as_str() {
-            "source.ip" | "remote.ip" => Attr::SrcIp,
+            "source.ip" => Attr::SrcIp,
+            "remote.ip" if at_waypoint => Attr::SrcIp,
             "source.namespace" => Attr::Namespace,
             "source.principal" => Attr::Principal,
             "destination.ip" => Attr::DstIp,

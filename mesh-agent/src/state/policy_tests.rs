@@ -210,7 +210,7 @@ fn ip_blocks() {
     let s = with(&policy(
         "shop/ips",
         "  rules:\n  - from: [{source: {ipBlocks: [10.0.0.0/16, 192.168.1.7], notIpBlocks: [10.0.5.0/24]}}]\n  \
-         - from: [{source: {remoteIpBlocks: [\"fd00::/8\"], notRemoteIpBlocks: [\"fd00::1\"]}}]",
+         - from: [{source: {ipBlocks: [\"fd00::/8\"], notIpBlocks: [\"fd00::1\"]}}]",
     ));
     assert!(allowed(&s, "shop/web", None, "10.0.200.1", 80));
     assert!(
@@ -253,7 +253,7 @@ fn when_conditions() {
          - {key: destination.ip, values: [10.0.0.10]}\n  \
          - when:\n    - {key: source.namespace, values: [ops]}\n    \
          - {key: source.principal, notValues: [\"*/sa/bad\"]}\n    \
-         - {key: remote.ip, notValues: [10.0.9.9]}",
+         - {key: source.ip, notValues: [10.0.9.9]}",
     ));
     assert!(allowed(&s, "shop/web", None, "10.0.0.5", 80));
     assert!(!allowed(&s, "shop/web", None, "10.0.0.5", 81));
@@ -346,10 +346,12 @@ fn bad_values_fail_closed() {
     ));
     assert!(
         !allowed(&s, "shop/web", None, "10.0.0.5", 81),
-        "an ALLOW condition with a bad value never holds, even for its good values"
+        "an ALLOW condition whose only value is bad never holds"
     );
     let never = "a condition with a value that does not parse never holds \
                  (the ALLOW rule allows less than written)";
+    let left_out =
+        "values that do not parse are left out (the ALLOW rule allows less than written)";
     let messages: Vec<(&str, String)> = s
         .warnings()
         .iter()
@@ -367,7 +369,7 @@ fn bad_values_fail_closed() {
                 "parse_error",
                 "rule 0: port \"http\" is not a number".to_owned()
             ),
-            ("parse_error", format!("rule 0: {never}")),
+            ("parse_error", format!("rule 0: {left_out}")),
             (
                 "parse_error",
                 "rule 1: port \"http\" is not a number".to_owned()
@@ -439,7 +441,141 @@ fn v1beta1_and_dump() {
         serde_json::json!([{
             "namespace": "shop", "name": "old", "action": "DENY",
             "selector": {"app": "db"}, "rules": 2, "l7_allow_rules_never_matching": 0,
-            "target_refs": [],
+            "target_refs": [], "dry_run": false,
         }])
+    );
+}
+
+/// As istiod converts policies for ztunnel: a value that does not parse is
+/// dropped from its list where that only narrows what the policy grants,
+/// and fixes the condition to the safe side where dropping it would widen
+/// an ALLOW or narrow a DENY.
+#[test]
+fn bad_values_are_dropped_only_where_that_grants_less() {
+    // ALLOW, positive list with a good value left: the bad one is dropped.
+    let s = with(&policy(
+        "shop/a",
+        "  rules: [{from: [{source: {ipBlocks: [10.0.0.0/24, not-an-ip]}}]}]",
+    ));
+    assert!(
+        allowed(&s, "shop/web", None, "10.0.0.5", 80),
+        "the good value still allows"
+    );
+    assert!(!allowed(&s, "shop/web", None, "10.0.1.5", 80));
+    // ALLOW, negated list: dropping would allow more, so the rule never holds.
+    let s = with(&policy(
+        "shop/a",
+        "  rules: [{from: [{source: {notIpBlocks: [10.0.0.0/24, not-an-ip]}}]}]",
+    ));
+    assert!(!allowed(&s, "shop/web", None, "10.0.1.5", 80));
+    // DENY, positive list: dropping would deny less, so the rule denies all.
+    let s = with(&policy(
+        "shop/d",
+        "  action: DENY\n  rules: [{from: [{source: {ipBlocks: [10.0.0.0/24, not-an-ip]}}]}]",
+    ));
+    assert!(
+        !allowed(&s, "shop/web", None, "10.0.1.5", 80),
+        "denies more"
+    );
+    // DENY, negated list: dropped, the good exception still holds.
+    let s = with(&policy(
+        "shop/d",
+        "  action: DENY\n  rules: [{from: [{source: {notIpBlocks: [10.0.0.0/24, not-an-ip]}}]}]",
+    ));
+    assert!(
+        allowed(&s, "shop/web", None, "10.0.0.5", 80),
+        "the exception stands"
+    );
+    assert!(!allowed(&s, "shop/web", None, "10.0.1.5", 80));
+}
+
+/// `serviceAccounts` entries are exact, and a bare name is in the policy's
+/// own namespace.
+#[test]
+fn a_bare_service_account_is_in_the_policys_namespace_and_exact() {
+    let s = with(&policy(
+        "shop/sa",
+        "  rules: [{from: [{source: {serviceAccounts: [fe, \"ops/ad*\"]}}]}]",
+    ));
+    assert!(allowed(&s, "shop/web", Some("shop/fe"), "10.0.0.5", 80));
+    assert!(
+        !allowed(&s, "shop/web", Some("ops/fe"), "10.0.0.5", 80),
+        "a bare name is the policy's namespace"
+    );
+    assert!(
+        !allowed(&s, "shop/web", Some("ops/admin"), "10.0.0.5", 80),
+        "no wildcards"
+    );
+    assert!(allowed(&s, "shop/web", Some("ops/ad*"), "10.0.0.5", 80));
+}
+
+/// The remote address (`remoteIpBlocks`, `when: remote.ip`) is an HTTP
+/// attribute: the node agent cannot enforce it, and treats it like the
+/// other L7 fields.
+#[test]
+fn remote_ip_is_an_l7_attribute_at_l4() {
+    let s = with(&policy(
+        "shop/remote",
+        "  rules:\n  - from: [{source: {remoteIpBlocks: [10.0.0.0/8]}}]\n  \
+         - when: [{key: remote.ip, values: [10.0.0.5]}]",
+    ));
+    assert!(
+        !allowed(&s, "shop/web", None, "10.0.0.5", 80),
+        "an ALLOW rule that needs the remote address never matches"
+    );
+    let kinds: Vec<&str> = s.warnings().iter().map(|w| w.kind).collect();
+    assert_eq!(
+        kinds,
+        ["l7_rule_at_l4", "l7_rule_at_l4"],
+        "{:?}",
+        s.warnings()
+    );
+    let s = with(&policy(
+        "shop/remote-deny",
+        "  action: DENY\n  rules: [{from: [{source: {remoteIpBlocks: [10.9.0.0/16]}}]}]",
+    ));
+    assert!(
+        !allowed(&s, "shop/web", None, "10.0.0.5", 80),
+        "a DENY rule is applied without it: it denies more"
+    );
+}
+
+/// `istio.io/dry-run: "true"`: evaluated and reported, never enforced.
+#[test]
+fn dry_run_policies_are_evaluated_but_not_enforced() {
+    let p = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+             metadata: {name: try, namespace: shop, annotations: {istio.io/dry-run: \"true\"}}\n\
+             spec:\n  action: DENY\n  rules: [{from: [{source: {ipBlocks: [10.0.0.0/24]}}]}]\n---\n";
+    let s = with(p);
+    let wl = s.workload("shop", "web").unwrap();
+    let conn = |ip: &str| Conn {
+        src_ip: ip.parse().unwrap(),
+        src_identity: None,
+        dst: wl,
+        dst_ip: wl.ips[0],
+        dst_port: 80,
+    };
+    assert_eq!(
+        s.authorize(&conn("10.0.0.5")),
+        Decision::Allow,
+        "not enforced"
+    );
+    assert_eq!(
+        s.dry_run(&conn("10.0.0.5")),
+        Some(Decision::Deny {
+            policy: "shop/try".into(),
+            reason: "denied by DENY policy shop/try".into(),
+        }),
+        "but it would deny"
+    );
+    assert_eq!(s.dry_run(&conn("10.0.1.5")), Some(Decision::Allow));
+    let other = s.workload("other", "web").unwrap();
+    assert_eq!(
+        s.dry_run(&Conn {
+            dst: other,
+            ..conn("10.0.0.5")
+        }),
+        None,
+        "no dry-run policy in scope"
     );
 }

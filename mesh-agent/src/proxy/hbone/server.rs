@@ -173,14 +173,17 @@ pub fn answer(status: StatusCode) -> Response<Empty<Bytes>> {
 
 impl Inbound {
     fn authorize(&self, store: &Store, dst: SocketAddr) -> Decision {
-        let local = store.workload_by_ip(dst.ip()).unwrap_or(&self.local);
-        store.authorize(&Conn {
+        store.authorize(&self.conn(store, dst))
+    }
+
+    fn conn<'a>(&'a self, store: &'a Store, dst: SocketAddr) -> Conn<'a> {
+        Conn {
             src_ip: self.peer.ip(),
             src_identity: Some(&self.peer_id),
-            dst: local,
+            dst: store.workload_by_ip(dst.ip()).unwrap_or(&self.local),
             dst_ip: dst.ip(),
             dst_port: dst.port(),
-        })
+        }
     }
 
     /// One CONNECT stream. Answers as Istio's HBONE does: 400 for a request
@@ -224,6 +227,7 @@ impl Inbound {
             None,
             true,
         );
+        metrics.dry_run("hbone", store.dry_run(&self.conn(&store, dst)));
         if let Decision::Deny { reason, .. } = self.authorize(&store, dst) {
             metrics.connection("hbone", "denied");
             rec.close("DENY", Outcome::error(reason));
