@@ -196,6 +196,18 @@ pub fn hbone_connect(data: &[u8]) {
         let again: std::net::SocketAddr = dst.to_string().parse().expect("round trip");
         assert_eq!(again, dst);
     }
+    if let Some(crate::proxy::hbone::Authority::Host(host, port)) =
+        crate::proxy::hbone::connect_authority(&uri)
+    {
+        // A hostname is only ever a DNS name, lower case, with its port.
+        let _ = port;
+        assert!(!host.is_empty());
+        assert!(
+            host.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.'),
+            "{host:?}"
+        );
+    }
 }
 
 /// A PEM request as is; anything else is taken as DER and wrapped in PEM,

@@ -255,6 +255,14 @@ fn hbone_refuses_bad_peers_and_bad_requests() -> anyhow::Result<()> {
     let mut shop = Shop::new(1)?;
     let server = shop.pod(0, "server", "shop", "server", &[("app", "echo")])?;
     let prober = shop.pod(0, "prober", "legacy", "default", &[])?;
+    shop.docs.push(service_yaml(
+        "echo",
+        "shop",
+        "10.96.0.50",
+        80,
+        &APP_PORT.to_string(),
+        "echo",
+    ));
     shop.tb.serve(&server, any6(APP_PORT))?;
     shop.start(&[&server], &[])?;
     let tb = &shop.tb;
@@ -296,20 +304,44 @@ fn hbone_refuses_bad_peers_and_bad_requests() -> anyhow::Result<()> {
 
     // Valid TLS, bad requests.
     let r = tb.probe(&prober, hbone, &app, &[&me_opt, "method=GET"])?;
-    assert_eq!(r["status"], 405, "{r}");
+    assert_eq!(r["status"], 400, "not CONNECT, as ztunnel answers: {r}");
     assert_eq!(refused("not_connect")?, 1.0);
     let other = format!("{}:{APP_PORT}", prober.ip4);
     let r = tb.probe(&prober, hbone, &other, &[&me_opt])?;
     assert_eq!(r["status"], 400, "CONNECT to another pod: {r}");
+    let r = tb.probe(
+        &prober,
+        hbone,
+        "nosuch.shop.svc.cluster.local:80",
+        &[&me_opt],
+    )?;
+    assert_eq!(
+        r["status"], 400,
+        "CONNECT to a Service that does not exist: {r}"
+    );
     let r = tb.probe(&prober, hbone, &format!("{}:15001", server.ip4), &[&me_opt])?;
-    assert_eq!(r["status"], 400, "CONNECT to an agent port: {r}");
-    assert_eq!(refused("wrong_destination")?, 2.0);
+    assert_eq!(
+        r["status"], 503,
+        "CONNECT to an agent port, as ztunnel answers: {r}"
+    );
+    assert_eq!(refused("wrong_destination")?, 3.0);
     let r = tb.probe(&prober, hbone, "nonsense", &[&me_opt])?;
     assert_eq!(r["status"], 400, "{r}");
     assert_eq!(refused("bad_authority")?, 1.0);
     let r = tb.probe(&prober, hbone, &format!("{}:9", server.ip4), &[&me_opt])?;
     assert_eq!(r["status"], 503, "nothing listens on 9: {r}");
     assert_eq!(refused("connect_failed")?, 1.0, "{r}");
+
+    // A Service hostname and port, as ztunnel accepts: through the
+    // Service's port to this pod's target port.
+    let r = tb.probe(
+        &prober,
+        hbone,
+        "echo.shop.svc.cluster.local:80",
+        &[&me_opt, "send=1000"],
+    )?;
+    assert_eq!(r["status"], 200, "{r}");
+    assert_eq!(r["echo_ok"], true, "{r}");
 
     // After all that, a proper call works and shows both identities.
     let r = tb.probe(&prober, hbone, &app, &[&me_opt, "send=100000"])?;

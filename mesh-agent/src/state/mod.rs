@@ -442,6 +442,18 @@ impl Store {
         self.workloads.get(&(namespace.to_owned(), name.to_owned()))
     }
 
+    /// The Service named by its cluster hostname
+    /// (`<name>.<namespace>.svc.cluster.local`, or without the cluster
+    /// domain).
+    pub fn service_by_hostname(&self, host: &str) -> Option<&Arc<Service>> {
+        let host = host.trim_end_matches('.');
+        let short = host
+            .strip_suffix(".svc.cluster.local")
+            .or_else(|| host.strip_suffix(".svc"))?;
+        let (name, namespace) = short.split_once('.')?;
+        self.services.get(&(namespace.to_owned(), name.to_owned()))
+    }
+
     /// The Service whose VIP and port this is.
     pub fn service_by_vip(&self, addr: SocketAddr) -> Option<(&Arc<Service>, &ServicePort)> {
         self.by_vip

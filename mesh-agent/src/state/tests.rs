@@ -481,3 +481,25 @@ fn dump_lists_everything() {
     assert_eq!(d["warnings"], serde_json::json!([]));
     assert_eq!(d["root_namespace"], "istio-system");
 }
+
+#[test]
+fn services_are_found_by_their_cluster_hostname() {
+    let s = store(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: reviews, namespace: shop}\n\
+         spec: {clusterIP: 10.96.0.9, selector: {app: r}, ports: [{port: 9080}]}\n",
+    );
+    for host in [
+        "reviews.shop.svc.cluster.local",
+        "reviews.shop.svc.cluster.local.",
+        "reviews.shop.svc",
+    ] {
+        assert_eq!(
+            s.service_by_hostname(host).map(|svc| svc.name.as_str()),
+            Some("reviews"),
+            "{host}"
+        );
+    }
+    for host in ["reviews.other.svc.cluster.local", "reviews.shop", "reviews"] {
+        assert!(s.service_by_hostname(host).is_none(), "{host}");
+    }
+}

@@ -12,7 +12,7 @@ mod server;
 
 pub use client::{Caller, HboneError, Pool, Tunnel};
 #[cfg(test)]
-pub use server::connect_destination;
+pub use server::{Authority, connect_authority, connect_destination};
 pub use server::{accept, answer, serve, serve_connects};
 
 /// A TLS handshake must finish in this time.

@@ -164,6 +164,29 @@ pub fn connect_destination(uri: &hyper::Uri) -> Option<SocketAddr> {
         .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
 }
 
+/// What a CONNECT asks for: an address, or (as ztunnel accepts) a Service
+/// hostname and its port, which the server resolves to itself.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Authority {
+    Addr(SocketAddr),
+    Host(String, u16),
+}
+
+pub fn connect_authority(uri: &hyper::Uri) -> Option<Authority> {
+    if let Some(addr) = connect_destination(uri) {
+        return Some(Authority::Addr(addr));
+    }
+    let a = uri.authority()?;
+    let port = a.port_u16()?;
+    let host = a.host();
+    // A DNS name: letters, digits, '-' and '.', not an address in brackets.
+    let dns = !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    dns.then(|| Authority::Host(host.to_ascii_lowercase(), port))
+}
+
 pub fn answer(status: StatusCode) -> Response<Empty<Bytes>> {
     Response::builder()
         .status(status)
@@ -186,28 +209,58 @@ impl Inbound {
         }
     }
 
+    /// The pod address and app port a CONNECT authority names here: an
+    /// address as given, a Service hostname through the Service's port to
+    /// this pod's target port. None: not this pod.
+    fn resolve(&self, store: &Store, authority: Authority) -> Option<SocketAddr> {
+        match authority {
+            Authority::Addr(addr) => Some(addr),
+            Authority::Host(host, port) => {
+                let svc = store.service_by_hostname(&host)?;
+                let sp = svc.ports.iter().find(|p| p.port == port)?;
+                store
+                    .endpoints(svc, sp)
+                    .into_iter()
+                    .find(|ep| {
+                        ep.workload.namespace == self.local.namespace
+                            && ep.workload.name == self.local.name
+                    })
+                    .map(|ep| ep.addr)
+            }
+        }
+    }
+
     /// One CONNECT stream. Answers as Istio's HBONE does: 400 for a request
-    /// that cannot be served here, 401 when policy denies, 503 when the app
-    /// does not accept, 200 and the tunnel otherwise. Not CONNECT: 405.
+    /// that cannot be served here (not CONNECT, an authority that is not
+    /// this pod), 503 for an agent port, 401 when policy denies, 503 when
+    /// the app does not accept, 200 and the tunnel otherwise.
     async fn handle(self: Arc<Self>, mut req: Request<Incoming>) -> Response<Empty<Bytes>> {
         let pod = &self.pod;
         let metrics = &pod.shared.metrics;
         if req.method() != Method::CONNECT {
             metrics.connection("hbone", "not_connect");
             debug!(method = %req.method(), "HBONE request is not CONNECT");
-            return answer(StatusCode::METHOD_NOT_ALLOWED);
+            return answer(StatusCode::BAD_REQUEST);
         }
-        let Some(dst) = connect_destination(req.uri()) else {
+        let Some(authority) = connect_authority(req.uri()) else {
             metrics.connection("hbone", "bad_authority");
-            debug!(uri = %req.uri(), "CONNECT authority is not ip:port");
+            debug!(uri = %req.uri(), "CONNECT authority is neither ip:port nor host:port");
             return answer(StatusCode::BAD_REQUEST);
         };
-        if !pod.addresses.contains(&dst.ip()) || AGENT_PORTS.contains(&dst.port()) {
-            metrics.connection("hbone", "wrong_destination");
-            debug!(%dst, "CONNECT to an address that is not this pod's app");
-            return answer(StatusCode::BAD_REQUEST);
-        }
         let store = pod.shared.store();
+        let Some(dst) = self
+            .resolve(&store, authority)
+            .filter(|d| pod.addresses.contains(&d.ip()))
+        else {
+            metrics.connection("hbone", "wrong_destination");
+            debug!(uri = %req.uri(), "CONNECT to something that is not this pod");
+            return answer(StatusCode::BAD_REQUEST);
+        };
+        if AGENT_PORTS.contains(&dst.port()) {
+            metrics.connection("hbone", "wrong_destination");
+            debug!(%dst, "CONNECT to one of the agent's own ports");
+            return answer(StatusCode::SERVICE_UNAVAILABLE);
+        }
         let src = Peer {
             addr: Some(self.peer),
             workload: store.workload_by_ip(self.peer.ip()).cloned(),
@@ -278,5 +331,36 @@ impl Inbound {
             .instrument(span),
         );
         answer(StatusCode::OK)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn authority(s: &str) -> Option<Authority> {
+        connect_authority(&s.parse::<hyper::Uri>().ok()?)
+    }
+
+    #[test]
+    fn authorities_are_an_address_or_a_hostname_with_a_port() {
+        assert_eq!(
+            authority("10.0.0.1:8080"),
+            Some(Authority::Addr("10.0.0.1:8080".parse().unwrap()))
+        );
+        assert_eq!(
+            authority("[fd00::1]:80"),
+            Some(Authority::Addr("[fd00::1]:80".parse().unwrap()))
+        );
+        assert_eq!(
+            authority("Reviews.Shop.svc.cluster.local:9080"),
+            Some(Authority::Host(
+                "reviews.shop.svc.cluster.local".into(),
+                9080
+            ))
+        );
+        for bad in ["reviews.shop.svc.cluster.local", "nonsense", "a_b.svc:80"] {
+            assert_eq!(authority(bad), None, "{bad}");
+        }
     }
 }
