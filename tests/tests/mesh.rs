@@ -643,10 +643,27 @@ fn service_vip_spreads_and_skips_a_down_endpoint() -> anyhow::Result<()> {
         series_sum(
             &page,
             "istio_tcp_connections_opened_total",
-            &[("destination_service", "echo.shop.svc.cluster.local")]
+            &[
+                ("reporter", "source"),
+                ("destination_service", "echo.shop.svc.cluster.local")
+            ]
         )?,
         10.0
     );
+    // The destination side knows the Service too: the client's agent sent
+    // it as `forwarded` `host`.
+    let mut at_destination = 0.0;
+    for node in 0..tb.nodes.len() {
+        at_destination += series_sum_or_absent(
+            &tb.agent(node).metrics()?,
+            "istio_tcp_connections_opened_total",
+            &[
+                ("reporter", "destination"),
+                ("destination_service", "echo.shop.svc.cluster.local"),
+            ],
+        )?;
+    }
+    assert_eq!(at_destination, 10.0);
 
     // b's app goes away: every call still succeeds, on a, and b is set aside.
     tb.stop(b_app)?;

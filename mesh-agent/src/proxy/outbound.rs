@@ -254,6 +254,7 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
                 let caller = Caller {
                     addr: SocketAddr::new(src_ip, peer.port()),
                     workload: src_wl,
+                    service: service.map(Service::hostname),
                 };
                 hbone(&pod, src_id, dst_id, via_ip, c.addr, &caller).await
             }

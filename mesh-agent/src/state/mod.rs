@@ -101,7 +101,7 @@ impl Workload {
 
     /// Whether every label of `selector` is on this workload (an empty
     /// selector selects everything).
-    fn has_labels(&self, selector: &BTreeMap<String, String>) -> bool {
+    pub fn has_labels(&self, selector: &BTreeMap<String, String>) -> bool {
         selector
             .iter()
             .all(|(k, v)| self.labels.get(k).is_some_and(|have| have == v))

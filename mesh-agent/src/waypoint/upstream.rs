@@ -93,6 +93,7 @@ async fn open(ctx: &Ctx, addr: SocketAddr) -> io::Result<Upstream> {
             let caller = Caller {
                 addr: SocketAddr::new(me.ips.first().copied().unwrap_or(addr.ip()), 0),
                 workload: &me,
+                service: None,
             };
             let dialer = Dialer {
                 netns: None,

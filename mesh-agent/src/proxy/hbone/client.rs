@@ -163,6 +163,9 @@ impl HboneError {
 pub struct Caller<'a> {
     pub addr: SocketAddr,
     pub workload: &'a Workload,
+    /// The Service the client addressed (its cluster hostname), if any:
+    /// sent as `forwarded` `host`, so that the destination reports it.
+    pub service: Option<String>,
 }
 
 impl Pool {
@@ -302,6 +305,17 @@ impl Pool {
     }
 }
 
+/// `for="ip:port"`, and `;host=<service hostname>` when a Service was
+/// addressed (RFC 7239, as ztunnel sends it).
+fn forwarded(caller: &Caller<'_>) -> String {
+    let mut v = format!("for=\"{}\"", caller.addr);
+    if let Some(host) = &caller.service {
+        v.push_str(";host=");
+        v.push_str(host);
+    }
+    v
+}
+
 /// A W3C baggage value: anything outside a safe set is percent-encoded, so
 /// a label can neither break the header nor add members.
 fn baggage_value(v: &str) -> String {
@@ -327,7 +341,7 @@ async fn request(
     let req = Request::builder()
         .method(Method::CONNECT)
         .uri(target.to_string())
-        .header("forwarded", format!("for=\"{}\"", caller.addr.ip()))
+        .header("forwarded", forwarded(caller))
         .header(
             "baggage",
             format!(

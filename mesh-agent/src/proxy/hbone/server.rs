@@ -164,6 +164,16 @@ pub fn connect_destination(uri: &hyper::Uri) -> Option<SocketAddr> {
         .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
 }
 
+/// The `host` parameter of a `forwarded` header (RFC 7239), lower case.
+pub fn forwarded_host(headers: &hyper::HeaderMap) -> Option<String> {
+    let v = headers.get("forwarded")?.to_str().ok()?;
+    v.split([';', ','])
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("host"))
+        .map(|(_, host)| host.trim().trim_matches('"').to_ascii_lowercase())
+        .filter(|h| !h.is_empty())
+}
+
 /// What a CONNECT asks for: an address, or (as ztunnel accepts) a Service
 /// hostname and its port, which the server resolves to itself.
 #[derive(Debug, PartialEq, Eq)]
@@ -271,13 +281,22 @@ impl Inbound {
             workload: Some(self.local.clone()),
             identity: Some(self.local_id.clone()),
         };
+        // The Service the client addressed, as its agent tells it (only one
+        // that selects this pod: the header does not relabel other traffic).
+        let service = forwarded_host(req.headers())
+            .and_then(|h| store.service_by_hostname(&h))
+            .filter(|s| {
+                !s.selector.is_empty()
+                    && s.namespace == self.local.namespace
+                    && self.local.has_labels(&s.selector)
+            });
         let rec = ConnRecord::new(
             metrics.clone(),
             "inbound",
             "destination",
             src,
             dst_peer,
-            None,
+            service.map(|s| &**s),
             true,
         );
         metrics.dry_run("hbone", store.dry_run(&self.conn(&store, dst)));
@@ -362,5 +381,24 @@ mod tests {
         for bad in ["reviews.shop.svc.cluster.local", "nonsense", "a_b.svc:80"] {
             assert_eq!(authority(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn the_forwarded_host_is_read_whatever_the_order_and_quoting() {
+        let host = |v: &str| {
+            let mut h = hyper::HeaderMap::new();
+            h.insert("forwarded", v.parse().unwrap());
+            forwarded_host(&h)
+        };
+        assert_eq!(
+            host("for=\"10.0.0.1:5000\";host=Reviews.shop.svc.cluster.local"),
+            Some("reviews.shop.svc.cluster.local".into())
+        );
+        assert_eq!(
+            host("host=\"a.b.svc.cluster.local\"; for=\"[fd00::1]:1\""),
+            Some("a.b.svc.cluster.local".into())
+        );
+        assert_eq!(host("for=\"10.0.0.1:5000\""), None);
+        assert_eq!(forwarded_host(&hyper::HeaderMap::new()), None);
     }
 }
