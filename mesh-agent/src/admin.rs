@@ -306,6 +306,7 @@ async fn route(
                     uid: None,
                     addresses: Vec::new(),
                     managed: false,
+                    workload: None,
                 },
                 Err(e) => return error(StatusCode::BAD_REQUEST, e),
             };

@@ -118,6 +118,7 @@ impl Enroller {
                 uid: Some(wl.uid.clone()),
                 addresses: wl.ips.clone(),
                 managed: true,
+                workload: Some(wl.workload_name().to_owned()),
             };
             if let Err(e) = self.pods.enroll(&spec) {
                 pending.insert(name, e.to_string());

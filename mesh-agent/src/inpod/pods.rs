@@ -46,6 +46,10 @@ pub struct PodSpec {
     /// API are not managed: only the admin API releases them.
     #[serde(default)]
     pub managed: bool,
+    /// Its workload as Istio names it (the Deployment, ...), for the metric
+    /// series that go with the pod; the pod's name when not given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
 }
 
 /// The Pod object a managed pod was enrolled from. Its identity comes from
@@ -56,6 +60,8 @@ pub struct PodRef {
     pub namespace: String,
     pub name: String,
     pub uid: String,
+    /// The `*_workload` label of its metric series.
+    pub workload: String,
 }
 
 impl PodSpec {
@@ -66,6 +72,7 @@ impl PodSpec {
             namespace: namespace.to_owned(),
             name: name.to_owned(),
             uid: self.uid.clone().filter(|_| self.managed)?,
+            workload: self.workload.clone().unwrap_or_else(|| name.to_owned()),
         })
     }
 }
@@ -141,6 +148,7 @@ struct Enrolled {
     managed: bool,
     /// The Pod's own addresses, as enrolled (empty: read from the netns).
     pod_ips: Vec<IpAddr>,
+    workload: Option<String>,
 }
 
 impl Enrolled {
@@ -172,6 +180,8 @@ struct SavedPod {
     /// them from the namespace, which the pod controls.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     addresses: Vec<IpAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    workload: Option<String>,
 }
 
 pub struct Pods {
@@ -339,6 +349,7 @@ impl Pods {
             uid: spec.uid.clone(),
             managed: spec.managed,
             pod_ips: spec.addresses.clone(),
+            workload: spec.workload.clone(),
         };
         let info = enrolled.info();
         pods.insert(name, enrolled);
@@ -369,8 +380,14 @@ impl Pods {
         // their own; new ones go direct.
         self.capture.let_go(&p.ctx.netns, &info.addresses);
         p.tasks.iter().for_each(JoinHandle::abort);
-        if let Some((namespace, workload)) = p.ctx.workload_key() {
-            self.metrics.forget_workload(&namespace, &workload);
+        // Its series go, unless another pod of the same workload (a
+        // Deployment's other replica) is still enrolled here.
+        if let Some(key) = p.ctx.workload_key()
+            && !pods
+                .values()
+                .any(|o| o.ctx.workload_key().as_ref() == Some(&key))
+        {
+            self.metrics.forget_workload(&key.0, &key.1);
         }
         self.metrics.enrolled_pods.set(pods.len() as i64);
         self.save(&pods)?;
@@ -388,6 +405,7 @@ impl Pods {
                 uid: p.uid.clone(),
                 managed: p.managed,
                 addresses: p.pod_ips.clone(),
+                workload: p.workload.clone(),
             })
             .collect();
         let err = |source| EnrolError::State {
@@ -415,6 +433,7 @@ impl Pods {
                 uid: s.uid.clone(),
                 managed: s.managed,
                 addresses: s.addresses.clone(),
+                workload: s.workload.clone(),
             };
             let saved = NetnsCookie(s.netns_cookie);
             match self.enroll_expecting(&spec, Some(saved)) {

@@ -226,9 +226,37 @@ mod tests {
                 captured: true,
                 uid: name.to_owned(),
                 netns: None,
+                owner: None,
             })),
             ..Peer::default()
         }
+    }
+
+    /// The `*_workload` labels name the owner workload, as Kiali reads
+    /// them, with the canonical service and revision labels first.
+    #[test]
+    fn workload_labels_name_the_owner_and_canonical_labels_come_first() {
+        let mut p = pod("shop", "reviews-v1-5f7d9c6b8-abcde");
+        let mut wl = (**p.workload.as_ref().unwrap()).clone();
+        wl.owner = Some("reviews-v1".into());
+        wl.labels = [
+            ("app", "reviews"),
+            ("version", "v1"),
+            ("service.istio.io/canonical-name", "reviews-canonical"),
+            ("service.istio.io/canonical-revision", "1.2"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        p.workload = Some(Arc::new(wl));
+        let l = labels("source", &p, &pod("shop", "db"), None, true);
+        assert_eq!(l.source_workload, "reviews-v1");
+        assert_eq!(l.source_canonical_service, "reviews-canonical");
+        assert_eq!(l.source_canonical_revision, "1.2");
+        assert_eq!(
+            l.destination_workload, "db",
+            "a bare pod is its own workload"
+        );
     }
 
     fn connection(metrics: &Arc<Metrics>, src: Peer, dst: Peer, flags: &'static str) {

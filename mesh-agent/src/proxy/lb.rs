@@ -98,6 +98,7 @@ mod tests {
                 captured: true,
                 uid: String::new(),
                 netns: None,
+                owner: None,
             }),
             addr: SocketAddr::new(ip, 80),
         }

@@ -134,7 +134,7 @@ impl PodCtx {
     /// addresses find in the current store.
     pub fn workload_key(&self) -> Option<(String, String)> {
         if let Some(pod) = &self.pod {
-            return Some((pod.namespace.clone(), pod.name.clone()));
+            return Some((pod.namespace.clone(), pod.workload.clone()));
         }
         let w = self.workload(&self.shared.store())?;
         Some((w.namespace.clone(), w.workload_name().to_owned()))

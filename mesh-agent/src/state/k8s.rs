@@ -5,7 +5,10 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use k8s_openapi::{
     api::core::v1::{Container, ContainerPort, Pod, PodSpec, PodStatus, Service as K8sService},
-    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
+    apimachinery::pkg::{
+        apis::meta::v1::{ObjectMeta, OwnerReference},
+        util::intstr::IntOrString,
+    },
 };
 
 use super::{ConfigWarning, Service, ServicePort, TargetPort, Workload, yaml::Objects};
@@ -48,6 +51,19 @@ pub(super) fn slim_pod(pod: Pod) -> Pod {
                     .collect::<BTreeMap<_, _>>()
             })
             .filter(|a| !a.is_empty()),
+        // The controller only, by kind and name: what names the workload.
+        owner_references: metadata.owner_references.map(|refs| {
+            refs.into_iter()
+                .filter(|r| r.controller == Some(true))
+                .take(1)
+                .map(|r| OwnerReference {
+                    kind: r.kind,
+                    name: r.name,
+                    controller: r.controller,
+                    ..OwnerReference::default()
+                })
+                .collect()
+        }),
         ..ObjectMeta::default()
     };
     let spec = spec.map(|s| PodSpec {
@@ -156,6 +172,7 @@ fn workload<'a>(
             .filter(|sa| !sa.is_empty())
             .unwrap_or_else(|| "default".into()),
         node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
+        owner: owner_workload(meta, &labels),
         name,
         namespace,
         labels,
@@ -173,6 +190,36 @@ fn workload<'a>(
         workload,
         host_network,
     })
+}
+
+/// Istio's workload name for a pod with a controller: a ReplicaSet's
+/// without its pod-template hash (the Deployment's), a Job's without a
+/// CronJob's schedule suffix (`-` and 8 to 10 digits: the CronJob's), any
+/// other controller's (StatefulSet, DaemonSet, ...) as it is. None for a
+/// bare pod, whose workload is the pod itself.
+fn owner_workload(meta: &ObjectMeta, labels: &BTreeMap<String, String>) -> Option<String> {
+    let owner = meta
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|r| r.controller == Some(true))?;
+    let name = owner.name.as_str();
+    let trimmed = match owner.kind.as_str() {
+        "ReplicaSet" => labels
+            .get("pod-template-hash")
+            .and_then(|hash| name.strip_suffix(hash.as_str())?.strip_suffix('-'))
+            .unwrap_or(name),
+        "Job" => match name.rsplit_once('-') {
+            Some((cron, stamp))
+                if (8..=10).contains(&stamp.len()) && stamp.bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                cron
+            }
+            _ => name,
+        },
+        _ => name,
+    };
+    (!trimmed.is_empty()).then(|| trimmed.to_owned())
 }
 
 /// The pod's own `istio.io/dataplane-mode` decides (`none` opts out,
@@ -338,7 +385,7 @@ metadata:
   namespace: shop
   uid: 3f6c1a52-0001-4b7e-9c1d-5e8f2a7b0001
   resourceVersion: "1234"
-  labels: {app: web, version: v2, istio.io/dataplane-mode: ambient}
+  labels: {app: web, version: v2, istio.io/dataplane-mode: ambient, pod-template-hash: 7d9c5b6f4}
   annotations:
     mesh-agent/netns: /run/netns/web
     prometheus.io/scrape: "true"
@@ -383,7 +430,17 @@ status:
         assert!(b.workload.netns.is_some());
         // What is gone.
         assert!(slim.metadata.managed_fields.is_none());
-        assert!(slim.metadata.owner_references.is_none());
+        assert_eq!(b.workload.owner.as_deref(), Some("web"), "the Deployment");
+        let owners = slim.metadata.owner_references.as_ref().unwrap();
+        assert_eq!(
+            (
+                owners.len(),
+                owners[0].uid.as_str(),
+                owners[0].api_version.as_str()
+            ),
+            (1, "", ""),
+            "the controller's kind and name only"
+        );
         assert_eq!(
             slim.metadata.annotations.as_ref().map(BTreeMap::len),
             Some(1)
@@ -396,5 +453,50 @@ status:
                 .all(|c| c.image.is_none() && c.env.is_none())
         );
         assert!(slim.status.as_ref().unwrap().conditions.is_none());
+    }
+
+    #[test]
+    fn the_workload_is_the_controller_istio_names() {
+        let owned = |kind: &str, name: &str, hash: Option<&str>| {
+            let meta = ObjectMeta {
+                owner_references: Some(vec![OwnerReference {
+                    kind: kind.into(),
+                    name: name.into(),
+                    controller: Some(true),
+                    ..OwnerReference::default()
+                }]),
+                ..ObjectMeta::default()
+            };
+            let labels: BTreeMap<String, String> = hash
+                .map(|h| ("pod-template-hash".to_owned(), h.to_owned()))
+                .into_iter()
+                .collect();
+            owner_workload(&meta, &labels)
+        };
+        assert_eq!(
+            owned("ReplicaSet", "reviews-v1-5f7d9c6b8", Some("5f7d9c6b8")).as_deref(),
+            Some("reviews-v1"),
+            "a Deployment's"
+        );
+        assert_eq!(
+            owned("ReplicaSet", "standalone", None).as_deref(),
+            Some("standalone"),
+            "a ReplicaSet of its own"
+        );
+        assert_eq!(owned("StatefulSet", "db", None).as_deref(), Some("db"));
+        assert_eq!(owned("DaemonSet", "agent", None).as_deref(), Some("agent"));
+        assert_eq!(
+            owned("Job", "backup-29012345", None).as_deref(),
+            Some("backup"),
+            "a CronJob's"
+        );
+        assert_eq!(
+            owned("Job", "migrate-2", None).as_deref(),
+            Some("migrate-2")
+        );
+        assert_eq!(
+            owner_workload(&ObjectMeta::default(), &BTreeMap::new()),
+            None
+        );
     }
 }

@@ -67,6 +67,9 @@ pub struct Workload {
     /// `mesh-agent/netns`, local configuration); in a cluster the agent finds
     /// it from the pod UID.
     pub netns: Option<std::path::PathBuf>,
+    /// The workload its controller makes it part of (a Deployment, a
+    /// StatefulSet, ...), as Istio names it; None for a bare pod.
+    pub owner: Option<String>,
 }
 
 impl Workload {
@@ -74,23 +77,26 @@ impl Workload {
         Identity::new(trust_domain, &self.namespace, &self.service_account)
     }
 
-    /// Istio's workload name: the `app.kubernetes.io/name` or `app` label's
-    /// owner is not known here, so the pod name without a ReplicaSet hash is
-    /// not attempted: the pod name.
+    /// Istio's workload name (the `*_workload` metric labels): the owner
+    /// workload (a Deployment, not its ReplicaSet), or the pod's own name.
     pub fn workload_name(&self) -> &str {
-        &self.name
+        self.owner.as_deref().unwrap_or(&self.name)
     }
 
+    /// Istio's canonical service: `service.istio.io/canonical-name`, else
     /// `app.kubernetes.io/name`, else `app`, else the workload name.
     pub fn app(&self) -> &str {
-        self.label("app.kubernetes.io/name")
+        self.label("service.istio.io/canonical-name")
+            .or_else(|| self.label("app.kubernetes.io/name"))
             .or_else(|| self.label("app"))
             .unwrap_or_else(|| self.workload_name())
     }
 
-    /// `app.kubernetes.io/version`, else `version`, else `latest`.
+    /// Istio's canonical revision: `service.istio.io/canonical-revision`,
+    /// else `app.kubernetes.io/version`, else `version`, else `latest`.
     pub fn version(&self) -> &str {
-        self.label("app.kubernetes.io/version")
+        self.label("service.istio.io/canonical-revision")
+            .or_else(|| self.label("app.kubernetes.io/version"))
             .or_else(|| self.label("version"))
             .unwrap_or("latest")
     }

@@ -182,6 +182,7 @@ fn pods_become_workloads() {
             captured: true,
             uid: String::new(),
             netns: None,
+            owner: None,
         }
     );
     assert_eq!(
@@ -407,6 +408,7 @@ status: {podIP: 10.2.0.1}
         captured: true,
         uid: String::new(),
         netns: None,
+        owner: None,
     };
     let id = crate::identity::Identity::new("cluster.local", "shop", "web");
     let conn = Conn {
