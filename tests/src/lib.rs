@@ -27,6 +27,7 @@ pub use serde_json::Value;
 pub mod httpapp;
 pub mod mesh;
 pub mod probe;
+pub mod soak;
 pub mod waypoint;
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -419,6 +420,12 @@ impl Testbed {
             pod.name
         );
         Ok(idx)
+    }
+
+    /// The standard output of a process started by [`Testbed::spawn_in`],
+    /// for the caller to read (once).
+    pub fn take_stdout(&mut self, handle: usize) -> Option<ChildStdout> {
+        self.children[handle].stdout.take()
     }
 
     /// The process ID of a process started by the testbed (the program
