@@ -7,6 +7,7 @@ mod ci;
 mod demo;
 mod exec;
 mod fuzz;
+mod interrupt;
 mod setup;
 
 use std::{
