@@ -42,7 +42,7 @@ pub struct Options {
     pub duration: Option<f64>,
     /// Requests per second, every client together (plus 6 long-lived
     /// connections exchanging 4 lines a second each).
-    #[arg(long, default_value_t = 100.0)]
+    #[arg(long, default_value_t = DEFAULT_RATE)]
     pub rate: f64,
     /// Where the report, the events and the timeline go (default
     /// target/soak).
@@ -50,6 +50,7 @@ pub struct Options {
     pub out: Option<PathBuf>,
 }
 
+pub const DEFAULT_RATE: f64 = 100.0;
 const FULL: f64 = 240.0;
 const QUICK: f64 = 60.0;
 /// Traffic before any fault: connections pooled, certificates issued. It
