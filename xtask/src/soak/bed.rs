@@ -490,6 +490,22 @@ impl Bed {
         Ok(())
     }
 
+    /// What explains a failure, and goes with the testbed: the agents'
+    /// logs and the packet captures.
+    pub fn kept_files(&self) -> Vec<PathBuf> {
+        let captures = fs::read_dir(self.tb.workdir())
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "pcapng"));
+        self.agent_logs()
+            .into_iter()
+            .map(|(_, log)| log)
+            .chain(captures)
+            .collect()
+    }
+
     /// The logs of both agents (node 0's holds every instance's).
     pub fn agent_logs(&self) -> Vec<(usize, PathBuf)> {
         [KILLED, SURVIVOR]

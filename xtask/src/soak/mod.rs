@@ -116,6 +116,38 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     let began = Instant::now();
 
     let mut bed = Bed::new()?;
+    let result = soak(&mut bed, &run, duration, opts.rate, &out, began);
+    if !matches!(&result, Ok(failures) if failures.is_empty()) {
+        // The testbed's directory goes with it: keep what explains a failure.
+        for file in bed.kept_files() {
+            if let Some(name) = file.file_name() {
+                let _ = std::fs::copy(&file, out.join(name));
+            }
+        }
+        println!("agents' logs and captures kept in {}", out.display());
+    }
+    drop(bed);
+    let failures = result?;
+    ensure!(
+        failures.is_empty(),
+        "soak failed:\n  {}",
+        failures.join("\n  ")
+    );
+    println!("soak: passed");
+    Ok(())
+}
+
+/// The run on a testbed that is up: warm-up, baseline, traffic under
+/// faults, the checks and the report. Returns why it fails (empty when it
+/// passes); an error when it could not go on.
+fn soak(
+    bed: &mut Bed,
+    run: &str,
+    duration: f64,
+    rate: f64,
+    out: &std::path::Path,
+    began: Instant,
+) -> anyhow::Result<Vec<String>> {
     println!(
         "==> two nodes, five pods, both agents up (run {run}; configuration in {})",
         bed.config_dir().display()
@@ -134,7 +166,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
 
     println!("==> warm-up: {WARMUP} s of traffic, no fault");
     let warm_run = format!("{run}w");
-    let warm = traffic(&mut bed, &warm_run, WARMUP, opts.rate)?;
+    let warm = traffic(bed, &warm_run, WARMUP, rate)?;
     let warm = collect(warm)?;
     let topology = bed.topology();
     let quiet = verdict::tally(&warm, &Timeline::default(), &topology);
@@ -151,13 +183,10 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         baseline.fds
     );
 
-    println!(
-        "==> {duration} s of traffic at {} requests/s, faults on a schedule",
-        opts.rate
-    );
+    println!("==> {duration} s of traffic at {rate} requests/s, faults on a schedule");
     let start = now();
-    let load = traffic(&mut bed, &run, duration, opts.rate)?;
-    let injected = inject(&mut bed, start, start + duration);
+    let load = traffic(bed, run, duration, rate)?;
+    let injected = inject(bed, start, start + duration);
     // The traffic ends on its own; its events are wanted even when a
     // fault failed.
     let events = collect(load)?;
@@ -177,9 +206,9 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     let tally = verdict::tally(&events, &bed.timeline, &topology);
     let page = bed.tb.agent(bed::SURVIVOR).metrics()?;
     let report = report::Report {
-        run: run.clone(),
+        run: run.to_owned(),
         duration,
-        rate: opts.rate,
+        rate,
         wall: began.elapsed(),
         tally,
         timeline: &bed.timeline,
@@ -215,26 +244,8 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         .map(serde_json::to_string)
         .collect::<Result<_, _>>()?;
     std::fs::write(out.join("events.jsonl"), lines.join("\n") + "\n")?;
-    if !failures.is_empty() {
-        // The testbed's directory goes with it: keep what explains a failure.
-        for (node, log) in bed.agent_logs() {
-            let _ = std::fs::copy(&log, out.join(format!("agent-n{node}.log")));
-        }
-        for file in &files {
-            if let Some(name) = file.file_name() {
-                let _ = std::fs::copy(file, out.join(name));
-            }
-        }
-    }
     println!("report, events and timeline: {}", out.display());
-    drop(bed);
-    ensure!(
-        failures.is_empty(),
-        "soak failed:\n  {}",
-        failures.join("\n  ")
-    );
-    println!("soak: passed");
-    Ok(())
+    Ok(failures)
 }
 
 /// A run's id, unique enough to tell its markers from any other run's.
