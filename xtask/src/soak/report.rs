@@ -242,7 +242,12 @@ impl Report<'_> {
         );
         let _ = writeln!(s, "| lines exchanged | | {} |", t.hold_lines);
         let count_x = |k, x| t.expected.get(&(k, x)).copied().unwrap_or(0);
-        for x in [Excuse::Denied, Excuse::Revoked, Excuse::AgentRestart] {
+        for x in [
+            Excuse::Denied,
+            Excuse::Revoked,
+            Excuse::AgentRestart,
+            Excuse::Released,
+        ] {
             let _ = writeln!(
                 s,
                 "| failed, expected: {} | {} | {} |",
@@ -281,7 +286,7 @@ impl Report<'_> {
         }
         let _ = writeln!(
             s,
-            "\nUnexpected failures tolerated: {UNEXPECTED_TOLERATED}. Expected: a request in flight (or a long-lived connection broken) while an agent on its path was killed, down or starting, up to {:.1} s after it was ready; a connection to :{} refused unserved while the DENY policy was being applied, in force or being removed; a live one closed within {:.2} s of the policy being applied.",
+            "\nUnexpected failures tolerated: {UNEXPECTED_TOLERATED}. Expected: a request in flight (or a long-lived connection broken) while an agent on its path was killed, down or starting, up to {:.1} s after it was ready; a connection to :{} refused unserved while the DENY policy was being applied, in force or being removed; a live one closed within {:.2} s of the policy being applied; a request of a pod refused, closed or reset while the pod was being released (steered to the agent's listener just before release, which closes it unaccepted).",
             super::verdict::RESTART_GRACE,
             bed::DENY_PORT,
             super::verdict::revoke_grace()

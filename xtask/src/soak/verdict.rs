@@ -67,8 +67,12 @@ pub enum Excuse {
     /// A long-lived connection the DENY policy closed as it came in force.
     Revoked,
     /// In flight when an agent on its path was killed, or made while it
-    /// was down or coming back (refused: fail closed).
+    /// was down or starting (refused: fail closed).
     AgentRestart,
+    /// Made by a pod at the moment it was released: steered to the agent's
+    /// listener in the pod just before the capture let go, and reset when
+    /// the listener closed before accepting it.
+    Released,
 }
 
 impl Excuse {
@@ -77,6 +81,7 @@ impl Excuse {
             Excuse::Denied => "denied by the DENY policy in force",
             Excuse::Revoked => "live connection closed by the DENY policy",
             Excuse::AgentRestart => "agent on its path killed/restarting",
+            Excuse::Released => "made as its pod was released from the mesh",
         }
     }
 }
@@ -139,6 +144,9 @@ pub fn judge(e: &Event, tl: &Timeline, topo: &Topology) -> Verdict {
     if let Some(v) = judge_capture(e, tl) {
         return v;
     }
+    if e.outcome != Outcome::Ok && released_under_it(e, tl) {
+        return Verdict::Expected(Excuse::Released);
+    }
     if e.dst.port() == topo.deny_port {
         for d in &tl.denials {
             if let Some(v) = judge_denial(e, d, restarting) {
@@ -170,6 +178,21 @@ fn judge_capture(e: &Event, tl: &Timeline) -> Option<Verdict> {
     None
 }
 
+/// Whether `e` failed as its pod's release could make it fail: a request
+/// of the pod, refused, closed or reset unserved, in flight while the pod
+/// was being let out (from the write until its agent no longer listed it).
+fn released_under_it(e: &Event, tl: &Timeline) -> bool {
+    e.kind == Kind::Request
+        && matches!(
+            e.outcome,
+            Outcome::Refused | Outcome::Closed | Outcome::Reset
+        )
+        && tl
+            .churns
+            .iter()
+            .any(|c| c.pod == e.client && overlaps((e.start, e.end), (c.left, c.released)))
+}
+
 /// An event to the DENY policy's port against one denial window, if it
 /// falls in it.
 fn judge_denial(e: &Event, d: &Denial, restarting: bool) -> Option<Verdict> {
@@ -187,8 +210,9 @@ fn judge_denial(e: &Event, d: &Denial, restarting: bool) -> Option<Verdict> {
     match (e.kind, e.outcome) {
         // A connection refused unserved: the denial, in force or coming.
         (_, Outcome::Closed) if e.exchanges == 0 => Some(Verdict::Expected(Excuse::Denied)),
-        // A live connection closed as the policy came in force.
-        (Kind::Hold, Outcome::Closed | Outcome::Reset)
+        // A live connection closed as the policy came in force (a
+        // request: after its greeting, in the middle of its echo).
+        (_, Outcome::Closed | Outcome::Reset | Outcome::Truncated)
             if within(e.end, (d.written, d.applied + revoke_grace())) =>
         {
             Some(Verdict::Expected(Excuse::Revoked))

@@ -172,6 +172,35 @@ fn a_live_connection_must_be_closed_when_the_policy_comes_in_force() {
     // A reconnect refused unserved while it is in force.
     let e = hold("client0", denied, 202.0, 202.01, Outcome::Closed, 0);
     assert_eq!(verdict(&e), Verdict::Expected(Excuse::Denied));
+    // A request served until the policy applied, then cut.
+    let e = req("client0", denied, 200.3, 200.31, Outcome::Truncated);
+    assert_eq!(verdict(&e), Verdict::Expected(Excuse::Revoked));
+    let e = req("client0", denied, 202.0, 202.01, Outcome::Truncated);
+    assert_eq!(
+        verdict(&e),
+        Verdict::Unexpected(Problem::Failed(Outcome::Truncated)),
+        "cut long after the policy applied"
+    );
+}
+
+#[test]
+fn a_connection_made_as_its_pod_leaves_may_be_reset() {
+    let dst = "10.2.0.11:8080";
+    let e = req("mover1", dst, 300.4, 300.41, Outcome::Reset);
+    assert_eq!(verdict(&e), Verdict::Expected(Excuse::Released));
+    // Not once it is out, not coming back, not another pod, not wrong bytes.
+    for e in [
+        req("mover1", dst, 301.0, 301.01, Outcome::Reset),
+        req("mover1", dst, 303.2, 303.21, Outcome::Reset),
+        req("client1", dst, 300.4, 300.41, Outcome::Reset),
+        req("mover1", dst, 300.4, 300.41, Outcome::WrongBytes),
+    ] {
+        assert!(
+            matches!(verdict(&e), Verdict::Unexpected(_)),
+            "{e:?}: {:?}",
+            verdict(&e)
+        );
+    }
 }
 
 #[test]
