@@ -28,6 +28,7 @@ pub mod httpapp;
 pub mod mesh;
 pub mod metrics;
 pub mod probe;
+pub mod soak;
 pub mod waypoint;
 
 pub use agent::Agent;
@@ -449,6 +450,12 @@ impl Testbed {
             pod.name
         );
         Ok(idx)
+    }
+
+    /// The standard output of a process started by [`Testbed::spawn_in`],
+    /// for the caller to read (once).
+    pub fn take_stdout(&mut self, handle: usize) -> Option<ChildStdout> {
+        self.children[handle].stdout.take()
     }
 
     /// The process ID of a process started by the testbed (the program

@@ -101,13 +101,19 @@ impl Testbed {
     /// Agent flags for the mesh: the config file, a fast poll, the shared
     /// root (brought by the user, as a cluster operator would).
     pub fn mesh_args(&self) -> anyhow::Result<Vec<String>> {
-        let ca = self.ca_dir()?;
         if !self.config_path().exists() {
             self.write_config(&[])?;
         }
+        self.mesh_args_with_config(&self.config_path())
+    }
+
+    /// [`Testbed::mesh_args`] with the configuration at `config`: a file or
+    /// a directory of them.
+    pub fn mesh_args_with_config(&self, config: &Path) -> anyhow::Result<Vec<String>> {
+        let ca = self.ca_dir()?;
         Ok(vec![
             "--config".into(),
-            self.config_path().display().to_string(),
+            config.display().to_string(),
             "--config-poll".into(),
             "100ms".into(),
             "--ca-cert".into(),

@@ -1,7 +1,7 @@
 //! `cargo xtask ci`: the project's single test command, run by `.ci/run` and
 //! by hand. Setup, formatting, clippy, the agent build, the unit tests, the
-//! namespaced tests, the quick bench and the demo, each timed, stopping at
-//! the first failure.
+//! namespaced tests, the quick bench, the demo and the quick soak, each
+//! timed, stopping at the first failure.
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -121,6 +121,15 @@ pub fn run(options: &Options) -> Result<()> {
     })?;
     // The README's first command: every claim it prints is checked.
     step(&mut timings, "demo", crate::demo::run)?;
+    // A minute of faults under load; `cargo xtask soak` runs longer.
+    step(&mut timings, "soak --quick", || {
+        crate::soak::run(&crate::soak::Options {
+            quick: true,
+            duration: None,
+            rate: crate::soak::DEFAULT_RATE,
+            out: None,
+        })
+    })?;
 
     println!();
     for (name, took) in &timings {

@@ -103,13 +103,7 @@ pub fn run() -> anyhow::Result<()> {
             .current_dir(crate::workspace_root()),
     )?;
     let mut tb = Testbed::new(1).context("building the simulated node")?;
-    let prefix = tb.prefix.clone();
-    ctrlc::set_handler(move || {
-        eprintln!("\ninterrupted: cleaning up");
-        mesh_tests::cleanup(&prefix);
-        std::process::exit(130);
-    })
-    .context("installing the Ctrl-C handler")?;
+    crate::interrupt::clean_up_on_interrupt(&tb.prefix)?;
 
     let frontend = tb.add_pod(0, "frontend")?;
     let backend = tb.add_pod(0, "backend")?;

@@ -7,7 +7,9 @@ mod ci;
 mod demo;
 mod exec;
 mod fuzz;
+mod interrupt;
 mod setup;
+mod soak;
 
 use std::{
     path::{Path, PathBuf},
@@ -47,6 +49,12 @@ enum Command {
     /// Benchmarks: direct TCP, the mesh and a standard TLS tunnel between
     /// the same pods, side by side (release build).
     Bench(bench::Options),
+    /// Faults under load: fixed-rate traffic between meshed pods while the
+    /// agent is killed and restarted, policies flip, certificates rotate,
+    /// pods leave and rejoin the mesh and the configuration is rewritten;
+    /// failures by cause, a packet check for plaintext, the agent's memory
+    /// and file descriptors against their baseline.
+    Soak(soak::Options),
 }
 
 fn main() -> ExitCode {
@@ -57,6 +65,7 @@ fn main() -> ExitCode {
         Command::Demo => demo::run(),
         Command::Fuzz(options) => fuzz::run(&options),
         Command::Bench(options) => bench::run(&options),
+        Command::Soak(options) => soak::run(&options),
     };
     // Printed by hand rather than by returning the error from main: that
     // would add anyhow's backtrace whenever RUST_BACKTRACE is set, burying

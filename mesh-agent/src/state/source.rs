@@ -10,7 +10,7 @@ use std::{
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     sync::Arc,
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use futures::future::BoxFuture;
@@ -97,9 +97,10 @@ pub fn spawn_source(
 /// changes every `interval`. Only files whose size, modification time or
 /// inode changed are read and parsed again.
 ///
-/// A file is applied whole or not at all: it is read once it has not
-/// changed for [`SETTLE`] (a file written in place is not read half), and a
-/// version that cannot be read or does not parse as YAML is not applied:
+/// A file is applied whole or not at all: it is read once this source has
+/// seen it unchanged for [`SETTLE`] (a file written in place is not read
+/// half), and a version that cannot be read or does not parse as YAML is
+/// not applied:
 /// the file's last good version stays, with a warning. A file that never
 /// read whole holds back the first snapshot (the agent stays not ready):
 /// its AuthorizationPolicies cannot be known, and a store without them
@@ -112,12 +113,23 @@ pub struct LocalFiles {
     files: BTreeMap<PathBuf, File>,
     /// Files the last scan saw but could not take yet (still changing).
     unsettled: usize,
+    /// Changed files not read yet: the stamp each shows, and since when
+    /// this source has seen it.
+    changing: BTreeMap<PathBuf, (Stamp, Instant)>,
+    settle: Duration,
 }
 
-/// A file is read once its modification time is at least this old, so
-/// that one being written in place (which can parse when cut at a line or
-/// a document boundary, with fewer rules than written) is read whole.
+/// A changed file is read once this source has seen it unchanged for this
+/// long, so that one being written in place (which can parse when cut at a
+/// line or a document boundary, with fewer rules than written) is read
+/// whole. Seen by this source, on its own clock: the file's modification
+/// time cannot tell. While a file is truncated, the kernel shows its new
+/// size with its old modification time (on ext4 for the whole truncation,
+/// a millisecond or more), so a file emptied a moment ago by a writer
+/// looked unchanged for hours, and was read empty.
 const SETTLE: Duration = Duration::from_millis(300);
+/// The shortest wait between two scans while a file settles.
+const MIN_RECHECK: Duration = Duration::from_millis(10);
 
 #[derive(Debug)]
 struct File {
@@ -147,14 +159,6 @@ impl Stamp {
             inode: meta.ino(),
         })
     }
-
-    /// Unchanged for [`SETTLE`]. A time in the future (another clock)
-    /// cannot tell: the check after reading still catches a write.
-    fn settled(&self) -> bool {
-        self.modified
-            .and_then(|m| SystemTime::now().duration_since(m).ok())
-            .is_none_or(|age| age >= SETTLE)
-    }
 }
 
 /// What one scan found.
@@ -175,7 +179,30 @@ impl LocalFiles {
             interval: interval.max(Duration::from_millis(1)),
             files: BTreeMap::new(),
             unsettled: 0,
+            changing: BTreeMap::new(),
+            settle: SETTLE,
         }
+    }
+
+    /// Another settle time (zero: a changed file is read at once).
+    #[cfg(test)]
+    pub fn with_settle(mut self, settle: Duration) -> Self {
+        self.settle = settle;
+        self
+    }
+
+    /// Whether `path` has shown `stamp` for the settle time, as this
+    /// source saw it: a new stamp starts the clock.
+    fn settled(&mut self, path: &Path, stamp: Stamp) -> bool {
+        let now = Instant::now();
+        let since = match self.changing.get(path) {
+            Some((seen, since)) if *seen == stamp => *since,
+            _ => {
+                self.changing.insert(path.to_owned(), (stamp, now));
+                now
+            }
+        };
+        now.duration_since(since) >= self.settle
     }
 
     /// Whether every file has been read whole: the first snapshot waits
@@ -193,12 +220,9 @@ impl LocalFiles {
             .collect()
     }
 
-    /// Reads `path` if it has settled and did not change while read; `None`
-    /// when a later scan should read it.
+    /// Reads `path` if it did not change while read; `None` when a later
+    /// scan should read it.
     fn read(path: &Path, stamp: Stamp) -> Option<io::Result<String>> {
-        if !stamp.settled() {
-            return None;
-        }
         let text = fs::read_to_string(path);
         (Stamp::of(path) == Some(stamp)).then_some(text)
     }
@@ -216,12 +240,19 @@ impl LocalFiles {
                 continue;
             };
             if self.files.get(&path).is_some_and(|f| f.stamp == stamp) {
+                // Back as last read (a change seen in passing).
+                self.changing.remove(&path);
+                continue;
+            }
+            if !self.settled(&path, stamp) {
+                self.unsettled += 1;
                 continue;
             }
             let Some(text) = Self::read(&path, stamp) else {
                 self.unsettled += 1;
                 continue;
             };
+            self.changing.remove(&path);
             let origin = path.display().to_string();
             let doc = match text {
                 Ok(text) => {
@@ -278,6 +309,7 @@ impl LocalFiles {
                 .extend(before.difference(&now).map(|k| (*k).clone()));
             file.good = Some(doc);
         }
+        self.changing.retain(|p, _| seen.contains(p));
         let gone: Vec<PathBuf> = self
             .files
             .keys()
@@ -324,7 +356,14 @@ impl Source for LocalFiles {
             let mut first = true;
             let mut last_error: Option<String> = None;
             loop {
-                ticks.tick().await;
+                if self.changing.is_empty() {
+                    ticks.tick().await;
+                } else {
+                    // A file is settling: look again when it may have,
+                    // rather than a whole interval later.
+                    tokio::time::sleep(self.interval.min(self.settle / 3).max(MIN_RECHECK)).await;
+                    ticks.reset();
+                }
                 if out.is_closed() {
                     return;
                 }

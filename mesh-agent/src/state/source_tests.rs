@@ -29,17 +29,8 @@ fn pod(name: &str, ip: &str) -> String {
     )
 }
 
-/// Writes a file as if it had been written a second ago: settled, so
-/// that one scan reads it (`LocalFiles` leaves a file that is still
-/// changing for a later scan).
 fn put(path: impl AsRef<Path>, text: impl AsRef<[u8]>) {
     std::fs::write(&path, text).unwrap();
-    let ago = std::time::SystemTime::now() - Duration::from_secs(1);
-    std::fs::File::options()
-        .write(true)
-        .open(path)
-        .and_then(|f| f.set_modified(ago))
-        .unwrap();
 }
 
 #[test]
@@ -49,7 +40,9 @@ fn scan_reads_yaml_in_order_and_applies_only_what_changed() {
     put(dir.join("a.yaml"), pod("a", "10.4.0.1"));
     put(dir.join("notes.txt"), pod("txt", "10.4.0.3"));
     put(dir.join(".hidden.yaml"), pod("hidden", "10.4.0.4"));
-    let mut src = LocalFiles::new(dir.clone(), Duration::from_secs(1));
+    // No settle time: one scan reads what changed (waiting for a file to
+    // settle is tested in `source_unparsed_tests`).
+    let mut src = LocalFiles::new(dir.clone(), Duration::from_secs(1)).with_settle(Duration::ZERO);
     let diff = src.scan().unwrap().expect("first scan reads everything");
     assert_eq!(keys(&diff.added), ["Pod shop/a", "Pod shop/b"]);
     assert_eq!(diff.files, 2);

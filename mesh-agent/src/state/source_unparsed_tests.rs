@@ -1,9 +1,15 @@
 //! The local source never applies what it could not read whole: a file that
 //! stops parsing keeps its last good version, a file that never parsed
 //! holds back the first snapshot (its policies cannot be known), and a file
-//! being written in place is read only once it has settled.
+//! being written in place is read only once it has settled, whatever its
+//! modification time says.
 
-use std::{io::Write as _, net::IpAddr, path::Path, time::Duration};
+use std::{
+    io::Write as _,
+    net::IpAddr,
+    path::Path,
+    time::{Duration, SystemTime},
+};
 
 use tokio::sync::watch;
 
@@ -151,5 +157,65 @@ async fn a_file_being_written_in_place_is_read_once_it_has_settled() {
     })
     .await;
     task.abort();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// While the kernel truncates a file, it shows the file's new size with its
+/// old modification time (ext4 does for the whole truncation, a
+/// millisecond or more): a source that took an old time for "settled" read
+/// a file being rewritten in place as empty, and the agent released every
+/// pod it named until the next scan. Seen by `cargo xtask soak`.
+#[test]
+fn a_file_being_truncated_is_not_read_for_its_old_modification_time() {
+    let dir = temp_dir("truncating");
+    let path = dir.join("shop.yaml");
+    let an_hour_ago = SystemTime::now() - Duration::from_secs(3600);
+    let write_as_of = |text: &str, modified: Option<SystemTime>| {
+        std::fs::write(&path, text).unwrap();
+        if let Some(t) = modified {
+            std::fs::File::options()
+                .write(true)
+                .open(&path)
+                .and_then(|f| f.set_modified(t))
+                .unwrap();
+        }
+    };
+    let names = |keys: &[ObjectKey]| keys.iter().map(ToString::to_string).collect::<Vec<_>>();
+    let settle = Duration::from_millis(100);
+    let mut src = LocalFiles::new(dir.clone(), Duration::from_millis(10)).with_settle(settle);
+
+    // Scans until a file is read (it is once it has stayed unchanged).
+    let read = |src: &mut LocalFiles| {
+        for _ in 0..50 {
+            if let Some(diff) = src.scan().unwrap() {
+                return diff;
+            }
+            std::thread::sleep(settle / 4);
+        }
+        panic!("not read in 50 scans");
+    };
+
+    write_as_of(POD, Some(an_hour_ago));
+    let diff = read(&mut src);
+    assert_eq!(names(&diff.added), ["Namespace shop", "Pod shop/web"]);
+
+    // Truncated by a writer: empty, with the time it had before.
+    write_as_of("", Some(an_hour_ago));
+    assert_eq!(
+        src.scan().unwrap(),
+        None,
+        "an empty file with an hour-old time was read at once"
+    );
+    // The writer is done: the file whole again, with one change.
+    write_as_of(&POD.replace("10.4.0.1", "10.4.0.2"), None);
+    let diff = read(&mut src);
+    assert_eq!(
+        (names(&diff.changed), names(&diff.removed)),
+        (
+            vec!["Namespace shop".to_owned(), "Pod shop/web".to_owned()],
+            vec![]
+        ),
+        "changed, never removed: {diff:?}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -10,6 +10,10 @@
 //! as answers come (saturation). With `new-conn`, every request opens its own
 //! connection (connect, one request, close), closed loop. Prints one JSON
 //! line: requests, errors, seconds, rps and latency p50/p90/p99/max in µs.
+//!
+//! `soak RUN CLIENT SECONDS req=ADDR@RATE... hold=ADDR@COUNT...`: the
+//! soak's traffic (see `mesh_tests::soak`), one JSON line per request and
+//! per long-lived connection.
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -35,9 +39,16 @@ fn main() {
             let new_conn = args.get(5).is_some_and(|a| a == "new-conn");
             println!("{}", load(addr, conns.max(1), rate, seconds, new_conn));
         }
+        Some("soak") => match mesh_tests::soak::Plan::parse(&args[1..]) {
+            Ok(plan) => mesh_tests::soak::run(&plan),
+            Err(e) => {
+                eprintln!("mesh-load soak: {e}");
+                std::process::exit(64);
+            }
+        },
         _ => {
             eprintln!(
-                "usage: mesh-load http-serve ADDR [BODY_BYTES] | load ADDR CONNS RATE SECONDS [new-conn]"
+                "usage: mesh-load http-serve ADDR [BODY_BYTES] | load ADDR CONNS RATE SECONDS [new-conn] | soak RUN CLIENT SECONDS SPEC..."
             );
             std::process::exit(64);
         }
