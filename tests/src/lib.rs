@@ -12,7 +12,7 @@
 use std::{
     fs,
     io::{BufRead, BufReader, Write},
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, SocketAddr, TcpListener},
     path::{Path, PathBuf},
     process::{Child, ChildStdin, ChildStdout, Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
@@ -449,6 +449,24 @@ impl Testbed {
             pod.name
         );
         Ok(idx)
+    }
+
+    /// A TCP listener in `pod` on `addr` that never accepts: the kernel
+    /// completes handshakes into its backlog and nothing ever answers (a
+    /// peer that hangs). It listens until dropped.
+    pub fn listen_silently(&self, pod: &Pod, addr: SocketAddr) -> anyhow::Result<TcpListener> {
+        let ns = fs::File::open(pod.netns_path())?;
+        std::thread::scope(|s| {
+            s.spawn(|| -> anyhow::Result<TcpListener> {
+                nix::sched::setns(
+                    std::os::fd::AsFd::as_fd(&ns),
+                    nix::sched::CloneFlags::CLONE_NEWNET,
+                )?;
+                Ok(TcpListener::bind(addr)?)
+            })
+            .join()
+            .expect("listener thread")
+        })
     }
 
     /// The process ID of a process started by the testbed (the program
