@@ -111,8 +111,9 @@ fn hbone_carries_pod_traffic_encrypted_with_both_identities() -> anyhow::Result<
     let tb = &mut shop.tb;
     let mut steady = tb.hold(&client, sa(server.ip4, APP_PORT))?;
     assert!(ok(&steady.hello), "{}", steady.hello);
-    // Issued for the first handshake.
+    // Issued for the first handshake; a new handshake is shown it.
     let serial_before = workload_serial(tb, 1, &id("shop", "server"))?;
+    presented_serial(tb, &legacy, &server)?;
 
     let wire = tb.capture_packets(&client, "meshed")?;
     let mut cross_node = 1; // the steady connection
@@ -208,9 +209,10 @@ fn hbone_carries_pod_traffic_encrypted_with_both_identities() -> anyhow::Result<
     assert_eq!(received, f64::from(4u32 << 20), "request bytes to near");
     // The response direction: the server's greeting line, then the echo.
     let greeting = format!(
-        "peer={} local={}\n",
+        "peer={} local={} mark={}\n",
         to_near["server_peer"].as_str().unwrap_or_default(),
-        to_near["server_local"].as_str().unwrap_or_default()
+        to_near["server_local"].as_str().unwrap_or_default(),
+        to_near["server_mark"].as_str().unwrap_or_default()
     );
     let sent = series_sum(&src_side, "istio_tcp_sent_bytes_total", &to_near_labels)?;
     assert_eq!(
@@ -246,7 +248,34 @@ fn hbone_carries_pod_traffic_encrypted_with_both_identities() -> anyhow::Result<
     }
     assert_eq!(steady.send("across rotation")?["echo"], "across rotation");
     assert!(ok(&tb.connect(&client, sa(server.ip4, APP_PORT), 1000)?));
+    // A new handshake (the probe's, never pooled) gets the renewed
+    // certificate.
+    let shown = presented_serial(tb, &legacy, &server)?;
+    assert_ne!(shown, serial_before, "the first certificate, after renewal");
     Ok(())
+}
+
+/// The serial of the certificate `server`'s agent (node 1) presents in a
+/// fresh TLS handshake (the probe's, from `from`), checked to be the one
+/// it holds (held before or after the handshake: renewals here come every
+/// few seconds).
+fn presented_serial(tb: &Testbed, from: &Pod, server: &Pod) -> anyhow::Result<String> {
+    let identity = id("shop", "server");
+    let before = workload_serial(tb, 1, &identity)?;
+    let r = tb.probe(
+        from,
+        sa(server.ip4, 15008),
+        &format!("{}:{APP_PORT}", server.ip4),
+        &[&format!("id={}", id("shop", "prober"))],
+    )?;
+    assert_eq!(r["status"], 200, "{r}");
+    let shown = r["server_serial"].as_str().unwrap_or_default().to_owned();
+    let after = workload_serial(tb, 1, &identity)?;
+    assert!(
+        shown == before || shown == after,
+        "presented {shown}, held {before} then {after}"
+    );
+    Ok(shown)
 }
 
 #[test]
