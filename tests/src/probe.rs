@@ -1,8 +1,8 @@
 //! A hand-held HBONE client for tests: it presents whatever certificate a
 //! test asks for (valid, from another root, expired, none), sends any HTTP/2
-//! request, or plain garbage, and reports what the server answered. Also
-//! writes a CA root for the agents to use (bring-your-own root). It reports
-//! the serial of the certificate the server presented.
+//! request, or plain garbage, and reports what the server answered and the
+//! serial of the certificate it presented. Also writes a CA root for the
+//! agents to use (bring-your-own root).
 
 use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
