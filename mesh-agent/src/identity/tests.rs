@@ -2,6 +2,7 @@
 //! `handshake` runs real TLS 1.3 handshakes between the configs;
 //! `cluster_ca` and `remote` the cluster CA and the agents that use it.
 
+mod ca_binary;
 mod cluster_ca;
 mod handshake;
 mod lying_ca;
