@@ -20,11 +20,11 @@ use crate::identity::{
 #[derive(Clone, Copy, Debug)]
 enum Lie {
     /// Signed by a root the agent does not trust.
-    OtherRoot,
+    ForeignRoot,
     /// The agent's key, our root, someone else's identity.
-    OtherIdentity,
+    WrongIdentity,
     /// Our root, the identity asked for, a key the agent never had.
-    OtherKey,
+    WrongKey,
 }
 
 /// The lying CA: serves on 127.0.0.1 until dropped.
@@ -105,15 +105,15 @@ fn lie_to(trusted: &Ca, other: &Ca, lie: Lie, body: &[u8]) -> Vec<u8> {
     );
     let asked = id("default", "web");
     let (leaf, root) = match lie {
-        Lie::OtherRoot => (
+        Lie::ForeignRoot => (
             other.sign_workload(&asked, &csr.public_key, from, to),
             &other.root,
         ),
-        Lie::OtherIdentity => (
+        Lie::WrongIdentity => (
             trusted.sign_workload(&id("prod", "db"), &csr.public_key, from, to),
             &trusted.root,
         ),
-        Lie::OtherKey => (
+        Lie::WrongKey => (
             trusted.sign_workload(&asked, &KeyPair::generate().unwrap(), from, to),
             &trusted.root,
         ),
@@ -135,12 +135,12 @@ async fn answers_that_do_not_chain_name_another_identity_or_carry_another_key_ar
         let token = dir.write("token", "a-token\n");
         let web = id("default", "web");
         for (lie, says) in [
-            (Lie::OtherRoot, "it does not chain to --ca-root"),
+            (Lie::ForeignRoot, "it does not chain to --ca-root"),
             (
-                Lie::OtherIdentity,
+                Lie::WrongIdentity,
                 "it names spiffe://cluster.local/ns/prod/sa/db",
             ),
-            (Lie::OtherKey, "it is not for the key we sent"),
+            (Lie::WrongKey, "it is not for the key we sent"),
         ] {
             let ca = lying_ca(trusted.clone(), other.clone(), lie).await;
             let address = format!("https://127.0.0.1:{}", ca.addr.port());
