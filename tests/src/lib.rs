@@ -12,7 +12,7 @@
 use std::{
     fs,
     io::{BufRead, BufReader, Write},
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, SocketAddr, TcpListener},
     path::{Path, PathBuf},
     process::{Child, ChildStdin, ChildStdout, Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
@@ -364,25 +364,29 @@ impl Testbed {
     /// A pod on node `node`: a netns with `eth0` on the node's bridge, its
     /// addresses and default routes, and a cgroup under the node's.
     pub fn add_pod(&mut self, node: usize, name: &str) -> anyhow::Result<Pod> {
+        let pod = self.next_pod(node, name)?;
+        let nd = &self.nodes[node];
+        let j = nd.pods.len();
+        wire_pod(&nd.netns, node + 1, j, &pod.netns, pod.ip4, pod.ip6)?;
+        fs::create_dir_all(&pod.cgroup)?;
+        self.nodes[node].pods.push(pod.clone());
+        Ok(pod)
+    }
+
+    /// The pod the next [`Testbed::add_pod`] on `node` makes (its netns
+    /// name, cgroup and addresses), before it exists: for a configuration
+    /// that names a pod whose sandbox is not there yet.
+    pub fn next_pod(&self, node: usize, name: &str) -> anyhow::Result<Pod> {
         let nd = &self.nodes[node];
         let j = nd.pods.len();
         let n = node + 1;
-        let netns = format!("{}-n{node}p{j}", self.prefix);
-        let ip4: IpAddr = format!("10.{n}.0.{}", 10 + j).parse()?;
-        let ip6: IpAddr = format!("fd00:{n}::{:x}", 10 + j).parse()?;
-        wire_pod(&nd.netns, n, j, &netns, ip4, ip6)?;
-        let nd = &mut self.nodes[node];
-        let cgroup = nd.cgroup.join(format!("p{j}"));
-        fs::create_dir_all(&cgroup)?;
-        let pod = Pod {
+        Ok(Pod {
             name: name.to_owned(),
-            netns,
-            cgroup,
-            ip4,
-            ip6,
-        };
-        nd.pods.push(pod.clone());
-        Ok(pod)
+            netns: format!("{}-n{node}p{j}", self.prefix),
+            cgroup: nd.cgroup.join(format!("p{j}")),
+            ip4: format!("10.{n}.0.{}", 10 + j).parse()?,
+            ip6: format!("fd00:{n}::{:x}", 10 + j).parse()?,
+        })
     }
 
     /// Re-creates a pod's sandbox, as a kubelet does after the old one died:
@@ -456,6 +460,24 @@ impl Testbed {
     /// for the caller to read (once).
     pub fn take_stdout(&mut self, handle: usize) -> Option<ChildStdout> {
         self.children[handle].stdout.take()
+    }
+
+    /// A TCP listener in `pod` on `addr` that never accepts: the kernel
+    /// completes handshakes into its backlog and nothing ever answers (a
+    /// peer that hangs). It listens until dropped.
+    pub fn listen_silently(&self, pod: &Pod, addr: SocketAddr) -> anyhow::Result<TcpListener> {
+        let ns = fs::File::open(pod.netns_path())?;
+        std::thread::scope(|s| {
+            s.spawn(|| -> anyhow::Result<TcpListener> {
+                nix::sched::setns(
+                    std::os::fd::AsFd::as_fd(&ns),
+                    nix::sched::CloneFlags::CLONE_NEWNET,
+                )?;
+                Ok(TcpListener::bind(addr)?)
+            })
+            .join()
+            .expect("listener thread")
+        })
     }
 
     /// The process ID of a process started by the testbed (the program

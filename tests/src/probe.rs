@@ -1,7 +1,8 @@
 //! A hand-held HBONE client for tests: it presents whatever certificate a
 //! test asks for (valid, from another root, expired, none), sends any HTTP/2
-//! request, or plain garbage, and reports what the server answered. Also
-//! writes a CA root for the agents to use (bring-your-own root).
+//! request, or plain garbage, and reports what the server answered and the
+//! serial of the certificate it presented. Also writes a CA root for the
+//! agents to use (bring-your-own root).
 
 use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
@@ -218,6 +219,19 @@ async fn run_inner(p: &Probe) -> Result<Value, Fail> {
         .1
         .alpn_protocol()
         .map(|a| String::from_utf8_lossy(a).into_owned());
+    // The server's certificate, by its serial as the agent's dump shows it.
+    let server_serial = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(|leaf| x509_parser::parse_x509_certificate(leaf).ok())
+        .map(|(_, cert)| {
+            cert.raw_serial()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        });
     let (mut sender, conn) = at(
         "http",
         hyper::client::conn::http2::handshake(
@@ -243,7 +257,7 @@ async fn run_inner(p: &Probe) -> Result<Value, Fail> {
     let status = resp.status().as_u16();
     let mut out = json!({
         "ok": true, "stage": "http", "status": status,
-        "tls_version": version, "alpn": alpn,
+        "tls_version": version, "alpn": alpn, "server_serial": server_serial,
     });
     if status != 200 || p.method != "CONNECT" {
         return Ok(out);

@@ -357,6 +357,33 @@ fn a_running_pod_is_enrolled_and_released_without_restart() -> anyhow::Result<()
     Ok(())
 }
 
+/// The root the embedded CA of node 0's agent generated: its certificate
+/// file, checked to be a CA whose key file only root reads, and to be the
+/// root the agent reports using.
+fn generated_root(tb: &Testbed) -> anyhow::Result<String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tb.nodes[0].state_dir.join("ca");
+    let pem = std::fs::read_to_string(dir.join("root-cert.pem"))?;
+    let key = std::fs::metadata(dir.join("root-key.pem"))?;
+    assert_eq!(key.permissions().mode() & 0o777, 0o600, "root-key.pem");
+    let (_, der) = x509_parser::pem::parse_x509_pem(pem.as_bytes())?;
+    let cert = der.parse_x509()?;
+    assert!(cert.is_ca(), "the generated root is not a CA");
+    let serial: String = cert
+        .raw_serial()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let (_, dump) = tb.agent(0).http("GET", "/config_dump", None)?;
+    let dump: Value = serde_json::from_str(&dump)?;
+    let used = dump["certificates"]
+        .as_array()
+        .and_then(|certs| certs.iter().find(|c| c["role"] == "root"))
+        .map(|c| c["serial"].clone());
+    assert_eq!(used, Some(Value::from(serial)), "{dump}");
+    Ok(pem)
+}
+
 #[test]
 fn restart_keeps_capture_attached_and_fails_closed_meanwhile() -> anyhow::Result<()> {
     let mut tb = Testbed::new(1)?;
@@ -366,6 +393,8 @@ fn restart_keeps_capture_attached_and_fails_closed_meanwhile() -> anyhow::Result
     tb.serve(&server, sa(server.ip4, APP_PORT))?;
     tb.serve(&outside, sa(outside.ip4, APP_PORT))?;
     tb.start_agent(0, &[])?;
+    // Without CA flags the agent made its own root, in STATE_DIR/ca.
+    let root = generated_root(&tb)?;
     tb.agent(0).enroll(&client)?;
     tb.agent(0).enroll(&server)?;
     let r = tb.connect(&client, sa(outside.ip4, APP_PORT), 1000)?;
@@ -391,8 +420,10 @@ fn restart_keeps_capture_attached_and_fails_closed_meanwhile() -> anyhow::Result
         "inbound while no agent: {r}"
     );
 
-    // A new agent takes the pods back from its state, with the pinned programs.
+    // A new agent takes the pods back from its state, with the pinned
+    // programs, and keeps the root it made.
     tb.start_agent(0, &[])?;
+    assert_eq!(generated_root(&tb)?, root, "a new root after a restart");
     let (_, pods) = tb.agent(0).http("GET", "/pods", None)?;
     let pods: Value = serde_json::from_str(&pods)?;
     assert_eq!(pods.as_array().map(Vec::len), Some(2), "{pods}");
@@ -530,6 +561,7 @@ fn count_of(rules: &[String], line: &str) -> usize {
 fn iptables_capture_steers_both_ways_fails_closed_and_is_removed() -> anyhow::Result<()> {
     let mut tb = Testbed::new(2)?;
     let client = tb.add_pod(0, "default/client")?;
+    let outside = tb.add_pod(0, "plain/outside")?;
     let server = tb.add_pod(1, "default/server")?;
     for port in [APP_PORT, 9901, 9902] {
         tb.serve(&server, sa(IpAddr::from([0u8; 16]), port))?;
@@ -649,8 +681,21 @@ fn iptables_capture_steers_both_ways_fails_closed_and_is_removed() -> anyhow::Re
         );
     }
 
-    // Changing the capture mode over enrolled pods is refused until uninstall.
+    // With the server's agent gone, its pod fails closed inbound too: the
+    // rules stay, nothing listens where they lead, and a plaintext
+    // connection from outside the mesh is refused (it was delivered before).
+    let r = tb.connect(&outside, sa(server.ip4, APP_PORT), 1000)?;
+    assert_intact(&r, "from outside the mesh");
+    assert!(delivered_by_agent(&r), "{r}");
     tb.kill_agent(1)?;
+    let r = tb.connect(&outside, sa(server.ip4, APP_PORT), 10)?;
+    assert_eq!(
+        r["refused"],
+        Value::Bool(true),
+        "inbound not refused without an agent: {r}"
+    );
+
+    // Changing the capture mode over enrolled pods is refused until uninstall.
     let err = tb.start_agent(1, &[]).expect_err("mode change refused");
     assert!(
         format!("{err:#}").contains("run `mesh-agent uninstall`"),

@@ -1,8 +1,9 @@
 //! The agent fails closed where it used to fail open: a restarted agent
 //! whose configuration cannot be read keeps its pods captured, reports not
 //! ready, and sends nothing in plaintext (a call made meanwhile waits for
-//! the configuration, bounded, and then goes over HBONE); an app on a port
-//! the node agent uses on the host (15020) is meshed like any other.
+//! the configuration, bounded, and then goes over HBONE); a fresh agent is
+//! not ready until its configuration reads whole; an app on a port the
+//! node agent uses on the host (15020) is meshed like any other.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -305,5 +306,50 @@ fn a_pod_the_configuration_does_not_list_is_refused_both_ways() -> anyhow::Resul
         }))
     })?;
     assert_eq!(a.metric(&counted("inbound_plaintext", "forwarded"))?, 1.0);
+    Ok(())
+}
+
+/// A fresh agent whose configuration has never been read whole (here a
+/// directory with a file holding a YAML syntax error) answers 503 on
+/// `/healthz/ready` and enrols nothing; once the file reads, it is ready
+/// and enrols the pod the configuration puts in the mesh.
+#[test]
+fn a_fresh_agent_is_not_ready_until_its_configuration_is_read() -> anyhow::Result<()> {
+    let mut tb = Testbed::new(1)?;
+    let app = tb.add_pod(0, "app")?;
+    let dir = tb.workdir().join("config.d");
+    std::fs::create_dir_all(&dir)?;
+    let docs = [
+        namespace_yaml("shop", true),
+        with_netns(&pod_yaml(&app, 0, "shop", "app", &[]), &app),
+    ]
+    .join("---\n");
+    let file = dir.join("shop.yaml");
+    std::fs::write(&file, format!("{docs}---\nkind: [Service\n"))?;
+    let mut args = tb.mesh_args()?;
+    let at = args.iter().position(|a| a == "--config").expect("--config") + 1;
+    args[at] = dir.display().to_string();
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    tb.start_agent_unready(0, &argv)?;
+    let agent = tb.agent(0);
+    converge("the unreadable file reported", || {
+        Ok(agent.log_text().contains("configuration not loaded yet")
+            && agent.log_text().contains("not read whole"))
+    })?;
+    let (status, body) = agent.http("GET", "/healthz/ready", None)?;
+    assert_eq!(
+        (status, body.trim()),
+        (503, "configuration not loaded yet"),
+        "a fresh agent that has not read its configuration is not ready"
+    );
+    assert!(agent.pod_names()?.is_empty(), "enrolled before the read");
+
+    std::fs::write(&file, &docs)?;
+    converge("ready once the file reads", || {
+        Ok(agent.http("GET", "/healthz/ready", None)?.0 == 200)
+    })?;
+    converge("the pod enrolled by its labels", || {
+        Ok(agent.pod_names()? == ["shop/app"])
+    })?;
     Ok(())
 }

@@ -111,8 +111,9 @@ fn hbone_carries_pod_traffic_encrypted_with_both_identities() -> anyhow::Result<
     let tb = &mut shop.tb;
     let mut steady = tb.hold(&client, sa(server.ip4, APP_PORT))?;
     assert!(ok(&steady.hello), "{}", steady.hello);
-    // Issued for the first handshake.
+    // Issued for the first handshake; a new handshake is shown it.
     let serial_before = workload_serial(tb, 1, &id("shop", "server"))?;
+    presented_serial(tb, &legacy, &server)?;
 
     let wire = tb.capture_packets(&client, "meshed")?;
     let mut cross_node = 1; // the steady connection
@@ -247,7 +248,34 @@ fn hbone_carries_pod_traffic_encrypted_with_both_identities() -> anyhow::Result<
     }
     assert_eq!(steady.send("across rotation")?["echo"], "across rotation");
     assert!(ok(&tb.connect(&client, sa(server.ip4, APP_PORT), 1000)?));
+    // A new handshake (the probe's, never pooled) gets the renewed
+    // certificate.
+    let shown = presented_serial(tb, &legacy, &server)?;
+    assert_ne!(shown, serial_before, "the first certificate, after renewal");
     Ok(())
+}
+
+/// The serial of the certificate `server`'s agent (node 1) presents in a
+/// fresh TLS handshake (the probe's, from `from`), checked to be the one
+/// it holds (held before or after the handshake: renewals here come every
+/// few seconds).
+fn presented_serial(tb: &Testbed, from: &Pod, server: &Pod) -> anyhow::Result<String> {
+    let identity = id("shop", "server");
+    let before = workload_serial(tb, 1, &identity)?;
+    let r = tb.probe(
+        from,
+        sa(server.ip4, 15008),
+        &format!("{}:{APP_PORT}", server.ip4),
+        &[&format!("id={}", id("shop", "prober"))],
+    )?;
+    assert_eq!(r["status"], 200, "{r}");
+    let shown = r["server_serial"].as_str().unwrap_or_default().to_owned();
+    let after = workload_serial(tb, 1, &identity)?;
+    assert!(
+        shown == before || shown == after,
+        "presented {shown}, held {before} then {after}"
+    );
+    Ok(shown)
 }
 
 #[test]
@@ -714,6 +742,183 @@ fn service_vip_spreads_and_skips_a_down_endpoint() -> anyhow::Result<()> {
         .agent(1)
         .metric("mesh_proxy_connections_total{direction=\"hbone\",result=\"connect_failed\"}")?;
     assert_eq!(failed, 1.0, "down endpoint kept getting connections");
+    Ok(())
+}
+
+/// A ClusterIP Service on port 80 selecting the pods labelled `key: "yes"`.
+fn selecting(name: &str, vip: &str, key: &str, target_port: u16) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: shop\n\
+         spec:\n  clusterIP: {vip}\n  selector:\n    {key}: \"yes\"\n  ports:\n  - name: tcp\n    port: 80\n    targetPort: {target_port}\n"
+    )
+}
+
+/// The agent's JSON log events with this message.
+fn events(log: &str, message: &str) -> Vec<Value> {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["fields"]["message"] == message)
+        .collect()
+}
+
+/// Service endpoints that fail in each way the README lists (the HBONE
+/// connect refused, a TLS handshake that fails, one nobody answers) are
+/// each skipped for the next one without the client seeing it, and set
+/// aside: later calls go straight to a good one. No more than 3 endpoints
+/// are tried for one connection, so 3 bad ones in a row fail the call
+/// even with a good fourth.
+#[test]
+fn service_vip_fails_over_tcp_tls_and_silent_endpoints_three_tries_at_most() -> anyhow::Result<()> {
+    let mut shop = Shop::new(1)?;
+    let client = shop.pod(0, "client", "shop", "client", &[])?;
+    // Endpoints in the order the agent lists them (by name). Nothing of
+    // the mesh runs in a-d: their HBONE port is closed (a, c), speaks
+    // plaintext (b: the test app's greeting), or never answers (d).
+    let yes = "yes";
+    let a = shop.pod(
+        0,
+        "a-refuses",
+        "shop",
+        "ep",
+        &[("flaky", yes), ("limit", yes)],
+    )?;
+    let b = shop.pod(
+        0,
+        "b-garbage",
+        "shop",
+        "ep",
+        &[("flaky", yes), ("limit", yes)],
+    )?;
+    let c = shop.pod(0, "c-refuses", "shop", "ep", &[("limit", yes)])?;
+    let d = shop.pod(0, "d-silent", "shop", "ep", &[("slow", yes)])?;
+    let e = shop.pod(
+        0,
+        "e-good",
+        "shop",
+        "ep",
+        &[("flaky", yes), ("slow", yes), ("limit", yes)],
+    )?;
+    shop.docs
+        .push(selecting("flaky", "10.96.0.21", "flaky", APP_PORT));
+    shop.docs
+        .push(selecting("slow", "10.96.0.22", "slow", APP_PORT));
+    shop.docs
+        .push(selecting("limit", "10.96.0.23", "limit", 9090));
+    shop.tb.serve(&b, any6(15008))?;
+    let _silent = shop.tb.listen_silently(&d, any6(15008))?;
+    for port in [APP_PORT, 9090] {
+        shop.tb.serve(&e, any6(port))?;
+    }
+    shop.start(&[&client, &e], &["--log-format", "json"])?;
+    let tb = &shop.tb;
+    let agent = tb.agent(0);
+    let vip = |last: u8| sa(IpAddr::from([10, 96, 0, last]), 80);
+    let served_by = |r: &Value| ip_of(r["server_local"].as_str().unwrap_or_default());
+    let failures = || events(&agent.log_text(), "upstream failed");
+    let failed_at = |f: &[Value], ep: &Pod, port: u16, error: &str| {
+        f.iter().any(|v| {
+            v["fields"]["endpoint"] == format!("{}:{port}", ep.ip4)
+                && v["fields"]["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains(error))
+        })
+    };
+    let counted = |result: &str| {
+        agent.metric_or_absent(&format!(
+            "mesh_proxy_connections_total{{direction=\"outbound\",result=\"{result}\"}}"
+        ))
+    };
+
+    // TCP refused, then a failed TLS handshake: the third endpoint serves.
+    let r = tb.connect(&client, vip(21), 1000)?;
+    assert!(ok(&r), "{r}");
+    assert_eq!(served_by(&r), e.ip4.to_string(), "{r}");
+    let f = failures();
+    assert!(
+        failed_at(&f, &a, APP_PORT, &format!("connecting to {}:15008", a.ip4)),
+        "{f:?}"
+    );
+    assert!(
+        failed_at(
+            &f,
+            &b,
+            APP_PORT,
+            &format!("TLS handshake with {}:15008", b.ip4)
+        ),
+        "{f:?}"
+    );
+    assert_eq!(f.len(), 2, "{f:?}");
+
+    // A handshake nobody answers: given up after 10 s, and the next
+    // endpoint serves the same connection.
+    let started = std::time::Instant::now();
+    let r = tb.connect(&client, vip(22), 1000)?;
+    assert!(ok(&r), "{r}");
+    assert_eq!(served_by(&r), e.ip4.to_string(), "{r}");
+    let took = started.elapsed();
+    assert!(
+        (Duration::from_secs(10)..Duration::from_secs(15)).contains(&took),
+        "{took:?}"
+    );
+    let f = failures();
+    assert!(failed_at(&f, &d, APP_PORT, "handshake timed out"), "{f:?}");
+
+    // Three bad endpoints first: the call fails after 3 tries, the good
+    // fourth untried.
+    let before = counted("forwarded")?;
+    let r = tb.connect(&client, vip(23), 1000)?;
+    assert!(!ok(&r), "{r}");
+    agent.wait_metric(
+        "mesh_proxy_connections_total{direction=\"outbound\",result=\"connect_failed\"}",
+        1.0,
+    )?;
+    assert_eq!(counted("forwarded")?, before, "a fourth endpoint was tried");
+    let f = failures();
+    for ep in [&a, &b, &c] {
+        assert!(failed_at(&f, ep, 9090, ""), "{}: {f:?}", ep.name);
+    }
+    assert_eq!(f.len(), 6, "{f:?}");
+    let refused = events(&agent.log_text(), "connection complete")
+        .into_iter()
+        .filter(|v| v["fields"]["dst.service"] == "limit.shop.svc.cluster.local")
+        .map(|v| v["fields"]["flags"].clone())
+        .collect::<Vec<_>>();
+    assert_eq!(refused, [Value::from("UF")]);
+
+    // Every failed endpoint is set aside: each Service's calls now go
+    // straight to the good one, fast, with no new failure.
+    for last in [21, 22, 23, 21, 22, 23] {
+        let started = std::time::Instant::now();
+        let r = tb.connect(&client, vip(last), 1000)?;
+        assert!(ok(&r), "{r}");
+        assert_eq!(served_by(&r), e.ip4.to_string(), "{r}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+    assert_eq!(failures().len(), 6);
+    let (_, dump) = agent.http("GET", "/config_dump", None)?;
+    let dump: Value = serde_json::from_str(&dump)?;
+    let mut down: Vec<String> = dump["endpoints_down"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|v| v.as_str().unwrap_or_default().to_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    down.sort();
+    let mut want: Vec<String> = [
+        (&a, APP_PORT),
+        (&b, APP_PORT),
+        (&d, APP_PORT),
+        (&a, 9090),
+        (&b, 9090),
+        (&c, 9090),
+    ]
+    .iter()
+    .map(|(p, port)| format!("{}:{port}", p.ip4))
+    .collect();
+    want.sort();
+    assert_eq!(down, want);
     Ok(())
 }
 

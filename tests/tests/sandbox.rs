@@ -1,6 +1,8 @@
-//! A pod whose sandbox is re-created (same Pod, same UID, a new network
+//! Enrolment by the configuration when a pod's sandbox is not what it was:
+//! a pod whose sandbox is re-created (same Pod, same UID, a new network
 //! namespace, here even under the same path) is captured again in its new
-//! namespace, and the agent lets go of the old one.
+//! namespace, and the agent lets go of the old one; a pod whose namespace
+//! is not there yet waits in `pods_pending` and is retried until it is.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -9,7 +11,7 @@ use std::{
 };
 
 use mesh_tests::{
-    Testbed, Value,
+    Pod, Testbed, Value,
     mesh::{namespace_yaml, pod_yaml, with_netns},
     metrics::series_sum,
 };
@@ -112,6 +114,113 @@ fn a_recreated_sandbox_is_captured_again_and_the_old_namespace_let_go() -> anyho
     assert!(
         !held.contains(&old_inode) && held.contains(&new_inode),
         "the agent let go of the old namespace: holds {held:?}, old {old_inode}, new {new_inode}"
+    );
+    Ok(())
+}
+
+/// A pod the configuration puts in the mesh whose network namespace is not
+/// there yet is listed in `pods_pending` with the reason and retried every
+/// second, with no configuration change, until it is enrolled. A pod
+/// enrolled by hand, here under the name of a Pod outside the mesh, is
+/// left alone by every reconciliation meanwhile.
+#[test]
+fn a_pending_pod_is_retried_until_enrolled_and_a_hand_enrolled_pod_is_left_alone()
+-> anyhow::Result<()> {
+    let mut tb = Testbed::new(1)?;
+    let hand = tb.add_pod(0, "legacy/hand")?;
+    let hand_object = Pod {
+        name: "hand".into(),
+        ..hand.clone()
+    };
+    let later = tb.next_pod(0, "later")?;
+    let docs = |extra: &[String]| {
+        let mut docs = vec![
+            namespace_yaml("shop", true),
+            namespace_yaml("legacy", false),
+            pod_yaml(&hand_object, 0, "legacy", "hand", &[]),
+            with_netns(&pod_yaml(&later, 0, "shop", "later", &[]), &later),
+        ];
+        docs.extend_from_slice(extra);
+        docs
+    };
+    tb.write_config(&docs(&[]))?;
+    let args = tb.mesh_args()?;
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    tb.start_agent(0, &argv)?;
+    tb.agent(0).enroll(&hand)?;
+    let pending = |tb: &Testbed| -> anyhow::Result<Value> {
+        let (_, dump) = tb.agent(0).http("GET", "/config_dump", None)?;
+        Ok(serde_json::from_str::<Value>(&dump)?["pods_pending"].clone())
+    };
+    let retries = |tb: &Testbed| {
+        tb.agent(0)
+            .metric_or_absent(r#"mesh_enrolment_total{op="enroll",result="bad_netns"}"#)
+    };
+    converge("the pod without its namespace listed as pending", || {
+        Ok(pending(&tb)?["shop/later"]
+            .as_str()
+            .is_some_and(|why| why.contains(&later.netns_path().display().to_string())))
+    })?;
+    // Retried on its own, every second.
+    let tried = retries(&tb)?;
+    converge("retried", || Ok(retries(&tb)? >= tried + 2.0))?;
+
+    // A configuration change reconciles again; the hand-enrolled pod,
+    // whose name is a Pod outside the mesh, stays enrolled and captured.
+    let svc = mesh_tests::mesh::service_yaml("echo", "shop", "10.96.0.30", 80, "8080", "later");
+    tb.apply_config(&docs(&[svc]), |dump| dump.contains("10.96.0.30"))?;
+    converge("another pass over the new snapshot", || {
+        Ok(retries(&tb)? >= tried + 3.0)
+    })?;
+    assert_eq!(tb.agent(0).pod_names()?, ["legacy/hand"]);
+
+    // The namespace appears: enrolled at the next retry, with no
+    // configuration change.
+    let later = tb.add_pod(0, "later")?;
+    tb.serve(&later, SocketAddr::new(IpAddr::from([0u8; 16]), APP_PORT))?;
+    let took = mesh_tests::converge(
+        "the pod enrolled once its namespace is there",
+        Duration::from_secs(5),
+        || {
+            let mut names = tb.agent(0).pod_names()?;
+            names.sort();
+            Ok(names == ["legacy/hand", "shop/later"])
+        },
+    )?;
+    assert!(took < Duration::from_secs(3), "enrolled after {took:?}");
+    converge("nothing pending", || {
+        Ok(pending(&tb)? == serde_json::json!({}))
+    })?;
+    assert!(
+        tb.agent(0)
+            .log_text()
+            .contains("in the mesh but not enrolled yet; retrying"),
+        "the pending pod was logged"
+    );
+
+    // Both are captured: the hand-enrolled pod's call leaves through the
+    // agent, reaches the new pod over HBONE and is delivered by its agent.
+    let r = tb.connect(&hand, SocketAddr::new(later.ip4, APP_PORT), 1000)?;
+    assert!(ok(&r), "{r}");
+    assert!(
+        r["peer"].as_str().is_some_and(|p| p.ends_with(":15001")),
+        "{r}"
+    );
+    assert!(mesh_tests::delivered_by_agent(&r), "{r}");
+    assert_eq!(
+        series_sum(
+            &tb.agent(0).metrics()?,
+            "istio_tcp_connections_opened_total",
+            &[
+                ("reporter", "destination"),
+                (
+                    "source_principal",
+                    "spiffe://cluster.local/ns/legacy/sa/hand"
+                ),
+                ("connection_security_policy", "mutual_tls"),
+            ],
+        )?,
+        1.0
     );
     Ok(())
 }

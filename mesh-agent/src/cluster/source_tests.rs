@@ -1,8 +1,8 @@
 //! The Kubernetes API source against the in-process API server stand-in,
 //! through the real kube-rs client: the store converges after list, watch
 //! events, bookmarks, a dropped connection, `410 Gone` and API errors; a
-//! kind the server does not serve is reported and the rest still loads;
-//! Events are written on objects the agent could not apply.
+//! kind the server does not serve or RBAC forbids is reported and the rest
+//! still loads; Events are written on objects the agent could not apply.
 
 use std::{net::IpAddr, sync::Arc, time::Duration};
 
@@ -311,5 +311,107 @@ async fn a_policy_kind_that_cannot_be_listed_fails_closed_and_keeps_its_last_obj
         !allowed(&rx.borrow(), "10.1.0.5"),
         "the last AuthorizationPolicies read still apply"
     );
+    task.abort();
+}
+
+/// A kind that RBAC does not let the agent list (here HTTPRoute, not a
+/// policy kind, so nothing stands in for it) is reported with the reason
+/// and the rest of the configuration loads and applies.
+#[tokio::test]
+async fn a_kind_rbac_forbids_is_reported_and_the_rest_loads() {
+    let fake = FakeApi::start().await;
+    fake.apply(namespace("shop", true));
+    fake.apply(pod("web-1", "node-a", "10.1.0.5"));
+    fake.forbid("httproutes");
+    let (mut rx, task) = spawn_source(Box::new(KubeSource::new(fake.client())), opts());
+    until(&mut rx, "loaded without HTTPRoutes", |s| {
+        s.workload_by_ip(ip("10.1.0.5")).is_some()
+    })
+    .await;
+    {
+        let store = rx.borrow().clone();
+        let warnings: Vec<(&str, &str, &str)> = store
+            .warnings()
+            .iter()
+            .map(|w| (w.object.as_str(), w.kind, w.message.as_str()))
+            .collect();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert_eq!(
+            (warnings[0].0, warnings[0].1),
+            (&*format!("{ORIGIN}: httproutes"), "load_error")
+        );
+        assert!(
+            warnings[0]
+                .2
+                .contains("the agent is not allowed to list httproutes: check its RBAC"),
+            "{}",
+            warnings[0].2
+        );
+        assert!(
+            allowed(&store, "10.1.0.5"),
+            "a forbidden HTTPRoute kind denies nothing at L4"
+        );
+    }
+    fake.permit("httproutes");
+    until(&mut rx, "HTTPRoutes readable", |s| s.warnings().is_empty()).await;
+    task.abort();
+}
+
+/// Warnings the README names get their Event: an ALLOW rule with L7 fields
+/// on the policy (`L7RuleAtL4`), a Service bound to a waypoint that does
+/// not exist on the Service (`MissingWaypoint`).
+#[tokio::test]
+async fn l7_rules_at_l4_and_missing_waypoints_get_their_events() {
+    let fake = FakeApi::start().await;
+    fake.apply(namespace("shop", true));
+    fake.apply(pod("web-1", "node-a", "10.1.0.5"));
+    fake.apply(policy(
+        "get-only",
+        json!({"action": "ALLOW", "rules": [{"to": [{"operation": {"methods": ["GET"]}}]}]}),
+    ));
+    fake.apply(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "reviews", "namespace": "shop",
+                     "labels": {"istio.io/use-waypoint": "nowhere"}},
+        "spec": {"clusterIP": "10.96.0.20", "selector": {"app": "web"},
+                 "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}
+    }));
+    let source = KubeSource::new(fake.client());
+    let references = source.references();
+    let (mut rx, task) = spawn_source(Box::new(source), opts());
+    let writer = events::spawn(fake.client(), "node-a".into(), references, rx.clone());
+    until(&mut rx, "both warnings", |s| s.warnings().len() == 2).await;
+    let event_on = |kind: &str, name: &str| {
+        fake.objects("events.k8s.io/v1", "Event")
+            .into_iter()
+            .find(|e| e["regarding"]["kind"] == kind && e["regarding"]["name"] == name)
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let (policy_event, service_event) = loop {
+        if let (Some(p), Some(s)) = (
+            event_on("AuthorizationPolicy", "get-only"),
+            event_on("Service", "reviews"),
+        ) {
+            break (p, s);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "Events written: {:#?}",
+            fake.objects("events.k8s.io/v1", "Event")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(policy_event["reason"], "L7RuleAtL4", "{policy_event}");
+    assert_eq!(policy_event["type"], "Warning");
+    assert_eq!(
+        service_event["reason"], "MissingWaypoint",
+        "{service_event}"
+    );
+    assert_eq!(service_event["regarding"]["namespace"], "shop");
+    assert!(
+        service_event["note"].as_str().unwrap().contains("nowhere"),
+        "{service_event}"
+    );
+    writer.abort();
     task.abort();
 }

@@ -2,8 +2,10 @@
 //! `handshake` runs real TLS 1.3 handshakes between the configs;
 //! `cluster_ca` and `remote` the cluster CA and the agents that use it.
 
+mod ca_binary;
 mod cluster_ca;
 mod handshake;
+mod lying_ca;
 mod remote;
 
 use std::{
@@ -282,6 +284,22 @@ fn bad_brought_root_files_are_named() {
     let leaf_cert = dir.write("leaf.pem", &leaf.pem());
     let leaf_key = dir.write("leaf-key.pem", &key.serialize_pem());
     names(&byo(leaf_cert.clone(), leaf_key), &leaf_cert, "not a CA");
+
+    // A CA whose validity has ended: nothing it signs would be trusted.
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::default();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    let expired = params.self_signed(&key).unwrap();
+    let expired_cert = dir.write("expired.pem", &expired.pem());
+    let expired_key = dir.write("expired-key.pem", &key.serialize_pem());
+    names(
+        &byo(expired_cert.clone(), expired_key),
+        &expired_cert,
+        "the root certificate expired at 2021-01-01T00:00:00Z",
+    );
 }
 
 #[test]

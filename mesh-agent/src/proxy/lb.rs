@@ -29,6 +29,10 @@ impl Balancer {
     /// robin among the healthy ones, then the ones recently down as a last
     /// resort.
     pub fn order(&self, key: &str, endpoints: &[Endpoint]) -> Vec<Endpoint> {
+        self.order_at(key, endpoints, Instant::now())
+    }
+
+    fn order_at(&self, key: &str, endpoints: &[Endpoint], now: Instant) -> Vec<Endpoint> {
         if endpoints.is_empty() {
             return Vec::new();
         }
@@ -39,7 +43,6 @@ impl Balancer {
             *n = n.wrapping_add(1);
             start
         };
-        let now = Instant::now();
         let mut down = self.down.locked();
         down.retain(|_, until| *until > now);
         let rotated = endpoints[start..].iter().chain(&endpoints[..start]);
@@ -49,7 +52,11 @@ impl Balancer {
     }
 
     pub fn mark_down(&self, addr: SocketAddr) {
-        self.down.locked().insert(addr, Instant::now() + DOWN_FOR);
+        self.mark_down_at(addr, Instant::now());
+    }
+
+    fn mark_down_at(&self, addr: SocketAddr, now: Instant) {
+        self.down.locked().insert(addr, now + DOWN_FOR);
     }
 
     pub fn mark_up(&self, addr: SocketAddr) {
@@ -127,6 +134,31 @@ mod tests {
         b.mark_up(eps[1].addr);
         assert!(firsts(&b, &eps, 3).contains(&2));
         assert!(b.order("svc:80", &[]).is_empty());
+    }
+
+    #[test]
+    fn a_failed_endpoint_is_set_aside_for_30_seconds() {
+        let b = Balancer::default();
+        let eps = vec![ep(1), ep(2)];
+        let t0 = Instant::now();
+        b.mark_down_at(eps[0].addr, t0);
+        // Every order within the 30 s puts it last, whatever the rotation.
+        for at in [
+            t0,
+            t0 + Duration::from_secs(15),
+            t0 + Duration::from_millis(29_999),
+        ] {
+            for _ in 0..2 {
+                let order = b.order_at("svc:80", &eps, at);
+                assert_eq!(order.last().unwrap().addr, eps[0].addr, "{at:?}");
+            }
+        }
+        // Then it is back in the rotation, first every other time.
+        let firsts: Vec<SocketAddr> = (0..2)
+            .map(|_| b.order_at("svc:80", &eps, t0 + DOWN_FOR)[0].addr)
+            .collect();
+        assert!(firsts.contains(&eps[0].addr), "{firsts:?}");
+        assert_eq!(DOWN_FOR, Duration::from_secs(30), "the README's 30 s");
     }
 
     #[test]

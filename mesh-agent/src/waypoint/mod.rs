@@ -10,7 +10,7 @@ use std::{net::SocketAddr, sync::Arc};
 
 use anyhow::Context as _;
 use tokio::{net::TcpListener, sync::watch};
-use tracing::{Instrument as _, info, info_span};
+use tracing::{Instrument as _, info, info_span, warn};
 
 use crate::{
     config::WaypointArgs,
@@ -170,6 +170,7 @@ pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
     tokio::spawn(serve::admin(metrics_l, admin.clone(), false));
     tokio::spawn(serve::admin(ready_l, admin, false));
     tokio::spawn(accept(hbone, ctx.clone()));
+    tokio::spawn(prepare_certificate(ctx.clone()));
     tokio::spawn(crate::give_back_memory());
     info!("waypoint serving");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -179,6 +180,24 @@ pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
     }
     info!("waypoint stopping");
     Ok(())
+}
+
+/// Gets the waypoint's own certificate as soon as the configuration names
+/// its pod: from a cluster CA a connection cannot wait for one, and would
+/// otherwise only be the first to ask.
+async fn prepare_certificate(ctx: Arc<Ctx>) {
+    let mut store = ctx.store.clone();
+    loop {
+        let snapshot = store.borrow_and_update().clone();
+        if let Some(id) = ctx.identity(&snapshot)
+            && let Err(e) = ctx.certs.prepare(&id).await
+        {
+            warn!(identity = %id, error = %e, "no certificate yet; retried in the background");
+        }
+        if store.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 async fn accept(l: TcpListener, ctx: Arc<Ctx>) {

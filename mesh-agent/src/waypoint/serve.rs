@@ -414,6 +414,11 @@ fn admin_page(admin: &Admin, full: bool, req: &Request<Incoming>) -> Response<Fu
                 Some("this pod is not in the configuration")
             } else if ctx.waypoint(&store).is_none() {
                 Some("this pod's Gateway is not a waypoint in the configuration")
+            } else if ctx
+                .identity(&store)
+                .is_some_and(|id| ctx.certs.certificate(&id).is_err())
+            {
+                Some("no certificate yet for this pod's identity")
             } else {
                 None
             };

@@ -20,8 +20,8 @@ use crate::{
 
 pub(super) const AGENT_SA: &str = "system:serviceaccount:mesh-system:mesh-agent";
 pub(super) const NODE_NAME: &str = "authentication.kubernetes.io/node-name";
-const POD_NAME: &str = "authentication.kubernetes.io/pod-name";
-const POD_UID: &str = "authentication.kubernetes.io/pod-uid";
+pub(super) const POD_NAME: &str = "authentication.kubernetes.io/pod-name";
+pub(super) const POD_UID: &str = "authentication.kubernetes.io/pod-uid";
 
 /// Every test is over well before this, or it has hung.
 pub(super) async fn within<T>(test: impl Future<Output = T>) -> T {

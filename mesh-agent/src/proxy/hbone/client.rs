@@ -9,6 +9,7 @@ use std::{
         Arc, Mutex, OnceLock,
         atomic::{AtomicUsize, Ordering},
     },
+    time::Duration,
 };
 
 use http_body_util::Empty;
@@ -18,10 +19,7 @@ use mesh_common::PORT_HBONE;
 use rustls::pki_types::ServerName;
 use tracing::{Instrument as _, debug};
 
-use super::{
-    Buffered, CONN_WINDOW, HANDSHAKE_TIMEOUT, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_FRAME,
-    POOL_MAX_AGE, REQUEST_TIMEOUT, STREAM_WINDOW,
-};
+use super::{Buffered, CONN_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, STREAM_WINDOW, Timers};
 use crate::proxy::{Dialer, connect_from};
 use crate::sync::LockExt as _;
 use crate::{
@@ -39,8 +37,8 @@ struct Pooled {
 }
 
 impl Pooled {
-    fn usable(&self) -> bool {
-        !self.sender.is_closed() && self.since.elapsed() < POOL_MAX_AGE
+    fn usable(&self, max_age: Duration) -> bool {
+        !self.sender.is_closed() && self.since.elapsed() < max_age
     }
 }
 
@@ -54,8 +52,10 @@ fn conns_per_peer() -> usize {
 
 /// Drops the pool's handle on connections that are closed, or expired with
 /// no stream left.
-fn forget_idle_expired(peer: &mut Vec<Pooled>) {
-    peer.retain(|p| !p.sender.is_closed() && (p.usable() || p.active.load(Ordering::Relaxed) > 0));
+fn forget_idle_expired(peer: &mut Vec<Pooled>, max_age: Duration) {
+    peer.retain(|p| {
+        !p.sender.is_closed() && (p.usable(max_age) || p.active.load(Ordering::Relaxed) > 0)
+    });
 }
 
 /// A tunnelled connection: the CONNECT stream, and its count on the
@@ -108,6 +108,7 @@ struct PoolKey {
 #[derive(Default)]
 pub struct Pool {
     conns: Mutex<HashMap<PoolKey, Vec<Pooled>>>,
+    timers: Timers,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -129,10 +130,11 @@ pub enum HboneError {
         authority: SocketAddr,
         status: StatusCode,
     },
-    #[error("{addr} did not answer CONNECT {authority} in {REQUEST_TIMEOUT:?}")]
+    #[error("{addr} did not answer CONNECT {authority} in {after:?}")]
     Timeout {
         addr: SocketAddr,
         authority: SocketAddr,
+        after: Duration,
     },
     #[error("building the CONNECT request: {0}")]
     Request(#[from] hyper::http::Error),
@@ -169,6 +171,15 @@ pub struct Caller<'a> {
 }
 
 impl Pool {
+    /// A pool on shorter clocks, for tests.
+    #[cfg(test)]
+    pub(super) fn with_timers(timers: Timers) -> Pool {
+        Pool {
+            conns: Mutex::default(),
+            timers,
+        }
+    }
+
     /// Opens a tunnelled stream to `target` (the CONNECT authority: the
     /// destination pod's address and the app's port, or for a waypoint the
     /// original destination) through the HBONE port of `via` (the
@@ -189,19 +200,20 @@ impl Pool {
         };
         // The stream is counted on its connection as soon as it is chosen,
         // so that concurrent calls spread instead of all picking it.
+        let max_age = self.timers.max_age;
         let pooled = {
             let mut conns = self.conns.locked();
             let peer: &[Pooled] = match conns.get_mut(&key) {
                 Some(v) => {
-                    forget_idle_expired(v);
+                    forget_idle_expired(v, max_age);
                     v
                 }
                 None => &[],
             };
-            let usable = peer.iter().filter(|p| p.usable()).count();
+            let usable = peer.iter().filter(|p| p.usable(max_age)).count();
             let least = peer
                 .iter()
-                .filter(|p| p.usable())
+                .filter(|p| p.usable(max_age))
                 .min_by_key(|p| p.active.load(Ordering::Relaxed));
             match least {
                 Some(p) if p.active.load(Ordering::Relaxed) == 0 || usable >= conns_per_peer() => {
@@ -210,8 +222,9 @@ impl Pool {
                 _ => None,
             }
         };
+        let timeout = self.timers.request_timeout;
         if let Some((sender, active)) = pooled {
-            match request(sender, &key, target, caller).await {
+            match request(sender, &key, target, caller, timeout).await {
                 Err(HboneError::Http { .. }) => {
                     // The pooled connection died under us: one fresh try.
                     debug!(addr = %key.addr, "pooled HBONE connection failed; reconnecting");
@@ -220,7 +233,7 @@ impl Pool {
             }
         }
         let (sender, active) = self.dial(dialer, &key).await?;
-        let io = request(sender, &key, target, caller).await?;
+        let io = request(sender, &key, target, caller, timeout).await?;
         Ok(Tunnel { io, active })
     }
 
@@ -258,8 +271,12 @@ impl Pool {
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONN_WINDOW)
             .max_frame_size(MAX_FRAME)
-            .keep_alive_interval(KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_interval(self.timers.keepalive_interval)
+            .keep_alive_timeout(self.timers.keepalive_timeout)
+            // A pooled connection is idle between calls, which is when a
+            // peer that vanished must be found (hyper pings only while
+            // streams are open unless told).
+            .keep_alive_while_idle(true)
             .handshake(TokioIo::new(tls))
             .await
             .map_err(|source| HboneError::Http { addr, source })?;
@@ -275,8 +292,9 @@ impl Pool {
         // Closed connections leave the map here, and expired ones once
         // their last stream is done (the pool's handle is what keeps an
         // idle connection open).
+        let max_age = self.timers.max_age;
         conns.retain(|_, v| {
-            forget_idle_expired(v);
+            forget_idle_expired(v, max_age);
             !v.is_empty()
         });
         let count = Arc::new(AtomicUsize::new(0));
@@ -284,7 +302,7 @@ impl Pool {
         let peer = conns.entry(key.clone()).or_default();
         // Calls that dialled at once may find the pool full by now: the
         // extra connection then carries this one stream and closes with it.
-        if peer.iter().filter(|p| p.usable()).count() < conns_per_peer() {
+        if peer.iter().filter(|p| p.usable(max_age)).count() < conns_per_peer() {
             peer.push(Pooled {
                 sender: sender.clone(),
                 since: std::time::Instant::now(),
@@ -335,6 +353,7 @@ async fn request(
     key: &PoolKey,
     target: SocketAddr,
     caller: &Caller<'_>,
+    timeout: Duration,
 ) -> Result<Upgraded, HboneError> {
     let addr = key.addr;
     let wl = caller.workload;
@@ -353,11 +372,12 @@ async fn request(
             ),
         )
         .body(Empty::new())?;
-    tokio::time::timeout(REQUEST_TIMEOUT, send(sender, req, addr, target))
+    tokio::time::timeout(timeout, send(sender, req, addr, target))
         .await
         .map_err(|_| HboneError::Timeout {
             addr,
             authority: target,
+            after: timeout,
         })?
 }
 

@@ -13,6 +13,8 @@ mod server;
 pub use client::{Caller, HboneError, Pool, Tunnel};
 #[cfg(test)]
 pub use server::{Authority, connect_authority, connect_destination};
+#[cfg(test)]
+mod tests;
 pub use server::{accept, answer, serve, serve_connects};
 
 /// A TLS handshake must finish in this time.
@@ -45,3 +47,23 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// handshake again (fresh certificates, fresh policy checks of the peer),
 /// old streams finish on the old connection.
 const POOL_MAX_AGE: Duration = Duration::from_secs(300);
+
+/// The client side's clocks: the constants above, shortened by tests.
+#[derive(Clone, Copy, Debug)]
+struct Timers {
+    max_age: Duration,
+    request_timeout: Duration,
+    keepalive_interval: Duration,
+    keepalive_timeout: Duration,
+}
+
+impl Default for Timers {
+    fn default() -> Self {
+        Timers {
+            max_age: POOL_MAX_AGE,
+            request_timeout: REQUEST_TIMEOUT,
+            keepalive_interval: KEEPALIVE_INTERVAL,
+            keepalive_timeout: KEEPALIVE_TIMEOUT,
+        }
+    }
+}

@@ -1,0 +1,449 @@
+//! The HBONE client pool against the real HBONE server code over loopback
+//! TCP and TLS: a pooled connection's age limit, the CONNECT timeout, pings
+//! on idle connections, and the server's cap on streams per connection.
+//! The clocks are shortened (`Timers`); what they bound is the same code.
+
+use std::{
+    collections::BTreeMap,
+    future::Future,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use http_body_util::Empty;
+use hyper::{Method, Request, Response, StatusCode, body::Bytes};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::ServerName;
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+    task::JoinHandle,
+};
+
+use super::*;
+use crate::{
+    identity::{CaConfig, CaSource, CertManager, Identity},
+    metrics::Metrics,
+    proxy::Dialer,
+    state::Workload,
+};
+
+const TD: &str = "cluster.local";
+
+/// Every test is over well before this, or it has hung.
+async fn within<T>(test: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(30), test)
+        .await
+        .expect("the test did not finish within 30 s")
+}
+
+/// A directory for the embedded CA's root, removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "mesh-hbone-{name}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn certs(dir: &TempDir) -> Arc<CertManager> {
+    CertManager::new(CaConfig {
+        trust_domain: TD.into(),
+        cert_ttl: Duration::from_secs(3600),
+        source: CaSource::Generate { dir: dir.0.clone() },
+        trust_bundle: None,
+    })
+    .unwrap()
+}
+
+fn workload(name: &str, ip: IpAddr) -> Workload {
+    Workload {
+        name: name.into(),
+        namespace: "shop".into(),
+        service_account: name.into(),
+        node: "n".into(),
+        ips: vec![ip],
+        labels: BTreeMap::new(),
+        ports: BTreeMap::new(),
+        captured: true,
+        uid: String::new(),
+        netns: None,
+        owner: None,
+    }
+}
+
+/// How the test server answers a CONNECT.
+#[derive(Clone, Copy, PartialEq)]
+enum Answer {
+    /// 200, then echoes the tunnel.
+    Echo,
+    /// Never.
+    Silent,
+}
+
+/// An HBONE server on `ip:15008` running the agent's TLS accept and HTTP/2
+/// CONNECT server, counting the TLS connections it accepted.
+struct Server {
+    accepted: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn hbone_server(ip: IpAddr, certs: &CertManager, answer: Answer) -> Server {
+    let listener = TcpListener::bind(SocketAddr::new(ip, mesh_common::PORT_HBONE))
+        .await
+        .unwrap();
+    let config = certs
+        .server_config(&Identity::new(TD, "shop", "server"))
+        .unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    let task = tokio::spawn(async move {
+        let metrics = Arc::new(Metrics::default());
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (config, metrics, count) = (config.clone(), metrics.clone(), count.clone());
+            tokio::spawn(async move {
+                let Some((tls, _peer)) = accept(stream, config, &metrics).await else {
+                    return;
+                };
+                count.fetch_add(1, Ordering::SeqCst);
+                serve_connects(tls, move |req| respond(req, answer)).await;
+            });
+        }
+    });
+    Server { accepted, task }
+}
+
+async fn respond(
+    mut req: Request<hyper::body::Incoming>,
+    answer: Answer,
+) -> Response<Empty<Bytes>> {
+    if answer == Answer::Silent {
+        std::future::pending::<()>().await;
+    }
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let Ok(up) = upgrade.await else { return };
+        let mut io = TokioIo::new(up);
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = io.read(&mut buf).await {
+            if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+    });
+    server::answer(StatusCode::OK)
+}
+
+/// One client pod's side: its pool, identity and certificates.
+struct Client {
+    pool: Pool,
+    certs: Arc<CertManager>,
+    workload: Workload,
+}
+
+impl Client {
+    fn new(certs: Arc<CertManager>, timers: Timers) -> Client {
+        Client {
+            pool: Pool::with_timers(timers),
+            certs,
+            workload: workload("client", IpAddr::from([127, 0, 0, 1])),
+        }
+    }
+
+    async fn call(&self, via: IpAddr) -> Result<Tunnel, HboneError> {
+        let dialer = Dialer {
+            netns: None,
+            certs: &self.certs,
+        };
+        let caller = Caller {
+            addr: SocketAddr::new(IpAddr::from([127, 0, 0, 1]), 40000),
+            workload: &self.workload,
+            service: None,
+        };
+        self.pool
+            .connect(
+                dialer,
+                &Identity::new(TD, "shop", "client"),
+                &Identity::new(TD, "shop", "server"),
+                via,
+                SocketAddr::new(via, 8080),
+                &caller,
+            )
+            .await
+    }
+}
+
+/// A tunnel carries bytes both ways.
+async fn echoes(tunnel: &mut Tunnel, text: &[u8]) {
+    let io = tunnel.io_mut();
+    let mut io = TokioIo::new(io);
+    io.write_all(text).await.unwrap();
+    let mut back = vec![0u8; text.len()];
+    io.read_exact(&mut back).await.unwrap();
+    assert_eq!(back, text);
+}
+
+fn quick() -> Timers {
+    Timers {
+        max_age: Duration::from_secs(1),
+        request_timeout: Duration::from_millis(300),
+        keepalive_interval: Duration::from_millis(100),
+        keepalive_timeout: Duration::from_millis(100),
+    }
+}
+
+/// Each test its own loopback address, so they can bind 15008 side by side.
+fn loopback(last: u8) -> IpAddr {
+    IpAddr::from([127, 0, 15, last])
+}
+
+#[tokio::test]
+async fn a_pooled_connection_takes_no_new_stream_past_its_age() {
+    within(async {
+        let dir = TempDir::new("age");
+        let certs = certs(&dir);
+        let ip = loopback(1);
+        let server = hbone_server(ip, &certs, Answer::Echo).await;
+        let client = Client::new(certs, quick());
+
+        // Calls one after another share one connection while it is young.
+        let born = Instant::now();
+        for text in [&b"first"[..], b"second"] {
+            let mut t = client.call(ip).await.unwrap();
+            echoes(&mut t, text).await;
+        }
+        let mut held = client.call(ip).await.unwrap();
+        echoes(&mut held, b"held").await;
+        assert_eq!(server.accepted.load(Ordering::SeqCst), 1);
+        assert!(born.elapsed() < quick().max_age, "the calls took too long");
+
+        // Past its age, the next call handshakes again...
+        tokio::time::sleep_until((born + quick().max_age).into()).await;
+        let mut fresh = client.call(ip).await.unwrap();
+        echoes(&mut fresh, b"fresh").await;
+        assert_eq!(server.accepted.load(Ordering::SeqCst), 2);
+        // ...while the stream opened before goes on, on the old connection,
+        // which leaves the pool once that stream is done.
+        echoes(&mut held, b"still").await;
+        assert_eq!(client.pool.len(), 2);
+        drop(held);
+        drop(fresh);
+        let mut t = client.call(ip).await.unwrap();
+        echoes(&mut t, b"last").await;
+        assert_eq!(server.accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(client.pool.len(), 1, "the expired connection was let go");
+        assert_eq!(
+            POOL_MAX_AGE,
+            Duration::from_secs(300),
+            "the README's 5 minutes"
+        );
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_connect_that_is_not_answered_fails_after_the_request_timeout() {
+    within(async {
+        let dir = TempDir::new("timeout");
+        let certs = certs(&dir);
+        let ip = loopback(2);
+        let _server = hbone_server(ip, &certs, Answer::Silent).await;
+        let client = Client::new(certs, quick());
+        let start = Instant::now();
+        let Err(e) = client.call(ip).await else {
+            panic!("a CONNECT nobody answers succeeded");
+        };
+        let took = start.elapsed();
+        assert!(matches!(e, HboneError::Timeout { .. }), "{e}");
+        assert!(
+            e.to_string()
+                .contains(&format!("did not answer CONNECT {ip}:8080 in 300ms")),
+            "{e}"
+        );
+        assert!(e.is_endpoint_fault(), "a silent endpoint is set aside");
+        assert!(
+            took >= quick().request_timeout && took < Duration::from_secs(3),
+            "{took:?}"
+        );
+        assert_eq!(
+            REQUEST_TIMEOUT,
+            Duration::from_secs(10),
+            "the README's 10 s"
+        );
+    })
+    .await
+}
+
+/// A TCP relay between the client and the server that can stop carrying
+/// bytes while keeping both sockets open: a peer that vanished.
+async fn relay(listen: IpAddr, to: SocketAddr, frozen: Arc<AtomicBool>) -> JoinHandle<()> {
+    let listener = TcpListener::bind(SocketAddr::new(listen, mesh_common::PORT_HBONE))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (a, _) = listener.accept().await.unwrap();
+            let b = TcpStream::connect(to).await.unwrap();
+            let (ar, aw) = a.into_split();
+            let (br, bw) = b.into_split();
+            tokio::spawn(pipe(ar, bw, frozen.clone()));
+            tokio::spawn(pipe(br, aw, frozen.clone()));
+        }
+    })
+}
+
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    frozen: Arc<AtomicBool>,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    while let Ok(n) = from.read(&mut buf).await {
+        if frozen.load(Ordering::SeqCst) {
+            // Holds both sockets, carries nothing.
+            std::future::pending::<()>().await;
+        }
+        if n == 0 || to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[tokio::test]
+async fn pings_close_an_idle_pooled_connection_whose_peer_went_silent() {
+    within(async {
+        let dir = TempDir::new("ping");
+        let certs = certs(&dir);
+        let server_ip = loopback(3);
+        let via = loopback(4);
+        let _server = hbone_server(server_ip, &certs, Answer::Echo).await;
+        let frozen = Arc::new(AtomicBool::new(false));
+        let relay = relay(
+            via,
+            SocketAddr::new(server_ip, mesh_common::PORT_HBONE),
+            frozen.clone(),
+        )
+        .await;
+        let timers = Timers {
+            max_age: Duration::from_secs(60),
+            ..quick()
+        };
+        let client = Client::new(certs, timers);
+        let mut t = client.call(via).await.unwrap();
+        echoes(&mut t, b"hello").await;
+        drop(t);
+
+        // Idle, with the peer answering: the pings keep it open.
+        let idle_until = Instant::now() + 8 * timers.keepalive_interval;
+        while Instant::now() < idle_until {
+            assert_eq!(client.pool.len(), 1, "an idle, healthy connection closed");
+            tokio::time::sleep(timers.keepalive_interval / 2).await;
+        }
+
+        // The peer goes silent: an unanswered ping closes the connection.
+        frozen.store(true, Ordering::SeqCst);
+        let silent = Instant::now();
+        while client.pool.len() != 0 {
+            assert!(
+                silent.elapsed() < Duration::from_secs(5),
+                "an idle connection to a silent peer stayed in the pool"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        relay.abort();
+        assert_eq!(
+            (KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT),
+            (Duration::from_secs(20), Duration::from_secs(10)),
+            "the README's pings"
+        );
+    })
+    .await
+}
+
+#[tokio::test]
+async fn the_server_takes_1024_streams_per_connection_and_holds_the_next() {
+    within(async {
+        let dir = TempDir::new("streams");
+        let certs = certs(&dir);
+        let ip = loopback(5);
+        let _server = hbone_server(ip, &certs, Answer::Echo).await;
+        let config = certs
+            .client_config(
+                &Identity::new(TD, "shop", "client"),
+                &Identity::new(TD, "shop", "server"),
+            )
+            .unwrap();
+        let tcp = TcpStream::connect(SocketAddr::new(ip, mesh_common::PORT_HBONE))
+            .await
+            .unwrap();
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(ServerName::IpAddress(ip.into()), tcp)
+            .await
+            .unwrap();
+        let (sender, conn) = hyper::client::conn::http2::handshake::<_, _, Empty<Bytes>>(
+            TokioExecutor::new(),
+            TokioIo::new(tls),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        let open = |sender: &hyper::client::conn::http2::SendRequest<Empty<Bytes>>| {
+            let mut sender = sender.clone();
+            async move {
+                let req = Request::builder()
+                    .method(Method::CONNECT)
+                    .uri(format!("{ip}:8080"))
+                    .body(Empty::new())
+                    .unwrap();
+                let resp = sender.send_request(req).await.unwrap();
+                assert_eq!(resp.status(), StatusCode::OK);
+                hyper::upgrade::on(resp).await.unwrap()
+            }
+        };
+        let cap = MAX_STREAMS as usize;
+        let mut tunnels = futures::future::join_all((0..cap).map(|_| open(&sender))).await;
+        assert_eq!(tunnels.len(), 1024);
+
+        // One more waits for a stream to end, then gets it.
+        let mut next = tokio::spawn(open(&sender));
+        let waited = tokio::time::timeout(Duration::from_millis(500), &mut next).await;
+        assert!(
+            waited.is_err(),
+            "stream {} was opened past the cap",
+            cap + 1
+        );
+        drop(tunnels.pop());
+        let up = tokio::time::timeout(Duration::from_secs(5), next)
+            .await
+            .expect("the waiting stream opened once one ended")
+            .unwrap();
+        tunnels.push(up);
+        assert_eq!(tunnels.len(), 1024);
+    })
+    .await
+}
