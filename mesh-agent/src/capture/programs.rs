@@ -140,6 +140,15 @@ impl Programs {
                 .map_err(map_err(maps::EXCLUDED_PORTS))?;
         }
 
+        // Connections an earlier agent was setting up when it stopped: none
+        // is in progress now, and a stale entry would let one 4-tuple past
+        // inbound capture.
+        let mut flows: HashMap<MapData, FlowKey, u8> = take_map(&mut ebpf, maps::AGENT_FLOWS)?;
+        let stale: Vec<FlowKey> = flows.keys().filter_map(Result::ok).collect();
+        for key in stale {
+            ignore_missing(flows.remove(&key)).map_err(map_err(maps::AGENT_FLOWS))?;
+        }
+
         Ok(Programs {
             dir: dir.to_owned(),
             enrolled: Mutex::new(take_map(&mut ebpf, maps::ENROLLED_NETNS)?),
@@ -147,7 +156,7 @@ impl Programs {
             inbound_addrs: Mutex::new(take_map(&mut ebpf, maps::INBOUND_ADDRS)?),
             listeners: Mutex::new(take_map(&mut ebpf, maps::INBOUND_LISTENERS)?),
             counters: take_map(&mut ebpf, maps::COUNTERS)?,
-            flows: Mutex::new(take_map(&mut ebpf, maps::AGENT_FLOWS)?),
+            flows: Mutex::new(flows),
             ebpf: Mutex::new(ebpf),
         })
     }
