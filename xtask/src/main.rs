@@ -8,6 +8,7 @@ mod demo;
 mod exec;
 mod fuzz;
 mod interrupt;
+mod mutants;
 mod setup;
 mod soak;
 
@@ -32,7 +33,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Install (or with --check, only look for) everything building and
-    /// testing needs: apt packages, toolchains, bpf-linker, bpffs, cgroup v2.
+    /// testing needs: apt packages, toolchains, bpf-linker, bpffs, cgroup
+    /// v2 (`mutants` installs cargo-mutants itself).
     Setup(setup::Options),
     /// Build the kernel object (mesh-ebpf) on its own, as mesh-agent's
     /// build script does, and print where it is.
@@ -46,6 +48,10 @@ enum Command {
     /// Fuzz the parsers of what the agent reads from others (policy YAML,
     /// CONNECT authorities, CA requests, API objects), bounded in time.
     Fuzz(fuzz::Options),
+    /// Mutation testing (cargo-mutants) of policy evaluation,
+    /// PeerAuthentication and the certificate verifiers against the unit
+    /// tests; prints the mutants no test catches.
+    Mutants(mutants::Options),
     /// Benchmarks: direct TCP, the mesh and a standard TLS tunnel between
     /// the same pods, side by side (release build).
     Bench(bench::Options),
@@ -64,6 +70,7 @@ fn main() -> ExitCode {
         Command::Ci(options) => ci::run(&options),
         Command::Demo => demo::run(),
         Command::Fuzz(options) => fuzz::run(&options),
+        Command::Mutants(options) => mutants::run(&options),
         Command::Bench(options) => bench::run(&options),
         Command::Soak(options) => soak::run(&options),
     };

@@ -55,6 +55,11 @@ const TOOL_PACKAGES: &[&str] = &[
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPF_LINKER_SERIES: &str = "0.13.";
 
+/// `cargo xtask mutants`'s tool; 27.1.0 is the version its runs were made
+/// with, and any 27.x is accepted.
+const CARGO_MUTANTS_VERSION: &str = "27.1.0";
+const CARGO_MUTANTS_SERIES: &str = "27.";
+
 /// Where the agent's cgroup programs may attach: /sys/fs/cgroup on a
 /// unified host, /sys/fs/cgroup/unified on a hybrid one.
 const CGROUP2_ROOTS: &[&str] = &["/sys/fs/cgroup", "/sys/fs/cgroup/unified"];
@@ -88,6 +93,9 @@ type Step = fn(Mode) -> Result<bool>;
 fn setup(mode: Mode) -> Result<()> {
     // Root first: in Fix mode the installs and the mount below need it, and
     // saying so before anything else beats failing halfway.
+    // cargo-mutants is not among them: only `cargo xtask mutants` (an
+    // on-demand run) needs it, and it installs it itself, so CI and a
+    // newcomer's first run do not spend minutes building it.
     let steps: [Step; 7] = [
         root,
         apt_packages,
@@ -355,6 +363,52 @@ fn bpf_linker(mode: Mode) -> Result<bool> {
         other => bail!(
             "installed bpf-linker {BPF_LINKER_VERSION}, but the bpf-linker on PATH reports {other:?}: \
              is cargo's bin directory (~/.cargo/bin) on PATH, and ahead of any other bpf-linker?"
+        ),
+    }
+}
+
+/// The version of cargo-mutants cargo finds, if any: `cargo-mutants 27.1.0`.
+pub fn cargo_mutants_version() -> Option<String> {
+    let out = exec::probe(Command::new("cargo").args(["mutants", "--version"]))?;
+    out.split_whitespace().nth(1).map(str::to_owned)
+}
+
+/// Installs cargo-mutants if it is missing (for `cargo xtask mutants`).
+pub fn ensure_cargo_mutants() -> Result<()> {
+    cargo_mutants(Mode::Fix).map(drop)
+}
+
+fn cargo_mutants(mode: Mode) -> Result<bool> {
+    let what = match cargo_mutants_version() {
+        Some(version) if version.starts_with(CARGO_MUTANTS_SERIES) => {
+            println!("ok: cargo-mutants {version} already installed");
+            return Ok(true);
+        }
+        Some(version) => format!("cargo-mutants {CARGO_MUTANTS_VERSION} (found {version})"),
+        None => format!("cargo-mutants {CARGO_MUTANTS_VERSION}"),
+    };
+    if mode == Mode::Check {
+        println!("missing: {what}");
+        return Ok(false);
+    }
+    println!("install: {what}");
+    exec::run(
+        Command::new("cargo")
+            .args(["install", "cargo-mutants", "--locked", "--force"])
+            .args(["--version", CARGO_MUTANTS_VERSION])
+            // As for bpf-linker: cargo's own temporary build directory.
+            .env_remove("CARGO_TARGET_DIR")
+            .env_remove("CARGO_BUILD_TARGET_DIR")
+            .current_dir(env::temp_dir()),
+    )?;
+    match cargo_mutants_version() {
+        Some(version) if version.starts_with(CARGO_MUTANTS_SERIES) => {
+            println!("ok: cargo-mutants {version} installed");
+            Ok(true)
+        }
+        other => bail!(
+            "installed cargo-mutants {CARGO_MUTANTS_VERSION}, but `cargo mutants --version` \
+             reports {other:?}: is cargo's bin directory (~/.cargo/bin) on PATH?"
         ),
     }
 }

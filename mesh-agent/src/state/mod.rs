@@ -20,6 +20,8 @@ mod peer_auth_tests;
 #[cfg(test)]
 mod policy_tests;
 #[cfg(test)]
+mod policy_waypoint_tests;
+#[cfg(test)]
 mod source_tests;
 #[cfg(test)]
 mod source_unparsed_tests;

@@ -225,3 +225,45 @@ fn a_port_level_key_that_is_not_a_port_makes_the_policy_strict() {
         )]
     );
 }
+
+/// Port 0 names no port a workload can listen on: read as a key that is
+/// not a port, so the policy's workloads get STRICT.
+#[test]
+fn port_level_port_zero_makes_the_policy_strict() {
+    let s = with(&[
+        peer_auth("shop/ns", "{mtls: {mode: PERMISSIVE}}"),
+        peer_auth(
+            "shop/web",
+            "{selector: {matchLabels: {app: web}}, mtls: {mode: PERMISSIVE}, \
+             portLevelMtls: {0: {mode: DISABLE}}}",
+        ),
+    ]);
+    assert_eq!(mode(&s, "shop/web", 80), Strict);
+    assert_eq!(mode(&s, "shop/db", 80), Permissive);
+    assert_eq!(
+        warning_list(&s),
+        [(
+            "PeerAuthentication shop/web",
+            "parse_error",
+            "portLevelMtls: \"0\" is not a port number; every port of the workloads it \
+             selects gets STRICT (plaintext refused)"
+        )]
+    );
+}
+
+#[test]
+fn the_config_dump_shows_each_policy_as_applied() {
+    let s = with(&[peer_auth(
+        "shop/web",
+        "{selector: {matchLabels: {app: web}}, mtls: {mode: PERMISSIVE}, \
+         portLevelMtls: {8080: {mode: STRICT}}}",
+    )]);
+    assert_eq!(
+        s.dump()["peer_authentications"],
+        serde_json::json!([{
+            "namespace": "shop", "name": "web", "selector": {"app": "web"},
+            "mode": "PERMISSIVE", "port_level": {"8080": "STRICT"},
+            "unreadable_port_strict": false,
+        }])
+    );
+}

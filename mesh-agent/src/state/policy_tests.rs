@@ -226,6 +226,56 @@ fn ip_blocks() {
 }
 
 #[test]
+fn ipv4_mapped_blocks_are_ipv4_blocks() {
+    let s = with(&policy(
+        "shop/mapped",
+        "  rules: [{from: [{source: {ipBlocks: [\"::ffff:10.0.0.0/104\"]}}]}]",
+    ));
+    assert!(allowed(&s, "shop/web", None, "10.200.0.1", 80));
+    assert!(allowed(&s, "shop/web", None, "::ffff:10.200.0.1", 80));
+    assert!(
+        !allowed(&s, "shop/web", None, "11.0.0.1", 80),
+        "outside 10/8"
+    );
+    assert!(!allowed(&s, "shop/web", None, "192.168.0.1", 80));
+    // Shorter than /96 it spans more than the mapped range: an IPv6 block
+    // as written, not an error.
+    let s = with(&policy(
+        "shop/wide",
+        "  rules: [{from: [{source: {ipBlocks: [\"::ffff:0.0.0.0/95\"]}}]}]",
+    ));
+    assert_eq!(s.warnings(), &[]);
+    assert!(allowed(&s, "shop/web", None, "::fffe:1:2", 80));
+    assert!(!allowed(&s, "shop/web", None, "fd00::1", 80));
+}
+
+/// A policy that does not parse denies what it selects when its selector
+/// can still be read, and nothing else.
+#[test]
+fn a_policy_that_does_not_parse_denies_what_its_selector_picks() {
+    let s = with(&policy(
+        "shop/typo",
+        "  selector: {matchLabels: {app: db}}\n  \
+         rules: [{from: [{source: {principal: [cluster.local/ns/shop/sa/a]}}]}]",
+    ));
+    assert_eq!(
+        decide(&s, "shop/db", Some("shop/a"), "10.0.0.5", 80),
+        Decision::Deny {
+            policy: "shop/typo".into(),
+            reason: "denied by DENY policy shop/typo".into(),
+        }
+    );
+    assert!(allowed(&s, "shop/web", Some("shop/a"), "10.0.0.5", 80));
+    assert!(
+        s.warnings()[0].message.ends_with(
+            "until it parses, the agent denies every connection to the workloads it selects"
+        ),
+        "{}",
+        s.warnings()[0].message
+    );
+}
+
+#[test]
 fn ports_and_not_ports() {
     let s = with(&policy(
         "shop/ports",

@@ -10,7 +10,7 @@ use super::{
     *,
 };
 
-const BASE: &str = "
+pub(super) const BASE: &str = "
 apiVersion: v1
 kind: Namespace
 metadata: {name: shop, labels: {istio.io/use-waypoint: wp}}
@@ -390,6 +390,11 @@ fn l7_policy_at_the_waypoint() {
     assert_eq!(
         decide(&front, "GET", "/api/items", "web.shop", "blue").1,
         vec!["shop/watch"]
+    );
+    assert_eq!(
+        decide(&front, "POST", "/api/items", "web.shop", "blue").1,
+        Vec::<String>::new(),
+        "an AUDIT policy whose rules do not match is not reported"
     );
     // Traffic that is not HTTP: an ALLOW rule with request fields never
     // matches, so the Service is closed to TCP.

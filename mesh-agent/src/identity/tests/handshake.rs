@@ -206,6 +206,47 @@ async fn server_with_another_identity_is_refused() {
     assert!(s.is_err());
 }
 
+/// A certificate proves nothing without its key: a peer presenting a
+/// valid certificate of the expected identity, but signing the handshake
+/// with another key, is refused on either side (the signature check, not
+/// the chain, refuses it).
+#[tokio::test]
+async fn a_certificate_presented_without_its_key_is_refused() {
+    let m = manager(&TempDir::new("stolen"), Duration::from_secs(3600));
+    let (srv, cli) = (id("prod", "db"), id("default", "web"));
+    let now = SystemTime::now();
+    let valid = |who: &Identity| m.issue(who, now, now + Duration::from_secs(600)).unwrap();
+    // The victim's chain with a key of the thief's own, itself certified.
+    let stolen = |victim: &Identity| WorkloadCert {
+        key: valid(&id("default", "thief")).key,
+        ..valid(victim)
+    };
+
+    let h = handshake(
+        m.server_config(&srv).unwrap(),
+        m.client_config_with(&stolen(&cli), &srv).unwrap(),
+    )
+    .await;
+    assert_eq!(
+        server_error(h),
+        rustls::Error::InvalidCertificate(CertificateError::BadSignature)
+    );
+
+    let (s, c) = handshake(
+        m.server_config_with(&stolen(&srv)).unwrap(),
+        m.client_config(&cli, &srv).unwrap(),
+    )
+    .await;
+    let Err(err) = c else {
+        panic!("the client accepted a server that does not hold its key")
+    };
+    assert_eq!(
+        tls_error(&err),
+        &rustls::Error::InvalidCertificate(CertificateError::BadSignature)
+    );
+    assert!(s.is_err());
+}
+
 #[tokio::test]
 async fn rotation_renews_at_half_life_for_new_handshakes() {
     let m = manager(&TempDir::new("rotate"), Duration::from_secs(2));
@@ -296,6 +337,37 @@ async fn a_trust_bundle_accepts_peers_of_its_roots_and_no_others() {
         server_error(h),
         rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)
     );
+}
+
+/// The server's CertificateRequest names every root it trusts (the CA's,
+/// then the bundle's), so a client holding certificates of several roots
+/// can present one the server accepts.
+#[test]
+fn the_certificate_request_names_the_trusted_roots() {
+    use rustls::server::danger::ClientCertVerifier as _;
+
+    let dir = TempDir::new("hints-a");
+    let b = manager(&TempDir::new("hints-b"), Duration::from_secs(3600));
+    let a = CertManager::new(CaConfig {
+        trust_domain: TD.into(),
+        cert_ttl: Duration::from_secs(3600),
+        source: CaSource::Generate {
+            dir: dir.path("ca"),
+        },
+        trust_bundle: Some(dir.write("bundle.pem", &b.root_pem())),
+    })
+    .unwrap();
+    let subject = |pem: &str| {
+        let der = der_of_pem(pem);
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        cert.subject().as_raw().to_vec()
+    };
+    let hints: Vec<Vec<u8>> = verify::ClientVerifier::new(a.roots.clone())
+        .root_hint_subjects()
+        .iter()
+        .map(|dn| dn.as_ref().to_vec())
+        .collect();
+    assert_eq!(hints, [subject(&a.root_pem()), subject(&b.root_pem())]);
 }
 
 /// A bundle is all valid CA certificates or the agent does not start.
