@@ -44,7 +44,7 @@ pub const LOCAL_DELIVERY_TABLE: u32 = 0x53a;
 pub const LOCAL_DELIVERY_RULE_PRIORITY: u32 = 0x53a;
 
 /// Source address of the agent's connections to a local app when the
-/// client's address cannot be used (an IPv4 client of an IPv6 app). In
+/// client's address cannot be used (an IPv6 client of an IPv4 app). In
 /// network byte order, as the kernel gives it.
 pub const AGENT_SOURCE_V4: [u8; 4] = [127, 0, 0, 6];
 
