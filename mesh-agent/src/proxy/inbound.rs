@@ -62,6 +62,18 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
     };
     let store = pod.shared.store();
     let local = pod.workload_at(&store, dst.ip());
+    if let Some(local) = &local {
+        metrics.dry_run(
+            "inbound_plaintext",
+            store.dry_run(&Conn {
+                src_ip: peer.ip(),
+                src_identity: None,
+                dst: local,
+                dst_ip: dst.ip(),
+                dst_port: dst.port(),
+            }),
+        );
+    }
     let trust_domain = pod.shared.certs.trust_domain();
     let rec = ConnRecord::new(
         metrics.clone(),
@@ -80,18 +92,6 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
         None,
         false,
     );
-    if let Some(local) = pod.workload_at(&store, dst.ip()) {
-        metrics.dry_run(
-            "inbound_plaintext",
-            store.dry_run(&Conn {
-                src_ip: peer.ip(),
-                src_identity: None,
-                dst: &local,
-                dst_ip: dst.ip(),
-                dst_port: dst.port(),
-            }),
-        );
-    }
     if let Err(reason) = admit(&store, &pod, peer, dst) {
         metrics.connection("inbound_plaintext", "denied");
         debug!(%dst, reason, "plaintext connection refused");

@@ -299,8 +299,9 @@ impl Inbound {
             service.map(|s| &**s),
             true,
         );
-        metrics.dry_run("hbone", store.dry_run(&self.conn(&store, dst)));
-        if let Decision::Deny { reason, .. } = self.authorize(&store, dst) {
+        let conn = self.conn(&store, dst);
+        metrics.dry_run("hbone", store.dry_run(&conn));
+        if let Decision::Deny { reason, .. } = store.authorize(&conn) {
             metrics.connection("hbone", "denied");
             rec.close("DENY", Outcome::error(reason));
             return answer(StatusCode::UNAUTHORIZED);
