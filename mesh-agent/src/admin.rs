@@ -379,7 +379,11 @@ async fn route(
                 ),
             }
         }
-        (_, &Method::GET, "/capture") if full => json(StatusCode::OK, &admin.capture.status()),
+        (_, &Method::GET, "/capture") if full => {
+            let mut status = admin.capture.status();
+            status["probe_snat"] = serde_json::json!(admin.pods.probe_status());
+            json(StatusCode::OK, &status)
+        }
         _ => error(
             StatusCode::NOT_FOUND,
             format!("no route for {method} {path}"),

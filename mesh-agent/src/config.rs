@@ -106,6 +106,12 @@ pub struct NodeArgs {
     /// Local ports never captured on the way in (comma separated).
     #[arg(long, env = "MESH_EXCLUDE_INBOUND_PORTS", value_delimiter = ',')]
     pub exclude_inbound_ports: Vec<u16>,
+    /// Do not SNAT the node's own connections to enrolled pods (the
+    /// kubelet's probes) to the probe source (169.254.7.127,
+    /// fd16:9254:7127:1337:ffff:ffff:ffff:ffff). Without it, probes of
+    /// pods under PeerAuthentication STRICT are refused like any plaintext.
+    #[arg(long, env = "MESH_NO_PROBE_SNAT")]
+    pub no_probe_snat: bool,
     #[command(flatten)]
     pub mesh: MeshArgs,
 }

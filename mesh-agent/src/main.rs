@@ -4,7 +4,7 @@ use std::{path::Path, sync::Arc};
 
 use anyhow::Context as _;
 use clap::Parser as _;
-use tracing::info;
+use tracing::{info, warn};
 
 mod admin;
 mod capture;
@@ -152,7 +152,20 @@ async fn node(args: NodeArgs, log_filter: admin::LogFilter) -> anyhow::Result<()
         configured,
         balancer: proxy::Balancer::default(),
     });
-    let pods = Arc::new(inpod::pods::Pods::new(shared.clone(), &args.state_dir));
+    let probes = if args.no_probe_snat {
+        // What an earlier agent left would still rewrite probes.
+        if let Err(e) = capture::probes::remove() {
+            warn!(error = %e, "removing the node's probe SNAT");
+        }
+        None
+    } else {
+        Some(capture::probes::ProbeSnat::start().context("starting the probe SNAT thread")?)
+    };
+    let pods = Arc::new(inpod::pods::Pods::new(
+        shared.clone(),
+        &args.state_dir,
+        probes,
+    ));
     {
         let pods = pods.clone();
         tokio::task::spawn_blocking(move || pods.restore())
@@ -350,6 +363,7 @@ fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {
         capture::remove_rules(&netns)
             .with_context(|| format!("removing iptables capture from {}", path.display()))?;
     }
+    capture::probes::remove().context("removing the node's probe SNAT")?;
     for state in ["pods.json", "capture-mode"].map(|f| args.state_dir.join(f)) {
         match std::fs::remove_file(&state) {
             Ok(()) => {}

@@ -56,6 +56,17 @@ pub const LOOPBACK_IFINDEX: u32 = 1;
 /// (32768-60999), so that a client's own port rarely meets one.
 pub const LOCAL_APP_PORTS: core::ops::RangeInclusive<u16> = 61000..=65535;
 
+/// The source address the node gives its own connections to an enrolled
+/// pod's address (the kubelet's probes), by SNAT on the node; inside the
+/// pod, inbound capture leaves connections from it to the app, so probes
+/// work under PeerAuthentication STRICT. The same address istio-cni uses,
+/// so either's node rule is understood by the other's pods.
+pub const PROBE_SOURCE_V4: [u8; 4] = [169, 254, 7, 127];
+/// [`PROBE_SOURCE_V4`] for IPv6 (a ULA, as istio-cni uses).
+pub const PROBE_SOURCE_V6: [u8; 16] = [
+    0xfd, 0x16, 0x92, 0x54, 0x71, 0x27, 0x13, 0x37, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+];
+
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 
@@ -200,10 +211,14 @@ pub enum Counter {
     /// is not one of its Pod's addresses (IPv6 link-local, an address added
     /// inside the pod) was dropped: no address reaches the app uncaptured.
     InboundUnknownAddress = 6,
+    /// An inbound SYN to an enrolled pod's address from the kubelet probe
+    /// source ([`PROBE_SOURCE_V4`], [`PROBE_SOURCE_V6`]) was left to the
+    /// app's own listener.
+    InboundProbe = 7,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 7;
+    pub const COUNT: u32 = 8;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::OutboundRedirected,
         Counter::OutboundSkipped,
@@ -212,6 +227,7 @@ impl Counter {
         Counter::InboundNoListener,
         Counter::InboundSkipped,
         Counter::InboundUnknownAddress,
+        Counter::InboundProbe,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -223,6 +239,7 @@ impl Counter {
             Counter::InboundNoListener => "inbound_no_listener",
             Counter::InboundSkipped => "inbound_skipped",
             Counter::InboundUnknownAddress => "inbound_unknown_address",
+            Counter::InboundProbe => "inbound_probe",
         }
     }
 }

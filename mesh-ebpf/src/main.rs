@@ -10,7 +10,8 @@
 //!   SYN to an enrolled pod address is handed to the pod's 15006 listener, or
 //!   dropped (fail closed) when no agent listens or the address is not one the
 //!   pod was enrolled with; the agent's own connections to the app (listed in
-//!   `AGENT_FLOWS` by 4-tuple) and loopback are left alone.
+//!   `AGENT_FLOWS` by 4-tuple), the node's probes (from `PROBE_SOURCE_V4`/`_V6`,
+//!   which the node SNATs its own connections to) and loopback are left alone.
 // For bpf the object has no std and no main. On the host (clippy, `cargo
 // test --workspace`) it is an ordinary binary that only type-checks the
 // programs, so workspace-wide lints see the kernel code too.
@@ -28,7 +29,8 @@ use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use mesh_common::{
     AF_INET, AF_INET6, AGENT_LOCAL_MARK, AGENT_MARK, AGENT_PORTS, AddrKey, ConnKey, Counter,
     FlowKey, MAX_AGENT_FLOWS, MAX_ENROLLED_NETNS, MAX_EXCLUDED_PORTS, MAX_INBOUND_ADDRS,
-    MAX_PENDING, NetnsInfo, OrigDst, PORT_HBONE, PORT_OUTBOUND, PortFlags,
+    MAX_PENDING, NetnsInfo, OrigDst, PORT_HBONE, PORT_OUTBOUND, PROBE_SOURCE_V4, PROBE_SOURCE_V6,
+    PortFlags,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -37,6 +39,34 @@ const SOCK_STREAM: u32 = 1;
 const V4_MAPPED_PREFIX: u32 = u32::from_be(0x0000_ffff);
 const LOOPBACK_V4: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
 const LOOPBACK_V6_LAST: u32 = u32::from_be(1);
+/// The probe source addresses as sk_lookup reads them (network order).
+const PROBE_V4: u32 = u32::from_ne_bytes(PROBE_SOURCE_V4);
+const PROBE_V6: [u32; 4] = [
+    u32::from_ne_bytes([
+        PROBE_SOURCE_V6[0],
+        PROBE_SOURCE_V6[1],
+        PROBE_SOURCE_V6[2],
+        PROBE_SOURCE_V6[3],
+    ]),
+    u32::from_ne_bytes([
+        PROBE_SOURCE_V6[4],
+        PROBE_SOURCE_V6[5],
+        PROBE_SOURCE_V6[6],
+        PROBE_SOURCE_V6[7],
+    ]),
+    u32::from_ne_bytes([
+        PROBE_SOURCE_V6[8],
+        PROBE_SOURCE_V6[9],
+        PROBE_SOURCE_V6[10],
+        PROBE_SOURCE_V6[11],
+    ]),
+    u32::from_ne_bytes([
+        PROBE_SOURCE_V6[12],
+        PROBE_SOURCE_V6[13],
+        PROBE_SOURCE_V6[14],
+        PROBE_SOURCE_V6[15],
+    ]),
+];
 const CONNECT_ALLOW: i32 = 1;
 
 #[map]
@@ -313,6 +343,15 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
         count(Counter::InboundUnknownAddress);
         return sk_action::SK_DROP;
     }
+    // The node's own connection (the kubelet's probe), SNATed on the node
+    // to the probe address: the app answers it itself, as under istio-cni,
+    // so probes work under STRICT. Nothing off the node can complete a
+    // handshake from this address: the pod's answer goes to the node,
+    // which knows it only through its SNAT.
+    if is_probe_source(family, &remote) {
+        count(Counter::InboundProbe);
+        return sk_action::SK_PASS;
+    }
     match INBOUND_LISTENERS.redirect_sk_lookup(ctx, key, 0) {
         Ok(()) => {
             count(Counter::InboundAssigned);
@@ -323,6 +362,17 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
             sk_action::SK_DROP
         }
     }
+}
+
+#[inline(always)]
+fn is_probe_source(family: u32, remote: &[u32; 4]) -> bool {
+    if family == u32::from(AF_INET) {
+        return remote[0] == PROBE_V4;
+    }
+    remote[0] == PROBE_V6[0]
+        && remote[1] == PROBE_V6[1]
+        && remote[2] == PROBE_V6[2]
+        && remote[3] == PROBE_V6[3]
 }
 
 /// 127.0.0.0/8, `::1` and v4-mapped loopback.

@@ -499,6 +499,26 @@ impl Testbed {
         self.run_app(pod, &["connect", &dst.to_string(), &bytes.to_string()])
     }
 
+    /// One connection from a (new) process on node `node` itself (its
+    /// network namespace, as the kubelet runs), to `dst`, `bytes` echoed.
+    pub fn connect_from_node(
+        &self,
+        node: usize,
+        dst: SocketAddr,
+        bytes: usize,
+    ) -> anyhow::Result<Value> {
+        let n = &self.nodes[node];
+        let out = in_cgroup_netns(&n.cgroup, &n.netns, &testapp_bin())
+            .args(["connect", &dst.to_string(), &bytes.to_string()])
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "test app on node {node} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
     /// Starts the test app in `pod` with its stdin and stdout piped to the caller.
     pub fn spawn_piped(
         &mut self,

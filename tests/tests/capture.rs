@@ -779,7 +779,26 @@ fn uninstall_leaves_nothing_pinned_and_the_pods_talk_directly() -> anyhow::Resul
         assert_eq!(r["refused"], Value::Bool(true), "{mode}: no agent: {r}");
 
         let node = &tb.nodes[0];
-        let out = std::process::Command::new(mesh_tests::agent_bin())
+        let node_nat = || -> anyhow::Result<String> {
+            mesh_tests::sh(
+                "nsenter",
+                &[
+                    &format!("--net=/run/netns/{}", node.netns),
+                    "iptables-save",
+                    "-t",
+                    "nat",
+                ],
+            )
+        };
+        mesh_tests::converge(
+            "the node's probe SNAT written",
+            std::time::Duration::from_secs(10),
+            || Ok(node_nat()?.contains("-A POSTROUTING -p tcp -j MESH_PROBES")),
+        )?;
+        // On the node, as the DaemonSet's host network runs it.
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", node.netns))
+            .arg(mesh_tests::agent_bin())
             .arg("uninstall")
             .arg("--bpf-dir")
             .arg(&node.bpf_dir)
@@ -804,6 +823,11 @@ fn uninstall_leaves_nothing_pinned_and_the_pods_talk_directly() -> anyhow::Resul
                 "{mode}: {file} left in the state directory"
             );
         }
+        assert!(
+            !node_nat()?.contains("MESH_"),
+            "{mode}: the node's probe SNAT left: {}",
+            node_nat()?
+        );
         for pod in [&client, &server] {
             for save in ["iptables-save", "ip6tables-save"] {
                 let rules = nat_rules(&tb, pod, save)?;

@@ -10,8 +10,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+use anyhow::Context as _;
 use mesh_tests::{
-    Testbed, Value,
+    Testbed, Value, delivered_by_agent, ip_of,
     mesh::{namespace_yaml, pod_yaml, with_netns},
     metrics::{series_sum, series_sum_or_absent},
 };
@@ -219,6 +220,89 @@ fn an_app_on_port_15020_is_meshed_and_held_to_strict() -> anyhow::Result<()> {
                 && l.contains(&outsider.ip4.to_string())
         }))
     })?;
+    Ok(())
+}
+
+/// The kubelet's probes (plaintext from the node itself) reach a pod under
+/// STRICT, as istio-cni arranges it: the node SNATs its own connections to
+/// enrolled pods to 169.254.7.127 (IPv6: fd16:9254:7127:1337:ffff:ffff:ffff:ffff),
+/// which capture in the pod leaves to the app. Plaintext from a pod is
+/// still refused, and with `--no-probe-snat` the node's own connection is
+/// refused too. Both capture modes.
+#[test]
+fn the_nodes_probes_reach_a_pod_under_strict_and_nothing_else_does() -> anyhow::Result<()> {
+    for mode in ["ebpf", "iptables"] {
+        probes_under_strict(mode).with_context(|| format!("--capture {mode}"))?;
+    }
+    Ok(())
+}
+
+fn probes_under_strict(mode: &str) -> anyhow::Result<()> {
+    let mut tb = Testbed::new(1)?;
+    let outsider = tb.add_pod(0, "outsider")?;
+    let server = tb.add_pod(0, "server")?;
+    tb.serve(&server, sa(IpAddr::from([0u8; 16]), APP_PORT))?;
+    tb.write_config(&[
+        namespace_yaml("shop", true),
+        namespace_yaml("legacy", false),
+        pod_yaml(&outsider, 0, "legacy", "outsider", &[]),
+        with_netns(&pod_yaml(&server, 0, "shop", "server", &[]), &server),
+        STRICT.to_owned(),
+    ])?;
+    let args = tb.mesh_args()?;
+    let mut argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    argv.extend(["--capture", mode]);
+    tb.start_agent(0, &argv)?;
+    converge("the server enrolled", || {
+        Ok(tb.agent(0).pod_names()? == ["shop/server"])
+    })?;
+    converge("the node's probe SNAT covers the server", || {
+        let (_, body) = tb.agent(0).http("GET", "/capture", None)?;
+        let v: Value = serde_json::from_str(&body)?;
+        Ok(v["probe_snat"]["addresses"].as_u64() >= Some(2))
+    })?;
+    for (dst, source) in [
+        (sa(server.ip4, APP_PORT), "169.254.7.127"),
+        (
+            sa(server.ip6, APP_PORT),
+            "fd16:9254:7127:1337:ffff:ffff:ffff:ffff",
+        ),
+    ] {
+        let r = tb.connect_from_node(0, dst, 1000)?;
+        assert!(ok(&r), "the node's probe of {dst}: {r}");
+        assert_eq!(
+            ip_of(r["server_peer"].as_str().unwrap_or_default()),
+            source,
+            "{r}"
+        );
+        // The app answered it itself, not through the agent.
+        assert!(!delivered_by_agent(&r), "{r}");
+    }
+    if mode == "ebpf" {
+        assert!(tb.agent(0).capture_counter("inbound_probe")? >= 2.0);
+    }
+    // A pod's plaintext is refused as before, for STRICT's reason.
+    let r = tb.connect(&outsider, sa(server.ip4, APP_PORT), 1000)?;
+    assert!(!ok(&r), "plaintext from a pod under STRICT: {r}");
+    tb.agent(0).wait_metric(
+        "mesh_proxy_connections_total{direction=\"inbound_plaintext\",result=\"denied\"}",
+        1.0,
+    )?;
+
+    // Turned off (and what the first agent left removed), the node's own
+    // connection is plaintext like any other, and refused.
+    tb.kill_agent(0)?;
+    argv.push("--no-probe-snat");
+    tb.start_agent(0, &argv)?;
+    converge("the server enrolled again", || {
+        Ok(tb.agent(0).pod_names()? == ["shop/server"])
+    })?;
+    let r = tb.connect_from_node(0, sa(server.ip4, APP_PORT), 1000)?;
+    assert!(!ok(&r), "the node's connection without probe SNAT: {r}");
+    tb.agent(0).wait_metric(
+        "mesh_proxy_connections_total{direction=\"inbound_plaintext\",result=\"denied\"}",
+        1.0,
+    )?;
     Ok(())
 }
 

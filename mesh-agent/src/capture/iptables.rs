@@ -25,12 +25,14 @@
 use std::{
     fmt::Write as _,
     io::Write as _,
-    net::SocketAddr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
     process::{Command, Stdio},
 };
 
 use mesh_common::{
-    AGENT_LOCAL_MARK, AGENT_MARK, AGENT_PORTS, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND, PortFlags,
+    AGENT_LOCAL_MARK, AGENT_MARK, AGENT_PORTS, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND,
+    PROBE_SOURCE_V4, PROBE_SOURCE_V6, PortFlags,
 };
 use tokio::net::TcpStream;
 
@@ -39,6 +41,11 @@ use crate::inpod::netns::Netns;
 
 pub const OUT_CHAIN: &str = "MESH_OUTBOUND";
 pub const IN_CHAIN: &str = "MESH_INBOUND";
+/// The node's chain (nat `POSTROUTING`) that SNATs the node's own
+/// connections to enrolled pods' addresses to the probe source.
+pub const PROBE_CHAIN: &str = "MESH_PROBES";
+/// How errors name the agent's own network namespace.
+const NODE_NETNS: &str = "/proc/self/ns/net";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Family {
@@ -65,6 +72,22 @@ impl Family {
         match self {
             Family::V4 => "127.0.0.0/8",
             Family::V6 => "::1/128",
+        }
+    }
+
+    /// The address the node SNATs its probes to.
+    fn probe_addr(self) -> IpAddr {
+        match self {
+            Family::V4 => Ipv4Addr::from(PROBE_SOURCE_V4).into(),
+            Family::V6 => Ipv6Addr::from(PROBE_SOURCE_V6).into(),
+        }
+    }
+
+    /// The prefix length of one address.
+    fn host_len(self) -> u8 {
+        match self {
+            Family::V4 => 32,
+            Family::V6 => 128,
         }
     }
 }
@@ -201,6 +224,13 @@ fn script(saved: &str, family: Family, excluded: &ExcludedPorts, wanted: bool) -
         // A loopback destination arriving from outside is the kernel's to
         // drop; redirected, it would reach services bound to loopback only.
         let _ = writeln!(s, "-A {IN_CHAIN} -d {} -j RETURN", family.loopback());
+        // The node's probes, SNATed there (see `probe_snat_script`).
+        let _ = writeln!(
+            s,
+            "-A {IN_CHAIN} -s {}/{} -p tcp -j RETURN",
+            family.probe_addr(),
+            family.host_len()
+        );
         for port in skipped_ports(excluded, PortFlags::INBOUND) {
             let _ = writeln!(s, "-A {IN_CHAIN} -p tcp --dport {port} -j RETURN");
         }
@@ -235,6 +265,89 @@ fn script(saved: &str, family: Family, excluded: &ExcludedPorts, wanted: bool) -
     Some(s)
 }
 
+/// Brings the node's probe SNAT (in the agent's own network namespace, the
+/// node's) to `addresses`: a connection the node itself opens (a socket on
+/// the node: the kubelet's probes, and any other node process) to one of
+/// them leaves from the probe source, which inbound capture in the pod
+/// leaves to the app. `None` removes the chain and its jump. Both families;
+/// IPv6 only where ip6tables runs.
+pub fn sync_probe_snat(addresses: Option<&[IpAddr]>) -> Result<(), CaptureError> {
+    let mut result = Ok(());
+    for family in [Family::V4, Family::V6] {
+        let of_family: Vec<IpAddr> = addresses
+            .unwrap_or_default()
+            .iter()
+            .copied()
+            .filter(|a| a.is_ipv6() == (family == Family::V6))
+            .collect();
+        let saved = match run_in(None, family.save(), &["-t", "nat"], None) {
+            Ok(saved) => saved,
+            // Nothing of ours where the tool cannot look, and nothing to
+            // add for a family no pod has.
+            Err(_) if addresses.is_none() || of_family.is_empty() => continue,
+            Err(e) => {
+                result = result.and(Err(e));
+                continue;
+            }
+        };
+        let wanted = addresses.map(|_| of_family.as_slice());
+        if let Some(script) = probe_snat_script(&saved, family, wanted)
+            && let Err(e) = run_in(
+                None,
+                family.restore(),
+                &["--noflush", "--wait=10"],
+                Some(&script),
+            )
+        {
+            result = result.and(Err(e));
+        }
+    }
+    result
+}
+
+/// The `iptables-restore` input that makes the node's probe chain hold
+/// exactly `addresses` (`None`: removes it); `None` when nothing is to do.
+fn probe_snat_script(saved: &str, family: Family, addresses: Option<&[IpAddr]>) -> Option<String> {
+    let jump = jump("POSTROUTING", PROBE_CHAIN);
+    let has_jump = saved.lines().any(|l| l.trim_end() == jump);
+    let has_chain = saved
+        .lines()
+        .any(|l| l.strip_prefix(':').and_then(|l| l.split(' ').next()) == Some(PROBE_CHAIN));
+    let mut s = String::from("*nat\n");
+    match addresses {
+        Some(addresses) => {
+            // Declaring the chain empties it: it is rewritten whole.
+            let _ = writeln!(s, ":{PROBE_CHAIN} - [0:0]");
+            let source = family.probe_addr();
+            let host = family.host_len();
+            for addr in addresses {
+                // `--socket-exists`: only packets of the node's own sockets,
+                // never traffic the node forwards.
+                let _ = writeln!(
+                    s,
+                    "-A {PROBE_CHAIN} -d {addr}/{host} -p tcp -m owner --socket-exists -j SNAT --to-source {source}"
+                );
+            }
+            if !has_jump {
+                let _ = writeln!(s, "-I POSTROUTING 1 -p tcp -j {PROBE_CHAIN}");
+            }
+        }
+        None => {
+            if !has_jump && !has_chain {
+                return None;
+            }
+            if has_jump {
+                let _ = writeln!(s, "{}", jump.replacen("-A", "-D", 1));
+            }
+            if has_chain {
+                let _ = writeln!(s, "-F {PROBE_CHAIN}\n-X {PROBE_CHAIN}");
+            }
+        }
+    }
+    s.push_str("COMMIT\n");
+    Some(s)
+}
+
 /// Destination ports a chain returns early for: the agent's own and the
 /// excluded ones of that direction.
 fn skipped_ports(excluded: &ExcludedPorts, direction: u8) -> Vec<u16> {
@@ -258,8 +371,19 @@ fn run(
     args: &[&str],
     input: Option<&str>,
 ) -> Result<String, CaptureError> {
+    run_in(Some(netns), program, args, input)
+}
+
+/// Runs an iptables tool inside `netns`, or in the agent's own (the
+/// node's) namespace, and returns its stdout.
+fn run_in(
+    netns: Option<&Netns>,
+    program: &'static str,
+    args: &[&str],
+    input: Option<&str>,
+) -> Result<String, CaptureError> {
     let fail = |detail: String| CaptureError::Iptables {
-        netns: netns.path().to_owned(),
+        netns: netns.map_or_else(|| PathBuf::from(NODE_NETNS), |n| n.path().to_owned()),
         program,
         detail,
     };
@@ -273,10 +397,13 @@ fn run(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     // A child started from a thread inside the pod's namespace starts there.
-    let mut child = netns
-        .run(|| cmd.spawn())
-        .map_err(|e| fail(e.to_string()))?
-        .map_err(|e| fail(e.to_string()))?;
+    let mut child = match netns {
+        Some(netns) => netns
+            .run(|| cmd.spawn())
+            .map_err(|e| fail(e.to_string()))?
+            .map_err(|e| fail(e.to_string()))?,
+        None => cmd.spawn().map_err(|e| fail(e.to_string()))?,
+    };
     if let (Some(input), Some(mut stdin)) = (input, child.stdin.take())
         && let Err(e) = stdin.write_all(input.as_bytes())
     {
@@ -361,6 +488,57 @@ mod tests {
         }
         let v6 = script(empty, Family::V6, &excluded(), true).unwrap();
         assert!(v6.contains("-A MESH_OUTBOUND -d ::1/128 -j RETURN"), "{v6}");
+        // The node's probes reach the app, before any REDIRECT.
+        let probe = lines
+            .iter()
+            .position(|l| *l == "-A MESH_INBOUND -s 169.254.7.127/32 -p tcp -j RETURN")
+            .unwrap_or_else(|| panic!("{s}"));
+        let redirect = lines
+            .iter()
+            .position(|l| l.starts_with("-A MESH_INBOUND") && l.contains("REDIRECT"))
+            .unwrap();
+        assert!(probe < redirect, "{s}");
+        assert!(
+            v6.contains(
+                "-A MESH_INBOUND -s fd16:9254:7127:1337:ffff:ffff:ffff:ffff/128 -p tcp -j RETURN"
+            ),
+            "{v6}"
+        );
+    }
+
+    #[test]
+    fn the_node_snats_its_own_connections_to_enrolled_addresses_only() {
+        let empty = "*nat\n:POSTROUTING ACCEPT [0:0]\nCOMMIT\n";
+        let pods: Vec<IpAddr> = vec!["10.1.0.2".parse().unwrap(), "10.1.0.3".parse().unwrap()];
+        let s = probe_snat_script(empty, Family::V4, Some(&pods)).unwrap();
+        let lines: Vec<&str> = s.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "*nat",
+                ":MESH_PROBES - [0:0]",
+                "-A MESH_PROBES -d 10.1.0.2/32 -p tcp -m owner --socket-exists -j SNAT --to-source 169.254.7.127",
+                "-A MESH_PROBES -d 10.1.0.3/32 -p tcp -m owner --socket-exists -j SNAT --to-source 169.254.7.127",
+                "-I POSTROUTING 1 -p tcp -j MESH_PROBES",
+                "COMMIT",
+            ]
+        );
+        // Again with the jump in place: the chain is rewritten, no second
+        // jump; no pod left: an empty chain.
+        let saved = "*nat\n:POSTROUTING ACCEPT [0:0]\n:MESH_PROBES - [0:0]\n\
+            -A POSTROUTING -p tcp -j MESH_PROBES\nCOMMIT\n";
+        let s = probe_snat_script(saved, Family::V4, Some(&[])).unwrap();
+        assert_eq!(s, "*nat\n:MESH_PROBES - [0:0]\nCOMMIT\n");
+        let v6: Vec<IpAddr> = vec!["fd00:1::2".parse().unwrap()];
+        let s = probe_snat_script(empty, Family::V6, Some(&v6)).unwrap();
+        assert!(s.contains("-A MESH_PROBES -d fd00:1::2/128 -p tcp -m owner --socket-exists -j SNAT --to-source fd16:9254:7127:1337:ffff:ffff:ffff:ffff\n"), "{s}");
+        // Removal takes the jump and the chain, and only what is there.
+        let s = probe_snat_script(saved, Family::V4, None).unwrap();
+        assert_eq!(
+            s,
+            "*nat\n-D POSTROUTING -p tcp -j MESH_PROBES\n-F MESH_PROBES\n-X MESH_PROBES\nCOMMIT\n"
+        );
+        assert_eq!(probe_snat_script(empty, Family::V4, None), None);
     }
 
     #[test]

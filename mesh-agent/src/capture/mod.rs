@@ -32,6 +32,7 @@ use crate::inpod::{
 
 pub mod fs;
 mod iptables;
+pub mod probes;
 mod programs;
 
 pub use iptables::{Iptables, remove_rules};

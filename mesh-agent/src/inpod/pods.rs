@@ -21,7 +21,7 @@ use super::{
 };
 use crate::sync::LockExt as _;
 use crate::{
-    capture::{Capture, CaptureError},
+    capture::{Capture, CaptureError, probes::ProbeSnat},
     metrics::Metrics,
     proxy::{self, PodCtx, Shared},
 };
@@ -192,11 +192,15 @@ pub struct Pods {
     pods: Mutex<BTreeMap<String, Enrolled>>,
     /// Pods the configuration enrols that could not be yet, and why.
     pending: Mutex<BTreeMap<String, String>>,
+    /// The node's SNAT of its own connections (kubelet probes) to enrolled
+    /// pods; `None` when turned off.
+    probes: Option<ProbeSnat>,
 }
 
 impl Pods {
-    pub fn new(shared: Arc<Shared>, state_dir: &Path) -> Self {
+    pub fn new(shared: Arc<Shared>, state_dir: &Path, probes: Option<ProbeSnat>) -> Self {
         Pods {
+            probes,
             capture: shared.capture.clone(),
             metrics: shared.metrics.clone(),
             shared,
@@ -395,7 +399,20 @@ impl Pods {
         Ok(info)
     }
 
+    /// Where the node's probe SNAT stands; `None` when turned off.
+    pub fn probe_status(&self) -> Option<crate::capture::probes::ProbeStatus> {
+        self.probes.as_ref().map(ProbeSnat::status)
+    }
+
+    /// Saves the enrolled set, and brings the node's probe SNAT to it.
     fn save(&self, pods: &BTreeMap<String, Enrolled>) -> Result<(), EnrolError> {
+        if let Some(probes) = &self.probes {
+            probes.set(
+                pods.values()
+                    .flat_map(|p| p.ctx.addresses.iter().copied())
+                    .collect(),
+            );
+        }
         let saved: Vec<SavedPod> = pods
             .values()
             .map(|p| SavedPod {
