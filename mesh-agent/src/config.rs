@@ -77,6 +77,12 @@ pub struct NodeArgs {
     /// Directory on bpffs where maps and links are pinned (eBPF capture).
     #[arg(long, env = "MESH_BPF_DIR", default_value = "/sys/fs/bpf/mesh")]
     pub bpf_dir: PathBuf,
+    /// Load the kernel programs from this object instead of the one built
+    /// into the agent (a developer's build from `cargo xtask build-ebpf`).
+    /// Its maps must have the entry types this agent reads; pinned links
+    /// take its programs in place, as on an upgrade.
+    #[arg(long, env = "MESH_EBPF_OBJECT")]
+    pub ebpf_object: Option<PathBuf>,
     /// cgroup v2 directory holding the pods (default: the cgroup v2 root).
     #[arg(long, env = "MESH_CGROUP")]
     pub cgroup: Option<PathBuf>,

@@ -103,11 +103,23 @@ async fn node(args: NodeArgs, log_filter: admin::LogFilter) -> anyhow::Result<()
     check_capture_mode(&args.state_dir, args.capture)?;
     let excluded =
         capture::ExcludedPorts::new(&args.exclude_outbound_ports, &args.exclude_inbound_ports);
+    let object = match &args.ebpf_object {
+        Some(path) => {
+            Some(std::fs::read(path).with_context(|| format!("--ebpf-object {}", path.display()))?)
+        }
+        None => None,
+    };
     let capture = match args.capture {
         // In a cluster the agent runs in a container: bpffs must be the
         // node's (the DaemonSet's init container mounts it), never its own.
         capture::Mode::Ebpf => capture::Capture::Ebpf(Box::new(
-            capture::Programs::load(&args.bpf_dir, &cgroup, &excluded, !args.mesh.kubernetes)
+            capture::Programs::load(
+                &args.bpf_dir,
+                &cgroup,
+                &excluded,
+                !args.mesh.kubernetes,
+                object.as_deref(),
+            )
                 .with_context(|| {
                     if args.mesh.kubernetes {
                         "loading capture (in a cluster, the node must have bpffs mounted at /sys/fs/bpf)"

@@ -81,8 +81,14 @@ static EXCLUDED_PORTS: HashMap<u16, u8> = HashMap::pinned(MAX_EXCLUDED_PORTS, 0)
 static INBOUND_ADDRS: HashMap<AddrKey, u64> = HashMap::pinned(MAX_INBOUND_ADDRS, 0);
 #[map]
 static INBOUND_LISTENERS: SockHash<AddrKey> = SockHash::pinned(MAX_INBOUND_ADDRS, 0);
+/// Counter slots beyond [`Counter::ALL`]: the `upgrade-test` variant has
+/// one more (a map layout that differs from the default build's).
+#[cfg(feature = "upgrade-test")]
+const EXTRA_COUNTERS: u32 = 1;
+#[cfg(not(feature = "upgrade-test"))]
+const EXTRA_COUNTERS: u32 = 0;
 #[map]
-static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::COUNT, 0);
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::COUNT + EXTRA_COUNTERS, 0);
 #[map]
 static AGENT_FLOWS: HashMap<FlowKey, u8> = HashMap::pinned(MAX_AGENT_FLOWS, 0);
 
@@ -280,6 +286,13 @@ fn read_ip6(p: *const u32) -> [u32; 4] {
 
 #[sk_lookup]
 pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
+    // The upgrade-test variant's program differs: it counts every lookup
+    // in its extra slot.
+    #[cfg(feature = "upgrade-test")]
+    if let Some(slot) = COUNTERS.get_ptr_mut(Counter::COUNT) {
+        // SAFETY: a per-CPU slot, written only from this CPU.
+        unsafe { *slot += 1 };
+    }
     let l = ctx.lookup;
     // SAFETY: ctx fields readable in sk_lookup.
     let (protocol, family, local_port, remote_port) = unsafe {

@@ -1,7 +1,9 @@
 //! A restarted agent takes back only the namespaces it saved: a netns
 //! replaced under the same path, or a saved path that now names another
 //! namespace (a reused PID, the host's own), is not enrolled; and a state
-//! file it cannot read stops it rather than release every pod.
+//! file it cannot read stops it rather than release every pod; an upgrade
+//! replaces the kernel programs in place and never lets a call out in
+//! plaintext.
 
 use std::{fs, net::SocketAddr, path::Path};
 
@@ -116,6 +118,179 @@ fn an_unreadable_state_file_stops_the_agent_and_keeps_the_pods_captured() -> any
     assert!(
         r["peer"].as_str().is_some_and(|p| p.ends_with(":15001")),
         "captured again: {r}"
+    );
+    Ok(())
+}
+
+/// The `upgrade-test` variant of the kernel object (`cargo xtask
+/// build-ebpf --features upgrade-test`, which `cargo xtask ci` runs): its
+/// sk_lookup program differs and its counters map has one more slot.
+fn variant_object() -> std::path::PathBuf {
+    let object = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/ebpf-upgrade-test/bpfel-unknown-none/release/mesh");
+    assert!(
+        object.exists(),
+        "{} is missing: build it with `cargo xtask build-ebpf --features upgrade-test`",
+        object.display()
+    );
+    object
+}
+
+/// The program each pinned link of the node runs, from `/capture`.
+fn attached(tb: &Testbed) -> anyhow::Result<Value> {
+    let (status, body) = tb.agent(0).http("GET", "/capture", None)?;
+    anyhow::ensure!(status == 200, "/capture: {status} {body}");
+    Ok(serde_json::from_str::<Value>(&body)?["programs"].clone())
+}
+
+/// A rolling upgrade of the kernel side: version A runs with pods enrolled
+/// and a client calling a STRICT server on another node without pause;
+/// A is killed and B (different programs, a counters map of another
+/// layout) takes over its pinned links in place and carries its maps over;
+/// then back to A. No call ever leaves the client pod in plaintext (the
+/// server's agent would refuse it and count it), calls go on over HBONE
+/// after each switch, every link runs the new program, and the counters
+/// survive the change of layout.
+#[test]
+fn an_upgrade_replaces_the_programs_in_place_and_no_call_leaves_in_plaintext() -> anyhow::Result<()>
+{
+    use mesh_tests::{
+        converge, delivered_by_agent,
+        mesh::{namespace_yaml, pod_yaml, with_netns},
+        metrics::series_sum_or_absent,
+    };
+    use std::{
+        sync::atomic::{AtomicBool, Ordering},
+        time::{Duration, Instant},
+    };
+    let variant = variant_object();
+    let mut tb = Testbed::new(2)?;
+    let client = tb.add_pod(0, "client")?;
+    let server = tb.add_pod(1, "server")?;
+    tb.serve(&server, SocketAddr::new([0u8; 16].into(), APP_PORT))?;
+    tb.write_config(&[
+        namespace_yaml("shop", true),
+        with_netns(&pod_yaml(&client, 0, "shop", "client", &[]), &client),
+        with_netns(&pod_yaml(&server, 1, "shop", "server", &[]), &server),
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: strict\n  namespace: shop\nspec:\n  mtls:\n    mode: STRICT\n".to_owned(),
+    ])?;
+    let args = tb.mesh_args()?;
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let variant_arg = variant.to_string_lossy().into_owned();
+    let mut argv_b = argv.clone();
+    argv_b.extend(["--ebpf-object", &variant_arg]);
+    for node in 0..2 {
+        tb.start_agent(node, &argv)?;
+    }
+    let wait_enrolled = |tb: &Testbed| {
+        converge("the client enrolled", Duration::from_secs(10), || {
+            Ok(tb.agent(0).pod_names()? == ["shop/client"])
+        })
+    };
+    wait_enrolled(&tb)?;
+    converge("the server enrolled", Duration::from_secs(10), || {
+        Ok(tb.agent(1).pod_names()? == ["shop/server"])
+    })?;
+    let dst = SocketAddr::new(server.ip4, APP_PORT);
+    let r = tb.connect(&client, dst, 100)?;
+    assert!(r["ok"] == true && delivered_by_agent(&r), "before: {r}");
+
+    // One client process calling without pause, for the whole upgrade.
+    let mut repl = tb.repl(&client)?;
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        let calls = scope.spawn(|| -> anyhow::Result<(u32, u32, Vec<Value>)> {
+            let (mut ok, mut refused, mut odd) = (0, 0, Vec::new());
+            let started = Instant::now();
+            while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(60) {
+                let r = repl.connect(dst, 100)?;
+                if r["ok"] == true && delivered_by_agent(&r) {
+                    ok += 1;
+                } else if r["ok"] == true {
+                    odd.push(r);
+                } else {
+                    // No agent on the client's node for a moment: refused
+                    // in the pod, never sent.
+                    refused += 1;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Ok((ok, refused, odd))
+        });
+        let result = (|| -> anyhow::Result<()> {
+            for (label, next_args, change) in [
+                ("A -> B", &argv_b, "COUNTERS: entries 8 -> 9"),
+                ("B -> A", &argv, "COUNTERS: entries 9 -> 8"),
+            ] {
+                let before = attached(&tb)?;
+                let redirected = tb.agent(0).capture_counter("outbound_redirected")?;
+                tb.kill_agent(0)?;
+                tb.start_agent(0, next_args)?;
+                wait_enrolled(&tb)?;
+                let after = attached(&tb)?;
+                for name in ["mesh_connect4", "mesh_connect6", "mesh_sockops"] {
+                    assert!(
+                        after[name].as_u64().is_some() && after[name] != before[name],
+                        "{label}: {name} still runs {}",
+                        before[name]
+                    );
+                }
+                let old_ids = before["mesh_sk_lookup"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
+                let new_ids = after["mesh_sk_lookup"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
+                assert!(
+                    !new_ids.is_empty() && new_ids.iter().all(|id| !old_ids.contains(id)),
+                    "{label}: sk_lookup links {old_ids:?} -> {new_ids:?}"
+                );
+                let log = tb.agent(0).log_text();
+                assert!(
+                    log.contains("pinned maps have another layout: migrating them")
+                        && log.contains(change),
+                    "{label}: {log}"
+                );
+                // Counted before the switch, still there after it.
+                assert!(
+                    tb.agent(0).capture_counter("outbound_redirected")? >= redirected,
+                    "{label}: counters lost"
+                );
+                converge(
+                    &format!("{label}: calls go through the new programs"),
+                    Duration::from_secs(10),
+                    || {
+                        let r = tb.connect(&client, dst, 100)?;
+                        Ok(r["ok"] == true && delivered_by_agent(&r))
+                    },
+                )?;
+            }
+            Ok(())
+        })();
+        stop.store(true, Ordering::Relaxed);
+        let (ok, refused, odd) = calls.join().expect("calls thread")?;
+        result?;
+        assert!(
+            odd.is_empty(),
+            "calls that reached the app without the agent: {odd:?}"
+        );
+        assert!(ok > 0, "no call went through ({refused} refused)");
+        eprintln!(
+            "during the upgrade: {ok} calls over HBONE, {refused} refused while no agent ran"
+        );
+        Ok(())
+    })?;
+    let page = tb.agent(1).metrics()?;
+    assert_eq!(
+        series_sum_or_absent(
+            &page,
+            "mesh_proxy_connections_total",
+            &[("direction", "inbound_plaintext")]
+        )?,
+        0.0,
+        "a call reached the STRICT server in plaintext: {page}"
     );
     Ok(())
 }

@@ -19,14 +19,19 @@ pub struct Options {
     /// past bpf-linker and the verifier.
     #[arg(long)]
     release: bool,
+    /// Features of mesh-ebpf to build with (`upgrade-test`: a variant whose
+    /// programs and map layout differ from the default build, which the
+    /// upgrade test loads with `mesh-agent node --ebpf-object`).
+    #[arg(long, value_delimiter = ',')]
+    features: Vec<String>,
 }
 
 const TARGET: &str = "bpfel-unknown-none";
 /// The `[[bin]]` of mesh-ebpf, which is the object's file name.
 const OBJECT: &str = "mesh";
 
-pub fn run(_options: &Options) -> Result<()> {
-    let object = build(&crate::workspace_root())?;
+pub fn run(options: &Options) -> Result<()> {
+    let object = build(&crate::workspace_root(), &options.features)?;
     let size = fs::metadata(&object)
         .with_context(|| format!("cargo succeeded but left no {}", object.display()))?
         .len();
@@ -34,12 +39,17 @@ pub fn run(_options: &Options) -> Result<()> {
     Ok(())
 }
 
-/// Builds the object into `<root>/target/ebpf` and returns its path.
-pub fn build(root: &Path) -> Result<PathBuf> {
+/// Builds the object into `<root>/target/ebpf` (with features,
+/// `target/ebpf-<features>`) and returns its path.
+pub fn build(root: &Path, features: &[String]) -> Result<PathBuf> {
     if setup::bpf_linker_version().is_none() {
         bail!("bpf-linker is not on PATH: run `cargo xtask setup`");
     }
-    let target_dir = root.join("target/ebpf");
+    let target_dir = if features.is_empty() {
+        root.join("target/ebpf")
+    } else {
+        root.join(format!("target/ebpf-{}", features.join("-")))
+    };
     // The same flags aya-build passes, joined by \x1f (the separator of
     // CARGO_ENCODED_RUSTFLAGS): the host's arch, which aya-ebpf needs to read
     // that arch's pt_regs, and debug info that bpf-linker turns into BTF.
@@ -67,6 +77,11 @@ pub fn build(root: &Path) -> Result<PathBuf> {
                 "--release",
             ])
             .args(["--target", TARGET, "-Z", "build-std=core"])
+            .args(if features.is_empty() {
+                Vec::new()
+            } else {
+                vec!["--features".to_owned(), features.join(",")]
+            })
             .arg("--target-dir")
             .arg(&target_dir),
     )?;

@@ -95,6 +95,11 @@ pub fn run(options: &Options) -> Result<()> {
             targets: Vec::new(),
         })
     })?;
+    // The upgrade test replaces the agent's kernel programs with this
+    // variant (other programs, another map layout) and back.
+    step(&mut timings, "build the upgrade-test eBPF variant", || {
+        crate::build_ebpf::build(&root, &["upgrade-test".to_owned()]).map(drop)
+    })?;
     let mut namespaced = Tally::default();
     step(&mut timings, "namespaced tests", || {
         namespaced = run_tests(

@@ -34,6 +34,7 @@ pub mod fs;
 mod iptables;
 pub mod probes;
 mod programs;
+mod upgrade;
 
 pub use iptables::{Iptables, remove_rules};
 pub use programs::{Programs, unpin_all};
@@ -237,6 +238,7 @@ impl Capture {
                 "mode": Mode::Ebpf,
                 "bpf_dir": p.dir(),
                 "counters": p.counters(),
+                "programs": p.attached(),
                 "enrolled_netns_cookies": p.enrolled_cookies(),
             }),
             Capture::Iptables(t) => serde_json::json!({

@@ -23,7 +23,7 @@ use aya::{
 };
 use mesh_common::{AddrKey, ConnKey, Counter, FlowKey, NetnsInfo, OrigDst, maps, programs};
 
-use super::{CaptureError, ExcludedPorts, fs};
+use super::{CaptureError, ExcludedPorts, fs, upgrade};
 use crate::inpod::{
     netns::{Netns, NetnsCookie},
     sockets::{PodListener, Role},
@@ -76,54 +76,51 @@ impl Programs {
         cgroup: &Path,
         excluded: &ExcludedPorts,
         mount_bpffs: bool,
+        object: Option<&[u8]>,
     ) -> Result<Self, CaptureError> {
+        let object = object.unwrap_or(EBPF_OBJECT);
         fs::ensure_bpffs(dir, mount_bpffs)?;
         let map_dir = dir.join("maps");
         let link_dir = dir.join("links");
-        for d in [&map_dir, &link_dir] {
+        for d in [dir, &link_dir] {
             std::fs::create_dir_all(d).map_err(|source| CaptureError::Io {
-                path: d.clone(),
+                path: d.to_path_buf(),
                 source,
             })?;
         }
-        fs::ensure_cgroup2(cgroup)?;
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&map_dir)
-            .load(EBPF_OBJECT)
-            .map_err(|source| CaptureError::Load {
-                dir: map_dir.clone(),
-                source: Box::new(source),
-            })?;
-
-        let cgroup_fd = std::fs::File::open(cgroup).map_err(|source| CaptureError::Io {
-            path: cgroup.to_owned(),
+        upgrade::recover(dir)?;
+        std::fs::create_dir_all(&map_dir).map_err(|source| CaptureError::Io {
+            path: map_dir.clone(),
             source,
         })?;
-        for name in [programs::CONNECT4, programs::CONNECT6] {
-            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
-            prog.load().map_err(prog_err(name))?;
-            attach_once(&link_dir.join(name), || {
-                let id = prog
-                    .attach(&cgroup_fd, CgroupAttachMode::default())
-                    .map_err(prog_err(name))?;
-                Ok(prog.take_link(id).map_err(prog_err(name))?.try_into()?)
+        fs::ensure_cgroup2(cgroup)?;
+        // Maps whose layout changed are made anew beside the old ones, and
+        // take their place once the links run the new programs.
+        let changes = upgrade::layout_changes(object, &map_dir)?;
+        let pin_dir = if changes.is_empty() {
+            map_dir.clone()
+        } else {
+            let next = upgrade::next_dir(dir);
+            std::fs::create_dir_all(&next).map_err(|source| CaptureError::Io {
+                path: next.clone(),
+                source,
             })?;
-        }
-        {
-            let name = programs::SOCKOPS;
-            let prog: &mut SockOps = program(&mut ebpf, name)?;
-            prog.load().map_err(prog_err(name))?;
-            attach_once(&link_dir.join(name), || {
-                let id = prog
-                    .attach(&cgroup_fd, CgroupAttachMode::default())
-                    .map_err(prog_err(name))?;
-                Ok(prog.take_link(id).map_err(prog_err(name))?.try_into()?)
+            let changes: Vec<String> = changes.iter().map(ToString::to_string).collect();
+            tracing::info!(?changes, "pinned maps have another layout: migrating them");
+            next
+        };
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&pin_dir)
+            .load(object)
+            .map_err(|source| CaptureError::Load {
+                dir: pin_dir.clone(),
+                source: Box::new(source),
             })?;
-        }
-        {
-            let name = programs::SK_LOOKUP;
-            let prog: &mut SkLookup = program(&mut ebpf, name)?;
-            prog.load().map_err(prog_err(name))?;
+        if !changes.is_empty() {
+            // Before any link runs the new programs: the enrolled
+            // namespaces above all, or their connections would go direct.
+            let report = upgrade::carry_over(&map_dir, &mut ebpf);
+            tracing::info!(?report, "maps carried over to the new layout");
         }
 
         let mut excluded_map: HashMap<MapData, u16, u8> =
@@ -149,6 +146,67 @@ impl Programs {
             ignore_missing(flows.remove(&key)).map_err(map_err(maps::AGENT_FLOWS))?;
         }
 
+        let cgroup_fd = std::fs::File::open(cgroup).map_err(|source| CaptureError::Io {
+            path: cgroup.to_owned(),
+            source,
+        })?;
+        // Links an earlier agent pinned get this agent's programs in place
+        // (never detached); missing ones are attached.
+        for name in [programs::CONNECT4, programs::CONNECT6] {
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            prog.load().map_err(prog_err(name))?;
+            let fd = prog
+                .fd()
+                .map_err(prog_err(name))?
+                .try_clone()
+                .map_err(|source| CaptureError::Io {
+                    path: link_dir.join(name),
+                    source,
+                })?;
+            attach_or_update(&link_dir.join(name), fd.as_fd(), || {
+                let id = prog
+                    .attach(&cgroup_fd, CgroupAttachMode::default())
+                    .map_err(prog_err(name))?;
+                Ok(prog.take_link(id).map_err(prog_err(name))?.try_into()?)
+            })?;
+        }
+        {
+            let name = programs::SOCKOPS;
+            let prog: &mut SockOps = program(&mut ebpf, name)?;
+            prog.load().map_err(prog_err(name))?;
+            let fd = prog
+                .fd()
+                .map_err(prog_err(name))?
+                .try_clone()
+                .map_err(|source| CaptureError::Io {
+                    path: link_dir.join(name),
+                    source,
+                })?;
+            attach_or_update(&link_dir.join(name), fd.as_fd(), || {
+                let id = prog
+                    .attach(&cgroup_fd, CgroupAttachMode::default())
+                    .map_err(prog_err(name))?;
+                Ok(prog.take_link(id).map_err(prog_err(name))?.try_into()?)
+            })?;
+        }
+        {
+            let name = programs::SK_LOOKUP;
+            let prog: &mut SkLookup = program(&mut ebpf, name)?;
+            prog.load().map_err(prog_err(name))?;
+            let fd = prog.fd().map_err(prog_err(name))?.as_fd();
+            for pin in pinned_sk_lookup_links(&link_dir) {
+                // A namespace that is gone cannot take it (the sweep
+                // removes its pin once the pods are restored); a live one
+                // that cannot keeps the old program, which fails closed.
+                if let Err(e) = upgrade::update_link(&pin, fd) {
+                    tracing::warn!(pin = %pin.display(), error = %e, "inbound capture link keeps its program");
+                }
+            }
+        }
+        if !changes.is_empty() {
+            upgrade::switch_maps(dir)?;
+        }
+
         Ok(Programs {
             dir: dir.to_owned(),
             enrolled: Mutex::new(take_map(&mut ebpf, maps::ENROLLED_NETNS)?),
@@ -159,6 +217,25 @@ impl Programs {
             flows: Mutex::new(flows),
             ebpf: Mutex::new(ebpf),
         })
+    }
+
+    /// The program each pinned cgroup link runs, by name, and how many pods'
+    /// namespaces have inbound capture attached.
+    pub fn attached(&self) -> serde_json::Value {
+        let links = self.dir.join("links");
+        let mut programs = serde_json::Map::new();
+        for name in [programs::CONNECT4, programs::CONNECT6, programs::SOCKOPS] {
+            programs.insert(
+                name.to_owned(),
+                upgrade::link_program_id(&links.join(name)).into(),
+            );
+        }
+        let sk_lookup: Vec<u32> = pinned_sk_lookup_links(&links)
+            .iter()
+            .filter_map(|p| upgrade::link_program_id(p))
+            .collect();
+        programs.insert(programs::SK_LOOKUP.to_owned(), sk_lookup.into());
+        programs.into()
     }
 
     pub fn dir(&self) -> &Path {
@@ -434,7 +511,7 @@ fn flow_key(src: SocketAddr, dst: SocketAddr) -> FlowKey {
 /// Removes everything `Programs::load` pinned under `dir`: links (which
 /// detaches the programs) and maps. For `mesh-agent node --cleanup` and tests.
 pub fn unpin_all(dir: &Path) -> Result<(), CaptureError> {
-    for sub in ["links", "maps"] {
+    for sub in ["links", "maps", "maps-next", "maps-old"] {
         let d = dir.join(sub);
         let Ok(entries) = std::fs::read_dir(&d) else {
             continue;
@@ -503,6 +580,36 @@ where
         .ok_or(CaptureError::Missing { what: "map", name })?
         .try_into()
         .map_err(map_err(name))
+}
+
+/// Gives the link pinned at `pin` (left by an earlier agent) the program
+/// `prog`, or attaches with `attach` and pins the link there.
+fn attach_or_update(
+    pin: &Path,
+    prog: std::os::fd::BorrowedFd<'_>,
+    attach: impl FnOnce() -> Result<FdLink, CaptureError>,
+) -> Result<(), CaptureError> {
+    if pin.exists() {
+        tracing::info!(pin = %pin.display(), "pinned link takes the new program");
+        return upgrade::update_link(pin, prog);
+    }
+    pin_link(attach()?, pin)
+}
+
+/// The pinned sk_lookup links (one per captured pod namespace).
+fn pinned_sk_lookup_links(link_dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(link_dir) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("sk_lookup-"))
+        })
+        .collect()
 }
 
 /// Attaches with `attach` and pins the link at `pin`, unless a link is
