@@ -60,6 +60,8 @@ pub struct Shared {
     /// captures and passes traffic through.
     pub configured: bool,
     pub balancer: Balancer,
+    /// `--cluster-id`: the cluster HBONE's `baggage` names.
+    pub cluster_id: String,
 }
 
 impl Shared {
