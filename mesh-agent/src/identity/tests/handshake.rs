@@ -9,14 +9,14 @@ use tokio_rustls::{TlsAcceptor, TlsConnector, client, server};
 
 use super::*;
 
-type Handshake = (
+pub(super) type Handshake = (
     io::Result<server::TlsStream<DuplexStream>>,
     io::Result<client::TlsStream<DuplexStream>>,
 );
 
 /// Both sides of one handshake, concurrently. The server name is arbitrary:
 /// the verifiers ignore it.
-async fn handshake(
+pub(super) async fn handshake(
     server: Arc<rustls::ServerConfig>,
     client: Arc<rustls::ClientConfig>,
 ) -> Handshake {
@@ -29,14 +29,14 @@ async fn handshake(
 }
 
 /// The rustls error inside a failed handshake's io::Error.
-fn tls_error(e: &io::Error) -> &rustls::Error {
+pub(super) fn tls_error(e: &io::Error) -> &rustls::Error {
     e.get_ref()
         .and_then(|e| e.downcast_ref::<rustls::Error>())
         .unwrap_or_else(|| panic!("not a rustls error: {e:?}"))
 }
 
 /// Our own refusal reason inside a rustls error.
-fn identity_error(e: &rustls::Error) -> &IdentityError {
+pub(super) fn identity_error(e: &rustls::Error) -> &IdentityError {
     match e {
         rustls::Error::InvalidCertificate(CertificateError::Other(other)) => other
             .0
@@ -46,7 +46,7 @@ fn identity_error(e: &rustls::Error) -> &IdentityError {
     }
 }
 
-fn server_error(h: Handshake) -> rustls::Error {
+pub(super) fn server_error(h: Handshake) -> rustls::Error {
     match h.0 {
         Ok(_) => panic!("the server accepted the handshake"),
         Err(e) => tls_error(&e).clone(),
