@@ -378,6 +378,38 @@ fn hbone_refuses_bad_peers_and_bad_requests() -> anyhow::Result<()> {
     assert_eq!(r["tls_version"], "TLSv1_3", "{r}");
     assert_eq!(r["alpn"], "h2", "{r}");
     assert!(agent.log_text().contains(&format!("src.identity={me}")));
+    // The 200 names the destination in ztunnel's baggage keys (a bare pod
+    // is its own workload; `app=echo` its canonical service).
+    assert_eq!(
+        r["baggage"],
+        "k8s.cluster.name=Kubernetes,k8s.namespace.name=shop,k8s.pod.name=server,\
+         service.name=echo,service.version=latest",
+        "{r}"
+    );
+
+    // Caller metadata that does not parse is ignored and counted, never
+    // refused.
+    let bad_header = |header: &str| -> anyhow::Result<f64> {
+        agent.metric_or_absent(&format!(
+            "mesh_hbone_bad_headers_total{{header=\"{header}\"}}"
+        ))
+    };
+    assert_eq!(bad_header("baggage")?, 0.0);
+    let r = tb.probe(
+        &prober,
+        hbone,
+        &app,
+        &[
+            &me_opt,
+            "send=100",
+            "header=baggage:k8s.cluster.name",
+            "header=traceparent:00-nonsense",
+        ],
+    )?;
+    assert_eq!(r["status"], 200, "{r}");
+    assert_eq!(r["echo_ok"], true, "{r}");
+    assert_eq!(bad_header("baggage")?, 1.0);
+    assert_eq!(bad_header("traceparent")?, 1.0);
     Ok(())
 }
 
