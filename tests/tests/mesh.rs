@@ -170,6 +170,25 @@ fn hbone_carries_pod_traffic_encrypted_with_both_identities() -> anyhow::Result<
         log.contains(&seen),
         "no access log line with {seen}:\n{log}"
     );
+    // Each tunnel's traceparent is on both agents' log lines of it.
+    let client_log = tb.agent(0).log_text();
+    let traces: Vec<&str> = client_log
+        .split("traceparent=")
+        .skip(1)
+        .map(|rest| {
+            let end = rest
+                .find(|c: char| !(c.is_ascii_hexdigit() || c == '-'))
+                .unwrap_or(rest.len());
+            &rest[..end]
+        })
+        .filter(|t| t.len() == 55)
+        .collect();
+    assert!(
+        traces
+            .iter()
+            .any(|t| log.contains(&format!("traceparent={t}"))),
+        "no traceparent of the client's agent ({traces:?}) in the server's log:\n{log}"
+    );
     let page = tb.agent(1).metrics()?;
     let labels = [
         ("reporter", "destination"),

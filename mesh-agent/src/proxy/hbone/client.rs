@@ -383,13 +383,16 @@ async fn request(
 ) -> Result<Upgraded, HboneError> {
     let addr = key.addr;
     let wl = caller.workload;
+    // A fresh trace per tunnel, on both ends' log spans (the outbound
+    // connection's here, the tunnel's at the server), so they join up.
+    let trace = TraceParent::fresh().to_string();
+    tracing::Span::current().record("traceparent", tracing::field::display(&trace));
     let req = Request::builder()
         .method(Method::CONNECT)
         .uri(target.to_string())
         .header("forwarded", forwarded(caller))
         .header("baggage", super::headers::baggage(caller.cluster, wl))
-        // A fresh trace per tunnel, so that both ends' logs of it join up.
-        .header("traceparent", TraceParent::fresh().to_string())
+        .header("traceparent", &trace)
         .body(Empty::new())?;
     tokio::time::timeout(timeout, send(sender, req, addr, target))
         .await
