@@ -13,9 +13,11 @@ mod server;
 
 pub use client::{Caller, HboneError, Pool, Tunnel};
 #[cfg(test)]
+pub use headers::{Baggage, traceparent};
+#[cfg(test)]
 use server::serve_streams;
 #[cfg(test)]
-pub use server::{Authority, connect_authority, connect_destination};
+pub use server::{Authority, connect_authority, connect_destination, forwarded_host};
 #[cfg(test)]
 mod tests;
 pub use server::{accept, answer, serve, serve_connects};
