@@ -1,7 +1,8 @@
 //! Trust as ztunnel has it: a chain through an intermediate CA is sent in
 //! the handshake (and needed), a client is accepted on any SPIFFE URI SAN
-//! of the trust domain, and a client accepts the destination's identity or
-//! one its Service's workloads hold.
+//! of the trust domain, a client accepts the destination's identity or
+//! one its Service's workloads hold, and a bundle of the old and the new
+//! root carries a rotation.
 
 use rcgen::{ExtendedKeyUsagePurpose, Issuer, SanType};
 use rustls::CertificateError;
@@ -290,4 +291,78 @@ async fn the_client_accepts_the_destination_or_its_service_s_identities() {
         }
         e => panic!("refused for another reason: {e}"),
     }
+}
+
+/// A root rotation: the CA has moved to the new root, and the bundle holds
+/// the old and the new one. Workloads of both are accepted, as clients and
+/// as servers; a third root's are not.
+#[tokio::test]
+async fn a_bundle_of_the_old_and_the_new_root_accepts_both_and_no_third() {
+    let ttl = Duration::from_secs(3600);
+    let (old_dir, new_dir) = (TempDir::new("rotation-old"), TempDir::new("rotation-new"));
+    let old = manager(&old_dir, ttl);
+    let new = manager(&new_dir, ttl);
+    let third = manager(&TempDir::new("rotation-third"), ttl);
+    let dir = TempDir::new("rotation");
+    let bundle = dir.write(
+        "bundle.pem",
+        &format!("{}{}", old.root_pem(), new.root_pem()),
+    );
+    let agent = CertManager::new(CaConfig {
+        trust_domain: TD.into(),
+        cert_ttl: ttl,
+        source: CaSource::Generate {
+            dir: new_dir.0.clone(),
+        },
+        trust_bundle: Some(bundle),
+    })
+    .unwrap();
+    assert_eq!(
+        agent.root_pem(),
+        new.root_pem(),
+        "the CA is on the new root"
+    );
+    let (srv, cli) = (id("prod", "db"), id("default", "web"));
+
+    for (root, name) in [(&old, "old"), (&new, "new")] {
+        // A client of that root.
+        let cert = root.certificate(&cli).unwrap();
+        let (s, c) = handshake(
+            agent.server_config(&srv).unwrap(),
+            agent.client_config_with(&cert, &srv).unwrap(),
+        )
+        .await;
+        let s = s.unwrap_or_else(|e| panic!("a client of the {name} root was refused: {e}"));
+        assert_eq!(peer_identity(s.get_ref().1, TD), Some(cli.clone()));
+        drop(c);
+        // A server of that root.
+        let (s, c) = handshake(
+            root.server_config(&srv).unwrap(),
+            agent.client_config(&cli, &srv).unwrap(),
+        )
+        .await;
+        let c = c.unwrap_or_else(|e| panic!("a server of the {name} root was refused: {e}"));
+        assert_eq!(peer_identity(c.get_ref().1, TD), Some(srv.clone()));
+        drop(s);
+    }
+
+    let cert = third.certificate(&cli).unwrap();
+    let h = handshake(
+        agent.server_config(&srv).unwrap(),
+        agent.client_config_with(&cert, &srv).unwrap(),
+    )
+    .await;
+    assert_eq!(
+        server_error(h),
+        rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)
+    );
+    let h = handshake(
+        third.server_config(&srv).unwrap(),
+        agent.client_config(&cli, &srv).unwrap(),
+    )
+    .await;
+    assert_eq!(
+        client_error(h),
+        rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)
+    );
 }
