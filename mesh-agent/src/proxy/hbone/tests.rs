@@ -1,6 +1,8 @@
 //! The HBONE client pool against the real HBONE server code over loopback
 //! TCP and TLS: a pooled connection's age limit, the CONNECT timeout, pings
-//! on idle connections, and the server's cap on streams per connection.
+//! on idle connections, the server's cap on streams per connection, the
+//! client's (100, or fewer if the peer says so), and the CONNECT's
+//! metadata headers.
 //! The clocks are shortened (`Timers`); what they bound is the same code.
 
 use std::{
