@@ -146,6 +146,10 @@ pub struct MeshArgs {
     /// SPIFFE trust domain of this mesh.
     #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
+    /// The cluster's name, as Istio's `CLUSTER_ID` gives it: sent in HBONE
+    /// `baggage` (`k8s.cluster.name`).
+    #[arg(long, env = "MESH_CLUSTER_ID", default_value = "Kubernetes")]
+    pub cluster_id: String,
     /// Namespace whose policies apply to the whole mesh.
     #[arg(long, env = "MESH_ROOT_NAMESPACE", default_value = "istio-system")]
     pub root_namespace: String,

@@ -1,5 +1,6 @@
 //! Fuzz targets for what the agent reads from others: policy YAML, a
-//! CONNECT's authority, a certificate request, an API object. Each is an
+//! CONNECT's authority and metadata headers, a certificate request, an API
+//! object. Each is an
 //! ignored test that `cargo xtask fuzz` runs for a bounded time: inputs
 //! start from the seeds in `fuzz/corpus/<target>/`, are mutated (bit
 //! flips, byte edits, chunk copies, splices of two inputs, tokens of the
@@ -210,6 +211,37 @@ pub fn hbone_connect(data: &[u8]) {
     }
 }
 
+/// One input read as each metadata header an HBONE server reads from a
+/// CONNECT: `baggage`, `traceparent`, `forwarded`.
+pub fn hbone_headers(data: &[u8]) {
+    if let Some(b) = crate::proxy::hbone::Baggage::parse(data)
+        && let Some((kind, _)) = &b.workload
+    {
+        // A kind read from a key is only ever key characters.
+        assert!(!kind.is_empty(), "{b:?}");
+        assert!(
+            kind.bytes()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'_'),
+            "{b:?}"
+        );
+    }
+    if let Some(tp) = crate::proxy::hbone::traceparent(data) {
+        // What was accepted prints as a version-00 header that reads back.
+        let printed = tp.to_string();
+        assert_eq!(
+            crate::proxy::hbone::traceparent(printed.as_bytes()),
+            Some(tp)
+        );
+    }
+    if let Ok(v) = hyper::header::HeaderValue::from_bytes(data) {
+        let mut h = hyper::HeaderMap::new();
+        h.insert("forwarded", v);
+        if let Some(host) = crate::proxy::hbone::forwarded_host(&h) {
+            assert!(!host.is_empty());
+        }
+    }
+}
+
 /// A PEM request as is; anything else is taken as DER and wrapped in PEM,
 /// so that mutations reach the PKCS#10 parser and not only base64's.
 pub fn csr(data: &[u8]) {
@@ -285,6 +317,15 @@ fn fuzz_hbone_connect() {
         b"[", b"]", b":", b"::ffff:", b"%25eth0", b"65535", b"65536", b"@", b"/", b"*",
     ];
     run("hbone_connect", tokens, hbone_connect);
+}
+
+#[test]
+#[ignore = "run by `cargo xtask fuzz`"]
+fn fuzz_hbone_headers() {
+    let tokens: &[&[u8]] = &[
+        b",", b";", b"=", b"%", b"%2C", b"k8s.", b".name", b"00-", b"-", b"ff", b"host=", b"\"",
+    ];
+    run("hbone_headers", tokens, hbone_headers);
 }
 
 #[test]

@@ -85,6 +85,7 @@ async fn node(args: NodeArgs, log_filter: admin::LogFilter) -> anyhow::Result<()
         exclude_inbound_ports = ?args.exclude_inbound_ports,
         config = ?args.mesh.config,
         trust_domain = %args.mesh.trust_domain,
+        cluster_id = %args.mesh.cluster_id,
         root_namespace = %args.mesh.root_namespace,
         cert_ttl = ?args.mesh.cert_ttl,
         "starting node agent"
@@ -163,6 +164,7 @@ async fn node(args: NodeArgs, log_filter: admin::LogFilter) -> anyhow::Result<()
         store: store.clone(),
         configured,
         balancer: proxy::Balancer::default(),
+        cluster_id: args.mesh.cluster_id.clone(),
     });
     let probes = if args.no_probe_snat {
         // What an earlier agent left would still rewrite probes.

@@ -87,6 +87,12 @@ impl TcpLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HeaderLabels {
+    /// `baggage` or `traceparent`.
+    pub header: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     pub kind: &'static str,
 }
@@ -111,6 +117,7 @@ pub struct Metrics {
     pub config_warnings: Family<KindLabels, Counter>,
     pub config_objects: Family<KindLabels, Gauge>,
     pub policy_dry_run: Family<DryRunLabels, Counter>,
+    pub hbone_bad_headers: Family<HeaderLabels, Counter>,
     /// The `istio_tcp_*` label sets by the workload (namespace, name) at
     /// either end: prometheus-client cannot list a family's label sets, and
     /// without this a node that sees many short-lived pods would export
@@ -237,6 +244,11 @@ pub fn proxy_registry(metrics: &Arc<Metrics>) -> Registry {
         "mesh_policy_dry_run",
         "Connections the istio.io/dry-run AuthorizationPolicies in scope would have allowed or denied (never enforced)",
         metrics.policy_dry_run.clone(),
+    );
+    r.register(
+        "mesh_hbone_bad_headers",
+        "HBONE CONNECT metadata headers that did not parse and were ignored, by header",
+        metrics.hbone_bad_headers.clone(),
     );
     r.register(
         "mesh_config_warnings",

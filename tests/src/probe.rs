@@ -151,6 +151,8 @@ pub struct Probe {
     pub authority: String,
     /// Bytes to send through a tunnel that was opened.
     pub send: usize,
+    /// Extra request headers (`header=name:value`).
+    pub headers: Vec<(String, String)>,
 }
 
 pub async fn run(p: Probe) -> Value {
@@ -246,18 +248,17 @@ async fn run_inner(p: &Probe) -> Result<Value, Fail> {
     } else {
         format!("https://{}/", p.authority)
     };
-    let req = at(
-        "http",
-        hyper::Request::builder()
-            .method(p.method.as_str())
-            .uri(uri)
-            .body(Empty::<Bytes>::new()),
-    )?;
+    let mut req = hyper::Request::builder().method(p.method.as_str()).uri(uri);
+    for (name, value) in &p.headers {
+        req = req.header(name.as_str(), value.as_str());
+    }
+    let req = at("http", req.body(Empty::<Bytes>::new()))?;
     let resp = at("http", sender.send_request(req).await)?;
     let status = resp.status().as_u16();
     let mut out = json!({
         "ok": true, "stage": "http", "status": status,
         "tls_version": version, "alpn": alpn, "server_serial": server_serial,
+        "baggage": resp.headers().get("baggage").and_then(|v| v.to_str().ok()),
     });
     if status != 200 || p.method != "CONNECT" {
         return Ok(out);

@@ -170,6 +170,25 @@ fn hbone_carries_pod_traffic_encrypted_with_both_identities() -> anyhow::Result<
         log.contains(&seen),
         "no access log line with {seen}:\n{log}"
     );
+    // Each tunnel's traceparent is on both agents' log lines of it.
+    let client_log = tb.agent(0).log_text();
+    let traces: Vec<&str> = client_log
+        .split("traceparent=")
+        .skip(1)
+        .map(|rest| {
+            let end = rest
+                .find(|c: char| !(c.is_ascii_hexdigit() || c == '-'))
+                .unwrap_or(rest.len());
+            &rest[..end]
+        })
+        .filter(|t| t.len() == 55)
+        .collect();
+    assert!(
+        traces
+            .iter()
+            .any(|t| log.contains(&format!("traceparent={t}"))),
+        "no traceparent of the client's agent ({traces:?}) in the server's log:\n{log}"
+    );
     let page = tb.agent(1).metrics()?;
     let labels = [
         ("reporter", "destination"),
@@ -378,6 +397,38 @@ fn hbone_refuses_bad_peers_and_bad_requests() -> anyhow::Result<()> {
     assert_eq!(r["tls_version"], "TLSv1_3", "{r}");
     assert_eq!(r["alpn"], "h2", "{r}");
     assert!(agent.log_text().contains(&format!("src.identity={me}")));
+    // The 200 names the destination in ztunnel's baggage keys (a bare pod
+    // is its own workload; `app=echo` its canonical service).
+    assert_eq!(
+        r["baggage"],
+        "k8s.cluster.name=Kubernetes,k8s.namespace.name=shop,k8s.pod.name=server,\
+         service.name=echo,service.version=latest",
+        "{r}"
+    );
+
+    // Caller metadata that does not parse is ignored and counted, never
+    // refused.
+    let bad_header = |header: &str| -> anyhow::Result<f64> {
+        agent.metric_or_absent(&format!(
+            "mesh_hbone_bad_headers_total{{header=\"{header}\"}}"
+        ))
+    };
+    assert_eq!(bad_header("baggage")?, 0.0);
+    let r = tb.probe(
+        &prober,
+        hbone,
+        &app,
+        &[
+            &me_opt,
+            "send=100",
+            "header=baggage:k8s.cluster.name",
+            "header=traceparent:00-nonsense",
+        ],
+    )?;
+    assert_eq!(r["status"], 200, "{r}");
+    assert_eq!(r["echo_ok"], true, "{r}");
+    assert_eq!(bad_header("baggage")?, 1.0);
+    assert_eq!(bad_header("traceparent")?, 1.0);
     Ok(())
 }
 

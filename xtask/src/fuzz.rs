@@ -1,6 +1,6 @@
 //! `cargo xtask fuzz`: runs the agent's fuzz targets (`mesh-agent/src/fuzz.rs`:
-//! policy YAML, a CONNECT's authority, a CA certificate request, an API
-//! object) for a bounded time each, from the seeds in `fuzz/corpus/`. A
+//! policy YAML, a CONNECT's authority and metadata headers, a CA
+//! certificate request, an API object) for a bounded time each, from the seeds in `fuzz/corpus/`. A
 //! crashing input is saved in `fuzz/artifacts/<target>/` and fails the run.
 //! The targets are ignored unit tests of the agent, so they build with the
 //! unit tests' own build and the stable toolchain; `setup` needs to add
@@ -13,7 +13,13 @@ use anyhow::Result;
 use crate::exec;
 
 /// Every target, as named in `fuzz/corpus/`.
-pub const TARGETS: &[&str] = &["policy_yaml", "hbone_connect", "csr", "k8s_object"];
+pub const TARGETS: &[&str] = &[
+    "policy_yaml",
+    "hbone_connect",
+    "hbone_headers",
+    "csr",
+    "k8s_object",
+];
 
 #[derive(clap::Args)]
 pub struct Options {

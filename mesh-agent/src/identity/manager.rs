@@ -25,6 +25,11 @@ use super::{
 /// After a failed renewal the old certificate stays in use and the next
 /// attempt waits twice as long as the last, up to this.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(60);
+/// A client config's identity and the server identities it accepts.
+type ClientKey = (Identity, Vec<Identity>);
+
+/// Client configs kept at most (one per source, accepted servers pair).
+const MAX_CLIENT_CONFIGS: usize = 4096;
 
 /// Where certificates come from and the certificates of the identities this
 /// node serves.
@@ -44,7 +49,8 @@ pub struct CertManager {
     /// rotation task keeps trying to get them.
     wanted: Mutex<HashMap<Identity, Retry>>,
     server_configs: Mutex<HashMap<Identity, Arc<rustls::ServerConfig>>>,
-    client_configs: Mutex<HashMap<(Identity, Identity), Arc<rustls::ClientConfig>>>,
+    /// By our identity and the server identities accepted.
+    client_configs: Mutex<HashMap<ClientKey, Arc<rustls::ClientConfig>>>,
 }
 
 #[derive(Debug)]
@@ -353,14 +359,34 @@ impl CertManager {
     }
 
     /// TLS 1.3 client config for outbound HBONE: presents `id`'s current
-    /// certificate; accepts only a server chaining to the root whose URI SAN
-    /// is exactly `server`. ALPN `h2`.
+    /// certificate; accepts only a server chaining to a root whose URI SANs
+    /// include exactly `server`. ALPN `h2`. (The data path uses
+    /// [`CertManager::client_config_for`].)
+    #[cfg(test)]
     pub fn client_config(
         &self,
         id: &Identity,
         server: &Identity,
     ) -> Result<Arc<rustls::ClientConfig>, IdentityError> {
-        let key = (id.clone(), server.clone());
+        self.client_config_for(id, server, &[])
+    }
+
+    /// [`CertManager::client_config`] that also accepts a server proving
+    /// one of `also` (the identities a Service's endpoints may rightly
+    /// show, as ztunnel accepts a destination's Service SANs).
+    pub fn client_config_for(
+        &self,
+        id: &Identity,
+        server: &Identity,
+        also: &[Identity],
+    ) -> Result<Arc<rustls::ClientConfig>, IdentityError> {
+        let mut others: Vec<Identity> = also.iter().filter(|a| *a != server).cloned().collect();
+        others.sort();
+        others.dedup();
+        let mut servers = Vec::with_capacity(1 + others.len());
+        servers.push(server.clone());
+        servers.extend(others);
+        let key = (id.clone(), servers);
         if let Some(cfg) = self.client_configs.locked().get(&key) {
             return Ok(cfg.clone());
         }
@@ -369,10 +395,15 @@ impl CertManager {
             &self.provider,
             &self.roots,
             Some(CertSource::Current(slot)),
-            server,
+            key.1.clone(),
         )
         .map_err(IdentityError::tls(id))?;
         let mut configs = self.client_configs.locked();
+        // Sets of Service identities come and go with endpoints: the cache
+        // starts over rather than grow without bound.
+        if configs.len() >= MAX_CLIENT_CONFIGS {
+            configs.clear();
+        }
         Ok(configs.entry(key).or_insert(Arc::new(cfg)).clone())
     }
 
@@ -450,7 +481,7 @@ impl CertManager {
             &self.provider,
             &self.roots,
             Some(CertSource::Fixed(key)),
-            server,
+            vec![server.clone()],
         )
         .map_err(IdentityError::tls(&cert.identity))?;
         Ok(Arc::new(cfg))

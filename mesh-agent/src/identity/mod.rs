@@ -118,7 +118,8 @@ pub enum IdentityError {
         #[source]
         source: rustls::Error,
     },
-    /// A certificate without exactly one URI SAN holding a SPIFFE workload ID.
+    /// A certificate without a URI SAN holding a SPIFFE workload ID (or,
+    /// from our own CA, with more than one URI SAN).
     #[error("certificate has no usable SPIFFE ID: {0}")]
     NoSpiffeId(String),
     #[error("{identity} is outside the trust domain {trust_domain}")]
@@ -214,13 +215,18 @@ pub struct CertInfo {
     pub role: &'static str,
 }
 
-/// The SPIFFE identity in the peer's (already verified) leaf certificate.
-pub fn peer_identity(conn: &rustls::CommonState) -> Option<Identity> {
+/// The SPIFFE identity in the peer's (already verified) leaf certificate:
+/// the first of its SPIFFE URI SANs in `trust_domain`, else its first.
+pub fn peer_identity(conn: &rustls::CommonState, trust_domain: &str) -> Option<Identity> {
     let leaf = conn.peer_certificates()?.first()?;
-    cert_identity(leaf).ok()
+    let ids = verify::spiffe_ids(leaf).ok()?;
+    verify::in_trust_domain(&ids, trust_domain)
+        .or(ids.first())
+        .cloned()
 }
 
 /// The SPIFFE identity of a certificate: its one URI SAN, parsed.
+#[cfg(test)]
 pub fn cert_identity(cert: &CertificateDer<'_>) -> Result<Identity, IdentityError> {
     verify::spiffe_id(cert)
 }

@@ -7,6 +7,7 @@ mod cluster_ca;
 mod handshake;
 mod lying_ca;
 mod remote;
+mod trust;
 
 use std::{
     path::{Path, PathBuf},

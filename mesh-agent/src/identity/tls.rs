@@ -80,20 +80,18 @@ pub(super) fn server_config(
     Ok(cfg)
 }
 
-/// `cert: None` makes a client without a certificate (for tests).
+/// `cert: None` makes a client without a certificate (for tests). The
+/// server must prove one of `servers` (not empty).
 pub(super) fn client_config(
     provider: &Arc<CryptoProvider>,
     roots: &Arc<Roots>,
     cert: Option<CertSource>,
-    server: &Identity,
+    servers: Vec<Identity>,
 ) -> Result<ClientConfig, rustls::Error> {
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(ServerVerifier::new(
-            roots.clone(),
-            server.clone(),
-        )));
+        .with_custom_certificate_verifier(Arc::new(ServerVerifier::new(roots.clone(), servers)));
     let mut cfg = match cert {
         Some(cert) => builder.with_client_cert_resolver(Arc::new(Resolver(cert))),
         None => builder.with_no_client_auth(),

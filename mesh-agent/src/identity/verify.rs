@@ -1,6 +1,8 @@
-//! Peer certificate checks for HBONE mTLS: the chain must lead to our root
-//! (webpki, the provider's signature algorithms) and the leaf must name a
-//! SPIFFE workload in its one URI SAN. Server names are never consulted.
+//! Peer certificate checks for HBONE mTLS: the chain must lead to one of
+//! our roots (webpki, the provider's signature algorithms) and the leaf
+//! must name a SPIFFE workload in a URI SAN: as a client, one of those we
+//! meant to reach; as a server, any of our trust domain (as ztunnel
+//! accepts them). Server names are never consulted.
 
 use std::sync::Arc;
 
@@ -44,15 +46,15 @@ impl Roots {
         }
     }
 
-    /// The chain leads to the root, every certificate is valid at `now` and
-    /// the leaf allows `usage`. Returns the leaf's SPIFFE identity.
+    /// The chain leads to a root, every certificate is valid at `now` and
+    /// the leaf allows `usage`. Returns the leaf's SPIFFE identities.
     fn verify(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
         usage: webpki::KeyUsage,
-    ) -> Result<Identity, rustls::Error> {
+    ) -> Result<Vec<Identity>, rustls::Error> {
         let leaf = webpki::EndEntityCert::try_from(end_entity).map_err(pki_error)?;
         leaf.verify_for_usage(
             self.algs.all,
@@ -64,7 +66,7 @@ impl Roots {
             None,
         )
         .map_err(pki_error)?;
-        spiffe_id(end_entity).map_err(reject)
+        spiffe_ids(end_entity).map_err(reject)
     }
 }
 
@@ -99,15 +101,15 @@ impl ClientCertVerifier for ClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let id = self.roots.verify(
+        let ids = self.roots.verify(
             end_entity,
             intermediates,
             now,
             webpki::KeyUsage::client_auth(),
         )?;
-        if id.trust_domain != self.roots.trust_domain {
+        if in_trust_domain(&ids, &self.roots.trust_domain).is_none() {
             return Err(reject(IdentityError::ForeignTrustDomain {
-                identity: Box::new(id),
+                identity: Box::new(ids[0].clone()),
                 trust_domain: self.roots.trust_domain.clone(),
             }));
         }
@@ -138,16 +140,23 @@ impl ClientCertVerifier for ClientVerifier {
     }
 }
 
-/// Outbound: exactly the workload we meant to reach, whatever name or
-/// address the connection was opened with.
+/// The first of `ids` in `trust_domain`: the identity a peer is known by.
+pub(super) fn in_trust_domain<'a>(ids: &'a [Identity], trust_domain: &str) -> Option<&'a Identity> {
+    ids.iter().find(|id| id.trust_domain == trust_domain)
+}
+
+/// Outbound: the workload we meant to reach (or, as ztunnel allows, one
+/// of the other identities the destination may rightly show), whatever
+/// name or address the connection was opened with.
 #[derive(Debug)]
 pub(super) struct ServerVerifier {
     roots: Arc<Roots>,
-    expected: Identity,
+    /// The destination workload's identity first, then any others.
+    expected: Vec<Identity>,
 }
 
 impl ServerVerifier {
-    pub(super) fn new(roots: Arc<Roots>, expected: Identity) -> Self {
+    pub(super) fn new(roots: Arc<Roots>, expected: Vec<Identity>) -> Self {
         ServerVerifier { roots, expected }
     }
 }
@@ -161,16 +170,16 @@ impl ServerCertVerifier for ServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let id = self.roots.verify(
+        let ids = self.roots.verify(
             end_entity,
             intermediates,
             now,
             webpki::KeyUsage::server_auth(),
         )?;
-        if id != self.expected {
+        if !ids.iter().any(|id| self.expected.contains(id)) {
             return Err(reject(IdentityError::UnexpectedPeer {
-                expected: Box::new(self.expected.clone()),
-                presented: Box::new(id),
+                expected: Box::new(self.expected[0].clone()),
+                presented: Box::new(ids[0].clone()),
             }));
         }
         Ok(ServerCertVerified::assertion())
@@ -223,6 +232,31 @@ pub(super) fn spiffe_id(der: &CertificateDer<'_>) -> Result<Identity, IdentityEr
         (None, _) => Err(bad("no URI SAN".into())),
         (Some(_), Some(_)) => Err(bad("more than one URI SAN".into())),
     }
+}
+
+/// The SPIFFE workload IDs among a certificate's URI SANs, in order; other
+/// URIs are skipped. At least one, or an error.
+pub(super) fn spiffe_ids(der: &CertificateDer<'_>) -> Result<Vec<Identity>, IdentityError> {
+    let bad = |reason: String| IdentityError::NoSpiffeId(reason);
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| bad(format!("not an X.509 certificate: {e}")))?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| bad(format!("malformed subjectAltName: {e}")))?
+        .ok_or_else(|| bad("no subjectAltName".into()))?;
+    let ids: Vec<Identity> = san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            GeneralName::URI(uri) => uri.parse().ok(),
+            _ => None,
+        })
+        .collect();
+    if ids.is_empty() {
+        return Err(bad("no URI SAN is a SPIFFE workload ID".into()));
+    }
+    Ok(ids)
 }
 
 /// Our own refusals, as a rustls error that keeps the reason: callers can

@@ -227,6 +227,7 @@ mod tests {
                 uid: name.to_owned(),
                 netns: None,
                 owner: None,
+                owner_kind: None,
             })),
             ..Peer::default()
         }

@@ -106,6 +106,7 @@ mod tests {
                 uid: String::new(),
                 netns: None,
                 owner: None,
+                owner_kind: None,
             }),
             addr: SocketAddr::new(ip, 80),
         }

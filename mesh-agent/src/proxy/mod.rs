@@ -60,6 +60,8 @@ pub struct Shared {
     /// captures and passes traffic through.
     pub configured: bool,
     pub balancer: Balancer,
+    /// `--cluster-id`: the cluster HBONE's `baggage` names.
+    pub cluster_id: String,
 }
 
 impl Shared {
@@ -183,7 +185,13 @@ pub fn spawn_listener(pod: Arc<PodCtx>, listener: PodListener) -> io::Result<Joi
             let pod = pod.clone();
             match role {
                 Role::Outbound => {
-                    let span = info_span!("outbound", pod = %pod.name, client = %peer);
+                    // `traceparent`: the tunnel's, recorded when HBONE opens one.
+                    let span = info_span!(
+                        "outbound",
+                        pod = %pod.name,
+                        client = %peer,
+                        traceparent = tracing::field::Empty
+                    );
                     spawn_synced(pod, direction, span, admitted, move |pod| {
                         outbound::serve(pod, stream, peer)
                     });

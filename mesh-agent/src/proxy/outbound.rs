@@ -222,6 +222,26 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
         );
         return;
     }
+    // A Service's endpoints may show any of its workloads' identities, as
+    // ztunnel accepts a Service's SANs (no waypoint: a waypoint proves its
+    // own identity).
+    let service_identities: Vec<Identity> = if service.is_some() {
+        // Endpoints mostly share one ServiceAccount: deduplicated first.
+        let accounts: std::collections::BTreeSet<(&str, &str)> = route
+            .candidates
+            .iter()
+            .filter(|c| c.waypoint.is_none())
+            .filter_map(|c| c.workload.as_deref())
+            .filter(|w| w.captured)
+            .map(|w| (w.namespace.as_str(), w.service_account.as_str()))
+            .collect();
+        accounts
+            .into_iter()
+            .map(|(ns, sa)| Identity::new(trust_domain, ns, sa))
+            .collect()
+    } else {
+        Vec::new()
+    };
     let mut last_error = String::new();
     let mut flags = "UF";
     let mut upstream = None;
@@ -255,6 +275,12 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
                     addr: SocketAddr::new(src_ip, peer.port()),
                     workload: src_wl,
                     service: service.map(Service::hostname),
+                    cluster: &pod.shared.cluster_id,
+                    service_identities: if c.waypoint.is_some() {
+                        &[]
+                    } else {
+                        &service_identities
+                    },
                 };
                 hbone(&pod, src_id, dst_id, via_ip, c.addr, &caller).await
             }

@@ -173,6 +173,7 @@ fn workload<'a>(
             .unwrap_or_else(|| "default".into()),
         node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
         owner: owner_workload(meta, &labels),
+        owner_kind: owner_kind(meta, &labels),
         name,
         namespace,
         labels,
@@ -220,6 +221,23 @@ fn owner_workload(meta: &ObjectMeta, labels: &BTreeMap<String, String>) -> Optio
         _ => name,
     };
     (!trimmed.is_empty()).then(|| trimmed.to_owned())
+}
+
+/// The kind of [`owner_workload`], in lower case: a ReplicaSet whose name
+/// carries the pod-template hash is a Deployment's, a Job whose name
+/// carries a CronJob's schedule suffix is a CronJob's.
+fn owner_kind(meta: &ObjectMeta, labels: &BTreeMap<String, String>) -> Option<String> {
+    let owner = meta
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|r| r.controller == Some(true))?;
+    let trimmed = owner_workload(meta, labels)? != owner.name;
+    Some(match (owner.kind.as_str(), trimmed) {
+        ("ReplicaSet", true) => "deployment".to_owned(),
+        ("Job", true) => "cronjob".to_owned(),
+        (kind, _) => kind.to_ascii_lowercase(),
+    })
 }
 
 /// The pod's own `istio.io/dataplane-mode` decides (`none` opts out,
@@ -498,5 +516,41 @@ status:
             owner_workload(&ObjectMeta::default(), &BTreeMap::new()),
             None
         );
+    }
+
+    #[test]
+    fn the_workload_kind_is_the_controller_s_istio_names() {
+        let kind = |kind: &str, name: &str, hash: Option<&str>| {
+            let meta = ObjectMeta {
+                owner_references: Some(vec![OwnerReference {
+                    kind: kind.into(),
+                    name: name.into(),
+                    controller: Some(true),
+                    ..OwnerReference::default()
+                }]),
+                ..ObjectMeta::default()
+            };
+            let labels: BTreeMap<String, String> = hash
+                .map(|h| ("pod-template-hash".to_owned(), h.to_owned()))
+                .into_iter()
+                .collect();
+            owner_kind(&meta, &labels)
+        };
+        for (k, name, hash, want) in [
+            (
+                "ReplicaSet",
+                "reviews-v1-5f7d9c6b8",
+                Some("5f7d9c6b8"),
+                "deployment",
+            ),
+            ("ReplicaSet", "standalone", None, "replicaset"),
+            ("StatefulSet", "db", None, "statefulset"),
+            ("DaemonSet", "agent", None, "daemonset"),
+            ("Job", "backup-29012345", None, "cronjob"),
+            ("Job", "migrate-2", None, "job"),
+        ] {
+            assert_eq!(kind(k, name, hash).as_deref(), Some(want), "{k} {name}");
+        }
+        assert_eq!(owner_kind(&ObjectMeta::default(), &BTreeMap::new()), None);
     }
 }

@@ -72,6 +72,10 @@ pub struct Workload {
     /// The workload its controller makes it part of (a Deployment, a
     /// StatefulSet, ...), as Istio names it; None for a bare pod.
     pub owner: Option<String>,
+    /// The owner workload's kind in lower case (`deployment`,
+    /// `statefulset`, `daemonset`, `job`, `cronjob`, ...); None for a bare
+    /// pod.
+    pub owner_kind: Option<String>,
 }
 
 impl Workload {
@@ -83,6 +87,15 @@ impl Workload {
     /// workload (a Deployment, not its ReplicaSet), or the pod's own name.
     pub fn workload_name(&self) -> &str {
         self.owner.as_deref().unwrap_or(&self.name)
+    }
+
+    /// The kind of [`Workload::workload_name`], in lower case: the owner's,
+    /// or `pod` (the `k8s.<kind>.name` key of HBONE's `baggage`).
+    pub fn workload_kind(&self) -> &str {
+        match (&self.owner, &self.owner_kind) {
+            (Some(_), Some(kind)) => kind,
+            _ => "pod",
+        }
     }
 
     /// Istio's canonical service: `service.istio.io/canonical-name`, else

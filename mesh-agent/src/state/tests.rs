@@ -183,6 +183,7 @@ fn pods_become_workloads() {
             uid: String::new(),
             netns: None,
             owner: None,
+            owner_kind: None,
         }
     );
     assert_eq!(
@@ -409,6 +410,7 @@ status: {podIP: 10.2.0.1}
         uid: String::new(),
         netns: None,
         owner: None,
+        owner_kind: None,
     };
     let id = crate::identity::Identity::new("cluster.local", "shop", "web");
     let conn = Conn {

@@ -30,7 +30,7 @@ mod status;
 #[cfg(test)]
 mod status_tests;
 mod telemetry;
-mod trace;
+pub(crate) mod trace;
 mod upstream;
 
 /// What every connection of the waypoint shares.
@@ -54,6 +54,8 @@ pub struct Ctx {
     pub pod: (String, String),
     /// Picks among weighted backends.
     pub picks: std::sync::atomic::AtomicU64,
+    /// `--cluster-id`: the cluster HBONE's `baggage` names.
+    pub cluster_id: String,
 }
 
 impl Ctx {
@@ -86,6 +88,7 @@ pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
         admin = %args.admin_addr,
         config = ?args.mesh.config,
         trust_domain = %args.mesh.trust_domain,
+        cluster_id = %args.mesh.cluster_id,
         "starting waypoint"
     );
     std::fs::create_dir_all(&args.state_dir)
@@ -144,6 +147,7 @@ pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
         clients: upstream::Clients::new(weak.clone()),
         pod: (args.pod_namespace.clone(), args.pod_name.clone()),
         picks: std::sync::atomic::AtomicU64::new(0),
+        cluster_id: args.mesh.cluster_id.clone(),
     });
     let mut registry = crate::metrics::proxy_registry(&metrics);
     ctx.requests.register(&mut registry);

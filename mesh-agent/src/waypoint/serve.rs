@@ -58,7 +58,9 @@ pub async fn connection(ctx: Arc<Ctx>, stream: TcpStream, peer: SocketAddr) {
             return;
         }
     };
-    let Some((tls, peer_id)) = hbone::accept(stream, config, &ctx.metrics).await else {
+    let Some((tls, peer_id)) =
+        hbone::accept(stream, config, &ctx.metrics, ctx.certs.trust_domain()).await
+    else {
         return;
     };
     let client = Client {

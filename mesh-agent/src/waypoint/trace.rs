@@ -100,16 +100,11 @@ impl TraceContext {
             sampled: super::http::chance(percent),
             b3: false,
         };
-        if let Some(tp) = get("traceparent") {
-            let parts: Vec<&str> = tp.trim().split('-').collect();
-            if let [_version, trace, span, flags] = parts.as_slice()
-                && let (Some(t), Some(s)) = (unhex::<16>(trace), unhex::<8>(span))
-            {
-                ctx.trace_id = t;
-                ctx.parent = Some(s);
-                ctx.sampled = u8::from_str_radix(flags, 16).is_ok_and(|f| f & 1 == 1);
-                return ctx;
-            }
+        if let Some(tp) = get("traceparent").and_then(TraceParent::parse) {
+            ctx.trace_id = tp.trace_id;
+            ctx.parent = Some(tp.span_id);
+            ctx.sampled = tp.sampled;
+            return ctx;
         }
         if let (Some(trace), Some(span)) = (get("x-b3-traceid"), get("x-b3-spanid")) {
             let trace = if trace.len() == 16 {
@@ -132,13 +127,12 @@ impl TraceContext {
     /// Sets the headers the upstream call carries: its `traceparent` names
     /// the waypoint's client span; B3 too when the caller spoke it.
     pub fn inject(&self, h: &mut HeaderMap) {
-        let flags = if self.sampled { "01" } else { "00" };
-        let tp = format!(
-            "00-{}-{}-{flags}",
-            hex(&self.trace_id),
-            hex(&self.client_span)
-        );
-        if let Ok(v) = HeaderValue::from_str(&tp) {
+        let tp = TraceParent {
+            trace_id: self.trace_id,
+            span_id: self.client_span,
+            sampled: self.sampled,
+        };
+        if let Ok(v) = HeaderValue::from_str(&tp.to_string()) {
             h.insert("traceparent", v);
         }
         if self.b3 {
@@ -156,6 +150,62 @@ impl TraceContext {
                 if self.sampled { "1" } else { "0" }.into(),
             );
         }
+    }
+}
+
+/// A W3C `traceparent`: the trace, the sender's span, whether it samples.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TraceParent {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub sampled: bool,
+}
+
+impl TraceParent {
+    /// A new trace with fresh random ids, not sampled (nothing records a
+    /// span of it here; a receiver may still log or continue it).
+    pub fn fresh() -> Self {
+        TraceParent {
+            trace_id: random(),
+            span_id: random(),
+            sampled: false,
+        }
+    }
+
+    /// `version-traceid-spanid-flags` as W3C Trace Context writes it: two,
+    /// 32, 16 and two hex digits, ids not all zero, version not `ff`; a
+    /// later version may append fields. None for anything else.
+    pub fn parse(v: &str) -> Option<Self> {
+        let mut parts = v.trim().split('-');
+        let version = parts.next()?;
+        let (trace, span, flags) = (parts.next()?, parts.next()?, parts.next()?);
+        let byte = |s: &str| {
+            (s.len() == 2 && s.bytes().all(|b| b.is_ascii_hexdigit()))
+                .then(|| u8::from_str_radix(s, 16).ok())
+                .flatten()
+        };
+        let version = byte(version).filter(|v| *v != 0xff)?;
+        if version == 0 && parts.next().is_some() {
+            return None;
+        }
+        let flags = byte(flags)?;
+        Some(TraceParent {
+            trace_id: unhex(trace)?,
+            span_id: unhex(span)?,
+            sampled: flags & 1 == 1,
+        })
+    }
+}
+
+impl std::fmt::Display for TraceParent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let flags = if self.sampled { "01" } else { "00" };
+        write!(
+            f,
+            "00-{}-{}-{flags}",
+            hex(&self.trace_id),
+            hex(&self.span_id)
+        )
     }
 }
 
@@ -400,5 +450,34 @@ mod tests {
         );
         let ctx = TraceContext::from_headers(&h, 100.0);
         assert!(ctx.parent.is_none() && ctx.sampled);
+    }
+
+    #[test]
+    fn traceparents_parse_strictly_and_print_back() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let parsed = TraceParent::parse(tp).unwrap();
+        assert!(parsed.sampled);
+        assert_eq!(parsed.to_string(), tp);
+        // A later version may add fields; version 00 may not.
+        assert!(TraceParent::parse(&format!("01{}-09", &tp[2..])).is_some());
+        for bad in [
+            "",
+            "00",
+            "garbage",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-09",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-+1",
+            "0x-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ] {
+            assert_eq!(TraceParent::parse(bad), None, "{bad:?}");
+        }
+        let (a, b) = (TraceParent::fresh(), TraceParent::fresh());
+        assert_ne!(a.trace_id, b.trace_id);
+        assert_ne!(a.span_id, b.span_id);
+        assert_eq!(TraceParent::parse(&a.to_string()), Some(a));
     }
 }

@@ -94,6 +94,8 @@ async fn open(ctx: &Ctx, addr: SocketAddr) -> io::Result<Upstream> {
                 addr: SocketAddr::new(me.ips.first().copied().unwrap_or(addr.ip()), 0),
                 workload: &me,
                 service: None,
+                cluster: &ctx.cluster_id,
+                service_identities: &[],
             };
             let dialer = Dialer {
                 netns: None,

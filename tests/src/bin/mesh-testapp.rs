@@ -81,6 +81,7 @@ fn main() {
                 ca_dir: ".".into(),
                 method: "CONNECT".into(),
                 send: 0,
+                headers: Vec::new(),
             };
             for kv in &args[3..] {
                 let (k, v) = kv.split_once('=').expect("key=value");
@@ -90,6 +91,10 @@ fn main() {
                     "id" => p.identity = v.into(),
                     "method" => p.method = v.into(),
                     "send" => p.send = v.parse().expect("send=BYTES"),
+                    "header" => {
+                        let (name, value) = v.split_once(':').expect("header=NAME:VALUE");
+                        p.headers.push((name.into(), value.into()));
+                    }
                     _ => panic!("unknown option {k}"),
                 }
             }

@@ -9,14 +9,14 @@ use tokio_rustls::{TlsAcceptor, TlsConnector, client, server};
 
 use super::*;
 
-type Handshake = (
+pub(super) type Handshake = (
     io::Result<server::TlsStream<DuplexStream>>,
     io::Result<client::TlsStream<DuplexStream>>,
 );
 
 /// Both sides of one handshake, concurrently. The server name is arbitrary:
 /// the verifiers ignore it.
-async fn handshake(
+pub(super) async fn handshake(
     server: Arc<rustls::ServerConfig>,
     client: Arc<rustls::ClientConfig>,
 ) -> Handshake {
@@ -29,14 +29,14 @@ async fn handshake(
 }
 
 /// The rustls error inside a failed handshake's io::Error.
-fn tls_error(e: &io::Error) -> &rustls::Error {
+pub(super) fn tls_error(e: &io::Error) -> &rustls::Error {
     e.get_ref()
         .and_then(|e| e.downcast_ref::<rustls::Error>())
         .unwrap_or_else(|| panic!("not a rustls error: {e:?}"))
 }
 
 /// Our own refusal reason inside a rustls error.
-fn identity_error(e: &rustls::Error) -> &IdentityError {
+pub(super) fn identity_error(e: &rustls::Error) -> &IdentityError {
     match e {
         rustls::Error::InvalidCertificate(CertificateError::Other(other)) => other
             .0
@@ -46,7 +46,7 @@ fn identity_error(e: &rustls::Error) -> &IdentityError {
     }
 }
 
-fn server_error(h: Handshake) -> rustls::Error {
+pub(super) fn server_error(h: Handshake) -> rustls::Error {
     match h.0 {
         Ok(_) => panic!("the server accepted the handshake"),
         Err(e) => tls_error(&e).clone(),
@@ -66,11 +66,11 @@ async fn mutual_tls_carries_both_identities() {
     let (mut s, mut c) = (s.unwrap(), c.unwrap());
 
     let (_, sc) = s.get_ref();
-    assert_eq!(peer_identity(sc), Some(cli.clone()));
+    assert_eq!(peer_identity(sc, TD), Some(cli.clone()));
     assert_eq!(sc.alpn_protocol(), Some(&b"h2"[..]));
     assert_eq!(sc.protocol_version(), Some(ProtocolVersion::TLSv1_3));
     let (_, cc) = c.get_ref();
-    assert_eq!(peer_identity(cc), Some(srv.clone()));
+    assert_eq!(peer_identity(cc, TD), Some(srv.clone()));
     assert_eq!(cc.alpn_protocol(), Some(&b"h2"[..]));
 
     c.write_all(b"ping").await.unwrap();
@@ -150,7 +150,7 @@ async fn expired_server_cert_is_refused() {
 async fn missing_client_cert_is_refused() {
     let m = manager(&TempDir::new("nocert"), Duration::from_secs(3600));
     let srv = id("prod", "db");
-    let anonymous = tls::client_config(&m.provider, &m.roots, None, &srv).unwrap();
+    let anonymous = tls::client_config(&m.provider, &m.roots, None, vec![srv.clone()]).unwrap();
     let h = handshake(m.server_config(&srv).unwrap(), Arc::new(anonymous)).await;
     assert_eq!(server_error(h), rustls::Error::NoCertificatesPresented);
 }
@@ -286,7 +286,7 @@ async fn rotation_renews_at_half_life_for_new_handshakes() {
     assert_eq!(srv_second, dumped(&m, &srv));
     assert_eq!(cli_second, dumped(&m, &cli));
     let (_, sc) = h.0.as_ref().unwrap().get_ref();
-    assert_eq!(peer_identity(sc), Some(cli));
+    assert_eq!(peer_identity(sc, TD), Some(cli));
 }
 
 /// A trust bundle lets a second root's workloads in (a root being rotated
@@ -316,14 +316,14 @@ async fn a_trust_bundle_accepts_peers_of_its_roots_and_no_others() {
     )
     .await;
     let s = s.expect("the server accepts a client of a bundled root");
-    assert_eq!(peer_identity(s.get_ref().1), Some(cli.clone()));
+    assert_eq!(peer_identity(s.get_ref().1, TD), Some(cli.clone()));
     c_side.expect("and the client completes");
 
     // A server of root B, reached by a client of root A.
     let b_server = b.server_config(&srv).unwrap();
     let (s, c_side) = handshake(b_server, a.client_config(&cli, &srv).unwrap()).await;
     let c_side = c_side.expect("the client accepts a server of a bundled root");
-    assert_eq!(peer_identity(c_side.get_ref().1), Some(srv.clone()));
+    assert_eq!(peer_identity(c_side.get_ref().1, TD), Some(srv.clone()));
     drop(s);
 
     // Root C is in no bundle.

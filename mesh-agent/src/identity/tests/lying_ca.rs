@@ -28,8 +28,8 @@ enum Lie {
 }
 
 /// The lying CA: serves on 127.0.0.1 until dropped.
-struct LyingCa {
-    addr: SocketAddr,
+pub(super) struct LyingCa {
+    pub(super) addr: SocketAddr,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -54,6 +54,18 @@ fn ca_in(dir: &TempDir) -> Arc<Ca> {
 }
 
 async fn lying_ca(trusted: Arc<Ca>, other: Arc<Ca>, lie: Lie) -> LyingCa {
+    let tls_ca = trusted.clone();
+    stand_in(&tls_ca, move |body| lie_to(&trusted, &other, lie, body)).await
+}
+
+/// A cluster CA stand-in serving HTTPS with a certificate from `tls_ca`,
+/// answering every request 200 with what `answer` makes of its body.
+pub(super) async fn stand_in(
+    tls_ca: &Ca,
+    answer: impl Fn(&[u8]) -> Vec<u8> + Send + Sync + 'static,
+) -> LyingCa {
+    let answer = Arc::new(answer);
+    let trusted = tls_ca;
     let now = SystemTime::now();
     let hour = Duration::from_secs(3600);
     let server = trusted
@@ -77,12 +89,12 @@ async fn lying_ca(trusted: Arc<Ca>, other: Arc<Ca>, lie: Lie) -> LyingCa {
             let Ok(tls) = acceptor.accept(tcp).await else {
                 continue;
             };
-            let (trusted, other) = (trusted.clone(), other.clone());
+            let answer = answer.clone();
             let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
-                let (trusted, other) = (trusted.clone(), other.clone());
+                let answer = answer.clone();
                 async move {
                     let body = req.into_body().collect().await?.to_bytes();
-                    let answer = lie_to(&trusted, &other, lie, &body);
+                    let answer = answer(&body);
                     Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from(answer))))
                 }
             });

@@ -69,8 +69,8 @@ async fn agents_on_two_nodes_complete_mtls_with_ca_issued_certificates() {
         )
         .await;
         let (s, cl) = (s.unwrap(), cl.unwrap());
-        assert_eq!(peer_identity(s.get_ref().1), Some(web.clone()));
-        assert_eq!(peer_identity(cl.get_ref().1), Some(db.clone()));
+        assert_eq!(peer_identity(s.get_ref().1, TD), Some(web.clone()));
+        assert_eq!(peer_identity(cl.get_ref().1, TD), Some(db.clone()));
 
         // The root is the --ca-root file's; the certificate is the CA's.
         let dump = node_a.dump();

@@ -3,6 +3,7 @@
 
 use std::{
     collections::HashMap,
+    future::Future as _,
     io,
     net::SocketAddr,
     sync::{
@@ -19,9 +20,12 @@ use mesh_common::PORT_HBONE;
 use rustls::pki_types::ServerName;
 use tracing::{Instrument as _, debug};
 
-use super::{Buffered, CONN_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, STREAM_WINDOW, Timers};
+use super::{
+    Buffered, CLIENT_MAX_STREAMS, CONN_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, STREAM_WINDOW, Timers,
+};
 use crate::proxy::{Dialer, connect_from};
 use crate::sync::LockExt as _;
+use crate::waypoint::trace::TraceParent;
 use crate::{
     identity::{Identity, IdentityError},
     state::Workload,
@@ -34,18 +38,28 @@ struct Pooled {
     since: std::time::Instant,
     /// Streams open on this connection now.
     active: Arc<AtomicUsize>,
+    /// Streams the peer allows at once (its SETTINGS_MAX_CONCURRENT_STREAMS,
+    /// as the connection task last saw it).
+    peer_max: Arc<AtomicUsize>,
 }
 
 impl Pooled {
     fn usable(&self, max_age: Duration) -> bool {
         !self.sender.is_closed() && self.since.elapsed() < max_age
     }
+
+    /// Whether one more stream may open now: under our cap and the peer's.
+    /// A full connection is passed over for another, never queued behind.
+    fn has_room(&self) -> bool {
+        let limit = CLIENT_MAX_STREAMS.min(self.peer_max.load(Ordering::Relaxed));
+        self.active.load(Ordering::Relaxed) < limit
+    }
 }
 
 /// Connections to one peer (same identities, same address) the pool keeps
 /// at most: one per core, so that the TLS work of parallel streams, which
 /// runs in each connection's own task, can use every core.
-fn conns_per_peer() -> usize {
+pub(super) fn conns_per_peer() -> usize {
     static N: OnceLock<usize> = OnceLock::new();
     *N.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(8)))
 }
@@ -97,6 +111,9 @@ impl Drop for ActiveStream {
 struct PoolKey {
     src: Identity,
     dst: Identity,
+    /// Other identities the peer may prove (a Service's): a connection
+    /// that proved one of them serves only calls that accept them too.
+    also: Vec<Identity>,
     addr: SocketAddr,
 }
 
@@ -104,7 +121,8 @@ struct PoolKey {
 /// namespace, so they carry its address and cannot be shared across pods).
 /// A new stream takes an idle connection to its peer, or opens another one
 /// while there are fewer than [`conns_per_peer`], or else shares the
-/// least busy one.
+/// least busy one that has room for it (under 100 streams and under the
+/// peer's limit); when every connection is full, it opens another.
 #[derive(Default)]
 pub struct Pool {
     conns: Mutex<HashMap<PoolKey, Vec<Pooled>>>,
@@ -168,6 +186,12 @@ pub struct Caller<'a> {
     /// The Service the client addressed (its cluster hostname), if any:
     /// sent as `forwarded` `host`, so that the destination reports it.
     pub service: Option<String>,
+    /// The cluster the caller is in (`--cluster-id`), for `baggage`.
+    pub cluster: &'a str,
+    /// The identities of the workloads behind the Service the call
+    /// addressed: a destination proving one of them is accepted as well as
+    /// one proving the expected identity (ztunnel accepts a Service's SANs).
+    pub service_identities: &'a [Identity],
 }
 
 impl Pool {
@@ -196,6 +220,7 @@ impl Pool {
         let key = PoolKey {
             src: src.clone(),
             dst: dst.clone(),
+            also: caller.service_identities.to_vec(),
             addr: SocketAddr::new(via, PORT_HBONE),
         };
         // The stream is counted on its connection as soon as it is chosen,
@@ -213,7 +238,7 @@ impl Pool {
             let usable = peer.iter().filter(|p| p.usable(max_age)).count();
             let least = peer
                 .iter()
-                .filter(|p| p.usable(max_age))
+                .filter(|p| p.usable(max_age) && p.has_room())
                 .min_by_key(|p| p.active.load(Ordering::Relaxed));
             match least {
                 Some(p) if p.active.load(Ordering::Relaxed) == 0 || usable >= conns_per_peer() => {
@@ -248,7 +273,7 @@ impl Pool {
             .map_err(|source| HboneError::Connect { addr, source })?;
         let config = dialer
             .certs
-            .client_config(&key.src, &key.dst)
+            .client_config_for(&key.src, &key.dst, &key.also)
             .map_err(|source| HboneError::Identity {
                 id: key.src.clone(),
                 source,
@@ -266,8 +291,10 @@ impl Pool {
         })?
         .map_err(|source| HboneError::Tls { addr, source })?;
         tls.get_mut().0.buffer();
-        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        let (sender, mut conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
+            // Until the peer's SETTINGS say otherwise.
+            .initial_max_send_streams(CLIENT_MAX_STREAMS)
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONN_WINDOW)
             .max_frame_size(MAX_FRAME)
@@ -280,6 +307,15 @@ impl Pool {
             .handshake(TokioIo::new(tls))
             .await
             .map_err(|source| HboneError::Http { addr, source })?;
+        let peer_max = Arc::new(AtomicUsize::new(conn.current_max_send_streams()));
+        let seen = peer_max.clone();
+        // The connection task notes the peer's stream limit each time it
+        // runs (a SETTINGS frame may change it at any time).
+        let conn = std::future::poll_fn(move |cx| {
+            let polled = std::pin::Pin::new(&mut conn).poll(cx);
+            seen.store(conn.current_max_send_streams(), Ordering::Relaxed);
+            polled
+        });
         tokio::spawn(
             async move {
                 if let Err(e) = conn.await {
@@ -301,12 +337,16 @@ impl Pool {
         let active = ActiveStream::new(&count);
         let peer = conns.entry(key.clone()).or_default();
         // Calls that dialled at once may find the pool full by now: the
-        // extra connection then carries this one stream and closes with it.
-        if peer.iter().filter(|p| p.usable(max_age)).count() < conns_per_peer() {
+        // extra connection then carries this one stream and closes with it,
+        // unless every pooled connection is at its stream limit.
+        let usable = peer.iter().filter(|p| p.usable(max_age));
+        let full = usable.clone().all(|p| !p.has_room());
+        if usable.count() < conns_per_peer() || full {
             peer.push(Pooled {
                 sender: sender.clone(),
                 since: std::time::Instant::now(),
                 active: count,
+                peer_max,
             });
         }
         Ok((sender, active))
@@ -334,20 +374,6 @@ fn forwarded(caller: &Caller<'_>) -> String {
     v
 }
 
-/// A W3C baggage value: anything outside a safe set is percent-encoded, so
-/// a label can neither break the header nor add members.
-fn baggage_value(v: &str) -> String {
-    let mut out = String::with_capacity(v.len());
-    for b in v.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 async fn request(
     sender: Sender,
     key: &PoolKey,
@@ -357,20 +383,16 @@ async fn request(
 ) -> Result<Upgraded, HboneError> {
     let addr = key.addr;
     let wl = caller.workload;
+    // A fresh trace per tunnel, on both ends' log spans (the outbound
+    // connection's here, the tunnel's at the server), so they join up.
+    let trace = TraceParent::fresh().to_string();
+    tracing::Span::current().record("traceparent", tracing::field::display(&trace));
     let req = Request::builder()
         .method(Method::CONNECT)
         .uri(target.to_string())
         .header("forwarded", forwarded(caller))
-        .header(
-            "baggage",
-            format!(
-                "k8s.namespace.name={},k8s.pod.name={},service.name={},service.version={}",
-                baggage_value(&wl.namespace),
-                baggage_value(&wl.name),
-                baggage_value(wl.app()),
-                baggage_value(wl.version())
-            ),
-        )
+        .header("baggage", super::headers::baggage(caller.cluster, wl))
+        .header("traceparent", &trace)
         .body(Empty::new())?;
     tokio::time::timeout(timeout, send(sender, req, addr, target))
         .await

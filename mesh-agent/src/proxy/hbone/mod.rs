@@ -7,12 +7,17 @@
 use std::time::Duration;
 
 mod client;
+mod headers;
 mod io;
 mod server;
 
 pub use client::{Caller, HboneError, Pool, Tunnel};
 #[cfg(test)]
-pub use server::{Authority, connect_authority, connect_destination};
+pub use headers::{Baggage, traceparent};
+#[cfg(test)]
+use server::serve_streams;
+#[cfg(test)]
+pub use server::{Authority, connect_authority, connect_destination, forwarded_host};
 #[cfg(test)]
 mod tests;
 pub use server::{accept, answer, serve, serve_connects};
@@ -35,14 +40,18 @@ const MAX_FRAME: u32 = 256 * 1024;
 use io::Buffered;
 
 /// Streams one HTTP/2 connection carries at once (each is one tunnelled
-/// TCP connection); the server advertises it, a client past it waits.
-const MAX_STREAMS: u32 = 1024;
+/// TCP connection), as ztunnel allows them: the server advertises 200 (a
+/// client past it waits); the client opens at most 100 on one connection,
+/// or fewer if the peer allows fewer, and opens another connection beyond.
+const SERVER_MAX_STREAMS: u32 = 200;
+const CLIENT_MAX_STREAMS: usize = 100;
 /// A CONNECT must be answered in this time (a pooled connection to a peer
 /// that vanished would otherwise hold the call until TCP gives up).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// HTTP/2 pings find dead peers on idle pooled connections.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 pings find dead peers on idle pooled connections (ztunnel's
+/// clocks: a ping after 10 s without a frame, answered within 20 s).
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// A pooled connection takes no new streams after this age: new calls
 /// handshake again (fresh certificates, fresh policy checks of the peer),
 /// old streams finish on the old connection.

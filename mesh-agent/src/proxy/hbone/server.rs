@@ -14,15 +14,18 @@ use mesh_common::AGENT_PORTS;
 use tokio::net::TcpStream;
 use tracing::{Instrument as _, debug, info_span, warn};
 
+use super::headers::{Baggage, baggage, traceparent};
 use super::{
     ACCEPT_HANDSHAKE_TIMEOUT, Buffered, CONN_WINDOW, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT,
-    MAX_FRAME, MAX_HEADER_LIST, MAX_STREAMS, STREAM_WINDOW,
+    MAX_FRAME, MAX_HEADER_LIST, SERVER_MAX_STREAMS, STREAM_WINDOW,
 };
+use crate::metrics::HeaderLabels;
 use crate::proxy::{
     Counted, PodCtx,
     conn::{ConnRecord, Outcome, Peer},
     connect_in_pod, finish, revoked_by_policy, splice,
 };
+use crate::waypoint::trace::TraceParent;
 use crate::{
     identity::{Identity, peer_identity},
     inpod::sockets::Source,
@@ -68,7 +71,8 @@ pub async fn serve(pod: Arc<PodCtx>, stream: TcpStream, peer: SocketAddr) {
             return;
         }
     };
-    let Some((tls, peer_id)) = accept(stream, config, metrics).await else {
+    let trust_domain = pod.shared.certs.trust_domain();
+    let Some((tls, peer_id)) = accept(stream, config, metrics, trust_domain).await else {
         return;
     };
     let inbound = Arc::new(Inbound {
@@ -94,6 +98,7 @@ pub async fn accept(
     stream: TcpStream,
     config: Arc<rustls::ServerConfig>,
     metrics: &crate::metrics::Metrics,
+    trust_domain: &str,
 ) -> Option<(TlsStream, Identity)> {
     let accept = tokio_rustls::TlsAcceptor::from(config).accept(Buffered::new(stream));
     let mut tls = match tokio::time::timeout(ACCEPT_HANDSHAKE_TIMEOUT, accept).await {
@@ -110,7 +115,7 @@ pub async fn accept(
             return None;
         }
     };
-    let Some(peer_id) = peer_identity(tls.get_ref().1) else {
+    let Some(peer_id) = peer_identity(tls.get_ref().1, trust_domain) else {
         // The verifier already requires a SPIFFE ID; this is belt and braces.
         metrics.connection("hbone", "bad_certificate");
         return None;
@@ -128,6 +133,16 @@ where
     F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Response<Empty<Bytes>>> + Send + 'static,
 {
+    serve_streams(tls, SERVER_MAX_STREAMS, handle).await;
+}
+
+/// [`serve_connects`] allowing `max_streams` at once on the connection
+/// (tests play peers with other limits).
+pub(super) async fn serve_streams<F, Fut>(tls: TlsStream, max_streams: u32, handle: F)
+where
+    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<Empty<Bytes>>> + Send + 'static,
+{
     let svc = service_fn(move |req| {
         let answer = handle(req);
         async move { Ok::<_, Infallible>(answer.await) }
@@ -137,7 +152,7 @@ where
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONN_WINDOW)
         .max_frame_size(MAX_FRAME)
-        .max_concurrent_streams(MAX_STREAMS)
+        .max_concurrent_streams(max_streams)
         .max_header_list_size(MAX_HEADER_LIST)
         .keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
@@ -195,6 +210,46 @@ pub fn connect_authority(uri: &hyper::Uri) -> Option<Authority> {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
     dns.then(|| Authority::Host(host.to_ascii_lowercase(), port))
+}
+
+/// The metadata a CONNECT carries about its caller; a header that does
+/// not parse is counted and ignored.
+#[derive(Debug, Default)]
+struct CallerMeta {
+    baggage: Baggage,
+    traceparent: Option<TraceParent>,
+}
+
+fn caller_meta(headers: &hyper::HeaderMap, metrics: &crate::metrics::Metrics) -> CallerMeta {
+    let bad = |header| {
+        metrics
+            .hbone_bad_headers
+            .get_or_create(&HeaderLabels { header })
+            .inc();
+        debug!(header, "ignoring a CONNECT header that does not parse");
+    };
+    let mut meta = CallerMeta::default();
+    // W3C allows baggage in several headers; each is read on its own.
+    for value in headers.get_all("baggage") {
+        match Baggage::parse(value.as_bytes()) {
+            Some(b) => {
+                let m = &mut meta.baggage;
+                m.cluster = b.cluster.or(m.cluster.take());
+                m.namespace = b.namespace.or(m.namespace.take());
+                m.workload = b.workload.or(m.workload.take());
+                m.service = b.service.or(m.service.take());
+                m.version = b.version.or(m.version.take());
+            }
+            None => bad("baggage"),
+        }
+    }
+    if let Some(value) = headers.get("traceparent") {
+        meta.traceparent = traceparent(value.as_bytes());
+        if meta.traceparent.is_none() {
+            bad("traceparent");
+        }
+    }
+    meta
 }
 
 pub fn answer(status: StatusCode) -> Response<Empty<Bytes>> {
@@ -271,6 +326,7 @@ impl Inbound {
             debug!(%dst, "CONNECT to one of the agent's own ports");
             return answer(StatusCode::SERVICE_UNAVAILABLE);
         }
+        let meta = caller_meta(req.headers(), metrics);
         let src = Peer {
             addr: Some(self.peer),
             workload: store.workload_by_ip(self.peer.ip()).cloned(),
@@ -326,7 +382,15 @@ impl Inbound {
         metrics.connection("hbone", "forwarded");
         let on_upgrade = hyper::upgrade::on(&mut req);
         let this = self.clone();
-        let span = info_span!("tunnel", %dst, peer = %self.peer_id);
+        // The caller's cluster and trace join this tunnel's log lines to
+        // the caller's.
+        let span = info_span!(
+            "tunnel",
+            %dst,
+            peer = %self.peer_id,
+            peer_cluster = meta.baggage.cluster.as_deref().unwrap_or("-"),
+            traceparent = %meta.traceparent.map_or_else(|| "-".to_owned(), |t| t.to_string()),
+        );
         tokio::spawn(
             async move {
                 let mut rec = rec;
@@ -350,7 +414,12 @@ impl Inbound {
             }
             .instrument(span),
         );
-        answer(StatusCode::OK)
+        let mut ok = answer(StatusCode::OK);
+        // As ztunnel answers: who the caller reached.
+        if let Ok(v) = baggage(&pod.shared.cluster_id, &self.local).parse() {
+            ok.headers_mut().insert("baggage", v);
+        }
+        ok
     }
 }
 

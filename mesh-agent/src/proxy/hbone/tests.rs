@@ -1,6 +1,8 @@
 //! The HBONE client pool against the real HBONE server code over loopback
 //! TCP and TLS: a pooled connection's age limit, the CONNECT timeout, pings
-//! on idle connections, and the server's cap on streams per connection.
+//! on idle connections, the server's cap on streams per connection, the
+//! client's (100, or fewer if the peer says so), and the CONNECT's
+//! metadata headers.
 //! The clocks are shortened (`Timers`); what they bound is the same code.
 
 use std::{
@@ -87,6 +89,7 @@ fn workload(name: &str, ip: IpAddr) -> Workload {
         uid: String::new(),
         netns: None,
         owner: None,
+        owner_kind: None,
     }
 }
 
@@ -103,6 +106,10 @@ enum Answer {
 /// CONNECT server, counting the TLS connections it accepted.
 struct Server {
     accepted: Arc<AtomicUsize>,
+    /// The most streams any one connection had open at once.
+    most_streams: Arc<AtomicUsize>,
+    /// The request heads it received.
+    heads: Arc<std::sync::Mutex<Vec<hyper::HeaderMap>>>,
     task: JoinHandle<()>,
 }
 
@@ -113,6 +120,16 @@ impl Drop for Server {
 }
 
 async fn hbone_server(ip: IpAddr, certs: &CertManager, answer: Answer) -> Server {
+    limited_server(ip, certs, answer, SERVER_MAX_STREAMS).await
+}
+
+/// [`hbone_server`] allowing `max_streams` streams per connection.
+async fn limited_server(
+    ip: IpAddr,
+    certs: &CertManager,
+    answer: Answer,
+    max_streams: u32,
+) -> Server {
     let listener = TcpListener::bind(SocketAddr::new(ip, mesh_common::PORT_HBONE))
         .await
         .unwrap();
@@ -120,33 +137,57 @@ async fn hbone_server(ip: IpAddr, certs: &CertManager, answer: Answer) -> Server
         .server_config(&Identity::new(TD, "shop", "server"))
         .unwrap();
     let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
+    let most_streams = Arc::new(AtomicUsize::new(0));
+    let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (count, most, seen) = (accepted.clone(), most_streams.clone(), heads.clone());
     let task = tokio::spawn(async move {
         let metrics = Arc::new(Metrics::default());
         loop {
             let (stream, _) = listener.accept().await.unwrap();
             let (config, metrics, count) = (config.clone(), metrics.clone(), count.clone());
+            let (most, seen) = (most.clone(), seen.clone());
             tokio::spawn(async move {
-                let Some((tls, _peer)) = accept(stream, config, &metrics).await else {
+                let Some((tls, _peer)) = accept(stream, config, &metrics, TD).await else {
                     return;
                 };
                 count.fetch_add(1, Ordering::SeqCst);
-                serve_connects(tls, move |req| respond(req, answer)).await;
+                // Streams open on this connection now.
+                let open = Arc::new(AtomicUsize::new(0));
+                serve_streams(tls, max_streams, move |req| {
+                    seen.lock().unwrap().push(req.headers().clone());
+                    let now = open.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(now, Ordering::SeqCst);
+                    respond(req, answer, open.clone())
+                })
+                .await;
             });
         }
     });
-    Server { accepted, task }
+    Server {
+        accepted,
+        most_streams,
+        heads,
+        task,
+    }
 }
 
 async fn respond(
     mut req: Request<hyper::body::Incoming>,
     answer: Answer,
+    open: Arc<AtomicUsize>,
 ) -> Response<Empty<Bytes>> {
     if answer == Answer::Silent {
         std::future::pending::<()>().await;
     }
     let upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
+        struct Closed(Arc<AtomicUsize>);
+        impl Drop for Closed {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        let _closed = Closed(open);
         let Ok(up) = upgrade.await else { return };
         let mut io = TokioIo::new(up);
         let mut buf = [0u8; 1024];
@@ -164,6 +205,8 @@ struct Client {
     pool: Pool,
     certs: Arc<CertManager>,
     workload: Workload,
+    /// Sent as the addressed Service's identities.
+    also: Vec<Identity>,
 }
 
 impl Client {
@@ -172,6 +215,7 @@ impl Client {
             pool: Pool::with_timers(timers),
             certs,
             workload: workload("client", IpAddr::from([127, 0, 0, 1])),
+            also: Vec::new(),
         }
     }
 
@@ -184,6 +228,8 @@ impl Client {
             addr: SocketAddr::new(IpAddr::from([127, 0, 0, 1]), 40000),
             workload: &self.workload,
             service: None,
+            cluster: "Kubernetes",
+            service_identities: &self.also,
         };
         self.pool
             .connect(
@@ -243,7 +289,8 @@ async fn a_pooled_connection_takes_no_new_stream_past_its_age() {
         assert!(born.elapsed() < quick().max_age, "the calls took too long");
 
         // Past its age, the next call handshakes again...
-        tokio::time::sleep_until((born + quick().max_age).into()).await;
+        // (The connection was made after `born`: a full age from now.)
+        tokio::time::sleep(quick().max_age).await;
         let mut fresh = client.call(ip).await.unwrap();
         echoes(&mut fresh, b"fresh").await;
         assert_eq!(server.accepted.load(Ordering::SeqCst), 2);
@@ -378,15 +425,15 @@ async fn pings_close_an_idle_pooled_connection_whose_peer_went_silent() {
         relay.abort();
         assert_eq!(
             (KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT),
-            (Duration::from_secs(20), Duration::from_secs(10)),
-            "the README's pings"
+            (Duration::from_secs(10), Duration::from_secs(20)),
+            "the README's pings, ztunnel's clocks"
         );
     })
     .await
 }
 
 #[tokio::test]
-async fn the_server_takes_1024_streams_per_connection_and_holds_the_next() {
+async fn the_server_takes_200_streams_per_connection_and_holds_the_next() {
     within(async {
         let dir = TempDir::new("streams");
         let certs = certs(&dir);
@@ -425,9 +472,9 @@ async fn the_server_takes_1024_streams_per_connection_and_holds_the_next() {
                 hyper::upgrade::on(resp).await.unwrap()
             }
         };
-        let cap = MAX_STREAMS as usize;
+        let cap = SERVER_MAX_STREAMS as usize;
+        assert_eq!(cap, 200, "ztunnel's server limit");
         let mut tunnels = futures::future::join_all((0..cap).map(|_| open(&sender))).await;
-        assert_eq!(tunnels.len(), 1024);
 
         // One more waits for a stream to end, then gets it.
         let mut next = tokio::spawn(open(&sender));
@@ -443,7 +490,131 @@ async fn the_server_takes_1024_streams_per_connection_and_holds_the_next() {
             .expect("the waiting stream opened once one ended")
             .unwrap();
         tunnels.push(up);
-        assert_eq!(tunnels.len(), 1024);
+        assert_eq!(tunnels.len(), cap);
+    })
+    .await
+}
+
+/// A peer that allows 2 streams per connection: each connection takes 2,
+/// then the pool opens another rather than queue a third behind them (a
+/// queued CONNECT would wait for one of the held tunnels to end, which
+/// none does here, and time out).
+#[tokio::test]
+async fn streams_past_the_peer_s_limit_go_to_another_connection() {
+    within(async {
+        let dir = TempDir::new("peer-limit");
+        let certs = certs(&dir);
+        let ip = loopback(6);
+        let server = limited_server(ip, &certs, Answer::Echo, 2).await;
+        let client = Client::new(
+            certs,
+            Timers {
+                max_age: Duration::from_secs(60),
+                ..quick()
+            },
+        );
+        // The first connection learns the peer's limit from its SETTINGS.
+        let mut first = client.call(ip).await.unwrap();
+        echoes(&mut first, b"first").await;
+        let mut held = vec![first];
+        for i in 0..5 {
+            let mut t = client
+                .call(ip)
+                .await
+                .unwrap_or_else(|e| panic!("call {} of 6 failed: {e}", i + 2));
+            echoes(&mut t, b"held").await;
+            held.push(t);
+        }
+        // And six at once on top.
+        let more = futures::future::join_all((0..6).map(|_| client.call(ip))).await;
+        for t in more {
+            let mut t = t.expect("a concurrent call failed");
+            echoes(&mut t, b"more").await;
+            held.push(t);
+        }
+        assert_eq!(held.len(), 12);
+        assert!(
+            server.most_streams.load(Ordering::SeqCst) <= 2,
+            "a connection carried more streams than the peer allows"
+        );
+        assert!(
+            server.accepted.load(Ordering::SeqCst) >= 6,
+            "12 streams at 2 a connection need 6 connections, got {}",
+            server.accepted.load(Ordering::SeqCst)
+        );
+        for t in &mut held {
+            echoes(t, b"all still carry bytes").await;
+        }
+    })
+    .await
+}
+
+/// Against a peer that allows more, a connection carries at most 100 of
+/// our streams (ztunnel's client limit); the 101st goes elsewhere.
+#[tokio::test]
+async fn the_client_opens_at_most_100_streams_per_connection() {
+    within(async {
+        let dir = TempDir::new("client-cap");
+        let certs = certs(&dir);
+        let ip = loopback(7);
+        let server = limited_server(ip, &certs, Answer::Echo, 1000).await;
+        let client = Client::new(
+            certs,
+            Timers {
+                max_age: Duration::from_secs(60),
+                request_timeout: Duration::from_secs(5),
+                ..quick()
+            },
+        );
+        // More than the pool's connections carry at 100 each.
+        let n = 100 * client::conns_per_peer() + 50;
+        let mut held = Vec::new();
+        for _ in 0..n {
+            held.push(client.call(ip).await.unwrap());
+        }
+        assert_eq!(CLIENT_MAX_STREAMS, 100);
+        let most = server.most_streams.load(Ordering::SeqCst);
+        assert_eq!(most, 100, "the busiest connection carried {most} streams");
+        assert!(server.accepted.load(Ordering::SeqCst) > client::conns_per_peer());
+        echoes(held.last_mut().unwrap(), b"the last").await;
+    })
+    .await
+}
+
+/// Each CONNECT names its caller in ztunnel's `baggage` keys and starts a
+/// fresh W3C trace.
+#[tokio::test]
+async fn a_connect_carries_baggage_and_a_fresh_traceparent() {
+    within(async {
+        let dir = TempDir::new("heads");
+        let certs = certs(&dir);
+        let ip = loopback(8);
+        let server = hbone_server(ip, &certs, Answer::Echo).await;
+        let mut client = Client::new(certs, quick());
+        client.workload.owner = Some("client-app".into());
+        client.workload.owner_kind = Some("deployment".into());
+        client
+            .workload
+            .labels
+            .insert("app".into(), "frontend".into());
+        let _a = client.call(ip).await.unwrap();
+        let _b = client.call(ip).await.unwrap();
+        let heads = server.heads.lock().unwrap().clone();
+        assert_eq!(heads.len(), 2);
+        for h in &heads {
+            assert_eq!(
+                h["baggage"],
+                "k8s.cluster.name=Kubernetes,k8s.namespace.name=shop,\
+                 k8s.deployment.name=client-app,service.name=frontend,service.version=latest"
+            );
+            assert_eq!(h["forwarded"], "for=\"127.0.0.1:40000\"");
+        }
+        let trace = |h: &hyper::HeaderMap| {
+            crate::waypoint::trace::TraceParent::parse(h["traceparent"].to_str().unwrap())
+                .expect("a valid traceparent")
+        };
+        let (a, b) = (trace(&heads[0]), trace(&heads[1]));
+        assert_ne!(a.trace_id, b.trace_id, "one trace per tunnel");
     })
     .await
 }
