@@ -2,7 +2,8 @@
 //! against the API stand-in served on the fabric, certificates from a
 //! `mesh-agent ca` process through `--ca-address`. Pods are Pod objects in
 //! the API, found from their UID (the kubelet's cgroup naming), enrolled
-//! when their namespace is labelled ambient; policy is created and deleted
+//! when their namespace is labelled ambient and marked with istio-cni's
+//! redirection annotation once captured; policy is created and deleted
 //! through the API.
 
 use std::{
@@ -10,8 +11,9 @@ use std::{
     time::Duration,
 };
 
+use anyhow::Context as _;
 use mesh_tests::{
-    Pod, Testbed, Value, converge, ip_of,
+    Pod, Testbed, Value, converge, delivered_by_agent, ip_of,
     mesh::{namespace_yaml, pod_yaml, with_uid},
     metrics::{series_sum, series_sum_or_absent},
 };
@@ -48,6 +50,29 @@ fn wait_enrolled(tb: &Testbed, node: usize, name: &str) -> anyhow::Result<()> {
     )
     .map(drop)
     .map_err(|e| e.context(tb.agent(node).log_text()))
+}
+
+/// The annotation istio-cni (and the agents) set on a captured pod.
+const REDIRECTION: &str = "ambient.istio.io/redirection";
+
+/// The redirection annotation of Pod `shop/name` in the API.
+fn redirection(tb: &Testbed, name: &str) -> Option<String> {
+    let pod = tb.cluster().get("v1", "Pod", "shop", name)?;
+    pod["metadata"]["annotations"][REDIRECTION]
+        .as_str()
+        .map(str::to_owned)
+}
+
+/// Whether node `node`'s agent sends HBONE to pod `shop/name` (its
+/// configuration dump says so).
+fn agent_sends_hbone(tb: &Testbed, node: usize, name: &str) -> anyhow::Result<bool> {
+    let (_, dump) = tb.agent(node).http("GET", "/config_dump", None)?;
+    let dump: Value = serde_json::from_str(&dump)?;
+    let workloads = dump["config"]["workloads"].as_array().cloned();
+    let workloads = workloads.context("no config.workloads in the dump")?;
+    Ok(workloads
+        .iter()
+        .any(|w| w["namespace"] == "shop" && w["name"] == name && w["hbone"] == true))
 }
 
 /// Waits until node `node`'s agent's configuration dump satisfies `applied`.
@@ -105,9 +130,11 @@ fn node_agents_run_against_the_api_with_certificates_from_the_cluster_ca() -> an
     let server = tb.add_pod(1, "server")?;
     // Not in the API, so not in the mesh: where the HBONE probe runs from.
     let outsider = tb.add_pod(0, "outsider")?;
+    // In the ambient namespace, but with Istio's sidecar: never captured.
+    let sidecar = tb.add_pod(1, "sidecar")?;
     // A process in each pod's cgroup, as a sandbox has: how an agent finds
     // the pod's namespace from its UID.
-    for p in [&client, &server] {
+    for p in [&client, &server, &sidecar] {
         tb.serve(p, any6(APP_PORT))?;
     }
     let objects = [
@@ -120,6 +147,11 @@ fn node_agents_run_against_the_api_with_certificates_from_the_cluster_ca() -> an
             &pod_yaml(&server, 1, "shop", "server", &[("app", "echo")]),
             &server,
         ),
+        with_uid(&pod_yaml(&sidecar, 1, "shop", "sidecar", &[]), &sidecar).replacen(
+            "metadata:\n",
+            "metadata:\n  annotations:\n    sidecar.istio.io/status: '{\"containers\":[\"istio-proxy\"]}'\n",
+            1,
+        ),
     ];
     tb.cluster().apply_yaml(&objects.join("---\n"))?;
     for node in 0..2 {
@@ -127,6 +159,32 @@ fn node_agents_run_against_the_api_with_certificates_from_the_cluster_ca() -> an
     }
     wait_enrolled(&tb, 0, "shop/client")?;
     wait_enrolled(&tb, 1, "shop/server")?;
+    // Captured, so marked as istio-cni marks them; the client's agent then
+    // reaches the server over HBONE.
+    converge(
+        "the agents annotated their pods",
+        Duration::from_secs(10),
+        || {
+            Ok(redirection(&tb, "client").as_deref() == Some("enabled")
+                && redirection(&tb, "server").as_deref() == Some("enabled"))
+        },
+    )?;
+    converge(
+        "the client's agent read the server's annotation",
+        Duration::from_secs(10),
+        || agent_sends_hbone(&tb, 0, "server"),
+    )?;
+    // The sidecar pod: neither enrolled nor pending, nor annotated, and
+    // reached in plain TCP.
+    assert!(
+        !tb.agent(1).pod_names()?.iter().any(|n| n == "shop/sidecar"),
+        "a sidecar pod enrolled"
+    );
+    assert!(
+        !tb.agent(1).log_text().contains("pod=shop/sidecar"),
+        "the sidecar pod was considered for enrolment"
+    );
+    assert_eq!(redirection(&tb, "sidecar"), None);
 
     // The agents hold certificates the cluster CA signed for their pods.
     let root_serial = {
@@ -239,5 +297,39 @@ fn node_agents_run_against_the_api_with_certificates_from_the_cluster_ca() -> an
     ));
     wait_dump(&tb, 1, |d| !d.contains("no-client"))?;
     connect_ok(&tb, &client, &server)?;
+
+    // A destination without the annotation gets plain TCP: the sidecar pod,
+    // and the server once released (it opts out), its annotation removed.
+    let plain = |tb: &Testbed, to: &Pod| -> anyhow::Result<()> {
+        let forwarded = hbone_counts(tb)?.0;
+        let r = connect_ok(tb, &client, to)?;
+        assert!(
+            !delivered_by_agent(&r),
+            "{} reached over HBONE: {r}",
+            to.name
+        );
+        assert_eq!(hbone_counts(tb)?.0, forwarded, "to {}", to.name);
+        Ok(())
+    };
+    plain(&tb, &sidecar)?;
+    let opted_out = [("app", "echo"), ("istio.io/dataplane-mode", "none")];
+    tb.cluster().apply_yaml(&with_uid(
+        &pod_yaml(&server, 1, "shop", "server", &opted_out),
+        &server,
+    ))?;
+    converge(
+        "the server released and unmarked",
+        Duration::from_secs(10),
+        || {
+            Ok(!tb.agent(1).pod_names()?.iter().any(|n| n == "shop/server")
+                && redirection(&tb, "server").is_none())
+        },
+    )?;
+    converge(
+        "the client's agent read the removal",
+        Duration::from_secs(10),
+        || Ok(!agent_sends_hbone(&tb, 0, "server")?),
+    )?;
+    plain(&tb, &server)?;
     Ok(())
 }

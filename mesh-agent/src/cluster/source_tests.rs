@@ -20,6 +20,7 @@ fn opts() -> StoreOptions {
     StoreOptions {
         trust_domain: "cluster.local".into(),
         root_namespace: "istio-system".into(),
+        redirection_annotation: true,
     }
 }
 
