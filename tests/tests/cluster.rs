@@ -132,9 +132,12 @@ fn node_agents_run_against_the_api_with_certificates_from_the_cluster_ca() -> an
     let outsider = tb.add_pod(0, "outsider")?;
     // In the ambient namespace, but with Istio's sidecar: never captured.
     let sidecar = tb.add_pod(1, "sidecar")?;
+    // Labelled for the mesh, but its Pod names a node without an agent: its
+    // capture is never installed, so it never carries the annotation.
+    let waiting = tb.add_pod(1, "waiting")?;
     // A process in each pod's cgroup, as a sandbox has: how an agent finds
     // the pod's namespace from its UID.
-    for p in [&client, &server, &sidecar] {
+    for p in [&client, &server, &sidecar, &waiting] {
         tb.serve(p, any6(APP_PORT))?;
     }
     let objects = [
@@ -147,6 +150,7 @@ fn node_agents_run_against_the_api_with_certificates_from_the_cluster_ca() -> an
             &pod_yaml(&server, 1, "shop", "server", &[("app", "echo")]),
             &server,
         ),
+        with_uid(&pod_yaml(&waiting, 9, "shop", "waiting", &[]), &waiting),
         with_uid(&pod_yaml(&sidecar, 1, "shop", "sidecar", &[]), &sidecar).replacen(
             "metadata:\n",
             "metadata:\n  annotations:\n    sidecar.istio.io/status: '{\"containers\":[\"istio-proxy\"]}'\n",
@@ -299,7 +303,9 @@ fn node_agents_run_against_the_api_with_certificates_from_the_cluster_ca() -> an
     connect_ok(&tb, &client, &server)?;
 
     // A destination without the annotation gets plain TCP: the sidecar pod,
-    // and the server once released (it opts out), its annotation removed.
+    // a labelled pod whose capture is not installed (HBONE to it would find
+    // nothing on 15008), and the server once released (it opts out), its
+    // annotation removed.
     let plain = |tb: &Testbed, to: &Pod| -> anyhow::Result<()> {
         let forwarded = hbone_counts(tb)?.0;
         let r = connect_ok(tb, &client, to)?;
@@ -312,6 +318,8 @@ fn node_agents_run_against_the_api_with_certificates_from_the_cluster_ca() -> an
         Ok(())
     };
     plain(&tb, &sidecar)?;
+    assert_eq!(redirection(&tb, "waiting"), None);
+    plain(&tb, &waiting)?;
     let opted_out = [("app", "echo"), ("istio.io/dataplane-mode", "none")];
     tb.cluster().apply_yaml(&with_uid(
         &pod_yaml(&server, 1, "shop", "server", &opted_out),
