@@ -169,12 +169,9 @@ async fn node(args: NodeArgs, log_filter: admin::LogFilter) -> anyhow::Result<()
             node: node_name.clone(),
             finder,
             certs: shared.certs.clone(),
-            redirection: client
-                .clone()
-                .map(|client| cluster::redirection::Redirection {
-                    client,
-                    metrics: shared.metrics.clone(),
-                }),
+            redirection: client.clone().map(|client| {
+                cluster::redirection::Redirection::new(client, shared.metrics.clone())
+            }),
         };
         inpod::enrol::spawn(enroller, store.clone());
     }

@@ -4,13 +4,15 @@
 //! released (a JSON merge patch on the Pod; RBAC grants `patch` on pods).
 //! Agents and ztunnels reach a pod over HBONE only once it carries it.
 
-use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::{Arc, Mutex, PoisonError},
+};
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::{Value, json};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     metrics::Metrics,
@@ -19,8 +21,11 @@ use crate::{
 
 /// Writes the annotation through the API.
 pub struct Redirection {
-    pub client: kube::Client,
-    pub metrics: Arc<Metrics>,
+    client: kube::Client,
+    metrics: Arc<Metrics>,
+    /// The last error each pod's write met, so that one that keeps failing
+    /// (RBAC without `patch` on pods, say) is logged once, not every retry.
+    reported: Mutex<BTreeMap<String, String>>,
 }
 
 /// One pod whose annotation is not what its capture says.
@@ -50,6 +55,14 @@ pub fn changes(store: &Store, node: &str, enrolled: &BTreeSet<String>) -> Vec<Ch
 }
 
 impl Redirection {
+    pub fn new(client: kube::Client, metrics: Arc<Metrics>) -> Self {
+        Redirection {
+            client,
+            metrics,
+            reported: Mutex::default(),
+        }
+    }
+
     /// Patches every pod of `changes`; false when one failed (it is tried
     /// again on the next pass). A pod deleted meanwhile needs nothing.
     pub async fn apply(&self, changes: &[Change]) -> bool {
@@ -63,18 +76,29 @@ impl Redirection {
             let patch = json!({ "metadata": { "annotations": { REDIRECTION_ANNOTATION: value } } });
             let pods = Api::<Pod>::namespaced(self.client.clone(), &c.namespace);
             let op = if c.enabled { "annotate" } else { "unannotate" };
-            match pods
+            let pod = format!("{}/{}", c.namespace, c.name);
+            let result = pods
                 .patch(&c.name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-            {
+                .await;
+            let mut reported = self.reported.lock().unwrap_or_else(PoisonError::into_inner);
+            match result {
                 Ok(_) => {
                     self.metrics.enrolment(op, "ok");
-                    info!(pod = %format!("{}/{}", c.namespace, c.name), enabled = c.enabled, "{REDIRECTION_ANNOTATION} written");
+                    info!(%pod, enabled = c.enabled, "{REDIRECTION_ANNOTATION} written");
+                    reported.remove(&pod);
                 }
-                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(kube::Error::Api(e)) if e.code == 404 => {
+                    reported.remove(&pod);
+                }
                 Err(e) => {
                     self.metrics.enrolment(op, "api_error");
-                    warn!(pod = %format!("{}/{}", c.namespace, c.name), error = %e, "cannot write {REDIRECTION_ANNOTATION}; retrying");
+                    let error = e.to_string();
+                    if reported.get(&pod) == Some(&error) {
+                        debug!(%pod, %error, "cannot write {REDIRECTION_ANNOTATION}; retrying");
+                    } else {
+                        warn!(%pod, %error, "cannot write {REDIRECTION_ANNOTATION}; retrying every second");
+                        reported.insert(pod, error);
+                    }
                     all = false;
                 }
             }

@@ -76,10 +76,7 @@ async fn the_annotation_is_written_on_enrol_and_removed_on_release() {
     );
 
     let metrics = Arc::new(Metrics::default());
-    let writer = Redirection {
-        client: fake.client(),
-        metrics: metrics.clone(),
-    };
+    let writer = Redirection::new(fake.client(), metrics.clone());
     let annotations = || {
         fake.objects("v1", "Pod")
             .into_iter()
@@ -126,7 +123,11 @@ async fn the_annotation_is_written_on_enrol_and_removed_on_release() {
     fake.fail_next(1, 500);
     assert!(!writer.apply(&released).await);
     assert_eq!(count(&metrics, "unannotate", "api_error"), 1);
+    // Remembered, so that the same failure again is not logged again.
+    let reported = || writer.reported.lock().unwrap().clone();
+    assert_eq!(reported().keys().collect::<Vec<_>>(), ["shop/web-1"]);
     assert!(writer.apply(&released).await);
+    assert!(reported().is_empty(), "forgotten once written");
     assert_eq!(annotations(), json!({"team": "web"}));
     until(&mut rx, "the removal read back", |s| {
         seen(s, "10.1.0.5") == Some((false, false))
