@@ -196,6 +196,9 @@ async fn node(args: NodeArgs, log_filter: admin::LogFilter) -> anyhow::Result<()
             node: node_name.clone(),
             finder,
             certs: shared.certs.clone(),
+            redirection: client.clone().map(|client| {
+                cluster::redirection::Redirection::new(client, shared.metrics.clone())
+            }),
         };
         inpod::enrol::spawn(enroller, store.clone());
     }
@@ -321,6 +324,7 @@ fn start_store(
     let opts = state::StoreOptions {
         trust_domain: m.trust_domain.clone(),
         root_namespace: m.root_namespace.clone(),
+        redirection_annotation: client.is_some(),
     };
     let mut references = cluster::source::References::default();
     let rx = match (&m.config, client) {

@@ -31,7 +31,8 @@ pub struct ProxyLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EnrolLabels {
-    /// `enroll` or `unenroll`.
+    /// `enroll` or `unenroll`; in a cluster also `annotate` and
+    /// `unannotate` (the pod's redirection annotation written).
     pub op: &'static str,
     /// `ok` or an error kind.
     pub result: &'static str,

@@ -24,6 +24,7 @@ use anyhow::{Context, bail, ensure};
 pub use serde_json::Value;
 
 mod agent;
+pub mod cluster;
 pub mod httpapp;
 pub mod mesh;
 pub mod metrics;
@@ -167,6 +168,8 @@ fn in_cgroup_netns(cgroup: &Path, netns: &str, program: &Path) -> Command {
 
 pub struct Testbed {
     pub prefix: String,
+    /// This testbed's number in this process.
+    seq: u32,
     pub nodes: Vec<Node>,
     fabric: String,
     cgroup: PathBuf,
@@ -174,6 +177,8 @@ pub struct Testbed {
     pub workdir: PathBuf,
     /// Agents (waypoints) the testbed keeps running until it is dropped.
     kept: Vec<Agent>,
+    /// The API stand-in and the cluster CA, once started.
+    cluster: Option<cluster::Cluster>,
 }
 
 pub struct Node {
@@ -189,6 +194,10 @@ pub struct Node {
 #[derive(Clone, Debug)]
 pub struct Pod {
     pub name: String,
+    /// Its Pod object's `metadata.uid` when the API holds it; the pod's
+    /// cgroup is named after it (`pod<uid>`), as the kubelet names it, so
+    /// an agent finds the pod's namespace from the UID alone.
+    pub uid: String,
     pub netns: String,
     pub cgroup: PathBuf,
     pub ip4: IpAddr,
@@ -205,15 +214,13 @@ impl Testbed {
     /// A fabric and `nodes` empty nodes.
     pub fn new(nodes: usize) -> anyhow::Result<Self> {
         require_root();
-        let prefix = format!(
-            "mt{}x{}",
-            std::process::id() % 100_000,
-            SEQ.fetch_add(1, Ordering::SeqCst)
-        );
+        let seq = SEQ.fetch_add(1, Ordering::SeqCst);
+        let prefix = format!("mt{}x{seq}", std::process::id() % 100_000);
         let workdir = std::env::temp_dir().join(format!("mesh-tests-{prefix}"));
         fs::create_dir_all(&workdir)?;
         let cgroup = cgroup2_root().join(&prefix);
         let mut tb = Testbed {
+            seq,
             fabric: format!("{prefix}-fab"),
             prefix,
             nodes: Vec::new(),
@@ -221,6 +228,7 @@ impl Testbed {
             children: Vec::new(),
             workdir,
             kept: Vec::new(),
+            cluster: None,
         };
         fs::create_dir_all(&tb.cgroup).context("creating the testbed cgroup")?;
         ip(&["netns", "add", &tb.fabric])?;
@@ -380,10 +388,19 @@ impl Testbed {
         let nd = &self.nodes[node];
         let j = nd.pods.len();
         let n = node + 1;
+        // Unique on this machine: other testbeds' pods are in /proc too.
+        let uid = format!(
+            "{:08x}-{:04x}-4000-8000-{:06x}{:06x}",
+            std::process::id(),
+            self.seq,
+            node,
+            j
+        );
         Ok(Pod {
             name: name.to_owned(),
             netns: format!("{}-n{node}p{j}", self.prefix),
-            cgroup: nd.cgroup.join(format!("p{j}")),
+            cgroup: nd.cgroup.join(format!("pod{uid}")),
+            uid,
             ip4: format!("10.{n}.0.{}", 10 + j).parse()?,
             ip6: format!("fd00:{n}::{:x}", 10 + j).parse()?,
         })
@@ -589,6 +606,17 @@ impl Testbed {
     /// Starts the agent; returns once `/healthz/ready` answers 200, or
     /// answers at all when `ready` is false.
     fn launch_agent(&mut self, node: usize, extra: &[&str], ready: bool) -> anyhow::Result<()> {
+        self.launch_agent_with_env(node, extra, &[], ready)
+    }
+
+    /// [`Testbed::launch_agent`] with more environment variables.
+    fn launch_agent_with_env(
+        &mut self,
+        node: usize,
+        extra: &[&str],
+        env: &[(String, String)],
+        ready: bool,
+    ) -> anyhow::Result<()> {
         let (netns, cgroup, bpf_dir, state_dir) = {
             let n = &self.nodes[node];
             (
@@ -616,6 +644,7 @@ impl Testbed {
             .arg(format!("node{node}"))
             .args(extra)
             .env("MESH_LOG", "info,mesh_agent=debug")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file);
@@ -739,6 +768,8 @@ impl Drop for Testbed {
             let _ = c.kill();
             let _ = c.wait();
         }
+        // The agents that talked to it are gone.
+        drop(self.cluster.take());
         cleanup(&self.prefix);
     }
 }

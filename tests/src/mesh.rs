@@ -69,6 +69,16 @@ pub fn with_netns(pod_yaml: &str, pod: &Pod) -> String {
     )
 }
 
+/// The same Pod object with the pod's UID, as the API server gives it: a
+/// node agent reading the API finds the pod's namespace from it.
+pub fn with_uid(pod_yaml: &str, pod: &Pod) -> String {
+    pod_yaml.replacen(
+        "metadata:\n",
+        &format!("metadata:\n  uid: {}\n", pod.uid),
+        1,
+    )
+}
+
 /// A ClusterIP Service: `vip:port` to `target_port` on pods with `app=<app>`.
 pub fn service_yaml(
     name: &str,

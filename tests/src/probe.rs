@@ -34,6 +34,18 @@ fn ca_params() -> anyhow::Result<CertificateParams> {
     Ok(p)
 }
 
+/// The serial number of a PEM certificate, in lowercase hex, as the
+/// agents' `/config_dump` gives it.
+pub fn serial_of_pem(pem: &str) -> anyhow::Result<String> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).context("a PEM certificate")?;
+    let cert = pem.parse_x509().context("an X.509 certificate")?;
+    Ok(cert
+        .raw_serial()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
 /// Writes a fresh CA root (certificate and key, PEM) into `dir`.
 pub fn write_root(dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;

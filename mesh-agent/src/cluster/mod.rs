@@ -5,6 +5,7 @@
 pub mod events;
 #[cfg(test)]
 pub mod fake_api;
+pub mod redirection;
 pub mod source;
 #[cfg(test)]
 mod source_tests;
@@ -104,6 +105,14 @@ pub const WATCHED: &[Resource] = &[
         true,
     ),
 ];
+
+/// Pods: the node agent writes their redirection annotation (`patch` in
+/// RBAC, checked by a test; [`redirection`]).
+#[cfg_attr(
+    not(test),
+    allow(dead_code, reason = "read by the test that checks deploy/rbac.yaml")
+)]
+pub const PATCHED: Resource = Resource::new("", "v1", "Pod", "pods", true);
 
 /// Where the agent writes Events (`create` and `patch` in RBAC): kube's
 /// recorder picks the resource; this names it for the RBAC check.

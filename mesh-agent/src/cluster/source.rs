@@ -378,6 +378,7 @@ pub(crate) fn fuzz_object(json: &[u8]) {
     let opts = crate::state::StoreOptions {
         trust_domain: "cluster.local".into(),
         root_namespace: "istio-system".into(),
+        redirection_annotation: true,
     };
     let _ = crate::state::Store::from_documents(&docs, &opts);
 }

@@ -11,7 +11,7 @@ use tokio::sync::watch;
 
 use super::{
     Resource, events,
-    fake_api::FakeApi,
+    fake_api::{self, FakeApi},
     source::{KubeSource, ORIGIN},
 };
 use crate::state::{Conn, Decision, MtlsMode, Store, StoreOptions, spawn_source};
@@ -20,6 +20,7 @@ fn opts() -> StoreOptions {
     StoreOptions {
         trust_domain: "cluster.local".into(),
         root_namespace: "istio-system".into(),
+        redirection_annotation: true,
     }
 }
 
@@ -89,7 +90,7 @@ fn lists(fake: &FakeApi, plural: &str) -> usize {
 
 #[tokio::test]
 async fn converges_through_watch_events_bookmarks_drops_410_and_api_errors() {
-    let fake = FakeApi::start().await;
+    let fake = fake_api::start().await;
     fake.apply(namespace("shop", true));
     fake.apply(pod("web-1", "node-a", "10.1.0.5"));
     let source = Box::new(KubeSource::new(fake.client()));
@@ -156,7 +157,7 @@ async fn converges_through_watch_events_bookmarks_drops_410_and_api_errors() {
 
 #[tokio::test]
 async fn a_kind_the_server_does_not_serve_is_reported_and_the_rest_loads() {
-    let fake = FakeApi::start().await;
+    let fake = fake_api::start().await;
     fake.apply(pod("web-1", "node-a", "10.1.0.5"));
     let mut source = KubeSource::new(fake.client());
     source.resources.push(Resource::new(
@@ -187,7 +188,7 @@ async fn a_kind_the_server_does_not_serve_is_reported_and_the_rest_loads() {
 
 #[tokio::test]
 async fn objects_that_cannot_be_applied_get_an_event_and_fail_closed() {
-    let fake = FakeApi::start().await;
+    let fake = fake_api::start().await;
     fake.apply(pod("web-1", "node-a", "10.1.0.5"));
     let source = KubeSource::new(fake.client());
     let references = source.references();
@@ -237,7 +238,7 @@ async fn objects_that_cannot_be_applied_get_an_event_and_fail_closed() {
 /// again later, its last objects stay.
 #[tokio::test]
 async fn a_policy_kind_that_cannot_be_listed_fails_closed_and_keeps_its_last_objects() {
-    let fake = FakeApi::start().await;
+    let fake = fake_api::start().await;
     fake.apply(namespace("shop", true));
     fake.apply(pod("web-1", "node-a", "10.1.0.5"));
     fake.apply(policy("deny-all", json!({"action": "DENY", "rules": [{}]})));
@@ -319,7 +320,7 @@ async fn a_policy_kind_that_cannot_be_listed_fails_closed_and_keeps_its_last_obj
 /// and the rest of the configuration loads and applies.
 #[tokio::test]
 async fn a_kind_rbac_forbids_is_reported_and_the_rest_loads() {
-    let fake = FakeApi::start().await;
+    let fake = fake_api::start().await;
     fake.apply(namespace("shop", true));
     fake.apply(pod("web-1", "node-a", "10.1.0.5"));
     fake.forbid("httproutes");
@@ -362,7 +363,7 @@ async fn a_kind_rbac_forbids_is_reported_and_the_rest_loads() {
 /// not exist on the Service (`MissingWaypoint`).
 #[tokio::test]
 async fn l7_rules_at_l4_and_missing_waypoints_get_their_events() {
-    let fake = FakeApi::start().await;
+    let fake = fake_api::start().await;
     fake.apply(namespace("shop", true));
     fake.apply(pod("web-1", "node-a", "10.1.0.5"));
     fake.apply(policy(

@@ -15,7 +15,7 @@ use k8s_openapi::{
 };
 
 use super::{Manifests, Problems, Workload, name, qualified};
-use crate::cluster::{EVENTS, WATCHED};
+use crate::cluster::{EVENTS, PATCHED, WATCHED};
 
 /// A RoleBinding (in `namespace`) or a ClusterRoleBinding (no namespace).
 struct Binding<'a> {
@@ -205,7 +205,7 @@ fn service_accounts_and_role_refs_exist() {
 }
 
 #[test]
-fn agent_may_watch_every_watched_kind_and_write_events() {
+fn agent_may_watch_every_watched_kind_write_events_and_annotate_pods() {
     let m = Manifests::load();
     let (w, _, _) = m.agent();
     let watches = WATCHED.iter().flat_map(|r| {
@@ -218,7 +218,9 @@ fn agent_may_watch_every_watched_kind_and_write_events() {
         let req = Request::new(verb, EVENTS.group, EVENTS.plural);
         (req, " (cluster::EVENTS)".to_owned())
     });
-    check_allowed(&m, &w, "the agent", watches.chain(events));
+    let annotate = Request::new("patch", PATCHED.group, PATCHED.plural);
+    let annotate = [(annotate, " (cluster::PATCHED)".to_owned())];
+    check_allowed(&m, &w, "the agent", watches.chain(events).chain(annotate));
 }
 
 #[test]

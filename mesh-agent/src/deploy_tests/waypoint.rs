@@ -220,6 +220,7 @@ fn waypoint_deployment_runs_a_waypoint_its_gateway_recognises() {
         &StoreOptions {
             trust_domain: "cluster.local".into(),
             root_namespace: "istio-system".into(),
+            redirection_annotation: false,
         },
     );
     p.check(store.warnings().is_empty(), || {

@@ -14,6 +14,7 @@ use super::{
     pods::{PodInfo, PodSpec, Pods},
 };
 use crate::{
+    cluster::redirection::{self, Redirection},
     identity::CertManager,
     state::{Store, Workload},
 };
@@ -39,6 +40,9 @@ pub struct Enroller {
     /// Enrolled pods get their certificates now, not on their first
     /// connection (with a cluster CA, a first connection cannot wait for one).
     pub certs: Arc<CertManager>,
+    /// In a cluster: keeps each pod's redirection annotation in line with
+    /// its capture.
+    pub redirection: Option<Redirection>,
 }
 
 impl Enroller {
@@ -196,6 +200,7 @@ pub fn spawn(enroller: Enroller, mut store: watch::Receiver<Arc<Store>>) -> Join
             let snapshot = store.borrow_and_update().clone();
             let mut retry = false;
             if snapshot.generation > 0 {
+                let seen = snapshot.clone();
                 let e = enroller.clone();
                 let pending =
                     match tokio::task::spawn_blocking(move || e.reconcile(&snapshot)).await {
@@ -211,6 +216,11 @@ pub fn spawn(enroller: Enroller, mut store: watch::Receiver<Arc<Store>>) -> Join
                     }
                 }
                 retry = !pending.is_empty();
+                if let Some(r) = &enroller.redirection {
+                    let enrolled = enroller.pods.list().into_iter().map(|p| p.name).collect();
+                    let changes = redirection::changes(&seen, &enroller.node, &enrolled);
+                    retry |= !r.apply(&changes).await;
+                }
                 enroller.pods.set_pending(pending.clone());
                 reported = pending;
                 let current = store.borrow().clone();

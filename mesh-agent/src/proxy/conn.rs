@@ -224,6 +224,8 @@ mod tests {
                 labels: Default::default(),
                 ports: Default::default(),
                 captured: true,
+                redirected: false,
+                hbone: true,
                 uid: name.to_owned(),
                 netns: None,
                 owner: None,

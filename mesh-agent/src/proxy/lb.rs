@@ -103,6 +103,8 @@ mod tests {
                 labels: BTreeMap::new(),
                 ports: BTreeMap::new(),
                 captured: true,
+                redirected: false,
+                hbone: true,
                 uid: String::new(),
                 netns: None,
                 owner: None,

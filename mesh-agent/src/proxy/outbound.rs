@@ -4,8 +4,9 @@
 //! connection is refused, never guessed. Then: a destination bound to a
 //! waypoint goes to a waypoint pod over HBONE with the original address as
 //! the authority (or is refused when its waypoint cannot serve it: never
-//! around it); a Service VIP picks an endpoint; a meshed destination is
-//! reached over HBONE; anything else passes through as plain TCP.
+//! around it); a Service VIP picks an endpoint; a destination an ambient
+//! data plane captures is reached over HBONE; anything else passes through
+//! as plain TCP.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -43,6 +44,16 @@ struct Candidate {
     workload: Option<Arc<Workload>>,
     /// A waypoint pod to send it through, instead of `workload` itself.
     waypoint: Option<Arc<Workload>>,
+}
+
+impl Candidate {
+    /// Sent over HBONE: through a waypoint, or to a pod whose capture is
+    /// installed ([`Workload::hbone`]: in a cluster, the redirection
+    /// annotation). A pod labelled for the mesh but not captured yet gets
+    /// plain TCP: nothing there would answer on 15008.
+    fn over_hbone(&self) -> bool {
+        self.waypoint.is_some() || self.workload.as_ref().is_some_and(|w| w.hbone)
+    }
 }
 
 /// A waypoint's pods in balancer order, each carrying the original
@@ -248,7 +259,7 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
     for c in &route.candidates {
         // Through a waypoint: mTLS with the waypoint's identity, to its pod.
         let via = c.waypoint.as_ref().or(c.workload.as_ref());
-        let meshed = c.waypoint.is_some() || c.workload.as_ref().is_some_and(|w| w.captured);
+        let meshed = c.over_hbone();
         let dst_identity = via.filter(|_| meshed).map(|w| w.identity(trust_domain));
         rec.set_destination(
             Peer {
@@ -381,5 +392,55 @@ async fn hbone(
             endpoint_fault: e.is_endpoint_fault(),
             error: e.to_string(),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::StoreOptions;
+
+    /// From the API: a labelled pod is sent plain TCP until its capture is
+    /// installed (the redirection annotation), then HBONE; a waypoint
+    /// always HBONE.
+    #[test]
+    fn hbone_only_to_a_destination_whose_capture_is_installed() {
+        let pod = |annotations: &str| {
+            format!(
+                "apiVersion: v1\nkind: Namespace\nmetadata: {{name: shop, labels: {{istio.io/dataplane-mode: ambient}}}}\n---\n\
+                 apiVersion: v1\nkind: Pod\nmetadata: {{name: web, namespace: shop, annotations: {{{annotations}}}}}\n\
+                 status: {{podIP: 10.1.0.5}}\n"
+            )
+        };
+        let opts = StoreOptions {
+            trust_domain: "cluster.local".into(),
+            root_namespace: "istio-system".into(),
+            redirection_annotation: true,
+        };
+        let candidate = |yaml: String| {
+            let store = Store::from_yaml(&[("api".into(), yaml)], &opts);
+            let web = store.workload("shop", "web").cloned();
+            assert!(web.as_ref().is_some_and(|w| w.captured), "labelled");
+            Candidate {
+                addr: "10.1.0.5:8080".parse().unwrap(),
+                workload: web,
+                waypoint: None,
+            }
+        };
+        let pending = candidate(pod(""));
+        assert!(!pending.over_hbone(), "not captured yet: plain TCP");
+        let installed = candidate(pod("ambient.istio.io/redirection: enabled"));
+        assert!(installed.over_hbone(), "captured: HBONE");
+        let via_waypoint = Candidate {
+            waypoint: installed.workload.clone(),
+            ..pending
+        };
+        assert!(via_waypoint.over_hbone(), "through a waypoint: HBONE");
+        let unknown = Candidate {
+            addr: "192.0.2.1:80".parse().unwrap(),
+            workload: None,
+            waypoint: None,
+        };
+        assert!(!unknown.over_hbone(), "outside the mesh: plain TCP");
     }
 }

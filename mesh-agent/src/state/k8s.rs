@@ -20,6 +20,21 @@ const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
 /// (`/run/netns/NAME`, `/proc/PID/ns/net`).
 pub const NETNS_ANNOTATION: &str = "mesh-agent/netns";
 
+/// The annotation istio-cni sets on a pod once its traffic is captured
+/// (value `enabled`), and clears when it lets go; this agent does the same
+/// for the pods it enrols. Ztunnels and agents reach a pod over HBONE only
+/// once it carries it.
+pub const REDIRECTION_ANNOTATION: &str = "ambient.istio.io/redirection";
+
+/// Set by Istio's sidecar injector: such a pod has its own proxy and is
+/// never captured by an ambient node agent.
+const SIDECAR_STATUS: &str = "sidecar.istio.io/status";
+
+/// `app.kubernetes.io/name` of the agent's own pods (`deploy/`: the node
+/// agents and the CA), which are never captured, whatever their
+/// namespace's label says.
+const OWN_APPS: [&str; 2] = ["mesh-agent", "mesh-ca"];
+
 /// A workload and what the store needs to know about its pod besides.
 #[derive(Debug)]
 pub(super) struct PodWorkload {
@@ -47,7 +62,12 @@ pub(super) fn slim_pod(pod: Pod) -> Pod {
             .annotations
             .map(|a| {
                 a.into_iter()
-                    .filter(|(k, _)| k == NETNS_ANNOTATION)
+                    .filter_map(|(k, v)| match k.as_str() {
+                        NETNS_ANNOTATION | REDIRECTION_ANNOTATION => Some((k, v)),
+                        // Its presence is what counts, not its kilobyte of JSON.
+                        SIDECAR_STATUS => Some((k, String::new())),
+                        _ => None,
+                    })
                     .collect::<BTreeMap<_, _>>()
             })
             .filter(|a| !a.is_empty()),
@@ -164,7 +184,14 @@ fn workload<'a>(
     let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
     // Capturing a host-network pod would capture its whole node; Istio's CNI
     // never does, whatever the labels say.
-    let captured = !host_network && captured(&labels, ns_labels(&namespace));
+    let annotation = |key: &str| meta.annotations.as_ref().and_then(|a| a.get(key));
+    // A sidecar pod has its own proxy; the agent's own pods carry the mesh.
+    let sidecar = annotation(SIDECAR_STATUS).is_some();
+    let own = labels
+        .get("app.kubernetes.io/name")
+        .is_some_and(|app| OWN_APPS.contains(&app.as_str()));
+    let captured = !host_network && !sidecar && !own && captured(&labels, ns_labels(&namespace));
+    let redirected = annotation(REDIRECTION_ANNOTATION).is_some_and(|v| v == "enabled");
     let workload = Workload {
         ips: pod_ips(status, &object, warnings),
         service_account: spec
@@ -179,6 +206,9 @@ fn workload<'a>(
         labels,
         ports,
         captured,
+        redirected,
+        // Decided with the store's options, when it is indexed.
+        hbone: false,
         uid: meta.uid.clone().unwrap_or_default(),
         netns: meta
             .annotations

@@ -36,7 +36,7 @@ use std::{
     sync::Arc,
 };
 
-pub use k8s::NETNS_ANNOTATION;
+pub use k8s::{NETNS_ANNOTATION, REDIRECTION_ANNOTATION};
 pub use matcher::{Attrs, L7Request};
 pub use ratelimit::RateLimit;
 pub use route::{
@@ -61,8 +61,15 @@ pub struct Workload {
     /// Named container ports (for Service targetPort by name).
     pub ports: BTreeMap<String, u16>,
     /// In the mesh: its namespace or the pod itself is labelled
-    /// `istio.io/dataplane-mode=ambient` and the pod did not opt out (`none`).
+    /// `istio.io/dataplane-mode=ambient`, the pod did not opt out (`none`),
+    /// and it is neither a sidecar pod nor one of the agent's own.
     pub captured: bool,
+    /// Annotated `ambient.istio.io/redirection: enabled`: an ambient node
+    /// agent (this project's, or Istio's istio-cni) has installed its
+    /// capture.
+    pub redirected: bool,
+    /// Reached over HBONE: see [`StoreOptions::redirection_annotation`].
+    pub hbone: bool,
     /// `metadata.uid`: tells a pod from its replacement of the same name.
     pub uid: String,
     /// The pod's network namespace, when its manifest names it (annotation
@@ -258,6 +265,12 @@ pub struct StoreOptions {
     pub trust_domain: String,
     /// Policies here apply mesh-wide (Istio's `istio-system`).
     pub root_namespace: String,
+    /// A destination pod is reached over HBONE only once it carries the
+    /// redirection annotation (the cluster source, as Istio decides it: the
+    /// label says a pod should be captured, the annotation that it is).
+    /// Without it (a local configuration), a pod its labels put in the mesh
+    /// is reached over HBONE too.
+    pub redirection_annotation: bool,
 }
 
 /// One snapshot of everything known.
@@ -268,6 +281,8 @@ pub struct Store {
     pub generation: u64,
     trust_domain: String,
     root_namespace: String,
+    /// [`StoreOptions::redirection_annotation`].
+    redirection_annotation: bool,
     /// By (namespace, name): the order of endpoints and of the dump.
     workloads: BTreeMap<(String, String), Arc<Workload>>,
     by_ip: HashMap<IpAddr, Arc<Workload>>,
@@ -347,6 +362,7 @@ impl Store {
         let mut store = Store {
             trust_domain: opts.trust_domain.clone(),
             root_namespace: opts.root_namespace.clone(),
+            redirection_annotation: opts.redirection_annotation,
             peer_auths,
             service_accounts: objects.service_accounts.len(),
             http_routes: objects.http_routes.len(),
@@ -413,7 +429,9 @@ impl Store {
     }
 
     fn index_workloads(&mut self, pods: Vec<k8s::PodWorkload>, warnings: &mut Vec<ConfigWarning>) {
-        for pod in pods {
+        for mut pod in pods {
+            let wl = &mut pod.workload;
+            wl.hbone = wl.redirected || !self.redirection_annotation && wl.captured;
             let wl = Arc::new(pod.workload);
             // A host-network pod's address is its node's: finding the pod by
             // it would misattribute everything the node sends.

@@ -12,6 +12,7 @@ pub(super) fn opts() -> StoreOptions {
     StoreOptions {
         trust_domain: "cluster.local".into(),
         root_namespace: "istio-system".into(),
+        redirection_annotation: false,
     }
 }
 
@@ -180,6 +181,8 @@ fn pods_become_workloads() {
             ]),
             ports: BTreeMap::from([("http".into(), 8080)]),
             captured: true,
+            redirected: false,
+            hbone: true,
             uid: String::new(),
             netns: None,
             owner: None,
@@ -212,6 +215,101 @@ fn pods_become_workloads() {
         s.workload_by_ip(ip("::ffff:10.0.0.11")).unwrap().name,
         "web-2"
     );
+}
+
+const REDIRECTION: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: shop
+  labels: {istio.io/dataplane-mode: ambient}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: captured
+  namespace: shop
+  annotations: {ambient.istio.io/redirection: enabled}
+status: {podIP: 10.0.0.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: labelled-only, namespace: shop}
+status: {podIP: 10.0.0.2}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: by-istio-cni
+  namespace: elsewhere
+  annotations: {ambient.istio.io/redirection: enabled}
+status: {podIP: 10.0.0.3}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: disabled
+  namespace: shop
+  annotations: {ambient.istio.io/redirection: disabled}
+status: {podIP: 10.0.0.4}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: sidecar
+  namespace: shop
+  annotations: {sidecar.istio.io/status: '{"containers":["istio-proxy"]}'}
+status: {podIP: 10.0.0.5}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: mesh-agent-x7k2p
+  namespace: shop
+  labels: {app.kubernetes.io/name: mesh-agent}
+status: {podIP: 10.0.0.6}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: mesh-ca-5d9f-abcde
+  namespace: shop
+  labels: {app.kubernetes.io/name: mesh-ca}
+status: {podIP: 10.0.0.7}
+"#;
+
+/// From the API, a pod is reached over HBONE once it carries istio-cni's
+/// redirection annotation (enabled), whoever captured it, and only then;
+/// from a local configuration, its labels suffice too. Sidecar pods and
+/// the agent's own are never captured.
+#[test]
+fn hbone_follows_the_redirection_annotation_from_the_api_and_the_labels_locally() {
+    let cluster = Store::from_yaml(
+        &[("api".into(), REDIRECTION.into())],
+        &StoreOptions {
+            redirection_annotation: true,
+            ..opts()
+        },
+    );
+    let local = store(REDIRECTION);
+    let hbone = |s: &Store, name| s.workload_by_ip(ip(name)).unwrap().hbone;
+    let captured = |s: &Store, name| s.workload_by_ip(ip(name)).unwrap().captured;
+    // (address, over HBONE from the API, over HBONE locally, captured)
+    for (addr, api, locally, enrolled) in [
+        ("10.0.0.1", true, true, true),
+        ("10.0.0.2", false, true, true),
+        ("10.0.0.3", true, true, false),
+        ("10.0.0.4", false, true, true),
+        ("10.0.0.5", false, false, false),
+        ("10.0.0.6", false, false, false),
+        ("10.0.0.7", false, false, false),
+    ] {
+        assert_eq!(hbone(&cluster, addr), api, "{addr} from the API");
+        assert_eq!(hbone(&local, addr), locally, "{addr} locally");
+        for s in [&cluster, &local] {
+            assert_eq!(captured(s, addr), enrolled, "{addr} captured");
+        }
+    }
 }
 
 #[test]
@@ -407,6 +505,8 @@ status: {podIP: 10.2.0.1}
         labels: Default::default(),
         ports: Default::default(),
         captured: true,
+        redirected: false,
+        hbone: true,
         uid: String::new(),
         netns: None,
         owner: None,

@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 use super::status;
 use crate::{
-    cluster::fake_api::FakeApi,
+    cluster::fake_api,
     state::{Store, StoreOptions},
 };
 
@@ -50,12 +50,13 @@ fn route() -> Value {
 
 #[tokio::test]
 async fn the_serving_waypoint_writes_its_parents_conditions() {
-    let fake = FakeApi::start().await;
+    let fake = fake_api::start().await;
     fake.apply(route());
     let yaml = format!("{OBJECTS}---\n{}", serde_yaml::to_string(&route()).unwrap());
     let opts = StoreOptions {
         trust_domain: "cluster.local".into(),
         root_namespace: "istio-system".into(),
+        redirection_annotation: true,
     };
     let mut store = Store::from_yaml(&[("t.yaml".into(), yaml)], &opts);
     store.generation = 1;

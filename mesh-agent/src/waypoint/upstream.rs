@@ -88,7 +88,7 @@ async fn open(ctx: &Ctx, addr: SocketAddr) -> io::Result<Upstream> {
         ));
     };
     match endpoint {
-        Some(wl) if wl.captured => {
+        Some(wl) if wl.hbone => {
             let td = ctx.certs.trust_domain();
             let caller = Caller {
                 addr: SocketAddr::new(me.ips.first().copied().unwrap_or(addr.ip()), 0),

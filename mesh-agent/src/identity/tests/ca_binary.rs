@@ -13,7 +13,7 @@ use super::{
     cluster_ca::{AGENT_SA, NODE_NAME, POD_NAME, POD_UID, within},
     *,
 };
-use crate::cluster::fake_api::{FakeApi, TokenUser};
+use crate::cluster::fake_api::{self, TokenUser};
 
 /// Where the CA and the waypoint listen: addresses of their own on
 /// loopback, so the fixed ports cannot meet another test's.
@@ -98,7 +98,7 @@ async fn get(addr: &str, path: &str) -> (u16, String) {
 #[tokio::test]
 async fn mesh_agent_ca_runs_as_the_binary_against_the_api_stand_in() {
     within(async {
-        let fake = FakeApi::start().await;
+        let fake = fake_api::start().await;
         let dir = TempDir::new("ca-binary");
         let kubeconfig = dir.write(
             "kubeconfig",

@@ -13,7 +13,7 @@ use tokio::{net::TcpListener, task::JoinHandle};
 
 use super::*;
 use crate::{
-    cluster::fake_api::{FakeApi, TokenUser},
+    cluster::fake_api::{self, FakeApi, TokenUser},
     config::CaArgs,
     identity::ca_server::{CaServer, ROOT_KEY},
 };
@@ -68,7 +68,7 @@ impl Cluster {
     }
 
     async fn build(ttl: Duration, burst: u32, before: impl FnOnce(&FakeApi)) -> Cluster {
-        let fake = FakeApi::start().await;
+        let fake = fake_api::start().await;
         let dir = TempDir::new("cluster-ca");
         let args = CaArgs {
             listen: "127.0.0.1:0".parse().unwrap(),

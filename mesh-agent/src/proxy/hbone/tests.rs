@@ -86,6 +86,8 @@ fn workload(name: &str, ip: IpAddr) -> Workload {
         labels: BTreeMap::new(),
         ports: BTreeMap::new(),
         captured: true,
+        redirected: false,
+        hbone: true,
         uid: String::new(),
         netns: None,
         owner: None,

@@ -19,7 +19,7 @@ use kube::{
 };
 use serde_json::{Value, json};
 
-use super::{FakeApi, TokenUser};
+use super::{FakeApi, MESH_AGENT_KINDS, TokenUser};
 
 type PodEvents = BoxStream<'static, Result<watcher::Event<Pod>, watcher::Error>>;
 
@@ -92,7 +92,7 @@ async fn watching(api: &FakeApi) -> PodEvents {
 
 #[tokio::test]
 async fn lists_pods_with_selectors() {
-    let api = FakeApi::start().await;
+    let api = FakeApi::start(MESH_AGENT_KINDS).await;
     api.apply(pod("a", "node-a"));
     api.apply(pod("b", "node-b"));
     let pods = Api::<Pod>::all(api.client());
@@ -124,7 +124,7 @@ async fn lists_pods_with_selectors() {
 
 #[tokio::test]
 async fn watcher_sees_the_list_then_changes() {
-    let api = FakeApi::start().await;
+    let api = FakeApi::start(MESH_AGENT_KINDS).await;
     api.apply(pod("a", "node-a"));
     let mut events = pod_watcher(&api);
     assert_eq!(
@@ -149,7 +149,7 @@ async fn watcher_sees_the_list_then_changes() {
 
 #[tokio::test]
 async fn streaming_list_ends_with_the_initial_events_bookmark() {
-    let api = FakeApi::start().await;
+    let api = FakeApi::start(MESH_AGENT_KINDS).await;
     api.apply(pod("a", "node-a"));
     let config = watcher::Config::default().streaming_lists();
     let mut events = watcher(Api::<Pod>::all(api.client()), config).boxed();
@@ -166,7 +166,7 @@ async fn streaming_list_ends_with_the_initial_events_bookmark() {
 
 #[tokio::test]
 async fn watch_ends_after_its_timeout() {
-    let api = FakeApi::start().await;
+    let api = FakeApi::start(MESH_AGENT_KINDS).await;
     api.apply(pod("a", "node-a"));
     let pods = Api::<Pod>::all(api.client());
     let stream = pods
@@ -181,7 +181,7 @@ async fn watch_ends_after_its_timeout() {
 
 #[tokio::test]
 async fn watcher_resumes_after_a_dropped_watch() {
-    let api = FakeApi::start().await;
+    let api = FakeApi::start(MESH_AGENT_KINDS).await;
     let mut events = watching(&api).await;
     // No await in between: the watcher cannot come back before "c" is written.
     api.drop_watches();
@@ -196,7 +196,7 @@ async fn watcher_resumes_after_a_dropped_watch() {
 
 #[tokio::test]
 async fn watcher_relists_after_410_gone() {
-    let api = FakeApi::start().await;
+    let api = FakeApi::start(MESH_AGENT_KINDS).await;
     let mut events = watching(&api).await;
     api.drop_watches();
     api.apply(pod("c", "node-a"));
@@ -226,7 +226,7 @@ async fn watcher_relists_after_410_gone() {
 
 #[tokio::test]
 async fn watcher_resumes_from_a_bookmark() {
-    let api = FakeApi::start().await;
+    let api = FakeApi::start(MESH_AGENT_KINDS).await;
     let mut events = watching(&api).await;
     api.apply(config_map("unrelated"));
     api.bookmark();
@@ -249,7 +249,7 @@ async fn watcher_resumes_from_a_bookmark() {
 
 #[tokio::test]
 async fn watcher_backs_off_through_api_errors() {
-    let api = FakeApi::start().await;
+    let api = FakeApi::start(MESH_AGENT_KINDS).await;
     api.apply(pod("a", "node-a"));
     api.fail_next(2, 500);
     let mut events: PodEvents = watcher(Api::<Pod>::all(api.client()), watcher::Config::default())
@@ -285,7 +285,7 @@ async fn watcher_backs_off_through_api_errors() {
 
 #[tokio::test]
 async fn token_review_authenticates_known_tokens_for_their_audiences() {
-    let api = FakeApi::start().await;
+    let api = FakeApi::start(MESH_AGENT_KINDS).await;
     let extra = [(
         "authentication.kubernetes.io/pod-name".to_owned(),
         vec!["app-1".to_owned()],
@@ -341,7 +341,7 @@ async fn token_review_authenticates_known_tokens_for_their_audiences() {
 
 #[tokio::test]
 async fn recorder_events_land_in_the_store() {
-    let api = FakeApi::start().await;
+    let api = FakeApi::start(MESH_AGENT_KINDS).await;
     let pod: Pod = serde_json::from_value(api.apply(pod("a", "node-a"))).unwrap();
     let reporter = Reporter {
         controller: "mesh-agent".into(),
@@ -375,7 +375,7 @@ async fn recorder_events_land_in_the_store() {
 
 #[tokio::test]
 async fn config_maps_support_crud_with_conflicts() {
-    let api = FakeApi::start().await;
+    let api = FakeApi::start(MESH_AGENT_KINDS).await;
     let maps = Api::<ConfigMap>::default_namespaced(api.client());
     let code = |result: Result<ConfigMap, kube::Error>| match result {
         Err(kube::Error::Api(status)) => status.code,
