@@ -151,6 +151,8 @@ mod tests {
                 .collect::<BTreeMap<_, _>>(),
             ports: BTreeMap::new(),
             captured: true,
+            redirected: true,
+            hbone: true,
             uid: String::new(),
             netns: None,
             owner: owner.map(|o| o.1.to_owned()),
