@@ -191,6 +191,55 @@ fn serve_conn<S>(
     });
 }
 
+/// ztunnel's sections (`workloads`, `services`, `policies`,
+/// `certificates`, `workloadState`), then this agent's own.
+fn config_dump(admin: &Admin) -> serde_json::Value {
+    let shared = &admin.shared;
+    let store = shared.store();
+    let mut dump = store.ztunnel_dump(&shared.metrics.cluster_id.0);
+    dump["certificates"] = serde_json::json!(shared.certs.ztunnel_dump());
+    dump["workloadState"] = workload_state(admin, &store);
+    dump["trust_domain"] = serde_json::json!(shared.certs.trust_domain());
+    dump["config"] = store.dump();
+    dump["certificate_summary"] = serde_json::json!(shared.certs.dump());
+    dump["pods"] = serde_json::json!(admin.pods.list());
+    dump["pods_pending"] = serde_json::json!(admin.pods.pending());
+    dump["endpoints_down"] = serde_json::json!(shared.balancer.down());
+    dump
+}
+
+/// ztunnel's `workloadState`: each pod this agent serves (`Up`) or is
+/// waiting to serve (`Pending`), by UID (a pod enrolled by hand, which
+/// has none, by its name), with its name, namespace and ServiceAccount.
+fn workload_state(admin: &Admin, store: &crate::state::Store) -> serde_json::Value {
+    let entry = |name: &str, state: &str| {
+        let (namespace, pod) = name.split_once('/').unwrap_or(("", name));
+        let wl = store.workload(namespace, pod);
+        let info = serde_json::json!({
+            "name": pod,
+            "namespace": namespace,
+            "serviceAccount": wl.map(|w| w.service_account.as_str()).unwrap_or_default(),
+        });
+        let key = wl.map_or(name.to_owned(), |w| w.uid.clone());
+        (key, serde_json::json!({ "state": state, "info": info }))
+    };
+    let mut out = serde_json::Map::new();
+    for pod in admin.pods.list() {
+        let (key, mut v) = entry(&pod.name, "Up");
+        let key = pod.uid.clone().unwrap_or(key);
+        if pod.uid.is_none() {
+            v["info"]["name"] = serde_json::json!(pod.name);
+        }
+        out.insert(key, v);
+    }
+    for (name, reason) in admin.pods.pending() {
+        let (key, mut v) = entry(&name, "Pending");
+        v["reason"] = serde_json::json!(reason);
+        out.insert(key, v);
+    }
+    serde_json::Value::Object(out)
+}
+
 fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     Response::builder()
         .status(status)
@@ -332,20 +381,7 @@ async fn route(
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
             }
         }
-        (_, &Method::GET, "/config_dump") if full => {
-            let shared = &admin.shared;
-            json(
-                StatusCode::OK,
-                &serde_json::json!({
-                    "trust_domain": shared.certs.trust_domain(),
-                    "config": shared.store().dump(),
-                    "certificates": shared.certs.dump(),
-                    "pods": admin.pods.list(),
-                    "pods_pending": admin.pods.pending(),
-                    "endpoints_down": shared.balancer.down(),
-                }),
-            )
-        }
+        (_, &Method::GET, "/config_dump") if full => json(StatusCode::OK, &config_dump(admin)),
         (_, &Method::GET, "/logging") if full => {
             let current = admin
                 .log_filter

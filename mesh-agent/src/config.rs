@@ -134,6 +134,10 @@ pub struct MeshArgs {
     /// SPIFFE trust domain of this mesh.
     #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
+    /// The cluster this agent's workloads are in: the `source_cluster` and
+    /// `destination_cluster` metric labels, as Istio's `CLUSTER_ID`.
+    #[arg(long, env = "MESH_CLUSTER_ID", default_value = "Kubernetes")]
+    pub cluster_id: String,
     /// Namespace whose policies apply to the whole mesh.
     #[arg(long, env = "MESH_ROOT_NAMESPACE", default_value = "istio-system")]
     pub root_namespace: String,

@@ -433,17 +433,23 @@ fn waypoint_routes_authorizes_and_counts_requests() -> anyhow::Result<()> {
         1.0,
         "{agent0}"
     );
+    // Refused before it was routed, as ztunnel does: a WARN access log
+    // line with the reason, and no istio_tcp_* series.
     assert_eq!(
-        series_sum(
+        series_sum_or_absent(
             &agent0,
-            "istio_tcp_connections_closed_total",
-            &[
-                ("response_flags", "NW"),
-                ("destination_service_name", "ratings")
-            ]
+            "istio_tcp_connections_opened_total",
+            &[("destination_service_name", "ratings")]
         )?,
-        1.0,
+        0.0,
         "{agent0}"
+    );
+    assert!(
+        tb.agent(0).log_text().lines().any(|l| l.contains("WARN")
+            && l.contains("connection failed")
+            && l.contains("its waypoint cannot serve it")),
+        "{}",
+        tb.agent(0).log_text()
     );
     let (_, dump) = tb.agent(0).http("GET", "/config_dump", None)?;
     assert!(
@@ -579,14 +585,18 @@ fn binding_rules_for_services_and_pods_fail_closed() -> anyhow::Result<()> {
     assert_eq!(
         series_sum(
             &agent0,
-            "istio_tcp_connections_closed_total",
-            &[
-                ("response_flags", "NW"),
-                ("destination_workload", "unknown")
-            ]
+            "mesh_proxy_connections_total",
+            &[("direction", "outbound"), ("result", "no_waypoint")]
         )?,
         1.0,
         "{agent0}"
+    );
+    let log = tb.agent(0).log_text();
+    assert!(
+        log.lines().any(|l| l.contains("connection failed")
+            && l.contains(&format!("dst.addr={v2_ip}:8080"))
+            && l.contains("not workload traffic")),
+        "{log}"
     );
     let (_, dump) = tb.agent(0).http("GET", "/config_dump", None)?;
     assert!(

@@ -12,6 +12,7 @@ mod route;
 mod source;
 mod waypoint;
 mod yaml;
+mod ztunnel_dump;
 
 #[cfg(test)]
 mod istio_route_tests;
