@@ -209,33 +209,52 @@ fn config_dump(admin: &Admin) -> serde_json::Value {
 }
 
 /// ztunnel's `workloadState`: each pod this agent serves (`Up`) or is
-/// waiting to serve (`Pending`), by UID (a pod enrolled by hand, which
-/// has none, by its name), with its name, namespace and ServiceAccount.
+/// waiting to serve (`Pending`), by the UID its workload has in
+/// `workloads` (by its name when the configuration does not list it),
+/// with its name, namespace and ServiceAccount.
 fn workload_state(admin: &Admin, store: &crate::state::Store) -> serde_json::Value {
-    let entry = |name: &str, state: &str| {
-        let (namespace, pod) = name.split_once('/').unwrap_or(("", name));
-        let wl = store.workload(namespace, pod);
-        let info = serde_json::json!({
-            "name": pod,
-            "namespace": namespace,
-            "serviceAccount": wl.map(|w| w.service_account.as_str()).unwrap_or_default(),
-        });
-        let key = wl.map_or(name.to_owned(), |w| w.uid.clone());
+    use crate::state::Workload;
+    let cluster = &admin.shared.metrics.cluster_id.0;
+    let entry = |name: &str, wl: Option<&Workload>, state: &str| {
+        let (key, info) = match wl {
+            Some(w) => (
+                crate::state::ztunnel_uid(w, cluster),
+                serde_json::json!({
+                    "name": w.name,
+                    "namespace": w.namespace,
+                    "serviceAccount": w.service_account,
+                }),
+            ),
+            None => {
+                let (namespace, pod) = name.split_once('/').unwrap_or(("", name));
+                (
+                    name.to_owned(),
+                    serde_json::json!({ "name": pod, "namespace": namespace, "serviceAccount": "" }),
+                )
+            }
+        };
         (key, serde_json::json!({ "state": state, "info": info }))
+    };
+    let by_name = |name: &str| {
+        let (namespace, pod) = name.split_once('/')?;
+        store.workload(namespace, pod).map(|w| &**w)
     };
     let mut out = serde_json::Map::new();
     for pod in admin.pods.list() {
-        let (key, mut v) = entry(&pod.name, "Up");
-        let key = pod.uid.clone().unwrap_or(key);
-        if pod.uid.is_none() {
-            v["info"]["name"] = serde_json::json!(pod.name);
-        }
+        // A pod enrolled by hand is found by its addresses.
+        let wl = by_name(&pod.name).or_else(|| {
+            pod.addresses
+                .iter()
+                .find_map(|ip| store.workload_by_ip(*ip).map(|w| &**w))
+        });
+        let (key, v) = entry(&pod.name, wl, "Up");
         out.insert(key, v);
     }
     for (name, reason) in admin.pods.pending() {
-        let (key, mut v) = entry(&name, "Pending");
+        let (key, mut v) = entry(&name, by_name(&name), "Pending");
         v["reason"] = serde_json::json!(reason);
-        out.insert(key, v);
+        // A pod served already (enrolled by hand) is up.
+        out.entry(key).or_insert(v);
     }
     serde_json::Value::Object(out)
 }

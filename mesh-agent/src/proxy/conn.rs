@@ -93,7 +93,8 @@ pub(super) struct AccessLog<'a> {
 }
 
 /// One access log event at a given level (tracing wants the level to be a
-/// constant). Absent values leave their field out.
+/// constant). Absent values leave their field out; values are written as
+/// they display (`src.addr=10.0.0.1:5000`, not quoted).
 macro_rules! access_log {
     ($level:expr, $f:expr) => {{
         let f = $f;
@@ -101,22 +102,22 @@ macro_rules! access_log {
             target: "access",
             parent: None,
             $level,
-            src.addr = f.src_addr.as_deref(),
-            src.workload = f.src_workload.as_deref(),
-            src.namespace = f.src_namespace.as_deref(),
-            src.identity = f.src_identity.as_deref(),
-            src.cluster = f.src_cluster.as_deref(),
-            dst.addr = f.dst_addr.as_deref(),
-            dst.hbone_addr = f.dst_hbone_addr.as_deref(),
-            dst.service = f.dst_service.as_deref(),
-            dst.workload = f.dst_workload.as_deref(),
-            dst.namespace = f.dst_namespace.as_deref(),
-            dst.identity = f.dst_identity.as_deref(),
-            dst.cluster = f.dst_cluster.as_deref(),
+            src.addr = f.src_addr.as_deref().map(tracing::field::display),
+            src.workload = f.src_workload.as_deref().map(tracing::field::display),
+            src.namespace = f.src_namespace.as_deref().map(tracing::field::display),
+            src.identity = f.src_identity.as_deref().map(tracing::field::display),
+            src.cluster = f.src_cluster.as_deref().map(tracing::field::display),
+            dst.addr = f.dst_addr.as_deref().map(tracing::field::display),
+            dst.hbone_addr = f.dst_hbone_addr.as_deref().map(tracing::field::display),
+            dst.service = f.dst_service.as_deref().map(tracing::field::display),
+            dst.workload = f.dst_workload.as_deref().map(tracing::field::display),
+            dst.namespace = f.dst_namespace.as_deref().map(tracing::field::display),
+            dst.identity = f.dst_identity.as_deref().map(tracing::field::display),
+            dst.cluster = f.dst_cluster.as_deref().map(tracing::field::display),
             direction = f.direction,
             bytes_sent = f.bytes_sent,
             bytes_recv = f.bytes_recv,
-            duration = f.duration.as_str(),
+            duration = tracing::field::display(&f.duration),
             flags = f.flags,
             error = f.error,
             "connection complete"

@@ -14,6 +14,8 @@ mod waypoint;
 mod yaml;
 mod ztunnel_dump;
 
+pub use ztunnel_dump::ztunnel_uid;
+
 #[cfg(test)]
 mod istio_route_tests;
 #[cfg(test)]

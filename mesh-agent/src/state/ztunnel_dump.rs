@@ -8,6 +8,17 @@ use serde_json::{Value, json};
 
 use super::{Binding, Service, Store, TargetPort, Workload, policy};
 
+/// A workload's UID as ztunnel keys it: the Pod's `metadata.uid`, or for
+/// a Pod object that has none (a local configuration file) ztunnel's own
+/// form, `<cluster>//Pod/<namespace>/<name>`.
+pub fn ztunnel_uid(w: &Workload, cluster_id: &str) -> String {
+    if w.uid.is_empty() {
+        format!("{cluster_id}//Pod/{}/{}", w.namespace, w.name)
+    } else {
+        w.uid.clone()
+    }
+}
+
 impl Store {
     /// `workloads`, `services` and `policies` in ztunnel's shape, the
     /// workloads being in cluster `cluster_id`.
@@ -20,7 +31,7 @@ impl Store {
         let services: Vec<Value> = self
             .services
             .values()
-            .map(|s| self.service_entry(s))
+            .map(|s| self.service_entry(s, cluster_id))
             .collect();
         let policies: Vec<Value> = self
             .policies
@@ -36,7 +47,7 @@ impl Store {
 
     fn workload_entry(&self, w: &Workload, cluster_id: &str) -> Value {
         let mut entry = json!({
-            "uid": w.uid,
+            "uid": ztunnel_uid(w, cluster_id),
             "workloadIps": w.ips,
             // HBONE when its traffic is captured (and so accepted on 15008).
             "protocol": if w.captured { "HBONE" } else { "TCP" },
@@ -58,7 +69,7 @@ impl Store {
         entry
     }
 
-    fn service_entry(&self, s: &Service) -> Value {
+    fn service_entry(&self, s: &Service, cluster_id: &str) -> Value {
         // ztunnel: target ports by Service port; a named target port is 0
         // here (each endpoint resolves it).
         let ports: BTreeMap<String, u16> = s
@@ -75,9 +86,10 @@ impl Store {
         let mut endpoints = serde_json::Map::new();
         for p in &s.ports {
             for ep in self.endpoints(s, p) {
-                let e = endpoints.entry(ep.workload.uid.clone()).or_insert_with(|| {
+                let uid = ztunnel_uid(&ep.workload, cluster_id);
+                let e = endpoints.entry(uid.clone()).or_insert_with(|| {
                     json!({
-                        "workloadUid": ep.workload.uid,
+                        "workloadUid": uid,
                         "service": format!("{}/{}", s.namespace, s.hostname()),
                         "port": {},
                     })

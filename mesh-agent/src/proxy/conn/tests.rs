@@ -354,16 +354,16 @@ fn access_log_lines_carry_ztunnels_fields() {
     assert_eq!(
         logged(false, two_connections),
         [
-            " INFO access: connection complete src.addr=\"10.0.0.1:40000\" src.workload=\"web\" \
-             src.namespace=\"shop\" src.identity=\"spiffe://cluster.local/ns/shop/sa/web\" \
-             src.cluster=\"Kubernetes\" dst.addr=\"10.0.0.2:15008\" dst.hbone_addr=\"10.0.0.2:5432\" \
-             dst.service=\"db.shop.svc.cluster.local\" dst.workload=\"db\" dst.namespace=\"shop\" \
-             dst.identity=\"spiffe://cluster.local/ns/shop/sa/db\" dst.cluster=\"Kubernetes\" \
-             direction=\"outbound\" bytes_sent=300 bytes_recv=120 duration=\"Nms\" flags=\"-\"",
-            "ERROR access: connection complete src.addr=\"10.0.9.2:33000\" src.workload=\"plain\" \
-             src.namespace=\"other\" src.cluster=\"Kubernetes\" dst.addr=\"10.0.0.2:5432\" \
-             dst.workload=\"db\" dst.namespace=\"shop\" dst.cluster=\"Kubernetes\" \
-             direction=\"inbound\" bytes_sent=0 bytes_recv=0 duration=\"Nms\" flags=\"DENY\" \
+            " INFO access: connection complete src.addr=10.0.0.1:40000 src.workload=web \
+             src.namespace=shop src.identity=spiffe://cluster.local/ns/shop/sa/web \
+             src.cluster=Kubernetes dst.addr=10.0.0.2:15008 dst.hbone_addr=10.0.0.2:5432 \
+             dst.service=db.shop.svc.cluster.local dst.workload=db dst.namespace=shop \
+             dst.identity=spiffe://cluster.local/ns/shop/sa/db dst.cluster=Kubernetes \
+             direction=\"outbound\" bytes_sent=300 bytes_recv=120 duration=Nms flags=\"-\"",
+            "ERROR access: connection complete src.addr=10.0.9.2:33000 src.workload=plain \
+             src.namespace=other src.cluster=Kubernetes dst.addr=10.0.0.2:5432 \
+             dst.workload=db dst.namespace=shop dst.cluster=Kubernetes \
+             direction=\"inbound\" bytes_sent=0 bytes_recv=0 duration=Nms flags=\"DENY\" \
              error=\"PeerAuthentication STRICT: plaintext is refused\"",
         ]
     );
@@ -403,3 +403,57 @@ fn an_early_refusal_is_a_warning_and_no_series() {
     );
     assert!(!encode(&registry).contains("istio_tcp_connections_opened_total{"));
 }
+
+/// What counting bytes as they are copied costs: the same 1 GiB read
+/// through a metered and an unmetered [`Counted`], alternated. A
+/// measurement, run by hand on the release build:
+/// `cargo test --release -p mesh-agent --bin mesh-agent copy_cost -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check"]
+async fn copy_cost_of_live_byte_counters() {
+    use tokio::io::AsyncWriteExt as _;
+    const TOTAL: usize = 1 << 30;
+    let metrics = Arc::new(Metrics::default());
+    let mut rec = ConnRecord::new(
+        metrics,
+        "outbound",
+        "source",
+        pod("shop", "web"),
+        pod("shop", "db"),
+        None,
+        true,
+    );
+    rec.open();
+    let meters = rec.meters.clone();
+    let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    for _ in 0..5 {
+        for (i, m) in [None, meters.clone()].into_iter().enumerate() {
+            let (mut tx, rx) = tokio::io::duplex(COPY_CHUNK);
+            let writer = tokio::spawn(async move {
+                let chunk = vec![7u8; COPY_CHUNK];
+                for _ in 0..TOTAL / COPY_CHUNK {
+                    tx.write_all(&chunk).await.unwrap();
+                }
+            });
+            let mut counted = Counted::metered(rx, m);
+            let start = Instant::now();
+            tokio::io::copy(&mut counted, &mut tokio::io::sink())
+                .await
+                .unwrap();
+            rates[i].push(TOTAL as f64 / start.elapsed().as_secs_f64() / 1e9);
+            writer.await.unwrap();
+            assert_eq!(counted.read, TOTAL as u64);
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (plain, metered) = (median(&mut rates[0]), median(&mut rates[1]));
+    println!(
+        "GB/s, median of 5: unmetered {plain:.2}, metered {metered:.2} ({:+.1}%)",
+        (metered / plain - 1.0) * 100.0
+    );
+}
+
+const COPY_CHUNK: usize = 64 * 1024;
