@@ -405,7 +405,8 @@ fn an_early_refusal_is_a_warning_and_no_series() {
 }
 
 /// What counting bytes as they are copied costs: the same 1 GiB read
-/// through a metered and an unmetered [`Counted`], alternated. A
+/// through a metered and an unmetered [`Counted`], alternated 11 times,
+/// the best of each kept (the least disturbed by whatever else runs). A
 /// measurement, run by hand on the release build:
 /// `cargo test --release -p mesh-agent --bin mesh-agent copy_cost -- --ignored --nocapture`
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -426,7 +427,7 @@ async fn copy_cost_of_live_byte_counters() {
     rec.open();
     let meters = rec.meters.clone();
     let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
-    for _ in 0..5 {
+    for _ in 0..11 {
         for (i, m) in [None, meters.clone()].into_iter().enumerate() {
             let (mut tx, rx) = tokio::io::duplex(COPY_CHUNK);
             let writer = tokio::spawn(async move {
@@ -445,13 +446,10 @@ async fn copy_cost_of_live_byte_counters() {
             assert_eq!(counted.read, TOTAL as u64);
         }
     }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let (plain, metered) = (median(&mut rates[0]), median(&mut rates[1]));
+    let best = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+    let (plain, metered) = (best(&rates[0]), best(&rates[1]));
     println!(
-        "GB/s, median of 5: unmetered {plain:.2}, metered {metered:.2} ({:+.1}%)",
+        "GB/s, best of 11: unmetered {plain:.2}, metered {metered:.2} ({:+.1}%)",
         (metered / plain - 1.0) * 100.0
     );
 }
