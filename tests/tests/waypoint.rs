@@ -1409,10 +1409,12 @@ fn every_dashboard_query_returns_series_from_a_real_prometheus() -> anyhow::Resu
     tb.curl(&frontend, &[&url("/status/500"), &url("/status/500")])?;
     tb.curl(&frontend, &["-X", "POST", "-d", "x", &url("/denied")])?;
     tb.curl(&frontend, &["http://10.96.0.30/"])?;
-    // TCP bytes are counted when a connection closes (the waypoint's pooled
-    // tunnels stay open): one direct call that ends.
+    // A direct call that ends, and one to a port nothing listens on: the
+    // server's agent answers 503, both agents count it as failed
+    // (`CONNECT`).
     let v1 = tb.nodes[1].pods[0].ip4;
     tb.curl(&frontend, &[&format!("http://{v1}:8080/direct")])?;
+    tb.curl(&frontend, &[&format!("http://{v1}:8099/")])?;
 
     let dashboards = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/dashboards");
     let mut queries = Vec::new();
