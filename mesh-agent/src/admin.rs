@@ -191,6 +191,74 @@ fn serve_conn<S>(
     });
 }
 
+/// ztunnel's sections (`workloads`, `services`, `policies`,
+/// `certificates`, `workloadState`), then this agent's own.
+fn config_dump(admin: &Admin) -> serde_json::Value {
+    let shared = &admin.shared;
+    let store = shared.store();
+    let mut dump = store.ztunnel_dump(&shared.metrics.cluster_id.0);
+    dump["certificates"] = serde_json::json!(shared.certs.ztunnel_dump());
+    dump["workloadState"] = workload_state(admin, &store);
+    dump["trust_domain"] = serde_json::json!(shared.certs.trust_domain());
+    dump["config"] = store.dump();
+    dump["certificate_summary"] = serde_json::json!(shared.certs.dump());
+    dump["pods"] = serde_json::json!(admin.pods.list());
+    dump["pods_pending"] = serde_json::json!(admin.pods.pending());
+    dump["endpoints_down"] = serde_json::json!(shared.balancer.down());
+    dump
+}
+
+/// ztunnel's `workloadState`: each pod this agent serves (`Up`) or is
+/// waiting to serve (`Pending`), by the UID its workload has in
+/// `workloads` (by its name when the configuration does not list it),
+/// with its name, namespace and ServiceAccount.
+fn workload_state(admin: &Admin, store: &crate::state::Store) -> serde_json::Value {
+    use crate::state::Workload;
+    let cluster = &admin.shared.metrics.cluster_id.0;
+    let entry = |name: &str, wl: Option<&Workload>, state: &str| {
+        let (key, info) = match wl {
+            Some(w) => (
+                crate::state::ztunnel_uid(w, cluster),
+                serde_json::json!({
+                    "name": w.name,
+                    "namespace": w.namespace,
+                    "serviceAccount": w.service_account,
+                }),
+            ),
+            None => {
+                let (namespace, pod) = name.split_once('/').unwrap_or(("", name));
+                (
+                    name.to_owned(),
+                    serde_json::json!({ "name": pod, "namespace": namespace, "serviceAccount": "" }),
+                )
+            }
+        };
+        (key, serde_json::json!({ "state": state, "info": info }))
+    };
+    let by_name = |name: &str| {
+        let (namespace, pod) = name.split_once('/')?;
+        store.workload(namespace, pod).map(|w| &**w)
+    };
+    let mut out = serde_json::Map::new();
+    for pod in admin.pods.list() {
+        // A pod enrolled by hand is found by its addresses.
+        let wl = by_name(&pod.name).or_else(|| {
+            pod.addresses
+                .iter()
+                .find_map(|ip| store.workload_by_ip(*ip).map(|w| &**w))
+        });
+        let (key, v) = entry(&pod.name, wl, "Up");
+        out.insert(key, v);
+    }
+    for (name, reason) in admin.pods.pending() {
+        let (key, mut v) = entry(&name, by_name(&name), "Pending");
+        v["reason"] = serde_json::json!(reason);
+        // A pod served already (enrolled by hand) is up.
+        out.entry(key).or_insert(v);
+    }
+    serde_json::Value::Object(out)
+}
+
 fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     Response::builder()
         .status(status)
@@ -332,20 +400,7 @@ async fn route(
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
             }
         }
-        (_, &Method::GET, "/config_dump") if full => {
-            let shared = &admin.shared;
-            json(
-                StatusCode::OK,
-                &serde_json::json!({
-                    "trust_domain": shared.certs.trust_domain(),
-                    "config": shared.store().dump(),
-                    "certificates": shared.certs.dump(),
-                    "pods": admin.pods.list(),
-                    "pods_pending": admin.pods.pending(),
-                    "endpoints_down": shared.balancer.down(),
-                }),
-            )
-        }
+        (_, &Method::GET, "/config_dump") if full => json(StatusCode::OK, &config_dump(admin)),
         (_, &Method::GET, "/logging") if full => {
             let current = admin
                 .log_filter

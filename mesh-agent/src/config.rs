@@ -146,8 +146,9 @@ pub struct MeshArgs {
     /// SPIFFE trust domain of this mesh.
     #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
-    /// The cluster's name, as Istio's `CLUSTER_ID` gives it: sent in HBONE
-    /// `baggage` (`k8s.cluster.name`).
+    /// The cluster's name, as Istio's `CLUSTER_ID`: sent in HBONE
+    /// `baggage` (`k8s.cluster.name`), and the `source_cluster` and
+    /// `destination_cluster` metric labels.
     #[arg(long, env = "MESH_CLUSTER_ID", default_value = "Kubernetes")]
     pub cluster_id: String,
     /// Namespace whose policies apply to the whole mesh.

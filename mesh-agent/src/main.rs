@@ -135,7 +135,7 @@ async fn node(args: NodeArgs, log_filter: admin::LogFilter) -> anyhow::Result<()
     };
     let mode = capture.mode();
     let capture = Arc::new(capture);
-    let metrics = Arc::new(metrics::Metrics::default());
+    let metrics = Arc::new(metrics::Metrics::new(&args.mesh.cluster_id));
     let registry = metrics::registry(&metrics, capture.clone());
     let certs = identity::CertManager::new(ca_config(&args.mesh, &args.state_dir))?;
     certs.spawn_rotation();

@@ -64,9 +64,11 @@ pub struct TcpLabels {
     pub destination_version: String,
     pub destination_cluster: String,
     pub request_protocol: &'static str,
-    /// `-`, or what went wrong: `DENY` (authorization), `UF` (upstream
-    /// connect failed), `UH` (no healthy endpoint), `NR` (no identity to
-    /// connect with).
+    /// ztunnel's values: `-`, or what went wrong: `DENY` (authorization,
+    /// at the start or later), `CONNECT` (the upstream connection failed),
+    /// `TLS_FAILURE`, `H2_HANDSHAKE_FAILURE`, `IDENTITY_ERROR` (no
+    /// certificate to connect with). A waypoint's own L4 records keep
+    /// Envoy's (`UF`, `UH`), as Istio's waypoints are Envoy.
     pub response_flags: &'static str,
     /// `mutual_tls` or `unknown` (plain TCP).
     pub connection_security_policy: &'static str,
@@ -84,6 +86,43 @@ impl TcpLabels {
                 &self.destination_workload,
             ),
         ]
+    }
+}
+
+/// `istio_tcp_sockets_open`: as ztunnel, only the reporter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SocketLabels {
+    /// `source` (outbound) or `destination` (HBONE and plaintext inbound).
+    pub reporter: &'static str,
+}
+
+/// The flags ztunnel counts in `istio_tcp_connections_failed`: the
+/// connection was refused or never reached its destination.
+pub fn is_failure(flags: &str) -> bool {
+    matches!(
+        flags,
+        "DENY"
+            | "CONNECT"
+            | "TLS_FAILURE"
+            | "H2_HANDSHAKE_FAILURE"
+            | "NETWORK_POLICY"
+            | "IDENTITY_ERROR"
+            | "CERT_REVOKED"
+            // A waypoint's Envoy-style flags.
+            | "UF"
+            | "UH"
+    )
+}
+
+/// The `source_cluster`/`destination_cluster` of the workloads this agent
+/// knows (all in its own cluster): `--cluster-id`, Istio's `Kubernetes`
+/// by default.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterId(pub String);
+
+impl Default for ClusterId {
+    fn default() -> Self {
+        ClusterId("Kubernetes".to_owned())
     }
 }
 
@@ -115,6 +154,9 @@ pub struct Metrics {
     pub tcp_closed: Family<TcpLabels, Counter>,
     pub tcp_sent: Family<TcpLabels, Counter>,
     pub tcp_received: Family<TcpLabels, Counter>,
+    pub tcp_failed: Family<TcpLabels, Counter>,
+    pub sockets_open: Family<SocketLabels, Gauge>,
+    pub cluster_id: ClusterId,
     pub config_warnings: Family<KindLabels, Counter>,
     pub config_objects: Family<KindLabels, Gauge>,
     pub policy_dry_run: Family<DryRunLabels, Counter>,
@@ -127,6 +169,26 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// The agent's metrics, its workloads in cluster `cluster_id`.
+    pub fn new(cluster_id: &str) -> Self {
+        Metrics {
+            cluster_id: ClusterId(cluster_id.to_owned()),
+            ..Metrics::default()
+        }
+    }
+
+    /// Counts an accepted socket in `istio_tcp_sockets_open` until the
+    /// returned guard is dropped (when its task ends, however it ends).
+    pub fn socket_open(self: &Arc<Self>, reporter: &'static str) -> SocketGuard {
+        self.sockets_open
+            .get_or_create(&SocketLabels { reporter })
+            .inc();
+        SocketGuard {
+            metrics: self.clone(),
+            reporter,
+        }
+    }
+
     /// Reports what the dry-run policies in scope would decide on a
     /// connection, if there are any: counted, and logged when they would
     /// deny (the enforced decision is unchanged).
@@ -174,6 +236,7 @@ impl Metrics {
                 &self.tcp_closed,
                 &self.tcp_sent,
                 &self.tcp_received,
+                &self.tcp_failed,
             ] {
                 family.remove(&labels);
             }
@@ -193,6 +256,23 @@ impl Metrics {
         self.enrolment
             .get_or_create(&EnrolLabels { op, result })
             .inc();
+    }
+}
+
+/// Holds one socket in `istio_tcp_sockets_open`.
+pub struct SocketGuard {
+    metrics: Arc<Metrics>,
+    reporter: &'static str,
+}
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        self.metrics
+            .sockets_open
+            .get_or_create(&SocketLabels {
+                reporter: self.reporter,
+            })
+            .dec();
     }
 }
 
@@ -233,13 +313,23 @@ pub fn proxy_registry(metrics: &Arc<Metrics>) -> Registry {
     );
     r.register(
         "istio_tcp_sent_bytes",
-        "Bytes of the response direction (server to client), counted when a connection closes",
+        "Bytes of the response direction (server to client), counted as they are copied",
         metrics.tcp_sent.clone(),
     );
     r.register(
         "istio_tcp_received_bytes",
-        "Bytes of the request direction (client to server), counted when a connection closes",
+        "Bytes of the request direction (client to server), counted as they are copied",
         metrics.tcp_received.clone(),
+    );
+    r.register(
+        "istio_tcp_connections_failed",
+        "TCP connections refused or that failed to reach their destination (response_flags DENY, CONNECT, TLS_FAILURE, H2_HANDSHAKE_FAILURE, IDENTITY_ERROR)",
+        metrics.tcp_failed.clone(),
+    );
+    r.register(
+        "istio_tcp_sockets_open",
+        "Accepted sockets of the data path open now, by reporter",
+        metrics.sockets_open.clone(),
     );
     r.register(
         "mesh_policy_dry_run",

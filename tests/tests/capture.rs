@@ -376,7 +376,7 @@ fn generated_root(tb: &Testbed) -> anyhow::Result<String> {
         .collect();
     let (_, dump) = tb.agent(0).http("GET", "/config_dump", None)?;
     let dump: Value = serde_json::from_str(&dump)?;
-    let used = dump["certificates"]
+    let used = dump["certificate_summary"]
         .as_array()
         .and_then(|certs| certs.iter().find(|c| c["role"] == "root"))
         .map(|c| c["serial"].clone());

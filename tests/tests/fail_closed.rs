@@ -342,20 +342,26 @@ fn a_pod_the_configuration_does_not_list_is_refused_both_ways() -> anyhow::Resul
     let r = tb.connect(&stray, sa(server.ip4, APP_PORT), 1000)?;
     assert!(!ok(&r), "an unlisted pod reached a meshed one: {r}");
     a.wait_metric(&counted("outbound", "no_identity"), 1.0)?;
+    // As ztunnel refuses a workload it does not know: a WARN access log
+    // line, and no istio_tcp_* series.
     let page = a.metrics()?;
     assert_eq!(
-        series_sum(
+        series_sum_or_absent(
             &page,
-            "istio_tcp_connections_closed_total",
-            &[
-                ("reporter", "source"),
-                ("response_flags", "NR"),
-                ("destination_workload", "server"),
-            ],
+            "istio_tcp_connections_opened_total",
+            &[("reporter", "source"), ("destination_workload", "server")],
         )?,
-        1.0,
+        0.0,
         "{page}"
     );
+    converge("the refusal logged as a failed connection", || {
+        Ok(a.log_text().lines().any(|l| {
+            l.contains("WARN")
+                && l.contains("connection failed")
+                && l.contains(&format!("dst.addr={}:{APP_PORT}", server.ip4))
+                && l.contains("not in the configuration")
+        }))
+    })?;
     for direction in ["hbone", "inbound_plaintext"] {
         assert_eq!(
             a.metric_or_absent(&counted(direction, "forwarded"))?,

@@ -679,7 +679,10 @@ fn authorization_policy_decides_at_the_destination() -> anyhow::Result<()> {
 fn workload_serial(tb: &Testbed, node: usize, identity: &str) -> anyhow::Result<String> {
     let (_, dump) = tb.agent(node).http("GET", "/config_dump", None)?;
     let dump: Value = serde_json::from_str(&dump)?;
-    let certs = dump["certificates"].as_array().cloned().unwrap_or_default();
+    let certs = dump["certificate_summary"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     let cert = certs
         .iter()
         .find(|c| c["identity"] == identity)
@@ -773,7 +776,13 @@ fn service_vip_spreads_and_skips_a_down_endpoint() -> anyhow::Result<()> {
     assert_eq!(last["dst.service"], "echo.shop.svc.cluster.local", "{last}");
     assert_eq!(last["dst.identity"], id("shop", "echo"), "{last}");
     assert_eq!(last["src.identity"], id("shop", "client"), "{last}");
-    assert_eq!(last["request_bytes"], 1000, "{last}");
+    assert_eq!(last["bytes_sent"], 1000, "{last}");
+    assert_eq!(
+        last["dst.hbone_addr"],
+        format!("{}:{APP_PORT}", a.ip4),
+        "{last}"
+    );
+    assert_eq!(last["dst.addr"], format!("{}:15008", a.ip4), "{last}");
     // The log level changes at run time through the control socket.
     let (status, _) = tb
         .agent(0)
@@ -934,7 +943,7 @@ fn service_vip_fails_over_tcp_tls_and_silent_endpoints_three_tries_at_most() -> 
         .filter(|v| v["fields"]["dst.service"] == "limit.shop.svc.cluster.local")
         .map(|v| v["fields"]["flags"].clone())
         .collect::<Vec<_>>();
-    assert_eq!(refused, [Value::from("UF")]);
+    assert_eq!(refused, [Value::from("CONNECT")]);
 
     // Every failed endpoint is set aside: each Service's calls now go
     // straight to the good one, fast, with no new failure.

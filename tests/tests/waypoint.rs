@@ -433,17 +433,23 @@ fn waypoint_routes_authorizes_and_counts_requests() -> anyhow::Result<()> {
         1.0,
         "{agent0}"
     );
+    // Refused before it was routed, as ztunnel does: a WARN access log
+    // line with the reason, and no istio_tcp_* series.
     assert_eq!(
-        series_sum(
+        series_sum_or_absent(
             &agent0,
-            "istio_tcp_connections_closed_total",
-            &[
-                ("response_flags", "NW"),
-                ("destination_service_name", "ratings")
-            ]
+            "istio_tcp_connections_opened_total",
+            &[("destination_service_name", "ratings")]
         )?,
-        1.0,
+        0.0,
         "{agent0}"
+    );
+    assert!(
+        tb.agent(0).log_text().lines().any(|l| l.contains("WARN")
+            && l.contains("connection failed")
+            && l.contains("its waypoint cannot serve it")),
+        "{}",
+        tb.agent(0).log_text()
     );
     let (_, dump) = tb.agent(0).http("GET", "/config_dump", None)?;
     assert!(
@@ -579,14 +585,18 @@ fn binding_rules_for_services_and_pods_fail_closed() -> anyhow::Result<()> {
     assert_eq!(
         series_sum(
             &agent0,
-            "istio_tcp_connections_closed_total",
-            &[
-                ("response_flags", "NW"),
-                ("destination_workload", "unknown")
-            ]
+            "mesh_proxy_connections_total",
+            &[("direction", "outbound"), ("result", "no_waypoint")]
         )?,
         1.0,
         "{agent0}"
+    );
+    let log = tb.agent(0).log_text();
+    assert!(
+        log.lines().any(|l| l.contains("connection failed")
+            && l.contains(&format!("dst.addr={v2_ip}:8080"))
+            && l.contains("not workload traffic")),
+        "{log}"
     );
     let (_, dump) = tb.agent(0).http("GET", "/config_dump", None)?;
     assert!(
@@ -1399,10 +1409,12 @@ fn every_dashboard_query_returns_series_from_a_real_prometheus() -> anyhow::Resu
     tb.curl(&frontend, &[&url("/status/500"), &url("/status/500")])?;
     tb.curl(&frontend, &["-X", "POST", "-d", "x", &url("/denied")])?;
     tb.curl(&frontend, &["http://10.96.0.30/"])?;
-    // TCP bytes are counted when a connection closes (the waypoint's pooled
-    // tunnels stay open): one direct call that ends.
+    // A direct call that ends, and one to a port nothing listens on: the
+    // server's agent answers 503, both agents count it as failed
+    // (`CONNECT`).
     let v1 = tb.nodes[1].pods[0].ip4;
     tb.curl(&frontend, &[&format!("http://{v1}:8080/direct")])?;
+    tb.curl(&frontend, &[&format!("http://{v1}:8099/")])?;
 
     let dashboards = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/dashboards");
     let mut queries = Vec::new();

@@ -436,6 +436,79 @@ impl CertManager {
         out
     }
 
+    /// The certificates in ztunnel's `/config_dump` shape: one entry per
+    /// identity this node serves or has asked for, sorted by identity,
+    /// each with its state, its chain (leaf first) and the roots it is
+    /// checked against (the CA's root; extra `--trust-bundle` roots are
+    /// trusted but listed only in the summary).
+    pub fn ztunnel_dump(&self) -> Vec<super::CertsDump> {
+        use super::{CertDump, CertsDump};
+        let root = CertDump {
+            pem: super::base64(self.root.pem.as_bytes()),
+            serial_number: self.root.facts.serial.clone(),
+            valid_from: rfc3339(self.root.facts.not_before),
+            expiration_time: rfc3339(self.root.facts.not_after),
+        };
+        let mut out: Vec<CertsDump> = self
+            .certs
+            .locked()
+            .iter()
+            .map(|(id, slot)| {
+                let cert = slot.current().cert;
+                let cert_chain = cert
+                    .chain
+                    .iter()
+                    .enumerate()
+                    .map(|(i, der)| {
+                        let facts = x509_parser::parse_x509_certificate(der)
+                            .ok()
+                            .map(|(_, c)| ca::CertFacts::of(&c));
+                        CertDump {
+                            pem: super::base64(super::pem_of(der).as_bytes()),
+                            serial_number: match (i, &facts) {
+                                (0, _) => cert.serial.clone(),
+                                (_, Some(f)) => f.serial.clone(),
+                                (_, None) => String::new(),
+                            },
+                            valid_from: facts
+                                .as_ref()
+                                .map_or(rfc3339(cert.not_before), |f| rfc3339(f.not_before)),
+                            expiration_time: facts
+                                .as_ref()
+                                .map_or(rfc3339(cert.not_after), |f| rfc3339(f.not_after)),
+                        }
+                    })
+                    .collect();
+                CertsDump {
+                    identity: id.to_string(),
+                    state: "Available".to_owned(),
+                    cert_chain,
+                    root_certs: vec![root.clone()],
+                }
+            })
+            .collect();
+        for (id, retry) in self.wanted.locked().iter() {
+            if out.iter().any(|c| c.identity == id.to_string()) {
+                continue;
+            }
+            out.push(CertsDump {
+                identity: id.to_string(),
+                state: if retry.failures == 0 {
+                    "Initializing".to_owned()
+                } else {
+                    format!(
+                        "Unavailable: the CA has not answered ({} failed requests)",
+                        retry.failures
+                    )
+                },
+                cert_chain: Vec::new(),
+                root_certs: Vec::new(),
+            });
+        }
+        out.sort_by(|a, b| a.identity.cmp(&b.identity));
+        out
+    }
+
     /// Signs a certificate for `id` with the given validity, outside the
     /// cache and rotation and without the trust-domain check. For tests and
     /// tools: an expired certificate, one from another trust domain.

@@ -215,6 +215,65 @@ pub struct CertInfo {
     pub role: &'static str,
 }
 
+/// One identity's certificates as ztunnel's `/config_dump` lists them.
+#[derive(Clone, Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CertsDump {
+    pub identity: String,
+    /// `Available`, `Initializing` (asked for, no answer yet) or
+    /// `Unavailable: <why>`.
+    pub state: String,
+    /// Leaf first, then intermediates.
+    pub cert_chain: Vec<CertDump>,
+    pub root_certs: Vec<CertDump>,
+}
+
+/// One certificate: its PEM text base64-encoded, as ztunnel gives it.
+#[derive(Clone, Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CertDump {
+    pub pem: String,
+    /// Hex.
+    pub serial_number: String,
+    /// RFC 3339.
+    pub valid_from: String,
+    pub expiration_time: String,
+}
+
+/// A certificate's PEM block.
+fn pem_of(der: &[u8]) -> String {
+    let body = base64(der);
+    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in body.as_bytes().chunks(64) {
+        pem.push_str(std::str::from_utf8(line).unwrap_or_default());
+        pem.push('\n');
+    }
+    pem.push_str("-----END CERTIFICATE-----\n");
+    pem
+}
+
+/// Standard base64, padded, on one line.
+fn base64(data: &[u8]) -> String {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ABC[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
 /// The SPIFFE identity in the peer's (already verified) leaf certificate:
 /// the first of its SPIFFE URI SANs in `trust_domain`, else its first.
 pub fn peer_identity(conn: &rustls::CommonState, trust_domain: &str) -> Option<Identity> {

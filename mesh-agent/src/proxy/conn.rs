@@ -1,19 +1,20 @@
-//! One record per proxied connection: Istio's TCP metrics when it opens and
-//! closes, and the access log line (tracing target `access`) when it ends.
+//! One record per proxied connection, as ztunnel keeps it: Istio's TCP
+//! metrics when it opens, as its bytes flow and when it closes, and the
+//! access log line (tracing target `access`) when it ends.
 
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
-use tracing::info;
+use prometheus_client::metrics::counter::Counter;
+use tracing::Level;
 
+use super::Counted;
 use crate::{
     identity::Identity,
-    metrics::{Metrics, TcpLabels},
+    metrics::{Metrics, TcpLabels, is_failure},
     state::{Service, Workload},
 };
 
 const UNKNOWN: &str = "unknown";
-/// Istio's default cluster name, which dashboards filter on.
-const CLUSTER: &str = "Kubernetes";
 
 /// What is known about each end of a connection.
 #[derive(Clone, Debug, Default)]
@@ -30,10 +31,24 @@ pub struct ConnRecord {
     labels: TcpLabels,
     src: Peer,
     dst: Peer,
+    /// Over HBONE: the CONNECT authority, `dst.addr` being the address the
+    /// tunnel runs to (port 15008), as ztunnel logs them.
+    hbone_addr: Option<SocketAddr>,
     start: Instant,
-    opened: bool,
+    /// The byte counters of the labels it opened with (request, response),
+    /// resolved once and then added to as the bytes are copied.
+    meters: Option<Meters>,
     /// Closed and logged; nothing left for `Drop`.
     done: bool,
+}
+
+/// A connection's `istio_tcp_received_bytes` (request direction) and
+/// `istio_tcp_sent_bytes` (response direction) series: adding to them is
+/// one atomic add, no lock and no lookup.
+#[derive(Clone, Debug)]
+pub struct Meters {
+    pub request: Counter,
+    pub response: Counter,
 }
 
 /// What a connection carried, and why it ended badly if it did.
@@ -55,6 +70,61 @@ impl Outcome {
     }
 }
 
+/// The fields of one access log line.
+pub(super) struct AccessLog<'a> {
+    pub src_addr: Option<String>,
+    pub src_workload: Option<String>,
+    pub src_namespace: Option<String>,
+    pub src_identity: Option<String>,
+    pub src_cluster: Option<String>,
+    pub dst_addr: Option<String>,
+    pub dst_hbone_addr: Option<String>,
+    pub dst_service: Option<String>,
+    pub dst_workload: Option<String>,
+    pub dst_namespace: Option<String>,
+    pub dst_identity: Option<String>,
+    pub dst_cluster: Option<String>,
+    pub direction: &'static str,
+    pub bytes_sent: u64,
+    pub bytes_recv: u64,
+    pub duration: String,
+    pub flags: &'static str,
+    pub error: Option<&'a str>,
+}
+
+/// One access log event at a given level (tracing wants the level to be a
+/// constant). Absent values leave their field out; values are written as
+/// they display (`src.addr=10.0.0.1:5000`, not quoted).
+macro_rules! access_log {
+    ($level:expr, $f:expr) => {{
+        let f = $f;
+        tracing::event!(
+            target: "access",
+            parent: None,
+            $level,
+            src.addr = f.src_addr.as_deref().map(tracing::field::display),
+            src.workload = f.src_workload.as_deref().map(tracing::field::display),
+            src.namespace = f.src_namespace.as_deref().map(tracing::field::display),
+            src.identity = f.src_identity.as_deref().map(tracing::field::display),
+            src.cluster = f.src_cluster.as_deref().map(tracing::field::display),
+            dst.addr = f.dst_addr.as_deref().map(tracing::field::display),
+            dst.hbone_addr = f.dst_hbone_addr.as_deref().map(tracing::field::display),
+            dst.service = f.dst_service.as_deref().map(tracing::field::display),
+            dst.workload = f.dst_workload.as_deref().map(tracing::field::display),
+            dst.namespace = f.dst_namespace.as_deref().map(tracing::field::display),
+            dst.identity = f.dst_identity.as_deref().map(tracing::field::display),
+            dst.cluster = f.dst_cluster.as_deref().map(tracing::field::display),
+            direction = f.direction,
+            bytes_sent = f.bytes_sent,
+            bytes_recv = f.bytes_recv,
+            duration = tracing::field::display(&f.duration),
+            flags = f.flags,
+            error = f.error,
+            "connection complete"
+        );
+    }};
+}
+
 impl ConnRecord {
     /// `reporter` is `source` on the client's agent, `destination` on the
     /// server's.
@@ -67,106 +137,174 @@ impl ConnRecord {
         service: Option<&Service>,
         mtls: bool,
     ) -> Self {
-        let labels = labels(reporter, &src, &dst, service, mtls);
+        let labels = labels(&metrics.cluster_id.0, reporter, &src, &dst, service, mtls);
         ConnRecord {
             metrics,
             direction,
             labels,
             src,
             dst,
+            hbone_addr: None,
             start: Instant::now(),
-            opened: false,
+            meters: None,
             done: false,
         }
     }
 
     pub fn set_destination(&mut self, dst: Peer, service: Option<&Service>, mtls: bool) {
-        self.labels = labels(self.labels.reporter, &self.src, &dst, service, mtls);
+        self.labels = labels(
+            &self.metrics.cluster_id.0,
+            self.labels.reporter,
+            &self.src,
+            &dst,
+            service,
+            mtls,
+        );
         self.dst = dst;
+        self.hbone_addr = None;
     }
 
-    /// Counts the connection as opened (once the path is decided).
+    /// The connection runs over HBONE: the tunnel goes to `tunnel` (a
+    /// node's or a waypoint's 15008) and asks for `authority`.
+    pub fn set_hbone(&mut self, tunnel: SocketAddr, authority: SocketAddr) {
+        self.dst.addr = Some(tunnel);
+        self.hbone_addr = Some(authority);
+    }
+
+    /// Counts the connection as opened (once the path is decided), with
+    /// `response_flags="-"` as ztunnel does: the outcome only labels the
+    /// close.
     pub fn open(&mut self) {
-        if !self.opened {
-            self.opened = true;
-            self.metrics.tcp_opened.get_or_create(&self.labels).inc();
-            self.metrics.tcp_series(&self.labels);
+        if self.meters.is_none() {
+            let m = &self.metrics;
+            m.tcp_opened.get_or_create(&self.labels).inc();
+            m.tcp_series(&self.labels);
+            self.meters = Some(Meters {
+                request: m.tcp_received.get_or_create(&self.labels).clone(),
+                response: m.tcp_sent.get_or_create(&self.labels).clone(),
+            });
         }
+    }
+
+    /// The client's side of the splice, counting into this connection's
+    /// byte series as it goes (opening the record if it is not yet).
+    pub fn counted<S>(&mut self, client: S) -> Counted<S> {
+        self.open();
+        Counted::metered(client, self.meters.clone())
     }
 
     /// Counts the end of the connection and writes the access log line.
     /// A connection refused before it was opened is counted as opened and
-    /// closed with `flags`.
+    /// closed, the close with `flags`.
     pub fn close(mut self, flags: &'static str, outcome: Outcome) {
         self.record_close(flags, outcome);
     }
 
     fn record_close(&mut self, flags: &'static str, outcome: Outcome) {
         self.done = true;
+        self.open();
         self.labels.response_flags = flags;
-        if !self.opened {
-            self.open();
-        }
         let m = &self.metrics;
         m.tcp_closed.get_or_create(&self.labels).inc();
         if flags != "-" {
             m.tcp_series(&self.labels);
         }
-        // Istio's meaning: received = the request direction, sent = the
-        // response direction, from the destination's point of view.
-        m.tcp_received
-            .get_or_create(&self.labels)
-            .inc_by(outcome.request_bytes);
-        m.tcp_sent
-            .get_or_create(&self.labels)
-            .inc_by(outcome.response_bytes);
-        let duration_ms = self.start.elapsed().as_millis() as u64;
-        let addr = |p: &Peer| p.addr.map(|a| a.to_string()).unwrap_or_default();
-        let wl = |p: &Peer| {
-            p.workload
-                .as_ref()
-                .map(|w| format!("{}/{}", w.namespace, w.name))
-                .unwrap_or_default()
-        };
-        let id = |p: &Peer| {
+        if is_failure(flags) {
+            m.tcp_failed.get_or_create(&self.labels).inc();
+        }
+        self.log(flags, &outcome);
+    }
+
+    /// The access log line, with ztunnel's field names: an unknown value
+    /// is left out, identities only over mutual TLS, `bytes_sent` and
+    /// `bytes_recv` from this end's workload's point of view. At ERROR
+    /// when the connection failed, as ztunnel logs it.
+    fn log(&self, flags: &'static str, outcome: &Outcome) {
+        let l = &self.labels;
+        let known = |v: &str| (v != UNKNOWN && !v.is_empty()).then(|| v.to_owned());
+        let mtls = l.connection_security_policy == "mutual_tls";
+        let identity = |p: &Peer| {
             p.identity
                 .as_ref()
-                .map(|i| i.to_string())
-                .unwrap_or_default()
+                .filter(|_| mtls)
+                .map(Identity::to_string)
         };
-        info!(
-            target: "access",
-            direction = self.direction,
-            src.addr = %addr(&self.src),
-            src.workload = %wl(&self.src),
-            src.identity = %id(&self.src),
-            dst.addr = %addr(&self.dst),
-            dst.workload = %wl(&self.dst),
-            dst.identity = %id(&self.dst),
-            dst.service = %self.labels.destination_service,
-            security = self.labels.connection_security_policy,
-            request_bytes = outcome.request_bytes,
-            response_bytes = outcome.response_bytes,
-            duration_ms,
+        // ztunnel names the pod, not its owner workload.
+        let pod = |p: &Peer, canonical: &str| {
+            p.workload
+                .as_ref()
+                .map(|w| w.name.clone())
+                .or_else(|| known(canonical))
+        };
+        let addr = |a: Option<SocketAddr>| a.map(|a| a.to_string());
+        let (bytes_sent, bytes_recv) = if l.reporter == "destination" {
+            (outcome.response_bytes, outcome.request_bytes)
+        } else {
+            (outcome.request_bytes, outcome.response_bytes)
+        };
+        let fields = AccessLog {
+            src_addr: addr(self.src.addr),
+            src_workload: pod(&self.src, &l.source_canonical_service),
+            src_namespace: known(&l.source_workload_namespace),
+            src_identity: identity(&self.src),
+            src_cluster: known(&l.source_cluster),
+            dst_addr: addr(self.dst.addr),
+            dst_hbone_addr: addr(self.hbone_addr),
+            dst_service: known(&l.destination_service),
+            dst_workload: pod(&self.dst, &l.destination_canonical_service),
+            dst_namespace: known(&l.destination_workload_namespace),
+            dst_identity: identity(&self.dst),
+            dst_cluster: known(&l.destination_cluster),
+            direction: self.direction,
+            bytes_sent,
+            bytes_recv,
+            duration: format!("{}ms", self.start.elapsed().as_millis()),
             flags,
-            error = outcome.error.as_deref().unwrap_or(""),
-            "connection complete"
-        );
+            error: outcome.error.as_deref(),
+        };
+        if fields.error.is_some() {
+            access_log!(Level::ERROR, fields);
+        } else {
+            access_log!(Level::INFO, fields);
+        }
     }
+}
+
+/// A connection refused before there was enough to record it (no
+/// original destination, a pod the configuration does not list, a
+/// Service with no endpoint, a destination whose waypoint cannot serve
+/// it): as ztunnel, one WARN line and no `istio_tcp_*` series.
+pub fn early_deny(direction: &'static str, src: SocketAddr, dst: SocketAddr, error: &str) {
+    tracing::event!(
+        target: "access",
+        parent: None,
+        Level::WARN,
+        src.addr = %src,
+        dst.addr = %dst,
+        direction,
+        error,
+        "connection failed"
+    );
 }
 
 impl Drop for ConnRecord {
     /// A connection task that ended without closing its record (a panic, an
     /// abort at release) still counts its close, so opened and closed agree.
     fn drop(&mut self) {
-        if !self.done && self.opened {
+        if !self.done && self.meters.is_some() {
             let flags = self.labels.response_flags;
             self.record_close(flags, Outcome::error("connection task ended"));
         }
     }
 }
 
+/// Istio's label set for a connection from `src` to `dst`, the workloads
+/// this agent knows being in cluster `cluster`. As ztunnel sets them: the
+/// source principal only over mutual TLS (the identity the handshake
+/// proves); the destination principal from the destination's identity, or
+/// its workload's, whether or not the connection is mutual TLS.
 pub fn labels(
+    cluster: &str,
     reporter: &'static str,
     src: &Peer,
     dst: &Peer,
@@ -180,6 +318,7 @@ pub fn labels(
     let version =
         |w: Option<&Arc<Workload>>| w.map_or(UNKNOWN.to_owned(), |w| w.version().to_owned());
     let principal = |i: Option<&Identity>| i.map_or(UNKNOWN.to_owned(), Identity::to_string);
+    let cluster_of = |w: Option<&Arc<Workload>>| w.map_or(UNKNOWN, |_| cluster).to_owned();
     let (s, d) = (src.workload.as_ref(), dst.workload.as_ref());
     TcpLabels {
         reporter,
@@ -187,10 +326,10 @@ pub fn labels(
         source_canonical_service: app(s),
         source_canonical_revision: version(s),
         source_workload_namespace: ns(s),
-        source_principal: principal(src.identity.as_ref()),
+        source_principal: principal(src.identity.as_ref().filter(|_| mtls)),
         source_app: app(s),
         source_version: version(s),
-        source_cluster: if s.is_some() { CLUSTER } else { UNKNOWN }.to_owned(),
+        source_cluster: cluster_of(s),
         destination_service: service.map_or(UNKNOWN.to_owned(), Service::hostname),
         destination_service_namespace: service.map_or(UNKNOWN.to_owned(), |s| s.namespace.clone()),
         destination_service_name: service.map_or(UNKNOWN.to_owned(), |s| s.name.clone()),
@@ -201,7 +340,7 @@ pub fn labels(
         destination_principal: principal(dst.identity.as_ref()),
         destination_app: app(d),
         destination_version: version(d),
-        destination_cluster: if d.is_some() { CLUSTER } else { UNKNOWN }.to_owned(),
+        destination_cluster: cluster_of(d),
         request_protocol: "tcp",
         response_flags: "-",
         connection_security_policy: if mtls { "mutual_tls" } else { "unknown" },
@@ -209,104 +348,4 @@ pub fn labels(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::metrics::{encode, proxy_registry};
-
-    fn pod(namespace: &str, name: &str) -> Peer {
-        Peer {
-            workload: Some(Arc::new(Workload {
-                name: name.to_owned(),
-                namespace: namespace.to_owned(),
-                service_account: "default".to_owned(),
-                node: "node".to_owned(),
-                ips: Vec::new(),
-                labels: Default::default(),
-                ports: Default::default(),
-                captured: true,
-                redirected: false,
-                hbone: true,
-                uid: name.to_owned(),
-                netns: None,
-                owner: None,
-                owner_kind: None,
-            })),
-            ..Peer::default()
-        }
-    }
-
-    /// The `*_workload` labels name the owner workload, as Kiali reads
-    /// them, with the canonical service and revision labels first.
-    #[test]
-    fn workload_labels_name_the_owner_and_canonical_labels_come_first() {
-        let mut p = pod("shop", "reviews-v1-5f7d9c6b8-abcde");
-        let mut wl = (**p.workload.as_ref().unwrap()).clone();
-        wl.owner = Some("reviews-v1".into());
-        wl.labels = [
-            ("app", "reviews"),
-            ("version", "v1"),
-            ("service.istio.io/canonical-name", "reviews-canonical"),
-            ("service.istio.io/canonical-revision", "1.2"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect();
-        p.workload = Some(Arc::new(wl));
-        let l = labels("source", &p, &pod("shop", "db"), None, true);
-        assert_eq!(l.source_workload, "reviews-v1");
-        assert_eq!(l.source_canonical_service, "reviews-canonical");
-        assert_eq!(l.source_canonical_revision, "1.2");
-        assert_eq!(
-            l.destination_workload, "db",
-            "a bare pod is its own workload"
-        );
-    }
-
-    fn connection(metrics: &Arc<Metrics>, src: Peer, dst: Peer, flags: &'static str) {
-        let mut c = ConnRecord::new(metrics.clone(), "outbound", "source", src, dst, None, true);
-        c.open();
-        c.close(flags, Outcome::default());
-    }
-
-    /// The `istio_tcp_connections_opened` lines naming a workload.
-    fn lines_with(page: &str, workload: &str) -> usize {
-        page.lines()
-            .filter(|l| l.starts_with("istio_tcp_"))
-            .filter(|l| l.contains(&format!("_workload=\"{workload}\"")))
-            .count()
-    }
-
-    #[test]
-    fn a_released_pods_series_leave_the_metrics_page() {
-        let metrics = Arc::new(Metrics::default());
-        let registry = proxy_registry(&metrics);
-        connection(&metrics, pod("shop", "web-1"), pod("shop", "db-1"), "-");
-        connection(&metrics, pod("shop", "web-1"), pod("shop", "db-1"), "UF");
-        connection(&metrics, pod("shop", "api-1"), pod("shop", "web-1"), "-");
-        connection(&metrics, pod("shop", "api-1"), pod("shop", "db-1"), "-");
-        let page = encode(&registry);
-        // As source: opened once (both opened unflagged), closed, sent and
-        // received twice (`-` and `UF`); as destination: four lines.
-        assert_eq!(lines_with(&page, "web-1"), 11, "{page}");
-
-        metrics.forget_workload("shop", "web-1");
-
-        let page = encode(&registry);
-        assert_eq!(lines_with(&page, "web-1"), 0, "{page}");
-        assert_eq!(
-            lines_with(&page, "api-1"),
-            4,
-            "what web-1 had no part in stays"
-        );
-        assert!(
-            page.contains(
-                "istio_tcp_connections_opened_total{reporter=\"source\",source_workload=\"api-1\""
-            ),
-            "{page}"
-        );
-        // A pod of the same name in another namespace is not touched.
-        connection(&metrics, pod("other", "web-1"), pod("shop", "db-1"), "-");
-        metrics.forget_workload("shop", "web-1");
-        assert_eq!(lines_with(&encode(&registry), "web-1"), 4);
-    }
-}
+mod tests;

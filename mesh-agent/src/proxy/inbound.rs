@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::{
-    Counted, PodCtx,
+    PodCtx,
     conn::{ConnRecord, Outcome, Peer},
     connect_in_pod, finish, revoked_by_policy, splice,
 };
@@ -106,14 +106,13 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
         Err(e) => {
             metrics.connection("inbound_plaintext", "connect_failed");
             debug!(%dst, error = %e, "connect to app failed");
-            rec.close("UF", Outcome::error(format!("connect to app: {e}")));
+            rec.close("CONNECT", Outcome::error(format!("connect to app: {e}")));
             return;
         }
     };
     metrics.connection("inbound_plaintext", "forwarded");
     let mut rec = rec;
-    rec.open();
-    let mut client = Counted::new(client);
+    let mut client = rec.counted(client);
     let check = pod.clone();
     let revoked = revoked_by_policy(pod.shared.store.clone(), move |s| {
         admit(s, &check, peer, dst).is_ok()

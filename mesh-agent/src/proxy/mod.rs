@@ -39,7 +39,7 @@ mod inbound;
 mod lb;
 mod outbound;
 
-pub use conn::{ConnRecord, Outcome, Peer, labels as tcp_labels};
+pub use conn::{ConnRecord, Meters, Outcome, Peer, labels as tcp_labels};
 pub use hbone::{Caller, Pool, Tunnel};
 pub use lb::Balancer;
 
@@ -179,10 +179,15 @@ pub fn spawn_listener(pod: Arc<PodCtx>, listener: PodListener) -> io::Result<Joi
     // slots, not another pod's nor the agent's descriptors.
     let gate = limit::Gate::new(limits, pod.shared.metrics.clone(), direction);
     Ok(tokio::spawn(async move {
+        let reporter = match role {
+            Role::Outbound => "source",
+            Role::InboundPlaintext | Role::Hbone => "destination",
+        };
         loop {
             let (stream, peer, admitted) = gate.accept(&l).await;
             let _ = stream.set_nodelay(true);
             let pod = pod.clone();
+            let socket = pod.shared.metrics.socket_open(reporter);
             match role {
                 Role::Outbound => {
                     // `traceparent`: the tunnel's, recorded when HBONE opens one.
@@ -192,19 +197,19 @@ pub fn spawn_listener(pod: Arc<PodCtx>, listener: PodListener) -> io::Result<Joi
                         client = %peer,
                         traceparent = tracing::field::Empty
                     );
-                    spawn_synced(pod, direction, span, admitted, move |pod| {
+                    spawn_synced(pod, direction, span, (admitted, socket), move |pod| {
                         outbound::serve(pod, stream, peer)
                     });
                 }
                 Role::InboundPlaintext => {
                     let span = info_span!("inbound_plaintext", pod = %pod.name, client = %peer);
-                    spawn_synced(pod, direction, span, admitted, move |pod| {
+                    spawn_synced(pod, direction, span, (admitted, socket), move |pod| {
                         inbound::serve(pod, stream, peer)
                     });
                 }
                 Role::Hbone => {
                     let span = info_span!("inbound", pod = %pod.name, client = %peer);
-                    spawn_synced(pod, direction, span, admitted, move |pod| {
+                    spawn_synced(pod, direction, span, (admitted, socket), move |pod| {
                         hbone::serve(pod, stream, peer)
                     });
                 }
@@ -235,12 +240,13 @@ impl PodCtx {
 /// (see [`Shared::synced`]); until then it waits, and after [`SYNC_WAIT`]
 /// it is closed unserved and counted as `not_synced`: refused, never sent
 /// on in plaintext nor let in unchecked. The connection keeps its place in
-/// its listener's limits (`admitted`) until the task ends.
+/// its listener's limits and in `istio_tcp_sockets_open` (`admitted`)
+/// until the task ends.
 fn spawn_synced<F>(
     pod: Arc<PodCtx>,
     direction: &'static str,
     span: tracing::Span,
-    admitted: crate::limit::Admitted,
+    admitted: (crate::limit::Admitted, crate::metrics::SocketGuard),
     serve: impl FnOnce(Arc<PodCtx>) -> F + Send + 'static,
 ) where
     F: Future<Output = ()> + Send + 'static,
@@ -371,19 +377,23 @@ where
     end
 }
 
-/// A stream that counts the bytes read from and written to it.
+/// A stream that counts the bytes read from and written to it, and adds
+/// them to its connection's byte series as they go (the client's side of
+/// a splice: what it yields is the request, what it takes the response).
 pub struct Counted<S> {
     inner: S,
     pub read: u64,
     pub written: u64,
+    meters: Option<Meters>,
 }
 
 impl<S> Counted<S> {
-    pub fn new(inner: S) -> Self {
+    pub fn metered(inner: S, meters: Option<Meters>) -> Self {
         Counted {
             inner,
             read: 0,
             written: 0,
+            meters,
         }
     }
 }
@@ -396,7 +406,13 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        self.read += (buf.filled().len() - before) as u64;
+        let n = (buf.filled().len() - before) as u64;
+        if n > 0 {
+            self.read += n;
+            if let Some(m) = &self.meters {
+                m.request.inc_by(n);
+            }
+        }
         r
     }
 }
@@ -410,6 +426,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = r {
             self.written += n as u64;
+            if let Some(m) = &self.meters {
+                m.response.inc_by(n as u64);
+            }
         }
         r
     }

@@ -15,8 +15,8 @@ use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use super::{
-    Counted, PodCtx,
-    conn::{ConnRecord, Outcome, Peer},
+    PodCtx,
+    conn::{ConnRecord, Outcome, Peer, early_deny},
     connect_in_pod, finish,
     hbone::{Caller, HboneError, Tunnel},
     splice,
@@ -183,6 +183,7 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
         warn!("no original destination recorded for this connection; refusing it");
         return;
     };
+    let client_addr = peer;
     let store = pod.shared.store();
     let src_workload = pod.workload(&store);
     let trust_domain = pod.shared.certs.trust_domain();
@@ -217,19 +218,27 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
         service,
         false,
     );
+    // Refused before any endpoint is tried: as ztunnel, no `istio_tcp_*`
+    // record, a WARN access log line and the agent's own counter.
     if let Some(reason) = &route.refused {
         // Fail closed: a destination bound to a waypoint is never reached
         // around it.
         metrics.connection("outbound", "no_waypoint");
-        warn!(%dst, reason, "refused: its waypoint cannot serve it");
-        rec.close("NW", Outcome::error(reason.clone()));
+        early_deny(
+            "outbound",
+            client_addr,
+            dst,
+            &format!("its waypoint cannot serve it: {reason}"),
+        );
         return;
     }
     if route.candidates.is_empty() {
         metrics.connection("outbound", "no_endpoint");
-        rec.close(
-            "UH",
-            Outcome::error(format!("service {dst} has no endpoints")),
+        early_deny(
+            "outbound",
+            client_addr,
+            dst,
+            &format!("service {dst} has no endpoints"),
         );
         return;
     }
@@ -254,7 +263,7 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
         Vec::new()
     };
     let mut last_error = String::new();
-    let mut flags = "UF";
+    let mut flags = "CONNECT";
     let mut upstream = None;
     for c in &route.candidates {
         // Through a waypoint: mTLS with the waypoint's identity, to its pod.
@@ -265,7 +274,11 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
             Peer {
                 addr: Some(c.addr),
                 workload: c.workload.clone(),
-                identity: dst_identity.clone(),
+                // As ztunnel: a known destination's principal is reported
+                // in plaintext too (the access log shows it only over mTLS).
+                identity: dst_identity
+                    .clone()
+                    .or_else(|| c.workload.as_ref().map(|w| w.identity(trust_domain))),
             },
             service,
             meshed,
@@ -282,6 +295,7 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
         };
         let attempt = match (&dst_identity, &src_identity, &src_workload) {
             (Some(dst_id), Some(src_id), Some(src_wl)) => {
+                rec.set_hbone(SocketAddr::new(via_ip, mesh_common::PORT_HBONE), c.addr);
                 let caller = Caller {
                     addr: SocketAddr::new(src_ip, peer.port()),
                     workload: src_wl,
@@ -295,7 +309,7 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
                 };
                 hbone(&pod, src_id, dst_id, via_ip, c.addr, &caller).await
             }
-            (Some(_), _, _) => Err(Attempt::Fatal(
+            (Some(_), _, _) => Err(Attempt::NoSource(
                 "this pod is not in the configuration, so it has no identity for mTLS".into(),
             )),
             (None, _, _) => connect_in_pod(&pod, c.addr, Source::Pod)
@@ -304,6 +318,7 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
                 .map_err(|e| Attempt::Failed {
                     error: format!("connect to {}: {e}", c.addr),
                     endpoint_fault: true,
+                    flags: "CONNECT",
                 }),
         };
         match attempt {
@@ -319,17 +334,26 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
                 last_error = e;
                 break;
             }
-            Err(Attempt::Fatal(e)) => {
+            Err(Attempt::NoSource(e)) => {
                 // A meshed destination is never reached in plaintext, and no
-                // other endpoint would fare better.
-                flags = "NR";
+                // other endpoint would fare better. As ztunnel refuses a
+                // connection from a workload it does not know: no record.
+                metrics.connection("outbound", "no_identity");
+                early_deny("outbound", client_addr, dst, &e);
+                return;
+            }
+            Err(Attempt::Identity(e)) => {
+                // No certificate to connect with: no endpoint fares better.
+                flags = "IDENTITY_ERROR";
                 last_error = e;
                 break;
             }
             Err(Attempt::Failed {
                 error,
                 endpoint_fault,
+                flags: f,
             }) => {
+                flags = f;
                 debug!(endpoint = %c.addr, %error, "upstream failed");
                 if service.is_some() && endpoint_fault && c.waypoint.is_none() {
                     pod.shared.balancer.mark_down(c.addr);
@@ -341,7 +365,7 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
     let Some(upstream) = upstream else {
         let result = match flags {
             "DENY" => "denied",
-            "NR" => "no_identity",
+            "IDENTITY_ERROR" => "no_identity",
             _ => "connect_failed",
         };
         metrics.connection("outbound", result);
@@ -349,8 +373,7 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
         return;
     };
     metrics.connection("outbound", "forwarded");
-    rec.open();
-    let mut client = Counted::new(client);
+    let mut client = rec.counted(client);
     let end = match upstream {
         Upstream::Plain(mut s) => splice(&mut client, &mut s, std::future::pending()).await,
         Upstream::Hbone(tunnel) => {
@@ -365,11 +388,18 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
 enum Attempt {
     /// The destination's policy said no: do not try another endpoint.
     Denied(String),
-    /// This side cannot make the call at all (no identity, no certificate).
-    Fatal(String),
+    /// The calling pod is not in the configuration: it has no identity.
+    NoSource(String),
+    /// No certificate for the pod's identity.
+    Identity(String),
     /// This endpoint failed; `endpoint_fault` when the endpoint itself is at
     /// fault (unreachable, TLS failed, its app refused), which sets it aside.
-    Failed { error: String, endpoint_fault: bool },
+    Failed {
+        error: String,
+        endpoint_fault: bool,
+        /// ztunnel's `response_flags` for it.
+        flags: &'static str,
+    },
 }
 
 async fn hbone(
@@ -387,9 +417,10 @@ async fn hbone(
     {
         Ok(u) => Ok(Upstream::Hbone(u)),
         Err(e @ HboneError::Status { .. }) if e.is_denied() => Err(Attempt::Denied(e.to_string())),
-        Err(e @ HboneError::Identity { .. }) => Err(Attempt::Fatal(e.to_string())),
+        Err(e @ HboneError::Identity { .. }) => Err(Attempt::Identity(e.to_string())),
         Err(e) => Err(Attempt::Failed {
             endpoint_fault: e.is_endpoint_fault(),
+            flags: e.response_flags(),
             error: e.to_string(),
         }),
     }

@@ -12,6 +12,9 @@ mod route;
 mod source;
 mod waypoint;
 mod yaml;
+mod ztunnel_dump;
+
+pub use ztunnel_dump::ztunnel_uid;
 
 #[cfg(test)]
 mod istio_route_tests;

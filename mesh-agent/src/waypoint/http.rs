@@ -199,6 +199,7 @@ impl Handler {
         let mut done = Done {
             labels: HttpLabels {
                 conn: tcp_labels(
+                    &ctx.metrics.cluster_id.0,
                     "waypoint",
                     &Peer {
                         addr: Some(self.client.addr),

@@ -109,7 +109,7 @@ pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
         args.mesh.config.is_some() || args.mesh.kubernetes,
         "a waypoint needs its configuration: --config DIR or --kubernetes"
     );
-    let metrics = Arc::new(Metrics::default());
+    let metrics = Arc::new(Metrics::new(&args.mesh.cluster_id));
     let certs = CertManager::new(crate::ca_config(&args.mesh, &args.state_dir))?;
     certs.spawn_rotation();
     let client = if args.mesh.kubernetes {

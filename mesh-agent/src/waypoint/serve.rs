@@ -309,8 +309,7 @@ async fn tcp(
                     service.as_deref(),
                     true,
                 );
-                rec.open();
-                let mut client_io = crate::proxy::Counted::new(io);
+                let mut client_io = rec.counted(io);
                 let mut up = TokioIo::new(up);
                 let r = tokio::io::copy_bidirectional(&mut client_io, &mut up).await;
                 let outcome = Outcome {

@@ -231,7 +231,7 @@ pub fn measure(
             let (_, dump) = tb.agent(0).http("GET", "/config_dump", None)?;
             let dump: mesh_tests::Value = serde_json::from_str(&dump)?;
             let count = |key: &str| dump[key].as_array().map_or(0, Vec::len);
-            Ok(count("pods") == pods && count("certificates") > pods)
+            Ok(count("pods") == pods && count("certificate_summary") > pods)
         })
         .context("enrolling the idle pods")?;
         let with_pods = rss(&tb)?;

@@ -159,6 +159,20 @@ pub enum HboneError {
 }
 
 impl HboneError {
+    /// ztunnel's `response_flags` for a tunnel that could not be opened.
+    pub fn response_flags(&self) -> &'static str {
+        match self {
+            HboneError::Tls { .. } => "TLS_FAILURE",
+            HboneError::Http { .. } => "H2_HANDSHAKE_FAILURE",
+            HboneError::Identity { .. } => "IDENTITY_ERROR",
+            HboneError::Status { status, .. } if *status == StatusCode::UNAUTHORIZED => "DENY",
+            HboneError::Connect { .. }
+            | HboneError::Status { .. }
+            | HboneError::Timeout { .. }
+            | HboneError::Request(_) => "CONNECT",
+        }
+    }
+
     /// Whether the destination itself refused by policy (not a failure of
     /// the endpoint, so another endpoint is not tried).
     pub fn is_denied(&self) -> bool {

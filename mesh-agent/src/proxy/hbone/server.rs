@@ -21,7 +21,7 @@ use super::{
 };
 use crate::metrics::HeaderLabels;
 use crate::proxy::{
-    Counted, PodCtx,
+    PodCtx,
     conn::{ConnRecord, Outcome, Peer},
     connect_in_pod, finish, revoked_by_policy, splice,
 };
@@ -71,6 +71,7 @@ pub async fn serve(pod: Arc<PodCtx>, stream: TcpStream, peer: SocketAddr) {
             return;
         }
     };
+    let local_addr = stream.local_addr().ok();
     let trust_domain = pod.shared.certs.trust_domain();
     let Some((tls, peer_id)) = accept(stream, config, metrics, trust_domain).await else {
         return;
@@ -79,6 +80,7 @@ pub async fn serve(pod: Arc<PodCtx>, stream: TcpStream, peer: SocketAddr) {
         pod: pod.clone(),
         local,
         local_id: id,
+        local_addr,
         peer,
         peer_id,
     });
@@ -168,6 +170,8 @@ struct Inbound {
     pod: Arc<PodCtx>,
     local: Arc<Workload>,
     local_id: Identity,
+    /// The address the HBONE connection reached (port 15008).
+    local_addr: Option<SocketAddr>,
     peer: SocketAddr,
     peer_id: Identity,
 }
@@ -346,7 +350,7 @@ impl Inbound {
                     && s.namespace == self.local.namespace
                     && self.local.has_labels(&s.selector)
             });
-        let rec = ConnRecord::new(
+        let mut rec = ConnRecord::new(
             metrics.clone(),
             "inbound",
             "destination",
@@ -355,6 +359,9 @@ impl Inbound {
             service.map(|s| &**s),
             true,
         );
+        if let Some(tunnel) = self.local_addr {
+            rec.set_hbone(tunnel, dst);
+        }
         let conn = self.conn(&store, dst);
         metrics.dry_run("hbone", store.dry_run(&conn));
         if let Decision::Deny { reason, .. } = store.authorize(&conn) {
@@ -375,7 +382,7 @@ impl Inbound {
             Ok(s) => s,
             Err(e) => {
                 metrics.connection("hbone", "connect_failed");
-                rec.close("UF", Outcome::error(format!("connect to app: {e}")));
+                rec.close("CONNECT", Outcome::error(format!("connect to app: {e}")));
                 return answer(StatusCode::SERVICE_UNAVAILABLE);
             }
         };
@@ -402,7 +409,7 @@ impl Inbound {
                         return;
                     }
                 };
-                let mut client = Counted::new(TokioIo::new(upgraded));
+                let mut client = rec.counted(TokioIo::new(upgraded));
                 let mut app = app;
                 let store_rx = this.pod.shared.store.clone();
                 let check = this.clone();
