@@ -76,6 +76,8 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     .map_err(ctx)?;
     // As std's bind does: a restarted agent rebinds over TIME_WAIT.
     socket.set_reuseaddr(true).map_err(ctx)?;
+    // A next agent binds beside a draining one (an upgrade).
+    socket.set_reuseport(true).map_err(ctx)?;
     socket.bind(addr).map_err(ctx)?;
     socket.listen(BACKLOG).map_err(ctx)
 }
@@ -346,7 +348,9 @@ async fn route(
         (_, &Method::GET, "/healthz/ready") => {
             // Until the configuration is read once, the agent cannot tell a
             // meshed destination from a plain one.
-            if admin.shared.configured && admin.shared.store().generation == 0 {
+            if crate::drain::is_draining() {
+                reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n")
+            } else if admin.shared.configured && admin.shared.store().generation == 0 {
                 reply(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "text/plain",

@@ -118,6 +118,11 @@ pub struct NodeArgs {
     /// pods under PeerAuthentication STRICT are refused like any plaintext.
     #[arg(long, env = "MESH_NO_PROBE_SNAT")]
     pub no_probe_snat: bool,
+    /// On SIGTERM, how long live connections may go on before the agent
+    /// exits (new ones go to the next agent, or are refused). Keep it under
+    /// the pod's `terminationGracePeriodSeconds`.
+    #[arg(long, env = "MESH_DRAIN_PERIOD", default_value = "20s", value_parser = parse_duration)]
+    pub drain_period: Duration,
     #[command(flatten)]
     pub mesh: MeshArgs,
 }

@@ -12,6 +12,7 @@ mod cluster;
 mod config;
 #[cfg(test)]
 mod deploy_tests;
+mod drain;
 #[cfg(test)]
 mod fuzz;
 mod identity;
@@ -102,6 +103,13 @@ async fn node(args: NodeArgs, log_filter: admin::LogFilter) -> anyhow::Result<()
     let ready_l = admin::bind(args.ready_addr).await.context("--ready-addr")?;
 
     check_capture_mode(&args.state_dir, args.capture)?;
+    // An agent still draining beside this one (an upgrade) keeps setting up
+    // connections: what it listed for them must stay.
+    let previous_alive = previous_agent_alive(&args.state_dir);
+    if previous_alive {
+        info!("an earlier agent is still running (draining): taking over beside it");
+    }
+    write_pid_file(&args.state_dir)?;
     let excluded =
         capture::ExcludedPorts::new(&args.exclude_outbound_ports, &args.exclude_inbound_ports);
     let object = match &args.ebpf_object {
@@ -120,6 +128,7 @@ async fn node(args: NodeArgs, log_filter: admin::LogFilter) -> anyhow::Result<()
                 &excluded,
                 !args.mesh.kubernetes,
                 object.as_deref(),
+                !previous_alive,
             )
                 .with_context(|| {
                     if args.mesh.kubernetes {
@@ -186,6 +195,7 @@ async fn node(args: NodeArgs, log_filter: admin::LogFilter) -> anyhow::Result<()
             .await?
             .context("restoring the enrolled pods")?;
     }
+    let mut enroller_task = None;
     if configured {
         let finder = match client {
             Some(_) => inpod::enrol::NetnsFinder::Proc(args.proc_root.clone()),
@@ -200,7 +210,7 @@ async fn node(args: NodeArgs, log_filter: admin::LogFilter) -> anyhow::Result<()
                 cluster::redirection::Redirection::new(client, shared.metrics.clone())
             }),
         };
-        inpod::enrol::spawn(enroller, store.clone());
+        enroller_task = Some(inpod::enrol::spawn(enroller, store.clone()));
     }
     if let Some(client) = client {
         cluster::events::spawn(client, node_name.clone(), references, store.clone());
@@ -229,9 +239,63 @@ async fn node(args: NodeArgs, log_filter: admin::LogFilter) -> anyhow::Result<()
         _ = term.recv() => {}
     }
     // Pins and rules stay: enrolled pods fail closed until the next agent
-    // takes over.
-    info!(capture = ?mode, "stopping; capture stays in place (use `mesh-agent uninstall` to remove it)");
+    // takes over, or go to the one already running beside this one.
+    info!(capture = ?mode, drain_period = ?args.drain_period, "draining: new connections go to the next agent (refused if there is none), live ones may finish; capture stays in place (use `mesh-agent uninstall` to remove it)");
+    drain::start();
+    if let Some(task) = enroller_task {
+        task.abort();
+    }
+    admin.pods.stop_listening();
+    let deadline = tokio::time::Instant::now() + args.drain_period;
+    loop {
+        let live = admin.shared.metrics.open_sockets();
+        if live == 0 {
+            info!("drained: no connection left");
+            break;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+            () = tokio::time::sleep_until(deadline) => {
+                warn!(live, "drain period over: closing what is left");
+                break;
+            }
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+        }
+    }
     Ok(())
+}
+
+/// Whether the agent named in the state directory's `agent.pid` still runs
+/// (another process of this binary): an upgrade started this one beside it.
+fn previous_agent_alive(state_dir: &Path) -> bool {
+    let Ok(pid) = std::fs::read_to_string(state_dir.join("agent.pid")) else {
+        return false;
+    };
+    let Ok(pid) = pid.trim().parse::<u32>() else {
+        return false;
+    };
+    if pid == std::process::id() {
+        return false;
+    }
+    let ours = std::fs::read_link("/proc/self/exe").ok();
+    let theirs = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+    // The same binary path (an upgrade replaces the file, so the old one
+    // reads `... (deleted)`): compare names, not inodes.
+    let name = |p: &Option<std::path::PathBuf>| {
+        p.as_ref().and_then(|p| p.file_name()).map(|n| {
+            n.to_string_lossy()
+                .trim_end_matches(" (deleted)")
+                .to_owned()
+        })
+    };
+    theirs.is_some() && name(&ours) == name(&theirs)
+}
+
+fn write_pid_file(state_dir: &Path) -> anyhow::Result<()> {
+    let file = state_dir.join("agent.pid");
+    std::fs::write(&file, format!("{}\n", std::process::id()))
+        .with_context(|| file.display().to_string())
 }
 
 /// One glibc malloc arena for all threads, set before any thread exists.

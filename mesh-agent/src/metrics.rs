@@ -177,6 +177,18 @@ impl Metrics {
         }
     }
 
+    /// Accepted data-path sockets still open (what a drain waits for).
+    pub fn open_sockets(&self) -> i64 {
+        ["source", "destination"]
+            .into_iter()
+            .map(|reporter| {
+                self.sockets_open
+                    .get_or_create(&SocketLabels { reporter })
+                    .get()
+            })
+            .sum()
+    }
+
     /// Counts an accepted socket in `istio_tcp_sockets_open` until the
     /// returned guard is dropped (when its task ends, however it ends).
     pub fn socket_open(self: &Arc<Self>, reporter: &'static str) -> SocketGuard {

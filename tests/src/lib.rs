@@ -680,6 +680,12 @@ impl Testbed {
         Ok(())
     }
 
+    /// Takes the running agent of `node` out of the testbed (it keeps
+    /// running until dropped), so that another can start beside it.
+    pub fn take_agent(&mut self, node: usize) -> Option<Agent> {
+        self.nodes[node].agent.take()
+    }
+
     pub fn agent(&self, node: usize) -> &Agent {
         self.nodes[node]
             .agent

@@ -198,7 +198,10 @@ fn node_agents_run_against_the_api_with_certificates_from_the_cluster_ca() -> an
     for (node, sa) in [(0, "client"), (1, "server")] {
         let (_, dump) = tb.agent(node).http("GET", "/config_dump", None)?;
         let dump: Value = serde_json::from_str(&dump)?;
-        let certs = dump["certificate_summary"].as_array().cloned().unwrap_or_default();
+        let certs = dump["certificate_summary"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
         assert!(
             certs
                 .iter()

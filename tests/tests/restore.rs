@@ -294,3 +294,134 @@ fn an_upgrade_replaces_the_programs_in_place_and_no_call_leaves_in_plaintext() -
     );
     Ok(())
 }
+
+/// A graceful restart: a new agent starts beside the running one (its
+/// listeners join the old ones' with `SO_REUSEPORT`), the old one gets
+/// SIGTERM, stops taking connections, lets its live one finish and exits.
+/// A client calling a STRICT server on another node without pause sees no
+/// failed call, and the connection the old agent carried goes on until the
+/// client closes it.
+#[test]
+fn a_new_agent_beside_a_draining_one_refuses_no_connection() -> anyhow::Result<()> {
+    use mesh_tests::{
+        converge, delivered_by_agent,
+        mesh::{namespace_yaml, pod_yaml, with_netns},
+        metrics::series_sum_or_absent,
+    };
+    use std::{
+        sync::atomic::{AtomicBool, Ordering},
+        time::{Duration, Instant},
+    };
+    let mut tb = Testbed::new(2)?;
+    let client = tb.add_pod(0, "client")?;
+    let server = tb.add_pod(1, "server")?;
+    tb.serve(&server, SocketAddr::new([0u8; 16].into(), APP_PORT))?;
+    tb.write_config(&[
+        namespace_yaml("shop", true),
+        with_netns(&pod_yaml(&client, 0, "shop", "client", &[]), &client),
+        with_netns(&pod_yaml(&server, 1, "shop", "server", &[]), &server),
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: strict\n  namespace: shop\nspec:\n  mtls:\n    mode: STRICT\n".to_owned(),
+    ])?;
+    let args = tb.mesh_args()?;
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    for node in 0..2 {
+        tb.start_agent(node, &argv)?;
+    }
+    converge("both pods enrolled", Duration::from_secs(10), || {
+        Ok(tb.agent(0).pod_names()? == ["shop/client"]
+            && tb.agent(1).pod_names()? == ["shop/server"])
+    })?;
+    let dst = SocketAddr::new(server.ip4, APP_PORT);
+    // A long-lived connection through the first agent.
+    let mut held = tb.hold(&client, dst)?;
+    assert_eq!(held.hello["ok"], true, "{}", held.hello);
+    assert_eq!(held.send("before")?["echo"], "before");
+
+    // Four client processes calling without pause.
+    let repls = (0..4)
+        .map(|_| tb.repl(&client))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let stop = AtomicBool::new(false);
+    let (ok, failed, took) =
+        std::thread::scope(|scope| -> anyhow::Result<(u32, Vec<Value>, Duration)> {
+            let callers: Vec<_> = repls
+                .into_iter()
+                .map(|mut repl| {
+                    let stop = &stop;
+                    scope.spawn(move || -> anyhow::Result<(u32, Vec<Value>, Duration)> {
+                        let (mut ok, mut failed) = (0, Vec::new());
+                        let started = Instant::now();
+                        while !stop.load(Ordering::Relaxed)
+                            && started.elapsed() < Duration::from_secs(60)
+                        {
+                            let r = repl.connect(dst, 100)?;
+                            if r["ok"] == true && delivered_by_agent(&r) {
+                                ok += 1;
+                            } else {
+                                failed.push(r);
+                            }
+                        }
+                        Ok((ok, failed, started.elapsed()))
+                    })
+                })
+                .collect();
+            let result = (|| -> anyhow::Result<()> {
+                std::thread::sleep(Duration::from_millis(300));
+                let mut old = tb.take_agent(0).expect("agent on node 0");
+                tb.start_agent(0, &argv)?;
+                converge(
+                    "the new agent ready beside the old one",
+                    Duration::from_secs(20),
+                    || Ok(tb.agent(0).log_text().matches("node agent ready").count() >= 2),
+                )?;
+                std::thread::sleep(Duration::from_millis(300));
+                old.terminate()?;
+                converge("the old agent draining", Duration::from_secs(10), || {
+                    Ok(old
+                        .log_text()
+                        .contains("draining: new connections go to the next agent"))
+                })?;
+                // Its live connection goes on while it drains...
+                std::thread::sleep(Duration::from_millis(300));
+                assert_eq!(held.send("during")?["echo"], "during");
+                // ...and once the client closes it, the old agent exits.
+                drop(held);
+                let status = old.wait_exit(Duration::from_secs(15))?;
+                assert!(status.success(), "the old agent exited with {status}");
+                assert!(old.log_text().contains("drained: no connection left"));
+                std::thread::sleep(Duration::from_millis(300));
+                Ok(())
+            })();
+            stop.store(true, Ordering::Relaxed);
+            let (mut ok, mut failed, mut took) = (0, Vec::new(), Duration::ZERO);
+            for caller in callers {
+                let (o, f, t) = caller.join().expect("caller thread")?;
+                ok += o;
+                failed.extend(f);
+                took = took.max(t);
+            }
+            result?;
+            Ok((ok, failed, took))
+        })?;
+    eprintln!(
+        "calls during the restart: {ok} over HBONE in {took:?} ({:.0}/s), {} failed",
+        f64::from(ok) / took.as_secs_f64(),
+        failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "calls failed during the restart: {failed:?}"
+    );
+    assert!(ok > 100, "too few calls to tell: {ok}");
+    let page = tb.agent(1).metrics()?;
+    assert_eq!(
+        series_sum_or_absent(
+            &page,
+            "mesh_proxy_connections_total",
+            &[("direction", "inbound_plaintext")]
+        )?,
+        0.0,
+        "a call reached the STRICT server in plaintext: {page}"
+    );
+    Ok(())
+}

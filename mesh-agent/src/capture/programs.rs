@@ -77,6 +77,7 @@ impl Programs {
         excluded: &ExcludedPorts,
         mount_bpffs: bool,
         object: Option<&[u8]>,
+        clear_flows: bool,
     ) -> Result<Self, CaptureError> {
         let object = object.unwrap_or(EBPF_OBJECT);
         fs::ensure_bpffs(dir, mount_bpffs)?;
@@ -140,8 +141,13 @@ impl Programs {
         // Connections an earlier agent was setting up when it stopped: none
         // is in progress now, and a stale entry would let one 4-tuple past
         // inbound capture.
+        // Unless that agent is still draining beside this one.
         let mut flows: HashMap<MapData, FlowKey, u8> = take_map(&mut ebpf, maps::AGENT_FLOWS)?;
-        let stale: Vec<FlowKey> = flows.keys().filter_map(Result::ok).collect();
+        let stale: Vec<FlowKey> = if clear_flows {
+            flows.keys().filter_map(Result::ok).collect()
+        } else {
+            Vec::new()
+        };
         for key in stale {
             ignore_missing(flows.remove(&key)).map_err(map_err(maps::AGENT_FLOWS))?;
         }

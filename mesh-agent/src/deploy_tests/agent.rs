@@ -9,7 +9,7 @@ use std::{
 
 use super::{
     METRICS_PATH, Manifests, Problems,
-    workload::{capabilities, check_exposed, check_readiness, http_probe},
+    workload::{capabilities, check_readiness, http_probe},
 };
 
 /// Where `capture::fs::default_cgroup_root` looks for the cgroup v2 root
@@ -18,6 +18,34 @@ const CGROUP_ROOTS: &[&str] = &["/sys/fs/cgroup", "/sys/fs/cgroup/unified"];
 /// The agent's capabilities; the reasons are beside them in daemonset.yaml
 /// and in the README's table, which change together with this list.
 const AGENT_CAPABILITIES: &[&str] = &["NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE"];
+
+/// An upgrade starts the new agent beside the old one (surge, nothing
+/// unavailable), and the old one's drain fits in its grace period.
+#[test]
+fn agent_daemonset_upgrades_beside_the_old_agent_and_drains_in_time() {
+    use k8s_openapi::api::apps::v1::DaemonSet;
+    let m = Manifests::load();
+    let (w, _, args) = m.agent();
+    let ds = m
+        .find::<DaemonSet>(Some(&w.namespace), "mesh-agent")
+        .expect("the agent's DaemonSet");
+    let rolling = ds
+        .spec
+        .as_ref()
+        .and_then(|s| s.update_strategy.as_ref())
+        .and_then(|u| u.rolling_update.as_ref())
+        .expect("a rolling update");
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    assert_eq!(rolling.max_surge, Some(IntOrString::Int(1)));
+    assert_eq!(rolling.max_unavailable, Some(IntOrString::Int(0)));
+    // Kubernetes' default is 30 s.
+    let grace = w.pod.termination_grace_period_seconds.unwrap_or(30);
+    assert!(
+        u64::try_from(grace).unwrap_or(0) >= args.drain_period.as_secs() + 5,
+        "terminationGracePeriodSeconds {grace} leaves no margin over --drain-period {:?}",
+        args.drain_period
+    );
+}
 
 #[test]
 fn agent_daemonset_matches_node_flags() {
@@ -37,16 +65,21 @@ fn agent_daemonset_matches_node_flags() {
     });
     w.check_scraped(&mut p, "--metrics-addr", metrics);
     // The kubelet and Prometheus come from outside the node's loopback;
-    // the admin API must not.
-    check_exposed(
-        &mut p,
-        c,
-        &[
-            ("--metrics-addr", args.metrics_addr),
-            ("--ready-addr", args.ready_addr),
-        ],
-        "the kubelet and Prometheus cannot reach it",
-    );
+    // the admin API must not. No container ports: with hostNetwork the
+    // scheduler counts them as host ports, and the surge pod of a rolling
+    // update (which binds them beside the old one with SO_REUSEPORT) would
+    // never fit on the node.
+    for (flag, addr) in [
+        ("--metrics-addr", args.metrics_addr),
+        ("--ready-addr", args.ready_addr),
+    ] {
+        p.check(!addr.ip().is_loopback(), || {
+            format!("{flag} {addr} is loopback: the kubelet and Prometheus cannot reach it")
+        });
+    }
+    p.check(c.ports.as_ref().is_none_or(Vec::is_empty), || {
+        "the agent container declares ports: with hostNetwork they are host ports to the scheduler, and the rolling update's surge pod could not be placed".into()
+    });
     p.check(args.admin_addr.ip().is_loopback(), || {
         format!("--admin-addr {} is not loopback: the unauthenticated read-only admin pages would face the node's network", args.admin_addr)
     });

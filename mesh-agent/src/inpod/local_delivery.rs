@@ -33,6 +33,10 @@ use mesh_common::{AGENT_LOCAL_MARK, LOCAL_DELIVERY_RULE_PRIORITY, LOCAL_DELIVERY
 
 const SYSCTL_FWMARK_ACCEPT: &str = "/proc/sys/net/ipv4/tcp_fwmark_accept";
 const SYSCTL_TW_REUSE: &str = "/proc/sys/net/ipv4/tcp_tw_reuse";
+/// Connections queued on a capture listener that closes (a draining agent)
+/// move to the next agent's listener on the same port (`SO_REUSEPORT`)
+/// instead of being reset. Kernel >= 5.14.
+const SYSCTL_MIGRATE_REQ: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
 const SYSCTL_REFLECT_V4: &str = "/proc/sys/net/ipv4/fwmark_reflect";
 const SYSCTL_REFLECT_V6: &str = "/proc/sys/net/ipv6/fwmark_reflect";
 
@@ -59,7 +63,12 @@ const LOOPBACK_IFINDEX: u32 = mesh_common::LOOPBACK_IFINDEX;
 /// Sets up local delivery in the calling thread's network namespace (call
 /// inside the pod netns). `v6`: the pod has IPv6 too.
 pub fn prepare(v6: bool) -> io::Result<()> {
-    let mut sysctls = vec![SYSCTL_FWMARK_ACCEPT, SYSCTL_TW_REUSE, SYSCTL_REFLECT_V4];
+    let mut sysctls = vec![
+        SYSCTL_FWMARK_ACCEPT,
+        SYSCTL_TW_REUSE,
+        SYSCTL_REFLECT_V4,
+        SYSCTL_MIGRATE_REQ,
+    ];
     if v6 {
         sysctls.push(SYSCTL_REFLECT_V6);
     }
@@ -264,6 +273,7 @@ mod tests {
                 SYSCTL_TW_REUSE,
                 SYSCTL_REFLECT_V4,
                 SYSCTL_REFLECT_V6,
+                SYSCTL_MIGRATE_REQ,
             ]
             .map(|s| std::fs::read_to_string(s).expect("sysctl"))
             .concat();
@@ -291,8 +301,8 @@ mod tests {
         );
         assert!(route6.starts_with("local default dev lo"), "{route6}");
         assert_eq!(
-            accept, "1\n1\n1\n1\n",
-            "tcp_fwmark_accept, tcp_tw_reuse, fwmark_reflect"
+            accept, "1\n1\n1\n1\n1\n",
+            "tcp_fwmark_accept, tcp_tw_reuse, fwmark_reflect, tcp_migrate_req"
         );
     }
 }

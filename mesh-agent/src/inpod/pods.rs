@@ -123,6 +123,8 @@ pub enum EnrolError {
         "reading the enrolled pods saved in {path}: {reason}; refusing to start rather than release them all (repair the file, or run `mesh-agent uninstall` to release every pod)"
     )]
     Saved { path: PathBuf, reason: String },
+    #[error("the agent is draining: pods are left as they are for the next agent")]
+    Draining,
 }
 
 impl EnrolError {
@@ -137,6 +139,7 @@ impl EnrolError {
             EnrolError::Capture { .. } => "capture",
             EnrolError::NetnsReplaced { .. } => "bad_netns",
             EnrolError::State { .. } | EnrolError::Saved { .. } => "state",
+            EnrolError::Draining => "draining",
         }
     }
 }
@@ -195,12 +198,15 @@ pub struct Pods {
     /// The node's SNAT of its own connections (kubelet probes) to enrolled
     /// pods; `None` when turned off.
     probes: Option<ProbeSnat>,
+    /// Set once draining: the enrolled set is the next agent's to change.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl Pods {
     pub fn new(shared: Arc<Shared>, state_dir: &Path, probes: Option<ProbeSnat>) -> Self {
         Pods {
             probes,
+            draining: std::sync::atomic::AtomicBool::new(false),
             capture: shared.capture.clone(),
             metrics: shared.metrics.clone(),
             shared,
@@ -245,6 +251,9 @@ impl Pods {
         spec: &PodSpec,
         expect: Option<NetnsCookie>,
     ) -> Result<PodInfo, EnrolError> {
+        if self.is_draining() {
+            return Err(EnrolError::Draining);
+        }
         let name = spec.name.clone();
         // Opened (and checked to be a netns) before the lock: a path that
         // is not a namespace is refused without holding up other pods.
@@ -373,6 +382,9 @@ impl Pods {
     }
 
     fn unenroll_inner(&self, name: &str) -> Result<PodInfo, EnrolError> {
+        if self.is_draining() {
+            return Err(EnrolError::Draining);
+        }
         let mut pods = self.pods.locked();
         let Some(p) = pods.remove(name) else {
             return Err(EnrolError::NotEnrolled {
@@ -397,6 +409,23 @@ impl Pods {
         self.save(&pods)?;
         info!(pod = %name, "pod released");
         Ok(info)
+    }
+
+    fn is_draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Draining: closes every pod's capture listeners (a next agent's, open
+    /// beside them with `SO_REUSEPORT`, take the new connections; without
+    /// one they are refused, as on any stop) and leaves capture, the maps
+    /// and the saved set as they are. Connections already accepted go on.
+    /// Nothing is enrolled or released afterwards.
+    pub fn stop_listening(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        for p in self.pods.locked().values() {
+            p.tasks.iter().for_each(JoinHandle::abort);
+        }
     }
 
     /// Where the node's probe SNAT stands; `None` when turned off.

@@ -68,6 +68,11 @@ pub fn open_listeners(v6: bool) -> io::Result<Vec<PodListener>> {
             let addr = SocketAddr::new(role.bind_addr(fam_v6), role.port());
             let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
             s.set_reuse_address(true)?;
+            // A next agent opens its own beside these while this one still
+            // serves (an upgrade), and takes every new connection once
+            // these close; `tcp_migrate_req` in the pod hands it what was
+            // still queued here.
+            s.set_reuse_port(true)?;
             if fam_v6 {
                 s.set_only_v6(true)?;
             }

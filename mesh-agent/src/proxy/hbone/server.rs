@@ -149,7 +149,7 @@ where
         let answer = handle(req);
         async move { Ok::<_, Infallible>(answer.await) }
     });
-    let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONN_WINDOW)
@@ -158,8 +158,17 @@ where
         .max_header_list_size(MAX_HEADER_LIST)
         .keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-        .serve_connection(TokioIo::new(tls), svc)
-        .await;
+        .serve_connection(TokioIo::new(tls), svc);
+    tokio::pin!(conn);
+    // Draining: GOAWAY, so that the peer opens its next streams elsewhere
+    // (the next agent), and the connection closes once its streams end.
+    let served = tokio::select! {
+        r = conn.as_mut() => r,
+        () = crate::drain::started() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
     if let Err(e) = served {
         debug!(error = %e, "HBONE connection ended with error");
     }
