@@ -26,6 +26,12 @@
 //! finds it there). Left in place when a pod is released: connections the
 //! agent delivered before keep working until they close, and the rule
 //! matches nothing new.
+//!
+//! The sysctls are per network namespace and written through `/proc/sys`
+//! from a thread inside the pod's. In a container, every runtime mounts
+//! `/proc/sys` read-only; the agent (CAP_SYS_ADMIN) then remounts it
+//! writable in its own mount namespace, once, on the first write that finds
+//! it read-only. That changes nothing outside the agent's container.
 
 use std::io;
 
@@ -64,8 +70,7 @@ pub fn prepare(v6: bool) -> io::Result<()> {
         sysctls.push(SYSCTL_REFLECT_V6);
     }
     for sysctl in sysctls {
-        std::fs::write(sysctl, b"1")
-            .map_err(|e| io::Error::new(e.kind(), format!("{sysctl}: {e}")))?;
+        enable(sysctl).map_err(|e| io::Error::new(e.kind(), format!("{sysctl}: {e}")))?;
     }
     let nl = Netlink::open()?;
     let families: &[u8] = if v6 {
@@ -79,6 +84,44 @@ pub fn prepare(v6: bool) -> io::Result<()> {
         nl.create(RTM_NEWROUTE, &route(family))
             .map_err(|e| with_context(e, "adding the local delivery route", family))?;
     }
+    Ok(())
+}
+
+/// Writes `1` to a sysctl, making `/proc/sys` writable first if it is
+/// read-only (in the agent's container).
+fn enable(sysctl: &str) -> io::Result<()> {
+    match std::fs::write(sysctl, b"1") {
+        Err(e) if e.raw_os_error() == Some(libc::EROFS) => {
+            remount_proc_sys_writable()?;
+            std::fs::write(sysctl, b"1")
+        }
+        written => written,
+    }
+}
+
+/// `mount -o remount,bind,rw /proc/sys`, keeping the flags runtimes set.
+fn remount_proc_sys_writable() -> io::Result<()> {
+    use nix::mount::{MsFlags, mount};
+    mount(
+        None::<&str>,
+        "/proc/sys",
+        None::<&str>,
+        MsFlags::MS_REMOUNT
+            | MsFlags::MS_BIND
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV
+            | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(|e| {
+        io::Error::new(
+            io::Error::from(e).kind(),
+            format!("read-only, and remounting /proc/sys writable failed: {e}"),
+        )
+    })?;
+    tracing::info!(
+        "remounted /proc/sys writable in the agent's mount namespace (the container's is read-only) to set pods' network sysctls"
+    );
     Ok(())
 }
 
