@@ -53,6 +53,9 @@ const XTABLES_NAMES: &[&str] = &[
     "ip6tables-restore",
 ];
 
+/// The debug build of the agent and the test app.
+const SMOKE_BUILD: &[&str] = &["build", "-p", "mesh-agent", "-p", "mesh-tests", "--bins"];
+
 /// What a build made.
 pub struct Built {
     /// The OCI archive (`podman load -i`, `skopeo copy oci-archive:...`).
@@ -111,9 +114,14 @@ fn source() -> Result<(String, String, String)> {
 pub fn build(out: &Path, debug: bool) -> Result<Built> {
     let root = crate::workspace_root();
     let mut cargo = Command::new("cargo");
-    cargo.current_dir(&root).args(["build", "-p", "mesh-agent"]);
-    if !debug {
-        cargo.arg("--release");
+    cargo.current_dir(&root);
+    if debug {
+        // The build the demo and the smoke test make (the test app too):
+        // another package set unifies features differently, and cargo
+        // would rebuild rustls and the agent each time the two alternate.
+        cargo.args(SMOKE_BUILD);
+    } else {
+        cargo.args(["build", "--release", "-p", "mesh-agent"]);
     }
     exec::run(&mut cargo)?;
     let profile = if debug { "debug" } else { "release" };
@@ -315,14 +323,15 @@ fn stage(agent: &Path, rootfs: &Path) -> Result<()> {
 /// names them.
 fn libraries(elf: &Path) -> Result<Vec<PathBuf>> {
     let out = quiet(Command::new("ldd").arg(elf))?;
+    parse_ldd(&out).with_context(|| format!("ldd {}", elf.display()))
+}
+
+/// The paths in `ldd`'s output: `name => /path (addr)` or `/path (addr)`;
+/// the vDSO has none. A library `ldd` did not find is an error.
+fn parse_ldd(out: &str) -> Result<Vec<PathBuf>> {
     let mut libs = Vec::new();
     for line in out.lines() {
-        ensure!(
-            !line.contains("not found"),
-            "{}: a library is missing: {line}",
-            elf.display()
-        );
-        // `name => /path (addr)` or `/path (addr)`; the vDSO has no path.
+        ensure!(!line.contains("not found"), "a library is missing: {line}");
         let path = line
             .split_once("=>")
             .map_or(line, |(_, p)| p)
@@ -380,4 +389,28 @@ fn quiet(cmd: &mut Command) -> Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ldd_output_gives_each_library_and_the_loader() {
+        let out = "\tlinux-vdso.so.1 (0x00007ffd)\n\
+                   \tlibgcc_s.so.1 => /lib/x86_64-linux-gnu/libgcc_s.so.1 (0x00007f01)\n\
+                   \tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f02)\n\
+                   \t/lib64/ld-linux-x86-64.so.2 (0x00007f03)\n";
+        assert_eq!(
+            parse_ldd(out).unwrap(),
+            [
+                "/lib/x86_64-linux-gnu/libgcc_s.so.1",
+                "/lib/x86_64-linux-gnu/libc.so.6",
+                "/lib64/ld-linux-x86-64.so.2"
+            ]
+            .map(PathBuf::from)
+        );
+        let err = parse_ldd("\tlibnftnl.so.11 => not found\n").unwrap_err();
+        assert!(err.to_string().contains("libnftnl.so.11"), "{err}");
+    }
 }

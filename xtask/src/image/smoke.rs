@@ -316,12 +316,11 @@ pub fn run(built: &Built) -> Result<()> {
         built.reference
     );
     // The test app the pods run, next to this xtask binary.
-    exec::run(Command::new("cargo").current_dir(&root).args([
-        "build",
-        "-p",
-        "mesh-tests",
-        "--bins",
-    ]))?;
+    exec::run(
+        Command::new("cargo")
+            .current_dir(&root)
+            .args(super::SMOKE_BUILD),
+    )?;
     let spec = AgentSpec::parse(&fs::read_to_string(root.join("deploy/daemonset.yaml"))?)?;
     println!("smoke: the manifest's container: {spec:?}");
 
@@ -654,4 +653,81 @@ fn check(
         grace.as_secs()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn daemonset() -> String {
+        fs::read_to_string(crate::workspace_root().join("deploy/daemonset.yaml")).unwrap()
+    }
+
+    #[test]
+    fn the_daemonsets_agent_container_becomes_podman_flags() {
+        let spec = AgentSpec::parse(&daemonset()).unwrap();
+        assert_eq!(spec.args, ["node"]);
+        for flag in [
+            "--network=host",
+            "--pid=host",
+            "--user=0:0",
+            "--read-only",
+            "--read-only-tmpfs=false",
+            "--cap-drop=all",
+            "--cap-add=SYS_ADMIN",
+            "--cap-add=NET_ADMIN",
+            "--cap-add=SYS_PTRACE",
+            "--security-opt=apparmor=unconfined",
+        ] {
+            assert!(spec.security.iter().any(|f| f == flag), "{flag}: {spec:?}");
+        }
+        let bpffs = spec
+            .mounts
+            .iter()
+            .find(|m| m.path == "/sys/fs/bpf")
+            .unwrap();
+        assert_eq!((bpffs.read_only, bpffs.propagation), (false, "rslave"));
+        let cgroup = spec
+            .mounts
+            .iter()
+            .find(|m| m.path == "/sys/fs/cgroup")
+            .unwrap();
+        assert!(cgroup.read_only);
+        assert!(
+            spec.env
+                .iter()
+                .any(|(k, v)| k == "MESH_NODE_NAME" && matches!(v, EnvValue::NodeName))
+        );
+        assert_eq!(spec.grace, Duration::from_secs(DEFAULT_GRACE_SECONDS));
+        assert_eq!(spec.readiness, ("/healthz/ready".to_owned(), 15021));
+        assert_eq!(spec.liveness, ("/metrics".to_owned(), 15020));
+    }
+
+    /// What the smoke test cannot reproduce fails it, with the reason.
+    #[test]
+    fn what_cannot_be_mapped_is_refused() {
+        let manifest = daemonset();
+        for (from, to, why) in [
+            (
+                "        - name: state\n          hostPath:\n            path: /var/run/mesh\n            type: DirectoryOrCreate\n",
+                "        - name: state\n          emptyDir: {}\n",
+                "volume state",
+            ),
+            (
+                "fieldPath: spec.nodeName",
+                "fieldPath: metadata.name",
+                "MESH_NODE_NAME",
+            ),
+            (
+                "name: MESH_CA_ROOT",
+                "name: MESH_CA_ROOT_FILE",
+                "MESH_CA_ROOT",
+            ),
+            ("hostNetwork: true", "hostNetwork: false", "host network"),
+        ] {
+            assert!(manifest.contains(from), "{from}");
+            let err = AgentSpec::parse(&manifest.replacen(from, to, 1)).unwrap_err();
+            assert!(err.to_string().contains(why), "{why}: {err}");
+        }
+    }
 }
