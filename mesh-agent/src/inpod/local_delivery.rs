@@ -285,6 +285,40 @@ mod tests {
         assert_eq!(&rt[12 + 4..12 + 8], &1u32.to_ne_bytes(), "dev lo");
     }
 
+    /// As in a container: `/proc/sys` read-only (a mount namespace and a
+    /// network namespace of this thread's own; needs root). The sysctl is
+    /// still set, and `/proc/sys` is writable afterwards.
+    #[test]
+    fn a_read_only_proc_sys_is_remounted_writable_to_set_a_sysctl() {
+        use nix::mount::{MsFlags, mount};
+        let value = std::thread::spawn(|| {
+            nix::sched::unshare(
+                nix::sched::CloneFlags::CLONE_NEWNS | nix::sched::CloneFlags::CLONE_NEWNET,
+            )
+            .expect("unshare (root)");
+            let none = None::<&str>;
+            mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
+                .expect("private mounts");
+            mount(Some("/proc/sys"), "/proc/sys", none, MsFlags::MS_BIND, none)
+                .expect("bind /proc/sys");
+            mount(
+                none,
+                "/proc/sys",
+                none,
+                MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY,
+                none,
+            )
+            .expect("read-only /proc/sys");
+            let read_only = std::fs::write(SYSCTL_TW_REUSE, b"1").unwrap_err();
+            assert_eq!(read_only.raw_os_error(), Some(libc::EROFS));
+            enable(SYSCTL_TW_REUSE).expect("set through the remount");
+            std::fs::read_to_string(SYSCTL_TW_REUSE).expect("read back")
+        })
+        .join()
+        .expect("thread");
+        assert_eq!(value.trim(), "1");
+    }
+
     /// Needs root (a network namespace of its own) and iproute2 to read the
     /// result back: fails without them.
     #[test]
