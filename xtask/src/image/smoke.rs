@@ -357,6 +357,10 @@ pub fn run(built: &Built) -> Result<()> {
     let store = Store {
         dir: tb.workdir().join("podman"),
     };
+    let dir = store.dir.clone();
+    // Ctrl-C: the containers (they live outside the testbed's cgroups)
+    // and the store go too.
+    crate::interrupt::also_on_interrupt(move || drop(Store { dir }));
     output(
         store
             .podman()
