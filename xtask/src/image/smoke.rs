@@ -221,6 +221,11 @@ impl AgentSpec {
                 volume,
             });
         }
+        // The memory limit: the kernel charges the agent's BPF maps to it
+        // too. (No CPU limit is set, on purpose.)
+        if let Some(limit) = at(container, "resources.limits.memory").as_str() {
+            security.push(format!("--memory={}", bytes(limit)?));
+        }
         let probe = |which: &str| -> Result<(String, u16)> {
             let get = &container[which]["httpGet"];
             Ok((
@@ -245,6 +250,26 @@ impl AgentSpec {
             liveness: probe("livenessProbe")?,
         })
     }
+}
+
+/// A Kubernetes memory quantity (`128Mi`, `1Gi`, `500M`, bytes) in bytes.
+fn bytes(quantity: &str) -> Result<u64> {
+    let units: [(&str, u64); 6] = [
+        ("Ki", 1 << 10),
+        ("Mi", 1 << 20),
+        ("Gi", 1 << 30),
+        ("k", 1000),
+        ("M", 1_000_000),
+        ("G", 1_000_000_000),
+    ];
+    let (number, unit) = units
+        .iter()
+        .find_map(|(suffix, unit)| quantity.strip_suffix(suffix).map(|n| (n, *unit)))
+        .unwrap_or((quantity, 1));
+    let n: u64 = number
+        .parse()
+        .with_context(|| format!("memory quantity {quantity}: not mapped"))?;
+    Ok(n * unit)
 }
 
 /// podman with the test's own store, run inside a node's network
@@ -682,6 +707,7 @@ mod tests {
             "--cap-add=NET_ADMIN",
             "--cap-add=SYS_PTRACE",
             "--security-opt=apparmor=unconfined",
+            "--memory=1073741824",
         ] {
             assert!(spec.security.iter().any(|f| f == flag), "{flag}: {spec:?}");
         }
@@ -705,6 +731,15 @@ mod tests {
         assert_eq!(spec.grace, Duration::from_secs(DEFAULT_GRACE_SECONDS));
         assert_eq!(spec.readiness, ("/healthz/ready".to_owned(), 15021));
         assert_eq!(spec.liveness, ("/metrics".to_owned(), 15020));
+    }
+
+    #[test]
+    fn memory_quantities() {
+        assert_eq!(bytes("128Mi").unwrap(), 128 << 20);
+        assert_eq!(bytes("1Gi").unwrap(), 1 << 30);
+        assert_eq!(bytes("500M").unwrap(), 500_000_000);
+        assert_eq!(bytes("4096").unwrap(), 4096);
+        assert!(bytes("1.5Gi").is_err());
     }
 
     /// What the smoke test cannot reproduce fails it, with the reason.
