@@ -35,6 +35,22 @@ impl Drop for Agent {
 }
 
 impl Agent {
+    /// An agent started another way (by a container engine): `child` is
+    /// the process stopped when the agent is dropped, `netns` the namespace
+    /// its ports answer in, `log` where its output goes.
+    pub fn adopt(child: Child, netns: &str, log: PathBuf) -> Agent {
+        Agent {
+            child,
+            netns: netns.to_owned(),
+            log,
+        }
+    }
+
+    /// Waits for the agent's process to end, however it was stopped.
+    pub fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        self.child.wait()
+    }
+
     pub fn log_text(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -1,6 +1,7 @@
 //! `cargo xtask ci`: the project's single test command, run by `.ci/run` and
 //! by hand. Setup, formatting, clippy, the agent build, the unit tests, the
-//! namespaced tests, the quick bench, the demo and the quick soak, each
+//! namespaced tests, the quick bench, the demo, the container image's smoke
+//! test and the quick soak, each
 //! timed, stopping at the first failure.
 
 use std::{
@@ -138,6 +139,14 @@ pub fn run(options: &Options) -> Result<()> {
     })?;
     // The README's first command: every claim it prints is checked.
     step(&mut timings, "demo", crate::demo::run)?;
+    // The container image (from the debug build made above: a release
+    // build would add minutes) run under podman as the DaemonSet runs it.
+    step(&mut timings, "image --test", || {
+        crate::image::run(&crate::image::Options {
+            test: true,
+            debug: true,
+        })
+    })?;
     // A minute of faults under load; `cargo xtask soak` runs longer.
     step(&mut timings, "soak --quick", || {
         crate::soak::run(&crate::soak::Options {

@@ -10,14 +10,29 @@ use anyhow::Context as _;
 /// The prefix of the testbed in use, if any.
 static CURRENT: Mutex<Option<String>> = Mutex::new(None);
 
+/// What else the task in progress made (containers), removed first.
+type Hook = Box<dyn FnOnce() + Send>;
+static BEFORE: Mutex<Option<Hook>> = Mutex::new(None);
+
+/// On Ctrl-C, also `hook`, before the testbed goes (until the next testbed
+/// is registered).
+pub fn also_on_interrupt(hook: impl FnOnce() + Send + 'static) {
+    *BEFORE.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(hook));
+}
+
 /// From now on, Ctrl-C removes the testbed with this prefix.
 pub fn clean_up_on_interrupt(prefix: &str) -> anyhow::Result<()> {
     static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
     *CURRENT.lock().unwrap_or_else(|e| e.into_inner()) = Some(prefix.to_owned());
+    *BEFORE.lock().unwrap_or_else(|e| e.into_inner()) = None;
     INSTALLED
         .get_or_init(|| {
             ctrlc::set_handler(|| {
                 eprintln!("\ninterrupted: cleaning up");
+                let hook = BEFORE.lock().unwrap_or_else(|e| e.into_inner()).take();
+                if let Some(hook) = hook {
+                    hook();
+                }
                 let prefix = CURRENT.lock().unwrap_or_else(|e| e.into_inner()).take();
                 if let Some(prefix) = prefix {
                     mesh_tests::cleanup(&prefix);

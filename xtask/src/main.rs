@@ -7,6 +7,7 @@ mod ci;
 mod demo;
 mod exec;
 mod fuzz;
+mod image;
 mod interrupt;
 mod mutants;
 mod setup;
@@ -48,6 +49,10 @@ enum Command {
     /// Fuzz the parsers of what the agent reads from others (policy YAML,
     /// CONNECT authorities, CA requests, API objects), bounded in time.
     Fuzz(fuzz::Options),
+    /// The agent's container image (OCI archive, built from scratch with
+    /// buildah, nothing pulled); `--test` runs it under podman as the
+    /// DaemonSet does, with pods and traffic.
+    Image(image::Options),
     /// Mutation testing (cargo-mutants) of policy evaluation,
     /// PeerAuthentication and the certificate verifiers against the unit
     /// tests; prints the mutants no test catches.
@@ -70,6 +75,7 @@ fn main() -> ExitCode {
         Command::Ci(options) => ci::run(&options),
         Command::Demo => demo::run(),
         Command::Fuzz(options) => fuzz::run(&options),
+        Command::Image(options) => image::run(&options),
         Command::Mutants(options) => mutants::run(&options),
         Command::Bench(options) => bench::run(&options),
         Command::Soak(options) => soak::run(&options),

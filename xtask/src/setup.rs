@@ -47,6 +47,12 @@ const TOOL_PACKAGES: &[&str] = &[
     "nginx-light",
     // A real scraper for the dashboards' queries.
     "prometheus",
+    // `cargo xtask image`: builds the container image from scratch, and
+    // its smoke test runs it as the DaemonSet would.
+    "buildah",
+    "podman",
+    // podman's runtime for the smoke test: crun refuses hybrid cgroup hosts.
+    "runc",
 ];
 
 /// bpf-linker links the bitcode nightly rustc emits with its own LLVM, which

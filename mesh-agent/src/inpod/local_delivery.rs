@@ -26,6 +26,12 @@
 //! finds it there). Left in place when a pod is released: connections the
 //! agent delivered before keep working until they close, and the rule
 //! matches nothing new.
+//!
+//! The sysctls are per network namespace and written through `/proc/sys`
+//! from a thread inside the pod's. In a container, every runtime mounts
+//! `/proc/sys` read-only; the agent (CAP_SYS_ADMIN) then remounts it
+//! writable in its own mount namespace, once, on the first write that finds
+//! it read-only. That changes nothing outside the agent's container.
 
 use std::io;
 
@@ -73,8 +79,7 @@ pub fn prepare(v6: bool) -> io::Result<()> {
         sysctls.push(SYSCTL_REFLECT_V6);
     }
     for sysctl in sysctls {
-        std::fs::write(sysctl, b"1")
-            .map_err(|e| io::Error::new(e.kind(), format!("{sysctl}: {e}")))?;
+        enable(sysctl).map_err(|e| io::Error::new(e.kind(), format!("{sysctl}: {e}")))?;
     }
     let nl = Netlink::open()?;
     let families: &[u8] = if v6 {
@@ -88,6 +93,44 @@ pub fn prepare(v6: bool) -> io::Result<()> {
         nl.create(RTM_NEWROUTE, &route(family))
             .map_err(|e| with_context(e, "adding the local delivery route", family))?;
     }
+    Ok(())
+}
+
+/// Writes `1` to a sysctl, making `/proc/sys` writable first if it is
+/// read-only (in the agent's container).
+fn enable(sysctl: &str) -> io::Result<()> {
+    match std::fs::write(sysctl, b"1") {
+        Err(e) if e.raw_os_error() == Some(libc::EROFS) => {
+            remount_proc_sys_writable()?;
+            std::fs::write(sysctl, b"1")
+        }
+        written => written,
+    }
+}
+
+/// `mount -o remount,bind,rw /proc/sys`, keeping the flags runtimes set.
+fn remount_proc_sys_writable() -> io::Result<()> {
+    use nix::mount::{MsFlags, mount};
+    mount(
+        None::<&str>,
+        "/proc/sys",
+        None::<&str>,
+        MsFlags::MS_REMOUNT
+            | MsFlags::MS_BIND
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV
+            | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(|e| {
+        io::Error::new(
+            io::Error::from(e).kind(),
+            format!("read-only, and remounting /proc/sys writable failed: {e}"),
+        )
+    })?;
+    tracing::info!(
+        "remounted /proc/sys writable in the agent's mount namespace (the container's is read-only) to set pods' network sysctls"
+    );
     Ok(())
 }
 
@@ -249,6 +292,40 @@ mod tests {
             (libc::AF_INET6 as u8, 254, RTN_LOCAL)
         );
         assert_eq!(&rt[12 + 4..12 + 8], &1u32.to_ne_bytes(), "dev lo");
+    }
+
+    /// As in a container: `/proc/sys` read-only (a mount namespace and a
+    /// network namespace of this thread's own; needs root). The sysctl is
+    /// still set, and `/proc/sys` is writable afterwards.
+    #[test]
+    fn a_read_only_proc_sys_is_remounted_writable_to_set_a_sysctl() {
+        use nix::mount::{MsFlags, mount};
+        let value = std::thread::spawn(|| {
+            nix::sched::unshare(
+                nix::sched::CloneFlags::CLONE_NEWNS | nix::sched::CloneFlags::CLONE_NEWNET,
+            )
+            .expect("unshare (root)");
+            let none = None::<&str>;
+            mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
+                .expect("private mounts");
+            mount(Some("/proc/sys"), "/proc/sys", none, MsFlags::MS_BIND, none)
+                .expect("bind /proc/sys");
+            mount(
+                none,
+                "/proc/sys",
+                none,
+                MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY,
+                none,
+            )
+            .expect("read-only /proc/sys");
+            let read_only = std::fs::write(SYSCTL_TW_REUSE, b"1").unwrap_err();
+            assert_eq!(read_only.raw_os_error(), Some(libc::EROFS));
+            enable(SYSCTL_TW_REUSE).expect("set through the remount");
+            std::fs::read_to_string(SYSCTL_TW_REUSE).expect("read back")
+        })
+        .join()
+        .expect("thread");
+        assert_eq!(value.trim(), "1");
     }
 
     /// Needs root (a network namespace of its own) and iproute2 to read the
