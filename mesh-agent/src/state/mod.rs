@@ -18,6 +18,8 @@ mod istio_route_tests;
 #[cfg(test)]
 mod peer_auth_tests;
 #[cfg(test)]
+mod policy_index_tests;
+#[cfg(test)]
 mod policy_tests;
 #[cfg(test)]
 mod policy_waypoint_tests;
@@ -265,6 +267,8 @@ pub struct Store {
     policies: Vec<policy::AuthzPolicy>,
     /// Policies attached with `targetRefs`: the waypoints'.
     waypoint_policies: Vec<policy::AuthzPolicy>,
+    /// `policies` indexed for the data path.
+    policy_index: policy::PolicyIndex,
     peer_auths: Vec<peer_auth::PeerAuth>,
     bindings: waypoint::Bindings,
     /// HTTPRoutes of Services that have a waypoint.
@@ -350,6 +354,7 @@ impl Store {
         );
         let bound = &store.bindings.services;
         (store.policies, store.waypoint_policies) = policy::compile(&objects, bound, &mut warnings);
+        store.policy_index = policy::PolicyIndex::new(&store.policies);
         gateway::check_routes(&objects, bound, &mut warnings);
         store.rate_limits = ratelimit::compile(&objects, bound, &mut warnings);
         store.routes = route::compile(
@@ -505,13 +510,15 @@ impl Store {
 
     /// L4 AuthorizationPolicy at the destination.
     pub fn authorize(&self, conn: &Conn<'_>) -> Decision {
-        policy::authorize(&self.policies, &self.root_namespace, conn)
+        self.policy_index
+            .authorize(&self.policies, &self.root_namespace, conn)
     }
 
     /// What the `istio.io/dry-run` policies in scope would decide, if any:
     /// for the log and `mesh_policy_dry_run_total`, never enforced.
     pub fn dry_run(&self, conn: &Conn<'_>) -> Option<Decision> {
-        policy::dry_run(&self.policies, &self.root_namespace, conn)
+        self.policy_index
+            .dry_run(&self.policies, &self.root_namespace, conn)
     }
 
     /// The waypoint a Service must be reached through, if it names one.
