@@ -406,7 +406,7 @@ impl Store {
 
     fn index_workloads(&mut self, pods: Vec<k8s::PodWorkload>, warnings: &mut Vec<ConfigWarning>) {
         for pod in pods {
-            let wl = Arc::new(pod.workload);
+            let wl = pod.workload;
             // A host-network pod's address is its node's: finding the pod by
             // it would misattribute everything the node sends.
             if !pod.host_network {
