@@ -102,11 +102,11 @@ fn policies(results: &mut Results, reps: usize, seconds: f64, quick: bool) -> an
                     &format!("policies_{n}_ratio"),
                     ratio,
                 );
-                // Not a target in the quick check (a debug build on a busy
-                // machine), only a bound on the absurd: the index must keep
-                // unrelated policies from costing most of the rate.
+                // The quick check's bound on the absurd (a debug build on a
+                // busy machine: not the target): unrelated policies must not
+                // cost most of the rate. A full run reports the figure.
                 ensure!(
-                    ratio > 0.3,
+                    !quick || ratio > 0.3,
                     "{n} non-matching policies cut new connections/s to {ratio:.2}x of none"
                 );
             }
