@@ -458,13 +458,12 @@ impl Scopes {
         }
         let candidates = self.candidates(root_namespace, conn);
         let attrs = conn.attrs();
-        let (mut any, mut allowed) = (false, false);
+        let mut allowed = false;
         for &at in &candidates {
             let p = &policies[at as usize];
             if !p.applies_to(conn.dst, root_namespace) {
                 continue;
             }
-            any = true;
             if !p.rules.iter().any(|r| r.matches(&attrs)) {
                 continue;
             }
@@ -497,7 +496,7 @@ impl Scopes {
         if allow.is_empty() {
             // Whether there were policies in scope at all matters only to
             // the dry-run report.
-            return (!report_none || any || in_scope()).then_some(Decision::Allow);
+            return (!report_none || in_scope()).then_some(Decision::Allow);
         }
         allow.sort_unstable();
         let allow: Vec<String> = allow.iter().map(|&at| policies[at as usize].id()).collect();
