@@ -1,14 +1,15 @@
 //! Pods, Services and Namespaces turned into the store's `Workload` and
 //! `Service`: defaults filled in, addresses parsed, ambient capture decided.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    sync::{Arc, Mutex},
+};
 
 use k8s_openapi::{
-    api::core::v1::{Container, ContainerPort, Pod, PodSpec, PodStatus, Service as K8sService},
-    apimachinery::pkg::{
-        apis::meta::v1::{ObjectMeta, OwnerReference},
-        util::intstr::IntOrString,
-    },
+    api::core::v1::{Pod, PodStatus, Service as K8sService},
+    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
 
 use super::{ConfigWarning, Service, ServicePort, TargetPort, Workload, yaml::Objects};
@@ -38,104 +39,84 @@ const OWN_APPS: [&str; 2] = ["mesh-agent", "mesh-ca"];
 /// A workload and what the store needs to know about its pod besides.
 #[derive(Debug)]
 pub(super) struct PodWorkload {
-    pub workload: Workload,
+    pub workload: Arc<Workload>,
     /// Shares its node's network namespace and addresses.
     pub host_network: bool,
+    /// Never captured, whatever the labels say: it shares its node's
+    /// network, has its own sidecar proxy, or is one of the agent's own.
+    pub exempt: bool,
 }
 
-/// What the agent keeps of a Pod: the fields [`workload`] reads. A Pod as
-/// the API server sends it also carries container specs, env, volumes,
-/// conditions and managed fields, kilobytes each that every agent would
-/// otherwise hold for every pod of the cluster.
-pub(super) fn slim_pod(pod: Pod) -> Pod {
-    let Pod {
-        metadata,
-        spec,
-        status,
-    } = pod;
-    let metadata = ObjectMeta {
-        name: metadata.name,
-        namespace: metadata.namespace,
-        uid: metadata.uid,
-        labels: metadata.labels,
-        annotations: metadata
-            .annotations
-            .map(|a| {
-                a.into_iter()
-                    .filter_map(|(k, v)| match k.as_str() {
-                        NETNS_ANNOTATION | REDIRECTION_ANNOTATION => Some((k, v)),
-                        // Its presence is what counts, not its kilobyte of JSON.
-                        SIDECAR_STATUS => Some((k, String::new())),
-                        _ => None,
-                    })
-                    .collect::<BTreeMap<_, _>>()
-            })
-            .filter(|a| !a.is_empty()),
-        // The controller only, by kind and name: what names the workload.
-        owner_references: metadata.owner_references.map(|refs| {
-            refs.into_iter()
-                .filter(|r| r.controller == Some(true))
-                .take(1)
-                .map(|r| OwnerReference {
-                    kind: r.kind,
-                    name: r.name,
-                    controller: r.controller,
-                    ..OwnerReference::default()
-                })
-                .collect()
-        }),
-        ..ObjectMeta::default()
-    };
-    let spec = spec.map(|s| PodSpec {
-        node_name: s.node_name,
-        service_account_name: s.service_account_name,
-        host_network: s.host_network,
-        containers: s
-            .containers
-            .into_iter()
-            .map(|c| Container {
-                name: c.name,
-                ports: c.ports.map(|ports| {
-                    ports
-                        .into_iter()
-                        .filter(|p| p.name.is_some())
-                        .map(|p| ContainerPort {
-                            name: p.name,
-                            container_port: p.container_port,
-                            ..ContainerPort::default()
-                        })
-                        .collect()
-                }),
-                ..Container::default()
-            })
-            .collect(),
-        ..PodSpec::default()
-    });
-    let status = status.map(|s| PodStatus {
-        phase: s.phase,
-        pod_ip: s.pod_ip,
-        pod_ips: s.pod_ips,
-        ..PodStatus::default()
-    });
-    Pod {
-        metadata,
-        spec,
-        status,
+/// What the agent keeps of a Pod: its workload, built once when the object
+/// is read, and the warnings about it. A Pod as the API server sends it
+/// also carries container specs, env, volumes, conditions and managed
+/// fields, kilobytes each that every agent would otherwise hold for every
+/// pod of the cluster; the workload is shared with every snapshot that
+/// has it unchanged.
+#[derive(Debug)]
+pub(super) struct StoredPod {
+    /// The workload as the last snapshot had it (whether it is captured
+    /// depends on its namespace's labels too); None for a pod that has
+    /// finished (Succeeded or Failed).
+    workload: Option<Mutex<Arc<Workload>>>,
+    host_network: bool,
+    exempt: bool,
+    warnings: Vec<ConfigWarning>,
+}
+
+impl StoredPod {
+    pub fn new(pod: &Pod) -> StoredPod {
+        let mut warnings = Vec::new();
+        let built = workload(pod, |_| None, &mut warnings);
+        StoredPod {
+            host_network: built.as_ref().is_some_and(|b| b.host_network),
+            exempt: built.as_ref().is_some_and(|b| b.exempt),
+            workload: built.map(|b| Mutex::new(b.workload)),
+            warnings,
+        }
     }
 }
 
 /// Workloads of the pods that may still run (not Succeeded or Failed), in
 /// namespace/name order.
-pub(super) fn workloads(objects: &Objects, warnings: &mut Vec<ConfigWarning>) -> Vec<PodWorkload> {
+/// `redirection_annotation`: whether a destination is reached over HBONE
+/// only when annotated as captured (see
+/// [`super::StoreOptions::redirection_annotation`]), or when its labels say
+/// it is captured.
+pub(super) fn workloads(
+    objects: &Objects,
+    redirection_annotation: bool,
+    warnings: &mut Vec<ConfigWarning>,
+) -> Vec<PodWorkload> {
     objects
         .pods
         .values()
         .filter_map(|pod| {
-            let ns_labels = |ns: &str| {
-                let namespace = &objects.namespaces.get(ns)?.object;
-                namespace.metadata.labels.as_ref()
-            };
-            workload(&pod.object, ns_labels, warnings)
+            let pod = &pod.object;
+            warnings.extend(pod.warnings.iter().cloned());
+            let mut stored = pod
+                .workload
+                .as_ref()?
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let ns_labels = objects
+                .namespaces
+                .get(&stored.namespace)
+                .and_then(|ns| ns.object.metadata.labels.as_ref());
+            let captured = !pod.exempt && captured(&stored.labels, ns_labels);
+            let hbone = stored.redirected || !redirection_annotation && captured;
+            if stored.captured != captured || stored.hbone != hbone {
+                *stored = Arc::new(Workload {
+                    captured,
+                    hbone,
+                    ..Workload::clone(&stored)
+                });
+            }
+            Some(PodWorkload {
+                workload: stored.clone(),
+                host_network: pod.host_network,
+                exempt: pod.exempt,
+            })
         })
         .collect()
 }
@@ -190,7 +171,8 @@ fn workload<'a>(
     let own = labels
         .get("app.kubernetes.io/name")
         .is_some_and(|app| OWN_APPS.contains(&app.as_str()));
-    let captured = !host_network && !sidecar && !own && captured(&labels, ns_labels(&namespace));
+    let exempt = host_network || sidecar || own;
+    let captured = !exempt && captured(&labels, ns_labels(&namespace));
     let redirected = annotation(REDIRECTION_ANNOTATION).is_some_and(|v| v == "enabled");
     let workload = Workload {
         ips: pod_ips(status, &object, warnings),
@@ -218,8 +200,9 @@ fn workload<'a>(
             .map(std::path::PathBuf::from),
     };
     Some(PodWorkload {
-        workload,
+        workload: Arc::new(workload),
         host_network,
+        exempt,
     })
 }
 
@@ -423,6 +406,7 @@ fn port_number(n: i32) -> Option<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 
     /// A pod as a watch delivers it, with much the agent does not read.
     const FULL_POD: &str = r#"
@@ -463,44 +447,61 @@ status:
 "#;
 
     #[test]
-    fn a_slim_pod_gives_the_same_workload_and_keeps_nothing_else() {
+    fn a_stored_pod_gives_the_same_workload_as_the_full_pod() {
         let full: Pod = serde_yaml::from_str(FULL_POD).unwrap();
-        let slim = slim_pod(full.clone());
-        let ns_labels = |_: &str| None;
-        let (mut w1, mut w2) = (Vec::new(), Vec::new());
-        let a = workload(&full, ns_labels, &mut w1).unwrap();
-        let b = workload(&slim, ns_labels, &mut w2).unwrap();
-        assert_eq!(a.workload, b.workload);
-        assert_eq!(a.host_network, b.host_network);
-        assert_eq!(w1, w2);
-        assert_eq!(b.workload.ports.len(), 2, "{:?}", b.workload.ports);
-        assert_eq!(b.workload.ips.len(), 2);
-        assert!(b.workload.netns.is_some());
-        // What is gone.
-        assert!(slim.metadata.managed_fields.is_none());
-        assert_eq!(b.workload.owner.as_deref(), Some("web"), "the Deployment");
-        let owners = slim.metadata.owner_references.as_ref().unwrap();
+        let stored = StoredPod::new(&full);
+        let mut w1 = Vec::new();
+        let a = workload(&full, |_| None, &mut w1).unwrap();
+        let b = stored.workload.as_ref().unwrap().lock().unwrap().clone();
+        assert_eq!(*a.workload, *b);
+        assert_eq!(a.host_network, stored.host_network);
+        assert_eq!(w1, stored.warnings);
+        assert_eq!(b.ports.len(), 2, "{:?}", b.ports);
+        assert_eq!(b.ips.len(), 2);
+        assert!(b.netns.is_some());
+        assert_eq!(b.owner.as_deref(), Some("web"), "the Deployment");
+    }
+
+    /// Snapshot after snapshot, a pod whose workload did not change is
+    /// the same allocation; its namespace's label changes whether it is
+    /// captured.
+    #[test]
+    fn snapshots_share_a_pods_workload() {
+        let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: ns, labels: {app: a}}\n\
+                   spec: {containers: [{name: c, ports: [{name: http, containerPort: 0}]}]}\n\
+                   status: {podIP: 10.1.0.9}\n";
+        let ambient = "apiVersion: v1\nkind: Namespace\n\
+                       metadata: {name: ns, labels: {istio.io/dataplane-mode: ambient}}\n";
+        let doc = crate::state::Document::parse_text("pods.yaml", pod);
+        let labelled = crate::state::Document::parse_text("ns.yaml", ambient);
+        let opts = crate::state::tests::opts();
+        let store = |docs: &[&crate::state::Document]| {
+            crate::state::Store::from_documents(docs.iter().copied(), &opts)
+        };
+        let (one, two) = (store(&[&doc]), store(&[&doc]));
+        let (a, b) = (
+            one.workload("ns", "p").unwrap(),
+            two.workload("ns", "p").unwrap(),
+        );
+        assert!(Arc::ptr_eq(a, b), "one copy for both snapshots");
+        assert!(!a.captured);
+        // The warning about the pod comes with every snapshot.
+        assert_eq!(one.warnings(), two.warnings());
+        assert_eq!(one.warnings().len(), 1, "{:?}", one.warnings());
+
+        let three = store(&[&labelled, &doc]);
+        let c = three.workload("ns", "p").unwrap();
+        assert!(c.captured, "its namespace is ambient now");
+        assert!(!a.captured, "the older snapshot is unchanged");
         assert_eq!(
-            (
-                owners.len(),
-                owners[0].uid.as_str(),
-                owners[0].api_version.as_str()
-            ),
-            (1, "", ""),
-            "the controller's kind and name only"
+            **c,
+            Workload {
+                captured: true,
+                // Locally, captured is reached over HBONE.
+                hbone: true,
+                ..Workload::clone(a)
+            }
         );
-        assert_eq!(
-            slim.metadata.annotations.as_ref().map(BTreeMap::len),
-            Some(1)
-        );
-        let spec = slim.spec.as_ref().unwrap();
-        assert!(spec.volumes.is_none());
-        assert!(
-            spec.containers
-                .iter()
-                .all(|c| c.image.is_none() && c.env.is_none())
-        );
-        assert!(slim.status.as_ref().unwrap().conditions.is_none());
     }
 
     #[test]

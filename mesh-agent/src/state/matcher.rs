@@ -156,6 +156,43 @@ impl Check {
     }
 }
 
+/// A value a connection must have for a check to hold: what the policy
+/// index files a rule under.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(super) enum Key {
+    Principal(String),
+    Namespace(String),
+    /// `N/S` of the peer identity.
+    ServiceAccount(String),
+    DstPort(u16),
+}
+
+impl Check {
+    /// The values one of which the connection must have for this check to
+    /// hold, when the check says so exactly (a positive list of exact
+    /// principals, namespaces, service accounts or ports): Some(empty) for
+    /// a check that never holds, None when the check cannot be indexed
+    /// (negated, a pattern, an address, a request attribute, fixed to hold).
+    pub fn keys(&self) -> Option<Vec<Key>> {
+        match self.fixed {
+            Some(false) => return Some(Vec::new()),
+            Some(true) => return None,
+            None if self.negate => return None,
+            None => {}
+        }
+        self.patterns
+            .iter()
+            .map(|p| match (&self.attr, p) {
+                (Attr::Principal, Pattern::Exact(s)) => Some(Key::Principal(s.clone())),
+                (Attr::Namespace, Pattern::Exact(s)) => Some(Key::Namespace(s.clone())),
+                (Attr::ServiceAccount, Pattern::Exact(s)) => Some(Key::ServiceAccount(s.clone())),
+                (Attr::DstPort, Pattern::Port(port)) => Some(Key::DstPort(*port)),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
 /// Compiles the values of one policy, reporting those that do not parse.
 pub(super) struct Compiler<'w> {
     object: String,

@@ -21,6 +21,8 @@ mod istio_route_tests;
 #[cfg(test)]
 mod peer_auth_tests;
 #[cfg(test)]
+mod policy_index_tests;
+#[cfg(test)]
 mod policy_tests;
 #[cfg(test)]
 mod policy_waypoint_tests;
@@ -284,8 +286,6 @@ pub struct Store {
     pub generation: u64,
     trust_domain: String,
     root_namespace: String,
-    /// [`StoreOptions::redirection_annotation`].
-    redirection_annotation: bool,
     /// By (namespace, name): the order of endpoints and of the dump.
     workloads: BTreeMap<(String, String), Arc<Workload>>,
     by_ip: HashMap<IpAddr, Arc<Workload>>,
@@ -296,6 +296,8 @@ pub struct Store {
     policies: Vec<policy::AuthzPolicy>,
     /// Policies attached with `targetRefs`: the waypoints'.
     waypoint_policies: Vec<policy::AuthzPolicy>,
+    /// `policies` indexed for the data path.
+    policy_index: policy::PolicyIndex,
     peer_auths: Vec<peer_auth::PeerAuth>,
     bindings: waypoint::Bindings,
     /// HTTPRoutes of Services that have a waypoint.
@@ -359,13 +361,12 @@ impl Store {
     ) -> Store {
         let mut warnings = Vec::new();
         let objects = yaml::Objects::merge(docs, &mut warnings);
-        let pods = k8s::workloads(&objects, &mut warnings);
+        let pods = k8s::workloads(&objects, opts.redirection_annotation, &mut warnings);
         let services = k8s::services(&objects, &mut warnings);
         let peer_auths = peer_auth::compile(&objects.peer_authentications, &mut warnings);
         let mut store = Store {
             trust_domain: opts.trust_domain.clone(),
             root_namespace: opts.root_namespace.clone(),
-            redirection_annotation: opts.redirection_annotation,
             peer_auths,
             service_accounts: objects.service_accounts.len(),
             http_routes: objects.http_routes.len(),
@@ -382,6 +383,7 @@ impl Store {
         );
         let bound = &store.bindings.services;
         (store.policies, store.waypoint_policies) = policy::compile(&objects, bound, &mut warnings);
+        store.policy_index = policy::PolicyIndex::new(&store.policies);
         gateway::check_routes(&objects, bound, &mut warnings);
         store.rate_limits = ratelimit::compile(&objects, bound, &mut warnings);
         store.routes = route::compile(
@@ -432,10 +434,8 @@ impl Store {
     }
 
     fn index_workloads(&mut self, pods: Vec<k8s::PodWorkload>, warnings: &mut Vec<ConfigWarning>) {
-        for mut pod in pods {
-            let wl = &mut pod.workload;
-            wl.hbone = wl.redirected || !self.redirection_annotation && wl.captured;
-            let wl = Arc::new(pod.workload);
+        for pod in pods {
+            let wl = pod.workload;
             // A host-network pod's address is its node's: finding the pod by
             // it would misattribute everything the node sends.
             if !pod.host_network {
@@ -539,13 +539,15 @@ impl Store {
 
     /// L4 AuthorizationPolicy at the destination.
     pub fn authorize(&self, conn: &Conn<'_>) -> Decision {
-        policy::authorize(&self.policies, &self.root_namespace, conn)
+        self.policy_index
+            .authorize(&self.policies, &self.root_namespace, conn)
     }
 
     /// What the `istio.io/dry-run` policies in scope would decide, if any:
     /// for the log and `mesh_policy_dry_run_total`, never enforced.
     pub fn dry_run(&self, conn: &Conn<'_>) -> Option<Decision> {
-        policy::dry_run(&self.policies, &self.root_namespace, conn)
+        self.policy_index
+            .dry_run(&self.policies, &self.root_namespace, conn)
     }
 
     /// The waypoint a Service must be reached through, if it names one.

@@ -12,14 +12,17 @@
 //! A policy with `targetRefs` (a Service, or a waypoint Gateway) is a
 //! waypoint's, with the request fields compiled too.
 
-use std::collections::BTreeMap;
+use std::{
+    cell::OnceCell,
+    collections::{BTreeMap, HashMap},
+};
 
 use serde::Deserialize;
 use serde_yaml::Value;
 
 use super::{
     ConfigWarning, Conn, Decision, Workload, gateway,
-    matcher::{Attr, Attrs, Check, Compiler},
+    matcher::{Attr, Attrs, Check, Compiler, Key},
     waypoint::Binding,
     yaml::{Objects, Scalar, WorkloadSelector},
 };
@@ -219,8 +222,10 @@ impl AuthzPolicy {
 }
 
 /// Istio's order: a matching DENY policy denies; else no ALLOW policy in
-/// scope allows; else one of them must match.
-pub(super) fn authorize(
+/// scope allows; else one of them must match. Every policy in scope, one
+/// after the other: the reference the index is tested against.
+#[cfg(test)]
+pub(super) fn authorize_linear(
     policies: &[AuthzPolicy],
     root_namespace: &str,
     conn: &Conn<'_>,
@@ -232,8 +237,10 @@ pub(super) fn authorize(
 }
 
 /// What the dry-run policies in scope would decide on their own, by the
-/// same rules (None when there are none): reported, never enforced.
-pub(super) fn dry_run(
+/// same rules (None when there are none), every policy in scope checked:
+/// the reference for [`PolicyIndex::dry_run`].
+#[cfg(test)]
+pub(super) fn dry_run_linear(
     policies: &[AuthzPolicy],
     root_namespace: &str,
     conn: &Conn<'_>,
@@ -244,6 +251,308 @@ pub(super) fn dry_run(
         .peekable();
     in_scope.peek()?;
     Some(evaluate(in_scope, &conn.attrs()).0)
+}
+
+/// The node agent's policies, indexed so that a connection is checked
+/// against the policies that can match it, not against every policy of
+/// its namespace: by namespace, by one label of the selector, and by the
+/// exact principals, namespaces, service accounts or ports a policy's
+/// rules require. A policy whose rules say none of these exactly (a
+/// negated list, a prefix, an address block) is checked for every
+/// connection in its scope. The decision is the one of checking every
+/// policy in scope in namespace/name order (DENY first, then ALLOW):
+/// candidates are checked in that order, and the ALLOW policies in scope
+/// are only listed when none of them matched.
+#[derive(Debug, Default)]
+pub(super) struct PolicyIndex {
+    enforced: Scopes,
+    dry_run: Scopes,
+}
+
+/// By the policies' namespace.
+#[derive(Debug, Default)]
+struct Scopes(HashMap<String, Scope>);
+
+#[derive(Debug, Default)]
+struct Scope {
+    /// Policies without a selector.
+    every_workload: Group,
+    /// Policies with a selector, by its first label: key, then value.
+    by_label: HashMap<String, HashMap<String, Group>>,
+    /// Every policy of the namespace (positions in the policy list, in
+    /// order): whether any applies, when no candidate did.
+    all: Vec<u32>,
+    /// Its ALLOW policies: those that apply are listed in the refusal when
+    /// none matched.
+    allow: Vec<u32>,
+}
+
+/// Positions of policies in the policy list, in order.
+#[derive(Debug, Default)]
+struct Group {
+    /// Checked for every connection.
+    always: Vec<u32>,
+    by_key: HashMap<Key, Vec<u32>>,
+}
+
+impl AuthzPolicy {
+    /// The values one of which a connection must have for any rule of this
+    /// policy to match; None when some rule cannot be filed under such
+    /// values.
+    fn keys(&self) -> Option<Vec<Key>> {
+        let mut keys = Vec::new();
+        for rule in &self.rules {
+            keys.extend(rule.keys()?);
+        }
+        keys.sort();
+        keys.dedup();
+        Some(keys)
+    }
+}
+
+impl CompiledRule {
+    /// See [`AuthzPolicy::keys`]: one condition that must hold is enough
+    /// (a `from` whose every entry names exact values, one such `when`, or
+    /// a `to` whose every entry names ports).
+    fn keys(&self) -> Option<Vec<Key>> {
+        if self.never {
+            return Some(Vec::new());
+        }
+        let entries = |entries: &[Vec<Check>]| -> Option<Vec<Key>> {
+            if entries.is_empty() {
+                return None;
+            }
+            let mut keys = Vec::new();
+            for entry in entries {
+                keys.extend(entry.iter().find_map(Check::keys)?);
+            }
+            Some(keys)
+        };
+        entries(&self.from)
+            .or_else(|| self.when.iter().find_map(Check::keys))
+            .or_else(|| entries(&self.to))
+    }
+}
+
+/// What a connection is looked up by, computed once and only when an index
+/// needs it.
+struct ConnKeys<'c> {
+    conn: &'c Conn<'c>,
+    principal: OnceCell<Option<Key>>,
+    namespace: OnceCell<Option<Key>>,
+    service_account: OnceCell<Option<Key>>,
+}
+
+impl<'c> ConnKeys<'c> {
+    fn new(conn: &'c Conn<'c>) -> Self {
+        ConnKeys {
+            conn,
+            principal: OnceCell::new(),
+            namespace: OnceCell::new(),
+            service_account: OnceCell::new(),
+        }
+    }
+
+    /// The keys of this connection: without a peer identity, only its port.
+    fn each(&self, mut f: impl FnMut(&Key)) {
+        f(&Key::DstPort(self.conn.dst_port));
+        let id = self.conn.src_identity;
+        let keys = [
+            self.principal
+                .get_or_init(|| id.map(|id| Key::Principal(id.principal()))),
+            self.namespace
+                .get_or_init(|| id.map(|id| Key::Namespace(id.namespace.clone()))),
+            self.service_account.get_or_init(|| {
+                id.map(|id| Key::ServiceAccount(format!("{}/{}", id.namespace, id.service_account)))
+            }),
+        ];
+        keys.into_iter().flatten().for_each(f);
+    }
+}
+
+impl Group {
+    fn add(&mut self, at: u32, keys: Option<Vec<Key>>) {
+        match keys {
+            None => self.always.push(at),
+            Some(keys) => {
+                for key in keys {
+                    self.by_key.entry(key).or_default().push(at);
+                }
+            }
+        }
+    }
+
+    fn candidates(&self, keys: &ConnKeys<'_>, out: &mut Vec<u32>) {
+        out.extend_from_slice(&self.always);
+        if !self.by_key.is_empty() {
+            keys.each(|k| {
+                if let Some(found) = self.by_key.get(k) {
+                    out.extend_from_slice(found);
+                }
+            });
+        }
+    }
+}
+
+impl Scopes {
+    fn add(&mut self, at: u32, p: &AuthzPolicy) {
+        let scope = self.0.entry(p.namespace.clone()).or_default();
+        scope.all.push(at);
+        if p.action == Action::Allow {
+            scope.allow.push(at);
+        }
+        let group = match p.selector.as_ref().and_then(|s| s.iter().next()) {
+            Some((k, v)) => scope
+                .by_label
+                .entry(k.clone())
+                .or_default()
+                .entry(v.clone())
+                .or_default(),
+            None => &mut scope.every_workload,
+        };
+        group.add(at, p.keys());
+    }
+
+    /// The scopes a connection to `dst` is in: its namespace's and the
+    /// root namespace's.
+    fn of<'a>(
+        &'a self,
+        dst: &'a Workload,
+        root_namespace: &'a str,
+    ) -> impl Iterator<Item = &'a Scope> {
+        let root = (root_namespace != dst.namespace).then_some(root_namespace);
+        [Some(dst.namespace.as_str()), root]
+            .into_iter()
+            .flatten()
+            .filter_map(|ns| self.0.get(ns))
+    }
+
+    /// The positions of the policies that may match a connection, in order.
+    fn candidates(&self, root_namespace: &str, conn: &Conn<'_>) -> Vec<u32> {
+        let keys = ConnKeys::new(conn);
+        let mut candidates = Vec::new();
+        for scope in self.of(conn.dst, root_namespace) {
+            scope.every_workload.candidates(&keys, &mut candidates);
+            for (k, v) in &conn.dst.labels {
+                if let Some(group) = scope.by_label.get(k).and_then(|values| values.get(v)) {
+                    group.candidates(&keys, &mut candidates);
+                }
+            }
+        }
+        candidates.sort_unstable();
+        candidates.dedup();
+        candidates
+    }
+
+    /// The decision of the policies in scope; with `report_none`, None when
+    /// there are none (else Allow).
+    fn decide(
+        &self,
+        policies: &[AuthzPolicy],
+        root_namespace: &str,
+        conn: &Conn<'_>,
+        report_none: bool,
+    ) -> Option<Decision> {
+        if self.0.is_empty() {
+            return None;
+        }
+        let candidates = self.candidates(root_namespace, conn);
+        let attrs = conn.attrs();
+        let mut allowed = false;
+        for &at in &candidates {
+            let p = &policies[at as usize];
+            if !p.applies_to(conn.dst, root_namespace) {
+                continue;
+            }
+            if !p.rules.iter().any(|r| r.matches(&attrs)) {
+                continue;
+            }
+            match p.action {
+                Action::Deny => {
+                    let policy = p.id();
+                    return Some(Decision::Deny {
+                        reason: format!("denied by DENY policy {policy}"),
+                        policy,
+                    });
+                }
+                Action::Allow => allowed = true,
+                _ => {}
+            }
+        }
+        if allowed {
+            return Some(Decision::Allow);
+        }
+        // No candidate matched: the ALLOW policies in scope (if any) deny.
+        let mut allow: Vec<u32> = self
+            .of(conn.dst, root_namespace)
+            .flat_map(|s| s.allow.iter().copied())
+            .filter(|&at| policies[at as usize].applies_to(conn.dst, root_namespace))
+            .collect();
+        let in_scope = || {
+            self.of(conn.dst, root_namespace)
+                .flat_map(|s| &s.all)
+                .any(|&at| policies[at as usize].applies_to(conn.dst, root_namespace))
+        };
+        if allow.is_empty() {
+            // Whether there were policies in scope at all matters only to
+            // the dry-run report.
+            return (!report_none || in_scope()).then_some(Decision::Allow);
+        }
+        allow.sort_unstable();
+        let allow: Vec<String> = allow.iter().map(|&at| policies[at as usize].id()).collect();
+        Some(Decision::Deny {
+            policy: String::new(),
+            reason: format!(
+                "no ALLOW policy matched (applicable ALLOW policies: {})",
+                allow.join(", ")
+            ),
+        })
+    }
+}
+
+impl PolicyIndex {
+    pub fn new(policies: &[AuthzPolicy]) -> Self {
+        let mut index = PolicyIndex::default();
+        for (at, p) in policies.iter().enumerate() {
+            let at = u32::try_from(at).expect("fewer than 2^32 policies");
+            if p.dry_run {
+                index.dry_run.add(at, p);
+            } else {
+                index.enforced.add(at, p);
+            }
+        }
+        index
+    }
+
+    /// How many enforced policies a connection is checked against.
+    #[cfg(test)]
+    pub fn candidates(&self, root_namespace: &str, conn: &Conn<'_>) -> usize {
+        self.enforced.candidates(root_namespace, conn).len()
+    }
+
+    /// The enforced decision on a connection (`policies` is the list the
+    /// index was built from).
+    pub fn authorize(
+        &self,
+        policies: &[AuthzPolicy],
+        root_namespace: &str,
+        conn: &Conn<'_>,
+    ) -> Decision {
+        self.enforced
+            .decide(policies, root_namespace, conn, false)
+            .unwrap_or(Decision::Allow)
+    }
+
+    /// What the dry-run policies in scope would decide on their own, by the
+    /// same rules (None when there are none): reported, never enforced.
+    pub fn dry_run(
+        &self,
+        policies: &[AuthzPolicy],
+        root_namespace: &str,
+        conn: &Conn<'_>,
+    ) -> Option<Decision> {
+        self.dry_run.decide(policies, root_namespace, conn, true)
+    }
 }
 
 /// A waypoint's decision on a request (or a TCP connection) for the

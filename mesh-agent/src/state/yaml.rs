@@ -11,6 +11,7 @@ use serde_yaml::Value;
 use super::{
     ConfigWarning,
     gateway::{Gateway, GatewayClass, HttpRoute},
+    k8s::StoredPod,
     peer_auth::PeerAuthentication,
     policy::AuthorizationPolicy,
     ratelimit::LocalRateLimitPolicy,
@@ -31,7 +32,7 @@ pub(super) struct Parsed<T> {
 #[derive(Debug, Default)]
 pub(super) struct Objects {
     pub namespaces: BTreeMap<String, Parsed<Namespace>>,
-    pub pods: BTreeMap<Key, Parsed<Pod>>,
+    pub pods: BTreeMap<Key, Parsed<StoredPod>>,
     pub services: BTreeMap<Key, Parsed<K8sService>>,
     pub service_accounts: BTreeMap<Key, Parsed<ServiceAccount>>,
     pub authorization_policies: BTreeMap<Key, Parsed<AuthorizationPolicy>>,
@@ -69,7 +70,7 @@ impl fmt::Display for ObjectKey {
 #[derive(Clone, Debug)]
 enum Typed {
     Namespace(Arc<Namespace>),
-    Pod(Arc<Pod>),
+    Pod(Arc<StoredPod>),
     Service(Arc<K8sService>),
     ServiceAccount(Arc<ServiceAccount>),
     AuthorizationPolicy(Arc<AuthorizationPolicy>),
@@ -439,8 +440,8 @@ impl Document {
             .and_then(|v| serde_yaml::from_value::<WorkloadSelector>(v.clone()).ok());
         let result = match kind {
             "Namespace" => typed(at, value).map(Typed::Namespace),
-            "Pod" => typed(at, value)
-                .map(|pod| Typed::Pod(Arc::new(super::k8s::slim_pod(Arc::unwrap_or_clone(pod))))),
+            "Pod" => typed::<Pod>(at, value)
+                .map(|pod| Typed::Pod(Arc::new(super::k8s::StoredPod::new(&pod)))),
             "Service" => typed(at, value).map(Typed::Service),
             "ServiceAccount" => typed(at, value).map(Typed::ServiceAccount),
             "AuthorizationPolicy" => typed(at, value).map(Typed::AuthorizationPolicy),

@@ -16,13 +16,13 @@ use super::{Placement, Results, paths::Path, paths::wait_for, status_kib};
 
 /// How long the agent is left alone before its RSS is read: longer than
 /// its 5 s period of giving freed memory back.
-const SETTLE: Duration = Duration::from_secs(6);
+pub const SETTLE: Duration = Duration::from_secs(6);
 
 /// A Pod of another node (in the store, never enrolled here), shaped like a
 /// Deployment's pod as the API server sends it to a watch: owner, managed
 /// fields, one container with env, probes, resources and the projected
 /// token volume, status with conditions and a container status.
-fn remote_pod_yaml(i: usize) -> String {
+pub fn remote_pod_yaml(i: usize) -> String {
     let app = i % 500;
     let ip4 = format!("10.100.{}.{}", i / 250, i % 250 + 1);
     format!(
@@ -267,21 +267,28 @@ pub fn measure(
             (with_workloads - with_pods) / workloads as f64,
         );
         // The next repetition starts from nothing: no agent, no saved pods.
-        tb.kill_agent(0)?;
-        let node = &tb.nodes[0];
-        let out = std::process::Command::new(mesh_tests::agent_bin())
-            .arg("uninstall")
-            .arg("--bpf-dir")
-            .arg(&node.bpf_dir)
-            .arg("--state-dir")
-            .arg(&node.state_dir)
-            .output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "mesh-agent uninstall: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        stop_and_uninstall(&mut tb)?;
         println!("    rep {}/{reps} done", rep + 1);
     }
+    Ok(())
+}
+
+/// Kills the agent of node 0 and removes what it left (pinned programs,
+/// saved pods): the next start is from nothing.
+pub fn stop_and_uninstall(tb: &mut Testbed) -> anyhow::Result<()> {
+    tb.kill_agent(0)?;
+    let node = &tb.nodes[0];
+    let out = std::process::Command::new(mesh_tests::agent_bin())
+        .arg("uninstall")
+        .arg("--bpf-dir")
+        .arg(&node.bpf_dir)
+        .arg("--state-dir")
+        .arg(&node.state_dir)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "mesh-agent uninstall: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }

@@ -7,6 +7,7 @@ mod idle;
 mod paths;
 mod profile;
 mod report;
+mod scale;
 mod verify;
 
 use std::{
@@ -59,6 +60,9 @@ pub enum Placement {
     SameNode,
     /// One agent, no traffic: the memory figures.
     Idle,
+    /// How the cost grows with what the agent knows: policies (new
+    /// connections/s, cross-node) and stored workloads (RSS, time to ready).
+    Scale,
 }
 
 impl Placement {
@@ -67,6 +71,7 @@ impl Placement {
             Placement::CrossNode => "cross-node",
             Placement::SameNode => "same-node",
             Placement::Idle => "idle",
+            Placement::Scale => "scale",
         }
     }
 }
@@ -123,14 +128,14 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     let placements = if opts.placements.is_empty() {
         let mut all = vec![Placement::CrossNode, Placement::SameNode];
         if chosen.contains(&Path::MeshEbpf) {
-            all.push(Placement::Idle);
+            all.extend([Placement::Idle, Placement::Scale]);
         }
         all
     } else {
         opts.placements.clone()
     };
     for &placement in &placements {
-        if placement == Placement::Idle {
+        if matches!(placement, Placement::Idle | Placement::Scale) {
             continue;
         }
         for &path in &chosen {
@@ -152,6 +157,10 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     if placements.contains(&Placement::Idle) {
         println!("==> idle memory: {pods} enrolled pods, {workloads} more workloads");
         idle::measure(&mut results, reps, pods, workloads).context("idle memory")?;
+    }
+    if placements.contains(&Placement::Scale) {
+        println!("==> scale: non-matching policies, stored workloads");
+        scale::measure(&mut results, reps, seconds, opts.quick).context("scale")?;
     }
     let md = results.markdown();
     println!("\n{md}");
@@ -198,23 +207,11 @@ fn measure_path(results: &mut Results, run: &Run) -> anyhow::Result<()> {
     let mut tb = Testbed::new(2)?;
     let server_node = match placement {
         Placement::CrossNode => 1,
-        Placement::SameNode | Placement::Idle => 0,
+        Placement::SameNode | Placement::Idle | Placement::Scale => 0,
     };
     let client = tb.add_pod(0, "client")?;
     let server = tb.add_pod(server_node, "server")?;
-    // Thousands of short connections per second per run: without reuse the
-    // client's ports sit in TIME_WAIT and later runs cannot connect.
-    for pod in [&client, &server] {
-        tb.run_in_pod(
-            pod,
-            FsPath::new("/usr/sbin/sysctl"),
-            &[
-                "-qw",
-                "net.ipv4.tcp_tw_reuse=1",
-                "net.ipv4.ip_local_port_range=1024 65000",
-            ],
-        )?;
-    }
+    tune_for_connections(&tb, &[&client, &server])?;
     paths::start_servers(&mut tb, &server)?;
     let targets = path.start(&mut tb, &client, 0, &server, server_node)?;
     let agents: Vec<u32> = if path.is_mesh() {
@@ -325,6 +322,23 @@ fn measure_path(results: &mut Results, run: &Run) -> anyhow::Result<()> {
     if let Some(pid) = targets.middle {
         let peak = max_status_mib(&[pid], "VmHWM")?;
         results.add(placement, path, "middle_peak_rss_mib", peak);
+    }
+    Ok(())
+}
+
+/// Thousands of short connections per second per run: without reuse the
+/// client's ports sit in TIME_WAIT and later runs cannot connect.
+fn tune_for_connections(tb: &Testbed, pods: &[&Pod]) -> anyhow::Result<()> {
+    for pod in pods {
+        tb.run_in_pod(
+            pod,
+            FsPath::new("/usr/sbin/sysctl"),
+            &[
+                "-qw",
+                "net.ipv4.tcp_tw_reuse=1",
+                "net.ipv4.ip_local_port_range=1024 65000",
+            ],
+        )?;
     }
     Ok(())
 }

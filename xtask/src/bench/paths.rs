@@ -295,17 +295,7 @@ fn start_mesh_with(
     extra: &[&str],
     objects: &[String],
 ) -> anyhow::Result<()> {
-    let mut docs = vec![
-        namespace_yaml("bench", true),
-        with_netns(
-            &pod_yaml(client, client_node, "bench", "client", &[]),
-            client,
-        ),
-        with_netns(
-            &pod_yaml(server, server_node, "bench", "server", &[("app", "server")]),
-            server,
-        ),
-    ];
+    let mut docs = mesh_docs(client, client_node, server, server_node);
     docs.extend(objects.iter().cloned());
     tb.write_config(&docs)?;
     let mut args = tb.mesh_args()?;
@@ -330,6 +320,27 @@ fn start_mesh_with(
         })?;
     }
     Ok(())
+}
+
+/// The mesh's configuration: the namespace `bench`, labelled for the
+/// mesh, and the client and server pods in it.
+pub fn mesh_docs(
+    client: &Pod,
+    client_node: usize,
+    server: &Pod,
+    server_node: usize,
+) -> Vec<String> {
+    vec![
+        namespace_yaml("bench", true),
+        with_netns(
+            &pod_yaml(client, client_node, "bench", "client", &[]),
+            client,
+        ),
+        with_netns(
+            &pod_yaml(server, server_node, "bench", "server", &[("app", "server")]),
+            server,
+        ),
+    ]
 }
 
 /// Polls `done` every 20 ms until it holds, for at most `limit`.

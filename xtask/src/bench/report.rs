@@ -63,6 +63,42 @@ const IDLE_METRICS: &[(&str, &str)] = &[
     ("rss_per_workload_kib", "per stored workload (KiB)"),
 ];
 
+/// The scale table's metrics, in report order, with their labels.
+fn scale_metrics() -> Vec<(String, String)> {
+    let mut rows = Vec::new();
+    for &n in super::scale::POLICIES {
+        rows.push((
+            format!("policies_{n}_conn_per_s"),
+            format!("new connections/s, {n} policies"),
+        ));
+    }
+    for &n in super::scale::POLICIES {
+        rows.push((
+            format!("policies_{n}_ratio"),
+            format!("new connections/s, {n} policies / none"),
+        ));
+    }
+    for &n in &[0, 1000, 10_000, 30_000] {
+        rows.push((
+            format!("workloads_{n}_ready_ms"),
+            format!("ready after start, {n} stored workloads (ms)"),
+        ));
+    }
+    for &n in &[0, 1000, 10_000, 30_000] {
+        rows.push((
+            format!("workloads_{n}_rss_mib"),
+            format!("RSS when ready, {n} stored workloads (MiB)"),
+        ));
+    }
+    for &n in &[0, 1000, 10_000, 30_000] {
+        rows.push((
+            format!("workloads_{n}_per_workload_kib"),
+            format!("per stored workload, with {n} (KiB)"),
+        ));
+    }
+    rows
+}
+
 /// The capture modes compared in their own column.
 const CAPTURE_COMPARISON: (&str, &str) = ("mesh-ebpf", "mesh-iptables");
 
@@ -234,6 +270,22 @@ impl Results {
             out.push_str("\n### idle memory (one agent, mesh-ebpf)\n\n");
             table_head(&mut out, &["metric".to_owned(), "agent".to_owned()]);
             for (label, s) in &idle {
+                table_row(&mut out, &[label.clone(), self.cell(s)]);
+            }
+        }
+        let scale: Vec<(String, Summary)> = scale_metrics()
+            .into_iter()
+            .filter_map(|(metric, label)| {
+                Some((label, self.summary("scale", "mesh-ebpf", &metric)?))
+            })
+            .collect();
+        if !scale.is_empty() {
+            out.push_str(
+                "\n### scale (mesh-ebpf; policies: cross-node, DENY policies in the server's \
+                 namespace that never match the client; workloads: one agent)\n\n",
+            );
+            table_head(&mut out, &["metric".to_owned(), "agent".to_owned()]);
+            for (label, s) in &scale {
                 table_row(&mut out, &[label.clone(), self.cell(s)]);
             }
         }

@@ -670,11 +670,12 @@ fn check(
         "stopping took {took:?}, not under the grace period {grace:?}"
     );
     ensure!(
-        tb.nodes[node]
-            .agent
-            .as_ref()
-            .is_some_and(|a| a.log_text().contains("stopping; capture stays in place")),
-        "the agent did not log its orderly stop"
+        tb.nodes[node].agent.as_ref().is_some_and(|a| {
+            let log = a.log_text();
+            log.contains("draining: new connections go to the next agent")
+                && log.contains("drained: no connection left")
+        }),
+        "the agent did not log its orderly stop (draining, then drained)"
     );
     println!(
         "smoke: stopped: SIGTERM, exit code 0 after {:.2}s (grace period {}s)",
