@@ -284,6 +284,7 @@ fn enrol_status(e: &EnrolError) -> StatusCode {
         "conflict" => StatusCode::CONFLICT,
         "not_found" => StatusCode::NOT_FOUND,
         "bad_netns" => StatusCode::BAD_REQUEST,
+        "draining" => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
