@@ -408,13 +408,17 @@ async fn request(
         .header("baggage", super::headers::baggage(caller.cluster, wl))
         .header("traceparent", &trace)
         .body(Empty::new())?;
-    tokio::time::timeout(timeout, send(sender, req, addr, target))
+    let upgraded = tokio::time::timeout(timeout, send(sender, req, addr, target))
         .await
         .map_err(|_| HboneError::Timeout {
             addr,
             authority: target,
             after: timeout,
-        })?
+        })??;
+    // On the connection's span, with its traceparent (the access log line
+    // stands apart from spans, as ztunnel's).
+    debug!(%addr, authority = %target, "HBONE tunnel open");
+    Ok(upgraded)
 }
 
 async fn send(
