@@ -37,14 +37,15 @@ fn main() -> anyhow::Result<()> {
     // Before any thread exists, so that every thread starts in it.
     inpod::netns::init_home();
     let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if let Command::Waypoint(args) = &cli.command {
+    if let Command::Waypoint(args) | Command::Gateway(args) = &cli.command {
         rt.worker_threads(args.worker_threads.max(1));
     }
     let rt = rt.enable_all().build()?;
     match cli.command {
         Command::Node(args) => rt.block_on(node(*args, log_filter)),
         Command::Ca(args) => rt.block_on(identity::ca_server::run(*args)),
-        Command::Waypoint(args) => rt.block_on(waypoint::run(*args)),
+        Command::Waypoint(args) => rt.block_on(waypoint::run(*args, waypoint::Mode::Waypoint)),
+        Command::Gateway(args) => rt.block_on(waypoint::run(*args, waypoint::Mode::Ingress)),
         Command::Uninstall(args) => uninstall(&args),
         Command::Pods { state_dir, command } => rt.block_on(pods(&state_dir, command)),
     }

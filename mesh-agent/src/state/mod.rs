@@ -3,6 +3,9 @@
 //! Built from Kubernetes objects; where they come from is a `Source`.
 
 mod gateway;
+mod ingress;
+#[cfg(test)]
+mod ingress_tests;
 mod k8s;
 mod matcher;
 mod peer_auth;
@@ -36,6 +39,9 @@ use std::{
     sync::Arc,
 };
 
+pub use ingress::{
+    IngressGateway, IngressListener, ListenerProtocol, TlsRefusal, host_only, hostname_matches,
+};
 pub use k8s::{NETNS_ANNOTATION, REDIRECTION_ANNOTATION};
 pub use matcher::{Attrs, L7Request};
 pub use ratelimit::RateLimit;
@@ -299,6 +305,8 @@ pub struct Store {
     routes: route::Routes,
     /// LocalRateLimitPolicies, the waypoints'.
     rate_limits: Vec<RateLimit>,
+    /// Ingress gateways, by (namespace, name).
+    ingresses: BTreeMap<(String, String), Arc<IngressGateway>>,
     /// Read and counted; nothing on the node's data path uses them.
     service_accounts: usize,
     http_routes: usize,
@@ -380,6 +388,7 @@ impl Store {
         let bound = &store.bindings.services;
         (store.policies, store.waypoint_policies) = policy::compile(&objects, bound, &mut warnings);
         gateway::check_routes(&objects, bound, &mut warnings);
+        store.ingresses = ingress::compile(&objects, &mut warnings);
         store.rate_limits = ratelimit::compile(&objects, bound, &mut warnings);
         store.routes = route::compile(
             &objects,
@@ -402,6 +411,10 @@ impl Store {
                     .collect();
                 served.sort();
                 Some(served)
+            },
+            |ns, gw| {
+                let ingress = store.ingresses.get(&(ns.to_owned(), gw.to_owned()))?;
+                Some(ingress.listeners.iter().map(|l| l.name.clone()).collect())
             },
             &mut warnings,
         );
@@ -592,6 +605,31 @@ impl Store {
         ours(self.workload_binding(wl)).then(|| WaypointTarget::Workload(wl.clone(), dst))
     }
 
+    /// The ingress Gateway whose pod `namespace/name` is.
+    pub fn ingress_of_pod(&self, namespace: &str, name: &str) -> Option<&Arc<IngressGateway>> {
+        let pod = self.workload(namespace, name)?;
+        let gateway = pod.labels.get(GATEWAY_NAME)?;
+        self.ingresses
+            .get(&(pod.namespace.clone(), gateway.clone()))
+    }
+
+    /// The route entry of ingress Gateway `gw` that a request for `host`
+    /// on `listener` matches.
+    pub fn ingress_route(
+        &self,
+        gw: &IngressGateway,
+        listener: &IngressListener,
+        host: &str,
+        req: &RequestView<'_>,
+    ) -> Option<&RouteEntry> {
+        self.routes.select_ingress(
+            &(gw.namespace.clone(), gw.name.clone()),
+            listener,
+            host,
+            req,
+        )
+    }
+
     /// The rate limits for a request for `service` through `waypoint`.
     pub fn rate_limits<'a>(
         &'a self,
@@ -693,6 +731,7 @@ impl Store {
             "http_routes": self.http_routes,
             "gateways": self.gateways,
             "waypoints": waypoints,
+            "ingress_gateways": self.ingresses.values().map(|g| &**g).collect::<Vec<_>>(),
             "service_waypoints": bindings(&self.bindings.services),
             "workload_waypoints": bindings(&self.bindings.workloads),
             "routes": self.routes.dump(),

@@ -31,8 +31,13 @@ pub fn spawn(
         let mut written: HashMap<(String, String), Value> = HashMap::new();
         loop {
             let snapshot = store.borrow_and_update().clone();
-            if let Some(wp) = snapshot.waypoint_of_pod(&pod.0, &pod.1) {
-                let key = wp.key();
+            // A waypoint's pod writes what concerns its waypoint, an
+            // ingress gateway's what concerns its Gateway.
+            let gateway = snapshot
+                .waypoint_of_pod(&pod.0, &pod.1)
+                .map(|w| w.key())
+                .or_else(|| snapshot.ingress_of_pod(&pod.0, &pod.1).map(|g| g.key()));
+            if let Some(key) = gateway {
                 for route in snapshot.route_statuses() {
                     let Some(status) = ours(route, &key) else {
                         continue;

@@ -386,7 +386,20 @@ pub struct Routes(
     HashMap<(String, String), Vec<RouteEntry>>,
     /// DestinationRules by Service.
     HashMap<(String, String), DestinationPolicy>,
+    /// HTTPRoutes attached to ingress Gateways, by Gateway, in precedence
+    /// order.
+    HashMap<(String, String), Vec<IngressEntry>>,
 );
+
+/// A route entry of an ingress Gateway: its own hostnames and the listener
+/// (`sectionName`, `port`) it is attached to.
+#[derive(Debug)]
+pub struct IngressEntry {
+    pub hostnames: Vec<String>,
+    pub section: Option<String>,
+    pub port: Option<u16>,
+    pub entry: RouteEntry,
+}
 
 /// A Gateway API condition (`Accepted`, `ResolvedRefs`).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -442,6 +455,31 @@ impl Routes {
             .find(|e| e.matcher.matches(req))
     }
 
+    /// The first entry of ingress Gateway `key` that matches a request for
+    /// `host` (no port) on `listener`: the route must be attached to that
+    /// listener (or to every one) and name the host (or no host).
+    pub fn select_ingress(
+        &self,
+        key: &(String, String),
+        listener: &crate::state::IngressListener,
+        host: &str,
+        req: &RequestView<'_>,
+    ) -> Option<&RouteEntry> {
+        self.4
+            .get(key)?
+            .iter()
+            .filter(|e| e.section.as_ref().is_none_or(|s| *s == listener.name))
+            .filter(|e| e.port.is_none_or(|p| p == listener.port))
+            .filter(|e| {
+                e.hostnames.is_empty()
+                    || e.hostnames
+                        .iter()
+                        .any(|h| crate::state::hostname_matches(h, host))
+            })
+            .map(|e| &e.entry)
+            .find(|e| e.matcher.matches(req))
+    }
+
     /// Every DestinationRule applied, by Service, for `/config_dump`.
     pub fn destinations(&self) -> BTreeMap<String, &DestinationPolicy> {
         self.3
@@ -468,6 +506,13 @@ impl Routes {
                 .map(|e| format!("{} rule {}", e.action.route, e.action.rule))
                 .collect();
             out.insert(format!("{ns}/{name}"), names);
+        }
+        for ((ns, name), entries) in &self.4 {
+            let names: Vec<String> = entries
+                .iter()
+                .map(|e| format!("{} rule {}", e.entry.action.route, e.entry.action.rule))
+                .collect();
+            out.insert(format!("Gateway {ns}/{name}"), names);
         }
         serde_json::json!(out)
     }
