@@ -104,14 +104,36 @@ impl Testbed {
         namespace: &str,
         args: &[String],
     ) -> anyhow::Result<Agent> {
-        let log = self.workdir.join(format!("waypoint-{}.log", pod.name));
+        self.start_proxy("waypoint", pod, namespace, args)
+    }
+
+    /// Starts `mesh-agent gateway` (an ingress gateway) inside `pod`, as
+    /// [`Testbed::start_waypoint`] starts a waypoint; its listeners are
+    /// its Gateway's.
+    pub fn start_gateway(
+        &mut self,
+        pod: &Pod,
+        namespace: &str,
+        args: &[String],
+    ) -> anyhow::Result<Agent> {
+        self.start_proxy("gateway", pod, namespace, args)
+    }
+
+    fn start_proxy(
+        &mut self,
+        command: &str,
+        pod: &Pod,
+        namespace: &str,
+        args: &[String],
+    ) -> anyhow::Result<Agent> {
+        let log = self.workdir.join(format!("{command}-{}.log", pod.name));
         let log_file = fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)?;
-        let state = self.workdir.join(format!("waypoint-{}", pod.name));
+        let state = self.workdir.join(format!("{command}-{}", pod.name));
         let mut c = in_cgroup_netns(&pod.cgroup, &pod.netns, &agent_bin());
-        c.arg("waypoint")
+        c.arg(command)
             .arg("--pod-name")
             .arg(&pod.name)
             .arg("--pod-namespace")
@@ -123,7 +145,9 @@ impl Testbed {
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file);
-        let child = c.spawn().context("spawning the waypoint")?;
+        let child = c
+            .spawn()
+            .with_context(|| format!("spawning the {command}"))?;
         let mut wp = Agent {
             child,
             netns: pod.netns.clone(),
@@ -136,7 +160,7 @@ impl Testbed {
             }
             if let Some(status) = wp.child.try_wait()? {
                 bail!(
-                    "waypoint in {} exited ({status}) before it was ready; log:\n{}",
+                    "{command} in {} exited ({status}) before it was ready; log:\n{}",
                     pod.name,
                     wp.log_text()
                 );
@@ -144,7 +168,7 @@ impl Testbed {
             if Instant::now() > deadline {
                 let ready = wp.request(15021, "GET", "/healthz/ready", None);
                 bail!(
-                    "waypoint in {} not ready after 20s ({ready:?}); log:\n{}",
+                    "{command} in {} not ready after 20s ({ready:?}); log:\n{}",
                     pod.name,
                     wp.log_text()
                 );

@@ -20,7 +20,7 @@ use rustls::{
     sign::CertifiedKey,
 };
 use tokio::{
-    io::AsyncWriteExt as _,
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
     task::JoinHandle,
 };
@@ -246,15 +246,28 @@ fn sni_of(bytes: &[u8]) -> Hello {
     }
 }
 
-/// Writes a fatal TLS alert record and closes the connection.
+/// Writes a fatal TLS alert record and closes the connection. What the
+/// client sent is read away first: closing with unread bytes would reset
+/// the connection, and the client could lose the alert.
 async fn alert(stream: &TcpStream, description: u8) {
     let record = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, description];
     // The stream is only borrowed: write through a duplicate handle.
-    if let Ok(std) = stream_clone(stream) {
-        let mut s = std;
-        let _ = s.write_all(&record).await;
-        let _ = s.shutdown().await;
-    }
+    let Ok(mut s) = stream_clone(stream) else {
+        return;
+    };
+    let _ = s.write_all(&record).await;
+    let _ = s.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let drain = async {
+        let mut left: usize = 64 * 1024;
+        while left > 0 {
+            match s.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
 }
 
 fn stream_clone(stream: &TcpStream) -> std::io::Result<TcpStream> {
