@@ -156,7 +156,7 @@ async fn node(args: NodeArgs, log_filter: admin::LogFilter) -> anyhow::Result<()
     } else {
         None
     };
-    let (store, references) = start_store(&args.mesh, metrics.clone(), client.clone());
+    let (store, references) = start_store(&args.mesh, metrics.clone(), client.clone(), None);
     let configured = args.mesh.config.is_some() || args.mesh.kubernetes;
     let shared = Arc::new(proxy::Shared {
         capture: capture.clone(),
@@ -314,10 +314,13 @@ fn ca_config(m: &config::MeshArgs, state_dir: &Path) -> identity::CaConfig {
 
 /// Starts the configuration source (local files or the Kubernetes API) and
 /// counts each configuration warning when it appears.
+/// The configuration source and its snapshots; `secrets` names the one
+/// namespace whose Secrets are read from the API (an ingress gateway's).
 fn start_store(
     m: &config::MeshArgs,
     metrics: Arc<metrics::Metrics>,
     client: Option<kube::Client>,
+    secrets: Option<String>,
 ) -> (
     tokio::sync::watch::Receiver<Arc<state::Store>>,
     cluster::source::References,
@@ -330,7 +333,10 @@ fn start_store(
     let mut references = cluster::source::References::default();
     let rx = match (&m.config, client) {
         (_, Some(client)) => {
-            let source = cluster::KubeSource::new(client);
+            let mut source = cluster::KubeSource::new(client);
+            if let Some(ns) = secrets {
+                source = source.with_secrets(ns);
+            }
             references = source.references();
             state::spawn_source(Box::new(source), opts).0
         }

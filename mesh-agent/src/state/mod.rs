@@ -39,6 +39,7 @@ use std::{
     sync::Arc,
 };
 
+pub use gateway::INGRESS_CLASSES;
 pub use ingress::{
     IngressGateway, IngressListener, ListenerProtocol, TlsRefusal, host_only, hostname_matches,
 };

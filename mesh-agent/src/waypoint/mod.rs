@@ -148,7 +148,10 @@ pub async fn run(args: WaypointArgs, mode: Mode) -> anyhow::Result<()> {
     } else {
         None
     };
-    let (store, _) = crate::start_store(&args.mesh, metrics.clone(), client.clone());
+    // An ingress gateway reads the Secrets of its own namespace (its
+    // listeners' certificates); a waypoint reads none.
+    let secrets = (mode == Mode::Ingress).then(|| args.pod_namespace.clone());
+    let (store, _) = crate::start_store(&args.mesh, metrics.clone(), client.clone(), secrets);
     status::spawn(
         client,
         store.clone(),
