@@ -6,6 +6,8 @@
 //! the gateway's identity, a denied path, rotation of a Secret without a
 //! restart, and bad input (an unknown SNI, no SNI, bytes that are not TLS,
 //! malformed HTTP) refused clearly, counted, with the gateway serving on.
+//! A Service labelled `istio.io/ingress-use-waypoint` is reached through
+//! its waypoint, which sees the gateway's identity.
 
 use std::path::Path;
 
@@ -13,7 +15,7 @@ use mesh_tests::{
     Testbed, Value,
     mesh::{namespace_yaml, pod_yaml},
     metrics::{series_sum, series_sum_or_absent},
-    waypoint::http_service_yaml,
+    waypoint::{gateway_yaml, http_service_yaml},
 };
 
 const GATEWAY: &str = "apiVersion: gateway.networking.k8s.io/v1
@@ -47,6 +49,8 @@ spec:
     - type: RequestHeaderModifier
       requestHeaderModifier: {set: [{name: x-entry, value: ingress}]}
     backendRefs: [{name: shop, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /reviews}}]
+    backendRefs: [{name: reviews, port: 80}]
 ---
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
@@ -112,6 +116,7 @@ fn ingress_gateway_terminates_tls_by_sni_routes_into_the_mesh_and_refuses_bad_in
     let gw = tb.add_pod(0, "public-gw")?;
     // Outside the mesh: in no configuration, never enrolled.
     let client = tb.add_pod(0, "outside")?;
+    let wp = tb.add_pod(0, "edge-wp")?;
     let (shop_secret, shop_pem) = secret("shop-cert", "shop.example.com")?;
     let (api_secret, api_pem) = secret("api-cert", "api.example.com")?;
     let mut docs = vec![
@@ -130,6 +135,25 @@ fn ingress_gateway_terminates_tls_by_sni_routes_into_the_mesh_and_refuses_bad_in
         ),
         http_service_yaml("shop", "edge", "10.96.0.50", "app: shop", ""),
         http_service_yaml("api", "edge", "10.96.0.51", "app: api", ""),
+        // Through its waypoint, from the gateway too.
+        http_service_yaml(
+            "reviews",
+            "edge",
+            "10.96.0.52",
+            "app: shop",
+            "istio.io/use-waypoint: wp, istio.io/ingress-use-waypoint: \"true\"",
+        ),
+        gateway_yaml("wp", "edge", None),
+        pod_yaml(
+            &wp,
+            0,
+            "edge",
+            "wp",
+            &[
+                ("gateway.networking.k8s.io/gateway-name", "wp"),
+                ("istio.io/dataplane-mode", "none"),
+            ],
+        ),
         GATEWAY.into(),
         ROUTES.into(),
         POLICY.into(),
@@ -146,6 +170,7 @@ fn ingress_gateway_terminates_tls_by_sni_routes_into_the_mesh_and_refuses_bad_in
     tb.agent(0).enroll(&shop)?;
     tb.agent(0).enroll(&api)?;
     let gateway = tb.start_gateway(&gw, "edge", &args)?;
+    let waypoint = tb.start_waypoint(&wp, "edge", &args)?;
     let gw_ip = gw.ip4;
     let pems = tb.workdir().to_path_buf();
     let write_pem = |name: &str, pem: &str| -> anyhow::Result<String> {
@@ -203,6 +228,39 @@ fn ingress_gateway_terminates_tls_by_sni_routes_into_the_mesh_and_refuses_bad_in
     )?;
     assert_eq!(a[0].0, 200, "{a:?}");
     assert_eq!(json(&a[0].1)["server"], "shop", "{a:?}");
+
+    // A Service that asks for it goes through its waypoint: the waypoint
+    // saw the gateway's identity, the backend the waypoint's.
+    let (code, a) = https(&shop_ca, "shop.example.com", "/reviews/1", &[])?;
+    assert_eq!(code, 0, "{a:?}");
+    assert_eq!(a[0].0, 200, "{a:?}");
+    assert_eq!(json(&a[0].1)["server"], "shop", "{a:?}");
+    let page = waypoint.metrics()?;
+    let through = series_sum(
+        &page,
+        "istio_requests_total",
+        &[
+            ("reporter", "waypoint"),
+            (
+                "source_principal",
+                "spiffe://cluster.local/ns/edge/sa/public-gw",
+            ),
+            ("destination_service_name", "reviews"),
+            ("response_code", "200"),
+        ],
+    )?;
+    assert!(through >= 1.0, "{page}");
+    let page = tb.agent(0).metrics()?;
+    let from_waypoint = series_sum(
+        &page,
+        "istio_tcp_connections_opened_total",
+        &[
+            ("reporter", "destination"),
+            ("source_principal", "spiffe://cluster.local/ns/edge/sa/wp"),
+            ("destination_workload", "shop"),
+        ],
+    )?;
+    assert!(from_waypoint >= 1.0, "{page}");
 
     // A path denied at the gateway.
     let (_, a) = https(&shop_ca, "shop.example.com", "/cart/admin/x", &[])?;

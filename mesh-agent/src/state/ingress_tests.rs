@@ -248,6 +248,56 @@ fn routes_attach_by_parent_and_section_and_match_host_and_path() {
 }
 
 #[test]
+fn a_service_asks_the_ingress_for_its_waypoint_and_is_refused_without_one() {
+    let yaml = |labels: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: edge, labels: \
+             {{{labels}}}}}\nspec: {{clusterIP: 10.96.0.7, selector: {{app: web}}, ports: \
+             [{{port: 80}}]}}\n"
+        )
+    };
+    let web = |s: &Store| {
+        s.service_by_vip("10.96.0.7:80".parse().unwrap())
+            .unwrap()
+            .0
+            .clone()
+    };
+    // Not labelled: to its pods.
+    let s = store(&yaml("istio.io/use-waypoint: wp"));
+    assert!(s.ingress_waypoint(&web(&s)).is_none());
+    // Labelled, bound to a waypoint that does not exist: refused.
+    let s = store(&yaml(
+        "istio.io/use-waypoint: wp, istio.io/ingress-use-waypoint: 'true'",
+    ));
+    let Some(Err(why)) = s.ingress_waypoint(&web(&s)) else {
+        panic!("a missing waypoint is a refusal");
+    };
+    assert!(why.contains("edge/wp"), "{why}");
+    // Labelled, with its waypoint: through it.
+    let wp = "
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: wp, namespace: edge}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: wp-0, namespace: edge, labels: {gateway.networking.k8s.io/gateway-name: wp}}
+spec: {serviceAccountName: wp}
+status: {podIP: 10.0.0.2}
+";
+    let s = store(&format!(
+        "{}{wp}",
+        yaml("istio.io/use-waypoint: wp, istio.io/ingress-use-waypoint: 'true'")
+    ));
+    let Some(Ok(through)) = s.ingress_waypoint(&web(&s)) else {
+        panic!("the Service's waypoint is used");
+    };
+    assert_eq!(through.key(), "edge/wp");
+}
+
+#[test]
 fn authorization_policies_target_the_ingress_gateway() {
     let policy = "
 ---

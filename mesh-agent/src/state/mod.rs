@@ -606,6 +606,21 @@ impl Store {
         ours(self.workload_binding(wl)).then(|| WaypointTarget::Workload(wl.clone(), dst))
     }
 
+    /// Whether an ingress gateway sends Service `svc` through its waypoint
+    /// (`istio.io/ingress-use-waypoint`): None to its pods, Some(Ok) through
+    /// that waypoint, Some(Err) refused (the waypoint it is bound to cannot
+    /// serve it: never sent around it).
+    pub fn ingress_waypoint(&self, svc: &Service) -> Option<Result<&Arc<Waypoint>, String>> {
+        let key = (svc.namespace.clone(), svc.name.clone());
+        if !self.bindings.ingress_use_waypoint.contains(&key) {
+            return None;
+        }
+        match self.bindings.services.get(&key)? {
+            Binding::Bound(wp) => Some(Ok(wp)),
+            Binding::Refused { reason, .. } => Some(Err(reason.clone())),
+        }
+    }
+
     /// The ingress Gateway whose pod `namespace/name` is.
     pub fn ingress_of_pod(&self, namespace: &str, name: &str) -> Option<&Arc<IngressGateway>> {
         let pod = self.workload(namespace, name)?;

@@ -532,6 +532,19 @@ impl Handler {
             headers: Some(&parts.headers),
             client: Some(self.client.addr.ip()),
         };
+        // A Service that asks an ingress gateway for its waypoint and whose
+        // waypoint cannot serve it is refused, never sent around it.
+        if let (Role::Ingress(..), WaypointTarget::Service(svc, _)) = (&self.role, &chosen.target)
+            && let Some(Err(why)) = store.ingress_waypoint(svc)
+        {
+            ctx.metrics.connection("ingress", "no_waypoint");
+            done.upstream = why;
+            return self.finish(
+                done,
+                full(StatusCode::SERVICE_UNAVAILABLE, "no waypoint\n"),
+                "NW",
+            );
+        }
         let endpoints = balance::endpoints(ctx, &store, &chosen, keys);
         // The DestinationRule's circuit breakers for the chosen Service.
         // Per subset, else per port, else per Service (Istio's precedence).
