@@ -248,12 +248,14 @@ fn gateway_deployment_runs_an_ingress_gateway_that_reads_only_its_namespaces_sec
             || format!("no Role grants {verb} on secrets"),
         );
     }
-    p.check(
-        rules
-            .iter()
-            .any(|r| grants(r, "gateway.networking.k8s.io", "httproutes/status", "patch")),
-        || "no Role grants patch on httproutes/status".into(),
-    );
+    for status in ["httproutes/status", "gateways/status"] {
+        p.check(
+            rules
+                .iter()
+                .any(|r| grants(r, "gateway.networking.k8s.io", status, "patch")),
+            || format!("no Role grants patch on {status}"),
+        );
+    }
     let cluster_secrets: Vec<&str> = main
         .all::<ClusterRole>()
         .filter(|r| {

@@ -47,7 +47,11 @@ pub struct IngressListener {
 pub struct IngressGateway {
     pub namespace: String,
     pub name: String,
+    /// `metadata.generation`, for the status' `observedGeneration`.
+    pub generation: Option<i64>,
     pub listeners: Vec<IngressListener>,
+    /// Listeners not programmed: name, status reason, message.
+    pub refused: Vec<(String, &'static str, String)>,
     /// The Gateway as AuthorizationPolicy and rate limits address it.
     #[serde(skip)]
     pub anchor: Arc<Waypoint>,
@@ -169,7 +173,13 @@ pub(super) fn compile(
             continue;
         }
         let object = format!("Gateway {ns}/{name}");
-        let mut warn = |message: String| {
+        let mut refused: Vec<(String, &'static str, String)> = Vec::new();
+        // A listener with a reason is not programmed; one without (a
+        // certificate that does not load) is kept, refusing handshakes.
+        let mut warn = |listener: &str, reason: &'static str, message: String| {
+            if !reason.is_empty() {
+                refused.push((listener.to_owned(), reason, message.clone()));
+            }
             warnings.push(ConfigWarning {
                 object: object.clone(),
                 kind: "unsupported",
@@ -183,11 +193,15 @@ pub(super) fn compile(
                 "HTTP" => ListenerProtocol::Http,
                 "HTTPS" => ListenerProtocol::Https,
                 other => {
-                    warn(format!(
-                        "listener {:?}: protocol {other:?} is not served (HTTP and HTTPS are); \
+                    warn(
+                        &l.name,
+                        "UnsupportedProtocol",
+                        format!(
+                            "listener {:?}: protocol {other:?} is not served (HTTP and HTTPS are); \
                          the listener is not programmed",
-                        l.name
-                    ));
+                            l.name
+                        ),
+                    );
                     continue;
                 }
             };
@@ -195,11 +209,15 @@ pub(super) fn compile(
                 .insert(l.port, protocol)
                 .is_some_and(|p| p != protocol)
             {
-                warn(format!(
-                    "listener {:?}: port {} has listeners of both HTTP and HTTPS; the listener is \
+                warn(
+                    &l.name,
+                    "ProtocolConflict",
+                    format!(
+                        "listener {:?}: port {} has listeners of both HTTP and HTTPS; the listener is \
                      not programmed",
-                    l.name, l.port
-                ));
+                        l.name, l.port
+                    ),
+                );
                 protocols.insert(l.port, ListenerProtocol::Http);
                 continue;
             }
@@ -212,11 +230,15 @@ pub(super) fn compile(
                 (ListenerProtocol::Https, Some(tls)) => {
                     let mode = tls.mode.as_deref().unwrap_or("Terminate");
                     if mode != "Terminate" {
-                        warn(format!(
-                            "listener {:?}: tls.mode {mode} is not served (Terminate is); the \
+                        warn(
+                            &l.name,
+                            "UnsupportedValue",
+                            format!(
+                                "listener {:?}: tls.mode {mode} is not served (Terminate is); the \
                              listener is not programmed",
-                            l.name
-                        ));
+                                l.name
+                            ),
+                        );
                         continue;
                     }
                     match tls.certificate_refs.first() {
@@ -230,10 +252,11 @@ pub(super) fn compile(
                 }
             };
             if let Some(Err(e)) = &certificate {
-                warn(format!(
-                    "listener {:?}: {e}; its handshakes are refused",
-                    l.name
-                ));
+                warn(
+                    &l.name,
+                    "",
+                    format!("listener {:?}: {e}; its handshakes are refused", l.name),
+                );
             }
             listeners.push(IngressListener {
                 name: l.name.clone(),
@@ -255,7 +278,9 @@ pub(super) fn compile(
             Arc::new(IngressGateway {
                 namespace: ns.clone(),
                 name: name.clone(),
+                generation: gw.metadata.generation,
                 listeners,
+                refused,
                 anchor,
             }),
         );
