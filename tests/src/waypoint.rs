@@ -27,6 +27,26 @@ pub fn gateway_yaml(name: &str, namespace: &str, waypoint_for: Option<&str>) -> 
     )
 }
 
+/// A `kubernetes.io/tls` Secret `name` in `namespace` holding a fresh
+/// self-signed certificate for `host`: the Secret's YAML, and the
+/// certificate's PEM for a client to trust.
+pub fn tls_secret_yaml(
+    name: &str,
+    namespace: &str,
+    host: &str,
+) -> anyhow::Result<(String, String)> {
+    let c = rcgen::generate_simple_self_signed(vec![host.to_owned()])?;
+    let (crt, key) = (c.cert.pem(), c.signing_key.serialize_pem());
+    let indent = |s: &str| s.lines().map(|l| format!("    {l}\n")).collect::<String>();
+    let yaml = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: {name}, namespace: {namespace}}}\n\
+         type: kubernetes.io/tls\nstringData:\n  tls.crt: |\n{}  tls.key: |\n{}",
+        indent(&crt),
+        indent(&key)
+    );
+    Ok((yaml, crt))
+}
+
 /// A gRPC server with one service `test.Echo` (methods `Say` and `Secret`
 /// echo their bytes), no generated code: Debian's python3-grpcio.
 pub const GRPC_SERVER: &str = r#"

@@ -15,7 +15,7 @@ use mesh_tests::{
     Testbed, Value,
     mesh::{namespace_yaml, pod_yaml},
     metrics::{series_sum, series_sum_or_absent},
-    waypoint::{gateway_yaml, http_service_yaml},
+    waypoint::{gateway_yaml, http_service_yaml, tls_secret_yaml},
 };
 
 const GATEWAY: &str = "apiVersion: gateway.networking.k8s.io/v1
@@ -74,16 +74,7 @@ spec:
 /// A fresh self-signed certificate for `host`: the Secret's YAML and the
 /// certificate's PEM (what the client trusts).
 fn secret(name: &str, host: &str) -> anyhow::Result<(String, String)> {
-    let c = rcgen::generate_simple_self_signed(vec![host.to_owned()])?;
-    let (crt, key) = (c.cert.pem(), c.signing_key.serialize_pem());
-    let indent = |s: &str| s.lines().map(|l| format!("    {l}\n")).collect::<String>();
-    let yaml = format!(
-        "apiVersion: v1\nkind: Secret\nmetadata: {{name: {name}, namespace: edge}}\n\
-         type: kubernetes.io/tls\nstringData:\n  tls.crt: |\n{}  tls.key: |\n{}",
-        indent(&crt),
-        indent(&key)
-    );
-    Ok((yaml, crt))
+    tls_secret_yaml(name, "edge", host)
 }
 
 fn json(body: &str) -> Value {
