@@ -208,6 +208,15 @@ fn ingress_gateway_terminates_tls_by_sni_routes_into_the_mesh_and_refuses_bad_in
     // Host and path select the route: no route is 404, at the gateway.
     let (_, a) = https(&shop_ca, "shop.example.com", "/elsewhere", &[])?;
     assert_eq!(a[0].0, 404, "{a:?}");
+    // A request on the shop certificate's connection for the api host is
+    // not routed to the api (its certificate was never shown): 421.
+    let (_, a) = https(
+        &shop_ca,
+        "shop.example.com",
+        "/v1/items",
+        &["--http1.1", "-H", "Host: api.example.com:8443"],
+    )?;
+    assert_eq!(a[0].0, 421, "{a:?}");
     // The plain HTTP listener routes by Host too.
     let (_, a) = tb.curl(
         &client,
@@ -296,6 +305,7 @@ fn ingress_gateway_terminates_tls_by_sni_routes_into_the_mesh_and_refuses_bad_in
         )
     };
     assert!(counted(&page, "request_denied")? >= 1.0, "{page}");
+    assert!(counted(&page, "misdirected")? >= 1.0, "{page}");
 
     // Rotation: a new certificate in the Secret is served from the next
     // handshake on, by the same process.

@@ -134,11 +134,21 @@ impl IngressGateway {
     }
 
     /// The certificate for a handshake on `port` with `sni`.
+    #[cfg(test)]
     pub fn certificate(
         &self,
         port: u16,
         sni: Option<&str>,
     ) -> Result<Arc<CertifiedKey>, TlsRefusal> {
+        self.tls_listener(port, sni).map(|(_, c)| c)
+    }
+
+    /// The HTTPS listener of `port` that serves `sni`, and its certificate.
+    pub fn tls_listener(
+        &self,
+        port: u16,
+        sni: Option<&str>,
+    ) -> Result<(&IngressListener, Arc<CertifiedKey>), TlsRefusal> {
         let Some(l) = self.listener(port, ListenerProtocol::Https, sni) else {
             return Err(match sni {
                 None => TlsRefusal::NoSni,
@@ -146,7 +156,7 @@ impl IngressGateway {
             });
         };
         match &l.certificate {
-            Some(Ok(c)) => Ok(c.clone()),
+            Some(Ok(c)) => Ok((l, c.clone())),
             Some(Err(e)) => Err(TlsRefusal::NoCertificate(e.clone())),
             None => Err(TlsRefusal::NoCertificate("no certificateRefs".into())),
         }

@@ -223,6 +223,28 @@ fn routes_attach_by_parent_and_section_and_match_host_and_path() {
         route(api, "v1.api.example.com", "/x").as_deref(),
         Some("edge/api")
     );
+    // The most specific hostname wins over a longer path match.
+    let wildcard = "
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: any-shop, namespace: edge}
+spec:
+  parentRefs: [{name: public}]
+  hostnames: ['*.example.com']
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /cart/items}}]
+    backendRefs: [{name: api, port: 80}]
+";
+    let s2 = store(&format!("{GATEWAY}{wildcard}"));
+    let gw2 = gateway(&s2);
+    let http2 = gw2.listener(8080, ListenerProtocol::Http, None).unwrap();
+    let pick = |host: &str| {
+        s2.ingress_route(&gw2, http2, host, &view("/cart/items/1"))
+            .map(|e| e.action.route.clone())
+    };
+    assert_eq!(pick("shop.example.com").as_deref(), Some("edge/shop"));
+    assert_eq!(pick("toys.example.com").as_deref(), Some("edge/any-shop"));
     let status = |name: &str| {
         s.route_statuses()
             .iter()

@@ -59,8 +59,9 @@ pub enum Role {
     /// Service, else the Service itself.
     Waypoint(WaypointTarget),
     /// At an ingress gateway, on a listener port: the routes attached to
-    /// the Gateway pick the backend; no route, 404.
-    Ingress(Arc<IngressGateway>, ListenerProtocol),
+    /// the Gateway pick the backend; no route, 404. For HTTPS, the listener
+    /// the handshake's SNI chose: a request for another one is 421.
+    Ingress(Arc<IngressGateway>, ListenerProtocol, Option<String>),
 }
 
 impl Handler {
@@ -339,12 +340,26 @@ impl Handler {
             headers: &parts.headers,
         };
         let listener = match &self.role {
-            Role::Ingress(gw, protocol) => {
+            Role::Ingress(gw, protocol, sni_listener) => {
                 let listener = gw.listener(self.dst.port(), *protocol, Some(host_only(&host)));
                 if listener.is_none() {
                     ctx.metrics.connection("ingress", "no_listener");
                     done.upstream = "no listener for this host".into();
                     return self.finish(done, full(StatusCode::NOT_FOUND, "no route\n"), "NR");
+                }
+                if let (Some(l), Some(sni)) = (listener, sni_listener)
+                    && l.name != *sni
+                {
+                    ctx.metrics.connection("ingress", "misdirected");
+                    done.upstream = format!("host of listener {}, TLS of listener {sni}", l.name);
+                    return self.finish(
+                        done,
+                        full(
+                            StatusCode::MISDIRECTED_REQUEST,
+                            "the host is not the one the connection's TLS name chose\n",
+                        ),
+                        "NR",
+                    );
                 }
                 listener
             }
@@ -354,7 +369,7 @@ impl Handler {
             (Role::Waypoint(WaypointTarget::Service(svc, port)), _) => {
                 store.route(svc, port.port, &view)
             }
-            (Role::Ingress(gw, _), Some(l)) => {
+            (Role::Ingress(gw, ..), Some(l)) => {
                 let entry = store.ingress_route(gw, l, host_only(&host), &view);
                 if entry.is_none() {
                     ctx.metrics.connection("ingress", "no_route");

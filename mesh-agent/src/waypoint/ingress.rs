@@ -119,20 +119,24 @@ async fn connection(
         ctx.metrics.connection("ingress", "no_gateway");
         return;
     };
-    let handler = Arc::new(http::Handler {
-        ctx: ctx.clone(),
-        client: Client {
-            addr: peer,
-            identity: None,
-        },
-        waypoint: gw.anchor.clone(),
-        role: http::Role::Ingress(gw.clone(), protocol),
-        dst: local,
-    });
+    let handler = |listener: Option<String>| {
+        Arc::new(http::Handler {
+            ctx: ctx.clone(),
+            client: Client {
+                addr: peer,
+                identity: None,
+            },
+            waypoint: gw.anchor.clone(),
+            role: http::Role::Ingress(gw.clone(), protocol, listener),
+            dst: local,
+        })
+    };
     match protocol {
-        ListenerProtocol::Http => serve::serve_http(handler, stream, &ctx.metrics, "ingress").await,
+        ListenerProtocol::Http => {
+            serve::serve_http(handler(None), stream, &ctx.metrics, "ingress").await;
+        }
         ListenerProtocol::Https => {
-            let Some(cert) = hello(&ctx, &gw, &stream, local.port()).await else {
+            let Some((listener, cert)) = hello(&ctx, &gw, &stream, local.port()).await else {
                 return;
             };
             let mut config = ServerConfig::builder_with_provider(Arc::new(
@@ -143,34 +147,39 @@ async fn connection(
             .with_no_client_auth()
             .with_cert_resolver(Arc::new(Fixed(cert)));
             config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-            let tls = match tokio_rustls::TlsAcceptor::from(Arc::new(config))
-                .accept(stream)
-                .await
-            {
-                Ok(t) => t,
-                Err(e) => {
+            let accept = tokio_rustls::TlsAcceptor::from(Arc::new(config)).accept(stream);
+            let tls = match tokio::time::timeout(HELLO_TIMEOUT, accept).await {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
                     ctx.metrics.connection("ingress", "tls_failed");
                     debug!(error = %e, "TLS handshake failed");
                     return;
                 }
+                Err(_) => {
+                    ctx.metrics.connection("ingress", "tls_timeout");
+                    return;
+                }
             };
             ctx.metrics.connection("ingress", "tls_accepted");
-            serve::serve_http(handler, tls, &ctx.metrics, "ingress").await;
+            // Requests on this connection must be for the listener its SNI
+            // chose (421 otherwise): its certificate is the one they saw.
+            serve::serve_http(handler(Some(listener)), tls, &ctx.metrics, "ingress").await;
         }
     }
 }
 
-/// Reads (without consuming) the ClientHello and picks the certificate
-/// for its SNI; on a refusal, sends the alert, counts the reason and gives
-/// None.
+/// Reads (without consuming) the ClientHello and picks the listener and
+/// certificate for its SNI; on a refusal, sends the alert, counts the
+/// reason and gives None.
 async fn hello(
     ctx: &Ctx,
     gw: &IngressGateway,
     stream: &TcpStream,
     port: u16,
-) -> Option<Arc<CertifiedKey>> {
+) -> Option<(String, Arc<CertifiedKey>)> {
     let mut buf = vec![0u8; MAX_HELLO];
     let deadline = tokio::time::Instant::now() + HELLO_TIMEOUT;
+    let mut pause = Duration::from_millis(2);
     let parsed = loop {
         let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
             Ok(Ok(0)) | Ok(Err(_)) => return None,
@@ -182,8 +191,10 @@ async fn hello(
         };
         match sni_of(&buf[..n]) {
             Hello::Partial if n < buf.len() => {
-                // More is on its way: wait for it rather than spin.
-                tokio::time::sleep(Duration::from_millis(5)).await;
+                // More is on its way: wait for it rather than spin (a
+                // client trickling bytes costs a peek per pause).
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(200));
             }
             Hello::Partial | Hello::Malformed => break Err(()),
             Hello::Sni(sni) => break Ok(sni),
@@ -196,8 +207,8 @@ async fn hello(
             alert(stream, ALERT_DECODE_ERROR).await;
             return None;
         }
-        Ok(sni) => match gw.certificate(port, sni.as_deref()) {
-            Ok(c) => return Some(c),
+        Ok(sni) => match gw.tls_listener(port, sni.as_deref()) {
+            Ok((l, c)) => return Some((l.name.clone(), c)),
             Err(r) => {
                 debug!(
                     sni = sni.as_deref().unwrap_or("-"),

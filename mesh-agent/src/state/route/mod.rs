@@ -455,9 +455,12 @@ impl Routes {
             .find(|e| e.matcher.matches(req))
     }
 
-    /// The first entry of ingress Gateway `key` that matches a request for
-    /// `host` (no port) on `listener`: the route must be attached to that
-    /// listener (or to every one) and name the host (or no host).
+    /// The entry of ingress Gateway `key` that a request for `host` (no
+    /// port) on `listener` matches: the route must be attached to that
+    /// listener (or to every one) and name the host (or no host). The
+    /// Gateway API's precedence: the route whose matching hostname is the
+    /// most specific (exact before wildcard, longer before shorter, any
+    /// before none), then the match's own precedence.
     pub fn select_ingress(
         &self,
         key: &(String, String),
@@ -465,19 +468,31 @@ impl Routes {
         host: &str,
         req: &RequestView<'_>,
     ) -> Option<&RouteEntry> {
-        self.4
+        let mut best: Option<((u8, usize), &RouteEntry)> = None;
+        let attached = self
+            .4
             .get(key)?
             .iter()
             .filter(|e| e.section.as_ref().is_none_or(|s| *s == listener.name))
-            .filter(|e| e.port.is_none_or(|p| p == listener.port))
-            .filter(|e| {
-                e.hostnames.is_empty()
-                    || e.hostnames
-                        .iter()
-                        .any(|h| crate::state::hostname_matches(h, host))
-            })
-            .map(|e| &e.entry)
-            .find(|e| e.matcher.matches(req))
+            .filter(|e| e.port.is_none_or(|p| p == listener.port));
+        for e in attached {
+            let rank = if e.hostnames.is_empty() {
+                Some((0, 0))
+            } else {
+                e.hostnames
+                    .iter()
+                    .filter(|h| crate::state::hostname_matches(h, host))
+                    .map(|h| (if h.starts_with("*.") { 1 } else { 2 }, h.len()))
+                    .max()
+            };
+            let Some(rank) = rank else { continue };
+            // The list is in match precedence: a later entry wins only
+            // with a more specific hostname.
+            if best.is_none_or(|(r, _)| rank > r) && e.entry.matcher.matches(req) {
+                best = Some((rank, &e.entry));
+            }
+        }
+        best.map(|(_, e)| e)
     }
 
     /// Every DestinationRule applied, by Service, for `/config_dump`.
