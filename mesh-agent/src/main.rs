@@ -329,6 +329,8 @@ fn start_store(
         trust_domain: m.trust_domain.clone(),
         root_namespace: m.root_namespace.clone(),
         redirection_annotation: client.is_some(),
+        // From the API only the gateway reads Secrets (its namespace's).
+        skip_ingress_secrets: client.is_some() && secrets.is_none(),
     };
     let mut references = cluster::source::References::default();
     let rx = match (&m.config, client) {

@@ -395,6 +395,7 @@ pub(crate) fn fuzz_object(json: &[u8]) {
         trust_domain: "cluster.local".into(),
         root_namespace: "istio-system".into(),
         redirection_annotation: true,
+        skip_ingress_secrets: false,
     };
     let _ = crate::state::Store::from_documents(&docs, &opts);
 }

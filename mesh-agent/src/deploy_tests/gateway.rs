@@ -167,6 +167,7 @@ fn gateway_deployment_runs_an_ingress_gateway_that_reads_only_its_namespaces_sec
             trust_domain: "cluster.local".into(),
             root_namespace: "istio-system".into(),
             redirection_annotation: false,
+            skip_ingress_secrets: false,
         },
     );
     p.check(store.warnings().is_empty(), || {

@@ -172,8 +172,11 @@ impl IngressGateway {
 }
 
 /// Every ingress Gateway, its listeners and their certificates.
+/// `certificates`: whether Secrets are read (else listeners get none and
+/// nothing is said about them: this process does not serve them).
 pub(super) fn compile(
     objects: &Objects,
+    certificates: bool,
     warnings: &mut Vec<ConfigWarning>,
 ) -> BTreeMap<(String, String), Arc<IngressGateway>> {
     let mut out = BTreeMap::new();
@@ -233,6 +236,12 @@ pub(super) fn compile(
             }
             let (secret, certificate) = match (protocol, &l.tls) {
                 (ListenerProtocol::Http, _) => (None, None),
+                (ListenerProtocol::Https, Some(tls)) if !certificates => (
+                    tls.certificate_refs
+                        .first()
+                        .map(|r| format!("{}/{}", r.namespace.as_deref().unwrap_or(ns), r.name)),
+                    None,
+                ),
                 (ListenerProtocol::Https, None) => (
                     None,
                     Some(Err("an HTTPS listener needs tls.certificateRefs".to_owned())),

@@ -360,3 +360,30 @@ spec:
         s.warnings()
     );
 }
+
+#[test]
+fn a_process_that_reads_no_secrets_says_nothing_of_them() {
+    // From the API, node agents and waypoints do not read Secrets: a
+    // listener's Secret is not "missing" for them.
+    let opts = StoreOptions {
+        skip_ingress_secrets: true,
+        ..super::tests::opts()
+    };
+    let s = Store::from_yaml(&[("t.yaml".into(), GATEWAY.into())], &opts);
+    assert!(
+        !s.warnings()
+            .iter()
+            .any(|w| w.object == "Gateway edge/public"),
+        "{:?}",
+        s.warnings()
+    );
+    // The gateway, which reads them, does say.
+    let s = store(GATEWAY);
+    assert!(
+        s.warnings()
+            .iter()
+            .any(|w| w.object == "Gateway edge/public" && w.message.contains("edge/shop-cert")),
+        "{:?}",
+        s.warnings()
+    );
+}

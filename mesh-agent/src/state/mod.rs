@@ -278,6 +278,10 @@ pub struct StoreOptions {
     /// Without it (a local configuration), a pod its labels put in the mesh
     /// is reached over HBONE too.
     pub redirection_annotation: bool,
+    /// The source does not read Secrets (a node agent or a waypoint with
+    /// the Kubernetes API): ingress listeners' certificates are neither
+    /// loaded nor warned about; only the gateway, which reads them, judges.
+    pub skip_ingress_secrets: bool,
 }
 
 /// One snapshot of everything known.
@@ -389,7 +393,7 @@ impl Store {
         let bound = &store.bindings.services;
         (store.policies, store.waypoint_policies) = policy::compile(&objects, bound, &mut warnings);
         gateway::check_routes(&objects, bound, &mut warnings);
-        store.ingresses = ingress::compile(&objects, &mut warnings);
+        store.ingresses = ingress::compile(&objects, !opts.skip_ingress_secrets, &mut warnings);
         store.rate_limits = ratelimit::compile(&objects, bound, &mut warnings);
         store.routes = route::compile(
             &objects,

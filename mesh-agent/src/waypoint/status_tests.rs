@@ -57,6 +57,7 @@ async fn the_serving_waypoint_writes_its_parents_conditions() {
         trust_domain: "cluster.local".into(),
         root_namespace: "istio-system".into(),
         redirection_annotation: true,
+        skip_ingress_secrets: false,
     };
     let mut store = Store::from_yaml(&[("t.yaml".into(), yaml)], &opts);
     store.generation = 1;
@@ -179,6 +180,7 @@ spec: {clusterIP: 10.96.0.3, selector: {app: shop}, ports: [{port: 80}]}
         trust_domain: "cluster.local".into(),
         root_namespace: "istio-system".into(),
         redirection_annotation: true,
+        skip_ingress_secrets: false,
     };
     let mut store = Store::from_yaml(&[("t.yaml".into(), yaml)], &opts);
     store.generation = 1;
