@@ -234,7 +234,7 @@ async fn hello(
 
 /// What the first bytes of a connection say of its ClientHello.
 #[derive(Debug, PartialEq, Eq)]
-enum Hello {
+pub(super) enum Hello {
     /// Too few bytes yet.
     Partial,
     Malformed,
@@ -242,7 +242,7 @@ enum Hello {
     Sni(Option<String>),
 }
 
-fn sni_of(bytes: &[u8]) -> Hello {
+pub(super) fn sni_of(bytes: &[u8]) -> Hello {
     let mut acceptor = rustls::server::Acceptor::default();
     let mut rd = bytes;
     while !rd.is_empty() {

@@ -264,6 +264,16 @@ async fn accept(l: TcpListener, ctx: Arc<Ctx>) {
     }
 }
 
+/// The SNI of a complete ClientHello (Some(None): none sent), as the
+/// ingress gateway reads it; None for too few bytes or not a ClientHello.
+#[cfg(test)]
+pub(crate) fn read_hello(bytes: &[u8]) -> Option<Option<String>> {
+    match ingress::sni_of(bytes) {
+        ingress::Hello::Sni(name) => Some(name),
+        ingress::Hello::Partial | ingress::Hello::Malformed => None,
+    }
+}
+
 /// The client a request came from: the HBONE peer's address and identity
 /// (none for a client outside the mesh, at an ingress gateway).
 #[derive(Clone, Debug)]
