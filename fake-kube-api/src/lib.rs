@@ -127,6 +127,7 @@ pub const MESH_AGENT_KINDS: &[Kind] = &[
         true,
     ),
     Kind::new("events.k8s.io", "v1", "Event", "events", true),
+    Kind::new("", "v1", "Secret", "secrets", true),
     Kind::new("", "v1", "ConfigMap", "configmaps", true),
     Kind::new("", "v1", "Event", "events", true),
 ];

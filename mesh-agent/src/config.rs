@@ -32,6 +32,12 @@ pub enum Command {
     /// authorization, request metrics) of the Services and pods bound to its
     /// Gateway. Runs in a pod of its own, which is not captured.
     Waypoint(Box<WaypointArgs>),
+    /// Run an ingress gateway: serves the HTTP and HTTPS listeners of its
+    /// Gateway (class `mesh-ingress` or `istio`) to clients outside the
+    /// mesh and sends their requests into it by the HTTPRoutes attached,
+    /// with its own identity. Runs in a pod of its own, which is not
+    /// captured; the same flags as a waypoint (`--listen` is not used).
+    Gateway(Box<WaypointArgs>),
     /// Run the cluster certificate authority: signs workload certificates
     /// for node agents, which prove who they are with a ServiceAccount token.
     Ca(Box<CaArgs>),

@@ -1,6 +1,6 @@
 //! Fuzz targets for what the agent reads from others: policy YAML, a
 //! CONNECT's authority and metadata headers, a certificate request, an API
-//! object. Each is an
+//! object, a TLS ClientHello at the ingress gateway. Each is an
 //! ignored test that `cargo xtask fuzz` runs for a bounded time: inputs
 //! start from the seeds in `fuzz/corpus/<target>/`, are mutated (bit
 //! flips, byte edits, chunk copies, splices of two inputs, tokens of the
@@ -183,6 +183,7 @@ pub fn policy_yaml(data: &[u8]) {
         trust_domain: "cluster.local".into(),
         root_namespace: "istio-system".into(),
         redirection_annotation: false,
+        skip_ingress_secrets: false,
     };
     let store = crate::state::Store::from_documents([&doc], &opts);
     // What the agent does with a snapshot: dump it for /config_dump.
@@ -278,6 +279,19 @@ fn base64(data: &[u8]) -> String {
     out
 }
 
+/// The first bytes of a connection to an ingress gateway's HTTPS port: the
+/// ClientHello read for its SNI, and the name then matched against
+/// listener hostnames.
+pub fn tls_hello(data: &[u8]) {
+    if let Some(Some(name)) = crate::waypoint::read_hello(data) {
+        assert!(!name.is_empty());
+        for pattern in ["shop.example.com", "*.example.com"] {
+            let _ = crate::state::hostname_matches(pattern, &name);
+        }
+        let _ = crate::state::host_only(&name);
+    }
+}
+
 pub fn k8s_object(data: &[u8]) {
     crate::cluster::source::fuzz_object(data);
 }
@@ -357,6 +371,31 @@ fn fuzz_k8s_object() {
         b"\"\\ud800\"",
     ];
     run("k8s_object", tokens, k8s_object);
+}
+
+#[test]
+#[ignore = "run by `cargo xtask fuzz`"]
+fn fuzz_tls_hello() {
+    let tokens: &[&[u8]] = &[
+        b"\x16\x03\x01",
+        b"\x00\x00",
+        b"\x00\x10",
+        b"\xff\xff",
+        b"shop.example.com",
+        b"*.",
+        b"\x00",
+    ];
+    run("tls_hello", tokens, tls_hello);
+}
+
+#[test]
+fn the_tls_hello_seeds_are_client_hellos() {
+    let read = |f: &str| std::fs::read(fuzz_dir().join("corpus/tls_hello").join(f)).unwrap();
+    assert_eq!(
+        crate::waypoint::read_hello(&read("sni.bin")),
+        Some(Some("shop.example.com".into()))
+    );
+    assert_eq!(crate::waypoint::read_hello(&read("no-sni.bin")), Some(None));
 }
 
 #[test]

@@ -38,14 +38,15 @@ fn main() -> anyhow::Result<()> {
     // Before any thread exists, so that every thread starts in it.
     inpod::netns::init_home();
     let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if let Command::Waypoint(args) = &cli.command {
+    if let Command::Waypoint(args) | Command::Gateway(args) = &cli.command {
         rt.worker_threads(args.worker_threads.max(1));
     }
     let rt = rt.enable_all().build()?;
     match cli.command {
         Command::Node(args) => rt.block_on(node(*args, log_filter)),
         Command::Ca(args) => rt.block_on(identity::ca_server::run(*args)),
-        Command::Waypoint(args) => rt.block_on(waypoint::run(*args)),
+        Command::Waypoint(args) => rt.block_on(waypoint::run(*args, waypoint::Mode::Waypoint)),
+        Command::Gateway(args) => rt.block_on(waypoint::run(*args, waypoint::Mode::Ingress)),
         Command::Uninstall(args) => uninstall(&args),
         Command::Pods { state_dir, command } => rt.block_on(pods(&state_dir, command)),
     }
@@ -164,7 +165,7 @@ async fn node(args: NodeArgs, log_filter: admin::LogFilter) -> anyhow::Result<()
     } else {
         None
     };
-    let (store, references) = start_store(&args.mesh, metrics.clone(), client.clone());
+    let (store, references) = start_store(&args.mesh, metrics.clone(), client.clone(), None);
     let configured = args.mesh.config.is_some() || args.mesh.kubernetes;
     let shared = Arc::new(proxy::Shared {
         capture: capture.clone(),
@@ -377,10 +378,13 @@ fn ca_config(m: &config::MeshArgs, state_dir: &Path) -> identity::CaConfig {
 
 /// Starts the configuration source (local files or the Kubernetes API) and
 /// counts each configuration warning when it appears.
+/// The configuration source and its snapshots; `secrets` names the one
+/// namespace whose Secrets are read from the API (an ingress gateway's).
 fn start_store(
     m: &config::MeshArgs,
     metrics: Arc<metrics::Metrics>,
     client: Option<kube::Client>,
+    secrets: Option<String>,
 ) -> (
     tokio::sync::watch::Receiver<Arc<state::Store>>,
     cluster::source::References,
@@ -389,11 +393,16 @@ fn start_store(
         trust_domain: m.trust_domain.clone(),
         root_namespace: m.root_namespace.clone(),
         redirection_annotation: client.is_some(),
+        // From the API only the gateway reads Secrets (its namespace's).
+        skip_ingress_secrets: client.is_some() && secrets.is_none(),
     };
     let mut references = cluster::source::References::default();
     let rx = match (&m.config, client) {
         (_, Some(client)) => {
-            let source = cluster::KubeSource::new(client);
+            let mut source = cluster::KubeSource::new(client);
+            if let Some(ns) = secrets {
+                source = source.with_secrets(ns);
+            }
             references = source.references();
             state::spawn_source(Box::new(source), opts).0
         }

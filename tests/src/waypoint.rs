@@ -27,6 +27,26 @@ pub fn gateway_yaml(name: &str, namespace: &str, waypoint_for: Option<&str>) -> 
     )
 }
 
+/// A `kubernetes.io/tls` Secret `name` in `namespace` holding a fresh
+/// self-signed certificate for `host`: the Secret's YAML, and the
+/// certificate's PEM for a client to trust.
+pub fn tls_secret_yaml(
+    name: &str,
+    namespace: &str,
+    host: &str,
+) -> anyhow::Result<(String, String)> {
+    let c = rcgen::generate_simple_self_signed(vec![host.to_owned()])?;
+    let (crt, key) = (c.cert.pem(), c.signing_key.serialize_pem());
+    let indent = |s: &str| s.lines().map(|l| format!("    {l}\n")).collect::<String>();
+    let yaml = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: {name}, namespace: {namespace}}}\n\
+         type: kubernetes.io/tls\nstringData:\n  tls.crt: |\n{}  tls.key: |\n{}",
+        indent(&crt),
+        indent(&key)
+    );
+    Ok((yaml, crt))
+}
+
 /// A gRPC server with one service `test.Echo` (methods `Say` and `Secret`
 /// echo their bytes), no generated code: Debian's python3-grpcio.
 pub const GRPC_SERVER: &str = r#"
@@ -104,14 +124,36 @@ impl Testbed {
         namespace: &str,
         args: &[String],
     ) -> anyhow::Result<Agent> {
-        let log = self.workdir.join(format!("waypoint-{}.log", pod.name));
+        self.start_proxy("waypoint", pod, namespace, args)
+    }
+
+    /// Starts `mesh-agent gateway` (an ingress gateway) inside `pod`, as
+    /// [`Testbed::start_waypoint`] starts a waypoint; its listeners are
+    /// its Gateway's.
+    pub fn start_gateway(
+        &mut self,
+        pod: &Pod,
+        namespace: &str,
+        args: &[String],
+    ) -> anyhow::Result<Agent> {
+        self.start_proxy("gateway", pod, namespace, args)
+    }
+
+    fn start_proxy(
+        &mut self,
+        command: &str,
+        pod: &Pod,
+        namespace: &str,
+        args: &[String],
+    ) -> anyhow::Result<Agent> {
+        let log = self.workdir.join(format!("{command}-{}.log", pod.name));
         let log_file = fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)?;
-        let state = self.workdir.join(format!("waypoint-{}", pod.name));
+        let state = self.workdir.join(format!("{command}-{}", pod.name));
         let mut c = in_cgroup_netns(&pod.cgroup, &pod.netns, &agent_bin());
-        c.arg("waypoint")
+        c.arg(command)
             .arg("--pod-name")
             .arg(&pod.name)
             .arg("--pod-namespace")
@@ -123,7 +165,9 @@ impl Testbed {
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file);
-        let child = c.spawn().context("spawning the waypoint")?;
+        let child = c
+            .spawn()
+            .with_context(|| format!("spawning the {command}"))?;
         let mut wp = Agent {
             child,
             netns: pod.netns.clone(),
@@ -136,7 +180,7 @@ impl Testbed {
             }
             if let Some(status) = wp.child.try_wait()? {
                 bail!(
-                    "waypoint in {} exited ({status}) before it was ready; log:\n{}",
+                    "{command} in {} exited ({status}) before it was ready; log:\n{}",
                     pod.name,
                     wp.log_text()
                 );
@@ -144,7 +188,7 @@ impl Testbed {
             if Instant::now() > deadline {
                 let ready = wp.request(15021, "GET", "/healthz/ready", None);
                 bail!(
-                    "waypoint in {} not ready after 20s ({ready:?}); log:\n{}",
+                    "{command} in {} not ready after 20s ({ready:?}); log:\n{}",
                     pod.name,
                     wp.log_text()
                 );

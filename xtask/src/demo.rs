@@ -7,6 +7,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
+mod ingress;
 mod waypoint;
 
 use anyhow::{Context as _, ensure};
@@ -284,7 +285,8 @@ pub fn run() -> anyhow::Result<()> {
         println!("  {line}");
     }
 
-    waypoint::run(&mut tb, docs(true))?;
+    let with_bookinfo = waypoint::run(&mut tb, docs(true))?;
+    ingress::run(&mut tb, with_bookinfo)?;
 
     tb.kill_agent(0)?;
     println!("\nAgent killed (programs stay pinned). shop/frontend -> shop/backend again:");

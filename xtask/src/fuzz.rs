@@ -19,6 +19,7 @@ pub const TARGETS: &[&str] = &[
     "hbone_headers",
     "csr",
     "k8s_object",
+    "tls_hello",
 ];
 
 #[derive(clap::Args)]

@@ -3,7 +3,7 @@
 
 pub use fake_kube_api::{FakeApi, Kind, TokenUser};
 
-use super::{EVENTS, Resource, WATCHED};
+use super::{EVENTS, Resource, SECRETS, WATCHED};
 
 /// Kinds written besides the watched ones: the CA's root ConfigMap, and
 /// core Events (kube's recorder writes `events.k8s.io`, [`EVENTS`]).
@@ -16,11 +16,12 @@ fn kind(r: &Resource) -> Kind {
     Kind::new(r.group, r.version, r.kind, r.plural, r.namespaced)
 }
 
-/// Everything the agent reads and writes, from its own lists.
+/// Everything the agent reads and writes, from its own lists (Secrets: an
+/// ingress gateway's, in its namespace).
 pub fn kinds() -> Vec<Kind> {
     WATCHED
         .iter()
-        .chain([&EVENTS])
+        .chain([&EVENTS, &SECRETS])
         .chain(WRITTEN)
         .map(kind)
         .collect()

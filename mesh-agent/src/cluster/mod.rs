@@ -106,6 +106,10 @@ pub const WATCHED: &[Resource] = &[
     ),
 ];
 
+/// TLS Secrets: watched by an ingress gateway only, in its own namespace
+/// (`get`, `list`, `watch` there, by a Role; never cluster-wide).
+pub const SECRETS: Resource = Resource::new("", "v1", "Secret", "secrets", true);
+
 /// Pods: the node agent writes their redirection annotation (`patch` in
 /// RBAC, checked by a test; [`redirection`]).
 #[cfg_attr(

@@ -46,6 +46,8 @@ pub struct KubeSource {
     client: Client,
     pub(super) resources: Vec<Resource>,
     references: References,
+    /// The one namespace Secrets are watched in (an ingress gateway's).
+    secrets_namespace: Option<String>,
 }
 
 impl KubeSource {
@@ -54,7 +56,16 @@ impl KubeSource {
             client,
             resources: WATCHED.to_vec(),
             references: References::default(),
+            secrets_namespace: None,
         }
+    }
+
+    /// Also watches the Secrets of `namespace` (only there), for an
+    /// ingress gateway's certificates.
+    pub fn with_secrets(mut self, namespace: String) -> Self {
+        self.resources.push(super::SECRETS);
+        self.secrets_namespace = Some(namespace);
+        self
     }
 
     /// Where the objects' references are kept as they arrive.
@@ -89,7 +100,12 @@ impl Source for KubeSource {
             let mut streams = SelectAll::new();
             for (index, r) in self.resources.iter().enumerate() {
                 let ar = api_resource(r);
-                let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &ar);
+                let api: Api<DynamicObject> = match &self.secrets_namespace {
+                    Some(ns) if r.kind == super::SECRETS.kind => {
+                        Api::namespaced_with(self.client.clone(), ns, &ar)
+                    }
+                    _ => Api::all_with(self.client.clone(), &ar),
+                };
                 let stream = watcher::watcher(api, watcher::Config::default())
                     .default_backoff()
                     .map(move |event| (index, event));
@@ -379,6 +395,7 @@ pub(crate) fn fuzz_object(json: &[u8]) {
         trust_domain: "cluster.local".into(),
         root_namespace: "istio-system".into(),
         redirection_annotation: true,
+        skip_ingress_secrets: false,
     };
     let _ = crate::state::Store::from_documents(&docs, &opts);
 }

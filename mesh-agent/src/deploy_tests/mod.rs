@@ -11,13 +11,15 @@
 //!
 //! This module loads and types the manifests; `workload` reads the pods
 //! they run. `waypoint` checks `deploy/waypoint/`, a waypoint for a user's
-//! namespace, applied on its own.
+//! namespace, applied on its own; `gateway` checks `deploy/gateway/`, an
+//! ingress gateway, likewise.
 
 mod agent;
 mod ca;
 mod cluster_rules;
 mod command_line;
 mod crds;
+mod gateway;
 mod kustomize;
 mod rbac;
 mod trust;

@@ -447,6 +447,7 @@ mod tests {
             trust_domain: "cluster.local".into(),
             root_namespace: "istio-system".into(),
             redirection_annotation: true,
+            skip_ingress_secrets: false,
         };
         let candidate = |yaml: String| {
             let store = Store::from_yaml(&[("api".into(), yaml)], &opts);

@@ -17,6 +17,9 @@ use super::{
 
 /// The GatewayClass of waypoints.
 pub(super) const WAYPOINT_CLASS: &str = "istio-waypoint";
+/// The GatewayClasses of ingress gateways: this project's, and Istio's
+/// name for its own ingress class, so that Istio's examples apply as written.
+pub const INGRESS_CLASSES: [&str; 2] = ["mesh-ingress", "istio"];
 
 #[derive(Debug, Deserialize)]
 pub(super) struct HttpRoute {
@@ -82,14 +85,41 @@ pub(super) struct GatewaySpec {
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub(super) struct Listener {
+    #[serde(default)]
+    pub name: String,
     pub port: u16,
     #[serde(default)]
     pub protocol: String,
+    pub hostname: Option<String>,
+    pub tls: Option<ListenerTls>,
+}
+
+/// A listener's `tls`: the mode and the Secrets holding its certificates.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct ListenerTls {
+    pub mode: Option<String>,
+    #[serde(default)]
+    pub certificate_refs: Vec<SecretRef>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct SecretRef {
+    pub group: Option<String>,
+    pub kind: Option<String>,
+    pub name: String,
+    pub namespace: Option<String>,
 }
 
 impl Gateway {
     pub fn labels(&self) -> Option<&BTreeMap<String, String>> {
         self.metadata.labels.as_ref()
+    }
+
+    /// Whether this is an ingress gateway (of an ingress class).
+    pub fn is_ingress(&self) -> bool {
+        INGRESS_CLASSES.contains(&self.spec.gateway_class_name.as_str())
     }
 }
 
@@ -130,8 +160,13 @@ pub(super) fn check_routes(
                 .gateways
                 .get(&(ns.to_owned(), parent.name.clone()))
                 .is_some_and(|g| g.object.spec.gateway_class_name == WAYPOINT_CLASS);
-            if parent.is_gateway() && waypoint {
-                // Applies to the Services the waypoint serves.
+            let ingress = objects
+                .gateways
+                .get(&(ns.to_owned(), parent.name.clone()))
+                .is_some_and(|g| g.object.is_ingress());
+            if parent.is_gateway() && (waypoint || ingress) {
+                // Applies to the Services the waypoint serves, or to what
+                // the ingress gateway receives (its status says how).
                 continue;
             }
             if !parent.is_service() {
@@ -139,7 +174,7 @@ pub(super) fn check_routes(
                     "unsupported",
                     format!(
                         "parent {} {ns}/{}: only Service parents and waypoint Gateways (the \
-                         mesh's routes) are read; ingress Gateways are not this agent's; not \
+                         mesh's routes) are read; Gateways of other classes are not this agent's; not \
                          applied",
                         parent.kind.as_deref().unwrap_or("Gateway"),
                         parent.name
@@ -185,10 +220,18 @@ pub(super) fn policy_target_status(
                 "missing_waypoint",
                 format!("target Gateway {ns}/{name} does not exist; not applied"),
             )),
-            Some(gw) if gw.object.spec.gateway_class_name == WAYPOINT_CLASS => None,
+            Some(gw)
+                if gw.object.spec.gateway_class_name == WAYPOINT_CLASS
+                    || gw.object.is_ingress() =>
+            {
+                None
+            }
             Some(_) => Some((
                 "unsupported",
-                format!("target Gateway {ns}/{name} is not a waypoint; not applied"),
+                format!(
+                    "target Gateway {ns}/{name} is neither a waypoint nor an ingress gateway; not \
+                     applied"
+                ),
             )),
         },
         _ => Some((

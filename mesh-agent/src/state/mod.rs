@@ -3,6 +3,9 @@
 //! Built from Kubernetes objects; where they come from is a `Source`.
 
 mod gateway;
+mod ingress;
+#[cfg(test)]
+mod ingress_tests;
 mod k8s;
 mod matcher;
 mod peer_auth;
@@ -41,6 +44,10 @@ use std::{
     sync::Arc,
 };
 
+pub use gateway::INGRESS_CLASSES;
+pub use ingress::{
+    IngressGateway, IngressListener, ListenerProtocol, TlsRefusal, host_only, hostname_matches,
+};
 pub use k8s::{NETNS_ANNOTATION, REDIRECTION_ANNOTATION};
 pub use matcher::{Attrs, L7Request};
 pub use ratelimit::RateLimit;
@@ -276,6 +283,10 @@ pub struct StoreOptions {
     /// Without it (a local configuration), a pod its labels put in the mesh
     /// is reached over HBONE too.
     pub redirection_annotation: bool,
+    /// The source does not read Secrets (a node agent or a waypoint with
+    /// the Kubernetes API): ingress listeners' certificates are neither
+    /// loaded nor warned about; only the gateway, which reads them, judges.
+    pub skip_ingress_secrets: bool,
 }
 
 /// One snapshot of everything known.
@@ -304,6 +315,8 @@ pub struct Store {
     routes: route::Routes,
     /// LocalRateLimitPolicies, the waypoints'.
     rate_limits: Vec<RateLimit>,
+    /// Ingress gateways, by (namespace, name).
+    ingresses: BTreeMap<(String, String), Arc<IngressGateway>>,
     /// Read and counted; nothing on the node's data path uses them.
     service_accounts: usize,
     http_routes: usize,
@@ -385,6 +398,7 @@ impl Store {
         (store.policies, store.waypoint_policies) = policy::compile(&objects, bound, &mut warnings);
         store.policy_index = policy::PolicyIndex::new(&store.policies);
         gateway::check_routes(&objects, bound, &mut warnings);
+        store.ingresses = ingress::compile(&objects, !opts.skip_ingress_secrets, &mut warnings);
         store.rate_limits = ratelimit::compile(&objects, bound, &mut warnings);
         store.routes = route::compile(
             &objects,
@@ -407,6 +421,10 @@ impl Store {
                     .collect();
                 served.sort();
                 Some(served)
+            },
+            |ns, gw| {
+                let ingress = store.ingresses.get(&(ns.to_owned(), gw.to_owned()))?;
+                Some(ingress.listeners.iter().map(|l| l.name.clone()).collect())
             },
             &mut warnings,
         );
@@ -597,6 +615,46 @@ impl Store {
         ours(self.workload_binding(wl)).then(|| WaypointTarget::Workload(wl.clone(), dst))
     }
 
+    /// Whether an ingress gateway sends Service `svc` through its waypoint
+    /// (`istio.io/ingress-use-waypoint`): None to its pods, Some(Ok) through
+    /// that waypoint, Some(Err) refused (the waypoint it is bound to cannot
+    /// serve it: never sent around it).
+    pub fn ingress_waypoint(&self, svc: &Service) -> Option<Result<&Arc<Waypoint>, String>> {
+        let key = (svc.namespace.clone(), svc.name.clone());
+        if !self.bindings.ingress_use_waypoint.contains(&key) {
+            return None;
+        }
+        match self.bindings.services.get(&key)? {
+            Binding::Bound(wp) => Some(Ok(wp)),
+            Binding::Refused { reason, .. } => Some(Err(reason.clone())),
+        }
+    }
+
+    /// The ingress Gateway whose pod `namespace/name` is.
+    pub fn ingress_of_pod(&self, namespace: &str, name: &str) -> Option<&Arc<IngressGateway>> {
+        let pod = self.workload(namespace, name)?;
+        let gateway = pod.labels.get(GATEWAY_NAME)?;
+        self.ingresses
+            .get(&(pod.namespace.clone(), gateway.clone()))
+    }
+
+    /// The route entry of ingress Gateway `gw` that a request for `host`
+    /// on `listener` matches.
+    pub fn ingress_route(
+        &self,
+        gw: &IngressGateway,
+        listener: &IngressListener,
+        host: &str,
+        req: &RequestView<'_>,
+    ) -> Option<&RouteEntry> {
+        self.routes.select_ingress(
+            &(gw.namespace.clone(), gw.name.clone()),
+            listener,
+            host,
+            req,
+        )
+    }
+
     /// The rate limits for a request for `service` through `waypoint`.
     pub fn rate_limits<'a>(
         &'a self,
@@ -698,6 +756,7 @@ impl Store {
             "http_routes": self.http_routes,
             "gateways": self.gateways,
             "waypoints": waypoints,
+            "ingress_gateways": self.ingresses.values().map(|g| &**g).collect::<Vec<_>>(),
             "service_waypoints": bindings(&self.bindings.services),
             "workload_waypoints": bindings(&self.bindings.workloads),
             "routes": self.routes.dump(),

@@ -13,6 +13,7 @@ pub(super) fn opts() -> StoreOptions {
         trust_domain: "cluster.local".into(),
         root_namespace: "istio-system".into(),
         redirection_annotation: false,
+        skip_ingress_secrets: false,
     }
 }
 
@@ -288,6 +289,7 @@ fn hbone_follows_the_redirection_annotation_from_the_api_and_the_labels_locally(
         &[("api".into(), REDIRECTION.into())],
         &StoreOptions {
             redirection_annotation: true,
+            skip_ingress_secrets: false,
             ..opts()
         },
     );

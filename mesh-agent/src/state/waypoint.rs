@@ -22,6 +22,9 @@ use super::{ConfigWarning, Service, Workload, gateway::WAYPOINT_CLASS, yaml::Obj
 pub(super) const USE_WAYPOINT: &str = "istio.io/use-waypoint";
 const USE_WAYPOINT_NAMESPACE: &str = "istio.io/use-waypoint-namespace";
 const WAYPOINT_FOR: &str = "istio.io/waypoint-for";
+/// On a Service (else its namespace): an ingress gateway sends the
+/// Service's traffic through its waypoint rather than to its pods.
+pub const INGRESS_USE_WAYPOINT: &str = "istio.io/ingress-use-waypoint";
 /// The label Kubernetes' Gateway controllers put on a Gateway's pods.
 pub const GATEWAY_NAME: &str = "gateway.networking.k8s.io/gateway-name";
 
@@ -112,6 +115,9 @@ pub(super) struct Bindings {
     pub waypoints: BTreeMap<(String, String), Arc<Waypoint>>,
     pub services: HashMap<(String, String), Binding>,
     pub workloads: HashMap<(String, String), Binding>,
+    /// Services labelled (or in a namespace labelled)
+    /// `istio.io/ingress-use-waypoint: "true"`.
+    pub ingress_use_waypoint: std::collections::HashSet<(String, String)>,
 }
 
 pub(super) fn bind<'a>(
@@ -193,6 +199,13 @@ pub(super) fn bind<'a>(
             .services
             .get(&(svc.namespace.clone(), svc.name.clone()))
             .and_then(|s| s.object.metadata.labels.as_ref());
+        let ingress_label = own
+            .and_then(|l| l.get(INGRESS_USE_WAYPOINT))
+            .or_else(|| ns_labels(&svc.namespace).and_then(|l| l.get(INGRESS_USE_WAYPOINT)));
+        if ingress_label.is_some_and(|v| v == "true") {
+            out.ingress_use_waypoint
+                .insert((svc.namespace.clone(), svc.name.clone()));
+        }
         if let Some(b) = out.binding(
             own,
             ns_labels(&svc.namespace),

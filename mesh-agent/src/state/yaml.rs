@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeMap, fmt, sync::Arc};
 
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service as K8sService, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, Service as K8sService, ServiceAccount};
 use serde::{Deserialize, de::DeserializeOwned};
 use serde_yaml::Value;
 
@@ -44,6 +44,8 @@ pub(super) struct Objects {
     pub virtual_services: BTreeMap<Key, Parsed<VirtualService>>,
     pub destination_rules: BTreeMap<Key, Parsed<DestinationRule>>,
     pub rate_limits: BTreeMap<Key, Parsed<LocalRateLimitPolicy>>,
+    /// TLS Secrets, for the certificates of ingress gateway listeners.
+    pub secrets: BTreeMap<Key, Parsed<Secret>>,
 }
 
 /// Kind, namespace and name: what identifies an object in a source.
@@ -81,6 +83,7 @@ enum Typed {
     VirtualService(Arc<VirtualService>),
     DestinationRule(Arc<DestinationRule>),
     LocalRateLimitPolicy(Arc<LocalRateLimitPolicy>),
+    Secret(Arc<Secret>),
 }
 
 /// The kinds the agent reads: (apiVersions, kind).
@@ -89,6 +92,7 @@ const KINDS: &[(&[&str], &str)] = &[
     (&["v1"], "Pod"),
     (&["v1"], "Service"),
     (&["v1"], "ServiceAccount"),
+    (&["v1"], "Secret"),
     (
         &["security.istio.io/v1", "security.istio.io/v1beta1"],
         "AuthorizationPolicy",
@@ -371,6 +375,7 @@ impl Objects {
             Typed::VirtualService(o) => put(&mut self.virtual_services, nk(), o, origin),
             Typed::DestinationRule(o) => put(&mut self.destination_rules, nk(), o, origin),
             Typed::LocalRateLimitPolicy(o) => put(&mut self.rate_limits, nk(), o, origin),
+            Typed::Secret(o) => put(&mut self.secrets, nk(), o, origin),
         };
         if let Some(first) = first {
             warnings.push(ConfigWarning {
@@ -444,6 +449,7 @@ impl Document {
                 .map(|pod| Typed::Pod(Arc::new(super::k8s::StoredPod::new(&pod)))),
             "Service" => typed(at, value).map(Typed::Service),
             "ServiceAccount" => typed(at, value).map(Typed::ServiceAccount),
+            "Secret" => typed(at, value).map(Typed::Secret),
             "AuthorizationPolicy" => typed(at, value).map(Typed::AuthorizationPolicy),
             "PeerAuthentication" => typed(at, value).map(Typed::PeerAuthentication),
             "HTTPRoute" => typed(at, value).map(Typed::HttpRoute),

@@ -83,6 +83,18 @@ pub fn endpoints(ctx: &Ctx, store: &Store, choice: &Choice, keys: Keys<'_>) -> V
             }];
         }
     };
+    // An ingress gateway sends a Service that asks for it to its waypoint:
+    // to the Service's address, which the connector tunnels through one of
+    // the waypoint's pods (`upstream::open`).
+    if ctx.mode == super::Mode::Ingress
+        && let Some(Ok(wp)) = store.ingress_waypoint(svc)
+        && let (Some(vip), Some(pod)) = (svc.vips.first(), wp.pods.first())
+    {
+        return vec![Endpoint {
+            workload: pod.clone(),
+            addr: std::net::SocketAddr::new(*vip, port.port),
+        }];
+    }
     let mut all = store.endpoints(svc, port);
     if let Some((_, labels)) = &choice.subset {
         all.retain(|e| {

@@ -36,18 +36,49 @@ use super::{
 use crate::{
     proxy::{Peer, tcp_labels},
     state::{
-        Abort, Backend, Decision, L7Request, RequestView, RuleAction, Waypoint, WaypointTarget,
-        Workload, modify_path,
+        Abort, Backend, Decision, IngressGateway, L7Request, ListenerProtocol, RequestView,
+        RuleAction, Waypoint, WaypointTarget, Workload, host_only, modify_path,
     },
 };
 
 pub struct Handler {
     pub ctx: Arc<Ctx>,
     pub client: Client,
+    /// The Gateway whose policies and limits apply (a waypoint, or an
+    /// ingress gateway's anchor).
     pub waypoint: Arc<Waypoint>,
-    pub target: WaypointTarget,
-    /// The CONNECT authority: the original destination.
+    pub role: Role,
+    /// The CONNECT authority (the original destination), or the ingress
+    /// listener's own address.
     pub dst: std::net::SocketAddr,
+}
+
+/// What the request was sent to.
+pub enum Role {
+    /// At a waypoint: the Service or pod of the CONNECT; routes of that
+    /// Service, else the Service itself.
+    Waypoint(WaypointTarget),
+    /// At an ingress gateway, on a listener port: the routes attached to
+    /// the Gateway pick the backend; no route, 404. For HTTPS, the listener
+    /// the handshake's SNI chose: a request for another one is 421.
+    Ingress(Arc<IngressGateway>, ListenerProtocol, Option<String>),
+}
+
+impl Handler {
+    /// The `mesh_connections` component and the metrics' reporter.
+    fn component(&self) -> &'static str {
+        match self.role {
+            Role::Waypoint(_) => "waypoint",
+            Role::Ingress(..) => "ingress",
+        }
+    }
+
+    fn target(&self) -> Option<&WaypointTarget> {
+        match &self.role {
+            Role::Waypoint(t) => Some(t),
+            Role::Ingress(..) => None,
+        }
+    }
 }
 
 /// Headers that belong to one hop and are not passed on.
@@ -168,7 +199,7 @@ impl Handler {
         if let (Some(u), Some(h)) = (&uri_host, &header_host)
             && !u.eq_ignore_ascii_case(h)
         {
-            ctx.metrics.connection("waypoint", "host_mismatch");
+            ctx.metrics.connection(self.component(), "host_mismatch");
             return full(
                 StatusCode::BAD_REQUEST,
                 "the request's authority and Host differ\n",
@@ -191,20 +222,24 @@ impl Handler {
             }
         }
         let query = parts.uri.query().map(str::to_owned);
-        let service = match &self.target {
-            WaypointTarget::Service(s, _) => Some(s.clone()),
-            WaypointTarget::Workload(..) => None,
+        let service = match self.target() {
+            Some(WaypointTarget::Service(s, _)) => Some(s.clone()),
+            _ => None,
         };
         let src_workload = store.workload_by_ip(self.client.addr.ip()).cloned();
         let mut done = Done {
             labels: HttpLabels {
                 conn: tcp_labels(
                     &ctx.metrics.cluster_id.0,
-                    "waypoint",
+                    // Istio's gateways report as the source of the call.
+                    match self.role {
+                        Role::Waypoint(_) => "waypoint",
+                        Role::Ingress(..) => "source",
+                    },
                     &Peer {
                         addr: Some(self.client.addr),
                         workload: src_workload,
-                        identity: Some(self.client.identity.clone()),
+                        identity: self.client.identity.clone(),
                     },
                     &Peer::default(),
                     service.as_deref(),
@@ -229,9 +264,10 @@ impl Handler {
             started: SystemTime::now(),
             upstream_times: None,
             request_id: String::new(),
-            span_name: match &self.target {
-                WaypointTarget::Service(s, p) => format!("{}:{}/*", s.hostname(), p.port),
-                WaypointTarget::Workload(_, a) => format!("{a}/*"),
+            span_name: match self.target() {
+                Some(WaypointTarget::Service(s, p)) => format!("{}:{}/*", s.hostname(), p.port),
+                Some(WaypointTarget::Workload(_, a)) => format!("{a}/*"),
+                None => format!("{host}/*"),
             },
             upstream_cluster: String::new(),
             user_agent: parts
@@ -255,7 +291,7 @@ impl Handler {
         };
         let attrs = crate::state::Attrs {
             src_ip: self.client.addr.ip(),
-            src_identity: Some(&self.client.identity),
+            src_identity: self.client.identity.as_ref(),
             dst_ip: self.dst.ip(),
             dst_port: self.dst.port(),
             request: Some(&l7),
@@ -266,7 +302,7 @@ impl Handler {
             done.policy = format!("audit:{}", audited.join(","));
         }
         if let Decision::Deny { reason, .. } = decision {
-            ctx.metrics.connection("waypoint", "request_denied");
+            ctx.metrics.connection(self.component(), "request_denied");
             debug!(%reason, "request denied");
             done.policy = format!("deny: {reason}");
             let resp = if grpc {
@@ -279,7 +315,10 @@ impl Handler {
 
         // Rate limits, after authorization: a denied request costs no token.
         let limits = store.rate_limits(&self.waypoint, service.as_deref());
-        if let Err(wait) = ctx.rate_limiter.check(limits, &self.client.identity) {
+        if let Err(wait) = ctx
+            .rate_limiter
+            .check(limits, self.client.identity.as_ref())
+        {
             done.policy = "rate limited".into();
             let resp = if grpc {
                 grpc_error(8, "rate limited")
@@ -301,9 +340,46 @@ impl Handler {
             query: query.as_deref(),
             headers: &parts.headers,
         };
-        let entry = match &self.target {
-            WaypointTarget::Service(svc, port) => store.route(svc, port.port, &view),
-            WaypointTarget::Workload(..) => None,
+        let listener = match &self.role {
+            Role::Ingress(gw, protocol, sni_listener) => {
+                let listener = gw.listener(self.dst.port(), *protocol, Some(host_only(&host)));
+                if listener.is_none() {
+                    ctx.metrics.connection("ingress", "no_listener");
+                    done.upstream = "no listener for this host".into();
+                    return self.finish(done, full(StatusCode::NOT_FOUND, "no route\n"), "NR");
+                }
+                if let (Some(l), Some(sni)) = (listener, sni_listener)
+                    && l.name != *sni
+                {
+                    ctx.metrics.connection("ingress", "misdirected");
+                    done.upstream = format!("host of listener {}, TLS of listener {sni}", l.name);
+                    return self.finish(
+                        done,
+                        full(
+                            StatusCode::MISDIRECTED_REQUEST,
+                            "the host is not the one the connection's TLS name chose\n",
+                        ),
+                        "NR",
+                    );
+                }
+                listener
+            }
+            Role::Waypoint(_) => None,
+        };
+        let entry = match (&self.role, listener) {
+            (Role::Waypoint(WaypointTarget::Service(svc, port)), _) => {
+                store.route(svc, port.port, &view)
+            }
+            (Role::Ingress(gw, ..), Some(l)) => {
+                let entry = store.ingress_route(gw, l, host_only(&host), &view);
+                if entry.is_none() {
+                    ctx.metrics.connection("ingress", "no_route");
+                    done.upstream = "no route".into();
+                    return self.finish(done, full(StatusCode::NOT_FOUND, "no route\n"), "NR");
+                }
+                entry
+            }
+            _ => None,
         };
         let action: Option<Arc<RuleAction>> = entry.map(|e| e.action.clone());
         let matched_path = entry.map(|e| e.matcher.path.clone());
@@ -374,15 +450,20 @@ impl Handler {
 
         // Which Service port serves it: a weighted backend of the rule, or
         // the Service (or pod) it was sent to.
-        let request_port = match &self.target {
-            WaypointTarget::Service(_, p) => p.port,
-            WaypointTarget::Workload(_, a) => a.port(),
+        let request_port = match self.target() {
+            Some(WaypointTarget::Service(_, p)) => p.port,
+            Some(WaypointTarget::Workload(_, a)) => a.port(),
+            None => self.dst.port(),
         };
         let chosen: Result<Choice, String> = match action.as_deref() {
             Some(a) if !a.backends.is_empty() => {
                 self.pick(a).and_then(|b| backend_choice(b, request_port))
             }
-            _ => Ok(Choice::from(self.target.clone())),
+            _ => match self.target() {
+                Some(t) => Ok(Choice::from(t.clone())),
+                // The Gateway API: a rule without backends is answered 500.
+                None => Err("the rule has no backendRefs".into()),
+            },
         };
         let chosen = match chosen {
             Ok(t) => t,
@@ -467,6 +548,19 @@ impl Handler {
             headers: Some(&parts.headers),
             client: Some(self.client.addr.ip()),
         };
+        // A Service that asks an ingress gateway for its waypoint and whose
+        // waypoint cannot serve it is refused, never sent around it.
+        if let (Role::Ingress(..), WaypointTarget::Service(svc, _)) = (&self.role, &chosen.target)
+            && let Some(Err(why)) = store.ingress_waypoint(svc)
+        {
+            ctx.metrics.connection("ingress", "no_waypoint");
+            done.upstream = why;
+            return self.finish(
+                done,
+                full(StatusCode::SERVICE_UNAVAILABLE, "no waypoint\n"),
+                "NW",
+            );
+        }
         let endpoints = balance::endpoints(ctx, &store, &chosen, keys);
         // The DestinationRule's circuit breakers for the chosen Service.
         // Per subset, else per port, else per Service (Istio's precedence).
@@ -885,7 +979,7 @@ impl Metered {
         }
         info!(
             target: "access",
-            direction = "waypoint",
+            direction = d.labels.conn.reporter,
             src.addr = %d.client,
             src.identity = %d.labels.conn.source_principal,
             method = %d.method,

@@ -5,6 +5,11 @@
 //! request (AuthorizationPolicy with `targetRefs`, full L7 semantics),
 //! routes it (HTTPRoute), and sends it on over HBONE to the chosen
 //! endpoint with its own identity.
+//!
+//! `mesh-agent gateway` is the same proxy in the ingress role
+//! (`ingress.rs`): it serves its ingress Gateway's HTTP and HTTPS
+//! listeners to clients outside the mesh and sends their requests into the
+//! mesh by the HTTPRoutes attached to that Gateway.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -17,11 +22,12 @@ use crate::{
     identity::{CertManager, Identity},
     metrics::Metrics,
     proxy::{Balancer, Pool},
-    state::{Store, Waypoint, Workload},
+    state::{IngressGateway, Store, Waypoint, Workload},
 };
 
 mod balance;
 mod http;
+mod ingress;
 mod path;
 mod ratelimit;
 mod resilience;
@@ -33,8 +39,18 @@ mod telemetry;
 pub(crate) mod trace;
 mod upstream;
 
+/// The role the proxy runs in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// A waypoint: HBONE from the mesh.
+    Waypoint,
+    /// An ingress gateway: its Gateway's listeners, from outside the mesh.
+    Ingress,
+}
+
 /// What every connection of the waypoint shares.
 pub struct Ctx {
+    pub mode: Mode,
     pub store: watch::Receiver<Arc<Store>>,
     pub certs: Arc<CertManager>,
     pub metrics: Arc<Metrics>,
@@ -73,14 +89,20 @@ impl Ctx {
         store.waypoint_of_pod(&self.pod.0, &self.pod.1).cloned()
     }
 
+    /// The ingress Gateway this pod belongs to.
+    pub fn ingress(&self, store: &Store) -> Option<Arc<IngressGateway>> {
+        store.ingress_of_pod(&self.pod.0, &self.pod.1).cloned()
+    }
+
     pub fn identity(&self, store: &Store) -> Option<Identity> {
         self.me(store)
             .map(|w| w.identity(self.certs.trust_domain()))
     }
 }
 
-pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
+pub async fn run(args: WaypointArgs, mode: Mode) -> anyhow::Result<()> {
     info!(
+        ?mode,
         pod = %format!("{}/{}", args.pod_namespace, args.pod_name),
         listen = %args.listen,
         metrics = %args.metrics_addr,
@@ -93,9 +115,14 @@ pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
     );
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("--state-dir {}", args.state_dir.display()))?;
-    let hbone = TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("--listen {}", args.listen))?;
+    let hbone = match mode {
+        Mode::Waypoint => Some(
+            TcpListener::bind(args.listen)
+                .await
+                .with_context(|| format!("--listen {}", args.listen))?,
+        ),
+        Mode::Ingress => None,
+    };
     let admin_l = crate::admin::bind(args.admin_addr)
         .await
         .context("--admin-addr")?;
@@ -121,13 +148,17 @@ pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
     } else {
         None
     };
-    let (store, _) = crate::start_store(&args.mesh, metrics.clone(), client.clone());
+    // An ingress gateway reads the Secrets of its own namespace (its
+    // listeners' certificates); a waypoint reads none.
+    let secrets = (mode == Mode::Ingress).then(|| args.pod_namespace.clone());
+    let (store, _) = crate::start_store(&args.mesh, metrics.clone(), client.clone(), secrets);
     status::spawn(
         client,
         store.clone(),
         (args.pod_namespace.clone(), args.pod_name.clone()),
     );
     let ctx = Arc::new_cyclic(|weak| Ctx {
+        mode,
         store,
         certs,
         metrics: metrics.clone(),
@@ -142,7 +173,10 @@ pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
             otlp: args.tracing_otlp.clone(),
             zipkin: args.tracing_zipkin.clone(),
             sampling: args.tracing_sampling.clamp(0.0, 100.0),
-            service_name: format!("waypoint.{}", args.pod_namespace),
+            service_name: match mode {
+                Mode::Waypoint => format!("waypoint.{}", args.pod_namespace),
+                Mode::Ingress => format!("gateway.{}", args.pod_namespace),
+            },
         }),
         clients: upstream::Clients::new(weak.clone()),
         pod: (args.pod_namespace.clone(), args.pod_name.clone()),
@@ -173,7 +207,15 @@ pub async fn run(args: WaypointArgs) -> anyhow::Result<()> {
     tokio::spawn(serve::admin(admin_l, admin.clone(), true));
     tokio::spawn(serve::admin(metrics_l, admin.clone(), false));
     tokio::spawn(serve::admin(ready_l, admin, false));
-    tokio::spawn(accept(hbone, ctx.clone()));
+    match hbone {
+        Some(hbone) => {
+            tokio::spawn(accept(hbone, ctx.clone()));
+        }
+        // Listener ports come from the Gateway, on --listen's address.
+        None => {
+            tokio::spawn(ingress::supervise(ctx.clone(), args.listen.ip()));
+        }
+    }
     tokio::spawn(prepare_certificate(ctx.clone()));
     tokio::spawn(crate::give_back_memory());
     info!("waypoint serving");
@@ -222,9 +264,20 @@ async fn accept(l: TcpListener, ctx: Arc<Ctx>) {
     }
 }
 
-/// The client a request came from: the HBONE peer's address and identity.
+/// The SNI of a complete ClientHello (Some(None): none sent), as the
+/// ingress gateway reads it; None for too few bytes or not a ClientHello.
+#[cfg(test)]
+pub(crate) fn read_hello(bytes: &[u8]) -> Option<Option<String>> {
+    match ingress::sni_of(bytes) {
+        ingress::Hello::Sni(name) => Some(name),
+        ingress::Hello::Partial | ingress::Hello::Malformed => None,
+    }
+}
+
+/// The client a request came from: the HBONE peer's address and identity
+/// (none for a client outside the mesh, at an ingress gateway).
 #[derive(Clone, Debug)]
 pub struct Client {
     pub addr: SocketAddr,
-    pub identity: Identity,
+    pub identity: Option<Identity>,
 }

@@ -62,14 +62,17 @@ pub struct RateLimiter {
 impl RateLimiter {
     /// Takes a token from every bucket of `policies` that this request
     /// counts against; refused (with the wait) when one has none, and then
-    /// none is taken.
+    /// none is taken. A client without an identity (from outside the mesh,
+    /// at an ingress gateway) counts against the total buckets only.
     pub fn check<'a>(
         &self,
         policies: impl Iterator<Item = &'a RateLimit>,
-        client: &Identity,
+        client: Option<&Identity>,
     ) -> Result<(), Duration> {
         let now = Instant::now();
-        let sa = format!("{}/{}", client.namespace, client.service_account);
+        let sa = client
+            .map(|c| format!("{}/{}", c.namespace, c.service_account))
+            .unwrap_or_default();
         let mut buckets = self.buckets.locked();
         // A full bucket is the same as none: drop them when the map grows,
         // so identities that stopped calling (or deleted policies) leave.
@@ -84,7 +87,7 @@ impl RateLimiter {
             if let Some(rate) = p.total {
                 keys.push(((p.policy.clone(), String::new()), rate, "total", &p.policy));
             }
-            if let Some(rate) = p.client_rate(client) {
+            if let Some(rate) = client.and_then(|c| p.client_rate(c)) {
                 let scope = if p.overrides.iter().any(|(who, _)| *who == sa) {
                     "override"
                 } else {

@@ -65,7 +65,7 @@ pub async fn connection(ctx: Arc<Ctx>, stream: TcpStream, peer: SocketAddr) {
     };
     let client = Client {
         addr: peer,
-        identity: peer_id,
+        identity: Some(peer_id),
     };
     hbone::serve_connects(tls, move |req| {
         let (ctx, client) = (ctx.clone(), client.clone());
@@ -106,7 +106,8 @@ fn connect(ctx: Arc<Ctx>, client: Client, mut req: Request<Incoming>) -> Respons
     };
     m.connection("waypoint", "accepted");
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let span = info_span!("tunnel", %dst, peer = %client.identity);
+    let peer = client.identity.as_ref().map(ToString::to_string);
+    let span = info_span!("tunnel", %dst, peer = peer.as_deref().unwrap_or("-"));
     tokio::spawn(
         async move {
             match on_upgrade.await {
@@ -208,37 +209,49 @@ async fn tunnel(
                 ctx,
                 client,
                 waypoint: wp,
-                target,
+                role: http::Role::Waypoint(target),
                 dst,
             });
-            let svc = service_fn(move |req| {
-                let h = handler.clone();
-                async move { Ok::<_, Infallible>(h.handle(req).await) }
-            });
-            let metrics = handler_metrics;
-            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                // Larger request heads are answered 431.
-                .max_buf_size(MAX_HEAD);
-            builder
-                .http2()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .max_header_list_size(MAX_HEAD as u32)
-                .max_concurrent_streams(1024);
-            let served = builder
-                .serve_connection_with_upgrades(TokioIo::new(io), svc)
-                .await;
-            if let Err(e) = served {
-                // Malformed HTTP/1 (answered 400 or 431 by hyper), HTTP/2
-                // protocol errors (GOAWAY), or a client that went away.
-                metrics.connection("waypoint", "http_error");
-                debug!(error = %e, "HTTP connection ended with error");
-            }
+            serve_http(handler, io, &handler_metrics, "waypoint").await;
         }
         _ => tcp(ctx, client, wp, target, dst, io).await,
+    }
+}
+
+/// Serves HTTP/1 and HTTP/2 on one connection with `handler`; a
+/// connection that ends in error (malformed HTTP/1 answered 400 or 431 by
+/// hyper, an HTTP/2 protocol error, a client gone) is counted under
+/// `component`.
+pub async fn serve_http<I>(
+    handler: Arc<http::Handler>,
+    io: I,
+    metrics: &crate::metrics::Metrics,
+    component: &'static str,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| {
+        let h = handler.clone();
+        async move { Ok::<_, Infallible>(h.handle(req).await) }
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        // Larger request heads are answered 431.
+        .max_buf_size(MAX_HEAD);
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_header_list_size(MAX_HEAD as u32)
+        .max_concurrent_streams(1024);
+    let served = builder
+        .serve_connection_with_upgrades(TokioIo::new(io), svc)
+        .await;
+    if let Err(e) = served {
+        metrics.connection(component, "http_error");
+        debug!(error = %e, "HTTP connection ended with error");
     }
 }
 
@@ -260,7 +273,7 @@ async fn tcp(
     let src = Peer {
         addr: Some(client.addr),
         workload: store.workload_by_ip(client.addr.ip()).cloned(),
-        identity: Some(client.identity.clone()),
+        identity: client.identity.clone(),
     };
     let mut rec = ConnRecord::new(
         ctx.metrics.clone(),
@@ -276,7 +289,7 @@ async fn tcp(
     );
     let attrs = crate::state::Attrs {
         src_ip: client.addr.ip(),
-        src_identity: Some(&client.identity),
+        src_identity: client.identity.as_ref(),
         dst_ip: dst.ip(),
         dst_port: dst.port(),
         request: None,
@@ -413,8 +426,10 @@ fn admin_page(admin: &Admin, full: bool, req: &Request<Incoming>) -> Response<Fu
                 Some("configuration not loaded yet")
             } else if ctx.me(&store).is_none() {
                 Some("this pod is not in the configuration")
-            } else if ctx.waypoint(&store).is_none() {
+            } else if ctx.mode == super::Mode::Waypoint && ctx.waypoint(&store).is_none() {
                 Some("this pod's Gateway is not a waypoint in the configuration")
+            } else if ctx.mode == super::Mode::Ingress && ctx.ingress(&store).is_none() {
+                Some("this pod's Gateway is not an ingress gateway in the configuration")
             } else if ctx
                 .identity(&store)
                 .is_some_and(|id| ctx.certs.certificate(&id).is_err())
@@ -436,6 +451,7 @@ fn admin_page(admin: &Admin, full: bool, req: &Request<Incoming>) -> Response<Fu
                 "pod": format!("{}/{}", ctx.pod.0, ctx.pod.1),
                 "identity": ctx.identity(&store).map(|i| i.to_string()),
                 "waypoint": ctx.waypoint(&store).map(|w| w.key()),
+                "ingress_gateway": ctx.ingress(&store).map(|g| g.key()),
                 "config": store.dump(),
                 "certificates": ctx.certs.dump(),
                 "endpoints_down": ctx.balancer.down(),

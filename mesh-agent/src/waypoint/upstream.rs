@@ -87,8 +87,33 @@ async fn open(ctx: &Ctx, addr: SocketAddr) -> io::Result<Upstream> {
             "the waypoint's own pod is not in the store",
         ));
     };
+    // At an ingress gateway, a Service address means the Service's
+    // waypoint (`istio.io/ingress-use-waypoint`): HBONE to one of its pods,
+    // the Service's address as the CONNECT authority.
+    let via_waypoint = match store.service_by_vip(addr) {
+        Some((svc, _)) if ctx.mode == super::Mode::Ingress => match store.ingress_waypoint(svc) {
+            Some(Ok(wp)) if !wp.pods.is_empty() => {
+                let n = ctx.picks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Some(wp.pods[(n % wp.pods.len() as u64) as usize].clone())
+            }
+            Some(_) => {
+                return Err(io::Error::other(format!(
+                    "{} asks for its waypoint, which cannot serve it",
+                    svc.hostname()
+                )));
+            }
+            None => None,
+        },
+        _ => None,
+    };
+    let via = via_waypoint.as_ref().map(|w| w.ips.first().copied());
+    let endpoint = match via_waypoint.clone() {
+        Some(w) => Some(w),
+        None => endpoint,
+    };
     match endpoint {
-        Some(wl) if wl.hbone => {
+        // A waypoint pod is not captured, and always speaks HBONE.
+        Some(wl) if wl.hbone || via_waypoint.is_some() => {
             let td = ctx.certs.trust_domain();
             let caller = Caller {
                 addr: SocketAddr::new(me.ips.first().copied().unwrap_or(addr.ip()), 0),
@@ -108,7 +133,7 @@ async fn open(ctx: &Ctx, addr: SocketAddr) -> io::Result<Upstream> {
                     dialer,
                     &me.identity(td),
                     &wl.identity(td),
-                    addr.ip(),
+                    via.flatten().unwrap_or(addr.ip()),
                     addr,
                     &caller,
                 )

@@ -44,7 +44,8 @@ fn service(name: &str, vip: &str, selector: &str, labels: &str) -> String {
 
 /// Adds the bookinfo pods and objects to `docs` (the configuration so
 /// far), starts the waypoint, and runs the L7 part.
-pub fn run(tb: &mut Testbed, mut docs: Vec<String>) -> anyhow::Result<()> {
+/// Returns the configuration with bookinfo in it.
+pub fn run(tb: &mut Testbed, mut docs: Vec<String>) -> anyhow::Result<Vec<String>> {
     println!("\n--- L7: a waypoint ---");
     let page = tb.add_pod(0, "productpage")?;
     let v1 = tb.add_pod(0, "reviews-v1")?;
@@ -213,5 +214,5 @@ pub fn run(tb: &mut Testbed, mut docs: Vec<String>) -> anyhow::Result<()> {
             )
         );
     }
-    Ok(())
+    Ok(docs)
 }

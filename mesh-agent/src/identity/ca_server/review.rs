@@ -203,7 +203,8 @@ impl CaServer {
         Ok(Identity::new(trust_domain, namespace, account))
     }
 
-    /// `namespace/name` is a Gateway of class `istio-waypoint`.
+    /// `namespace/name` is a Gateway of class `istio-waypoint`, or of an
+    /// ingress class (an ingress gateway's pods need their identity too).
     async fn check_waypoint_gateway(&self, namespace: &str, name: &str) -> Result<(), Refusal> {
         use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
         let gvk = GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", "Gateway");
@@ -220,13 +221,19 @@ impl CaServer {
                 .as_str()
                 .map(str::to_owned)
         });
-        if class.as_deref() == Some("istio-waypoint") {
+        let ingress = |c: &str| crate::state::INGRESS_CLASSES.contains(&c);
+        if class
+            .as_deref()
+            .is_some_and(|c| c == "istio-waypoint" || ingress(c))
+        {
             return Ok(());
         }
         Err(Refusal::new(
             StatusCode::FORBIDDEN,
             format!(
-                "the pod's Gateway {namespace}/{name} is not a waypoint (class istio-waypoint): {}",
+                "the pod's Gateway {namespace}/{name} is not a waypoint (class istio-waypoint) \
+                 or an ingress gateway (class {}): {}",
+                crate::state::INGRESS_CLASSES.join(" or "),
                 if gw.is_some() {
                     "another class"
                 } else {

@@ -3,7 +3,9 @@
 //! Kubernetes clients from KUBECONFIG, against the API stand-in served on
 //! loopback. The CA publishes its root in the ConfigMap and signs (or
 //! refuses) a node agent's request; the waypoint reads its configuration
-//! from the API, gets its own certificate from that CA and is ready.
+//! from the API, gets its own certificate from that CA and is ready; so
+//! does `mesh-agent gateway`, which serves its listener with the
+//! certificate of a Secret it watches in its own namespace only.
 
 use std::process::{Child, Command, Stdio};
 
@@ -19,6 +21,7 @@ use crate::cluster::fake_api::{self, TokenUser};
 /// loopback, so the fixed ports cannot meet another test's.
 const HOST: &str = "127.0.16.1";
 const WAYPOINT: &str = "127.0.16.2";
+const GATEWAY: &str = "127.0.16.3";
 
 /// The agent binary next to this test binary (`target/<profile>/`), which
 /// `cargo xtask ci` builds before the unit tests.
@@ -284,6 +287,131 @@ async fn mesh_agent_ca_runs_as_the_binary_against_the_api_stand_in() {
             .map(|c| c["serial"].clone())
             .collect();
         assert_eq!(roots, [serde_json::Value::from(root_serial)], "{dump:#}");
+
+        // An ingress gateway, configured from the API: its identity from
+        // the CA, its listener's certificate from a Secret of its own
+        // namespace, read by a watch of that namespace only.
+        let cert = rcgen::generate_simple_self_signed(vec!["shop.example.com".to_owned()]).unwrap();
+        for obj in [
+            json!({
+                "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+                "metadata": {"name": "public", "namespace": "shop"},
+                "spec": {"gatewayClassName": "mesh-ingress",
+                         "listeners": [{"name": "https", "port": 18443, "protocol": "HTTPS",
+                                        "hostname": "shop.example.com",
+                                        "tls": {"certificateRefs": [{"name": "shop-cert"}]}}]},
+            }),
+            json!({
+                "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+                "metadata": {"name": "shop-cert", "namespace": "shop"},
+                "stringData": {"tls.crt": cert.cert.pem(), "tls.key": cert.signing_key.serialize_pem()},
+            }),
+        ] {
+            fake.apply(obj);
+        }
+        let pod = fake.apply(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "public-1", "namespace": "shop",
+                         "labels": {"gateway.networking.k8s.io/gateway-name": "public",
+                                    "istio.io/dataplane-mode": "none"}},
+            "spec": {"nodeName": "node-a", "serviceAccountName": "public-gw", "containers": []},
+            "status": {"phase": "Running", "podIP": GATEWAY, "podIPs": [{"ip": GATEWAY}]},
+        }));
+        let uid = pod["metadata"]["uid"].as_str().unwrap().to_owned();
+        fake.add_token(
+            "token-gateway",
+            TokenUser {
+                username: "system:serviceaccount:shop:public-gw".into(),
+                uid: "uid-gateway".into(),
+                groups: vec!["system:serviceaccounts".into()],
+                extra: [
+                    (POD_NAME.to_owned(), vec!["public-1".to_owned()]),
+                    (POD_UID.to_owned(), vec![uid]),
+                ]
+                .into(),
+                audiences: vec!["mesh-ca".into()],
+            },
+        );
+        let gateway_token = dir.write("gateway-token", "token-gateway\n");
+        let gw_at = |port: u16| format!("{GATEWAY}:{port}");
+        let state = dir.path("gateway").display().to_string();
+        let gateway = Process::start(
+            &dir,
+            "gateway",
+            &kubeconfig,
+            &[
+                "gateway",
+                "--kubernetes",
+                "--ca-address",
+                &format!("https://{HOST}:15012"),
+                "--ca-root",
+                &root.display().to_string(),
+                "--ca-token",
+                &gateway_token.display().to_string(),
+                "--pod-name",
+                "public-1",
+                "--pod-namespace",
+                "shop",
+                "--listen",
+                &gw_at(15008),
+                "--admin-addr",
+                &gw_at(15000),
+                "--metrics-addr",
+                &gw_at(15020),
+                "--ready-addr",
+                &gw_at(15021),
+                "--state-dir",
+                &state,
+            ],
+        );
+        let log = || std::fs::read_to_string(&gateway.log).unwrap_or_default();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        while get(&gw_at(15021), "/healthz/ready").await.0 != 200 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the gateway is not ready:\n{}",
+                log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // The handshake for the listener's name presents the Secret's
+        // certificate (the client trusts nothing else).
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.cert.der().clone()).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        let name = rustls::pki_types::ServerName::try_from("shop.example.com").unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let handshake = async {
+                let tcp = tokio::net::TcpStream::connect(gw_at(18443)).await?;
+                connector.connect(name.clone(), tcp).await
+            };
+            match handshake.await {
+                Ok(_) => break,
+                Err(e) => assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "no handshake with the Secret's certificate: {e}\n{}",
+                    log()
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let secrets: Vec<String> = fake
+            .requests()
+            .into_iter()
+            .filter(|r| r.contains("secrets"))
+            .collect();
+        assert!(
+            !secrets.is_empty() && secrets.iter().all(|r| r.contains("/api/v1/namespaces/shop/secrets")),
+            "Secrets read outside the gateway's namespace: {secrets:?}"
+        );
     })
     .await
 }

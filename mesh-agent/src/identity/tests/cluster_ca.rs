@@ -862,8 +862,20 @@ async fn a_waypoint_token_gets_exactly_its_own_pods_identity() {
             reason.contains("403") && reason.contains("earlier pod"),
             "{reason}"
         );
-        assert_eq!(c.count("issued").await, 1);
-        assert_eq!(c.count("forbidden").await, 5);
+        // The pod of an ingress gateway (its Gateway of an ingress class)
+        // gets its own identity the same way; another class, none.
+        for (class, issued) in [("mesh-ingress", true), ("istio", true), ("other", false)] {
+            c.fake.apply(json!({
+                "apiVersion": "gateway.networking.k8s.io/v1",
+                "kind": "Gateway",
+                "metadata": {"name": "waypoint", "namespace": "shop"},
+                "spec": {"gatewayClassName": class, "listeners": []},
+            }));
+            let signed = c.client(&token).sign(&own).await;
+            assert_eq!(signed.is_ok(), issued, "class {class}: {signed:?}");
+        }
+        assert_eq!(c.count("issued").await, 3);
+        assert_eq!(c.count("forbidden").await, 6);
     })
     .await
 }

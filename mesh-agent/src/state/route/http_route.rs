@@ -167,6 +167,7 @@ pub(crate) fn compile(
     services: &std::collections::BTreeMap<(String, String), Arc<Service>>,
     bound: impl Fn(&str, &str) -> Option<String>,
     served: impl Fn(&str, &str) -> Option<Vec<(String, String)>>,
+    ingress: impl Fn(&str, &str) -> Option<Vec<String>>,
     warnings: &mut Vec<ConfigWarning>,
 ) -> Routes {
     let mut routes = Routes::default();
@@ -219,8 +220,15 @@ pub(crate) fn compile(
                 .is_gateway()
                 .then(|| served(pns, &parent.name))
                 .flatten();
+            // An ingress Gateway's listener names.
+            let on_ingress = parent
+                .is_gateway()
+                .then(|| ingress(pns, &parent.name))
+                .flatten();
             let waypoint = if pns != ns.as_str() {
                 None
+            } else if on_ingress.is_some() {
+                Some(format!("{pns}/{}", parent.name))
             } else if parent.is_service() {
                 bound(pns, &parent.name)
             } else {
@@ -241,6 +249,22 @@ pub(crate) fn compile(
                          (consumer routes) are not applied",
                         parent.name
                     ),
+                }
+            } else if let Some(listeners) = &on_ingress {
+                match &parent.section_name {
+                    Some(section) if !listeners.contains(section) => Condition {
+                        status: false,
+                        reason: "NoMatchingParent",
+                        message: format!(
+                            "Gateway {pns}/{} has no listener {section:?}",
+                            parent.name
+                        ),
+                    },
+                    _ => Condition {
+                        status: true,
+                        reason: "Accepted",
+                        message: format!("ingress gateway {pns}/{}", parent.name),
+                    },
                 }
             } else if on_waypoint.is_some() {
                 Condition {
@@ -288,6 +312,28 @@ pub(crate) fn compile(
             if !serving {
                 continue;
             }
+            if on_ingress.is_some() {
+                let list = routes
+                    .4
+                    .entry((pns.to_owned(), parent.name.clone()))
+                    .or_default();
+                for (ri, (matches, action)) in rules.iter().enumerate() {
+                    for (mi, matcher) in matches.iter().enumerate() {
+                        list.push(super::IngressEntry {
+                            hostnames: route.spec.hostnames.clone(),
+                            section: parent.section_name.clone(),
+                            port: parent.port,
+                            entry: RouteEntry {
+                                port: None,
+                                matcher: matcher.clone(),
+                                action: action.clone(),
+                                order: (created.clone(), format!("{ns}/{name}"), ri, mi),
+                            },
+                        });
+                    }
+                }
+                continue;
+            }
             let targets: Vec<(String, String)> = match on_waypoint {
                 Some(services) => services,
                 None => vec![(pns.to_owned(), parent.name.clone())],
@@ -332,6 +378,9 @@ pub(crate) fn compile(
     }
     for list in routes.0.values_mut() {
         list.sort_by(|a, b| a.precedence().cmp(&b.precedence()));
+    }
+    for list in routes.4.values_mut() {
+        list.sort_by(|a, b| a.entry.precedence().cmp(&b.entry.precedence()));
     }
     routes
 }

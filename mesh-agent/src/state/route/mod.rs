@@ -386,7 +386,20 @@ pub struct Routes(
     HashMap<(String, String), Vec<RouteEntry>>,
     /// DestinationRules by Service.
     HashMap<(String, String), DestinationPolicy>,
+    /// HTTPRoutes attached to ingress Gateways, by Gateway, in precedence
+    /// order.
+    HashMap<(String, String), Vec<IngressEntry>>,
 );
+
+/// A route entry of an ingress Gateway: its own hostnames and the listener
+/// (`sectionName`, `port`) it is attached to.
+#[derive(Debug)]
+pub struct IngressEntry {
+    pub hostnames: Vec<String>,
+    pub section: Option<String>,
+    pub port: Option<u16>,
+    pub entry: RouteEntry,
+}
 
 /// A Gateway API condition (`Accepted`, `ResolvedRefs`).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -442,6 +455,46 @@ impl Routes {
             .find(|e| e.matcher.matches(req))
     }
 
+    /// The entry of ingress Gateway `key` that a request for `host` (no
+    /// port) on `listener` matches: the route must be attached to that
+    /// listener (or to every one) and name the host (or no host). The
+    /// Gateway API's precedence: the route whose matching hostname is the
+    /// most specific (exact before wildcard, longer before shorter, any
+    /// before none), then the match's own precedence.
+    pub fn select_ingress(
+        &self,
+        key: &(String, String),
+        listener: &crate::state::IngressListener,
+        host: &str,
+        req: &RequestView<'_>,
+    ) -> Option<&RouteEntry> {
+        let mut best: Option<((u8, usize), &RouteEntry)> = None;
+        let attached = self
+            .4
+            .get(key)?
+            .iter()
+            .filter(|e| e.section.as_ref().is_none_or(|s| *s == listener.name))
+            .filter(|e| e.port.is_none_or(|p| p == listener.port));
+        for e in attached {
+            let rank = if e.hostnames.is_empty() {
+                Some((0, 0))
+            } else {
+                e.hostnames
+                    .iter()
+                    .filter(|h| crate::state::hostname_matches(h, host))
+                    .map(|h| (if h.starts_with("*.") { 1 } else { 2 }, h.len()))
+                    .max()
+            };
+            let Some(rank) = rank else { continue };
+            // The list is in match precedence: a later entry wins only
+            // with a more specific hostname.
+            if best.is_none_or(|(r, _)| rank > r) && e.entry.matcher.matches(req) {
+                best = Some((rank, &e.entry));
+            }
+        }
+        best.map(|(_, e)| e)
+    }
+
     /// Every DestinationRule applied, by Service, for `/config_dump`.
     pub fn destinations(&self) -> BTreeMap<String, &DestinationPolicy> {
         self.3
@@ -468,6 +521,13 @@ impl Routes {
                 .map(|e| format!("{} rule {}", e.action.route, e.action.rule))
                 .collect();
             out.insert(format!("{ns}/{name}"), names);
+        }
+        for ((ns, name), entries) in &self.4 {
+            let names: Vec<String> = entries
+                .iter()
+                .map(|e| format!("{} rule {}", e.entry.action.route, e.entry.action.rule))
+                .collect();
+            out.insert(format!("Gateway {ns}/{name}"), names);
         }
         serde_json::json!(out)
     }
