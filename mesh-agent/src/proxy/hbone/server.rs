@@ -418,6 +418,9 @@ impl Inbound {
                         return;
                     }
                 };
+                // On the tunnel's span, with the caller's traceparent (the
+                // access log line stands apart from spans, as ztunnel's).
+                debug!("HBONE tunnel open");
                 let mut client = rec.counted(TokioIo::new(upgraded));
                 let mut app = app;
                 let store_rx = this.pod.shared.store.clone();
