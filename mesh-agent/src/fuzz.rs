@@ -183,6 +183,7 @@ pub fn policy_yaml(data: &[u8]) {
         trust_domain: "cluster.local".into(),
         root_namespace: "istio-system".into(),
         redirection_annotation: false,
+        endpoint_slices_only: false,
     };
     let store = crate::state::Store::from_documents([&doc], &opts);
     // What the agent does with a snapshot: dump it for /config_dump.

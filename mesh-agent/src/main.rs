@@ -325,6 +325,7 @@ fn start_store(
         trust_domain: m.trust_domain.clone(),
         root_namespace: m.root_namespace.clone(),
         redirection_annotation: client.is_some(),
+        endpoint_slices_only: client.is_some(),
     };
     let mut references = cluster::source::References::default();
     let rx = match (&m.config, client) {

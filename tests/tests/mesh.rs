@@ -9,7 +9,10 @@ use std::{
 
 use mesh_tests::{
     Pod, Testbed, Value, converge, ip_of,
-    mesh::{has_app_plaintext, namespace_yaml, pod_yaml, service_yaml, tshark, with_netns},
+    mesh::{
+        endpoint_slice_yaml, has_app_plaintext, namespace_yaml, pod_yaml, service_yaml, tshark,
+        with_netns,
+    },
     metrics::{parse_openmetrics, series_sum, series_sum_or_absent},
 };
 
@@ -802,6 +805,101 @@ fn service_vip_spreads_and_skips_a_down_endpoint() -> anyhow::Result<()> {
         .agent(1)
         .metric("mesh_proxy_connections_total{direction=\"hbone\",result=\"connect_failed\"}")?;
     assert_eq!(failed, 1.0, "down endpoint kept getting connections");
+    Ok(())
+}
+
+/// A Service's EndpointSlices decide its endpoints: a pod its selector
+/// picks but its slice lists as not ready gets no connection, and a
+/// selector-less Service whose slice was written by hand (an address no
+/// pod of the configuration has, outside the mesh) is reached through its
+/// VIP in plain TCP, with the Service in the telemetry.
+#[test]
+fn endpoint_slices_skip_not_ready_and_serve_a_selectorless_service() -> anyhow::Result<()> {
+    let mut shop = Shop::new(1)?;
+    let client = shop.pod(0, "client", "shop", "client", &[])?;
+    let ready = shop.pod(0, "echo-ready", "shop", "echo", &[("app", "echo")])?;
+    let unready = shop.pod(0, "echo-unready", "shop", "echo", &[("app", "echo")])?;
+    // In no configuration: to the agent, just an address.
+    let outside = shop.tb.add_pod(0, "outside")?;
+    let echo_vip: IpAddr = "10.96.0.50".parse()?;
+    let outside_vip: IpAddr = "10.96.0.51".parse()?;
+    shop.docs.push(service_yaml(
+        "echo",
+        "shop",
+        "10.96.0.50",
+        80,
+        "8080",
+        "echo",
+    ));
+    shop.docs.push(endpoint_slice_yaml(
+        "echo-1",
+        "shop",
+        "echo",
+        APP_PORT,
+        &[(ready.ip4, None), (unready.ip4, Some(false))],
+    ));
+    shop.docs.push(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: outside\n  namespace: shop\n\
+         spec:\n  clusterIP: 10.96.0.51\n  ports:\n  - name: tcp\n    port: 443\n"
+            .to_owned(),
+    );
+    shop.docs.push(endpoint_slice_yaml(
+        "outside-manual",
+        "shop",
+        "outside",
+        APP_PORT,
+        &[(outside.ip4, Some(true))],
+    ));
+    shop.tb.serve(&ready, any6(APP_PORT))?;
+    shop.tb.serve(&unready, any6(APP_PORT))?;
+    shop.tb.serve(&outside, any6(APP_PORT))?;
+    shop.start(&[&client, &ready, &unready], &[])?;
+    let tb = &mut shop.tb;
+
+    for _ in 0..6 {
+        let r = tb.connect(&client, sa(echo_vip, 80), 100)?;
+        assert!(ok(&r), "{r}");
+        assert_eq!(
+            ip_of(r["server_local"].as_str().unwrap_or("")),
+            ready.ip4.to_string(),
+            "only the ready endpoint: {r}"
+        );
+    }
+    let r = tb.connect(&client, sa(outside_vip, 443), 100)?;
+    assert!(ok(&r), "{r}");
+    assert_eq!(
+        ip_of(r["server_local"].as_str().unwrap_or("")),
+        outside.ip4.to_string(),
+        "{r}"
+    );
+    let page = tb.agent(0).metrics()?;
+    for (service, n) in [
+        ("echo.shop.svc.cluster.local", 6.0),
+        ("outside.shop.svc.cluster.local", 1.0),
+    ] {
+        assert_eq!(
+            series_sum(
+                &page,
+                "istio_tcp_connections_opened_total",
+                &[("reporter", "source"), ("destination_service", service)]
+            )?,
+            n,
+            "{service}"
+        );
+    }
+    assert_eq!(
+        series_sum(
+            &page,
+            "istio_tcp_connections_opened_total",
+            &[
+                ("reporter", "source"),
+                ("destination_service", "outside.shop.svc.cluster.local"),
+                ("connection_security_policy", "unknown"),
+            ]
+        )?,
+        1.0,
+        "plain TCP (not HBONE) to an address outside the mesh"
+    );
     Ok(())
 }
 

@@ -49,6 +49,13 @@ pub const WATCHED: &[Resource] = &[
     Resource::new("", "v1", "Service", "services", true),
     Resource::new("", "v1", "ServiceAccount", "serviceaccounts", true),
     Resource::new(
+        "discovery.k8s.io",
+        "v1",
+        "EndpointSlice",
+        "endpointslices",
+        true,
+    ),
+    Resource::new(
         "security.istio.io",
         "v1",
         "AuthorizationPolicy",

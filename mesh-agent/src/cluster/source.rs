@@ -379,6 +379,7 @@ pub(crate) fn fuzz_object(json: &[u8]) {
         trust_domain: "cluster.local".into(),
         root_namespace: "istio-system".into(),
         redirection_annotation: true,
+        endpoint_slices_only: true,
     };
     let _ = crate::state::Store::from_documents(&docs, &opts);
 }

@@ -21,6 +21,7 @@ fn opts() -> StoreOptions {
         trust_domain: "cluster.local".into(),
         root_namespace: "istio-system".into(),
         redirection_annotation: true,
+        endpoint_slices_only: false,
     }
 }
 

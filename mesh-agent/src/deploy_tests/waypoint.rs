@@ -221,6 +221,7 @@ fn waypoint_deployment_runs_a_waypoint_its_gateway_recognises() {
             trust_domain: "cluster.local".into(),
             root_namespace: "istio-system".into(),
             redirection_annotation: false,
+            endpoint_slices_only: false,
         },
     );
     p.check(store.warnings().is_empty(), || {

@@ -75,7 +75,7 @@ fn through_waypoint(
                 .find(|ip| ip.is_ipv4() == dst.is_ipv4())
                 .or(w.ips.first())?;
             Some(Endpoint {
-                workload: w.clone(),
+                workload: Some(w.clone()),
                 addr: SocketAddr::new(*ip, mesh_common::PORT_HBONE),
             })
         })
@@ -90,7 +90,7 @@ fn through_waypoint(
         .map(|e| Candidate {
             addr: dst,
             workload: workload.clone(),
-            waypoint: Some(e.workload),
+            waypoint: e.workload,
         })
         .collect();
     Route {
@@ -119,9 +119,10 @@ fn route(store: &Store, pod: &PodCtx, dst: SocketAddr, src: Option<&Workload>) -
             Some(Binding::Refused { reason, .. }) => return refused(Some(svc.clone()), reason),
             _ => {}
         }
-        // A Service without a selector has its endpoints managed elsewhere
-        // (EndpointSlices, `kubernetes`): pass it on to the VIP unchanged.
-        if !svc.selector.is_empty() {
+        // A Service whose endpoints the store does not know (no selector,
+        // no EndpointSlices, a local configuration): pass it on to the VIP
+        // unchanged.
+        if store.has_endpoints_source(svc) {
             let endpoints: Vec<Endpoint> = store.endpoints(svc, port);
             let key = format!("{}:{}", svc.hostname(), port.port);
             let candidates = pod
@@ -132,7 +133,7 @@ fn route(store: &Store, pod: &PodCtx, dst: SocketAddr, src: Option<&Workload>) -
                 .take(MAX_ATTEMPTS)
                 .map(|e| Candidate {
                     addr: e.addr,
-                    workload: Some(e.workload),
+                    workload: e.workload,
                     waypoint: None,
                 })
                 .collect();
@@ -447,6 +448,7 @@ mod tests {
             trust_domain: "cluster.local".into(),
             root_namespace: "istio-system".into(),
             redirection_annotation: true,
+            endpoint_slices_only: false,
         };
         let candidate = |yaml: String| {
             let store = Store::from_yaml(&[("api".into(), yaml)], &opts);

@@ -1,7 +1,10 @@
 //! Pods, Services and Namespaces turned into the store's `Workload` and
 //! `Service`: defaults filled in, addresses parsed, ambient capture decided.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+};
 
 use k8s_openapi::{
     api::core::v1::{Container, ContainerPort, Pod, PodSpec, PodStatus, Service as K8sService},
@@ -400,6 +403,96 @@ fn service(svc: &K8sService, warnings: &mut Vec<ConfigWarning>) -> Service {
         ports,
         selector: spec.selector.clone().unwrap_or_default(),
     }
+}
+
+/// The label that names an EndpointSlice's Service.
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// What the store keeps of an EndpointSlice: its ready addresses and its
+/// TCP ports by name (the Service port's name; empty for an unnamed one).
+#[derive(Debug, Default)]
+pub(super) struct Slice {
+    pub addresses: Vec<IpAddr>,
+    pub ports: Vec<(String, u16)>,
+}
+
+/// EndpointSlices by the Service they belong to (`kubernetes.io/service-name`,
+/// in the slice's namespace): only endpoints that are ready (a missing
+/// `conditions.ready` counts as ready, as Kubernetes says), only TCP ports.
+pub(super) fn slices(
+    objects: &Objects,
+    warnings: &mut Vec<ConfigWarning>,
+) -> HashMap<(String, String), Vec<Slice>> {
+    let mut by_service: HashMap<(String, String), Vec<Slice>> = HashMap::new();
+    for ((namespace, name), parsed) in &objects.endpoint_slices {
+        let slice = &parsed.object;
+        let object = format!("EndpointSlice {namespace}/{name}");
+        let mut warn = |kind, message: String| {
+            warnings.push(ConfigWarning {
+                object: object.clone(),
+                kind,
+                message,
+            })
+        };
+        let Some(service) = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+            .filter(|s| !s.is_empty())
+        else {
+            warn(
+                "parse_error",
+                format!("has no {SERVICE_NAME_LABEL} label, so no Service; ignored"),
+            );
+            continue;
+        };
+        if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
+            warn(
+                "unsupported",
+                format!(
+                    "addressType {:?} is not supported (IPv4 and IPv6 are); ignored",
+                    slice.address_type
+                ),
+            );
+            continue;
+        }
+        let mut ports = Vec::new();
+        for p in slice.ports.iter().flatten() {
+            if p.protocol.as_deref().is_some_and(|proto| proto != "TCP") {
+                continue;
+            }
+            let port_name = p.name.clone().unwrap_or_default();
+            match p.port.and_then(port_number) {
+                Some(n) => ports.push((port_name, n)),
+                None => warn(
+                    "parse_error",
+                    format!("port {port_name:?} has no valid port number; ignored"),
+                ),
+            }
+        }
+        let mut addresses = Vec::new();
+        for ep in &slice.endpoints {
+            let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+            if !ready {
+                continue;
+            }
+            for text in &ep.addresses {
+                match text.parse::<IpAddr>() {
+                    Ok(ip) if !addresses.contains(&ip.to_canonical()) => {
+                        addresses.push(ip.to_canonical())
+                    }
+                    Ok(_) => {}
+                    Err(e) => warn("parse_error", format!("address {text:?}: {e}; ignored")),
+                }
+            }
+        }
+        by_service
+            .entry((namespace.clone(), service.clone()))
+            .or_default()
+            .push(Slice { addresses, ports });
+    }
+    by_service
 }
 
 /// Kubernetes defaults a missing targetPort to the port itself.

@@ -173,10 +173,11 @@ impl Service {
     }
 }
 
-/// An endpoint of a Service: a workload and the port on it.
+/// An endpoint of a Service: an address and port, and the workload there
+/// when it is a known pod (an EndpointSlice may list any address).
 #[derive(Clone, Debug)]
 pub struct Endpoint {
-    pub workload: Arc<Workload>,
+    pub workload: Option<Arc<Workload>>,
     pub addr: SocketAddr,
 }
 
@@ -274,6 +275,11 @@ pub struct StoreOptions {
     /// Without it (a local configuration), a pod its labels put in the mesh
     /// is reached over HBONE too.
     pub redirection_annotation: bool,
+    /// A Service's endpoints are those of its EndpointSlices only (the
+    /// cluster source, where Kubernetes writes them): a Service without
+    /// slices has none. Otherwise (a local configuration) a Service without
+    /// slices has the pods its selector picks.
+    pub endpoint_slices_only: bool,
 }
 
 /// One snapshot of everything known.
@@ -291,6 +297,10 @@ pub struct Store {
     by_ip: HashMap<IpAddr, Arc<Workload>>,
     services: BTreeMap<(String, String), Arc<Service>>,
     by_vip: HashMap<IpAddr, Vec<Arc<Service>>>,
+    /// EndpointSlices by Service (namespace, name).
+    slices: HashMap<(String, String), Vec<k8s::Slice>>,
+    /// [`StoreOptions::endpoint_slices_only`].
+    slices_only: bool,
     /// Sorted by namespace/name: the order DENY policies are checked in, so
     /// that the same connection is always denied by the same policy.
     policies: Vec<policy::AuthzPolicy>,
@@ -361,11 +371,14 @@ impl Store {
         let objects = yaml::Objects::merge(docs, &mut warnings);
         let pods = k8s::workloads(&objects, &mut warnings);
         let services = k8s::services(&objects, &mut warnings);
+        let slices = k8s::slices(&objects, &mut warnings);
         let peer_auths = peer_auth::compile(&objects.peer_authentications, &mut warnings);
         let mut store = Store {
             trust_domain: opts.trust_domain.clone(),
             root_namespace: opts.root_namespace.clone(),
             redirection_annotation: opts.redirection_annotation,
+            slices,
+            slices_only: opts.endpoint_slices_only,
             peer_auths,
             service_accounts: objects.service_accounts.len(),
             http_routes: objects.http_routes.len(),
@@ -507,15 +520,78 @@ impl Store {
             })
     }
 
-    /// Endpoints of a service port: selected workloads with the target port
-    /// resolved (a named port the pod does not have skips that pod).
+    /// Whether the store knows who serves `svc`: it has EndpointSlices, a
+    /// selector, or slices are the only source (then none means none). A
+    /// Service without any (the local configuration's `kubernetes`, a
+    /// selector-less one nobody wrote slices for) is passed on to its VIP.
+    pub fn has_endpoints_source(&self, svc: &Service) -> bool {
+        self.slices_only
+            || !svc.selector.is_empty()
+            || self
+                .slices
+                .contains_key(&(svc.namespace.clone(), svc.name.clone()))
+    }
+
+    /// Whether `wl` is one of `svc`'s endpoints (any port).
+    pub fn serves(&self, svc: &Service, wl: &Workload) -> bool {
+        match self.service_slices(svc) {
+            Some(slices) => slices
+                .iter()
+                .any(|s| s.addresses.iter().any(|ip| wl.ips.contains(ip))),
+            None => {
+                !svc.selector.is_empty()
+                    && svc.namespace == wl.namespace
+                    && wl.has_labels(&svc.selector)
+            }
+        }
+    }
+
+    /// The slices `svc`'s endpoints come from; None: its selector decides.
+    fn service_slices(&self, svc: &Service) -> Option<&[k8s::Slice]> {
+        match self.slices.get(&(svc.namespace.clone(), svc.name.clone())) {
+            Some(slices) => Some(slices),
+            None if self.slices_only => Some(&[]),
+            None => None,
+        }
+    }
+
+    /// Endpoints of a service port: the ready addresses of its
+    /// EndpointSlices with the slice port of the same name; without slices
+    /// (a local configuration only, see [`StoreOptions::endpoint_slices_only`])
+    /// the workloads its selector picks, the target port resolved (a named
+    /// port the pod does not have skips that pod).
     pub fn endpoints(&self, svc: &Service, port: &ServicePort) -> Vec<Endpoint> {
+        let want_v4 = svc.vips.first().map(IpAddr::is_ipv4);
+        if let Some(slices) = self.service_slices(svc) {
+            let mut out: Vec<Endpoint> = Vec::new();
+            for slice in slices {
+                let Some(&(_, target)) = slice.ports.iter().find(|(name, _)| *name == port.name)
+                else {
+                    continue;
+                };
+                for ip in &slice.addresses {
+                    // A dual-stack Service has a slice per family; its
+                    // first VIP's family is the one to reach.
+                    if want_v4.is_some_and(|v4| ip.is_ipv4() != v4) {
+                        continue;
+                    }
+                    let addr = SocketAddr::new(*ip, target);
+                    if out.iter().any(|e| e.addr == addr) {
+                        continue;
+                    }
+                    out.push(Endpoint {
+                        workload: self.by_ip.get(ip).cloned(),
+                        addr,
+                    });
+                }
+            }
+            return out;
+        }
         // Kubernetes: a Service without a selector has its endpoints managed
-        // by someone else, which this store does not read.
+        // by someone else, in EndpointSlices.
         if svc.selector.is_empty() {
             return Vec::new();
         }
-        let want_v4 = svc.vips.first().map(IpAddr::is_ipv4);
         self.workloads
             .range((svc.namespace.clone(), String::new())..)
             .take_while(|((ns, _), _)| *ns == svc.namespace)
@@ -530,7 +606,7 @@ impl Store {
                     TargetPort::Name(name) => *wl.ports.get(name)?,
                 };
                 Some(Endpoint {
-                    workload: wl.clone(),
+                    workload: Some(wl.clone()),
                     addr: SocketAddr::new(*ip, target),
                 })
             })

@@ -4,7 +4,10 @@
 
 use std::{collections::BTreeMap, fmt, sync::Arc};
 
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service as K8sService, ServiceAccount};
+use k8s_openapi::api::{
+    core::v1::{Namespace, Pod, Service as K8sService, ServiceAccount},
+    discovery::v1::EndpointSlice,
+};
 use serde::{Deserialize, de::DeserializeOwned};
 use serde_yaml::Value;
 
@@ -33,6 +36,7 @@ pub(super) struct Objects {
     pub namespaces: BTreeMap<String, Parsed<Namespace>>,
     pub pods: BTreeMap<Key, Parsed<Pod>>,
     pub services: BTreeMap<Key, Parsed<K8sService>>,
+    pub endpoint_slices: BTreeMap<Key, Parsed<EndpointSlice>>,
     pub service_accounts: BTreeMap<Key, Parsed<ServiceAccount>>,
     pub authorization_policies: BTreeMap<Key, Parsed<AuthorizationPolicy>>,
     pub peer_authentications: BTreeMap<Key, Parsed<PeerAuthentication>>,
@@ -71,6 +75,7 @@ enum Typed {
     Namespace(Arc<Namespace>),
     Pod(Arc<Pod>),
     Service(Arc<K8sService>),
+    EndpointSlice(Arc<EndpointSlice>),
     ServiceAccount(Arc<ServiceAccount>),
     AuthorizationPolicy(Arc<AuthorizationPolicy>),
     PeerAuthentication(Arc<PeerAuthentication>),
@@ -87,6 +92,7 @@ const KINDS: &[(&[&str], &str)] = &[
     (&["v1"], "Namespace"),
     (&["v1"], "Pod"),
     (&["v1"], "Service"),
+    (&["discovery.k8s.io/v1"], "EndpointSlice"),
     (&["v1"], "ServiceAccount"),
     (
         &["security.istio.io/v1", "security.istio.io/v1beta1"],
@@ -302,6 +308,7 @@ impl fmt::Display for Header {
             (
                 "Pod"
                 | "Service"
+                | "EndpointSlice"
                 | "ServiceAccount"
                 | "AuthorizationPolicy"
                 | "PeerAuthentication"
@@ -361,6 +368,7 @@ impl Objects {
             Typed::Namespace(o) => put(&mut self.namespaces, key.name.clone(), o, origin),
             Typed::Pod(o) => put(&mut self.pods, nk(), o, origin),
             Typed::Service(o) => put(&mut self.services, nk(), o, origin),
+            Typed::EndpointSlice(o) => put(&mut self.endpoint_slices, nk(), o, origin),
             Typed::ServiceAccount(o) => put(&mut self.service_accounts, nk(), o, origin),
             Typed::AuthorizationPolicy(o) => put(&mut self.authorization_policies, nk(), o, origin),
             Typed::PeerAuthentication(o) => put(&mut self.peer_authentications, nk(), o, origin),
@@ -442,6 +450,7 @@ impl Document {
             "Pod" => typed(at, value)
                 .map(|pod| Typed::Pod(Arc::new(super::k8s::slim_pod(Arc::unwrap_or_clone(pod))))),
             "Service" => typed(at, value).map(Typed::Service),
+            "EndpointSlice" => typed(at, value).map(Typed::EndpointSlice),
             "ServiceAccount" => typed(at, value).map(Typed::ServiceAccount),
             "AuthorizationPolicy" => typed(at, value).map(Typed::AuthorizationPolicy),
             "PeerAuthentication" => typed(at, value).map(Typed::PeerAuthentication),

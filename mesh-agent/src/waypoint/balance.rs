@@ -78,7 +78,7 @@ pub fn endpoints(ctx: &Ctx, store: &Store, choice: &Choice, keys: Keys<'_>) -> V
         // The pod at the address it was addressed by.
         WaypointTarget::Workload(wl, addr) => {
             return vec![Endpoint {
-                workload: wl.clone(),
+                workload: Some(wl.clone()),
                 addr: *addr,
             }];
         }
@@ -88,7 +88,7 @@ pub fn endpoints(ctx: &Ctx, store: &Store, choice: &Choice, keys: Keys<'_>) -> V
         all.retain(|e| {
             labels
                 .iter()
-                .all(|(k, v)| e.workload.labels.get(k) == Some(v))
+                .all(|(k, v)| e.workload.as_ref().and_then(|w| w.labels.get(k)) == Some(v))
         });
     }
     // Ejected endpoints (outlier detection) get nothing while others of

@@ -57,6 +57,7 @@ async fn the_serving_waypoint_writes_its_parents_conditions() {
         trust_domain: "cluster.local".into(),
         root_namespace: "istio-system".into(),
         redirection_annotation: true,
+        endpoint_slices_only: false,
     };
     let mut store = Store::from_yaml(&[("t.yaml".into(), yaml)], &opts);
     store.generation = 1;
