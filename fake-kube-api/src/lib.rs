@@ -127,6 +127,13 @@ pub const MESH_AGENT_KINDS: &[Kind] = &[
         true,
     ),
     Kind::new(
+        "networking.istio.io",
+        "v1",
+        "ServiceEntry",
+        "serviceentries",
+        true,
+    ),
+    Kind::new(
         "policy.mesh-agent.dev",
         "v1alpha1",
         "LocalRateLimitPolicy",

@@ -326,6 +326,7 @@ fn start_store(
         root_namespace: m.root_namespace.clone(),
         redirection_annotation: client.is_some(),
         endpoint_slices_only: client.is_some(),
+        outbound_traffic_policy: m.outbound_traffic_policy,
     };
     let mut references = cluster::source::References::default();
     let rx = match (&m.config, client) {

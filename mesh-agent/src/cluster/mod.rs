@@ -105,6 +105,13 @@ pub const WATCHED: &[Resource] = &[
         true,
     ),
     Resource::new(
+        "networking.istio.io",
+        "v1",
+        "ServiceEntry",
+        "serviceentries",
+        true,
+    ),
+    Resource::new(
         "policy.mesh-agent.dev",
         "v1alpha1",
         "LocalRateLimitPolicy",

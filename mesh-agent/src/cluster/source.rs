@@ -380,6 +380,7 @@ pub(crate) fn fuzz_object(json: &[u8]) {
         root_namespace: "istio-system".into(),
         redirection_annotation: true,
         endpoint_slices_only: true,
+        outbound_traffic_policy: Default::default(),
     };
     let _ = crate::state::Store::from_documents(&docs, &opts);
 }

@@ -22,6 +22,7 @@ fn opts() -> StoreOptions {
         root_namespace: "istio-system".into(),
         redirection_annotation: true,
         endpoint_slices_only: false,
+        outbound_traffic_policy: Default::default(),
     }
 }
 

@@ -24,7 +24,9 @@ use super::{
 use crate::{
     identity::Identity,
     inpod::sockets::Source,
-    state::{Binding, Endpoint, Service, Store, Waypoint, Workload},
+    state::{
+        Binding, Endpoint, Location, OutboundTrafficPolicy, Service, Store, Waypoint, Workload,
+    },
 };
 
 /// At most this many endpoints of a Service are tried for one connection.
@@ -36,6 +38,8 @@ struct Route {
     candidates: Vec<Candidate>,
     /// Bound to a waypoint that cannot serve it: why it is refused.
     refused: Option<String>,
+    /// Outside the registry under REGISTRY_ONLY: refused.
+    unregistered: bool,
 }
 
 struct Candidate {
@@ -97,6 +101,7 @@ fn through_waypoint(
         service,
         candidates,
         refused: None,
+        unregistered: false,
     }
 }
 
@@ -105,6 +110,7 @@ fn refused(service: Option<Arc<Service>>, reason: &str) -> Route {
         service,
         candidates: Vec::new(),
         refused: Some(reason.to_owned()),
+        unregistered: false,
     }
 }
 
@@ -141,6 +147,7 @@ fn route(store: &Store, pod: &PodCtx, dst: SocketAddr, src: Option<&Workload>) -
                 service: Some(svc.clone()),
                 candidates,
                 refused: None,
+                unregistered: false,
             };
         }
     }
@@ -154,14 +161,34 @@ fn route(store: &Store, pod: &PodCtx, dst: SocketAddr, src: Option<&Workload>) -
             _ => {}
         }
     }
+    // What names the destination: a Service passed on to its VIP, or a
+    // ServiceEntry listing this address.
+    let service = store
+        .service_by_vip(dst)
+        .map(|(svc, _)| svc)
+        .or_else(|| store.entry_by_endpoint(dst))
+        .cloned();
+    if service.is_none()
+        && workload.is_none()
+        && store.outbound_policy(src.map(|w| w.namespace.as_str()))
+            == OutboundTrafficPolicy::RegistryOnly
+    {
+        return Route {
+            service: None,
+            candidates: Vec::new(),
+            refused: None,
+            unregistered: true,
+        };
+    }
     Route {
-        service: None,
+        service,
         candidates: vec![Candidate {
             addr: dst,
             workload,
             waypoint: None,
         }],
         refused: None,
+        unregistered: false,
     }
 }
 
@@ -230,6 +257,35 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
             client_addr,
             dst,
             &format!("its waypoint cannot serve it: {reason}"),
+        );
+        return;
+    }
+    if route.unregistered {
+        // Istio's BlackHoleCluster: recorded (Envoy's `NR`, no route, and
+        // `destination_service="BlackHoleCluster"`), counted, logged.
+        metrics.connection("outbound", "registry_only");
+        let blackhole = Service {
+            name: "BlackHoleCluster".into(),
+            namespace: String::new(),
+            vips: Vec::new(),
+            ports: Vec::new(),
+            selector: Default::default(),
+            entry: Some(Location::MeshExternal),
+        };
+        rec.set_destination(
+            Peer {
+                addr: Some(dst),
+                ..Peer::default()
+            },
+            Some(&blackhole),
+            false,
+        );
+        rec.close(
+            "NR",
+            Outcome::error(format!(
+                "{dst} is not in the registry (no known workload, Service or ServiceEntry) \
+                 and the outbound traffic policy is REGISTRY_ONLY"
+            )),
         );
         return;
     }
@@ -449,6 +505,7 @@ mod tests {
             root_namespace: "istio-system".into(),
             redirection_annotation: true,
             endpoint_slices_only: false,
+            outbound_traffic_policy: Default::default(),
         };
         let candidate = |yaml: String| {
             let store = Store::from_yaml(&[("api".into(), yaml)], &opts);

@@ -348,6 +348,7 @@ fn service(svc: &K8sService, warnings: &mut Vec<ConfigWarning>) -> Service {
             vips: Vec::new(),
             ports: Vec::new(),
             selector: BTreeMap::new(),
+            entry: None,
         };
     };
 
@@ -402,6 +403,7 @@ fn service(svc: &K8sService, warnings: &mut Vec<ConfigWarning>) -> Service {
         vips,
         ports,
         selector: spec.selector.clone().unwrap_or_default(),
+        entry: None,
     }
 }
 
@@ -493,6 +495,45 @@ pub(super) fn slices(
             .push(Slice { addresses, ports });
     }
     by_service
+}
+
+/// Namespaces that set their own outbound traffic policy
+/// ([`super::OUTBOUND_POLICY_ANNOTATION`]); a value that is neither mode is
+/// reported and the mesh-wide policy applies.
+pub(super) fn outbound_policies(
+    objects: &Objects,
+    warnings: &mut Vec<ConfigWarning>,
+) -> HashMap<String, super::OutboundTrafficPolicy> {
+    use super::{OUTBOUND_POLICY_ANNOTATION, OutboundTrafficPolicy};
+    let mut out = HashMap::new();
+    for (name, parsed) in &objects.namespaces {
+        let Some(value) = parsed
+            .object
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(OUTBOUND_POLICY_ANNOTATION))
+        else {
+            continue;
+        };
+        let policy = match value.as_str() {
+            "ALLOW_ANY" => OutboundTrafficPolicy::AllowAny,
+            "REGISTRY_ONLY" => OutboundTrafficPolicy::RegistryOnly,
+            other => {
+                warnings.push(ConfigWarning {
+                    object: format!("Namespace {name}"),
+                    kind: "parse_error",
+                    message: format!(
+                        "{OUTBOUND_POLICY_ANNOTATION} {other:?} is neither ALLOW_ANY nor \
+                         REGISTRY_ONLY; the mesh-wide policy applies"
+                    ),
+                });
+                continue;
+            }
+        };
+        out.insert(name.clone(), policy);
+    }
+    out
 }
 
 /// Kubernetes defaults a missing targetPort to the port itself.

@@ -9,6 +9,7 @@ mod peer_auth;
 mod policy;
 mod ratelimit;
 mod route;
+mod service_entry;
 mod source;
 mod waypoint;
 mod yaml;
@@ -24,6 +25,8 @@ mod peer_auth_tests;
 mod policy_tests;
 #[cfg(test)]
 mod policy_waypoint_tests;
+#[cfg(test)]
+mod service_entry_tests;
 #[cfg(test)]
 mod source_tests;
 #[cfg(test)]
@@ -46,6 +49,7 @@ pub use route::{
     Abort, Backend, Condition, ConnectionPool, LoadBalancer, OutlierDetection, RequestView,
     RouteEntry, RouteStatus, RuleAction, modify_path,
 };
+pub use service_entry::Location;
 pub use source::{LocalFiles, Publisher, Source, spawn_source};
 pub use waypoint::{Binding, GATEWAY_NAME, Waypoint};
 pub use yaml::{Document, ObjectKey};
@@ -164,14 +168,40 @@ pub struct Service {
     pub vips: Vec<IpAddr>,
     pub ports: Vec<ServicePort>,
     pub selector: BTreeMap<String, String>,
+    /// Added by a ServiceEntry (its `location`): `name` is the entry's host.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entry: Option<Location>,
 }
 
 impl Service {
-    /// `<name>.<namespace>.svc.cluster.local`
+    /// `<name>.<namespace>.svc.cluster.local`; a ServiceEntry's host as
+    /// written.
     pub fn hostname(&self) -> String {
-        format!("{}.{}.svc.cluster.local", self.name, self.namespace)
+        match self.entry {
+            Some(_) => self.name.clone(),
+            None => format!("{}.{}.svc.cluster.local", self.name, self.namespace),
+        }
     }
 }
+
+/// Where a captured connection to a destination outside the registry may
+/// go: Istio's `outboundTrafficPolicy.mode`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+pub enum OutboundTrafficPolicy {
+    /// Anywhere: an unknown destination passes through in plain TCP.
+    #[default]
+    #[value(name = "ALLOW_ANY")]
+    #[serde(rename = "ALLOW_ANY")]
+    AllowAny,
+    /// Only to a known workload, a Service or a ServiceEntry.
+    #[value(name = "REGISTRY_ONLY")]
+    #[serde(rename = "REGISTRY_ONLY")]
+    RegistryOnly,
+}
+
+/// The Namespace annotation that sets [`OutboundTrafficPolicy`] for the
+/// pods of one namespace, over the mesh-wide flag.
+pub const OUTBOUND_POLICY_ANNOTATION: &str = "mesh-agent/outbound-traffic-policy";
 
 /// An endpoint of a Service: an address and port, and the workload there
 /// when it is a known pod (an EndpointSlice may list any address).
@@ -280,6 +310,9 @@ pub struct StoreOptions {
     /// slices has none. Otherwise (a local configuration) a Service without
     /// slices has the pods its selector picks.
     pub endpoint_slices_only: bool,
+    /// The mesh-wide [`OutboundTrafficPolicy`]; a namespace may set its own
+    /// ([`OUTBOUND_POLICY_ANNOTATION`]).
+    pub outbound_traffic_policy: OutboundTrafficPolicy,
 }
 
 /// One snapshot of everything known.
@@ -301,6 +334,16 @@ pub struct Store {
     slices: HashMap<(String, String), Vec<k8s::Slice>>,
     /// [`StoreOptions::endpoint_slices_only`].
     slices_only: bool,
+    /// ServiceEntries with resolution NONE: a connection goes where it was
+    /// addressed.
+    passthrough: std::collections::HashSet<(String, String)>,
+    /// ServiceEntry endpoint addresses, to the entries listing them: what a
+    /// connection made straight to one is (telemetry, registry-only egress).
+    entry_addrs: HashMap<IpAddr, Vec<Arc<Service>>>,
+    /// [`StoreOptions::outbound_traffic_policy`].
+    outbound_policy: OutboundTrafficPolicy,
+    /// Namespaces that set their own.
+    namespace_outbound_policies: HashMap<String, OutboundTrafficPolicy>,
     /// Sorted by namespace/name: the order DENY policies are checked in, so
     /// that the same connection is always denied by the same policy.
     policies: Vec<policy::AuthzPolicy>,
@@ -379,6 +422,8 @@ impl Store {
             redirection_annotation: opts.redirection_annotation,
             slices,
             slices_only: opts.endpoint_slices_only,
+            outbound_policy: opts.outbound_traffic_policy,
+            namespace_outbound_policies: k8s::outbound_policies(&objects, &mut warnings),
             peer_auths,
             service_accounts: objects.service_accounts.len(),
             http_routes: objects.http_routes.len(),
@@ -387,6 +432,8 @@ impl Store {
         };
         store.index_workloads(pods, &mut warnings);
         store.index_services(services);
+        let entries = service_entry::compile(&objects, &store.workloads, &mut warnings);
+        store.index_entries(entries);
         store.bindings = waypoint::bind(
             &objects,
             store.workloads.values(),
@@ -485,6 +532,56 @@ impl Store {
         }
     }
 
+    fn index_entries(&mut self, entries: Vec<service_entry::Entry>) {
+        for entry in entries {
+            let key = (entry.service.namespace.clone(), entry.service.name.clone());
+            let svc = Arc::new(entry.service);
+            match entry.endpoints {
+                Some(slices) => {
+                    for ip in slices.iter().flat_map(|s| &s.addresses) {
+                        let listed = self.entry_addrs.entry(*ip).or_default();
+                        if !listed.iter().any(|s| Arc::ptr_eq(s, &svc)) {
+                            listed.push(svc.clone());
+                        }
+                    }
+                    self.slices.insert(key.clone(), slices);
+                }
+                None => {
+                    self.passthrough.insert(key.clone());
+                }
+            }
+            for vip in &svc.vips {
+                self.by_vip.entry(*vip).or_default().push(svc.clone());
+            }
+            self.services.insert(key, svc);
+        }
+    }
+
+    /// The ServiceEntry whose endpoint `addr` is (its address, one of its
+    /// ports), for a connection made straight to it.
+    pub fn entry_by_endpoint(&self, addr: SocketAddr) -> Option<&Arc<Service>> {
+        let ip = addr.ip().to_canonical();
+        self.entry_addrs.get(&ip)?.iter().find(|svc| {
+            self.slices
+                .get(&(svc.namespace.clone(), svc.name.clone()))
+                .is_some_and(|slices| {
+                    slices.iter().any(|s| {
+                        s.addresses.contains(&ip) && s.ports.iter().any(|(_, p)| *p == addr.port())
+                    })
+                })
+        })
+    }
+
+    /// The outbound traffic policy for the pods of `namespace` (None: a
+    /// pod the configuration does not list): its namespace's annotation, or
+    /// the mesh-wide one.
+    pub fn outbound_policy(&self, namespace: Option<&str>) -> OutboundTrafficPolicy {
+        namespace
+            .and_then(|ns| self.namespace_outbound_policies.get(ns))
+            .copied()
+            .unwrap_or(self.outbound_policy)
+    }
+
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
         self.by_ip.get(&ip.to_canonical())
     }
@@ -525,6 +622,10 @@ impl Store {
     /// Service without any (the local configuration's `kubernetes`, a
     /// selector-less one nobody wrote slices for) is passed on to its VIP.
     pub fn has_endpoints_source(&self, svc: &Service) -> bool {
+        let key = (svc.namespace.clone(), svc.name.clone());
+        if self.passthrough.contains(&key) {
+            return false;
+        }
         self.slices_only
             || !svc.selector.is_empty()
             || self
@@ -548,7 +649,11 @@ impl Store {
 
     /// The slices `svc`'s endpoints come from; None: its selector decides.
     fn service_slices(&self, svc: &Service) -> Option<&[k8s::Slice]> {
-        match self.slices.get(&(svc.namespace.clone(), svc.name.clone())) {
+        let key = (svc.namespace.clone(), svc.name.clone());
+        if self.passthrough.contains(&key) {
+            return None;
+        }
+        match self.slices.get(&key) {
             Some(slices) => Some(slices),
             None if self.slices_only => Some(&[]),
             None => None,

@@ -14,6 +14,7 @@ pub(super) fn opts() -> StoreOptions {
         root_namespace: "istio-system".into(),
         redirection_annotation: false,
         endpoint_slices_only: false,
+        outbound_traffic_policy: Default::default(),
     }
 }
 
@@ -290,6 +291,7 @@ fn hbone_follows_the_redirection_annotation_from_the_api_and_the_labels_locally(
         &StoreOptions {
             redirection_annotation: true,
             endpoint_slices_only: false,
+            outbound_traffic_policy: Default::default(),
             ..opts()
         },
     );
@@ -791,6 +793,7 @@ fn from_the_api_a_service_without_slices_has_no_endpoints() {
         &StoreOptions {
             redirection_annotation: true,
             endpoint_slices_only: true,
+            outbound_traffic_policy: Default::default(),
             ..opts()
         },
     );

@@ -18,6 +18,7 @@ use super::{
     policy::AuthorizationPolicy,
     ratelimit::LocalRateLimitPolicy,
     route::{DestinationRule, VirtualService},
+    service_entry::ServiceEntry,
 };
 
 /// `(namespace, name)` of a namespaced object.
@@ -46,6 +47,7 @@ pub(super) struct Objects {
     pub gateway_classes: BTreeMap<String, Parsed<GatewayClass>>,
     pub virtual_services: BTreeMap<Key, Parsed<VirtualService>>,
     pub destination_rules: BTreeMap<Key, Parsed<DestinationRule>>,
+    pub service_entries: BTreeMap<Key, Parsed<ServiceEntry>>,
     pub rate_limits: BTreeMap<Key, Parsed<LocalRateLimitPolicy>>,
 }
 
@@ -84,6 +86,7 @@ enum Typed {
     GatewayClass(Arc<GatewayClass>),
     VirtualService(Arc<VirtualService>),
     DestinationRule(Arc<DestinationRule>),
+    ServiceEntry(Arc<ServiceEntry>),
     LocalRateLimitPolicy(Arc<LocalRateLimitPolicy>),
 }
 
@@ -138,6 +141,14 @@ const KINDS: &[(&[&str], &str)] = &[
             "networking.istio.io/v1alpha3",
         ],
         "DestinationRule",
+    ),
+    (
+        &[
+            "networking.istio.io/v1",
+            "networking.istio.io/v1beta1",
+            "networking.istio.io/v1alpha3",
+        ],
+        "ServiceEntry",
     ),
     (&["policy.mesh-agent.dev/v1alpha1"], "LocalRateLimitPolicy"),
 ];
@@ -316,6 +327,7 @@ impl fmt::Display for Header {
                 | "Gateway"
                 | "VirtualService"
                 | "DestinationRule"
+                | "ServiceEntry"
                 | "LocalRateLimitPolicy",
                 _,
             ) => {
@@ -377,6 +389,7 @@ impl Objects {
             Typed::GatewayClass(o) => put(&mut self.gateway_classes, key.name.clone(), o, origin),
             Typed::VirtualService(o) => put(&mut self.virtual_services, nk(), o, origin),
             Typed::DestinationRule(o) => put(&mut self.destination_rules, nk(), o, origin),
+            Typed::ServiceEntry(o) => put(&mut self.service_entries, nk(), o, origin),
             Typed::LocalRateLimitPolicy(o) => put(&mut self.rate_limits, nk(), o, origin),
         };
         if let Some(first) = first {
@@ -458,6 +471,7 @@ impl Document {
             "GatewayClass" => typed(at, value).map(Typed::GatewayClass),
             "VirtualService" => typed(at, value).map(Typed::VirtualService),
             "DestinationRule" => typed(at, value).map(Typed::DestinationRule),
+            "ServiceEntry" => typed(at, value).map(Typed::ServiceEntry),
             "LocalRateLimitPolicy" => typed(at, value).map(Typed::LocalRateLimitPolicy),
             _ => typed(at, value).map(Typed::Gateway),
         };

@@ -58,6 +58,7 @@ async fn the_serving_waypoint_writes_its_parents_conditions() {
         root_namespace: "istio-system".into(),
         redirection_annotation: true,
         endpoint_slices_only: false,
+        outbound_traffic_policy: Default::default(),
     };
     let mut store = Store::from_yaml(&[("t.yaml".into(), yaml)], &opts);
     store.generation = 1;
