@@ -7,6 +7,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
+mod egress;
 mod waypoint;
 
 use anyhow::{Context as _, ensure};
@@ -284,6 +285,7 @@ pub fn run() -> anyhow::Result<()> {
         println!("  {line}");
     }
 
+    egress::run(&mut tb, docs(true), &frontend)?;
     waypoint::run(&mut tb, docs(true))?;
 
     tb.kill_agent(0)?;

@@ -884,6 +884,11 @@ impl Store {
             "rate_limits": self.rate_limits,
             "route_status": self.routes.statuses(),
             "warnings": self.warnings,
+            "outbound_traffic_policy": self.outbound_policy,
+            "namespace_outbound_traffic_policies": self
+                .namespace_outbound_policies
+                .iter()
+                .collect::<BTreeMap<_, _>>(),
         })
     }
 }
