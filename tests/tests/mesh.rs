@@ -1237,7 +1237,8 @@ fn long_lived_connections_do_not_hold_old_configuration_snapshots() -> anyhow::R
 /// servers outside the mesh that no configuration lists as pods:
 /// `unregistered`, and `external`, the endpoint of two ServiceEntries
 /// (STATIC behind 10.97.0.10:443, DNS with an IP literal behind
-/// 10.97.0.11:80).
+/// 10.97.0.11:80), and of a third whose DNS host resolves to it
+/// (10.97.0.12:80).
 struct Egress {
     shop: Shop,
     client: Pod,
@@ -1271,6 +1272,16 @@ fn egress(flags: &[&str], other_policy: &str) -> anyhow::Result<Egress> {
          namespace: shop\nspec:\n  hosts: [dns.external.example]\n  addresses: [10.97.0.11]\n  \
          resolution: DNS\n  ports:\n  - {{number: 80, name: tcp, targetPort: {APP_PORT}}}\n  \
          endpoints:\n  - address: \"{}\"\n",
+        external.ip4
+    ));
+    // DNS without endpoints: the host itself is resolved, per connection,
+    // with the system resolver. The one name every resolver answers
+    // without a DNS server to ask, and that is not loopback, is an
+    // address literal.
+    shop.docs.push(format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: dns-host\n  \
+         namespace: shop\nspec:\n  hosts: [\"{}\"]\n  addresses: [10.97.0.12]\n  \
+         resolution: DNS\n  ports:\n  - {{number: 80, name: tcp, targetPort: {APP_PORT}}}\n",
         external.ip4
     ));
     for p in [&echo, &unregistered, &external] {
@@ -1353,6 +1364,8 @@ fn registry_only_refuses_what_is_not_registered_and_allows_service_entries() -> 
     assert!(e.reaches(&e.client, sa(e.echo.ip4, APP_PORT), &e.echo)?);
     assert!(e.reaches(&e.client, "10.97.0.10:443".parse()?, &e.external)?);
     assert!(e.reaches(&e.client, "10.97.0.11:80".parse()?, &e.external)?);
+    assert!(e.reaches(&e.client, "10.97.0.12:80".parse()?, &e.external)?);
+    assert_eq!(e.opened(&e.external.ip4.to_string())?, 1.0, "resolved");
     assert!(e.reaches(&e.client, sa(e.external.ip4, APP_PORT), &e.external)?);
     // Straight to the address both entries list: the first entry by
     // namespace/name names it (dns-api).

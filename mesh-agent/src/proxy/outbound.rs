@@ -40,6 +40,9 @@ struct Route {
     refused: Option<String>,
     /// Outside the registry under REGISTRY_ONLY: refused.
     unregistered: bool,
+    /// Names to resolve for more candidates (a ServiceEntry with
+    /// resolution DNS), with the port to reach on what they resolve to.
+    resolve: Vec<(String, u16)>,
 }
 
 struct Candidate {
@@ -102,6 +105,7 @@ fn through_waypoint(
         candidates,
         refused: None,
         unregistered: false,
+        resolve: Vec::new(),
     }
 }
 
@@ -111,6 +115,7 @@ fn refused(service: Option<Arc<Service>>, reason: &str) -> Route {
         candidates: Vec::new(),
         refused: Some(reason.to_owned()),
         unregistered: false,
+        resolve: Vec::new(),
     }
 }
 
@@ -148,6 +153,7 @@ fn route(store: &Store, pod: &PodCtx, dst: SocketAddr, src: Option<&Workload>) -
                 candidates,
                 refused: None,
                 unregistered: false,
+                resolve: store.dns_targets(svc, port),
             };
         }
     }
@@ -178,6 +184,7 @@ fn route(store: &Store, pod: &PodCtx, dst: SocketAddr, src: Option<&Workload>) -
             candidates: Vec::new(),
             refused: None,
             unregistered: true,
+            resolve: Vec::new(),
         };
     }
     Route {
@@ -189,7 +196,33 @@ fn route(store: &Store, pod: &PodCtx, dst: SocketAddr, src: Option<&Workload>) -
         }],
         refused: None,
         unregistered: false,
+        resolve: Vec::new(),
     }
+}
+
+/// How long a name of a DNS ServiceEntry may take to resolve.
+const RESOLVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The addresses `names` resolve to now (the system resolver, from the
+/// agent's network namespace), of the destination's address family; a
+/// loopback or unspecified answer is dropped: it would mean the pod itself.
+async fn resolve(names: &[(String, u16)], ipv4: bool) -> Vec<SocketAddr> {
+    let mut out = Vec::new();
+    for (host, port) in names {
+        match tokio::time::timeout(
+            RESOLVE_TIMEOUT,
+            tokio::net::lookup_host((host.as_str(), *port)),
+        )
+        .await
+        {
+            Ok(Ok(addrs)) => out.extend(addrs.filter(|a| {
+                a.is_ipv4() == ipv4 && !a.ip().is_loopback() && !a.ip().is_unspecified()
+            })),
+            Ok(Err(e)) => debug!(%host, error = %e, "ServiceEntry name did not resolve"),
+            Err(_) => debug!(%host, "ServiceEntry name took too long to resolve"),
+        }
+    }
+    out
 }
 
 enum Upstream {
@@ -229,7 +262,7 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
         workload: src_workload.clone(),
         identity: src_identity.clone(),
     };
-    let route = route(&store, &pod, dst, src_workload.as_deref());
+    let mut route = route(&store, &pod, dst, src_workload.as_deref());
     // What the connection needs is taken; the snapshot is not held for its
     // whole life (configuration changes would pile up behind it).
     drop(store);
@@ -288,6 +321,23 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
             )),
         );
         return;
+    }
+    if !route.resolve.is_empty() && route.candidates.len() < MAX_ATTEMPTS {
+        let found = resolve(&route.resolve, dst.is_ipv4()).await;
+        let store = pod.shared.store();
+        for addr in found {
+            if route.candidates.len() >= MAX_ATTEMPTS {
+                break;
+            }
+            if route.candidates.iter().any(|c| c.addr == addr) {
+                continue;
+            }
+            route.candidates.push(Candidate {
+                addr,
+                workload: store.workload_by_ip(addr.ip()).cloned(),
+                waypoint: None,
+            });
+        }
     }
     if route.candidates.is_empty() {
         metrics.connection("outbound", "no_endpoint");
@@ -487,6 +537,28 @@ async fn hbone(
 mod tests {
     use super::*;
     use crate::state::StoreOptions;
+
+    /// A DNS ServiceEntry's names resolve with the system resolver when a
+    /// connection needs them: an address written as a name-like literal
+    /// resolves to itself, a loopback answer (the pod itself) and a name
+    /// that does not resolve give nothing, and the other family is left out.
+    #[tokio::test]
+    async fn dns_names_resolve_per_connection_without_loopback() {
+        let names = [
+            ("192.0.2.7".to_owned(), 443),
+            ("2001:db8::7".to_owned(), 443),
+            ("localhost".to_owned(), 443),
+            ("no-such-host.invalid".to_owned(), 443),
+        ];
+        assert_eq!(
+            resolve(&names, true).await,
+            vec!["192.0.2.7:443".parse::<SocketAddr>().unwrap()]
+        );
+        assert_eq!(
+            resolve(&names, false).await,
+            vec!["[2001:db8::7]:443".parse::<SocketAddr>().unwrap()]
+        );
+    }
 
     /// From the API: a labelled pod is sent plain TCP until its capture is
     /// installed (the redirection annotation), then HBONE; a waypoint

@@ -340,6 +340,8 @@ pub struct Store {
     /// ServiceEntry endpoint addresses, to the entries listing them: what a
     /// connection made straight to one is (telemetry, registry-only egress).
     entry_addrs: HashMap<IpAddr, Vec<Arc<Service>>>,
+    /// ServiceEntries with resolution DNS: the names to resolve.
+    dns: HashMap<(String, String), Vec<service_entry::DnsName>>,
     /// [`StoreOptions::outbound_traffic_policy`].
     outbound_policy: OutboundTrafficPolicy,
     /// Namespaces that set their own.
@@ -535,6 +537,9 @@ impl Store {
     fn index_entries(&mut self, entries: Vec<service_entry::Entry>) {
         for entry in entries {
             let key = (entry.service.namespace.clone(), entry.service.name.clone());
+            if !entry.dns.is_empty() {
+                self.dns.insert(key.clone(), entry.dns);
+            }
             let svc = Arc::new(entry.service);
             match entry.endpoints {
                 Some(slices) => {
@@ -570,6 +575,21 @@ impl Store {
                     })
                 })
         })
+    }
+
+    /// The names a ServiceEntry with resolution DNS has its endpoints at on
+    /// `port`, with the port to reach there: resolved when a connection
+    /// needs them, so each connection sees what DNS says now.
+    pub fn dns_targets(&self, svc: &Service, port: &ServicePort) -> Vec<(String, u16)> {
+        self.dns
+            .get(&(svc.namespace.clone(), svc.name.clone()))
+            .into_iter()
+            .flatten()
+            .filter_map(|name| {
+                let (_, n) = name.ports.iter().find(|(p, _)| *p == port.name)?;
+                Some((name.host.clone(), *n))
+            })
+            .collect()
     }
 
     /// The outbound traffic policy for the pods of `namespace` (None: a

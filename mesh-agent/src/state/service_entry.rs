@@ -85,9 +85,20 @@ pub enum Location {
 #[derive(Debug)]
 pub(super) struct Entry {
     pub service: Service,
+    /// Resolution DNS: names the agent resolves when a connection needs
+    /// them (the endpoints' names, or without endpoints the host itself).
+    pub dns: Vec<DnsName>,
     /// Its endpoints (STATIC, DNS with IP literals, workloadSelector); None
     /// for resolution NONE: a connection goes where it was addressed.
     pub endpoints: Option<Vec<Slice>>,
+}
+
+/// A name to resolve, with the port (by the entry's port name) to reach on
+/// what it resolves to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct DnsName {
+    pub host: String,
+    pub ports: Vec<(String, u16)>,
 }
 
 fn port(n: u32) -> Option<u16> {
@@ -199,6 +210,7 @@ pub(super) fn compile(
                 ),
             }
         }
+        let mut names = Vec::new();
         let endpoints = match resolution {
             "NONE" => {
                 if !spec.endpoints.is_empty() {
@@ -256,15 +268,22 @@ pub(super) fn compile(
                             );
                             continue;
                         }
-                        Err(_) => {
+                        Err(_) if ep.address.is_empty() || ep.address.starts_with("unix://") => {
                             warn(
                                 "unsupported",
                                 format!(
-                                    "endpoint address {:?}: resolving names (resolution DNS) is \
-                                     not supported yet, only IP addresses; ignored",
+                                    "endpoint address {:?} is neither an IP address nor a name; \
+                                     ignored",
                                     ep.address
                                 ),
                             );
+                            continue;
+                        }
+                        Err(_) => {
+                            names.push(DnsName {
+                                host: ep.address.clone(),
+                                ports: endpoint_ports(&ports, &ep.ports),
+                            });
                             continue;
                         }
                     };
@@ -288,20 +307,34 @@ pub(super) fn compile(
                         ports: slice_ports,
                     });
                 }
-                if spec.endpoints.is_empty() && resolution != "STATIC" {
-                    warn(
-                        "unsupported",
-                        format!(
-                            "resolution {resolution} of the hosts themselves is not supported \
-                             yet (no DNS resolution); the entry has no endpoints"
-                        ),
-                    );
-                }
                 Some(slices)
             }
         };
         for host in &spec.hosts {
+            // DNS without endpoints: each host is resolved for itself (a
+            // wildcard cannot be).
+            let dns = if resolution != "STATIC"
+                && resolution != "NONE"
+                && spec.endpoints.is_empty()
+                && spec.workload_selector.is_none()
+            {
+                if host.starts_with('*') {
+                    warn(
+                        "unsupported",
+                        format!("host {host:?}: a wildcard cannot be resolved; no endpoints"),
+                    );
+                    Vec::new()
+                } else {
+                    vec![DnsName {
+                        host: host.clone(),
+                        ports: endpoint_ports(&ports, &BTreeMap::new()),
+                    }]
+                }
+            } else {
+                names.clone()
+            };
             out.push(Entry {
+                dns,
                 service: Service {
                     name: host.clone(),
                     namespace: namespace.clone(),
@@ -322,6 +355,18 @@ pub(super) fn compile(
         }
     }
     out
+}
+
+/// An endpoint's port per entry port: its own by the port's name, else the
+/// entry port's target (a number that is no port falls back too).
+fn endpoint_ports(ports: &[ServicePort], own: &BTreeMap<String, u32>) -> Vec<(String, u16)> {
+    ports
+        .iter()
+        .map(|p| {
+            let n = own.get(&p.name).and_then(|&n| port(n));
+            (p.name.clone(), n.unwrap_or_else(|| target_of(p)))
+        })
+        .collect()
 }
 
 fn target_of(p: &ServicePort) -> u16 {

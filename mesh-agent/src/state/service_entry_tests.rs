@@ -74,6 +74,14 @@ spec:
 ---
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
+metadata: {name: dns-hosts, namespace: shop}
+spec:
+  hosts: [a.example, "*.b.example"]
+  resolution: DNS
+  ports: [{number: 443, name: https, targetPort: 8443}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
 metadata: {name: bad-location, namespace: shop}
 spec:
   hosts: [x.example]
@@ -157,7 +165,7 @@ fn service_entries_are_services_named_by_their_hosts() {
             .any(|w| w.kind == "unsupported" && w.message.contains("exportTo"))
     );
 
-    // DNS: IP literals are used; names are reported.
+    // DNS: IP literals are endpoints; names are resolved per connection.
     let names = s
         .services
         .get(&("shop".into(), "names.example".into()))
@@ -165,10 +173,31 @@ fn service_entries_are_services_named_by_their_hosts() {
     let eps = s.endpoints(names, &names.ports[0]);
     assert_eq!(eps.len(), 1);
     assert_eq!(eps[0].addr, addr("198.51.100.7:443"));
+    assert_eq!(
+        s.dns_targets(names, &names.ports[0]),
+        vec![("name.example".to_owned(), 443)]
+    );
+    assert!(warned(&s, "ServiceEntry shop/dns-names").is_empty());
+    // DNS without endpoints: each host resolves for itself, on the port's
+    // target.
+    let hosts = s
+        .services
+        .get(&("shop".into(), "a.example".into()))
+        .unwrap();
+    assert!(s.endpoints(hosts, &hosts.ports[0]).is_empty());
+    assert_eq!(
+        s.dns_targets(hosts, &hosts.ports[0]),
+        vec![("a.example".to_owned(), 8443)]
+    );
+    let wildcard = s
+        .services
+        .get(&("shop".into(), "*.b.example".into()))
+        .unwrap();
+    assert!(s.dns_targets(wildcard, &wildcard.ports[0]).is_empty());
     assert!(
-        warned(&s, "ServiceEntry shop/dns-names")
+        warned(&s, "ServiceEntry shop/dns-hosts")
             .iter()
-            .any(|w| w.kind == "unsupported" && w.message.contains("\"name.example\""))
+            .any(|w| w.kind == "unsupported" && w.message.contains("wildcard"))
     );
 
     assert!(
