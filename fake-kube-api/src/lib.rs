@@ -71,6 +71,13 @@ pub const MESH_AGENT_KINDS: &[Kind] = &[
     Kind::new("", "v1", "Service", "services", true),
     Kind::new("", "v1", "ServiceAccount", "serviceaccounts", true),
     Kind::new(
+        "discovery.k8s.io",
+        "v1",
+        "EndpointSlice",
+        "endpointslices",
+        true,
+    ),
+    Kind::new(
         "security.istio.io",
         "v1",
         "AuthorizationPolicy",
@@ -117,6 +124,13 @@ pub const MESH_AGENT_KINDS: &[Kind] = &[
         "v1",
         "DestinationRule",
         "destinationrules",
+        true,
+    ),
+    Kind::new(
+        "networking.istio.io",
+        "v1",
+        "ServiceEntry",
+        "serviceentries",
         true,
     ),
     Kind::new(

@@ -162,6 +162,17 @@ pub struct MeshArgs {
     /// `destination_cluster` metric labels.
     #[arg(long, env = "MESH_CLUSTER_ID", default_value = "Kubernetes")]
     pub cluster_id: String,
+    /// Where a captured connection to a destination outside the registry
+    /// (no known workload, Service or ServiceEntry) may go: ALLOW_ANY
+    /// passes it through, REGISTRY_ONLY refuses it. A Namespace annotated
+    /// `mesh-agent/outbound-traffic-policy` sets its own.
+    #[arg(
+        long,
+        env = "MESH_OUTBOUND_TRAFFIC_POLICY",
+        value_enum,
+        default_value_t = crate::state::OutboundTrafficPolicy::AllowAny
+    )]
+    pub outbound_traffic_policy: crate::state::OutboundTrafficPolicy,
     /// Namespace whose policies apply to the whole mesh.
     #[arg(long, env = "MESH_ROOT_NAMESPACE", default_value = "istio-system")]
     pub root_namespace: String,

@@ -184,6 +184,8 @@ pub fn policy_yaml(data: &[u8]) {
         root_namespace: "istio-system".into(),
         redirection_annotation: false,
         skip_ingress_secrets: false,
+        endpoint_slices_only: false,
+        outbound_traffic_policy: Default::default(),
     };
     let store = crate::state::Store::from_documents([&doc], &opts);
     // What the agent does with a snapshot: dump it for /config_dump.

@@ -395,6 +395,8 @@ fn start_store(
         redirection_annotation: client.is_some(),
         // From the API only the gateway reads Secrets (its namespace's).
         skip_ingress_secrets: client.is_some() && secrets.is_none(),
+        endpoint_slices_only: client.is_some(),
+        outbound_traffic_policy: m.outbound_traffic_policy,
     };
     let mut references = cluster::source::References::default();
     let rx = match (&m.config, client) {

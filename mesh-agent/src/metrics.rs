@@ -111,6 +111,8 @@ pub fn is_failure(flags: &str) -> bool {
             // A waypoint's Envoy-style flags.
             | "UF"
             | "UH"
+            // Refused by REGISTRY_ONLY (no route).
+            | "NR"
     )
 }
 

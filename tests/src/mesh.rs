@@ -94,6 +94,29 @@ pub fn service_yaml(
     )
 }
 
+/// An EndpointSlice of Service `service` with port `tcp` at `port`:
+/// `endpoints` are (address, ready), ready None leaving the condition unset.
+pub fn endpoint_slice_yaml(
+    name: &str,
+    namespace: &str,
+    service: &str,
+    port: u16,
+    endpoints: &[(IpAddr, Option<bool>)],
+) -> String {
+    let mut yaml = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  \
+         namespace: {namespace}\n  labels:\n    kubernetes.io/service-name: {service}\n\
+         addressType: IPv4\nports:\n- name: tcp\n  port: {port}\n  protocol: TCP\nendpoints:\n"
+    );
+    for (ip, ready) in endpoints {
+        yaml.push_str(&format!("- addresses: [\"{ip}\"]\n"));
+        if let Some(ready) = ready {
+            yaml.push_str(&format!("  conditions: {{ready: {ready}}}\n"));
+        }
+    }
+    yaml
+}
+
 impl Testbed {
     pub fn config_path(&self) -> PathBuf {
         self.workdir.join("config.yaml")

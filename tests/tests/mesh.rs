@@ -9,7 +9,10 @@ use std::{
 
 use mesh_tests::{
     Pod, Testbed, Value, converge, ip_of,
-    mesh::{has_app_plaintext, namespace_yaml, pod_yaml, service_yaml, tshark, with_netns},
+    mesh::{
+        endpoint_slice_yaml, has_app_plaintext, namespace_yaml, pod_yaml, service_yaml, tshark,
+        with_netns,
+    },
     metrics::{parse_openmetrics, series_sum, series_sum_or_absent},
 };
 
@@ -805,6 +808,101 @@ fn service_vip_spreads_and_skips_a_down_endpoint() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A Service's EndpointSlices decide its endpoints: a pod its selector
+/// picks but its slice lists as not ready gets no connection, and a
+/// selector-less Service whose slice was written by hand (an address no
+/// pod of the configuration has, outside the mesh) is reached through its
+/// VIP in plain TCP, with the Service in the telemetry.
+#[test]
+fn endpoint_slices_skip_not_ready_and_serve_a_selectorless_service() -> anyhow::Result<()> {
+    let mut shop = Shop::new(1)?;
+    let client = shop.pod(0, "client", "shop", "client", &[])?;
+    let ready = shop.pod(0, "echo-ready", "shop", "echo", &[("app", "echo")])?;
+    let unready = shop.pod(0, "echo-unready", "shop", "echo", &[("app", "echo")])?;
+    // In no configuration: to the agent, just an address.
+    let outside = shop.tb.add_pod(0, "outside")?;
+    let echo_vip: IpAddr = "10.96.0.50".parse()?;
+    let outside_vip: IpAddr = "10.96.0.51".parse()?;
+    shop.docs.push(service_yaml(
+        "echo",
+        "shop",
+        "10.96.0.50",
+        80,
+        "8080",
+        "echo",
+    ));
+    shop.docs.push(endpoint_slice_yaml(
+        "echo-1",
+        "shop",
+        "echo",
+        APP_PORT,
+        &[(ready.ip4, None), (unready.ip4, Some(false))],
+    ));
+    shop.docs.push(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: outside\n  namespace: shop\n\
+         spec:\n  clusterIP: 10.96.0.51\n  ports:\n  - name: tcp\n    port: 443\n"
+            .to_owned(),
+    );
+    shop.docs.push(endpoint_slice_yaml(
+        "outside-manual",
+        "shop",
+        "outside",
+        APP_PORT,
+        &[(outside.ip4, Some(true))],
+    ));
+    shop.tb.serve(&ready, any6(APP_PORT))?;
+    shop.tb.serve(&unready, any6(APP_PORT))?;
+    shop.tb.serve(&outside, any6(APP_PORT))?;
+    shop.start(&[&client, &ready, &unready], &[])?;
+    let tb = &mut shop.tb;
+
+    for _ in 0..6 {
+        let r = tb.connect(&client, sa(echo_vip, 80), 100)?;
+        assert!(ok(&r), "{r}");
+        assert_eq!(
+            ip_of(r["server_local"].as_str().unwrap_or("")),
+            ready.ip4.to_string(),
+            "only the ready endpoint: {r}"
+        );
+    }
+    let r = tb.connect(&client, sa(outside_vip, 443), 100)?;
+    assert!(ok(&r), "{r}");
+    assert_eq!(
+        ip_of(r["server_local"].as_str().unwrap_or("")),
+        outside.ip4.to_string(),
+        "{r}"
+    );
+    let page = tb.agent(0).metrics()?;
+    for (service, n) in [
+        ("echo.shop.svc.cluster.local", 6.0),
+        ("outside.shop.svc.cluster.local", 1.0),
+    ] {
+        assert_eq!(
+            series_sum(
+                &page,
+                "istio_tcp_connections_opened_total",
+                &[("reporter", "source"), ("destination_service", service)]
+            )?,
+            n,
+            "{service}"
+        );
+    }
+    assert_eq!(
+        series_sum(
+            &page,
+            "istio_tcp_connections_opened_total",
+            &[
+                ("reporter", "source"),
+                ("destination_service", "outside.shop.svc.cluster.local"),
+                ("connection_security_policy", "unknown"),
+            ]
+        )?,
+        1.0,
+        "plain TCP (not HBONE) to an address outside the mesh"
+    );
+    Ok(())
+}
+
 /// A ClusterIP Service on port 80 selecting the pods labelled `key: "yes"`.
 fn selecting(name: &str, vip: &str, key: &str, target_port: u16) -> String {
     format!(
@@ -1131,5 +1229,168 @@ fn long_lived_connections_do_not_hold_old_configuration_snapshots() -> anyhow::R
             "node {node} holds {held} snapshots with 4 connections open across 5 changes"
         );
     }
+    Ok(())
+}
+
+/// Egress: `client` (namespace `shop`) and `neighbour` (namespace `other`,
+/// annotated with `other_policy`) in the mesh, `echo` a known pod, and two
+/// servers outside the mesh that no configuration lists as pods:
+/// `unregistered`, and `external`, the endpoint of two ServiceEntries
+/// (STATIC behind 10.97.0.10:443, DNS with an IP literal behind
+/// 10.97.0.11:80), and of a third whose DNS host resolves to it
+/// (10.97.0.12:80).
+struct Egress {
+    shop: Shop,
+    client: Pod,
+    neighbour: Pod,
+    echo: Pod,
+    unregistered: Pod,
+    external: Pod,
+}
+
+fn egress(flags: &[&str], other_policy: &str) -> anyhow::Result<Egress> {
+    let mut shop = Shop::new(1)?;
+    shop.docs.push(format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: other\n  labels:\n    \
+         istio.io/dataplane-mode: ambient\n  annotations:\n    \
+         mesh-agent/outbound-traffic-policy: {other_policy}\n"
+    ));
+    let client = shop.pod(0, "client", "shop", "client", &[])?;
+    let neighbour = shop.pod(0, "neighbour", "other", "neighbour", &[])?;
+    let echo = shop.pod(0, "echo", "shop", "echo", &[("app", "echo")])?;
+    let unregistered = shop.tb.add_pod(0, "unregistered")?;
+    let external = shop.tb.add_pod(0, "external")?;
+    shop.docs.push(format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: external-api\n  \
+         namespace: shop\nspec:\n  hosts: [api.external.example]\n  addresses: [10.97.0.10]\n  \
+         location: MESH_EXTERNAL\n  resolution: STATIC\n  ports:\n  - {{number: 443, name: tcp, \
+         protocol: TCP, targetPort: {APP_PORT}}}\n  endpoints:\n  - address: \"{}\"\n",
+        external.ip4
+    ));
+    shop.docs.push(format!(
+        "apiVersion: networking.istio.io/v1beta1\nkind: ServiceEntry\nmetadata:\n  name: dns-api\n  \
+         namespace: shop\nspec:\n  hosts: [dns.external.example]\n  addresses: [10.97.0.11]\n  \
+         resolution: DNS\n  ports:\n  - {{number: 80, name: tcp, targetPort: {APP_PORT}}}\n  \
+         endpoints:\n  - address: \"{}\"\n",
+        external.ip4
+    ));
+    // DNS without endpoints: the host itself is resolved, per connection,
+    // with the system resolver. The one name every resolver answers
+    // without a DNS server to ask, and that is not loopback, is an
+    // address literal.
+    shop.docs.push(format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: dns-host\n  \
+         namespace: shop\nspec:\n  hosts: [\"{}\"]\n  addresses: [10.97.0.12]\n  \
+         resolution: DNS\n  ports:\n  - {{number: 80, name: tcp, targetPort: {APP_PORT}}}\n",
+        external.ip4
+    ));
+    for p in [&echo, &unregistered, &external] {
+        shop.tb.serve(p, any6(APP_PORT))?;
+    }
+    shop.start(&[&client, &neighbour, &echo], flags)?;
+    Ok(Egress {
+        shop,
+        client,
+        neighbour,
+        echo,
+        unregistered,
+        external,
+    })
+}
+
+impl Egress {
+    /// Connects and returns whether the echo came back whole, checking it
+    /// came from `expect` when it did.
+    fn reaches(&self, from: &Pod, dst: SocketAddr, expect: &Pod) -> anyhow::Result<bool> {
+        let r = self.shop.tb.connect(from, dst, 100)?;
+        if ok(&r) {
+            assert_eq!(
+                ip_of(r["server_local"].as_str().unwrap_or("")),
+                expect.ip4.to_string(),
+                "{r}"
+            );
+        }
+        Ok(ok(&r))
+    }
+
+    fn opened(&self, service: &str) -> anyhow::Result<f64> {
+        series_sum_or_absent(
+            &self.shop.tb.agent(0).metrics()?,
+            "istio_tcp_connections_opened_total",
+            &[
+                ("reporter", "source"),
+                ("destination_service", service),
+                ("connection_security_policy", "unknown"),
+            ],
+        )
+    }
+
+    fn blackholed(&self) -> anyhow::Result<(f64, f64)> {
+        let agent = self.shop.tb.agent(0);
+        let failed = series_sum_or_absent(
+            &agent.metrics()?,
+            "istio_tcp_connections_failed_total",
+            &[
+                ("destination_service", "BlackHoleCluster"),
+                ("response_flags", "NR"),
+            ],
+        )?;
+        let counted = agent.metric_or_absent(
+            "mesh_proxy_connections_total{direction=\"outbound\",result=\"registry_only\"}",
+        )?;
+        Ok((failed, counted))
+    }
+}
+
+/// Under REGISTRY_ONLY (the flag), a captured connection to an address
+/// that is no known workload, Service or ServiceEntry is refused, recorded
+/// as Istio's BlackHoleCluster with Envoy's `NR` and counted; a known pod,
+/// a ServiceEntry's VIP (STATIC, and DNS with an IP literal) and its
+/// endpoint's own address still work, in plain TCP to a server outside the
+/// mesh, with the entry's host as `destination_service`. A namespace
+/// annotated ALLOW_ANY is not restricted.
+#[test]
+fn registry_only_refuses_what_is_not_registered_and_allows_service_entries() -> anyhow::Result<()> {
+    let e = egress(&["--outbound-traffic-policy", "REGISTRY_ONLY"], "ALLOW_ANY")?;
+    let unregistered = sa(e.unregistered.ip4, APP_PORT);
+    assert!(!e.reaches(&e.client, unregistered, &e.unregistered)?);
+    assert_eq!(e.blackholed()?, (1.0, 1.0));
+    let log = e.shop.tb.agent(0).log_text();
+    assert!(
+        log.contains("REGISTRY_ONLY") && log.contains(&unregistered.to_string()),
+        "the refusal names its reason: {log}"
+    );
+
+    assert!(e.reaches(&e.client, sa(e.echo.ip4, APP_PORT), &e.echo)?);
+    assert!(e.reaches(&e.client, "10.97.0.10:443".parse()?, &e.external)?);
+    assert!(e.reaches(&e.client, "10.97.0.11:80".parse()?, &e.external)?);
+    assert!(e.reaches(&e.client, "10.97.0.12:80".parse()?, &e.external)?);
+    assert_eq!(e.opened(&e.external.ip4.to_string())?, 1.0, "resolved");
+    assert!(e.reaches(&e.client, sa(e.external.ip4, APP_PORT), &e.external)?);
+    // Straight to the address both entries list: the first entry by
+    // namespace/name names it (dns-api).
+    assert_eq!(e.opened("api.external.example")?, 1.0);
+    assert_eq!(e.opened("dns.external.example")?, 2.0, "VIP and endpoint");
+
+    // The namespace's own policy wins over the flag.
+    assert!(e.reaches(&e.neighbour, unregistered, &e.unregistered)?);
+    assert_eq!(e.blackholed()?, (1.0, 1.0), "nothing more refused");
+    Ok(())
+}
+
+/// ALLOW_ANY (the default) lets both through; a namespace annotated
+/// REGISTRY_ONLY restricts its own pods only.
+#[test]
+fn allow_any_passes_everything_unless_the_namespace_says_registry_only() -> anyhow::Result<()> {
+    let e = egress(&[], "REGISTRY_ONLY")?;
+    let unregistered = sa(e.unregistered.ip4, APP_PORT);
+    assert!(e.reaches(&e.client, unregistered, &e.unregistered)?);
+    assert!(e.reaches(&e.client, "10.97.0.10:443".parse()?, &e.external)?);
+    assert_eq!(e.opened("api.external.example")?, 1.0);
+    assert_eq!(e.blackholed()?, (0.0, 0.0));
+
+    assert!(!e.reaches(&e.neighbour, unregistered, &e.unregistered)?);
+    assert_eq!(e.blackholed()?, (1.0, 1.0));
+    assert!(e.reaches(&e.neighbour, "10.97.0.10:443".parse()?, &e.external)?);
     Ok(())
 }

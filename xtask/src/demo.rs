@@ -7,6 +7,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
+mod egress;
 mod ingress;
 mod waypoint;
 
@@ -285,6 +286,7 @@ pub fn run() -> anyhow::Result<()> {
         println!("  {line}");
     }
 
+    egress::run(&mut tb, docs(true), &frontend)?;
     let with_bookinfo = waypoint::run(&mut tb, docs(true))?;
     ingress::run(&mut tb, with_bookinfo)?;
 

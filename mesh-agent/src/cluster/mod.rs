@@ -49,6 +49,13 @@ pub const WATCHED: &[Resource] = &[
     Resource::new("", "v1", "Service", "services", true),
     Resource::new("", "v1", "ServiceAccount", "serviceaccounts", true),
     Resource::new(
+        "discovery.k8s.io",
+        "v1",
+        "EndpointSlice",
+        "endpointslices",
+        true,
+    ),
+    Resource::new(
         "security.istio.io",
         "v1",
         "AuthorizationPolicy",
@@ -95,6 +102,13 @@ pub const WATCHED: &[Resource] = &[
         "v1",
         "DestinationRule",
         "destinationrules",
+        true,
+    ),
+    Resource::new(
+        "networking.istio.io",
+        "v1",
+        "ServiceEntry",
+        "serviceentries",
         true,
     ),
     Resource::new(

@@ -396,6 +396,8 @@ pub(crate) fn fuzz_object(json: &[u8]) {
         root_namespace: "istio-system".into(),
         redirection_annotation: true,
         skip_ingress_secrets: false,
+        endpoint_slices_only: true,
+        outbound_traffic_policy: Default::default(),
     };
     let _ = crate::state::Store::from_documents(&docs, &opts);
 }

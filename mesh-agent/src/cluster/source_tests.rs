@@ -22,6 +22,8 @@ fn opts() -> StoreOptions {
         root_namespace: "istio-system".into(),
         redirection_annotation: true,
         skip_ingress_secrets: false,
+        endpoint_slices_only: false,
+        outbound_traffic_policy: Default::default(),
     }
 }
 
@@ -415,5 +417,81 @@ async fn l7_rules_at_l4_and_missing_waypoints_get_their_events() {
         "{service_event}"
     );
     writer.abort();
+    task.abort();
+}
+
+/// From the API, a Service's endpoints are its EndpointSlices' (watched
+/// like any kind: a slice's change reaches the store), not its selector's
+/// pods; a ServiceEntry joins the store as a service named by its host.
+#[tokio::test]
+async fn endpoint_slices_and_service_entries_from_the_api() {
+    let fake = fake_api::start().await;
+    fake.apply(namespace("shop", true));
+    fake.apply(pod("web-1", "node-a", "10.1.0.5"));
+    fake.apply(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web", "namespace": "shop"},
+        "spec": {"clusterIP": "10.96.0.10", "selector": {"app": "web"},
+                 "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}
+    }));
+    fake.apply(json!({
+        "apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+        "metadata": {"name": "ext", "namespace": "shop"},
+        "spec": {"hosts": ["api.example.com"], "addresses": ["240.0.0.1"],
+                 "resolution": "STATIC", "ports": [{"number": 443, "name": "tls"}],
+                 "endpoints": [{"address": "192.0.2.1"}]}
+    }));
+    let opts = StoreOptions {
+        endpoint_slices_only: true,
+        ..opts()
+    };
+    let (mut rx, task) = spawn_source(Box::new(KubeSource::new(fake.client())), opts);
+    let endpoints = |s: &Store, vip: &str| -> Vec<String> {
+        s.service_by_vip(vip.parse().unwrap())
+            .map(|(svc, port)| {
+                s.endpoints(svc, port)
+                    .iter()
+                    .map(|e| e.addr.to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    until(&mut rx, "loaded", |s| {
+        s.generation > 0 && s.workload_by_ip(ip("10.1.0.5")).is_some()
+    })
+    .await;
+    assert!(
+        endpoints(&rx.borrow(), "10.96.0.10:80").is_empty(),
+        "no slice yet: no endpoints, whatever the selector"
+    );
+    assert_eq!(
+        endpoints(&rx.borrow(), "240.0.0.1:443"),
+        vec!["192.0.2.1:443"]
+    );
+    let slice = |ready: bool| {
+        json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "web-x1", "namespace": "shop",
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [{"addresses": ["10.1.0.5"], "conditions": {"ready": ready}}]
+        })
+    };
+    fake.apply(slice(true));
+    until(&mut rx, "slice added", |s| {
+        endpoints(s, "10.96.0.10:80") == ["10.1.0.5:8080"]
+    })
+    .await;
+    fake.apply(slice(false));
+    until(&mut rx, "endpoint not ready", |s| {
+        endpoints(s, "10.96.0.10:80").is_empty()
+    })
+    .await;
+    assert!(
+        rx.borrow().warnings().is_empty(),
+        "{:?}",
+        rx.borrow().warnings()
+    );
     task.abort();
 }

@@ -9,14 +9,19 @@ use crate::cluster::WATCHED;
 /// API groups whose CRDs come from their upstream project, not crds.yaml.
 const UPSTREAM_CRD_GROUPS: &[&str] = &["gateway.networking.k8s.io"];
 
+/// API groups Kubernetes itself serves (the core group is empty).
+const BUILT_IN_GROUPS: &[&str] = &["discovery.k8s.io"];
+
 #[test]
 fn crds_define_the_watched_istio_kinds() {
     let m = Manifests::load();
     let crds: Vec<&CustomResourceDefinition> = m.all().collect();
     let mut p = Problems::default();
-    let ours = WATCHED
-        .iter()
-        .filter(|r| !r.group.is_empty() && !UPSTREAM_CRD_GROUPS.contains(&r.group));
+    let ours = WATCHED.iter().filter(|r| {
+        !r.group.is_empty()
+            && !UPSTREAM_CRD_GROUPS.contains(&r.group)
+            && !BUILT_IN_GROUPS.contains(&r.group)
+    });
     for r in ours {
         let Some(crd) = crds
             .iter()

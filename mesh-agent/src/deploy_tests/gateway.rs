@@ -168,6 +168,8 @@ fn gateway_deployment_runs_an_ingress_gateway_that_reads_only_its_namespaces_sec
             root_namespace: "istio-system".into(),
             redirection_annotation: false,
             skip_ingress_secrets: false,
+            endpoint_slices_only: false,
+            outbound_traffic_policy: Default::default(),
         },
     );
     p.check(store.warnings().is_empty(), || {

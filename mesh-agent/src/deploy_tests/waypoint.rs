@@ -222,6 +222,8 @@ fn waypoint_deployment_runs_a_waypoint_its_gateway_recognises() {
             root_namespace: "istio-system".into(),
             redirection_annotation: false,
             skip_ingress_secrets: false,
+            endpoint_slices_only: false,
+            outbound_traffic_policy: Default::default(),
         },
     );
     p.check(store.warnings().is_empty(), || {

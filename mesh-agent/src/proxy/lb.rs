@@ -86,30 +86,14 @@ impl Balancer {
 
 #[cfg(test)]
 mod tests {
-    use std::{collections::BTreeMap, sync::Arc};
 
     use super::*;
-    use crate::state::Workload;
 
     fn ep(last: u8) -> Endpoint {
         let ip = std::net::IpAddr::from([10, 0, 0, last]);
         Endpoint {
-            workload: Arc::new(Workload {
-                name: format!("p{last}"),
-                namespace: "ns".into(),
-                service_account: "sa".into(),
-                node: "n".into(),
-                ips: vec![ip],
-                labels: BTreeMap::new(),
-                ports: BTreeMap::new(),
-                captured: true,
-                redirected: false,
-                hbone: true,
-                uid: String::new(),
-                netns: None,
-                owner: None,
-                owner_kind: None,
-            }),
+            // The balancer orders by address only.
+            workload: None,
             addr: SocketAddr::new(ip, 80),
         }
     }

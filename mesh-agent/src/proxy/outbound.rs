@@ -24,7 +24,9 @@ use super::{
 use crate::{
     identity::Identity,
     inpod::sockets::Source,
-    state::{Binding, Endpoint, Service, Store, Waypoint, Workload},
+    state::{
+        Binding, Endpoint, Location, OutboundTrafficPolicy, Service, Store, Waypoint, Workload,
+    },
 };
 
 /// At most this many endpoints of a Service are tried for one connection.
@@ -36,6 +38,11 @@ struct Route {
     candidates: Vec<Candidate>,
     /// Bound to a waypoint that cannot serve it: why it is refused.
     refused: Option<String>,
+    /// Outside the registry under REGISTRY_ONLY: refused.
+    unregistered: bool,
+    /// Names to resolve for more candidates (a ServiceEntry with
+    /// resolution DNS), with the port to reach on what they resolve to.
+    resolve: Vec<(String, u16)>,
 }
 
 struct Candidate {
@@ -75,7 +82,7 @@ fn through_waypoint(
                 .find(|ip| ip.is_ipv4() == dst.is_ipv4())
                 .or(w.ips.first())?;
             Some(Endpoint {
-                workload: w.clone(),
+                workload: Some(w.clone()),
                 addr: SocketAddr::new(*ip, mesh_common::PORT_HBONE),
             })
         })
@@ -90,13 +97,15 @@ fn through_waypoint(
         .map(|e| Candidate {
             addr: dst,
             workload: workload.clone(),
-            waypoint: Some(e.workload),
+            waypoint: e.workload,
         })
         .collect();
     Route {
         service,
         candidates,
         refused: None,
+        unregistered: false,
+        resolve: Vec::new(),
     }
 }
 
@@ -105,6 +114,8 @@ fn refused(service: Option<Arc<Service>>, reason: &str) -> Route {
         service,
         candidates: Vec::new(),
         refused: Some(reason.to_owned()),
+        unregistered: false,
+        resolve: Vec::new(),
     }
 }
 
@@ -119,9 +130,10 @@ fn route(store: &Store, pod: &PodCtx, dst: SocketAddr, src: Option<&Workload>) -
             Some(Binding::Refused { reason, .. }) => return refused(Some(svc.clone()), reason),
             _ => {}
         }
-        // A Service without a selector has its endpoints managed elsewhere
-        // (EndpointSlices, `kubernetes`): pass it on to the VIP unchanged.
-        if !svc.selector.is_empty() {
+        // A Service whose endpoints the store does not know (no selector,
+        // no EndpointSlices, a local configuration): pass it on to the VIP
+        // unchanged.
+        if store.has_endpoints_source(svc) {
             let endpoints: Vec<Endpoint> = store.endpoints(svc, port);
             let key = format!("{}:{}", svc.hostname(), port.port);
             let candidates = pod
@@ -132,7 +144,7 @@ fn route(store: &Store, pod: &PodCtx, dst: SocketAddr, src: Option<&Workload>) -
                 .take(MAX_ATTEMPTS)
                 .map(|e| Candidate {
                     addr: e.addr,
-                    workload: Some(e.workload),
+                    workload: e.workload,
                     waypoint: None,
                 })
                 .collect();
@@ -140,6 +152,8 @@ fn route(store: &Store, pod: &PodCtx, dst: SocketAddr, src: Option<&Workload>) -
                 service: Some(svc.clone()),
                 candidates,
                 refused: None,
+                unregistered: false,
+                resolve: store.dns_targets(svc, port),
             };
         }
     }
@@ -153,15 +167,62 @@ fn route(store: &Store, pod: &PodCtx, dst: SocketAddr, src: Option<&Workload>) -
             _ => {}
         }
     }
+    // What names the destination: a Service passed on to its VIP, or a
+    // ServiceEntry listing this address.
+    let service = store
+        .service_by_vip(dst)
+        .map(|(svc, _)| svc)
+        .or_else(|| store.entry_by_endpoint(dst))
+        .cloned();
+    if service.is_none()
+        && workload.is_none()
+        && store.outbound_policy(src.map(|w| w.namespace.as_str()))
+            == OutboundTrafficPolicy::RegistryOnly
+    {
+        return Route {
+            service: None,
+            candidates: Vec::new(),
+            refused: None,
+            unregistered: true,
+            resolve: Vec::new(),
+        };
+    }
     Route {
-        service: None,
+        service,
         candidates: vec![Candidate {
             addr: dst,
             workload,
             waypoint: None,
         }],
         refused: None,
+        unregistered: false,
+        resolve: Vec::new(),
     }
+}
+
+/// How long a name of a DNS ServiceEntry may take to resolve.
+const RESOLVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The addresses `names` resolve to now (the system resolver, from the
+/// agent's network namespace), of the destination's address family; a
+/// loopback or unspecified answer is dropped: it would mean the pod itself.
+async fn resolve(names: &[(String, u16)], ipv4: bool) -> Vec<SocketAddr> {
+    let mut out = Vec::new();
+    for (host, port) in names {
+        match tokio::time::timeout(
+            RESOLVE_TIMEOUT,
+            tokio::net::lookup_host((host.as_str(), *port)),
+        )
+        .await
+        {
+            Ok(Ok(addrs)) => out.extend(addrs.filter(|a| {
+                a.is_ipv4() == ipv4 && !a.ip().is_loopback() && !a.ip().is_unspecified()
+            })),
+            Ok(Err(e)) => debug!(%host, error = %e, "ServiceEntry name did not resolve"),
+            Err(_) => debug!(%host, "ServiceEntry name took too long to resolve"),
+        }
+    }
+    out
 }
 
 enum Upstream {
@@ -201,7 +262,7 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
         workload: src_workload.clone(),
         identity: src_identity.clone(),
     };
-    let route = route(&store, &pod, dst, src_workload.as_deref());
+    let mut route = route(&store, &pod, dst, src_workload.as_deref());
     // What the connection needs is taken; the snapshot is not held for its
     // whole life (configuration changes would pile up behind it).
     drop(store);
@@ -231,6 +292,52 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
             &format!("its waypoint cannot serve it: {reason}"),
         );
         return;
+    }
+    if route.unregistered {
+        // Istio's BlackHoleCluster: recorded (Envoy's `NR`, no route, and
+        // `destination_service="BlackHoleCluster"`), counted, logged.
+        metrics.connection("outbound", "registry_only");
+        let blackhole = Service {
+            name: "BlackHoleCluster".into(),
+            namespace: String::new(),
+            vips: Vec::new(),
+            ports: Vec::new(),
+            selector: Default::default(),
+            entry: Some(Location::MeshExternal),
+        };
+        rec.set_destination(
+            Peer {
+                addr: Some(dst),
+                ..Peer::default()
+            },
+            Some(&blackhole),
+            false,
+        );
+        rec.close(
+            "NR",
+            Outcome::error(format!(
+                "{dst} is not in the registry (no known workload, Service or ServiceEntry) \
+                 and the outbound traffic policy is REGISTRY_ONLY"
+            )),
+        );
+        return;
+    }
+    if !route.resolve.is_empty() && route.candidates.len() < MAX_ATTEMPTS {
+        let found = resolve(&route.resolve, dst.is_ipv4()).await;
+        let store = pod.shared.store();
+        for addr in found {
+            if route.candidates.len() >= MAX_ATTEMPTS {
+                break;
+            }
+            if route.candidates.iter().any(|c| c.addr == addr) {
+                continue;
+            }
+            route.candidates.push(Candidate {
+                addr,
+                workload: store.workload_by_ip(addr.ip()).cloned(),
+                waypoint: None,
+            });
+        }
     }
     if route.candidates.is_empty() {
         metrics.connection("outbound", "no_endpoint");
@@ -431,6 +538,28 @@ mod tests {
     use super::*;
     use crate::state::StoreOptions;
 
+    /// A DNS ServiceEntry's names resolve with the system resolver when a
+    /// connection needs them: an address written as a name-like literal
+    /// resolves to itself, a loopback answer (the pod itself) and a name
+    /// that does not resolve give nothing, and the other family is left out.
+    #[tokio::test]
+    async fn dns_names_resolve_per_connection_without_loopback() {
+        let names = [
+            ("192.0.2.7".to_owned(), 443),
+            ("2001:db8::7".to_owned(), 443),
+            ("localhost".to_owned(), 443),
+            ("no-such-host.invalid".to_owned(), 443),
+        ];
+        assert_eq!(
+            resolve(&names, true).await,
+            vec!["192.0.2.7:443".parse::<SocketAddr>().unwrap()]
+        );
+        assert_eq!(
+            resolve(&names, false).await,
+            vec!["[2001:db8::7]:443".parse::<SocketAddr>().unwrap()]
+        );
+    }
+
     /// From the API: a labelled pod is sent plain TCP until its capture is
     /// installed (the redirection annotation), then HBONE; a waypoint
     /// always HBONE.
@@ -448,6 +577,8 @@ mod tests {
             root_namespace: "istio-system".into(),
             redirection_annotation: true,
             skip_ingress_secrets: false,
+            endpoint_slices_only: false,
+            outbound_traffic_policy: Default::default(),
         };
         let candidate = |yaml: String| {
             let store = Store::from_yaml(&[("api".into(), yaml)], &opts);

@@ -2,7 +2,7 @@
 //! `Service`: defaults filled in, addresses parsed, ambient capture decided.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     net::IpAddr,
     sync::{Arc, Mutex},
 };
@@ -328,6 +328,7 @@ fn service(svc: &K8sService, warnings: &mut Vec<ConfigWarning>) -> Service {
             vips: Vec::new(),
             ports: Vec::new(),
             selector: BTreeMap::new(),
+            entry: None,
         };
     };
 
@@ -382,7 +383,137 @@ fn service(svc: &K8sService, warnings: &mut Vec<ConfigWarning>) -> Service {
         vips,
         ports,
         selector: spec.selector.clone().unwrap_or_default(),
+        entry: None,
     }
+}
+
+/// The label that names an EndpointSlice's Service.
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// What the store keeps of an EndpointSlice: its ready addresses and its
+/// TCP ports by name (the Service port's name; empty for an unnamed one).
+#[derive(Debug, Default)]
+pub(super) struct Slice {
+    pub addresses: Vec<IpAddr>,
+    pub ports: Vec<(String, u16)>,
+}
+
+/// EndpointSlices by the Service they belong to (`kubernetes.io/service-name`,
+/// in the slice's namespace): only endpoints that are ready (a missing
+/// `conditions.ready` counts as ready, as Kubernetes says), only TCP ports.
+pub(super) fn slices(
+    objects: &Objects,
+    warnings: &mut Vec<ConfigWarning>,
+) -> HashMap<(String, String), Vec<Slice>> {
+    let mut by_service: HashMap<(String, String), Vec<Slice>> = HashMap::new();
+    for ((namespace, name), parsed) in &objects.endpoint_slices {
+        let slice = &parsed.object;
+        let object = format!("EndpointSlice {namespace}/{name}");
+        let mut warn = |kind, message: String| {
+            warnings.push(ConfigWarning {
+                object: object.clone(),
+                kind,
+                message,
+            })
+        };
+        let Some(service) = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+            .filter(|s| !s.is_empty())
+        else {
+            warn(
+                "parse_error",
+                format!("has no {SERVICE_NAME_LABEL} label, so no Service; ignored"),
+            );
+            continue;
+        };
+        if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
+            warn(
+                "unsupported",
+                format!(
+                    "addressType {:?} is not supported (IPv4 and IPv6 are); ignored",
+                    slice.address_type
+                ),
+            );
+            continue;
+        }
+        let mut ports = Vec::new();
+        for p in slice.ports.iter().flatten() {
+            if p.protocol.as_deref().is_some_and(|proto| proto != "TCP") {
+                continue;
+            }
+            let port_name = p.name.clone().unwrap_or_default();
+            match p.port.and_then(port_number) {
+                Some(n) => ports.push((port_name, n)),
+                None => warn(
+                    "parse_error",
+                    format!("port {port_name:?} has no valid port number; ignored"),
+                ),
+            }
+        }
+        let mut addresses = Vec::new();
+        for ep in &slice.endpoints {
+            let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+            if !ready {
+                continue;
+            }
+            for text in &ep.addresses {
+                match text.parse::<IpAddr>() {
+                    Ok(ip) if !addresses.contains(&ip.to_canonical()) => {
+                        addresses.push(ip.to_canonical())
+                    }
+                    Ok(_) => {}
+                    Err(e) => warn("parse_error", format!("address {text:?}: {e}; ignored")),
+                }
+            }
+        }
+        by_service
+            .entry((namespace.clone(), service.clone()))
+            .or_default()
+            .push(Slice { addresses, ports });
+    }
+    by_service
+}
+
+/// Namespaces that set their own outbound traffic policy
+/// ([`super::OUTBOUND_POLICY_ANNOTATION`]); a value that is neither mode is
+/// reported and the mesh-wide policy applies.
+pub(super) fn outbound_policies(
+    objects: &Objects,
+    warnings: &mut Vec<ConfigWarning>,
+) -> HashMap<String, super::OutboundTrafficPolicy> {
+    use super::{OUTBOUND_POLICY_ANNOTATION, OutboundTrafficPolicy};
+    let mut out = HashMap::new();
+    for (name, parsed) in &objects.namespaces {
+        let Some(value) = parsed
+            .object
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(OUTBOUND_POLICY_ANNOTATION))
+        else {
+            continue;
+        };
+        let policy = match value.as_str() {
+            "ALLOW_ANY" => OutboundTrafficPolicy::AllowAny,
+            "REGISTRY_ONLY" => OutboundTrafficPolicy::RegistryOnly,
+            other => {
+                warnings.push(ConfigWarning {
+                    object: format!("Namespace {name}"),
+                    kind: "parse_error",
+                    message: format!(
+                        "{OUTBOUND_POLICY_ANNOTATION} {other:?} is neither ALLOW_ANY nor \
+                         REGISTRY_ONLY; the mesh-wide policy applies"
+                    ),
+                });
+                continue;
+            }
+        };
+        out.insert(name.clone(), policy);
+    }
+    out
 }
 
 /// Kubernetes defaults a missing targetPort to the port itself.

@@ -12,6 +12,7 @@ mod peer_auth;
 mod policy;
 mod ratelimit;
 mod route;
+mod service_entry;
 mod source;
 mod waypoint;
 mod yaml;
@@ -29,6 +30,8 @@ mod policy_index_tests;
 mod policy_tests;
 #[cfg(test)]
 mod policy_waypoint_tests;
+#[cfg(test)]
+mod service_entry_tests;
 #[cfg(test)]
 mod source_tests;
 #[cfg(test)]
@@ -55,6 +58,7 @@ pub use route::{
     Abort, Backend, Condition, ConnectionPool, LoadBalancer, OutlierDetection, RequestView,
     RouteEntry, RouteStatus, RuleAction, modify_path,
 };
+pub use service_entry::Location;
 pub use source::{LocalFiles, Publisher, Source, spawn_source};
 pub use waypoint::{Binding, GATEWAY_NAME, Waypoint};
 pub use yaml::{Document, ObjectKey};
@@ -173,19 +177,46 @@ pub struct Service {
     pub vips: Vec<IpAddr>,
     pub ports: Vec<ServicePort>,
     pub selector: BTreeMap<String, String>,
+    /// Added by a ServiceEntry (its `location`): `name` is the entry's host.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entry: Option<Location>,
 }
 
 impl Service {
-    /// `<name>.<namespace>.svc.cluster.local`
+    /// `<name>.<namespace>.svc.cluster.local`; a ServiceEntry's host as
+    /// written.
     pub fn hostname(&self) -> String {
-        format!("{}.{}.svc.cluster.local", self.name, self.namespace)
+        match self.entry {
+            Some(_) => self.name.clone(),
+            None => format!("{}.{}.svc.cluster.local", self.name, self.namespace),
+        }
     }
 }
 
-/// An endpoint of a Service: a workload and the port on it.
+/// Where a captured connection to a destination outside the registry may
+/// go: Istio's `outboundTrafficPolicy.mode`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+pub enum OutboundTrafficPolicy {
+    /// Anywhere: an unknown destination passes through in plain TCP.
+    #[default]
+    #[value(name = "ALLOW_ANY")]
+    #[serde(rename = "ALLOW_ANY")]
+    AllowAny,
+    /// Only to a known workload, a Service or a ServiceEntry.
+    #[value(name = "REGISTRY_ONLY")]
+    #[serde(rename = "REGISTRY_ONLY")]
+    RegistryOnly,
+}
+
+/// The Namespace annotation that sets [`OutboundTrafficPolicy`] for the
+/// pods of one namespace, over the mesh-wide flag.
+pub const OUTBOUND_POLICY_ANNOTATION: &str = "mesh-agent/outbound-traffic-policy";
+
+/// An endpoint of a Service: an address and port, and the workload there
+/// when it is a known pod (an EndpointSlice may list any address).
 #[derive(Clone, Debug)]
 pub struct Endpoint {
-    pub workload: Arc<Workload>,
+    pub workload: Option<Arc<Workload>>,
     pub addr: SocketAddr,
 }
 
@@ -287,6 +318,14 @@ pub struct StoreOptions {
     /// the Kubernetes API): ingress listeners' certificates are neither
     /// loaded nor warned about; only the gateway, which reads them, judges.
     pub skip_ingress_secrets: bool,
+    /// A Service's endpoints are those of its EndpointSlices only (the
+    /// cluster source, where Kubernetes writes them): a Service without
+    /// slices has none. Otherwise (a local configuration) a Service without
+    /// slices has the pods its selector picks.
+    pub endpoint_slices_only: bool,
+    /// The mesh-wide [`OutboundTrafficPolicy`]; a namespace may set its own
+    /// ([`OUTBOUND_POLICY_ANNOTATION`]).
+    pub outbound_traffic_policy: OutboundTrafficPolicy,
 }
 
 /// One snapshot of everything known.
@@ -302,6 +341,22 @@ pub struct Store {
     by_ip: HashMap<IpAddr, Arc<Workload>>,
     services: BTreeMap<(String, String), Arc<Service>>,
     by_vip: HashMap<IpAddr, Vec<Arc<Service>>>,
+    /// EndpointSlices by Service (namespace, name).
+    slices: HashMap<(String, String), Vec<k8s::Slice>>,
+    /// [`StoreOptions::endpoint_slices_only`].
+    slices_only: bool,
+    /// ServiceEntries with resolution NONE: a connection goes where it was
+    /// addressed.
+    passthrough: std::collections::HashSet<(String, String)>,
+    /// ServiceEntry endpoint addresses, to the entries listing them: what a
+    /// connection made straight to one is (telemetry, registry-only egress).
+    entry_addrs: HashMap<IpAddr, Vec<Arc<Service>>>,
+    /// ServiceEntries with resolution DNS: the names to resolve.
+    dns: HashMap<(String, String), Vec<service_entry::DnsName>>,
+    /// [`StoreOptions::outbound_traffic_policy`].
+    outbound_policy: OutboundTrafficPolicy,
+    /// Namespaces that set their own.
+    namespace_outbound_policies: HashMap<String, OutboundTrafficPolicy>,
     /// Sorted by namespace/name: the order DENY policies are checked in, so
     /// that the same connection is always denied by the same policy.
     policies: Vec<policy::AuthzPolicy>,
@@ -376,10 +431,15 @@ impl Store {
         let objects = yaml::Objects::merge(docs, &mut warnings);
         let pods = k8s::workloads(&objects, opts.redirection_annotation, &mut warnings);
         let services = k8s::services(&objects, &mut warnings);
+        let slices = k8s::slices(&objects, &mut warnings);
         let peer_auths = peer_auth::compile(&objects.peer_authentications, &mut warnings);
         let mut store = Store {
             trust_domain: opts.trust_domain.clone(),
             root_namespace: opts.root_namespace.clone(),
+            slices,
+            slices_only: opts.endpoint_slices_only,
+            outbound_policy: opts.outbound_traffic_policy,
+            namespace_outbound_policies: k8s::outbound_policies(&objects, &mut warnings),
             peer_auths,
             service_accounts: objects.service_accounts.len(),
             http_routes: objects.http_routes.len(),
@@ -388,6 +448,8 @@ impl Store {
         };
         store.index_workloads(pods, &mut warnings);
         store.index_services(services);
+        let entries = service_entry::compile(&objects, &store.workloads, &mut warnings);
+        store.index_entries(entries);
         store.bindings = waypoint::bind(
             &objects,
             store.workloads.values(),
@@ -490,6 +552,74 @@ impl Store {
         }
     }
 
+    fn index_entries(&mut self, entries: Vec<service_entry::Entry>) {
+        for entry in entries {
+            let key = (entry.service.namespace.clone(), entry.service.name.clone());
+            if !entry.dns.is_empty() {
+                self.dns.insert(key.clone(), entry.dns);
+            }
+            let svc = Arc::new(entry.service);
+            match entry.endpoints {
+                Some(slices) => {
+                    for ip in slices.iter().flat_map(|s| &s.addresses) {
+                        let listed = self.entry_addrs.entry(*ip).or_default();
+                        if !listed.iter().any(|s| Arc::ptr_eq(s, &svc)) {
+                            listed.push(svc.clone());
+                        }
+                    }
+                    self.slices.insert(key.clone(), slices);
+                }
+                None => {
+                    self.passthrough.insert(key.clone());
+                }
+            }
+            for vip in &svc.vips {
+                self.by_vip.entry(*vip).or_default().push(svc.clone());
+            }
+            self.services.insert(key, svc);
+        }
+    }
+
+    /// The ServiceEntry whose endpoint `addr` is (its address, one of its
+    /// ports), for a connection made straight to it.
+    pub fn entry_by_endpoint(&self, addr: SocketAddr) -> Option<&Arc<Service>> {
+        let ip = addr.ip().to_canonical();
+        self.entry_addrs.get(&ip)?.iter().find(|svc| {
+            self.slices
+                .get(&(svc.namespace.clone(), svc.name.clone()))
+                .is_some_and(|slices| {
+                    slices.iter().any(|s| {
+                        s.addresses.contains(&ip) && s.ports.iter().any(|(_, p)| *p == addr.port())
+                    })
+                })
+        })
+    }
+
+    /// The names a ServiceEntry with resolution DNS has its endpoints at on
+    /// `port`, with the port to reach there: resolved when a connection
+    /// needs them, so each connection sees what DNS says now.
+    pub fn dns_targets(&self, svc: &Service, port: &ServicePort) -> Vec<(String, u16)> {
+        self.dns
+            .get(&(svc.namespace.clone(), svc.name.clone()))
+            .into_iter()
+            .flatten()
+            .filter_map(|name| {
+                let (_, n) = name.ports.iter().find(|(p, _)| *p == port.name)?;
+                Some((name.host.clone(), *n))
+            })
+            .collect()
+    }
+
+    /// The outbound traffic policy for the pods of `namespace` (None: a
+    /// pod the configuration does not list): its namespace's annotation, or
+    /// the mesh-wide one.
+    pub fn outbound_policy(&self, namespace: Option<&str>) -> OutboundTrafficPolicy {
+        namespace
+            .and_then(|ns| self.namespace_outbound_policies.get(ns))
+            .copied()
+            .unwrap_or(self.outbound_policy)
+    }
+
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
         self.by_ip.get(&ip.to_canonical())
     }
@@ -525,15 +655,86 @@ impl Store {
             })
     }
 
-    /// Endpoints of a service port: selected workloads with the target port
-    /// resolved (a named port the pod does not have skips that pod).
+    /// Whether the store knows who serves `svc`: it has EndpointSlices, a
+    /// selector, or slices are the only source (then none means none). A
+    /// Service without any (the local configuration's `kubernetes`, a
+    /// selector-less one nobody wrote slices for) is passed on to its VIP.
+    pub fn has_endpoints_source(&self, svc: &Service) -> bool {
+        let key = (svc.namespace.clone(), svc.name.clone());
+        if self.passthrough.contains(&key) {
+            return false;
+        }
+        self.slices_only
+            || !svc.selector.is_empty()
+            || self
+                .slices
+                .contains_key(&(svc.namespace.clone(), svc.name.clone()))
+    }
+
+    /// Whether `wl` is one of `svc`'s endpoints (any port).
+    pub fn serves(&self, svc: &Service, wl: &Workload) -> bool {
+        match self.service_slices(svc) {
+            Some(slices) => slices
+                .iter()
+                .any(|s| s.addresses.iter().any(|ip| wl.ips.contains(ip))),
+            None => {
+                !svc.selector.is_empty()
+                    && svc.namespace == wl.namespace
+                    && wl.has_labels(&svc.selector)
+            }
+        }
+    }
+
+    /// The slices `svc`'s endpoints come from; None: its selector decides.
+    fn service_slices(&self, svc: &Service) -> Option<&[k8s::Slice]> {
+        let key = (svc.namespace.clone(), svc.name.clone());
+        if self.passthrough.contains(&key) {
+            return None;
+        }
+        match self.slices.get(&key) {
+            Some(slices) => Some(slices),
+            None if self.slices_only => Some(&[]),
+            None => None,
+        }
+    }
+
+    /// Endpoints of a service port: the ready addresses of its
+    /// EndpointSlices with the slice port of the same name; without slices
+    /// (a local configuration only, see [`StoreOptions::endpoint_slices_only`])
+    /// the workloads its selector picks, the target port resolved (a named
+    /// port the pod does not have skips that pod).
     pub fn endpoints(&self, svc: &Service, port: &ServicePort) -> Vec<Endpoint> {
+        let want_v4 = svc.vips.first().map(IpAddr::is_ipv4);
+        if let Some(slices) = self.service_slices(svc) {
+            let mut out: Vec<Endpoint> = Vec::new();
+            for slice in slices {
+                let Some(&(_, target)) = slice.ports.iter().find(|(name, _)| *name == port.name)
+                else {
+                    continue;
+                };
+                for ip in &slice.addresses {
+                    // A dual-stack Service has a slice per family; its
+                    // first VIP's family is the one to reach.
+                    if want_v4.is_some_and(|v4| ip.is_ipv4() != v4) {
+                        continue;
+                    }
+                    let addr = SocketAddr::new(*ip, target);
+                    if out.iter().any(|e| e.addr == addr) {
+                        continue;
+                    }
+                    out.push(Endpoint {
+                        workload: self.by_ip.get(ip).cloned(),
+                        addr,
+                    });
+                }
+            }
+            return out;
+        }
         // Kubernetes: a Service without a selector has its endpoints managed
-        // by someone else, which this store does not read.
+        // by someone else, in EndpointSlices.
         if svc.selector.is_empty() {
             return Vec::new();
         }
-        let want_v4 = svc.vips.first().map(IpAddr::is_ipv4);
         self.workloads
             .range((svc.namespace.clone(), String::new())..)
             .take_while(|((ns, _), _)| *ns == svc.namespace)
@@ -548,7 +749,7 @@ impl Store {
                     TargetPort::Name(name) => *wl.ports.get(name)?,
                 };
                 Some(Endpoint {
-                    workload: wl.clone(),
+                    workload: Some(wl.clone()),
                     addr: SocketAddr::new(*ip, target),
                 })
             })
@@ -764,6 +965,11 @@ impl Store {
             "rate_limits": self.rate_limits,
             "route_status": self.routes.statuses(),
             "warnings": self.warnings,
+            "outbound_traffic_policy": self.outbound_policy,
+            "namespace_outbound_traffic_policies": self
+                .namespace_outbound_policies
+                .iter()
+                .collect::<BTreeMap<_, _>>(),
         })
     }
 }

@@ -14,6 +14,8 @@ pub(super) fn opts() -> StoreOptions {
         root_namespace: "istio-system".into(),
         redirection_annotation: false,
         skip_ingress_secrets: false,
+        endpoint_slices_only: false,
+        outbound_traffic_policy: Default::default(),
     }
 }
 
@@ -290,6 +292,8 @@ fn hbone_follows_the_redirection_annotation_from_the_api_and_the_labels_locally(
         &StoreOptions {
             redirection_annotation: true,
             skip_ingress_secrets: false,
+            endpoint_slices_only: false,
+            outbound_traffic_policy: Default::default(),
             ..opts()
         },
     );
@@ -378,7 +382,7 @@ fn endpoints_resolve_named_ports() {
     let eps: Vec<(String, SocketAddr)> = s
         .endpoints(svc, http)
         .into_iter()
-        .map(|e| (e.workload.name.clone(), e.addr))
+        .map(|e| (e.workload.unwrap().name.clone(), e.addr))
         .collect();
     // web-noport has no `http` port, pending has no IP, web-old has ended.
     assert_eq!(
@@ -608,4 +612,202 @@ fn services_are_found_by_their_cluster_hostname() {
     for host in ["reviews.other.svc.cluster.local", "reviews.shop", "reviews"] {
         assert!(s.service_by_hostname(host).is_none(), "{host}");
     }
+}
+
+const SLICES: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: shop, labels: {app: web}}
+status: {podIP: 10.0.0.10}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-2, namespace: shop, labels: {app: web}}
+status: {podIP: 10.0.0.11}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-abcde
+  namespace: shop
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}, {name: dns, port: 53, protocol: UDP}]
+endpoints:
+- addresses: [10.0.0.10]
+  conditions: {ready: true}
+- addresses: [10.0.0.11]
+  conditions: {ready: false}
+- addresses: [10.0.0.99]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: selectorless, namespace: shop}
+spec:
+  clusterIP: 10.96.0.11
+  ports: [{name: tcp, port: 443, targetPort: 8443}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: selectorless-1
+  namespace: shop
+  labels: {kubernetes.io/service-name: selectorless}
+addressType: IPv4
+ports: [{name: tcp, port: 9443}]
+endpoints:
+- addresses: [192.0.2.7, not-an-ip, 10.0.0.11]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: headless, namespace: shop}
+spec:
+  clusterIP: None
+  selector: {app: web}
+  ports: [{name: http, port: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: headless-1
+  namespace: shop
+  labels: {kubernetes.io/service-name: headless}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+- addresses: [10.0.0.11]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: unsliced, namespace: shop}
+spec:
+  clusterIP: 10.96.0.12
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: orphan, namespace: shop}
+addressType: IPv4
+endpoints: [{addresses: [10.0.0.10]}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: by-name
+  namespace: shop
+  labels: {kubernetes.io/service-name: web}
+addressType: FQDN
+endpoints: [{addresses: [web.example.com]}]
+"#;
+
+fn endpoint_list(s: &Store, ns: &str, name: &str) -> Vec<(Option<String>, SocketAddr)> {
+    let svc = s.services.get(&(ns.into(), name.into())).unwrap();
+    s.endpoints(svc, &svc.ports[0])
+        .into_iter()
+        .map(|e| (e.workload.map(|w| w.name.clone()), e.addr))
+        .collect()
+}
+
+/// A Service's endpoints are its EndpointSlices' ready addresses at the
+/// slice port named like the Service port: a not-ready endpoint is left
+/// out, an unset `ready` counts as ready, an address that is no known pod
+/// is still an endpoint (without a workload), and selector-less and
+/// headless Services have endpoints too. Locally, a Service without slices
+/// keeps its selector's pods; slices that cannot be used are warned about.
+#[test]
+fn endpoints_come_from_endpoint_slices_ready_only() {
+    let s = store(SLICES);
+    assert_eq!(
+        endpoint_list(&s, "shop", "web"),
+        vec![
+            (Some("web-1".into()), addr("10.0.0.10:8080")),
+            (None, addr("10.0.0.99:8080")),
+        ]
+    );
+    assert_eq!(
+        endpoint_list(&s, "shop", "selectorless"),
+        vec![
+            (None, addr("192.0.2.7:9443")),
+            (Some("web-2".into()), addr("10.0.0.11:9443")),
+        ]
+    );
+    assert_eq!(
+        endpoint_list(&s, "shop", "headless"),
+        vec![(Some("web-2".into()), addr("10.0.0.11:8080"))]
+    );
+    assert_eq!(
+        endpoint_list(&s, "shop", "unsliced"),
+        vec![
+            (Some("web-1".into()), addr("10.0.0.10:8080")),
+            (Some("web-2".into()), addr("10.0.0.11:8080")),
+        ]
+    );
+    let selectorless = s.service_by_vip(addr("10.96.0.11:443")).unwrap().0;
+    assert!(s.has_endpoints_source(selectorless));
+    let web_2 = s.workload("shop", "web-2").unwrap();
+    let web_1 = s.workload("shop", "web-1").unwrap();
+    assert!(s.serves(selectorless, web_2), "listed in its slice");
+    assert!(!s.serves(selectorless, web_1));
+    let web = s.service_by_vip(addr("10.96.0.10:80")).unwrap().0;
+    assert!(
+        !s.serves(web, web_2),
+        "not ready: its selector matches, its slice says no"
+    );
+
+    let warned: Vec<(&str, &str)> = s
+        .warnings()
+        .iter()
+        .map(|w| (w.object.as_str(), w.kind))
+        .collect();
+    for expected in [
+        ("EndpointSlice shop/selectorless-1", "parse_error"),
+        ("EndpointSlice shop/orphan", "parse_error"),
+        ("EndpointSlice shop/by-name", "unsupported"),
+    ] {
+        assert!(warned.contains(&expected), "{expected:?} in {warned:?}");
+    }
+    let bad_address = s
+        .warnings()
+        .iter()
+        .find(|w| w.object == "EndpointSlice shop/selectorless-1")
+        .unwrap();
+    assert!(
+        bad_address.message.contains("\"not-an-ip\""),
+        "{bad_address:?}"
+    );
+}
+
+/// From the API, slices are the only source: a Service Kubernetes wrote no
+/// slices for has no endpoints, whatever its selector.
+#[test]
+fn from_the_api_a_service_without_slices_has_no_endpoints() {
+    let s = Store::from_yaml(
+        &[("api".into(), SLICES.into())],
+        &StoreOptions {
+            redirection_annotation: true,
+            endpoint_slices_only: true,
+            outbound_traffic_policy: Default::default(),
+            ..opts()
+        },
+    );
+    assert_eq!(endpoint_list(&s, "shop", "unsliced"), vec![]);
+    assert_eq!(
+        endpoint_list(&s, "shop", "web"),
+        vec![
+            (Some("web-1".into()), addr("10.0.0.10:8080")),
+            (None, addr("10.0.0.99:8080")),
+        ]
+    );
+    let unsliced = s.service_by_vip(addr("10.96.0.12:80")).unwrap().0;
+    let web_1 = s.workload("shop", "web-1").unwrap();
+    assert!(!s.serves(unsliced, web_1));
 }

@@ -4,7 +4,10 @@
 
 use std::{collections::BTreeMap, fmt, sync::Arc};
 
-use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, Service as K8sService, ServiceAccount};
+use k8s_openapi::api::{
+    core::v1::{Namespace, Pod, Secret, Service as K8sService, ServiceAccount},
+    discovery::v1::EndpointSlice,
+};
 use serde::{Deserialize, de::DeserializeOwned};
 use serde_yaml::Value;
 
@@ -16,6 +19,7 @@ use super::{
     policy::AuthorizationPolicy,
     ratelimit::LocalRateLimitPolicy,
     route::{DestinationRule, VirtualService},
+    service_entry::ServiceEntry,
 };
 
 /// `(namespace, name)` of a namespaced object.
@@ -34,6 +38,7 @@ pub(super) struct Objects {
     pub namespaces: BTreeMap<String, Parsed<Namespace>>,
     pub pods: BTreeMap<Key, Parsed<StoredPod>>,
     pub services: BTreeMap<Key, Parsed<K8sService>>,
+    pub endpoint_slices: BTreeMap<Key, Parsed<EndpointSlice>>,
     pub service_accounts: BTreeMap<Key, Parsed<ServiceAccount>>,
     pub authorization_policies: BTreeMap<Key, Parsed<AuthorizationPolicy>>,
     pub peer_authentications: BTreeMap<Key, Parsed<PeerAuthentication>>,
@@ -43,6 +48,7 @@ pub(super) struct Objects {
     pub gateway_classes: BTreeMap<String, Parsed<GatewayClass>>,
     pub virtual_services: BTreeMap<Key, Parsed<VirtualService>>,
     pub destination_rules: BTreeMap<Key, Parsed<DestinationRule>>,
+    pub service_entries: BTreeMap<Key, Parsed<ServiceEntry>>,
     pub rate_limits: BTreeMap<Key, Parsed<LocalRateLimitPolicy>>,
     /// TLS Secrets, for the certificates of ingress gateway listeners.
     pub secrets: BTreeMap<Key, Parsed<Secret>>,
@@ -74,6 +80,7 @@ enum Typed {
     Namespace(Arc<Namespace>),
     Pod(Arc<StoredPod>),
     Service(Arc<K8sService>),
+    EndpointSlice(Arc<EndpointSlice>),
     ServiceAccount(Arc<ServiceAccount>),
     AuthorizationPolicy(Arc<AuthorizationPolicy>),
     PeerAuthentication(Arc<PeerAuthentication>),
@@ -82,6 +89,7 @@ enum Typed {
     GatewayClass(Arc<GatewayClass>),
     VirtualService(Arc<VirtualService>),
     DestinationRule(Arc<DestinationRule>),
+    ServiceEntry(Arc<ServiceEntry>),
     LocalRateLimitPolicy(Arc<LocalRateLimitPolicy>),
     Secret(Arc<Secret>),
 }
@@ -91,6 +99,7 @@ const KINDS: &[(&[&str], &str)] = &[
     (&["v1"], "Namespace"),
     (&["v1"], "Pod"),
     (&["v1"], "Service"),
+    (&["discovery.k8s.io/v1"], "EndpointSlice"),
     (&["v1"], "ServiceAccount"),
     (&["v1"], "Secret"),
     (
@@ -137,6 +146,14 @@ const KINDS: &[(&[&str], &str)] = &[
             "networking.istio.io/v1alpha3",
         ],
         "DestinationRule",
+    ),
+    (
+        &[
+            "networking.istio.io/v1",
+            "networking.istio.io/v1beta1",
+            "networking.istio.io/v1alpha3",
+        ],
+        "ServiceEntry",
     ),
     (&["policy.mesh-agent.dev/v1alpha1"], "LocalRateLimitPolicy"),
 ];
@@ -307,6 +324,7 @@ impl fmt::Display for Header {
             (
                 "Pod"
                 | "Service"
+                | "EndpointSlice"
                 | "ServiceAccount"
                 | "AuthorizationPolicy"
                 | "PeerAuthentication"
@@ -314,6 +332,7 @@ impl fmt::Display for Header {
                 | "Gateway"
                 | "VirtualService"
                 | "DestinationRule"
+                | "ServiceEntry"
                 | "LocalRateLimitPolicy",
                 _,
             ) => {
@@ -366,6 +385,7 @@ impl Objects {
             Typed::Namespace(o) => put(&mut self.namespaces, key.name.clone(), o, origin),
             Typed::Pod(o) => put(&mut self.pods, nk(), o, origin),
             Typed::Service(o) => put(&mut self.services, nk(), o, origin),
+            Typed::EndpointSlice(o) => put(&mut self.endpoint_slices, nk(), o, origin),
             Typed::ServiceAccount(o) => put(&mut self.service_accounts, nk(), o, origin),
             Typed::AuthorizationPolicy(o) => put(&mut self.authorization_policies, nk(), o, origin),
             Typed::PeerAuthentication(o) => put(&mut self.peer_authentications, nk(), o, origin),
@@ -374,6 +394,7 @@ impl Objects {
             Typed::GatewayClass(o) => put(&mut self.gateway_classes, key.name.clone(), o, origin),
             Typed::VirtualService(o) => put(&mut self.virtual_services, nk(), o, origin),
             Typed::DestinationRule(o) => put(&mut self.destination_rules, nk(), o, origin),
+            Typed::ServiceEntry(o) => put(&mut self.service_entries, nk(), o, origin),
             Typed::LocalRateLimitPolicy(o) => put(&mut self.rate_limits, nk(), o, origin),
             Typed::Secret(o) => put(&mut self.secrets, nk(), o, origin),
         };
@@ -448,6 +469,7 @@ impl Document {
             "Pod" => typed::<Pod>(at, value)
                 .map(|pod| Typed::Pod(Arc::new(super::k8s::StoredPod::new(&pod)))),
             "Service" => typed(at, value).map(Typed::Service),
+            "EndpointSlice" => typed(at, value).map(Typed::EndpointSlice),
             "ServiceAccount" => typed(at, value).map(Typed::ServiceAccount),
             "Secret" => typed(at, value).map(Typed::Secret),
             "AuthorizationPolicy" => typed(at, value).map(Typed::AuthorizationPolicy),
@@ -456,6 +478,7 @@ impl Document {
             "GatewayClass" => typed(at, value).map(Typed::GatewayClass),
             "VirtualService" => typed(at, value).map(Typed::VirtualService),
             "DestinationRule" => typed(at, value).map(Typed::DestinationRule),
+            "ServiceEntry" => typed(at, value).map(Typed::ServiceEntry),
             "LocalRateLimitPolicy" => typed(at, value).map(Typed::LocalRateLimitPolicy),
             _ => typed(at, value).map(Typed::Gateway),
         };

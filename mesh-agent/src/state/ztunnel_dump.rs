@@ -85,8 +85,11 @@ impl Store {
             .collect();
         let mut endpoints = serde_json::Map::new();
         for p in &s.ports {
+            // ztunnel keys endpoints by workload: an address that is not a
+            // known pod has none.
             for ep in self.endpoints(s, p) {
-                let uid = ztunnel_uid(&ep.workload, cluster_id);
+                let Some(wl) = &ep.workload else { continue };
+                let uid = ztunnel_uid(wl, cluster_id);
                 let e = endpoints.entry(uid.clone()).or_insert_with(|| {
                     json!({
                         "workloadUid": uid,

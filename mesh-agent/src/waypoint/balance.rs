@@ -78,7 +78,7 @@ pub fn endpoints(ctx: &Ctx, store: &Store, choice: &Choice, keys: Keys<'_>) -> V
         // The pod at the address it was addressed by.
         WaypointTarget::Workload(wl, addr) => {
             return vec![Endpoint {
-                workload: wl.clone(),
+                workload: Some(wl.clone()),
                 addr: *addr,
             }];
         }
@@ -91,7 +91,7 @@ pub fn endpoints(ctx: &Ctx, store: &Store, choice: &Choice, keys: Keys<'_>) -> V
         && let (Some(vip), Some(pod)) = (svc.vips.first(), wp.pods.first())
     {
         return vec![Endpoint {
-            workload: pod.clone(),
+            workload: Some(pod.clone()),
             addr: std::net::SocketAddr::new(*vip, port.port),
         }];
     }
@@ -100,7 +100,7 @@ pub fn endpoints(ctx: &Ctx, store: &Store, choice: &Choice, keys: Keys<'_>) -> V
         all.retain(|e| {
             labels
                 .iter()
-                .all(|(k, v)| e.workload.labels.get(k) == Some(v))
+                .all(|(k, v)| e.workload.as_ref().and_then(|w| w.labels.get(k)) == Some(v))
         });
     }
     // Ejected endpoints (outlier detection) get nothing while others of

@@ -629,7 +629,9 @@ impl Handler {
                 tokio::time::sleep(retry.backoff).await;
             }
             done.upstream = ep.addr.to_string();
-            self.set_destination(&mut done, &ep.workload);
+            if let Some(wl) = &ep.workload {
+                self.set_destination(&mut done, wl);
+            }
             let _in_flight = ctx.in_flight.start(ep.addr);
             let uri: Uri = match format!("http://{}{}", ep.addr, path_and_query).parse() {
                 Ok(u) => u,

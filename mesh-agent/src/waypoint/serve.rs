@@ -316,8 +316,11 @@ async fn tcp(
                 rec.set_destination(
                     Peer {
                         addr: Some(ep.addr),
-                        identity: Some(ep.workload.identity(ctx.certs.trust_domain())),
-                        workload: Some(ep.workload.clone()),
+                        identity: ep
+                            .workload
+                            .as_ref()
+                            .map(|w| w.identity(ctx.certs.trust_domain())),
+                        workload: ep.workload.clone(),
                     },
                     service.as_deref(),
                     true,

@@ -58,6 +58,8 @@ async fn the_serving_waypoint_writes_its_parents_conditions() {
         root_namespace: "istio-system".into(),
         redirection_annotation: true,
         skip_ingress_secrets: false,
+        endpoint_slices_only: false,
+        outbound_traffic_policy: Default::default(),
     };
     let mut store = Store::from_yaml(&[("t.yaml".into(), yaml)], &opts);
     store.generation = 1;
@@ -181,6 +183,8 @@ spec: {clusterIP: 10.96.0.3, selector: {app: shop}, ports: [{port: 80}]}
         root_namespace: "istio-system".into(),
         redirection_annotation: true,
         skip_ingress_secrets: false,
+        endpoint_slices_only: false,
+        outbound_traffic_policy: Default::default(),
     };
     let mut store = Store::from_yaml(&[("t.yaml".into(), yaml)], &opts);
     store.generation = 1;

@@ -320,6 +320,7 @@ fn two_connections() {
             vips: Vec::new(),
             ports: Vec::new(),
             selector: Default::default(),
+            entry: None,
         }),
         true,
     );

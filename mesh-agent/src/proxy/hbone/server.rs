@@ -300,8 +300,9 @@ impl Inbound {
                     .endpoints(svc, sp)
                     .into_iter()
                     .find(|ep| {
-                        ep.workload.namespace == self.local.namespace
-                            && ep.workload.name == self.local.name
+                        ep.workload.as_ref().is_some_and(|w| {
+                            w.namespace == self.local.namespace && w.name == self.local.name
+                        })
                     })
                     .map(|ep| ep.addr)
             }
@@ -354,11 +355,7 @@ impl Inbound {
         // that selects this pod: the header does not relabel other traffic).
         let service = forwarded_host(req.headers())
             .and_then(|h| store.service_by_hostname(&h))
-            .filter(|s| {
-                !s.selector.is_empty()
-                    && s.namespace == self.local.namespace
-                    && self.local.has_labels(&s.selector)
-            });
+            .filter(|s| store.serves(s, &self.local));
         let mut rec = ConnRecord::new(
             metrics.clone(),
             "inbound",
