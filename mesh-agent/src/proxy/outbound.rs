@@ -29,6 +29,38 @@ use crate::{
     },
 };
 
+/// The identities an endpoint of `service` may show besides its own: those
+/// of its captured workloads reached directly (a waypoint proves its own
+/// identity), and a ServiceEntry's `subjectAltNames`, as ztunnel accepts a
+/// Service's SANs. Never anything outside the mesh's trust roots: the
+/// handshake still checks the chain.
+fn service_identities(
+    service: &Service,
+    candidates: &[Candidate],
+    trust_domain: &str,
+) -> Vec<Identity> {
+    // Endpoints mostly share one ServiceAccount: deduplicated first.
+    let accounts: std::collections::BTreeSet<(&str, &str)> = candidates
+        .iter()
+        .filter(|c| c.waypoint.is_none())
+        .filter_map(|c| c.workload.as_deref())
+        .filter(|w| w.captured)
+        .map(|w| (w.namespace.as_str(), w.service_account.as_str()))
+        .collect();
+    let mut ids: Vec<Identity> = accounts
+        .into_iter()
+        .map(|(ns, sa)| Identity::new(trust_domain, ns, sa))
+        .collect();
+    for san in &service.subject_alt_names {
+        if let Ok(id) = san.parse::<Identity>()
+            && !ids.contains(&id)
+        {
+            ids.push(id);
+        }
+    }
+    ids
+}
+
 /// At most this many endpoints of a Service are tried for one connection.
 const MAX_ATTEMPTS: usize = 3;
 
@@ -304,6 +336,7 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
             ports: Vec::new(),
             selector: Default::default(),
             entry: Some(Location::MeshExternal),
+            subject_alt_names: Vec::new(),
         };
         rec.set_destination(
             Peer {
@@ -352,23 +385,9 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
     // A Service's endpoints may show any of its workloads' identities, as
     // ztunnel accepts a Service's SANs (no waypoint: a waypoint proves its
     // own identity).
-    let service_identities: Vec<Identity> = if service.is_some() {
-        // Endpoints mostly share one ServiceAccount: deduplicated first.
-        let accounts: std::collections::BTreeSet<(&str, &str)> = route
-            .candidates
-            .iter()
-            .filter(|c| c.waypoint.is_none())
-            .filter_map(|c| c.workload.as_deref())
-            .filter(|w| w.captured)
-            .map(|w| (w.namespace.as_str(), w.service_account.as_str()))
-            .collect();
-        accounts
-            .into_iter()
-            .map(|(ns, sa)| Identity::new(trust_domain, ns, sa))
-            .collect()
-    } else {
-        Vec::new()
-    };
+    let service_identities = service
+        .map(|s| service_identities(s, &route.candidates, trust_domain))
+        .unwrap_or_default();
     let mut last_error = String::new();
     let mut flags = "CONNECT";
     let mut upstream = None;
@@ -537,6 +556,51 @@ async fn hbone(
 mod tests {
     use super::*;
     use crate::state::StoreOptions;
+
+    /// A ServiceEntry's SPIFFE `subjectAltNames` join the identities its
+    /// endpoints may show; a name that is not a SPIFFE ID is warned about
+    /// and left out (which only narrows what is accepted).
+    #[test]
+    fn a_service_entrys_subject_alt_names_are_accepted_identities() {
+        let yaml = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: payments, namespace: shop}
+spec:
+  hosts: [payments.example.com]
+  addresses: [240.0.0.9]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  endpoints: [{address: 10.9.0.1}]
+  subjectAltNames:
+  - spiffe://cluster.local/ns/payments/sa/gateway
+  - payments.example.com
+";
+        let opts = StoreOptions {
+            trust_domain: "cluster.local".into(),
+            root_namespace: "istio-system".into(),
+            redirection_annotation: false,
+            skip_ingress_secrets: false,
+            endpoint_slices_only: false,
+            outbound_traffic_policy: Default::default(),
+        };
+        let store = Store::from_yaml(&[("t.yaml".into(), yaml.into())], &opts);
+        let (svc, _) = store
+            .service_by_vip("240.0.0.9:443".parse().unwrap())
+            .expect("the entry's address");
+        let ids = service_identities(svc, &[], "cluster.local");
+        assert_eq!(
+            ids,
+            vec![Identity::new("cluster.local", "payments", "gateway")]
+        );
+        assert!(
+            store.warnings().iter().any(|w| w
+                .message
+                .contains("\"payments.example.com\" is not a SPIFFE ID")),
+            "{:?}",
+            store.warnings()
+        );
+    }
 
     /// A DNS ServiceEntry's names resolve with the system resolver when a
     /// connection needs them: an address written as a name-like literal

@@ -329,6 +329,7 @@ fn service(svc: &K8sService, warnings: &mut Vec<ConfigWarning>) -> Service {
             ports: Vec::new(),
             selector: BTreeMap::new(),
             entry: None,
+            subject_alt_names: Vec::new(),
         };
     };
 
@@ -384,6 +385,7 @@ fn service(svc: &K8sService, warnings: &mut Vec<ConfigWarning>) -> Service {
         ports,
         selector: spec.selector.clone().unwrap_or_default(),
         entry: None,
+        subject_alt_names: Vec::new(),
     }
 }
 

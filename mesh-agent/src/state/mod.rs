@@ -180,6 +180,10 @@ pub struct Service {
     /// Added by a ServiceEntry (its `location`): `name` is the entry's host.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub entry: Option<Location>,
+    /// A ServiceEntry's `subjectAltNames` (SPIFFE IDs): identities its
+    /// endpoints may show besides their own.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub subject_alt_names: Vec<String>,
 }
 
 impl Service {

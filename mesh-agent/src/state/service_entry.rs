@@ -135,13 +135,18 @@ pub(super) fn compile(
                 format!("exportTo {to:?} is not applied: the entry is visible to every namespace"),
             );
         }
-        if spec.subject_alt_names.is_some() {
-            warn(
-                "unsupported",
-                "subjectAltNames is not applied: a meshed endpoint is verified by its own \
-                 identity"
-                    .into(),
-            );
+        // The identities an endpoint of the entry may show besides its own
+        // (as ztunnel accepts a Service's SANs). Only SPIFFE IDs can be
+        // checked here; dropping another only narrows what is accepted.
+        let mut subject_alt_names = Vec::new();
+        for san in spec.subject_alt_names.iter().flatten() {
+            match san.parse::<crate::identity::Identity>() {
+                Ok(id) => subject_alt_names.push(id.to_string()),
+                Err(e) => warn(
+                    "parse_error",
+                    format!("subjectAltNames entry {san:?} is not a SPIFFE ID ({e}); ignored"),
+                ),
+            }
         }
         let location = match spec.location.as_deref() {
             None | Some("MESH_EXTERNAL") => Location::MeshExternal,
@@ -342,6 +347,7 @@ pub(super) fn compile(
                     ports: ports.clone(),
                     selector: BTreeMap::new(),
                     entry: Some(location),
+                    subject_alt_names: subject_alt_names.clone(),
                 },
                 endpoints: endpoints.as_ref().map(|s| {
                     s.iter()

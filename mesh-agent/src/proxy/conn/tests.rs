@@ -321,6 +321,7 @@ fn two_connections() {
             ports: Vec::new(),
             selector: Default::default(),
             entry: None,
+            subject_alt_names: Vec::new(),
         }),
         true,
     );
