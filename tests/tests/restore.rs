@@ -337,8 +337,8 @@ fn a_new_agent_beside_a_draining_one_refuses_no_connection() -> anyhow::Result<(
     assert_eq!(held.hello["ok"], true, "{}", held.hello);
     assert_eq!(held.send("before")?["echo"], "before");
 
-    // Four client processes calling without pause.
-    let repls = (0..4)
+    // Ten client processes calling without pause (each one call at a time).
+    let repls = (0..10)
         .map(|_| tb.repl(&client))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let stop = AtomicBool::new(false);
