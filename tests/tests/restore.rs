@@ -122,6 +122,57 @@ fn an_unreadable_state_file_stops_the_agent_and_keeps_the_pods_captured() -> any
     Ok(())
 }
 
+/// Two nodes, a client pod on one and a server pod under STRICT on the
+/// other, both enrolled by their labels, each node's agent running: the
+/// testbed, the client, the server's app address and the agents' mesh
+/// arguments (to start them again).
+fn strict_pair() -> anyhow::Result<(Testbed, mesh_tests::Pod, SocketAddr, Vec<String>)> {
+    use mesh_tests::{
+        converge,
+        mesh::{namespace_yaml, pod_yaml, with_netns},
+    };
+    let mut tb = Testbed::new(2)?;
+    let client = tb.add_pod(0, "client")?;
+    let server = tb.add_pod(1, "server")?;
+    tb.serve(&server, SocketAddr::new([0u8; 16].into(), APP_PORT))?;
+    tb.write_config(&[
+        namespace_yaml("shop", true),
+        with_netns(&pod_yaml(&client, 0, "shop", "client", &[]), &client),
+        with_netns(&pod_yaml(&server, 1, "shop", "server", &[]), &server),
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: strict\n  namespace: shop\nspec:\n  mtls:\n    mode: STRICT\n".to_owned(),
+    ])?;
+    let args = tb.mesh_args()?;
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    for node in 0..2 {
+        tb.start_agent(node, &argv)?;
+    }
+    converge(
+        "both pods enrolled",
+        std::time::Duration::from_secs(10),
+        || {
+            Ok(tb.agent(0).pod_names()? == ["shop/client"]
+                && tb.agent(1).pod_names()? == ["shop/server"])
+        },
+    )?;
+    Ok((tb, client, SocketAddr::new(server.ip4, APP_PORT), args))
+}
+
+/// The STRICT server's agent refused no plaintext: no call of the client
+/// ever left its pod uncaptured.
+fn assert_no_plaintext_reached_the_server(tb: &Testbed) -> anyhow::Result<()> {
+    let page = tb.agent(1).metrics()?;
+    assert_eq!(
+        mesh_tests::metrics::series_sum_or_absent(
+            &page,
+            "mesh_proxy_connections_total",
+            &[("direction", "inbound_plaintext")]
+        )?,
+        0.0,
+        "a call reached the STRICT server in plaintext: {page}"
+    );
+    Ok(())
+}
+
 /// The `upgrade-test` variant of the kernel object (`cargo xtask
 /// build-ebpf --features upgrade-test`, which `cargo xtask ci` runs): its
 /// sk_lookup program differs and its counters map has one more slot.
@@ -154,44 +205,22 @@ fn attached(tb: &Testbed) -> anyhow::Result<Value> {
 #[test]
 fn an_upgrade_replaces_the_programs_in_place_and_no_call_leaves_in_plaintext() -> anyhow::Result<()>
 {
-    use mesh_tests::{
-        converge, delivered_by_agent,
-        mesh::{namespace_yaml, pod_yaml, with_netns},
-        metrics::series_sum_or_absent,
-    };
+    use mesh_tests::{converge, delivered_by_agent};
     use std::{
         sync::atomic::{AtomicBool, Ordering},
         time::{Duration, Instant},
     };
     let variant = variant_object();
-    let mut tb = Testbed::new(2)?;
-    let client = tb.add_pod(0, "client")?;
-    let server = tb.add_pod(1, "server")?;
-    tb.serve(&server, SocketAddr::new([0u8; 16].into(), APP_PORT))?;
-    tb.write_config(&[
-        namespace_yaml("shop", true),
-        with_netns(&pod_yaml(&client, 0, "shop", "client", &[]), &client),
-        with_netns(&pod_yaml(&server, 1, "shop", "server", &[]), &server),
-        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: strict\n  namespace: shop\nspec:\n  mtls:\n    mode: STRICT\n".to_owned(),
-    ])?;
-    let args = tb.mesh_args()?;
+    let (mut tb, client, dst, args) = strict_pair()?;
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let variant_arg = variant.to_string_lossy().into_owned();
     let mut argv_b = argv.clone();
     argv_b.extend(["--ebpf-object", &variant_arg]);
-    for node in 0..2 {
-        tb.start_agent(node, &argv)?;
-    }
     let wait_enrolled = |tb: &Testbed| {
         converge("the client enrolled", Duration::from_secs(10), || {
             Ok(tb.agent(0).pod_names()? == ["shop/client"])
         })
     };
-    wait_enrolled(&tb)?;
-    converge("the server enrolled", Duration::from_secs(10), || {
-        Ok(tb.agent(1).pod_names()? == ["shop/server"])
-    })?;
-    let dst = SocketAddr::new(server.ip4, APP_PORT);
     let r = tb.connect(&client, dst, 100)?;
     assert!(r["ok"] == true && delivered_by_agent(&r), "before: {r}");
 
@@ -282,17 +311,7 @@ fn an_upgrade_replaces_the_programs_in_place_and_no_call_leaves_in_plaintext() -
         );
         Ok(())
     })?;
-    let page = tb.agent(1).metrics()?;
-    assert_eq!(
-        series_sum_or_absent(
-            &page,
-            "mesh_proxy_connections_total",
-            &[("direction", "inbound_plaintext")]
-        )?,
-        0.0,
-        "a call reached the STRICT server in plaintext: {page}"
-    );
-    Ok(())
+    assert_no_plaintext_reached_the_server(&tb)
 }
 
 /// A graceful restart: a new agent starts beside the running one (its
@@ -303,35 +322,13 @@ fn an_upgrade_replaces_the_programs_in_place_and_no_call_leaves_in_plaintext() -
 /// client closes it.
 #[test]
 fn a_new_agent_beside_a_draining_one_refuses_no_connection() -> anyhow::Result<()> {
-    use mesh_tests::{
-        converge, delivered_by_agent,
-        mesh::{namespace_yaml, pod_yaml, with_netns},
-        metrics::series_sum_or_absent,
-    };
+    use mesh_tests::{converge, delivered_by_agent};
     use std::{
         sync::atomic::{AtomicBool, Ordering},
         time::{Duration, Instant},
     };
-    let mut tb = Testbed::new(2)?;
-    let client = tb.add_pod(0, "client")?;
-    let server = tb.add_pod(1, "server")?;
-    tb.serve(&server, SocketAddr::new([0u8; 16].into(), APP_PORT))?;
-    tb.write_config(&[
-        namespace_yaml("shop", true),
-        with_netns(&pod_yaml(&client, 0, "shop", "client", &[]), &client),
-        with_netns(&pod_yaml(&server, 1, "shop", "server", &[]), &server),
-        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: strict\n  namespace: shop\nspec:\n  mtls:\n    mode: STRICT\n".to_owned(),
-    ])?;
-    let args = tb.mesh_args()?;
+    let (mut tb, client, dst, args) = strict_pair()?;
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    for node in 0..2 {
-        tb.start_agent(node, &argv)?;
-    }
-    converge("both pods enrolled", Duration::from_secs(10), || {
-        Ok(tb.agent(0).pod_names()? == ["shop/client"]
-            && tb.agent(1).pod_names()? == ["shop/server"])
-    })?;
-    let dst = SocketAddr::new(server.ip4, APP_PORT);
     // A long-lived connection through the first agent.
     let mut held = tb.hold(&client, dst)?;
     assert_eq!(held.hello["ok"], true, "{}", held.hello);
@@ -413,15 +410,5 @@ fn a_new_agent_beside_a_draining_one_refuses_no_connection() -> anyhow::Result<(
         "calls failed during the restart: {failed:?}"
     );
     assert!(ok > 100, "too few calls to tell: {ok}");
-    let page = tb.agent(1).metrics()?;
-    assert_eq!(
-        series_sum_or_absent(
-            &page,
-            "mesh_proxy_connections_total",
-            &[("direction", "inbound_plaintext")]
-        )?,
-        0.0,
-        "a call reached the STRICT server in plaintext: {page}"
-    );
-    Ok(())
+    assert_no_plaintext_reached_the_server(&tb)
 }

@@ -211,12 +211,18 @@ fn workload<'a>(
 /// CronJob's schedule suffix (`-` and 8 to 10 digits: the CronJob's), any
 /// other controller's (StatefulSet, DaemonSet, ...) as it is. None for a
 /// bare pod, whose workload is the pod itself.
-fn owner_workload(meta: &ObjectMeta, labels: &BTreeMap<String, String>) -> Option<String> {
-    let owner = meta
-        .owner_references
+/// The pod's controller, of its owner references.
+fn controller(
+    meta: &ObjectMeta,
+) -> Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference> {
+    meta.owner_references
         .iter()
         .flatten()
-        .find(|r| r.controller == Some(true))?;
+        .find(|r| r.controller == Some(true))
+}
+
+fn owner_workload(meta: &ObjectMeta, labels: &BTreeMap<String, String>) -> Option<String> {
+    let owner = controller(meta)?;
     let name = owner.name.as_str();
     let trimmed = match owner.kind.as_str() {
         "ReplicaSet" => labels
@@ -240,11 +246,7 @@ fn owner_workload(meta: &ObjectMeta, labels: &BTreeMap<String, String>) -> Optio
 /// carries the pod-template hash is a Deployment's, a Job whose name
 /// carries a CronJob's schedule suffix is a CronJob's.
 fn owner_kind(meta: &ObjectMeta, labels: &BTreeMap<String, String>) -> Option<String> {
-    let owner = meta
-        .owner_references
-        .iter()
-        .flatten()
-        .find(|r| r.controller == Some(true))?;
+    let owner = controller(meta)?;
     let trimmed = owner_workload(meta, labels)? != owner.name;
     Some(match (owner.kind.as_str(), trimmed) {
         ("ReplicaSet", true) => "deployment".to_owned(),
@@ -637,22 +639,33 @@ status:
         );
     }
 
+    /// A pod's metadata with a controller of `kind` and `name`, and its
+    /// labels (`pod-template-hash` when given).
+    fn controlled_by(
+        kind: &str,
+        name: &str,
+        hash: Option<&str>,
+    ) -> (ObjectMeta, BTreeMap<String, String>) {
+        let meta = ObjectMeta {
+            owner_references: Some(vec![OwnerReference {
+                kind: kind.into(),
+                name: name.into(),
+                controller: Some(true),
+                ..OwnerReference::default()
+            }]),
+            ..ObjectMeta::default()
+        };
+        let labels = hash
+            .map(|h| ("pod-template-hash".to_owned(), h.to_owned()))
+            .into_iter()
+            .collect();
+        (meta, labels)
+    }
+
     #[test]
     fn the_workload_is_the_controller_istio_names() {
         let owned = |kind: &str, name: &str, hash: Option<&str>| {
-            let meta = ObjectMeta {
-                owner_references: Some(vec![OwnerReference {
-                    kind: kind.into(),
-                    name: name.into(),
-                    controller: Some(true),
-                    ..OwnerReference::default()
-                }]),
-                ..ObjectMeta::default()
-            };
-            let labels: BTreeMap<String, String> = hash
-                .map(|h| ("pod-template-hash".to_owned(), h.to_owned()))
-                .into_iter()
-                .collect();
+            let (meta, labels) = controlled_by(kind, name, hash);
             owner_workload(&meta, &labels)
         };
         assert_eq!(
@@ -685,19 +698,7 @@ status:
     #[test]
     fn the_workload_kind_is_the_controller_s_istio_names() {
         let kind = |kind: &str, name: &str, hash: Option<&str>| {
-            let meta = ObjectMeta {
-                owner_references: Some(vec![OwnerReference {
-                    kind: kind.into(),
-                    name: name.into(),
-                    controller: Some(true),
-                    ..OwnerReference::default()
-                }]),
-                ..ObjectMeta::default()
-            };
-            let labels: BTreeMap<String, String> = hash
-                .map(|h| ("pod-template-hash".to_owned(), h.to_owned()))
-                .into_iter()
-                .collect();
+            let (meta, labels) = controlled_by(kind, name, hash);
             owner_kind(&meta, &labels)
         };
         for (k, name, hash, want) in [
