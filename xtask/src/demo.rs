@@ -43,26 +43,39 @@ fn yes_no(b: bool) -> &'static str {
     if b { "YES" } else { "no" }
 }
 
-/// The value of `field` (e.g. `src.identity=`) in the agent's last access
-/// log line that has it.
-fn last_access(tb: &Testbed, field: &str) -> Option<String> {
-    last_access_where(tb, field, "")
+/// Where the agent's log ends now: access lines written after this mark are
+/// the ones the next call produces.
+fn log_mark(tb: &Testbed) -> usize {
+    tb.agent(0).log_text().len()
 }
 
-/// [`last_access`] among the lines that also contain `filter`.
-fn last_access_where(tb: &Testbed, field: &str, filter: &str) -> Option<String> {
-    let log = tb.agent(0).log_text();
-    let line = log
-        .lines()
-        .rev()
-        .find(|l| l.contains("access:") && l.contains(field) && l.contains(filter))?;
-    let rest = &line[line.find(field)? + field.len()..];
-    let value = if let Some(quoted) = rest.strip_prefix('"') {
-        quoted.split('"').next().unwrap_or_default()
-    } else {
-        rest.split(' ').next().unwrap_or_default()
-    };
-    Some(value.to_owned())
+/// The value of `field` (e.g. `src.identity=`) in the first access log line
+/// written after `mark` that has it and also contains `filter`. The agent
+/// writes a connection's line when the connection ends, which may be a moment
+/// after the client has seen the end, so this waits for it (up to 5 s).
+fn access_since(tb: &Testbed, mark: usize, field: &str, filter: &str) -> Option<String> {
+    let started = std::time::Instant::now();
+    loop {
+        let log = tb.agent(0).log_text();
+        let line = log
+            .get(mark..)
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.contains("access:") && l.contains(field) && l.contains(filter));
+        if let Some(line) = line {
+            let rest = &line[line.find(field)? + field.len()..];
+            let value = if let Some(quoted) = rest.strip_prefix('"') {
+                quoted.split('"').next().unwrap_or_default()
+            } else {
+                rest.split(' ').next().unwrap_or_default()
+            };
+            return Some(value.to_owned());
+        }
+        if started.elapsed() > std::time::Duration::from_secs(5) {
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 /// A metric line with only the labels a reader needs here.
@@ -193,11 +206,13 @@ pub fn run() -> anyhow::Result<()> {
     println!("\nTraffic (each connection sends 64 KiB of a known pattern and expects it echoed):");
     let to_backend = SocketAddr::new(backend.ip4, PORT);
     let wire = tb.capture_packets(&frontend, "demo-mesh")?;
+    let mark = log_mark(&tb);
     let r = tb.connect(&frontend, to_backend, 64 * 1024)?;
     let pcap = wire.stop()?;
     println!("  1. shop/frontend -> shop/backend ({to_backend}): allowed by the policy");
     expect(describe(&r, &frontend), Path::Captured, "1")?;
-    let caller = last_access(&tb, "src.identity=").unwrap_or_else(|| "(no access log line)".into());
+    let caller = access_since(&tb, mark, "src.identity=", "")
+        .unwrap_or_else(|| "(no access log line)".into());
     println!("     the backend's agent saw the caller as {caller}");
     ensure!(
         caller == "spiffe://cluster.local/ns/shop/sa/frontend",
@@ -229,20 +244,22 @@ pub fn run() -> anyhow::Result<()> {
         "1: the wire did not show TLS 1.3 only"
     );
 
+    let mark = log_mark(&tb);
     let r = tb.connect(&intruder, to_backend, 64 * 1024)?;
     println!("  2. shop/intruder -> shop/backend: not in the policy");
     expect(describe(&r, &intruder), Path::Refused, "2")?;
-    let why = last_access_where(&tb, "error=", "direction=\"inbound").unwrap_or_default();
+    let why = access_since(&tb, mark, "error=", "direction=\"inbound").unwrap_or_default();
     println!("     the backend's agent refused it: {why}");
     ensure!(
         why.contains("no ALLOW policy matched"),
         "2: the refusal's reason is {why:?}"
     );
 
+    let mark = log_mark(&tb);
     let r = tb.connect(&batch, to_backend, 64 * 1024)?;
     println!("  3. legacy/batch -> shop/backend: plaintext, so no identity to allow");
     expect(describe(&r, &batch), Path::Refused, "3")?;
-    let why = last_access_where(&tb, "error=", "direction=\"inbound").unwrap_or_default();
+    let why = access_since(&tb, mark, "error=", "direction=\"inbound").unwrap_or_default();
     println!("     the backend's agent refused it: {why}");
     ensure!(
         why.contains("no ALLOW policy matched"),

@@ -150,13 +150,14 @@ pub fn run(tb: &mut Testbed, docs: Vec<String>, frontend: &Pod) -> anyhow::Resul
         )
     };
     let before = blackholed(&page)?;
+    let mark = super::log_mark(tb);
     let r = curl(tb, frontend, &cert, &url_direct, &direct);
     println!(
         "  6. shop/frontend -> https://{HOST}:{PORT} at {}: no ServiceEntry",
         external.ip4
     );
     ensure!(r.is_err(), "6: the call was not refused: {r:?}");
-    let why = super::last_access_where(tb, "error=", "flags=\"NR\"").unwrap_or_default();
+    let why = super::access_since(tb, mark, "error=", "flags=\"NR\"").unwrap_or_default();
     println!("     REFUSED by frontend's agent: {why}");
     let after = blackholed(&tb.agent(0).metrics()?)?;
     println!(
@@ -174,6 +175,7 @@ pub fn run(tb: &mut Testbed, docs: Vec<String>, frontend: &Pod) -> anyhow::Resul
         "  ServiceEntry external-api added: {HOST} at {VIP}:443 -> {}:{PORT}",
         external.ip4
     );
+    let mark = super::log_mark(tb);
     let body = curl(
         tb,
         frontend,
@@ -186,8 +188,8 @@ pub fn run(tb: &mut Testbed, docs: Vec<String>, frontend: &Pod) -> anyhow::Resul
         "  7. shop/frontend -> https://{HOST}/ ({VIP}:443): allowed, the server's certificate verified by curl"
     );
     ensure!(body.contains("s_server"), "7: unexpected answer: {body}");
-    let service = super::last_access_where(tb, "dst.service=", HOST).unwrap_or_default();
-    let dst = super::last_access_where(tb, "dst.addr=", HOST).unwrap_or_default();
+    let service = super::access_since(tb, mark, "dst.service=", HOST).unwrap_or_default();
+    let dst = super::access_since(tb, mark, "dst.addr=", HOST).unwrap_or_default();
     println!(
         "     frontend's agent logged dst.service={service} dst.addr={dst} (plain TCP: no HBONE outside the mesh)"
     );
