@@ -277,7 +277,16 @@ async fn a_pooled_connection_takes_no_new_stream_past_its_age() {
         let certs = certs(&dir);
         let ip = loopback(1);
         let server = hbone_server(ip, &certs, Answer::Echo).await;
-        let client = Client::new(certs, quick());
+        // Pings slow enough that a busy machine never loses the connection
+        // to them (that would also make a second handshake), and an age
+        // that leaves room for three handshakes on a debug build.
+        let timers = Timers {
+            max_age: Duration::from_secs(2),
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(30),
+            ..quick()
+        };
+        let client = Client::new(certs, timers);
 
         // Calls one after another share one connection while it is young.
         let born = Instant::now();
@@ -288,11 +297,11 @@ async fn a_pooled_connection_takes_no_new_stream_past_its_age() {
         let mut held = client.call(ip).await.unwrap();
         echoes(&mut held, b"held").await;
         assert_eq!(server.accepted.load(Ordering::SeqCst), 1);
-        assert!(born.elapsed() < quick().max_age, "the calls took too long");
+        assert!(born.elapsed() < timers.max_age, "the calls took too long");
 
         // Past its age, the next call handshakes again...
         // (The connection was made after `born`: a full age from now.)
-        tokio::time::sleep(quick().max_age).await;
+        tokio::time::sleep(timers.max_age).await;
         let mut fresh = client.call(ip).await.unwrap();
         echoes(&mut fresh, b"fresh").await;
         assert_eq!(server.accepted.load(Ordering::SeqCst), 2);
