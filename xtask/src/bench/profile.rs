@@ -1,6 +1,6 @@
 //! `--profile`: the agents under `perf record` during one 1-stream iperf3
-//! run, reported as where the cycles go (a few categories) and the top
-//! symbols.
+//! run and during one new-connections run, each reported as where the
+//! cycles go (a few categories) and the top symbols.
 
 use std::{
     path::Path as FsPath,
@@ -10,7 +10,7 @@ use std::{
 use anyhow::{Context as _, ensure};
 use mesh_tests::{Pod, Testbed};
 
-use super::{iperf, paths::Targets};
+use super::{iperf, load, paths::Targets};
 
 /// Categories, first match wins: (name, does a (DSO, symbol) belong to it).
 type Rule = (&'static str, fn(&str, &str) -> bool);
@@ -102,8 +102,10 @@ pub fn summarize(report: &str, top: usize) -> String {
 }
 
 /// Records the agents with `perf` (999 Hz, no call graphs) during a
-/// 1-stream iperf3 run and writes the summary, then the whole report, to
-/// `file`.
+/// 1-stream iperf3 run, then during a new-connections run (connect, one
+/// request, close, as fast as they go), and writes each summary, then its
+/// whole report, to `file` and to `file` with `-connections` before its
+/// extension.
 pub fn record(
     tb: &Testbed,
     client: &Pod,
@@ -111,6 +113,32 @@ pub fn record(
     agents: &[u32],
     seconds: f64,
     file: &FsPath,
+) -> anyhow::Result<()> {
+    let target = targets
+        .iperf
+        .context("this path carries no iperf3 traffic to profile")?;
+    record_during(agents, seconds, file, || {
+        let gbps = iperf(tb, client, target, 1, seconds)?;
+        Ok(format!("1-stream iperf3 at {gbps:.2} Gbit/s"))
+    })?;
+    let stem = file
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("profile");
+    let connections = file.with_file_name(format!("{stem}-connections.txt"));
+    record_during(agents, seconds, &connections, || {
+        let r = load(tb, client, targets.http, 4, 0.0, seconds, true)?;
+        let rate = r["rps"].as_f64().unwrap_or(f64::NAN);
+        Ok(format!("new connections (1 request each) at {rate:.0}/s"))
+    })
+}
+
+/// `perf record` of `agents` while `run` runs; `run` says what it did.
+fn record_during(
+    agents: &[u32],
+    seconds: f64,
+    file: &FsPath,
+    run: impl FnOnce() -> anyhow::Result<String>,
 ) -> anyhow::Result<()> {
     let data = file.with_extension("data");
     let pids: Vec<String> = agents.iter().map(u32::to_string).collect();
@@ -122,11 +150,8 @@ pub fn record(
         .stderr(Stdio::piped())
         .spawn()
         .context("running perf (apt-get install linux-perf)")?;
-    let target = targets
-        .iperf
-        .context("this path carries no iperf3 traffic to profile")?;
-    let gbps = match iperf(tb, client, target, 1, seconds) {
-        Ok(gbps) => gbps,
+    let what = match run() {
+        Ok(what) => what,
         Err(e) => {
             let _ = perf.kill();
             let _ = perf.wait();
@@ -154,7 +179,7 @@ pub fn record(
     println!("{summary}");
     std::fs::write(
         file,
-        format!("agents {pids:?}, 1-stream iperf3 at {gbps:.2} Gbit/s\n{summary}\n{report}"),
+        format!("agents {pids:?}, {what}\n{summary}\n{report}"),
     )?;
     println!("    profile: {}", file.display());
     Ok(())
