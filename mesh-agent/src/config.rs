@@ -129,6 +129,9 @@ pub struct NodeArgs {
     /// the pod's `terminationGracePeriodSeconds`.
     #[arg(long, env = "MESH_DRAIN_PERIOD", default_value = "20s", value_parser = parse_duration)]
     pub drain_period: Duration,
+    /// Runtime worker threads (default: one per core).
+    #[arg(long, env = "MESH_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
     #[command(flatten)]
     pub mesh: MeshArgs,
 }

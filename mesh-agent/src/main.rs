@@ -38,8 +38,16 @@ fn main() -> anyhow::Result<()> {
     // Before any thread exists, so that every thread starts in it.
     inpod::netns::init_home();
     let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if let Command::Waypoint(args) | Command::Gateway(args) = &cli.command {
-        rt.worker_threads(args.worker_threads.max(1));
+    match &cli.command {
+        Command::Waypoint(args) | Command::Gateway(args) => {
+            rt.worker_threads(args.worker_threads.max(1));
+        }
+        Command::Node(args) => {
+            if let Some(n) = args.worker_threads {
+                rt.worker_threads(n.max(1));
+            }
+        }
+        _ => {}
     }
     let rt = rt.enable_all().build()?;
     match cli.command {

@@ -325,6 +325,7 @@ fn document(
 
 fn publish(out: &mut Publisher, resources: &[Resource], kinds: &[Kind]) -> bool {
     let mut notes: Vec<Document> = Vec::new();
+    let mut slices_unreadable = false;
     for (r, k) in resources.iter().zip(kinds) {
         let Some(why) = k.unavailable.as_ref() else {
             continue;
@@ -332,6 +333,12 @@ fn publish(out: &mut Publisher, resources: &[Resource], kinds: &[Kind]) -> bool 
         let stand_in = fail_closed_stand_in(r, out.root_namespace());
         let effect = match &stand_in {
             Some((_, effect)) => effect,
+            // Without slices a Service would have no endpoints at all.
+            None if r.kind == "EndpointSlice" => {
+                slices_unreadable = true;
+                "Services' endpoints are found by their selectors instead (a Service without \
+                 one has none)"
+            }
             None => "no objects of this kind are read",
         };
         notes.push(Document::with_warning(ConfigWarning {
@@ -341,6 +348,7 @@ fn publish(out: &mut Publisher, resources: &[Resource], kinds: &[Kind]) -> bool 
         }));
         notes.extend(stand_in.map(|(object, _)| Document::from_json(ORIGIN, object)));
     }
+    out.set_endpoint_slices_unreadable(slices_unreadable);
     out.publish(kinds.iter().flat_map(|k| k.objects.values()).chain(&notes))
 }
 

@@ -495,3 +495,56 @@ async fn endpoint_slices_and_service_entries_from_the_api() {
     );
     task.abort();
 }
+
+/// EndpointSlices that RBAC hides: a Service's endpoints come from its
+/// selector meanwhile (reported), and from the slices once readable.
+#[tokio::test]
+async fn services_fall_back_to_their_selectors_while_endpoint_slices_are_forbidden() {
+    let fake = fake_api::start().await;
+    fake.apply(namespace("shop", true));
+    fake.apply(pod("web-1", "node-a", "10.1.0.5"));
+    fake.apply(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web", "namespace": "shop"},
+        "spec": {"clusterIP": "10.96.0.10", "selector": {"app": "web"},
+                 "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}
+    }));
+    fake.forbid("endpointslices");
+    let opts = StoreOptions {
+        endpoint_slices_only: true,
+        ..opts()
+    };
+    let (mut rx, task) = spawn_source(Box::new(KubeSource::new(fake.client())), opts);
+    let endpoints = |s: &Store| -> Vec<String> {
+        s.service_by_vip("10.96.0.10:80".parse().unwrap())
+            .map(|(svc, port)| {
+                s.endpoints(svc, port)
+                    .iter()
+                    .map(|e| e.addr.to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    until(&mut rx, "the selector's endpoint", |s| {
+        endpoints(s) == ["10.1.0.5:8080"]
+    })
+    .await;
+    let warnings: Vec<String> = rx
+        .borrow()
+        .warnings()
+        .iter()
+        .map(|w| w.message.clone())
+        .collect();
+    assert!(
+        warnings.iter().any(|w| w.contains(
+            "not allowed to list endpointslices: check its RBAC; Services' endpoints are found by their selectors instead"
+        )),
+        "{warnings:?}"
+    );
+    fake.permit("endpointslices");
+    until(&mut rx, "slices readable (none: no endpoints)", |s| {
+        s.warnings().is_empty() && endpoints(s).is_empty()
+    })
+    .await;
+    task.abort();
+}

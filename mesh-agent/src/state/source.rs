@@ -36,6 +36,8 @@ pub struct Publisher {
     generation: u64,
     /// The last snapshot's warnings: only new ones are logged.
     warned: super::NewWarnings,
+    /// `endpoint_slices_only` as the options asked for it.
+    slices_only: bool,
 }
 
 impl Publisher {
@@ -69,6 +71,14 @@ impl Publisher {
         self.tx.is_closed()
     }
 
+    /// A source that cannot read EndpointSlices says so: while it cannot,
+    /// Services' endpoints come from their selectors even where
+    /// [`StoreOptions::endpoint_slices_only`] was asked for (without slices
+    /// every Service would have none).
+    pub fn set_endpoint_slices_unreadable(&mut self, unreadable: bool) {
+        self.opts.endpoint_slices_only = self.slices_only && !unreadable;
+    }
+
     /// Where mesh-wide policies live, for a source's fail-closed stand-ins.
     pub fn root_namespace(&self) -> &str {
         &self.opts.root_namespace
@@ -84,6 +94,7 @@ pub fn spawn_source(
     let (tx, rx) = watch::channel(Arc::new(Store::empty(&opts)));
     let out = Publisher {
         tx,
+        slices_only: opts.endpoint_slices_only,
         opts,
         source: source.name(),
         generation: 0,
