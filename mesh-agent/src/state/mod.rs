@@ -21,6 +21,8 @@ mod ztunnel_dump;
 pub use ztunnel_dump::ztunnel_uid;
 
 #[cfg(test)]
+mod egress_tests;
+#[cfg(test)]
 mod istio_route_tests;
 #[cfg(test)]
 mod peer_auth_tests;
@@ -56,7 +58,7 @@ pub use matcher::{Attrs, L7Request};
 pub use ratelimit::RateLimit;
 pub use route::{
     Abort, Backend, Condition, ConnectionPool, LoadBalancer, OutlierDetection, RequestView,
-    RouteEntry, RouteStatus, RuleAction, modify_path,
+    RouteEntry, RouteStatus, RuleAction, SYSTEM_CA_BUNDLE, TlsOrigination, modify_path,
 };
 pub use service_entry::Location;
 pub use source::{LocalFiles, Publisher, Source, spawn_source};

@@ -562,6 +562,7 @@ impl Handler {
             );
         }
         let endpoints = balance::endpoints(ctx, &store, &chosen, keys);
+        let origination = super::origination_for(&store, &chosen.target);
         // The DestinationRule's circuit breakers for the chosen Service.
         // Per subset, else per port, else per Service (Istio's precedence).
         let subset = chosen.subset.as_ref().map(|(n, _)| n.as_str());
@@ -642,11 +643,15 @@ impl Handler {
             let mut up = Request::from_parts(parts.clone(), body.take().unwrap_or_else(empty_body));
             *up.uri_mut() = uri;
             *up.version_mut() = hyper::Version::HTTP_11;
-            let client = if parts.version == hyper::Version::HTTP_2 {
-                *up.version_mut() = hyper::Version::HTTP_2;
-                &ctx.clients.http2
-            } else {
-                &ctx.clients.http1
+            // Originated TLS carries HTTP/1.1 (no ALPN is offered).
+            let originating = origination.as_ref().map(|o| ctx.clients.originating(o));
+            let client = match &originating {
+                Some(c) => c,
+                None if parts.version == hyper::Version::HTTP_2 => {
+                    *up.version_mut() = hyper::Version::HTTP_2;
+                    &ctx.clients.http2
+                }
+                None => &ctx.clients.http1,
             };
             let sent_at = SystemTime::now();
             let connection = capture_connection(&mut up);
@@ -712,6 +717,28 @@ impl Handler {
                 }
                 Err(e) => {
                     debug!(endpoint = %ep.addr, error = %e, "upstream failed");
+                    // A refused certificate is the configuration's (or the
+                    // host's) fault, not the endpoint's health: said, counted,
+                    // and not retried elsewhere in vain.
+                    if let Some(f) = super::origination::TlsFailure::find(&e) {
+                        let service = match &chosen.target {
+                            WaypointTarget::Service(svc, _) => Some(&**svc),
+                            WaypointTarget::Workload(..) => None,
+                        };
+                        ctx.count_tls_failure(service, f);
+                        done.upstream = format!("{}: {f}", ep.addr);
+                        let body = format!("upstream connect error: {f}\n");
+                        let resp = Response::builder()
+                            .status(StatusCode::SERVICE_UNAVAILABLE)
+                            .header(header::CONTENT_TYPE, "text/plain")
+                            .body(
+                                Full::new(Bytes::from(body))
+                                    .map_err(|never| match never {})
+                                    .boxed_unsync(),
+                            )
+                            .expect("a 503 with a text body is valid");
+                        return self.finish(done, resp, "UF");
+                    }
                     if e.is_connect() {
                         ctx.balancer.mark_down(ep.addr);
                     }

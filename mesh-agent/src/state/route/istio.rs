@@ -220,7 +220,7 @@ struct TrafficPolicy {
     load_balancer: Option<LbSettings>,
     connection_pool: Option<PoolSettings>,
     outlier_detection: Option<OutlierSettings>,
-    tls: Option<Value>,
+    tls: Option<ClientTls>,
     #[serde(default)]
     port_level_settings: Vec<PortSettings>,
     tunnel: Option<Value>,
@@ -234,7 +234,103 @@ struct PortSettings {
     load_balancer: Option<LbSettings>,
     connection_pool: Option<PoolSettings>,
     outlier_detection: Option<OutlierSettings>,
-    tls: Option<Value>,
+    tls: Option<ClientTls>,
+}
+
+/// `tls` of a traffic policy (Istio's ClientTLSSettings).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ClientTls {
+    mode: Option<String>,
+    sni: Option<String>,
+    ca_certificates: Option<String>,
+    credential_name: Option<String>,
+    client_certificate: Option<String>,
+    private_key: Option<String>,
+    #[serde(default)]
+    subject_alt_names: Vec<String>,
+    insecure_skip_verify: Option<bool>,
+    ca_crl: Option<String>,
+}
+
+/// What `tls` asks of the waypoint: Some(None) for `DISABLE`, None when it
+/// cannot be applied (warned).
+fn tls_origination(
+    tls: &ClientTls,
+    at: &str,
+    warn: &mut impl FnMut(&'static str, String),
+) -> Option<Option<super::TlsOrigination>> {
+    match tls.mode.as_deref().unwrap_or("DISABLE") {
+        "DISABLE" => return Some(None),
+        "SIMPLE" => {}
+        "MUTUAL" | "ISTIO_MUTUAL" => {
+            warn(
+                "unsupported",
+                format!(
+                    "{at}: tls mode {} is not supported (only SIMPLE origination; mesh traffic \
+                     is mutual TLS by HBONE already); not applied",
+                    tls.mode.as_deref().unwrap_or_default()
+                ),
+            );
+            return None;
+        }
+        other => {
+            warn(
+                "parse_error",
+                format!("{at}: tls mode {other:?} is not DISABLE, SIMPLE, MUTUAL or ISTIO_MUTUAL"),
+            );
+            return None;
+        }
+    }
+    for (field, set) in [
+        ("credentialName", tls.credential_name.is_some()),
+        ("clientCertificate", tls.client_certificate.is_some()),
+        ("privateKey", tls.private_key.is_some()),
+        ("caCrl", tls.ca_crl.is_some()),
+    ] {
+        if set {
+            warn(
+                "unsupported",
+                format!(
+                    "{at}: tls {field} is not supported; not applied (name the CA with \
+                     caCertificates)"
+                ),
+            );
+            // Origination without the asked-for check would be weaker
+            // than what was written: refuse rather than guess.
+            return None;
+        }
+    }
+    let ca_certificates = match tls.ca_certificates.as_deref() {
+        None | Some("") => None,
+        Some(path) if path.starts_with('/') => Some(std::path::PathBuf::from(path)),
+        Some(path) => {
+            warn(
+                "parse_error",
+                format!("{at}: tls caCertificates {path:?} is not an absolute path; not applied"),
+            );
+            return None;
+        }
+    };
+    Some(Some(super::TlsOrigination {
+        sni: tls.sni.clone().filter(|s| !s.is_empty()),
+        ca_certificates,
+        subject_alt_names: tls.subject_alt_names.clone(),
+        insecure_skip_verify: tls.insecure_skip_verify.unwrap_or(false),
+        unusable: None,
+    }))
+}
+
+/// The origination of a `tls` that could not be read: every connection
+/// refused, with the reason.
+fn refused_tls(at: &str) -> super::TlsOrigination {
+    super::TlsOrigination {
+        sni: None,
+        ca_certificates: None,
+        subject_alt_names: Vec::new(),
+        insecure_skip_verify: false,
+        unusable: Some(format!("the DestinationRule's {at} tls cannot be applied")),
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -351,7 +447,11 @@ pub(crate) fn compile_istio(
                 message,
             })
         };
-        let key = service_of(&dr.host, ns);
+        // A ServiceEntry's host is its service's name, dots and all.
+        let key = match (ns.clone(), dr.host.clone()) {
+            k if services.get(&k).is_some_and(|s| s.entry.is_some()) => k,
+            _ => service_of(&dr.host, ns),
+        };
         if key.0 != *ns {
             warn(
                 "unsupported",
@@ -367,7 +467,7 @@ pub(crate) fn compile_istio(
             warn(
                 "unsupported",
                 format!(
-                    "host {:?} is not a Service in the mesh (ServiceEntry hosts are not read); not applied",
+                    "host {:?} is neither a Service in the mesh nor a ServiceEntry host; not applied",
                     dr.host
                 ),
             );
@@ -397,14 +497,17 @@ pub(crate) fn compile_istio(
             if let Some(od) = &tp.outlier_detection {
                 policy.outlier_detection = outlier_detection(od, &mut warn);
             }
+            if let Some(t) = &tp.tls {
+                policy.tls = tls_origination(t, "trafficPolicy", &mut warn)
+                    .unwrap_or_else(|| Some(refused_tls("trafficPolicy")));
+            }
             for p in &tp.port_level_settings {
                 let at = format!("portLevelSettings {}", p.port.number);
-                if p.tls.is_some() {
-                    warn(
-                        "unsupported",
-                        format!("{at}: tls is not applied by this version"),
-                    );
-                }
+                // A port whose tls cannot be applied is refused (no
+                // origination) rather than sent in plaintext.
+                let tls = p.tls.as_ref().map(|t| {
+                    tls_origination(t, &at, &mut warn).unwrap_or_else(|| Some(refused_tls(&at)))
+                });
                 let port = super::PortPolicy {
                     load_balancer: p
                         .load_balancer
@@ -418,6 +521,7 @@ pub(crate) fn compile_istio(
                         .outlier_detection
                         .as_ref()
                         .and_then(|od| outlier_detection(od, &mut warn)),
+                    tls,
                 };
                 policy.ports.insert(p.port.number, port);
             }
@@ -444,6 +548,12 @@ pub(crate) fn compile_istio(
                     warn(
                         "unsupported",
                         format!("{at}: portLevelSettings inside a subset are not applied"),
+                    );
+                }
+                if tp.tls.is_some() {
+                    warn(
+                        "unsupported",
+                        format!("{at}: tls inside a subset is not applied (set it on the rule)"),
                     );
                 }
             }
@@ -559,7 +669,6 @@ fn traffic_policy(
     warn: &mut impl FnMut(&'static str, String),
 ) -> Option<LoadBalancer> {
     for (field, set) in [
-        ("tls", tp.tls.is_some()),
         ("tunnel", tp.tunnel.is_some()),
         ("proxyProtocol", tp.proxy_protocol.is_some()),
     ] {
