@@ -562,6 +562,7 @@ impl Handler {
             );
         }
         let endpoints = balance::endpoints(ctx, &store, &chosen, keys);
+        let endpoints = balance::or_resolved(&store, &chosen, endpoints).await;
         let origination = super::origination_for(&store, &chosen.target);
         // The DestinationRule's circuit breakers for the chosen Service.
         // Per subset, else per port, else per Service (Istio's precedence).

@@ -307,6 +307,7 @@ async fn tcp(
         client: Some(client.addr.ip()),
     };
     let endpoints = balance::endpoints(&ctx, &store, &choice, keys);
+    let endpoints = balance::or_resolved(&store, &choice, endpoints).await;
     let origination = super::origination_for(&store, &target);
     // Not held while the stream lasts.
     drop(store);

@@ -175,6 +175,13 @@ fn egress_waypoint_applies_l7_policy_and_originates_verified_tls() -> anyhow::Re
         entry("api", "api.example.com", "10.97.1.10", &ext),
         entry("wrong-ca", "wrong-ca.example.com", "10.97.1.11", &ext),
         entry("wrong-name", "wrong-name.example.com", "10.97.1.12", &ext),
+        // Resolution DNS without endpoints: the waypoint resolves the host
+        // per request (an address literal: the one name a test machine
+        // resolves without a DNS server).
+        entry("dns-api", &ext, "10.97.1.13", &ext)
+            .replace("resolution: STATIC", "resolution: DNS")
+            .replace(&format!("  endpoints:\n  - address: \"{ext}\"\n"), ""),
+        destination_rule("dns-api", &ext, &simple(4, ", sni: api.example.com", &ca)),
         // Per port, with the SNI named; the CA that signed the server's
         // certificate.
         destination_rule(
@@ -238,6 +245,16 @@ fn egress_waypoint_applies_l7_policy_and_originates_verified_tls() -> anyhow::Re
     assert_eq!(seen["sni"], "api.example.com", "{seen}");
     let client_pcap = client_wire.stop()?;
     let waypoint_pcap = waypoint_wire.stop()?;
+
+    // A DNS entry: resolved at the waypoint, TLS to what it resolved to.
+    let (_, a) = call(&frontend, "dns.example.com", "10.97.1.13", &[], "/v1/dns")?;
+    assert_eq!(a[0].0, 200, "{a:?}");
+    let seen = json(&a[0].1);
+    assert_eq!(
+        (&seen["path"], &seen["sni"]),
+        (&"/v1/dns".into(), &"api.example.com".into()),
+        "{seen}"
+    );
 
     // A rewrite to the entry's host (backendRef kind Hostname).
     let (_, a) = call(
