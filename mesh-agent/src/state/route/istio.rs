@@ -427,6 +427,16 @@ fn service_of(host: &str, ns: &str) -> (String, String) {
     }
 }
 
+/// The service a host names from namespace `ns`: a ServiceEntry's host
+/// there (its service's name, dots and all), else a Service's name.
+fn host_key(services: &Services, host: &str, ns: &str) -> (String, String) {
+    let entry = (ns.to_owned(), host.to_owned());
+    match services.get(&entry) {
+        Some(s) if s.entry.is_some() => entry,
+        _ => service_of(host, ns),
+    }
+}
+
 /// Compiles DestinationRules and VirtualServices into `routes` (after the
 /// HTTPRoutes, which win where both route a Service). `bound` names the
 /// waypoint serving a Service, if any.
@@ -447,11 +457,7 @@ pub(crate) fn compile_istio(
                 message,
             })
         };
-        // A ServiceEntry's host is its service's name, dots and all.
-        let key = match (ns.clone(), dr.host.clone()) {
-            k if services.get(&k).is_some_and(|s| s.entry.is_some()) => k,
-            _ => service_of(&dr.host, ns),
-        };
+        let key = host_key(services, &dr.host, ns);
         if key.0 != *ns {
             warn(
                 "unsupported",
@@ -602,7 +608,7 @@ pub(crate) fn compile_istio(
             .filter_map(|(i, r)| c.rule(&format!("{ns}/{name}"), i, r))
             .collect();
         for host in &vs.hosts {
-            let key = service_of(host, ns);
+            let key = host_key(services, host, ns);
             if key.0 != *ns {
                 c.warn(
                     "unsupported",
@@ -1095,7 +1101,7 @@ impl VsCompiler<'_> {
     }
 
     fn backend(&mut self, d: &VsDestination, weight: u32, rule: &str) -> Backend {
-        let key = service_of(&d.host, self.ns);
+        let key = host_key(self.services, &d.host, self.ns);
         let port = d.port.as_ref().map_or(0, |p| p.number);
         let service = match self.services.get(&key) {
             _ if key.0 != self.ns => Err(format!(
