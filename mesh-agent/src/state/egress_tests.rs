@@ -88,7 +88,7 @@ fn warned<'a>(s: &'a Store, object: &str) -> Vec<&'a ConfigWarning> {
 }
 
 /// The entry's own label binds its host to the waypoint; an entry without
-/// one is not bound.
+/// one is not bound, unless its namespace's label binds it.
 #[test]
 fn a_service_entry_is_bound_by_its_own_use_waypoint_label() {
     let s = store(EGRESS);
@@ -100,6 +100,23 @@ fn a_service_entry_is_bound_by_its_own_use_waypoint_label() {
     );
     let (direct, _) = s.service_by_vip("240.0.0.11:80".parse().unwrap()).unwrap();
     assert!(s.service_binding(direct).is_none());
+
+    // The namespace's label binds an entry without its own; the entry's
+    // own `none` opts out.
+    let ns_bound = EGRESS
+        .replace(
+            "labels: {istio.io/dataplane-mode: ambient}",
+            "labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: egress}",
+        )
+        .replace(
+            "labels: {istio.io/use-waypoint: egress}}",
+            "labels: {istio.io/use-waypoint: none}}",
+        );
+    let s = store(&ns_bound);
+    let (direct, _) = s.service_by_vip("240.0.0.11:80".parse().unwrap()).unwrap();
+    assert!(matches!(s.service_binding(direct), Some(Binding::Bound(_))));
+    let (api, _) = s.service_by_vip("240.0.0.10:80".parse().unwrap()).unwrap();
+    assert!(s.service_binding(api).is_none());
 }
 
 /// A route whose parent is the ServiceEntry is accepted (served by its

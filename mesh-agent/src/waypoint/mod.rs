@@ -29,6 +29,8 @@ mod balance;
 mod http;
 mod ingress;
 mod origination;
+#[cfg(test)]
+mod origination_tests;
 mod path;
 mod ratelimit;
 mod resilience;
