@@ -4,8 +4,10 @@
 //! HBONE to the waypoint, which applies the entry's HTTPRoute and L7
 //! AuthorizationPolicy and originates TLS (DestinationRule `SIMPLE`) to an
 //! HTTPS server outside the mesh, verified against a test CA. A wrong CA
-//! or a certificate for another name is refused (503 `UF`, counted). The
-//! wire from the pod is HBONE only; from the waypoint, TLS with the SNI.
+//! or a certificate for another name is refused (503 `UF`, counted). A DNS
+//! entry is resolved at the waypoint; a TCP port's bytes are originated
+//! as TLS too. The wire from the pod is HBONE only; from the waypoint, TLS
+//! with the SNI.
 
 use std::path::Path;
 
@@ -201,6 +203,17 @@ fn egress_waypoint_applies_l7_policy_and_originates_verified_tls() -> anyhow::Re
         // The right CA, but the SNI is the host (the default), which the
         // certificate does not name.
         destination_rule("wrong-name", "wrong-name.example.com", &simple(4, "", &ca)),
+        // A TCP port: the waypoint streams bytes, and originates TLS for
+        // them too.
+        entry("tcp-api", "tcp.example.com", "10.97.1.14", &ext).replace(
+            "{number: 80, name: http, protocol: HTTP, targetPort: 443}",
+            "{number: 8080, name: tcp, protocol: TCP, targetPort: 443}",
+        ),
+        destination_rule(
+            "tcp-api",
+            "tcp.example.com",
+            &simple(4, ", sni: api.example.com", &ca),
+        ),
         ROUTE.into(),
         POLICY.into(),
     ];
@@ -253,6 +266,23 @@ fn egress_waypoint_applies_l7_policy_and_originates_verified_tls() -> anyhow::Re
     assert_eq!(
         (&seen["path"], &seen["sni"]),
         (&"/v1/dns".into(), &"api.example.com".into()),
+        "{seen}"
+    );
+
+    // Bytes of a TCP port: TLS from the waypoint all the same.
+    let (_, a) = tb.curl(
+        &frontend,
+        &[
+            "--resolve",
+            "tcp.example.com:8080:10.97.1.14",
+            "http://tcp.example.com:8080/v1/tcp",
+        ],
+    )?;
+    assert_eq!(a[0].0, 200, "{a:?}");
+    let seen = json(&a[0].1);
+    assert_eq!(
+        (&seen["path"], &seen["sni"]),
+        (&"/v1/tcp".into(), &"api.example.com".into()),
         "{seen}"
     );
 
