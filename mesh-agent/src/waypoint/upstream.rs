@@ -63,8 +63,14 @@ impl Clients {
 
     /// The client that speaks TLS to endpoints as `origination` says.
     pub fn originating(&self, origination: &Origination) -> Client<Connector, Body> {
-        self.originating
-            .locked()
+        let mut clients = self.originating.locked();
+        // Settings the configuration no longer has would otherwise stay
+        // forever: past a few dozen, start afresh (a request in flight
+        // keeps its own client).
+        if clients.len() >= MAX_ORIGINATING && !clients.contains_key(origination) {
+            clients.clear();
+        }
+        clients
             .entry(origination.clone())
             .or_insert_with(|| {
                 Client::builder(TokioExecutor::new()).build(Connector {
@@ -75,6 +81,9 @@ impl Clients {
             .clone()
     }
 }
+
+/// How many TLS origination settings keep a pooling client.
+const MAX_ORIGINATING: usize = 64;
 
 /// Opens the transport for `http://podIP:port`: HBONE when the pod at that
 /// address is in the mesh, plain TCP otherwise; over plain TCP, TLS when a
