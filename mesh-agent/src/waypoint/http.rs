@@ -91,16 +91,16 @@ const HOP_BY_HOP: [&str; 6] = [
     "http2-settings",
 ];
 
-fn full(status: StatusCode, body: &'static str) -> Response<Body> {
+fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, "text/plain")
         .body(
-            Full::new(Bytes::from_static(body.as_bytes()))
+            Full::new(body.into())
                 .map_err(|never| match never {})
                 .boxed_unsync(),
         )
-        .expect("static response parts are valid")
+        .expect("a status and a text body are valid parts")
 }
 
 fn empty_body() -> Body {
@@ -729,15 +729,7 @@ impl Handler {
                         ctx.count_tls_failure(service, f);
                         done.upstream = format!("{}: {f}", ep.addr);
                         let body = format!("upstream connect error: {f}\n");
-                        let resp = Response::builder()
-                            .status(StatusCode::SERVICE_UNAVAILABLE)
-                            .header(header::CONTENT_TYPE, "text/plain")
-                            .body(
-                                Full::new(Bytes::from(body))
-                                    .map_err(|never| match never {})
-                                    .boxed_unsync(),
-                            )
-                            .expect("a 503 with a text body is valid");
+                        let resp = full(StatusCode::SERVICE_UNAVAILABLE, body);
                         return self.finish(done, resp, "UF");
                     }
                     if e.is_connect() {
