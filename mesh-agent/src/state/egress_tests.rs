@@ -141,8 +141,9 @@ fn routes_and_policies_attach_to_a_service_entry() {
 }
 
 /// `tls.mode: SIMPLE` on the entry's port: SNI and CA file as written; a
-/// `credentialName` (not supported) is warned and refuses rather than
-/// sending in plaintext.
+/// `credentialName` takes the CA from the Secret's `ca.crt`, a missing
+/// Secret is warned and refuses rather than sending in plaintext, and so
+/// does an unsupported client certificate.
 #[test]
 fn destination_rule_tls_originates_to_a_service_entry_host() {
     let s = store(EGRESS);
@@ -170,7 +171,30 @@ fn destination_rule_tls_originates_to_a_service_entry_host() {
     assert!(tls.unusable.is_some(), "{tls:?}");
     let w = warned(&s, "DestinationRule shop/api-mtls");
     assert!(
-        w.iter().any(|w| w.message.contains("credentialName")),
+        w.iter()
+            .any(|w| w.kind == "unresolved_ref" && w.message.contains("no Secret shop/api-ca")),
         "{w:?}"
     );
+
+    // With the Secret, its ca.crt is the CA.
+    let with_secret = format!(
+        "{bound}---\napiVersion: v1\nkind: Secret\nmetadata: {{name: api-ca, namespace: shop}}\n\
+         stringData: {{ca.crt: PEM}}\n"
+    );
+    let s = store(&with_secret);
+    let (direct, _) = s.service_by_vip("240.0.0.11:80".parse().unwrap()).unwrap();
+    let tls = s.destination_policy(direct).unwrap().tls_for(80).unwrap();
+    assert_eq!(tls.credential_ca.as_deref(), Some(&b"PEM"[..]), "{tls:?}");
+    assert!(tls.unusable.is_none(), "{tls:?}");
+    assert!(warned(&s, "DestinationRule shop/api-mtls").is_empty());
+
+    // A client certificate is not sent: refused rather than half applied.
+    let client_cert = bound.replace(
+        "credentialName: api-ca",
+        "caCertificates: /ca.pem, clientCertificate: /c.pem",
+    );
+    let s = store(&client_cert);
+    let (direct, _) = s.service_by_vip("240.0.0.11:80".parse().unwrap()).unwrap();
+    let tls = s.destination_policy(direct).unwrap().tls_for(80).unwrap();
+    assert!(tls.unusable.is_some(), "{tls:?}");
 }

@@ -320,9 +320,10 @@ pub struct StoreOptions {
     /// Without it (a local configuration), a pod its labels put in the mesh
     /// is reached over HBONE too.
     pub redirection_annotation: bool,
-    /// The source does not read Secrets (a node agent or a waypoint with
-    /// the Kubernetes API): ingress listeners' certificates are neither
-    /// loaded nor warned about; only the gateway, which reads them, judges.
+    /// The source does not read Secrets (a node agent with the Kubernetes
+    /// API): ingress listeners' certificates and DestinationRule
+    /// `credentialName`s are neither loaded nor warned about; only the
+    /// proxies that read them (gateway, waypoint) judge.
     pub skip_ingress_secrets: bool,
     /// A Service's endpoints are those of its EndpointSlices only (the
     /// cluster source, where Kubernetes writes them): a Service without
@@ -498,6 +499,7 @@ impl Store {
         );
         route::compile_istio(
             &objects,
+            !opts.skip_ingress_secrets,
             &store.services,
             |ns, name| match bound.get(&(ns.to_owned(), name.to_owned())) {
                 Some(Binding::Bound(wp)) => Some(wp.key()),

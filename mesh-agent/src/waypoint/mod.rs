@@ -165,9 +165,11 @@ pub async fn run(args: WaypointArgs, mode: Mode) -> anyhow::Result<()> {
     } else {
         None
     };
-    // An ingress gateway reads the Secrets of its own namespace (its
-    // listeners' certificates); a waypoint reads none.
-    let secrets = (mode == Mode::Ingress).then(|| args.pod_namespace.clone());
+    // Both read the Secrets of their own namespace only: an ingress
+    // gateway its listeners' certificates, a waypoint the CA certificates
+    // a DestinationRule's `credentialName` names (without RBAC for them,
+    // the kind is reported unavailable and such a rule refuses).
+    let secrets = Some(args.pod_namespace.clone());
     let (store, _) = crate::start_store(&args.mesh, metrics.clone(), client.clone(), secrets);
     status::spawn(
         client,

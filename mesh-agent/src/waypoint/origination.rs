@@ -1,9 +1,10 @@
 //! TLS origination at the waypoint (DestinationRule `tls.mode: SIMPLE`):
 //! the app's plain HTTP to an external host leaves the waypoint as HTTPS,
 //! with the name from `sni` (else the host) in SNI and the host's
-//! certificate checked against `caCertificates` (a PEM file the waypoint
-//! reads on each new connection, so that a replaced file applies without a
-//! restart). A failed check refuses the request: 503 `UF`, the reason in
+//! certificate checked against the CA of `credentialName` (a Secret of the
+//! rule's namespace, as the store last read it) or `caCertificates` (a
+//! PEM file the waypoint reads on each new connection, so that a replaced
+//! file applies without a restart). A failed check refuses the request: 503 `UF`, the reason in
 //! the body and the access log, counted in
 //! `mesh_waypoint_tls_origination_failures`.
 
@@ -140,29 +141,33 @@ fn client_config(tls: &TlsOrigination) -> io::Result<ClientConfig> {
     let verifier: Arc<dyn ServerCertVerifier> = if tls.insecure_skip_verify {
         Arc::new(NoVerification(provider))
     } else {
-        let path = tls
-            .ca_certificates
-            .clone()
-            .unwrap_or_else(|| SYSTEM_CA_BUNDLE.into());
-        let pem = std::fs::read(&path).map_err(|e| {
-            TlsFailure::io(
-                "ca",
-                format!("caCertificates {} cannot be read: {e}", path.display()),
-            )
-        })?;
+        let (pem, source) = match (&tls.credential_ca, &tls.credential_name) {
+            (Some(pem), Some(name)) => (pem.clone(), format!("credentialName {name}")),
+            _ => {
+                let path = tls
+                    .ca_certificates
+                    .clone()
+                    .unwrap_or_else(|| SYSTEM_CA_BUNDLE.into());
+                let pem = std::fs::read(&path).map_err(|e| {
+                    TlsFailure::io(
+                        "ca",
+                        format!("caCertificates {} cannot be read: {e}", path.display()),
+                    )
+                })?;
+                (pem, format!("caCertificates {}", path.display()))
+            }
+        };
         let mut roots = RootCertStore::empty();
         for cert in CertificateDer::pem_slice_iter(&pem) {
-            let cert = cert.map_err(|e| {
-                TlsFailure::io("ca", format!("caCertificates {}: {e}", path.display()))
-            })?;
-            roots.add(cert).map_err(|e| {
-                TlsFailure::io("ca", format!("caCertificates {}: {e}", path.display()))
-            })?;
+            let cert = cert.map_err(|e| TlsFailure::io("ca", format!("{source}: {e}")))?;
+            roots
+                .add(cert)
+                .map_err(|e| TlsFailure::io("ca", format!("{source}: {e}")))?;
         }
         if roots.is_empty() {
             return Err(TlsFailure::io(
                 "ca",
-                format!("caCertificates {} holds no certificate", path.display()),
+                format!("{source} holds no certificate"),
             ));
         }
         let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)

@@ -79,6 +79,8 @@ fn tls(ca: Option<&PathBuf>) -> TlsOrigination {
     TlsOrigination {
         sni: None,
         ca_certificates: ca.cloned(),
+        credential_name: None,
+        credential_ca: None,
         subject_alt_names: Vec::new(),
         insecure_skip_verify: false,
         unusable: None,
@@ -105,8 +107,8 @@ async fn call(addr: SocketAddr, tls: TlsOrigination, host: &str) -> Result<Strin
 /// The CA and the name decide: the right CA for the certificate's name
 /// (by the host, by `sni`, or by one of `subjectAltNames`) connects; another
 /// CA, another name, a CA file that cannot be read or a rule that cannot
-/// be applied are refused with the reason; `insecureSkipVerify` accepts
-/// any certificate.
+/// be applied are refused with the reason; a Secret's CA wins over the
+/// file; `insecureSkipVerify` accepts any certificate.
 #[tokio::test]
 async fn the_certificate_is_checked_against_the_ca_and_the_name() {
     let pki = pki("check");
@@ -153,6 +155,21 @@ async fn the_certificate_is_checked_against_the_ca_and_the_name() {
     };
     let e = call(addr, unusable, "api.example.com").await.unwrap_err();
     assert!(e.starts_with("config:"), "{e}");
+
+    // A Secret's CA (credentialName) wins over the file.
+    let credential = |pem: &PathBuf| TlsOrigination {
+        credential_name: Some("api-ca".into()),
+        credential_ca: Some(std::fs::read(pem).unwrap()),
+        ..good.clone()
+    };
+    assert_eq!(
+        call(addr, credential(&pki.ca), "api.example.com").await,
+        Ok("ok".into())
+    );
+    let e = call(addr, credential(&pki.other_ca), "api.example.com")
+        .await
+        .unwrap_err();
+    assert!(e.contains("UnknownIssuer"), "{e}");
 
     let insecure = TlsOrigination {
         insecure_skip_verify: true,

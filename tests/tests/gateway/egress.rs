@@ -5,9 +5,9 @@
 //! AuthorizationPolicy and originates TLS (DestinationRule `SIMPLE`) to an
 //! HTTPS server outside the mesh, verified against a test CA. A wrong CA
 //! or a certificate for another name is refused (503 `UF`, counted). A DNS
-//! entry is resolved at the waypoint; a TCP port's bytes are originated
-//! as TLS too. The wire from the pod is HBONE only; from the waypoint, TLS
-//! with the SNI.
+//! entry is resolved at the waypoint (its CA from a Secret, by
+//! `credentialName`); a TCP port's bytes are originated as TLS too. The
+//! wire from the pod is HBONE only; from the waypoint, TLS with the SNI.
 
 use std::path::Path;
 
@@ -141,6 +141,7 @@ fn egress_waypoint_applies_l7_policy_and_originates_verified_tls() -> anyhow::Re
     };
     let (ca, cert, key) = ca_and_leaf("egress test CA", "api.example.com")?;
     let (other_ca, _, _) = ca_and_leaf("another CA", "api.example.com")?;
+    let ca_pem = ca.clone();
     let ca = write("egress-ca.pem", &ca)?;
     let other_ca = write("other-ca.pem", &other_ca)?;
     let (cert, key) = (write("server.pem", &cert)?, write("server-key.pem", &key)?);
@@ -183,7 +184,20 @@ fn egress_waypoint_applies_l7_policy_and_originates_verified_tls() -> anyhow::Re
         entry("dns-api", &ext, "10.97.1.13", &ext)
             .replace("resolution: STATIC", "resolution: DNS")
             .replace(&format!("  endpoints:\n  - address: \"{ext}\"\n"), ""),
-        destination_rule("dns-api", &ext, &simple(4, ", sni: api.example.com", &ca)),
+        // The CA from a Secret (`credentialName`), as Istio allows.
+        destination_rule(
+            "dns-api",
+            &ext,
+            "    tls: {mode: SIMPLE, sni: api.example.com, credentialName: egress-ca}\n",
+        ),
+        format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: egress-ca, namespace: shop}}\n\
+             stringData:\n  ca.crt: |\n{}",
+            ca_pem
+                .lines()
+                .map(|l| format!("    {l}\n"))
+                .collect::<String>()
+        ),
         // Per port, with the SNI named; the CA that signed the server's
         // certificate.
         destination_rule(
@@ -259,7 +273,8 @@ fn egress_waypoint_applies_l7_policy_and_originates_verified_tls() -> anyhow::Re
     let client_pcap = client_wire.stop()?;
     let waypoint_pcap = waypoint_wire.stop()?;
 
-    // A DNS entry: resolved at the waypoint, TLS to what it resolved to.
+    // A DNS entry: resolved at the waypoint, TLS to what it resolved to,
+    // verified against the Secret's CA.
     let (_, a) = call(&frontend, "dns.example.com", "10.97.1.13", &[], "/v1/dns")?;
     assert_eq!(a[0].0, 200, "{a:?}");
     let seen = json(&a[0].1);

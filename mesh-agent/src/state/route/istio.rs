@@ -258,6 +258,7 @@ struct ClientTls {
 fn tls_origination(
     tls: &ClientTls,
     at: &str,
+    credential: &Credential<'_>,
     warn: &mut impl FnMut(&'static str, String),
 ) -> Option<Option<super::TlsOrigination>> {
     match tls.mode.as_deref().unwrap_or("DISABLE") {
@@ -283,7 +284,6 @@ fn tls_origination(
         }
     }
     for (field, set) in [
-        ("credentialName", tls.credential_name.is_some()),
         ("clientCertificate", tls.client_certificate.is_some()),
         ("privateKey", tls.private_key.is_some()),
         ("caCrl", tls.ca_crl.is_some()),
@@ -291,10 +291,7 @@ fn tls_origination(
         if set {
             warn(
                 "unsupported",
-                format!(
-                    "{at}: tls {field} is not supported; not applied (name the CA with \
-                     caCertificates)"
-                ),
+                format!("{at}: tls {field} is not supported (no client certificate is sent)"),
             );
             // Origination without the asked-for check would be weaker
             // than what was written: refuse rather than guess.
@@ -312,13 +309,60 @@ fn tls_origination(
             return None;
         }
     };
+    let credential_name = tls.credential_name.clone().filter(|n| !n.is_empty());
+    let mut unusable = None;
+    let credential_ca = match &credential_name {
+        None => None,
+        Some(name) => match credential.ca(name) {
+            Ok(pem) => Some(pem),
+            Err(why) => {
+                if credential.read {
+                    warn(
+                        "unresolved_ref",
+                        format!("{at}: tls credentialName {name:?}: {why}; requests refused"),
+                    );
+                }
+                unusable = Some(format!("credentialName {name:?}: {why}"));
+                None
+            }
+        },
+    };
     Some(Some(super::TlsOrigination {
         sni: tls.sni.clone().filter(|s| !s.is_empty()),
         ca_certificates,
+        credential_name,
+        credential_ca,
         subject_alt_names: tls.subject_alt_names.clone(),
         insecure_skip_verify: tls.insecure_skip_verify.unwrap_or(false),
-        unusable: None,
+        unusable,
     }))
+}
+
+/// Where a DestinationRule's `credentialName` is looked up: the Secrets of
+/// its namespace, when this process reads Secrets at all.
+struct Credential<'a> {
+    objects: &'a Objects,
+    namespace: &'a str,
+    read: bool,
+}
+
+impl Credential<'_> {
+    /// The CA certificates of Secret `name`: its `ca.crt`, else `cacert`
+    /// (Istio's two spellings).
+    fn ca(&self, name: &str) -> Result<Vec<u8>, String> {
+        if !self.read {
+            return Err("this process does not read Secrets".into());
+        }
+        let secret = self
+            .objects
+            .secrets
+            .get(&(self.namespace.to_owned(), name.to_owned()))
+            .ok_or_else(|| format!("no Secret {}/{name} can be read", self.namespace))?;
+        ["ca.crt", "cacert"]
+            .iter()
+            .find_map(|k| crate::state::ingress::secret_field(&secret.object, k))
+            .ok_or_else(|| format!("Secret {}/{name} has no ca.crt", self.namespace))
+    }
 }
 
 /// The origination of a `tls` that could not be read: every connection
@@ -327,6 +371,8 @@ fn refused_tls(at: &str) -> super::TlsOrigination {
     super::TlsOrigination {
         sni: None,
         ca_certificates: None,
+        credential_name: None,
+        credential_ca: None,
         subject_alt_names: Vec::new(),
         insecure_skip_verify: false,
         unusable: Some(format!("the DestinationRule's {at} tls cannot be applied")),
@@ -442,6 +488,7 @@ fn host_key(services: &Services, host: &str, ns: &str) -> (String, String) {
 /// waypoint serving a Service, if any.
 pub(crate) fn compile_istio(
     objects: &Objects,
+    secrets_read: bool,
     services: &Services,
     bound: impl Fn(&str, &str) -> Option<String>,
     routes: &mut Routes,
@@ -493,6 +540,11 @@ pub(crate) fn compile_istio(
             rule: format!("{ns}/{name}"),
             ..DestinationPolicy::default()
         };
+        let credential = Credential {
+            objects,
+            namespace: ns,
+            read: secrets_read,
+        };
         if let Some(tp) = &dr.traffic_policy {
             if let Some(lb) = traffic_policy(tp, "trafficPolicy", &mut warn) {
                 policy.load_balancer = lb;
@@ -504,7 +556,7 @@ pub(crate) fn compile_istio(
                 policy.outlier_detection = outlier_detection(od, &mut warn);
             }
             if let Some(t) = &tp.tls {
-                policy.tls = tls_origination(t, "trafficPolicy", &mut warn)
+                policy.tls = tls_origination(t, "trafficPolicy", &credential, &mut warn)
                     .unwrap_or_else(|| Some(refused_tls("trafficPolicy")));
             }
             for p in &tp.port_level_settings {
@@ -512,7 +564,8 @@ pub(crate) fn compile_istio(
                 // A port whose tls cannot be applied is refused (no
                 // origination) rather than sent in plaintext.
                 let tls = p.tls.as_ref().map(|t| {
-                    tls_origination(t, &at, &mut warn).unwrap_or_else(|| Some(refused_tls(&at)))
+                    tls_origination(t, &at, &credential, &mut warn)
+                        .unwrap_or_else(|| Some(refused_tls(&at)))
                 });
                 let port = super::PortPolicy {
                     load_balancer: p

@@ -255,6 +255,12 @@ pub struct TlsOrigination {
     /// `caCertificates`: a PEM file the waypoint reads (None: the
     /// system's bundle, [`SYSTEM_CA_BUNDLE`]).
     pub ca_certificates: Option<std::path::PathBuf>,
+    /// `credentialName`: the Secret (of the rule's namespace) whose
+    /// `ca.crt` (or `cacert`) is the CA, which wins over `caCertificates`.
+    pub credential_name: Option<String>,
+    /// That Secret's CA certificates (PEM), as read.
+    #[serde(skip)]
+    pub credential_ca: Option<Vec<u8>>,
     /// `subjectAltNames`: names the certificate may show instead of the
     /// SNI name.
     pub subject_alt_names: Vec<String>,
