@@ -11,6 +11,9 @@
 
 use std::path::Path;
 
+#[path = "gateway/egress.rs"]
+mod egress;
+
 use mesh_tests::{
     Testbed, Value,
     mesh::{namespace_yaml, pod_yaml},

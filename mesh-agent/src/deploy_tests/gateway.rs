@@ -69,7 +69,7 @@ fn one<T: super::Kind>(objects: &[Object]) -> &T {
     one
 }
 
-fn grants(rule: &PolicyRule, group: &str, resource: &str, verb: &str) -> bool {
+pub(super) fn grants(rule: &PolicyRule, group: &str, resource: &str, verb: &str) -> bool {
     rule.api_groups.iter().flatten().any(|g| g == group)
         && rule.resources.iter().flatten().any(|r| r == resource)
         && rule.verbs.iter().any(|v| v == verb)

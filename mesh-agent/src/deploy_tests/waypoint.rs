@@ -296,6 +296,18 @@ fn waypoint_deployment_runs_a_waypoint_its_gateway_recognises() {
     p.check(grants_status, || {
         "no Role grants patch on httproutes/status".into()
     });
+    // And read its own namespace's Secrets (DestinationRule
+    // credentialName), by this Role only.
+    let secrets = crate::cluster::SECRETS;
+    for verb in ["get", "list", "watch"] {
+        p.check(
+            role.rules
+                .iter()
+                .flatten()
+                .any(|r| super::gateway::grants(r, secrets.group, secrets.plural, verb)),
+            || format!("no Role grants {verb} on secrets"),
+        );
+    }
     let role_binding: &RoleBinding = wm.one();
     p.check(
         role_binding.role_ref.name == role.metadata.name.clone().unwrap_or_default()

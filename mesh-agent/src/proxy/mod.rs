@@ -38,6 +38,7 @@ pub mod hbone;
 mod inbound;
 mod lb;
 mod outbound;
+pub(crate) use outbound::resolve;
 
 pub use conn::{ConnRecord, Meters, Outcome, Peer, labels as tcp_labels};
 pub use hbone::{Caller, Pool, Tunnel};

@@ -238,7 +238,8 @@ const RESOLVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// The addresses `names` resolve to now (the system resolver, from the
 /// agent's network namespace), of the destination's address family; a
 /// loopback or unspecified answer is dropped: it would mean the pod itself.
-async fn resolve(names: &[(String, u16)], ipv4: bool) -> Vec<SocketAddr> {
+/// The waypoint resolves a DNS entry's names the same way.
+pub(crate) async fn resolve(names: &[(String, u16)], ipv4: bool) -> Vec<SocketAddr> {
     let mut out = Vec::new();
     for (host, port) in names {
         match tokio::time::timeout(

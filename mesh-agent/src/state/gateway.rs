@@ -58,6 +58,12 @@ impl ParentRef {
             && self.kind.as_deref() == Some("Service")
     }
 
+    /// A ServiceEntry parent (`group: networking.istio.io`, `kind:
+    /// ServiceEntry`), as Istio attaches routes to egress hosts.
+    pub fn is_service_entry(&self) -> bool {
+        super::service_entry::is_entry_ref(self.group.as_deref(), self.kind.as_deref())
+    }
+
     /// A Gateway parent (the Gateway API's default kind).
     pub fn is_gateway(&self) -> bool {
         matches!(
@@ -169,6 +175,14 @@ pub(super) fn check_routes(
                 // the ingress gateway receives (its status says how).
                 continue;
             }
+            if parent.is_service_entry() {
+                if let Some((kind, message)) =
+                    entry_status(objects, services, ns, &parent.name, "route")
+                {
+                    warn(kind, message);
+                }
+                continue;
+            }
             if !parent.is_service() {
                 warn(
                     "unsupported",
@@ -215,6 +229,9 @@ pub(super) fn policy_target_status(
     }
     match kind {
         "Service" => service_status(objects, services, ns, name, "policy"),
+        "ServiceEntry" if field("group") == "networking.istio.io" => {
+            entry_status(objects, services, ns, name, "policy")
+        }
         "Gateway" => match objects.gateways.get(&(ns.to_owned(), name.to_owned())) {
             None => Some((
                 "missing_waypoint",
@@ -239,6 +256,41 @@ pub(super) fn policy_target_status(
             format!("targetRef kind {kind:?} is not supported; not applied"),
         )),
     }
+}
+
+/// Why a route or policy (`what`) on ServiceEntry `ns/name` is not
+/// applied; None when its hosts are bound to a waypoint that serves them.
+pub(super) fn entry_status(
+    objects: &Objects,
+    services: &std::collections::HashMap<(String, String), Binding>,
+    ns: &str,
+    name: &str,
+    what: &str,
+) -> Option<(&'static str, String)> {
+    let Some(hosts) = super::service_entry::hosts_of(objects, ns, name) else {
+        return Some((
+            "missing_waypoint",
+            format!("ServiceEntry {ns}/{name} does not exist; the {what} is not applied"),
+        ));
+    };
+    hosts
+        .iter()
+        .find_map(|host| match services.get(&(ns.to_owned(), host.clone())) {
+            Some(Binding::Bound(_)) => None,
+            Some(Binding::Refused { reason, .. }) => Some((
+                "missing_waypoint",
+                format!("ServiceEntry {ns}/{name} ({host}): {reason}; the {what} is not applied"),
+            )),
+            None => Some((
+                "missing_waypoint",
+                format!(
+                    "ServiceEntry {ns}/{name} ({host}) has no waypoint (label {} on the entry or \
+                     its namespace); only a waypoint applies what targets it, so this {what} is \
+                     not applied",
+                    waypoint::USE_WAYPOINT
+                ),
+            )),
+        })
 }
 
 /// Why a route or policy (`what`) on Service `ns/name` is not applied;

@@ -332,6 +332,22 @@ fn load(objects: &Objects, gateway_ns: &str, r: &SecretRef) -> Result<Arc<Certif
     certified_key(&secret.object).map_err(|e| format!("Secret {ns}/{}: {e}", r.name))
 }
 
+/// A Secret's key `k`: from `data`, else `stringData`.
+pub(super) fn secret_field(secret: &Secret, k: &str) -> Option<Vec<u8>> {
+    secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(k))
+        .map(|b| b.0.clone())
+        .or_else(|| {
+            secret
+                .string_data
+                .as_ref()
+                .and_then(|d| d.get(k))
+                .map(|s| s.as_bytes().to_vec())
+        })
+}
+
 /// The certificate chain and key of a `kubernetes.io/tls` Secret (`data`,
 /// else `stringData`).
 pub(super) fn certified_key(secret: &Secret) -> Result<Arc<CertifiedKey>, String> {
@@ -342,20 +358,7 @@ pub(super) fn certified_key(secret: &Secret) -> Result<Arc<CertifiedKey>, String
     {
         return Err(format!("type {t} is not kubernetes.io/tls"));
     }
-    let field = |k: &str| -> Option<Vec<u8>> {
-        secret
-            .data
-            .as_ref()
-            .and_then(|d| d.get(k))
-            .map(|b| b.0.clone())
-            .or_else(|| {
-                secret
-                    .string_data
-                    .as_ref()
-                    .and_then(|d| d.get(k))
-                    .map(|s| s.as_bytes().to_vec())
-            })
-    };
+    let field = |k: &str| secret_field(secret, k);
     let crt = field("tls.crt").ok_or("no tls.crt")?;
     let key = field("tls.key").ok_or("no tls.key")?;
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&crt)

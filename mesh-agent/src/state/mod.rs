@@ -21,6 +21,8 @@ mod ztunnel_dump;
 pub use ztunnel_dump::ztunnel_uid;
 
 #[cfg(test)]
+mod egress_tests;
+#[cfg(test)]
 mod istio_route_tests;
 #[cfg(test)]
 mod peer_auth_tests;
@@ -56,7 +58,7 @@ pub use matcher::{Attrs, L7Request};
 pub use ratelimit::RateLimit;
 pub use route::{
     Abort, Backend, Condition, ConnectionPool, LoadBalancer, OutlierDetection, RequestView,
-    RouteEntry, RouteStatus, RuleAction, modify_path,
+    RouteEntry, RouteStatus, RuleAction, SYSTEM_CA_BUNDLE, TlsOrigination, modify_path,
 };
 pub use service_entry::Location;
 pub use source::{LocalFiles, Publisher, Source, spawn_source};
@@ -318,9 +320,10 @@ pub struct StoreOptions {
     /// Without it (a local configuration), a pod its labels put in the mesh
     /// is reached over HBONE too.
     pub redirection_annotation: bool,
-    /// The source does not read Secrets (a node agent or a waypoint with
-    /// the Kubernetes API): ingress listeners' certificates are neither
-    /// loaded nor warned about; only the gateway, which reads them, judges.
+    /// The source does not read Secrets (a node agent with the Kubernetes
+    /// API): ingress listeners' certificates and DestinationRule
+    /// `credentialName`s are neither loaded nor warned about; only the
+    /// proxies that read them (gateway, waypoint) judge.
     pub skip_ingress_secrets: bool,
     /// A Service's endpoints are those of its EndpointSlices only (the
     /// cluster source, where Kubernetes writes them): a Service without
@@ -496,6 +499,7 @@ impl Store {
         );
         route::compile_istio(
             &objects,
+            !opts.skip_ingress_secrets,
             &store.services,
             |ns, name| match bound.get(&(ns.to_owned(), name.to_owned())) {
                 Some(Binding::Bound(wp)) => Some(wp.key()),

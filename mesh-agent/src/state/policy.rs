@@ -570,7 +570,8 @@ pub(super) fn authorize_waypoint(
             && p.targets.iter().any(|t| {
                 let key = (t.namespace.as_str(), t.name.as_str());
                 match t.kind.as_str() {
-                    "Service" => service == Some(key),
+                    // A ServiceEntry's target names one of its hosts.
+                    "Service" | "ServiceEntry" => service == Some(key),
                     _ => key == gateway,
                 }
             })
@@ -672,6 +673,21 @@ fn compile_one(
                 let ns = Some(field("namespace"))
                     .filter(|n| !n.is_empty())
                     .unwrap_or(namespace);
+                // A ServiceEntry stands for its hosts: the services the
+                // store made of it.
+                if field("kind") == "ServiceEntry" {
+                    for host in super::service_entry::hosts_of(objects, ns, field("name"))
+                        .into_iter()
+                        .flatten()
+                    {
+                        applied.push(Target {
+                            kind: "ServiceEntry".to_owned(),
+                            namespace: ns.to_owned(),
+                            name: host.clone(),
+                        });
+                    }
+                    continue;
+                }
                 applied.push(Target {
                     kind: field("kind").to_owned(),
                     namespace: ns.to_owned(),

@@ -16,7 +16,40 @@ use super::{
 #[serde(rename_all = "camelCase")]
 pub(crate) struct ServiceEntry {
     #[serde(default)]
+    pub metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    #[serde(default)]
     pub spec: Spec,
+}
+
+/// The hosts of ServiceEntry `ns/name` (the store's service names for
+/// it), for a route's `parentRef` or a policy's `targetRef` of kind
+/// ServiceEntry; None when there is no such entry.
+pub(super) fn hosts_of<'a>(objects: &'a Objects, ns: &str, name: &str) -> Option<&'a [String]> {
+    objects
+        .service_entries
+        .get(&(ns.to_owned(), name.to_owned()))
+        .map(|e| e.object.spec.hosts.as_slice())
+}
+
+/// The labels of the ServiceEntry in `ns` that lists `host` (the last by
+/// name, whose service the store keeps), for its `istio.io/use-waypoint`.
+pub(super) fn labels_of<'a>(
+    objects: &'a Objects,
+    ns: &str,
+    host: &str,
+) -> Option<&'a BTreeMap<String, String>> {
+    objects
+        .service_entries
+        .range((ns.to_owned(), String::new())..)
+        .take_while(|((n, _), _)| n == ns)
+        .filter(|(_, e)| e.object.spec.hosts.iter().any(|h| h == host))
+        .last()
+        .and_then(|(_, e)| e.object.metadata.labels.as_ref())
+}
+
+/// `group: networking.istio.io, kind: ServiceEntry` of a reference.
+pub(super) fn is_entry_ref(group: Option<&str>, kind: Option<&str>) -> bool {
+    group == Some("networking.istio.io") && kind == Some("ServiceEntry")
 }
 
 #[derive(Debug, Default, Deserialize)]

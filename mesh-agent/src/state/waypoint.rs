@@ -2,8 +2,8 @@
 //! waypoint is a `Gateway` of class `istio-waypoint` with an HBONE
 //! listener on 15008; its pods carry the label
 //! `gateway.networking.k8s.io/gateway-name`; `istio.io/waypoint-for` on the
-//! Gateway (else on its GatewayClass) says what it serves; `istio.io/use-waypoint` on a Service or
-//! pod (else on its namespace) binds it, `none` opts out, and
+//! Gateway (else on its GatewayClass) says what it serves; `istio.io/use-waypoint` on a Service, a
+//! ServiceEntry or a pod (else on its namespace) binds it, `none` opts out, and
 //! `istio.io/use-waypoint-namespace` names a waypoint in another
 //! namespace. Unlike Istio, a binding that cannot be served (no such
 //! waypoint, no ready pod, the wrong kind of traffic) is kept as a refusal,
@@ -195,10 +195,14 @@ pub(super) fn bind<'a>(
             .and_then(|n| n.object.metadata.labels.as_ref())
     };
     for svc in services {
-        let own = objects
-            .services
-            .get(&(svc.namespace.clone(), svc.name.clone()))
-            .and_then(|s| s.object.metadata.labels.as_ref());
+        // A ServiceEntry binds by its own labels, as a Service does.
+        let own = match svc.entry {
+            Some(_) => super::service_entry::labels_of(objects, &svc.namespace, &svc.name),
+            None => objects
+                .services
+                .get(&(svc.namespace.clone(), svc.name.clone()))
+                .and_then(|s| s.object.metadata.labels.as_ref()),
+        };
         let ingress_label = own
             .and_then(|l| l.get(INGRESS_USE_WAYPOINT))
             .or_else(|| ns_labels(&svc.namespace).and_then(|l| l.get(INGRESS_USE_WAYPOINT)));

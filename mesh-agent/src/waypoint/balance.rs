@@ -146,6 +146,35 @@ pub fn endpoints(ctx: &Ctx, store: &Store, choice: &Choice, keys: Keys<'_>) -> V
     order
 }
 
+/// `endpoints`, or when there are none and the destination is a
+/// ServiceEntry with resolution DNS, what its names resolve to now (as
+/// the node agent resolves them per connection).
+pub async fn or_resolved(
+    store: &Store,
+    choice: &Choice,
+    endpoints: Vec<Endpoint>,
+) -> Vec<Endpoint> {
+    let WaypointTarget::Service(svc, port) = &choice.target else {
+        return endpoints;
+    };
+    if !endpoints.is_empty() {
+        return endpoints;
+    }
+    let names = store.dns_targets(svc, port);
+    if names.is_empty() {
+        return endpoints;
+    }
+    let ipv4 = svc.vips.first().is_none_or(IpAddr::is_ipv4);
+    crate::proxy::resolve(&names, ipv4)
+        .await
+        .into_iter()
+        .map(|addr| Endpoint {
+            workload: store.workload_by_ip(addr.ip()).cloned(),
+            addr,
+        })
+        .collect()
+}
+
 fn stable_hash(v: &impl std::hash::Hash) -> u64 {
     // SipHash with fixed keys: the same key picks the same endpoint in
     // every waypoint replica.

@@ -91,16 +91,16 @@ const HOP_BY_HOP: [&str; 6] = [
     "http2-settings",
 ];
 
-fn full(status: StatusCode, body: &'static str) -> Response<Body> {
+fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, "text/plain")
         .body(
-            Full::new(Bytes::from_static(body.as_bytes()))
+            Full::new(body.into())
                 .map_err(|never| match never {})
                 .boxed_unsync(),
         )
-        .expect("static response parts are valid")
+        .expect("a status and a text body are valid parts")
 }
 
 fn empty_body() -> Body {
@@ -562,6 +562,8 @@ impl Handler {
             );
         }
         let endpoints = balance::endpoints(ctx, &store, &chosen, keys);
+        let endpoints = balance::or_resolved(&store, &chosen, endpoints).await;
+        let origination = super::origination_for(&store, &chosen.target);
         // The DestinationRule's circuit breakers for the chosen Service.
         // Per subset, else per port, else per Service (Istio's precedence).
         let subset = chosen.subset.as_ref().map(|(n, _)| n.as_str());
@@ -642,11 +644,15 @@ impl Handler {
             let mut up = Request::from_parts(parts.clone(), body.take().unwrap_or_else(empty_body));
             *up.uri_mut() = uri;
             *up.version_mut() = hyper::Version::HTTP_11;
-            let client = if parts.version == hyper::Version::HTTP_2 {
-                *up.version_mut() = hyper::Version::HTTP_2;
-                &ctx.clients.http2
-            } else {
-                &ctx.clients.http1
+            // Originated TLS carries HTTP/1.1 (no ALPN is offered).
+            let originating = origination.as_ref().map(|o| ctx.clients.originating(o));
+            let client = match &originating {
+                Some(c) => c,
+                None if parts.version == hyper::Version::HTTP_2 => {
+                    *up.version_mut() = hyper::Version::HTTP_2;
+                    &ctx.clients.http2
+                }
+                None => &ctx.clients.http1,
             };
             let sent_at = SystemTime::now();
             let connection = capture_connection(&mut up);
@@ -712,6 +718,20 @@ impl Handler {
                 }
                 Err(e) => {
                     debug!(endpoint = %ep.addr, error = %e, "upstream failed");
+                    // A refused certificate is the configuration's (or the
+                    // host's) fault, not the endpoint's health: said, counted,
+                    // and not retried elsewhere in vain.
+                    if let Some(f) = super::origination::TlsFailure::find(&e) {
+                        let service = match &chosen.target {
+                            WaypointTarget::Service(svc, _) => Some(&**svc),
+                            WaypointTarget::Workload(..) => None,
+                        };
+                        ctx.count_tls_failure(service, f);
+                        done.upstream = format!("{}: {f}", ep.addr);
+                        let body = format!("upstream connect error: {f}\n");
+                        let resp = full(StatusCode::SERVICE_UNAVAILABLE, body);
+                        return self.finish(done, resp, "UF");
+                    }
                     if e.is_connect() {
                         ctx.balancer.mark_down(ep.addr);
                     }

@@ -22,12 +22,15 @@ use crate::{
     identity::{CertManager, Identity},
     metrics::Metrics,
     proxy::{Balancer, Pool},
-    state::{IngressGateway, Store, Waypoint, Workload},
+    state::{IngressGateway, Service, Store, Waypoint, Workload},
 };
 
 mod balance;
 mod http;
 mod ingress;
+mod origination;
+#[cfg(test)]
+mod origination_tests;
 mod path;
 mod ratelimit;
 mod resilience;
@@ -72,6 +75,8 @@ pub struct Ctx {
     pub picks: std::sync::atomic::AtomicU64,
     /// `--cluster-id`: the cluster HBONE's `baggage` names.
     pub cluster_id: String,
+    /// Originated TLS handshakes that failed, by host and reason.
+    pub tls_failures: origination::Failures,
 }
 
 impl Ctx {
@@ -92,6 +97,18 @@ impl Ctx {
     /// The ingress Gateway this pod belongs to.
     pub fn ingress(&self, store: &Store) -> Option<Arc<IngressGateway>> {
         store.ingress_of_pod(&self.pod.0, &self.pod.1).cloned()
+    }
+
+    /// Counts (and logs) an originated TLS connection that failed.
+    pub fn count_tls_failure(&self, service: Option<&Service>, f: &origination::TlsFailure) {
+        let service = service.map(Service::hostname).unwrap_or_default();
+        warn!(%service, reason = f.reason, error = %f.detail, "TLS origination failed");
+        self.tls_failures
+            .get_or_create(&origination::FailureLabels {
+                service,
+                reason: f.reason.to_owned(),
+            })
+            .inc();
     }
 
     pub fn identity(&self, store: &Store) -> Option<Identity> {
@@ -148,9 +165,11 @@ pub async fn run(args: WaypointArgs, mode: Mode) -> anyhow::Result<()> {
     } else {
         None
     };
-    // An ingress gateway reads the Secrets of its own namespace (its
-    // listeners' certificates); a waypoint reads none.
-    let secrets = (mode == Mode::Ingress).then(|| args.pod_namespace.clone());
+    // Both read the Secrets of their own namespace only: an ingress
+    // gateway its listeners' certificates, a waypoint the CA certificates
+    // a DestinationRule's `credentialName` names (without RBAC for them,
+    // the kind is reported unavailable and such a rule refuses).
+    let secrets = Some(args.pod_namespace.clone());
     let (store, _) = crate::start_store(&args.mesh, metrics.clone(), client.clone(), secrets);
     status::spawn(
         client,
@@ -182,6 +201,7 @@ pub async fn run(args: WaypointArgs, mode: Mode) -> anyhow::Result<()> {
         pod: (args.pod_namespace.clone(), args.pod_name.clone()),
         picks: std::sync::atomic::AtomicU64::new(0),
         cluster_id: args.mesh.cluster_id.clone(),
+        tls_failures: origination::Failures::default(),
     });
     let mut registry = crate::metrics::proxy_registry(&metrics);
     ctx.requests.register(&mut registry);
@@ -194,6 +214,12 @@ pub async fn run(args: WaypointArgs, mode: Mode) -> anyhow::Result<()> {
         "mesh_waypoint_rate_limited",
         "Requests refused by a LocalRateLimitPolicy, by policy and bucket",
         ctx.rate_limiter.limited.clone(),
+    );
+    registry.register(
+        "mesh_waypoint_tls_origination_failures",
+        "Connections to a destination with DestinationRule TLS origination refused because \
+         the handshake failed, by host and reason (certificate, ca, config, handshake)",
+        ctx.tls_failures.clone(),
     );
     registry.register(
         "mesh_waypoint_outlier_ejections",
@@ -272,6 +298,18 @@ pub(crate) fn read_hello(bytes: &[u8]) -> Option<Option<String>> {
         ingress::Hello::Sni(name) => Some(name),
         ingress::Hello::Partial | ingress::Hello::Malformed => None,
     }
+}
+
+/// The TLS a DestinationRule originates to the endpoints of `target`.
+fn origination_for(
+    store: &Store,
+    target: &crate::state::WaypointTarget,
+) -> Option<origination::Origination> {
+    let crate::state::WaypointTarget::Service(svc, port) = target else {
+        return None;
+    };
+    let tls = store.destination_policy(svc)?.tls_for(port.port)?;
+    Some(origination::Origination::new(tls.clone(), &svc.hostname()))
 }
 
 /// The client a request came from: the HBONE peer's address and identity

@@ -28,7 +28,7 @@ use tokio::{
 };
 use tracing::{Instrument as _, debug, info_span, warn};
 
-use super::{Client, Ctx, balance, http, upstream};
+use super::{Client, Ctx, balance, http, origination, upstream};
 use crate::{
     proxy::{ConnRecord, Outcome, Peer, hbone},
     state::{Decision, Waypoint, WaypointTarget},
@@ -307,11 +307,13 @@ async fn tcp(
         client: Some(client.addr.ip()),
     };
     let endpoints = balance::endpoints(&ctx, &store, &choice, keys);
+    let endpoints = balance::or_resolved(&store, &choice, endpoints).await;
+    let origination = super::origination_for(&store, &target);
     // Not held while the stream lasts.
     drop(store);
     let mut last = String::from("no endpoint");
     for ep in endpoints.iter().take(3) {
-        match upstream::stream(&ctx, ep.addr).await {
+        match upstream::stream(&ctx, ep.addr, origination.as_ref()).await {
             Ok(up) => {
                 rec.set_destination(
                     Peer {
@@ -337,7 +339,11 @@ async fn tcp(
                 return;
             }
             Err(e) => {
-                ctx.balancer.mark_down(ep.addr);
+                if let Some(f) = origination::TlsFailure::find(&e) {
+                    ctx.count_tls_failure(service.as_deref(), f);
+                } else {
+                    ctx.balancer.mark_down(ep.addr);
+                }
                 last = e.to_string();
             }
         }

@@ -1,11 +1,13 @@
 //! The waypoint's way to its backends: per request, one endpoint of the
 //! chosen Service (round robin, set-aside endpoints skipped), reached over
 //! HBONE with the waypoint's own identity (authority `podIP:targetPort`),
-//! or as plain TCP when the endpoint is not in the mesh. HTTP connections
+//! or as plain TCP when the endpoint is not in the mesh (TLS over it when
+//! a DestinationRule originates TLS: `origination.rs`). HTTP connections
 //! over those tunnels are pooled per endpoint by hyper's client, so a
 //! keep-alive or HTTP/2 client is not pinned to one endpoint.
 
 use std::{
+    collections::HashMap,
     future::Future,
     io,
     net::SocketAddr,
@@ -24,8 +26,11 @@ use hyper_util::{
 };
 use tracing::debug;
 
-use super::Ctx;
-use crate::proxy::{Caller, Dialer, Tunnel, connect_from};
+use super::{Ctx, origination::Origination};
+use crate::{
+    proxy::{Caller, Dialer, Tunnel, connect_from},
+    sync::LockExt as _,
+};
 
 pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, hyper::Error>;
 
@@ -34,25 +39,59 @@ pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, hyper::Error>;
 pub struct Clients {
     pub http1: Client<Connector, Body>,
     pub http2: Client<Connector, Body>,
+    ctx: std::sync::Weak<Ctx>,
+    /// HTTP/1.1 clients that originate TLS, one per setting and name (so
+    /// that their pooled connections are only reused for the same).
+    originating: std::sync::Mutex<HashMap<Origination, Client<Connector, Body>>>,
 }
 
 impl Clients {
     pub fn new(ctx: std::sync::Weak<Ctx>) -> Self {
-        let connector = Connector { ctx };
+        let connector = Connector {
+            ctx: ctx.clone(),
+            origination: None,
+        };
         Clients {
             http1: Client::builder(TokioExecutor::new()).build(connector.clone()),
             http2: Client::builder(TokioExecutor::new())
                 .http2_only(true)
                 .build(connector),
+            ctx,
+            originating: Default::default(),
         }
+    }
+
+    /// The client that speaks TLS to endpoints as `origination` says.
+    pub fn originating(&self, origination: &Origination) -> Client<Connector, Body> {
+        let mut clients = self.originating.locked();
+        // Settings the configuration no longer has would otherwise stay
+        // forever: past a few dozen, start afresh (a request in flight
+        // keeps its own client).
+        if clients.len() >= MAX_ORIGINATING && !clients.contains_key(origination) {
+            clients.clear();
+        }
+        clients
+            .entry(origination.clone())
+            .or_insert_with(|| {
+                Client::builder(TokioExecutor::new()).build(Connector {
+                    ctx: self.ctx.clone(),
+                    origination: Some(origination.clone()),
+                })
+            })
+            .clone()
     }
 }
 
+/// How many TLS origination settings keep a pooling client.
+const MAX_ORIGINATING: usize = 64;
+
 /// Opens the transport for `http://podIP:port`: HBONE when the pod at that
-/// address is in the mesh, plain TCP otherwise.
+/// address is in the mesh, plain TCP otherwise; over plain TCP, TLS when a
+/// DestinationRule originates it.
 #[derive(Clone)]
 pub struct Connector {
     ctx: std::sync::Weak<Ctx>,
+    origination: Option<Origination>,
 }
 
 impl tower_service::Service<Uri> for Connector {
@@ -66,6 +105,7 @@ impl tower_service::Service<Uri> for Connector {
 
     fn call(&mut self, uri: Uri) -> Self::Future {
         let ctx = self.ctx.clone();
+        let origination = self.origination.clone();
         Box::pin(async move {
             let ctx = ctx
                 .upgrade()
@@ -74,7 +114,7 @@ impl tower_service::Service<Uri> for Connector {
                 .authority()
                 .and_then(|a| a.as_str().parse().ok())
                 .ok_or_else(|| io::Error::other(format!("upstream {uri} is not ip:port")))?;
-            open(&ctx, addr).await
+            stream(&ctx, addr, origination.as_ref()).await
         })
     }
 }
@@ -153,6 +193,8 @@ async fn open(ctx: &Ctx, addr: SocketAddr) -> io::Result<Upstream> {
 pub enum Upstream {
     Hbone(Box<Tunnel>),
     Plain(TokioIo<tokio::net::TcpStream>),
+    /// TLS originated to an endpoint outside the mesh.
+    Tls(Box<TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>>),
 }
 
 /// Requests an upstream connection has carried, shared by the requests
@@ -182,6 +224,7 @@ impl rt::Read for Upstream {
         match self.get_mut() {
             Upstream::Hbone(t) => Pin::new(t.io_mut()).poll_read(cx, buf),
             Upstream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Upstream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -195,6 +238,7 @@ impl rt::Write for Upstream {
         match self.get_mut() {
             Upstream::Hbone(t) => Pin::new(t.io_mut()).poll_write(cx, buf),
             Upstream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Upstream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -202,6 +246,7 @@ impl rt::Write for Upstream {
         match self.get_mut() {
             Upstream::Hbone(t) => Pin::new(t.io_mut()).poll_flush(cx),
             Upstream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Upstream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
@@ -209,11 +254,30 @@ impl rt::Write for Upstream {
         match self.get_mut() {
             Upstream::Hbone(t) => Pin::new(t.io_mut()).poll_shutdown(cx),
             Upstream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Upstream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }
 
-/// Opens a raw stream to an endpoint, for TCP traffic and upgrades.
-pub async fn stream(ctx: &Arc<Ctx>, addr: SocketAddr) -> io::Result<Upstream> {
-    open(ctx, addr).await
+/// Opens a stream to an endpoint (for requests, TCP traffic and
+/// upgrades), with TLS over it when `origination` asks.
+pub async fn stream(
+    ctx: &Ctx,
+    addr: SocketAddr,
+    origination: Option<&Origination>,
+) -> io::Result<Upstream> {
+    match (origination, open(ctx, addr).await?) {
+        (None, up) => Ok(up),
+        (Some(o), Upstream::Plain(tcp)) => Ok(Upstream::Tls(Box::new(TokioIo::new(
+            o.connect(tcp.into_inner(), addr).await?,
+        )))),
+        // A meshed endpoint is reached over mutual TLS already; TLS inside
+        // the tunnel is not offered.
+        (Some(_), _) => Err(io::Error::other(super::origination::TlsFailure {
+            reason: "config",
+            detail: format!(
+                "{addr} is in the mesh: TLS origination applies to endpoints outside it"
+            ),
+        })),
+    }
 }

@@ -225,12 +225,28 @@ pub(crate) fn compile(
                 .is_gateway()
                 .then(|| ingress(pns, &parent.name))
                 .flatten();
+            // A ServiceEntry parent stands for its hosts (the services the
+            // store made of it), served by the waypoint they are bound to.
+            let on_entry: Option<Vec<(String, String)>> = parent.is_service_entry().then(|| {
+                crate::state::service_entry::hosts_of(objects, pns, &parent.name)
+                    .into_iter()
+                    .flatten()
+                    .map(|h| (pns.to_owned(), h.clone()))
+                    .collect()
+            });
             let waypoint = if pns != ns.as_str() {
                 None
             } else if on_ingress.is_some() {
                 Some(format!("{pns}/{}", parent.name))
             } else if parent.is_service() {
                 bound(pns, &parent.name)
+            } else if let Some(hosts) = &on_entry {
+                // Every host must be bound to the same waypoint.
+                let wps: Vec<Option<String>> = hosts.iter().map(|(n, h)| bound(n, h)).collect();
+                match wps.first() {
+                    Some(first) if wps.iter().all(|w| w == first) => first.clone(),
+                    _ => None,
+                }
             } else {
                 on_waypoint
                     .as_ref()
@@ -272,11 +288,13 @@ pub(crate) fn compile(
                     reason: "Accepted",
                     message: format!("waypoint {pns}/{}", parent.name),
                 }
-            } else if !parent.is_service() {
+            } else if !parent.is_service() && on_entry.is_none() {
                 Condition {
                     status: false,
                     reason: "NotAllowedByListeners",
-                    message: "only Service parents (mesh routes) are served by a waypoint".into(),
+                    message: "only Service and ServiceEntry parents (mesh routes) are served by \
+                              a waypoint"
+                        .into(),
                 }
             } else if let Some(wp) = &waypoint {
                 Condition {
@@ -289,7 +307,8 @@ pub(crate) fn compile(
                     status: false,
                     reason: "NoMatchingParent",
                     message: format!(
-                        "Service {pns}/{} has no waypoint that serves it",
+                        "{} {pns}/{} has no waypoint that serves it",
+                        parent.kind.as_deref().unwrap_or("Service"),
                         parent.name
                     ),
                 }
@@ -334,9 +353,11 @@ pub(crate) fn compile(
                 }
                 continue;
             }
-            let targets: Vec<(String, String)> = match on_waypoint {
-                Some(services) => services,
-                None => vec![(pns.to_owned(), parent.name.clone())],
+            let service_like = parent.is_service() || on_entry.is_some();
+            let targets: Vec<(String, String)> = match (on_waypoint, on_entry) {
+                (Some(services), _) => services,
+                (None, Some(hosts)) => hosts,
+                (None, None) => vec![(pns.to_owned(), parent.name.clone())],
             };
             if !route.spec.hostnames.is_empty() {
                 c.warn(
@@ -347,11 +368,8 @@ pub(crate) fn compile(
             for target in targets {
                 // A Service parent's sectionName names one of its ports (a
                 // Gateway's names a listener: the waypoint has one).
-                let port = parent.port.filter(|_| parent.is_service()).or_else(|| {
-                    let section = parent
-                        .section_name
-                        .as_deref()
-                        .filter(|_| parent.is_service())?;
+                let port = parent.port.filter(|_| service_like).or_else(|| {
+                    let section = parent.section_name.as_deref().filter(|_| service_like)?;
                     let svc = services.get(&target)?;
                     // A name that is no port matches nothing rather than all.
                     Some(
@@ -559,8 +577,13 @@ impl RouteCompiler<'_> {
         }
         let weight = b.weight.unwrap_or(1);
         let port = b.port.unwrap_or(0);
-        let kind_ok = matches!(b.group.as_deref(), None | Some("" | "core"))
-            && matches!(b.kind.as_deref(), None | Some("Service"));
+        // Istio's `kind: Hostname` (group networking.istio.io) names a
+        // ServiceEntry's host, as an egress route sends to one.
+        let hostname = b.group.as_deref() == Some("networking.istio.io")
+            && b.kind.as_deref() == Some("Hostname");
+        let kind_ok = hostname
+            || (matches!(b.group.as_deref(), None | Some("" | "core"))
+                && matches!(b.kind.as_deref(), None | Some("Service")));
         let service = if !kind_ok {
             Err(format!(
                 "backendRef {}/{} of kind {:?} is not a Service",
@@ -570,6 +593,14 @@ impl RouteCompiler<'_> {
             ))
         } else {
             match self.services.get(&(ns.to_owned(), b.name.clone())) {
+                Some(s) if hostname && s.entry.is_none() => Err(format!(
+                    "backendRef Hostname {} is no ServiceEntry host in {ns}",
+                    b.name
+                )),
+                None if hostname => Err(format!(
+                    "backendRef Hostname {} is no ServiceEntry host in {ns}",
+                    b.name
+                )),
                 None => Err(format!("backendRef Service {ns}/{} does not exist", b.name)),
                 Some(s) if !s.ports.iter().any(|p| p.port == port) => Err(format!(
                     "backendRef Service {ns}/{} has no port {port}",

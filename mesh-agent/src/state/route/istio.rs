@@ -220,7 +220,7 @@ struct TrafficPolicy {
     load_balancer: Option<LbSettings>,
     connection_pool: Option<PoolSettings>,
     outlier_detection: Option<OutlierSettings>,
-    tls: Option<Value>,
+    tls: Option<ClientTls>,
     #[serde(default)]
     port_level_settings: Vec<PortSettings>,
     tunnel: Option<Value>,
@@ -234,7 +234,149 @@ struct PortSettings {
     load_balancer: Option<LbSettings>,
     connection_pool: Option<PoolSettings>,
     outlier_detection: Option<OutlierSettings>,
-    tls: Option<Value>,
+    tls: Option<ClientTls>,
+}
+
+/// `tls` of a traffic policy (Istio's ClientTLSSettings).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ClientTls {
+    mode: Option<String>,
+    sni: Option<String>,
+    ca_certificates: Option<String>,
+    credential_name: Option<String>,
+    client_certificate: Option<String>,
+    private_key: Option<String>,
+    #[serde(default)]
+    subject_alt_names: Vec<String>,
+    insecure_skip_verify: Option<bool>,
+    ca_crl: Option<String>,
+}
+
+/// What `tls` asks of the waypoint: Some(None) for `DISABLE`, None when it
+/// cannot be applied (warned).
+fn tls_origination(
+    tls: &ClientTls,
+    at: &str,
+    credential: &Credential<'_>,
+    warn: &mut impl FnMut(&'static str, String),
+) -> Option<Option<super::TlsOrigination>> {
+    match tls.mode.as_deref().unwrap_or("DISABLE") {
+        "DISABLE" => return Some(None),
+        "SIMPLE" => {}
+        "MUTUAL" | "ISTIO_MUTUAL" => {
+            warn(
+                "unsupported",
+                format!(
+                    "{at}: tls mode {} is not supported (only SIMPLE origination; mesh traffic \
+                     is mutual TLS by HBONE already); not applied",
+                    tls.mode.as_deref().unwrap_or_default()
+                ),
+            );
+            return None;
+        }
+        other => {
+            warn(
+                "parse_error",
+                format!("{at}: tls mode {other:?} is not DISABLE, SIMPLE, MUTUAL or ISTIO_MUTUAL"),
+            );
+            return None;
+        }
+    }
+    for (field, set) in [
+        ("clientCertificate", tls.client_certificate.is_some()),
+        ("privateKey", tls.private_key.is_some()),
+        ("caCrl", tls.ca_crl.is_some()),
+    ] {
+        if set {
+            warn(
+                "unsupported",
+                format!("{at}: tls {field} is not supported (no client certificate is sent)"),
+            );
+            // Origination without the asked-for check would be weaker
+            // than what was written: refuse rather than guess.
+            return None;
+        }
+    }
+    let ca_certificates = match tls.ca_certificates.as_deref() {
+        None | Some("") => None,
+        Some(path) if path.starts_with('/') => Some(std::path::PathBuf::from(path)),
+        Some(path) => {
+            warn(
+                "parse_error",
+                format!("{at}: tls caCertificates {path:?} is not an absolute path; not applied"),
+            );
+            return None;
+        }
+    };
+    let credential_name = tls.credential_name.clone().filter(|n| !n.is_empty());
+    let mut unusable = None;
+    let credential_ca = match &credential_name {
+        None => None,
+        Some(name) => match credential.ca(name) {
+            Ok(pem) => Some(pem),
+            Err(why) => {
+                if credential.read {
+                    warn(
+                        "unresolved_ref",
+                        format!("{at}: tls credentialName {name:?}: {why}; requests refused"),
+                    );
+                }
+                unusable = Some(format!("credentialName {name:?}: {why}"));
+                None
+            }
+        },
+    };
+    Some(Some(super::TlsOrigination {
+        sni: tls.sni.clone().filter(|s| !s.is_empty()),
+        ca_certificates,
+        credential_name,
+        credential_ca,
+        subject_alt_names: tls.subject_alt_names.clone(),
+        insecure_skip_verify: tls.insecure_skip_verify.unwrap_or(false),
+        unusable,
+    }))
+}
+
+/// Where a DestinationRule's `credentialName` is looked up: the Secrets of
+/// its namespace, when this process reads Secrets at all.
+struct Credential<'a> {
+    objects: &'a Objects,
+    namespace: &'a str,
+    read: bool,
+}
+
+impl Credential<'_> {
+    /// The CA certificates of Secret `name`: its `ca.crt`, else `cacert`
+    /// (Istio's two spellings).
+    fn ca(&self, name: &str) -> Result<Vec<u8>, String> {
+        if !self.read {
+            return Err("this process does not read Secrets".into());
+        }
+        let secret = self
+            .objects
+            .secrets
+            .get(&(self.namespace.to_owned(), name.to_owned()))
+            .ok_or_else(|| format!("no Secret {}/{name} can be read", self.namespace))?;
+        ["ca.crt", "cacert"]
+            .iter()
+            .find_map(|k| crate::state::ingress::secret_field(&secret.object, k))
+            .ok_or_else(|| format!("Secret {}/{name} has no ca.crt", self.namespace))
+    }
+}
+
+/// The origination of a `tls` that could not be read: every connection
+/// refused, with the reason.
+fn refused_tls(at: &str) -> super::TlsOrigination {
+    super::TlsOrigination {
+        sni: None,
+        ca_certificates: None,
+        credential_name: None,
+        credential_ca: None,
+        subject_alt_names: Vec::new(),
+        insecure_skip_verify: false,
+        unusable: Some(format!("the DestinationRule's {at} tls cannot be applied")),
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -331,11 +473,22 @@ fn service_of(host: &str, ns: &str) -> (String, String) {
     }
 }
 
+/// The service a host names from namespace `ns`: a ServiceEntry's host
+/// there (its service's name, dots and all), else a Service's name.
+fn host_key(services: &Services, host: &str, ns: &str) -> (String, String) {
+    let entry = (ns.to_owned(), host.to_owned());
+    match services.get(&entry) {
+        Some(s) if s.entry.is_some() => entry,
+        _ => service_of(host, ns),
+    }
+}
+
 /// Compiles DestinationRules and VirtualServices into `routes` (after the
 /// HTTPRoutes, which win where both route a Service). `bound` names the
 /// waypoint serving a Service, if any.
 pub(crate) fn compile_istio(
     objects: &Objects,
+    secrets_read: bool,
     services: &Services,
     bound: impl Fn(&str, &str) -> Option<String>,
     routes: &mut Routes,
@@ -351,7 +504,7 @@ pub(crate) fn compile_istio(
                 message,
             })
         };
-        let key = service_of(&dr.host, ns);
+        let key = host_key(services, &dr.host, ns);
         if key.0 != *ns {
             warn(
                 "unsupported",
@@ -367,7 +520,7 @@ pub(crate) fn compile_istio(
             warn(
                 "unsupported",
                 format!(
-                    "host {:?} is not a Service in the mesh (ServiceEntry hosts are not read); not applied",
+                    "host {:?} is neither a Service in the mesh nor a ServiceEntry host; not applied",
                     dr.host
                 ),
             );
@@ -387,6 +540,11 @@ pub(crate) fn compile_istio(
             rule: format!("{ns}/{name}"),
             ..DestinationPolicy::default()
         };
+        let credential = Credential {
+            objects,
+            namespace: ns,
+            read: secrets_read,
+        };
         if let Some(tp) = &dr.traffic_policy {
             if let Some(lb) = traffic_policy(tp, "trafficPolicy", &mut warn) {
                 policy.load_balancer = lb;
@@ -397,14 +555,18 @@ pub(crate) fn compile_istio(
             if let Some(od) = &tp.outlier_detection {
                 policy.outlier_detection = outlier_detection(od, &mut warn);
             }
+            if let Some(t) = &tp.tls {
+                policy.tls = tls_origination(t, "trafficPolicy", &credential, &mut warn)
+                    .unwrap_or_else(|| Some(refused_tls("trafficPolicy")));
+            }
             for p in &tp.port_level_settings {
                 let at = format!("portLevelSettings {}", p.port.number);
-                if p.tls.is_some() {
-                    warn(
-                        "unsupported",
-                        format!("{at}: tls is not applied by this version"),
-                    );
-                }
+                // A port whose tls cannot be applied is refused (no
+                // origination) rather than sent in plaintext.
+                let tls = p.tls.as_ref().map(|t| {
+                    tls_origination(t, &at, &credential, &mut warn)
+                        .unwrap_or_else(|| Some(refused_tls(&at)))
+                });
                 let port = super::PortPolicy {
                     load_balancer: p
                         .load_balancer
@@ -418,6 +580,7 @@ pub(crate) fn compile_istio(
                         .outlier_detection
                         .as_ref()
                         .and_then(|od| outlier_detection(od, &mut warn)),
+                    tls,
                 };
                 policy.ports.insert(p.port.number, port);
             }
@@ -444,6 +607,12 @@ pub(crate) fn compile_istio(
                     warn(
                         "unsupported",
                         format!("{at}: portLevelSettings inside a subset are not applied"),
+                    );
+                }
+                if tp.tls.is_some() {
+                    warn(
+                        "unsupported",
+                        format!("{at}: tls inside a subset is not applied (set it on the rule)"),
                     );
                 }
             }
@@ -492,7 +661,7 @@ pub(crate) fn compile_istio(
             .filter_map(|(i, r)| c.rule(&format!("{ns}/{name}"), i, r))
             .collect();
         for host in &vs.hosts {
-            let key = service_of(host, ns);
+            let key = host_key(services, host, ns);
             if key.0 != *ns {
                 c.warn(
                     "unsupported",
@@ -559,7 +728,6 @@ fn traffic_policy(
     warn: &mut impl FnMut(&'static str, String),
 ) -> Option<LoadBalancer> {
     for (field, set) in [
-        ("tls", tp.tls.is_some()),
         ("tunnel", tp.tunnel.is_some()),
         ("proxyProtocol", tp.proxy_protocol.is_some()),
     ] {
@@ -986,7 +1154,7 @@ impl VsCompiler<'_> {
     }
 
     fn backend(&mut self, d: &VsDestination, weight: u32, rule: &str) -> Backend {
-        let key = service_of(&d.host, self.ns);
+        let key = host_key(self.services, &d.host, self.ns);
         let port = d.port.as_ref().map_or(0, |p| p.number);
         let service = match self.services.get(&key) {
             _ if key.0 != self.ns => Err(format!(

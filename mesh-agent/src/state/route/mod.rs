@@ -240,7 +240,41 @@ pub struct DestinationPolicy {
     pub subset_outliers: BTreeMap<String, OutlierDetection>,
     /// `portLevelSettings`, by Service port.
     pub ports: BTreeMap<u16, PortPolicy>,
+    /// `trafficPolicy.tls`: TLS origination to the endpoints.
+    pub tls: Option<TlsOrigination>,
 }
+
+/// DestinationRule `tls` with mode `SIMPLE`: the waypoint speaks TLS to
+/// the endpoints (an external host) and verifies their certificate, so
+/// that the app's plain HTTP leaves the mesh as HTTPS.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize)]
+pub struct TlsOrigination {
+    /// The name sent in SNI and checked against the certificate (`sni`,
+    /// else the Service's host).
+    pub sni: Option<String>,
+    /// `caCertificates`: a PEM file the waypoint reads (None: the
+    /// system's bundle, [`SYSTEM_CA_BUNDLE`]).
+    pub ca_certificates: Option<std::path::PathBuf>,
+    /// `credentialName`: the Secret (of the rule's namespace) whose
+    /// `ca.crt` (or `cacert`) is the CA, which wins over `caCertificates`.
+    pub credential_name: Option<String>,
+    /// That Secret's CA certificates (PEM), as read.
+    #[serde(skip)]
+    pub credential_ca: Option<Vec<u8>>,
+    /// `subjectAltNames`: names the certificate may show instead of the
+    /// SNI name.
+    pub subject_alt_names: Vec<String>,
+    /// `insecureSkipVerify`: no certificate check at all.
+    pub insecure_skip_verify: bool,
+    /// Why the rule's `tls` cannot be applied (an unsupported field): the
+    /// waypoint then refuses the connection rather than send in plaintext
+    /// what was meant to leave encrypted.
+    pub unusable: Option<String>,
+}
+
+/// Where the waypoint finds trusted roots when a DestinationRule names no
+/// `caCertificates` (Debian's and most distributions' bundle).
+pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 /// What `portLevelSettings` sets for one port (unset parts come from the
 /// Service's).
@@ -249,6 +283,8 @@ pub struct PortPolicy {
     pub load_balancer: Option<LoadBalancer>,
     pub connection_pool: Option<ConnectionPool>,
     pub outlier_detection: Option<OutlierDetection>,
+    /// Some(None): `tls.mode: DISABLE` on this port.
+    pub tls: Option<Option<TlsOrigination>>,
 }
 
 impl DestinationPolicy {
@@ -267,6 +303,14 @@ impl DestinationPolicy {
             .and_then(|s| self.subset_pools.get(s))
             .or_else(|| self.ports.get(&port)?.connection_pool.as_ref())
             .or(self.connection_pool.as_ref())
+    }
+
+    /// TLS origination on a port: the port's setting, else the rule's.
+    pub fn tls_for(&self, port: u16) -> Option<&TlsOrigination> {
+        match self.ports.get(&port).and_then(|p| p.tls.as_ref()) {
+            Some(tls) => tls.as_ref(),
+            None => self.tls.as_ref(),
+        }
     }
 
     pub fn outlier_detection_for(
