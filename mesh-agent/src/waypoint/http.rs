@@ -803,11 +803,20 @@ impl Handler {
                 return;
             };
             parts.uri = uri;
-            let client = if parts.version == hyper::Version::HTTP_2 {
-                &ctx.clients.http2
-            } else {
-                parts.version = hyper::Version::HTTP_11;
-                &ctx.clients.http1
+            // A mirror a DestinationRule originates TLS to gets it too: its
+            // copy must not leave in plaintext where the original does not.
+            let originating =
+                super::origination_for(&store, &target.target).map(|o| ctx.clients.originating(&o));
+            let client = match &originating {
+                Some(c) => {
+                    parts.version = hyper::Version::HTTP_11;
+                    c
+                }
+                None if parts.version == hyper::Version::HTTP_2 => &ctx.clients.http2,
+                None => {
+                    parts.version = hyper::Version::HTTP_11;
+                    &ctx.clients.http1
+                }
             };
             if let Some(h) = parts.headers.get(header::HOST).cloned()
                 && let Ok(s) = h.to_str()

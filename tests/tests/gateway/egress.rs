@@ -19,10 +19,12 @@ use mesh_tests::{
 };
 
 /// An HTTPS server that answers every request with what it saw as JSON:
-/// the method, path, Host, `x-egress` header and the TLS SNI.
+/// the method, path, Host, `x-egress` header and the TLS SNI (and appends
+/// it to the file named by its fourth argument, when there is one).
 const HTTPS_ECHO: &str = r#"
 import sys, ssl, json, http.server
 cert, key, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+seen_log = open(sys.argv[4], "a") if len(sys.argv) > 4 else None
 ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
 ctx.load_cert_chain(cert, key)
 def remember(sock, name, _ctx):
@@ -39,6 +41,9 @@ class Echo(http.server.BaseHTTPRequestHandler):
             "host": self.headers.get("host"), "x_egress": self.headers.get("x-egress"),
             "sni": getattr(self.connection, "mesh_sni", None),
         }).encode()
+        if seen_log:
+            seen_log.write(body.decode() + "\n")
+            seen_log.flush()
         self.send_response(200)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(body)))
@@ -90,6 +95,12 @@ spec:
     filters:
     - type: URLRewrite
       urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /v1}}
+    backendRefs: [{group: networking.istio.io, kind: Hostname, name: api.example.com, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /mirrored}}]
+    filters:
+    - type: RequestMirror
+      requestMirror:
+        backendRef: {group: networking.istio.io, kind: Hostname, name: api.example.com, port: 80}
     backendRefs: [{group: networking.istio.io, kind: Hostname, name: api.example.com, port: 80}]
   - filters:
     - type: RequestHeaderModifier
@@ -146,10 +157,11 @@ fn egress_waypoint_applies_l7_policy_and_originates_verified_tls() -> anyhow::Re
     let other_ca = write("other-ca.pem", &other_ca)?;
     let (cert, key) = (write("server.pem", &cert)?, write("server-key.pem", &key)?);
     let server = write("https_echo.py", HTTPS_ECHO)?;
+    let seen_log = dir.join("external-seen.jsonl");
     tb.serve_program(
         &external,
         Path::new("/usr/bin/python3"),
-        &[&server, &cert, &key, "443"],
+        &[&server, &cert, &key, "443", &seen_log.display().to_string()],
     )?;
 
     let ext = external.ip4.to_string();
@@ -312,6 +324,29 @@ fn egress_waypoint_applies_l7_policy_and_originates_verified_tls() -> anyhow::Re
     assert_eq!(a[0].0, 200, "{a:?}");
     assert_eq!(json(&a[0].1)["path"], "/v1/items", "{a:?}");
 
+    // A mirror to a host the waypoint originates TLS to gets TLS too: the
+    // copy (Host `...-shadow`) reaches the HTTPS server with the SNI.
+    let (_, a) = call(
+        &frontend,
+        "api.example.com",
+        "10.97.1.10",
+        &[],
+        "/mirrored/5c1e",
+    )?;
+    assert_eq!(a[0].0, 200, "{a:?}");
+    mesh_tests::converge(
+        "the mirrored copy reached the HTTPS server over TLS",
+        std::time::Duration::from_secs(10),
+        || {
+            let text = std::fs::read_to_string(&seen_log).unwrap_or_default();
+            Ok(text.lines().map(json).any(|seen| {
+                seen["path"] == "/mirrored/5c1e"
+                    && seen["host"] == "api.example.com-shadow"
+                    && seen["sni"] == "api.example.com"
+            }))
+        },
+    )?;
+
     // From the pod: TCP to the waypoint's 15008 only, a TLS handshake there,
     // and not a byte of the request in the clear.
     let other = tshark(
@@ -432,7 +467,7 @@ fn egress_waypoint_applies_l7_policy_and_originates_verified_tls() -> anyhow::Re
                 ),
             ],
         )?,
-        2.0
+        3.0
     );
     Ok(())
 }
