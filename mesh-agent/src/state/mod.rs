@@ -9,6 +9,7 @@ mod ingress_tests;
 mod k8s;
 mod matcher;
 mod peer_auth;
+mod pod_parse;
 mod policy;
 mod ratelimit;
 mod route;
@@ -330,6 +331,48 @@ pub struct StoreOptions {
     /// The mesh-wide [`OutboundTrafficPolicy`]; a namespace may set its own
     /// ([`OUTBOUND_POLICY_ANNOTATION`]).
     pub outbound_traffic_policy: OutboundTrafficPolicy,
+}
+
+#[cfg(test)]
+impl StoreOptions {
+    /// A local configuration's options with trust domain `cluster.local`
+    /// and root namespace `istio-system`: what tests start from, changing
+    /// what they are about (`StoreOptions { x, ..StoreOptions::for_tests() }`).
+    pub fn for_tests() -> StoreOptions {
+        StoreOptions {
+            trust_domain: "cluster.local".into(),
+            root_namespace: "istio-system".into(),
+            redirection_annotation: false,
+            skip_ingress_secrets: false,
+            endpoint_slices_only: false,
+            outbound_traffic_policy: Default::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+impl Workload {
+    /// A captured pod `namespace/name` reached over HBONE, with no
+    /// addresses, labels or ports, service account `default`: what tests
+    /// start from (`Workload { x, ..Workload::for_tests("shop", "web") }`).
+    pub fn for_tests(namespace: &str, name: &str) -> Workload {
+        Workload {
+            name: name.into(),
+            namespace: namespace.into(),
+            service_account: "default".into(),
+            node: String::new(),
+            ips: Vec::new(),
+            labels: BTreeMap::new(),
+            ports: BTreeMap::new(),
+            captured: true,
+            redirected: false,
+            hbone: true,
+            uid: String::new(),
+            netns: None,
+            owner: None,
+            owner_kind: None,
+        }
+    }
 }
 
 /// One snapshot of everything known.

@@ -16,6 +16,7 @@ use super::{
     gateway::{Gateway, GatewayClass, HttpRoute},
     k8s::StoredPod,
     peer_auth::PeerAuthentication,
+    pod_parse::Probe,
     policy::AuthorizationPolicy,
     ratelimit::LocalRateLimitPolicy,
     route::{DestinationRule, VirtualService},
@@ -179,16 +180,26 @@ impl Document {
             ..Document::default()
         };
         for (index, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
-            match Value::deserialize(de) {
-                Ok(Value::Null) => {}
-                Ok(value) => {
-                    let at = At {
-                        origin,
-                        text: Some(text),
-                        index: Some(index),
-                    };
-                    doc.add(at, value);
+            let at = At {
+                origin,
+                text: Some(text),
+                index: Some(index),
+            };
+            let value = match Probe::deserialize(de) {
+                Ok(Probe::Null) => continue,
+                Ok(Probe::Pod(pod)) => {
+                    doc.add_pod(at, *pod);
+                    continue;
                 }
+                Ok(Probe::Other(value)) => Ok(value),
+                // Read again the general way, which says what is wrong.
+                Err(_) => serde_yaml::Deserializer::from_str(text)
+                    .nth(index)
+                    .map_or(Ok(Value::Null), Value::deserialize),
+            };
+            match value {
+                Ok(Value::Null) => {}
+                Ok(value) => doc.add(at, value),
                 Err(e) => {
                     let w = ConfigWarning {
                         object: origin.to_owned(),
@@ -237,6 +248,17 @@ impl Document {
     #[cfg(test)]
     pub fn origin(&self) -> &str {
         &self.origin
+    }
+
+    #[cfg(test)]
+    pub fn warnings(&self) -> &[ConfigWarning] {
+        &self.warnings
+    }
+
+    /// The objects, as `Debug` shows them.
+    #[cfg(test)]
+    pub fn entries_debug(&self) -> String {
+        format!("{:?}", self.entries)
     }
 
     /// The objects it defines.
@@ -411,6 +433,36 @@ impl Objects {
 }
 
 impl Document {
+    /// A `v1` Pod read the fast way ([`Probe`]): what [`Document::add`]
+    /// does with one.
+    fn add_pod(&mut self, at: At<'_>, pod: Pod) {
+        let Some(name) = pod.metadata.name.clone() else {
+            let header = Header {
+                api_version: "v1".to_owned(),
+                kind: "Pod".to_owned(),
+                namespace: pod.metadata.namespace.clone(),
+                name: None,
+            };
+            let e = ObjectError::Missing("metadata.name");
+            return self.warnings.push(ConfigWarning {
+                object: format!("{}: {header}", at.origin),
+                kind: e.kind(),
+                message: e.to_string(),
+            });
+        };
+        let key = ObjectKey {
+            kind: "Pod",
+            namespace: pod
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".to_owned()),
+            name,
+        };
+        let stored = super::k8s::StoredPod::new(&pod);
+        self.entries.push((key, Typed::Pod(Arc::new(stored))));
+    }
+
     fn add(&mut self, at: At<'_>, value: Value) {
         let header = Header::of(&value);
         let warn = |doc: &mut Document, kind, message| {

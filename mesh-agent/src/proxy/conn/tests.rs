@@ -6,20 +6,9 @@ use crate::metrics::{encode, proxy_registry};
 fn pod(namespace: &str, name: &str) -> Peer {
     Peer {
         workload: Some(Arc::new(Workload {
-            name: name.to_owned(),
-            namespace: namespace.to_owned(),
-            service_account: "default".to_owned(),
             node: "node".to_owned(),
-            ips: Vec::new(),
-            labels: Default::default(),
-            ports: Default::default(),
-            captured: true,
-            redirected: false,
-            hbone: true,
             uid: name.to_owned(),
-            netns: None,
-            owner: None,
-            owner_kind: None,
+            ..Workload::for_tests(namespace, name)
         })),
         ..Peer::default()
     }

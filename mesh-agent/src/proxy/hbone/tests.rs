@@ -78,20 +78,10 @@ fn certs(dir: &TempDir) -> Arc<CertManager> {
 
 fn workload(name: &str, ip: IpAddr) -> Workload {
     Workload {
-        name: name.into(),
-        namespace: "shop".into(),
         service_account: name.into(),
         node: "n".into(),
         ips: vec![ip],
-        labels: BTreeMap::new(),
-        ports: BTreeMap::new(),
-        captured: true,
-        redirected: false,
-        hbone: true,
-        uid: String::new(),
-        netns: None,
-        owner: None,
-        owner_kind: None,
+        ..Workload::for_tests("shop", name)
     }
 }
 
