@@ -2,7 +2,7 @@
 //! `Service`: defaults filled in, addresses parsed, ambient capture decided.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     net::IpAddr,
     sync::{Arc, Mutex},
 };
@@ -64,10 +64,29 @@ pub(super) struct StoredPod {
     warnings: Vec<ConfigWarning>,
 }
 
+/// Label sets and named ports already seen while reading a text: a
+/// Deployment's pods have the same, and share one copy.
+#[derive(Debug, Default)]
+pub(super) struct Shared {
+    labels: HashSet<Arc<BTreeMap<String, String>>>,
+    ports: HashSet<Arc<BTreeMap<String, u16>>>,
+}
+
+impl Shared {
+    fn get<T: Eq + std::hash::Hash>(set: &mut HashSet<Arc<T>>, value: T) -> Arc<T> {
+        if let Some(seen) = set.get(&value) {
+            return seen.clone();
+        }
+        let value = Arc::new(value);
+        set.insert(value.clone());
+        value
+    }
+}
+
 impl StoredPod {
-    pub fn new(pod: &Pod) -> StoredPod {
+    pub fn new(pod: &Pod, shared: &mut Shared) -> StoredPod {
         let mut warnings = Vec::new();
-        let built = workload(pod, |_| None, &mut warnings);
+        let built = workload(pod, |_| None, shared, &mut warnings);
         StoredPod {
             host_network: built.as_ref().is_some_and(|b| b.host_network),
             exempt: built.as_ref().is_some_and(|b| b.exempt),
@@ -124,6 +143,7 @@ pub(super) fn workloads(
 fn workload<'a>(
     pod: &Pod,
     ns_labels: impl Fn(&str) -> Option<&'a BTreeMap<String, String>>,
+    shared: &mut Shared,
     warnings: &mut Vec<ConfigWarning>,
 ) -> Option<PodWorkload> {
     let status = pod.status.as_ref();
@@ -185,8 +205,8 @@ fn workload<'a>(
         owner_kind: owner_kind(meta, &labels),
         name,
         namespace,
-        labels,
-        ports,
+        labels: Shared::get(&mut shared.labels, labels),
+        ports: Shared::get(&mut shared.ports, ports),
         captured,
         redirected,
         // Decided with the store's options, when it is indexed.
@@ -584,9 +604,9 @@ status:
     #[test]
     fn a_stored_pod_gives_the_same_workload_as_the_full_pod() {
         let full: Pod = serde_yaml::from_str(FULL_POD).unwrap();
-        let stored = StoredPod::new(&full);
+        let stored = StoredPod::new(&full, &mut Shared::default());
         let mut w1 = Vec::new();
-        let a = workload(&full, |_| None, &mut w1).unwrap();
+        let a = workload(&full, |_| None, &mut Shared::default(), &mut w1).unwrap();
         let b = stored.workload.as_ref().unwrap().lock().unwrap().clone();
         assert_eq!(*a.workload, *b);
         assert_eq!(a.host_network, stored.host_network);

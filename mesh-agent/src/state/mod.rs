@@ -74,9 +74,14 @@ pub struct Workload {
     pub service_account: String,
     pub node: String,
     pub ips: Vec<IpAddr>,
-    pub labels: BTreeMap<String, String>,
-    /// Named container ports (for Service targetPort by name).
-    pub ports: BTreeMap<String, u16>,
+    /// Shared by the pods that have the same (a Deployment's pods: see
+    /// [`k8s::Shared`]).
+    #[serde(serialize_with = "shared")]
+    pub labels: Arc<BTreeMap<String, String>>,
+    /// Named container ports (for Service targetPort by name); shared as
+    /// the labels are.
+    #[serde(serialize_with = "shared")]
+    pub ports: Arc<BTreeMap<String, u16>>,
     /// In the mesh: its namespace or the pod itself is labelled
     /// `istio.io/dataplane-mode=ambient`, the pod did not opt out (`none`),
     /// and it is neither a sidecar pod nor one of the agent's own.
@@ -100,6 +105,11 @@ pub struct Workload {
     /// `statefulset`, `daemonset`, `job`, `cronjob`, ...); None for a bare
     /// pod.
     pub owner_kind: Option<String>,
+}
+
+/// What an `Arc` holds, serialized as itself.
+fn shared<T: serde::Serialize, S: serde::Serializer>(v: &Arc<T>, s: S) -> Result<S::Ok, S::Error> {
+    T::serialize(v, s)
 }
 
 impl Workload {
@@ -362,8 +372,8 @@ impl Workload {
             service_account: "default".into(),
             node: String::new(),
             ips: Vec::new(),
-            labels: BTreeMap::new(),
-            ports: BTreeMap::new(),
+            labels: Default::default(),
+            ports: Default::default(),
             captured: true,
             redirected: false,
             hbone: true,

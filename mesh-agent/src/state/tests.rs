@@ -172,8 +172,9 @@ fn pods_become_workloads() {
             labels: BTreeMap::from([
                 ("app".into(), "web".into()),
                 ("version".into(), "v2".into()),
-            ]),
-            ports: BTreeMap::from([("http".into(), 8080)]),
+            ])
+            .into(),
+            ports: BTreeMap::from([("http".into(), 8080)]).into(),
             ..Workload::for_tests("shop", "web-1")
         }
     );

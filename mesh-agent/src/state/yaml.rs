@@ -14,7 +14,7 @@ use serde_yaml::Value;
 use super::{
     ConfigWarning,
     gateway::{Gateway, GatewayClass, HttpRoute},
-    k8s::StoredPod,
+    k8s::{Shared, StoredPod},
     peer_auth::PeerAuthentication,
     pod_parse::Probe,
     policy::AuthorizationPolicy,
@@ -170,6 +170,8 @@ pub struct Document {
     warnings: Vec<ConfigWarning>,
     /// The YAML syntax error that ended parsing early, if one did.
     syntax_error: Option<ConfigWarning>,
+    /// While parsing: what its pods share.
+    shared: Shared,
 }
 
 impl Document {
@@ -214,6 +216,8 @@ impl Document {
                 }
             }
         }
+        // Shared by what it built; nothing more will be.
+        doc.shared = Shared::default();
         doc
     }
 
@@ -459,7 +463,7 @@ impl Document {
                 .unwrap_or_else(|| "default".to_owned()),
             name,
         };
-        let stored = super::k8s::StoredPod::new(&pod);
+        let stored = super::k8s::StoredPod::new(&pod, &mut self.shared);
         self.entries.push((key, Typed::Pod(Arc::new(stored))));
     }
 
@@ -519,7 +523,7 @@ impl Document {
         let result = match kind {
             "Namespace" => typed(at, value).map(Typed::Namespace),
             "Pod" => typed::<Pod>(at, value)
-                .map(|pod| Typed::Pod(Arc::new(super::k8s::StoredPod::new(&pod)))),
+                .map(|pod| Typed::Pod(Arc::new(StoredPod::new(&pod, &mut self.shared)))),
             "Service" => typed(at, value).map(Typed::Service),
             "EndpointSlice" => typed(at, value).map(Typed::EndpointSlice),
             "ServiceAccount" => typed(at, value).map(Typed::ServiceAccount),

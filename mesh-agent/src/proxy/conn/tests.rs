@@ -29,7 +29,8 @@ fn workload_labels_name_the_owner_and_canonical_labels_come_first() {
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect();
+    .collect::<std::collections::BTreeMap<_, _>>()
+    .into();
     p.workload = Some(Arc::new(wl));
     let l = labels("Kubernetes", "source", &p, &pod("shop", "db"), None, true);
     assert_eq!(l.source_workload, "reviews-v1");

@@ -145,7 +145,8 @@ mod tests {
             labels: labels
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect::<BTreeMap<_, _>>(),
+                .collect::<BTreeMap<_, _>>()
+                .into(),
             redirected: true,
             owner: owner.map(|o| o.1.to_owned()),
             owner_kind: owner.map(|o| o.0.to_owned()),
