@@ -464,4 +464,67 @@ status:
         assert!(e.message.contains("duplicate"), "{}", e.message);
         assert_eq!(doc.keys().count(), 0);
     }
+
+    fn pods(n: usize, bad: Option<usize>) -> String {
+        (0..n)
+            .map(|i| {
+                let port = if Some(i) == bad { "http" } else { "8080" };
+                format!(
+                    "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p{i}\n  namespace: ns{}\n  \
+                     labels: {{app: a{}}}\nspec:\n  containers:\n  - name: c\n    \
+                     ports: [{{name: http, containerPort: {port}}}]\n\
+                     status: {{podIP: 10.0.{}.{}}}\n",
+                    i % 3,
+                    i % 4,
+                    i / 200,
+                    i % 200 + 1
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("---\n")
+    }
+
+    /// A long text is parsed in parts at once: the same objects in the
+    /// same order, and the same warnings, as in one piece.
+    #[test]
+    fn parts_read_as_the_whole() {
+        let text = format!(
+            "{}---\napiVersion: apps/v1\nkind: Deployment\n\
+                            metadata: {{name: d}}\n---\n{}",
+            pods(50, None),
+            pods(60, None)
+        );
+        let whole = Document::parse_in_parts("t.yaml", &text, 1);
+        assert_eq!(whole.keys().count(), 110);
+        assert_eq!(whole.warnings().len(), 1, "the Deployment: unsupported");
+        for parts in [2, 3, 7] {
+            let parted = Document::parse_in_parts("t.yaml", &text, parts);
+            assert_eq!(parted.entries_debug(), whole.entries_debug(), "{parts}");
+            assert_eq!(parted.warnings(), whole.warnings(), "{parts}");
+        }
+    }
+
+    /// An object that does not parse, in a later part: its message names
+    /// its line in the whole text, as in one piece.
+    #[test]
+    fn a_bad_object_in_a_later_part_is_named_with_its_line_in_the_text() {
+        let text = pods(100, Some(90));
+        let whole = Document::parse_in_parts("t.yaml", &text, 1);
+        let parted = Document::parse_in_parts("t.yaml", &text, 3);
+        assert_eq!(parted.warnings(), whole.warnings());
+        assert_eq!(parted.warnings().len(), 1);
+        let w = &parted.warnings()[0];
+        assert_eq!(w.object, "t.yaml: Pod ns0/p90");
+        assert!(w.message.contains("line 1090"), "{}", w.message);
+        assert_eq!(parted.keys().count(), 99);
+
+        // A syntax error in a later part: the file is not applied, its
+        // message names the line in the whole text.
+        let text = format!("{}---\nkind: [oops\n", pods(100, None));
+        let whole = Document::parse_in_parts("t.yaml", &text, 1);
+        let parted = Document::parse_in_parts("t.yaml", &text, 3);
+        let e = parted.syntax_error().expect("a syntax error");
+        assert_eq!(Some(e), whole.syntax_error());
+        assert!(e.message.contains("line 120"), "{}", e.message);
+    }
 }

@@ -174,9 +174,91 @@ pub struct Document {
     shared: Shared,
 }
 
+/// A text at least this long is parsed in parts, in parallel.
+const PARALLEL_FROM: usize = 1 << 20;
+
+/// Where `text` may be cut into `parts` texts of whole documents: at
+/// lines that are a `---` marker (which no scalar or collection can hold
+/// at the start of a line), near equal sizes apart. None for a text
+/// with directives (`%YAML`), which apply to the document after them.
+fn cuts(text: &str, parts: usize) -> Option<Vec<usize>> {
+    if text.starts_with('%') || text.contains("\n%") {
+        return None;
+    }
+    let mut cuts = Vec::new();
+    for k in 1..parts {
+        let from = (text.len() * k / parts).max(cuts.last().copied().unwrap_or(0) + 1);
+        let Some(found) = text.get(from..).and_then(|rest| {
+            rest.match_indices("\n---")
+                .map(|(i, _)| from + i + 1)
+                .find(|&at| {
+                    matches!(
+                        text.as_bytes().get(at + 3),
+                        None | Some(b'\n' | b'\r' | b' ' | b'\t')
+                    )
+                })
+        }) else {
+            break;
+        };
+        cuts.push(found);
+    }
+    Some(cuts)
+}
+
 impl Document {
     /// Every object in a YAML text (`---` separated documents, `kind: List`).
+    /// A long text is cut at document markers and its parts are parsed in
+    /// parallel; when a later part has an object that does not parse, the
+    /// whole text is parsed again in one piece, so that every message
+    /// names its line in the text.
     pub fn parse_text(origin: &str, text: &str) -> Document {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+        Document::parse_in_parts(origin, text, threads.min(text.len() / PARALLEL_FROM))
+    }
+
+    /// [`Document::parse_text`] with `parts` parts at most.
+    pub(super) fn parse_in_parts(origin: &str, text: &str, parts: usize) -> Document {
+        let cuts = match cuts(text, parts) {
+            Some(cuts) if !cuts.is_empty() => cuts,
+            _ => return Document::parse_part(origin, text),
+        };
+        let bounds: Vec<(usize, usize)> = std::iter::once(0)
+            .chain(cuts.iter().copied())
+            .zip(cuts.iter().copied().chain(std::iter::once(text.len())))
+            .collect();
+        let mut docs = std::thread::scope(|scope| {
+            let handles: Vec<_> = bounds
+                .iter()
+                .map(|&(from, to)| {
+                    scope.spawn(move || Document::parse_part(origin, &text[from..to]))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+                })
+                .collect::<Vec<Document>>()
+        });
+        let located = |d: &Document| {
+            d.syntax_error.is_some()
+                || d.warnings
+                    .iter()
+                    .any(|w| matches!(w.kind, "parse_error" | "unknown_field"))
+        };
+        if docs.iter().skip(1).any(located) || docs[0].syntax_error.is_some() {
+            return Document::parse_part(origin, text);
+        }
+        let mut doc = docs.remove(0);
+        for part in docs {
+            doc.entries.extend(part.entries);
+            doc.warnings.extend(part.warnings);
+        }
+        doc
+    }
+
+    fn parse_part(origin: &str, text: &str) -> Document {
         let mut doc = Document {
             origin: origin.into(),
             ..Document::default()
