@@ -527,4 +527,27 @@ status:
         assert_eq!(Some(e), whole.syntax_error());
         assert!(e.message.contains("line 120"), "{}", e.message);
     }
+
+    /// An object from the Kubernetes API (JSON) reads the same the fast way
+    /// as the general way, and a bad one is still named.
+    #[test]
+    fn a_pod_from_the_api_reads_as_from_a_text() {
+        let value: serde_yaml::Value = serde_yaml::from_str(POD).unwrap();
+        let json = serde_json::to_value(&value).unwrap();
+        let api = Document::from_json("api", json.clone());
+        let (_, general) = both_ways(POD);
+        assert_eq!(api.entries_debug(), general);
+        assert!(api.warnings().is_empty(), "{:?}", api.warnings());
+
+        let mut bad = json;
+        bad["metadata"]["labels"]["version"] = serde_json::json!(2);
+        let api = Document::from_json("api", bad);
+        assert_eq!(api.keys().count(), 0);
+        let w = &api.warnings()[0];
+        assert_eq!(
+            (w.object.as_str(), w.kind),
+            ("api: Pod shop/web-7d9c5b6f4-x2k9p", "parse_error")
+        );
+        assert!(w.message.contains("integer `2`"), "{}", w.message);
+    }
 }

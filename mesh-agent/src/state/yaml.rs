@@ -314,14 +314,23 @@ impl Document {
             text: None,
             index: None,
         };
-        match serde_yaml::to_value(object) {
-            Ok(value) => doc.add(at, value),
-            Err(e) => doc.warnings.push(ConfigWarning {
-                object: origin.to_owned(),
-                kind: "parse_error",
-                message: e.to_string(),
-            }),
+        let text = |key: &str| object.get(key).and_then(serde_json::Value::as_str);
+        let fast = (text("apiVersion") == Some("v1") && text("kind") == Some("Pod"))
+            .then(|| Probe::deserialize(&object).ok())
+            .flatten();
+        match fast {
+            // Read the fast way, as from a text ([`Probe`]).
+            Some(Probe::Pod(pod)) => doc.add_pod(at, *pod),
+            _ => match serde_yaml::to_value(object) {
+                Ok(value) => doc.add(at, value),
+                Err(e) => doc.warnings.push(ConfigWarning {
+                    object: origin.to_owned(),
+                    kind: "parse_error",
+                    message: e.to_string(),
+                }),
+            },
         }
+        doc.shared = Shared::default();
         doc
     }
 
