@@ -64,16 +64,30 @@ pub(super) struct StoredPod {
     warnings: Vec<ConfigWarning>,
 }
 
-/// Label sets and named ports already seen while reading a text: a
-/// Deployment's pods have the same, and share one copy.
+/// The label sets and named ports of the pods the process holds: a
+/// Deployment's pods have the same, and share one copy, whichever text or
+/// API object they came from.
+static SHARED: std::sync::LazyLock<Mutex<Shared>> = std::sync::LazyLock::new(Default::default);
+
 #[derive(Debug, Default)]
-pub(super) struct Shared {
+struct Shared {
     labels: HashSet<Arc<BTreeMap<String, String>>>,
     ports: HashSet<Arc<BTreeMap<String, u16>>>,
+    /// How many the last sweep left.
+    kept: usize,
 }
 
 impl Shared {
-    fn get<T: Eq + std::hash::Hash>(set: &mut HashSet<Arc<T>>, value: T) -> Arc<T> {
+    /// The copy already held of `value`, or `value` now held.
+    fn share<T: Eq + std::hash::Hash>(
+        set: impl FnOnce(&mut Shared) -> &mut HashSet<Arc<T>>,
+        value: T,
+    ) -> Arc<T> {
+        let mut shared = SHARED
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        shared.sweep();
+        let set = set(&mut shared);
         if let Some(seen) = set.get(&value) {
             return seen.clone();
         }
@@ -81,12 +95,24 @@ impl Shared {
         set.insert(value.clone());
         value
     }
+
+    /// Lets go of what no pod holds any more, once the table has doubled
+    /// since the last sweep: what it keeps for gone pods stays under what
+    /// the live ones hold.
+    fn sweep(&mut self) {
+        if self.labels.len() + self.ports.len() < (2 * self.kept).max(1024) {
+            return;
+        }
+        self.labels.retain(|set| Arc::strong_count(set) > 1);
+        self.ports.retain(|set| Arc::strong_count(set) > 1);
+        self.kept = self.labels.len() + self.ports.len();
+    }
 }
 
 impl StoredPod {
-    pub fn new(pod: &Pod, shared: &mut Shared) -> StoredPod {
+    pub fn new(pod: &Pod) -> StoredPod {
         let mut warnings = Vec::new();
-        let built = workload(pod, |_| None, shared, &mut warnings);
+        let built = workload(pod, |_| None, &mut warnings);
         StoredPod {
             host_network: built.as_ref().is_some_and(|b| b.host_network),
             exempt: built.as_ref().is_some_and(|b| b.exempt),
@@ -143,7 +169,6 @@ pub(super) fn workloads(
 fn workload<'a>(
     pod: &Pod,
     ns_labels: impl Fn(&str) -> Option<&'a BTreeMap<String, String>>,
-    shared: &mut Shared,
     warnings: &mut Vec<ConfigWarning>,
 ) -> Option<PodWorkload> {
     let status = pod.status.as_ref();
@@ -205,8 +230,8 @@ fn workload<'a>(
         owner_kind: owner_kind(meta, &labels),
         name,
         namespace,
-        labels: Shared::get(&mut shared.labels, labels),
-        ports: Shared::get(&mut shared.ports, ports),
+        labels: Shared::share(|s| &mut s.labels, labels),
+        ports: Shared::share(|s| &mut s.ports, ports),
         captured,
         redirected,
         // Decided with the store's options, when it is indexed.
@@ -601,12 +626,51 @@ status:
   conditions: [{type: Ready, status: "True"}]
 "#;
 
+    /// Pods with the same labels share one copy, whether from one text or
+    /// from separate API objects; a sweep lets go of the sets no pod holds.
+    #[test]
+    fn pods_share_their_label_set_and_a_sweep_drops_the_unused() {
+        let pod = |name: &str| {
+            serde_json::json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": "share",
+                             "labels": {"app": "share-test", "v": "unique-1"}},
+                "spec": {"containers": [{"name": "c", "ports": [{"name": "h", "containerPort": 80}]}]},
+            })
+        };
+        let docs = [
+            crate::state::Document::from_json("a", pod("a")),
+            crate::state::Document::from_json("b", pod("b")),
+        ];
+        let store =
+            crate::state::Store::from_documents(&docs, &crate::state::StoreOptions::for_tests());
+        let (a, b) = (
+            store.workload("share", "a").unwrap(),
+            store.workload("share", "b").unwrap(),
+        );
+        assert!(Arc::ptr_eq(&a.labels, &b.labels));
+        assert!(Arc::ptr_eq(&a.ports, &b.ports));
+
+        let mut shared = Shared::default();
+        let held = Arc::new(BTreeMap::from([("k".to_owned(), "held".to_owned())]));
+        shared.labels.insert(held.clone());
+        for i in 0..1100 {
+            shared
+                .labels
+                .insert(Arc::new(BTreeMap::from([("k".to_owned(), i.to_string())])));
+        }
+        shared.sweep();
+        assert_eq!(shared.labels.len(), 1);
+        assert!(shared.labels.contains(&held));
+        assert_eq!(shared.kept, 1);
+    }
+
     #[test]
     fn a_stored_pod_gives_the_same_workload_as_the_full_pod() {
         let full: Pod = serde_yaml::from_str(FULL_POD).unwrap();
-        let stored = StoredPod::new(&full, &mut Shared::default());
+        let stored = StoredPod::new(&full);
         let mut w1 = Vec::new();
-        let a = workload(&full, |_| None, &mut Shared::default(), &mut w1).unwrap();
+        let a = workload(&full, |_| None, &mut w1).unwrap();
         let b = stored.workload.as_ref().unwrap().lock().unwrap().clone();
         assert_eq!(*a.workload, *b);
         assert_eq!(a.host_network, stored.host_network);

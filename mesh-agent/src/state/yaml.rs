@@ -14,7 +14,7 @@ use serde_yaml::Value;
 use super::{
     ConfigWarning,
     gateway::{Gateway, GatewayClass, HttpRoute},
-    k8s::{Shared, StoredPod},
+    k8s::StoredPod,
     peer_auth::PeerAuthentication,
     pod_parse::Probe,
     policy::AuthorizationPolicy,
@@ -170,8 +170,6 @@ pub struct Document {
     warnings: Vec<ConfigWarning>,
     /// The YAML syntax error that ended parsing early, if one did.
     syntax_error: Option<ConfigWarning>,
-    /// While parsing: what its pods share.
-    shared: Shared,
 }
 
 /// A text at least this long is parsed in parts, in parallel.
@@ -298,8 +296,6 @@ impl Document {
                 }
             }
         }
-        // Shared by what it built; nothing more will be.
-        doc.shared = Shared::default();
         doc
     }
 
@@ -330,7 +326,6 @@ impl Document {
                 }),
             },
         }
-        doc.shared = Shared::default();
         doc
     }
 
@@ -554,7 +549,7 @@ impl Document {
                 .unwrap_or_else(|| "default".to_owned()),
             name,
         };
-        let stored = super::k8s::StoredPod::new(&pod, &mut self.shared);
+        let stored = super::k8s::StoredPod::new(&pod);
         self.entries.push((key, Typed::Pod(Arc::new(stored))));
     }
 
@@ -613,8 +608,7 @@ impl Document {
             .and_then(|v| serde_yaml::from_value::<WorkloadSelector>(v.clone()).ok());
         let result = match kind {
             "Namespace" => typed(at, value).map(Typed::Namespace),
-            "Pod" => typed::<Pod>(at, value)
-                .map(|pod| Typed::Pod(Arc::new(StoredPod::new(&pod, &mut self.shared)))),
+            "Pod" => typed::<Pod>(at, value).map(|pod| Typed::Pod(Arc::new(StoredPod::new(&pod)))),
             "Service" => typed(at, value).map(Typed::Service),
             "EndpointSlice" => typed(at, value).map(Typed::EndpointSlice),
             "ServiceAccount" => typed(at, value).map(Typed::ServiceAccount),
