@@ -179,14 +179,7 @@ fn text(data: &[u8]) -> String {
 
 pub fn policy_yaml(data: &[u8]) {
     let doc = crate::state::Document::parse_text("fuzz.yaml", &text(data));
-    let opts = crate::state::StoreOptions {
-        trust_domain: "cluster.local".into(),
-        root_namespace: "istio-system".into(),
-        redirection_annotation: false,
-        skip_ingress_secrets: false,
-        endpoint_slices_only: false,
-        outbound_traffic_policy: Default::default(),
-    };
+    let opts = crate::state::StoreOptions::for_tests();
     let store = crate::state::Store::from_documents([&doc], &opts);
     // What the agent does with a snapshot: dump it for /config_dump.
     let _ = serde_json::to_string(&store.dump());

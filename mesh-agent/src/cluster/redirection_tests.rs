@@ -57,12 +57,8 @@ async fn the_annotation_is_written_on_enrol_and_removed_on_release() {
         json!({"ambient.istio.io/redirection": "enabled"}),
     ));
     let opts = StoreOptions {
-        trust_domain: "cluster.local".into(),
-        root_namespace: "istio-system".into(),
         redirection_annotation: true,
-        skip_ingress_secrets: false,
-        endpoint_slices_only: false,
-        outbound_traffic_policy: Default::default(),
+        ..StoreOptions::for_tests()
     };
     let (mut rx, _task) = spawn_source(Box::new(KubeSource::new(fake.client())), opts);
     until(&mut rx, "initial list", |s| s.generation > 0).await;

@@ -18,12 +18,8 @@ use crate::state::{Conn, Decision, MtlsMode, Store, StoreOptions, spawn_source};
 
 fn opts() -> StoreOptions {
     StoreOptions {
-        trust_domain: "cluster.local".into(),
-        root_namespace: "istio-system".into(),
         redirection_annotation: true,
-        skip_ingress_secrets: false,
-        endpoint_slices_only: false,
-        outbound_traffic_policy: Default::default(),
+        ..StoreOptions::for_tests()
     }
 }
 

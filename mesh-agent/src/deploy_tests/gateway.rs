@@ -163,14 +163,7 @@ fn gateway_deployment_runs_an_ingress_gateway_that_reads_only_its_namespaces_sec
         .join("---\n");
     let store = Store::from_yaml(
         &[("deploy/gateway".into(), text)],
-        &StoreOptions {
-            trust_domain: "cluster.local".into(),
-            root_namespace: "istio-system".into(),
-            redirection_annotation: false,
-            skip_ingress_secrets: false,
-            endpoint_slices_only: false,
-            outbound_traffic_policy: Default::default(),
-        },
+        &StoreOptions::for_tests(),
     );
     p.check(store.warnings().is_empty(), || {
         format!(

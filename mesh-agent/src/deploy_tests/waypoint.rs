@@ -217,14 +217,7 @@ fn waypoint_deployment_runs_a_waypoint_its_gateway_recognises() {
         .join("---\n");
     let store = Store::from_yaml(
         &[("deploy/waypoint".into(), text)],
-        &StoreOptions {
-            trust_domain: "cluster.local".into(),
-            root_namespace: "istio-system".into(),
-            redirection_annotation: false,
-            skip_ingress_secrets: false,
-            endpoint_slices_only: false,
-            outbound_traffic_policy: Default::default(),
-        },
+        &StoreOptions::for_tests(),
     );
     p.check(store.warnings().is_empty(), || {
         format!(

@@ -577,14 +577,7 @@ spec:
   - spiffe://cluster.local/ns/payments/sa/gateway
   - payments.example.com
 ";
-        let opts = StoreOptions {
-            trust_domain: "cluster.local".into(),
-            root_namespace: "istio-system".into(),
-            redirection_annotation: false,
-            skip_ingress_secrets: false,
-            endpoint_slices_only: false,
-            outbound_traffic_policy: Default::default(),
-        };
+        let opts = StoreOptions::for_tests();
         let store = Store::from_yaml(&[("t.yaml".into(), yaml.into())], &opts);
         let (svc, _) = store
             .service_by_vip("240.0.0.9:443".parse().unwrap())
@@ -638,12 +631,8 @@ spec:
             )
         };
         let opts = StoreOptions {
-            trust_domain: "cluster.local".into(),
-            root_namespace: "istio-system".into(),
             redirection_annotation: true,
-            skip_ingress_secrets: false,
-            endpoint_slices_only: false,
-            outbound_traffic_policy: Default::default(),
+            ..StoreOptions::for_tests()
         };
         let candidate = |yaml: String| {
             let store = Store::from_yaml(&[("api".into(), yaml)], &opts);

@@ -2,7 +2,7 @@
 //! `Service`: defaults filled in, addresses parsed, ambient capture decided.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     net::IpAddr,
     sync::{Arc, Mutex},
 };
@@ -62,6 +62,51 @@ pub(super) struct StoredPod {
     host_network: bool,
     exempt: bool,
     warnings: Vec<ConfigWarning>,
+}
+
+/// The label sets and named ports of the pods the process holds: a
+/// Deployment's pods have the same, and share one copy, whichever text or
+/// API object they came from.
+static SHARED: std::sync::LazyLock<Mutex<Shared>> = std::sync::LazyLock::new(Default::default);
+
+#[derive(Debug, Default)]
+struct Shared {
+    labels: HashSet<Arc<BTreeMap<String, String>>>,
+    ports: HashSet<Arc<BTreeMap<String, u16>>>,
+    /// How many the last sweep left.
+    kept: usize,
+}
+
+impl Shared {
+    /// The copy already held of `value`, or `value` now held.
+    fn share<T: Eq + std::hash::Hash>(
+        set: impl FnOnce(&mut Shared) -> &mut HashSet<Arc<T>>,
+        value: T,
+    ) -> Arc<T> {
+        let mut shared = SHARED
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        shared.sweep();
+        let set = set(&mut shared);
+        if let Some(seen) = set.get(&value) {
+            return seen.clone();
+        }
+        let value = Arc::new(value);
+        set.insert(value.clone());
+        value
+    }
+
+    /// Lets go of what no pod holds any more, once the table has doubled
+    /// since the last sweep: what it keeps for gone pods stays under what
+    /// the live ones hold.
+    fn sweep(&mut self) {
+        if self.labels.len() + self.ports.len() < (2 * self.kept).max(1024) {
+            return;
+        }
+        self.labels.retain(|set| Arc::strong_count(set) > 1);
+        self.ports.retain(|set| Arc::strong_count(set) > 1);
+        self.kept = self.labels.len() + self.ports.len();
+    }
 }
 
 impl StoredPod {
@@ -185,8 +230,8 @@ fn workload<'a>(
         owner_kind: owner_kind(meta, &labels),
         name,
         namespace,
-        labels,
-        ports,
+        labels: Shared::share(|s| &mut s.labels, labels),
+        ports: Shared::share(|s| &mut s.ports, ports),
         captured,
         redirected,
         // Decided with the store's options, when it is indexed.
@@ -580,6 +625,45 @@ status:
   podIPs: [{ip: 10.1.0.5}, {ip: "fd00:1::5"}]
   conditions: [{type: Ready, status: "True"}]
 "#;
+
+    /// Pods with the same labels share one copy, whether from one text or
+    /// from separate API objects; a sweep lets go of the sets no pod holds.
+    #[test]
+    fn pods_share_their_label_set_and_a_sweep_drops_the_unused() {
+        let pod = |name: &str| {
+            serde_json::json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": "share",
+                             "labels": {"app": "share-test", "v": "unique-1"}},
+                "spec": {"containers": [{"name": "c", "ports": [{"name": "h", "containerPort": 80}]}]},
+            })
+        };
+        let docs = [
+            crate::state::Document::from_json("a", pod("a")),
+            crate::state::Document::from_json("b", pod("b")),
+        ];
+        let store =
+            crate::state::Store::from_documents(&docs, &crate::state::StoreOptions::for_tests());
+        let (a, b) = (
+            store.workload("share", "a").unwrap(),
+            store.workload("share", "b").unwrap(),
+        );
+        assert!(Arc::ptr_eq(&a.labels, &b.labels));
+        assert!(Arc::ptr_eq(&a.ports, &b.ports));
+
+        let mut shared = Shared::default();
+        let held = Arc::new(BTreeMap::from([("k".to_owned(), "held".to_owned())]));
+        shared.labels.insert(held.clone());
+        for i in 0..1100 {
+            shared
+                .labels
+                .insert(Arc::new(BTreeMap::from([("k".to_owned(), i.to_string())])));
+        }
+        shared.sweep();
+        assert_eq!(shared.labels.len(), 1);
+        assert!(shared.labels.contains(&held));
+        assert_eq!(shared.kept, 1);
+    }
 
     #[test]
     fn a_stored_pod_gives_the_same_workload_as_the_full_pod() {

@@ -9,6 +9,7 @@ mod ingress_tests;
 mod k8s;
 mod matcher;
 mod peer_auth;
+mod pod_parse;
 mod policy;
 mod ratelimit;
 mod route;
@@ -75,9 +76,14 @@ pub struct Workload {
     pub service_account: String,
     pub node: String,
     pub ips: Vec<IpAddr>,
-    pub labels: BTreeMap<String, String>,
-    /// Named container ports (for Service targetPort by name).
-    pub ports: BTreeMap<String, u16>,
+    /// Shared by the pods that have the same (a Deployment's pods: see
+    /// [`k8s::Shared`]).
+    #[serde(serialize_with = "shared")]
+    pub labels: Arc<BTreeMap<String, String>>,
+    /// Named container ports (for Service targetPort by name); shared as
+    /// the labels are.
+    #[serde(serialize_with = "shared")]
+    pub ports: Arc<BTreeMap<String, u16>>,
     /// In the mesh: its namespace or the pod itself is labelled
     /// `istio.io/dataplane-mode=ambient`, the pod did not opt out (`none`),
     /// and it is neither a sidecar pod nor one of the agent's own.
@@ -101,6 +107,11 @@ pub struct Workload {
     /// `statefulset`, `daemonset`, `job`, `cronjob`, ...); None for a bare
     /// pod.
     pub owner_kind: Option<String>,
+}
+
+/// What an `Arc` holds, serialized as itself.
+fn shared<T: serde::Serialize, S: serde::Serializer>(v: &Arc<T>, s: S) -> Result<S::Ok, S::Error> {
+    T::serialize(v, s)
 }
 
 impl Workload {
@@ -333,6 +344,48 @@ pub struct StoreOptions {
     /// The mesh-wide [`OutboundTrafficPolicy`]; a namespace may set its own
     /// ([`OUTBOUND_POLICY_ANNOTATION`]).
     pub outbound_traffic_policy: OutboundTrafficPolicy,
+}
+
+#[cfg(test)]
+impl StoreOptions {
+    /// A local configuration's options with trust domain `cluster.local`
+    /// and root namespace `istio-system`: what tests start from, changing
+    /// what they are about (`StoreOptions { x, ..StoreOptions::for_tests() }`).
+    pub fn for_tests() -> StoreOptions {
+        StoreOptions {
+            trust_domain: "cluster.local".into(),
+            root_namespace: "istio-system".into(),
+            redirection_annotation: false,
+            skip_ingress_secrets: false,
+            endpoint_slices_only: false,
+            outbound_traffic_policy: Default::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+impl Workload {
+    /// A captured pod `namespace/name` reached over HBONE, with no
+    /// addresses, labels or ports, service account `default`: what tests
+    /// start from (`Workload { x, ..Workload::for_tests("shop", "web") }`).
+    pub fn for_tests(namespace: &str, name: &str) -> Workload {
+        Workload {
+            name: name.into(),
+            namespace: namespace.into(),
+            service_account: "default".into(),
+            node: String::new(),
+            ips: Vec::new(),
+            labels: Default::default(),
+            ports: Default::default(),
+            captured: true,
+            redirected: false,
+            hbone: true,
+            uid: String::new(),
+            netns: None,
+            owner: None,
+            owner_kind: None,
+        }
+    }
 }
 
 /// One snapshot of everything known.

@@ -433,7 +433,7 @@ impl Scopes {
         let mut candidates = Vec::new();
         for scope in self.of(conn.dst, root_namespace) {
             scope.every_workload.candidates(&keys, &mut candidates);
-            for (k, v) in &conn.dst.labels {
+            for (k, v) in conn.dst.labels.iter() {
                 if let Some(group) = scope.by_label.get(k).and_then(|values| values.get(v)) {
                     group.candidates(&keys, &mut candidates);
                 }

@@ -9,14 +9,7 @@ use std::{
 use super::*;
 
 pub(super) fn opts() -> StoreOptions {
-    StoreOptions {
-        trust_domain: "cluster.local".into(),
-        root_namespace: "istio-system".into(),
-        redirection_annotation: false,
-        skip_ingress_secrets: false,
-        endpoint_slices_only: false,
-        outbound_traffic_policy: Default::default(),
-    }
+    StoreOptions::for_tests()
 }
 
 pub(super) fn store(yaml: &str) -> Store {
@@ -173,23 +166,16 @@ fn pods_become_workloads() {
     assert_eq!(
         **web,
         Workload {
-            name: "web-1".into(),
-            namespace: "shop".into(),
             service_account: "web".into(),
             node: "node-a".into(),
             ips: vec![ip("10.0.0.10"), ip("fd00::10")],
             labels: BTreeMap::from([
                 ("app".into(), "web".into()),
                 ("version".into(), "v2".into()),
-            ]),
-            ports: BTreeMap::from([("http".into(), 8080)]),
-            captured: true,
-            redirected: false,
-            hbone: true,
-            uid: String::new(),
-            netns: None,
-            owner: None,
-            owner_kind: None,
+            ])
+            .into(),
+            ports: BTreeMap::from([("http".into(), 8080)]).into(),
+            ..Workload::for_tests("shop", "web-1")
         }
     );
     assert_eq!(
@@ -291,9 +277,6 @@ fn hbone_follows_the_redirection_annotation_from_the_api_and_the_labels_locally(
         &[("api".into(), REDIRECTION.into())],
         &StoreOptions {
             redirection_annotation: true,
-            skip_ingress_secrets: false,
-            endpoint_slices_only: false,
-            outbound_traffic_policy: Default::default(),
             ..opts()
         },
     );
@@ -503,20 +486,8 @@ status: {podIP: 10.2.0.1}
         (&"typo".into(), &"DENY".into())
     );
     let web = Workload {
-        name: "web".into(),
-        namespace: "shop".into(),
         service_account: "web".into(),
-        node: String::new(),
-        ips: vec![],
-        labels: Default::default(),
-        ports: Default::default(),
-        captured: true,
-        redirected: false,
-        hbone: true,
-        uid: String::new(),
-        netns: None,
-        owner: None,
-        owner_kind: None,
+        ..Workload::for_tests("shop", "web")
     };
     let id = crate::identity::Identity::new("cluster.local", "shop", "web");
     let conn = Conn {
@@ -795,7 +766,6 @@ fn from_the_api_a_service_without_slices_has_no_endpoints() {
         &StoreOptions {
             redirection_annotation: true,
             endpoint_slices_only: true,
-            outbound_traffic_policy: Default::default(),
             ..opts()
         },
     );

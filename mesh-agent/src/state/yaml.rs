@@ -16,6 +16,7 @@ use super::{
     gateway::{Gateway, GatewayClass, HttpRoute},
     k8s::StoredPod,
     peer_auth::PeerAuthentication,
+    pod_parse::Probe,
     policy::AuthorizationPolicy,
     ratelimit::LocalRateLimitPolicy,
     route::{DestinationRule, VirtualService},
@@ -171,24 +172,116 @@ pub struct Document {
     syntax_error: Option<ConfigWarning>,
 }
 
+/// A text at least this long is parsed in parts, in parallel.
+const PARALLEL_FROM: usize = 1 << 20;
+
+/// Where `text` may be cut into `parts` texts of whole documents: at
+/// lines that are a `---` marker (which no scalar or collection can hold
+/// at the start of a line), near equal sizes apart. None for a text
+/// with directives (`%YAML`), which apply to the document after them.
+fn cuts(text: &str, parts: usize) -> Option<Vec<usize>> {
+    if text.starts_with('%') || text.contains("\n%") {
+        return None;
+    }
+    let mut cuts = Vec::new();
+    for k in 1..parts {
+        let from = (text.len() * k / parts).max(cuts.last().copied().unwrap_or(0) + 1);
+        let Some(found) = text.get(from..).and_then(|rest| {
+            rest.match_indices("\n---")
+                .map(|(i, _)| from + i + 1)
+                .find(|&at| {
+                    matches!(
+                        text.as_bytes().get(at + 3),
+                        None | Some(b'\n' | b'\r' | b' ' | b'\t')
+                    )
+                })
+        }) else {
+            break;
+        };
+        cuts.push(found);
+    }
+    Some(cuts)
+}
+
 impl Document {
     /// Every object in a YAML text (`---` separated documents, `kind: List`).
+    /// A long text is cut at document markers and its parts are parsed in
+    /// parallel; when a later part has an object that does not parse, the
+    /// whole text is parsed again in one piece, so that every message
+    /// names its line in the text.
     pub fn parse_text(origin: &str, text: &str) -> Document {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+        Document::parse_in_parts(origin, text, threads.min(text.len() / PARALLEL_FROM))
+    }
+
+    /// [`Document::parse_text`] with `parts` parts at most.
+    pub(super) fn parse_in_parts(origin: &str, text: &str, parts: usize) -> Document {
+        let cuts = match cuts(text, parts) {
+            Some(cuts) if !cuts.is_empty() => cuts,
+            _ => return Document::parse_part(origin, text),
+        };
+        let bounds: Vec<(usize, usize)> = std::iter::once(0)
+            .chain(cuts.iter().copied())
+            .zip(cuts.iter().copied().chain(std::iter::once(text.len())))
+            .collect();
+        let mut docs = std::thread::scope(|scope| {
+            let handles: Vec<_> = bounds
+                .iter()
+                .map(|&(from, to)| {
+                    scope.spawn(move || Document::parse_part(origin, &text[from..to]))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+                })
+                .collect::<Vec<Document>>()
+        });
+        let located = |d: &Document| {
+            d.syntax_error.is_some()
+                || d.warnings
+                    .iter()
+                    .any(|w| matches!(w.kind, "parse_error" | "unknown_field"))
+        };
+        if docs.iter().skip(1).any(located) || docs[0].syntax_error.is_some() {
+            return Document::parse_part(origin, text);
+        }
+        let mut doc = docs.remove(0);
+        for part in docs {
+            doc.entries.extend(part.entries);
+            doc.warnings.extend(part.warnings);
+        }
+        doc
+    }
+
+    fn parse_part(origin: &str, text: &str) -> Document {
         let mut doc = Document {
             origin: origin.into(),
             ..Document::default()
         };
         for (index, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
-            match Value::deserialize(de) {
-                Ok(Value::Null) => {}
-                Ok(value) => {
-                    let at = At {
-                        origin,
-                        text: Some(text),
-                        index: Some(index),
-                    };
-                    doc.add(at, value);
+            let at = At {
+                origin,
+                text: Some(text),
+                index: Some(index),
+            };
+            let value = match Probe::deserialize(de) {
+                Ok(Probe::Null) => continue,
+                Ok(Probe::Pod(pod)) => {
+                    doc.add_pod(at, *pod);
+                    continue;
                 }
+                Ok(Probe::Other(value)) => Ok(value),
+                // Read again the general way, which says what is wrong.
+                Err(_) => serde_yaml::Deserializer::from_str(text)
+                    .nth(index)
+                    .map_or(Ok(Value::Null), Value::deserialize),
+            };
+            match value {
+                Ok(Value::Null) => {}
+                Ok(value) => doc.add(at, value),
                 Err(e) => {
                     let w = ConfigWarning {
                         object: origin.to_owned(),
@@ -217,13 +310,21 @@ impl Document {
             text: None,
             index: None,
         };
-        match serde_yaml::to_value(object) {
-            Ok(value) => doc.add(at, value),
-            Err(e) => doc.warnings.push(ConfigWarning {
-                object: origin.to_owned(),
-                kind: "parse_error",
-                message: e.to_string(),
-            }),
+        let text = |key: &str| object.get(key).and_then(serde_json::Value::as_str);
+        let fast = (text("apiVersion") == Some("v1") && text("kind") == Some("Pod"))
+            .then(|| Probe::deserialize(&object).ok())
+            .flatten();
+        match fast {
+            // Read the fast way, as from a text ([`Probe`]).
+            Some(Probe::Pod(pod)) => doc.add_pod(at, *pod),
+            _ => match serde_yaml::to_value(object) {
+                Ok(value) => doc.add(at, value),
+                Err(e) => doc.warnings.push(ConfigWarning {
+                    object: origin.to_owned(),
+                    kind: "parse_error",
+                    message: e.to_string(),
+                }),
+            },
         }
         doc
     }
@@ -237,6 +338,17 @@ impl Document {
     #[cfg(test)]
     pub fn origin(&self) -> &str {
         &self.origin
+    }
+
+    #[cfg(test)]
+    pub fn warnings(&self) -> &[ConfigWarning] {
+        &self.warnings
+    }
+
+    /// The objects, as `Debug` shows them.
+    #[cfg(test)]
+    pub fn entries_debug(&self) -> String {
+        format!("{:?}", self.entries)
     }
 
     /// The objects it defines.
@@ -411,6 +523,36 @@ impl Objects {
 }
 
 impl Document {
+    /// A `v1` Pod read the fast way ([`Probe`]): what [`Document::add`]
+    /// does with one.
+    fn add_pod(&mut self, at: At<'_>, pod: Pod) {
+        let Some(name) = pod.metadata.name.clone() else {
+            let header = Header {
+                api_version: "v1".to_owned(),
+                kind: "Pod".to_owned(),
+                namespace: pod.metadata.namespace.clone(),
+                name: None,
+            };
+            let e = ObjectError::Missing("metadata.name");
+            return self.warnings.push(ConfigWarning {
+                object: format!("{}: {header}", at.origin),
+                kind: e.kind(),
+                message: e.to_string(),
+            });
+        };
+        let key = ObjectKey {
+            kind: "Pod",
+            namespace: pod
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".to_owned()),
+            name,
+        };
+        let stored = super::k8s::StoredPod::new(&pod);
+        self.entries.push((key, Typed::Pod(Arc::new(stored))));
+    }
+
     fn add(&mut self, at: At<'_>, value: Value) {
         let header = Header::of(&value);
         let warn = |doc: &mut Document, kind, message| {
@@ -466,8 +608,7 @@ impl Document {
             .and_then(|v| serde_yaml::from_value::<WorkloadSelector>(v.clone()).ok());
         let result = match kind {
             "Namespace" => typed(at, value).map(Typed::Namespace),
-            "Pod" => typed::<Pod>(at, value)
-                .map(|pod| Typed::Pod(Arc::new(super::k8s::StoredPod::new(&pod)))),
+            "Pod" => typed::<Pod>(at, value).map(|pod| Typed::Pod(Arc::new(StoredPod::new(&pod)))),
             "Service" => typed(at, value).map(Typed::Service),
             "EndpointSlice" => typed(at, value).map(Typed::EndpointSlice),
             "ServiceAccount" => typed(at, value).map(Typed::ServiceAccount),

@@ -54,12 +54,8 @@ async fn the_serving_waypoint_writes_its_parents_conditions() {
     fake.apply(route());
     let yaml = format!("{OBJECTS}---\n{}", serde_yaml::to_string(&route()).unwrap());
     let opts = StoreOptions {
-        trust_domain: "cluster.local".into(),
-        root_namespace: "istio-system".into(),
         redirection_annotation: true,
-        skip_ingress_secrets: false,
-        endpoint_slices_only: false,
-        outbound_traffic_policy: Default::default(),
+        ..StoreOptions::for_tests()
     };
     let mut store = Store::from_yaml(&[("t.yaml".into(), yaml)], &opts);
     store.generation = 1;
@@ -179,12 +175,8 @@ spec: {clusterIP: 10.96.0.3, selector: {app: shop}, ports: [{port: 80}]}
         serde_yaml::to_string(&route).unwrap()
     );
     let opts = StoreOptions {
-        trust_domain: "cluster.local".into(),
-        root_namespace: "istio-system".into(),
         redirection_annotation: true,
-        skip_ingress_secrets: false,
-        endpoint_slices_only: false,
-        outbound_traffic_policy: Default::default(),
+        ..StoreOptions::for_tests()
     };
     let mut store = Store::from_yaml(&[("t.yaml".into(), yaml)], &opts);
     store.generation = 1;

@@ -135,12 +135,15 @@ fn workloads(results: &mut Results, reps: usize, quick: bool) -> anyhow::Result<
             let started = Instant::now();
             tb.start_agent(0, &args)?;
             let ready = started.elapsed().as_secs_f64() * 1000.0;
+            // The gauge is set by a task of its own once the snapshot is
+            // out, a moment after the agent answers ready from it.
             let series = r#"mesh_config_objects{kind="workloads"}"#;
-            let stored = tb.agent(0).metric(series)?;
-            ensure!(
-                stored == n as f64,
-                "ready with {stored} workloads stored, not {n}"
-            );
+            let mut stored = f64::NAN;
+            wait_for(Duration::from_secs(10), || {
+                stored = tb.agent(0).metric(series)?;
+                Ok(stored == n as f64)
+            })
+            .with_context(|| format!("ready with {stored} workloads stored, not {n}"))?;
             if !quick {
                 std::thread::sleep(idle::SETTLE);
             }

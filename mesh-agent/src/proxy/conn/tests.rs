@@ -6,20 +6,9 @@ use crate::metrics::{encode, proxy_registry};
 fn pod(namespace: &str, name: &str) -> Peer {
     Peer {
         workload: Some(Arc::new(Workload {
-            name: name.to_owned(),
-            namespace: namespace.to_owned(),
-            service_account: "default".to_owned(),
             node: "node".to_owned(),
-            ips: Vec::new(),
-            labels: Default::default(),
-            ports: Default::default(),
-            captured: true,
-            redirected: false,
-            hbone: true,
             uid: name.to_owned(),
-            netns: None,
-            owner: None,
-            owner_kind: None,
+            ..Workload::for_tests(namespace, name)
         })),
         ..Peer::default()
     }
@@ -40,7 +29,8 @@ fn workload_labels_name_the_owner_and_canonical_labels_come_first() {
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect();
+    .collect::<std::collections::BTreeMap<_, _>>()
+    .into();
     p.workload = Some(Arc::new(wl));
     let l = labels("Kubernetes", "source", &p, &pod("shop", "db"), None, true);
     assert_eq!(l.source_workload, "reviews-v1");

@@ -140,23 +140,17 @@ mod tests {
 
     fn wl(owner: Option<(&str, &str)>, labels: &[(&str, &str)]) -> Workload {
         Workload {
-            name: "reviews-v1-5f7d9c6b8-x2x9z".into(),
-            namespace: "shop".into(),
             service_account: "reviews".into(),
             node: "n".into(),
-            ips: vec![],
             labels: labels
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect::<BTreeMap<_, _>>(),
-            ports: BTreeMap::new(),
-            captured: true,
+                .collect::<BTreeMap<_, _>>()
+                .into(),
             redirected: true,
-            hbone: true,
-            uid: String::new(),
-            netns: None,
             owner: owner.map(|o| o.1.to_owned()),
             owner_kind: owner.map(|o| o.0.to_owned()),
+            ..Workload::for_tests("shop", "reviews-v1-5f7d9c6b8-x2x9z")
         }
     }
 

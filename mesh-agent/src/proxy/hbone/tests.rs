@@ -6,7 +6,6 @@
 //! The clocks are shortened (`Timers`); what they bound is the same code.
 
 use std::{
-    collections::BTreeMap,
     future::Future,
     net::{IpAddr, SocketAddr},
     path::PathBuf,
@@ -78,20 +77,10 @@ fn certs(dir: &TempDir) -> Arc<CertManager> {
 
 fn workload(name: &str, ip: IpAddr) -> Workload {
     Workload {
-        name: name.into(),
-        namespace: "shop".into(),
         service_account: name.into(),
         node: "n".into(),
         ips: vec![ip],
-        labels: BTreeMap::new(),
-        ports: BTreeMap::new(),
-        captured: true,
-        redirected: false,
-        hbone: true,
-        uid: String::new(),
-        netns: None,
-        owner: None,
-        owner_kind: None,
+        ..Workload::for_tests("shop", name)
     }
 }
 
@@ -604,10 +593,7 @@ async fn a_connect_carries_baggage_and_a_fresh_traceparent() {
         let mut client = Client::new(certs, quick());
         client.workload.owner = Some("client-app".into());
         client.workload.owner_kind = Some("deployment".into());
-        client
-            .workload
-            .labels
-            .insert("app".into(), "frontend".into());
+        client.workload.labels = Arc::new([("app".into(), "frontend".into())].into());
         let _a = client.call(ip).await.unwrap();
         let _b = client.call(ip).await.unwrap();
         let heads = server.heads.lock().unwrap().clone();

@@ -1,0 +1,553 @@
+//! The fast way to read a Pod out of YAML: straight into the fields the
+//! agent reads (see [`super::k8s`]), every other field skipped without
+//! being built, where the general way builds the whole document as a YAML
+//! value tree and then the whole typed Kubernetes Pod (managed fields,
+//! container specs, env, probes, volumes, conditions) only to drop most of
+//! it. A cluster's pods are most of a large configuration, and this is
+//! what its start-up time goes to.
+//!
+//! Only for a document that reads whole this way: any error (a field of the
+//! wrong type, a duplicate key, a syntax error) sends the document down the
+//! general way, which names the field and the line as before.
+
+use std::{collections::BTreeMap, fmt};
+
+use k8s_openapi::{
+    api::core::v1::{Container, ContainerPort, Pod, PodIP, PodSpec, PodStatus},
+    apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
+};
+use serde::{
+    Deserialize, Deserializer,
+    de::{self, MapAccess, Visitor},
+};
+use serde_yaml::{Mapping, Value};
+
+/// One document, as the first look at it found it.
+pub(super) enum Probe {
+    /// An empty document.
+    Null,
+    /// A `v1` `Pod`, with only the fields the agent reads.
+    Pod(Box<Pod>),
+    /// Any other mapping, whole, for the general way.
+    Other(Value),
+}
+
+/// A string, as the general way reads one: YAML's `1`, `true` or `1.5`
+/// are not strings (serde_yaml would hand them to a typed `String` as
+/// text; the value tree keeps them as numbers and booleans, which a
+/// Kubernetes string field refuses).
+#[derive(Default)]
+struct Str(String);
+
+impl<'de> Deserialize<'de> for Str {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Str, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Str;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Str, E> {
+                Ok(Str(v.to_owned()))
+            }
+
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Str, E> {
+                Ok(Str(v))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+fn text(s: Option<Str>) -> Option<String> {
+    s.map(|s| s.0)
+}
+
+fn map(m: Option<BTreeMap<Str, Str>>) -> Option<BTreeMap<String, String>> {
+    m.map(|m| m.into_iter().map(|(k, v)| (k.0, v.0)).collect())
+}
+
+impl PartialEq for Str {
+    fn eq(&self, other: &Str) -> bool {
+        self.0 == other.0
+    }
+}
+impl Eq for Str {}
+impl PartialOrd for Str {
+    fn partial_cmp(&self, other: &Str) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Str {
+    fn cmp(&self, other: &Str) -> std::cmp::Ordering {
+        self.0.cmp(&other.0)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Meta {
+    #[serde(default)]
+    name: Option<Str>,
+    #[serde(default)]
+    namespace: Option<Str>,
+    #[serde(default)]
+    uid: Option<Str>,
+    #[serde(default)]
+    labels: Option<BTreeMap<Str, Str>>,
+    #[serde(default)]
+    annotations: Option<BTreeMap<Str, Str>>,
+    #[serde(default)]
+    owner_references: Option<Vec<Owner>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Owner {
+    #[serde(default)]
+    api_version: Option<Str>,
+    #[serde(default)]
+    kind: Option<Str>,
+    #[serde(default)]
+    name: Option<Str>,
+    #[serde(default)]
+    uid: Option<Str>,
+    #[serde(default)]
+    controller: Option<bool>,
+    #[serde(default)]
+    block_owner_deletion: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Spec {
+    #[serde(default)]
+    node_name: Option<Str>,
+    #[serde(default)]
+    service_account_name: Option<Str>,
+    #[serde(default)]
+    host_network: Option<bool>,
+    #[serde(default)]
+    containers: Option<Vec<ContainerLite>>,
+}
+
+#[derive(Deserialize)]
+struct ContainerLite {
+    #[serde(default)]
+    name: Option<Str>,
+    #[serde(default)]
+    ports: Option<Vec<Port>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Port {
+    #[serde(default)]
+    name: Option<Str>,
+    #[serde(default)]
+    container_port: Option<i32>,
+    #[serde(default)]
+    host_ip: Option<Str>,
+    #[serde(default)]
+    host_port: Option<i32>,
+    #[serde(default)]
+    protocol: Option<Str>,
+}
+
+#[derive(Deserialize)]
+struct Ip {
+    #[serde(default)]
+    ip: Option<Str>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Status {
+    #[serde(default)]
+    phase: Option<Str>,
+    #[serde(default, rename = "podIP")]
+    pod_ip: Option<Str>,
+    #[serde(default, rename = "podIPs")]
+    pod_ips: Option<Vec<Ip>>,
+}
+
+impl From<Meta> for ObjectMeta {
+    fn from(m: Meta) -> ObjectMeta {
+        ObjectMeta {
+            name: text(m.name),
+            namespace: text(m.namespace),
+            uid: text(m.uid),
+            labels: map(m.labels),
+            annotations: map(m.annotations),
+            owner_references: m.owner_references.map(|owners| {
+                owners
+                    .into_iter()
+                    .map(|o| OwnerReference {
+                        api_version: text(o.api_version).unwrap_or_default(),
+                        kind: text(o.kind).unwrap_or_default(),
+                        name: text(o.name).unwrap_or_default(),
+                        uid: text(o.uid).unwrap_or_default(),
+                        controller: o.controller,
+                        block_owner_deletion: o.block_owner_deletion,
+                    })
+                    .collect()
+            }),
+            ..ObjectMeta::default()
+        }
+    }
+}
+
+impl From<Spec> for PodSpec {
+    fn from(s: Spec) -> PodSpec {
+        PodSpec {
+            node_name: text(s.node_name),
+            service_account_name: text(s.service_account_name),
+            host_network: s.host_network,
+            containers: s
+                .containers
+                .unwrap_or_default()
+                .into_iter()
+                .map(|c| Container {
+                    name: text(c.name).unwrap_or_default(),
+                    ports: c.ports.map(|ports| {
+                        ports
+                            .into_iter()
+                            .map(|p| ContainerPort {
+                                name: text(p.name),
+                                container_port: p.container_port.unwrap_or_default(),
+                                host_ip: text(p.host_ip),
+                                host_port: p.host_port,
+                                protocol: text(p.protocol),
+                            })
+                            .collect()
+                    }),
+                    ..Container::default()
+                })
+                .collect(),
+            ..PodSpec::default()
+        }
+    }
+}
+
+impl From<Status> for PodStatus {
+    fn from(s: Status) -> PodStatus {
+        PodStatus {
+            phase: text(s.phase),
+            pod_ip: text(s.pod_ip),
+            pod_ips: s.pod_ips.map(|ips| {
+                ips.into_iter()
+                    .map(|p| PodIP {
+                        ip: text(p.ip).unwrap_or_default(),
+                    })
+                    .collect()
+            }),
+            ..PodStatus::default()
+        }
+    }
+}
+
+/// A part read before `apiVersion` and `kind` said what the object is: kept
+/// as a value, read into its type at the end.
+fn part<T: de::DeserializeOwned, E: de::Error>(
+    typed: Option<Option<T>>,
+    map: &mut Mapping,
+    key: &str,
+) -> Result<Option<T>, E> {
+    match (typed, map.remove(key)) {
+        (Some(part), None) => Ok(part),
+        (None, Some(value)) => serde_yaml::from_value(value).map_err(E::custom),
+        (None, None) => Ok(None),
+        (Some(_), Some(_)) => Err(E::custom(format!("duplicate field `{key}`"))),
+    }
+}
+
+impl<'de> Deserialize<'de> for Probe {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Probe, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Probe;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a Kubernetes object")
+            }
+
+            fn visit_unit<E: de::Error>(self) -> Result<Probe, E> {
+                Ok(Probe::Null)
+            }
+
+            fn visit_none<E: de::Error>(self) -> Result<Probe, E> {
+                Ok(Probe::Null)
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Probe, A::Error> {
+                let mut map = Mapping::new();
+                let (mut meta, mut spec, mut status) = (None, None, None);
+                let is_pod = |map: &Mapping| {
+                    map.get("apiVersion").and_then(Value::as_str) == Some("v1")
+                        && map.get("kind").and_then(Value::as_str) == Some("Pod")
+                };
+                while let Some(key) = access.next_key::<Value>()? {
+                    let pod = is_pod(&map);
+                    let duplicate = || de::Error::custom("duplicate key");
+                    match key.as_str() {
+                        Some("metadata") if pod && meta.is_none() => {
+                            meta = Some(access.next_value::<Option<Meta>>()?);
+                        }
+                        Some("spec") if pod && spec.is_none() => {
+                            spec = Some(access.next_value::<Option<Spec>>()?);
+                        }
+                        Some("status") if pod && status.is_none() => {
+                            status = Some(access.next_value::<Option<Status>>()?);
+                        }
+                        Some("metadata" | "spec" | "status") if pod => return Err(duplicate()),
+                        _ => {
+                            let value: Value = access.next_value()?;
+                            if map.insert(key, value).is_some() {
+                                return Err(duplicate());
+                            }
+                        }
+                    }
+                }
+                if !is_pod(&map) {
+                    if meta.is_some() || spec.is_some() || status.is_some() {
+                        // apiVersion or kind changed after: the general way
+                        // says what is wrong.
+                        return Err(de::Error::custom("not a Pod after all"));
+                    }
+                    return Ok(Probe::Other(Value::Mapping(map)));
+                }
+                let meta = part::<Meta, A::Error>(meta, &mut map, "metadata")?;
+                let spec = part::<Spec, A::Error>(spec, &mut map, "spec")?;
+                let status = part::<Status, A::Error>(status, &mut map, "status")?;
+                Ok(Probe::Pod(Box::new(Pod {
+                    metadata: meta.map(ObjectMeta::from).unwrap_or_default(),
+                    spec: spec.map(PodSpec::from),
+                    status: status.map(PodStatus::from),
+                })))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::state::Document;
+
+    /// A Pod the way the API server sends one, with what the agent reads
+    /// and much it does not.
+    const POD: &str = r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: web-7d9c5b6f4-x2k9p
+  namespace: shop
+  uid: 3f6c1a52-0001
+  labels: {app: web, version: v1, pod-template-hash: 7d9c5b6f4}
+  annotations: {mesh-agent/netns: /run/netns/web, ambient.istio.io/redirection: enabled}
+  ownerReferences:
+  - {apiVersion: apps/v1, kind: ReplicaSet, name: web-7d9c5b6f4, uid: u1, controller: true}
+  managedFields:
+  - manager: kubelet
+    fieldsV1: {f:status: {f:podIP: {}}}
+spec:
+  nodeName: node-a
+  serviceAccountName: web-sa
+  containers:
+  - name: app
+    image: web:1
+    env: [{name: A, value: b}]
+    ports: [{name: http, containerPort: 8080}, {containerPort: 9000}]
+  - name: side
+    ports: [{name: metrics, containerPort: 9090, protocol: TCP}]
+  volumes: [{name: v, projected: {sources: []}}]
+status:
+  phase: Running
+  conditions: [{type: Ready, status: "True"}]
+  podIP: 10.1.0.7
+  podIPs: [{ip: 10.1.0.7}, {ip: "fd00::7"}]
+"#;
+
+    /// The same text read the fast way (a document of its own) and the
+    /// general way (an item of a `kind: List`, which takes the YAML value
+    /// tree and the whole Kubernetes Pod): the same objects, and the same
+    /// warnings (the fast way's falls back to the general way, which then
+    /// also names the field's path and line).
+    fn both_ways(pod: &str) -> (String, String) {
+        let fast = Document::parse_text("p.yaml", pod);
+        let indented: String = pod.lines().map(|l| format!("  {l}\n")).collect();
+        let list = format!("apiVersion: v1\nkind: List\nitems:\n-\n{indented}");
+        let general = Document::parse_text("p.yaml", &list);
+        assert_eq!(fast.warnings().len(), general.warnings().len(), "{pod}");
+        for (f, g) in fast.warnings().iter().zip(general.warnings()) {
+            assert_eq!((&f.object, f.kind), (&g.object, g.kind), "{pod}");
+            assert!(f.message.contains(&g.message), "{f:?} {g:?}");
+        }
+        (fast.entries_debug(), general.entries_debug())
+    }
+
+    #[test]
+    fn a_pod_reads_the_same_both_ways() {
+        let (fast, general) = both_ways(POD);
+        assert_eq!(fast, general);
+        for read in [
+            "web-sa",
+            "node-a",
+            "10.1.0.7",
+            "fd00::7",
+            "\"metrics\": 9090",
+            "\"http\": 8080",
+            "/run/netns/web",
+            "redirected: true",
+            "owner: Some(\"web\")",
+            "owner_kind: Some(\"deployment\")",
+        ] {
+            assert!(fast.contains(read), "{read} not in {fast}");
+        }
+    }
+
+    #[test]
+    fn kind_after_the_fields_and_missing_parts_read_the_same() {
+        let late = "metadata: {name: late, namespace: shop, labels: {app: a}}\n\
+                    status: {podIP: 10.1.0.8}\napiVersion: v1\nkind: Pod\n";
+        let (fast, general) = both_ways(late);
+        assert_eq!(fast, general);
+        assert!(fast.contains("10.1.0.8"), "{fast}");
+        for pod in [
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: bare}\n",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: nulls}\nspec: null\nstatus: ~\n",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: done}\nstatus: {phase: Succeeded}\n",
+            "apiVersion: v1\nkind: Pod\nspec: {nodeName: n}\n",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: badip}\nstatus: {podIP: nope}\n",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: n, labels: {version: 1}}\n",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: 7}\n",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: h}\nspec: {hostNetwork: true}\n",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: h, labels: {1: a, b: true}}\n",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: o, ownerReferences: [{name: 5}]}\n",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: s}\nspec: {hostNetwork: \"true\"}\n",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: c}\n\
+             spec: {containers: [{name: 1, ports: [{name: 2, containerPort: 80}]}]}\n",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: c}\n\
+             spec: {containers: [{name: c, ports: [{name: p, containerPort: \"80\"}]}]}\n",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: i}\nstatus: {podIPs: [{ip: 1}]}\n",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: q, labels: {a: \"1\", b: \"\"}}\n",
+        ] {
+            let (fast, general) = both_ways(pod);
+            assert_eq!(fast, general, "{pod}");
+        }
+    }
+
+    /// Anything the fast way cannot read goes the general way, which names
+    /// the field and the line, and the documents after it still load.
+    #[test]
+    fn a_bad_pod_is_named_with_its_line_and_the_rest_loads() {
+        let text = "apiVersion: v1\nkind: Pod\nmetadata: {name: bad, namespace: x}\n\
+                    spec:\n  containers:\n  - name: c\n    ports: [{containerPort: http}]\n\
+                    ---\napiVersion: v1\nkind: Pod\nmetadata: {name: good, namespace: x}\n";
+        let doc = Document::parse_text("t.yaml", text);
+        let keys: Vec<String> = doc.keys().map(ToString::to_string).collect();
+        assert_eq!(keys, ["Pod x/good"]);
+        let text = format!("{doc:?}");
+        assert!(text.contains("t.yaml: Pod x/bad"), "{text}");
+        assert!(text.contains("containerPort"), "{text}");
+        assert!(text.contains("line 7"), "{text}");
+        assert!(doc.syntax_error().is_none());
+    }
+
+    /// A key given twice is a syntax error of the file, as it always was.
+    #[test]
+    fn a_duplicate_key_is_a_syntax_error() {
+        let text = "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nmetadata: {name: b}\n";
+        let doc = Document::parse_text("t.yaml", text);
+        let e = doc.syntax_error().expect("a syntax error");
+        assert!(e.message.contains("duplicate"), "{}", e.message);
+        assert_eq!(doc.keys().count(), 0);
+    }
+
+    fn pods(n: usize, bad: Option<usize>) -> String {
+        (0..n)
+            .map(|i| {
+                let port = if Some(i) == bad { "http" } else { "8080" };
+                format!(
+                    "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p{i}\n  namespace: ns{}\n  \
+                     labels: {{app: a{}}}\nspec:\n  containers:\n  - name: c\n    \
+                     ports: [{{name: http, containerPort: {port}}}]\n\
+                     status: {{podIP: 10.0.{}.{}}}\n",
+                    i % 3,
+                    i % 4,
+                    i / 200,
+                    i % 200 + 1
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("---\n")
+    }
+
+    /// A long text is parsed in parts at once: the same objects in the
+    /// same order, and the same warnings, as in one piece.
+    #[test]
+    fn parts_read_as_the_whole() {
+        let text = format!(
+            "{}---\napiVersion: apps/v1\nkind: Deployment\n\
+                            metadata: {{name: d}}\n---\n{}",
+            pods(50, None),
+            pods(60, None)
+        );
+        let whole = Document::parse_in_parts("t.yaml", &text, 1);
+        assert_eq!(whole.keys().count(), 110);
+        assert_eq!(whole.warnings().len(), 1, "the Deployment: unsupported");
+        for parts in [2, 3, 7] {
+            let parted = Document::parse_in_parts("t.yaml", &text, parts);
+            assert_eq!(parted.entries_debug(), whole.entries_debug(), "{parts}");
+            assert_eq!(parted.warnings(), whole.warnings(), "{parts}");
+        }
+    }
+
+    /// An object that does not parse, in a later part: its message names
+    /// its line in the whole text, as in one piece.
+    #[test]
+    fn a_bad_object_in_a_later_part_is_named_with_its_line_in_the_text() {
+        let text = pods(100, Some(90));
+        let whole = Document::parse_in_parts("t.yaml", &text, 1);
+        let parted = Document::parse_in_parts("t.yaml", &text, 3);
+        assert_eq!(parted.warnings(), whole.warnings());
+        assert_eq!(parted.warnings().len(), 1);
+        let w = &parted.warnings()[0];
+        assert_eq!(w.object, "t.yaml: Pod ns0/p90");
+        assert!(w.message.contains("line 1090"), "{}", w.message);
+        assert_eq!(parted.keys().count(), 99);
+
+        // A syntax error in a later part: the file is not applied, its
+        // message names the line in the whole text.
+        let text = format!("{}---\nkind: [oops\n", pods(100, None));
+        let whole = Document::parse_in_parts("t.yaml", &text, 1);
+        let parted = Document::parse_in_parts("t.yaml", &text, 3);
+        let e = parted.syntax_error().expect("a syntax error");
+        assert_eq!(Some(e), whole.syntax_error());
+        assert!(e.message.contains("line 120"), "{}", e.message);
+    }
+
+    /// An object from the Kubernetes API (JSON) reads the same the fast way
+    /// as the general way, and a bad one is still named.
+    #[test]
+    fn a_pod_from_the_api_reads_as_from_a_text() {
+        let value: serde_yaml::Value = serde_yaml::from_str(POD).unwrap();
+        let json = serde_json::to_value(&value).unwrap();
+        let api = Document::from_json("api", json.clone());
+        let (_, general) = both_ways(POD);
+        assert_eq!(api.entries_debug(), general);
+        assert!(api.warnings().is_empty(), "{:?}", api.warnings());
+
+        let mut bad = json;
+        bad["metadata"]["labels"]["version"] = serde_json::json!(2);
+        let api = Document::from_json("api", bad);
+        assert_eq!(api.keys().count(), 0);
+        let w = &api.warnings()[0];
+        assert_eq!(
+            (w.object.as_str(), w.kind),
+            ("api: Pod shop/web-7d9c5b6f4-x2k9p", "parse_error")
+        );
+        assert!(w.message.contains("integer `2`"), "{}", w.message);
+    }
+}
