@@ -3,7 +3,8 @@
 //! registry. The image holds the stripped release binary (its eBPF object is
 //! embedded), the shared libraries it and `iptables` link against (found with
 //! `ldd`, copied to the paths the dynamic loader looks in), iptables-nft with
-//! its extension modules for the fallback capture mode, and a non-root
+//! its extension modules for the fallback capture mode, the system trust
+//! roots (Debian's CA bundle), and a non-root
 //! default user. It is written as an OCI archive with gzip layers, dated by
 //! the source commit so two builds of one tree are the same image.
 //!
@@ -42,6 +43,8 @@ pub const NAME: &str = "mesh-agent";
 /// The image's default user: the waypoint runs as it (deploy/waypoint); the
 /// node agent's DaemonSet overrides it with root (see there why).
 const NONROOT: u32 = 65532;
+/// The system trust roots: where they are on Debian, and in the image.
+const CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 /// Where xtables-nft-multi is, and the names the agent calls it by.
 const XTABLES: &str = "/usr/sbin/xtables-nft-multi";
 const XTABLES_NAMES: &[&str] = &[
@@ -316,6 +319,16 @@ fn stage(agent: &Path, rootfs: &Path) -> Result<()> {
     // glibc's own files and DNS lookups (built into libc since 2.34); the
     // runtime mounts /etc/hosts and /etc/resolv.conf.
     fs::write(rootfs.join("etc/nsswitch.conf"), "hosts: files dns\n")?;
+    // The system trust roots, where the waypoint's TLS origination looks
+    // when a DestinationRule names no CA (Debian's bundle).
+    ensure!(
+        Path::new(CA_BUNDLE).is_file(),
+        "{CA_BUNDLE} not found: the image's trust roots come from the machine's (apt-get install ca-certificates)"
+    );
+    copy_file(
+        Path::new(CA_BUNDLE),
+        &rootfs.join(CA_BUNDLE.trim_start_matches('/')),
+    )?;
     Ok(())
 }
 

@@ -51,6 +51,9 @@ const TOOL_PACKAGES: &[&str] = &[
     // its smoke test runs it as the DaemonSet would.
     "buildah",
     "podman",
+    // The system trust roots the image carries (TLS origination without a
+    // configured CA, a KUBECONFIG's API server).
+    "ca-certificates",
     // podman's runtime for the smoke test: crun refuses hybrid cgroup hosts.
     "runc",
 ];
