@@ -87,6 +87,18 @@ fn lists(fake: &FakeApi, plural: &str) -> usize {
         .count()
 }
 
+/// The endpoints (addresses) of the Service port at `vip`.
+fn endpoints(s: &Store, vip: &str) -> Vec<String> {
+    s.service_by_vip(vip.parse().unwrap())
+        .map(|(svc, port)| {
+            s.endpoints(svc, port)
+                .iter()
+                .map(|e| e.addr.to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 #[tokio::test]
 async fn converges_through_watch_events_bookmarks_drops_410_and_api_errors() {
     let fake = fake_api::start().await;
@@ -442,16 +454,6 @@ async fn endpoint_slices_and_service_entries_from_the_api() {
         ..opts()
     };
     let (mut rx, task) = spawn_source(Box::new(KubeSource::new(fake.client())), opts);
-    let endpoints = |s: &Store, vip: &str| -> Vec<String> {
-        s.service_by_vip(vip.parse().unwrap())
-            .map(|(svc, port)| {
-                s.endpoints(svc, port)
-                    .iter()
-                    .map(|e| e.addr.to_string())
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
     until(&mut rx, "loaded", |s| {
         s.generation > 0 && s.workload_by_ip(ip("10.1.0.5")).is_some()
     })
@@ -511,16 +513,7 @@ async fn services_fall_back_to_their_selectors_while_endpoint_slices_are_forbidd
         ..opts()
     };
     let (mut rx, task) = spawn_source(Box::new(KubeSource::new(fake.client())), opts);
-    let endpoints = |s: &Store| -> Vec<String> {
-        s.service_by_vip("10.96.0.10:80".parse().unwrap())
-            .map(|(svc, port)| {
-                s.endpoints(svc, port)
-                    .iter()
-                    .map(|e| e.addr.to_string())
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
+    let endpoints = |s: &Store| endpoints(s, "10.96.0.10:80");
     until(&mut rx, "the selector's endpoint", |s| {
         endpoints(s) == ["10.1.0.5:8080"]
     })
