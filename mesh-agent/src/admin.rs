@@ -223,8 +223,8 @@ fn workload_state(admin: &Admin, store: &crate::state::Store) -> serde_json::Val
                 crate::state::ztunnel_uid(w, cluster),
                 serde_json::json!({
                     "name": w.name,
-                    "namespace": w.namespace,
-                    "serviceAccount": w.service_account,
+                    "namespace": &*w.namespace,
+                    "serviceAccount": &*w.service_account,
                 }),
             ),
             None => {

@@ -42,11 +42,11 @@ pub struct Change {
 pub fn changes(store: &Store, node: &str, enrolled: &BTreeSet<String>) -> Vec<Change> {
     store
         .workloads()
-        .filter(|wl| wl.node == node)
+        .filter(|wl| &*wl.node == node)
         .filter_map(|wl| {
             let enabled = enrolled.contains(&format!("{}/{}", wl.namespace, wl.name));
             (enabled != wl.redirected).then(|| Change {
-                namespace: wl.namespace.clone(),
+                namespace: wl.namespace.to_string(),
                 name: wl.name.clone(),
                 enabled,
             })

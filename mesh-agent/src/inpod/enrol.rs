@@ -50,7 +50,7 @@ impl Enroller {
     /// `spec.nodeName` runs here: a single machine needs no node names.
     fn is_mine(&self, wl: &Workload) -> bool {
         wl.captured
-            && (wl.node == self.node
+            && (*wl.node == *self.node
                 || (wl.node.is_empty() && matches!(self.finder, NetnsFinder::Annotation)))
     }
 

@@ -313,7 +313,7 @@ pub fn labels(
 ) -> TcpLabels {
     let name =
         |w: Option<&Arc<Workload>>| w.map_or(UNKNOWN.to_owned(), |w| w.workload_name().to_owned());
-    let ns = |w: Option<&Arc<Workload>>| w.map_or(UNKNOWN.to_owned(), |w| w.namespace.clone());
+    let ns = |w: Option<&Arc<Workload>>| w.map_or(UNKNOWN.to_owned(), |w| w.namespace.to_string());
     let app = |w: Option<&Arc<Workload>>| w.map_or(UNKNOWN.to_owned(), |w| w.app().to_owned());
     let version =
         |w: Option<&Arc<Workload>>| w.map_or(UNKNOWN.to_owned(), |w| w.version().to_owned());

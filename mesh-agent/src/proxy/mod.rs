@@ -140,7 +140,7 @@ impl PodCtx {
             return Some((pod.namespace.clone(), pod.workload.clone()));
         }
         let w = self.workload(&self.shared.store())?;
-        Some((w.namespace.clone(), w.workload_name().to_owned()))
+        Some((w.namespace.to_string(), w.workload_name().to_owned()))
     }
 
     /// The workload a connection to `ip` in this pod reaches: the pod's own

@@ -45,7 +45,7 @@ fn service_identities(
         .filter(|c| c.waypoint.is_none())
         .filter_map(|c| c.workload.as_deref())
         .filter(|w| w.captured)
-        .map(|w| (w.namespace.as_str(), w.service_account.as_str()))
+        .map(|w| (&*w.namespace, &*w.service_account))
         .collect();
     let mut ids: Vec<Identity> = accounts
         .into_iter()
@@ -208,8 +208,7 @@ fn route(store: &Store, pod: &PodCtx, dst: SocketAddr, src: Option<&Workload>) -
         .cloned();
     if service.is_none()
         && workload.is_none()
-        && store.outbound_policy(src.map(|w| w.namespace.as_str()))
-            == OutboundTrafficPolicy::RegistryOnly
+        && store.outbound_policy(src.map(|w| &*w.namespace)) == OutboundTrafficPolicy::RegistryOnly
     {
         return Route {
             service: None,

@@ -73,6 +73,8 @@ static SHARED: std::sync::LazyLock<Mutex<Shared>> = std::sync::LazyLock::new(Def
 struct Shared {
     labels: HashSet<Arc<BTreeMap<String, String>>>,
     ports: HashSet<Arc<BTreeMap<String, u16>>>,
+    /// Namespaces, service accounts, nodes and owners.
+    strings: HashSet<Arc<str>>,
     /// How many the last sweep left.
     kept: usize,
 }
@@ -96,16 +98,35 @@ impl Shared {
         value
     }
 
+    /// The copy already held of `value`, or a copy of it now held.
+    fn share_str(value: &str) -> Arc<str> {
+        let mut shared = SHARED
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        shared.sweep();
+        if let Some(seen) = shared.strings.get(value) {
+            return seen.clone();
+        }
+        let value: Arc<str> = value.into();
+        shared.strings.insert(value.clone());
+        value
+    }
+
+    fn len(&self) -> usize {
+        self.labels.len() + self.ports.len() + self.strings.len()
+    }
+
     /// Lets go of what no pod holds any more, once the table has doubled
     /// since the last sweep: what it keeps for gone pods stays under what
     /// the live ones hold.
     fn sweep(&mut self) {
-        if self.labels.len() + self.ports.len() < (2 * self.kept).max(1024) {
+        if self.len() < (2 * self.kept).max(1024) {
             return;
         }
         self.labels.retain(|set| Arc::strong_count(set) > 1);
         self.ports.retain(|set| Arc::strong_count(set) > 1);
-        self.kept = self.labels.len() + self.ports.len();
+        self.strings.retain(|s| Arc::strong_count(s) > 1);
+        self.kept = self.len();
     }
 }
 
@@ -146,7 +167,7 @@ pub(super) fn workloads(
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             let ns_labels = objects
                 .namespaces
-                .get(&stored.namespace)
+                .get(&*stored.namespace)
                 .and_then(|ns| ns.object.metadata.labels.as_ref());
             let captured = !pod.exempt && captured(&stored.labels, ns_labels);
             let hbone = stored.redirected || !redirection_annotation && captured;
@@ -221,15 +242,19 @@ fn workload<'a>(
     let redirected = annotation(REDIRECTION_ANNOTATION).is_some_and(|v| v == "enabled");
     let workload = Workload {
         ips: pod_ips(status, &object, warnings),
-        service_account: spec
-            .and_then(|s| s.service_account_name.clone())
-            .filter(|sa| !sa.is_empty())
-            .unwrap_or_else(|| "default".into()),
-        node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
-        owner: owner_workload(meta, &labels),
-        owner_kind: owner_kind(meta, &labels),
+        service_account: Shared::share_str(
+            spec.and_then(|s| s.service_account_name.as_deref())
+                .filter(|sa| !sa.is_empty())
+                .unwrap_or("default"),
+        ),
+        node: Shared::share_str(
+            spec.and_then(|s| s.node_name.as_deref())
+                .unwrap_or_default(),
+        ),
+        owner: owner_workload(meta, &labels).map(|o| Shared::share_str(&o)),
+        owner_kind: owner_kind(meta, &labels).map(|k| Shared::share_str(&k)),
+        namespace: Shared::share_str(&namespace),
         name,
-        namespace,
         labels: Shared::share(|s| &mut s.labels, labels),
         ports: Shared::share(|s| &mut s.ports, ports),
         captured,
@@ -342,6 +367,9 @@ fn pod_ips(
             }),
         }
     }
+    // One or two addresses, held as long as the pod: without the slack a
+    // growing Vec keeps.
+    ips.shrink_to_fit();
     ips
 }
 
@@ -626,16 +654,22 @@ status:
   conditions: [{type: Ready, status: "True"}]
 "#;
 
-    /// Pods with the same labels share one copy, whether from one text or
-    /// from separate API objects; a sweep lets go of the sets no pod holds.
+    /// Pods with the same labels, namespace, service account, node and
+    /// owner share one copy of each, whether from one text or from separate
+    /// API objects; a sweep lets go of what no pod holds.
     #[test]
     fn pods_share_their_label_set_and_a_sweep_drops_the_unused() {
         let pod = |name: &str| {
             serde_json::json!({
                 "apiVersion": "v1", "kind": "Pod",
                 "metadata": {"name": name, "namespace": "share",
-                             "labels": {"app": "share-test", "v": "unique-1"}},
-                "spec": {"containers": [{"name": "c", "ports": [{"name": "h", "containerPort": 80}]}]},
+                             "labels": {"app": "share-test", "v": "unique-1"},
+                             "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                                                  "name": "share-test-5f7d9c6b8", "uid": "u",
+                                                  "controller": true}]},
+                "spec": {"serviceAccountName": "share-sa", "nodeName": "share-node",
+                         "containers": [{"name": "c", "ports": [{"name": "h", "containerPort": 80}]}]},
+                "status": {"podIP": "10.9.8.7"},
             })
         };
         let docs = [
@@ -650,6 +684,19 @@ status:
         );
         assert!(Arc::ptr_eq(&a.labels, &b.labels));
         assert!(Arc::ptr_eq(&a.ports, &b.ports));
+        assert!(Arc::ptr_eq(&a.namespace, &b.namespace));
+        assert!(Arc::ptr_eq(&a.service_account, &b.service_account));
+        assert!(Arc::ptr_eq(&a.node, &b.node));
+        let (Some(ao), Some(bo)) = (&a.owner, &b.owner) else {
+            panic!("no owner: {:?} {:?}", a.owner, b.owner);
+        };
+        assert_eq!(&**ao, "share-test-5f7d9c6b8");
+        assert!(Arc::ptr_eq(ao, bo));
+        assert!(Arc::ptr_eq(
+            a.owner_kind.as_ref().unwrap(),
+            b.owner_kind.as_ref().unwrap()
+        ));
+        assert_eq!(a.ips.capacity(), 1);
 
         let mut shared = Shared::default();
         let held = Arc::new(BTreeMap::from([("k".to_owned(), "held".to_owned())]));
@@ -663,6 +710,15 @@ status:
         assert_eq!(shared.labels.len(), 1);
         assert!(shared.labels.contains(&held));
         assert_eq!(shared.kept, 1);
+
+        let held: Arc<str> = "held-namespace".into();
+        shared.strings.insert(held.clone());
+        for i in 0..2100 {
+            shared.strings.insert(format!("gone-{i}").into());
+        }
+        shared.sweep();
+        assert_eq!(shared.strings.len(), 1);
+        assert!(shared.strings.contains(&held));
     }
 
     #[test]

@@ -72,9 +72,14 @@ use crate::identity::Identity;
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Workload {
     pub name: String,
-    pub namespace: String,
-    pub service_account: String,
-    pub node: String,
+    /// The namespace, service account, node and owner strings are shared
+    /// by the pods that have the same (see [`k8s::Shared`]).
+    #[serde(serialize_with = "shared_str")]
+    pub namespace: Arc<str>,
+    #[serde(serialize_with = "shared_str")]
+    pub service_account: Arc<str>,
+    #[serde(serialize_with = "shared_str")]
+    pub node: Arc<str>,
     pub ips: Vec<IpAddr>,
     /// Shared by the pods that have the same (a Deployment's pods: see
     /// [`k8s::Shared`]).
@@ -102,16 +107,28 @@ pub struct Workload {
     pub netns: Option<std::path::PathBuf>,
     /// The workload its controller makes it part of (a Deployment, a
     /// StatefulSet, ...), as Istio names it; None for a bare pod.
-    pub owner: Option<String>,
+    #[serde(serialize_with = "shared_opt_str")]
+    pub owner: Option<Arc<str>>,
     /// The owner workload's kind in lower case (`deployment`,
     /// `statefulset`, `daemonset`, `job`, `cronjob`, ...); None for a bare
     /// pod.
-    pub owner_kind: Option<String>,
+    #[serde(serialize_with = "shared_opt_str")]
+    pub owner_kind: Option<Arc<str>>,
 }
 
 /// What an `Arc` holds, serialized as itself.
 fn shared<T: serde::Serialize, S: serde::Serializer>(v: &Arc<T>, s: S) -> Result<S::Ok, S::Error> {
     T::serialize(v, s)
+}
+
+/// A shared string, serialized as itself.
+fn shared_str<S: serde::Serializer>(v: &Arc<str>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(v)
+}
+
+/// A shared string if any, serialized as itself.
+fn shared_opt_str<S: serde::Serializer>(v: &Option<Arc<str>>, s: S) -> Result<S::Ok, S::Error> {
+    serde::Serialize::serialize(&v.as_deref(), s)
 }
 
 impl Workload {
@@ -373,7 +390,7 @@ impl Workload {
             name: name.into(),
             namespace: namespace.into(),
             service_account: "default".into(),
-            node: String::new(),
+            node: "".into(),
             ips: Vec::new(),
             labels: Default::default(),
             ports: Default::default(),
@@ -598,7 +615,7 @@ impl Store {
                 }
             }
             self.workloads
-                .insert((wl.namespace.clone(), wl.name.clone()), wl);
+                .insert((wl.namespace.to_string(), wl.name.clone()), wl);
         }
     }
 
@@ -740,7 +757,7 @@ impl Store {
                 .any(|s| s.addresses.iter().any(|ip| wl.ips.contains(ip))),
             None => {
                 !svc.selector.is_empty()
-                    && svc.namespace == wl.namespace
+                    && *svc.namespace == *wl.namespace
                     && wl.has_labels(&svc.selector)
             }
         }
@@ -842,7 +859,7 @@ impl Store {
     pub fn workload_binding(&self, wl: &Workload) -> Option<&Binding> {
         self.bindings
             .workloads
-            .get(&(wl.namespace.clone(), wl.name.clone()))
+            .get(&(wl.namespace.to_string(), wl.name.clone()))
     }
 
     /// Every HTTPRoute's status per parent (`Accepted`, `ResolvedRefs`).
@@ -897,7 +914,7 @@ impl Store {
         let pod = self.workload(namespace, name)?;
         let gateway = pod.labels.get(GATEWAY_NAME)?;
         self.ingresses
-            .get(&(pod.namespace.clone(), gateway.clone()))
+            .get(&(pod.namespace.to_string(), gateway.clone()))
     }
 
     /// The route entry of ingress Gateway `gw` that a request for `host`

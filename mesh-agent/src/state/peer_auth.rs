@@ -119,7 +119,7 @@ pub(super) fn mtls_mode(
 ) -> MtlsMode {
     let workload_level = policies
         .iter()
-        .filter(|p| p.namespace == wl.namespace)
+        .filter(|p| *p.namespace == *wl.namespace)
         .find(|p| p.selector.as_ref().is_some_and(|s| wl.has_labels(s)))
         .and_then(|p| {
             if p.unreadable_port {

@@ -195,7 +195,7 @@ impl AuthzPolicy {
     /// Root-namespace policies apply everywhere, others in their namespace;
     /// a selector narrows either by labels.
     fn applies_to(&self, wl: &Workload, root_namespace: &str) -> bool {
-        (self.namespace == wl.namespace || self.namespace == root_namespace)
+        (*self.namespace == *wl.namespace || self.namespace == root_namespace)
             && self.selector.as_ref().is_none_or(|s| wl.has_labels(s))
     }
 
@@ -420,8 +420,8 @@ impl Scopes {
         dst: &'a Workload,
         root_namespace: &'a str,
     ) -> impl Iterator<Item = &'a Scope> {
-        let root = (root_namespace != dst.namespace).then_some(root_namespace);
-        [Some(dst.namespace.as_str()), root]
+        let root = (root_namespace != &*dst.namespace).then_some(root_namespace);
+        [Some(&*dst.namespace), root]
             .into_iter()
             .flatten()
             .filter_map(|ns| self.0.get(ns))

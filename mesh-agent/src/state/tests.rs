@@ -184,8 +184,8 @@ fn pods_become_workloads() {
     );
 
     let lone = s.workload("default", "lone").unwrap();
-    assert_eq!(lone.service_account, "default");
-    assert_eq!(lone.node, "");
+    assert_eq!(&*lone.service_account, "default");
+    assert_eq!(&*lone.node, "");
     assert_eq!((lone.app(), lone.version()), ("lonely", "1.2"));
     let plain = s.workload("other", "plain").unwrap();
     assert_eq!((plain.app(), plain.version()), ("plain", "latest"));

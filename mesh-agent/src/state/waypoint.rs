@@ -81,7 +81,7 @@ impl Waypoint {
 
     /// Whether `wl` is one of this waypoint's own pods.
     pub fn has_pod(&self, wl: &Workload) -> bool {
-        wl.namespace == self.namespace
+        *wl.namespace == *self.namespace
             && wl.labels.get(GATEWAY_NAME).is_some_and(|n| *n == self.name)
     }
 }
@@ -232,7 +232,7 @@ pub(super) fn bind<'a>(
             Kind::Workload,
         ) {
             out.workloads
-                .insert((wl.namespace.clone(), wl.name.clone()), b);
+                .insert((wl.namespace.to_string(), wl.name.clone()), b);
         }
     }
     for (kind, map) in [("Service", &out.services), ("Pod", &out.workloads)] {

@@ -52,14 +52,14 @@ impl Store {
             // HBONE when its traffic is captured (and so accepted on 15008).
             "protocol": if w.captured { "HBONE" } else { "TCP" },
             "name": w.name,
-            "namespace": w.namespace,
+            "namespace": &*w.namespace,
             "trustDomain": self.trust_domain,
-            "serviceAccount": w.service_account,
+            "serviceAccount": &*w.service_account,
             "workloadName": w.workload_name(),
             "workloadType": "pod",
             "canonicalName": w.app(),
             "canonicalRevision": w.version(),
-            "node": w.node,
+            "node": &*w.node,
             "status": "Healthy",
             "clusterId": cluster_id,
         });

@@ -755,7 +755,7 @@ impl Handler {
         let l = &mut done.labels.conn;
         let td = self.ctx.certs.trust_domain();
         l.destination_workload = wl.workload_name().to_owned();
-        l.destination_workload_namespace = wl.namespace.clone();
+        l.destination_workload_namespace = wl.namespace.to_string();
         l.destination_principal = wl.identity(td).to_string();
         l.destination_app = wl.app().to_owned();
         l.destination_version = wl.version().to_owned();

@@ -6,7 +6,7 @@ use crate::metrics::{encode, proxy_registry};
 fn pod(namespace: &str, name: &str) -> Peer {
     Peer {
         workload: Some(Arc::new(Workload {
-            node: "node".to_owned(),
+            node: "node".into(),
             uid: name.to_owned(),
             ..Workload::for_tests(namespace, name)
         })),
@@ -99,8 +99,8 @@ fn a_released_pods_series_leave_the_metrics_page() {
 fn metered_pod(namespace: &str, name: &str, ip: &str) -> Peer {
     let mut p = pod(namespace, name);
     let mut wl = (**p.workload.as_ref().unwrap()).clone();
-    wl.service_account = name.to_owned();
-    wl.owner = Some(format!("{name}-deploy"));
+    wl.service_account = name.into();
+    wl.owner = Some(format!("{name}-deploy").into());
     p.workload = Some(Arc::new(wl));
     p.addr = Some(ip.parse().unwrap());
     p.identity = Some(Identity::new("cluster.local", namespace, name));

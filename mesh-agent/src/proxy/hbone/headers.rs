@@ -148,8 +148,8 @@ mod tests {
                 .collect::<BTreeMap<_, _>>()
                 .into(),
             redirected: true,
-            owner: owner.map(|o| o.1.to_owned()),
-            owner_kind: owner.map(|o| o.0.to_owned()),
+            owner: owner.map(|o| o.1.into()),
+            owner_kind: owner.map(|o| o.0.into()),
             ..Workload::for_tests("shop", "reviews-v1-5f7d9c6b8-x2x9z")
         }
     }
