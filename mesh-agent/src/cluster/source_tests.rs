@@ -87,6 +87,16 @@ fn lists(fake: &FakeApi, plural: &str) -> usize {
         .count()
 }
 
+/// Service shop/web: VIP 10.96.0.10:80 to the `app: web` pods' 8080.
+fn web_service() -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web", "namespace": "shop"},
+        "spec": {"clusterIP": "10.96.0.10", "selector": {"app": "web"},
+                 "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}
+    })
+}
+
 /// The endpoints (addresses) of the Service port at `vip`.
 fn endpoints(s: &Store, vip: &str) -> Vec<String> {
     s.service_by_vip(vip.parse().unwrap())
@@ -436,12 +446,7 @@ async fn endpoint_slices_and_service_entries_from_the_api() {
     let fake = fake_api::start().await;
     fake.apply(namespace("shop", true));
     fake.apply(pod("web-1", "node-a", "10.1.0.5"));
-    fake.apply(json!({
-        "apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": "web", "namespace": "shop"},
-        "spec": {"clusterIP": "10.96.0.10", "selector": {"app": "web"},
-                 "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}
-    }));
+    fake.apply(web_service());
     fake.apply(json!({
         "apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
         "metadata": {"name": "ext", "namespace": "shop"},
@@ -501,12 +506,7 @@ async fn services_fall_back_to_their_selectors_while_endpoint_slices_are_forbidd
     let fake = fake_api::start().await;
     fake.apply(namespace("shop", true));
     fake.apply(pod("web-1", "node-a", "10.1.0.5"));
-    fake.apply(json!({
-        "apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": "web", "namespace": "shop"},
-        "spec": {"clusterIP": "10.96.0.10", "selector": {"app": "web"},
-                 "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}
-    }));
+    fake.apply(web_service());
     fake.forbid("endpointslices");
     let opts = StoreOptions {
         endpoint_slices_only: true,
