@@ -108,9 +108,10 @@ pub fn spawn_source(
 /// changes every `interval`. Only files whose size, modification time or
 /// inode changed are read and parsed again.
 ///
-/// A file is applied whole or not at all: it is read once this source has
+/// A file is applied whole or not at all: it is taken once this source has
 /// seen it unchanged for [`SETTLE`] (a file written in place is not read
-/// half), and a version that cannot be read or does not parse as YAML is
+/// half; one already that old when first seen is read during the wait),
+/// and a version that cannot be read or does not parse as YAML is
 /// not applied:
 /// the file's last good version stays, with a warning. A file that never
 /// read whole holds back the first snapshot (the agent stays not ready):
@@ -124,10 +125,13 @@ pub struct LocalFiles {
     files: BTreeMap<PathBuf, File>,
     /// Files the last scan saw but could not take yet (still changing).
     unsettled: usize,
-    /// Changed files not read yet: the stamp each shows, and since when
-    /// this source has seen it.
-    changing: BTreeMap<PathBuf, (Stamp, Instant)>,
+    /// Changed files not taken yet: the stamp each shows, since when this
+    /// source has seen it, and what it read while waiting.
+    changing: BTreeMap<PathBuf, Changing>,
     settle: Duration,
+    /// Files read so far.
+    #[cfg(test)]
+    pub(super) reads: usize,
 }
 
 /// A changed file is read once this source has seen it unchanged for this
@@ -141,6 +145,19 @@ pub struct LocalFiles {
 const SETTLE: Duration = Duration::from_millis(300);
 /// The shortest wait between two scans while a file settles.
 const MIN_RECHECK: Duration = Duration::from_millis(10);
+
+/// A changed file while it settles.
+#[derive(Debug)]
+struct Changing {
+    stamp: Stamp,
+    since: Instant,
+    /// Read (and parsed) under `stamp` before the settle time was over,
+    /// for a file last modified longer than that ago (every file when the
+    /// agent starts): taken once the stamp has held for the settle time,
+    /// so that the wait and the parse of a long file overlap. Read under
+    /// the same stamp as it would have been read at the end of the wait.
+    read: Option<Result<Document, ConfigWarning>>,
+}
 
 #[derive(Debug)]
 struct File {
@@ -192,6 +209,8 @@ impl LocalFiles {
             unsettled: 0,
             changing: BTreeMap::new(),
             settle: SETTLE,
+            #[cfg(test)]
+            reads: 0,
         }
     }
 
@@ -202,18 +221,32 @@ impl LocalFiles {
         self
     }
 
-    /// Whether `path` has shown `stamp` for the settle time, as this
-    /// source saw it: a new stamp starts the clock.
-    fn settled(&mut self, path: &Path, stamp: Stamp) -> bool {
-        let now = Instant::now();
-        let since = match self.changing.get(path) {
-            Some((seen, since)) if *seen == stamp => *since,
-            _ => {
-                self.changing.insert(path.to_owned(), (stamp, now));
-                now
-            }
-        };
-        now.duration_since(since) >= self.settle
+    /// The file's entry while it settles: a new stamp starts the clock.
+    fn changing(&mut self, path: &Path, stamp: Stamp) -> &mut Changing {
+        let entry = self.changing.entry(path.to_owned()).or_insert(Changing {
+            stamp,
+            since: Instant::now(),
+            read: None,
+        });
+        if entry.stamp != stamp {
+            *entry = Changing {
+                stamp,
+                since: Instant::now(),
+                read: None,
+            };
+        }
+        entry
+    }
+
+    /// Whether a file showing `stamp` was last modified at least the
+    /// settle time ago, by its own clock: then it is read at once and
+    /// taken when the settle time is over (the modification time alone
+    /// cannot say it is whole: see [`SETTLE`]).
+    fn looks_settled(&self, stamp: Stamp) -> bool {
+        stamp
+            .modified
+            .and_then(|m| m.elapsed().ok())
+            .is_some_and(|age| age >= self.settle)
     }
 
     /// Whether every file has been read whole: the first snapshot waits
@@ -231,11 +264,28 @@ impl LocalFiles {
             .collect()
     }
 
-    /// Reads `path` if it did not change while read; `None` when a later
-    /// scan should read it.
-    fn read(path: &Path, stamp: Stamp) -> Option<io::Result<String>> {
+    /// Reads and parses `path` if it did not change while read; `None`
+    /// when a later scan should read it.
+    fn read(path: &Path, stamp: Stamp) -> Option<Result<Document, ConfigWarning>> {
         let text = fs::read_to_string(path);
-        (Stamp::of(path) == Some(stamp)).then_some(text)
+        if Stamp::of(path) != Some(stamp) {
+            return None;
+        }
+        let origin = path.display().to_string();
+        Some(match text {
+            Ok(text) => {
+                let doc = Document::parse_text(&origin, &text);
+                match doc.syntax_error() {
+                    Some(w) => Err(w.clone()),
+                    None => Ok(doc),
+                }
+            }
+            Err(e) => Err(ConfigWarning {
+                object: origin,
+                kind: "load_error",
+                message: format!("cannot read: {e}"),
+            }),
+        })
     }
 
     /// Looks at the files and applies what changed. `Ok(None)` when nothing
@@ -255,30 +305,37 @@ impl LocalFiles {
                 self.changing.remove(&path);
                 continue;
             }
-            if !self.settled(&path, stamp) {
-                self.unsettled += 1;
-                continue;
-            }
-            let Some(text) = Self::read(&path, stamp) else {
-                self.unsettled += 1;
-                continue;
-            };
-            self.changing.remove(&path);
-            let origin = path.display().to_string();
-            let doc = match text {
-                Ok(text) => {
-                    let doc = Document::parse_text(&origin, &text);
-                    match doc.syntax_error() {
-                        Some(w) => Err(w.clone()),
-                        None => Ok(doc),
-                    }
+            let early = self.looks_settled(stamp);
+            let settle = self.settle;
+            let entry = self.changing(&path, stamp);
+            let due = entry.since.elapsed() >= settle;
+            if entry.read.is_none() && (due || early) {
+                let Some(read) = Self::read(&path, stamp) else {
+                    // Changed while read: a later scan starts again.
+                    self.unsettled += 1;
+                    continue;
+                };
+                self.changing(&path, stamp).read = Some(read);
+                #[cfg(test)]
+                {
+                    self.reads += 1;
                 }
-                Err(e) => Err(ConfigWarning {
-                    object: origin.clone(),
-                    kind: "load_error",
-                    message: format!("cannot read: {e}"),
-                }),
+            }
+            // Taken once the stamp has held for the settle time: a read
+            // done early counts only if the file still shows it now.
+            let entry = self.changing(&path, stamp);
+            let take = entry.read.is_some()
+                && entry.since.elapsed() >= settle
+                && (due || Stamp::of(&path) == Some(stamp));
+            let Some(doc) = take
+                .then(|| self.changing.remove(&path))
+                .flatten()
+                .and_then(|c| c.read)
+            else {
+                self.unsettled += 1;
+                continue;
             };
+            let origin = path.display().to_string();
             diff.files += 1;
             let file = self.files.entry(path).or_insert(File {
                 stamp,

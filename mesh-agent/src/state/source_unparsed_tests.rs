@@ -219,3 +219,54 @@ fn a_file_being_truncated_is_not_read_for_its_old_modification_time() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A file last modified long ago (every file when the agent starts) is
+/// read at first sight, so that a long file's parse and the settle time
+/// overlap; it is still taken only once its stamp has held for the settle
+/// time, and not read again then. A file modified a moment ago is not read
+/// before it has settled.
+#[test]
+fn an_old_file_is_read_while_it_settles_and_taken_once_settled() {
+    let dir = temp_dir("early");
+    let path = dir.join("shop.yaml");
+    std::fs::write(&path, POD).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .and_then(|f| f.set_modified(SystemTime::now() - Duration::from_secs(3600)))
+        .unwrap();
+    let settle = Duration::from_millis(200);
+    let mut src = LocalFiles::new(dir.clone(), Duration::from_millis(10)).with_settle(settle);
+
+    let started = std::time::Instant::now();
+    let first = src.scan().unwrap();
+    assert_eq!(src.reads, 1, "an hour-old file was not read at first sight");
+    let diff = match first {
+        Some(diff) => {
+            assert!(
+                started.elapsed() >= settle,
+                "taken before the settle time was over"
+            );
+            diff
+        }
+        None => {
+            std::thread::sleep(settle);
+            src.scan().unwrap().expect("not taken once settled")
+        }
+    };
+    assert_eq!(diff.added.len(), 2, "{diff:?}");
+    assert_eq!(src.reads, 1, "read again once settled");
+
+    // Modified now: not read until its stamp has held for the settle time.
+    std::fs::write(&path, POD.replace("10.4.0.1", "10.4.0.2")).unwrap();
+    assert_eq!(src.scan().unwrap(), None);
+    assert_eq!(
+        src.reads, 1,
+        "a file modified a moment ago was read at once"
+    );
+    std::thread::sleep(settle);
+    let diff = src.scan().unwrap().expect("not taken once settled");
+    assert_eq!(diff.changed.len(), 2, "{diff:?}");
+    assert_eq!(src.reads, 2);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
