@@ -20,6 +20,11 @@ pub const POLICIES: &[usize] = &[0, 1000, 10_000];
 const QUICK_POLICIES: &[usize] = &[0, 1000];
 const WORKLOADS: &[usize] = &[0, 10_000, 30_000];
 const QUICK_WORKLOADS: &[usize] = &[0, 1000];
+/// How long the configuration is in place before the agent starts: as on
+/// a node where the agent restarts, its files are older than the agent's
+/// settle time (300 ms), so it parses them at first sight. A file written
+/// the moment before is parsed only once it has settled.
+const CONFIG_AGE: Duration = Duration::from_millis(400);
 
 /// A DENY policy in the server's namespace that never matches the client
 /// (`bench/client`): another peer's principal, another namespace, or a
@@ -130,6 +135,7 @@ fn workloads(results: &mut Results, reps: usize, quick: bool) -> anyhow::Result<
             let mut docs = vec![namespace_yaml("elsewhere", false)];
             docs.extend(pods[..n].iter().cloned());
             tb.write_config(&docs)?;
+            std::thread::sleep(CONFIG_AGE);
             // Ready (`/healthz/ready` answers 200, polled every 50 ms) once
             // the first snapshot of the whole configuration is in.
             let started = Instant::now();
