@@ -424,8 +424,10 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
                 .unwrap_or(c.addr.ip()),
             None => c.addr.ip(),
         };
+        // A pod of this agent, with the option on: handed over in the
+        // process, never over HBONE to the agent itself.
         let local = match (&c.waypoint, &c.workload, &dst_identity, &src_identity) {
-            (None, Some(wl), Some(_), Some(_)) => {
+            (None, Some(wl), Some(_), Some(_)) if pod.shared.same_node_plaintext => {
                 same_node::target(&pod, &pod.shared.store(), c.addr, wl)
             }
             _ => None,
