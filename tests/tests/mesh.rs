@@ -133,6 +133,9 @@ fn hbone_carries_pod_traffic_encrypted_with_both_identities() -> anyhow::Result<
     let r = tb.connect(&client, sa(server.ip6, APP_PORT), 1 << 20)?;
     assert!(ok(&r), "IPv6 cross-node: {r}");
     cross_node += 1;
+    // Same node, without `--same-node-plaintext` (the default): HBONE as
+    // cross-node (its metric line below says `mutual_tls`, and its tunnel
+    // is one of the pooled connections counted).
     let to_near = tb.connect(&client, sa(near.ip4, APP_PORT), 4 << 20)?;
     assert!(ok(&to_near), "same node: {to_near}");
     let pcap = wire.stop()?;
