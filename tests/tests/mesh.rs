@@ -1541,6 +1541,24 @@ fn same_node_plaintext_keeps_identity_policy_and_metrics_without_hbone() -> anyh
     )?;
     let r = live.send("after deny")?;
     assert_eq!(r["closed"], true, "live connection not closed: {r}");
+    // And a new one from the client's principal is refused.
+    let r = tb.connect(&client, dst, 1000)?;
+    assert!(!ok(&r), "the client got through its DENY policy: {r}");
+    converge(
+        "the client's denial counted",
+        Duration::from_secs(5),
+        || {
+            Ok(tb.agent(0).metric_or_absent(
+                "mesh_proxy_connections_total{direction=\"same_node\",result=\"denied\"}",
+            )? == 2.0)
+        },
+    )?;
+    assert!(
+        tb.agent(0)
+            .log_text()
+            .contains("denied by DENY policy istio-system/client-out"),
+        "the client's refusal is not logged with its reason"
+    );
 
     // STRICT asks for mutual TLS: the shortcut is not taken, HBONE is.
     shop.apply(&[STRICT], |d| {
