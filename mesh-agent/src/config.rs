@@ -129,6 +129,15 @@ pub struct NodeArgs {
     /// the pod's `terminationGracePeriodSeconds`.
     #[arg(long, env = "MESH_DRAIN_PERIOD", default_value = "20s", value_parser = parse_duration)]
     pub drain_period: Duration,
+    /// Between two pods of this node, both captured, skip mutual TLS: the
+    /// agent hands the connection to the destination's inbound side in the
+    /// process (the same policy, with the identity it knows the client by,
+    /// the same metrics and access log) and splices plain TCP. The bytes
+    /// never leave the node, but they are not encrypted between the two
+    /// pods (Istio encrypts them). Never under PeerAuthentication STRICT,
+    /// never through a waypoint, never to another node.
+    #[arg(long, env = "MESH_SAME_NODE_PLAINTEXT")]
+    pub same_node_plaintext: bool,
     /// Runtime worker threads (default: one per core).
     #[arg(long, env = "MESH_WORKER_THREADS")]
     pub worker_threads: Option<usize>,

@@ -98,6 +98,7 @@ async fn node(args: NodeArgs, log_filter: admin::LogFilter) -> anyhow::Result<()
         cluster_id = %args.mesh.cluster_id,
         root_namespace = %args.mesh.root_namespace,
         cert_ttl = ?args.mesh.cert_ttl,
+        same_node_plaintext = args.same_node_plaintext,
         "starting node agent"
     );
     std::fs::create_dir_all(&args.state_dir)
@@ -183,7 +184,16 @@ async fn node(args: NodeArgs, log_filter: admin::LogFilter) -> anyhow::Result<()
         configured,
         balancer: proxy::Balancer::default(),
         cluster_id: args.mesh.cluster_id.clone(),
+        same_node_plaintext: args.same_node_plaintext,
+        local_pods: proxy::LocalPods::default(),
     });
+    if args.same_node_plaintext {
+        warn!(
+            "--same-node-plaintext is on: connections between two pods of this node skip mutual TLS \
+             (identity, policy and metrics stay; the bytes never leave the node but are not \
+             encrypted between the pods; not under PeerAuthentication STRICT)"
+        );
+    }
     let probes = if args.no_probe_snat {
         // What an earlier agent left would still rewrite probes.
         if let Err(e) = capture::probes::remove() {

@@ -133,6 +133,9 @@ fn hbone_carries_pod_traffic_encrypted_with_both_identities() -> anyhow::Result<
     let r = tb.connect(&client, sa(server.ip6, APP_PORT), 1 << 20)?;
     assert!(ok(&r), "IPv6 cross-node: {r}");
     cross_node += 1;
+    // Same node, without `--same-node-plaintext` (the default): HBONE as
+    // cross-node (its metric line below says `mutual_tls`, and its tunnel
+    // is one of the pooled connections counted).
     let to_near = tb.connect(&client, sa(near.ip4, APP_PORT), 4 << 20)?;
     assert!(ok(&to_near), "same node: {to_near}");
     let pcap = wire.stop()?;
@@ -1392,5 +1395,188 @@ fn allow_any_passes_everything_unless_the_namespace_says_registry_only() -> anyh
     assert!(!e.reaches(&e.neighbour, unregistered, &e.unregistered)?);
     assert_eq!(e.blackholed()?, (1.0, 1.0));
     assert!(e.reaches(&e.neighbour, "10.97.0.10:443".parse()?, &e.external)?);
+    Ok(())
+}
+
+/// `--same-node-plaintext`: between two pods of one node the agent admits
+/// the connection to the destination in the process, with the client's
+/// identity, the destination's policy and both records, and no HBONE
+/// (nothing to 15008 leaves the client pod). Under PeerAuthentication
+/// STRICT the shortcut is not taken: HBONE again. (Without the option,
+/// same-node traffic goes over HBONE: the first test's `near` line.)
+#[test]
+fn same_node_plaintext_keeps_identity_policy_and_metrics_without_hbone() -> anyhow::Result<()> {
+    let mut shop = Shop::new(1)?;
+    let client = shop.pod(0, "client", "shop", "client", &[("app", "client")])?;
+    let intruder = shop.pod(0, "intruder", "shop", "intruder", &[])?;
+    let server = shop.pod(0, "server", "shop", "server", &[("app", "echo")])?;
+    shop.tb.serve(&server, any6(APP_PORT))?;
+    shop.start(&[&client, &intruder, &server], &["--same-node-plaintext"])?;
+    let dst = sa(server.ip4, APP_PORT);
+    let tb = &shop.tb;
+    assert!(
+        tb.agent(0)
+            .log_text()
+            .contains("--same-node-plaintext is on"),
+        "the agent does not say the option is on"
+    );
+    let counter = |direction: &str, result: &str| {
+        tb.agent(0).metric_or_absent(&format!(
+            "mesh_proxy_connections_total{{direction=\"{direction}\",result=\"{result}\"}}"
+        ))
+    };
+    let hbone_pooled = || -> anyhow::Result<Value> {
+        let pods = tb.agent(0).pods()?;
+        Ok(pods
+            .iter()
+            .find(|p| p["name"] == "client")
+            .map(|p| p["hbone_connections"].clone())
+            .unwrap_or_default())
+    };
+
+    // Bytes arrive, the server sees the client's own address, and no
+    // connection to 15008 (nor the app's port) crosses the client's link.
+    let wire = tb.capture_packets(&client, "same-node")?;
+    let r = tb.connect(&client, dst, 1 << 20)?;
+    assert!(ok(&r), "same node with the option: {r}");
+    assert_eq!(
+        ip_of(r["server_peer"].as_str().unwrap_or_default()),
+        client.ip4.to_string(),
+        "{r}"
+    );
+    let pcap = wire.stop()?;
+    let to_hbone = tshark(&pcap, "tcp.port == 15008", &["frame.number"])?;
+    assert!(to_hbone.is_empty(), "HBONE packets: {to_hbone:?}");
+    assert!(tshark(&pcap, &format!("tcp.port == {APP_PORT}"), &["frame.number"])?.is_empty());
+    assert_eq!(
+        hbone_pooled()?,
+        Value::from(0),
+        "an HBONE connection was pooled"
+    );
+    tb.agent(0).wait_metric(
+        "mesh_proxy_connections_total{direction=\"same_node\",result=\"forwarded\"}",
+        1.0,
+    )?;
+    assert_eq!(counter("hbone", "forwarded")?, 0.0);
+
+    // The metric lines: both ends with the client's principal, marked
+    // `same_node` (not mutual TLS), and the bytes as the app sent them.
+    let client_id = id("shop", "client");
+    let closed = |reporter: &str| -> anyhow::Result<f64> {
+        series_sum_or_absent(
+            &tb.agent(0).metrics()?,
+            "istio_tcp_connections_closed_total",
+            &[
+                ("reporter", reporter),
+                ("source_principal", &client_id),
+                ("destination_principal", &id("shop", "server")),
+                ("connection_security_policy", "same_node"),
+                ("response_flags", "-"),
+            ],
+        )
+    };
+    converge("both records closed", Duration::from_secs(5), || {
+        Ok(closed("source")? == 1.0 && closed("destination")? == 1.0)
+    })?;
+    let page = tb.agent(0).metrics()?;
+    let received = series_sum(
+        &page,
+        "istio_tcp_received_bytes_total",
+        &[
+            ("reporter", "destination"),
+            ("connection_security_policy", "same_node"),
+        ],
+    )?;
+    assert_eq!(received, f64::from(1u32 << 20), "{page}");
+    let log = tb.agent(0).log_text();
+    assert!(
+        log.lines().any(|l| l.contains("connection complete")
+            && l.contains("inbound")
+            && l.contains(&format!("src.identity={client_id}"))),
+        "no inbound access log line with the client's identity:\n{log}"
+    );
+
+    // A DENY policy for the intruder's principal refuses it, counted and
+    // logged as over HBONE; the client still passes.
+    shop.apply(&[DENY_INTRUDER], |d| d.contains("no-intruder"))?;
+    let tb = &shop.tb;
+    let counter = |direction: &str, result: &str| {
+        tb.agent(0).metric_or_absent(&format!(
+            "mesh_proxy_connections_total{{direction=\"{direction}\",result=\"{result}\"}}"
+        ))
+    };
+    let r = tb.connect(&intruder, dst, 1000)?;
+    assert!(!ok(&r), "the intruder got through: {r}");
+    converge(
+        "the intruder's denial counted",
+        Duration::from_secs(5),
+        || Ok(counter("same_node", "denied")? == 1.0 && counter("outbound", "denied")? == 1.0),
+    )?;
+    let denied = series_sum_or_absent(
+        &tb.agent(0).metrics()?,
+        "istio_tcp_connections_closed_total",
+        &[
+            ("reporter", "destination"),
+            ("response_flags", "DENY"),
+            ("source_principal", &id("shop", "intruder")),
+        ],
+    )?;
+    assert_eq!(denied, 1.0);
+    assert!(
+        tb.agent(0)
+            .log_text()
+            .contains("denied by DENY policy shop/no-intruder"),
+        "the refusal's reason is not logged"
+    );
+    assert_allowed(tb, &client, dst)?;
+
+    // A live connection is closed by a policy change that denies it.
+    let mut live = shop.tb.hold(&client, dst)?;
+    assert!(ok(&live.hello), "{}", live.hello);
+    shop.apply(&[DENY_CLIENT], |d| d.contains("client-out"))?;
+    let tb = &shop.tb;
+    tb.agent(0).wait_metric(
+        "mesh_proxy_connections_total{direction=\"policy\",result=\"revoked\"}",
+        1.0,
+    )?;
+    let r = live.send("after deny")?;
+    assert_eq!(r["closed"], true, "live connection not closed: {r}");
+    // And a new one from the client's principal is refused.
+    let r = tb.connect(&client, dst, 1000)?;
+    assert!(!ok(&r), "the client got through its DENY policy: {r}");
+    converge(
+        "the client's denial counted",
+        Duration::from_secs(5),
+        || {
+            Ok(tb.agent(0).metric_or_absent(
+                "mesh_proxy_connections_total{direction=\"same_node\",result=\"denied\"}",
+            )? == 2.0)
+        },
+    )?;
+    assert!(
+        tb.agent(0)
+            .log_text()
+            .contains("denied by DENY policy istio-system/client-out"),
+        "the client's refusal is not logged with its reason"
+    );
+
+    // STRICT asks for mutual TLS: the shortcut is not taken, HBONE is.
+    shop.apply(&[STRICT], |d| {
+        d.contains("\"strict\"") && !d.contains("client-out")
+    })?;
+    let tb = &shop.tb;
+    let wire = tb.capture_packets(&client, "strict")?;
+    assert_allowed(tb, &client, dst)?;
+    let pcap = wire.stop()?;
+    let hellos = tshark(&pcap, "tls.handshake.type == 2", &["tcp.srcport"])?;
+    assert_eq!(
+        hellos,
+        vec!["15008".to_owned()],
+        "no TLS to 15008 under STRICT"
+    );
+    tb.agent(0).wait_metric(
+        "mesh_proxy_connections_total{direction=\"hbone\",result=\"forwarded\"}",
+        1.0,
+    )?;
     Ok(())
 }

@@ -356,6 +356,7 @@ impl Pods {
                 }
             }
         }
+        self.shared.local_pods.insert(&ctx);
         let enrolled = Enrolled {
             ctx,
             tasks,
@@ -395,6 +396,7 @@ impl Pods {
         // Reverse order: detach, maps, listeners. Live connections finish on
         // their own; new ones go direct.
         self.capture.let_go(&p.ctx.netns, &info.addresses);
+        self.shared.local_pods.remove(&p.ctx);
         p.tasks.iter().for_each(JoinHandle::abort);
         // Its series go, unless another pod of the same workload (a
         // Deployment's other replica) is still enrolled here.

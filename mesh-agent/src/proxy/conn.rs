@@ -17,6 +17,45 @@ use crate::{
 const UNKNOWN: &str = "unknown";
 
 /// What is known about each end of a connection.
+/// How the connection between the two ends is secured, as its
+/// `connection_security_policy` label gives it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Security {
+    /// Mutual TLS (HBONE): the source principal is the one its
+    /// certificate proves.
+    MutualTls,
+    /// Plain TCP from a peer of unknown identity.
+    Unknown,
+    /// Between two pods of this agent without TLS (`--same-node-plaintext`):
+    /// the source principal is the one the agent knows its own pod by.
+    SameNode,
+}
+
+impl Security {
+    pub fn label(self) -> &'static str {
+        match self {
+            Security::MutualTls => "mutual_tls",
+            Security::Unknown => "unknown",
+            Security::SameNode => "same_node",
+        }
+    }
+
+    /// Whether the source's identity is known (and so reported).
+    fn authenticated(self) -> bool {
+        self != Security::Unknown
+    }
+}
+
+impl From<bool> for Security {
+    fn from(mtls: bool) -> Self {
+        if mtls {
+            Security::MutualTls
+        } else {
+            Security::Unknown
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct Peer {
     pub addr: Option<SocketAddr>,
@@ -137,7 +176,27 @@ impl ConnRecord {
         service: Option<&Service>,
         mtls: bool,
     ) -> Self {
-        let labels = labels(&metrics.cluster_id.0, reporter, &src, &dst, service, mtls);
+        Self::with_security(metrics, direction, reporter, src, dst, service, mtls.into())
+    }
+
+    /// [`ConnRecord::new`] with any [`Security`].
+    pub fn with_security(
+        metrics: Arc<Metrics>,
+        direction: &'static str,
+        reporter: &'static str,
+        src: Peer,
+        dst: Peer,
+        service: Option<&Service>,
+        security: Security,
+    ) -> Self {
+        let labels = labels_secured(
+            &metrics.cluster_id.0,
+            reporter,
+            &src,
+            &dst,
+            service,
+            security,
+        );
         ConnRecord {
             metrics,
             direction,
@@ -152,13 +211,23 @@ impl ConnRecord {
     }
 
     pub fn set_destination(&mut self, dst: Peer, service: Option<&Service>, mtls: bool) {
-        self.labels = labels(
+        self.set_destination_secured(dst, service, mtls.into());
+    }
+
+    /// [`ConnRecord::set_destination`] with any [`Security`].
+    pub fn set_destination_secured(
+        &mut self,
+        dst: Peer,
+        service: Option<&Service>,
+        security: Security,
+    ) {
+        self.labels = labels_secured(
             &self.metrics.cluster_id.0,
             self.labels.reporter,
             &self.src,
             &dst,
             service,
-            mtls,
+            security,
         );
         self.dst = dst;
         self.hbone_addr = None;
@@ -216,17 +285,18 @@ impl ConnRecord {
     }
 
     /// The access log line, with ztunnel's field names: an unknown value
-    /// is left out, identities only over mutual TLS, `bytes_sent` and
+    /// is left out, identities only over mutual TLS (or between two pods
+    /// of this agent, which knows both), `bytes_sent` and
     /// `bytes_recv` from this end's workload's point of view. At ERROR
     /// when the connection failed, as ztunnel logs it.
     fn log(&self, flags: &'static str, outcome: &Outcome) {
         let l = &self.labels;
         let known = |v: &str| (v != UNKNOWN && !v.is_empty()).then(|| v.to_owned());
-        let mtls = l.connection_security_policy == "mutual_tls";
+        let authenticated = l.connection_security_policy != Security::Unknown.label();
         let identity = |p: &Peer| {
             p.identity
                 .as_ref()
-                .filter(|_| mtls)
+                .filter(|_| authenticated)
                 .map(Identity::to_string)
         };
         // ztunnel names the pod, not its owner workload.
@@ -311,6 +381,19 @@ pub fn labels(
     service: Option<&Service>,
     mtls: bool,
 ) -> TcpLabels {
+    labels_secured(cluster, reporter, src, dst, service, mtls.into())
+}
+
+/// [`labels`] with any [`Security`]: the source principal whenever the
+/// source is authenticated.
+fn labels_secured(
+    cluster: &str,
+    reporter: &'static str,
+    src: &Peer,
+    dst: &Peer,
+    service: Option<&Service>,
+    security: Security,
+) -> TcpLabels {
     let name =
         |w: Option<&Arc<Workload>>| w.map_or(UNKNOWN.to_owned(), |w| w.workload_name().to_owned());
     let ns = |w: Option<&Arc<Workload>>| w.map_or(UNKNOWN.to_owned(), |w| w.namespace.to_string());
@@ -326,7 +409,7 @@ pub fn labels(
         source_canonical_service: app(s),
         source_canonical_revision: version(s),
         source_workload_namespace: ns(s),
-        source_principal: principal(src.identity.as_ref().filter(|_| mtls)),
+        source_principal: principal(src.identity.as_ref().filter(|_| security.authenticated())),
         source_app: app(s),
         source_version: version(s),
         source_cluster: cluster_of(s),
@@ -343,7 +426,7 @@ pub fn labels(
         destination_cluster: cluster_of(d),
         request_protocol: "tcp",
         response_flags: "-",
-        connection_security_policy: if mtls { "mutual_tls" } else { "unknown" },
+        connection_security_policy: security.label(),
     }
 }
 

@@ -34,15 +34,18 @@ use crate::{
 };
 
 mod conn;
+mod deliver;
 pub mod hbone;
 mod inbound;
 mod lb;
 mod outbound;
+mod same_node;
 pub(crate) use outbound::resolve;
 
 pub use conn::{ConnRecord, Meters, Outcome, Peer, labels as tcp_labels};
 pub use hbone::{Caller, Pool, Tunnel};
 pub use lb::Balancer;
+pub use same_node::LocalPods;
 
 /// Copy buffer per direction: large enough for bulk transfers in few syscalls.
 const COPY_BUF: usize = 64 * 1024;
@@ -63,6 +66,11 @@ pub struct Shared {
     pub balancer: Balancer,
     /// `--cluster-id`: the cluster HBONE's `baggage` names.
     pub cluster_id: String,
+    /// `--same-node-plaintext`: a connection between two pods of this
+    /// agent skips TLS (see [`same_node`]).
+    pub same_node_plaintext: bool,
+    /// The enrolled pods by address, for the same-node shortcut.
+    pub local_pods: LocalPods,
 }
 
 impl Shared {
@@ -463,6 +471,15 @@ async fn revoked_by_policy(
 /// Closes the record of a spliced connection; `client` is the side the
 /// connection came from.
 fn finish<S>(rec: ConnRecord, client: &Counted<S>, end: SpliceEnd, pod: &PodCtx) {
+    if matches!(end, SpliceEnd::Revoked) {
+        pod.shared.metrics.connection("policy", "revoked");
+    }
+    let (flags, outcome) = ended(client, &end);
+    rec.close(flags, outcome);
+}
+
+/// The response flags and outcome of a spliced connection.
+fn ended<S>(client: &Counted<S>, end: &SpliceEnd) -> (&'static str, Outcome) {
     let mut outcome = Outcome {
         request_bytes: client.read,
         response_bytes: client.written,
@@ -475,10 +492,9 @@ fn finish<S>(rec: ConnRecord, client: &Counted<S>, end: SpliceEnd, pod: &PodCtx)
             "-"
         }
         SpliceEnd::Revoked => {
-            pod.shared.metrics.connection("policy", "revoked");
             outcome.error = Some("closed: a policy change no longer allows this connection".into());
             "DENY"
         }
     };
-    rec.close(flags, outcome);
+    (flags, outcome)
 }

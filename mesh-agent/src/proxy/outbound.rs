@@ -16,10 +16,12 @@ use tracing::{debug, warn};
 
 use super::{
     PodCtx,
-    conn::{ConnRecord, Outcome, Peer, early_deny},
-    connect_in_pod, finish,
+    conn::{ConnRecord, Outcome, Peer, Security, early_deny},
+    connect_in_pod,
+    deliver::Refused,
+    finish,
     hbone::{Caller, HboneError, Tunnel},
-    splice,
+    same_node, splice,
 };
 use crate::{
     identity::Identity,
@@ -260,6 +262,9 @@ pub(crate) async fn resolve(names: &[(String, u16)], ipv4: bool) -> Vec<SocketAd
 enum Upstream {
     Plain(TcpStream),
     Hbone(Tunnel),
+    /// A pod of this agent, admitted in the process (`--same-node-plaintext`);
+    /// boxed: it carries the destination's record.
+    SameNode(Box<same_node::Delivery>),
 }
 
 pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
@@ -419,7 +424,46 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
                 .unwrap_or(c.addr.ip()),
             None => c.addr.ip(),
         };
+        // A pod of this agent, with the option on: handed over in the
+        // process, never over HBONE to the agent itself.
+        let local = match (&c.waypoint, &c.workload, &dst_identity, &src_identity) {
+            (None, Some(wl), Some(_), Some(_)) if pod.shared.same_node_plaintext => {
+                same_node::target(&pod, &pod.shared.store(), c.addr, wl)
+            }
+            _ => None,
+        };
         let attempt = match (&dst_identity, &src_identity, &src_workload) {
+            (Some(dst_id), Some(src_id), Some(_)) if let Some((dst_pod, dst_wl)) = local => {
+                rec.set_destination_secured(
+                    Peer {
+                        addr: Some(c.addr),
+                        workload: c.workload.clone(),
+                        identity: Some(dst_id.clone()),
+                    },
+                    service,
+                    Security::SameNode,
+                );
+                let peer = SocketAddr::new(src_ip, peer.port());
+                same_node::admit(
+                    dst_pod,
+                    dst_wl,
+                    dst_id.clone(),
+                    peer,
+                    src_id.clone(),
+                    c.addr,
+                    service,
+                )
+                .await
+                .map(|d| Upstream::SameNode(Box::new(d)))
+                .map_err(|e| match e {
+                    Refused::Denied(e) => Attempt::Denied(e),
+                    Refused::ConnectFailed(error) => Attempt::Failed {
+                        error,
+                        endpoint_fault: true,
+                        flags: "CONNECT",
+                    },
+                })
+            }
             (Some(dst_id), Some(src_id), Some(src_wl)) => {
                 rec.set_hbone(SocketAddr::new(via_ip, mesh_common::PORT_HBONE), c.addr);
                 let caller = Caller {
@@ -499,16 +543,23 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
         return;
     };
     metrics.connection("outbound", "forwarded");
-    let mut client = rec.counted(client);
-    let end = match upstream {
-        Upstream::Plain(mut s) => splice(&mut client, &mut s, std::future::pending()).await,
+    match upstream {
+        Upstream::Plain(mut s) => {
+            let mut client = rec.counted(client);
+            let end = splice(&mut client, &mut s, std::future::pending()).await;
+            finish(rec, &client, end, &pod);
+        }
         Upstream::Hbone(tunnel) => {
+            let mut client = rec.counted(client);
             let (io, _active) = tunnel.into_parts();
             let mut s = hyper_util::rt::TokioIo::new(io);
-            splice(&mut client, &mut s, std::future::pending()).await
+            let end = splice(&mut client, &mut s, std::future::pending()).await;
+            finish(rec, &client, end, &pod);
         }
-    };
-    finish(rec, &client, end, &pod);
+        // Both records count the bytes; the destination's policy may
+        // revoke it, as it would the tunnel.
+        Upstream::SameNode(local) => local.splice(rec, client).await,
+    }
 }
 
 enum Attempt {

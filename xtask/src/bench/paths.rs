@@ -34,6 +34,10 @@ pub enum Path {
     Direct,
     /// eBPF capture and HBONE mTLS between the agents.
     MeshEbpf,
+    /// mesh-ebpf with `--same-node-plaintext`: between two pods of one
+    /// node, the agent's in-process shortcut (identity, policy and
+    /// metrics, no TLS). Measured in the same-node placement only.
+    MeshEbpfLocal,
     /// The same agents with iptables REDIRECT capture inside the pods.
     MeshIptables,
     /// stunnel4 at both ends, mutual TLS 1.3: what a user would otherwise
@@ -51,6 +55,7 @@ pub enum Path {
 pub const ALL: &[Path] = &[
     Path::Direct,
     Path::MeshEbpf,
+    Path::MeshEbpfLocal,
     Path::MeshIptables,
     Path::TlsTunnel,
     Path::MeshWaypoint,
@@ -78,6 +83,7 @@ impl Path {
         match self {
             Path::Direct => "direct",
             Path::MeshEbpf => "mesh-ebpf",
+            Path::MeshEbpfLocal => "mesh-ebpf-local",
             Path::MeshIptables => "mesh-iptables",
             Path::TlsTunnel => "tls-tunnel",
             Path::MeshWaypoint => "mesh-waypoint",
@@ -89,14 +95,32 @@ impl Path {
     pub fn is_mesh(self) -> bool {
         matches!(
             self,
-            Path::MeshEbpf | Path::MeshIptables | Path::MeshWaypoint
+            Path::MeshEbpf | Path::MeshEbpfLocal | Path::MeshIptables | Path::MeshWaypoint
         )
+    }
+
+    /// Whether the path means anything in `placement`: the same-node
+    /// shortcut is never taken between nodes (it would measure mesh-ebpf
+    /// again).
+    pub fn measured_in(self, placement: super::Placement) -> bool {
+        self != Path::MeshEbpfLocal || placement == super::Placement::SameNode
+    }
+
+    /// The `connection_security_policy` of the client's connections on a
+    /// mesh path.
+    pub fn security(self) -> &'static str {
+        if self == Path::MeshEbpfLocal {
+            "same_node"
+        } else {
+            "mutual_tls"
+        }
     }
 
     /// The paths this one is compared with, as ratios in the report.
     pub fn baselines(self) -> &'static [&'static str] {
         match self {
             Path::MeshEbpf | Path::MeshIptables => &["direct", "tls-tunnel"],
+            Path::MeshEbpfLocal => &["direct", "tls-tunnel", "mesh-ebpf"],
             Path::MeshWaypoint => &["mesh-ebpf", "l7-proxy"],
             _ => &[],
         }
@@ -121,6 +145,11 @@ impl Path {
             Path::Direct => Ok(direct),
             Path::MeshEbpf => {
                 start_mesh(tb, client, client_node, server, server_node, &[])?;
+                Ok(direct)
+            }
+            Path::MeshEbpfLocal => {
+                let option = ["--same-node-plaintext"];
+                start_mesh(tb, client, client_node, server, server_node, &option)?;
                 Ok(direct)
             }
             Path::MeshIptables => {

@@ -26,15 +26,54 @@ pub fn no_failures(r: &Value, what: &str) -> anyhow::Result<()> {
 
 /// Connections the client's agent opened over mutual TLS for the client.
 pub fn mtls_opened_for_client(tb: &Testbed) -> anyhow::Result<f64> {
+    opened_for_client(tb, Path::MeshEbpf)
+}
+
+/// Connections the client's agent opened for the client the way `path`
+/// carries them (mutual TLS, or the same-node shortcut).
+pub fn opened_for_client(tb: &Testbed, path: Path) -> anyhow::Result<f64> {
     series_sum(
         &tb.agent(0).metrics()?,
         "istio_tcp_connections_opened_total",
         &[
             ("reporter", "source"),
             ("source_principal", CLIENT_ID),
-            ("connection_security_policy", "mutual_tls"),
+            ("connection_security_policy", path.security()),
         ],
     )
+}
+
+/// After `conns` connections from the client to the server on its node
+/// with `--same-node-plaintext`: the agent admitted each to the server
+/// with the client's identity through its shortcut, and took no HBONE.
+pub fn carried_same_node(tb: &Testbed, conns: usize) -> anyhow::Result<()> {
+    let conns = conns as f64;
+    let agent = tb.agent(0);
+    let local = agent
+        .metric(r#"mesh_proxy_connections_total{direction="same_node",result="forwarded"}"#)?;
+    ensure!(
+        local >= conns,
+        "the agent took its same-node shortcut {local} times, not for the {conns} connections made"
+    );
+    let hbone = agent.metric_or_absent(
+        r#"mesh_proxy_connections_total{direction="hbone",result="forwarded"}"#,
+    )?;
+    ensure!(hbone == 0.0, "{hbone} connections went over HBONE");
+    let seen = series_sum(
+        &agent.metrics()?,
+        "istio_tcp_connections_opened_total",
+        &[
+            ("reporter", "destination"),
+            ("source_principal", CLIENT_ID),
+            ("destination_principal", SERVER_ID),
+            ("connection_security_policy", "same_node"),
+        ],
+    )?;
+    ensure!(
+        seen >= conns,
+        "the server's side saw {seen} same-node connections from the client, not {conns}"
+    );
+    Ok(())
 }
 
 /// After `conns` connections from the client (node 0) to the server (on

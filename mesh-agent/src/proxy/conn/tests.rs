@@ -450,3 +450,41 @@ async fn copy_cost_of_live_byte_counters() {
 }
 
 const COPY_CHUNK: usize = 64 * 1024;
+
+/// The label a connection's security gives: the source principal over
+/// mutual TLS and over the same-node shortcut (the agent knows its own
+/// pod), never in plaintext; the shortcut is told apart from both.
+#[test]
+fn the_source_principal_is_reported_when_the_source_is_authenticated() {
+    let client = Identity::new("cluster.local", "shop", "client");
+    let src = Peer {
+        identity: Some(client.clone()),
+        ..pod("shop", "client")
+    };
+    let dst = pod("shop", "db");
+    let l = |security| labels_secured("Kubernetes", "destination", &src, &dst, None, security);
+    let mtls = l(Security::MutualTls);
+    assert_eq!(
+        (
+            mtls.source_principal.as_str(),
+            mtls.connection_security_policy
+        ),
+        (client.to_string().as_str(), "mutual_tls")
+    );
+    let local = l(Security::SameNode);
+    assert_eq!(
+        (
+            local.source_principal.as_str(),
+            local.connection_security_policy
+        ),
+        (client.to_string().as_str(), "same_node")
+    );
+    let plain = l(Security::Unknown);
+    assert_eq!(
+        (
+            plain.source_principal.as_str(),
+            plain.connection_security_policy
+        ),
+        ("unknown", "unknown")
+    );
+}

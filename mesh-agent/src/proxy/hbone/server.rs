@@ -22,14 +22,14 @@ use super::{
 use crate::metrics::HeaderLabels;
 use crate::proxy::{
     PodCtx,
-    conn::{ConnRecord, Outcome, Peer},
-    connect_in_pod, finish, revoked_by_policy, splice,
+    conn::{Outcome, Security},
+    deliver::{self, Authenticated, Refused},
+    finish, revoked_by_policy, splice,
 };
 use crate::waypoint::trace::TraceParent;
 use crate::{
     identity::{Identity, peer_identity},
-    inpod::sockets::Source,
-    state::{Conn, Decision, Store, Workload},
+    state::{Decision, Store},
 };
 
 /// Why an inbound TLS handshake failed, as a short metric label.
@@ -77,12 +77,14 @@ pub async fn serve(pod: Arc<PodCtx>, stream: TcpStream, peer: SocketAddr) {
         return;
     };
     let inbound = Arc::new(Inbound {
-        pod: pod.clone(),
-        local,
-        local_id: id,
+        auth: Authenticated {
+            pod: pod.clone(),
+            local,
+            local_id: id,
+            peer,
+            peer_id,
+        },
         local_addr,
-        peer,
-        peer_id,
     });
     serve_connects(tls, move |req| {
         let inbound = inbound.clone();
@@ -176,13 +178,18 @@ where
 
 /// One verified HBONE connection into a local pod.
 struct Inbound {
-    pod: Arc<PodCtx>,
-    local: Arc<Workload>,
-    local_id: Identity,
+    /// The pod, and the peer as its certificate proves it.
+    auth: Authenticated,
     /// The address the HBONE connection reached (port 15008).
     local_addr: Option<SocketAddr>,
-    peer: SocketAddr,
-    peer_id: Identity,
+}
+
+impl std::ops::Deref for Inbound {
+    type Target = Authenticated;
+
+    fn deref(&self) -> &Authenticated {
+        &self.auth
+    }
 }
 
 /// Where a CONNECT asks to go: its authority, which must be `ip:port`
@@ -273,20 +280,6 @@ pub fn answer(status: StatusCode) -> Response<Empty<Bytes>> {
 }
 
 impl Inbound {
-    fn authorize(&self, store: &Store, dst: SocketAddr) -> Decision {
-        store.authorize(&self.conn(store, dst))
-    }
-
-    fn conn<'a>(&'a self, store: &'a Store, dst: SocketAddr) -> Conn<'a> {
-        Conn {
-            src_ip: self.peer.ip(),
-            src_identity: Some(&self.peer_id),
-            dst: store.workload_by_ip(dst.ip()).unwrap_or(&self.local),
-            dst_ip: dst.ip(),
-            dst_port: dst.port(),
-        }
-    }
-
     /// The pod address and app port a CONNECT authority names here: an
     /// address as given, a Service hostname through the Service's port to
     /// this pod's target port. None: not this pod.
@@ -341,58 +334,29 @@ impl Inbound {
             return answer(StatusCode::SERVICE_UNAVAILABLE);
         }
         let meta = caller_meta(req.headers(), metrics);
-        let src = Peer {
-            addr: Some(self.peer),
-            workload: store.workload_by_ip(self.peer.ip()).cloned(),
-            identity: Some(self.peer_id.clone()),
-        };
-        let dst_peer = Peer {
-            addr: Some(dst),
-            workload: Some(self.local.clone()),
-            identity: Some(self.local_id.clone()),
-        };
         // The Service the client addressed, as its agent tells it (only one
         // that selects this pod: the header does not relabel other traffic).
         let service = forwarded_host(req.headers())
             .and_then(|h| store.service_by_hostname(&h))
-            .filter(|s| store.serves(s, &self.local));
-        let mut rec = ConnRecord::new(
-            metrics.clone(),
-            "inbound",
-            "destination",
-            src,
-            dst_peer,
-            service.map(|s| &**s),
-            true,
-        );
-        if let Some(tunnel) = self.local_addr {
-            rec.set_hbone(tunnel, dst);
-        }
-        let conn = self.conn(&store, dst);
-        metrics.dry_run("hbone", store.dry_run(&conn));
-        if let Decision::Deny { reason, .. } = store.authorize(&conn) {
-            metrics.connection("hbone", "denied");
-            rec.close("DENY", Outcome::error(reason));
-            return answer(StatusCode::UNAUTHORIZED);
-        }
-        drop(store);
-        let app = match connect_in_pod(
-            pod,
-            dst,
-            Source::LocalApp {
-                client: self.peer.ip(),
-            },
-        )
-        .await
-        {
-            Ok(s) => s,
-            Err(e) => {
-                metrics.connection("hbone", "connect_failed");
-                rec.close("CONNECT", Outcome::error(format!("connect to app: {e}")));
-                return answer(StatusCode::SERVICE_UNAVAILABLE);
-            }
+            .filter(|s| store.serves(s, &self.local))
+            .cloned();
+        let admitted = self
+            .admit(
+                store,
+                deliver::Request {
+                    dst,
+                    service: service.as_deref(),
+                    tunnel: self.local_addr,
+                    security: Security::MutualTls,
+                    counter: "hbone",
+                },
+            )
+            .await;
+        let (rec, app) = match admitted {
+            Ok(a) => a,
+            Err(Refused::Denied(_)) => return answer(StatusCode::UNAUTHORIZED),
+            Err(Refused::ConnectFailed(_)) => return answer(StatusCode::SERVICE_UNAVAILABLE),
         };
-        metrics.connection("hbone", "forwarded");
         let on_upgrade = hyper::upgrade::on(&mut req);
         let this = self.clone();
         // The caller's cluster and trace join this tunnel's log lines to
