@@ -32,6 +32,7 @@ use crate::inpod::{
 
 pub mod fs;
 mod iptables;
+mod kernel_btf;
 pub mod probes;
 mod programs;
 mod upgrade;

@@ -23,7 +23,7 @@ use aya::{
 };
 use mesh_common::{AddrKey, ConnKey, Counter, FlowKey, NetnsInfo, OrigDst, maps, programs};
 
-use super::{CaptureError, ExcludedPorts, fs, upgrade};
+use super::{CaptureError, ExcludedPorts, fs, kernel_btf, upgrade};
 use crate::inpod::{
     netns::{Netns, NetnsCookie},
     sockets::{PodListener, Role},
@@ -31,7 +31,8 @@ use crate::inpod::{
 use crate::sync::LockExt as _;
 
 /// The kernel object built by `build.rs` from `mesh-ebpf`.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh"));
+pub(super) static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh"));
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> CaptureError {
     move |source| CaptureError::Map {
@@ -110,13 +111,15 @@ impl Programs {
             tracing::info!(?changes, "pinned maps have another layout: migrating them");
             next
         };
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&pin_dir)
-            .load(object)
-            .map_err(|source| CaptureError::Load {
-                dir: pin_dir.clone(),
-                source: Box::new(source),
-            })?;
+        let mut ebpf = kernel_btf::without_kernel_btf(object, || {
+            EbpfLoader::new()
+                .default_map_pin_directory(&pin_dir)
+                .load(object)
+        })
+        .map_err(|source| CaptureError::Load {
+            dir: pin_dir.clone(),
+            source: Box::new(source),
+        })?;
         if !changes.is_empty() {
             // Before any link runs the new programs: the enrolled
             // namespaces above all, or their connections would go direct.
