@@ -280,6 +280,10 @@ fn measure_path(results: &mut Results, run: &Run) -> anyhow::Result<()> {
                 record("agent_cpu_s_per_1000_req", cpu / requests * 1000.0);
                 record("agent_vcpu_at_1k", cpu / wall);
                 record("agent_rss_at_1k_mib", max_status_mib(&agents, "VmRSS")?);
+                // The part no other process shares and the kernel cannot
+                // reclaim without swap (heap, stacks), apart from the
+                // mapped pages of the binary and libraries.
+                record("agent_anon_at_1k_mib", max_status_mib(&agents, "RssAnon")?);
             }
             if let (Some(pid), true) = (targets.middle, rate == 1000.0) {
                 let requests = r["requests"].as_f64().unwrap_or(f64::NAN);

@@ -29,6 +29,10 @@ const METRICS: &[(&str, &str)] = &[
     ),
     ("agent_vcpu_at_1k", "agents' CPU at 1,000 req/s (vCPU)"),
     ("agent_rss_at_1k_mib", "agent RSS after 1,000 req/s (MiB)"),
+    (
+        "agent_anon_at_1k_mib",
+        "of it anonymous (heap, stacks) (MiB)",
+    ),
     ("agent_peak_rss_mib", "agent peak RSS, whole run (MiB)"),
     (
         "middle_cpu_s_per_1000_req",
