@@ -174,22 +174,9 @@ impl ConnRecord {
         src: Peer,
         dst: Peer,
         service: Option<&Service>,
-        mtls: bool,
-    ) -> Self {
-        Self::with_security(metrics, direction, reporter, src, dst, service, mtls.into())
-    }
-
-    /// [`ConnRecord::new`] with any [`Security`].
-    pub fn with_security(
-        metrics: Arc<Metrics>,
-        direction: &'static str,
-        reporter: &'static str,
-        src: Peer,
-        dst: Peer,
-        service: Option<&Service>,
         security: Security,
     ) -> Self {
-        let labels = labels_secured(
+        let labels = labels(
             &metrics.cluster_id.0,
             reporter,
             &src,
@@ -210,18 +197,8 @@ impl ConnRecord {
         }
     }
 
-    pub fn set_destination(&mut self, dst: Peer, service: Option<&Service>, mtls: bool) {
-        self.set_destination_secured(dst, service, mtls.into());
-    }
-
-    /// [`ConnRecord::set_destination`] with any [`Security`].
-    pub fn set_destination_secured(
-        &mut self,
-        dst: Peer,
-        service: Option<&Service>,
-        security: Security,
-    ) {
-        self.labels = labels_secured(
+    pub fn set_destination(&mut self, dst: Peer, service: Option<&Service>, security: Security) {
+        self.labels = labels(
             &self.metrics.cluster_id.0,
             self.labels.reporter,
             &self.src,
@@ -370,23 +347,11 @@ impl Drop for ConnRecord {
 
 /// Istio's label set for a connection from `src` to `dst`, the workloads
 /// this agent knows being in cluster `cluster`. As ztunnel sets them: the
-/// source principal only over mutual TLS (the identity the handshake
-/// proves); the destination principal from the destination's identity, or
+/// source principal only when the source is authenticated (over mutual
+/// TLS, the identity the handshake proves; on the same-node shortcut, the
+/// one the agent knows its own pod by); the destination principal from the destination's identity, or
 /// its workload's, whether or not the connection is mutual TLS.
 pub fn labels(
-    cluster: &str,
-    reporter: &'static str,
-    src: &Peer,
-    dst: &Peer,
-    service: Option<&Service>,
-    mtls: bool,
-) -> TcpLabels {
-    labels_secured(cluster, reporter, src, dst, service, mtls.into())
-}
-
-/// [`labels`] with any [`Security`]: the source principal whenever the
-/// source is authenticated.
-fn labels_secured(
     cluster: &str,
     reporter: &'static str,
     src: &Peer,

@@ -90,7 +90,7 @@ impl Authenticated {
             workload: Some(self.local.clone()),
             identity: Some(self.local_id.clone()),
         };
-        let mut rec = ConnRecord::with_security(
+        let mut rec = ConnRecord::new(
             metrics.clone(),
             "inbound",
             "destination",

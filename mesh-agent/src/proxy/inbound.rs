@@ -13,7 +13,7 @@ use tracing::debug;
 
 use super::{
     PodCtx,
-    conn::{ConnRecord, Outcome, Peer},
+    conn::{ConnRecord, Outcome, Peer, Security},
     connect_in_pod, finish, revoked_by_policy, splice,
 };
 use crate::{
@@ -90,7 +90,7 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
             workload: local,
         },
         None,
-        false,
+        Security::Unknown,
     );
     if let Err(reason) = admit(&store, &pod, peer, dst) {
         metrics.connection("inbound_plaintext", "denied");

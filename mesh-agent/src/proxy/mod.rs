@@ -42,7 +42,7 @@ mod outbound;
 mod same_node;
 pub(crate) use outbound::resolve;
 
-pub use conn::{ConnRecord, Meters, Outcome, Peer, labels as tcp_labels};
+pub use conn::{ConnRecord, Meters, Outcome, Peer, Security, labels as tcp_labels};
 pub use hbone::{Caller, Pool, Tunnel};
 pub use lb::Balancer;
 pub use same_node::LocalPods;

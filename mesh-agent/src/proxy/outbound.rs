@@ -314,7 +314,7 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
             ..Peer::default()
         },
         service,
-        false,
+        Security::Unknown,
     );
     // Refused before any endpoint is tried: as ztunnel, no `istio_tcp_*`
     // record, a WARN access log line and the agent's own counter.
@@ -349,7 +349,7 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
                 ..Peer::default()
             },
             Some(&blackhole),
-            false,
+            Security::Unknown,
         );
         rec.close(
             "NR",
@@ -412,7 +412,7 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
                     .or_else(|| c.workload.as_ref().map(|w| w.identity(trust_domain))),
             },
             service,
-            meshed,
+            Security::from(meshed),
         );
         let via_ip = match &c.waypoint {
             Some(w) => w
@@ -434,7 +434,7 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
         };
         let attempt = match (&dst_identity, &src_identity, &src_workload) {
             (Some(dst_id), Some(src_id), Some(_)) if let Some((dst_pod, dst_wl)) = local => {
-                rec.set_destination_secured(
+                rec.set_destination(
                     Peer {
                         addr: Some(c.addr),
                         workload: c.workload.clone(),

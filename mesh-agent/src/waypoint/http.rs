@@ -34,7 +34,7 @@ use super::{
     upstream::{self, Body},
 };
 use crate::{
-    proxy::{Peer, tcp_labels},
+    proxy::{Peer, Security, tcp_labels},
     state::{
         Abort, Backend, Decision, IngressGateway, L7Request, ListenerProtocol, RequestView,
         RuleAction, Waypoint, WaypointTarget, Workload, host_only, modify_path,
@@ -243,7 +243,7 @@ impl Handler {
                     },
                     &Peer::default(),
                     service.as_deref(),
-                    true,
+                    Security::MutualTls,
                 ),
                 response_code: String::new(),
                 grpc_response_status: "-".into(),

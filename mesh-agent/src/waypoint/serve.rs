@@ -30,7 +30,7 @@ use tracing::{Instrument as _, debug, info_span, warn};
 
 use super::{Client, Ctx, balance, http, origination, upstream};
 use crate::{
-    proxy::{ConnRecord, Outcome, Peer, hbone},
+    proxy::{ConnRecord, Outcome, Peer, Security, hbone},
     state::{Decision, Waypoint, WaypointTarget},
 };
 
@@ -285,7 +285,7 @@ async fn tcp(
             ..Peer::default()
         },
         service.as_deref(),
-        true,
+        Security::MutualTls,
     );
     let attrs = crate::state::Attrs {
         src_ip: client.addr.ip(),
@@ -325,7 +325,7 @@ async fn tcp(
                         workload: ep.workload.clone(),
                     },
                     service.as_deref(),
-                    true,
+                    Security::MutualTls,
                 );
                 let mut client_io = rec.counted(io);
                 let mut up = TokioIo::new(up);

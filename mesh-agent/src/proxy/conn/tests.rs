@@ -32,7 +32,14 @@ fn workload_labels_name_the_owner_and_canonical_labels_come_first() {
     .collect::<std::collections::BTreeMap<_, _>>()
     .into();
     p.workload = Some(Arc::new(wl));
-    let l = labels("Kubernetes", "source", &p, &pod("shop", "db"), None, true);
+    let l = labels(
+        "Kubernetes",
+        "source",
+        &p,
+        &pod("shop", "db"),
+        None,
+        Security::MutualTls,
+    );
     assert_eq!(l.source_workload, "reviews-v1");
     assert_eq!(l.source_canonical_service, "reviews-canonical");
     assert_eq!(l.source_canonical_revision, "1.2");
@@ -43,7 +50,15 @@ fn workload_labels_name_the_owner_and_canonical_labels_come_first() {
 }
 
 fn connection(metrics: &Arc<Metrics>, src: Peer, dst: Peer, flags: &'static str) {
-    let mut c = ConnRecord::new(metrics.clone(), "outbound", "source", src, dst, None, true);
+    let mut c = ConnRecord::new(
+        metrics.clone(),
+        "outbound",
+        "source",
+        src,
+        dst,
+        None,
+        Security::MutualTls,
+    );
     c.open();
     c.close(flags, Outcome::default());
 }
@@ -132,7 +147,7 @@ async fn bytes_are_counted_as_they_are_copied() {
         metered_pod("shop", "web", "10.0.0.1:40000"),
         metered_pod("shop", "db", "10.0.0.2:5432"),
         None,
-        true,
+        Security::MutualTls,
     );
     let (app, agent) = tokio::io::duplex(1024);
     let mut client = rec.counted(agent);
@@ -236,7 +251,14 @@ fn the_source_principal_is_known_only_over_mutual_tls() {
         metered_pod("shop", "web", "10.0.0.1:1"),
         metered_pod("shop", "db", "10.0.0.2:2"),
     );
-    let mtls = labels("Kubernetes", "source", &src, &dst, None, true);
+    let mtls = labels(
+        "Kubernetes",
+        "source",
+        &src,
+        &dst,
+        None,
+        Security::MutualTls,
+    );
     assert_eq!(
         mtls.source_principal,
         "spiffe://cluster.local/ns/shop/sa/web"
@@ -245,7 +267,7 @@ fn the_source_principal_is_known_only_over_mutual_tls() {
         mtls.destination_principal,
         "spiffe://cluster.local/ns/shop/sa/db"
     );
-    let plain = labels("Kubernetes", "source", &src, &dst, None, false);
+    let plain = labels("Kubernetes", "source", &src, &dst, None, Security::Unknown);
     assert_eq!(plain.source_principal, "unknown");
     assert_eq!(
         plain.destination_principal,
@@ -300,7 +322,7 @@ fn two_connections() {
         metered_pod("shop", "web", "10.0.0.1:40000"),
         Peer::default(),
         None,
-        false,
+        Security::Unknown,
     );
     rec.set_destination(
         metered_pod("shop", "db", "10.0.0.2:5432"),
@@ -313,7 +335,7 @@ fn two_connections() {
             entry: None,
             subject_alt_names: Vec::new(),
         }),
-        true,
+        Security::MutualTls,
     );
     rec.set_hbone(
         "10.0.0.2:15008".parse().unwrap(),
@@ -336,7 +358,7 @@ fn two_connections() {
         src,
         metered_pod("shop", "db", "10.0.0.2:5432"),
         None,
-        false,
+        Security::Unknown,
     );
     rec.close(
         "DENY",
@@ -417,7 +439,7 @@ async fn copy_cost_of_live_byte_counters() {
         pod("shop", "web"),
         pod("shop", "db"),
         None,
-        true,
+        Security::MutualTls,
     );
     rec.open();
     let meters = rec.meters.clone();
@@ -462,7 +484,7 @@ fn the_source_principal_is_reported_when_the_source_is_authenticated() {
         ..pod("shop", "client")
     };
     let dst = pod("shop", "db");
-    let l = |security| labels_secured("Kubernetes", "destination", &src, &dst, None, security);
+    let l = |security| labels("Kubernetes", "destination", &src, &dst, None, security);
     let mtls = l(Security::MutualTls);
     assert_eq!(
         (
