@@ -356,7 +356,10 @@ impl Pods {
                 }
             }
         }
-        self.shared.local_pods.insert(&ctx);
+        // Only the same-node shortcut looks pods up by address.
+        if self.shared.same_node_plaintext {
+            self.shared.local_pods.insert(&ctx);
+        }
         let enrolled = Enrolled {
             ctx,
             tasks,

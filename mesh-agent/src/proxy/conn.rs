@@ -16,7 +16,6 @@ use crate::{
 
 const UNKNOWN: &str = "unknown";
 
-/// What is known about each end of a connection.
 /// How the connection between the two ends is secured, as its
 /// `connection_security_policy` label gives it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,6 +55,7 @@ impl From<bool> for Security {
     }
 }
 
+/// What is known about each end of a connection.
 #[derive(Clone, Debug, Default)]
 pub struct Peer {
     pub addr: Option<SocketAddr>,
@@ -349,8 +349,9 @@ impl Drop for ConnRecord {
 /// this agent knows being in cluster `cluster`. As ztunnel sets them: the
 /// source principal only when the source is authenticated (over mutual
 /// TLS, the identity the handshake proves; on the same-node shortcut, the
-/// one the agent knows its own pod by); the destination principal from the destination's identity, or
-/// its workload's, whether or not the connection is mutual TLS.
+/// one the agent knows its own pod by); the destination principal from the
+/// destination's identity, or its workload's, whether or not the
+/// connection is mutual TLS.
 pub fn labels(
     cluster: &str,
     reporter: &'static str,

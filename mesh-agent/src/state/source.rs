@@ -159,6 +159,26 @@ struct Changing {
     read: Option<Result<Document, ConfigWarning>>,
 }
 
+impl Changing {
+    /// The entry of `path` in `changing`: a new stamp starts the clock.
+    fn entry<'a>(
+        changing: &'a mut BTreeMap<PathBuf, Changing>,
+        path: &Path,
+        stamp: Stamp,
+    ) -> &'a mut Changing {
+        let fresh = || Changing {
+            stamp,
+            since: Instant::now(),
+            read: None,
+        };
+        let entry = changing.entry(path.to_owned()).or_insert_with(fresh);
+        if entry.stamp != stamp {
+            *entry = fresh();
+        }
+        entry
+    }
+}
+
 #[derive(Debug)]
 struct File {
     /// The version last read, good or not.
@@ -219,23 +239,6 @@ impl LocalFiles {
     pub fn with_settle(mut self, settle: Duration) -> Self {
         self.settle = settle;
         self
-    }
-
-    /// The file's entry while it settles: a new stamp starts the clock.
-    fn changing(&mut self, path: &Path, stamp: Stamp) -> &mut Changing {
-        let entry = self.changing.entry(path.to_owned()).or_insert(Changing {
-            stamp,
-            since: Instant::now(),
-            read: None,
-        });
-        if entry.stamp != stamp {
-            *entry = Changing {
-                stamp,
-                since: Instant::now(),
-                read: None,
-            };
-        }
-        entry
     }
 
     /// Whether a file showing `stamp` was last modified at least the
@@ -307,7 +310,7 @@ impl LocalFiles {
             }
             let early = self.looks_settled(stamp);
             let settle = self.settle;
-            let entry = self.changing(&path, stamp);
+            let entry = Changing::entry(&mut self.changing, &path, stamp);
             let due = entry.since.elapsed() >= settle;
             if entry.read.is_none() && (due || early) {
                 let Some(read) = Self::read(&path, stamp) else {
@@ -315,7 +318,7 @@ impl LocalFiles {
                     self.unsettled += 1;
                     continue;
                 };
-                self.changing(&path, stamp).read = Some(read);
+                entry.read = Some(read);
                 #[cfg(test)]
                 {
                     self.reads += 1;
@@ -323,15 +326,15 @@ impl LocalFiles {
             }
             // Taken once the stamp has held for the settle time: a read
             // done early counts only if the file still shows it now.
-            let entry = self.changing(&path, stamp);
             let take = entry.read.is_some()
                 && entry.since.elapsed() >= settle
                 && (due || Stamp::of(&path) == Some(stamp));
-            let Some(doc) = take
-                .then(|| self.changing.remove(&path))
-                .flatten()
-                .and_then(|c| c.read)
-            else {
+            let doc = if take {
+                self.changing.remove(&path).and_then(|c| c.read)
+            } else {
+                None
+            };
+            let Some(doc) = doc else {
                 self.unsettled += 1;
                 continue;
             };
