@@ -1496,6 +1496,29 @@ fn same_node_plaintext_keeps_identity_policy_and_metrics_without_hbone() -> anyh
         "no inbound access log line with the client's identity:\n{log}"
     );
 
+    // A pod released while a connection the shortcut carries to it is
+    // still open (holding its context) is no longer delivered to: a new
+    // connection is not handed into its namespace.
+    let live = shop.tb.hold(&client, dst)?;
+    assert!(ok(&live.hello), "{}", live.hello);
+    let tb = &shop.tb;
+    let counter = |direction: &str, result: &str| {
+        tb.agent(0).metric_or_absent(&format!(
+            "mesh_proxy_connections_total{{direction=\"{direction}\",result=\"{result}\"}}"
+        ))
+    };
+    tb.agent(0).wait_metric(
+        "mesh_proxy_connections_total{direction=\"same_node\",result=\"forwarded\"}",
+        2.0,
+    )?;
+    tb.agent(0).unenroll(&server)?;
+    let r = tb.connect(&client, dst, 1000)?;
+    assert!(!ok(&r), "delivered to a released pod: {r}");
+    assert_eq!(counter("same_node", "forwarded")?, 2.0);
+    drop(live);
+    tb.agent(0).enroll(&server)?;
+    assert_allowed(tb, &client, dst)?;
+
     // A DENY policy for the intruder's principal refuses it, counted and
     // logged as over HBONE; the client still passes.
     shop.apply(&[DENY_INTRUDER], |d| d.contains("no-intruder"))?;

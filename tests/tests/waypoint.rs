@@ -90,12 +90,13 @@ struct Setup {
 /// for all traffic (pod on node 0) bound by the namespace label, and
 /// reviews-v2 labelled with the Service-only waypoint.
 fn setup(second: bool) -> anyhow::Result<Setup> {
-    setup_with(second, None)
+    setup_with(second, None, &[])
 }
 
 /// [`setup`], with the waypoint exporting spans to a collector at
-/// `tracing` (OTLP on 4318, Zipkin on 9411) when given.
-fn setup_with(second: bool, tracing: Option<IpAddr>) -> anyhow::Result<Setup> {
+/// `tracing` (OTLP on 4318, Zipkin on 9411) when given, and `agent_args`
+/// after the node agents' usual arguments.
+fn setup_with(second: bool, tracing: Option<IpAddr>, agent_args: &[&str]) -> anyhow::Result<Setup> {
     let mut tb = Testbed::new(2)?;
     let frontend = tb.add_pod(0, "frontend")?;
     let v1 = tb.add_pod(1, "reviews-v1")?;
@@ -197,7 +198,8 @@ fn setup_with(second: bool, tracing: Option<IpAddr>) -> anyhow::Result<Setup> {
         &[grpc_server.to_str().unwrap_or_default(), "[::]:9090"],
     )?;
     let args = tb.mesh_args()?;
-    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    argv.extend_from_slice(agent_args);
     tb.start_agent(0, &argv)?;
     tb.start_agent(1, &argv)?;
     for p in [&frontend, &v2] {
@@ -619,6 +621,90 @@ fn binding_rules_for_services_and_pods_fail_closed() -> anyhow::Result<()> {
             &[("direction", "waypoint"), ("result", "not_bound")]
         )?,
         1.0
+    );
+    Ok(())
+}
+
+/// `--same-node-plaintext` never goes around a waypoint: frontend and
+/// reviews-v2 share node 0, and with v2 bound by its own label to the
+/// waypoint (node 1, here for all traffic), a connection to v2's address
+/// goes through the waypoint and reaches v2 over HBONE; through its own
+/// Service (no waypoint) the shortcut carries it.
+#[test]
+fn the_same_node_shortcut_is_never_taken_past_a_waypoint() -> anyhow::Result<()> {
+    let Setup {
+        tb,
+        mut docs,
+        frontend,
+        waypoint,
+        ..
+    } = setup_with(false, None, &["--same-node-plaintext"])?;
+    let v2 = tb.nodes[0].pods[1].clone();
+    let v2_labels = [
+        ("app", "reviews"),
+        ("version", "v2"),
+        ("istio.io/use-waypoint", "waypoint"),
+    ];
+    for d in &mut docs {
+        if d.contains("kind: Gateway") && d.contains("name: waypoint") {
+            *d = format!("{}\n", gateway_yaml("waypoint", "shop", Some("all")));
+        } else if d.contains("kind: Pod") && d.contains(&v2.ip4.to_string()) {
+            *d = format!("{}\n", pod_yaml(&v2, 0, "shop", "reviews", &v2_labels));
+        }
+    }
+    apply_at_waypoint(&tb, &waypoint, &docs, &["istio.io/use-waypoint"])?;
+    let same_node = || {
+        tb.agent(0).metric_or_absent(
+            "mesh_proxy_connections_total{direction=\"same_node\",result=\"forwarded\"}",
+        )
+    };
+    // The control: reviews-v2's own Service has no waypoint, so the
+    // shortcut carries it.
+    let (_, a) = tb.curl(&frontend, &["http://10.96.0.22/own-service"])?;
+    assert_eq!(a[0].0, 200, "{a:?}");
+    assert_eq!(json(&a[0].1)["server"], "v2");
+    tb.agent(0).wait_metric(
+        "mesh_proxy_connections_total{direction=\"same_node\",result=\"forwarded\"}",
+        1.0,
+    )?;
+    // To v2's own address: through the waypoint.
+    let (_, a) = tb.curl(&frontend, &[&format!("http://{}:8080/pod", v2.ip4)])?;
+    assert_eq!(a[0].0, 200, "{a:?}");
+    assert_eq!(json(&a[0].1)["server"], "v2");
+    let page = waypoint.metrics()?;
+    assert_eq!(
+        series_sum(
+            &page,
+            "istio_requests_total",
+            &[
+                ("reporter", "waypoint"),
+                ("destination_workload", "reviews-v2"),
+                ("source_principal", &id("shop", "frontend")),
+            ]
+        )?,
+        1.0,
+        "{page}"
+    );
+    // v2's agent took it from the waypoint, over mutual TLS.
+    let agent0 = tb.agent(0).metrics()?;
+    assert_eq!(
+        series_sum_or_absent(
+            &agent0,
+            "istio_tcp_connections_opened_total",
+            &[
+                ("reporter", "destination"),
+                ("destination_workload", "reviews-v2"),
+                ("source_principal", &id("shop", "waypoint")),
+                ("connection_security_policy", "mutual_tls"),
+            ],
+        )?,
+        1.0,
+        "{agent0}"
+    );
+    assert_eq!(
+        same_node()?,
+        1.0,
+        "the shortcut was taken past the waypoint"
     );
     Ok(())
 }
@@ -1510,7 +1596,7 @@ fn traces_join_the_callers_and_export_to_otlp_and_zipkin() -> anyhow::Result<()>
         frontend,
         waypoint,
         ..
-    } = setup_with(false, Some(collector_ip))?;
+    } = setup_with(false, Some(collector_ip), &[])?;
     let collector = tb.add_pod(1, "collector")?;
     assert_eq!(collector.ip4, collector_ip, "the collector's address moved");
     let dir = tb.workdir().join("collector");
