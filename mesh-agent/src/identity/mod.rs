@@ -274,6 +274,28 @@ fn base64(data: &[u8]) -> String {
     out
 }
 
+/// When the chain the peer presented stops being valid: the earliest
+/// `notAfter` among its certificates (the verifier checked them all at the
+/// handshake; a long-lived connection outlives that check). `None` when
+/// there is no chain or a certificate does not parse.
+pub fn peer_valid_until(conn: &rustls::CommonState) -> Option<SystemTime> {
+    conn.peer_certificates()?
+        .iter()
+        .map(|c| {
+            let (_, x509) = x509_parser::parse_x509_certificate(c).ok()?;
+            Some(SystemTime::from(x509.validity().not_after.to_datetime()))
+        })
+        .collect::<Option<Vec<_>>>()?
+        .into_iter()
+        .min()
+}
+
+/// `t` on the monotonic clock (now if it is past).
+pub fn instant_of(t: SystemTime) -> tokio::time::Instant {
+    let left = t.duration_since(SystemTime::now()).unwrap_or_default();
+    tokio::time::Instant::now() + left
+}
+
 /// The SPIFFE identity in the peer's (already verified) leaf certificate:
 /// the first of its SPIFFE URI SANs in `trust_domain`, else its first.
 pub fn peer_identity(conn: &rustls::CommonState, trust_domain: &str) -> Option<Identity> {

@@ -27,7 +27,7 @@ use crate::proxy::{Dialer, connect_from};
 use crate::sync::LockExt as _;
 use crate::waypoint::trace::TraceParent;
 use crate::{
-    identity::{Identity, IdentityError},
+    identity::{Identity, IdentityError, instant_of, peer_valid_until},
     state::Workload,
 };
 
@@ -35,7 +35,9 @@ type Sender = hyper::client::conn::http2::SendRequest<Empty<Bytes>>;
 
 struct Pooled {
     sender: Sender,
-    since: std::time::Instant,
+    /// New streams go on it until then: its age limit, or sooner the
+    /// expiry of the certificate the peer proved itself with.
+    until: tokio::time::Instant,
     /// Streams open on this connection now.
     active: Arc<AtomicUsize>,
     /// Streams the peer allows at once (its SETTINGS_MAX_CONCURRENT_STREAMS,
@@ -44,8 +46,8 @@ struct Pooled {
 }
 
 impl Pooled {
-    fn usable(&self, max_age: Duration) -> bool {
-        !self.sender.is_closed() && self.since.elapsed() < max_age
+    fn usable(&self) -> bool {
+        !self.sender.is_closed() && tokio::time::Instant::now() < self.until
     }
 
     /// Whether one more stream may open now: under our cap and the peer's.
@@ -66,10 +68,8 @@ pub(super) fn conns_per_peer() -> usize {
 
 /// Drops the pool's handle on connections that are closed, or expired with
 /// no stream left.
-fn forget_idle_expired(peer: &mut Vec<Pooled>, max_age: Duration) {
-    peer.retain(|p| {
-        !p.sender.is_closed() && (p.usable(max_age) || p.active.load(Ordering::Relaxed) > 0)
-    });
+fn forget_idle_expired(peer: &mut Vec<Pooled>) {
+    peer.retain(|p| !p.sender.is_closed() && (p.usable() || p.active.load(Ordering::Relaxed) > 0));
 }
 
 /// A tunnelled connection: the CONNECT stream, and its count on the
@@ -239,20 +239,19 @@ impl Pool {
         };
         // The stream is counted on its connection as soon as it is chosen,
         // so that concurrent calls spread instead of all picking it.
-        let max_age = self.timers.max_age;
         let pooled = {
             let mut conns = self.conns.locked();
             let peer: &[Pooled] = match conns.get_mut(&key) {
                 Some(v) => {
-                    forget_idle_expired(v, max_age);
+                    forget_idle_expired(v);
                     v
                 }
                 None => &[],
             };
-            let usable = peer.iter().filter(|p| p.usable(max_age)).count();
+            let usable = peer.iter().filter(|p| p.usable()).count();
             let least = peer
                 .iter()
-                .filter(|p| p.usable(max_age) && p.has_room())
+                .filter(|p| p.usable() && p.has_room())
                 .min_by_key(|p| p.active.load(Ordering::Relaxed));
             match least {
                 Some(p) if p.active.load(Ordering::Relaxed) == 0 || usable >= conns_per_peer() => {
@@ -305,6 +304,10 @@ impl Pool {
         })?
         .map_err(|source| HboneError::Tls { addr, source })?;
         tls.get_mut().0.buffer();
+        let mut until = tokio::time::Instant::now() + self.timers.max_age;
+        if let Some(t) = peer_valid_until(tls.get_ref().1) {
+            until = until.min(instant_of(t));
+        }
         let (sender, mut conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             // Until the peer's SETTINGS say otherwise.
@@ -342,9 +345,8 @@ impl Pool {
         // Closed connections leave the map here, and expired ones once
         // their last stream is done (the pool's handle is what keeps an
         // idle connection open).
-        let max_age = self.timers.max_age;
         conns.retain(|_, v| {
-            forget_idle_expired(v, max_age);
+            forget_idle_expired(v);
             !v.is_empty()
         });
         let count = Arc::new(AtomicUsize::new(0));
@@ -353,12 +355,12 @@ impl Pool {
         // Calls that dialled at once may find the pool full by now: the
         // extra connection then carries this one stream and closes with it,
         // unless every pooled connection is at its stream limit.
-        let usable = peer.iter().filter(|p| p.usable(max_age));
+        let usable = peer.iter().filter(|p| p.usable());
         let full = usable.clone().all(|p| !p.has_room());
         if usable.count() < conns_per_peer() || full {
             peer.push(Pooled {
                 sender: sender.clone(),
-                since: std::time::Instant::now(),
+                until,
                 active: count,
                 peer_max,
             });

@@ -12,7 +12,7 @@ use hyper::{
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh_common::AGENT_PORTS;
 use tokio::net::TcpStream;
-use tracing::{Instrument as _, debug, info_span, warn};
+use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use super::headers::{Baggage, baggage, traceparent};
 use super::{
@@ -28,7 +28,7 @@ use crate::proxy::{
 };
 use crate::waypoint::trace::TraceParent;
 use crate::{
-    identity::{Identity, peer_identity},
+    identity::{Identity, instant_of, peer_identity, peer_valid_until},
     state::{Decision, Store},
 };
 
@@ -147,6 +147,7 @@ where
     F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Response<Empty<Bytes>>> + Send + 'static,
 {
+    let peer_expiry = peer_valid_until(tls.get_ref().1).map(instant_of);
     let svc = service_fn(move |req| {
         let answer = handle(req);
         async move { Ok::<_, Infallible>(answer.await) }
@@ -164,15 +165,31 @@ where
     tokio::pin!(conn);
     // Draining: GOAWAY, so that the peer opens its next streams elsewhere
     // (the next agent), and the connection closes once its streams end.
+    // The same once the peer's certificate expires: the handshake proved
+    // it valid then, not for the connection's whole life, so no stream
+    // opens on it after that (the streams already open go on).
     let served = tokio::select! {
         r = conn.as_mut() => r,
         () = crate::drain::started() => {
             conn.as_mut().graceful_shutdown();
             conn.await
         }
+        () = at_most_until(peer_expiry) => {
+            info!("the HBONE peer's certificate has expired: no new streams on its connection");
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
     };
     if let Err(e) = served {
         debug!(error = %e, "HBONE connection ended with error");
+    }
+}
+
+/// Waits until `t`, or forever when there is none.
+async fn at_most_until(t: Option<tokio::time::Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -1,5 +1,6 @@
 //! The HBONE client pool against the real HBONE server code over loopback
-//! TCP and TLS: a pooled connection's age limit, the CONNECT timeout, pings
+//! TCP and TLS: a pooled connection's age limit, no new stream past the
+//! peer's certificate (either end), the CONNECT timeout, pings
 //! on idle connections, the server's cap on streams per connection, the
 //! client's (100, or fewer if the peer says so), and the CONNECT's
 //! metadata headers.
@@ -121,11 +122,21 @@ async fn limited_server(
     answer: Answer,
     max_streams: u32,
 ) -> Server {
-    let listener = TcpListener::bind(SocketAddr::new(ip, mesh_common::PORT_HBONE))
-        .await
-        .unwrap();
     let config = certs
         .server_config(&Identity::new(TD, "shop", "server"))
+        .unwrap();
+    server_with(ip, config, answer, max_streams).await
+}
+
+/// [`limited_server`] presenting what `config` holds.
+async fn server_with(
+    ip: IpAddr,
+    config: Arc<rustls::ServerConfig>,
+    answer: Answer,
+    max_streams: u32,
+) -> Server {
+    let listener = TcpListener::bind(SocketAddr::new(ip, mesh_common::PORT_HBONE))
+        .await
         .unwrap();
     let accepted = Arc::new(AtomicUsize::new(0));
     let most_streams = Arc::new(AtomicUsize::new(0));
@@ -309,6 +320,126 @@ async fn a_pooled_connection_takes_no_new_stream_past_its_age() {
             Duration::from_secs(300),
             "the README's 5 minutes"
         );
+    })
+    .await
+}
+
+/// A certificate for `id` that expires in `secs` seconds (and its expiry).
+fn short_lived(certs: &CertManager, id: &Identity, secs: u64) -> crate::identity::WorkloadCert {
+    let now = std::time::SystemTime::now();
+    certs
+        .issue(
+            id,
+            now - Duration::from_secs(60),
+            now + Duration::from_secs(secs),
+        )
+        .unwrap()
+}
+
+/// Sleeps until past `t` as the verifiers see it (to the second: a
+/// certificate is still valid in its `notAfter` second).
+async fn sleep_past(t: std::time::SystemTime) {
+    let left = t
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    tokio::time::sleep(left + Duration::from_millis(1200)).await;
+}
+
+/// The handshake proved the peer's certificate valid then: once it has
+/// expired, the pool opens no stream on that connection, young as it is,
+/// and handshakes again (refused here: the server still presents it).
+#[tokio::test]
+async fn a_pooled_connection_takes_no_new_stream_past_the_peers_certificate() {
+    within(async {
+        let dir = TempDir::new("peer-cert");
+        let certs = certs(&dir);
+        let ip = loopback(9);
+        let cert = short_lived(&certs, &Identity::new(TD, "shop", "server"), 3);
+        let config = certs.server_config_with(&cert).unwrap();
+        let server = server_with(ip, config, Answer::Echo, SERVER_MAX_STREAMS).await;
+        let timers = Timers {
+            max_age: Duration::from_secs(300),
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(30),
+            ..quick()
+        };
+        let client = Client::new(certs, timers);
+        // One after another (none open when the next starts, so that the
+        // pool would reuse the idle connection): one connection.
+        for text in [&b"first"[..], b"pooled"] {
+            let mut t = client.call(ip).await.unwrap();
+            echoes(&mut t, text).await;
+        }
+        assert_eq!(server.accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(client.pool.len(), 1);
+
+        sleep_past(cert.not_after).await;
+        let Err(e) = client.call(ip).await else {
+            panic!("a stream went on a connection past the peer's certificate");
+        };
+        assert!(matches!(e, HboneError::Tls { .. }), "{e}");
+        assert!(e.to_string().contains("xpired"), "{e}");
+    })
+    .await
+}
+
+/// The server's side of the same: a peer keeps its connection past its
+/// certificate's expiry; the server takes no new stream on it (GOAWAY),
+/// and the stream opened before still carries bytes.
+#[tokio::test]
+async fn the_server_takes_no_new_stream_once_the_peers_certificate_expires() {
+    within(async {
+        let dir = TempDir::new("client-cert");
+        let certs = certs(&dir);
+        let ip = loopback(10);
+        let _server = hbone_server(ip, &certs, Answer::Echo).await;
+        let server_id = Identity::new(TD, "shop", "server");
+        let cert = short_lived(&certs, &Identity::new(TD, "shop", "client"), 3);
+        let config = certs.client_config_with(&cert, &server_id).unwrap();
+        let tcp = TcpStream::connect(SocketAddr::new(ip, mesh_common::PORT_HBONE))
+            .await
+            .unwrap();
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(ServerName::IpAddress(ip.into()), tcp)
+            .await
+            .unwrap();
+        let (sender, conn) = hyper::client::conn::http2::handshake::<_, _, Empty<Bytes>>(
+            TokioExecutor::new(),
+            TokioIo::new(tls),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        let open = |sender: &hyper::client::conn::http2::SendRequest<Empty<Bytes>>| {
+            let mut sender = sender.clone();
+            async move {
+                let req = Request::builder()
+                    .method(Method::CONNECT)
+                    .uri(format!("{ip}:8080"))
+                    .body(Empty::new())
+                    .unwrap();
+                let resp = sender.send_request(req).await?;
+                assert_eq!(resp.status(), StatusCode::OK);
+                hyper::upgrade::on(resp).await
+            }
+        };
+        let echo = |up: hyper::upgrade::Upgraded, text: &'static [u8]| async move {
+            let mut io = TokioIo::new(up);
+            io.write_all(text).await.unwrap();
+            let mut back = vec![0u8; text.len()];
+            io.read_exact(&mut back).await.unwrap();
+            assert_eq!(back, text);
+            io.into_inner()
+        };
+        let held = echo(open(&sender).await.unwrap(), b"before").await;
+
+        sleep_past(cert.not_after).await;
+        let refused = open(&sender).await;
+        assert!(
+            refused.is_err(),
+            "a stream opened on a connection whose peer's certificate expired"
+        );
+        echo(held, b"after").await;
     })
     .await
 }
