@@ -205,18 +205,22 @@ fn hbone_carries_pod_traffic_encrypted_with_both_identities() -> anyhow::Result<
     ];
     let opened = series_sum(&page, "istio_tcp_connections_opened_total", &labels)?;
     assert_eq!(opened, f64::from(cross_node), "{page}");
-    // Pooled HBONE connections, reused by the calls: one per destination
-    // address, plus (on a machine with more than one core) a second one to
-    // server.ip4, opened because the held connection kept the first busy;
-    // the sequential calls after it all shared that second one.
+    // Pooled HBONE connections, reused by the calls: at most one per
+    // destination address, plus (on a machine with more than one core) a
+    // second one to server.ip4, opened because the held connection kept the
+    // first busy; the sequential calls after it shared that second one.
+    // Fewer once the 4 s certificates they were opened with have expired:
+    // such a connection takes no new stream, and leaves the pool when idle
+    // (the held one stays, with its stream).
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let pods: Value = serde_json::from_str(&tb.agent(0).http("GET", "/pods", None)?.1)?;
     let pooled = pods
         .as_array()
         .and_then(|a| a.iter().find(|p| p["name"] == "client"))
-        .map(|p| p["hbone_connections"].clone());
-    let expected = if cores > 1 { 4 } else { 3 };
-    assert_eq!(pooled, Some(Value::from(expected)), "{pods}");
+        .and_then(|p| p["hbone_connections"].as_u64())
+        .unwrap_or_default();
+    let most = if cores > 1 { 4 } else { 3 };
+    assert!((1..=most).contains(&pooled), "{pods}");
 
     // Exact lines after this known sequence, and a parser accepts the page.
     let src_side = tb.agent(0).metrics()?;
