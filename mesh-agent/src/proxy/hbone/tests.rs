@@ -324,6 +324,41 @@ async fn a_pooled_connection_takes_no_new_stream_past_its_age() {
     .await
 }
 
+type RawSender = hyper::client::conn::http2::SendRequest<Empty<Bytes>>;
+
+/// An HTTP/2 connection made by hand (no pool) to the HBONE server at
+/// `ip`, with `config`.
+async fn raw_connection(ip: IpAddr, config: Arc<rustls::ClientConfig>) -> RawSender {
+    let tcp = TcpStream::connect(SocketAddr::new(ip, mesh_common::PORT_HBONE))
+        .await
+        .unwrap();
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(ServerName::IpAddress(ip.into()), tcp)
+        .await
+        .unwrap();
+    let (sender, conn) = hyper::client::conn::http2::handshake::<_, _, Empty<Bytes>>(
+        TokioExecutor::new(),
+        TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+/// A CONNECT to `ip:8080` on `sender`'s connection: the tunnel, or the
+/// error that refused it.
+async fn open_raw(mut sender: RawSender, ip: IpAddr) -> hyper::Result<hyper::upgrade::Upgraded> {
+    let req = Request::builder()
+        .method(Method::CONNECT)
+        .uri(format!("{ip}:8080"))
+        .body(Empty::new())
+        .unwrap();
+    let resp = sender.send_request(req).await?;
+    assert_eq!(resp.status(), StatusCode::OK);
+    hyper::upgrade::on(resp).await
+}
+
 /// A certificate for `id` that expires in `secs` seconds (and its expiry).
 fn short_lived(certs: &CertManager, id: &Identity, secs: u64) -> crate::identity::WorkloadCert {
     let now = std::time::SystemTime::now();
@@ -396,33 +431,7 @@ async fn the_server_takes_no_new_stream_once_the_peers_certificate_expires() {
         let server_id = Identity::new(TD, "shop", "server");
         let cert = short_lived(&certs, &Identity::new(TD, "shop", "client"), 3);
         let config = certs.client_config_with(&cert, &server_id).unwrap();
-        let tcp = TcpStream::connect(SocketAddr::new(ip, mesh_common::PORT_HBONE))
-            .await
-            .unwrap();
-        let tls = tokio_rustls::TlsConnector::from(config)
-            .connect(ServerName::IpAddress(ip.into()), tcp)
-            .await
-            .unwrap();
-        let (sender, conn) = hyper::client::conn::http2::handshake::<_, _, Empty<Bytes>>(
-            TokioExecutor::new(),
-            TokioIo::new(tls),
-        )
-        .await
-        .unwrap();
-        tokio::spawn(conn);
-        let open = |sender: &hyper::client::conn::http2::SendRequest<Empty<Bytes>>| {
-            let mut sender = sender.clone();
-            async move {
-                let req = Request::builder()
-                    .method(Method::CONNECT)
-                    .uri(format!("{ip}:8080"))
-                    .body(Empty::new())
-                    .unwrap();
-                let resp = sender.send_request(req).await?;
-                assert_eq!(resp.status(), StatusCode::OK);
-                hyper::upgrade::on(resp).await
-            }
-        };
+        let sender = raw_connection(ip, config).await;
         let echo = |up: hyper::upgrade::Upgraded, text: &'static [u8]| async move {
             let mut io = TokioIo::new(up);
             io.write_all(text).await.unwrap();
@@ -431,10 +440,10 @@ async fn the_server_takes_no_new_stream_once_the_peers_certificate_expires() {
             assert_eq!(back, text);
             io.into_inner()
         };
-        let held = echo(open(&sender).await.unwrap(), b"before").await;
+        let held = echo(open_raw(sender.clone(), ip).await.unwrap(), b"before").await;
 
         sleep_past(cert.not_after).await;
-        let refused = open(&sender).await;
+        let refused = open_raw(sender, ip).await;
         assert!(
             refused.is_err(),
             "a stream opened on a connection whose peer's certificate expired"
@@ -576,32 +585,10 @@ async fn the_server_takes_200_streams_per_connection_and_holds_the_next() {
                 &Identity::new(TD, "shop", "server"),
             )
             .unwrap();
-        let tcp = TcpStream::connect(SocketAddr::new(ip, mesh_common::PORT_HBONE))
-            .await
-            .unwrap();
-        let tls = tokio_rustls::TlsConnector::from(config)
-            .connect(ServerName::IpAddress(ip.into()), tcp)
-            .await
-            .unwrap();
-        let (sender, conn) = hyper::client::conn::http2::handshake::<_, _, Empty<Bytes>>(
-            TokioExecutor::new(),
-            TokioIo::new(tls),
-        )
-        .await
-        .unwrap();
-        tokio::spawn(conn);
-        let open = |sender: &hyper::client::conn::http2::SendRequest<Empty<Bytes>>| {
-            let mut sender = sender.clone();
-            async move {
-                let req = Request::builder()
-                    .method(Method::CONNECT)
-                    .uri(format!("{ip}:8080"))
-                    .body(Empty::new())
-                    .unwrap();
-                let resp = sender.send_request(req).await.unwrap();
-                assert_eq!(resp.status(), StatusCode::OK);
-                hyper::upgrade::on(resp).await.unwrap()
-            }
+        let sender = raw_connection(ip, config).await;
+        let open = |sender: &RawSender| {
+            let sender = sender.clone();
+            async move { open_raw(sender, ip).await.unwrap() }
         };
         let cap = SERVER_MAX_STREAMS as usize;
         assert_eq!(cap, 200, "ztunnel's server limit");
