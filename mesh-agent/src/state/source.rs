@@ -103,16 +103,17 @@ pub fn spawn_source(
     (rx, tokio::spawn(source.run(out)))
 }
 
-/// A YAML file, or every `*.yaml`/`*.yml` file of a directory (not its
-/// subdirectories, nor hidden files), merged in file name order; checked for
+/// A YAML or JSON file, or every `*.yaml`/`*.yml`/`*.json` file of a
+/// directory (not its subdirectories, nor hidden files), merged in file
+/// name order; checked for
 /// changes every `interval`. Only files whose size, modification time or
 /// inode changed are read and parsed again.
 ///
 /// A file is applied whole or not at all: it is taken once this source has
 /// seen it unchanged for [`SETTLE`] (a file written in place is not read
 /// half; one already that old when first seen is read during the wait),
-/// and a version that cannot be read or does not parse as YAML is
-/// not applied:
+/// and a version that cannot be read or does not parse (as JSON for a
+/// `*.json` file, as YAML for any other) is not applied:
 /// the file's last good version stays, with a warning. A file that never
 /// read whole holds back the first snapshot (the agent stays not ready):
 /// its AuthorizationPolicies cannot be known, and a store without them
@@ -277,7 +278,11 @@ impl LocalFiles {
         let origin = path.display().to_string();
         Some(match text {
             Ok(text) => {
-                let doc = Document::parse_text(&origin, &text);
+                let doc = if is_json(path) {
+                    Document::parse_json(&origin, &text)
+                } else {
+                    Document::parse_text(&origin, &text)
+                };
                 match doc.syntax_error() {
                     Some(w) => Err(w.clone()),
                     None => Ok(doc),
@@ -297,7 +302,7 @@ impl LocalFiles {
         let mut seen = BTreeSet::new();
         let mut diff = Diff::default();
         self.unsettled = 0;
-        for path in yaml_files(&self.path)? {
+        for path in config_files(&self.path)? {
             seen.insert(path.clone());
             // Gone between the listing and now: the next scan sees it.
             let Some(stamp) = Stamp::of(&path) else {
@@ -488,7 +493,13 @@ impl Source for LocalFiles {
     }
 }
 
-fn yaml_files(path: &Path) -> io::Result<Vec<PathBuf>> {
+/// A `*.json` file is JSON; any other file is YAML (as a single file given
+/// by name is, whatever its name).
+fn is_json(path: &Path) -> bool {
+    path.extension().is_some_and(|ext| ext == "json")
+}
+
+fn config_files(path: &Path) -> io::Result<Vec<PathBuf>> {
     // Follows symlinks, as a mounted ConfigMap's files are.
     if !fs::metadata(path).map_err(|e| in_file(path, e))?.is_dir() {
         return Ok(vec![path.to_owned()]);
@@ -499,10 +510,10 @@ fn yaml_files(path: &Path) -> io::Result<Vec<PathBuf>> {
         let hidden = file
             .file_name()
             .is_some_and(|n| n.to_string_lossy().starts_with('.'));
-        let yaml = file
+        let known = file
             .extension()
-            .is_some_and(|ext| ext == "yaml" || ext == "yml");
-        if yaml && !hidden && fs::metadata(&file).is_ok_and(|m| m.is_file()) {
+            .is_some_and(|ext| ext == "yaml" || ext == "yml" || ext == "json");
+        if known && !hidden && fs::metadata(&file).is_ok_and(|m| m.is_file()) {
             files.push(file);
         }
     }
