@@ -436,8 +436,18 @@ impl Source for LocalFiles {
                     ticks.tick().await;
                 } else {
                     // A file is settling: look again when it may have,
-                    // rather than a whole interval later.
-                    tokio::time::sleep(self.interval.min(self.settle / 3).max(MIN_RECHECK)).await;
+                    // rather than a whole interval later, and no later
+                    // than the moment the first one is due (a file read
+                    // at first sight is taken then, not up to a recheck
+                    // later).
+                    let due = self
+                        .changing
+                        .values()
+                        .map(|c| self.settle.saturating_sub(c.since.elapsed()))
+                        .min()
+                        .unwrap_or(self.settle);
+                    let wait = self.interval.min(self.settle / 3).min(due);
+                    tokio::time::sleep(wait.max(MIN_RECHECK)).await;
                     ticks.reset();
                 }
                 if out.is_closed() {
