@@ -36,6 +36,17 @@ struct Layout {
 /// every item), so a text that is not JSON is still refused as such. None
 /// when the text is not an object with such an array, or not balanced.
 fn layout(text: &str) -> Option<Layout> {
+    scan(text, true)
+}
+
+/// Where the items array of [`layout`] opens (`[`), found by scanning
+/// only the text before it.
+fn items_open(text: &str) -> Option<usize> {
+    scan(text, false).map(|l| l.array.0)
+}
+
+/// [`layout`]; or, unless `whole`, only where the array opens.
+fn scan(text: &str, whole: bool) -> Option<Layout> {
     let b = text.as_bytes();
     if b.iter().find(|c| !c.is_ascii_whitespace()) != Some(&b'{') {
         return None;
@@ -62,6 +73,12 @@ fn layout(text: &str) -> Option<Layout> {
                     &text[from..to] == "\"items\"" && text[to..i].trim_ascii().as_bytes() == b":"
                 });
                 if is_items {
+                    if !whole {
+                        return Some(Layout {
+                            array: (i, i),
+                            items: Vec::new(),
+                        });
+                    }
                     array = Some(i);
                     item_start = i + 1;
                 }
@@ -163,6 +180,11 @@ impl Document {
             origin: origin.into(),
             ..Document::default()
         };
+        if parts > 1
+            && let Some(doc) = Document::json_list_cut(origin, text, parts)
+        {
+            return doc;
+        }
         let Some(layout) = layout(text).filter(|l| is_list(text, l)) else {
             doc.add_json(origin, text, text);
             return doc;
@@ -193,6 +215,142 @@ impl Document {
             }
         }
         doc
+    }
+
+    /// A pretty-printed List (as kubectl and serde_json write it) read
+    /// in `parts` without a scan of the whole text: it is cut where a
+    /// line closes an item at the first item's indentation and the next
+    /// line opens one (no JSON string holds a line break), and each part
+    /// is parsed as a run of items. A part must end exactly where the next
+    /// begins, after a comma between items (the first begins right after
+    /// the array's `[`, so every cut is then between two items), and the
+    /// last at the array's `]`; and the text around the array must be a
+    /// `v1` List. None (read the general way) when any of this does not
+    /// hold or the text does not parse.
+    fn json_list_cut(origin: &str, text: &str, parts: usize) -> Option<Document> {
+        let open = items_open(text)?;
+        let first = text[open + 1..].find(|c: char| !c.is_ascii_whitespace())? + open + 1;
+        let indent = &text[open + 1..first];
+        let indent = &indent[indent.rfind('\n')? + 1..];
+        if text.as_bytes()[first] != b'{' || !indent.bytes().all(|b| b == b' ' || b == b'\t') {
+            return None;
+        }
+        let close = format!("\n{indent}}},");
+        let mut cuts = vec![open + 1];
+        for k in 1..parts {
+            let from = (first + (text.len() - first) * k / parts).max(cuts[cuts.len() - 1]);
+            let Some(at) = text.get(from..).and_then(|rest| rest.find(&close)) else {
+                break;
+            };
+            let cut = from + at + close.len();
+            let next = text[cut..].trim_start_matches(|c: char| c.is_ascii_whitespace());
+            if !next.starts_with('{') {
+                return None;
+            }
+            cuts.push(cut);
+        }
+        let bounds: Vec<(usize, Option<usize>)> = cuts
+            .iter()
+            .enumerate()
+            .map(|(k, &from)| (from, cuts.get(k + 1).copied()))
+            .collect();
+        let runs: Vec<Option<(Document, usize)>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = bounds
+                .iter()
+                .map(|&(from, to)| scope.spawn(move || Document::json_run(origin, text, from, to)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+                })
+                .collect()
+        });
+        let mut doc = Document {
+            origin: origin.into(),
+            ..Document::default()
+        };
+        let mut end = 0;
+        for run in runs {
+            let (part, to) = run?;
+            doc.entries.extend(part.entries);
+            doc.warnings.extend(part.warnings);
+            if doc.syntax_error.is_none() {
+                doc.syntax_error = part.syntax_error;
+            }
+            end = to;
+        }
+        let layout = Layout {
+            array: (open, end),
+            items: Vec::new(),
+        };
+        is_list(text, &layout).then_some(doc)
+    }
+
+    /// The items from `from` (where one begins) up to `to`: each parsed
+    /// once, and the position just past the comma that ends the run at
+    /// `to`; with no `to`, past the array's closing `]`. None when the
+    /// text does not read so.
+    fn json_run(
+        origin: &str,
+        text: &str,
+        mut from: usize,
+        to: Option<usize>,
+    ) -> Option<(Document, usize)> {
+        let mut doc = Document {
+            origin: origin.into(),
+            ..Document::default()
+        };
+        loop {
+            let mut values = serde_json::Deserializer::from_str(&text[from..]).into_iter::<Probe>();
+            let probe = values.next()?;
+            let end = from + values.byte_offset();
+            let item = match probe {
+                Ok(probe) => {
+                    let at = At {
+                        origin,
+                        text: Some(text),
+                        index: None,
+                        json: Some(&text[from..end]),
+                    };
+                    match probe {
+                        Probe::Null => {}
+                        Probe::Pod(pod) => doc.add_pod(at, *pod),
+                        Probe::Other(value) => doc.add(at, value),
+                    }
+                    end
+                }
+                Err(_) => {
+                    // Not a Pod the one-pass way: find its end, then read
+                    // it the general way, which says what is wrong.
+                    let mut values =
+                        serde_json::Deserializer::from_str(&text[from..]).into_iter::<IgnoredAny>();
+                    values.next()?.ok()?;
+                    let end = from + values.byte_offset();
+                    doc.add_json(origin, text, &text[from..end]);
+                    end
+                }
+            };
+            let rest = &text[item..];
+            let after = item + rest.len()
+                - rest
+                    .trim_start_matches(|c: char| c.is_ascii_whitespace())
+                    .len();
+            match (text.as_bytes().get(after), to) {
+                (Some(b','), Some(to)) if after + 1 == to => return Some((doc, to)),
+                (Some(b','), Some(to)) if after + 1 > to => return None,
+                (Some(b','), _) => {
+                    let rest = &text[after + 1..];
+                    from = after + 1 + rest.len()
+                        - rest
+                            .trim_start_matches(|c: char| c.is_ascii_whitespace())
+                            .len();
+                }
+                (Some(b']'), None) => return Some((doc, after + 1)),
+                _ => return None,
+            }
+        }
     }
 
     fn json_items(origin: &str, text: &str, items: &[(usize, usize)]) -> Document {

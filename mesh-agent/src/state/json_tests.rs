@@ -243,6 +243,54 @@ fn parts_read_as_the_whole() {
     }
 }
 
+/// A pretty-printed List is cut where a line closes an item at the items'
+/// indentation; where an object nested in an item is laid out the same
+/// way, a cut there does not read as a run of items, and the text is read
+/// the general way: the same objects and warnings either way.
+#[test]
+fn a_cut_inside_an_item_is_noticed() {
+    let nested = "{\"apiVersion\": \"v1\", \"kind\": \"ConfigMap\", \"metadata\": {\"name\": \"c\"},\n\
+                  \"data\": [\n{\"x\": 1\n},\n{\"y\": \"},\\n{\"\n},\n{\"z\": 2\n}]\n}";
+    let pod = |i: usize| {
+        format!(
+            "{{\"apiVersion\": \"v1\", \"kind\": \"Pod\",\n\"metadata\": {{\"name\": \"p{i}\", \"namespace\": \"ns\"}}\n}}"
+        )
+    };
+    let items: Vec<String> = (0..40)
+        .map(|i| {
+            if i % 2 == 0 {
+                nested.to_owned()
+            } else {
+                pod(i)
+            }
+        })
+        .collect();
+    let text = format!(
+        "{{\"apiVersion\": \"v1\", \"kind\": \"List\", \"items\": [\n{}\n], \"metadata\": {{}}}}\n",
+        items.join(",\n")
+    );
+    let whole = Document::parse_json_in_parts("t.json", &text, 1);
+    assert_eq!(whole.keys().count(), 20);
+    assert_eq!(whole.warnings.len(), 20, "the ConfigMaps: unsupported");
+    assert!(whole.syntax_error.is_none());
+    for parts in 2..12 {
+        let parted = Document::parse_json_in_parts("t.json", &text, parts);
+        assert_eq!(parted.entries_debug(), whole.entries_debug(), "{parts}");
+        assert_eq!(parted.warnings, whole.warnings, "{parts}");
+    }
+    // Cut in the pods' runs, not in the nested objects: read in parts.
+    let pods: Vec<String> = (0..40).map(pod).collect();
+    let text = format!(
+        "{{\"apiVersion\": \"v1\", \"kind\": \"List\", \"items\": [\n{}\n]}}",
+        pods.join(",\n")
+    );
+    let cut = Document::json_list_cut("t.json", &text, 3).expect("read in parts");
+    assert_eq!(cut.keys().count(), 40);
+    // Not a List around the items: not read so.
+    let other = text.replace("\"List\"", "\"PodList\"");
+    assert!(Document::json_list_cut("t.json", &other, 3).is_none());
+}
+
 /// The items are found past strings holding brackets, commas and escaped
 /// quotes, and only in the top-level object's `items`.
 #[test]

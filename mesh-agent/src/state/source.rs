@@ -44,7 +44,19 @@ impl Publisher {
     /// Merges `docs` (in order) into a new snapshot, logs it and hands it to
     /// the data path. False when no one listens any more.
     pub fn publish<'a>(&mut self, docs: impl IntoIterator<Item = &'a Document>) -> bool {
-        let mut store = Store::from_documents(docs, &self.opts);
+        let store = self.build(docs);
+        self.publish_built(store)
+    }
+
+    /// The snapshot [`Publisher::publish`] would hand out for `docs`, not
+    /// handed out yet.
+    pub fn build<'a>(&self, docs: impl IntoIterator<Item = &'a Document>) -> Store {
+        Store::from_documents(docs, &self.opts)
+    }
+
+    /// Hands out a snapshot built by [`Publisher::build`] (from the
+    /// documents a source holds now).
+    pub fn publish_built(&mut self, mut store: Store) -> bool {
         self.generation += 1;
         store.generation = self.generation;
         self.log(&store);
@@ -189,6 +201,9 @@ struct File {
     /// Why the version last read is not applied: its warning alone.
     broken: Option<Document>,
 }
+
+/// Files and the version of each.
+type Versions = Vec<(PathBuf, Stamp)>;
 
 /// What tells that a file changed: an editor's rewrite, a ConfigMap's
 /// symlink swap (a new inode), an append.
@@ -410,6 +425,39 @@ impl LocalFiles {
         Ok((diff.files > 0).then_some(diff))
     }
 
+    /// Before the first snapshot, once every file seen has been read and
+    /// parsed at first sight (while it settles): those documents, and the
+    /// version of each, so that the first snapshot can be built during
+    /// the wait.
+    fn early(&self) -> Option<(Versions, Vec<&Document>)> {
+        if !self.files.is_empty() || self.changing.len() != self.unsettled {
+            return None;
+        }
+        let mut versions = Vec::new();
+        let mut docs = Vec::new();
+        for (path, c) in &self.changing {
+            let Some(Ok(doc)) = &c.read else {
+                return None;
+            };
+            versions.push((path.clone(), c.stamp));
+            docs.push(doc);
+        }
+        Some((versions, docs))
+    }
+
+    /// Whether the files taken are those versions, all read whole.
+    fn holds(&self, versions: &Versions) -> bool {
+        self.unsettled == 0
+            && self.files.len() == versions.len()
+            && self
+                .files
+                .iter()
+                .zip(versions)
+                .all(|((path, f), (p, stamp))| {
+                    path == p && f.stamp == *stamp && f.good.is_some() && f.broken.is_none()
+                })
+    }
+
     /// The last good version of every file, and the warning of each file
     /// whose current version is not applied.
     pub fn documents(&self) -> impl Iterator<Item = &Document> {
@@ -431,6 +479,9 @@ impl Source for LocalFiles {
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut first = true;
             let mut last_error: Option<String> = None;
+            // The first snapshot, built from the files read at first sight
+            // while they settle: handed out if they are taken as read.
+            let mut early: Option<(Versions, Store)> = None;
             loop {
                 if self.changing.is_empty() {
                     ticks.tick().await;
@@ -457,6 +508,11 @@ impl Source for LocalFiles {
                     // The first scan publishes even an empty directory.
                     Ok(None) if !first => true,
                     Ok(_) if first && !self.complete() => {
+                        if early.is_none()
+                            && let Some((versions, docs)) = self.early()
+                        {
+                            early = Some((versions, out.build(docs)));
+                        }
                         // A file still being written is read by a later
                         // scan; one that cannot be read or parsed is worth
                         // a warning.
@@ -475,8 +531,14 @@ impl Source for LocalFiles {
                         if let Some(diff) = diff.filter(|_| !first) {
                             log_diff(&name, &diff);
                         }
+                        let built = early
+                            .take()
+                            .filter(|(versions, _)| first && self.holds(versions));
                         first = false;
-                        out.publish(self.documents())
+                        match built {
+                            Some((_, store)) => out.publish_built(store),
+                            None => out.publish(self.documents()),
+                        }
                     }
                     Err(e) => {
                         let error = e.to_string();
