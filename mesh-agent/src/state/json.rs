@@ -238,7 +238,10 @@ impl Document {
         let close = format!("\n{indent}}},");
         let mut cuts = vec![open + 1];
         for k in 1..parts {
-            let from = (first + (text.len() - first) * k / parts).max(cuts[cuts.len() - 1]);
+            let mut from = (first + (text.len() - first) * k / parts).max(cuts[cuts.len() - 1]);
+            while !text.is_char_boundary(from) {
+                from += 1;
+            }
             let Some(at) = text.get(from..).and_then(|rest| rest.find(&close)) else {
                 break;
             };

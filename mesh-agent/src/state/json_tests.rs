@@ -213,7 +213,7 @@ fn pods(n: usize, bad: Option<usize>) -> String {
             };
             serde_json::json!({
                 "apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": format!("p{i}"), "namespace": "ns", "labels": {"a": "x]\"[{"}},
+                "metadata": {"name": format!("p{i}"), "namespace": "ns", "labels": {"a": "x]\"[{", "é": "ü€😀"}},
                 "spec": {"containers": [{"name": "c", "ports": [{"containerPort": port}]}]},
                 "status": {"podIP": format!("10.0.{}.{}", i / 200, i % 200 + 1)},
             })
