@@ -6,6 +6,7 @@ mod gateway;
 mod ingress;
 #[cfg(test)]
 mod ingress_tests;
+mod json;
 mod k8s;
 mod matcher;
 mod peer_auth;

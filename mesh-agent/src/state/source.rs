@@ -44,7 +44,19 @@ impl Publisher {
     /// Merges `docs` (in order) into a new snapshot, logs it and hands it to
     /// the data path. False when no one listens any more.
     pub fn publish<'a>(&mut self, docs: impl IntoIterator<Item = &'a Document>) -> bool {
-        let mut store = Store::from_documents(docs, &self.opts);
+        let store = self.build(docs);
+        self.publish_built(store)
+    }
+
+    /// The snapshot [`Publisher::publish`] would hand out for `docs`, not
+    /// handed out yet.
+    pub fn build<'a>(&self, docs: impl IntoIterator<Item = &'a Document>) -> Store {
+        Store::from_documents(docs, &self.opts)
+    }
+
+    /// Hands out a snapshot built by [`Publisher::build`] (from the
+    /// documents a source holds now).
+    pub fn publish_built(&mut self, mut store: Store) -> bool {
         self.generation += 1;
         store.generation = self.generation;
         self.log(&store);
@@ -103,16 +115,17 @@ pub fn spawn_source(
     (rx, tokio::spawn(source.run(out)))
 }
 
-/// A YAML file, or every `*.yaml`/`*.yml` file of a directory (not its
-/// subdirectories, nor hidden files), merged in file name order; checked for
+/// A YAML or JSON file, or every `*.yaml`/`*.yml`/`*.json` file of a
+/// directory (not its subdirectories, nor hidden files), merged in file
+/// name order; checked for
 /// changes every `interval`. Only files whose size, modification time or
 /// inode changed are read and parsed again.
 ///
 /// A file is applied whole or not at all: it is taken once this source has
 /// seen it unchanged for [`SETTLE`] (a file written in place is not read
 /// half; one already that old when first seen is read during the wait),
-/// and a version that cannot be read or does not parse as YAML is
-/// not applied:
+/// and a version that cannot be read or does not parse (as JSON for a
+/// `*.json` file, as YAML for any other) is not applied:
 /// the file's last good version stays, with a warning. A file that never
 /// read whole holds back the first snapshot (the agent stays not ready):
 /// its AuthorizationPolicies cannot be known, and a store without them
@@ -188,6 +201,9 @@ struct File {
     /// Why the version last read is not applied: its warning alone.
     broken: Option<Document>,
 }
+
+/// Files and the version of each.
+type Versions = Vec<(PathBuf, Stamp)>;
 
 /// What tells that a file changed: an editor's rewrite, a ConfigMap's
 /// symlink swap (a new inode), an append.
@@ -277,7 +293,11 @@ impl LocalFiles {
         let origin = path.display().to_string();
         Some(match text {
             Ok(text) => {
-                let doc = Document::parse_text(&origin, &text);
+                let doc = if is_json(path) {
+                    Document::parse_json(&origin, &text)
+                } else {
+                    Document::parse_text(&origin, &text)
+                };
                 match doc.syntax_error() {
                     Some(w) => Err(w.clone()),
                     None => Ok(doc),
@@ -297,7 +317,7 @@ impl LocalFiles {
         let mut seen = BTreeSet::new();
         let mut diff = Diff::default();
         self.unsettled = 0;
-        for path in yaml_files(&self.path)? {
+        for path in config_files(&self.path)? {
             seen.insert(path.clone());
             // Gone between the listing and now: the next scan sees it.
             let Some(stamp) = Stamp::of(&path) else {
@@ -405,6 +425,39 @@ impl LocalFiles {
         Ok((diff.files > 0).then_some(diff))
     }
 
+    /// Before the first snapshot, once every file seen has been read and
+    /// parsed at first sight (while it settles): those documents, and the
+    /// version of each, so that the first snapshot can be built during
+    /// the wait.
+    fn early(&self) -> Option<(Versions, Vec<&Document>)> {
+        if !self.files.is_empty() || self.changing.len() != self.unsettled {
+            return None;
+        }
+        let mut versions = Vec::new();
+        let mut docs = Vec::new();
+        for (path, c) in &self.changing {
+            let Some(Ok(doc)) = &c.read else {
+                return None;
+            };
+            versions.push((path.clone(), c.stamp));
+            docs.push(doc);
+        }
+        Some((versions, docs))
+    }
+
+    /// Whether the files taken are those versions, all read whole.
+    fn holds(&self, versions: &Versions) -> bool {
+        self.unsettled == 0
+            && self.files.len() == versions.len()
+            && self
+                .files
+                .iter()
+                .zip(versions)
+                .all(|((path, f), (p, stamp))| {
+                    path == p && f.stamp == *stamp && f.good.is_some() && f.broken.is_none()
+                })
+    }
+
     /// The last good version of every file, and the warning of each file
     /// whose current version is not applied.
     pub fn documents(&self) -> impl Iterator<Item = &Document> {
@@ -426,13 +479,26 @@ impl Source for LocalFiles {
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut first = true;
             let mut last_error: Option<String> = None;
+            // The first snapshot, built from the files read at first sight
+            // while they settle: handed out if they are taken as read.
+            let mut early: Option<(Versions, Store)> = None;
             loop {
                 if self.changing.is_empty() {
                     ticks.tick().await;
                 } else {
                     // A file is settling: look again when it may have,
-                    // rather than a whole interval later.
-                    tokio::time::sleep(self.interval.min(self.settle / 3).max(MIN_RECHECK)).await;
+                    // rather than a whole interval later, and no later
+                    // than the moment the first one is due (a file read
+                    // at first sight is taken then, not up to a recheck
+                    // later).
+                    let due = self
+                        .changing
+                        .values()
+                        .map(|c| self.settle.saturating_sub(c.since.elapsed()))
+                        .min()
+                        .unwrap_or(self.settle);
+                    let wait = self.interval.min(self.settle / 3).min(due);
+                    tokio::time::sleep(wait.max(MIN_RECHECK)).await;
                     ticks.reset();
                 }
                 if out.is_closed() {
@@ -442,6 +508,11 @@ impl Source for LocalFiles {
                     // The first scan publishes even an empty directory.
                     Ok(None) if !first => true,
                     Ok(_) if first && !self.complete() => {
+                        if early.is_none()
+                            && let Some((versions, docs)) = self.early()
+                        {
+                            early = Some((versions, out.build(docs)));
+                        }
                         // A file still being written is read by a later
                         // scan; one that cannot be read or parsed is worth
                         // a warning.
@@ -460,8 +531,14 @@ impl Source for LocalFiles {
                         if let Some(diff) = diff.filter(|_| !first) {
                             log_diff(&name, &diff);
                         }
+                        let built = early
+                            .take()
+                            .filter(|(versions, _)| first && self.holds(versions));
                         first = false;
-                        out.publish(self.documents())
+                        match built {
+                            Some((_, store)) => out.publish_built(store),
+                            None => out.publish(self.documents()),
+                        }
                     }
                     Err(e) => {
                         let error = e.to_string();
@@ -488,7 +565,13 @@ impl Source for LocalFiles {
     }
 }
 
-fn yaml_files(path: &Path) -> io::Result<Vec<PathBuf>> {
+/// A `*.json` file is JSON; any other file is YAML (as a single file given
+/// by name is, whatever its name).
+fn is_json(path: &Path) -> bool {
+    path.extension().is_some_and(|ext| ext == "json")
+}
+
+fn config_files(path: &Path) -> io::Result<Vec<PathBuf>> {
     // Follows symlinks, as a mounted ConfigMap's files are.
     if !fs::metadata(path).map_err(|e| in_file(path, e))?.is_dir() {
         return Ok(vec![path.to_owned()]);
@@ -499,10 +582,10 @@ fn yaml_files(path: &Path) -> io::Result<Vec<PathBuf>> {
         let hidden = file
             .file_name()
             .is_some_and(|n| n.to_string_lossy().starts_with('.'));
-        let yaml = file
+        let known = file
             .extension()
-            .is_some_and(|ext| ext == "yaml" || ext == "yml");
-        if yaml && !hidden && fs::metadata(&file).is_ok_and(|m| m.is_file()) {
+            .is_some_and(|ext| ext == "yaml" || ext == "yml" || ext == "json");
+        if known && !hidden && fs::metadata(&file).is_ok_and(|m| m.is_file()) {
             files.push(file);
         }
     }

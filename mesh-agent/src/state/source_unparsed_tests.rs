@@ -270,3 +270,40 @@ fn an_old_file_is_read_while_it_settles_and_taken_once_settled() {
     assert_eq!(src.reads, 2);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The first snapshot is built while the files read at first sight
+/// settle; a file that changes before it is taken is published as it is
+/// then, never as it was read at first sight.
+#[tokio::test]
+async fn a_file_changed_while_it_settles_is_published_as_changed() {
+    let dir = temp_dir("early-changed");
+    let path = dir.join("shop.yaml");
+    std::fs::write(&path, POD).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .and_then(|f| f.set_modified(SystemTime::now() - Duration::from_secs(3600)))
+        .unwrap();
+    let source = LocalFiles::new(dir.clone(), Duration::from_millis(10))
+        .with_settle(Duration::from_millis(400));
+    let (mut rx, task) = spawn_source(Box::new(source), opts());
+    // The first scan reads the old file at once (and builds a snapshot
+    // from it); nothing outside the source shows that moment.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(rx.borrow().generation, 0, "taken before it settled");
+    write(&dir, "shop.yaml", &POD.replace("10.4.0.1", "10.4.0.2"));
+    until(&mut rx, "the first snapshot", |s| s.generation > 0).await;
+    let store = rx.borrow().clone();
+    assert!(
+        store.workload_by_ip(ip("10.4.0.2")).is_some(),
+        "{:#}",
+        store.dump()
+    );
+    assert!(
+        store.workload_by_ip(ip("10.4.0.1")).is_none(),
+        "{:#}",
+        store.dump()
+    );
+    task.abort();
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -77,7 +77,7 @@ impl fmt::Display for ObjectKey {
 
 /// An object of a kind the agent reads, parsed.
 #[derive(Clone, Debug)]
-enum Typed {
+pub(super) enum Typed {
     Namespace(Arc<Namespace>),
     Pod(Arc<StoredPod>),
     Service(Arc<K8sService>),
@@ -165,11 +165,12 @@ const KINDS: &[(&[&str], &str)] = &[
 /// only what changed; the store is merged from all of them.
 #[derive(Debug, Default)]
 pub struct Document {
-    origin: Arc<str>,
-    entries: Vec<(ObjectKey, Typed)>,
-    warnings: Vec<ConfigWarning>,
-    /// The YAML syntax error that ended parsing early, if one did.
-    syntax_error: Option<ConfigWarning>,
+    pub(super) origin: Arc<str>,
+    pub(super) entries: Vec<(ObjectKey, Typed)>,
+    pub(super) warnings: Vec<ConfigWarning>,
+    /// The syntax error that ended parsing early (YAML), or the first one
+    /// (JSON), if there was one.
+    pub(super) syntax_error: Option<ConfigWarning>,
 }
 
 /// A text at least this long is parsed in parts, in parallel.
@@ -266,6 +267,7 @@ impl Document {
                 origin,
                 text: Some(text),
                 index: Some(index),
+                json: None,
             };
             let value = match Probe::deserialize(de) {
                 Ok(Probe::Null) => continue,
@@ -309,6 +311,7 @@ impl Document {
             origin,
             text: None,
             index: None,
+            json: None,
         };
         let text = |key: &str| object.get(key).and_then(serde_json::Value::as_str);
         let fast = (text("apiVersion") == Some("v1") && text("kind") == Some("Pod"))
@@ -370,6 +373,9 @@ impl Document {
 enum ObjectError {
     #[error("{0}")]
     Yaml(#[from] serde_yaml::Error),
+    /// serde_json's message, at the line and column in the whole text.
+    #[error("{0}")]
+    Json(String),
     #[error("{0} is missing")]
     Missing(&'static str),
 }
@@ -379,6 +385,7 @@ impl ObjectError {
         match self {
             // serde's own wording for `deny_unknown_fields`.
             ObjectError::Yaml(e) if e.to_string().contains("unknown field") => "unknown_field",
+            ObjectError::Json(e) if e.contains("unknown field") => "unknown_field",
             _ => "parse_error",
         }
     }
@@ -387,11 +394,14 @@ impl ObjectError {
 /// Where a value came from: the text is parsed again on an error, because
 /// serde_yaml names the field path and line only when reading text.
 #[derive(Clone, Copy)]
-struct At<'a> {
-    origin: &'a str,
-    text: Option<&'a str>,
+pub(super) struct At<'a> {
+    pub origin: &'a str,
+    pub text: Option<&'a str>,
     /// Index of the `---` document; None inside a `kind: List`.
-    index: Option<usize>,
+    pub index: Option<usize>,
+    /// A JSON object's own text, a slice of `text`: read again on an
+    /// error, for the line and column of what is wrong.
+    pub json: Option<&'a str>,
 }
 
 /// apiVersion, kind, namespace and name, read before the typed parse so that
@@ -525,7 +535,7 @@ impl Objects {
 impl Document {
     /// A `v1` Pod read the fast way ([`Probe`]): what [`Document::add`]
     /// does with one.
-    fn add_pod(&mut self, at: At<'_>, pod: Pod) {
+    pub(super) fn add_pod(&mut self, at: At<'_>, pod: Pod) {
         let Some(name) = pod.metadata.name.clone() else {
             let header = Header {
                 api_version: "v1".to_owned(),
@@ -553,7 +563,7 @@ impl Document {
         self.entries.push((key, Typed::Pod(Arc::new(stored))));
     }
 
-    fn add(&mut self, at: At<'_>, value: Value) {
+    pub(super) fn add(&mut self, at: At<'_>, value: Value) {
         let header = Header::of(&value);
         let warn = |doc: &mut Document, kind, message| {
             doc.warnings.push(ConfigWarning {
@@ -569,7 +579,11 @@ impl Document {
         if header.api_version == "v1" && header.kind == "List" {
             return match value.get("items") {
                 Some(Value::Sequence(items)) => {
-                    let inner = At { index: None, ..at };
+                    let inner = At {
+                        index: None,
+                        json: None,
+                        ..at
+                    };
                     for item in items.iter().filter(|v| !v.is_null()) {
                         self.add(inner, item.clone());
                     }
@@ -658,6 +672,11 @@ impl Document {
 /// line when the document can be read again from its text.
 fn typed<T: DeserializeOwned>(at: At<'_>, value: Value) -> Result<Arc<T>, ObjectError> {
     serde_yaml::from_value(value).map(Arc::new).map_err(|e| {
+        if let Some((item, text)) = at.json.zip(at.text)
+            && let Err(located) = serde_json::from_str::<T>(item)
+        {
+            return ObjectError::Json(super::json::located(text, item, &located));
+        }
         let located = at
             .index
             .zip(at.text)

@@ -85,7 +85,11 @@ fn scale_metrics() -> Vec<(String, String)> {
     for &n in &[0, 1000, 10_000, 30_000] {
         rows.push((
             format!("workloads_{n}_ready_ms"),
-            format!("ready after start, {n} stored workloads (ms)"),
+            format!("ready after start, {n} stored workloads (ms) (YAML)"),
+        ));
+        rows.push((
+            format!("workloads_{n}_json_ready_ms"),
+            format!("ready after start, {n} stored workloads (ms) (JSON)"),
         ));
     }
     for &n in &[0, 1000, 10_000, 30_000] {

@@ -121,20 +121,73 @@ fn policies(results: &mut Results, reps: usize, seconds: f64, quick: bool) -> an
     Ok(())
 }
 
+/// The format of the configuration file the agent starts from.
+#[derive(Clone, Copy, PartialEq)]
+enum Format {
+    Yaml,
+    /// One `kind: List`, as `kubectl get -o json` writes it.
+    Json,
+}
+
+/// The YAML documents as the items of a JSON `kind: List`, each indented
+/// as a pretty printer writes it.
+fn json_items(docs: &[String]) -> anyhow::Result<Vec<String>> {
+    docs.iter()
+        .map(|doc| {
+            let value: serde_json::Value = serde_yaml::from_str(doc)?;
+            Ok(serde_json::to_string_pretty(&value)?)
+        })
+        .collect()
+}
+
+fn write_json_list(path: &std::path::Path, items: &[&String]) -> anyhow::Result<()> {
+    let mut text = String::from("{\n\"apiVersion\": \"v1\",\n\"kind\": \"List\",\n\"items\": [\n");
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            text.push_str(",\n");
+        }
+        text.push_str(item);
+    }
+    text.push_str("\n]\n}\n");
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
 fn workloads(results: &mut Results, reps: usize, quick: bool) -> anyhow::Result<()> {
     let counts = if quick { QUICK_WORKLOADS } else { WORKLOADS };
     let mut tb = Testbed::new(1)?;
-    let args = tb.mesh_args()?;
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let yaml_args = tb.mesh_args()?;
+    let json_path = tb.config_path().with_extension("json");
+    let json_args = tb.mesh_args_with_config(&json_path)?;
     let pods: Vec<String> = (0..counts[counts.len() - 1])
         .map(idle::remote_pod_yaml)
         .collect();
+    let namespace = namespace_yaml("elsewhere", false);
+    let namespace_json = json_items(std::slice::from_ref(&namespace))?;
+    let pods_json = json_items(&pods)?;
     for rep in 0..reps {
         let mut empty = f64::NAN;
-        for &n in counts {
-            let mut docs = vec![namespace_yaml("elsewhere", false)];
-            docs.extend(pods[..n].iter().cloned());
-            tb.write_config(&docs)?;
+        for (&n, format) in counts
+            .iter()
+            .flat_map(|n| [(n, Format::Yaml), (n, Format::Json)])
+        {
+            let args = match format {
+                Format::Yaml => {
+                    let mut docs = vec![namespace.clone()];
+                    docs.extend(pods[..n].iter().cloned());
+                    tb.write_config(&docs)?;
+                    &yaml_args
+                }
+                Format::Json => {
+                    let items: Vec<&String> =
+                        namespace_json.iter().chain(&pods_json[..n]).collect();
+                    write_json_list(&json_path, &items)?;
+                    &json_args
+                }
+            };
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
             std::thread::sleep(CONFIG_AGE);
             // Ready (`/healthz/ready` answers 200, polled every 50 ms) once
             // the first snapshot of the whole configuration is in.
@@ -150,13 +203,20 @@ fn workloads(results: &mut Results, reps: usize, quick: bool) -> anyhow::Result<
                 Ok(stored == n as f64)
             })
             .with_context(|| format!("ready with {stored} workloads stored, not {n}"))?;
+            let record = |results: &mut Results, metric: String, value: f64| {
+                results.add(Placement::Scale, Path::MeshEbpf, &metric, value);
+            };
+            if format == Format::Json {
+                // The start from JSON: its time to ready; memory is
+                // measured from YAML.
+                record(results, format!("workloads_{n}_json_ready_ms"), ready);
+                idle::stop_and_uninstall(&mut tb)?;
+                continue;
+            }
             if !quick {
                 std::thread::sleep(idle::SETTLE);
             }
             let rss = status_kib(tb.agent(0).pid(), "VmRSS")? as f64;
-            let record = |results: &mut Results, metric: String, value: f64| {
-                results.add(Placement::Scale, Path::MeshEbpf, &metric, value);
-            };
             record(results, format!("workloads_{n}_ready_ms"), ready);
             record(results, format!("workloads_{n}_rss_mib"), rss / 1024.0);
             if n == 0 {
