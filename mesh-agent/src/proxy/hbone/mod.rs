@@ -31,9 +31,13 @@ const ACCEPT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// A verified peer's request heads (HPACK-decoded) stay under this size.
 const MAX_HEADER_LIST: u32 = 16 * 1024;
 /// HTTP/2 flow-control windows: large, so that one stream can fill a fast
-/// link without waiting for WINDOW_UPDATEs.
+/// link without waiting for WINDOW_UPDATEs. The connection's window bounds
+/// what the agent holds received and not yet delivered (its memory peak,
+/// with 8 busy streams): 1.5 stream windows, so that one stream still
+/// fills it alone, streams together share it, and a stream whose
+/// destination stops reading leaves room for the others.
 const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
-const CONN_WINDOW: u32 = 16 * 1024 * 1024;
+const CONN_WINDOW: u32 = 6 * 1024 * 1024;
 /// The largest HTTP/2 frame each side accepts: a 16 KiB default frame
 /// costs one round of stream and flow-control bookkeeping per TLS record.
 const MAX_FRAME: u32 = 256 * 1024;

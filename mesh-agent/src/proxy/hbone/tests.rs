@@ -733,3 +733,73 @@ async fn a_connect_carries_baggage_and_a_fresh_traceparent() {
     })
     .await
 }
+
+/// A tunnel whose far end stops reading holds at most its stream's window
+/// of the connection's: the connection window is larger than one stream
+/// window, so other tunnels on the same pooled connection go on.
+#[tokio::test]
+async fn a_tunnel_that_is_not_read_leaves_room_for_the_others() {
+    within(async {
+        let dir = TempDir::new("stalled");
+        let certs = certs(&dir);
+        let ip = loopback(9);
+        let server = hbone_server(ip, &certs, Answer::Echo).await;
+        let client = Client::new(certs, Timers::default());
+
+        // As many tunnels as the pool keeps connections to one peer, all
+        // held: one on each connection. The echo of everything written on
+        // them comes back to a client that never reads it: their windows
+        // fill both ways and stay full.
+        let conns = client::conns_per_peer();
+        let mut stalled = Vec::new();
+        for _ in 0..conns {
+            stalled.push(client.call(ip).await.unwrap());
+        }
+        assert_eq!(server.accepted.load(Ordering::SeqCst), conns);
+        let sent: Vec<_> = (0..conns).map(|_| Arc::new(AtomicUsize::new(0))).collect();
+        let writers: Vec<_> = stalled
+            .into_iter()
+            .zip(sent.clone())
+            .map(|(mut tunnel, count)| {
+                tokio::spawn(async move {
+                    let mut io = TokioIo::new(tunnel.io_mut());
+                    let chunk = vec![7u8; 64 * 1024];
+                    while io.write_all(&chunk).await.is_ok() {
+                        count.fetch_add(chunk.len(), Ordering::SeqCst);
+                    }
+                })
+            })
+            .collect();
+        // Until they stop: more than a stream window has left each, and
+        // none moves any more.
+        let total = || {
+            sent.iter()
+                .map(|s| s.load(Ordering::SeqCst))
+                .collect::<Vec<_>>()
+        };
+        let mut last = total();
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let now = total();
+            if now == last && now.iter().all(|&n| n > STREAM_WINDOW as usize) {
+                break;
+            }
+            last = now;
+        }
+
+        // Another tunnel, on a connection that carries a stalled one (the
+        // pool opens no more), still carries bytes both ways.
+        let mut other = client.call(ip).await.unwrap();
+        assert_eq!(server.accepted.load(Ordering::SeqCst), conns);
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            echoes(&mut other, &vec![3u8; 256 * 1024]),
+        )
+        .await
+        .expect("a tunnel waited behind one that is not read");
+        for w in writers {
+            w.abort();
+        }
+    })
+    .await
+}
