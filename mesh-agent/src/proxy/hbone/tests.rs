@@ -742,7 +742,7 @@ async fn a_tunnel_that_is_not_read_leaves_room_for_the_others() {
     within(async {
         let dir = TempDir::new("stalled");
         let certs = certs(&dir);
-        let ip = loopback(9);
+        let ip = loopback(11);
         let server = hbone_server(ip, &certs, Answer::Echo).await;
         let client = Client::new(certs, Timers::default());
 
