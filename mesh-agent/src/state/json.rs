@@ -6,7 +6,11 @@
 use serde::{Deserialize, de::IgnoredAny};
 use serde_yaml::Value;
 
-use super::{ConfigWarning, Document, pod_parse::Probe, yaml::At};
+use super::{
+    ConfigWarning, Document,
+    pod_parse::Probe,
+    yaml::{At, on_threads},
+};
 
 /// A text at least this long is parsed in parts, in parallel.
 const PARALLEL_FROM: usize = 1 << 20;
@@ -193,19 +197,7 @@ impl Document {
         let docs: Vec<Document> = if groups.len() <= 1 {
             vec![Document::json_items(origin, text, &layout.items)]
         } else {
-            std::thread::scope(|scope| {
-                let handles: Vec<_> = groups
-                    .iter()
-                    .map(|items| scope.spawn(move || Document::json_items(origin, text, items)))
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| {
-                        h.join()
-                            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-                    })
-                    .collect()
-            })
+            on_threads(&groups, |items| Document::json_items(origin, text, items))
         };
         for part in docs {
             doc.entries.extend(part.entries);
@@ -257,18 +249,8 @@ impl Document {
             .enumerate()
             .map(|(k, &from)| (from, cuts.get(k + 1).copied()))
             .collect();
-        let runs: Vec<Option<(Document, usize)>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = bounds
-                .iter()
-                .map(|&(from, to)| scope.spawn(move || Document::json_run(origin, text, from, to)))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-                })
-                .collect()
+        let runs: Vec<Option<(Document, usize)>> = on_threads(&bounds, |&(from, to)| {
+            Document::json_run(origin, text, from, to)
         });
         let mut doc = Document {
             origin: origin.into(),

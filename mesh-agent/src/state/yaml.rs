@@ -204,6 +204,25 @@ fn cuts(text: &str, parts: usize) -> Option<Vec<usize>> {
     Some(cuts)
 }
 
+/// `work` on each of `inputs`, each on a thread of its own, the results
+/// in the order of `inputs` (a panic on a thread goes on in the caller).
+pub(super) fn on_threads<I: Sync, T: Send>(inputs: &[I], work: impl Fn(&I) -> T + Sync) -> Vec<T> {
+    let work = &work;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = inputs
+            .iter()
+            .map(|input| scope.spawn(move || work(input)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .collect()
+    })
+}
+
 impl Document {
     /// Every object in a YAML text (`---` separated documents, `kind: List`).
     /// A long text is cut at document markers and its parts are parsed in
@@ -225,20 +244,8 @@ impl Document {
             .chain(cuts.iter().copied())
             .zip(cuts.iter().copied().chain(std::iter::once(text.len())))
             .collect();
-        let mut docs = std::thread::scope(|scope| {
-            let handles: Vec<_> = bounds
-                .iter()
-                .map(|&(from, to)| {
-                    scope.spawn(move || Document::parse_part(origin, &text[from..to]))
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-                })
-                .collect::<Vec<Document>>()
+        let mut docs = on_threads(&bounds, |&(from, to)| {
+            Document::parse_part(origin, &text[from..to])
         });
         let located = |d: &Document| {
             d.syntax_error.is_some()
