@@ -220,6 +220,17 @@ fn a_file_being_truncated_is_not_read_for_its_old_modification_time() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Writes `text` to `path`, last modified an hour ago (as a file the agent
+/// finds at its start).
+fn write_an_hour_old(path: &std::path::Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_modified(SystemTime::now() - Duration::from_secs(3600)))
+        .unwrap();
+}
+
 /// A file last modified long ago (every file when the agent starts) is
 /// read at first sight, so that a long file's parse and the settle time
 /// overlap; it is still taken only once its stamp has held for the settle
@@ -229,12 +240,7 @@ fn a_file_being_truncated_is_not_read_for_its_old_modification_time() {
 fn an_old_file_is_read_while_it_settles_and_taken_once_settled() {
     let dir = temp_dir("early");
     let path = dir.join("shop.yaml");
-    std::fs::write(&path, POD).unwrap();
-    std::fs::File::options()
-        .write(true)
-        .open(&path)
-        .and_then(|f| f.set_modified(SystemTime::now() - Duration::from_secs(3600)))
-        .unwrap();
+    write_an_hour_old(&path, POD);
     let settle = Duration::from_millis(200);
     let mut src = LocalFiles::new(dir.clone(), Duration::from_millis(10)).with_settle(settle);
 
@@ -278,12 +284,7 @@ fn an_old_file_is_read_while_it_settles_and_taken_once_settled() {
 async fn a_file_changed_while_it_settles_is_published_as_changed() {
     let dir = temp_dir("early-changed");
     let path = dir.join("shop.yaml");
-    std::fs::write(&path, POD).unwrap();
-    std::fs::File::options()
-        .write(true)
-        .open(&path)
-        .and_then(|f| f.set_modified(SystemTime::now() - Duration::from_secs(3600)))
-        .unwrap();
+    write_an_hour_old(&path, POD);
     let source = LocalFiles::new(dir.clone(), Duration::from_millis(10))
         .with_settle(Duration::from_millis(400));
     let (mut rx, task) = spawn_source(Box::new(source), opts());
