@@ -7,7 +7,7 @@ use serde::{Deserialize, de::IgnoredAny};
 use serde_yaml::Value;
 
 use super::{
-    ConfigWarning, Document,
+    Document,
     pod_parse::Probe,
     yaml::{At, on_threads},
 };
@@ -199,13 +199,7 @@ impl Document {
         } else {
             on_threads(&groups, |items| Document::json_items(origin, text, items))
         };
-        for part in docs {
-            doc.entries.extend(part.entries);
-            doc.warnings.extend(part.warnings);
-            if doc.syntax_error.is_none() {
-                doc.syntax_error = part.syntax_error;
-            }
-        }
+        docs.into_iter().for_each(|part| doc.append(part));
         doc
     }
 
@@ -259,11 +253,7 @@ impl Document {
         let mut end = 0;
         for run in runs {
             let (part, to) = run?;
-            doc.entries.extend(part.entries);
-            doc.warnings.extend(part.warnings);
-            if doc.syntax_error.is_none() {
-                doc.syntax_error = part.syntax_error;
-            }
+            doc.append(part);
             end = to;
         }
         let layout = Layout {
@@ -370,17 +360,7 @@ impl Document {
         match value {
             Ok(Value::Null) => {}
             Ok(value) => self.add(at, value),
-            Err(e) => {
-                let w = ConfigWarning {
-                    object: origin.to_owned(),
-                    kind: "parse_error",
-                    message: located(text, part, &e),
-                };
-                self.warnings.push(w.clone());
-                if self.syntax_error.is_none() {
-                    self.syntax_error = Some(w);
-                }
-            }
+            Err(e) => self.syntax(origin, located(text, part, &e)),
         }
     }
 }

@@ -257,11 +257,32 @@ impl Document {
             return Document::parse_part(origin, text);
         }
         let mut doc = docs.remove(0);
-        for part in docs {
-            doc.entries.extend(part.entries);
-            doc.warnings.extend(part.warnings);
-        }
+        docs.into_iter().for_each(|part| doc.append(part));
         doc
+    }
+
+    /// Adds what a later part of the same text holds; the first syntax
+    /// error stays the one reported.
+    pub(super) fn append(&mut self, part: Document) {
+        self.entries.extend(part.entries);
+        self.warnings.extend(part.warnings);
+        if self.syntax_error.is_none() {
+            self.syntax_error = part.syntax_error;
+        }
+    }
+
+    /// A syntax error in the text from `origin`: warned about, and (the
+    /// first one) what keeps the text from being applied.
+    pub(super) fn syntax(&mut self, origin: &str, message: String) {
+        let w = ConfigWarning {
+            object: origin.to_owned(),
+            kind: "parse_error",
+            message,
+        };
+        self.warnings.push(w.clone());
+        if self.syntax_error.is_none() {
+            self.syntax_error = Some(w);
+        }
     }
 
     fn parse_part(origin: &str, text: &str) -> Document {
@@ -292,13 +313,7 @@ impl Document {
                 Ok(Value::Null) => {}
                 Ok(value) => doc.add(at, value),
                 Err(e) => {
-                    let w = ConfigWarning {
-                        object: origin.to_owned(),
-                        kind: "parse_error",
-                        message: e.to_string(),
-                    };
-                    doc.warnings.push(w.clone());
-                    doc.syntax_error = Some(w);
+                    doc.syntax(origin, e.to_string());
                     // The YAML parser cannot find the next document after
                     // a syntax error: the rest of this text is lost.
                     break;

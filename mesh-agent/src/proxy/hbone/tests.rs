@@ -248,7 +248,11 @@ impl Client {
 
 /// A tunnel carries bytes both ways.
 async fn echoes(tunnel: &mut Tunnel, text: &[u8]) {
-    let io = tunnel.io_mut();
+    echoes_on(tunnel.io_mut(), text).await;
+}
+
+/// [`echoes`], on a CONNECT stream opened without the pool.
+async fn echoes_on(io: &mut hyper::upgrade::Upgraded, text: &[u8]) {
     let mut io = TokioIo::new(io);
     io.write_all(text).await.unwrap();
     let mut back = vec![0u8; text.len()];
@@ -432,15 +436,8 @@ async fn the_server_takes_no_new_stream_once_the_peers_certificate_expires() {
         let cert = short_lived(&certs, &Identity::new(TD, "shop", "client"), 3);
         let config = certs.client_config_with(&cert, &server_id).unwrap();
         let sender = raw_connection(ip, config).await;
-        let echo = |up: hyper::upgrade::Upgraded, text: &'static [u8]| async move {
-            let mut io = TokioIo::new(up);
-            io.write_all(text).await.unwrap();
-            let mut back = vec![0u8; text.len()];
-            io.read_exact(&mut back).await.unwrap();
-            assert_eq!(back, text);
-            io.into_inner()
-        };
-        let held = echo(open_raw(sender.clone(), ip).await.unwrap(), b"before").await;
+        let mut held = open_raw(sender.clone(), ip).await.unwrap();
+        echoes_on(&mut held, b"before").await;
 
         sleep_past(cert.not_after).await;
         let refused = open_raw(sender, ip).await;
@@ -448,7 +445,7 @@ async fn the_server_takes_no_new_stream_once_the_peers_certificate_expires() {
             refused.is_err(),
             "a stream opened on a connection whose peer's certificate expired"
         );
-        echo(held, b"after").await;
+        echoes_on(&mut held, b"after").await;
     })
     .await
 }
