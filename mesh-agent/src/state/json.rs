@@ -9,11 +9,8 @@ use serde_yaml::Value;
 use super::{
     Document,
     pod_parse::Probe,
-    yaml::{At, on_threads},
+    yaml::{At, on_threads, parallel_parts},
 };
-
-/// A text at least this long is parsed in parts, in parallel.
-const PARALLEL_FROM: usize = 1 << 20;
 
 /// What surrounds a List's items, read on its own.
 #[derive(Deserialize)]
@@ -174,8 +171,7 @@ impl Document {
     /// a syntax error naming its line and column; a bad object is a
     /// warning naming it, and the others are used.
     pub fn parse_json(origin: &str, text: &str) -> Document {
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
-        Document::parse_json_in_parts(origin, text, threads.min(text.len() / PARALLEL_FROM))
+        Document::parse_json_in_parts(origin, text, parallel_parts(text.len()))
     }
 
     /// [`Document::parse_json`] with `parts` parts at most.

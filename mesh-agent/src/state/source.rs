@@ -7,7 +7,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs, io,
-    os::unix::fs::MetadataExt as _,
+    os::unix::fs::{FileExt as _, MetadataExt as _},
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant, SystemTime},
@@ -17,7 +17,7 @@ use futures::future::BoxFuture;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::{ConfigWarning, Document, ObjectKey, Store, StoreOptions};
+use super::{ConfigWarning, Document, ObjectKey, Store, StoreOptions, yaml::parallel_parts};
 
 /// A source of Kubernetes objects.
 pub trait Source: Send + 'static {
@@ -286,7 +286,7 @@ impl LocalFiles {
     /// Reads and parses `path` if it did not change while read; `None`
     /// when a later scan should read it.
     fn read(path: &Path, stamp: Stamp) -> Option<Result<Document, ConfigWarning>> {
-        let text = fs::read_to_string(path);
+        let text = read_text(path);
         if Stamp::of(path) != Some(stamp) {
             return None;
         }
@@ -395,9 +395,11 @@ impl LocalFiles {
                     diff.added.push(key.clone());
                 }
             }
-            let now: BTreeSet<&ObjectKey> = doc.keys().collect();
-            diff.removed
-                .extend(before.difference(&now).map(|k| (*k).clone()));
+            if !before.is_empty() {
+                let now: BTreeSet<&ObjectKey> = doc.keys().collect();
+                diff.removed
+                    .extend(before.difference(&now).map(|k| (*k).clone()));
+            }
             file.good = Some(doc);
         }
         self.changing.retain(|p, _| seen.contains(p));
@@ -414,14 +416,20 @@ impl LocalFiles {
             }
         }
         // An object moved from one file to another is changed, not gone.
-        let added: BTreeSet<&ObjectKey> = diff.added.iter().collect();
-        let (moved, removed): (Vec<ObjectKey>, Vec<ObjectKey>) = std::mem::take(&mut diff.removed)
-            .into_iter()
-            .partition(|k| added.contains(k));
-        diff.removed = removed;
-        diff.changed.extend(moved);
-        let changed: BTreeSet<ObjectKey> = diff.changed.iter().cloned().collect();
-        diff.added.retain(|k| !changed.contains(k));
+        // (Nothing to look up in a first read: then all is added.)
+        if !diff.removed.is_empty() {
+            let added: BTreeSet<&ObjectKey> = diff.added.iter().collect();
+            let (moved, removed): (Vec<ObjectKey>, Vec<ObjectKey>) =
+                std::mem::take(&mut diff.removed)
+                    .into_iter()
+                    .partition(|k| added.contains(k));
+            diff.removed = removed;
+            diff.changed.extend(moved);
+        }
+        if !diff.changed.is_empty() {
+            let changed: BTreeSet<ObjectKey> = diff.changed.iter().cloned().collect();
+            diff.added.retain(|k| !changed.contains(k));
+        }
         Ok((diff.files > 0).then_some(diff))
     }
 
@@ -482,10 +490,13 @@ impl Source for LocalFiles {
             // The first snapshot, built from the files read at first sight
             // while they settle: handed out if they are taken as read.
             let mut early: Option<(Versions, Store)> = None;
+            // The first snapshot was just built, after the files were due:
+            // they are taken at once.
+            let mut built_late = false;
             loop {
                 if self.changing.is_empty() {
                     ticks.tick().await;
-                } else {
+                } else if !std::mem::take(&mut built_late) {
                     // A file is settling: look again when it may have,
                     // rather than a whole interval later, and no later
                     // than the moment the first one is due (a file read
@@ -512,6 +523,10 @@ impl Source for LocalFiles {
                             && let Some((versions, docs)) = self.early()
                         {
                             early = Some((versions, out.build(docs)));
+                            built_late = self
+                                .changing
+                                .values()
+                                .all(|c| c.since.elapsed() >= self.settle);
                         }
                         // A file still being written is read by a later
                         // scan; one that cannot be read or parsed is worth
@@ -563,6 +578,49 @@ impl Source for LocalFiles {
             }
         })
     }
+}
+
+/// The whole of a file as UTF-8 text. A long file is read in parts, each
+/// on a thread of its own, so that its copy into fresh memory (page faults
+/// and zeroing are most of a long file's read) is spread over the cores,
+/// as its parse is. A file that changes meanwhile reads as anything; the
+/// caller compares its stamp before and after.
+fn read_text(path: &Path) -> io::Result<String> {
+    let len = fs::metadata(path)?.len();
+    let parts = usize::try_from(len).map_or(1, parallel_parts);
+    read_text_in_parts(path, parts)
+}
+
+/// [`read_text`] in `parts` parts.
+pub(super) fn read_text_in_parts(path: &Path, parts: usize) -> io::Result<String> {
+    let file = fs::File::open(path)?;
+    let len = usize::try_from(file.metadata()?.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::FileTooLarge, "larger than memory"))?;
+    if parts <= 1 || len == 0 {
+        return io::read_to_string(file);
+    }
+    let mut bytes = vec![0u8; len];
+    let chunk = len.div_ceil(parts);
+    std::thread::scope(|scope| {
+        let reads: Vec<_> = bytes
+            .chunks_mut(chunk)
+            .zip((0..).step_by(chunk))
+            .map(|(part, at)| {
+                let file = &file;
+                scope.spawn(move || file.read_exact_at(part, at as u64))
+            })
+            .collect();
+        reads.into_iter().try_for_each(|read| {
+            read.join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    })?;
+    String::from_utf8(bytes).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            "stream did not contain valid UTF-8",
+        )
+    })
 }
 
 /// A `*.json` file is JSON; any other file is YAML (as a single file given

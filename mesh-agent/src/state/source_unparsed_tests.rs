@@ -308,3 +308,56 @@ async fn a_file_changed_while_it_settles_is_published_as_changed() {
     task.abort();
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A long file is read in parts, one per core: the parts join up to the
+/// file exactly, wherever a cut falls (here inside characters of two,
+/// three and four bytes), and bytes that are not UTF-8 in any part refuse
+/// the whole file, as a file read in one piece is refused.
+#[test]
+fn a_file_read_in_parts_is_the_file_exactly() {
+    let dir = temp_dir("parts");
+    let path = dir.join("long.yaml");
+    let text: String = (0..5_000).map(|i| format!("# {i} é € 😀\n")).collect();
+    std::fs::write(&path, &text).unwrap();
+    for parts in [1, 2, 3, 7, 64] {
+        let read = source::read_text_in_parts(&path, parts).unwrap();
+        assert!(read == text, "{parts} parts");
+    }
+    let mut bytes = text.into_bytes();
+    let last = bytes.len() - 3;
+    bytes[last] = 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    for parts in [1, 3] {
+        let e = source::read_text_in_parts(&path, parts).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData, "{parts} parts");
+    }
+    std::fs::write(&path, "").unwrap();
+    assert_eq!(source::read_text_in_parts(&path, 3).unwrap(), "");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A configuration long enough to be read and parsed in parts (more than
+/// 1 MiB for each core) loads every object, from YAML and from JSON.
+#[test]
+fn a_long_configuration_loads_whole() {
+    let dir = temp_dir("long");
+    let n = 2_000 * yaml::parallel_parts(usize::MAX).max(2);
+    let mut text = String::from(POD);
+    for i in 0..n {
+        text.push_str(&format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: p{i}\n  namespace: shop\n  annotations:\n    note: {}\nstatus:\n  podIP: 10.5.{}.{}\n",
+            "x".repeat(600),
+            i / 250,
+            i % 250 + 1
+        ));
+    }
+    assert!(text.len() > (1 << 20) * yaml::parallel_parts(usize::MAX));
+    std::fs::write(dir.join("pods.yaml"), &text).unwrap();
+    let mut src = LocalFiles::new(dir.clone(), Duration::from_secs(1)).with_settle(Duration::ZERO);
+    let diff = src.scan().unwrap().expect("first scan reads everything");
+    assert_eq!(diff.added.len(), n + 2, "the namespace, web and every pod");
+    let store = Store::from_documents(src.documents(), &opts());
+    assert_eq!(store.workloads.len(), n + 1);
+    assert!(store.warnings.is_empty(), "{:?}", store.warnings);
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -173,8 +173,15 @@ pub struct Document {
     pub(super) syntax_error: Option<ConfigWarning>,
 }
 
-/// A text at least this long is parsed in parts, in parallel.
+/// A text at least this long is read and parsed in parts, in parallel.
 const PARALLEL_FROM: usize = 1 << 20;
+
+/// In how many parts a text of `len` bytes is read and parsed: one per
+/// core (at most 8), and none shorter than [`PARALLEL_FROM`].
+pub(super) fn parallel_parts(len: usize) -> usize {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+    threads.min(len / PARALLEL_FROM).max(1)
+}
 
 /// Where `text` may be cut into `parts` texts of whole documents: at
 /// lines that are a `---` marker (which no scalar or collection can hold
@@ -230,8 +237,7 @@ impl Document {
     /// whole text is parsed again in one piece, so that every message
     /// names its line in the text.
     pub fn parse_text(origin: &str, text: &str) -> Document {
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
-        Document::parse_in_parts(origin, text, threads.min(text.len() / PARALLEL_FROM))
+        Document::parse_in_parts(origin, text, parallel_parts(text.len()))
     }
 
     /// [`Document::parse_text`] with `parts` parts at most.

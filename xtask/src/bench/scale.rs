@@ -189,7 +189,7 @@ fn workloads(results: &mut Results, reps: usize, quick: bool) -> anyhow::Result<
             };
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             std::thread::sleep(CONFIG_AGE);
-            // Ready (`/healthz/ready` answers 200, polled every 50 ms) once
+            // Ready (`/healthz/ready` answers 200, polled every 10 ms) once
             // the first snapshot of the whole configuration is in.
             let started = Instant::now();
             tb.start_agent(0, &args)?;
