@@ -19,7 +19,7 @@ use std::{
 use anyhow::{Context as _, ensure};
 use mesh_tests::{Pod, Testbed, Value};
 
-use paths::Path;
+pub use paths::Path;
 pub use report::Results;
 
 #[derive(clap::Args)]
