@@ -50,7 +50,7 @@ pub fn run(opts: &Options) -> Result<()> {
             ])
             .current_dir(&root),
     )?;
-    let built = bench_target(&root).join("release/mesh-agent");
+    let built = bench::target_dir(&root).join("release/mesh-agent");
     let mnt = Mount::new(&scratch)?;
     let agent = mnt.dir.join("mesh-agent");
     fs::copy(&built, &agent).with_context(|| format!("copying {}", built.display()))?;
@@ -97,13 +97,6 @@ pub fn run(opts: &Options) -> Result<()> {
     fs::write(&out, order.join("\n") + "\n")?;
     println!("{} functions listed in {}", order.len(), out.display());
     Ok(())
-}
-
-fn bench_target(root: &Path) -> PathBuf {
-    match std::env::var_os("CARGO_TARGET_DIR") {
-        Some(dir) if !dir.is_empty() => root.join(dir),
-        _ => root.join("target"),
-    }
 }
 
 /// An ext4 image on a loop device with read-ahead off, mounted under the

@@ -176,7 +176,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
 
 /// Where cargo builds: `CARGO_TARGET_DIR` when set (a relative one from
 /// the workspace root, where the build runs), else `target/` there.
-fn target_dir(root: &FsPath) -> PathBuf {
+pub fn target_dir(root: &FsPath) -> PathBuf {
     match std::env::var_os("CARGO_TARGET_DIR") {
         Some(dir) if !dir.is_empty() => root.join(dir),
         _ => root.join("target"),

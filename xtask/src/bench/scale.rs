@@ -188,6 +188,15 @@ fn workloads(results: &mut Results, reps: usize, quick: bool) -> anyhow::Result<
                 }
             };
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            // On disk before the agent starts, as a configuration that
+            // outlived the agent before is: else the kernel writes the
+            // hundreds of MB written here back to disk some 30 s later,
+            // on a core some later start is measured on.
+            let written = match format {
+                Format::Yaml => tb.config_path(),
+                Format::Json => json_path.clone(),
+            };
+            std::fs::File::open(&written)?.sync_all()?;
             std::thread::sleep(CONFIG_AGE);
             // Ready (`/healthz/ready` answers 200, polled every 10 ms) once
             // the first snapshot of the whole configuration is in.
