@@ -586,16 +586,18 @@ impl Source for LocalFiles {
 /// as its parse is. A file that changes meanwhile reads as anything; the
 /// caller compares its stamp before and after.
 fn read_text(path: &Path) -> io::Result<String> {
-    let len = fs::metadata(path)?.len();
-    let parts = usize::try_from(len).map_or(1, parallel_parts);
-    read_text_in_parts(path, parts)
+    read_text_in_parts(path, parallel_parts)
 }
 
-/// [`read_text`] in `parts` parts.
-pub(super) fn read_text_in_parts(path: &Path, parts: usize) -> io::Result<String> {
+/// [`read_text`] in as many parts as `parts` says for the file's length.
+pub(super) fn read_text_in_parts(
+    path: &Path,
+    parts: impl FnOnce(usize) -> usize,
+) -> io::Result<String> {
     let file = fs::File::open(path)?;
     let len = usize::try_from(file.metadata()?.len())
         .map_err(|_| io::Error::new(io::ErrorKind::FileTooLarge, "larger than memory"))?;
+    let parts = parts(len);
     if parts <= 1 || len == 0 {
         return io::read_to_string(file);
     }

@@ -320,7 +320,7 @@ fn a_file_read_in_parts_is_the_file_exactly() {
     let text: String = (0..5_000).map(|i| format!("# {i} é € 😀\n")).collect();
     std::fs::write(&path, &text).unwrap();
     for parts in [1, 2, 3, 7, 64] {
-        let read = source::read_text_in_parts(&path, parts).unwrap();
+        let read = source::read_text_in_parts(&path, |_| parts).unwrap();
         assert!(read == text, "{parts} parts");
     }
     let mut bytes = text.into_bytes();
@@ -328,11 +328,11 @@ fn a_file_read_in_parts_is_the_file_exactly() {
     bytes[last] = 0xff;
     std::fs::write(&path, &bytes).unwrap();
     for parts in [1, 3] {
-        let e = source::read_text_in_parts(&path, parts).unwrap_err();
+        let e = source::read_text_in_parts(&path, |_| parts).unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::InvalidData, "{parts} parts");
     }
     std::fs::write(&path, "").unwrap();
-    assert_eq!(source::read_text_in_parts(&path, 3).unwrap(), "");
+    assert_eq!(source::read_text_in_parts(&path, |_| 3).unwrap(), "");
     let _ = std::fs::remove_dir_all(dir);
 }
 

@@ -173,18 +173,18 @@ fn workloads(results: &mut Results, reps: usize, quick: bool) -> anyhow::Result<
             .iter()
             .flat_map(|n| [(n, Format::Yaml), (n, Format::Json)])
         {
-            let args = match format {
+            let (args, written) = match format {
                 Format::Yaml => {
                     let mut docs = vec![namespace.clone()];
                     docs.extend(pods[..n].iter().cloned());
                     tb.write_config(&docs)?;
-                    &yaml_args
+                    (&yaml_args, tb.config_path())
                 }
                 Format::Json => {
                     let items: Vec<&String> =
                         namespace_json.iter().chain(&pods_json[..n]).collect();
                     write_json_list(&json_path, &items)?;
-                    &json_args
+                    (&json_args, json_path.clone())
                 }
             };
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -192,10 +192,6 @@ fn workloads(results: &mut Results, reps: usize, quick: bool) -> anyhow::Result<
             // outlived the agent before is: else the kernel writes the
             // hundreds of MB written here back to disk some 30 s later,
             // on a core some later start is measured on.
-            let written = match format {
-                Format::Yaml => tb.config_path(),
-                Format::Json => json_path.clone(),
-            };
             std::fs::File::open(&written)?.sync_all()?;
             std::thread::sleep(CONFIG_AGE);
             // Ready (`/healthz/ready` answers 200, polled every 10 ms) once
