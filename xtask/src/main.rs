@@ -74,7 +74,38 @@ enum Command {
     Soak(soak::Options),
 }
 
+/// Removes what `cargo run` told this process about its own package
+/// (`CARGO_MANIFEST_DIR`, `CARGO_PKG_*`, ...), so that the cargo commands
+/// xtask runs see the environment a developer's own `cargo build` sees.
+/// Build scripts (ring's, among others) ask to rerun when such a variable
+/// changes: inherited, they rebuilt ring, rustls, kube and the agent on
+/// every `cargo xtask bench` after a plain `cargo build`, and back again.
+fn forget_cargo_run_env() {
+    let own: Vec<std::ffi::OsString> = std::env::vars_os()
+        .map(|(name, _)| name)
+        .filter(|name| {
+            name.to_str().is_some_and(|name| {
+                name.starts_with("CARGO_PKG_")
+                    || matches!(
+                        name,
+                        "CARGO_MANIFEST_DIR"
+                            | "CARGO_MANIFEST_PATH"
+                            | "CARGO_MANIFEST_LINKS"
+                            | "CARGO_CRATE_NAME"
+                            | "CARGO_BIN_NAME"
+                            | "CARGO_PRIMARY_PACKAGE"
+                    )
+            })
+        })
+        .collect();
+    for name in own {
+        // SAFETY: the first thing main does, before any other thread runs.
+        unsafe { std::env::remove_var(name) };
+    }
+}
+
 fn main() -> ExitCode {
+    forget_cargo_run_env();
     let result = match Cli::parse().command {
         Command::Setup(options) => setup::run(&options),
         Command::BuildEbpf(options) => build_ebpf::run(&options),
