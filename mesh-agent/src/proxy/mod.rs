@@ -39,6 +39,7 @@ pub mod hbone;
 mod inbound;
 mod lb;
 mod outbound;
+mod relay;
 mod same_node;
 pub(crate) use outbound::resolve;
 
@@ -47,8 +48,6 @@ pub use hbone::{Caller, Pool, Tunnel};
 pub use lb::Balancer;
 pub use same_node::LocalPods;
 
-/// Copy buffer per direction: large enough for bulk transfers in few syscalls.
-const COPY_BUF: usize = 64 * 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a captured connection waits for the configuration's first
 /// complete read before it is refused.
@@ -374,7 +373,7 @@ where
     B: AsyncRead + AsyncWrite + Unpin,
 {
     let end = tokio::select! {
-        r = tokio::io::copy_bidirectional_with_sizes(client, server, COPY_BUF, COPY_BUF) => {
+        r = relay::relay(client, server) => {
             SpliceEnd::Done(r.map(|_| ()))
         }
         () = revoked => SpliceEnd::Revoked,

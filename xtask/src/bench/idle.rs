@@ -18,6 +18,17 @@ use super::{Placement, Results, paths::Path, paths::wait_for, status_kib};
 /// its 5 s period of giving freed memory back.
 pub const SETTLE: Duration = Duration::from_secs(6);
 
+/// Keep-alive connections held open in the last step, from one enrolled
+/// pod to another: each crosses the agent twice (the client's outbound
+/// capture, the server's inbound), with mutual TLS between the two over
+/// the agent's own HBONE.
+pub const CONNECTIONS: usize = 500;
+/// One request per connection every 2 s, as an idle pool's health or
+/// keep-alive traffic would go.
+const CONNECTIONS_RATE: f64 = CONNECTIONS as f64 / 2.0;
+/// How long they are held; the RSS is read after [`SETTLE`] of it.
+const CONNECTIONS_SECONDS: f64 = 10.0;
+
 /// A Pod of another node (in the store, never enrolled here), shaped like a
 /// Deployment's pod as the API server sends it to a watch: owner, managed
 /// fields, one container with env, probes, resources and the projected
@@ -197,6 +208,8 @@ pub fn measure(
     let enrolled: Vec<Pod> = (0..pods)
         .map(|i| tb.add_pod(0, &format!("app{i}")))
         .collect::<anyhow::Result<_>>()?;
+    anyhow::ensure!(pods >= 2, "the idle placement needs at least 2 pods");
+    super::paths::start_servers(&mut tb, &enrolled[1])?;
     // Each pod its own ServiceAccount, so its own certificate: the
     // conservative case.
     let pod_docs: Vec<String> = enrolled
@@ -249,6 +262,31 @@ pub fn measure(
         .context("loading the workloads")?;
         let with_workloads = rss(&tb)?;
 
+        // The connections, with the resident set read while they are open.
+        let server = &enrolled[1];
+        let target = std::net::SocketAddr::new(server.ip4, super::paths::HTTP_PORT);
+        let (with_connections, load) = std::thread::scope(|s| {
+            let load = s.spawn(|| {
+                super::load(
+                    &tb,
+                    &enrolled[0],
+                    target,
+                    CONNECTIONS,
+                    CONNECTIONS_RATE,
+                    CONNECTIONS_SECONDS,
+                    false,
+                )
+            });
+            let rss = rss(&tb);
+            let load = load.join().expect("load thread");
+            (rss, load)
+        });
+        let (with_connections, load) = (with_connections?, load?);
+        anyhow::ensure!(
+            load["errors"].as_u64() == Some(0),
+            "requests failed on the idle connections: {load}"
+        );
+
         record(results, "idle_rss_mib", empty / 1024.0);
         record(results, "idle_rss_pods_mib", with_pods / 1024.0);
         record(
@@ -265,6 +303,16 @@ pub fn measure(
             results,
             "rss_per_workload_kib",
             (with_workloads - with_pods) / workloads as f64,
+        );
+        record(
+            results,
+            "idle_rss_connections_mib",
+            with_connections / 1024.0,
+        );
+        record(
+            results,
+            "rss_per_connection_kib",
+            (with_connections - with_workloads) / CONNECTIONS as f64,
         );
         // The next repetition starts from nothing: no agent, no saved pods.
         stop_and_uninstall(&mut tb)?;

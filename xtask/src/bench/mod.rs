@@ -384,7 +384,7 @@ fn iperf(
 }
 
 /// The load generator in the client pod (`mesh-load load`).
-fn load(
+pub(super) fn load(
     tb: &Testbed,
     client: &Pod,
     target: std::net::SocketAddr,

@@ -65,6 +65,11 @@ const IDLE_METRICS: &[(&str, &str)] = &[
     ),
     ("rss_per_pod_kib", "per enrolled pod (KiB)"),
     ("rss_per_workload_kib", "per stored workload (KiB)"),
+    (
+        "idle_rss_connections_mib",
+        "RSS, and {connections} open keep-alive connections (MiB)",
+    ),
+    ("rss_per_connection_kib", "per open connection (KiB)"),
 ];
 
 /// The scale table's metrics, in report order, with their labels.
@@ -270,7 +275,8 @@ impl Results {
             .filter_map(|(metric, label)| {
                 let label = label
                     .replace("{pods}", &self.idle_pods.to_string())
-                    .replace("{workloads}", &self.idle_workloads.to_string());
+                    .replace("{workloads}", &self.idle_workloads.to_string())
+                    .replace("{connections}", &super::idle::CONNECTIONS.to_string());
                 Some((label, self.summary("idle", "mesh-ebpf", metric)?))
             })
             .collect();
