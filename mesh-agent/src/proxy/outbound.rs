@@ -551,9 +551,8 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
         }
         Upstream::Hbone(tunnel) => {
             let mut client = rec.counted(client);
-            let (io, _active) = tunnel.into_parts();
-            let mut s = hyper_util::rt::TokioIo::new(io);
-            let end = splice(&mut client, &mut s, std::future::pending()).await;
+            let (mut io, _active) = tunnel.into_parts();
+            let end = splice(&mut client, &mut io, std::future::pending()).await;
             finish(rec, &client, end, &pod);
         }
         // Both records count the bytes; the destination's policy may

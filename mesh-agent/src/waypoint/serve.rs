@@ -13,12 +13,11 @@ use std::{
     time::Duration,
 };
 
-use http_body_util::{Empty, Full};
+use http_body_util::Full;
 use hyper::{
     Method, Request, Response, StatusCode,
     body::{Bytes, Incoming},
     service::service_fn,
-    upgrade::Upgraded,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use prometheus_client::registry::Registry;
@@ -67,29 +66,26 @@ pub async fn connection(ctx: Arc<Ctx>, stream: TcpStream, peer: SocketAddr) {
         addr: peer,
         identity: Some(peer_id),
     };
-    hbone::serve_connects(tls, move |req| {
-        let (ctx, client) = (ctx.clone(), client.clone());
-        async move { connect(ctx, client, req) }
-    })
-    .await;
+    hbone::serve_connects(tls, move |req| connect(ctx.clone(), client.clone(), req)).await;
 }
 
 /// One CONNECT: 405 when it is not one, 400 for an authority that is not
 /// `ip:port` or not bound to this waypoint, 503 while the waypoint has no
 /// Gateway; else 200 and the tunnel is served.
-fn connect(ctx: Arc<Ctx>, client: Client, mut req: Request<Incoming>) -> Response<Empty<Bytes>> {
+async fn connect(ctx: Arc<Ctx>, client: Client, req: hbone::Connect) {
     let m = &ctx.metrics;
-    if req.method() != Method::CONNECT {
+    if req.head.method != Method::CONNECT {
         m.connection("waypoint", "not_connect");
-        return hbone::answer(StatusCode::METHOD_NOT_ALLOWED);
+        return req.refuse(StatusCode::METHOD_NOT_ALLOWED);
     }
     let Some(dst) = req
-        .uri()
+        .head
+        .uri
         .authority()
         .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
     else {
         m.connection("waypoint", "bad_authority");
-        return hbone::answer(StatusCode::BAD_REQUEST);
+        return req.refuse(StatusCode::BAD_REQUEST);
     };
     let store = ctx.store();
     let Some(wp) = ctx.waypoint(&store) else {
@@ -97,27 +93,23 @@ fn connect(ctx: Arc<Ctx>, client: Client, mut req: Request<Incoming>) -> Respons
         warn!(
             "this pod's Gateway (label gateway.networking.k8s.io/gateway-name) is not a waypoint in the configuration"
         );
-        return hbone::answer(StatusCode::SERVICE_UNAVAILABLE);
+        return req.refuse(StatusCode::SERVICE_UNAVAILABLE);
     };
     let Some(target) = store.waypoint_target(&wp.namespace, &wp.name, dst) else {
         m.connection("waypoint", "not_bound");
         debug!(%dst, waypoint = %wp.key(), "CONNECT to a destination not bound to this waypoint");
-        return hbone::answer(StatusCode::BAD_REQUEST);
+        return req.refuse(StatusCode::BAD_REQUEST);
     };
     m.connection("waypoint", "accepted");
-    let on_upgrade = hyper::upgrade::on(&mut req);
+    let io = match req.open(hbone::answer(StatusCode::OK)) {
+        Ok(io) => io,
+        Err(e) => return debug!(error = %e, "the HBONE peer left before its answer"),
+    };
     let peer = client.identity.as_ref().map(ToString::to_string);
     let span = info_span!("tunnel", %dst, peer = peer.as_deref().unwrap_or("-"));
-    tokio::spawn(
-        async move {
-            match on_upgrade.await {
-                Ok(io) => tunnel(ctx, client, wp, target, dst, io).await,
-                Err(e) => debug!(error = %e, "upgrade failed"),
-            }
-        }
-        .instrument(span),
-    );
-    hbone::answer(StatusCode::OK)
+    tunnel(ctx, client, wp, target, dst, io)
+        .instrument(span)
+        .await;
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -174,9 +166,8 @@ async fn tunnel(
     wp: Arc<Waypoint>,
     target: WaypointTarget,
     dst: SocketAddr,
-    io: Upgraded,
+    mut io: hbone::H2Stream,
 ) {
-    let mut io = TokioIo::new(io);
     let mut seen = Vec::new();
     let protocol = match declared(&target) {
         Protocol::Unknown => {
@@ -263,7 +254,7 @@ async fn tcp(
     wp: Arc<Waypoint>,
     target: WaypointTarget,
     dst: SocketAddr,
-    io: Prefixed<TokioIo<Upgraded>>,
+    io: Prefixed<hbone::H2Stream>,
 ) {
     let store = ctx.store();
     let service = match &target {

@@ -179,7 +179,7 @@ async fn open(ctx: &Ctx, addr: SocketAddr) -> io::Result<Upstream> {
                 )
                 .await
                 .map_err(io::Error::other)?;
-            Ok(Upstream::Hbone(Box::new(tunnel)))
+            Ok(Upstream::Hbone(Box::new(TokioIo::new(tunnel))))
         }
         // Not in the mesh (or not known): the waypoint is its client, as a
         // sidecar-less client would be.
@@ -191,7 +191,7 @@ async fn open(ctx: &Ctx, addr: SocketAddr) -> io::Result<Upstream> {
 
 /// A transport to one endpoint.
 pub enum Upstream {
-    Hbone(Box<Tunnel>),
+    Hbone(Box<TokioIo<Tunnel>>),
     Plain(TokioIo<tokio::net::TcpStream>),
     /// TLS originated to an endpoint outside the mesh.
     Tls(Box<TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>>),
@@ -222,7 +222,7 @@ impl rt::Read for Upstream {
         buf: rt::ReadBufCursor<'_>,
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Upstream::Hbone(t) => Pin::new(t.io_mut()).poll_read(cx, buf),
+            Upstream::Hbone(t) => Pin::new(t.as_mut()).poll_read(cx, buf),
             Upstream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Upstream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
@@ -236,7 +236,7 @@ impl rt::Write for Upstream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            Upstream::Hbone(t) => Pin::new(t.io_mut()).poll_write(cx, buf),
+            Upstream::Hbone(t) => Pin::new(t.as_mut()).poll_write(cx, buf),
             Upstream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Upstream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
@@ -244,7 +244,7 @@ impl rt::Write for Upstream {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Upstream::Hbone(t) => Pin::new(t.io_mut()).poll_flush(cx),
+            Upstream::Hbone(t) => Pin::new(t.as_mut()).poll_flush(cx),
             Upstream::Plain(s) => Pin::new(s).poll_flush(cx),
             Upstream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
@@ -252,7 +252,7 @@ impl rt::Write for Upstream {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Upstream::Hbone(t) => Pin::new(t.io_mut()).poll_shutdown(cx),
+            Upstream::Hbone(t) => Pin::new(t.as_mut()).poll_shutdown(cx),
             Upstream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Upstream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }

@@ -6,22 +6,25 @@ use std::{
     future::Future as _,
     io,
     net::SocketAddr,
+    pin::Pin,
     sync::{
         Arc, Mutex, OnceLock,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
+    task::{Context, Poll},
     time::Duration,
 };
 
-use http_body_util::Empty;
-use hyper::{Method, Request, StatusCode, body::Bytes, upgrade::Upgraded};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use bytes::Bytes;
+use hyper::{Method, Request, StatusCode};
 use mesh_common::PORT_HBONE;
 use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tracing::{Instrument as _, debug};
 
 use super::{
-    Buffered, CLIENT_MAX_STREAMS, CONN_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, STREAM_WINDOW, Timers,
+    Buffered, CLIENT_MAX_STREAMS, CONN_WINDOW, H2Stream, HANDSHAKE_TIMEOUT, MAX_FRAME,
+    STREAM_WINDOW, Timers, keepalive,
 };
 use crate::proxy::{Dialer, connect_from};
 use crate::sync::LockExt as _;
@@ -31,7 +34,19 @@ use crate::{
     state::Workload,
 };
 
-type Sender = hyper::client::conn::http2::SendRequest<Empty<Bytes>>;
+/// A pooled connection's handle: it opens streams, and says whether the
+/// connection's task has ended.
+#[derive(Clone)]
+struct Sender {
+    h2: h2::client::SendRequest<Bytes>,
+    closed: Arc<AtomicBool>,
+}
+
+impl Sender {
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
+    }
+}
 
 struct Pooled {
     sender: Sender,
@@ -75,19 +90,43 @@ fn forget_idle_expired(peer: &mut Vec<Pooled>) {
 /// A tunnelled connection: the CONNECT stream, and its count on the
 /// pooled connection that carries it (released when this is dropped).
 pub struct Tunnel {
-    io: Upgraded,
+    io: H2Stream,
     active: ActiveStream,
 }
 
 impl Tunnel {
-    /// The stream, for a user that keeps the tunnel (and its count) whole.
-    pub fn io_mut(&mut self) -> &mut Upgraded {
-        &mut self.io
+    /// The stream, and the count to keep until the stream is done with.
+    pub fn into_parts(self) -> (H2Stream, ActiveStream) {
+        (self.io, self.active)
+    }
+}
+
+/// The tunnel read and written as its stream.
+impl AsyncRead for Tunnel {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Tunnel {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
     }
 
-    /// The stream, and the count to keep until the stream is done with.
-    pub fn into_parts(self) -> (Upgraded, ActiveStream) {
-        (self.io, self.active)
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 
@@ -138,10 +177,7 @@ pub enum HboneError {
     #[error("no certificate for {id}: {source}")]
     Identity { id: Identity, source: IdentityError },
     #[error("HTTP/2 with {addr}: {source}")]
-    Http {
-        addr: SocketAddr,
-        source: hyper::Error,
-    },
+    Http { addr: SocketAddr, source: h2::Error },
     #[error("{addr} answered {status} to CONNECT {authority}")]
     Status {
         addr: SocketAddr,
@@ -308,36 +344,50 @@ impl Pool {
         if let Some(t) = peer_valid_until(tls.get_ref().1) {
             until = until.min(instant_of(t));
         }
-        let (sender, mut conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
+        let (h2, mut conn) = h2::client::Builder::new()
+            .enable_push(false)
             // Until the peer's SETTINGS say otherwise.
             .initial_max_send_streams(CLIENT_MAX_STREAMS)
-            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONN_WINDOW)
             .max_frame_size(MAX_FRAME)
-            .keep_alive_interval(self.timers.keepalive_interval)
-            .keep_alive_timeout(self.timers.keepalive_timeout)
-            // A pooled connection is idle between calls, which is when a
-            // peer that vanished must be found (hyper pings only while
-            // streams are open unless told).
-            .keep_alive_while_idle(true)
-            .handshake(TokioIo::new(tls))
+            .handshake::<_, Bytes>(tls)
             .await
             .map_err(|source| HboneError::Http { addr, source })?;
-        let peer_max = Arc::new(AtomicUsize::new(conn.current_max_send_streams()));
+        let peer_max = Arc::new(AtomicUsize::new(conn.max_concurrent_send_streams()));
+        let closed = Arc::new(AtomicBool::new(false));
+        let sender = Sender {
+            h2,
+            closed: closed.clone(),
+        };
+        // Pings find a peer that vanished, on an idle pooled connection
+        // too (that is when it must be found): one unanswered in time
+        // closes the connection.
+        let pings = conn
+            .ping_pong()
+            .expect("a new connection's pings are not taken yet");
+        let alive = keepalive(
+            pings,
+            self.timers.keepalive_interval,
+            self.timers.keepalive_timeout,
+        );
         let seen = peer_max.clone();
         // The connection task notes the peer's stream limit each time it
         // runs (a SETTINGS frame may change it at any time).
         let conn = std::future::poll_fn(move |cx| {
             let polled = std::pin::Pin::new(&mut conn).poll(cx);
-            seen.store(conn.current_max_send_streams(), Ordering::Relaxed);
+            seen.store(conn.max_concurrent_send_streams(), Ordering::Relaxed);
             polled
         });
         tokio::spawn(
             async move {
-                if let Err(e) = conn.await {
-                    debug!(error = %e, "HBONE connection ended");
+                tokio::select! {
+                    r = conn => if let Err(e) = r {
+                        debug!(error = %e, "HBONE connection ended");
+                    },
+                    () = alive => debug!("HBONE peer did not answer a ping in time: connection closed"),
                 }
+                closed.store(true, Ordering::Relaxed);
             }
             .in_current_span(),
         );
@@ -396,7 +446,7 @@ async fn request(
     target: SocketAddr,
     caller: &Caller<'_>,
     timeout: Duration,
-) -> Result<Upgraded, HboneError> {
+) -> Result<H2Stream, HboneError> {
     let addr = key.addr;
     let wl = caller.workload;
     // A fresh trace per tunnel, on both ends' log spans (the outbound
@@ -409,8 +459,8 @@ async fn request(
         .header("forwarded", forwarded(caller))
         .header("baggage", super::headers::baggage(caller.cluster, wl))
         .header("traceparent", &trace)
-        .body(Empty::new())?;
-    let upgraded = tokio::time::timeout(timeout, send(sender, req, addr, target))
+        .body(())?;
+    let stream = tokio::time::timeout(timeout, send(sender, req, addr, target))
         .await
         .map_err(|_| HboneError::Timeout {
             addr,
@@ -420,18 +470,20 @@ async fn request(
     // On the connection's span, with its traceparent (the access log line
     // stands apart from spans, as ztunnel's).
     debug!(%addr, authority = %target, "HBONE tunnel open");
-    Ok(upgraded)
+    Ok(stream)
 }
 
 async fn send(
-    mut sender: Sender,
-    req: Request<Empty<Bytes>>,
+    sender: Sender,
+    req: Request<()>,
     addr: SocketAddr,
     target: SocketAddr,
-) -> Result<Upgraded, HboneError> {
+) -> Result<H2Stream, HboneError> {
     let http = |source| HboneError::Http { addr, source };
-    sender.ready().await.map_err(http)?;
-    let resp = sender.send_request(req).await.map_err(http)?;
+    // Waits while the connection has as many streams open as the peer allows.
+    let mut h2 = sender.h2.ready().await.map_err(http)?;
+    let (response, send) = h2.send_request(req, false).map_err(http)?;
+    let resp = response.await.map_err(http)?;
     if resp.status() != StatusCode::OK {
         return Err(HboneError::Status {
             addr,
@@ -439,5 +491,5 @@ async fn send(
             status: resp.status(),
         });
     }
-    hyper::upgrade::on(resp).await.map_err(http)
+    Ok(H2Stream::new(send, resp.into_body()))
 }

@@ -10,6 +10,7 @@ mod client;
 mod headers;
 mod io;
 mod server;
+mod stream;
 
 pub use client::{Caller, HboneError, Pool, Tunnel};
 #[cfg(test)]
@@ -20,7 +21,8 @@ use server::serve_streams;
 pub use server::{Authority, connect_authority, connect_destination, forwarded_host};
 #[cfg(test)]
 mod tests;
-pub use server::{accept, answer, serve, serve_connects};
+pub use server::{Connect, accept, answer, serve, serve_connects};
+pub use stream::H2Stream;
 
 /// A TLS handshake must finish in this time.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -77,6 +79,21 @@ impl Default for Timers {
             request_timeout: REQUEST_TIMEOUT,
             keepalive_interval: KEEPALIVE_INTERVAL,
             keepalive_timeout: KEEPALIVE_TIMEOUT,
+        }
+    }
+}
+
+/// Pings the peer every `interval`; returns once a ping is not answered
+/// within `timeout` (a peer that vanished, or a path that went silent).
+/// When the connection itself ends first, its task ends with it.
+async fn keepalive(mut pings: h2::PingPong, interval: Duration, timeout: Duration) {
+    loop {
+        tokio::time::sleep(interval).await;
+        match tokio::time::timeout(timeout, pings.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_pong)) => {}
+            // The connection is closing: it ends on its own.
+            Ok(Err(_)) => std::future::pending().await,
+            Err(_) => return,
         }
     }
 }

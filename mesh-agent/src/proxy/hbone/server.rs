@@ -1,23 +1,19 @@
 //! The server side of HBONE on a pod's 15008: TLS termination, the peer's
 //! identity, the CONNECT checks, authorization and the splice to the app.
 
-use std::{convert::Infallible, io, net::SocketAddr, sync::Arc};
+use std::{io, net::SocketAddr, sync::Arc};
 
-use http_body_util::Empty;
-use hyper::{
-    Method, Request, Response, StatusCode,
-    body::{Bytes, Incoming},
-    service::service_fn,
-};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use bytes::Bytes;
+use h2::{RecvStream, server::SendResponse};
+use hyper::{Method, Response, StatusCode, http::request::Parts};
 use mesh_common::AGENT_PORTS;
 use tokio::net::TcpStream;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use super::headers::{Baggage, baggage, traceparent};
 use super::{
-    ACCEPT_HANDSHAKE_TIMEOUT, Buffered, CONN_WINDOW, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT,
-    MAX_FRAME, MAX_HEADER_LIST, SERVER_MAX_STREAMS, STREAM_WINDOW,
+    ACCEPT_HANDSHAKE_TIMEOUT, Buffered, CONN_WINDOW, H2Stream, KEEPALIVE_INTERVAL,
+    KEEPALIVE_TIMEOUT, MAX_FRAME, MAX_HEADER_LIST, SERVER_MAX_STREAMS, STREAM_WINDOW, keepalive,
 };
 use crate::metrics::HeaderLabels;
 use crate::proxy::{
@@ -86,11 +82,7 @@ pub async fn serve(pod: Arc<PodCtx>, stream: TcpStream, peer: SocketAddr) {
         },
         local_addr,
     });
-    serve_connects(tls, move |req| {
-        let inbound = inbound.clone();
-        async move { inbound.handle(req).await }
-    })
-    .await;
+    serve_connects(tls, move |connect| inbound.clone().handle(connect)).await;
 }
 
 /// The TLS side of an accepted HBONE connection, read through a buffer.
@@ -129,13 +121,35 @@ pub async fn accept(
     Some((tls, peer_id))
 }
 
-/// Serves HTTP/2 on a verified HBONE connection; `handle` answers each
-/// request (a CONNECT, or whatever else a peer sends) and takes the
-/// upgraded stream from it.
+/// One request on a verified HBONE connection (a CONNECT, or whatever
+/// else a peer sends), to be answered once.
+pub struct Connect {
+    pub head: Parts,
+    body: RecvStream,
+    respond: SendResponse<Bytes>,
+}
+
+impl Connect {
+    /// Answers with `status` and nothing more: a refusal.
+    pub fn refuse(mut self, status: StatusCode) {
+        if let Err(e) = self.respond.send_response(answer(status), true) {
+            debug!(error = %e, "the HBONE peer left before its answer");
+        }
+    }
+
+    /// Answers with `resp` (a 200) and returns the tunnel it opens.
+    pub fn open(mut self, resp: Response<()>) -> Result<H2Stream, h2::Error> {
+        let send = self.respond.send_response(resp, false)?;
+        Ok(H2Stream::new(send, self.body))
+    }
+}
+
+/// Serves HTTP/2 on a verified HBONE connection; `handle` runs in its own
+/// task for each request, and answers it.
 pub async fn serve_connects<F, Fut>(tls: TlsStream, handle: F)
 where
-    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Response<Empty<Bytes>>> + Send + 'static,
+    F: Fn(Connect) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     serve_streams(tls, SERVER_MAX_STREAMS, handle).await;
 }
@@ -144,44 +158,73 @@ where
 /// (tests play peers with other limits).
 pub(super) async fn serve_streams<F, Fut>(tls: TlsStream, max_streams: u32, handle: F)
 where
-    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Response<Empty<Bytes>>> + Send + 'static,
+    F: Fn(Connect) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let peer_expiry = peer_valid_until(tls.get_ref().1).map(instant_of);
-    let svc = service_fn(move |req| {
-        let answer = handle(req);
-        async move { Ok::<_, Infallible>(answer.await) }
-    });
-    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .initial_stream_window_size(STREAM_WINDOW)
+    let handshake = h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONN_WINDOW)
         .max_frame_size(MAX_FRAME)
         .max_concurrent_streams(max_streams)
         .max_header_list_size(MAX_HEADER_LIST)
-        .keep_alive_interval(KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-        .serve_connection(TokioIo::new(tls), svc);
-    tokio::pin!(conn);
-    // Draining: GOAWAY, so that the peer opens its next streams elsewhere
-    // (the next agent), and the connection closes once its streams end.
-    // The same once the peer's certificate expires: the handshake proved
-    // it valid then, not for the connection's whole life, so no stream
-    // opens on it after that (the streams already open go on).
-    let served = tokio::select! {
-        r = conn.as_mut() => r,
-        () = crate::drain::started() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
+        .handshake::<_, Bytes>(tls);
+    let mut conn = match tokio::time::timeout(ACCEPT_HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => {
+            debug!(error = %e, "HBONE peer did not start HTTP/2");
+            return;
         }
-        () = at_most_until(peer_expiry) => {
-            info!("the HBONE peer's certificate has expired: no new streams on its connection");
-            conn.as_mut().graceful_shutdown();
-            conn.await
+        Err(_) => {
+            debug!("HBONE peer did not start HTTP/2 in time");
+            return;
         }
     };
-    if let Err(e) = served {
-        debug!(error = %e, "HBONE connection ended with error");
+    let pings = conn
+        .ping_pong()
+        .expect("a new connection's pings are not taken yet");
+    let alive = keepalive(pings, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT);
+    tokio::pin!(alive);
+    let drain = crate::drain::started();
+    tokio::pin!(drain);
+    let expiry = at_most_until(peer_expiry);
+    tokio::pin!(expiry);
+    let mut closing = false;
+    loop {
+        // Draining: GOAWAY, so that the peer opens its next streams
+        // elsewhere (the next agent), and the connection closes once its
+        // streams end. The same once the peer's certificate expires: the
+        // handshake proved it valid then, not for the connection's whole
+        // life, so no stream opens on it after that (the streams already
+        // open go on). Accepting goes on meanwhile: it is what drives the
+        // connection, until it has closed.
+        tokio::select! {
+            next = conn.accept() => match next {
+                Some(Ok((req, respond))) => {
+                    let (head, body) = req.into_parts();
+                    let connect = Connect { head, body, respond };
+                    tokio::spawn(handle(connect).in_current_span());
+                }
+                Some(Err(e)) => {
+                    debug!(error = %e, "HBONE connection ended with error");
+                    return;
+                }
+                None => return,
+            },
+            () = &mut drain, if !closing => {
+                closing = true;
+                conn.graceful_shutdown();
+            }
+            () = &mut expiry, if !closing => {
+                info!("the HBONE peer's certificate has expired: no new streams on its connection");
+                closing = true;
+                conn.graceful_shutdown();
+            }
+            () = &mut alive => {
+                debug!("HBONE peer did not answer a ping in time: connection closed");
+                return;
+            }
+        }
     }
 }
 
@@ -289,10 +332,10 @@ fn caller_meta(headers: &hyper::HeaderMap, metrics: &crate::metrics::Metrics) ->
     meta
 }
 
-pub fn answer(status: StatusCode) -> Response<Empty<Bytes>> {
+pub fn answer(status: StatusCode) -> Response<()> {
     Response::builder()
         .status(status)
-        .body(Empty::new())
+        .body(())
         .expect("static response parts are valid")
 }
 
@@ -323,18 +366,19 @@ impl Inbound {
     /// that cannot be served here (not CONNECT, an authority that is not
     /// this pod), 503 for an agent port, 401 when policy denies, 503 when
     /// the app does not accept, 200 and the tunnel otherwise.
-    async fn handle(self: Arc<Self>, mut req: Request<Incoming>) -> Response<Empty<Bytes>> {
+    async fn handle(self: Arc<Self>, connect: Connect) {
+        let req = &connect.head;
         let pod = &self.pod;
         let metrics = &pod.shared.metrics;
-        if req.method() != Method::CONNECT {
+        if req.method != Method::CONNECT {
             metrics.connection("hbone", "not_connect");
-            debug!(method = %req.method(), "HBONE request is not CONNECT");
-            return answer(StatusCode::BAD_REQUEST);
+            debug!(method = %req.method, "HBONE request is not CONNECT");
+            return connect.refuse(StatusCode::BAD_REQUEST);
         }
-        let Some(authority) = connect_authority(req.uri()) else {
+        let Some(authority) = connect_authority(&req.uri) else {
             metrics.connection("hbone", "bad_authority");
-            debug!(uri = %req.uri(), "CONNECT authority is neither ip:port nor host:port");
-            return answer(StatusCode::BAD_REQUEST);
+            debug!(uri = %&req.uri, "CONNECT authority is neither ip:port nor host:port");
+            return connect.refuse(StatusCode::BAD_REQUEST);
         };
         let store = pod.shared.store();
         let Some(dst) = self
@@ -342,18 +386,18 @@ impl Inbound {
             .filter(|d| pod.addresses.contains(&d.ip()))
         else {
             metrics.connection("hbone", "wrong_destination");
-            debug!(uri = %req.uri(), "CONNECT to something that is not this pod");
-            return answer(StatusCode::BAD_REQUEST);
+            debug!(uri = %&req.uri, "CONNECT to something that is not this pod");
+            return connect.refuse(StatusCode::BAD_REQUEST);
         };
         if AGENT_PORTS.contains(&dst.port()) {
             metrics.connection("hbone", "wrong_destination");
             debug!(%dst, "CONNECT to one of the agent's own ports");
-            return answer(StatusCode::SERVICE_UNAVAILABLE);
+            return connect.refuse(StatusCode::SERVICE_UNAVAILABLE);
         }
-        let meta = caller_meta(req.headers(), metrics);
+        let meta = caller_meta(&req.headers, metrics);
         // The Service the client addressed, as its agent tells it (only one
         // that selects this pod: the header does not relabel other traffic).
-        let service = forwarded_host(req.headers())
+        let service = forwarded_host(&req.headers)
             .and_then(|h| store.service_by_hostname(&h))
             .filter(|s| store.serves(s, &self.local))
             .cloned();
@@ -371,11 +415,11 @@ impl Inbound {
             .await;
         let (rec, app) = match admitted {
             Ok(a) => a,
-            Err(Refused::Denied(_)) => return answer(StatusCode::UNAUTHORIZED),
-            Err(Refused::ConnectFailed(_)) => return answer(StatusCode::SERVICE_UNAVAILABLE),
+            Err(Refused::Denied(_)) => return connect.refuse(StatusCode::UNAUTHORIZED),
+            Err(Refused::ConnectFailed(_)) => {
+                return connect.refuse(StatusCode::SERVICE_UNAVAILABLE);
+            }
         };
-        let on_upgrade = hyper::upgrade::on(&mut req);
-        let this = self.clone();
         // The caller's cluster and trace join this tunnel's log lines to
         // the caller's.
         let span = info_span!(
@@ -385,38 +429,36 @@ impl Inbound {
             peer_cluster = meta.baggage.cluster.as_deref().unwrap_or("-"),
             traceparent = %meta.traceparent.map_or_else(|| "-".to_owned(), |t| t.to_string()),
         );
-        tokio::spawn(
-            async move {
-                let mut rec = rec;
-                rec.open();
-                let upgraded = match on_upgrade.await {
-                    Ok(u) => u,
-                    Err(e) => {
-                        rec.close("-", Outcome::error(format!("upgrade: {e}")));
-                        return;
-                    }
-                };
-                // On the tunnel's span, with the caller's traceparent (the
-                // access log line stands apart from spans, as ztunnel's).
-                debug!("HBONE tunnel open");
-                let mut client = rec.counted(TokioIo::new(upgraded));
-                let mut app = app;
-                let store_rx = this.pod.shared.store.clone();
-                let check = this.clone();
-                let revoked = revoked_by_policy(store_rx, move |s| {
-                    check.authorize(s, dst) == Decision::Allow
-                });
-                let end = splice(&mut client, &mut app, revoked).await;
-                finish(rec, &client, end, &this.pod);
-            }
-            .instrument(span),
-        );
         let mut ok = answer(StatusCode::OK);
         // As ztunnel answers: who the caller reached.
         if let Ok(v) = baggage(&pod.shared.cluster_id, &self.local).parse() {
             ok.headers_mut().insert("baggage", v);
         }
-        ok
+        let mut rec = rec;
+        rec.open();
+        let tunnel = match connect.open(ok) {
+            Ok(t) => t,
+            Err(e) => {
+                rec.close("-", Outcome::error(format!("answering CONNECT: {e}")));
+                return;
+            }
+        };
+        async move {
+            // On the tunnel's span, with the caller's traceparent (the
+            // access log line stands apart from spans, as ztunnel's).
+            debug!("HBONE tunnel open");
+            let mut client = rec.counted(tunnel);
+            let mut app = app;
+            let store_rx = self.pod.shared.store.clone();
+            let check = self.clone();
+            let revoked = revoked_by_policy(store_rx, move |s| {
+                check.authorize(s, dst) == Decision::Allow
+            });
+            let end = splice(&mut client, &mut app, revoked).await;
+            finish(rec, &client, end, &self.pod);
+        }
+        .instrument(span)
+        .await;
     }
 }
 

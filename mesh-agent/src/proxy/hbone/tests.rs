@@ -18,7 +18,7 @@ use std::{
 };
 
 use http_body_util::Empty;
-use hyper::{Method, Request, Response, StatusCode, body::Bytes};
+use hyper::{Method, Request, StatusCode, body::Bytes};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::ServerName;
 use tokio::{
@@ -155,8 +155,8 @@ async fn server_with(
                 count.fetch_add(1, Ordering::SeqCst);
                 // Streams open on this connection now.
                 let open = Arc::new(AtomicUsize::new(0));
-                serve_streams(tls, max_streams, move |req| {
-                    seen.lock().unwrap().push(req.headers().clone());
+                serve_streams(tls, max_streams, move |req: Connect| {
+                    seen.lock().unwrap().push(req.head.headers.clone());
                     let now = open.fetch_add(1, Ordering::SeqCst) + 1;
                     most.fetch_max(now, Ordering::SeqCst);
                     respond(req, answer, open.clone())
@@ -173,33 +173,26 @@ async fn server_with(
     }
 }
 
-async fn respond(
-    mut req: Request<hyper::body::Incoming>,
-    answer: Answer,
-    open: Arc<AtomicUsize>,
-) -> Response<Empty<Bytes>> {
+async fn respond(req: Connect, answer: Answer, open: Arc<AtomicUsize>) {
     if answer == Answer::Silent {
         std::future::pending::<()>().await;
     }
-    let upgrade = hyper::upgrade::on(&mut req);
-    tokio::spawn(async move {
-        struct Closed(Arc<AtomicUsize>);
-        impl Drop for Closed {
-            fn drop(&mut self) {
-                self.0.fetch_sub(1, Ordering::SeqCst);
-            }
+    struct Closed(Arc<AtomicUsize>);
+    impl Drop for Closed {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
         }
-        let _closed = Closed(open);
-        let Ok(up) = upgrade.await else { return };
-        let mut io = TokioIo::new(up);
-        let mut buf = [0u8; 1024];
-        while let Ok(n) = io.read(&mut buf).await {
-            if n == 0 || io.write_all(&buf[..n]).await.is_err() {
-                break;
-            }
+    }
+    let _closed = Closed(open);
+    let Ok(mut io) = req.open(server::answer(StatusCode::OK)) else {
+        return;
+    };
+    let mut buf = [0u8; 1024];
+    while let Ok(n) = io.read(&mut buf).await {
+        if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+            break;
         }
-    });
-    server::answer(StatusCode::OK)
+    }
 }
 
 /// One client pod's side: its pool, identity and certificates.
@@ -248,12 +241,14 @@ impl Client {
 
 /// A tunnel carries bytes both ways.
 async fn echoes(tunnel: &mut Tunnel, text: &[u8]) {
-    echoes_on(tunnel.io_mut(), text).await;
+    echoes_on(tunnel, text).await;
 }
 
-/// [`echoes`], on a CONNECT stream opened without the pool.
-async fn echoes_on(io: &mut hyper::upgrade::Upgraded, text: &[u8]) {
-    let mut io = TokioIo::new(io);
+/// [`echoes`], on any stream (a CONNECT stream opened without the pool).
+async fn echoes_on<S>(io: &mut S, text: &[u8])
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     io.write_all(text).await.unwrap();
     let mut back = vec![0u8; text.len()];
     io.read_exact(&mut back).await.unwrap();
@@ -352,7 +347,10 @@ async fn raw_connection(ip: IpAddr, config: Arc<rustls::ClientConfig>) -> RawSen
 
 /// A CONNECT to `ip:8080` on `sender`'s connection: the tunnel, or the
 /// error that refused it.
-async fn open_raw(mut sender: RawSender, ip: IpAddr) -> hyper::Result<hyper::upgrade::Upgraded> {
+async fn open_raw(
+    mut sender: RawSender,
+    ip: IpAddr,
+) -> hyper::Result<TokioIo<hyper::upgrade::Upgraded>> {
     let req = Request::builder()
         .method(Method::CONNECT)
         .uri(format!("{ip}:8080"))
@@ -360,7 +358,7 @@ async fn open_raw(mut sender: RawSender, ip: IpAddr) -> hyper::Result<hyper::upg
         .unwrap();
     let resp = sender.send_request(req).await?;
     assert_eq!(resp.status(), StatusCode::OK);
-    hyper::upgrade::on(resp).await
+    hyper::upgrade::on(resp).await.map(TokioIo::new)
 }
 
 /// A certificate for `id` that expires in `secs` seconds (and its expiry).
@@ -759,7 +757,7 @@ async fn a_tunnel_that_is_not_read_leaves_room_for_the_others() {
             .zip(sent.clone())
             .map(|(mut tunnel, count)| {
                 tokio::spawn(async move {
-                    let mut io = TokioIo::new(tunnel.io_mut());
+                    let io = &mut tunnel;
                     let chunk = vec![7u8; 64 * 1024];
                     while io.write_all(&chunk).await.is_ok() {
                         count.fetch_add(chunk.len(), Ordering::SeqCst);
