@@ -22,7 +22,12 @@ pub struct H2Stream {
     held: Bytes,
     /// End of stream sent.
     ended: bool,
+    /// The last write was bulk: the writer's task yields before the next.
+    yield_next: bool,
 }
+
+/// A write at least this large is bulk: see [`H2Stream::poll_write`].
+const BULK_WRITE: usize = 16 * 1024;
 
 impl H2Stream {
     pub(super) fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
@@ -31,6 +36,7 @@ impl H2Stream {
             recv,
             held: Bytes::new(),
             ended: false,
+            yield_next: false,
         }
     }
 }
@@ -92,6 +98,16 @@ impl AsyncWrite for H2Stream {
         if this.ended {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
+        // After a bulk write, the writer yields once: the connection's task
+        // (woken by the write, next on this thread) encrypts and sends it,
+        // and the writer, rescheduled behind it, is free to go on reading
+        // on another thread meanwhile. Without the yield the two take
+        // turns on one thread.
+        if this.yield_next {
+            this.yield_next = false;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
         // What the peer's windows (and h2's send buffer) let through now;
         // none: wait for a WINDOW_UPDATE, or learn that the stream is gone.
         this.send.reserve_capacity(buf.len());
@@ -106,6 +122,7 @@ impl AsyncWrite for H2Stream {
         this.send
             .send_data(Bytes::copy_from_slice(&buf[..n]), false)
             .map_err(io_error)?;
+        this.yield_next = n >= BULK_WRITE;
         Poll::Ready(Ok(n))
     }
 
