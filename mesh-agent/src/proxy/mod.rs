@@ -42,6 +42,7 @@ mod outbound;
 mod relay;
 mod same_node;
 pub(crate) use outbound::resolve;
+pub(crate) use relay::relay;
 
 pub use conn::{ConnRecord, Meters, Outcome, Peer, Security, labels as tcp_labels};
 pub use hbone::{Caller, Pool, Tunnel};

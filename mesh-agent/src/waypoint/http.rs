@@ -904,7 +904,7 @@ async fn splice_upgrade(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnU
     };
     let mut down = hyper_util::rt::TokioIo::new(down);
     let mut up = hyper_util::rt::TokioIo::new(up);
-    let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+    let _ = crate::proxy::relay(&mut down, &mut up).await;
 }
 
 /// A gRPC error as a trailers-only response.

@@ -320,7 +320,7 @@ async fn tcp(
                 );
                 let mut client_io = rec.counted(io);
                 let mut up = TokioIo::new(up);
-                let r = tokio::io::copy_bidirectional(&mut client_io, &mut up).await;
+                let r = crate::proxy::relay(&mut client_io, &mut up).await;
                 let outcome = Outcome {
                     request_bytes: client_io.read,
                     response_bytes: client_io.written,
