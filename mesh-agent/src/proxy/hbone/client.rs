@@ -35,7 +35,8 @@ use crate::{
 };
 
 /// A pooled connection's handle: it opens streams, and says whether the
-/// connection's task has ended.
+/// connection takes no more: its task has ended, or a request on it failed
+/// at the HTTP/2 layer (the peer's GOAWAY: it is draining).
 #[derive(Clone)]
 struct Sender {
     h2: h2::client::SendRequest<Bytes>,
@@ -298,9 +299,13 @@ impl Pool {
         };
         let timeout = self.timers.request_timeout;
         if let Some((sender, active)) = pooled {
+            let closed = sender.closed.clone();
             match request(sender, &key, target, caller, timeout).await {
                 Err(HboneError::Http { .. }) => {
-                    // The pooled connection died under us: one fresh try.
+                    // The pooled connection died under us, or its peer is
+                    // draining it (GOAWAY): it takes no new streams (those
+                    // open on it go on), and this call gets one fresh try.
+                    closed.store(true, Ordering::Relaxed);
                     debug!(addr = %key.addr, "pooled HBONE connection failed; reconnecting");
                 }
                 r => return r.map(|io| Tunnel { io, active }),

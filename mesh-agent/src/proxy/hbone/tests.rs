@@ -2,8 +2,8 @@
 //! TCP and TLS: a pooled connection's age limit, no new stream past the
 //! peer's certificate (either end), the CONNECT timeout, pings
 //! on idle connections, the server's cap on streams per connection, the
-//! client's (100, or fewer if the peer says so), and the CONNECT's
-//! metadata headers.
+//! client's (100, or fewer if the peer says so), a connection its peer
+//! drains (GOAWAY), and the CONNECT's metadata headers.
 //! The clocks are shortened (`Timers`); what they bound is the same code.
 
 use std::{
@@ -173,6 +173,65 @@ async fn server_with(
     }
 }
 
+/// An HBONE server whose first connection sends GOAWAY as soon as its first
+/// stream is open (as a draining agent does) and goes on carrying that
+/// stream; later connections are served as [`hbone_server`]'s.
+async fn draining_server(ip: IpAddr, certs: &CertManager) -> Server {
+    let config = certs
+        .server_config(&Identity::new(TD, "shop", "server"))
+        .unwrap();
+    let listener = TcpListener::bind(SocketAddr::new(ip, mesh_common::PORT_HBONE))
+        .await
+        .unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    let task = tokio::spawn(async move {
+        let metrics = Arc::new(Metrics::default());
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (config, metrics) = (config.clone(), metrics.clone());
+            let first = count.fetch_add(1, Ordering::SeqCst) == 0;
+            tokio::spawn(async move {
+                let Some((tls, _peer)) = accept(stream, config, &metrics, TD).await else {
+                    return;
+                };
+                if !first {
+                    let open = Arc::new(AtomicUsize::new(0));
+                    let echo = move |req| respond(req, Answer::Echo, open.clone());
+                    return serve_streams(tls, SERVER_MAX_STREAMS, echo).await;
+                }
+                let mut conn = h2::server::handshake(tls).await.unwrap();
+                let Some(Ok((req, mut reply))) = conn.accept().await else {
+                    return;
+                };
+                let send = reply
+                    .send_response(server::answer(StatusCode::OK), false)
+                    .unwrap();
+                conn.graceful_shutdown();
+                tokio::spawn(echo(H2Stream::new(send, req.into_body())));
+                // Accepting drives the connection until its stream ends.
+                while conn.accept().await.is_some() {}
+            });
+        }
+    });
+    Server {
+        accepted,
+        most_streams: Arc::default(),
+        heads: Arc::default(),
+        task,
+    }
+}
+
+/// Echoes what `io` reads until either side ends.
+async fn echo(mut io: H2Stream) {
+    let mut buf = [0u8; 1024];
+    while let Ok(n) = io.read(&mut buf).await {
+        if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+}
+
 async fn respond(req: Connect, answer: Answer, open: Arc<AtomicUsize>) {
     if answer == Answer::Silent {
         std::future::pending::<()>().await;
@@ -184,14 +243,8 @@ async fn respond(req: Connect, answer: Answer, open: Arc<AtomicUsize>) {
         }
     }
     let _closed = Closed(open);
-    let Ok(mut io) = req.open(server::answer(StatusCode::OK)) else {
-        return;
-    };
-    let mut buf = [0u8; 1024];
-    while let Ok(n) = io.read(&mut buf).await {
-        if n == 0 || io.write_all(&buf[..n]).await.is_err() {
-            break;
-        }
+    if let Ok(io) = req.open(server::answer(StatusCode::OK)) {
+        echo(io).await;
     }
 }
 
@@ -319,6 +372,36 @@ async fn a_pooled_connection_takes_no_new_stream_past_its_age() {
             Duration::from_secs(300),
             "the README's 5 minutes"
         );
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_connection_its_peer_drains_takes_no_new_streams() {
+    within(async {
+        let dir = TempDir::new("goaway");
+        let certs = certs(&dir);
+        let ip = loopback(20);
+        let server = draining_server(ip, &certs).await;
+        let client = Client::new(certs, Timers::default());
+        let mut first = client.call(ip).await.unwrap();
+        // The echo comes after the GOAWAY, so the client has read it.
+        echoes(&mut first, b"first").await;
+
+        // Tunnels held open, so that the draining connection is as little
+        // busy as any (the pool would pick it): each new stream goes on a
+        // connection that takes it, after at most one try on the draining
+        // one, and no more connections are made than the pool keeps.
+        let keeps = client::conns_per_peer();
+        let mut held = Vec::new();
+        for _ in 0..keeps + 4 {
+            let mut t = client.call(ip).await.unwrap();
+            echoes(&mut t, b"next").await;
+            held.push(t);
+        }
+        assert_eq!(server.accepted.load(Ordering::SeqCst), 1 + keeps);
+        // The stream open before the GOAWAY goes on.
+        echoes(&mut first, b"still").await;
     })
     .await
 }
