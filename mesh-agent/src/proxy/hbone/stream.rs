@@ -135,8 +135,8 @@ impl AsyncWrite for H2Stream {
         let this = self.get_mut();
         if !this.ended {
             this.ended = true;
-            // An empty DATA frame with END_STREAM: the half-close. A stream
-            // already reset has nothing to end.
+            // An empty DATA frame with END_STREAM: the half-close (on a
+            // stream the peer already reset, an error that says so).
             this.send.send_data(Bytes::new(), true).map_err(io_error)?;
         }
         Poll::Ready(Ok(()))
