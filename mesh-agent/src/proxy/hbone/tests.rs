@@ -92,6 +92,10 @@ enum Answer {
     Echo,
     /// Never.
     Silent,
+    /// As `Echo`, but the first connection sends GOAWAY as soon as its
+    /// first stream is open (as a draining agent does) and goes on
+    /// carrying that stream.
+    DrainFirst,
 }
 
 /// An HBONE server on `ip:15008` running the agent's TLS accept and HTTP/2
@@ -152,7 +156,10 @@ async fn server_with(
                 let Some((tls, _peer)) = accept(stream, config, &metrics, TD).await else {
                     return;
                 };
-                count.fetch_add(1, Ordering::SeqCst);
+                let first = count.fetch_add(1, Ordering::SeqCst) == 0;
+                if answer == Answer::DrainFirst && first {
+                    return drain_after_first_stream(tls).await;
+                }
                 // Streams open on this connection now.
                 let open = Arc::new(AtomicUsize::new(0));
                 serve_streams(tls, max_streams, move |req: Connect| {
@@ -173,53 +180,19 @@ async fn server_with(
     }
 }
 
-/// An HBONE server whose first connection sends GOAWAY as soon as its first
-/// stream is open (as a draining agent does) and goes on carrying that
-/// stream; later connections are served as [`hbone_server`]'s.
-async fn draining_server(ip: IpAddr, certs: &CertManager) -> Server {
-    let config = certs
-        .server_config(&Identity::new(TD, "shop", "server"))
+/// Answers the first stream, sends GOAWAY, and echoes that stream.
+async fn drain_after_first_stream(tls: server::TlsStream) {
+    let mut conn = h2::server::handshake(tls).await.unwrap();
+    let Some(Ok((req, mut reply))) = conn.accept().await else {
+        return;
+    };
+    let send = reply
+        .send_response(server::answer(StatusCode::OK), false)
         .unwrap();
-    let listener = TcpListener::bind(SocketAddr::new(ip, mesh_common::PORT_HBONE))
-        .await
-        .unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
-    let task = tokio::spawn(async move {
-        let metrics = Arc::new(Metrics::default());
-        loop {
-            let (stream, _) = listener.accept().await.unwrap();
-            let (config, metrics) = (config.clone(), metrics.clone());
-            let first = count.fetch_add(1, Ordering::SeqCst) == 0;
-            tokio::spawn(async move {
-                let Some((tls, _peer)) = accept(stream, config, &metrics, TD).await else {
-                    return;
-                };
-                if !first {
-                    let open = Arc::new(AtomicUsize::new(0));
-                    let echo = move |req| respond(req, Answer::Echo, open.clone());
-                    return serve_streams(tls, SERVER_MAX_STREAMS, echo).await;
-                }
-                let mut conn = h2::server::handshake(tls).await.unwrap();
-                let Some(Ok((req, mut reply))) = conn.accept().await else {
-                    return;
-                };
-                let send = reply
-                    .send_response(server::answer(StatusCode::OK), false)
-                    .unwrap();
-                conn.graceful_shutdown();
-                tokio::spawn(echo(H2Stream::new(send, req.into_body())));
-                // Accepting drives the connection until its stream ends.
-                while conn.accept().await.is_some() {}
-            });
-        }
-    });
-    Server {
-        accepted,
-        most_streams: Arc::default(),
-        heads: Arc::default(),
-        task,
-    }
+    conn.graceful_shutdown();
+    tokio::spawn(echo(H2Stream::new(send, req.into_body())));
+    // Accepting drives the connection until its stream ends.
+    while conn.accept().await.is_some() {}
 }
 
 /// Echoes what `io` reads until either side ends.
@@ -382,7 +355,7 @@ async fn a_connection_its_peer_drains_takes_no_new_streams() {
         let dir = TempDir::new("goaway");
         let certs = certs(&dir);
         let ip = loopback(20);
-        let server = draining_server(ip, &certs).await;
+        let server = hbone_server(ip, &certs, Answer::DrainFirst).await;
         let client = Client::new(certs, Timers::default());
         let mut first = client.call(ip).await.unwrap();
         // The echo comes after the GOAWAY, so the client has read it.
