@@ -28,7 +28,8 @@ pub use stream::H2Stream;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// An accepted connection's TLS handshake must finish in this time: until
 /// it does, the peer is nobody, and thousands of such peers must not hold
-/// the pod's connection slots for long.
+/// the pod's connection slots for long. The same bound, again, for its
+/// HTTP/2 preface and SETTINGS once verified.
 const ACCEPT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// A verified peer's request heads (HPACK-decoded) stay under this size.
 const MAX_HEADER_LIST: u32 = 16 * 1024;

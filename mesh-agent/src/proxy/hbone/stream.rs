@@ -111,14 +111,15 @@ impl AsyncWrite for H2Stream {
         // What the peer's windows (and h2's send buffer) let through now;
         // none: wait for a WINDOW_UPDATE, or learn that the stream is gone.
         this.send.reserve_capacity(buf.len());
-        while this.send.capacity() == 0 {
+        let mut capacity = this.send.capacity();
+        while capacity == 0 {
             match ready!(this.send.poll_capacity(cx)) {
-                Some(Ok(_)) => {}
+                Some(Ok(now)) => capacity = now,
                 Some(Err(e)) => return Poll::Ready(Err(io_error(e))),
                 None => return Poll::Ready(Err(self::reset(&mut this.send, cx))),
             }
         }
-        let n = this.send.capacity().min(buf.len());
+        let n = capacity.min(buf.len());
         this.send
             .send_data(Bytes::copy_from_slice(&buf[..n]), false)
             .map_err(io_error)?;
