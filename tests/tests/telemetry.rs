@@ -162,6 +162,65 @@ fn bytes_of_a_live_connection_are_counted_before_it_closes() -> anyhow::Result<(
     Ok(())
 }
 
+/// An app that speaks first (an HTTP client) has what it sent before its
+/// tunnel opened carried with the CONNECT: every request is answered, and
+/// its bytes are counted once on each side.
+#[test]
+fn first_bytes_sent_with_the_connect_arrive_and_are_counted_once() -> anyhow::Result<()> {
+    let (mut tb, client, server) = shop()?;
+    const HTTP_PORT: u16 = 8081;
+    // `mesh-load`'s request, always these 36 bytes.
+    const REQUEST: usize = 36;
+    tb.serve_http(&server, any6(HTTP_PORT), "server")?;
+    let target = sa(server.ip4, HTTP_PORT).to_string();
+    // One connection per request, 20 a second for a second.
+    let out = tb.run_in_pod(
+        &client,
+        &mesh_tests::sibling_bin("mesh-load"),
+        &["load", &target, "1", "20", "1", "new-conn"],
+    )?;
+    let r: Value = serde_json::from_str(out.trim())?;
+    assert_eq!(r["errors"], 0, "{r}");
+    let requests = r["requests"].as_f64().unwrap_or_default();
+    assert!(requests >= 10.0, "{r}");
+    let labels = |reporter| {
+        [
+            ("reporter", reporter),
+            ("source_workload", "client"),
+            ("destination_workload", "server"),
+        ]
+    };
+    for (node, reporter) in [(0, "source"), (1, "destination")] {
+        converge("every close counted", Duration::from_secs(10), || {
+            let page = tb.agent(node).metrics()?;
+            let closed = series_sum_or_absent(
+                &page,
+                "istio_tcp_connections_closed_total",
+                &labels(reporter),
+            )?;
+            Ok(closed == requests)
+        })?;
+        let page = tb.agent(node).metrics()?;
+        assert_eq!(
+            series_sum(&page, "istio_tcp_received_bytes_total", &labels(reporter))?,
+            requests * REQUEST as f64,
+            "{reporter}: {page}"
+        );
+    }
+    // The client's agent says how much went with each CONNECT: the whole
+    // request, for connections whose request was in before it asked (not
+    // every one need be).
+    let log = tb.agent(0).log_text();
+    let with_request = log
+        .lines()
+        .filter(|l| {
+            l.contains("HBONE tunnel open") && l.contains(&format!("first_bytes={REQUEST}"))
+        })
+        .count();
+    assert!(with_request >= 1, "no CONNECT carried the request:\n{log}");
+    Ok(())
+}
+
 #[test]
 fn config_dump_has_ztunnels_sections() -> anyhow::Result<()> {
     let (tb, client, server) = shop()?;

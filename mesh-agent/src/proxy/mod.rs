@@ -405,6 +405,18 @@ impl<S> Counted<S> {
             meters,
         }
     }
+
+    /// Counts `n` bytes read from the stream before it was wrapped (the
+    /// client's first bytes, sent with its CONNECT).
+    pub fn count_read(&mut self, n: usize) {
+        let n = n as u64;
+        if n > 0 {
+            self.read += n;
+            if let Some(m) = &self.meters {
+                m.request.inc_by(n);
+            }
+        }
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {

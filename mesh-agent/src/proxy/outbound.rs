@@ -10,6 +10,7 @@
 
 use std::{net::SocketAddr, sync::Arc};
 
+use bytes::Bytes;
 use mesh_common::AGENT_PORTS;
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
@@ -393,6 +394,15 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
     let service_identities = service
         .map(|s| service_identities(s, &route.candidates, trust_domain))
         .unwrap_or_default();
+    // When every endpoint is reached over HBONE, what the app has already
+    // sent goes with the CONNECT ([`Caller::first_bytes`]); read without
+    // waiting, so a protocol whose server speaks first is not held up.
+    let first_bytes =
+        if !pod.shared.same_node_plaintext && route.candidates.iter().all(Candidate::over_hbone) {
+            read_ahead(&client)
+        } else {
+            Bytes::new()
+        };
     let mut last_error = String::new();
     let mut flags = "CONNECT";
     let mut upstream = None;
@@ -476,6 +486,7 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
                     } else {
                         &service_identities
                     },
+                    first_bytes: first_bytes.clone(),
                 };
                 hbone(&pod, src_id, dst_id, via_ip, c.addr, &caller).await
             }
@@ -510,6 +521,7 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
                 // connection from a workload it does not know: no record.
                 metrics.connection("outbound", "no_identity");
                 early_deny("outbound", client_addr, dst, &e);
+                reset_if_read(&client, &first_bytes);
                 return;
             }
             Err(Attempt::Identity(e)) => {
@@ -540,6 +552,7 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
         };
         metrics.connection("outbound", result);
         rec.close(flags, Outcome::error(last_error));
+        reset_if_read(&client, &first_bytes);
         return;
     };
     metrics.connection("outbound", "forwarded");
@@ -551,6 +564,8 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
         }
         Upstream::Hbone(tunnel) => {
             let mut client = rec.counted(client);
+            // Sent with the CONNECT.
+            client.count_read(first_bytes.len());
             let (mut io, _active) = tunnel.into_parts();
             let end = splice(&mut client, &mut io, std::future::pending()).await;
             finish(rec, &client, end, &pod);
@@ -558,6 +573,29 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
         // Both records count the bytes; the destination's policy may
         // revoke it, as it would the tunnel.
         Upstream::SameNode(local) => local.splice(rec, client).await,
+    }
+}
+
+/// At most this much of what the app sent goes with the CONNECT.
+const FIRST_BYTES: usize = 4096;
+
+/// What the app has sent and the socket holds now, up to [`FIRST_BYTES`];
+/// nothing (and nothing taken) if it has sent nothing yet, has closed its
+/// side, or the read fails: the splice reads on from where this stopped.
+fn read_ahead(client: &TcpStream) -> Bytes {
+    let mut buf = [0u8; FIRST_BYTES];
+    match client.try_read(&mut buf) {
+        Ok(n) => Bytes::copy_from_slice(&buf[..n]),
+        Err(_) => Bytes::new(),
+    }
+}
+
+/// A connection refused after [`read_ahead`] took bytes from it is reset,
+/// as closing it with those bytes still unread would have reset it: the
+/// app sees the same refusal either way, never a clean end.
+fn reset_if_read(client: &TcpStream, first_bytes: &Bytes) {
+    if !first_bytes.is_empty() {
+        let _ = client.set_zero_linger();
     }
 }
 
@@ -665,6 +703,34 @@ spec:
             resolve(&names, false).await,
             vec!["[2001:db8::7]:443".parse::<SocketAddr>().unwrap()]
         );
+    }
+
+    /// The first bytes are taken without waiting (none yet: none taken),
+    /// and a connection refused after they were taken is reset, as it
+    /// would have been with them unread, never ended cleanly.
+    #[tokio::test]
+    async fn a_refusal_after_reading_ahead_resets_the_app() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut app = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (agent, _) = listener.accept().await.unwrap();
+        assert!(read_ahead(&agent).is_empty(), "nothing sent yet");
+        app.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let first = loop {
+            agent.readable().await.unwrap();
+            let first = read_ahead(&agent);
+            if !first.is_empty() {
+                break first;
+            }
+        };
+        assert_eq!(&first[..], b"GET / HTTP/1.1\r\n\r\n");
+        reset_if_read(&agent, &first);
+        drop(agent);
+        let mut buf = [0u8; 16];
+        let e = app.read(&mut buf).await.expect_err("a reset, not an end");
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset);
     }
 
     /// From the API: a labelled pod is sent plain TCP until its capture is

@@ -114,39 +114,42 @@ fn is_grpc(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.starts_with("application/grpc"))
 }
 
-/// 16 random bytes as 32 hex digits (and the first 8 as 16), for ids.
-fn random_hex(bytes: usize) -> String {
-    let mut buf = [0u8; 16];
-    // SAFETY: writes at most 16 bytes into a 16-byte buffer.
-    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), bytes.min(16), 0) };
-    if n < 0 {
-        // Unique, if not random: never fails a request over an id.
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos();
-        buf = t.to_le_bytes();
-    }
-    buf[..bytes.min(16)]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+/// 16 random bytes as 32 hex digits, for request ids.
+fn random_hex() -> String {
+    format!("{:016x}{:016x}", random_u64(), random_u64())
 }
 
-/// A random number from the kernel (for shares of requests and random
-/// picks), or the clock's nanoseconds if that fails.
+/// A pseudo-random number, for ids (trace, span and request ids), shares
+/// of requests and random picks; never for keys. SplitMix64 on a state of
+/// each thread's own, seeded once from the kernel: a tunnel or a request
+/// takes no system call for its ids.
 pub fn random_u64() -> u64 {
+    thread_local! {
+        static STATE: std::cell::Cell<u64> = std::cell::Cell::new(seed());
+    }
+    STATE.with(|state| {
+        let x = state.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
+        state.set(x);
+        let z = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        let z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    })
+}
+
+/// A thread's first state: 8 bytes from the kernel, or the clock's
+/// nanoseconds mixed with the thread's stack address if that fails.
+fn seed() -> u64 {
     let mut buf = [0u8; 8];
     // SAFETY: writes at most 8 bytes into an 8-byte buffer.
     let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
     if n == 8 {
-        u64::from_le_bytes(buf)
-    } else {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos() as u64
+        return u64::from_le_bytes(buf);
     }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos() as u64;
+    nanos ^ (&buf as *const _ as u64).rotate_left(32)
 }
 
 /// True for `percent` percent of calls.
@@ -431,7 +434,7 @@ impl Handler {
         }
         strip_hop_by_hop(&mut parts.headers, upgrade.is_some());
         if !parts.headers.contains_key("x-request-id") {
-            let id = random_hex(16);
+            let id = random_hex();
             if let Ok(v) = HeaderValue::from_str(&id) {
                 parts.headers.insert("x-request-id", v);
             }
@@ -1138,7 +1141,27 @@ impl Drop for Metered {
 mod tests {
     use hyper::{HeaderMap, header::HeaderValue};
 
-    use super::{grpc_status_label, is_upgrade};
+    use super::{chance, grpc_status_label, is_upgrade, random_hex, random_u64};
+
+    #[test]
+    fn ids_differ_between_calls_and_threads_and_shares_hold() {
+        let here: std::collections::HashSet<u64> = (0..10_000).map(|_| random_u64()).collect();
+        assert_eq!(here.len(), 10_000);
+        // Each thread seeds its own state: another thread's numbers are
+        // not this one's again.
+        let there = std::thread::spawn(|| (0..1_000).map(|_| random_u64()).collect::<Vec<_>>())
+            .join()
+            .unwrap();
+        assert!(there.iter().all(|x| !here.contains(x)));
+        let id = random_hex();
+        assert_eq!(id.len(), 32);
+        assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_ne!(id, random_hex());
+        // A 25% share of 100,000 calls lands near 25,000 (five sigma is
+        // about 690).
+        let hits = (0..100_000).filter(|_| chance(25.0)).count();
+        assert!((24_000..26_000).contains(&hits), "{hits}");
+    }
 
     #[test]
     fn only_websocket_upgrades_and_bounded_grpc_labels() {

@@ -161,6 +161,8 @@ async fn open(ctx: &Ctx, addr: SocketAddr) -> io::Result<Upstream> {
                 service: None,
                 cluster: &ctx.cluster_id,
                 service_identities: &[],
+                // The request is written once the tunnel is open.
+                first_bytes: Default::default(),
             };
             let dialer = Dialer {
                 netns: None,

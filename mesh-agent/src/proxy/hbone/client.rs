@@ -243,6 +243,13 @@ pub struct Caller<'a> {
     /// addressed: a destination proving one of them is accepted as well as
     /// one proving the expected identity (ztunnel accepts a Service's SANs).
     pub service_identities: &'a [Identity],
+    /// What the caller's app had already sent when the tunnel was asked
+    /// for: written on the stream right behind the CONNECT, so that both
+    /// leave in one flush and the peer has the bytes as soon as it opens
+    /// the tunnel, a round trip sooner than after the 200. Only the
+    /// authenticated peer agent sees them before it answers; a refusal
+    /// drops them there, and the next endpoint tried gets them again.
+    pub first_bytes: Bytes,
 }
 
 impl Pool {
@@ -465,7 +472,9 @@ async fn request(
         .header("baggage", super::headers::baggage(caller.cluster, wl))
         .header("traceparent", &trace)
         .body(())?;
-    let stream = tokio::time::timeout(timeout, send(sender, req, addr, target))
+    let first = caller.first_bytes.clone();
+    let first_bytes = first.len();
+    let stream = tokio::time::timeout(timeout, send(sender, req, first, addr, target))
         .await
         .map_err(|_| HboneError::Timeout {
             addr,
@@ -474,20 +483,26 @@ async fn request(
         })??;
     // On the connection's span, with its traceparent (the access log line
     // stands apart from spans, as ztunnel's).
-    debug!(%addr, authority = %target, "HBONE tunnel open");
+    debug!(%addr, authority = %target, first_bytes, "HBONE tunnel open");
     Ok(stream)
 }
 
 async fn send(
     sender: Sender,
     req: Request<()>,
+    first: Bytes,
     addr: SocketAddr,
     target: SocketAddr,
 ) -> Result<H2Stream, HboneError> {
     let http = |source| HboneError::Http { addr, source };
     // Waits while the connection has as many streams open as the peer allows.
     let mut h2 = sender.h2.ready().await.map_err(http)?;
-    let (response, send) = h2.send_request(req, false).map_err(http)?;
+    let (response, mut send) = h2.send_request(req, false).map_err(http)?;
+    if !first.is_empty() {
+        // Within the stream's initial window: h2 queues it behind the
+        // HEADERS, and the connection's task writes both at once.
+        send.send_data(first, false).map_err(http)?;
+    }
     let resp = response.await.map_err(http)?;
     if resp.status() != StatusCode::OK {
         return Err(HboneError::Status {

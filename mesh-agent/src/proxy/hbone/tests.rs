@@ -92,6 +92,8 @@ enum Answer {
     Echo,
     /// Never.
     Silent,
+    /// 503, as an agent whose app refused the connection.
+    Refuse,
     /// As `Echo`, but the first connection sends GOAWAY as soon as its
     /// first stream is open (as a draining agent does) and goes on
     /// carrying that stream.
@@ -206,8 +208,10 @@ async fn echo(mut io: H2Stream) {
 }
 
 async fn respond(req: Connect, answer: Answer, open: Arc<AtomicUsize>) {
-    if answer == Answer::Silent {
-        std::future::pending::<()>().await;
+    match answer {
+        Answer::Silent => std::future::pending::<()>().await,
+        Answer::Refuse => return req.refuse(StatusCode::SERVICE_UNAVAILABLE),
+        Answer::Echo | Answer::DrainFirst => {}
     }
     struct Closed(Arc<AtomicUsize>);
     impl Drop for Closed {
@@ -241,6 +245,11 @@ impl Client {
     }
 
     async fn call(&self, via: IpAddr) -> Result<Tunnel, HboneError> {
+        self.call_with(via, Bytes::new()).await
+    }
+
+    /// [`Client::call`] for an app that has already sent `first_bytes`.
+    async fn call_with(&self, via: IpAddr, first_bytes: Bytes) -> Result<Tunnel, HboneError> {
         let dialer = Dialer {
             netns: None,
             certs: &self.certs,
@@ -251,6 +260,7 @@ impl Client {
             service: None,
             cluster: "Kubernetes",
             service_identities: &self.also,
+            first_bytes,
         };
         self.pool
             .connect(
@@ -853,4 +863,41 @@ async fn a_tunnel_that_is_not_read_leaves_room_for_the_others() {
         }
     })
     .await
+}
+
+/// What the app had sent before its tunnel was asked for goes with the
+/// CONNECT: it arrives first and once, ahead of what is written on the
+/// tunnel after; a refusing endpoint drops it, and the next endpoint
+/// tried is sent it again.
+#[tokio::test]
+async fn the_first_bytes_go_with_the_connect_and_again_after_a_refusal() {
+    within(async {
+        let dir = TempDir::new("first-bytes");
+        let certs = certs(&dir);
+        let (refusing, echoing) = (loopback(40), loopback(41));
+        let _refuser = hbone_server(refusing, &certs, Answer::Refuse).await;
+        let _echo = hbone_server(echoing, &certs, Answer::Echo).await;
+        let client = Client::new(certs, quick());
+        let first = Bytes::from_static(b"GET / HTTP/1.1\r\nhost: web\r\n\r\n");
+        match client.call_with(refusing, first.clone()).await {
+            Err(HboneError::Status { status, .. }) => {
+                assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE)
+            }
+            Err(e) => panic!("refused with {e}"),
+            Ok(_) => panic!("the refusing endpoint opened a tunnel"),
+        }
+        let mut tunnel = client.call_with(echoing, first.clone()).await.unwrap();
+        tunnel.write_all(b"and the rest").await.unwrap();
+        let mut want = first.to_vec();
+        want.extend_from_slice(b"and the rest");
+        let mut back = vec![0u8; want.len()];
+        tunnel.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, want);
+        // Nothing more: the first bytes came back once.
+        tunnel.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        tunnel.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "{rest:?}");
+    })
+    .await;
 }
