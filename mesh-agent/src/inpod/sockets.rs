@@ -118,8 +118,8 @@ pub fn local_app_source(client: IpAddr, dst: IpAddr) -> (IpAddr, bool) {
 /// A marked, non-blocking socket for connecting out of the pod. Call inside
 /// the pod namespace.
 pub fn connect_socket(dst: SocketAddr) -> io::Result<std::net::TcpStream> {
-    let s = Socket::new(Domain::for_address(dst), Type::STREAM, None)?;
-    s.set_nonblocking(true)?;
+    // Non-blocking from the start: no `fcntl` calls after it.
+    let s = Socket::new(Domain::for_address(dst), Type::STREAM.nonblocking(), None)?;
     s.set_tcp_nodelay(true)?;
     s.set_mark(AGENT_MARK)?;
     Ok(s.into())
@@ -130,8 +130,7 @@ pub fn connect_socket(dst: SocketAddr) -> io::Result<std::net::TcpStream> {
 /// The port is the caller's to pick, so that inbound capture can be told
 /// the connection's 4-tuple before its SYN is sent.
 pub fn local_app_socket(src: SocketAddr, transparent: bool) -> io::Result<std::net::TcpStream> {
-    let s = Socket::new(Domain::for_address(src), Type::STREAM, None)?;
-    s.set_nonblocking(true)?;
+    let s = Socket::new(Domain::for_address(src), Type::STREAM.nonblocking(), None)?;
     s.set_tcp_nodelay(true)?;
     if transparent {
         // The app's replies to this non-local address carry the SYN's mark

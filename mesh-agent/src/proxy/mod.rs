@@ -379,7 +379,9 @@ where
         }
         () = revoked => SpliceEnd::Revoked,
     };
-    if matches!(end, SpliceEnd::Done(_)) {
+    // A relay that ended well has shut both write sides down already; one
+    // that failed tells both peers the end it could not pass on.
+    if matches!(end, SpliceEnd::Done(Err(_))) {
         let _ = client.shutdown().await;
         let _ = server.shutdown().await;
     }
