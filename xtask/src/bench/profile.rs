@@ -105,7 +105,8 @@ pub fn summarize(report: &str, top: usize) -> String {
 /// 1-stream iperf3 run, then during a new-connections run (connect, one
 /// request, close, as fast as they go), and writes each summary, then its
 /// whole report, to `file` and to `file` with `-connections` before its
-/// extension.
+/// extension; then counts their system calls per new connection (one
+/// client thread) into `file` with `-syscalls`.
 pub fn record(
     tb: &Testbed,
     client: &Pod,
@@ -130,7 +131,86 @@ pub fn record(
         let r = load(tb, client, targets.http, 4, 0.0, seconds, true)?;
         let rate = r["rps"].as_f64().unwrap_or(f64::NAN);
         Ok(format!("new connections (1 request each) at {rate:.0}/s"))
+    })?;
+    let syscalls = file.with_file_name(format!("{stem}-syscalls.txt"));
+    count_syscalls(agents, seconds, &syscalls, || {
+        let r = load(tb, client, targets.http, 1, 0.0, seconds, true)?;
+        Ok(r["requests"].as_f64().unwrap_or(f64::NAN))
     })
+}
+
+/// The agents' system calls per new connection: `perf trace -s` counts
+/// them while `run` opens connections one at a time (tracing slows each
+/// call, so the rate means nothing here; the count per connection does)
+/// and returns how many it opened. The table goes to `file`.
+fn count_syscalls(
+    agents: &[u32],
+    seconds: f64,
+    file: &FsPath,
+    run: impl FnOnce() -> anyhow::Result<f64>,
+) -> anyhow::Result<()> {
+    let pids: Vec<String> = agents.iter().map(u32::to_string).collect();
+    let summary = file.with_extension("trace");
+    // Longer than the run: every connection's calls are in.
+    let mut perf = Command::new("perf")
+        .args(["trace", "-s", "-p", &pids.join(","), "-o"])
+        .arg(&summary)
+        .args(["--", "sleep", &format!("{}", seconds + 1.0)])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running perf trace (apt-get install linux-perf)")?;
+    let connections = match run() {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = perf.kill();
+            let _ = perf.wait();
+            return Err(e);
+        }
+    };
+    let out = perf.wait_with_output()?;
+    ensure!(
+        out.status.success(),
+        "perf trace failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = per_connection(&std::fs::read_to_string(&summary)?, connections);
+    println!("{table}");
+    std::fs::write(file, table)?;
+    println!("    system calls: {}", file.display());
+    Ok(())
+}
+
+/// `perf trace -s` output (a table per thread: `name calls errors ...`)
+/// summed by call over every thread, per connection, most frequent first.
+pub fn per_connection(summary: &str, connections: f64) -> String {
+    let mut calls: std::collections::BTreeMap<&str, u64> = Default::default();
+    for line in summary.lines() {
+        let mut words = line.split_whitespace();
+        let (Some(name), Some(n)) = (words.next(), words.next()) else {
+            continue;
+        };
+        let (Ok(n), Some(_errors)) = (n.parse::<u64>(), words.next()) else {
+            continue;
+        };
+        if name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        {
+            *calls.entry(name).or_default() += n;
+        }
+    }
+    let mut rows: Vec<(&str, u64)> = calls.into_iter().collect();
+    rows.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    let total: u64 = rows.iter().map(|r| r.1).sum();
+    let mut out = format!(
+        "the agents' system calls per new connection ({connections:.0} connections):\n  {:6.1}  all\n",
+        total as f64 / connections
+    );
+    for (name, n) in rows {
+        out.push_str(&format!("  {:6.2}  {name}\n", n as f64 / connections));
+    }
+    out
 }
 
 /// `perf record` of `agents` while `run` runs; `run` says what it did.
@@ -188,6 +268,31 @@ fn record_during(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn system_calls_are_summed_over_threads_per_connection() {
+        let summary = "
+ Summary of events:
+
+ tokio-rt-worker (18556), 44836 events, 22.7%
+
+   syscall            calls  errors  total       min       avg       max       stddev
+                                     (msec)    (msec)    (msec)    (msec)        (%)
+   --------------- --------  ------ -------- --------- --------- ---------     ------
+   writev               400      0    71.472     0.021     0.030     0.192      0.69%
+   epoll_wait           100      0   752.276     0.011     0.331     4.515      3.82%
+
+ tokio-rt-worker (18557), 44712 events, 22.7%
+
+   syscall            calls  errors  total       min       avg       max       stddev
+   --------------- --------  ------ -------- --------- --------- ---------     ------
+   writev               200      0    71.472     0.021     0.030     0.192      0.69%
+";
+        let t = per_connection(summary, 100.0);
+        assert!(t.contains("(100 connections)"), "{t}");
+        assert!(t.contains("     7.0  all"), "{t}");
+        assert!(t.contains("    6.00  writev\n    1.00  epoll_wait"), "{t}");
+    }
 
     #[test]
     fn perf_lines_fall_into_their_categories() {
