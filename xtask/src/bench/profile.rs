@@ -149,31 +149,9 @@ fn count_syscalls(
     file: &FsPath,
     run: impl FnOnce() -> anyhow::Result<f64>,
 ) -> anyhow::Result<()> {
-    let pids: Vec<String> = agents.iter().map(u32::to_string).collect();
     let summary = file.with_extension("trace");
     // Longer than the run: every connection's calls are in.
-    let mut perf = Command::new("perf")
-        .args(["trace", "-s", "-p", &pids.join(","), "-o"])
-        .arg(&summary)
-        .args(["--", "sleep", &format!("{}", seconds + 1.0)])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("running perf trace (apt-get install linux-perf)")?;
-    let connections = match run() {
-        Ok(n) => n,
-        Err(e) => {
-            let _ = perf.kill();
-            let _ = perf.wait();
-            return Err(e);
-        }
-    };
-    let out = perf.wait_with_output()?;
-    ensure!(
-        out.status.success(),
-        "perf trace failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let connections = perf_during(&["trace", "-s"], agents, &summary, seconds + 1.0, run)?;
     let table = per_connection(&std::fs::read_to_string(&summary)?, connections);
     println!("{table}");
     std::fs::write(file, table)?;
@@ -213,6 +191,43 @@ pub fn per_connection(summary: &str, connections: f64) -> String {
     out
 }
 
+/// `perf <command...> -p <agents> -o <out> -- sleep <seconds>` while `run`
+/// runs; perf is stopped if `run` fails, and must succeed otherwise.
+fn perf_during<T>(
+    command: &[&str],
+    agents: &[u32],
+    out: &FsPath,
+    seconds: f64,
+    run: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let pids: Vec<String> = agents.iter().map(u32::to_string).collect();
+    let mut perf = Command::new("perf")
+        .args(command)
+        .args(["-p", &pids.join(","), "-o"])
+        .arg(out)
+        .args(["--", "sleep", &format!("{seconds}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running perf (apt-get install linux-perf)")?;
+    let done = match run() {
+        Ok(done) => done,
+        Err(e) => {
+            let _ = perf.kill();
+            let _ = perf.wait();
+            return Err(e);
+        }
+    };
+    let status = perf.wait_with_output()?;
+    ensure!(
+        status.status.success(),
+        "perf {} failed: {}",
+        command[0],
+        String::from_utf8_lossy(&status.stderr)
+    );
+    Ok(done)
+}
+
 /// `perf record` of `agents` while `run` runs; `run` says what it did.
 fn record_during(
     agents: &[u32],
@@ -222,28 +237,7 @@ fn record_during(
 ) -> anyhow::Result<()> {
     let data = file.with_extension("data");
     let pids: Vec<String> = agents.iter().map(u32::to_string).collect();
-    let mut perf = Command::new("perf")
-        .args(["record", "-F", "999", "-p", &pids.join(","), "-o"])
-        .arg(&data)
-        .args(["--", "sleep", &format!("{seconds}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("running perf (apt-get install linux-perf)")?;
-    let what = match run() {
-        Ok(what) => what,
-        Err(e) => {
-            let _ = perf.kill();
-            let _ = perf.wait();
-            return Err(e);
-        }
-    };
-    let out = perf.wait_with_output()?;
-    ensure!(
-        out.status.success(),
-        "perf record failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let what = perf_during(&["record", "-F", "999"], agents, &data, seconds, run)?;
     let report = Command::new("perf")
         .args(["report", "--stdio", "--no-children", "--sort", "dso,symbol"])
         .args(["--percent-limit", "0", "-i"])
