@@ -408,8 +408,8 @@ impl<S> Counted<S> {
         }
     }
 
-    /// Counts `n` bytes read from the stream before it was wrapped (the
-    /// client's first bytes, sent with its CONNECT).
+    /// Counts `n` bytes read: by [`AsyncRead`], or before the stream was
+    /// wrapped (the client's first bytes, sent with its CONNECT).
     pub fn count_read(&mut self, n: usize) {
         let n = n as u64;
         if n > 0 {
@@ -429,13 +429,8 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let n = (buf.filled().len() - before) as u64;
-        if n > 0 {
-            self.read += n;
-            if let Some(m) = &self.meters {
-                m.request.inc_by(n);
-            }
-        }
+        let n = buf.filled().len() - before;
+        self.count_read(n);
         r
     }
 }
