@@ -21,6 +21,13 @@ pub enum LogFormat {
     Json,
 }
 
+/// `--runtime`: see [`NodeArgs::runtime`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RuntimeKind {
+    Sharded,
+    Shared,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the node agent: load capture, serve enrolled pods.
@@ -138,9 +145,19 @@ pub struct NodeArgs {
     /// never through a waypoint, never to another node.
     #[arg(long, env = "MESH_SAME_NODE_PLAINTEXT")]
     pub same_node_plaintext: bool,
-    /// Runtime worker threads (default: one per core).
+    /// Threads that serve connections (default: one per core): shards
+    /// under `--runtime sharded`, the runtime's workers under `shared`.
     #[arg(long, env = "MESH_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
+    /// How connections are spread over the threads. `sharded`: each
+    /// connection is served whole by one thread (one single-threaded
+    /// runtime per thread, HBONE connections pooled per thread), so its
+    /// bytes cross no thread in the agent; `shared`: one work-stealing
+    /// runtime, a connection's tasks run on any thread (more hand-offs
+    /// between threads, but one busy connection between two pods of this
+    /// node can use two cores). See the README's Performance section.
+    #[arg(long, env = "MESH_RUNTIME", value_enum, default_value_t = RuntimeKind::Sharded)]
+    pub runtime: RuntimeKind,
     #[command(flatten)]
     pub mesh: MeshArgs,
 }

@@ -20,11 +20,12 @@ mod inpod;
 mod limit;
 mod metrics;
 mod proxy;
+mod shards;
 mod state;
 mod sync;
 mod waypoint;
 
-use config::{Cli, Command, LogFormat, NodeArgs, PodsCommand, UninstallArgs};
+use config::{Cli, Command, LogFormat, NodeArgs, PodsCommand, RuntimeKind, UninstallArgs};
 
 fn main() -> anyhow::Result<()> {
     one_malloc_arena();
@@ -42,11 +43,21 @@ fn main() -> anyhow::Result<()> {
         Command::Waypoint(args) | Command::Gateway(args) => {
             rt.worker_threads(args.worker_threads.max(1));
         }
-        Command::Node(args) => {
-            if let Some(n) = args.worker_threads {
-                rt.worker_threads(n.max(1));
+        Command::Node(args) => match args.runtime {
+            RuntimeKind::Sharded => {
+                let n = args.worker_threads.unwrap_or_else(|| {
+                    std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+                });
+                shards::install(shards::Shards::start(n).context("starting the shard threads")?);
+                // Listeners, the control plane and the admin servers.
+                rt.worker_threads(1);
             }
-        }
+            RuntimeKind::Shared => {
+                if let Some(n) = args.worker_threads {
+                    rt.worker_threads(n.max(1));
+                }
+            }
+        },
         _ => {}
     }
     let rt = rt.enable_all().build()?;
@@ -99,6 +110,7 @@ async fn node(args: NodeArgs, log_filter: admin::LogFilter) -> anyhow::Result<()
         root_namespace = %args.mesh.root_namespace,
         cert_ttl = ?args.mesh.cert_ttl,
         same_node_plaintext = args.same_node_plaintext,
+        runtime = ?args.runtime,
         "starting node agent"
     );
     std::fs::create_dir_all(&args.state_dir)

@@ -1607,3 +1607,63 @@ fn same_node_plaintext_keeps_identity_policy_and_metrics_without_hbone() -> anyh
     )?;
     Ok(())
 }
+
+/// Both runtimes (`--runtime sharded`, the default, and `shared`) carry
+/// concurrent connections to a pod of another node and to one of the same
+/// node: every byte echoed, and the destination's agent counting each with
+/// the client's identity over mutual TLS. Sharded, an HBONE connection
+/// between two pods of one node is served on the shard that dials it.
+#[test]
+fn both_runtimes_carry_concurrent_connections_within_and_across_nodes() -> anyhow::Result<()> {
+    const CALLS: usize = 6;
+    const BYTES: usize = 256 << 10;
+    for (runtime, logged) in [("sharded", "runtime=Sharded"), ("shared", "runtime=Shared")] {
+        let mut shop = Shop::new(2)?;
+        let client = shop.pod(0, "client", "shop", "client", &[])?;
+        let near = shop.pod(0, "near", "shop", "near", &[])?;
+        let far = shop.pod(1, "far", "shop", "far", &[])?;
+        shop.tb.serve(&near, any6(APP_PORT))?;
+        shop.tb.serve(&far, any6(APP_PORT))?;
+        let args = ["--runtime", runtime, "--worker-threads", "2"];
+        shop.start(&[&client, &near, &far], &args)?;
+        let tb = &shop.tb;
+        assert!(
+            tb.agent(0).log_text().contains(logged),
+            "{runtime}: not in the log"
+        );
+        std::thread::scope(|s| -> anyhow::Result<()> {
+            let calls: Vec<_> = (0..CALLS)
+                .flat_map(|_| [&near, &far])
+                .map(|server| {
+                    let client = &client;
+                    s.spawn(move || tb.connect(client, sa(server.ip4, APP_PORT), BYTES))
+                })
+                .collect();
+            for call in calls {
+                let r = call.join().expect("connect thread")?;
+                assert!(ok(&r), "{runtime}: {r}");
+                assert_eq!(r["received"], BYTES, "{runtime}: {r}");
+            }
+            Ok(())
+        })?;
+        for (node, server) in [(0, "near"), (1, "far")] {
+            let opened = series_sum(
+                &tb.agent(node).metrics()?,
+                "istio_tcp_connections_opened_total",
+                &[
+                    ("reporter", "destination"),
+                    ("source_principal", &id("shop", "client")),
+                    ("destination_principal", &id("shop", server)),
+                    ("connection_security_policy", "mutual_tls"),
+                ],
+            )?;
+            assert_eq!(opened, CALLS as f64, "{runtime}: {server}");
+        }
+        let same_shard = tb
+            .agent(0)
+            .log_text()
+            .contains("served on the shard that dials it");
+        assert_eq!(same_shard, runtime == "sharded", "{runtime}");
+    }
+    Ok(())
+}

@@ -18,7 +18,7 @@ use tokio::{
     sync::watch,
     task::JoinHandle,
 };
-use tracing::{Instrument as _, info_span, warn};
+use tracing::{Instrument as _, debug, info_span, warn};
 
 use crate::{
     capture::Capture,
@@ -206,21 +206,48 @@ pub fn spawn_listener(pod: Arc<PodCtx>, listener: PodListener) -> io::Result<Joi
                         client = %peer,
                         traceparent = tracing::field::Empty
                     );
-                    spawn_synced(pod, direction, span, (admitted, socket), move |pod| {
-                        outbound::serve(pod, stream, peer)
-                    });
+                    spawn_synced(
+                        pod,
+                        direction,
+                        span,
+                        (admitted, socket),
+                        stream,
+                        None,
+                        move |pod, stream| outbound::serve(pod, stream, peer),
+                    );
                 }
                 Role::InboundPlaintext => {
                     let span = info_span!("inbound_plaintext", pod = %pod.name, client = %peer);
-                    spawn_synced(pod, direction, span, (admitted, socket), move |pod| {
-                        inbound::serve(pod, stream, peer)
-                    });
+                    spawn_synced(
+                        pod,
+                        direction,
+                        span,
+                        (admitted, socket),
+                        stream,
+                        None,
+                        move |pod, stream| inbound::serve(pod, stream, peer),
+                    );
                 }
                 Role::Hbone => {
                     let span = info_span!("inbound", pod = %pod.name, client = %peer);
-                    spawn_synced(pod, direction, span, (admitted, socket), move |pod| {
-                        hbone::serve(pod, stream, peer)
-                    });
+                    // From a pod of this node: served on the shard that
+                    // dials it (see `crate::shards`).
+                    let prefer = stream
+                        .local_addr()
+                        .ok()
+                        .and_then(|local| crate::shards::dialled_by(peer, local));
+                    if let Some(shard) = prefer {
+                        debug!(shard, client = %peer, "HBONE connection from this agent: served on the shard that dials it");
+                    }
+                    spawn_synced(
+                        pod,
+                        direction,
+                        span,
+                        (admitted, socket),
+                        stream,
+                        prefer,
+                        move |pod, stream| hbone::serve(pod, stream, peer),
+                    );
                 }
             }
         }
@@ -256,11 +283,13 @@ fn spawn_synced<F>(
     direction: &'static str,
     span: tracing::Span,
     admitted: (crate::limit::Admitted, crate::metrics::SocketGuard),
-    serve: impl FnOnce(Arc<PodCtx>) -> F + Send + 'static,
+    stream: TcpStream,
+    prefer: Option<usize>,
+    serve: impl FnOnce(Arc<PodCtx>, TcpStream) -> F + Send + 'static,
 ) where
     F: Future<Output = ()> + Send + 'static,
 {
-    let task = async move {
+    let task = move |stream| async move {
         let _admitted = admitted;
         if !pod.shared.synced().await {
             pod.shared.metrics.connection(direction, "not_synced");
@@ -270,9 +299,9 @@ fn spawn_synced<F>(
             );
             return;
         }
-        serve(pod).await;
+        serve(pod, stream).await;
     };
-    tokio::spawn(task.instrument(span));
+    crate::shards::spawn_connection(stream, prefer, move |stream| task(stream).instrument(span));
 }
 
 /// Connects from inside the pod's namespace with the agent's mark: out of
@@ -342,6 +371,31 @@ pub async fn connect_from(netns: Option<&Netns>, dst: SocketAddr) -> io::Result<
         None => connect_socket(dst)?,
     };
     connect_std(std, dst).await
+}
+
+/// [`connect_from`], the source port picked (bound) before the SYN and
+/// passed to `note` first, with what it returns kept until the connection
+/// is set up.
+pub async fn connect_from_noting<T>(
+    netns: Option<&Netns>,
+    dst: SocketAddr,
+    note: impl FnOnce(u16) -> T,
+) -> io::Result<(TcpStream, T)> {
+    let bound = || -> io::Result<std::net::TcpStream> {
+        let s = connect_socket(dst)?;
+        let any: SocketAddr = match dst {
+            SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+            SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+        };
+        socket2::SockRef::from(&s).bind(&any.into())?;
+        Ok(s)
+    };
+    let std = match netns {
+        Some(netns) => netns.run(bound).map_err(io::Error::other)??,
+        None => bound()?,
+    };
+    let noted = note(std.local_addr()?.port());
+    Ok((connect_std(std, dst).await?, noted))
 }
 
 async fn connect_std(std: std::net::TcpStream, dst: SocketAddr) -> io::Result<TcpStream> {

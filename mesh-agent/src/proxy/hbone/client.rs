@@ -26,7 +26,7 @@ use super::{
     Buffered, CLIENT_MAX_STREAMS, CONN_WINDOW, H2Stream, HANDSHAKE_TIMEOUT, MAX_FRAME,
     STREAM_WINDOW, Timers, keepalive,
 };
-use crate::proxy::{Dialer, connect_from};
+use crate::proxy::{Dialer, connect_from, connect_from_noting};
 use crate::sync::LockExt as _;
 use crate::waypoint::trace::TraceParent;
 use crate::{
@@ -78,6 +78,10 @@ impl Pooled {
 /// at most: one per core, so that the TLS work of parallel streams, which
 /// runs in each connection's own task, can use every core.
 pub(super) fn conns_per_peer() -> usize {
+    if crate::shards::current().is_some() {
+        // A shard is one thread: its streams spread over the shards.
+        return 1;
+    }
     static N: OnceLock<usize> = OnceLock::new();
     *N.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(8)))
 }
@@ -155,6 +159,10 @@ struct PoolKey {
     /// that proved one of them serves only calls that accept them too.
     also: Vec<Identity>,
     addr: SocketAddr,
+    /// The connection shard the streams run on (see `crate::shards`): each
+    /// shard pools its own connections, so that a stream and the
+    /// connection carrying it run on one thread.
+    shard: Option<usize>,
 }
 
 /// Pooled HBONE connections of one pod (they are opened from its network
@@ -280,6 +288,7 @@ impl Pool {
             dst: dst.clone(),
             also: caller.service_identities.to_vec(),
             addr: SocketAddr::new(via, PORT_HBONE),
+            shard: crate::shards::current(),
         };
         // The stream is counted on its connection as soon as it is chosen,
         // so that concurrent calls spread instead of all picking it.
@@ -329,9 +338,17 @@ impl Pool {
         key: &PoolKey,
     ) -> Result<(Sender, ActiveStream), HboneError> {
         let addr = key.addr;
-        let tcp = connect_from(dialer.netns, addr)
+        let (tcp, _dialling) = if crate::shards::current().is_some() {
+            connect_from_noting(dialer.netns, addr, |port| {
+                crate::shards::dialling(port, addr)
+            })
             .await
-            .map_err(|source| HboneError::Connect { addr, source })?;
+        } else {
+            connect_from(dialer.netns, addr)
+                .await
+                .map(|tcp| (tcp, None))
+        }
+        .map_err(|source| HboneError::Connect { addr, source })?;
         let config = dialer
             .certs
             .client_config_for(&key.src, &key.dst, &key.also)
