@@ -583,8 +583,13 @@ const FIRST_BYTES: usize = 4096;
 /// nothing (and nothing taken) if it has sent nothing yet, has closed its
 /// side, or the read fails: the splice reads on from where this stopped.
 fn read_ahead(client: &TcpStream) -> Bytes {
+    use std::io::Read as _;
     let mut buf = [0u8; FIRST_BYTES];
-    match client.try_read(&mut buf) {
+    // Straight from the (non-blocking) socket, not through the runtime's
+    // readiness: a connection just handed to its shard is registered
+    // there, and the shard's reactor has not polled it yet, so tokio's
+    // `try_read` would answer "not ready" without looking.
+    match (&*socket2::SockRef::from(client)).read(&mut buf) {
         Ok(n) => Bytes::copy_from_slice(&buf[..n]),
         Err(_) => Bytes::new(),
     }
