@@ -197,39 +197,22 @@ pub fn spawn_listener(pod: Arc<PodCtx>, listener: PodListener) -> io::Result<Joi
             let _ = stream.set_nodelay(true);
             let pod = pod.clone();
             let socket = pod.shared.metrics.socket_open(reporter);
-            match role {
-                Role::Outbound => {
-                    // `traceparent`: the tunnel's, recorded when HBONE opens one.
-                    let span = info_span!(
+            let (span, prefer) = match role {
+                // `traceparent`: the tunnel's, recorded when HBONE opens one.
+                Role::Outbound => (
+                    info_span!(
                         "outbound",
                         pod = %pod.name,
                         client = %peer,
                         traceparent = tracing::field::Empty
-                    );
-                    spawn_synced(
-                        pod,
-                        direction,
-                        span,
-                        (admitted, socket),
-                        stream,
-                        None,
-                        move |pod, stream| outbound::serve(pod, stream, peer),
-                    );
-                }
-                Role::InboundPlaintext => {
-                    let span = info_span!("inbound_plaintext", pod = %pod.name, client = %peer);
-                    spawn_synced(
-                        pod,
-                        direction,
-                        span,
-                        (admitted, socket),
-                        stream,
-                        None,
-                        move |pod, stream| inbound::serve(pod, stream, peer),
-                    );
-                }
+                    ),
+                    None,
+                ),
+                Role::InboundPlaintext => (
+                    info_span!("inbound_plaintext", pod = %pod.name, client = %peer),
+                    None,
+                ),
                 Role::Hbone => {
-                    let span = info_span!("inbound", pod = %pod.name, client = %peer);
                     // From a pod of this node: served on the shard that
                     // dials it (see `crate::shards`).
                     let prefer = stream
@@ -239,17 +222,28 @@ pub fn spawn_listener(pod: Arc<PodCtx>, listener: PodListener) -> io::Result<Joi
                     if let Some(shard) = prefer {
                         debug!(shard, client = %peer, "HBONE connection from this agent: served on the shard that dials it");
                     }
-                    spawn_synced(
-                        pod,
-                        direction,
-                        span,
-                        (admitted, socket),
-                        stream,
+                    (
+                        info_span!("inbound", pod = %pod.name, client = %peer),
                         prefer,
-                        move |pod, stream| hbone::serve(pod, stream, peer),
-                    );
+                    )
                 }
-            }
+            };
+            let admitted = (admitted, socket);
+            spawn_synced(
+                pod,
+                direction,
+                span,
+                admitted,
+                stream,
+                prefer,
+                move |pod, stream| async move {
+                    match role {
+                        Role::Outbound => outbound::serve(pod, stream, peer).await,
+                        Role::InboundPlaintext => inbound::serve(pod, stream, peer).await,
+                        Role::Hbone => hbone::serve(pod, stream, peer).await,
+                    }
+                },
+            );
         }
     }))
 }
