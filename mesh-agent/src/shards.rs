@@ -54,8 +54,9 @@ impl Shards {
     /// Starts `n` (at least one) shard threads; they run for the life of
     /// the process.
     pub fn start(n: usize) -> io::Result<Shards> {
-        let mut shards = Vec::with_capacity(n.max(1));
-        for i in 0..n.max(1) {
+        let n = n.max(1);
+        let mut shards = Vec::with_capacity(n);
+        for i in 0..n {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;

@@ -358,12 +358,7 @@ async fn connect_local_app(pod: &PodCtx, client: IpAddr, dst: SocketAddr) -> io:
 /// Connects from `netns` (None: where the process runs) with the agent's
 /// mark, out of the pod.
 pub async fn connect_from(netns: Option<&Netns>, dst: SocketAddr) -> io::Result<TcpStream> {
-    let std = match netns {
-        Some(netns) => netns
-            .run(|| connect_socket(dst))
-            .map_err(io::Error::other)??,
-        None => connect_socket(dst)?,
-    };
+    let std = socket_in(netns, || connect_socket(dst))?;
     connect_std(std, dst).await
 }
 
@@ -375,7 +370,7 @@ pub async fn connect_from_noting<T>(
     dst: SocketAddr,
     note: impl FnOnce(u16) -> T,
 ) -> io::Result<(TcpStream, T)> {
-    let bound = || -> io::Result<std::net::TcpStream> {
+    let std = socket_in(netns, || {
         let s = connect_socket(dst)?;
         let any: SocketAddr = match dst {
             SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
@@ -383,13 +378,20 @@ pub async fn connect_from_noting<T>(
         };
         socket2::SockRef::from(&s).bind(&any.into())?;
         Ok(s)
-    };
-    let std = match netns {
-        Some(netns) => netns.run(bound).map_err(io::Error::other)??,
-        None => bound()?,
-    };
+    })?;
     let noted = note(std.local_addr()?.port());
     Ok((connect_std(std, dst).await?, noted))
+}
+
+/// A socket made by `make` inside `netns` (None: where the process runs).
+fn socket_in(
+    netns: Option<&Netns>,
+    make: impl FnOnce() -> io::Result<std::net::TcpStream>,
+) -> io::Result<std::net::TcpStream> {
+    match netns {
+        Some(netns) => netns.run(make).map_err(io::Error::other)?,
+        None => make(),
+    }
 }
 
 async fn connect_std(std: std::net::TcpStream, dst: SocketAddr) -> io::Result<TcpStream> {
