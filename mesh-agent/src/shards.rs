@@ -14,18 +14,28 @@
 //! Between two pods of one node, the destination's side of an HBONE
 //! connection is served on the shard that dialled it ([`dialling`],
 //! [`dialled_by`]): the call runs on one thread end to end, as it would
-//! on each of two nodes.
+//! on each of two nodes. Once such a connection proves bulk (megabytes
+//! within a fraction of a second) while another shard is mostly idle and
+//! far less busy than its own, the destination's side (the HBONE connection, then the
+//! splices of its bulk streams) moves there ([`ask_to_move`],
+//! [`move_to`], [`Rehome`]), so that the call uses two cores as it would
+//! across two nodes; when the bulk ends it moves back, and
+//! request/response calls between two pods of one node run on one thread
+//! again.
 
 use std::{
     cell::Cell,
     collections::HashMap,
-    future::Future,
+    future::{Future, poll_fn},
     io,
     net::SocketAddr,
+    pin::Pin,
     sync::{
         Mutex, OnceLock,
         atomic::{AtomicUsize, Ordering},
     },
+    task::{Context, Poll},
+    time::{Duration, Instant},
 };
 
 use tokio::{net::TcpStream, runtime::Handle};
@@ -38,13 +48,32 @@ static INSTALLED: OnceLock<Shards> = OnceLock::new();
 thread_local! {
     /// The shard this thread runs, if it is one.
     static CURRENT: Cell<Option<usize>> = const { Cell::new(None) };
+    /// Where the task being polled asked to move ([`ask_to_move`]).
+    static MOVE_ASKED: Cell<Option<MoveTo>> = const { Cell::new(None) };
 }
 
 struct Shard {
     handle: Handle,
     /// Connections it serves now.
     open: AtomicUsize,
+    load: Mutex<Load>,
 }
+
+/// A shard's busy time, sampled.
+struct Load {
+    since: Instant,
+    /// The runtime's busy time at `since`.
+    busy: Duration,
+    /// Busy share of the last window that ended recently.
+    share: Option<f64>,
+}
+
+/// The shortest window a shard's load is measured over.
+const LOAD_WINDOW: Duration = Duration::from_millis(100);
+/// A shard busy less than this share of its time is mostly idle.
+const MOSTLY_IDLE: f64 = 0.5;
+/// A task moves to a mostly idle shard only from one busier by this much.
+const BUSIER_BY: f64 = 0.3;
 
 pub struct Shards {
     shards: Vec<Shard>,
@@ -70,6 +99,11 @@ impl Shards {
             shards.push(Shard {
                 handle,
                 open: AtomicUsize::new(0),
+                load: Mutex::new(Load {
+                    since: Instant::now(),
+                    busy: Duration::ZERO,
+                    share: None,
+                }),
             });
         }
         Ok(Shards { shards })
@@ -101,18 +135,100 @@ impl Shards {
             }
         };
         let i = self.pick(prefer);
-        let shard = &self.shards[i];
-        shard.open.fetch_add(1, Ordering::Relaxed);
-        let open = Open(&shard.open);
-        shard.handle.spawn(async move {
-            let _open = open;
-            match TcpStream::from_std(std) {
-                Ok(stream) => serve(stream).await,
-                Err(e) => {
-                    tracing::warn!(error = %e, "registering a connection on its shard; closed")
+        let open = self.count_on(i);
+        self.shards[i].handle.spawn(Movable {
+            shards: self,
+            inner: Box::pin(async move {
+                match TcpStream::from_std(std) {
+                    Ok(stream) => serve(stream).await,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "registering a connection on its shard; closed")
+                    }
                 }
-            }
+            }),
+            open: Some(open),
         });
+    }
+
+    /// Counts a connection on shard `i` while the result lives.
+    fn count_on(&'static self, i: usize) -> Open {
+        let open = &self.shards[i].open;
+        open.fetch_add(1, Ordering::Relaxed);
+        Open(open)
+    }
+
+    /// The share of its time shard `i` was busy over its last window (at
+    /// least [`LOAD_WINDOW`] long), if that ended within a few windows: a
+    /// shard asked after a long pause answers from the next window on.
+    fn busy_share(&self, i: usize) -> Option<f64> {
+        let shard = &self.shards[i];
+        let busy = shard.handle.metrics().worker_total_busy_duration(0);
+        let now = Instant::now();
+        let mut load = shard.load.locked();
+        let window = now - load.since;
+        if window >= LOAD_WINDOW {
+            load.share = (window < 4 * LOAD_WINDOW)
+                .then(|| busy.saturating_sub(load.busy).as_secs_f64() / window.as_secs_f64());
+            load.since = now;
+            load.busy = busy;
+        }
+        load.share
+    }
+
+    /// The idlest shard, if it is mostly idle and shard `here` is busier
+    /// by [`BUSIER_BY`].
+    fn idler_than(&self, here: usize) -> Option<usize> {
+        let busy = self.busy_share(here)?;
+        (0..self.shards.len())
+            .filter(|&i| i != here)
+            .filter_map(|i| Some((i, self.busy_share(i)?)))
+            .filter(|&(_, share)| share < MOSTLY_IDLE && share + BUSIER_BY <= busy)
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .map(|(i, _)| i)
+    }
+
+    /// The shard a task on `here` that asks for `to` goes to, if any.
+    fn target(&self, here: usize, to: MoveTo) -> Option<usize> {
+        match to {
+            MoveTo::Idler => self.idler_than(here),
+            MoveTo::Shard(i) => (i < self.shards.len() && i != here).then_some(i),
+        }
+    }
+}
+
+/// A shard's task that may move to another shard between two polls: when
+/// the future it runs asks to ([`ask_to_move`]) and returns pending, the
+/// future is spawned on the shard asked for (its connection's count with
+/// it) and this task ends.
+struct Movable {
+    shards: &'static Shards,
+    inner: Pin<Box<dyn Future<Output = ()> + Send>>,
+    /// A connection's count on the shard it runs on.
+    open: Option<Open>,
+}
+
+impl Future for Movable {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        MOVE_ASKED.set(None);
+        let polled = self.inner.as_mut().poll(cx);
+        let Some(asked) = MOVE_ASKED.take().filter(|_| polled.is_pending()) else {
+            return polled;
+        };
+        let shards = self.shards;
+        let Some(to) = current().and_then(|here| shards.target(here, asked)) else {
+            // Nowhere to go: the task, which woke itself, stays.
+            return Poll::Pending;
+        };
+        let inner = std::mem::replace(&mut self.inner, Box::pin(async {}));
+        let open = self.open.take().map(|_here| shards.count_on(to));
+        shards.shards[to].handle.spawn(Movable {
+            shards,
+            inner,
+            open,
+        });
+        Poll::Ready(())
     }
 }
 
@@ -147,6 +263,106 @@ where
         None => {
             tokio::spawn(serve(stream));
         }
+    }
+}
+
+/// Spawns `task` on the current runtime; on a shard, as a task that may
+/// [`move_elsewhere`].
+pub fn spawn_task<F>(task: F)
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    match INSTALLED.get() {
+        Some(shards) if current().is_some() => {
+            tokio::spawn(Movable {
+                shards,
+                inner: Box::pin(task),
+                open: None,
+            });
+        }
+        _ => {
+            tokio::spawn(task);
+        }
+    }
+}
+
+/// Where a task asks to move.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MoveTo {
+    /// A shard that is mostly idle and far less busy than the task's own
+    /// (each as busy as its last tenth of a second or so).
+    Idler,
+    /// That shard.
+    Shard(usize),
+}
+
+/// Moves the calling task as [`ask_to_move`] asks; true once it runs on
+/// another shard. What the task registered with its shard's reactor
+/// (sockets, timers) still works from the new one, through the old
+/// shard's reactor, until it is [`Rehome`]d.
+pub async fn move_to(to: MoveTo) -> bool {
+    let Some(here) = current() else {
+        return false;
+    };
+    let mut asked = false;
+    poll_fn(|cx| {
+        if asked {
+            return Poll::Ready(());
+        }
+        asked = true;
+        ask_to_move(cx, to);
+        Poll::Pending
+    })
+    .await;
+    current() != Some(here)
+}
+
+/// Asks, from within a poll of a task, that the task move to `to` once
+/// that poll returns pending: only a task of a shard that may move
+/// ([`spawn_connection`], [`spawn_task`]) moves, and only where `to`
+/// names another shard. The task is woken, to be polled again where it
+/// lands, or where it is if it stays.
+pub fn ask_to_move(cx: &Context<'_>, to: MoveTo) {
+    MOVE_ASKED.set(Some(to));
+    cx.waker().wake_by_ref();
+}
+
+/// The shard a connection's task runs on, for the tasks that follow it
+/// (the splices of its streams).
+#[derive(Debug)]
+pub struct Place(AtomicUsize);
+
+impl Place {
+    const NONE: usize = usize::MAX;
+
+    pub fn new(shard: Option<usize>) -> Self {
+        Place(AtomicUsize::new(shard.unwrap_or(Self::NONE)))
+    }
+
+    pub fn get(&self) -> Option<usize> {
+        Some(self.0.load(Ordering::Relaxed)).filter(|&i| i != Self::NONE)
+    }
+
+    pub fn set(&self, shard: Option<usize>) {
+        self.0.store(shard.unwrap_or(Self::NONE), Ordering::Relaxed);
+    }
+}
+
+/// A stream that registers itself with the current shard's reactor again
+/// after its task [`move_elsewhere`]s, so that its readiness reaches the
+/// thread that now polls it without passing through the old one.
+pub trait Rehome {
+    fn rehome(&mut self) -> io::Result<()>;
+}
+
+impl Rehome for TcpStream {
+    /// The same socket under a second descriptor, registered here; the
+    /// first descriptor leaves the old reactor and is closed.
+    fn rehome(&mut self) -> io::Result<()> {
+        let std: std::net::TcpStream = socket2::SockRef::from(&*self).try_clone()?.into();
+        let here = TcpStream::from_std(std)?;
+        drop(std::mem::replace(self, here));
+        Ok(())
     }
 }
 
@@ -299,5 +515,119 @@ mod tests {
         }
         // A thread that is not a shard notes nothing.
         assert!(dialling(1, dst).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_task_that_asks_moves_to_the_other_shard_with_its_count_and_socket() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let shards = leaked(2);
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (mut client, accepted) = pair(&l).await;
+        let (report_tx, report) = tokio::sync::oneshot::channel();
+        shards.spawn(accepted, Some(0), move |mut stream| async move {
+            let mut buf = [0u8; 5];
+            stream.read_exact(&mut buf).await.unwrap();
+            let before = current();
+            let moved = move_to(MoveTo::Shard(1)).await;
+            stream.rehome().unwrap();
+            let _ = report_tx.send((before, moved, current()));
+            // Echoes what comes after the move, from the new shard.
+            stream.read_exact(&mut buf).await.unwrap();
+            stream.write_all(&buf).await.unwrap();
+            let _ = stream.read(&mut buf).await;
+        });
+        client.write_all(b"first").await.unwrap();
+        let (before, moved, after) = report.await.unwrap();
+        assert_eq!((before, moved, after), (Some(0), true, Some(1)));
+        let open = |i: usize| shards.shards[i].open.load(Ordering::Relaxed);
+        assert_eq!((open(0), open(1)), (0, 1), "its count moved with it");
+        client.write_all(b"after").await.unwrap();
+        let mut echo = [0u8; 5];
+        client.read_exact(&mut echo).await.unwrap();
+        assert_eq!(&echo, b"after");
+        drop(client);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while open(1) != 0 {
+            assert!(tokio::time::Instant::now() < deadline, "count not released");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_task_goes_where_it_asks_only_if_that_is_another_shard() {
+        // Not on a shard.
+        assert!(!move_to(MoveTo::Shard(0)).await);
+        // On a shard but not as a task that may move.
+        let two = leaked(2);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        two.shards[1].handle.spawn(async move {
+            let _ = tx.send((move_to(MoveTo::Shard(0)).await, current()));
+        });
+        assert_eq!(rx.await.unwrap(), (false, Some(1)));
+        // Tasks that may move, each asking in turn; `placed` keeps them open.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ask = |stream: TcpStream, on: usize, to: MoveTo| {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            two.spawn(stream, Some(on), move |mut stream| async move {
+                let moved = move_to(to).await;
+                let _ = tx.send((moved, current()));
+                use tokio::io::AsyncReadExt as _;
+                let _ = stream.read(&mut [0; 1]).await;
+            });
+            rx
+        };
+        let (_c1, s1) = pair(&l).await;
+        let (_c2, s2) = pair(&l).await;
+        let r = ask(s1, 0, MoveTo::Shard(0)).await.unwrap();
+        assert_eq!(r, (false, Some(0)), "its own shard");
+        let r = ask(s2, 0, MoveTo::Shard(1)).await.unwrap();
+        assert_eq!(r, (true, Some(1)));
+        // The only shard: nowhere to go.
+        let one = leaked(1);
+        let (_c4, s4) = pair(&l).await;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        one.spawn(s4, None, move |_stream| async move {
+            let _ = tx.send((move_to(MoveTo::Idler).await, current()));
+        });
+        assert_eq!(rx.await.unwrap(), (false, Some(0)));
+    }
+
+    /// Asks for [`MoveTo::Idler`] every 20 ms for `within` (shard 0, as a
+    /// task that may move, while `spin` keeps it busy or not): where it
+    /// ends up.
+    async fn idler_from_shard_0(spin: bool, within: std::time::Duration) -> Option<usize> {
+        use std::time::{Duration, Instant};
+        let shards = leaked(2);
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (_client, accepted) = pair(&l).await;
+        let until = Instant::now() + within;
+        if spin {
+            shards.shards[0].handle.spawn(async move {
+                while Instant::now() < until {
+                    // Busy, as far as the runtime can tell.
+                    std::thread::sleep(Duration::from_millis(10));
+                    tokio::task::yield_now().await;
+                }
+            });
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        shards.spawn(accepted, Some(0), move |_stream| async move {
+            while Instant::now() < until && !move_to(MoveTo::Idler).await {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let _ = tx.send(current());
+        });
+        rx.await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_task_on_a_saturated_shard_moves_to_an_idle_one_and_only_then() {
+        let secs = std::time::Duration::from_secs;
+        assert_eq!(idler_from_shard_0(true, secs(3)).await, Some(1));
+        assert_eq!(
+            idler_from_shard_0(false, secs(1)).await,
+            Some(0),
+            "both idle: stays"
+        );
     }
 }

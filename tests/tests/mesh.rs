@@ -1612,11 +1612,14 @@ fn same_node_plaintext_keeps_identity_policy_and_metrics_without_hbone() -> anyh
 /// concurrent connections to a pod of another node and to one of the same
 /// node: every byte echoed, and the destination's agent counting each with
 /// the client's identity over mutual TLS. Sharded, an HBONE connection
-/// between two pods of one node is served on the shard that dials it.
+/// between two pods of one node is served on the shard that dials it, and
+/// a bulk call between them moves its splices to another shard (a bulk
+/// call across nodes does not).
 #[test]
 fn both_runtimes_carry_concurrent_connections_within_and_across_nodes() -> anyhow::Result<()> {
     const CALLS: usize = 6;
     const BYTES: usize = 256 << 10;
+    const BULK: usize = 64 << 20;
     for (runtime, logged) in [("sharded", "runtime=Sharded"), ("shared", "runtime=Shared")] {
         let mut shop = Shop::new(2)?;
         let client = shop.pod(0, "client", "shop", "client", &[])?;
@@ -1664,6 +1667,42 @@ fn both_runtimes_carry_concurrent_connections_within_and_across_nodes() -> anyho
             .log_text()
             .contains("served on the shard that dials it");
         assert_eq!(same_shard, runtime == "sharded", "{runtime}");
+        // None of those calls was bulk. One bulk call to each server: the
+        // one within the node moves the destination's side (its HBONE
+        // connection and its splice) off the shard of the client's side,
+        // sharded; the one across nodes stays where it is.
+        let moved = |node: usize| {
+            tb.agent(node)
+                .log_text()
+                .matches("moved to another shard")
+                .count()
+        };
+        assert_eq!((moved(0), moved(1)), (0, 0), "{runtime}");
+        for server in [&near, &far] {
+            let r = tb.connect(&client, sa(server.ip4, APP_PORT), BULK)?;
+            assert!(ok(&r), "{runtime}: {r}");
+            assert_eq!(r["received"], BULK, "{runtime}: {r}");
+        }
+        let expected = if runtime == "sharded" { 2 } else { 0 };
+        assert_eq!((moved(0), moved(1)), (expected, 0), "{runtime}");
+        if runtime == "sharded" {
+            // The bulk over, the next call on that connection (an idle
+            // agent places it on the same shard, hence the same pooled
+            // HBONE connection) takes the connection back.
+            std::thread::sleep(Duration::from_millis(400));
+            let r = tb.connect(&client, sa(near.ip4, APP_PORT), BYTES)?;
+            assert!(ok(&r), "{r}");
+            converge(
+                "back on the shard of the client's side",
+                Duration::from_secs(5),
+                || {
+                    Ok(tb
+                        .agent(0)
+                        .log_text()
+                        .contains("bulk ended, back on its first shard"))
+                },
+            )?;
+        }
     }
     Ok(())
 }

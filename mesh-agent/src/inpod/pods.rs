@@ -356,10 +356,9 @@ impl Pods {
                 }
             }
         }
-        // Only the same-node shortcut looks pods up by address.
-        if self.shared.same_node_plaintext {
-            self.shared.local_pods.insert(&ctx);
-        }
+        // Looked up by address: by the same-node shortcut, and by an HBONE
+        // connection between two pods of this node (see `crate::shards`).
+        self.shared.local_pods.insert(&ctx);
         let enrolled = Enrolled {
             ctx,
             tasks,

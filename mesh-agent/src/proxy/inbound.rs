@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::{
-    PodCtx,
+    PodCtx, WhenBulk,
     conn::{ConnRecord, Outcome, Peer, Security},
     connect_in_pod, finish, revoked_by_policy, splice,
 };
@@ -117,6 +117,6 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
     let revoked = revoked_by_policy(pod.shared.store.clone(), move |s| {
         admit(s, &check, peer, dst).is_ok()
     });
-    let end = splice(&mut client, &mut app, revoked).await;
+    let end = splice(&mut client, &mut app, revoked, WhenBulk::Stay).await;
     finish(rec, &client, end, &pod);
 }

@@ -30,6 +30,7 @@ use crate::{
     },
     limit,
     metrics::Metrics,
+    shards::Rehome,
     state::{Store, Workload},
 };
 
@@ -42,6 +43,7 @@ mod outbound;
 mod relay;
 mod same_node;
 pub(crate) use outbound::resolve;
+use relay::Relayed;
 pub(crate) use relay::relay;
 
 pub use conn::{ConnRecord, Meters, Outcome, Peer, Security, labels as tcp_labels};
@@ -411,6 +413,17 @@ pub enum SpliceEnd {
     Revoked,
 }
 
+/// What a splice does once its connection proves bulk.
+#[derive(Clone, Debug)]
+pub enum WhenBulk {
+    /// Nothing: it stays where it runs.
+    Stay,
+    /// It moves to the shard its HBONE connection runs on, if that is
+    /// another one (the destination's side of a call between two pods of
+    /// this node: see `crate::shards`).
+    Follow(Arc<crate::shards::Place>),
+}
+
 /// Splices both directions until both are closed, passing half-close on, or
 /// until `revoked` resolves. Byte counts are read from `client` afterwards:
 /// what it yielded went to the server (sent), what it took came back.
@@ -418,16 +431,42 @@ async fn splice<A, B>(
     client: &mut Counted<A>,
     server: &mut B,
     revoked: impl Future<Output = ()>,
+    when_bulk: WhenBulk,
 ) -> SpliceEnd
 where
-    A: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
+    A: AsyncRead + AsyncWrite + Unpin + Rehome,
+    B: AsyncRead + AsyncWrite + Unpin + Rehome,
 {
-    let end = tokio::select! {
-        r = relay::relay(client, server) => {
-            SpliceEnd::Done(r.map(|_| ()))
+    let mut relay = relay::Relay::new(matches!(when_bulk, WhenBulk::Follow(_)));
+    let mut revoked = std::pin::pin!(revoked);
+    let end = loop {
+        let relayed = tokio::select! {
+            r = relay.run(client, server) => r,
+            () = &mut revoked => break SpliceEnd::Revoked,
+        };
+        match relayed {
+            Relayed::Done(r) => break SpliceEnd::Done(r.map(|_| ())),
+            Relayed::Bulk => {
+                let WhenBulk::Follow(place) = &when_bulk else {
+                    continue;
+                };
+                let Some(to) = place
+                    .get()
+                    .filter(|&to| Some(to) != crate::shards::current())
+                else {
+                    continue;
+                };
+                if crate::shards::move_to(crate::shards::MoveTo::Shard(to)).await {
+                    debug!(
+                        shard = crate::shards::current(),
+                        "bulk call between two pods of this node: its splice moved to another shard"
+                    );
+                    if let Err(e) = client.rehome().and_then(|()| server.rehome()) {
+                        break SpliceEnd::Done(Err(e));
+                    }
+                }
+            }
         }
-        () = revoked => SpliceEnd::Revoked,
     };
     // A relay that ended well has shut both write sides down already; one
     // that failed tells both peers the end it could not pass on.
@@ -468,6 +507,12 @@ impl<S> Counted<S> {
                 m.request.inc_by(n);
             }
         }
+    }
+}
+
+impl<S: Rehome> Rehome for Counted<S> {
+    fn rehome(&mut self) -> io::Result<()> {
+        self.inner.rehome()
     }
 }
 

@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use super::{
-    PodCtx,
+    PodCtx, WhenBulk,
     conn::{ConnRecord, Outcome, Peer, Security, early_deny},
     connect_in_pod,
     deliver::Refused,
@@ -559,7 +559,7 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
     match upstream {
         Upstream::Plain(mut s) => {
             let mut client = rec.counted(client);
-            let end = splice(&mut client, &mut s, std::future::pending()).await;
+            let end = splice(&mut client, &mut s, std::future::pending(), WhenBulk::Stay).await;
             finish(rec, &client, end, &pod);
         }
         Upstream::Hbone(tunnel) => {
@@ -567,7 +567,7 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
             // Sent with the CONNECT.
             client.count_read(first_bytes.len());
             let (mut io, _active) = tunnel.into_parts();
-            let end = splice(&mut client, &mut io, std::future::pending()).await;
+            let end = splice(&mut client, &mut io, std::future::pending(), WhenBulk::Stay).await;
             finish(rec, &client, end, &pod);
         }
         // Both records count the bytes; the destination's policy may

@@ -13,6 +13,7 @@ use std::{
     io,
     pin::Pin,
     task::{Context, Poll, ready},
+    time::{Duration, Instant},
 };
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -123,16 +124,115 @@ where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let mut a_to_b = Direction::new();
-    let mut b_to_a = Direction::new();
-    poll_fn(|cx| {
-        let forth = a_to_b.poll_copy(cx, Pin::new(&mut *a), Pin::new(&mut *b))?;
-        let back = b_to_a.poll_copy(cx, Pin::new(&mut *b), Pin::new(&mut *a))?;
-        ready!(forth);
-        ready!(back);
-        Poll::Ready(Ok((a_to_b.copied, b_to_a.copied)))
-    })
-    .await
+    let mut relay = Relay::new(false);
+    loop {
+        if let Relayed::Done(r) = relay.run(a, b).await {
+            return r;
+        }
+    }
+}
+
+/// A connection that copies at least this much within [`BULK_WITHIN`] is
+/// bulk: at 320 Mbit/s or more, far beyond any request/response exchange
+/// of one connection here.
+pub const BULK_BYTES: u64 = 4 * 1024 * 1024;
+pub const BULK_WITHIN: Duration = Duration::from_millis(100);
+
+/// Tells a bulk connection from its byte count: each [`BULK_BYTES`] more
+/// within [`BULK_WITHIN`].
+pub struct BulkWatch {
+    since: Instant,
+    /// The count at `since`.
+    mark: u64,
+}
+
+impl BulkWatch {
+    pub fn new() -> Self {
+        BulkWatch {
+            since: Instant::now(),
+            mark: 0,
+        }
+    }
+
+    /// Whether the connection, `total` bytes so far, proves bulk now: true
+    /// when the last [`BULK_BYTES`] came within [`BULK_WITHIN`] (a new
+    /// count starts at every such step, bulk or not).
+    pub fn bulk_at(&mut self, total: u64) -> bool {
+        if total - self.mark < BULK_BYTES {
+            return false;
+        }
+        let now = Instant::now();
+        let bulk = now - self.since < BULK_WITHIN;
+        self.since = now;
+        self.mark = total;
+        bulk
+    }
+}
+
+/// A relay's state between calls to [`Relay::run`].
+pub struct Relay {
+    a_to_b: Direction,
+    b_to_a: Direction,
+    /// While the relay watches for bulk.
+    watch: Option<BulkWatch>,
+}
+
+/// How [`Relay::run`] returned.
+pub enum Relayed {
+    /// Both directions ended (bytes each way), or one failed.
+    Done(io::Result<(u64, u64)>),
+    /// The connection proved bulk (if watched: at each [`BULK_BYTES`]
+    /// within [`BULK_WITHIN`]); `run` again goes on.
+    Bulk,
+}
+
+impl Relay {
+    /// A relay that returns [`Relayed::Bulk`] each time the connection
+    /// proves bulk, if `watch_bulk`.
+    pub fn new(watch_bulk: bool) -> Self {
+        Relay {
+            a_to_b: Direction::new(),
+            b_to_a: Direction::new(),
+            watch: watch_bulk.then(BulkWatch::new),
+        }
+    }
+
+    /// Copies both ways until both directions have ended, or (watched)
+    /// until the connection proves bulk; nothing read and not yet written
+    /// is lost between calls.
+    pub async fn run<A, B>(&mut self, a: &mut A, b: &mut B) -> Relayed
+    where
+        A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+        B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    {
+        poll_fn(|cx| {
+            let forth = match self
+                .a_to_b
+                .poll_copy(cx, Pin::new(&mut *a), Pin::new(&mut *b))
+            {
+                Poll::Ready(Err(e)) => return Poll::Ready(Relayed::Done(Err(e))),
+                p => p.is_ready(),
+            };
+            let back = match self
+                .b_to_a
+                .poll_copy(cx, Pin::new(&mut *b), Pin::new(&mut *a))
+            {
+                Poll::Ready(Err(e)) => return Poll::Ready(Relayed::Done(Err(e))),
+                p => p.is_ready(),
+            };
+            let copied = (self.a_to_b.copied, self.b_to_a.copied);
+            if forth && back {
+                return Poll::Ready(Relayed::Done(Ok(copied)));
+            }
+            if let Some(watch) = &mut self.watch
+                && watch.bulk_at(copied.0 + copied.1)
+            {
+                return Poll::Ready(Relayed::Bulk);
+            }
+            Poll::Pending
+        })
+        .await
+    }
 }
 
 #[cfg(test)]
@@ -237,5 +337,78 @@ mod tests {
         app.write_all(b"into nothing").await.unwrap();
         let err = relay.await.unwrap().unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::BrokenPipe);
+    }
+
+    /// Runs `relay` to its end, counting the times it said bulk.
+    async fn run_out(
+        relay: &mut Relay,
+        a: &mut tokio::io::DuplexStream,
+        b: &mut tokio::io::DuplexStream,
+    ) -> (usize, (u64, u64)) {
+        let mut bulk = 0;
+        loop {
+            match relay.run(a, b).await {
+                Relayed::Bulk => bulk += 1,
+                Relayed::Done(r) => return (bulk, r.unwrap()),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_watched_relay_says_bulk_at_each_step_and_loses_nothing() {
+        let (mut app, mut a) = duplex(1 << 20);
+        let (mut b, mut server) = duplex(1 << 20);
+        let len = BULK_BYTES as usize * 3;
+        let data: Vec<u8> = (0..len).map(|i| (i % 241) as u8).collect();
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            app.write_all(&sent).await.unwrap();
+            app.shutdown().await.unwrap();
+            app
+        });
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            server.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        let mut relay = Relay::new(true);
+        let (bulk, copied) = run_out(&mut relay, &mut a, &mut b).await;
+        // At 4, 8 and 12 MiB, each step fast enough here (one at least).
+        assert!((1..=3).contains(&bulk), "{bulk}");
+        assert_eq!(copied, (len as u64, 0));
+        assert_eq!(reader.await.unwrap(), data);
+        drop(writer.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn an_unwatched_or_slow_relay_never_says_bulk() {
+        // Unwatched: as much as above.
+        let (mut app, mut a) = duplex(1 << 20);
+        let (mut b, mut server) = duplex(1 << 20);
+        let len = BULK_BYTES as usize * 2;
+        tokio::spawn(async move {
+            app.write_all(&vec![7; len]).await.unwrap();
+            app.shutdown().await.unwrap();
+            app
+        });
+        tokio::spawn(async move { server.read_to_end(&mut Vec::new()).await });
+        let (bulk, copied) = run_out(&mut Relay::new(false), &mut a, &mut b).await;
+        assert_eq!((bulk, copied), (0, (len as u64, 0)));
+        // Watched, but the bulk size spread over more than the window: a
+        // long-lived connection, not a bulk one.
+        let (mut app, mut a) = duplex(1 << 20);
+        let (mut b, mut server) = duplex(1 << 20);
+        let chunk = BULK_BYTES as usize / 4;
+        tokio::spawn(async move {
+            for _ in 0..6 {
+                app.write_all(&vec![7; chunk]).await.unwrap();
+                tokio::time::sleep(BULK_WITHIN / 2).await;
+            }
+            app.shutdown().await.unwrap();
+            app
+        });
+        tokio::spawn(async move { server.read_to_end(&mut Vec::new()).await });
+        let (bulk, copied) = run_out(&mut Relay::new(true), &mut a, &mut b).await;
+        assert_eq!((bulk, copied), (0, (6 * chunk as u64, 0)));
     }
 }

@@ -19,7 +19,7 @@ use std::{
 use tokio::net::TcpStream;
 
 use super::{
-    Counted, PodCtx,
+    Counted, PodCtx, WhenBulk,
     conn::{ConnRecord, Security},
     deliver::{Authenticated, Refused, Request},
     ended, finish, revoked_by_policy, splice,
@@ -49,6 +49,11 @@ impl LocalPods {
     pub fn remove(&self, pod: &Arc<PodCtx>) {
         let mut map = self.by_ip.write().unwrap_or_else(PoisonError::into_inner);
         map.retain(|_, p| !std::ptr::eq(p.as_ptr(), Arc::as_ptr(pod)) && p.strong_count() > 0);
+    }
+
+    /// Whether `ip` is an address of a pod this agent serves.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.get(ip).is_some()
     }
 
     fn get(&self, ip: IpAddr) -> Option<Arc<PodCtx>> {
@@ -144,7 +149,7 @@ impl Delivery {
         let revoked = revoked_by_policy(auth.pod.shared.store.clone(), move |s| {
             check.authorize(s, dst) == Decision::Allow
         });
-        let end = splice(&mut client, &mut app, revoked).await;
+        let end = splice(&mut client, &mut app, revoked, WhenBulk::Stay).await;
         let (flags, outcome) = ended(&client, &end);
         outbound.close(flags, outcome);
         finish(rec, &client, end, &auth.pod);

@@ -96,7 +96,11 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     println!("==> building {profile} binaries (agent, eBPF programs, load tools)");
     let root = crate::workspace_root();
     let mut build = Command::new("cargo");
-    build.args(["build", "-p", "mesh-agent", "-p", "mesh-tests", "--bins"]);
+    build.args(["build", "-p", "mesh-tests", "--bins"]);
+    // An agent given by path (an A/B of two builds) is not rebuilt.
+    if std::env::var_os("MESH_AGENT_BIN").is_none() {
+        build.args(["-p", "mesh-agent"]);
+    }
     if !opts.quick {
         build.arg("--release");
     }

@@ -17,7 +17,7 @@ use super::{
 };
 use crate::metrics::HeaderLabels;
 use crate::proxy::{
-    PodCtx,
+    PodCtx, WhenBulk,
     conn::{Outcome, Security},
     deliver::{self, Authenticated, Refused},
     finish, revoked_by_policy, splice,
@@ -25,6 +25,7 @@ use crate::proxy::{
 use crate::waypoint::trace::TraceParent;
 use crate::{
     identity::{Identity, instant_of, peer_identity, peer_valid_until},
+    shards::Place,
     state::{Decision, Store},
 };
 
@@ -69,9 +70,16 @@ pub async fn serve(pod: Arc<PodCtx>, stream: TcpStream, peer: SocketAddr) {
     };
     let local_addr = stream.local_addr().ok();
     let trust_domain = pod.shared.certs.trust_domain();
-    let Some((tls, peer_id)) = accept(stream, config, metrics, trust_domain).await else {
+    let Some((mut tls, peer_id)) = accept(stream, config, metrics, trust_domain).await else {
         return;
     };
+    // From a pod of this node: this side runs on the shard of the client's
+    // side until the connection proves bulk (see `crate::shards`).
+    let place = pod.shared.local_pods.contains(peer.ip()).then(|| {
+        let place = Arc::new(Place::new(crate::shards::current()));
+        tls.get_mut().0.move_when_bulk(place.clone());
+        place
+    });
     let inbound = Arc::new(Inbound {
         auth: Authenticated {
             pod: pod.clone(),
@@ -81,6 +89,7 @@ pub async fn serve(pod: Arc<PodCtx>, stream: TcpStream, peer: SocketAddr) {
             peer_id,
         },
         local_addr,
+        place,
     });
     serve_connects(tls, move |connect| inbound.clone().handle(connect)).await;
 }
@@ -203,7 +212,7 @@ where
                 Some(Ok((req, respond))) => {
                     let (head, body) = req.into_parts();
                     let connect = Connect { head, body, respond };
-                    tokio::spawn(handle(connect).in_current_span());
+                    crate::shards::spawn_task(handle(connect).in_current_span());
                 }
                 Some(Err(e)) => {
                     debug!(error = %e, "HBONE connection ended with error");
@@ -242,6 +251,9 @@ struct Inbound {
     auth: Authenticated,
     /// The address the HBONE connection reached (port 15008).
     local_addr: Option<SocketAddr>,
+    /// Where the connection runs, if it may move (from a pod of this node):
+    /// the splices of its bulk streams follow it.
+    place: Option<Arc<Place>>,
 }
 
 impl std::ops::Deref for Inbound {
@@ -429,6 +441,10 @@ impl Inbound {
             peer_cluster = meta.baggage.cluster.as_deref().unwrap_or("-"),
             traceparent = %meta.traceparent.map_or_else(|| "-".to_owned(), |t| t.to_string()),
         );
+        let when_bulk = match &self.place {
+            Some(place) => WhenBulk::Follow(place.clone()),
+            None => WhenBulk::Stay,
+        };
         let mut ok = answer(StatusCode::OK);
         // As ztunnel answers: who the caller reached.
         if let Ok(v) = baggage(&pod.shared.cluster_id, &self.local).parse() {
@@ -454,7 +470,7 @@ impl Inbound {
             let revoked = revoked_by_policy(store_rx, move |s| {
                 check.authorize(s, dst) == Decision::Allow
             });
-            let end = splice(&mut client, &mut app, revoked).await;
+            let end = splice(&mut client, &mut app, revoked, when_bulk).await;
             finish(rec, &client, end, &self.pod);
         }
         .instrument(span)

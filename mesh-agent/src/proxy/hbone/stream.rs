@@ -85,6 +85,13 @@ impl AsyncRead for H2Stream {
     }
 }
 
+/// Registered with no reactor: h2's handles wake whichever task polls them.
+impl crate::shards::Rehome for H2Stream {
+    fn rehome(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 impl AsyncWrite for H2Stream {
     fn poll_write(
         self: Pin<&mut Self>,
