@@ -16,12 +16,12 @@
 //! [`dialled_by`]): the call runs on one thread end to end, as it would
 //! on each of two nodes. Once such a connection proves bulk (megabytes
 //! within a fraction of a second) while another shard is mostly idle and
-//! far less busy than its own, the destination's side (the HBONE connection, then the
-//! splices of its bulk streams) moves there ([`ask_to_move`],
-//! [`move_to`], [`Rehome`]), so that the call uses two cores as it would
-//! across two nodes; when the bulk ends it moves back, and
-//! request/response calls between two pods of one node run on one thread
-//! again.
+//! far less busy than its own, the destination's side (the HBONE
+//! connection, then the splices of its bulk streams) moves there
+//! ([`ask_to_move`], [`move_to`], [`Rehome`]), so that the call uses two
+//! cores as it would across two nodes; when the bulk ends it moves back,
+//! and request/response calls between two pods of one node run on one
+//! thread again.
 
 use std::{
     cell::Cell,
@@ -267,7 +267,7 @@ where
 }
 
 /// Spawns `task` on the current runtime; on a shard, as a task that may
-/// [`move_elsewhere`].
+/// move ([`move_to`]).
 pub fn spawn_task<F>(task: F)
 where
     F: Future<Output = ()> + Send + 'static,
@@ -349,7 +349,7 @@ impl Place {
 }
 
 /// A stream that registers itself with the current shard's reactor again
-/// after its task [`move_elsewhere`]s, so that its readiness reaches the
+/// after its task moved ([`move_to`]), so that its readiness reaches the
 /// thread that now polls it without passing through the old one.
 pub trait Rehome {
     fn rehome(&mut self) -> io::Result<()>;
