@@ -1612,9 +1612,9 @@ fn same_node_plaintext_keeps_identity_policy_and_metrics_without_hbone() -> anyh
 /// concurrent connections to a pod of another node and to one of the same
 /// node: every byte echoed, and the destination's agent counting each with
 /// the client's identity over mutual TLS. Sharded, an HBONE connection
-/// between two pods of one node is served on the shard that dials it, and
-/// a bulk call between them moves its splices to another shard (a bulk
-/// call across nodes does not).
+/// between two pods of one node is served on the shard that dials it; a
+/// bulk call between them moves the destination's side to another shard
+/// and back once it is over (a bulk call across nodes moves nothing).
 #[test]
 fn both_runtimes_carry_concurrent_connections_within_and_across_nodes() -> anyhow::Result<()> {
     const CALLS: usize = 6;
