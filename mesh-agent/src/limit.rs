@@ -10,7 +10,10 @@ use std::{
     collections::HashMap,
     io,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -83,6 +86,8 @@ pub struct Gate {
     metrics: Arc<Metrics>,
     /// The metric's `direction` label: which listener this is.
     direction: &'static str,
+    /// Full, not accepting (reported once per pause).
+    paused: AtomicBool,
 }
 
 /// One accepted connection's place in its listener's limits; dropping it
@@ -115,12 +120,13 @@ impl Gate {
             peers: Arc::default(),
             metrics,
             direction,
+            paused: AtomicBool::new(false),
         }
     }
 
     /// Waits for a free slot, then for a connection within its peer's
-    /// share. While the listener is full nothing is accepted (counted once
-    /// per pause as `result="limit"`); a peer past its share has its
+    /// share. While the listener is full nothing is accepted on any of its
+    /// sockets (counted once per pause as `result="limit"`); a peer past its share has its
     /// connection closed at once (`result="peer_limit"`).
     pub async fn accept(&self, listener: &TcpListener) -> (TcpStream, SocketAddr, Admitted) {
         let mut backoff = FIRST_BACKOFF;
@@ -128,16 +134,23 @@ impl Gate {
             let slot = match self.slots.clone().try_acquire_owned() {
                 Ok(slot) => slot,
                 Err(_) => {
-                    self.metrics.connection(self.direction, "limit");
-                    warn!(
-                        listener = self.direction,
-                        "connection limit reached; not accepting until a connection ends"
-                    );
-                    self.slots
+                    // The listener's other sockets (one per shard) pause
+                    // too: the first to find it full reports it.
+                    if !self.paused.swap(true, Ordering::Relaxed) {
+                        self.metrics.connection(self.direction, "limit");
+                        warn!(
+                            listener = self.direction,
+                            "connection limit reached; not accepting until a connection ends"
+                        );
+                    }
+                    let slot = self
+                        .slots
                         .clone()
                         .acquire_owned()
                         .await
-                        .expect("the gate's semaphore is never closed")
+                        .expect("the gate's semaphore is never closed");
+                    self.paused.store(false, Ordering::Relaxed);
+                    slot
                 }
             };
             match listener.accept().await {
@@ -272,6 +285,44 @@ mod tests {
             .await
             .expect("accepting resumes once a slot is free");
         assert_eq!(gate.held(2), 2);
+    }
+
+    #[tokio::test]
+    async fn sockets_sharing_a_gate_share_its_slots_and_report_a_pause_once() {
+        let (gate, metrics) = gate(2, None);
+        let gate = Arc::new(gate);
+        let (a, b) = (
+            TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        );
+        let mut clients = Vec::new();
+        for l in [&a, &b] {
+            for _ in 0..2 {
+                clients.push(TcpStream::connect(l.local_addr().unwrap()).await.unwrap());
+            }
+        }
+        let first = gate.accept(&a).await;
+        let _second = gate.accept(&b).await;
+        // Both sockets wait: the gate's two slots are taken.
+        let (on_a, on_b) = (gate.clone(), gate.clone());
+        let (a, b) = (Arc::new(a), Arc::new(b));
+        let (la, lb) = (a.clone(), b.clone());
+        let wait_a = tokio::spawn(async move { on_a.accept(&la).await });
+        let wait_b = tokio::spawn(async move { on_b.accept(&lb).await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!wait_a.is_finished() && !wait_b.is_finished());
+        assert_eq!(gate.held(2), 2);
+        assert_eq!(count(&metrics, "limit"), 1, "one pause, reported once");
+        // One slot frees: exactly one of them accepts.
+        drop(first);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            usize::from(wait_a.is_finished()) + usize::from(wait_b.is_finished()),
+            1
+        );
+        assert_eq!(gate.held(2), 2);
+        wait_a.abort();
+        wait_b.abort();
     }
 
     #[tokio::test]

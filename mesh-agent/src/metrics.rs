@@ -231,7 +231,11 @@ impl Metrics {
     pub fn tcp_series(&self, labels: &TcpLabels) {
         let mut index = self.tcp_series.locked();
         for end in TcpLabels::workloads(labels).into_iter().flatten() {
-            index.entry(end).or_default().insert(labels.clone());
+            let series = index.entry(end).or_default();
+            // Most connections repeat a label set: no copy of it then.
+            if !series.contains(labels) {
+                series.insert(labels.clone());
+            }
         }
     }
 

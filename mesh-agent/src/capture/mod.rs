@@ -35,6 +35,7 @@ mod iptables;
 mod kernel_btf;
 pub mod probes;
 mod programs;
+mod sys;
 mod upgrade;
 
 pub use iptables::{Iptables, remove_rules};

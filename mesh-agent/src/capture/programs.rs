@@ -8,9 +8,12 @@
 use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
-    os::fd::{AsFd, AsRawFd},
+    os::fd::{AsFd, AsRawFd, OwnedFd},
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use aya::{
@@ -23,7 +26,7 @@ use aya::{
 };
 use mesh_common::{AddrKey, ConnKey, Counter, FlowKey, NetnsInfo, OrigDst, maps, programs};
 
-use super::{CaptureError, ExcludedPorts, fs, kernel_btf, upgrade};
+use super::{CaptureError, ExcludedPorts, fs, kernel_btf, sys, upgrade};
 use crate::inpod::{
     netns::{Netns, NetnsCookie},
     sockets::{PodListener, Role},
@@ -55,6 +58,8 @@ pub struct Programs {
     ebpf: Mutex<Ebpf>,
     enrolled: Mutex<HashMap<MapData, u64, NetnsInfo>>,
     orig_dst: Mutex<HashMap<MapData, ConnKey, OrigDst>>,
+    /// The same map, for reading and removing in one call without the lock.
+    orig_dst_fd: OwnedFd,
     inbound_addrs: Mutex<HashMap<MapData, AddrKey, u64>>,
     listeners: Mutex<SockHash<MapData, AddrKey>>,
     counters: PerCpuArray<MapData, u64>,
@@ -219,6 +224,7 @@ impl Programs {
         Ok(Programs {
             dir: dir.to_owned(),
             enrolled: Mutex::new(take_map(&mut ebpf, maps::ENROLLED_NETNS)?),
+            orig_dst_fd: map_fd(&ebpf, maps::ORIG_DST)?,
             orig_dst: Mutex::new(take_map(&mut ebpf, maps::ORIG_DST)?),
             inbound_addrs: Mutex::new(take_map(&mut ebpf, maps::INBOUND_ADDRS)?),
             listeners: Mutex::new(take_map(&mut ebpf, maps::INBOUND_LISTENERS)?),
@@ -337,6 +343,16 @@ impl Programs {
     /// The original destination of an accepted outbound connection, removed
     /// from the map as it is read.
     pub fn take_orig_dst(&self, key: ConnKey) -> Option<OrigDst> {
+        static ONE_CALL: AtomicBool = AtomicBool::new(true);
+        if ONE_CALL.load(Ordering::Relaxed) {
+            match sys::lookup_and_delete(&self.orig_dst_fd, &key) {
+                Ok(found) => return found,
+                Err(e) => {
+                    ONE_CALL.store(false, Ordering::Relaxed);
+                    tracing::info!(error = %e, "original destinations are read and removed in two calls: this kernel does not do it in one");
+                }
+            }
+        }
         let mut map = self.orig_dst.locked();
         let found = map.get(&key, 0).ok()?;
         let _ = map.remove(&key);
@@ -438,7 +454,7 @@ impl Programs {
             else {
                 continue;
             };
-            if self.add_inbound(*addr, cookie, &l.socket, take_over)? {
+            if self.add_inbound(*addr, cookie, l.first(), take_over)? {
                 claimed.push(*addr);
             }
         }
@@ -579,6 +595,26 @@ where
         })?
         .try_into()
         .map_err(prog_err(name))
+}
+
+/// A descriptor of its own for map `name`.
+fn map_fd(ebpf: &Ebpf, name: &'static str) -> Result<OwnedFd, CaptureError> {
+    let map = ebpf
+        .map(name)
+        .ok_or(CaptureError::Missing { what: "map", name })?;
+    let data = match map {
+        aya::maps::Map::HashMap(data) | aya::maps::Map::LruHashMap(data) => data,
+        _ => {
+            return Err(CaptureError::Missing {
+                what: "hash map",
+                name,
+            });
+        }
+    };
+    data.fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| map_err(name)(MapError::from(e)))
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, CaptureError>

@@ -35,7 +35,7 @@ use aya::{
 };
 use mesh_common::{AddrKey, ConnKey, NetnsInfo, OrigDst, maps};
 
-use super::CaptureError;
+use super::{CaptureError, sys::bpf};
 
 /// What differs between a pinned map and the object's declaration of it.
 #[derive(Debug, PartialEq, Eq)]
@@ -274,17 +274,6 @@ fn obj_get(pin: &Path) -> std::io::Result<OwnedFd> {
     let fd = bpf(BPF_OBJ_GET, (&raw mut attr).cast(), size_of::<ObjGet>())?;
     // SAFETY: BPF_OBJ_GET returned a new file descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
-fn bpf(cmd: libc::c_long, attr: *mut libc::c_void, size: usize) -> std::io::Result<libc::c_long> {
-    // SAFETY: `attr` points to `size` initialised bytes laid out as the
-    // kernel's `union bpf_attr` member for `cmd`, alive for the call.
-    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr, size) };
-    if r < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
 }
 
 fn rename(from: &Path, to: &Path) -> Result<(), CaptureError> {

@@ -306,7 +306,11 @@ impl Pods {
                     name: name.clone(),
                     source,
                 })?;
-                Ok((found, sockets::open_listeners(v6).map_err(listeners_err)?))
+                let copies = crate::shards::accepting();
+                Ok((
+                    found,
+                    sockets::open_listeners(v6, copies).map_err(listeners_err)?,
+                ))
             })
             .map_err(|source| EnrolError::Netns {
                 name: name.clone(),
@@ -348,7 +352,7 @@ impl Pods {
         let mut tasks = Vec::new();
         for l in listeners {
             match proxy::spawn_listener(ctx.clone(), l) {
-                Ok(t) => tasks.push(t),
+                Ok(t) => tasks.extend(t),
                 Err(source) => {
                     tasks.iter().for_each(JoinHandle::abort);
                     self.capture.let_go(&ctx.netns, &addresses);

@@ -38,6 +38,18 @@ impl Role {
         }
     }
 
+    /// How many sockets of this listener are opened when `copies` are
+    /// asked for: HBONE has one, accepted on the main runtime, which
+    /// places a connection from a pod of this node on the shard that
+    /// dialled it (see `crate::shards`); its connections are pooled, so
+    /// it accepts few.
+    pub fn copies(self, copies: usize) -> usize {
+        match self {
+            Role::Outbound | Role::InboundPlaintext => copies.max(1),
+            Role::Hbone => 1,
+        }
+    }
+
     fn bind_addr(self, v6: bool) -> IpAddr {
         match (self, v6) {
             (Role::Outbound, false) => Ipv4Addr::LOCALHOST.into(),
@@ -48,17 +60,29 @@ impl Role {
     }
 }
 
-/// A listener opened inside a pod namespace (std, not yet registered with tokio).
+/// A capture listener opened inside a pod namespace: one or more sockets
+/// on one address and port (std, not yet registered with tokio).
 #[derive(Debug)]
 pub struct PodListener {
     pub role: Role,
     pub v6: bool,
-    pub socket: std::net::TcpListener,
+    /// One `SO_REUSEPORT` group: the kernel spreads new connections over
+    /// them, so each can be accepted on its own thread.
+    pub sockets: Vec<std::net::TcpListener>,
 }
 
-/// Opens the capture listeners. Call inside the pod namespace. IPv6
-/// listeners are opened only when the pod has IPv6 (`::1` usable).
-pub fn open_listeners(v6: bool) -> io::Result<Vec<PodListener>> {
+impl PodListener {
+    /// The group's first socket: naming it (to sk_lookup) names the group.
+    pub fn first(&self) -> &std::net::TcpListener {
+        &self.sockets[0]
+    }
+}
+
+/// Opens the capture listeners: `copies` (at least one) sockets each for
+/// the outbound and inbound plaintext ports, one for HBONE (see
+/// [`Role::copies`]). Call inside the pod namespace. IPv6 listeners are
+/// opened only when the pod has IPv6 (`::1` usable).
+pub fn open_listeners(v6: bool, copies: usize) -> io::Result<Vec<PodListener>> {
     let mut out = Vec::new();
     for role in [Role::Outbound, Role::InboundPlaintext, Role::Hbone] {
         for fam_v6 in [false, true] {
@@ -66,29 +90,38 @@ pub fn open_listeners(v6: bool) -> io::Result<Vec<PodListener>> {
                 continue;
             }
             let addr = SocketAddr::new(role.bind_addr(fam_v6), role.port());
-            let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-            s.set_reuse_address(true)?;
-            // A next agent opens its own beside these while this one still
-            // serves (an upgrade), and takes every new connection once
-            // these close; `tcp_migrate_req` in the pod hands it what was
-            // still queued here.
-            s.set_reuse_port(true)?;
-            if fam_v6 {
-                s.set_only_v6(true)?;
-            }
-            s.set_mark(AGENT_MARK)?;
-            s.set_nonblocking(true)?;
-            s.bind(&addr.into())
-                .map_err(|e| io::Error::new(e.kind(), format!("bind {addr}: {e}")))?;
-            s.listen(1024)?;
+            let sockets = (0..role.copies(copies))
+                .map(|_| listen(addr))
+                .collect::<io::Result<_>>()?;
             out.push(PodListener {
                 role,
                 v6: fam_v6,
-                socket: s.into(),
+                sockets,
             });
         }
     }
     Ok(out)
+}
+
+fn listen(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    // The agent's own copies share the port, and a next agent opens its
+    // own beside these while this one still serves (an upgrade), and takes
+    // every new connection once these close; `tcp_migrate_req` in the pod
+    // hands it what was still queued here.
+    s.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_mark(AGENT_MARK)?;
+    // Accepted connections inherit it: no call per connection.
+    s.set_tcp_nodelay(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())
+        .map_err(|e| io::Error::new(e.kind(), format!("bind {addr}: {e}")))?;
+    s.listen(1024)?;
+    Ok(s.into())
 }
 
 /// Where a connection the agent opens inside a pod comes from.
@@ -182,4 +215,37 @@ pub fn has_ipv6_loopback() -> bool {
     Socket::new(Domain::IPV6, Type::STREAM, None)
         .and_then(|s| s.bind(&SocketAddr::from((Ipv6Addr::LOCALHOST, 0)).into()))
         .is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listeners_sockets_share_its_port_and_accept_without_nagle() {
+        let first = listen("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = first.local_addr().unwrap();
+        let second = listen(addr).unwrap();
+        let _clients: Vec<_> = (0..32)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        let mut accepted = [0; 2];
+        for (n, l) in accepted.iter_mut().zip([&first, &second]) {
+            loop {
+                match l.accept() {
+                    Ok((s, _)) => {
+                        assert!(s.nodelay().unwrap(), "TCP_NODELAY from the listener");
+                        *n += 1;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => panic!("accept: {e}"),
+                }
+            }
+        }
+        assert_eq!(accepted[0] + accepted[1], 32);
+        assert!(
+            accepted[0] > 0 && accepted[1] > 0,
+            "the kernel spreads connections over both: {accepted:?}"
+        );
+    }
 }

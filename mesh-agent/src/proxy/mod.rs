@@ -176,78 +176,107 @@ impl std::fmt::Debug for PodCtx {
     }
 }
 
-/// Serves one capture listener until the task is aborted.
-pub fn spawn_listener(pod: Arc<PodCtx>, listener: PodListener) -> io::Result<JoinHandle<()>> {
+/// Serves one capture listener until its tasks are aborted: each of its
+/// sockets is accepted on a shard of its own (the main runtime for HBONE,
+/// see [`Role::copies`]), and what a shard accepts it serves itself
+/// unless another shard serves fewer connections (see
+/// [`crate::shards::spawn_connection`]): no hand-off between threads.
+pub fn spawn_listener(pod: Arc<PodCtx>, listener: PodListener) -> io::Result<Vec<JoinHandle<()>>> {
     let role = listener.role;
-    let l = TcpListener::from_std(listener.socket)?;
-    let direction = role.as_str();
     let limits = match role {
         Role::Outbound => limit::OUTBOUND,
         Role::InboundPlaintext => limit::INBOUND_PLAINTEXT,
         Role::Hbone => limit::HBONE,
     };
-    // One gate per listener: a flood against one pod takes that pod's
-    // slots, not another pod's nor the agent's descriptors.
-    let gate = limit::Gate::new(limits, pod.shared.metrics.clone(), direction);
-    Ok(tokio::spawn(async move {
-        let reporter = match role {
-            Role::Outbound => "source",
-            Role::InboundPlaintext | Role::Hbone => "destination",
+    // One gate per listener, shared by its sockets: a flood against one
+    // pod takes that pod's slots, not another pod's nor the agent's
+    // descriptors.
+    let gate = Arc::new(limit::Gate::new(
+        limits,
+        pod.shared.metrics.clone(),
+        role.as_str(),
+    ));
+    let on_shards = role != Role::Hbone;
+    let first = crate::shards::first_accepting();
+    let mut tasks = Vec::with_capacity(listener.sockets.len());
+    for (i, socket) in listener.sockets.into_iter().enumerate() {
+        let run = |l| accept_loop(pod.clone(), role, gate.clone(), l);
+        let task = if on_shards {
+            crate::shards::spawn_accepting(first + i, socket, run)
+        } else {
+            TcpListener::from_std(socket).map(|l| tokio::spawn(run(l)))
         };
-        loop {
-            let (stream, peer, admitted) = gate.accept(&l).await;
-            let _ = stream.set_nodelay(true);
-            let pod = pod.clone();
-            let socket = pod.shared.metrics.socket_open(reporter);
-            let (span, prefer) = match role {
-                // `traceparent`: the tunnel's, recorded when HBONE opens one.
-                Role::Outbound => (
-                    info_span!(
-                        "outbound",
-                        pod = %pod.name,
-                        client = %peer,
-                        traceparent = tracing::field::Empty
-                    ),
-                    None,
-                ),
-                Role::InboundPlaintext => (
-                    info_span!("inbound_plaintext", pod = %pod.name, client = %peer),
-                    None,
-                ),
-                Role::Hbone => {
-                    // From a pod of this node: served on the shard that
-                    // dials it (see `crate::shards`).
-                    let prefer = stream
-                        .local_addr()
-                        .ok()
-                        .and_then(|local| crate::shards::dialled_by(peer, local));
-                    if let Some(shard) = prefer {
-                        debug!(shard, client = %peer, "HBONE connection from this agent: served on the shard that dials it");
-                    }
-                    (
-                        info_span!("inbound", pod = %pod.name, client = %peer),
-                        prefer,
-                    )
-                }
-            };
-            let admitted = (admitted, socket);
-            spawn_synced(
-                pod,
-                direction,
-                span,
-                admitted,
-                stream,
-                prefer,
-                move |pod, stream| async move {
-                    match role {
-                        Role::Outbound => outbound::serve(pod, stream, peer).await,
-                        Role::InboundPlaintext => inbound::serve(pod, stream, peer).await,
-                        Role::Hbone => hbone::serve(pod, stream, peer).await,
-                    }
-                },
-            );
+        match task {
+            Ok(t) => tasks.push(t),
+            Err(e) => {
+                tasks.iter().for_each(JoinHandle::abort);
+                return Err(e);
+            }
         }
-    }))
+    }
+    Ok(tasks)
+}
+
+/// Accepts on one socket of a capture listener and serves what it accepts.
+async fn accept_loop(pod: Arc<PodCtx>, role: Role, gate: Arc<limit::Gate>, l: TcpListener) {
+    let direction = role.as_str();
+    let reporter = match role {
+        Role::Outbound => "source",
+        Role::InboundPlaintext | Role::Hbone => "destination",
+    };
+    loop {
+        // `TCP_NODELAY` already, from the listener.
+        let (stream, peer, admitted) = gate.accept(&l).await;
+        let pod = pod.clone();
+        let socket = pod.shared.metrics.socket_open(reporter);
+        let (span, prefer) = match role {
+            // `traceparent`: the tunnel's, recorded when HBONE opens one.
+            Role::Outbound => (
+                info_span!(
+                    "outbound",
+                    pod = %pod.name,
+                    client = %peer,
+                    traceparent = tracing::field::Empty
+                ),
+                None,
+            ),
+            Role::InboundPlaintext => (
+                info_span!("inbound_plaintext", pod = %pod.name, client = %peer),
+                None,
+            ),
+            Role::Hbone => {
+                // From a pod of this node: served on the shard that
+                // dials it (see `crate::shards`).
+                let prefer = stream
+                    .local_addr()
+                    .ok()
+                    .and_then(|local| crate::shards::dialled_by(peer, local));
+                if let Some(shard) = prefer {
+                    debug!(shard, client = %peer, "HBONE connection from this agent: served on the shard that dials it");
+                }
+                (
+                    info_span!("inbound", pod = %pod.name, client = %peer),
+                    prefer,
+                )
+            }
+        };
+        let admitted = (admitted, socket);
+        spawn_synced(
+            pod,
+            direction,
+            span,
+            admitted,
+            stream,
+            prefer,
+            move |pod, stream| async move {
+                match role {
+                    Role::Outbound => outbound::serve(pod, stream, peer).await,
+                    Role::InboundPlaintext => inbound::serve(pod, stream, peer).await,
+                    Role::Hbone => hbone::serve(pod, stream, peer).await,
+                }
+            },
+        );
+    }
 }
 
 /// Where HBONE connections are opened from, with which certificates: a

@@ -300,10 +300,26 @@ fn measure_path(results: &mut Results, run: &Run) -> anyhow::Result<()> {
         let r = load(&tb, &client, targets.http, 4, 0.0, seconds, false)?;
         checked(&r, "saturation")?;
         record("saturation_rps", r["rps"].as_f64().unwrap_or(f64::NAN));
+        let cpu_before = cpu_seconds(&agents)?;
+        let middle_before = match targets.middle {
+            Some(pid) => cpu_seconds(&[pid])?,
+            None => 0.0,
+        };
         let r = load(&tb, &client, targets.http, 4, 0.0, seconds, true)?;
         checked(&r, "new connections")?;
-        new_connections += r["requests"].as_f64().unwrap_or(0.0);
+        let connections = r["requests"].as_f64().unwrap_or(0.0);
+        new_connections += connections;
         record("connections_per_s", r["rps"].as_f64().unwrap_or(f64::NAN));
+        // What a connection costs, which the rate shows only through a
+        // machine whose other tenants come and go.
+        if path.is_mesh() {
+            let cpu = cpu_seconds(&agents)? - cpu_before;
+            record("agent_cpu_s_per_1000_conn", cpu / connections * 1000.0);
+        }
+        if let Some(pid) = targets.middle {
+            let cpu = cpu_seconds(&[pid])? - middle_before;
+            record("middle_cpu_s_per_1000_conn", cpu / connections * 1000.0);
+        }
         record(
             "connection_p99_ms",
             r["p99_us"].as_f64().unwrap_or(f64::NAN) / 1000.0,

@@ -28,6 +28,10 @@ const METRICS: &[(&str, &str)] = &[
         "agents' CPU per 1,000 requests (s)",
     ),
     ("agent_vcpu_at_1k", "agents' CPU at 1,000 req/s (vCPU)"),
+    (
+        "agent_cpu_s_per_1000_conn",
+        "agents' CPU per 1,000 new connections (s)",
+    ),
     ("agent_rss_at_1k_mib", "agent RSS after 1,000 req/s (MiB)"),
     (
         "agent_anon_at_1k_mib",
@@ -41,6 +45,10 @@ const METRICS: &[(&str, &str)] = &[
     (
         "middle_vcpu_at_1k",
         "waypoint's / proxy's CPU at 1,000 req/s (vCPU)",
+    ),
+    (
+        "middle_cpu_s_per_1000_conn",
+        "waypoint's / proxy's CPU per 1,000 new connections (s)",
     ),
     (
         "middle_rss_at_1k_mib",
