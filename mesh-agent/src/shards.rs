@@ -1,22 +1,22 @@
 //! Connection shards (`--runtime sharded`, the default): one
 //! single-threaded runtime per core, each serving whole connections. An
 //! accepted connection is served by the shard with the fewest open
-//! connections (or nearly: see below) and stays there: its relay, its
-//! HBONE stream and the pooled HBONE connection it opens (each shard
-//! pools its own) all run on that one thread, so the bytes of a
-//! connection cross no thread on their way through the agent. On one work-stealing runtime (`--runtime
-//! shared`) a connection's task and its HBONE connection's task may run
-//! on two threads, and each hand-off between them wakes the other one.
-//! Separate connections still use every core.
+//! connections (of equals, the one that accepted it) and stays there:
+//! its relay, its HBONE stream and the pooled HBONE connection it opens
+//! (each shard pools its own) all run on that one thread, so the bytes
+//! of a connection cross no thread on their way through the agent. On
+//! one work-stealing runtime (`--runtime shared`) a connection's task and
+//! its HBONE connection's task may run on two threads, and each hand-off
+//! between them wakes the other one. Separate connections still use
+//! every core.
 //!
 //! A pod's outbound and inbound plaintext listeners have one socket per
 //! shard (an `SO_REUSEPORT` group, [`accepting`], [`spawn_accepting`]):
 //! each shard accepts its share of new connections and serves them
 //! itself, unless another shard serves fewer connections, which then
-//! gets the connection. A new connection thus
-//! wakes one thread, not an accepting one and then a serving one. HBONE
-//! listeners, the control plane and the admin servers stay on the main
-//! runtime.
+//! gets the connection. A new connection thus mostly wakes one thread,
+//! not an accepting one and then a serving one. HBONE listeners, the
+//! control plane and the admin servers stay on the main runtime.
 //!
 //! Between two pods of one node, the destination's side of an HBONE
 //! connection is served on the shard that dialled it ([`dialling`],
@@ -82,11 +82,11 @@ const MOSTLY_IDLE: f64 = 0.5;
 /// A task moves to a mostly idle shard only from one busier by this much.
 const BUSIER_BY: f64 = 0.3;
 /// A shard serves what it accepts itself while it serves at most this
-/// many connections more than the shard with the fewest. One more let
-/// eight bulk streams between two pods of one node end five to three on
-/// two shards, and cost them 4-20% of their throughput in an A/B run:
-/// none, so they end as even as when every connection went to the shard
-/// with the fewest.
+/// many connections more than the shard with the fewest. None: with
+/// one, eight bulk streams between two pods of one node could end five
+/// to three on two shards, which cost them 4-20% of their throughput in
+/// A/B runs; with none they end as even as when every connection went
+/// to the shard with the fewest.
 const ACCEPTED_SLACK: usize = 0;
 /// At most this many shards accept for one listener; the others take
 /// connections handed over by these.
