@@ -18,6 +18,7 @@ mod fuzz;
 mod identity;
 mod inpod;
 mod limit;
+mod log_out;
 mod metrics;
 mod proxy;
 mod shards;
@@ -60,15 +61,17 @@ fn main() -> anyhow::Result<()> {
         },
         _ => {}
     }
-    let rt = rt.enable_all().build()?;
-    match cli.command {
+    let rt = rt.enable_all().on_thread_park(log_out::parked).build()?;
+    let done = match cli.command {
         Command::Node(args) => rt.block_on(node(*args, log_filter)),
         Command::Ca(args) => rt.block_on(identity::ca_server::run(*args)),
         Command::Waypoint(args) => rt.block_on(waypoint::run(*args, waypoint::Mode::Waypoint)),
         Command::Gateway(args) => rt.block_on(waypoint::run(*args, waypoint::Mode::Ingress)),
         Command::Uninstall(args) => uninstall(&args),
         Command::Pods { state_dir, command } => rt.block_on(pods(&state_dir, command)),
-    }
+    };
+    log_out::flush_all();
+    done
 }
 
 /// Sets up logging; the returned handle changes the filter at run time
@@ -77,8 +80,9 @@ fn init_logging(format: LogFormat) -> admin::LogFilter {
     use tracing_subscriber::{EnvFilter, Layer as _, layer::SubscriberExt as _, reload};
     let filter = EnvFilter::try_from_env("MESH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, handle) = reload::Layer::new(filter);
+    log_out::flush_on_panic();
     let fmt = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
+        .with_writer(log_out::Stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let fmt = match format {
         LogFormat::Plain => fmt.boxed(),
@@ -521,6 +525,7 @@ async fn pods(state_dir: &Path, command: PodsCommand) -> anyhow::Result<()> {
         print!("{text}");
         return Ok(());
     }
+    log_out::flush_all();
     eprint!("{text}");
     eprintln!("error: the agent answered {status}");
     std::process::exit(1);

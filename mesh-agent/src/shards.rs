@@ -105,6 +105,7 @@ impl Shards {
         for i in 0..n {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
+                .on_thread_park(crate::log_out::parked)
                 .build()?;
             let handle = rt.handle().clone();
             std::thread::Builder::new()

@@ -179,6 +179,9 @@ pub struct Testbed {
     kept: Vec<Agent>,
     /// The API stand-in and the cluster CA, once started.
     cluster: Option<cluster::Cluster>,
+    /// `MESH_LOG` of the agents and waypoints it starts: the agent's debug
+    /// lines by default (tests read them), see [`Testbed::log_agents_at`].
+    agent_log: String,
 }
 
 pub struct Node {
@@ -229,6 +232,7 @@ impl Testbed {
             workdir,
             kept: Vec::new(),
             cluster: None,
+            agent_log: TEST_AGENT_LOG.to_owned(),
         };
         fs::create_dir_all(&tb.cgroup).context("creating the testbed cgroup")?;
         ip(&["netns", "add", &tb.fabric])?;
@@ -590,6 +594,13 @@ impl Testbed {
         })
     }
 
+    /// The log filter (`MESH_LOG`) of the agents and waypoints started from
+    /// now on. The bench gives the agent's own default (`info`: the access
+    /// log, no debug lines) so that it measures the agent as deployed.
+    pub fn log_agents_at(&mut self, filter: &str) {
+        filter.clone_into(&mut self.agent_log);
+    }
+
     /// Starts the agent on a node (inside the node netns and cgroup) and
     /// waits until it is ready.
     pub fn start_agent(&mut self, node: usize, extra: &[&str]) -> anyhow::Result<()> {
@@ -643,7 +654,7 @@ impl Testbed {
             .arg("--node-name")
             .arg(format!("node{node}"))
             .args(extra)
-            .env("MESH_LOG", "info,mesh_agent=debug")
+            .env("MESH_LOG", &self.agent_log)
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
@@ -705,6 +716,9 @@ impl Testbed {
 /// How often a starting agent's `/healthz/ready` is asked: the bench's
 /// start-up figures are the time to the first 200, so this is their
 /// resolution (one request costs a thread and a loopback connection).
+/// The agents' log filter in tests: their debug lines, which tests read.
+const TEST_AGENT_LOG: &str = "info,mesh_agent=debug";
+
 const READY_POLL: Duration = Duration::from_millis(10);
 
 /// A pod's netns `netns` with `eth0` on bridge `br0` of node netns

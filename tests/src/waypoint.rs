@@ -161,7 +161,7 @@ impl Testbed {
             .arg("--state-dir")
             .arg(&state)
             .args(args)
-            .env("MESH_LOG", "info,mesh_agent=debug")
+            .env("MESH_LOG", &self.agent_log)
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file);

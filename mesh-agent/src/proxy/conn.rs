@@ -109,26 +109,36 @@ impl Outcome {
     }
 }
 
-/// The fields of one access log line.
+/// The fields of one access log line, borrowed from the record: writing
+/// the line allocates nothing but what the formatter does.
 pub(super) struct AccessLog<'a> {
-    pub src_addr: Option<String>,
-    pub src_workload: Option<String>,
-    pub src_namespace: Option<String>,
-    pub src_identity: Option<String>,
-    pub src_cluster: Option<String>,
-    pub dst_addr: Option<String>,
-    pub dst_hbone_addr: Option<String>,
-    pub dst_service: Option<String>,
-    pub dst_workload: Option<String>,
-    pub dst_namespace: Option<String>,
-    pub dst_identity: Option<String>,
-    pub dst_cluster: Option<String>,
+    pub src_addr: Option<SocketAddr>,
+    pub src_workload: Option<&'a str>,
+    pub src_namespace: Option<&'a str>,
+    pub src_identity: Option<&'a Identity>,
+    pub src_cluster: Option<&'a str>,
+    pub dst_addr: Option<SocketAddr>,
+    pub dst_hbone_addr: Option<SocketAddr>,
+    pub dst_service: Option<&'a str>,
+    pub dst_workload: Option<&'a str>,
+    pub dst_namespace: Option<&'a str>,
+    pub dst_identity: Option<&'a Identity>,
+    pub dst_cluster: Option<&'a str>,
     pub direction: &'static str,
     pub bytes_sent: u64,
     pub bytes_recv: u64,
-    pub duration: String,
+    pub duration: Millis,
     pub flags: &'static str,
     pub error: Option<&'a str>,
+}
+
+/// A duration as the access log gives it: whole milliseconds, `12ms`.
+pub(super) struct Millis(pub u128);
+
+impl std::fmt::Display for Millis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}ms", self.0)
+    }
 }
 
 /// One access log event at a given level (tracing wants the level to be a
@@ -141,18 +151,18 @@ macro_rules! access_log {
             target: "access",
             parent: None,
             $level,
-            src.addr = f.src_addr.as_deref().map(tracing::field::display),
-            src.workload = f.src_workload.as_deref().map(tracing::field::display),
-            src.namespace = f.src_namespace.as_deref().map(tracing::field::display),
-            src.identity = f.src_identity.as_deref().map(tracing::field::display),
-            src.cluster = f.src_cluster.as_deref().map(tracing::field::display),
-            dst.addr = f.dst_addr.as_deref().map(tracing::field::display),
-            dst.hbone_addr = f.dst_hbone_addr.as_deref().map(tracing::field::display),
-            dst.service = f.dst_service.as_deref().map(tracing::field::display),
-            dst.workload = f.dst_workload.as_deref().map(tracing::field::display),
-            dst.namespace = f.dst_namespace.as_deref().map(tracing::field::display),
-            dst.identity = f.dst_identity.as_deref().map(tracing::field::display),
-            dst.cluster = f.dst_cluster.as_deref().map(tracing::field::display),
+            src.addr = f.src_addr.map(tracing::field::display),
+            src.workload = f.src_workload.map(tracing::field::display),
+            src.namespace = f.src_namespace.map(tracing::field::display),
+            src.identity = f.src_identity.map(tracing::field::display),
+            src.cluster = f.src_cluster.map(tracing::field::display),
+            dst.addr = f.dst_addr.map(tracing::field::display),
+            dst.hbone_addr = f.dst_hbone_addr.map(tracing::field::display),
+            dst.service = f.dst_service.map(tracing::field::display),
+            dst.workload = f.dst_workload.map(tracing::field::display),
+            dst.namespace = f.dst_namespace.map(tracing::field::display),
+            dst.identity = f.dst_identity.map(tracing::field::display),
+            dst.cluster = f.dst_cluster.map(tracing::field::display),
             direction = f.direction,
             bytes_sent = f.bytes_sent,
             bytes_recv = f.bytes_recv,
@@ -268,44 +278,29 @@ impl ConnRecord {
     /// when the connection failed, as ztunnel logs it.
     fn log(&self, flags: &'static str, outcome: &Outcome) {
         let l = &self.labels;
-        let known = |v: &str| (v != UNKNOWN && !v.is_empty()).then(|| v.to_owned());
         let authenticated = l.connection_security_policy != Security::Unknown.label();
-        let identity = |p: &Peer| {
-            p.identity
-                .as_ref()
-                .filter(|_| authenticated)
-                .map(Identity::to_string)
-        };
-        // ztunnel names the pod, not its owner workload.
-        let pod = |p: &Peer, canonical: &str| {
-            p.workload
-                .as_ref()
-                .map(|w| w.name.clone())
-                .or_else(|| known(canonical))
-        };
-        let addr = |a: Option<SocketAddr>| a.map(|a| a.to_string());
         let (bytes_sent, bytes_recv) = if l.reporter == "destination" {
             (outcome.response_bytes, outcome.request_bytes)
         } else {
             (outcome.request_bytes, outcome.response_bytes)
         };
         let fields = AccessLog {
-            src_addr: addr(self.src.addr),
-            src_workload: pod(&self.src, &l.source_canonical_service),
+            src_addr: self.src.addr,
+            src_workload: pod_name(&self.src, &l.source_canonical_service),
             src_namespace: known(&l.source_workload_namespace),
-            src_identity: identity(&self.src),
+            src_identity: self.src.identity.as_ref().filter(|_| authenticated),
             src_cluster: known(&l.source_cluster),
-            dst_addr: addr(self.dst.addr),
-            dst_hbone_addr: addr(self.hbone_addr),
+            dst_addr: self.dst.addr,
+            dst_hbone_addr: self.hbone_addr,
             dst_service: known(&l.destination_service),
-            dst_workload: pod(&self.dst, &l.destination_canonical_service),
+            dst_workload: pod_name(&self.dst, &l.destination_canonical_service),
             dst_namespace: known(&l.destination_workload_namespace),
-            dst_identity: identity(&self.dst),
+            dst_identity: self.dst.identity.as_ref().filter(|_| authenticated),
             dst_cluster: known(&l.destination_cluster),
             direction: self.direction,
             bytes_sent,
             bytes_recv,
-            duration: format!("{}ms", self.start.elapsed().as_millis()),
+            duration: Millis(self.start.elapsed().as_millis()),
             flags,
             error: outcome.error.as_deref(),
         };
@@ -315,6 +310,21 @@ impl ConnRecord {
             access_log!(Level::INFO, fields);
         }
     }
+}
+
+/// A label value the access log shows: not `unknown`, not empty.
+fn known(v: &str) -> Option<&str> {
+    (v != UNKNOWN && !v.is_empty()).then_some(v)
+}
+
+/// The access log's workload of an end: its pod's name (ztunnel names the
+/// pod, not its owner workload), or the canonical service when the agent
+/// knows no pod there.
+fn pod_name<'a>(p: &'a Peer, canonical: &'a str) -> Option<&'a str> {
+    p.workload
+        .as_deref()
+        .map(|w| w.name.as_str())
+        .or_else(|| known(canonical))
 }
 
 /// A connection refused before there was enough to record it (no

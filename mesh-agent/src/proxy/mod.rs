@@ -18,7 +18,7 @@ use tokio::{
     sync::watch,
     task::JoinHandle,
 };
-use tracing::{Instrument as _, debug, info_span, warn};
+use tracing::{Instrument as _, debug, debug_span, info_span, warn};
 
 use crate::{
     capture::Capture,
@@ -229,10 +229,14 @@ async fn accept_loop(pod: Arc<PodCtx>, role: Role, gate: Arc<limit::Gate>, l: Tc
         let (stream, peer, admitted) = gate.accept(&l).await;
         let pod = pod.clone();
         let socket = pod.shared.metrics.socket_open(reporter);
+        // A connection's span is at debug: at the default level its
+        // creation, and its entry and exit at every poll, would cost each
+        // new connection about as much as its access log line. The few
+        // warnings of a connection name its pod themselves.
         let (span, prefer) = match role {
             // `traceparent`: the tunnel's, recorded when HBONE opens one.
             Role::Outbound => (
-                info_span!(
+                debug_span!(
                     "outbound",
                     pod = %pod.name,
                     client = %peer,
@@ -241,7 +245,7 @@ async fn accept_loop(pod: Arc<PodCtx>, role: Role, gate: Arc<limit::Gate>, l: Tc
                 None,
             ),
             Role::InboundPlaintext => (
-                info_span!("inbound_plaintext", pod = %pod.name, client = %peer),
+                debug_span!("inbound_plaintext", pod = %pod.name, client = %peer),
                 None,
             ),
             Role::Hbone => {
@@ -319,6 +323,8 @@ fn spawn_synced<F>(
         if !pod.shared.synced().await {
             pod.shared.metrics.connection(direction, "not_synced");
             warn!(
+                pod = %pod.name,
+                direction,
                 waited = ?SYNC_WAIT,
                 "configuration not synced: the source has not been read yet; connection refused"
             );

@@ -279,7 +279,7 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
         .filter(|d| !d.ip().is_loopback() && !AGENT_PORTS.contains(&d.port()))
     else {
         metrics.connection("outbound", "no_original_destination");
-        warn!("no original destination recorded for this connection; refusing it");
+        warn!(pod = %pod.name, client = %peer, "no original destination recorded for this connection; refusing it");
         return;
     };
     let client_addr = peer;

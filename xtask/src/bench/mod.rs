@@ -208,7 +208,7 @@ fn measure_path(results: &mut Results, run: &Run) -> anyhow::Result<()> {
         quick,
         ..
     } = run;
-    let mut tb = Testbed::new(2)?;
+    let mut tb = testbed(2)?;
     let server_node = match placement {
         Placement::CrossNode => 1,
         Placement::SameNode | Placement::Idle | Placement::Scale => 0,
@@ -504,4 +504,12 @@ pub fn machine() -> BTreeMap<&'static str, String> {
             read("/proc/sys/kernel/osrelease").trim().to_owned(),
         ),
     ])
+}
+
+/// A testbed whose agents and waypoints log at the agent's default level
+/// (`info`: the access log, no debug lines), as deployed.
+fn testbed(nodes: usize) -> anyhow::Result<Testbed> {
+    let mut tb = Testbed::new(nodes)?;
+    tb.log_agents_at("info");
+    Ok(tb)
 }

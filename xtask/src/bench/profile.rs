@@ -59,12 +59,26 @@ const CATEGORIES: &[Rule] = &[
                 .any(|k| s.contains(k))
     }),
     ("agent code: HTTP/2, TLS records, tokio, splice", |d, _| {
-        d == "mesh-agent"
+        d == AGENT
     }),
     ("other", |_, _| true),
 ];
 
 const KERNEL: &str = "[kernel.kallsyms]";
+/// The agent's DSO as the categories name it; a build given by path
+/// (`MESH_AGENT_BIN`, any file name) is reported under it.
+const AGENT: &str = "mesh-agent";
+
+/// The file name `perf` gives the agent's binary.
+fn agent_dso() -> String {
+    std::env::var_os("MESH_AGENT_BIN")
+        .and_then(|p| {
+            FsPath::new(&p)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+        })
+        .unwrap_or_else(|| AGENT.to_owned())
+}
 
 /// One line of `perf report --sort dso,symbol`: percent, DSO, symbol.
 fn parse_line(line: &str) -> Option<(f64, &str, &str)> {
@@ -79,10 +93,12 @@ fn parse_line(line: &str) -> Option<(f64, &str, &str)> {
 }
 
 /// The category table and the top symbols of a `perf report` text.
-pub fn summarize(report: &str, top: usize) -> String {
+/// `agent` is the file name of the agent's binary.
+pub fn summarize(report: &str, agent: &str, top: usize) -> String {
     let mut shares = vec![0.0; CATEGORIES.len()];
     let mut symbols = Vec::new();
     for (pct, dso, sym) in report.lines().filter_map(parse_line) {
+        let dso = if dso == agent { AGENT } else { dso };
         let i = CATEGORIES
             .iter()
             .position(|(_, f)| f(dso, sym))
@@ -249,7 +265,7 @@ fn record_during(
         String::from_utf8_lossy(&report.stderr)
     );
     let report = String::from_utf8_lossy(&report.stdout);
-    let summary = summarize(&report, 25);
+    let summary = summarize(&report, &agent_dso(), 25);
     println!("{summary}");
     std::fs::write(
         file,
@@ -298,10 +314,10 @@ mod tests {
      4.57%  [kernel.kallsyms]  [k] _raw_spin_unlock_irqrestore
      1.95%  [kernel.kallsyms]  [k] tcp_sendmsg_locked
      1.22%  libc.so.6          [.] _int_free
-     0.50%  mesh-agent         [.] h2::proto::streams::prioritize::Prioritize::pop_frame
+     0.50%  agent.bin          [.] h2::proto::streams::prioritize::Prioritize::pop_frame
      0.25%  [vdso]             [.] __vdso_clock_gettime
 ";
-        let s = summarize(report, 3);
+        let s = summarize(report, "agent.bin", 3);
         for line in [
             "7.1%  crypto",
             "8.1%  kernel: copies",

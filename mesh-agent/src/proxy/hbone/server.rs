@@ -8,7 +8,7 @@ use h2::{RecvStream, server::SendResponse};
 use hyper::{Method, Response, StatusCode, http::request::Parts};
 use mesh_common::AGENT_PORTS;
 use tokio::net::TcpStream;
-use tracing::{Instrument as _, debug, info, info_span, warn};
+use tracing::{Instrument as _, debug, debug_span, info, warn};
 
 use super::headers::{Baggage, baggage, traceparent};
 use super::{
@@ -433,8 +433,8 @@ impl Inbound {
             }
         };
         // The caller's cluster and trace join this tunnel's log lines to
-        // the caller's.
-        let span = info_span!(
+        // the caller's (its debug lines: see `proxy::accept_loop`).
+        let span = debug_span!(
             "tunnel",
             %dst,
             peer = %self.peer_id,
