@@ -108,19 +108,26 @@ pub fn parked() {
     });
 }
 
-/// Writes every thread's pending lines: at the end of the process, and
-/// when a panic is reported.
+/// Writes every thread's pending lines: at the end of the process.
 pub fn flush_all() {
     for buffer in BUFFERS.locked().iter() {
         write_out(&mut buffer.locked());
     }
 }
 
-/// Reports a panic after the lines that came before it.
+/// Reports a panic after the lines that came before it. A buffer whose
+/// lock is held (the panic struck while it was being written) is passed
+/// over rather than waited for.
 pub fn flush_on_panic() {
     let report = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        flush_all();
+        if let Ok(buffers) = BUFFERS.try_lock() {
+            for buffer in buffers.iter() {
+                if let Ok(mut pending) = buffer.try_lock() {
+                    write_out(&mut pending);
+                }
+            }
+        }
         report(info);
     }));
 }
