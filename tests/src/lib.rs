@@ -713,12 +713,12 @@ impl Testbed {
     }
 }
 
-/// How often a starting agent's `/healthz/ready` is asked: the bench's
-/// start-up figures are the time to the first 200, so this is their
-/// resolution (one request costs a thread and a loopback connection).
 /// The agents' log filter in tests: their debug lines, which tests read.
 const TEST_AGENT_LOG: &str = "info,mesh_agent=debug";
 
+/// How often a starting agent's `/healthz/ready` is asked: the bench's
+/// start-up figures are the time to the first 200, so this is their
+/// resolution (one request costs a thread and a loopback connection).
 const READY_POLL: Duration = Duration::from_millis(10);
 
 /// A pod's netns `netns` with `eth0` on bridge `br0` of node netns

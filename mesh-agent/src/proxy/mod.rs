@@ -230,8 +230,9 @@ async fn accept_loop(pod: Arc<PodCtx>, role: Role, gate: Arc<limit::Gate>, l: Tc
         let pod = pod.clone();
         let socket = pod.shared.metrics.socket_open(reporter);
         // A connection's span is at debug: at the default level its
-        // creation, and its entry and exit at every poll, would cost each
-        // new connection about as much as its access log line. The few
+        // creation, and its entry and exit at every poll, would cost every
+        // new connection CPU for lines that are rarely written (README,
+        // Performance, "Logging off the connection path"). The few
         // warnings of a connection name its pod themselves.
         let (span, prefer) = match role {
             // `traceparent`: the tunnel's, recorded when HBONE opens one.
