@@ -126,8 +126,8 @@ impl Gate {
 
     /// Waits for a free slot, then for a connection within its peer's
     /// share. While the listener is full nothing is accepted on any of its
-    /// sockets (counted once per pause as `result="limit"`); a peer past its share has its
-    /// connection closed at once (`result="peer_limit"`).
+    /// sockets (counted once per pause as `result="limit"`); a peer past
+    /// its share has its connection closed at once (`result="peer_limit"`).
     pub async fn accept(&self, listener: &TcpListener) -> (TcpStream, SocketAddr, Admitted) {
         let mut backoff = FIRST_BACKOFF;
         loop {

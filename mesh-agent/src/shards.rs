@@ -309,9 +309,10 @@ pub fn first_accepting() -> usize {
 }
 
 /// Registers `listener` with shard `i` (modulo the shards) and runs
-/// `accept` on it there; without shards, on the current runtime.
+/// `accept` on it there; with no shard named, or without shards, on the
+/// current runtime.
 pub fn spawn_accepting<F, Fut>(
-    i: usize,
+    i: Option<usize>,
     listener: std::net::TcpListener,
     accept: F,
 ) -> io::Result<tokio::task::JoinHandle<()>>
@@ -319,7 +320,7 @@ where
     F: FnOnce(tokio::net::TcpListener) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let Some(shards) = INSTALLED.get() else {
+    let (Some(i), Some(shards)) = (i, INSTALLED.get()) else {
         return Ok(tokio::spawn(accept(tokio::net::TcpListener::from_std(
             listener,
         )?)));

@@ -196,17 +196,13 @@ pub fn spawn_listener(pod: Arc<PodCtx>, listener: PodListener) -> io::Result<Vec
         pod.shared.metrics.clone(),
         role.as_str(),
     ));
-    let on_shards = role != Role::Hbone;
-    let first = crate::shards::first_accepting();
+    // HBONE is accepted on the main runtime.
+    let first = (role != Role::Hbone).then(crate::shards::first_accepting);
     let mut tasks = Vec::with_capacity(listener.sockets.len());
     for (i, socket) in listener.sockets.into_iter().enumerate() {
+        let shard = first.map(|first| first + i);
         let run = |l| accept_loop(pod.clone(), role, gate.clone(), l);
-        let task = if on_shards {
-            crate::shards::spawn_accepting(first + i, socket, run)
-        } else {
-            TcpListener::from_std(socket).map(|l| tokio::spawn(run(l)))
-        };
-        match task {
+        match crate::shards::spawn_accepting(shard, socket, run) {
             Ok(t) => tasks.push(t),
             Err(e) => {
                 tasks.iter().for_each(JoinHandle::abort);
