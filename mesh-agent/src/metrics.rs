@@ -3,7 +3,10 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, OnceLock, PoisonError, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use prometheus_client::{
@@ -14,7 +17,6 @@ use prometheus_client::{
 };
 
 use crate::capture::Capture;
-use crate::sync::LockExt as _;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProxyLabels {
@@ -163,11 +165,64 @@ pub struct Metrics {
     pub config_objects: Family<KindLabels, Gauge>,
     pub policy_dry_run: Family<DryRunLabels, Counter>,
     pub hbone_bad_headers: Family<HeaderLabels, Counter>,
-    /// The `istio_tcp_*` label sets by the workload (namespace, name) at
-    /// either end: prometheus-client cannot list a family's label sets, and
-    /// without this a node that sees many short-lived pods would export
-    /// their series forever.
-    tcp_series: Mutex<HashMap<(String, String), HashSet<TcpLabels>>>,
+    /// The `istio_tcp_*` label sets in use, each with its counters.
+    tcp_series: RwLock<TcpIndex>,
+}
+
+/// The `istio_tcp_*` series, by label set and by the workloads at their
+/// ends.
+#[derive(Debug, Default)]
+struct TcpIndex {
+    /// A connection looks its label set up here once, when it opens (and
+    /// once more if it closes with flags), and counts on the counters it
+    /// finds: not one lookup in each family for each count.
+    by_labels: HashMap<TcpLabels, Arc<TcpSeries>>,
+    /// By the workload (namespace, name) at either end: prometheus-client
+    /// cannot list a family's label sets, and without this a node that sees
+    /// many short-lived pods would export their series forever.
+    by_workload: HashMap<(String, String), HashSet<TcpLabels>>,
+}
+
+/// One `istio_tcp_*` label set and its counter in each family. A counter
+/// is added to its family when first used, so that a series appears on
+/// the page once it counts something, as each family's own would.
+#[derive(Debug)]
+pub struct TcpSeries {
+    labels: TcpLabels,
+    opened: OnceLock<Counter>,
+    closed: OnceLock<Counter>,
+    sent: OnceLock<Counter>,
+    received: OnceLock<Counter>,
+    failed: OnceLock<Counter>,
+    /// Its workload's series were removed ([`Metrics::forget_workload`]):
+    /// counters not yet taken are taken from a fresh lookup.
+    forgotten: AtomicBool,
+}
+
+impl TcpSeries {
+    fn new(labels: TcpLabels) -> Self {
+        TcpSeries {
+            labels,
+            opened: OnceLock::new(),
+            closed: OnceLock::new(),
+            sent: OnceLock::new(),
+            received: OnceLock::new(),
+            failed: OnceLock::new(),
+            forgotten: AtomicBool::new(false),
+        }
+    }
+
+    pub fn labels(&self) -> &TcpLabels {
+        &self.labels
+    }
+
+    fn counter<'a>(
+        &'a self,
+        cell: &'a OnceLock<Counter>,
+        family: &Family<TcpLabels, Counter>,
+    ) -> &'a Counter {
+        cell.get_or_init(|| family.get_or_create(&self.labels).clone())
+    }
 }
 
 impl Metrics {
@@ -226,16 +281,61 @@ impl Metrics {
             .inc();
     }
 
-    /// Notes a label set the `istio_tcp_*` families now hold; called when a
-    /// connection opens and when it closes (the flags differ), not per byte.
-    pub fn tcp_series(&self, labels: &TcpLabels) {
-        let mut index = self.tcp_series.locked();
+    /// The series of `labels`, made on first use.
+    pub fn tcp(&self, labels: &TcpLabels) -> Arc<TcpSeries> {
+        let index = self
+            .tcp_series
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(s) = index.by_labels.get(labels) {
+            return s.clone();
+        }
+        drop(index);
+        let mut index = self
+            .tcp_series
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(s) = index.by_labels.get(labels) {
+            return s.clone();
+        }
+        let series = Arc::new(TcpSeries::new(labels.clone()));
+        index.by_labels.insert(labels.clone(), series.clone());
         for end in TcpLabels::workloads(labels).into_iter().flatten() {
-            let series = index.entry(end).or_default();
-            // Most connections repeat a label set: no copy of it then.
-            if !series.contains(labels) {
-                series.insert(labels.clone());
-            }
+            index
+                .by_workload
+                .entry(end)
+                .or_default()
+                .insert(labels.clone());
+        }
+        series
+    }
+
+    /// `series` itself, or if its workload was forgotten since, the series
+    /// of its labels now (which brings them back on the page).
+    fn current(&self, series: &Arc<TcpSeries>) -> Arc<TcpSeries> {
+        if series.forgotten.load(Ordering::Relaxed) {
+            self.tcp(&series.labels)
+        } else {
+            series.clone()
+        }
+    }
+
+    /// Counts a connection opened, and returns its byte counters.
+    pub fn tcp_opened(&self, series: &Arc<TcpSeries>) -> (Counter, Counter) {
+        let s = self.current(series);
+        s.counter(&s.opened, &self.tcp_opened).inc();
+        (
+            s.counter(&s.received, &self.tcp_received).clone(),
+            s.counter(&s.sent, &self.tcp_sent).clone(),
+        )
+    }
+
+    /// Counts a connection closed, and failed if its flags say so.
+    pub fn tcp_closed(&self, series: &Arc<TcpSeries>) {
+        let s = self.current(series);
+        s.counter(&s.closed, &self.tcp_closed).inc();
+        if is_failure(s.labels.response_flags) {
+            s.counter(&s.failed, &self.tcp_failed).inc();
         }
     }
 
@@ -244,11 +344,20 @@ impl Metrics {
     /// name. A connection of the pod that is still open when it goes counts
     /// its close afterwards, which brings back that one series.
     pub fn forget_workload(&self, namespace: &str, name: &str) {
-        let mut index = self.tcp_series.locked();
-        let Some(series) = index.remove(&(namespace.to_owned(), name.to_owned())) else {
+        let mut index = self
+            .tcp_series
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let Some(series) = index
+            .by_workload
+            .remove(&(namespace.to_owned(), name.to_owned()))
+        else {
             return;
         };
         for labels in series {
+            if let Some(s) = index.by_labels.remove(&labels) {
+                s.forgotten.store(true, Ordering::Relaxed);
+            }
             for family in [
                 &self.tcp_opened,
                 &self.tcp_closed,
@@ -260,10 +369,10 @@ impl Metrics {
             }
             // The other end's entry must not keep the label set alive.
             for end in TcpLabels::workloads(&labels).into_iter().flatten() {
-                if let Some(set) = index.get_mut(&end) {
+                if let Some(set) = index.by_workload.get_mut(&end) {
                     set.remove(&labels);
                     if set.is_empty() {
-                        index.remove(&end);
+                        index.by_workload.remove(&end);
                     }
                 }
             }

@@ -10,7 +10,7 @@ use tracing::Level;
 use super::Counted;
 use crate::{
     identity::Identity,
-    metrics::{Metrics, TcpLabels, is_failure},
+    metrics::{Metrics, TcpLabels, TcpSeries},
     state::{Service, Workload},
 };
 
@@ -74,8 +74,11 @@ pub struct ConnRecord {
     /// tunnel runs to (port 15008), as ztunnel logs them.
     hbone_addr: Option<SocketAddr>,
     start: Instant,
-    /// The byte counters of the labels it opened with (request, response),
-    /// resolved once and then added to as the bytes are copied.
+    /// The series it opened with, looked up once: closing without flags
+    /// counts on it with no lookup.
+    series: Option<Arc<TcpSeries>>,
+    /// Its byte counters (request, response), added to as the bytes are
+    /// copied.
     meters: Option<Meters>,
     /// Closed and logged; nothing left for `Drop`.
     done: bool,
@@ -202,6 +205,7 @@ impl ConnRecord {
             dst,
             hbone_addr: None,
             start: Instant::now(),
+            series: None,
             meters: None,
             done: false,
         }
@@ -218,6 +222,8 @@ impl ConnRecord {
         );
         self.dst = dst;
         self.hbone_addr = None;
+        // Opened already: its close is counted under the new labels.
+        self.series = None;
     }
 
     /// The connection runs over HBONE: the tunnel goes to `tunnel` (a
@@ -232,13 +238,10 @@ impl ConnRecord {
     /// close.
     pub fn open(&mut self) {
         if self.meters.is_none() {
-            let m = &self.metrics;
-            m.tcp_opened.get_or_create(&self.labels).inc();
-            m.tcp_series(&self.labels);
-            self.meters = Some(Meters {
-                request: m.tcp_received.get_or_create(&self.labels).clone(),
-                response: m.tcp_sent.get_or_create(&self.labels).clone(),
-            });
+            let series = self.metrics.tcp(&self.labels);
+            let (request, response) = self.metrics.tcp_opened(&series);
+            self.series = Some(series);
+            self.meters = Some(Meters { request, response });
         }
     }
 
@@ -259,15 +262,13 @@ impl ConnRecord {
     fn record_close(&mut self, flags: &'static str, outcome: Outcome) {
         self.done = true;
         self.open();
+        let opened = self
+            .series
+            .take()
+            .filter(|s| s.labels().response_flags == flags);
         self.labels.response_flags = flags;
-        let m = &self.metrics;
-        m.tcp_closed.get_or_create(&self.labels).inc();
-        if flags != "-" {
-            m.tcp_series(&self.labels);
-        }
-        if is_failure(flags) {
-            m.tcp_failed.get_or_create(&self.labels).inc();
-        }
+        let series = opened.unwrap_or_else(|| self.metrics.tcp(&self.labels));
+        self.metrics.tcp_closed(&series);
         self.log(flags, &outcome);
     }
 
