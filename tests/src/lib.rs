@@ -182,6 +182,9 @@ pub struct Testbed {
     /// `MESH_LOG` of the agents and waypoints it starts: the agent's debug
     /// lines by default (tests read them), see [`Testbed::log_agents_at`].
     agent_log: String,
+    /// Where its logs are copied when it is dropped, before its work
+    /// directory goes ([`Testbed::keep_logs_in`]).
+    logs_to: Option<PathBuf>,
 }
 
 pub struct Node {
@@ -233,6 +236,7 @@ impl Testbed {
             kept: Vec::new(),
             cluster: None,
             agent_log: TEST_AGENT_LOG.to_owned(),
+            logs_to: None,
         };
         fs::create_dir_all(&tb.cgroup).context("creating the testbed cgroup")?;
         ip(&["netns", "add", &tb.fabric])?;
@@ -601,6 +605,13 @@ impl Testbed {
         filter.clone_into(&mut self.agent_log);
     }
 
+    /// When dropped, the testbed replaces what `dir` holds with its logs
+    /// (the last [`KEPT_LOG_BYTES`] of each `*.log` of its work directory:
+    /// its agents' and waypoints'), which would go with that directory.
+    pub fn keep_logs_in(&mut self, dir: &Path) {
+        self.logs_to = Some(dir.to_owned());
+    }
+
     /// Starts the agent on a node (inside the node netns and cgroup) and
     /// waits until it is ready.
     pub fn start_agent(&mut self, node: usize, extra: &[&str]) -> anyhow::Result<()> {
@@ -795,8 +806,47 @@ impl Drop for Testbed {
         }
         // The agents that talked to it are gone.
         drop(self.cluster.take());
+        if let Some(dir) = &self.logs_to
+            && let Err(e) = copy_logs(&self.workdir, dir, KEPT_LOG_BYTES)
+        {
+            eprintln!("keeping the testbed's logs in {}: {e}", dir.display());
+        }
         cleanup(&self.prefix);
     }
+}
+
+/// How much of the end of each log [`Testbed::keep_logs_in`] keeps: a
+/// bench's agents write an access line per connection, some hundred
+/// thousand in a full run's testbed.
+pub const KEPT_LOG_BYTES: u64 = 1 << 20;
+
+/// Replaces what `to` holds with the `*.log` files of `from`, each cut to
+/// its last `max` bytes (a first line says how much was left out).
+fn copy_logs(from: &Path, to: &Path, max: u64) -> std::io::Result<()> {
+    use std::io::{Seek as _, SeekFrom, Write as _};
+    match fs::remove_dir_all(to) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    fs::create_dir_all(to)?;
+    for e in fs::read_dir(from)? {
+        let path = e?.path();
+        let (Some(name), true) = (
+            path.file_name(),
+            path.extension().is_some_and(|x| x == "log"),
+        ) else {
+            continue;
+        };
+        let mut src = fs::File::open(&path)?;
+        let mut dst = fs::File::create(to.join(name))?;
+        let skipped = src.metadata()?.len().saturating_sub(max);
+        if skipped > 0 {
+            src.seek(SeekFrom::Start(skipped))?;
+            writeln!(dst, "[the first {skipped} bytes of this log were left out]")?;
+        }
+        std::io::copy(&mut src, &mut dst)?;
+    }
+    Ok(())
 }
 
 /// Removes everything a testbed with this prefix made: processes left in its
@@ -882,5 +932,45 @@ impl Repl {
         let mut line = String::new();
         self.stdout.read_line(&mut line)?;
         Ok(serde_json::from_str(&line)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_testbeds_logs_replace_what_was_kept_each_cut_to_its_end() {
+        let root = std::env::temp_dir().join(format!("mesh-tests-logs-{}", std::process::id()));
+        let (work, kept) = (root.join("work"), root.join("kept"));
+        fs::create_dir_all(work.join("n0")).unwrap();
+        fs::write(work.join("agent-n0.log"), "agent line\n").unwrap();
+        fs::write(work.join("waypoint-w.log"), "waypoint line\n").unwrap();
+        fs::write(work.join("config.yaml"), "kind: List\n").unwrap();
+        fs::write(work.join("n0").join("inner.log"), "state\n").unwrap();
+        fs::create_dir_all(&kept).unwrap();
+        fs::write(kept.join("agent-n1.log"), "an earlier testbed's\n").unwrap();
+
+        copy_logs(&work, &kept, 100).unwrap();
+
+        let mut names: Vec<String> = fs::read_dir(&kept)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["agent-n0.log", "waypoint-w.log"]);
+        assert_eq!(
+            fs::read_to_string(kept.join("agent-n0.log")).unwrap(),
+            "agent line\n"
+        );
+        // A directory that is not there yet is made; a long log keeps its
+        // end.
+        fs::remove_dir_all(&kept).unwrap();
+        copy_logs(&work, &kept, 5).unwrap();
+        assert_eq!(
+            fs::read_to_string(kept.join("agent-n0.log")).unwrap(),
+            "[the first 6 bytes of this log were left out]\nline\n"
+        );
+        fs::remove_dir_all(&root).unwrap();
     }
 }

@@ -204,7 +204,7 @@ pub fn measure(
     pods: usize,
     workloads: usize,
 ) -> anyhow::Result<()> {
-    let mut tb = super::testbed(1)?;
+    let mut tb = super::testbed(1, "idle")?;
     let enrolled: Vec<Pod> = (0..pods)
         .map(|i| tb.add_pod(0, &format!("app{i}")))
         .collect::<anyhow::Result<_>>()?;

@@ -124,6 +124,14 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     };
     let out_dir = out.parent().unwrap_or(&root).to_owned();
     std::fs::create_dir_all(&out_dir)?;
+    let logs = out_dir.join("logs");
+    match std::fs::remove_dir_all(&logs) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| logs.display().to_string());
+        }
+        _ => {}
+    }
+    let _ = LOGS.set(logs);
     let chosen: Vec<Path> = paths::ALL
         .iter()
         .copied()
@@ -208,7 +216,7 @@ fn measure_path(results: &mut Results, run: &Run) -> anyhow::Result<()> {
         quick,
         ..
     } = run;
-    let mut tb = testbed(2)?;
+    let mut tb = testbed(2, &format!("{}-{}", placement.name(), path.name()))?;
     let server_node = match placement {
         Placement::CrossNode => 1,
         Placement::SameNode | Placement::Idle | Placement::Scale => 0,
@@ -324,6 +332,27 @@ fn measure_path(results: &mut Results, run: &Run) -> anyhow::Result<()> {
             "connection_p99_ms",
             r["p99_us"].as_f64().unwrap_or(f64::NAN) / 1000.0,
         );
+        // The same at a fixed 1,000 new connections/s, well below any mesh
+        // path's limit: the setup latency of a connection that does not
+        // queue behind others, and a CPU cost per connection that moves
+        // less with the machine's other tenants than the one at the limit.
+        let cpu_before = cpu_seconds(&agents)?;
+        let r = load(&tb, &client, targets.http, 4, 1000.0, seconds, true)?;
+        checked(&r, "1,000 new connections/s")?;
+        for p in ["p50", "p99"] {
+            record(
+                &format!("connection_1k_{p}_ms"),
+                r[&format!("{p}_us")].as_f64().unwrap_or(f64::NAN) / 1000.0,
+            );
+        }
+        if path.is_mesh() {
+            let connections = r["requests"].as_f64().unwrap_or(f64::NAN);
+            let cpu = cpu_seconds(&agents)? - cpu_before;
+            record(
+                "agent_cpu_s_per_1000_conn_at_1k",
+                cpu / connections * 1000.0,
+            );
+        }
         if let Some(iperf_target) = targets.iperf {
             for (metric, streams) in [("throughput_1_gbps", 1), ("throughput_8_gbps", 8)] {
                 record(metric, iperf(&tb, &client, iperf_target, streams, seconds)?);
@@ -508,8 +537,17 @@ pub fn machine() -> BTreeMap<&'static str, String> {
 
 /// A testbed whose agents and waypoints log at the agent's default level
 /// (`info`: the access log, no debug lines), as deployed.
-fn testbed(nodes: usize) -> anyhow::Result<Testbed> {
+/// A testbed of `nodes` nodes for what `name` names (`cross-node-mesh-ebpf`,
+/// `idle`, ...): its logs are kept in `<results dir>/logs/<name>/`.
+fn testbed(nodes: usize, name: &str) -> anyhow::Result<Testbed> {
     let mut tb = Testbed::new(nodes)?;
     tb.log_agents_at("info");
+    if let Some(dir) = LOGS.get() {
+        tb.keep_logs_in(&dir.join(name));
+    }
     Ok(tb)
 }
+
+/// Where the run's testbeds leave their logs (`<results dir>/logs`),
+/// emptied when the run starts.
+static LOGS: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();

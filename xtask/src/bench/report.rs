@@ -24,6 +24,14 @@ const METRICS: &[(&str, &str)] = &[
     ("connections_per_s", "new connections (conn/s)"),
     ("connection_p99_ms", "new connection + request: p99 (ms)"),
     (
+        "connection_1k_p50_ms",
+        "1,000 new connections/s, connection + request: p50 (ms)",
+    ),
+    (
+        "connection_1k_p99_ms",
+        "1,000 new connections/s, connection + request: p99 (ms)",
+    ),
+    (
         "agent_cpu_s_per_1000_req",
         "agents' CPU per 1,000 requests (s)",
     ),
@@ -31,6 +39,10 @@ const METRICS: &[(&str, &str)] = &[
     (
         "agent_cpu_s_per_1000_conn",
         "agents' CPU per 1,000 new connections (s)",
+    ),
+    (
+        "agent_cpu_s_per_1000_conn_at_1k",
+        "agents' CPU per 1,000 new connections, at 1,000/s (s)",
     ),
     ("agent_rss_at_1k_mib", "agent RSS after 1,000 req/s (MiB)"),
     (

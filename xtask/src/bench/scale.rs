@@ -59,7 +59,7 @@ pub fn measure(
 
 fn policies(results: &mut Results, reps: usize, seconds: f64, quick: bool) -> anyhow::Result<()> {
     let counts = if quick { QUICK_POLICIES } else { POLICIES };
-    let mut tb = super::testbed(2)?;
+    let mut tb = super::testbed(2, "scale-policies")?;
     let client = tb.add_pod(0, "client")?;
     let server = tb.add_pod(1, "server")?;
     tune_for_connections(&tb, &[&client, &server])?;
@@ -157,7 +157,7 @@ fn write_json_list(path: &std::path::Path, items: &[&String]) -> anyhow::Result<
 
 fn workloads(results: &mut Results, reps: usize, quick: bool) -> anyhow::Result<()> {
     let counts = if quick { QUICK_WORKLOADS } else { WORKLOADS };
-    let mut tb = super::testbed(1)?;
+    let mut tb = super::testbed(1, "scale-workloads")?;
     let yaml_args = tb.mesh_args()?;
     let json_path = tb.config_path().with_extension("json");
     let json_args = tb.mesh_args_with_config(&json_path)?;
