@@ -535,10 +535,10 @@ pub fn machine() -> BTreeMap<&'static str, String> {
     ])
 }
 
-/// A testbed whose agents and waypoints log at the agent's default level
-/// (`info`: the access log, no debug lines), as deployed.
 /// A testbed of `nodes` nodes for what `name` names (`cross-node-mesh-ebpf`,
-/// `idle`, ...): its logs are kept in `<results dir>/logs/<name>/`.
+/// `idle`, ...). Its agents and waypoints log at the agent's default level
+/// (`info`: the access log, no debug lines), as deployed, and their logs
+/// are kept in `<results dir>/logs/<name>/`.
 fn testbed(nodes: usize, name: &str) -> anyhow::Result<Testbed> {
     let mut tb = Testbed::new(nodes)?;
     tb.log_agents_at("info");
