@@ -21,7 +21,7 @@ use super::{
     connect_in_pod,
     deliver::Refused,
     finish,
-    hbone::{Caller, HboneError, Tunnel},
+    hbone::{Caller, FIRST_BYTES, HboneError, Tunnel},
     same_node, splice,
 };
 use crate::{
@@ -397,12 +397,15 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
     // When every endpoint is reached over HBONE, what the app has already
     // sent goes with the CONNECT ([`Caller::first_bytes`]); read without
     // waiting, so a protocol whose server speaks first is not held up.
-    let first_bytes =
-        if !pod.shared.same_node_plaintext && route.candidates.iter().all(Candidate::over_hbone) {
-            read_ahead(&client)
-        } else {
-            Bytes::new()
-        };
+    // While a CONNECT awaits its answer, what the app sends then follows it
+    // (`Caller::app`).
+    let early =
+        !pod.shared.same_node_plaintext && route.candidates.iter().all(Candidate::over_hbone);
+    let mut first_bytes = if early {
+        read_ahead(&client)
+    } else {
+        Bytes::new()
+    };
     let mut last_error = String::new();
     let mut flags = "CONNECT";
     let mut upstream = None;
@@ -476,7 +479,7 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
             }
             (Some(dst_id), Some(src_id), Some(src_wl)) => {
                 rec.set_hbone(SocketAddr::new(via_ip, mesh_common::PORT_HBONE), c.addr);
-                let caller = Caller {
+                let mut caller = Caller {
                     addr: SocketAddr::new(src_ip, peer.port()),
                     workload: src_wl,
                     service: service.map(Service::hostname),
@@ -486,9 +489,14 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
                     } else {
                         &service_identities
                     },
-                    first_bytes: first_bytes.clone(),
+                    first_bytes: std::mem::take(&mut first_bytes),
+                    app: early.then_some(&client),
                 };
-                hbone(&pod, src_id, dst_id, via_ip, c.addr, &caller).await
+                let attempt = hbone(&pod, src_id, dst_id, via_ip, c.addr, &mut caller).await;
+                // With what the app sent meanwhile: the next attempt sends
+                // it all again, and the splice counts it.
+                first_bytes = caller.first_bytes;
+                attempt
             }
             (Some(_), _, _) => Err(Attempt::NoSource(
                 "this pod is not in the configuration, so it has no identity for mTLS".into(),
@@ -576,9 +584,6 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
     }
 }
 
-/// At most this much of what the app sent goes with the CONNECT.
-const FIRST_BYTES: usize = 4096;
-
 /// What the app has sent and the socket holds now, up to [`FIRST_BYTES`];
 /// nothing (and nothing taken) if it has sent nothing yet, has closed its
 /// side, or the read fails: the splice reads on from where this stopped.
@@ -627,7 +632,7 @@ async fn hbone(
     dst: &Identity,
     via: std::net::IpAddr,
     target: SocketAddr,
-    caller: &Caller<'_>,
+    caller: &mut Caller<'_>,
 ) -> Result<Upstream, Attempt> {
     match pod
         .pool

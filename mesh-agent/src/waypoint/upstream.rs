@@ -155,7 +155,7 @@ async fn open(ctx: &Ctx, addr: SocketAddr) -> io::Result<Upstream> {
         // A waypoint pod is not captured, and always speaks HBONE.
         Some(wl) if wl.hbone || via_waypoint.is_some() => {
             let td = ctx.certs.trust_domain();
-            let caller = Caller {
+            let mut caller = Caller {
                 addr: SocketAddr::new(me.ips.first().copied().unwrap_or(addr.ip()), 0),
                 workload: &me,
                 service: None,
@@ -163,6 +163,7 @@ async fn open(ctx: &Ctx, addr: SocketAddr) -> io::Result<Upstream> {
                 service_identities: &[],
                 // The request is written once the tunnel is open.
                 first_bytes: Default::default(),
+                app: None,
             };
             let dialer = Dialer {
                 netns: None,
@@ -177,7 +178,7 @@ async fn open(ctx: &Ctx, addr: SocketAddr) -> io::Result<Upstream> {
                     &wl.identity(td),
                     via.flatten().unwrap_or(addr.ip()),
                     addr,
-                    &caller,
+                    &mut caller,
                 )
                 .await
                 .map_err(io::Error::other)?;

@@ -20,6 +20,7 @@ use hyper::{Method, Request, StatusCode};
 use mesh_common::PORT_HBONE;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 use tracing::{Instrument as _, debug};
 
 use super::{
@@ -257,8 +258,20 @@ pub struct Caller<'a> {
     /// the tunnel, a round trip sooner than after the 200. Only the
     /// authenticated peer agent sees them before it answers; a refusal
     /// drops them there, and the next endpoint tried gets them again.
+    /// What [`Caller::app`] sends while the answer is awaited joins them.
     pub first_bytes: Bytes,
+    /// The caller's app, when it is ours to read: what it sends while the
+    /// CONNECT awaits its answer goes on the stream at once, up to
+    /// [`FIRST_BYTES`] with the first bytes (more waits for the answer),
+    /// and joins [`Caller::first_bytes`], so that another attempt sends it
+    /// again. An app that writes just after it connects thus does not wait
+    /// a round trip between the agents for its first request to leave.
+    pub app: Option<&'a TcpStream>,
 }
+
+/// At most this much of what the app sent goes on a stream before the
+/// CONNECT is answered.
+pub const FIRST_BYTES: usize = 4096;
 
 impl Pool {
     /// A pool on shorter clocks, for tests.
@@ -281,7 +294,7 @@ impl Pool {
         dst: &Identity,
         via: std::net::IpAddr,
         target: SocketAddr,
-        caller: &Caller<'_>,
+        caller: &mut Caller<'_>,
     ) -> Result<Tunnel, HboneError> {
         let key = PoolKey {
             src: src.clone(),
@@ -473,7 +486,7 @@ async fn request(
     sender: Sender,
     key: &PoolKey,
     target: SocketAddr,
-    caller: &Caller<'_>,
+    caller: &mut Caller<'_>,
     timeout: Duration,
 ) -> Result<H2Stream, HboneError> {
     let addr = key.addr;
@@ -489,9 +502,9 @@ async fn request(
         .header("baggage", super::headers::baggage(caller.cluster, wl))
         .header("traceparent", &trace)
         .body(())?;
-    let first = caller.first_bytes.clone();
-    let first_bytes = first.len();
-    let stream = tokio::time::timeout(timeout, send(sender, req, first, addr, target))
+    let app = caller.app;
+    let sent = send(sender, req, &mut caller.first_bytes, app, addr, target);
+    let stream = tokio::time::timeout(timeout, sent)
         .await
         .map_err(|_| HboneError::Timeout {
             addr,
@@ -500,6 +513,7 @@ async fn request(
         })??;
     // On the connection's span, with its traceparent (the access log line
     // stands apart from spans, as ztunnel's).
+    let first_bytes = caller.first_bytes.len();
     debug!(%addr, authority = %target, first_bytes, "HBONE tunnel open");
     Ok(stream)
 }
@@ -507,7 +521,8 @@ async fn request(
 async fn send(
     sender: Sender,
     req: Request<()>,
-    first: Bytes,
+    first: &mut Bytes,
+    app: Option<&TcpStream>,
     addr: SocketAddr,
     target: SocketAddr,
 ) -> Result<H2Stream, HboneError> {
@@ -518,9 +533,13 @@ async fn send(
     if !first.is_empty() {
         // Within the stream's initial window: h2 queues it behind the
         // HEADERS, and the connection's task writes both at once.
-        send.send_data(first, false).map_err(http)?;
+        send.send_data(first.clone(), false).map_err(http)?;
     }
-    let resp = response.await.map_err(http)?;
+    let resp = match app {
+        Some(app) => answer_meanwhile(response, &mut send, first, app).await,
+        None => response.await,
+    }
+    .map_err(http)?;
     if resp.status() != StatusCode::OK {
         return Err(HboneError::Status {
             addr,
@@ -529,4 +548,45 @@ async fn send(
         });
     }
     Ok(H2Stream::new(send, resp.into_body()))
+}
+
+/// Awaits the answer to a CONNECT; meanwhile what `app` sends goes on the
+/// stream as it comes, until `first` (what went before it, which each read
+/// joins) holds [`FIRST_BYTES`]. The app's end or a failed read stops the
+/// reading and is left for the splice to meet.
+async fn answer_meanwhile(
+    response: h2::client::ResponseFuture,
+    send: &mut h2::SendStream<Bytes>,
+    first: &mut Bytes,
+    app: &TcpStream,
+) -> Result<hyper::Response<h2::RecvStream>, h2::Error> {
+    tokio::pin!(response);
+    while first.len() < FIRST_BYTES {
+        tokio::select! {
+            biased;
+            r = &mut response => return r,
+            ready = app.readable() => {
+                if ready.is_err() {
+                    break;
+                }
+                let room = FIRST_BYTES - first.len();
+                let mut more = bytes::BytesMut::with_capacity(room);
+                match app.try_read_buf(&mut bytes::BufMut::limit(&mut more, room)) {
+                    Ok(0) => break,
+                    Ok(_) => {
+                        let more = more.freeze();
+                        send.send_data(more.clone(), false)?;
+                        *first = if first.is_empty() {
+                            more
+                        } else {
+                            [&first[..], &more[..]].concat().into()
+                        };
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+    response.await
 }

@@ -12,7 +12,7 @@ mod io;
 mod server;
 mod stream;
 
-pub use client::{Caller, HboneError, Pool, Tunnel};
+pub use client::{Caller, FIRST_BYTES, HboneError, Pool, Tunnel};
 #[cfg(test)]
 pub use headers::{Baggage, traceparent};
 #[cfg(test)]
@@ -55,6 +55,12 @@ const CLIENT_MAX_STREAMS: usize = 100;
 /// A CONNECT must be answered in this time (a pooled connection to a peer
 /// that vanished would otherwise hold the call until TCP gives up).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// A server's 200 to a CONNECT that came with the caller's first bytes
+/// waits at most this long for the app's first bytes to leave with
+/// (`H2Stream::answer_held`): this agent's client does not wait for it
+/// before it sends what its app sends, up to [`FIRST_BYTES`]; another
+/// client that does waits no longer than this.
+const ANSWER_HOLD: Duration = Duration::from_millis(5);
 /// HTTP/2 pings find dead peers on idle pooled connections (ztunnel's
 /// clocks: a ping after 10 s without a frame, answered within 20 s).
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);

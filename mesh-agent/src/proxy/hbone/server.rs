@@ -12,7 +12,7 @@ use tracing::{Instrument as _, debug, debug_span, info, warn};
 
 use super::headers::{Baggage, baggage, traceparent};
 use super::{
-    ACCEPT_HANDSHAKE_TIMEOUT, Buffered, CONN_WINDOW, H2Stream, KEEPALIVE_INTERVAL,
+    ACCEPT_HANDSHAKE_TIMEOUT, ANSWER_HOLD, Buffered, CONN_WINDOW, H2Stream, KEEPALIVE_INTERVAL,
     KEEPALIVE_TIMEOUT, MAX_FRAME, MAX_HEADER_LIST, SERVER_MAX_STREAMS, STREAM_WINDOW, keepalive,
 };
 use crate::metrics::HeaderLabels;
@@ -146,10 +146,44 @@ impl Connect {
         }
     }
 
+    /// What the peer sends before it is answered, until `n` bytes or the
+    /// stream's end (tests play a server that waits for it).
+    #[cfg(test)]
+    pub(super) async fn read_unanswered(&mut self, n: usize) -> Bytes {
+        let mut got = Vec::new();
+        while got.len() < n {
+            let Some(Ok(chunk)) = self.body.data().await else {
+                break;
+            };
+            let _ = self.body.flow_control().release_capacity(chunk.len());
+            got.extend_from_slice(&chunk);
+        }
+        got.into()
+    }
+
     /// Answers with `resp` (a 200) and returns the tunnel it opens.
     pub fn open(mut self, resp: Response<()>) -> Result<H2Stream, h2::Error> {
         let send = self.respond.send_response(resp, false)?;
         Ok(H2Stream::new(send, self.body))
+    }
+
+    /// As [`Connect::open`]; when the caller's first bytes came with the
+    /// CONNECT, the 200 is held to leave with the first bytes written back
+    /// ([`H2Stream::answer_held`], at most [`ANSWER_HOLD`]). A caller that
+    /// sent nothing yet may be waiting for the answer to send: answered now.
+    pub fn open_held(mut self, resp: Response<()>) -> Result<H2Stream, h2::Error> {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match self.body.poll_data(&mut cx) {
+            std::task::Poll::Ready(Some(Ok(first))) => Ok(H2Stream::answer_held(
+                self.respond,
+                resp,
+                self.body,
+                first,
+                ANSWER_HOLD,
+            )),
+            std::task::Poll::Ready(Some(Err(e))) => Err(e),
+            _ => self.open(resp),
+        }
     }
 }
 
@@ -452,7 +486,7 @@ impl Inbound {
         }
         let mut rec = rec;
         rec.open();
-        let tunnel = match connect.open(ok) {
+        let tunnel = match connect.open_held(ok) {
             Ok(t) => t,
             Err(e) => {
                 rec.close("-", Outcome::error(format!("answering CONNECT: {e}")));

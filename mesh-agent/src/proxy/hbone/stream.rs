@@ -6,17 +6,23 @@
 //! its sender, and holds at most one stream window here).
 
 use std::{
+    future::Future as _,
     io,
     pin::Pin,
     task::{Context, Poll, ready},
+    time::Duration,
 };
 
 use bytes::{Buf as _, Bytes};
-use h2::{Reason, RecvStream, SendStream};
+use h2::{Reason, RecvStream, SendStream, server::SendResponse};
+use hyper::Response;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
+
+use super::FIRST_BYTES;
 
 pub struct H2Stream {
-    send: SendStream<Bytes>,
+    send: Sending,
     recv: RecvStream,
     /// Received and not yet read.
     held: Bytes,
@@ -26,17 +32,90 @@ pub struct H2Stream {
     yield_next: bool,
 }
 
+/// A stream's sending side: open, or (at a server) its 200 not sent yet.
+enum Sending {
+    Open(SendStream<Bytes>),
+    Held(Box<Held>),
+    /// The held answer could not be sent: the stream is gone.
+    Failed,
+}
+
+/// A server's 200, held back to leave with what it is answered for (see
+/// [`H2Stream::answer_held`]).
+struct Held {
+    respond: SendResponse<Bytes>,
+    answer: Response<()>,
+    until: Pin<Box<Sleep>>,
+    /// Read from the peer so far.
+    read: usize,
+}
+
 /// A write at least this large is bulk: see [`H2Stream::poll_write`].
 const BULK_WRITE: usize = 16 * 1024;
 
 impl H2Stream {
     pub(super) fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
         H2Stream {
-            send,
+            send: Sending::Open(send),
             recv,
             held: Bytes::new(),
             ended: false,
             yield_next: false,
+        }
+    }
+
+    /// A server's stream whose caller sent `first` with its CONNECT (as
+    /// this agent's client does: [`super::Caller::first_bytes`]): the 200
+    /// is sent with the first bytes written back, so that both leave in
+    /// one TLS record and the caller's agent wakes once for them, not once
+    /// for each. It goes sooner, alone, when the writing side ends without
+    /// a write, once [`FIRST_BYTES`] have been read from the caller (a
+    /// client of this agent sends that much before it waits for the
+    /// answer), or after `hold` (a client that waits for it sooner).
+    pub(super) fn answer_held(
+        respond: SendResponse<Bytes>,
+        answer: Response<()>,
+        recv: RecvStream,
+        first: Bytes,
+        hold: Duration,
+    ) -> Self {
+        H2Stream {
+            send: Sending::Held(Box::new(Held {
+                respond,
+                answer,
+                until: Box::pin(tokio::time::sleep(hold)),
+                read: 0,
+            })),
+            recv,
+            held: first,
+            ended: false,
+            yield_next: false,
+        }
+    }
+
+    /// Sends the held answer, if there is one.
+    fn answer(&mut self) -> io::Result<()> {
+        if let Sending::Held(_) = self.send {
+            let Sending::Held(held) = std::mem::replace(&mut self.send, Sending::Failed) else {
+                unreachable!("matched above")
+            };
+            let Held {
+                mut respond,
+                answer,
+                ..
+            } = *held;
+            let send = respond.send_response(answer, false).map_err(io_error)?;
+            self.send = Sending::Open(send);
+        }
+        Ok(())
+    }
+
+    /// The sending side, the held answer sent first.
+    fn sender(&mut self) -> io::Result<&mut SendStream<Bytes>> {
+        self.answer()?;
+        match &mut self.send {
+            Sending::Open(send) => Ok(send),
+            _ => Err(io::ErrorKind::BrokenPipe.into()),
         }
     }
 }
@@ -64,24 +143,57 @@ impl AsyncRead for H2Stream {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         while this.held.is_empty() {
-            match ready!(this.recv.poll_data(cx)) {
-                Some(Ok(data)) => this.held = data,
+            let Poll::Ready(data) = this.recv.poll_data(cx) else {
+                // Nothing to read: a held answer's clock runs from here
+                // (its timer is set on its first poll).
+                if let Sending::Held(held) = &mut this.send
+                    && held.until.as_mut().poll(cx).is_ready()
+                {
+                    this.answer()?;
+                }
+                return Poll::Pending;
+            };
+            let end = match data {
+                Some(Ok(data)) => {
+                    this.held = data;
+                    continue;
+                }
                 // End of stream.
-                None => return Poll::Ready(Ok(())),
+                None => Ok(()),
                 // The peer closed its side without error (NO_ERROR, or
                 // CANCEL once it has nothing more to say): an end.
                 Some(Err(e)) if matches!(e.reason(), Some(Reason::NO_ERROR | Reason::CANCEL)) => {
-                    return Poll::Ready(Ok(()));
+                    Ok(())
                 }
-                Some(Err(e)) => return Poll::Ready(Err(io_error(e))),
-            }
+                Some(Err(e)) => Err(io_error(e)),
+            };
+            // The caller's side ended: it has nothing more to send, and
+            // waits for a held answer no longer than its own clock allows.
+            let _ = this.answer();
+            return Poll::Ready(end);
         }
         let n = out.remaining().min(this.held.len());
         out.put_slice(&this.held[..n]);
         this.held.advance(n);
         // Read bytes reopen the window for as many.
         let _ = this.recv.flow_control().release_capacity(n);
+        if let Sending::Held(held) = &mut this.send {
+            held.read += n;
+            if held.read >= FIRST_BYTES {
+                this.answer()?;
+            }
+        }
         Poll::Ready(Ok(()))
+    }
+}
+
+/// A stream dropped with its answer held (its splice ended in an error, or
+/// was cut) is answered first, then reset as it would have been: a caller
+/// that was never answered would take the reset for its connection's and
+/// try again, and its app would get its request twice.
+impl Drop for H2Stream {
+    fn drop(&mut self) {
+        let _ = self.answer();
     }
 }
 
@@ -117,18 +229,18 @@ impl AsyncWrite for H2Stream {
         }
         // What the peer's windows (and h2's send buffer) let through now;
         // none: wait for a WINDOW_UPDATE, or learn that the stream is gone.
-        this.send.reserve_capacity(buf.len());
-        let mut capacity = this.send.capacity();
+        let send = this.sender()?;
+        send.reserve_capacity(buf.len());
+        let mut capacity = send.capacity();
         while capacity == 0 {
-            match ready!(this.send.poll_capacity(cx)) {
+            match ready!(send.poll_capacity(cx)) {
                 Some(Ok(now)) => capacity = now,
                 Some(Err(e)) => return Poll::Ready(Err(io_error(e))),
-                None => return Poll::Ready(Err(self::reset(&mut this.send, cx))),
+                None => return Poll::Ready(Err(self::reset(send, cx))),
             }
         }
         let n = capacity.min(buf.len());
-        this.send
-            .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+        send.send_data(Bytes::copy_from_slice(&buf[..n]), false)
             .map_err(io_error)?;
         this.yield_next = n >= BULK_WRITE;
         Poll::Ready(Ok(n))
@@ -145,7 +257,9 @@ impl AsyncWrite for H2Stream {
             this.ended = true;
             // An empty DATA frame with END_STREAM: the half-close (on a
             // stream the peer already reset, an error that says so).
-            this.send.send_data(Bytes::new(), true).map_err(io_error)?;
+            this.sender()?
+                .send_data(Bytes::new(), true)
+                .map_err(io_error)?;
         }
         Poll::Ready(Ok(()))
     }
@@ -195,6 +309,128 @@ mod tests {
         (H2Stream::new(send, resp.into_body()), server.await.unwrap())
     }
 
+    /// A CONNECT that came with `first`, and the server's stream for it
+    /// with its 200 held for at most `hold`; the client's answer is
+    /// awaited by the caller.
+    async fn held_pair(
+        first: &'static [u8],
+        hold: Duration,
+    ) -> (h2::client::ResponseFuture, SendStream<Bytes>, H2Stream) {
+        let (c, s) = duplex(64 * 1024);
+        let server = tokio::spawn(async move {
+            let mut conn = h2::server::handshake(s).await.unwrap();
+            let (req, respond) = conn.accept().await.unwrap().unwrap();
+            tokio::spawn(async move { while conn.accept().await.is_some() {} });
+            let mut body = req.into_body();
+            let first = body.data().await.unwrap().unwrap();
+            H2Stream::answer_held(respond, hyper::Response::new(()), body, first, hold)
+        });
+        let (h2, conn) = h2::client::handshake(c).await.unwrap();
+        tokio::spawn(conn);
+        let mut h2 = h2.ready().await.unwrap();
+        let req = hyper::Request::builder()
+            .method("CONNECT")
+            .uri("10.0.0.1:80")
+            .body(())
+            .unwrap();
+        let (resp, mut send) = h2.send_request(req, false).unwrap();
+        send.send_data(Bytes::from_static(first), false).unwrap();
+        (resp, send, server.await.unwrap())
+    }
+
+    /// Whether `stream` has bytes to read now, without waiting.
+    fn readable_now(stream: &mut H2Stream) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut buf = [0u8; 16];
+        let mut read = ReadBuf::new(&mut buf);
+        matches!(
+            Pin::new(stream).poll_read(&mut cx, &mut read),
+            Poll::Ready(Ok(())) if !read.filled().is_empty()
+        )
+    }
+
+    /// A held 200 waits for the app's first bytes and leaves with them:
+    /// once the answer is in, so is what was written after it.
+    #[tokio::test]
+    async fn a_held_answer_leaves_with_the_first_bytes_written_back() {
+        let (resp, send, mut server) = held_pair(b"GET /", Duration::from_secs(30)).await;
+        let start = tokio::time::Instant::now();
+        let app = tokio::spawn(async move {
+            let mut got = [0u8; 5];
+            server.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"GET /");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            server.write_all(b"200 OK").await.unwrap();
+            server
+        });
+        let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+            .await
+            .expect("answered")
+            .unwrap();
+        assert!(
+            start.elapsed() >= Duration::from_millis(50),
+            "answered early"
+        );
+        let mut client = H2Stream::new(send, resp.into_body());
+        assert!(
+            readable_now(&mut client),
+            "the answer came without the bytes"
+        );
+        let _server = app.await.unwrap();
+    }
+
+    /// A held 200 goes alone when the server's side ends without a write,
+    /// when the client's side ends, once the server has read
+    /// [`FIRST_BYTES`] (the client may wait for the answer to send more),
+    /// after its hold, and before the reset when the stream is dropped
+    /// (a client never answered would try its call again).
+    #[tokio::test]
+    async fn a_held_answer_goes_alone_at_either_end_after_enough_is_read_or_in_time() {
+        let long = Duration::from_secs(30);
+        let within = |resp| tokio::time::timeout(Duration::from_secs(10), resp);
+        // The end of the server's side: the answer, then the end.
+        let (resp, send, mut server) = held_pair(b"x", long).await;
+        server.shutdown().await.unwrap();
+        let resp = within(resp).await.expect("answered").unwrap();
+        let mut client = H2Stream::new(send, resp.into_body());
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+        // The end of the client's side, read: answered.
+        let (resp, mut send, mut server) = held_pair(b"x", long).await;
+        send.send_data(Bytes::new(), true).unwrap();
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"x");
+        within(resp).await.expect("answered").unwrap();
+        // Dropped: answered, then reset.
+        let (resp, _send, server) = held_pair(b"x", long).await;
+        drop(server);
+        let resp = within(resp).await.expect("answered").unwrap();
+        assert_eq!(resp.status(), hyper::StatusCode::OK);
+        let mut body = resp.into_body();
+        let err = body.data().await.expect("a reset").unwrap_err();
+        assert!(err.is_reset(), "{err}");
+        // FIRST_BYTES read: answered with nothing written.
+        static FULL: [u8; FIRST_BYTES] = [7; FIRST_BYTES];
+        let (resp, _send, mut server) = held_pair(&FULL, long).await;
+        let mut got = vec![0u8; FIRST_BYTES];
+        server.read_exact(&mut got).await.unwrap();
+        within(resp).await.expect("answered").unwrap();
+        // Less, and nothing written: answered once the hold is over, as
+        // long as the server's side is read.
+        let hold = Duration::from_millis(50);
+        let (resp, _send, mut server) = held_pair(b"x", hold).await;
+        let start = tokio::time::Instant::now();
+        let reader = tokio::spawn(async move {
+            let mut buf = [0u8; 16];
+            while server.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+        });
+        within(resp).await.expect("answered").unwrap();
+        assert!(start.elapsed() >= hold, "answered before its hold");
+        reader.abort();
+    }
+
     #[tokio::test]
     async fn bytes_go_both_ways_past_the_windows_and_each_end_is_passed_on() {
         let (mut client, mut server) = pair().await;
@@ -229,7 +465,7 @@ mod tests {
         client.write_all(b"hello").await.unwrap();
         let mut buf = [0u8; 5];
         server.read_exact(&mut buf).await.unwrap();
-        server.send.send_reset(Reason::INTERNAL_ERROR);
+        server.sender().unwrap().send_reset(Reason::INTERNAL_ERROR);
         let err = client.read(&mut buf).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
     }

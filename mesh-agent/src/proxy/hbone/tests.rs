@@ -98,6 +98,10 @@ enum Answer {
     /// first stream is open (as a draining agent does) and goes on
     /// carrying that stream.
     DrainFirst,
+    /// As `Echo`, once this many bytes have come on the stream.
+    EchoAfter(usize),
+    /// As `Refuse`, once this many bytes have come on the stream.
+    RefuseAfter(usize),
 }
 
 /// An HBONE server on `ip:15008` running the agent's TLS accept and HTTP/2
@@ -207,11 +211,17 @@ async fn echo(mut io: H2Stream) {
     }
 }
 
-async fn respond(req: Connect, answer: Answer, open: Arc<AtomicUsize>) {
+async fn respond(mut req: Connect, answer: Answer, open: Arc<AtomicUsize>) {
+    let early = match answer {
+        Answer::EchoAfter(n) | Answer::RefuseAfter(n) => req.read_unanswered(n).await,
+        _ => Bytes::new(),
+    };
     match answer {
         Answer::Silent => std::future::pending::<()>().await,
-        Answer::Refuse => return req.refuse(StatusCode::SERVICE_UNAVAILABLE),
-        Answer::Echo | Answer::DrainFirst => {}
+        Answer::Refuse | Answer::RefuseAfter(_) => {
+            return req.refuse(StatusCode::SERVICE_UNAVAILABLE);
+        }
+        Answer::Echo | Answer::DrainFirst | Answer::EchoAfter(_) => {}
     }
     struct Closed(Arc<AtomicUsize>);
     impl Drop for Closed {
@@ -220,7 +230,9 @@ async fn respond(req: Connect, answer: Answer, open: Arc<AtomicUsize>) {
         }
     }
     let _closed = Closed(open);
-    if let Ok(io) = req.open(server::answer(StatusCode::OK)) {
+    if let Ok(mut io) = req.open(server::answer(StatusCode::OK))
+        && io.write_all(&early).await.is_ok()
+    {
         echo(io).await;
     }
 }
@@ -250,17 +262,28 @@ impl Client {
 
     /// [`Client::call`] for an app that has already sent `first_bytes`.
     async fn call_with(&self, via: IpAddr, first_bytes: Bytes) -> Result<Tunnel, HboneError> {
-        let dialer = Dialer {
-            netns: None,
-            certs: &self.certs,
-        };
-        let caller = Caller {
+        let mut caller = self.caller(first_bytes, None);
+        self.call_as(via, &mut caller).await
+    }
+
+    /// The caller of this client's calls; `app`: the app's connection, as
+    /// the agent accepted it.
+    fn caller<'a>(&'a self, first_bytes: Bytes, app: Option<&'a TcpStream>) -> Caller<'a> {
+        Caller {
             addr: SocketAddr::new(IpAddr::from([127, 0, 0, 1]), 40000),
             workload: &self.workload,
             service: None,
             cluster: "Kubernetes",
             service_identities: &self.also,
             first_bytes,
+            app,
+        }
+    }
+
+    async fn call_as(&self, via: IpAddr, caller: &mut Caller<'_>) -> Result<Tunnel, HboneError> {
+        let dialer = Dialer {
+            netns: None,
+            certs: &self.certs,
         };
         self.pool
             .connect(
@@ -269,7 +292,7 @@ impl Client {
                 &Identity::new(TD, "shop", "server"),
                 via,
                 SocketAddr::new(via, 8080),
-                &caller,
+                caller,
             )
             .await
     }
@@ -898,6 +921,65 @@ async fn the_first_bytes_go_with_the_connect_and_again_after_a_refusal() {
         let mut rest = Vec::new();
         tunnel.read_to_end(&mut rest).await.unwrap();
         assert!(rest.is_empty(), "{rest:?}");
+    })
+    .await;
+}
+
+/// What the app sends while its CONNECT awaits the answer goes on the
+/// stream at once, behind the first bytes (these servers answer only once
+/// they have both); a refusal keeps it with them, and the next endpoint
+/// tried is sent all of it again, and the app's connection reads on from
+/// there.
+#[tokio::test]
+async fn what_the_app_sends_before_the_answer_leaves_at_once_and_again_after_a_refusal() {
+    within(async {
+        let dir = TempDir::new("early-bytes");
+        let certs = certs(&dir);
+        let (first, meanwhile) = (&b"GET / HTTP/1.1\r\n"[..], &b"host: web\r\n\r\n"[..]);
+        let n = first.len() + meanwhile.len();
+        let (refusing, echoing) = (loopback(42), loopback(43));
+        let _refuser = hbone_server(refusing, &certs, Answer::RefuseAfter(n)).await;
+        let _echo = hbone_server(echoing, &certs, Answer::EchoAfter(n)).await;
+        let client = Client::new(certs, quick());
+        // The app's connection, and its end as the agent accepted it.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut app = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        let mut caller = client.caller(Bytes::from_static(first), Some(&accepted));
+        // The app writes the rest of its request once the CONNECT is out.
+        let call = client.call_as(refusing, &mut caller);
+        let write = async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            app.write_all(meanwhile).await.unwrap();
+        };
+        let (refused, ()) = tokio::join!(call, write);
+        match refused {
+            Err(HboneError::Status { status, .. }) => {
+                assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE)
+            }
+            Err(e) => panic!("refused with {e}"),
+            Ok(_) => panic!("the refusing endpoint opened a tunnel"),
+        }
+        assert_eq!(caller.first_bytes, [first, meanwhile].concat());
+        let mut tunnel = client.call_as(echoing, &mut caller).await.unwrap();
+        drop(caller);
+        // After the answer the app's connection is the splice's to read.
+        app.write_all(b"and the rest").await.unwrap();
+        let mut rest = [0u8; 12];
+        let mut from_app = accepted;
+        from_app.read_exact(&mut rest).await.unwrap();
+        tunnel.write_all(&rest).await.unwrap();
+        let want = [first, meanwhile, b"and the rest"].concat();
+        let mut back = vec![0u8; want.len()];
+        tunnel.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, want);
+        // Nothing more: what went before the answer came back once.
+        tunnel.shutdown().await.unwrap();
+        let mut tail = Vec::new();
+        tunnel.read_to_end(&mut tail).await.unwrap();
+        assert!(tail.is_empty(), "{tail:?}");
     })
     .await;
 }
