@@ -820,14 +820,20 @@ impl Drop for Testbed {
 /// thousand in a full run's testbed.
 pub const KEPT_LOG_BYTES: u64 = 1 << 20;
 
+/// Removes `dir` and what it holds; a directory that is not there is
+/// already removed.
+pub fn remove_dir_if_any(dir: &Path) -> std::io::Result<()> {
+    match fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
 /// Replaces what `to` holds with the `*.log` files of `from`, each cut to
 /// its last `max` bytes (a first line says how much was left out).
 fn copy_logs(from: &Path, to: &Path, max: u64) -> std::io::Result<()> {
     use std::io::{Seek as _, SeekFrom, Write as _};
-    match fs::remove_dir_all(to) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-        _ => {}
-    }
+    remove_dir_if_any(to)?;
     fs::create_dir_all(to)?;
     for e in fs::read_dir(from)? {
         let path = e?.path();

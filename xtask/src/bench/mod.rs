@@ -125,12 +125,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     let out_dir = out.parent().unwrap_or(&root).to_owned();
     std::fs::create_dir_all(&out_dir)?;
     let logs = out_dir.join("logs");
-    match std::fs::remove_dir_all(&logs) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(e).with_context(|| logs.display().to_string());
-        }
-        _ => {}
-    }
+    mesh_tests::remove_dir_if_any(&logs).with_context(|| logs.display().to_string())?;
     let _ = LOGS.set(logs);
     let chosen: Vec<Path> = paths::ALL
         .iter()

@@ -574,13 +574,15 @@ async fn answer_meanwhile(
                 match app.try_read_buf(&mut bytes::BufMut::limit(&mut more, room)) {
                     Ok(0) => break,
                     Ok(_) => {
+                        // Kept before it is sent: if the stream fails, the
+                        // next attempt has it.
                         let more = more.freeze();
-                        send.send_data(more.clone(), false)?;
                         *first = if first.is_empty() {
-                            more
+                            more.clone()
                         } else {
                             [&first[..], &more[..]].concat().into()
                         };
+                        send.send_data(more, false)?;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(_) => break,
