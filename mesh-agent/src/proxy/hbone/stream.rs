@@ -296,6 +296,15 @@ mod tests {
             tokio::spawn(async move { while conn.accept().await.is_some() {} });
             H2Stream::new(send, req.into_body())
         });
+        let (resp, send) = connect_on(c).await;
+        let resp = resp.await.unwrap();
+        (H2Stream::new(send, resp.into_body()), server.await.unwrap())
+    }
+
+    /// A client h2 connection over `c`, and a CONNECT sent on it.
+    async fn connect_on(
+        c: tokio::io::DuplexStream,
+    ) -> (h2::client::ResponseFuture, SendStream<Bytes>) {
         let (h2, conn) = h2::client::handshake(c).await.unwrap();
         tokio::spawn(conn);
         let mut h2 = h2.ready().await.unwrap();
@@ -304,9 +313,7 @@ mod tests {
             .uri("10.0.0.1:80")
             .body(())
             .unwrap();
-        let (resp, send) = h2.send_request(req, false).unwrap();
-        let resp = resp.await.unwrap();
-        (H2Stream::new(send, resp.into_body()), server.await.unwrap())
+        h2.send_request(req, false).unwrap()
     }
 
     /// A CONNECT that came with `first`, and the server's stream for it
@@ -325,15 +332,7 @@ mod tests {
             let first = body.data().await.unwrap().unwrap();
             H2Stream::answer_held(respond, hyper::Response::new(()), body, first, hold)
         });
-        let (h2, conn) = h2::client::handshake(c).await.unwrap();
-        tokio::spawn(conn);
-        let mut h2 = h2.ready().await.unwrap();
-        let req = hyper::Request::builder()
-            .method("CONNECT")
-            .uri("10.0.0.1:80")
-            .body(())
-            .unwrap();
-        let (resp, mut send) = h2.send_request(req, false).unwrap();
+        let (resp, mut send) = connect_on(c).await;
         send.send_data(Bytes::from_static(first), false).unwrap();
         (resp, send, server.await.unwrap())
     }

@@ -913,16 +913,21 @@ async fn the_first_bytes_go_with_the_connect_and_again_after_a_refusal() {
         tunnel.write_all(b"and the rest").await.unwrap();
         let mut want = first.to_vec();
         want.extend_from_slice(b"and the rest");
-        let mut back = vec![0u8; want.len()];
-        tunnel.read_exact(&mut back).await.unwrap();
-        assert_eq!(back, want);
-        // Nothing more: the first bytes came back once.
-        tunnel.shutdown().await.unwrap();
-        let mut rest = Vec::new();
-        tunnel.read_to_end(&mut rest).await.unwrap();
-        assert!(rest.is_empty(), "{rest:?}");
+        echoed_once(&mut tunnel, &want).await;
     })
     .await;
+}
+
+/// The echoing server sends back `want`, and once the tunnel is shut
+/// down, nothing more: what went before the answer came back once.
+async fn echoed_once(tunnel: &mut Tunnel, want: &[u8]) {
+    let mut back = vec![0u8; want.len()];
+    tunnel.read_exact(&mut back).await.unwrap();
+    assert_eq!(back, want);
+    tunnel.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    tunnel.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty(), "{rest:?}");
 }
 
 /// What the app sends while its CONNECT awaits the answer goes on the
@@ -971,15 +976,7 @@ async fn what_the_app_sends_before_the_answer_leaves_at_once_and_again_after_a_r
         let mut from_app = accepted;
         from_app.read_exact(&mut rest).await.unwrap();
         tunnel.write_all(&rest).await.unwrap();
-        let want = [first, meanwhile, b"and the rest"].concat();
-        let mut back = vec![0u8; want.len()];
-        tunnel.read_exact(&mut back).await.unwrap();
-        assert_eq!(back, want);
-        // Nothing more: what went before the answer came back once.
-        tunnel.shutdown().await.unwrap();
-        let mut tail = Vec::new();
-        tunnel.read_to_end(&mut tail).await.unwrap();
-        assert!(tail.is_empty(), "{tail:?}");
+        echoed_once(&mut tunnel, &[first, meanwhile, b"and the rest"].concat()).await;
     })
     .await;
 }
