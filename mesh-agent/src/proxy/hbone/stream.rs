@@ -68,10 +68,11 @@ impl H2Stream {
     /// this agent's client does: [`super::Caller::first_bytes`]): the 200
     /// is sent with the first bytes written back, so that both leave in
     /// one TLS record and the caller's agent wakes once for them, not once
-    /// for each. It goes sooner, alone, when the writing side ends without
-    /// a write, once [`FIRST_BYTES`] have been read from the caller (a
-    /// client of this agent sends that much before it waits for the
-    /// answer), or after `hold` (a client that waits for it sooner).
+    /// for each. It goes sooner, alone, when either side ends (the writing
+    /// side without a write, or the caller's), once [`FIRST_BYTES`] have
+    /// been read from the caller (a client of this agent sends that much
+    /// before it waits for the answer), after `hold` (a client that waits
+    /// for it sooner), and before the reset when the stream is dropped.
     pub(super) fn answer_held(
         respond: SendResponse<Bytes>,
         answer: Response<()>,
