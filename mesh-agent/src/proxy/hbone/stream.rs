@@ -96,17 +96,17 @@ impl H2Stream {
 
     /// Sends the held answer, if there is one.
     fn answer(&mut self) -> io::Result<()> {
-        if let Sending::Held(_) = self.send {
-            let Sending::Held(held) = std::mem::replace(&mut self.send, Sending::Failed) else {
-                unreachable!("matched above")
-            };
-            let Held {
-                mut respond,
-                answer,
-                ..
-            } = *held;
-            let send = respond.send_response(answer, false).map_err(io_error)?;
-            self.send = Sending::Open(send);
+        match std::mem::replace(&mut self.send, Sending::Failed) {
+            Sending::Held(held) => {
+                let Held {
+                    mut respond,
+                    answer,
+                    ..
+                } = *held;
+                let send = respond.send_response(answer, false).map_err(io_error)?;
+                self.send = Sending::Open(send);
+            }
+            other => self.send = other,
         }
         Ok(())
     }
