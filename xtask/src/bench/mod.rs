@@ -334,6 +334,8 @@ fn measure_path(results: &mut Results, run: &Run) -> anyhow::Result<()> {
         let cpu_before = cpu_seconds(&agents)?;
         let r = load(&tb, &client, targets.http, 4, 1000.0, seconds, true)?;
         checked(&r, "1,000 new connections/s")?;
+        let connections = r["requests"].as_f64().unwrap_or(0.0);
+        new_connections += connections;
         for p in ["p50", "p99"] {
             record(
                 &format!("connection_1k_{p}_ms"),
@@ -341,7 +343,6 @@ fn measure_path(results: &mut Results, run: &Run) -> anyhow::Result<()> {
             );
         }
         if path.is_mesh() {
-            let connections = r["requests"].as_f64().unwrap_or(f64::NAN);
             let cpu = cpu_seconds(&agents)? - cpu_before;
             record(
                 "agent_cpu_s_per_1000_conn_at_1k",
