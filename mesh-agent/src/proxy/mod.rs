@@ -14,7 +14,7 @@ use std::{
 
 use tokio::{
     io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf},
-    net::{TcpListener, TcpSocket, TcpStream},
+    net::{TcpListener, TcpStream},
     sync::watch,
     task::JoinHandle,
 };
@@ -428,11 +428,27 @@ fn socket_in(
     }
 }
 
+/// Connects the non-blocking `std` to `dst`. Over loopback (an app in its
+/// pod) the handshake is done by the time `connect` returns, which the peer
+/// address shows: then the stream is ready without a round through the
+/// reactor; otherwise it waits to be writable, as tokio's connect does.
 async fn connect_std(std: std::net::TcpStream, dst: SocketAddr) -> io::Result<TcpStream> {
-    let socket = TcpSocket::from_std_stream(std);
-    match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst)).await {
-        Ok(r) => r,
-        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
+    match socket2::SockRef::from(&std).connect(&dst.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let stream = TcpStream::from_std(std)?;
+    if stream.peer_addr().is_ok() {
+        return Ok(stream);
+    }
+    match tokio::time::timeout(CONNECT_TIMEOUT, stream.writable()).await {
+        Ok(r) => r?,
+        Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
+    }
+    match stream.take_error()? {
+        Some(e) => Err(e),
+        None => Ok(stream),
     }
 }
 
@@ -633,4 +649,54 @@ fn ended<S>(client: &Counted<S>, end: &SpliceEnd) -> (&'static str, Outcome) {
         }
     };
     (flags, outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncReadExt as _;
+
+    use super::*;
+
+    /// Over loopback a connection is ready when `connect` returns; one that
+    /// waits for its handshake (a full accept queue drops the SYN until it
+    /// is sent again) is ready once the handshake is done; a refusal is an
+    /// error, not a stream that fails at its first use.
+    #[tokio::test]
+    async fn a_connect_is_ready_when_its_handshake_is_done_and_a_refusal_is_an_error() {
+        let listener =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        listener
+            .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .unwrap();
+        // Backlog 0: one connection waits in the queue; the next SYN is
+        // dropped while it does.
+        listener.listen(0).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let listener = TcpListener::from_std(listener.into()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut first = connect_from(None, addr).await.expect("connected");
+        assert_eq!(first.peer_addr().unwrap(), addr);
+
+        let mut second = tokio::spawn(connect_from(None, addr));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!second.is_finished(), "connected while the queue was full");
+        let (mut accepted, _) = listener.accept().await.unwrap();
+        first.write_all(b"one").await.unwrap();
+        let mut buf = [0u8; 3];
+        accepted.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"one");
+        let mut second = tokio::time::timeout(Duration::from_secs(5), &mut second)
+            .await
+            .expect("connected once the SYN was sent again")
+            .unwrap()
+            .expect("connected");
+        let (mut accepted, _) = listener.accept().await.unwrap();
+        second.write_all(b"two").await.unwrap();
+        accepted.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"two");
+
+        drop(listener);
+        let e = connect_from(None, addr).await.expect_err("nothing listens");
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused);
+    }
 }

@@ -268,7 +268,7 @@ enum Upstream {
     SameNode(Box<same_node::Delivery>),
 }
 
-pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
+pub async fn serve(pod: Arc<PodCtx>, mut client: TcpStream, peer: SocketAddr) {
     let metrics = pod.shared.metrics.clone();
     // Neither capture mode redirects loopback or the agent's ports: such a
     // destination means the connection was made to the listener itself.
@@ -402,7 +402,7 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
     let early =
         !pod.shared.same_node_plaintext && route.candidates.iter().all(Candidate::over_hbone);
     let mut first_bytes = if early {
-        read_ahead(&client)
+        read_ahead(&mut client)
     } else {
         Bytes::new()
     };
@@ -587,14 +587,25 @@ pub async fn serve(pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
 /// What the app has sent and the socket holds now, up to [`FIRST_BYTES`];
 /// nothing (and nothing taken) if it has sent nothing yet, has closed its
 /// side, or the read fails: the splice reads on from where this stopped.
-fn read_ahead(client: &TcpStream) -> Bytes {
+fn read_ahead(client: &mut TcpStream) -> Bytes {
     use std::io::Read as _;
+    use tokio::io::{AsyncRead as _, ReadBuf};
     let mut buf = [0u8; FIRST_BYTES];
-    // Straight from the (non-blocking) socket, not through the runtime's
-    // readiness: a connection just handed to its shard is registered
-    // there, and the shard's reactor has not polled it yet, so tokio's
-    // `try_read` would answer "not ready" without looking.
-    match (&*socket2::SockRef::from(client)).read(&mut buf) {
+    // Through the runtime when it has seen the socket readable: a read that
+    // leaves the socket empty then clears that, and the next read waits for
+    // new bytes instead of finding none.
+    let mut read = ReadBuf::new(&mut buf);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match std::pin::Pin::new(&mut *client).poll_read(&mut cx, &mut read) {
+        std::task::Poll::Ready(Ok(())) => return Bytes::copy_from_slice(read.filled()),
+        std::task::Poll::Ready(Err(_)) => return Bytes::new(),
+        std::task::Poll::Pending => {}
+    }
+    // Else straight from the (non-blocking) socket: a connection just
+    // handed to its shard is registered there, and the shard's reactor has
+    // not polled it yet, so the runtime would answer "not ready" without
+    // looking.
+    match (&*socket2::SockRef::from(&*client)).read(&mut buf) {
         Ok(n) => Bytes::copy_from_slice(&buf[..n]),
         Err(_) => Bytes::new(),
     }
@@ -716,8 +727,9 @@ spec:
     }
 
     /// The first bytes are taken without waiting (none yet: none taken),
-    /// and a connection refused after they were taken is reset, as it
-    /// would have been with them unread, never ended cleanly.
+    /// and leave the socket waiting for more; a connection refused after
+    /// they were taken is reset, as it would have been with them unread,
+    /// never ended cleanly.
     #[tokio::test]
     async fn a_refusal_after_reading_ahead_resets_the_app() {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -725,17 +737,22 @@ spec:
         let mut app = TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();
-        let (agent, _) = listener.accept().await.unwrap();
-        assert!(read_ahead(&agent).is_empty(), "nothing sent yet");
+        let (mut agent, _) = listener.accept().await.unwrap();
+        assert!(read_ahead(&mut agent).is_empty(), "nothing sent yet");
         app.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
         let first = loop {
             agent.readable().await.unwrap();
-            let first = read_ahead(&agent);
+            let first = read_ahead(&mut agent);
             if !first.is_empty() {
                 break first;
             }
         };
         assert_eq!(&first[..], b"GET / HTTP/1.1\r\n\r\n");
+        // The socket no longer shows readable for bytes already taken: the
+        // next read waits for new ones.
+        let waited =
+            tokio::time::timeout(std::time::Duration::from_millis(50), agent.readable()).await;
+        assert!(waited.is_err(), "readable with nothing left to read");
         reset_if_read(&agent, &first);
         drop(agent);
         let mut buf = [0u8; 16];
