@@ -1,6 +1,6 @@
 //! `cargo xtask ci`: the project's single test command, run by `.ci/run` and
 //! by hand. Setup, formatting, clippy, the agent build, the unit tests, the
-//! namespaced tests, the quick bench, the demo, the container image's smoke
+//! namespaced tests, the quick bench and A/B harness, the demo, the container image's smoke
 //! test and the quick soak, each
 //! timed, stopping at the first failure.
 
@@ -135,6 +135,19 @@ pub fn run(options: &Options) -> Result<()> {
             paths: Vec::new(),
             placements: Vec::new(),
             profile: false,
+        })
+    })?;
+    // The A/B harness, the debug agent against a copy of itself: that it
+    // runs and tabulates, not the numbers.
+    step(&mut timings, "bench-ab --quick", || {
+        let root = crate::workspace_root();
+        crate::bench::ab::run(&crate::bench::ab::Options {
+            base: crate::bench::target_dir(&root).join("debug/mesh-agent"),
+            new: None,
+            pairs: 1,
+            placements: vec![crate::bench::Placement::CrossNode],
+            path: crate::bench::Path::MeshEbpf,
+            quick: true,
         })
     })?;
     // The README's first command: every claim it prints is checked.

@@ -61,6 +61,10 @@ enum Command {
     /// Benchmarks: direct TCP, the mesh and a standard TLS tunnel between
     /// the same pods, side by side (release build).
     Bench(bench::Options),
+    /// Two agent builds compared in alternated pairs of one-repetition
+    /// bench runs: each run's figures, the medians, and in how many pairs
+    /// the new build was lower.
+    BenchAb(bench::ab::Options),
     /// Lists the release agent's functions that the benchmark's runs
     /// execute in mesh-agent/code-order.txt, which the release build lays
     /// out together (fewer code pages resident); needs root and a loop
@@ -115,6 +119,7 @@ fn main() -> ExitCode {
         Command::Image(options) => image::run(&options),
         Command::Mutants(options) => mutants::run(&options),
         Command::Bench(options) => bench::run(&options),
+        Command::BenchAb(options) => bench::ab::run(&options),
         Command::Soak(options) => soak::run(&options),
         Command::CodeOrder(options) => code_order::run(&options),
     };

@@ -3,6 +3,7 @@
 //! reported as min/median/max with ratios to `direct` and `tls-tunnel`
 //! (`report.rs`).
 
+pub mod ab;
 mod idle;
 mod paths;
 mod profile;

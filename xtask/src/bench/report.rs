@@ -74,6 +74,19 @@ const METRICS: &[(&str, &str)] = &[
     ("errors_5k", "failed requests at 5,000 req/s"),
 ];
 
+/// How a traffic metric reads in the tables, if it is one.
+pub fn label(metric: &str) -> Option<&'static str> {
+    METRICS.iter().find(|(m, _)| *m == metric).map(|(_, l)| *l)
+}
+
+/// A traffic metric's place in report order (others after them all).
+pub fn order(metric: &str) -> usize {
+    METRICS
+        .iter()
+        .position(|(m, _)| *m == metric)
+        .unwrap_or(METRICS.len())
+}
+
 /// The idle table's metrics (agent RSS, mesh-ebpf); `{pods}` and
 /// `{workloads}` are filled in from the run.
 const IDLE_METRICS: &[(&str, &str)] = &[
