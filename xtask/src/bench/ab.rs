@@ -189,7 +189,7 @@ impl Pairs {
             (placement.clone(), super::report::order(metric))
         });
         for ((placement, metric), [b, n]) in rows {
-            let (Some(bm), Some(nm)) = (median(b), median(n)) else {
+            let (Some(bm), Some(nm)) = (super::report::median(b), super::report::median(n)) else {
                 continue;
             };
             let change = if bm == 0.0 {
@@ -210,20 +210,6 @@ impl Pairs {
         }
         out
     }
-}
-
-fn median(v: &[f64]) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let mid = s.len() / 2;
-    Some(if s.len() % 2 == 1 {
-        s[mid]
-    } else {
-        (s[mid - 1] + s[mid]) / 2.0
-    })
 }
 
 fn fmt(v: f64) -> String {

@@ -164,21 +164,25 @@ struct Summary {
 }
 
 fn summary(v: &[f64]) -> Option<Summary> {
+    Some(Summary {
+        min: v.iter().copied().reduce(f64::min)?,
+        median: median(v)?,
+        max: v.iter().copied().reduce(f64::max)?,
+    })
+}
+
+/// The middle value (the mean of the two middle ones for an even count).
+pub fn median(v: &[f64]) -> Option<f64> {
     if v.is_empty() {
         return None;
     }
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
     let mid = s.len() / 2;
-    let median = if s.len() % 2 == 1 {
+    Some(if s.len() % 2 == 1 {
         s[mid]
     } else {
         (s[mid - 1] + s[mid]) / 2.0
-    };
-    Some(Summary {
-        min: s[0],
-        median,
-        max: s[s.len() - 1],
     })
 }
 
