@@ -41,13 +41,6 @@ pub struct Options {
     pub quick: bool,
 }
 
-/// One bench run: which build, which pair, where its JSON went.
-struct RunOut {
-    new: bool,
-    placement: Placement,
-    json: PathBuf,
-}
-
 pub fn run(opts: &Options) -> anyhow::Result<()> {
     ensure!(opts.pairs >= 1, "--pairs must be at least 1");
     let placements = if opts.placements.is_empty() {
@@ -87,7 +80,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         ensure!(bin.is_file(), "no agent binary at {}", bin.display());
     }
     let xtask = std::env::current_exe().context("the xtask binary")?;
-    let mut runs = Vec::new();
+    let mut pairs = Pairs::default();
     for &placement in &placements {
         for pair in 1..=opts.pairs {
             // Base first in odd pairs, new first in even ones.
@@ -118,21 +111,13 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
                     bench.args(["--reps", "1"]);
                 }
                 crate::exec::run(&mut bench)?;
-                runs.push(RunOut {
-                    new: new_build,
-                    placement,
-                    json,
-                });
+                let text =
+                    std::fs::read_to_string(&json).with_context(|| json.display().to_string())?;
+                let results: Value = serde_json::from_str(&text)
+                    .with_context(|| format!("{}: not JSON", json.display()))?;
+                pairs.add(placement.name(), new_build, &results, opts.path.name());
             }
         }
-    }
-    let mut pairs = Pairs::default();
-    for run in &runs {
-        let text =
-            std::fs::read_to_string(&run.json).with_context(|| run.json.display().to_string())?;
-        let results: Value = serde_json::from_str(&text)
-            .with_context(|| format!("{}: not JSON", run.json.display()))?;
-        pairs.add(run.placement.name(), run.new, &results, opts.path.name());
     }
     ensure!(
         !pairs.values.is_empty(),
