@@ -381,7 +381,8 @@ impl Pool {
             source: io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"),
         })?
         .map_err(|source| HboneError::Tls { addr, source })?;
-        tls.get_mut().0.buffer();
+        let (tcp, conn) = tls.get_mut();
+        super::io::verified(tcp, conn);
         let mut until = tokio::time::Instant::now() + self.timers.max_age;
         if let Some(t) = peer_valid_until(tls.get_ref().1) {
             until = until.min(instant_of(t));

@@ -2,6 +2,8 @@
 //! only once the handshake is done. rustls reads at most 4 KiB per call,
 //! so a verified connection reads through [`TLS_READ_BUF`]; a connection
 //! still in its handshake (anyone can open thousands) holds no buffer.
+//! Once verified ([`verified`]), its rustls also takes a whole 64 KiB DATA
+//! frame with its header in one write.
 //!
 //! The destination's side of an HBONE connection from a pod of this node
 //! runs on the shard of the client's side (see `crate::shards`). While it
@@ -34,6 +36,11 @@ const BULK_ENDED: Duration = Duration::from_millis(250);
 /// Read buffer of a verified connection: four or more reads per 16 KiB
 /// record become one read per 64 KiB.
 const TLS_READ_BUF: usize = 64 * 1024;
+/// What rustls holds to send on a verified connection (see [`verified`]):
+/// a 64 KiB DATA frame, its header and what HTTP/2 queued before it
+/// (small frames), no more: past it a writer waits for the socket, as
+/// with rustls's default of 64 KiB.
+const TLS_WRITE_LIMIT: usize = 64 * 1024 + 1024;
 
 pub struct Buffered {
     tcp: TcpStream,
@@ -76,7 +83,7 @@ impl Buffered {
     }
 
     /// Reads through [`TLS_READ_BUF`] from now on.
-    pub fn buffer(&mut self) {
+    fn buffer(&mut self) {
         if self.buf.is_empty() {
             self.buf = vec![0; TLS_READ_BUF].into_boxed_slice();
         }
@@ -139,6 +146,16 @@ impl Buffered {
             shards::ask_to_move(cx, MoveTo::Shard(origin));
         }
     }
+}
+
+/// Readies a connection whose peer is verified for data: it reads
+/// through [`TLS_READ_BUF`], and rustls takes a 64 KiB DATA frame and its
+/// header, handed over together, in one write ([`TLS_WRITE_LIMIT`]); with
+/// its default of 64 KiB they went as two writes, the second a TLS record
+/// of 9 bytes in a TCP segment of its own.
+pub fn verified<D>(tcp: &mut Buffered, tls: &mut rustls::ConnectionCommon<D>) {
+    tcp.buffer();
+    tls.set_buffer_limit(Some(TLS_WRITE_LIMIT));
 }
 
 impl AsyncRead for Buffered {
@@ -225,7 +242,7 @@ mod tests {
         let mut got = vec![0u8; 1000];
         b.read_exact(&mut got).await.unwrap();
         assert!(b.buf.is_empty(), "no buffer before the handshake ends");
-        b.buffer();
+        b.buffer(); // as `verified` does
         // Small reads (as rustls makes) and large ones, mixed.
         let mut small = [0u8; 4096];
         while got.len() < data.len() {

@@ -126,7 +126,8 @@ pub async fn accept(
         return None;
     };
     debug!(peer = %peer_id, "HBONE peer verified");
-    tls.get_mut().0.buffer();
+    let (tcp, conn) = tls.get_mut();
+    super::io::verified(tcp, conn);
     Some((tls, peer_id))
 }
 

@@ -3,7 +3,8 @@
 //! peer's certificate (either end), the CONNECT timeout, pings
 //! on idle connections, the server's cap on streams per connection, the
 //! client's (100, or fewer if the peer says so), a connection its peer
-//! drains (GOAWAY), and the CONNECT's metadata headers.
+//! drains (GOAWAY), the CONNECT's metadata headers, and a verified
+//! connection taking a whole DATA frame in one write.
 //! The clocks are shortened (`Timers`); what they bound is the same code.
 
 use std::{
@@ -977,6 +978,61 @@ async fn what_the_app_sends_before_the_answer_leaves_at_once_and_again_after_a_r
         from_app.read_exact(&mut rest).await.unwrap();
         tunnel.write_all(&rest).await.unwrap();
         echoed_once(&mut tunnel, &[first, meanwhile, b"and the rest"].concat()).await;
+    })
+    .await;
+}
+
+/// A verified connection takes a 64 KiB DATA frame and its 9-byte header
+/// (as HTTP/2 hands them over, together) in one write: rustls's default
+/// took 64 KiB, and the header's last 9 bytes went in a second write, a
+/// TLS record and a TCP segment of their own. On both ends, as
+/// `io::verified` readies them.
+#[tokio::test]
+async fn a_verified_connection_takes_a_whole_data_frame_in_one_write() {
+    within(async {
+        let dir = TempDir::new("write-limit");
+        let certs = certs(&dir);
+        let ip = loopback(44);
+        let listener = TcpListener::bind(SocketAddr::new(ip, mesh_common::PORT_HBONE))
+            .await
+            .unwrap();
+        let client_config = certs
+            .client_config(
+                &Identity::new(TD, "shop", "client"),
+                &Identity::new(TD, "shop", "server"),
+            )
+            .unwrap();
+        let server_config = certs
+            .server_config(&Identity::new(TD, "shop", "server"))
+            .unwrap();
+        let client = tokio::spawn(async move {
+            let tcp = TcpStream::connect(SocketAddr::new(ip, mesh_common::PORT_HBONE))
+                .await
+                .unwrap();
+            tokio_rustls::TlsConnector::from(client_config)
+                .connect(ServerName::IpAddress(ip.into()), Buffered::new(tcp))
+                .await
+                .unwrap()
+        });
+        let (stream, _) = listener.accept().await.unwrap();
+        let (mut server, peer) = accept(stream, server_config, &Metrics::default(), TD)
+            .await
+            .expect("the handshake succeeds");
+        assert_eq!(peer, Identity::new(TD, "shop", "client"));
+        let mut client = client.await.unwrap();
+        let frame = vec![7u8; 9 + 64 * 1024];
+        use std::io::Write as _;
+        let (_, conn) = server.get_mut();
+        assert_eq!(conn.writer().write(&frame).unwrap(), frame.len());
+        // The client's end (`Pool::dial` readies it the same way): rustls's
+        // default first, its records then dropped unsent, then readied.
+        let (tcp, conn) = client.get_mut();
+        assert_eq!(conn.writer().write(&frame).unwrap(), 64 * 1024);
+        while conn.wants_write() {
+            conn.write_tls(&mut std::io::sink()).unwrap();
+        }
+        io::verified(tcp, conn);
+        assert_eq!(conn.writer().write(&frame).unwrap(), frame.len());
     })
     .await;
 }
