@@ -134,22 +134,29 @@ pub fn run(options: &Options) -> Result<()> {
             out: None,
             paths: Vec::new(),
             placements: Vec::new(),
+            figures: Vec::new(),
             profile: false,
         })
     })?;
     // The A/B harness, the debug agent against a copy of itself: that it
-    // runs and tabulates, not the numbers.
-    step(&mut timings, "bench-ab --quick", || {
-        let root = crate::workspace_root();
-        crate::bench::ab::run(&crate::bench::ab::Options {
-            base: crate::bench::target_dir(&root).join("debug/mesh-agent"),
-            new: None,
-            pairs: 1,
-            placements: vec![crate::bench::Placement::CrossNode],
-            path: crate::bench::Path::MeshEbpf,
-            quick: true,
-        })
-    })?;
+    // runs and tabulates, not the numbers (the iperf3 figures only, which
+    // also checks that `--figures` still yields figures).
+    step(
+        &mut timings,
+        "bench-ab --quick --figures throughput",
+        || {
+            let root = crate::workspace_root();
+            crate::bench::ab::run(&crate::bench::ab::Options {
+                base: crate::bench::target_dir(&root).join("debug/mesh-agent"),
+                new: None,
+                pairs: 1,
+                placements: vec![crate::bench::Placement::CrossNode],
+                path: crate::bench::Path::MeshEbpf,
+                figures: vec![crate::bench::Figures::Throughput],
+                quick: true,
+            })
+        },
+    )?;
     // The README's first command: every claim it prints is checked.
     step(&mut timings, "demo", crate::demo::run)?;
     // The container image (from the debug build made above: a release

@@ -77,6 +77,7 @@ pub fn run(opts: &Options) -> Result<()> {
             out: Some(scratch.join(format!("bench-{round}.json"))),
             paths: vec![bench::Path::MeshEbpf],
             placements,
+            figures: Vec::new(),
             profile: false,
         })?;
         let cached = cached_pages(&agent)?;

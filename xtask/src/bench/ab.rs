@@ -13,7 +13,7 @@ use std::{
 use anyhow::{Context as _, ensure};
 use serde_json::Value;
 
-use super::{Placement, paths::Path};
+use super::{Figures, Placement, paths::Path};
 
 #[derive(clap::Args)]
 pub struct Options {
@@ -35,6 +35,10 @@ pub struct Options {
     /// The path measured (default mesh-ebpf).
     #[arg(long, value_enum, default_value_t = Path::MeshEbpf)]
     pub path: Path,
+    /// Only these figures in each run (repeat the option; default all):
+    /// more pairs in the same time for a change that can only move some.
+    #[arg(long = "figures", value_enum)]
+    pub figures: Vec<Figures>,
     /// Each run is `bench --quick` (the debug build of the tools; 1 s per
     /// figure): checks the harness, not the numbers.
     #[arg(long)]
@@ -105,6 +109,9 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
                     .arg(&json)
                     .env("MESH_AGENT_BIN", if new_build { &new } else { &base })
                     .current_dir(&root);
+                for figures in &opts.figures {
+                    bench.args(["--figures", figures.name()]);
+                }
                 if opts.quick {
                     bench.arg("--quick");
                 } else {
@@ -115,6 +122,8 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
                     std::fs::read_to_string(&json).with_context(|| json.display().to_string())?;
                 let results: Value = serde_json::from_str(&text)
                     .with_context(|| format!("{}: not JSON", json.display()))?;
+                only_figures(&results, &opts.figures)
+                    .with_context(|| json.display().to_string())?;
                 pairs.add(placement.name(), new_build, &results, opts.path.name());
             }
         }
@@ -129,6 +138,24 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     let out = dir.join("ab.md");
     std::fs::write(&out, &md)?;
     println!("each run: {}; this table: {}", dir.display(), out.display());
+    Ok(())
+}
+
+/// A run asked for some figures holds none of the others.
+fn only_figures(results: &Value, figures: &[Figures]) -> anyhow::Result<()> {
+    if figures.is_empty() {
+        return Ok(());
+    }
+    for row in results["results"].as_array().into_iter().flatten() {
+        let metric = row["metric"].as_str().unwrap_or_default();
+        if let Some(of) = Figures::of(metric) {
+            ensure!(
+                figures.contains(&of),
+                "the run took {metric} ({} figures), which was not asked for",
+                of.name()
+            );
+        }
+    }
     Ok(())
 }
 
@@ -264,5 +291,23 @@ mod tests {
         assert_eq!(md.matches("new connections (conn/s)").count(), 1, "{md}");
         // Report order: the connection rate before the fixed-rate p50.
         assert!(md.find("conn/s").unwrap() < md.find("p50").unwrap(), "{md}");
+    }
+
+    /// A run asked for the throughput figures may hold them and the peak
+    /// RSS; a figure of the connection runs in it is an error.
+    #[test]
+    fn a_run_asked_for_some_figures_holds_no_others() {
+        let throughput = [Figures::Throughput];
+        let row = |metric: &str| json!({"placement": "cross-node", "path": "mesh-ebpf", "metric": metric, "median": 1.0});
+        let ok = json!({"results": [row("throughput_1_gbps"), row("agent_peak_rss_mib")]});
+        only_figures(&ok, &throughput).unwrap();
+        let not = json!({"results": [row("throughput_8_gbps"), row("connections_per_s")]});
+        let err = only_figures(&not, &throughput).unwrap_err().to_string();
+        assert!(
+            err.contains("connections_per_s (connections figures)"),
+            "{err}"
+        );
+        // Asked for nothing in particular: anything goes.
+        only_figures(&not, &[]).unwrap();
     }
 }

@@ -47,11 +47,52 @@ pub struct Options {
     /// same-node, and idle when mesh-ebpf is measured).
     #[arg(long = "placement", value_enum)]
     pub placements: Vec<Placement>,
+    /// Only these figures of the cross-node and same-node runs (repeat the
+    /// option; default: all): a comparison of a change that can only move
+    /// some runs more pairs in the time. Peak RSS is always reported.
+    #[arg(long = "figures", value_enum)]
+    pub figures: Vec<Figures>,
     /// Also record the agents with `perf` during one more 1-stream
     /// throughput run of each mesh path; the flat profile (by DSO and
     /// symbol) goes to profile-<placement>-<path>.txt beside the results.
     #[arg(long)]
     pub profile: bool,
+}
+
+/// The figures of a path, by the runs that take them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Figures {
+    /// Keep-alive requests: latency at 1,000 and 5,000 req/s (and the
+    /// agents' CPU and RSS at 1,000), saturation.
+    Requests,
+    /// New connections: as fast as they go, and at 1,000/s.
+    Connections,
+    /// iperf3 with 1 and 8 streams.
+    Throughput,
+}
+
+impl Figures {
+    pub fn name(self) -> &'static str {
+        match self {
+            Figures::Requests => "requests",
+            Figures::Connections => "connections",
+            Figures::Throughput => "throughput",
+        }
+    }
+
+    /// The figures a traffic metric is one of; none for the peak RSS,
+    /// which is over the whole run, whichever runs it had.
+    pub fn of(metric: &str) -> Option<Figures> {
+        if metric.ends_with("peak_rss_mib") {
+            None
+        } else if metric.starts_with("throughput_") {
+            Some(Figures::Throughput)
+        } else if metric.starts_with("connection") || metric.contains("_per_1000_conn") {
+            Some(Figures::Connections)
+        } else {
+            Some(Figures::Requests)
+        }
+    }
 }
 
 /// Where the client and the server pods run.
@@ -157,6 +198,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
                 seconds,
                 profile,
                 quick: opts.quick,
+                figures: opts.figures.clone(),
             };
             measure_path(&mut results, &run)
                 .with_context(|| format!("{} {}", placement.name(), path.name()))?;
@@ -201,6 +243,14 @@ struct Run {
     profile: Option<PathBuf>,
     /// A check of the harness: no request may fail.
     quick: bool,
+    /// Only these (all when empty).
+    figures: Vec<Figures>,
+}
+
+impl Run {
+    fn takes(&self, figures: Figures) -> bool {
+        self.figures.is_empty() || self.figures.contains(&figures)
+    }
 }
 
 fn measure_path(results: &mut Results, run: &Run) -> anyhow::Result<()> {
@@ -254,13 +304,18 @@ fn measure_path(results: &mut Results, run: &Run) -> anyhow::Result<()> {
     let mut new_connections = 0.0;
     let mut record = |metric: &str, value: f64| results.add(placement, path, metric, value);
     for rep in 0..reps {
-        if path.is_mesh() && rep > 0 {
+        if path.is_mesh() && rep > 0 && run.takes(Figures::Requests) {
             // The agents give memory back every 5 s: the 1,000 req/s run
             // (RSS read at its end) starts from an agent at rest, not from
             // the last throughput burst.
             std::thread::sleep(std::time::Duration::from_secs(6));
         }
-        for rate in [1000.0, 5000.0] {
+        let rates: &[f64] = if run.takes(Figures::Requests) {
+            &[1000.0, 5000.0]
+        } else {
+            &[]
+        };
+        for &rate in rates {
             let cpu_before = cpu_seconds(&agents)?;
             let middle_before = match targets.middle {
                 Some(pid) => cpu_seconds(&[pid])?,
@@ -301,56 +356,60 @@ fn measure_path(results: &mut Results, run: &Run) -> anyhow::Result<()> {
                 record("middle_rss_at_1k_mib", max_status_mib(&[pid], "VmRSS")?);
             }
         }
-        let r = load(&tb, &client, targets.http, 4, 0.0, seconds, false)?;
-        checked(&r, "saturation")?;
-        record("saturation_rps", r["rps"].as_f64().unwrap_or(f64::NAN));
-        let cpu_before = cpu_seconds(&agents)?;
-        let middle_before = match targets.middle {
-            Some(pid) => cpu_seconds(&[pid])?,
-            None => 0.0,
-        };
-        let r = load(&tb, &client, targets.http, 4, 0.0, seconds, true)?;
-        checked(&r, "new connections")?;
-        let connections = r["requests"].as_f64().unwrap_or(0.0);
-        new_connections += connections;
-        record("connections_per_s", r["rps"].as_f64().unwrap_or(f64::NAN));
-        // What a connection costs, which the rate shows only through a
-        // machine whose other tenants come and go.
-        if path.is_mesh() {
-            let cpu = cpu_seconds(&agents)? - cpu_before;
-            record("agent_cpu_s_per_1000_conn", cpu / connections * 1000.0);
+        if run.takes(Figures::Requests) {
+            let r = load(&tb, &client, targets.http, 4, 0.0, seconds, false)?;
+            checked(&r, "saturation")?;
+            record("saturation_rps", r["rps"].as_f64().unwrap_or(f64::NAN));
         }
-        if let Some(pid) = targets.middle {
-            let cpu = cpu_seconds(&[pid])? - middle_before;
-            record("middle_cpu_s_per_1000_conn", cpu / connections * 1000.0);
-        }
-        record(
-            "connection_p99_ms",
-            r["p99_us"].as_f64().unwrap_or(f64::NAN) / 1000.0,
-        );
-        // The same at a fixed 1,000 new connections/s, well below any mesh
-        // path's limit: the setup latency of a connection that does not
-        // queue behind others, and a CPU cost per connection that moves
-        // less with the machine's other tenants than the one at the limit.
-        let cpu_before = cpu_seconds(&agents)?;
-        let r = load(&tb, &client, targets.http, 4, 1000.0, seconds, true)?;
-        checked(&r, "1,000 new connections/s")?;
-        let connections = r["requests"].as_f64().unwrap_or(0.0);
-        new_connections += connections;
-        for p in ["p50", "p99"] {
+        if run.takes(Figures::Connections) {
+            let cpu_before = cpu_seconds(&agents)?;
+            let middle_before = match targets.middle {
+                Some(pid) => cpu_seconds(&[pid])?,
+                None => 0.0,
+            };
+            let r = load(&tb, &client, targets.http, 4, 0.0, seconds, true)?;
+            checked(&r, "new connections")?;
+            let connections = r["requests"].as_f64().unwrap_or(0.0);
+            new_connections += connections;
+            record("connections_per_s", r["rps"].as_f64().unwrap_or(f64::NAN));
+            // What a connection costs, which the rate shows only through a
+            // machine whose other tenants come and go.
+            if path.is_mesh() {
+                let cpu = cpu_seconds(&agents)? - cpu_before;
+                record("agent_cpu_s_per_1000_conn", cpu / connections * 1000.0);
+            }
+            if let Some(pid) = targets.middle {
+                let cpu = cpu_seconds(&[pid])? - middle_before;
+                record("middle_cpu_s_per_1000_conn", cpu / connections * 1000.0);
+            }
             record(
-                &format!("connection_1k_{p}_ms"),
-                r[&format!("{p}_us")].as_f64().unwrap_or(f64::NAN) / 1000.0,
+                "connection_p99_ms",
+                r["p99_us"].as_f64().unwrap_or(f64::NAN) / 1000.0,
             );
+            // The same at a fixed 1,000 new connections/s, well below any mesh
+            // path's limit: the setup latency of a connection that does not
+            // queue behind others, and a CPU cost per connection that moves
+            // less with the machine's other tenants than the one at the limit.
+            let cpu_before = cpu_seconds(&agents)?;
+            let r = load(&tb, &client, targets.http, 4, 1000.0, seconds, true)?;
+            checked(&r, "1,000 new connections/s")?;
+            let connections = r["requests"].as_f64().unwrap_or(0.0);
+            new_connections += connections;
+            for p in ["p50", "p99"] {
+                record(
+                    &format!("connection_1k_{p}_ms"),
+                    r[&format!("{p}_us")].as_f64().unwrap_or(f64::NAN) / 1000.0,
+                );
+            }
+            if path.is_mesh() {
+                let cpu = cpu_seconds(&agents)? - cpu_before;
+                record(
+                    "agent_cpu_s_per_1000_conn_at_1k",
+                    cpu / connections * 1000.0,
+                );
+            }
         }
-        if path.is_mesh() {
-            let cpu = cpu_seconds(&agents)? - cpu_before;
-            record(
-                "agent_cpu_s_per_1000_conn_at_1k",
-                cpu / connections * 1000.0,
-            );
-        }
-        if let Some(iperf_target) = targets.iperf {
+        if let (Some(iperf_target), true) = (targets.iperf, run.takes(Figures::Throughput)) {
             for (metric, streams) in [("throughput_1_gbps", 1), ("throughput_8_gbps", 8)] {
                 record(metric, iperf(&tb, &client, iperf_target, streams, seconds)?);
             }

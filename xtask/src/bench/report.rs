@@ -401,3 +401,59 @@ fn table_row(out: &mut String, cells: &[String]) {
     }
     out.push('\n');
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::Figures;
+    use super::*;
+
+    /// Every traffic metric belongs to the runs that take it (`bench
+    /// --figures`), the peak RSS to none; a new metric must be placed here.
+    #[test]
+    fn every_traffic_metric_is_one_of_the_figures() {
+        let requests = [
+            "latency_1k_p50_ms",
+            "latency_1k_p90_ms",
+            "latency_1k_p99_ms",
+            "latency_1k_max_ms",
+            "latency_5k_p50_ms",
+            "latency_5k_p90_ms",
+            "latency_5k_p99_ms",
+            "latency_5k_max_ms",
+            "saturation_rps",
+            "agent_cpu_s_per_1000_req",
+            "agent_vcpu_at_1k",
+            "agent_rss_at_1k_mib",
+            "agent_anon_at_1k_mib",
+            "middle_cpu_s_per_1000_req",
+            "middle_vcpu_at_1k",
+            "middle_rss_at_1k_mib",
+            "errors_1k",
+            "errors_5k",
+        ];
+        let connections = [
+            "connections_per_s",
+            "connection_p99_ms",
+            "connection_1k_p50_ms",
+            "connection_1k_p99_ms",
+            "agent_cpu_s_per_1000_conn",
+            "agent_cpu_s_per_1000_conn_at_1k",
+            "middle_cpu_s_per_1000_conn",
+        ];
+        let throughput = ["throughput_1_gbps", "throughput_8_gbps"];
+        let none = ["agent_peak_rss_mib", "middle_peak_rss_mib"];
+        for (metric, _) in METRICS {
+            let want = if requests.contains(metric) {
+                Some(Figures::Requests)
+            } else if connections.contains(metric) {
+                Some(Figures::Connections)
+            } else if throughput.contains(metric) {
+                Some(Figures::Throughput)
+            } else {
+                assert!(none.contains(metric), "{metric} is in no list of this test");
+                None
+            };
+            assert_eq!(Figures::of(metric), want, "{metric}");
+        }
+    }
+}
