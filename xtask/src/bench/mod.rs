@@ -304,59 +304,54 @@ fn measure_path(results: &mut Results, run: &Run) -> anyhow::Result<()> {
     let mut new_connections = 0.0;
     let mut record = |metric: &str, value: f64| results.add(placement, path, metric, value);
     for rep in 0..reps {
-        if path.is_mesh() && rep > 0 && run.takes(Figures::Requests) {
-            // The agents give memory back every 5 s: the 1,000 req/s run
-            // (RSS read at its end) starts from an agent at rest, not from
-            // the last throughput burst.
-            std::thread::sleep(std::time::Duration::from_secs(6));
-        }
-        let rates: &[f64] = if run.takes(Figures::Requests) {
-            &[1000.0, 5000.0]
-        } else {
-            &[]
-        };
-        for &rate in rates {
-            let cpu_before = cpu_seconds(&agents)?;
-            let middle_before = match targets.middle {
-                Some(pid) => cpu_seconds(&[pid])?,
-                None => 0.0,
-            };
-            let started = std::time::Instant::now();
-            let r = load(&tb, &client, targets.http, 4, rate, seconds, false)?;
-            checked(&r, &format!("{rate} req/s"))?;
-            // The load tool's start and exit are in it too: per wall second.
-            let wall = started.elapsed().as_secs_f64();
-            let cpu = cpu_seconds(&agents)? - cpu_before;
-            let tag = format!("{}k", rate as u32 / 1000);
-            for p in ["p50", "p90", "p99", "max"] {
-                record(
-                    &format!("latency_{tag}_{p}_ms"),
-                    r[&format!("{p}_us")].as_f64().unwrap_or(f64::NAN) / 1000.0,
-                );
-            }
-            record(
-                &format!("errors_{tag}"),
-                r["errors"].as_f64().unwrap_or(f64::NAN),
-            );
-            if path.is_mesh() && rate == 1000.0 {
-                let requests = r["requests"].as_f64().unwrap_or(f64::NAN);
-                record("agent_cpu_s_per_1000_req", cpu / requests * 1000.0);
-                record("agent_vcpu_at_1k", cpu / wall);
-                record("agent_rss_at_1k_mib", max_status_mib(&agents, "VmRSS")?);
-                // The part no other process shares and the kernel cannot
-                // reclaim without swap (heap, stacks), apart from the
-                // mapped pages of the binary and libraries.
-                record("agent_anon_at_1k_mib", max_status_mib(&agents, "RssAnon")?);
-            }
-            if let (Some(pid), true) = (targets.middle, rate == 1000.0) {
-                let requests = r["requests"].as_f64().unwrap_or(f64::NAN);
-                let cpu = cpu_seconds(&[pid])? - middle_before;
-                record("middle_cpu_s_per_1000_req", cpu / requests * 1000.0);
-                record("middle_vcpu_at_1k", cpu / wall);
-                record("middle_rss_at_1k_mib", max_status_mib(&[pid], "VmRSS")?);
-            }
-        }
         if run.takes(Figures::Requests) {
+            if path.is_mesh() && rep > 0 {
+                // The agents give memory back every 5 s: the 1,000 req/s run
+                // (RSS read at its end) starts from an agent at rest, not from
+                // the last throughput burst.
+                std::thread::sleep(std::time::Duration::from_secs(6));
+            }
+            for rate in [1000.0, 5000.0] {
+                let cpu_before = cpu_seconds(&agents)?;
+                let middle_before = match targets.middle {
+                    Some(pid) => cpu_seconds(&[pid])?,
+                    None => 0.0,
+                };
+                let started = std::time::Instant::now();
+                let r = load(&tb, &client, targets.http, 4, rate, seconds, false)?;
+                checked(&r, &format!("{rate} req/s"))?;
+                // The load tool's start and exit are in it too: per wall second.
+                let wall = started.elapsed().as_secs_f64();
+                let cpu = cpu_seconds(&agents)? - cpu_before;
+                let tag = format!("{}k", rate as u32 / 1000);
+                for p in ["p50", "p90", "p99", "max"] {
+                    record(
+                        &format!("latency_{tag}_{p}_ms"),
+                        r[&format!("{p}_us")].as_f64().unwrap_or(f64::NAN) / 1000.0,
+                    );
+                }
+                record(
+                    &format!("errors_{tag}"),
+                    r["errors"].as_f64().unwrap_or(f64::NAN),
+                );
+                if path.is_mesh() && rate == 1000.0 {
+                    let requests = r["requests"].as_f64().unwrap_or(f64::NAN);
+                    record("agent_cpu_s_per_1000_req", cpu / requests * 1000.0);
+                    record("agent_vcpu_at_1k", cpu / wall);
+                    record("agent_rss_at_1k_mib", max_status_mib(&agents, "VmRSS")?);
+                    // The part no other process shares and the kernel cannot
+                    // reclaim without swap (heap, stacks), apart from the
+                    // mapped pages of the binary and libraries.
+                    record("agent_anon_at_1k_mib", max_status_mib(&agents, "RssAnon")?);
+                }
+                if let (Some(pid), true) = (targets.middle, rate == 1000.0) {
+                    let requests = r["requests"].as_f64().unwrap_or(f64::NAN);
+                    let cpu = cpu_seconds(&[pid])? - middle_before;
+                    record("middle_cpu_s_per_1000_req", cpu / requests * 1000.0);
+                    record("middle_vcpu_at_1k", cpu / wall);
+                    record("middle_rss_at_1k_mib", max_status_mib(&[pid], "VmRSS")?);
+                }
+            }
             let r = load(&tb, &client, targets.http, 4, 0.0, seconds, false)?;
             checked(&r, "saturation")?;
             record("saturation_rps", r["rps"].as_f64().unwrap_or(f64::NAN));
