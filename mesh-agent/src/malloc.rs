@@ -11,7 +11,7 @@
 //! stream's buffers, freed and taken again a few at a time, then moved the
 //! heap's end down and up again thousands of times a second, every page
 //! taken again faulted in and zeroed by the kernel (190,000 page faults in
-//! 4 s of one stream between two pods of a node, against 1,100 so). It
+//! 4 s of one stream between two pods of a node; 1,100 tuned). It
 //! is kept up to [`TRIM_THRESHOLD`] and given back by the periodic trim
 //! instead; buffers up to [`MMAP_THRESHOLD`] come from the heap (a fixed
 //! trim threshold stops glibc from raising the mmap one, whose default,
