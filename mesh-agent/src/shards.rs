@@ -216,14 +216,18 @@ impl Shards {
     }
 
     /// The idlest shard, if it is mostly idle and shard `here` is busier
-    /// by [`BUSIER_BY`].
+    /// by [`BUSIER_BY`]. Every shard's load is sampled at each ask, so
+    /// that after a pause all of them answer from the next window on (the
+    /// first ask after a pause answers nothing).
     fn idler_than(&self, here: usize) -> Option<usize> {
-        let busy = self.busy_share(here)?;
-        (0..self.shards.len())
+        let busy = self.busy_share(here);
+        let idlest = (0..self.shards.len())
             .filter(|&i| i != here)
             .filter_map(|i| Some((i, self.busy_share(i)?)))
+            .min_by(|a, b| a.1.total_cmp(&b.1));
+        let busy = busy?;
+        idlest
             .filter(|&(_, share)| share < MOSTLY_IDLE && share + BUSIER_BY <= busy)
-            .min_by(|a, b| a.1.total_cmp(&b.1))
             .map(|(i, _)| i)
     }
 
@@ -730,6 +734,29 @@ mod tests {
             let _ = tx.send(current());
         });
         rx.await.unwrap()
+    }
+
+    /// After a pause, the first ask samples every shard, so the next one
+    /// a window later can tell the busy shard from the idle one (once,
+    /// only the asker's shard was sampled and the others a window later,
+    /// too late for a bulk call shorter than a few windows).
+    #[tokio::test]
+    async fn after_a_pause_the_second_ask_a_window_later_answers() {
+        use std::time::{Duration, Instant};
+        let shards = leaked(2);
+        tokio::time::sleep(5 * LOAD_WINDOW).await;
+        let until = Instant::now() + 3 * LOAD_WINDOW;
+        shards.shards[0].handle.spawn(async move {
+            while Instant::now() < until {
+                // Busy for 10 ms, then parked for a moment: the runtime
+                // counts its busy time when it parks.
+                std::thread::sleep(Duration::from_millis(10));
+                tokio::time::sleep(Duration::from_micros(200)).await;
+            }
+        });
+        assert_eq!(shards.idler_than(0), None, "the pause: nothing known");
+        tokio::time::sleep(LOAD_WINDOW + LOAD_WINDOW / 2).await;
+        assert_eq!(shards.idler_than(0), Some(1));
     }
 
     #[tokio::test]

@@ -1619,7 +1619,7 @@ fn same_node_plaintext_keeps_identity_policy_and_metrics_without_hbone() -> anyh
 fn both_runtimes_carry_concurrent_connections_within_and_across_nodes() -> anyhow::Result<()> {
     const CALLS: usize = 6;
     const BYTES: usize = 256 << 10;
-    const BULK: usize = 64 << 20;
+    const BULK: usize = 128 << 20;
     for (runtime, logged) in [("sharded", "runtime=Sharded"), ("shared", "runtime=Shared")] {
         let mut shop = Shop::new(2)?;
         let client = shop.pod(0, "client", "shop", "client", &[])?;
@@ -1669,22 +1669,31 @@ fn both_runtimes_carry_concurrent_connections_within_and_across_nodes() -> anyho
         assert_eq!(same_shard, runtime == "sharded", "{runtime}");
         // None of those calls was bulk. One bulk call to each server: the
         // one within the node moves the destination's side (its HBONE
-        // connection and its splice) off the shard of the client's side,
-        // sharded; the one across nodes stays where it is.
+        // connection, then its splice following it) off the shard of the
+        // client's side, sharded; the one across nodes stays where it is.
+        // (A bulk that slows down for a moment may move back and again:
+        // the moves are counted as at least one each.)
         let moved = |node: usize| {
-            tb.agent(node)
-                .log_text()
-                .matches("moved to another shard")
-                .count()
+            let log = tb.agent(node).log_text();
+            (
+                log.matches("bulk HBONE connection from a pod of this node moved")
+                    .count(),
+                log.matches("its splice moved to another shard").count(),
+            )
         };
-        assert_eq!((moved(0), moved(1)), (0, 0), "{runtime}");
+        assert_eq!((moved(0), moved(1)), ((0, 0), (0, 0)), "{runtime}");
         for server in [&near, &far] {
             let r = tb.connect(&client, sa(server.ip4, APP_PORT), BULK)?;
             assert!(ok(&r), "{runtime}: {r}");
             assert_eq!(r["received"], BULK, "{runtime}: {r}");
         }
-        let expected = if runtime == "sharded" { 2 } else { 0 };
-        assert_eq!((moved(0), moved(1)), (expected, 0), "{runtime}");
+        let (hbone, splice) = moved(0);
+        assert_eq!(
+            (hbone >= 1, splice >= 1),
+            (runtime == "sharded", runtime == "sharded"),
+            "{runtime}: moved {hbone} HBONE connections and {splice} splices"
+        );
+        assert_eq!(moved(1), (0, 0), "{runtime}: across nodes");
         if runtime == "sharded" {
             // The bulk over, the next call on that connection (an idle
             // agent places it on the same shard, hence the same pooled

@@ -160,8 +160,23 @@ fn socket_mark(s: &TcpStream) -> u32 {
     if rc == 0 { mark } else { u32::MAX }
 }
 
-fn pattern(i: usize) -> u8 {
-    (i % 251) as u8
+/// What `connect` sends: bytes that repeat every [`PERIOD`], so a byte
+/// lost, added or moved shows.
+const PERIOD: usize = 251;
+/// The most `connect` writes or reads at once.
+const CHUNK: usize = 64 * 1024;
+
+/// The pattern from its start, long enough that any chunk of it is a
+/// slice (sent and compared whole: a debug build doing it byte by byte
+/// ran at ~45 MB/s, as slow as the agent's bulk threshold).
+fn pattern_block() -> Vec<u8> {
+    (0..CHUNK + PERIOD).map(|i| (i % PERIOD) as u8).collect()
+}
+
+/// The pattern's `n` bytes from stream offset `at`.
+fn pattern(block: &[u8], at: usize, n: usize) -> &[u8] {
+    let off = at % PERIOD;
+    &block[off..off + n]
 }
 
 fn connect(addr: SocketAddr, bytes: usize) -> serde_json::Value {
@@ -193,30 +208,27 @@ fn connect(addr: SocketAddr, bytes: usize) -> serde_json::Value {
         }
     }
     let mut w = s;
-    let writer = std::thread::spawn(move || -> std::io::Result<()> {
-        const CHUNK: usize = 64 * 1024;
-        let mut sent = 0;
-        while sent < bytes {
-            let n = (bytes - sent).min(CHUNK);
-            // The pattern repeats every 251 bytes; offset keeps it continuous.
-            let off = sent % 251;
-            let data: Vec<u8> = (0..n).map(|i| pattern(off + i)).collect();
-            w.write_all(&data)?;
-            sent += n;
+    let block = std::sync::Arc::new(pattern_block());
+    let writer = std::thread::spawn({
+        let block = block.clone();
+        move || -> std::io::Result<()> {
+            let mut sent = 0;
+            while sent < bytes {
+                let n = (bytes - sent).min(CHUNK);
+                w.write_all(pattern(&block, sent, n))?;
+                sent += n;
+            }
+            w.shutdown(Shutdown::Write)
         }
-        w.shutdown(Shutdown::Write)
     });
     let mut got = 0usize;
     let mut intact = true;
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut buf = vec![0u8; CHUNK];
     loop {
         match reader.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => {
-                intact &= buf[..n]
-                    .iter()
-                    .enumerate()
-                    .all(|(i, b)| *b == pattern(got + i));
+                intact &= buf[..n] == *pattern(&block, got, n);
                 got += n;
             }
             Err(e) => return fail(format!("reading echo after {got} bytes: {e}")),
