@@ -241,8 +241,9 @@ impl AsyncWrite for H2Stream {
             }
         }
         let n = capacity.min(buf.len());
-        send.send_data(Bytes::copy_from_slice(&buf[..n]), false)
-            .map_err(io_error)?;
+        if let Err(e) = send.send_data(Bytes::copy_from_slice(&buf[..n]), false) {
+            return Poll::Ready(Err(send_failed(send, e, cx)));
+        }
         this.yield_next = n >= BULK_WRITE;
         Poll::Ready(Ok(n))
     }
@@ -252,27 +253,45 @@ impl AsyncWrite for H2Stream {
         Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if !this.ended {
             this.ended = true;
             // An empty DATA frame with END_STREAM: the half-close (on a
             // stream the peer already reset, an error that says so).
-            this.sender()?
-                .send_data(Bytes::new(), true)
-                .map_err(io_error)?;
+            let send = this.sender()?;
+            if let Err(e) = send.send_data(Bytes::new(), true) {
+                return Poll::Ready(Err(send_failed(send, e, cx)));
+            }
         }
         Poll::Ready(Ok(()))
     }
 }
 
+/// Why `send_data` failed. On a stream the peer has reset, h2 says only
+/// that the stream is inactive (a "user error", which an access log showed
+/// as the agent's fault): the peer's reset is reported instead.
+fn send_failed(send: &mut SendStream<Bytes>, e: h2::Error, cx: &mut Context<'_>) -> io::Error {
+    if e.is_io() || e.reason().is_some() {
+        return io_error(e);
+    }
+    match send.poll_reset(cx) {
+        Poll::Ready(Ok(reason)) => reset_by_peer(reason),
+        _ => io_error(e),
+    }
+}
+
+fn reset_by_peer(reason: Reason) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionReset,
+        format!("stream reset by the peer: {reason}"),
+    )
+}
+
 /// Why a stream no longer takes data: its reset, if the peer sent one.
 fn reset(send: &mut SendStream<Bytes>, cx: &mut Context<'_>) -> io::Error {
     match send.poll_reset(cx) {
-        Poll::Ready(Ok(reason)) => io::Error::new(
-            io::ErrorKind::ConnectionReset,
-            format!("stream reset by the peer: {reason}"),
-        ),
+        Poll::Ready(Ok(reason)) => reset_by_peer(reason),
         Poll::Ready(Err(e)) => io_error(e),
         Poll::Pending => io::ErrorKind::BrokenPipe.into(),
     }
@@ -351,6 +370,27 @@ mod tests {
 
     /// A held 200 waits for the app's first bytes and leaves with them:
     /// once the answer is in, so is what was written after it.
+    /// A stream the peer reset says so when written to or shut down (h2
+    /// itself says only that the stream is inactive, a "user error").
+    #[tokio::test]
+    async fn writing_to_a_stream_the_peer_reset_reports_the_reset() {
+        let (mut client, server) = pair().await;
+        // Its handles gone, the server's h2 resets the stream (CANCEL),
+        // which ends the client's reading side once it arrives.
+        drop(server);
+        assert_eq!(client.read(&mut [0; 8]).await.unwrap(), 0);
+        for e in [
+            client.write(b"x").await.unwrap_err(),
+            client.shutdown().await.unwrap_err(),
+        ] {
+            assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}");
+            assert_eq!(
+                e.to_string(),
+                format!("stream reset by the peer: {}", Reason::CANCEL)
+            );
+        }
+    }
+
     #[tokio::test]
     async fn a_held_answer_leaves_with_the_first_bytes_written_back() {
         let (resp, send, mut server) = held_pair(b"GET /", Duration::from_secs(30)).await;
