@@ -191,7 +191,7 @@ impl Pairs {
 
     fn markdown(&self, base: &FsPath, new: &FsPath) -> String {
         let mut out = format!(
-            "base: {}\nnew: {}\n\n| placement | figure | base (each run) | new (each run) | base median | new median | change | new lower in |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n",
+            "base: {}\nnew: {}\n\n| placement | figure | base (each run) | new (each run) | base median | new median | change | new lower in | p |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
             base.display(),
             new.display()
         );
@@ -210,18 +210,45 @@ impl Pairs {
                 format!("{:+.1}%", (nm - bm) / bm * 100.0)
             };
             let lower = b.iter().zip(n).filter(|(b, n)| n < b).count();
+            let higher = b.iter().zip(n).filter(|(b, n)| n > b).count();
             out.push_str(&format!(
-                "| {placement} | {} | {} | {} | {} | {} | {change} | {lower} of {} |\n",
+                "| {placement} | {} | {} | {} | {} | {} | {change} | {lower} of {} | {:.3} |\n",
                 super::report::label(metric).unwrap_or(metric),
                 list(b),
                 list(n),
                 fmt(bm),
                 fmt(nm),
                 b.len().min(n.len()),
+                sign_test(lower, higher),
             ));
         }
+        out.push_str(
+            "\np: how likely the pairs would split at least this unevenly if the builds \
+             were alike (two-sided sign test, tied pairs left out). It cannot fall below \
+             0.125 with 4 pairs, 0.031 with 6, 0.008 with 8; and of 40 figures of alike \
+             builds, about one splits 6 of 6 (p 0.031) by chance.\n",
+        );
         out
     }
+}
+
+/// Two-sided exact sign test: the chance that `lower` and `higher` pairs
+/// (the others tied) split at least this unevenly if either order were
+/// as likely in each pair.
+fn sign_test(lower: usize, higher: usize) -> f64 {
+    let n = lower + higher;
+    if n == 0 {
+        return 1.0;
+    }
+    let fewer = lower.min(higher);
+    // C(n, i) / 2^n for i = 0..=fewer, by the ratio of successive terms.
+    let mut term = 0.5f64.powi(n as i32);
+    let mut tail = 0.0;
+    for i in 0..=fewer {
+        tail += term;
+        term *= (n - i) as f64 / (i + 1) as f64;
+    }
+    (2.0 * tail).min(1.0)
 }
 
 fn fmt(v: f64) -> String {
@@ -280,17 +307,33 @@ mod tests {
         }
         let md = pairs.markdown(FsPath::new("/b"), FsPath::new("/n"));
         assert!(
-            md.contains("| cross-node | new connections (conn/s) | 5000 / 4800 / 4900 | 5200 / 4700 / 5100 | 4900 | 5100 | +4.1% | 1 of 3 |"),
+            md.contains("| cross-node | new connections (conn/s) | 5000 / 4800 / 4900 | 5200 / 4700 / 5100 | 4900 | 5100 | +4.1% | 1 of 3 | 1.000 |"),
             "{md}"
         );
         assert!(
-            md.contains("connection + request: p50 (ms) | 0.400 / 0.400 / 0.400 | 0.380 / 0.380 / 0.380 | 0.400 | 0.380 | -5.0% | 3 of 3 |"),
+            md.contains("connection + request: p50 (ms) | 0.400 / 0.400 / 0.400 | 0.380 / 0.380 / 0.380 | 0.400 | 0.380 | -5.0% | 3 of 3 | 0.250 |"),
             "{md}"
         );
         // Another path's rows are not mixed in.
         assert_eq!(md.matches("new connections (conn/s)").count(), 1, "{md}");
         // Report order: the connection rate before the fixed-rate p50.
         assert!(md.find("conn/s").unwrap() < md.find("p50").unwrap(), "{md}");
+    }
+
+    /// The sign test's p: exact for small counts, ties left out.
+    #[test]
+    fn the_sign_test_gives_the_two_sided_binomial_tail() {
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
+        assert!(close(sign_test(6, 0), 2.0 / 64.0));
+        assert!(close(sign_test(0, 6), 2.0 / 64.0));
+        assert!(close(sign_test(4, 0), 0.125));
+        // 5 of 6: 2 * (1 + 6) / 64.
+        assert!(close(sign_test(5, 1), 14.0 / 64.0));
+        assert!(close(sign_test(3, 3), 1.0));
+        assert!(close(sign_test(0, 0), 1.0));
+        // 8 of 8, 7 of 8.
+        assert!(close(sign_test(8, 0), 2.0 / 256.0));
+        assert!(close(sign_test(1, 7), 18.0 / 256.0));
     }
 
     /// A run asked for the throughput figures may hold them and the peak
