@@ -368,8 +368,6 @@ mod tests {
         )
     }
 
-    /// A held 200 waits for the app's first bytes and leaves with them:
-    /// once the answer is in, so is what was written after it.
     /// A stream the peer reset says so when written to or shut down (h2
     /// itself says only that the stream is inactive, a "user error").
     #[tokio::test]
@@ -391,6 +389,8 @@ mod tests {
         }
     }
 
+    /// A held 200 waits for the app's first bytes and leaves with them:
+    /// once the answer is in, so is what was written after it.
     #[tokio::test]
     async fn a_held_answer_leaves_with_the_first_bytes_written_back() {
         let (resp, send, mut server) = held_pair(b"GET /", Duration::from_secs(30)).await;
