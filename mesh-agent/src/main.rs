@@ -268,7 +268,7 @@ async fn node(args: NodeArgs, log_filter: admin::LogFilter) -> anyhow::Result<()
         admin::Surface::Metrics,
     ));
     tokio::spawn(admin::serve(ready_l, admin.clone(), admin::Surface::Ready));
-    tokio::spawn(give_back_memory());
+    tokio::spawn(malloc::give_back());
     info!("node agent ready");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -334,24 +334,6 @@ fn write_pid_file(state_dir: &Path) -> anyhow::Result<()> {
     let file = state_dir.join("agent.pid");
     std::fs::write(&file, format!("{}\n", std::process::id()))
         .with_context(|| file.display().to_string())
-}
-
-/// Returns the heap that bursts left free to the system every few seconds;
-/// glibc otherwise keeps it, and the resident set stays at the burst's
-/// peak long after it.
-async fn give_back_memory() {
-    let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        every.tick().await;
-        // It walks the heap under the arena lock: not on a worker.
-        #[cfg(target_env = "gnu")]
-        let _ = tokio::task::spawn_blocking(|| {
-            // SAFETY: malloc_trim only releases free memory of glibc's arenas.
-            unsafe { libc::malloc_trim(0) }
-        })
-        .await;
-    }
 }
 
 /// Pods captured one way cannot be taken back the other way (the old

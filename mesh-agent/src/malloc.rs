@@ -2,7 +2,7 @@
 //!
 //! One arena for all threads: per-thread arenas keep what a burst freed
 //! (HTTP/2 windows, copy buffers) and rarely give it back; with one arena
-//! the agent's periodic `malloc_trim` returns it. Measured with `cargo
+//! the periodic `malloc_trim` of [`give_back`] returns it. Measured with `cargo
 //! xtask bench`: the RSS after 1,000 req/s fell from 32 to 15 MiB, and
 //! throughput did not drop.
 //!
@@ -13,7 +13,7 @@
 //! heap's end down and up again thousands of times a second, every page
 //! taken again faulted in and zeroed by the kernel (190,000 page faults in
 //! 4 s of one stream between two pods of a node; 1,100 tuned). It
-//! is kept up to [`TRIM_THRESHOLD`] and given back by the periodic trim
+//! is kept up to [`TRIM_THRESHOLD`] and given back by [`give_back`]
 //! instead; buffers up to [`MMAP_THRESHOLD`] come from the heap (a fixed
 //! trim threshold stops glibc from raising the mmap one, whose default,
 //! 128 KiB, would map and unmap every larger buffer).
@@ -36,6 +36,28 @@ pub fn tune() {
         // mallopt answers 1 for a value it took. (The calls are made
         // above, not in the assertion: a release build leaves that out.)
         debug_assert_eq!(took, [1; 3]);
+    }
+}
+
+/// How often [`give_back`] trims the heap.
+const GIVE_BACK_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Returns the heap that bursts left free to the system every
+/// [`GIVE_BACK_EVERY`]; glibc otherwise keeps what is free inside the
+/// heap, and up to [`TRIM_THRESHOLD`] at its end, and the resident set
+/// stays at the burst's peak long after it.
+pub async fn give_back() {
+    let mut every = tokio::time::interval(GIVE_BACK_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        // It walks the heap under the arena lock: not on a worker.
+        #[cfg(target_env = "gnu")]
+        let _ = tokio::task::spawn_blocking(|| {
+            // SAFETY: malloc_trim only releases free memory of glibc's arenas.
+            unsafe { libc::malloc_trim(0) }
+        })
+        .await;
     }
 }
 

@@ -243,7 +243,7 @@ pub async fn run(args: WaypointArgs, mode: Mode) -> anyhow::Result<()> {
         }
     }
     tokio::spawn(prepare_certificate(ctx.clone()));
-    tokio::spawn(crate::give_back_memory());
+    tokio::spawn(crate::malloc::give_back());
     info!("waypoint serving");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
