@@ -2,6 +2,7 @@
 //! `Service`: defaults filled in, addresses parsed, ambient capture decided.
 
 use std::{
+    borrow::Cow,
     collections::{BTreeMap, HashMap, HashSet},
     net::IpAddr,
     sync::{Arc, Mutex},
@@ -30,6 +31,11 @@ pub const REDIRECTION_ANNOTATION: &str = "ambient.istio.io/redirection";
 /// Set by Istio's sidecar injector: such a pod has its own proxy and is
 /// never captured by an ambient node agent.
 const SIDECAR_STATUS: &str = "sidecar.istio.io/status";
+
+/// Every annotation [`workload`] reads: the fast read of a Pod
+/// ([`super::pod_parse`]) keeps only these.
+pub(super) const ANNOTATIONS_READ: [&str; 3] =
+    [NETNS_ANNOTATION, REDIRECTION_ANNOTATION, SIDECAR_STATUS];
 
 /// `app.kubernetes.io/name` of the agent's own pods (`deploy/`: the node
 /// agents and the CA), which are never captured, whatever their
@@ -131,7 +137,7 @@ impl Shared {
 }
 
 impl StoredPod {
-    pub fn new(pod: &Pod) -> StoredPod {
+    pub fn new(pod: Pod) -> StoredPod {
         let mut warnings = Vec::new();
         let built = workload(pod, |_| None, &mut warnings);
         StoredPod {
@@ -188,23 +194,28 @@ pub(super) fn workloads(
 }
 
 fn workload<'a>(
-    pod: &Pod,
+    pod: Pod,
     ns_labels: impl Fn(&str) -> Option<&'a BTreeMap<String, String>>,
     warnings: &mut Vec<ConfigWarning>,
 ) -> Option<PodWorkload> {
-    let status = pod.status.as_ref();
+    // Taken apart: what the workload keeps is moved out, not copied.
+    let Pod {
+        metadata: mut meta,
+        spec,
+        status,
+    } = pod;
+    let status = status.as_ref();
     if matches!(
         status.and_then(|s| s.phase.as_deref()),
         Some("Succeeded" | "Failed")
     ) {
         return None;
     }
-    let meta = &pod.metadata;
-    let name = meta.name.clone().unwrap_or_default();
-    let namespace = meta.namespace.clone().unwrap_or_else(|| "default".into());
-    let object = format!("Pod {namespace}/{name}");
-    let spec = pod.spec.as_ref();
-    let labels = meta.labels.clone().unwrap_or_default();
+    let name = meta.name.take().unwrap_or_default();
+    let namespace = meta.namespace.take().unwrap_or_else(|| "default".into());
+    let object = || format!("Pod {namespace}/{name}");
+    let spec = spec.as_ref();
+    let labels = meta.labels.take().unwrap_or_default();
 
     let mut ports = BTreeMap::new();
     let container_ports = spec
@@ -218,7 +229,7 @@ fn workload<'a>(
                 ports.insert(port_name.clone(), n);
             }
             None => warnings.push(ConfigWarning {
-                object: object.clone(),
+                object: object(),
                 kind: "parse_error",
                 message: format!(
                     "container port {port_name} is {}, not a port number; ignored",
@@ -240,8 +251,12 @@ fn workload<'a>(
     let exempt = host_network || sidecar || own;
     let captured = !exempt && captured(&labels, ns_labels(&namespace));
     let redirected = annotation(REDIRECTION_ANNOTATION).is_some_and(|v| v == "enabled");
+    let netns = annotation(NETNS_ANNOTATION)
+        .filter(|path| !path.is_empty())
+        .map(std::path::PathBuf::from);
+    let ips = pod_ips(status, object, warnings);
     let workload = Workload {
-        ips: pod_ips(status, &object, warnings),
+        ips,
         service_account: Shared::share_str(
             spec.and_then(|s| s.service_account_name.as_deref())
                 .filter(|sa| !sa.is_empty())
@@ -251,8 +266,8 @@ fn workload<'a>(
             spec.and_then(|s| s.node_name.as_deref())
                 .unwrap_or_default(),
         ),
-        owner: owner_workload(meta, &labels).map(|o| Shared::share_str(&o)),
-        owner_kind: owner_kind(meta, &labels).map(|k| Shared::share_str(&k)),
+        owner: owner_workload(&meta, &labels).map(Shared::share_str),
+        owner_kind: owner_kind(&meta, &labels).map(|k| Shared::share_str(&k)),
         namespace: Shared::share_str(&namespace),
         name,
         labels: Shared::share(|s| &mut s.labels, labels),
@@ -261,13 +276,8 @@ fn workload<'a>(
         redirected,
         // Decided with the store's options, when it is indexed.
         hbone: false,
-        uid: meta.uid.clone().unwrap_or_default(),
-        netns: meta
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(NETNS_ANNOTATION))
-            .filter(|path| !path.is_empty())
-            .map(std::path::PathBuf::from),
+        uid: meta.uid.take().unwrap_or_default(),
+        netns,
     };
     Some(PodWorkload {
         workload: Arc::new(workload),
@@ -291,7 +301,10 @@ fn controller(
         .find(|r| r.controller == Some(true))
 }
 
-fn owner_workload(meta: &ObjectMeta, labels: &BTreeMap<String, String>) -> Option<String> {
+fn owner_workload<'a>(
+    meta: &'a ObjectMeta,
+    labels: &'a BTreeMap<String, String>,
+) -> Option<&'a str> {
     let owner = controller(meta)?;
     let name = owner.name.as_str();
     let trimmed = match owner.kind.as_str() {
@@ -309,19 +322,19 @@ fn owner_workload(meta: &ObjectMeta, labels: &BTreeMap<String, String>) -> Optio
         },
         _ => name,
     };
-    (!trimmed.is_empty()).then(|| trimmed.to_owned())
+    (!trimmed.is_empty()).then_some(trimmed)
 }
 
 /// The kind of [`owner_workload`], in lower case: a ReplicaSet whose name
 /// carries the pod-template hash is a Deployment's, a Job whose name
 /// carries a CronJob's schedule suffix is a CronJob's.
-fn owner_kind(meta: &ObjectMeta, labels: &BTreeMap<String, String>) -> Option<String> {
+fn owner_kind(meta: &ObjectMeta, labels: &BTreeMap<String, String>) -> Option<Cow<'static, str>> {
     let owner = controller(meta)?;
     let trimmed = owner_workload(meta, labels)? != owner.name;
     Some(match (owner.kind.as_str(), trimmed) {
-        ("ReplicaSet", true) => "deployment".to_owned(),
-        ("Job", true) => "cronjob".to_owned(),
-        (kind, _) => kind.to_ascii_lowercase(),
+        ("ReplicaSet", true) => Cow::Borrowed("deployment"),
+        ("Job", true) => Cow::Borrowed("cronjob"),
+        (kind, _) => Cow::Owned(kind.to_ascii_lowercase()),
     })
 }
 
@@ -340,28 +353,23 @@ fn captured(pod: &BTreeMap<String, String>, namespace: Option<&BTreeMap<String, 
 /// `status.podIPs`, else `status.podIP`; none while the pod is pending.
 fn pod_ips(
     status: Option<&PodStatus>,
-    object: &str,
+    object: impl Fn() -> String,
     warnings: &mut Vec<ConfigWarning>,
 ) -> Vec<IpAddr> {
     let Some(status) = status else {
         return Vec::new();
     };
-    let mut raw: Vec<&str> = status
-        .pod_ips
-        .iter()
-        .flatten()
-        .map(|p| p.ip.as_str())
-        .collect();
-    if raw.is_empty() {
-        raw.extend(status.pod_ip.as_deref());
-    }
-    let mut ips = Vec::new();
-    for text in raw.into_iter().filter(|t| !t.is_empty()) {
+    let listed = status.pod_ips.as_deref().unwrap_or_default();
+    // `podIP` only when `podIPs` lists none.
+    let single = status.pod_ip.as_deref().filter(|_| listed.is_empty());
+    let raw = listed.iter().map(|p| p.ip.as_str()).chain(single);
+    let mut ips = Vec::with_capacity(listed.len().max(1));
+    for text in raw.filter(|t| !t.is_empty()) {
         match text.parse::<IpAddr>() {
             Ok(ip) if !ips.contains(&ip.to_canonical()) => ips.push(ip.to_canonical()),
             Ok(_) => {}
             Err(e) => warnings.push(ConfigWarning {
-                object: object.to_owned(),
+                object: object(),
                 kind: "parse_error",
                 message: format!("pod IP {text:?}: {e}; ignored"),
             }),
@@ -724,9 +732,9 @@ status:
     #[test]
     fn a_stored_pod_gives_the_same_workload_as_the_full_pod() {
         let full: Pod = serde_yaml::from_str(FULL_POD).unwrap();
-        let stored = StoredPod::new(&full);
+        let stored = StoredPod::new(full.clone());
         let mut w1 = Vec::new();
-        let a = workload(&full, |_| None, &mut w1).unwrap();
+        let a = workload(full, |_| None, &mut w1).unwrap();
         let b = stored.workload.as_ref().unwrap().lock().unwrap().clone();
         assert_eq!(*a.workload, *b);
         assert_eq!(a.host_network, stored.host_network);
@@ -806,7 +814,7 @@ status:
     fn the_workload_is_the_controller_istio_names() {
         let owned = |kind: &str, name: &str, hash: Option<&str>| {
             let (meta, labels) = controlled_by(kind, name, hash);
-            owner_workload(&meta, &labels)
+            owner_workload(&meta, &labels).map(str::to_owned)
         };
         assert_eq!(
             owned("ReplicaSet", "reviews-v1-5f7d9c6b8", Some("5f7d9c6b8")).as_deref(),

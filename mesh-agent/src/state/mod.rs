@@ -46,7 +46,7 @@ mod tests;
 mod waypoint_tests;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, hash_map::Entry},
     net::{IpAddr, SocketAddr},
     sync::Arc,
 };
@@ -593,31 +593,37 @@ impl Store {
     }
 
     fn index_workloads(&mut self, pods: Vec<k8s::PodWorkload>, warnings: &mut Vec<ConfigWarning>) {
+        self.by_ip.reserve(pods.len());
+        let mut named = Vec::with_capacity(pods.len());
         for pod in pods {
             let wl = pod.workload;
             // A host-network pod's address is its node's: finding the pod by
             // it would misattribute everything the node sends.
             if !pod.host_network {
                 for ip in &wl.ips {
-                    match self.by_ip.get(ip) {
-                        Some(first) => warnings.push(ConfigWarning {
+                    match self.by_ip.entry(*ip) {
+                        Entry::Occupied(first) => warnings.push(ConfigWarning {
                             object: format!("Pod {}/{}", wl.namespace, wl.name),
                             kind: "conflict",
                             message: format!(
                                 "IP {ip} is also the address of Pod {}/{}, which lookups \
                                  by this IP find",
-                                first.namespace, first.name
+                                first.get().namespace,
+                                first.get().name
                             ),
                         }),
-                        None => {
-                            self.by_ip.insert(*ip, wl.clone());
+                        Entry::Vacant(free) => {
+                            free.insert(wl.clone());
                         }
                     }
                 }
             }
-            self.workloads
-                .insert((wl.namespace.to_string(), wl.name.clone()), wl);
+            named.push(((wl.namespace.to_string(), wl.name.clone()), wl));
         }
+        // The pods come in namespace/name order: the map is built from
+        // them at once, not key by key (it is built only here, from none).
+        debug_assert!(self.workloads.is_empty());
+        self.workloads = named.into_iter().collect();
     }
 
     fn index_services(&mut self, services: Vec<Service>) {

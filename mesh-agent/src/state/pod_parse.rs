@@ -9,8 +9,21 @@
 //! Only for a document that reads whole this way: any error (a field of the
 //! wrong type, a duplicate key, a syntax error) sends the document down the
 //! general way, which names the field and the line as before.
+//!
+//! What [`super::k8s`] does not read is checked the same (a string where
+//! the Pod has one) but not copied: the annotations besides those it reads
+//! ([`super::k8s::ANNOTATIONS_READ`]), a container's name, an owner's
+//! `apiVersion` and `uid`, a port's `protocol` and `hostIP`; the Pod built
+//! has them empty. With 30,000 pods each string copied and freed costs
+//! start-up time twice over: the parse threads share glibc's one arena
+//! ([`crate::malloc`]), and each takes its lock.
 
-use std::{collections::BTreeMap, fmt};
+use std::{
+    borrow::Cow,
+    collections::BTreeMap,
+    fmt,
+    hash::{Hash as _, Hasher as _},
+};
 
 use k8s_openapi::{
     api::core::v1::{Container, ContainerPort, Pod, PodIP, PodSpec, PodStatus},
@@ -65,8 +78,131 @@ fn text(s: Option<Str>) -> Option<String> {
     s.map(|s| s.0)
 }
 
-fn map(m: Option<BTreeMap<Str, Str>>) -> Option<BTreeMap<String, String>> {
-    m.map(|m| m.into_iter().map(|(k, v)| (k.0, v.0)).collect())
+/// A string checked as [`Str`] checks one, and not kept.
+struct SkippedStr;
+
+impl<'de> Deserialize<'de> for SkippedStr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<SkippedStr, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = SkippedStr;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<SkippedStr, E> {
+                Ok(SkippedStr)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A map's key, read as [`Str`] reads one.
+enum MapKey {
+    /// Kept: `keep` accepts it.
+    Kept(String),
+    /// Not kept: only its hash, to notice it given twice.
+    Skipped(u64),
+}
+
+/// Reads a [`MapKey`], kept if `keep` says so.
+struct KeySeed(fn(&str) -> bool);
+
+impl<'de> de::DeserializeSeed<'de> for KeySeed {
+    type Value = MapKey;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<MapKey, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl Visitor<'_> for KeySeed {
+    type Value = MapKey;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a string")
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<MapKey, E> {
+        Ok(if (self.0)(v) {
+            MapKey::Kept(v.to_owned())
+        } else {
+            let mut hasher = std::hash::DefaultHasher::new();
+            v.hash(&mut hasher);
+            MapKey::Skipped(hasher.finish())
+        })
+    }
+}
+
+/// A map of strings to strings, every key and value checked as
+/// `BTreeMap<Str, Str>` checks them, with only the entries whose key
+/// `keep` accepts. A key given twice is an error, as the general way
+/// (a YAML value tree) has it; one not kept is known by its hash, so two
+/// keys of one hash read as the same (an error, and the general way
+/// decides).
+fn string_map<'de, A: MapAccess<'de>>(
+    mut access: A,
+    keep: fn(&str) -> bool,
+) -> Result<BTreeMap<String, String>, A::Error> {
+    let mut map = BTreeMap::new();
+    let mut skipped = Vec::new();
+    let duplicate = || de::Error::custom("duplicate key");
+    while let Some(key) = access.next_key_seed(KeySeed(keep))? {
+        match key {
+            MapKey::Kept(key) => {
+                if map.insert(key, access.next_value::<Str>()?.0).is_some() {
+                    return Err(duplicate());
+                }
+            }
+            MapKey::Skipped(hash) => {
+                if skipped.contains(&hash) {
+                    return Err(duplicate());
+                }
+                skipped.push(hash);
+                access.next_value::<SkippedStr>()?;
+            }
+        }
+    }
+    Ok(map)
+}
+
+/// A Visitor of a [`string_map`].
+struct StringMap(fn(&str) -> bool);
+
+impl<'de> Visitor<'de> for StringMap {
+    type Value = BTreeMap<String, String>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a map")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, access: A) -> Result<Self::Value, A::Error> {
+        string_map(access, self.0)
+    }
+}
+
+/// A pod's labels, every one.
+struct Labels(BTreeMap<String, String>);
+
+impl<'de> Deserialize<'de> for Labels {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Labels, D::Error> {
+        d.deserialize_map(StringMap(|_| true)).map(Labels)
+    }
+}
+
+/// A pod's annotations: only those the agent reads
+/// ([`super::k8s::ANNOTATIONS_READ`]) are kept. A pod carries many that
+/// it does not (tools' notes, scrape settings), each a string to copy and
+/// free.
+struct Annotations(BTreeMap<String, String>);
+
+impl<'de> Deserialize<'de> for Annotations {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Annotations, D::Error> {
+        d.deserialize_map(StringMap(|key| super::k8s::ANNOTATIONS_READ.contains(&key)))
+            .map(Annotations)
+    }
 }
 
 impl PartialEq for Str {
@@ -96,9 +232,9 @@ struct Meta {
     #[serde(default)]
     uid: Option<Str>,
     #[serde(default)]
-    labels: Option<BTreeMap<Str, Str>>,
+    labels: Option<Labels>,
     #[serde(default)]
-    annotations: Option<BTreeMap<Str, Str>>,
+    annotations: Option<Annotations>,
     #[serde(default)]
     owner_references: Option<Vec<Owner>>,
 }
@@ -107,13 +243,21 @@ struct Meta {
 #[serde(rename_all = "camelCase")]
 struct Owner {
     #[serde(default)]
-    api_version: Option<Str>,
+    #[allow(
+        dead_code,
+        reason = "checked to be a string, not kept: nothing reads it"
+    )]
+    api_version: Option<SkippedStr>,
     #[serde(default)]
     kind: Option<Str>,
     #[serde(default)]
     name: Option<Str>,
     #[serde(default)]
-    uid: Option<Str>,
+    #[allow(
+        dead_code,
+        reason = "checked to be a string, not kept: nothing reads it"
+    )]
+    uid: Option<SkippedStr>,
     #[serde(default)]
     controller: Option<bool>,
     #[serde(default)]
@@ -136,7 +280,11 @@ struct Spec {
 #[derive(Deserialize)]
 struct ContainerLite {
     #[serde(default)]
-    name: Option<Str>,
+    #[allow(
+        dead_code,
+        reason = "checked to be a string, not kept: nothing reads it"
+    )]
+    name: Option<SkippedStr>,
     #[serde(default)]
     ports: Option<Vec<Port>>,
 }
@@ -148,12 +296,20 @@ struct Port {
     name: Option<Str>,
     #[serde(default)]
     container_port: Option<i32>,
-    #[serde(default)]
-    host_ip: Option<Str>,
+    #[serde(default, rename = "hostIP")]
+    #[allow(
+        dead_code,
+        reason = "checked to be a string, not kept: nothing reads it"
+    )]
+    host_ip: Option<SkippedStr>,
     #[serde(default)]
     host_port: Option<i32>,
     #[serde(default)]
-    protocol: Option<Str>,
+    #[allow(
+        dead_code,
+        reason = "checked to be a string, not kept: nothing reads it"
+    )]
+    protocol: Option<SkippedStr>,
 }
 
 #[derive(Deserialize)]
@@ -179,16 +335,16 @@ impl From<Meta> for ObjectMeta {
             name: text(m.name),
             namespace: text(m.namespace),
             uid: text(m.uid),
-            labels: map(m.labels),
-            annotations: map(m.annotations),
+            labels: m.labels.map(|l| l.0),
+            annotations: m.annotations.map(|a| a.0),
             owner_references: m.owner_references.map(|owners| {
                 owners
                     .into_iter()
                     .map(|o| OwnerReference {
-                        api_version: text(o.api_version).unwrap_or_default(),
+                        api_version: String::new(),
                         kind: text(o.kind).unwrap_or_default(),
                         name: text(o.name).unwrap_or_default(),
-                        uid: text(o.uid).unwrap_or_default(),
+                        uid: String::new(),
                         controller: o.controller,
                         block_owner_deletion: o.block_owner_deletion,
                     })
@@ -210,16 +366,16 @@ impl From<Spec> for PodSpec {
                 .unwrap_or_default()
                 .into_iter()
                 .map(|c| Container {
-                    name: text(c.name).unwrap_or_default(),
+                    name: String::new(),
                     ports: c.ports.map(|ports| {
                         ports
                             .into_iter()
                             .map(|p| ContainerPort {
                                 name: text(p.name),
                                 container_port: p.container_port.unwrap_or_default(),
-                                host_ip: text(p.host_ip),
+                                host_ip: None,
                                 host_port: p.host_port,
-                                protocol: text(p.protocol),
+                                protocol: None,
                             })
                             .collect()
                     }),
@@ -245,6 +401,34 @@ impl From<Status> for PodStatus {
             }),
             ..PodStatus::default()
         }
+    }
+}
+
+/// A key of the object's top level: the three parts a Pod is read by
+/// are not copied. A key that is not a string (YAML allows one) is an
+/// error here: such a document is read the general way.
+struct TopKey(Cow<'static, str>);
+
+impl<'de> Deserialize<'de> for TopKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<TopKey, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = TopKey;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<TopKey, E> {
+                Ok(TopKey(match v {
+                    "metadata" => Cow::Borrowed("metadata"),
+                    "spec" => Cow::Borrowed("spec"),
+                    "status" => Cow::Borrowed("status"),
+                    _ => Cow::Owned(v.to_owned()),
+                }))
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 
@@ -288,25 +472,27 @@ impl<'de> Deserialize<'de> for Probe {
                     map.get("apiVersion").and_then(Value::as_str) == Some("v1")
                         && map.get("kind").and_then(Value::as_str) == Some("Pod")
                 };
-                while let Some(key) = access.next_key::<Value>()? {
-                    let pod = is_pod(&map);
+                // Whether `apiVersion` and `kind`, as read so far, say Pod.
+                let mut pod = false;
+                while let Some(TopKey(key)) = access.next_key::<TopKey>()? {
                     let duplicate = || de::Error::custom("duplicate key");
-                    match key.as_str() {
-                        Some("metadata") if pod && meta.is_none() => {
+                    match &*key {
+                        "metadata" if pod && meta.is_none() => {
                             meta = Some(access.next_value::<Option<Meta>>()?);
                         }
-                        Some("spec") if pod && spec.is_none() => {
+                        "spec" if pod && spec.is_none() => {
                             spec = Some(access.next_value::<Option<Spec>>()?);
                         }
-                        Some("status") if pod && status.is_none() => {
+                        "status" if pod && status.is_none() => {
                             status = Some(access.next_value::<Option<Status>>()?);
                         }
-                        Some("metadata" | "spec" | "status") if pod => return Err(duplicate()),
+                        "metadata" | "spec" | "status" if pod => return Err(duplicate()),
                         _ => {
                             let value: Value = access.next_value()?;
-                            if map.insert(key, value).is_some() {
+                            if map.insert(Value::String(key.into_owned()), value).is_some() {
                                 return Err(duplicate());
                             }
+                            pod = is_pod(&map);
                         }
                     }
                 }
@@ -432,9 +618,46 @@ status:
              spec: {containers: [{name: c, ports: [{name: p, containerPort: \"80\"}]}]}\n",
             "apiVersion: v1\nkind: Pod\nmetadata: {name: i}\nstatus: {podIPs: [{ip: 1}]}\n",
             "apiVersion: v1\nkind: Pod\nmetadata: {name: q, labels: {a: \"1\", b: \"\"}}\n",
+            // Fields it does not keep are checked all the same.
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: n, annotations: {note: 1}}\n",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: n, annotations: {1: note}}\n",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: n, annotations: {a: b, \
+             sidecar.istio.io/status: x, ambient.istio.io/redirection: enabled}}\n",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: o, ownerReferences: \
+             [{apiVersion: 1, kind: ReplicaSet, name: r, uid: u, controller: true}]}\n",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: o, ownerReferences: \
+             [{apiVersion: v1, kind: Job, name: j, uid: [u], controller: true}]}\n",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: c}\n\
+             spec: {containers: [{name: c, ports: [{name: p, containerPort: 80, protocol: 6}]}]}\n",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: c}\n\
+             spec: {containers: [{name: c, ports: [{name: p, containerPort: 80, hostIP: {}}]}]}\n",
+            // A key that is not a string, at the top.
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: t}\n1: x\n",
         ] {
             let (fast, general) = both_ways(pod);
             assert_eq!(fast, general, "{pod}");
+        }
+    }
+
+    /// A key given twice in a pod's labels or annotations (kept or not) is
+    /// refused, as the general way refuses it, naming the key and the line.
+    #[test]
+    fn a_key_given_twice_in_labels_or_annotations_is_refused() {
+        for (field, key) in [("labels", "app"), ("annotations", "note")] {
+            let text = format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: n, namespace: x, \
+                 {field}: {{{key}: a, {key}: b}}}}\n"
+            );
+            let doc = Document::parse_text("t.yaml", &text);
+            assert_eq!(doc.keys().count(), 0, "{text}");
+            let warnings = doc.warnings();
+            assert_eq!(warnings.len(), 1, "{warnings:?}");
+            let message = &warnings[0].message;
+            assert!(
+                message.contains(&format!("duplicate entry with key \"{key}\"")),
+                "{message}"
+            );
+            assert!(message.contains("line 3"), "{message}");
         }
     }
 

@@ -587,7 +587,7 @@ impl Document {
                 .unwrap_or_else(|| "default".to_owned()),
             name,
         };
-        let stored = super::k8s::StoredPod::new(&pod);
+        let stored = super::k8s::StoredPod::new(pod);
         self.entries.push((key, Typed::Pod(Arc::new(stored))));
     }
 
@@ -650,7 +650,8 @@ impl Document {
             .and_then(|v| serde_yaml::from_value::<WorkloadSelector>(v.clone()).ok());
         let result = match kind {
             "Namespace" => typed(at, value).map(Typed::Namespace),
-            "Pod" => typed::<Pod>(at, value).map(|pod| Typed::Pod(Arc::new(StoredPod::new(&pod)))),
+            "Pod" => typed::<Pod>(at, value)
+                .map(|pod| Typed::Pod(Arc::new(StoredPod::new(Arc::unwrap_or_clone(pod))))),
             "Service" => typed(at, value).map(Typed::Service),
             "EndpointSlice" => typed(at, value).map(Typed::EndpointSlice),
             "ServiceAccount" => typed(at, value).map(Typed::ServiceAccount),
