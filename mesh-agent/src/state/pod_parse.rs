@@ -404,10 +404,70 @@ impl From<Status> for PodStatus {
     }
 }
 
-/// A key of the object's top level: the three parts a Pod is read by
-/// are not copied. A key that is not a string (YAML allows one) is an
-/// error here: such a document is read the general way.
+/// A key of the object's top level: those a Pod is read by are not
+/// copied. A key that is not a string (YAML allows one) is an error
+/// here: such a document is read the general way.
 struct TopKey(Cow<'static, str>);
+
+/// The value of `apiVersion` or `kind`: a Pod's are not copied. One that
+/// is not a string is an error here (the general way says what is wrong).
+struct Tag(Cow<'static, str>);
+
+impl<'de> Deserialize<'de> for Tag {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Tag, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Tag;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Tag, E> {
+                Ok(Tag(match v {
+                    "v1" => Cow::Borrowed("v1"),
+                    "Pod" => Cow::Borrowed("Pod"),
+                    _ => Cow::Owned(v.to_owned()),
+                }))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// `apiVersion` or `kind` as read: how many other entries of the object
+/// came before it (where it goes back, for the general way), how many
+/// keys were read before it, and its value.
+type Seen = Option<(usize, usize, Cow<'static, str>)>;
+
+/// The object's other entries with `apiVersion` and `kind` put back where
+/// they came.
+fn with_tags(map: Mapping, tags: [(&'static str, Seen); 2]) -> Mapping {
+    let mut tags: Vec<_> = tags
+        .into_iter()
+        .filter_map(|(key, seen)| seen.map(|(at, read, value)| (at, read, key, value)))
+        .collect();
+    tags.sort_by_key(|&(_, read, ..)| read);
+    let mut tags = tags
+        .into_iter()
+        .map(|(at, _, key, value)| (at, key, value))
+        .peekable();
+    let mut out = Mapping::with_capacity(map.len() + 2);
+    let put = |out: &mut Mapping, key: &str, value: Cow<'static, str>| {
+        out.insert(
+            Value::String(key.to_owned()),
+            Value::String(value.into_owned()),
+        );
+    };
+    for (i, (key, value)) in map.into_iter().enumerate() {
+        while let Some((_, tag, v)) = tags.next_if(|(at, ..)| *at == i) {
+            put(&mut out, tag, v);
+        }
+        out.insert(key, value);
+    }
+    tags.for_each(|(_, tag, v)| put(&mut out, tag, v));
+    out
+}
 
 impl<'de> Deserialize<'de> for TopKey {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<TopKey, D::Error> {
@@ -424,6 +484,8 @@ impl<'de> Deserialize<'de> for TopKey {
                     "metadata" => Cow::Borrowed("metadata"),
                     "spec" => Cow::Borrowed("spec"),
                     "status" => Cow::Borrowed("status"),
+                    "apiVersion" => Cow::Borrowed("apiVersion"),
+                    "kind" => Cow::Borrowed("kind"),
                     _ => Cow::Owned(v.to_owned()),
                 }))
             }
@@ -468,13 +530,13 @@ impl<'de> Deserialize<'de> for Probe {
             fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Probe, A::Error> {
                 let mut map = Mapping::new();
                 let (mut meta, mut spec, mut status) = (None, None, None);
-                let is_pod = |map: &Mapping| {
-                    map.get("apiVersion").and_then(Value::as_str) == Some("v1")
-                        && map.get("kind").and_then(Value::as_str) == Some("Pod")
-                };
+                let (mut api_version, mut kind): (Seen, Seen) = (None, None);
                 // Whether `apiVersion` and `kind`, as read so far, say Pod.
                 let mut pod = false;
-                while let Some(TopKey(key)) = access.next_key::<TopKey>()? {
+                for read in 0.. {
+                    let Some(TopKey(key)) = access.next_key::<TopKey>()? else {
+                        break;
+                    };
                     let duplicate = || de::Error::custom("duplicate key");
                     match &*key {
                         "metadata" if pod && meta.is_none() => {
@@ -487,21 +549,35 @@ impl<'de> Deserialize<'de> for Probe {
                             status = Some(access.next_value::<Option<Status>>()?);
                         }
                         "metadata" | "spec" | "status" if pod => return Err(duplicate()),
+                        "apiVersion" | "kind" => {
+                            let seen = if key == "kind" {
+                                &mut kind
+                            } else {
+                                &mut api_version
+                            };
+                            if seen.is_some() {
+                                return Err(duplicate());
+                            }
+                            *seen = Some((map.len(), read, access.next_value::<Tag>()?.0));
+                            let is =
+                                |seen: &Seen, want| seen.as_ref().is_some_and(|(.., v)| v == want);
+                            pod = is(&api_version, "v1") && is(&kind, "Pod");
+                        }
                         _ => {
                             let value: Value = access.next_value()?;
                             if map.insert(Value::String(key.into_owned()), value).is_some() {
                                 return Err(duplicate());
                             }
-                            pod = is_pod(&map);
                         }
                     }
                 }
-                if !is_pod(&map) {
+                if !pod {
                     if meta.is_some() || spec.is_some() || status.is_some() {
                         // apiVersion or kind changed after: the general way
                         // says what is wrong.
                         return Err(de::Error::custom("not a Pod after all"));
                     }
+                    let map = with_tags(map, [("apiVersion", api_version), ("kind", kind)]);
                     return Ok(Probe::Other(Value::Mapping(map)));
                 }
                 let meta = part::<Meta, A::Error>(meta, &mut map, "metadata")?;
@@ -636,6 +712,33 @@ status:
         ] {
             let (fast, general) = both_ways(pod);
             assert_eq!(fast, general, "{pod}");
+        }
+    }
+
+    /// An object that is not a Pod is handed on whole, its keys in the
+    /// order written (`apiVersion` and `kind`, read apart, put back), as
+    /// the general way reads it.
+    #[test]
+    fn an_object_not_a_pod_keeps_its_keys_in_order() {
+        use serde::Deserialize as _;
+        for text in [
+            "apiVersion: v1\nkind: Service\nmetadata: {name: s}\n",
+            "kind: Service\napiVersion: v1\nmetadata: {name: s}\n",
+            "metadata: {name: s}\napiVersion: v1\nspec: {}\nkind: Service\n",
+            "metadata: {name: s}\nspec: {}\nkind: Service\n",
+            "a: 1\nkind: Service\napiVersion: v1\nb: 2\n",
+            "apiVersion: apps/v1\nkind: Pod\nmetadata: {name: p}\n",
+        ] {
+            let de = serde_yaml::Deserializer::from_str(text);
+            let Ok(super::Probe::Other(read)) = super::Probe::deserialize(de) else {
+                panic!("{text}: not handed on");
+            };
+            let general: serde_yaml::Value = serde_yaml::from_str(text).unwrap();
+            assert_eq!(read, general, "{text}");
+            let keys = |v: &serde_yaml::Value| -> Vec<serde_yaml::Value> {
+                v.as_mapping().unwrap().keys().cloned().collect()
+            };
+            assert_eq!(keys(&read), keys(&general), "{text}");
         }
     }
 
