@@ -242,7 +242,11 @@ fn workload<'a>(
     let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
     // Capturing a host-network pod would capture its whole node; Istio's CNI
     // never does, whatever the labels say.
-    let annotation = |key: &str| meta.annotations.as_ref().and_then(|a| a.get(key));
+    let annotation = |key: &str| {
+        // The fast read of a Pod keeps no other.
+        debug_assert!(ANNOTATIONS_READ.contains(&key), "{key}");
+        meta.annotations.as_ref().and_then(|a| a.get(key))
+    };
     // A sidecar pod has its own proxy; the agent's own pods carry the mesh.
     let sidecar = annotation(SIDECAR_STATUS).is_some();
     let own = labels

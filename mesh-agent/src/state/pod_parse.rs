@@ -409,6 +409,31 @@ impl From<Status> for PodStatus {
 /// here: such a document is read the general way.
 struct TopKey(Cow<'static, str>);
 
+impl<'de> Deserialize<'de> for TopKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<TopKey, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = TopKey;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<TopKey, E> {
+                Ok(TopKey(match v {
+                    "metadata" => Cow::Borrowed("metadata"),
+                    "spec" => Cow::Borrowed("spec"),
+                    "status" => Cow::Borrowed("status"),
+                    "apiVersion" => Cow::Borrowed("apiVersion"),
+                    "kind" => Cow::Borrowed("kind"),
+                    _ => Cow::Owned(v.to_owned()),
+                }))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 /// The value of `apiVersion` or `kind`: a Pod's are not copied. One that
 /// is not a string is an error here (the general way says what is wrong).
 struct Tag(Cow<'static, str>);
@@ -467,31 +492,6 @@ fn with_tags(map: Mapping, tags: [(&'static str, Seen); 2]) -> Mapping {
     }
     tags.for_each(|(_, tag, v)| put(&mut out, tag, v));
     out
-}
-
-impl<'de> Deserialize<'de> for TopKey {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<TopKey, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = TopKey;
-
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a string")
-            }
-
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<TopKey, E> {
-                Ok(TopKey(match v {
-                    "metadata" => Cow::Borrowed("metadata"),
-                    "spec" => Cow::Borrowed("spec"),
-                    "status" => Cow::Borrowed("status"),
-                    "apiVersion" => Cow::Borrowed("apiVersion"),
-                    "kind" => Cow::Borrowed("kind"),
-                    _ => Cow::Owned(v.to_owned()),
-                }))
-            }
-        }
-        d.deserialize_any(V)
-    }
 }
 
 /// A part read before `apiVersion` and `kind` said what the object is: kept
