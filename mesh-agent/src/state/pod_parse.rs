@@ -404,59 +404,38 @@ impl From<Status> for PodStatus {
     }
 }
 
-/// A key of the object's top level: those a Pod is read by are not
-/// copied. A key that is not a string (YAML allows one) is an error
-/// here: such a document is read the general way.
-struct TopKey(Cow<'static, str>);
+/// A string read as [`Str`] reads one; one of `known` is not copied. For
+/// the object's top-level keys (those a Pod is read by) and the values of
+/// `apiVersion` and `kind` (a Pod's). Anything but a string is an error
+/// here (YAML allows a key that is not one): such a document is read the
+/// general way, which says what is wrong.
+struct Known(&'static [&'static str]);
 
-impl<'de> Deserialize<'de> for TopKey {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<TopKey, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = TopKey;
+/// The keys a Pod is read by.
+const TOP_KEYS: Known = Known(&["apiVersion", "kind", "metadata", "spec", "status"]);
+/// A Pod's `apiVersion` and `kind`.
+const POD_TAGS: Known = Known(&["v1", "Pod"]);
 
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a string")
-            }
+impl<'de> de::DeserializeSeed<'de> for Known {
+    type Value = Cow<'static, str>;
 
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<TopKey, E> {
-                Ok(TopKey(match v {
-                    "metadata" => Cow::Borrowed("metadata"),
-                    "spec" => Cow::Borrowed("spec"),
-                    "status" => Cow::Borrowed("status"),
-                    "apiVersion" => Cow::Borrowed("apiVersion"),
-                    "kind" => Cow::Borrowed("kind"),
-                    _ => Cow::Owned(v.to_owned()),
-                }))
-            }
-        }
-        d.deserialize_any(V)
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Cow<'static, str>, D::Error> {
+        d.deserialize_any(self)
     }
 }
 
-/// The value of `apiVersion` or `kind`: a Pod's are not copied. One that
-/// is not a string is an error here (the general way says what is wrong).
-struct Tag(Cow<'static, str>);
+impl Visitor<'_> for Known {
+    type Value = Cow<'static, str>;
 
-impl<'de> Deserialize<'de> for Tag {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Tag, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = Tag;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a string")
+    }
 
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a string")
-            }
-
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Tag, E> {
-                Ok(Tag(match v {
-                    "v1" => Cow::Borrowed("v1"),
-                    "Pod" => Cow::Borrowed("Pod"),
-                    _ => Cow::Owned(v.to_owned()),
-                }))
-            }
-        }
-        d.deserialize_any(V)
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Cow<'static, str>, E> {
+        Ok(match self.0.iter().find(|k| **k == v) {
+            Some(known) => Cow::Borrowed(known),
+            None => Cow::Owned(v.to_owned()),
+        })
     }
 }
 
@@ -534,7 +513,7 @@ impl<'de> Deserialize<'de> for Probe {
                 // Whether `apiVersion` and `kind`, as read so far, say Pod.
                 let mut pod = false;
                 for read in 0.. {
-                    let Some(TopKey(key)) = access.next_key::<TopKey>()? else {
+                    let Some(key) = access.next_key_seed(TOP_KEYS)? else {
                         break;
                     };
                     let duplicate = || de::Error::custom("duplicate key");
@@ -558,7 +537,7 @@ impl<'de> Deserialize<'de> for Probe {
                             if seen.is_some() {
                                 return Err(duplicate());
                             }
-                            *seen = Some((map.len(), read, access.next_value::<Tag>()?.0));
+                            *seen = Some((map.len(), read, access.next_value_seed(POD_TAGS)?));
                             let is =
                                 |seen: &Seen, want| seen.as_ref().is_some_and(|(.., v)| v == want);
                             pod = is(&api_version, "v1") && is(&kind, "Pod");
