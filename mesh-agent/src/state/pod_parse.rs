@@ -439,37 +439,31 @@ impl Visitor<'_> for Known {
     }
 }
 
-/// `apiVersion` or `kind` as read: how many other entries of the object
-/// came before it (where it goes back, for the general way), how many
-/// keys were read before it, and its value.
-type Seen = Option<(usize, usize, Cow<'static, str>)>;
+/// `apiVersion` or `kind` as read: how many of the object's keys were
+/// read before it, and its value.
+type Seen = Option<(usize, Cow<'static, str>)>;
 
-/// The object's other entries with `apiVersion` and `kind` put back where
-/// they came.
-fn with_tags(map: Mapping, tags: [(&'static str, Seen); 2]) -> Mapping {
-    let mut tags: Vec<_> = tags
-        .into_iter()
-        .filter_map(|(key, seen)| seen.map(|(at, read, value)| (at, read, key, value)))
-        .collect();
-    tags.sort_by_key(|&(_, read, ..)| read);
-    let mut tags = tags
-        .into_iter()
-        .map(|(at, _, key, value)| (at, key, value))
-        .peekable();
-    let mut out = Mapping::with_capacity(map.len() + 2);
-    let put = |out: &mut Mapping, key: &str, value: Cow<'static, str>| {
-        out.insert(
-            Value::String(key.to_owned()),
-            Value::String(value.into_owned()),
-        );
-    };
-    for (i, (key, value)) in map.into_iter().enumerate() {
-        while let Some((_, tag, v)) = tags.next_if(|(at, ..)| *at == i) {
-            put(&mut out, tag, v);
+/// The object's other entries (every key but the two, in the order read)
+/// with `apiVersion` and `kind` put back where they came.
+fn with_tags(map: Mapping, mut tags: [(&'static str, Seen); 2]) -> Mapping {
+    let keys = map.len() + tags.iter().filter(|(_, seen)| seen.is_some()).count();
+    let mut rest = map.into_iter();
+    let mut out = Mapping::with_capacity(keys);
+    for read in 0..keys {
+        let tag = tags.iter_mut().find_map(|(key, seen)| {
+            let (_, value) = seen.take_if(|(at, _)| *at == read)?;
+            Some((*key, value))
+        });
+        match tag {
+            Some((key, value)) => {
+                out.insert(
+                    Value::String(key.to_owned()),
+                    Value::String(value.into_owned()),
+                );
+            }
+            None => out.extend(rest.next()),
         }
-        out.insert(key, value);
     }
-    tags.for_each(|(_, tag, v)| put(&mut out, tag, v));
     out
 }
 
@@ -537,7 +531,7 @@ impl<'de> Deserialize<'de> for Probe {
                             if seen.is_some() {
                                 return Err(duplicate());
                             }
-                            *seen = Some((map.len(), read, access.next_value_seed(POD_TAGS)?));
+                            *seen = Some((read, access.next_value_seed(POD_TAGS)?));
                             let is =
                                 |seen: &Seen, want| seen.as_ref().is_some_and(|(.., v)| v == want);
                             pod = is(&api_version, "v1") && is(&kind, "Pod");
