@@ -311,8 +311,9 @@ async fn a_file_changed_while_it_settles_is_published_as_changed() {
 
 /// A long file is read in parts, one per core: the parts join up to the
 /// file exactly, wherever a cut falls (here inside characters of two,
-/// three and four bytes), and bytes that are not UTF-8 in any part refuse
-/// the whole file, as a file read in one piece is refused.
+/// three and four bytes), and bytes that are not UTF-8 in any part, or
+/// across where parts are cut, refuse the whole file, as a file read in
+/// one piece is refused.
 #[test]
 fn a_file_read_in_parts_is_the_file_exactly() {
     let dir = temp_dir("parts");
@@ -323,13 +324,35 @@ fn a_file_read_in_parts_is_the_file_exactly() {
         let read = source::read_text_in_parts(&path, |_| parts).unwrap();
         assert!(read == text, "{parts} parts");
     }
-    let mut bytes = text.into_bytes();
-    let last = bytes.len() - 3;
-    bytes[last] = 0xff;
-    std::fs::write(&path, &bytes).unwrap();
-    for parts in [1, 3] {
-        let e = source::read_text_in_parts(&path, |_| parts).unwrap_err();
-        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData, "{parts} parts");
+    let bytes = text.into_bytes();
+    let len = bytes.len();
+    // Not UTF-8: a byte no character has near the end; a character's
+    // inner byte first; a character cut short at the end; a run of inner
+    // bytes across where three parts are cut (each part is checked from
+    // a character's first byte on, so the run is checked in the part
+    // before it).
+    let bad: [(&str, Vec<u8>); 4] = [
+        (
+            "0xff",
+            [&bytes[..len - 3], &[0xff], &bytes[len - 2..]].concat(),
+        ),
+        ("inner byte first", [&[0x80][..], &bytes].concat()),
+        ("cut short", [&bytes[..], &[0xf0, 0x9f]].concat()),
+        (
+            "inner bytes at a cut",
+            [&bytes[..len / 3 - 2], &[0x80; 5], &bytes[len / 3 + 3..]].concat(),
+        ),
+    ];
+    for (what, bytes) in bad {
+        std::fs::write(&path, &bytes).unwrap();
+        for parts in [1, 2, 3, 7, 64] {
+            let e = source::read_text_in_parts(&path, |_| parts).unwrap_err();
+            assert_eq!(
+                e.kind(),
+                std::io::ErrorKind::InvalidData,
+                "{what}, {parts} parts"
+            );
+        }
     }
     std::fs::write(&path, "").unwrap();
     assert_eq!(source::read_text_in_parts(&path, |_| 3).unwrap(), "");
