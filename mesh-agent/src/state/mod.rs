@@ -137,6 +137,11 @@ impl Workload {
         Identity::new(trust_domain, &self.namespace, &self.service_account)
     }
 
+    /// Namespace and name: what names a pod's workload in a snapshot.
+    fn key(&self) -> (&str, &str) {
+        (&self.namespace, &self.name)
+    }
+
     /// Istio's workload name (the `*_workload` metric labels): the owner
     /// workload (a Deployment, not its ReplicaSet), or the pod's own name.
     pub fn workload_name(&self) -> &str {
@@ -406,6 +411,43 @@ impl Workload {
     }
 }
 
+/// Workloads in namespace/name order, found by a binary search on the
+/// names they hold: no key of their own (two strings a workload, when
+/// they were a map's keys).
+#[derive(Debug, Default)]
+struct Workloads(Vec<Arc<Workload>>);
+
+impl Workloads {
+    /// From workloads in namespace/name order, each named once.
+    fn sorted(workloads: Vec<Arc<Workload>>) -> Workloads {
+        debug_assert!(workloads.is_sorted_by(|a, b| a.key() < b.key()));
+        Workloads(workloads)
+    }
+
+    fn get(&self, namespace: &str, name: &str) -> Option<&Arc<Workload>> {
+        let at = self
+            .0
+            .binary_search_by(|w| w.key().cmp(&(namespace, name)))
+            .ok()?;
+        Some(&self.0[at])
+    }
+
+    /// The workloads of one namespace, in name order.
+    fn in_namespace(&self, namespace: &str) -> &[Arc<Workload>] {
+        let from = self.0.partition_point(|w| &*w.namespace < namespace);
+        let to = from + self.0[from..].partition_point(|w| &*w.namespace == namespace);
+        &self.0[from..to]
+    }
+
+    fn iter(&self) -> std::slice::Iter<'_, Arc<Workload>> {
+        self.0.iter()
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
 /// One snapshot of everything known.
 #[derive(Debug, Default)]
 pub struct Store {
@@ -415,7 +457,7 @@ pub struct Store {
     trust_domain: String,
     root_namespace: String,
     /// By (namespace, name): the order of endpoints and of the dump.
-    workloads: BTreeMap<(String, String), Arc<Workload>>,
+    workloads: Workloads,
     by_ip: HashMap<IpAddr, Arc<Workload>>,
     services: BTreeMap<(String, String), Arc<Service>>,
     by_vip: HashMap<IpAddr, Vec<Arc<Service>>>,
@@ -530,7 +572,7 @@ impl Store {
         store.index_entries(entries);
         store.bindings = waypoint::bind(
             &objects,
-            store.workloads.values(),
+            store.workloads.iter(),
             store.services.values(),
             &mut warnings,
         );
@@ -618,12 +660,10 @@ impl Store {
                     }
                 }
             }
-            named.push(((wl.namespace.to_string(), wl.name.clone()), wl));
+            named.push(wl);
         }
-        // The pods come in namespace/name order: the map is built from
-        // them at once, not key by key (it is built only here, from none).
-        debug_assert!(self.workloads.is_empty());
-        self.workloads = named.into_iter().collect();
+        // The pods come in namespace/name order, from a map keyed so.
+        self.workloads = Workloads::sorted(named);
     }
 
     fn index_services(&mut self, services: Vec<Service>) {
@@ -710,11 +750,11 @@ impl Store {
     }
 
     pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
-        self.workloads.values()
+        self.workloads.iter()
     }
 
     pub fn workload(&self, namespace: &str, name: &str) -> Option<&Arc<Workload>> {
-        self.workloads.get(&(namespace.to_owned(), name.to_owned()))
+        self.workloads.get(namespace, name)
     }
 
     /// The Service named by its cluster hostname
@@ -821,9 +861,8 @@ impl Store {
             return Vec::new();
         }
         self.workloads
-            .range((svc.namespace.clone(), String::new())..)
-            .take_while(|((ns, _), _)| *ns == svc.namespace)
-            .map(|(_, wl)| wl)
+            .in_namespace(&svc.namespace)
+            .iter()
             .filter(|wl| wl.has_labels(&svc.selector))
             .filter_map(|wl| {
                 let ip = want_v4
@@ -1009,7 +1048,7 @@ impl Store {
 
     /// Workloads, services, policies and warnings for `/config_dump`.
     pub fn dump(&self) -> serde_json::Value {
-        let workloads: Vec<&Workload> = self.workloads.values().map(|w| &**w).collect();
+        let workloads: Vec<&Workload> = self.workloads.iter().map(|w| &**w).collect();
         let services: Vec<&Service> = self.services.values().map(|s| &**s).collect();
         let policies: Vec<_> = self
             .policies

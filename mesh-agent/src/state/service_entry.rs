@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 use serde::Deserialize;
 
 use super::{
-    ConfigWarning, Service, ServicePort, TargetPort, Workload,
+    ConfigWarning, Service, ServicePort, TargetPort,
     k8s::Slice,
     yaml::{Objects, WorkloadSelector},
 };
@@ -142,7 +142,7 @@ fn port(n: u32) -> Option<u16> {
 /// namespace, named by the host.
 pub(super) fn compile(
     objects: &Objects,
-    workloads: &BTreeMap<(String, String), std::sync::Arc<Workload>>,
+    workloads: &super::Workloads,
     warnings: &mut Vec<ConfigWarning>,
 ) -> Vec<Entry> {
     let mut out = Vec::new();
@@ -276,9 +276,8 @@ pub(super) fn compile(
                 };
                 let labels = WorkloadSelector::labels(Some(&selector)).unwrap_or_default();
                 let slices = workloads
-                    .range((namespace.clone(), String::new())..)
-                    .take_while(|((ns, _), _)| ns == namespace)
-                    .map(|(_, wl)| wl)
+                    .in_namespace(namespace)
+                    .iter()
                     .filter(|wl| wl.has_labels(&labels))
                     .map(|wl| Slice {
                         addresses: wl.ips.clone(),

@@ -25,7 +25,7 @@ impl Store {
     pub fn ztunnel_dump(&self, cluster_id: &str) -> Value {
         let workloads: Vec<Value> = self
             .workloads
-            .values()
+            .iter()
             .map(|w| self.workload_entry(w, cluster_id))
             .collect();
         let services: Vec<Value> = self
