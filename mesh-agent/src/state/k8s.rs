@@ -162,8 +162,8 @@ pub(super) fn workloads(
 ) -> Vec<PodWorkload> {
     objects
         .pods
-        .values()
-        .filter_map(|pod| {
+        .iter()
+        .filter_map(|(_, pod)| {
             let pod = &pod.object;
             warnings.extend(pod.warnings.iter().cloned());
             let mut stored = pod

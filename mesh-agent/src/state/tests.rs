@@ -443,6 +443,43 @@ status: {podIP: 10.1.0.2}
     );
 }
 
+/// A pod defined three times over two files, between others: the last
+/// definition is used, each later one is warned about naming the one it
+/// replaced, and the pods stay in namespace/name order.
+#[test]
+fn a_pod_defined_three_times_keeps_the_last() {
+    let pod = |name: &str, ip: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nstatus: {{podIP: {ip}}}\n---\n"
+        )
+    };
+    let a = [pod("b", "10.1.0.1"), pod("c", "10.1.0.9")].concat();
+    let b = [
+        pod("b", "10.1.0.2"),
+        pod("a", "10.1.0.8"),
+        pod("b", "10.1.0.3"),
+    ]
+    .concat();
+    let s = Store::from_yaml(&[("a.yaml".into(), a), ("b.yaml".into(), b)], &opts());
+    assert_eq!(
+        s.workload("default", "b").unwrap().ips,
+        vec![ip("10.1.0.3")]
+    );
+    let names: Vec<&str> = s.workloads().map(|w| w.name.as_str()).collect();
+    assert_eq!(names, ["a", "b", "c"]);
+    let again = |origin: &str, first: &str| ConfigWarning {
+        object: "Pod default/b".into(),
+        kind: "duplicate",
+        message: format!(
+            "defined again in {origin} (first in {first}); the later definition is used"
+        ),
+    };
+    assert_eq!(
+        s.warnings(),
+        &[again("b.yaml", "a.yaml"), again("b.yaml", "b.yaml")]
+    );
+}
+
 #[test]
 fn unknown_field_names_the_object_and_the_rest_loads() {
     let yaml = r#"

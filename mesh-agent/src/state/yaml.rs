@@ -35,9 +35,12 @@ pub(super) struct Parsed<T> {
 
 /// Every usable object, the later definition of a duplicate winning.
 #[derive(Debug, Default)]
-pub(super) struct Objects {
+pub(super) struct Objects<'a> {
     pub namespaces: BTreeMap<String, Parsed<Namespace>>,
-    pub pods: BTreeMap<Key, Parsed<StoredPod>>,
+    /// In namespace/name order, each pod once. Pods are most of a large
+    /// configuration: their keys are the documents', not copied into a
+    /// map's (two strings a pod, and a tree insert).
+    pub pods: Vec<(&'a ObjectKey, Parsed<StoredPod>)>,
     pub services: BTreeMap<Key, Parsed<K8sService>>,
     pub endpoint_slices: BTreeMap<Key, Parsed<EndpointSlice>>,
     pub service_accounts: BTreeMap<Key, Parsed<ServiceAccount>>,
@@ -494,13 +497,13 @@ impl fmt::Display for Header {
     }
 }
 
-impl Objects {
+impl<'a> Objects<'a> {
     /// Merges documents in order; an object defined twice is warned about
     /// and the later definition wins.
-    pub fn merge<'a>(
+    pub fn merge(
         docs: impl IntoIterator<Item = &'a Document>,
         warnings: &mut Vec<ConfigWarning>,
-    ) -> Objects {
+    ) -> Objects<'a> {
         let mut objects = Objects::default();
         for doc in docs {
             warnings.extend(doc.warnings.iter().cloned());
@@ -508,13 +511,24 @@ impl Objects {
                 objects.insert(&doc.origin, key, typed.clone(), warnings);
             }
         }
+        // Stable: a pod's definitions stay in the order they were read,
+        // the later replacing the one kept.
+        objects.pods.sort_by(|a, b| a.0.cmp(b.0));
+        objects.pods.dedup_by(|later, kept| {
+            if later.0 != kept.0 {
+                return false;
+            }
+            std::mem::swap(&mut later.1, &mut kept.1);
+            warnings.push(defined_again(kept.0, &kept.1.origin, &later.1.origin));
+            true
+        });
         objects
     }
 
     fn insert(
         &mut self,
         origin: &Arc<str>,
-        key: &ObjectKey,
+        key: &'a ObjectKey,
         typed: Typed,
         warnings: &mut Vec<ConfigWarning>,
     ) {
@@ -533,7 +547,12 @@ impl Objects {
         let nk = || (key.namespace.clone(), key.name.clone());
         let first = match typed {
             Typed::Namespace(o) => put(&mut self.namespaces, key.name.clone(), o, origin),
-            Typed::Pod(o) => put(&mut self.pods, nk(), o, origin),
+            Typed::Pod(object) => {
+                // Duplicates are found once all are in (see `merge`).
+                let origin = origin.clone();
+                self.pods.push((key, Parsed { origin, object }));
+                None
+            }
             Typed::Service(o) => put(&mut self.services, nk(), o, origin),
             Typed::EndpointSlice(o) => put(&mut self.endpoint_slices, nk(), o, origin),
             Typed::ServiceAccount(o) => put(&mut self.service_accounts, nk(), o, origin),
@@ -549,14 +568,19 @@ impl Objects {
             Typed::Secret(o) => put(&mut self.secrets, nk(), o, origin),
         };
         if let Some(first) = first {
-            warnings.push(ConfigWarning {
-                object: key.to_string(),
-                kind: "duplicate",
-                message: format!(
-                    "defined again in {origin} (first in {first}); the later definition is used"
-                ),
-            });
+            warnings.push(defined_again(key, origin, &first));
         }
+    }
+}
+
+/// The warning for an object defined again in `origin`, first in `first`.
+fn defined_again(key: &ObjectKey, origin: &str, first: &str) -> ConfigWarning {
+    ConfigWarning {
+        object: key.to_string(),
+        kind: "duplicate",
+        message: format!(
+            "defined again in {origin} (first in {first}); the later definition is used"
+        ),
     }
 }
 

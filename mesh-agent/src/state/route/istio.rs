@@ -341,7 +341,7 @@ fn tls_origination(
 /// Where a DestinationRule's `credentialName` is looked up: the Secrets of
 /// its namespace, when this process reads Secrets at all.
 struct Credential<'a> {
-    objects: &'a Objects,
+    objects: &'a Objects<'a>,
     namespace: &'a str,
     read: bool,
 }
