@@ -371,9 +371,9 @@ impl CertManager {
         self.client_config_for(id, server, &[])
     }
 
-    /// [`CertManager::client_config`] that also accepts a server proving
-    /// one of `also` (the identities a Service's endpoints may rightly
-    /// show, as ztunnel accepts a destination's Service SANs).
+    /// As `client_config` (which only tests call), and also accepting a
+    /// server proving one of `also` (the identities a Service's endpoints
+    /// may rightly show, as ztunnel accepts a destination's Service SANs).
     pub fn client_config_for(
         &self,
         id: &Identity,

@@ -74,7 +74,7 @@ use crate::identity::Identity;
 pub struct Workload {
     pub name: String,
     /// The namespace, service account, node and owner strings are shared
-    /// by the pods that have the same (see [`k8s::Shared`]).
+    /// by the pods that have the same (see `k8s::Shared`).
     #[serde(serialize_with = "shared_str")]
     pub namespace: Arc<str>,
     #[serde(serialize_with = "shared_str")]
@@ -83,7 +83,7 @@ pub struct Workload {
     pub node: Arc<str>,
     pub ips: Vec<IpAddr>,
     /// Shared by the pods that have the same (a Deployment's pods: see
-    /// [`k8s::Shared`]).
+    /// `k8s::Shared`).
     #[serde(serialize_with = "shared")]
     pub labels: Arc<BTreeMap<String, String>>,
     /// Named container ports (for Service targetPort by name); shared as
@@ -662,7 +662,7 @@ impl Store {
             }
             named.push(wl);
         }
-        // The pods come in namespace/name order, from a map keyed so.
+        // The pods come in namespace/name order (`Objects::pods`).
         self.workloads = Workloads::sorted(named);
     }
 
