@@ -182,6 +182,12 @@ const PARALLEL_FROM: usize = 1 << 20;
 /// In how many parts a text of `len` bytes is read and parsed: one per
 /// core (at most 8), and none shorter than [`PARALLEL_FROM`].
 pub(super) fn parallel_parts(len: usize) -> usize {
+    // A short text is one part whatever the cores: they are not counted
+    // (std reads the affinity and the cgroup's CPU quota files for it),
+    // as each file read asks up to three times.
+    if len < 2 * PARALLEL_FROM {
+        return 1;
+    }
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
     threads.min(len / PARALLEL_FROM).max(1)
 }
