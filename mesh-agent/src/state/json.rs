@@ -287,7 +287,7 @@ impl Document {
                     };
                     match probe {
                         Probe::Null => {}
-                        Probe::Pod(pod) => doc.add_pod(at, *pod),
+                        Probe::Pod(pod) => doc.add_pod(at, pod),
                         Probe::Other(value) => doc.add(at, value),
                     }
                     end
@@ -348,7 +348,7 @@ impl Document {
         let probe = Probe::deserialize(&mut de).and_then(|p| de.end().map(|()| p));
         let value = match probe {
             Ok(Probe::Null) => return,
-            Ok(Probe::Pod(pod)) => return self.add_pod(at, *pod),
+            Ok(Probe::Pod(pod)) => return self.add_pod(at, pod),
             Ok(Probe::Other(value)) => Ok(value),
             // Read again the general way, which says what is wrong.
             Err(_) => serde_json::from_str::<Value>(part),

@@ -4,13 +4,15 @@
 use std::{
     borrow::Cow,
     collections::{BTreeMap, HashMap, HashSet},
+    hash::{BuildHasher as _, Hash, Hasher as _, RandomState},
     net::IpAddr,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, MutexGuard},
 };
 
+use hashbrown::HashTable;
 use k8s_openapi::{
-    api::core::v1::{Pod, PodStatus, Service as K8sService},
-    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
+    api::core::v1::{Pod, Service as K8sService},
+    apimachinery::pkg::util::intstr::IntOrString,
 };
 
 use super::{ConfigWarning, Service, ServicePort, TargetPort, Workload, yaml::Objects};
@@ -53,23 +55,6 @@ pub(super) struct PodWorkload {
     pub exempt: bool,
 }
 
-/// What the agent keeps of a Pod: its workload, built once when the object
-/// is read, and the warnings about it. A Pod as the API server sends it
-/// also carries container specs, env, volumes, conditions and managed
-/// fields, kilobytes each that every agent would otherwise hold for every
-/// pod of the cluster; the workload is shared with every snapshot that
-/// has it unchanged.
-#[derive(Debug)]
-pub(super) struct StoredPod {
-    /// The workload as the last snapshot had it (whether it is captured
-    /// depends on its namespace's labels too); None for a pod that has
-    /// finished (Succeeded or Failed).
-    workload: Option<Mutex<Arc<Workload>>>,
-    host_network: bool,
-    exempt: bool,
-    warnings: Vec<ConfigWarning>,
-}
-
 /// The label sets and named ports of the pods the process holds: a
 /// Deployment's pods have the same, and share one copy, whichever text or
 /// API object they came from.
@@ -77,45 +62,49 @@ static SHARED: std::sync::LazyLock<Mutex<Shared>> = std::sync::LazyLock::new(Def
 
 #[derive(Debug, Default)]
 struct Shared {
-    labels: HashSet<Arc<BTreeMap<String, String>>>,
-    ports: HashSet<Arc<BTreeMap<String, u16>>>,
+    /// Found by the pairs a pod's fields lend ([`Shared::labels`]): a pod
+    /// whose set is held already copies none of its strings.
+    labels: HashTable<Arc<BTreeMap<String, String>>>,
+    ports: HashTable<Arc<BTreeMap<String, u16>>>,
     /// Namespaces, service accounts, nodes and owners.
     strings: HashSet<Arc<str>>,
+    /// Hashes the label sets and port maps.
+    hasher: RandomState,
     /// How many the last sweep left.
     kept: usize,
 }
 
 impl Shared {
-    /// The copy already held of `value`, or `value` now held.
-    fn share<T: Eq + std::hash::Hash>(
-        set: impl FnOnce(&mut Shared) -> &mut HashSet<Arc<T>>,
-        value: T,
-    ) -> Arc<T> {
+    /// The table, swept: taken once for all that one pod shares.
+    fn lock() -> MutexGuard<'static, Shared> {
         let mut shared = SHARED
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         shared.sweep();
-        let set = set(&mut shared);
-        if let Some(seen) = set.get(&value) {
-            return seen.clone();
-        }
-        let value = Arc::new(value);
-        set.insert(value.clone());
-        value
+        shared
     }
 
     /// The copy already held of `value`, or a copy of it now held.
-    fn share_str(value: &str) -> Arc<str> {
-        let mut shared = SHARED
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        shared.sweep();
-        if let Some(seen) = shared.strings.get(value) {
+    fn string(&mut self, value: &str) -> Arc<str> {
+        if let Some(seen) = self.strings.get(value) {
             return seen.clone();
         }
         let value: Arc<str> = value.into();
-        shared.strings.insert(value.clone());
+        self.strings.insert(value.clone());
         value
+    }
+
+    /// The set held of these labels (sorted by key, each key once), or a
+    /// copy of them now held.
+    fn labels(&mut self, labels: &[(Cow<'_, str>, Cow<'_, str>)]) -> Arc<BTreeMap<String, String>> {
+        let pairs = labels.iter().map(|(k, v)| (&**k, &**v));
+        share_pairs(&mut self.labels, &self.hasher, pairs)
+    }
+
+    /// The map held of these named ports (sorted by name, each name once),
+    /// or a copy of it now held.
+    fn ports(&mut self, ports: &[(&str, u16)]) -> Arc<BTreeMap<String, u16>> {
+        share_pairs(&mut self.ports, &self.hasher, ports.iter().copied())
     }
 
     fn len(&self) -> usize {
@@ -136,16 +125,159 @@ impl Shared {
     }
 }
 
+/// The map in `table` with these pairs (sorted by key, each key once),
+/// found without copying them; else one built of them and held. A pair
+/// hashes the same whether its strings are borrowed (`V = &str`) or held
+/// (`S = String`).
+fn share_pairs<'p, V, S>(
+    table: &mut HashTable<Arc<BTreeMap<String, S>>>,
+    hasher: &RandomState,
+    pairs: impl ExactSizeIterator<Item = (&'p str, V)> + Clone,
+) -> Arc<BTreeMap<String, S>>
+where
+    V: Hash + PartialEq<S>,
+    S: Hash + From<V>,
+{
+    let hash = hash_pairs(hasher, pairs.clone());
+    let same = |held: &Arc<BTreeMap<String, S>>| {
+        held.len() == pairs.len()
+            && held
+                .iter()
+                .zip(pairs.clone())
+                .all(|((hk, hv), (k, v))| hk == k && v == *hv)
+    };
+    if let Some(held) = table.find(hash, same) {
+        return held.clone();
+    }
+    let map: Arc<BTreeMap<String, S>> =
+        Arc::new(pairs.map(|(k, v)| (k.to_owned(), S::from(v))).collect());
+    table.insert_unique(hash, map.clone(), |held| {
+        hash_pairs(hasher, held.iter().map(|(k, v)| (k.as_str(), v)))
+    });
+    map
+}
+
+fn hash_pairs<'p>(hasher: &RandomState, pairs: impl Iterator<Item = (&'p str, impl Hash)>) -> u64 {
+    let mut state = hasher.build_hasher();
+    for (k, v) in pairs {
+        k.hash(&mut state);
+        v.hash(&mut state);
+    }
+    state.finish()
+}
+
+/// What the agent keeps of a Pod: its workload, built once when the object
+/// is read, and the warnings about it. A Pod as the API server sends it
+/// also carries container specs, env, volumes, conditions and managed
+/// fields, kilobytes each that every agent would otherwise hold for every
+/// pod of the cluster; the workload is shared with every snapshot that
+/// has it unchanged.
+#[derive(Debug)]
+pub(super) struct StoredPod {
+    /// The workload as the last snapshot had it (whether it is captured
+    /// depends on its namespace's labels too); None for a pod that has
+    /// finished (Succeeded or Failed).
+    workload: Option<Mutex<Arc<Workload>>>,
+    host_network: bool,
+    exempt: bool,
+    warnings: Vec<ConfigWarning>,
+}
+
 impl StoredPod {
-    pub fn new(pod: Pod) -> StoredPod {
+    pub fn new(pod: &Pod) -> StoredPod {
+        StoredPod::of(PodFields::of(pod))
+    }
+
+    /// Of the fields read from a Pod, borrowed or not.
+    pub fn of(pod: PodFields<'_>) -> StoredPod {
         let mut warnings = Vec::new();
-        let built = workload(pod, |_| None, &mut warnings);
+        let built = workload(pod, &mut warnings);
         StoredPod {
             host_network: built.as_ref().is_some_and(|b| b.host_network),
             exempt: built.as_ref().is_some_and(|b| b.exempt),
             workload: built.map(|b| Mutex::new(b.workload)),
             warnings,
         }
+    }
+}
+
+/// The fields of a Pod that its workload is built from ([`workload`]):
+/// borrowed from a Kubernetes `Pod` (the API's, the general read's), or
+/// from the text itself by the fast read ([`super::pod_parse`]), so that
+/// only what the workload keeps is copied.
+#[derive(Debug, Default)]
+pub(super) struct PodFields<'a> {
+    pub name: Option<Cow<'a, str>>,
+    pub namespace: Option<Cow<'a, str>>,
+    pub uid: Option<Cow<'a, str>>,
+    /// Sorted by key, each key once (as a map has them).
+    pub labels: Vec<(Cow<'a, str>, Cow<'a, str>)>,
+    /// The values of [`ANNOTATIONS_READ`], in its order.
+    pub annotations: [Option<Cow<'a, str>>; 3],
+    /// The kind and name of the controller: the first owner reference
+    /// with `controller: true`.
+    pub controller: Option<(Cow<'a, str>, Cow<'a, str>)>,
+    /// The containers' named ports in order, each number as written.
+    pub ports: Vec<(Cow<'a, str>, i32)>,
+    pub host_network: bool,
+    pub service_account: Option<Cow<'a, str>>,
+    pub node: Option<Cow<'a, str>>,
+    pub phase: Option<Cow<'a, str>>,
+    /// `status.podIPs`.
+    pub pod_ips: Vec<Cow<'a, str>>,
+    /// `status.podIP`.
+    pub pod_ip: Option<Cow<'a, str>>,
+}
+
+impl<'a> PodFields<'a> {
+    /// A Pod's, borrowed.
+    pub fn of(pod: &'a Pod) -> PodFields<'a> {
+        let lent = |s: &'a String| Cow::Borrowed(s.as_str());
+        let meta = &pod.metadata;
+        let spec = pod.spec.as_ref();
+        let status = pod.status.as_ref();
+        let annotations = meta.annotations.as_ref();
+        PodFields {
+            name: meta.name.as_ref().map(lent),
+            namespace: meta.namespace.as_ref().map(lent),
+            uid: meta.uid.as_ref().map(lent),
+            labels: (meta.labels.iter().flatten())
+                .map(|(k, v)| (lent(k), lent(v)))
+                .collect(),
+            annotations: ANNOTATIONS_READ.map(|key| annotations.and_then(|a| a.get(key)).map(lent)),
+            controller: (meta.owner_references.iter().flatten())
+                .find(|r| r.controller == Some(true))
+                .map(|r| (lent(&r.kind), lent(&r.name))),
+            ports: (spec.into_iter().flat_map(|s| &s.containers))
+                .flat_map(|c| c.ports.iter().flatten())
+                .filter_map(|p| Some((lent(p.name.as_ref()?), p.container_port)))
+                .collect(),
+            host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+            service_account: spec.and_then(|s| s.service_account_name.as_ref()).map(lent),
+            node: spec.and_then(|s| s.node_name.as_ref()).map(lent),
+            phase: status.and_then(|s| s.phase.as_ref()).map(lent),
+            pod_ips: (status
+                .and_then(|s| s.pod_ips.as_ref())
+                .into_iter()
+                .flatten())
+            .map(|p| lent(&p.ip))
+            .collect(),
+            pod_ip: status.and_then(|s| s.pod_ip.as_ref()).map(lent),
+        }
+    }
+
+    /// The value of label `key`.
+    fn label(&self, key: &str) -> Option<&str> {
+        let at = self.labels.binary_search_by(|(k, _)| (**k).cmp(key)).ok()?;
+        Some(&self.labels[at].1)
+    }
+
+    /// The value of annotation `key`, one of [`ANNOTATIONS_READ`].
+    fn annotation(&self, key: &str) -> Option<&str> {
+        let at = ANNOTATIONS_READ.iter().position(|k| *k == key);
+        // The fast read of a Pod keeps no other.
+        debug_assert!(at.is_some(), "{key}");
+        self.annotations[at?].as_deref()
     }
 }
 
@@ -175,7 +307,8 @@ pub(super) fn workloads(
                 .namespaces
                 .get(&*stored.namespace)
                 .and_then(|ns| ns.object.metadata.labels.as_ref());
-            let captured = !pod.exempt && captured(&stored.labels, ns_labels);
+            let mode = stored.labels.get(DATAPLANE_MODE).map(String::as_str);
+            let captured = !pod.exempt && captured(mode, ns_labels);
             let hbone = stored.redirected || !redirection_annotation && captured;
             if stored.captured != captured || stored.hbone != hbone {
                 *stored = Arc::new(Workload {
@@ -193,96 +326,81 @@ pub(super) fn workloads(
         .collect()
 }
 
-fn workload<'a>(
-    pod: Pod,
-    ns_labels: impl Fn(&str) -> Option<&'a BTreeMap<String, String>>,
-    warnings: &mut Vec<ConfigWarning>,
-) -> Option<PodWorkload> {
-    // Taken apart: what the workload keeps is moved out, not copied.
-    let Pod {
-        metadata: mut meta,
-        spec,
-        status,
-    } = pod;
-    let status = status.as_ref();
-    if matches!(
-        status.and_then(|s| s.phase.as_deref()),
-        Some("Succeeded" | "Failed")
-    ) {
+fn workload(pod: PodFields<'_>, warnings: &mut Vec<ConfigWarning>) -> Option<PodWorkload> {
+    if matches!(pod.phase.as_deref(), Some("Succeeded" | "Failed")) {
         return None;
     }
-    let name = meta.name.take().unwrap_or_default();
-    let namespace = meta.namespace.take().unwrap_or_else(|| "default".into());
-    let object = || format!("Pod {namespace}/{name}");
-    let spec = spec.as_ref();
-    let labels = meta.labels.take().unwrap_or_default();
+    let namespace = pod.namespace.as_deref().unwrap_or("default");
+    let object = || {
+        let name = pod.name.as_deref().unwrap_or_default();
+        format!("Pod {namespace}/{name}")
+    };
 
-    let mut ports = BTreeMap::new();
-    let container_ports = spec
-        .into_iter()
-        .flat_map(|s| &s.containers)
-        .flat_map(|c| c.ports.iter().flatten());
-    for p in container_ports {
-        let Some(port_name) = &p.name else { continue };
-        match port_number(p.container_port) {
-            Some(n) => {
-                ports.insert(port_name.clone(), n);
-            }
+    // As a map of them: by name, the last port of a name kept.
+    let mut ports: Vec<(&str, u16)> = Vec::with_capacity(pod.ports.len());
+    for (port_name, number) in &pod.ports {
+        match port_number(*number) {
+            Some(n) => ports.push((port_name, n)),
             None => warnings.push(ConfigWarning {
                 object: object(),
                 kind: "parse_error",
                 message: format!(
-                    "container port {port_name} is {}, not a port number; ignored",
-                    p.container_port
+                    "container port {port_name} is {number}, not a port number; ignored"
                 ),
             }),
         }
     }
+    ports.sort_by(|a, b| a.0.cmp(b.0));
+    ports.dedup_by(|later, kept| {
+        let same = later.0 == kept.0;
+        if same {
+            kept.1 = later.1;
+        }
+        same
+    });
 
-    let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
     // Capturing a host-network pod would capture its whole node; Istio's CNI
     // never does, whatever the labels say.
-    let annotation = |key: &str| {
-        // The fast read of a Pod keeps no other.
-        debug_assert!(ANNOTATIONS_READ.contains(&key), "{key}");
-        meta.annotations.as_ref().and_then(|a| a.get(key))
-    };
+    let host_network = pod.host_network;
     // A sidecar pod has its own proxy; the agent's own pods carry the mesh.
-    let sidecar = annotation(SIDECAR_STATUS).is_some();
-    let own = labels
-        .get("app.kubernetes.io/name")
-        .is_some_and(|app| OWN_APPS.contains(&app.as_str()));
+    let sidecar = pod.annotation(SIDECAR_STATUS).is_some();
+    let own = pod
+        .label("app.kubernetes.io/name")
+        .is_some_and(|app| OWN_APPS.contains(&app));
     let exempt = host_network || sidecar || own;
-    let captured = !exempt && captured(&labels, ns_labels(&namespace));
-    let redirected = annotation(REDIRECTION_ANNOTATION).is_some_and(|v| v == "enabled");
-    let netns = annotation(NETNS_ANNOTATION)
+    let captured = !exempt && captured(pod.label(DATAPLANE_MODE), None);
+    let redirected = pod.annotation(REDIRECTION_ANNOTATION) == Some("enabled");
+    let netns = pod
+        .annotation(NETNS_ANNOTATION)
         .filter(|path| !path.is_empty())
         .map(std::path::PathBuf::from);
-    let ips = pod_ips(status, object, warnings);
+    let ips = pod_ips(&pod.pod_ips, pod.pod_ip.as_deref(), object, warnings);
+    let owner = owner_workload(&pod);
+    let owner_kind = owner_kind(&pod);
+    let mut shared = Shared::lock();
     let workload = Workload {
         ips,
-        service_account: Shared::share_str(
-            spec.and_then(|s| s.service_account_name.as_deref())
+        service_account: shared.string(
+            pod.service_account
+                .as_deref()
                 .filter(|sa| !sa.is_empty())
                 .unwrap_or("default"),
         ),
-        node: Shared::share_str(
-            spec.and_then(|s| s.node_name.as_deref())
-                .unwrap_or_default(),
-        ),
-        owner: owner_workload(&meta, &labels).map(Shared::share_str),
-        owner_kind: owner_kind(&meta, &labels).map(|k| Shared::share_str(&k)),
-        namespace: Shared::share_str(&namespace),
-        name,
-        labels: Shared::share(|s| &mut s.labels, labels),
-        ports: Shared::share(|s| &mut s.ports, ports),
+        node: shared.string(pod.node.as_deref().unwrap_or_default()),
+        owner: owner.map(|o| shared.string(o)),
+        owner_kind: owner_kind.map(|k| shared.string(&k)),
+        namespace: shared.string(namespace),
+        labels: shared.labels(&pod.labels),
+        ports: shared.ports(&ports),
         captured,
         redirected,
         // Decided with the store's options, when it is indexed.
         hbone: false,
-        uid: meta.uid.take().unwrap_or_default(),
+        name: pod.name.map(Cow::into_owned).unwrap_or_default(),
+        uid: pod.uid.map(Cow::into_owned).unwrap_or_default(),
         netns,
     };
+    drop(shared);
     Some(PodWorkload {
         workload: Arc::new(workload),
         host_network,
@@ -295,26 +413,13 @@ fn workload<'a>(
 /// CronJob's schedule suffix (`-` and 8 to 10 digits: the CronJob's), any
 /// other controller's (StatefulSet, DaemonSet, ...) as it is. None for a
 /// bare pod, whose workload is the pod itself.
-/// The pod's controller, of its owner references.
-fn controller(
-    meta: &ObjectMeta,
-) -> Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference> {
-    meta.owner_references
-        .iter()
-        .flatten()
-        .find(|r| r.controller == Some(true))
-}
-
-fn owner_workload<'a>(
-    meta: &'a ObjectMeta,
-    labels: &'a BTreeMap<String, String>,
-) -> Option<&'a str> {
-    let owner = controller(meta)?;
-    let name = owner.name.as_str();
-    let trimmed = match owner.kind.as_str() {
-        "ReplicaSet" => labels
-            .get("pod-template-hash")
-            .and_then(|hash| name.strip_suffix(hash.as_str())?.strip_suffix('-'))
+fn owner_workload<'a>(pod: &'a PodFields<'_>) -> Option<&'a str> {
+    let (kind, name) = pod.controller.as_ref()?;
+    let name = &**name;
+    let trimmed = match &**kind {
+        "ReplicaSet" => pod
+            .label("pod-template-hash")
+            .and_then(|hash| name.strip_suffix(hash)?.strip_suffix('-'))
             .unwrap_or(name),
         "Job" => match name.rsplit_once('-') {
             Some((cron, stamp))
@@ -332,20 +437,20 @@ fn owner_workload<'a>(
 /// The kind of [`owner_workload`], in lower case: a ReplicaSet whose name
 /// carries the pod-template hash is a Deployment's, a Job whose name
 /// carries a CronJob's schedule suffix is a CronJob's.
-fn owner_kind(meta: &ObjectMeta, labels: &BTreeMap<String, String>) -> Option<Cow<'static, str>> {
-    let owner = controller(meta)?;
-    let trimmed = owner_workload(meta, labels)? != owner.name;
-    Some(match (owner.kind.as_str(), trimmed) {
+fn owner_kind(pod: &PodFields<'_>) -> Option<Cow<'static, str>> {
+    let (kind, name) = pod.controller.as_ref()?;
+    let trimmed = owner_workload(pod)? != name;
+    Some(match (&**kind, trimmed) {
         ("ReplicaSet", true) => Cow::Borrowed("deployment"),
         ("Job", true) => Cow::Borrowed("cronjob"),
         (kind, _) => Cow::Owned(kind.to_ascii_lowercase()),
     })
 }
 
-/// The pod's own `istio.io/dataplane-mode` decides (`none` opts out,
-/// `ambient` opts in); otherwise its namespace's label does.
-fn captured(pod: &BTreeMap<String, String>, namespace: Option<&BTreeMap<String, String>>) -> bool {
-    match pod.get(DATAPLANE_MODE).map(String::as_str) {
+/// The pod's own `istio.io/dataplane-mode` (`pod_mode`) decides (`none`
+/// opts out, `ambient` opts in); otherwise its namespace's label does.
+fn captured(pod_mode: Option<&str>, namespace: Option<&BTreeMap<String, String>>) -> bool {
+    match pod_mode {
         Some("none") => false,
         Some("ambient") => true,
         _ => namespace
@@ -354,19 +459,17 @@ fn captured(pod: &BTreeMap<String, String>, namespace: Option<&BTreeMap<String, 
     }
 }
 
-/// `status.podIPs`, else `status.podIP`; none while the pod is pending.
+/// `status.podIPs` (`listed`), else `status.podIP`; none while the pod is
+/// pending.
 fn pod_ips(
-    status: Option<&PodStatus>,
+    listed: &[Cow<'_, str>],
+    single: Option<&str>,
     object: impl Fn() -> String,
     warnings: &mut Vec<ConfigWarning>,
 ) -> Vec<IpAddr> {
-    let Some(status) = status else {
-        return Vec::new();
-    };
-    let listed = status.pod_ips.as_deref().unwrap_or_default();
     // `podIP` only when `podIPs` lists none.
-    let single = status.pod_ip.as_deref().filter(|_| listed.is_empty());
-    let raw = listed.iter().map(|p| p.ip.as_str()).chain(single);
+    let single = single.filter(|_| listed.is_empty());
+    let raw = listed.iter().map(|p| &**p).chain(single);
     let mut ips = Vec::with_capacity(listed.len().max(1));
     for text in raw.filter(|t| !t.is_empty()) {
         match text.parse::<IpAddr>() {
@@ -626,7 +729,7 @@ fn port_number(n: i32) -> Option<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+    use crate::state::pod_parse::Probe;
 
     /// A pod as a watch delivers it, with much the agent does not read.
     const FULL_POD: &str = r#"
@@ -711,16 +814,16 @@ status:
         assert_eq!(a.ips.capacity(), 1);
 
         let mut shared = Shared::default();
-        let held = Arc::new(BTreeMap::from([("k".to_owned(), "held".to_owned())]));
-        shared.labels.insert(held.clone());
+        let set = |value: String| vec![(Cow::Borrowed("k"), Cow::Owned(value))];
+        let held = shared.labels(&set("held".into()));
+        assert_eq!(*held, BTreeMap::from([("k".into(), "held".into())]));
         for i in 0..1100 {
-            shared
-                .labels
-                .insert(Arc::new(BTreeMap::from([("k".to_owned(), i.to_string())])));
+            shared.labels(&set(i.to_string()));
         }
+        assert_eq!(shared.labels.len(), 1101);
         shared.sweep();
         assert_eq!(shared.labels.len(), 1);
-        assert!(shared.labels.contains(&held));
+        assert!(Arc::ptr_eq(&shared.labels(&set("held".into())), &held));
         assert_eq!(shared.kept, 1);
 
         let held: Arc<str> = "held-namespace".into();
@@ -733,16 +836,24 @@ status:
         assert!(shared.strings.contains(&held));
     }
 
+    /// The full Pod, as kube-rs or the general read has it, and its
+    /// fields as the fast read borrows them from the JSON text.
     #[test]
     fn a_stored_pod_gives_the_same_workload_as_the_full_pod() {
         let full: Pod = serde_yaml::from_str(FULL_POD).unwrap();
-        let stored = StoredPod::new(full.clone());
-        let mut w1 = Vec::new();
-        let a = workload(full, |_| None, &mut w1).unwrap();
+        let stored = StoredPod::new(&full);
+        let json = serde_json::to_string(&full).unwrap();
+        let Ok(Probe::Pod(fields)) = serde_json::from_str::<Probe>(&json) else {
+            panic!("not read as a Pod: {json}");
+        };
+        assert!(matches!(fields.name, Some(Cow::Borrowed(_))), "{fields:?}");
+        let fast = StoredPod::of(fields);
+        let a = fast.workload.as_ref().unwrap().lock().unwrap().clone();
         let b = stored.workload.as_ref().unwrap().lock().unwrap().clone();
-        assert_eq!(*a.workload, *b);
-        assert_eq!(a.host_network, stored.host_network);
-        assert_eq!(w1, stored.warnings);
+        assert_eq!(*a, *b);
+        assert!(Arc::ptr_eq(&a.labels, &b.labels));
+        assert_eq!(fast.host_network, stored.host_network);
+        assert_eq!(fast.warnings, stored.warnings);
         assert_eq!(b.ports.len(), 2, "{:?}", b.ports);
         assert_eq!(b.ips.len(), 2);
         assert!(b.netns.is_some());
@@ -791,34 +902,23 @@ status:
         );
     }
 
-    /// A pod's metadata with a controller of `kind` and `name`, and its
-    /// labels (`pod-template-hash` when given).
-    fn controlled_by(
-        kind: &str,
-        name: &str,
-        hash: Option<&str>,
-    ) -> (ObjectMeta, BTreeMap<String, String>) {
-        let meta = ObjectMeta {
-            owner_references: Some(vec![OwnerReference {
-                kind: kind.into(),
-                name: name.into(),
-                controller: Some(true),
-                ..OwnerReference::default()
-            }]),
-            ..ObjectMeta::default()
-        };
-        let labels = hash
-            .map(|h| ("pod-template-hash".to_owned(), h.to_owned()))
-            .into_iter()
-            .collect();
-        (meta, labels)
+    /// A pod's fields with a controller of `kind` and `name`, and its
+    /// `pod-template-hash` label when given.
+    fn controlled_by<'a>(kind: &'a str, name: &'a str, hash: Option<&'a str>) -> PodFields<'a> {
+        PodFields {
+            controller: Some((kind.into(), name.into())),
+            labels: hash
+                .map(|h| ("pod-template-hash".into(), h.into()))
+                .into_iter()
+                .collect(),
+            ..PodFields::default()
+        }
     }
 
     #[test]
     fn the_workload_is_the_controller_istio_names() {
         let owned = |kind: &str, name: &str, hash: Option<&str>| {
-            let (meta, labels) = controlled_by(kind, name, hash);
-            owner_workload(&meta, &labels).map(str::to_owned)
+            owner_workload(&controlled_by(kind, name, hash)).map(str::to_owned)
         };
         assert_eq!(
             owned("ReplicaSet", "reviews-v1-5f7d9c6b8", Some("5f7d9c6b8")).as_deref(),
@@ -841,17 +941,13 @@ status:
             owned("Job", "migrate-2", None).as_deref(),
             Some("migrate-2")
         );
-        assert_eq!(
-            owner_workload(&ObjectMeta::default(), &BTreeMap::new()),
-            None
-        );
+        assert_eq!(owner_workload(&PodFields::default()), None);
     }
 
     #[test]
     fn the_workload_kind_is_the_controller_s_istio_names() {
         let kind = |kind: &str, name: &str, hash: Option<&str>| {
-            let (meta, labels) = controlled_by(kind, name, hash);
-            owner_kind(&meta, &labels)
+            owner_kind(&controlled_by(kind, name, hash))
         };
         for (k, name, hash, want) in [
             (
@@ -868,6 +964,6 @@ status:
         ] {
             assert_eq!(kind(k, name, hash).as_deref(), Some(want), "{k} {name}");
         }
-        assert_eq!(owner_kind(&ObjectMeta::default(), &BTreeMap::new()), None);
+        assert_eq!(owner_kind(&PodFields::default()), None);
     }
 }

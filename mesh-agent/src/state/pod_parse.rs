@@ -10,37 +10,43 @@
 //! wrong type, a duplicate key, a syntax error) sends the document down the
 //! general way, which names the field and the line as before.
 //!
-//! What [`super::k8s`] does not read is checked the same (a string where
-//! the Pod has one) but not copied: the annotations besides those it reads
-//! ([`super::k8s::ANNOTATIONS_READ`]), a container's name, an owner's
-//! `apiVersion` and `uid`, a port's `protocol` and `hostIP`; the Pod built
-//! has them empty. With 30,000 pods each string copied and freed costs
-//! start-up time twice over: the parse threads share glibc's one arena
-//! ([`crate::malloc`]), and each takes its lock.
+//! What it reads goes into the fields a workload is built from
+//! ([`PodFields`]), borrowed from the text where the parser can lend them
+//! (a JSON string without escapes; YAML's are copied): only what the
+//! workload keeps is copied (its name and uid, a label set or a string no
+//! pod before had). What [`super::k8s`] does not read is checked the same
+//! (a string where the Pod has one) but not kept: the annotations besides
+//! those it reads ([`super::k8s::ANNOTATIONS_READ`]), a container's name,
+//! an owner's `apiVersion` and `uid`, a port's `protocol` and `hostIP`.
+//! With 30,000 pods each string copied and freed costs start-up time twice
+//! over: the parse threads share glibc's one arena ([`crate::malloc`]),
+//! and each takes its lock.
 
 use std::{
     borrow::Cow,
-    collections::BTreeMap,
     fmt,
     hash::{Hash as _, Hasher as _},
+    marker::PhantomData,
 };
 
-use k8s_openapi::{
-    api::core::v1::{Container, ContainerPort, Pod, PodIP, PodSpec, PodStatus},
-    apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
-};
 use serde::{
     Deserialize, Deserializer,
-    de::{self, MapAccess, Visitor},
+    de::{self, MapAccess, SeqAccess, Visitor},
 };
 use serde_yaml::{Mapping, Value};
 
+use super::k8s::{ANNOTATIONS_READ, PodFields};
+
 /// One document, as the first look at it found it.
-pub(super) enum Probe {
+#[allow(
+    clippy::large_enum_variant,
+    reason = "moved a few times on the way out of the parser, where a box was one more allocation a pod"
+)]
+pub(super) enum Probe<'de> {
     /// An empty document.
     Null,
-    /// A `v1` `Pod`, with only the fields the agent reads.
-    Pod(Box<Pod>),
+    /// A `v1` `Pod`: the fields the agent reads.
+    Pod(PodFields<'de>),
     /// Any other mapping, whole, for the general way.
     Other(Value),
 }
@@ -48,33 +54,37 @@ pub(super) enum Probe {
 /// A string, as the general way reads one: YAML's `1`, `true` or `1.5`
 /// are not strings (serde_yaml would hand them to a typed `String` as
 /// text; the value tree keeps them as numbers and booleans, which a
-/// Kubernetes string field refuses).
+/// Kubernetes string field refuses). Borrowed when the parser lends it.
 #[derive(Default)]
-struct Str(String);
+struct Str<'a>(Cow<'a, str>);
 
-impl<'de> Deserialize<'de> for Str {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Str, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = Str;
+impl<'de: 'a, 'a> Deserialize<'de> for Str<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Str<'a>, D::Error> {
+        struct V<'a>(PhantomData<&'a str>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = Str<'a>;
 
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a string")
             }
 
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Str, E> {
-                Ok(Str(v.to_owned()))
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Str<'a>, E> {
+                Ok(Str(Cow::Borrowed(v)))
             }
 
-            fn visit_string<E: de::Error>(self, v: String) -> Result<Str, E> {
-                Ok(Str(v))
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Str<'a>, E> {
+                Ok(Str(Cow::Owned(v.to_owned())))
+            }
+
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Str<'a>, E> {
+                Ok(Str(Cow::Owned(v)))
             }
         }
-        d.deserialize_any(V)
+        d.deserialize_any(V(PhantomData))
     }
 }
 
-fn text(s: Option<Str>) -> Option<String> {
+fn text(s: Option<Str<'_>>) -> Option<Cow<'_, str>> {
     s.map(|s| s.0)
 }
 
@@ -100,9 +110,9 @@ impl<'de> Deserialize<'de> for SkippedStr {
 }
 
 /// A map's key, read as [`Str`] reads one.
-enum MapKey {
+enum MapKey<'a> {
     /// Kept: `keep` accepts it.
-    Kept(String),
+    Kept(Cow<'a, str>),
     /// Not kept: only its hash, to notice it given twice.
     Skipped(u64),
 }
@@ -111,30 +121,47 @@ enum MapKey {
 struct KeySeed(fn(&str) -> bool);
 
 impl<'de> de::DeserializeSeed<'de> for KeySeed {
-    type Value = MapKey;
+    type Value = MapKey<'de>;
 
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<MapKey, D::Error> {
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<MapKey<'de>, D::Error> {
         d.deserialize_any(self)
     }
 }
 
-impl Visitor<'_> for KeySeed {
-    type Value = MapKey;
+impl<'de> Visitor<'de> for KeySeed {
+    type Value = MapKey<'de>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a string")
     }
 
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<MapKey, E> {
-        Ok(if (self.0)(v) {
-            MapKey::Kept(v.to_owned())
+    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<MapKey<'de>, E> {
+        Ok(self.key(Cow::Borrowed(v)))
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<MapKey<'de>, E> {
+        // Copied only when kept.
+        Ok(match self.key(Cow::Borrowed(v)) {
+            MapKey::Kept(key) => MapKey::Kept(Cow::Owned(key.into_owned())),
+            MapKey::Skipped(hash) => MapKey::Skipped(hash),
+        })
+    }
+}
+
+impl KeySeed {
+    fn key(self, v: Cow<'_, str>) -> MapKey<'_> {
+        if (self.0)(&v) {
+            MapKey::Kept(v)
         } else {
             let mut hasher = std::hash::DefaultHasher::new();
             v.hash(&mut hasher);
             MapKey::Skipped(hasher.finish())
-        })
+        }
     }
 }
+
+/// A map's entries kept by [`string_map`]: sorted by key, each key once.
+type Entries<'a> = Vec<(Cow<'a, str>, Cow<'a, str>)>;
 
 /// A map of strings to strings, every key and value checked as
 /// `BTreeMap<Str, Str>` checks them, with only the entries whose key
@@ -145,34 +172,58 @@ impl Visitor<'_> for KeySeed {
 fn string_map<'de, A: MapAccess<'de>>(
     mut access: A,
     keep: fn(&str) -> bool,
-) -> Result<BTreeMap<String, String>, A::Error> {
-    let mut map = BTreeMap::new();
-    let mut skipped = Vec::new();
+) -> Result<Entries<'de>, A::Error> {
+    let mut map = Vec::new();
+    let mut skipped = Hashes::default();
     let duplicate = || de::Error::custom("duplicate key");
     while let Some(key) = access.next_key_seed(KeySeed(keep))? {
         match key {
-            MapKey::Kept(key) => {
-                if map.insert(key, access.next_value::<Str>()?.0).is_some() {
-                    return Err(duplicate());
-                }
-            }
+            MapKey::Kept(key) => map.push((key, access.next_value::<Str<'de>>()?.0)),
             MapKey::Skipped(hash) => {
-                if skipped.contains(&hash) {
+                if !skipped.insert(hash) {
                     return Err(duplicate());
                 }
-                skipped.push(hash);
                 access.next_value::<SkippedStr>()?;
             }
         }
     }
+    map.sort_by(|a, b| a.0.cmp(&b.0));
+    if map.windows(2).any(|pair| pair[0].0 == pair[1].0) {
+        return Err(duplicate());
+    }
     Ok(map)
+}
+
+/// The hashes of a map's keys skipped so far: the first few (all of most
+/// pods' annotations) without an allocation.
+#[derive(Default)]
+struct Hashes {
+    few: [u64; 8],
+    len: usize,
+    more: Vec<u64>,
+}
+
+impl Hashes {
+    /// False when `hash` is in already.
+    fn insert(&mut self, hash: u64) -> bool {
+        let held = self.len.min(self.few.len());
+        if self.few[..held].contains(&hash) || self.more.contains(&hash) {
+            return false;
+        }
+        match self.few.get_mut(self.len) {
+            Some(slot) => *slot = hash,
+            None => self.more.push(hash),
+        }
+        self.len += 1;
+        true
+    }
 }
 
 /// A Visitor of a [`string_map`].
 struct StringMap(fn(&str) -> bool);
 
 impl<'de> Visitor<'de> for StringMap {
-    type Value = BTreeMap<String, String>;
+    type Value = Entries<'de>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a map")
@@ -184,10 +235,10 @@ impl<'de> Visitor<'de> for StringMap {
 }
 
 /// A pod's labels, every one.
-struct Labels(BTreeMap<String, String>);
+struct Labels<'a>(Entries<'a>);
 
-impl<'de> Deserialize<'de> for Labels {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Labels, D::Error> {
+impl<'de: 'a, 'a> Deserialize<'de> for Labels<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Labels<'a>, D::Error> {
         d.deserialize_map(StringMap(|_| true)).map(Labels)
     }
 }
@@ -196,67 +247,44 @@ impl<'de> Deserialize<'de> for Labels {
 /// ([`super::k8s::ANNOTATIONS_READ`]) are kept. A pod carries many that
 /// it does not (tools' notes, scrape settings), each a string to copy and
 /// free.
-struct Annotations(BTreeMap<String, String>);
+struct Annotations<'a>(Entries<'a>);
 
-impl<'de> Deserialize<'de> for Annotations {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Annotations, D::Error> {
-        d.deserialize_map(StringMap(|key| super::k8s::ANNOTATIONS_READ.contains(&key)))
+impl<'de: 'a, 'a> Deserialize<'de> for Annotations<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Annotations<'a>, D::Error> {
+        d.deserialize_map(StringMap(|key| ANNOTATIONS_READ.contains(&key)))
             .map(Annotations)
     }
 }
 
-impl PartialEq for Str {
-    fn eq(&self, other: &Str) -> bool {
-        self.0 == other.0
-    }
-}
-impl Eq for Str {}
-impl PartialOrd for Str {
-    fn partial_cmp(&self, other: &Str) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Str {
-    fn cmp(&self, other: &Str) -> std::cmp::Ordering {
-        self.0.cmp(&other.0)
-    }
+#[derive(Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Meta<'a> {
+    #[serde(default, borrow)]
+    name: Option<Str<'a>>,
+    #[serde(default, borrow)]
+    namespace: Option<Str<'a>>,
+    #[serde(default, borrow)]
+    uid: Option<Str<'a>>,
+    #[serde(default, borrow)]
+    labels: Option<Labels<'a>>,
+    #[serde(default, borrow)]
+    annotations: Option<Annotations<'a>>,
+    #[serde(default, borrow)]
+    owner_references: Option<Gathered<Controller<'a>>>,
 }
 
+/// Checked to be strings and booleans, not kept: nothing reads them.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct Meta {
+#[allow(dead_code, reason = "read to be checked, not kept")]
+struct Owner<'a> {
     #[serde(default)]
-    name: Option<Str>,
-    #[serde(default)]
-    namespace: Option<Str>,
-    #[serde(default)]
-    uid: Option<Str>,
-    #[serde(default)]
-    labels: Option<Labels>,
-    #[serde(default)]
-    annotations: Option<Annotations>,
-    #[serde(default)]
-    owner_references: Option<Vec<Owner>>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Owner {
-    #[serde(default)]
-    #[allow(
-        dead_code,
-        reason = "checked to be a string, not kept: nothing reads it"
-    )]
     api_version: Option<SkippedStr>,
+    #[serde(default, borrow)]
+    kind: Option<Str<'a>>,
+    #[serde(default, borrow)]
+    name: Option<Str<'a>>,
     #[serde(default)]
-    kind: Option<Str>,
-    #[serde(default)]
-    name: Option<Str>,
-    #[serde(default)]
-    #[allow(
-        dead_code,
-        reason = "checked to be a string, not kept: nothing reads it"
-    )]
     uid: Option<SkippedStr>,
     #[serde(default)]
     controller: Option<bool>,
@@ -264,143 +292,187 @@ struct Owner {
     block_owner_deletion: Option<bool>,
 }
 
-#[derive(Deserialize)]
+#[derive(Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct Spec {
-    #[serde(default)]
-    node_name: Option<Str>,
-    #[serde(default)]
-    service_account_name: Option<Str>,
+struct Spec<'a> {
+    #[serde(default, borrow)]
+    node_name: Option<Str<'a>>,
+    #[serde(default, borrow)]
+    service_account_name: Option<Str<'a>>,
     #[serde(default)]
     host_network: Option<bool>,
-    #[serde(default)]
-    containers: Option<Vec<ContainerLite>>,
+    #[serde(default, borrow)]
+    containers: Option<Gathered<ContainerPorts<'a>>>,
 }
 
 #[derive(Deserialize)]
-struct ContainerLite {
+struct ContainerLite<'a> {
     #[serde(default)]
     #[allow(
         dead_code,
         reason = "checked to be a string, not kept: nothing reads it"
     )]
     name: Option<SkippedStr>,
-    #[serde(default)]
-    ports: Option<Vec<Port>>,
+    #[serde(default, borrow)]
+    ports: Option<Gathered<NamedPorts<'a>>>,
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct Port {
-    #[serde(default)]
-    name: Option<Str>,
+#[allow(dead_code, reason = "read to be checked, not kept")]
+struct Port<'a> {
+    #[serde(default, borrow)]
+    name: Option<Str<'a>>,
     #[serde(default)]
     container_port: Option<i32>,
     #[serde(default, rename = "hostIP")]
-    #[allow(
-        dead_code,
-        reason = "checked to be a string, not kept: nothing reads it"
-    )]
     host_ip: Option<SkippedStr>,
     #[serde(default)]
     host_port: Option<i32>,
     #[serde(default)]
-    #[allow(
-        dead_code,
-        reason = "checked to be a string, not kept: nothing reads it"
-    )]
     protocol: Option<SkippedStr>,
 }
 
 #[derive(Deserialize)]
-struct Ip {
-    #[serde(default)]
-    ip: Option<Str>,
+struct Ip<'a> {
+    #[serde(default, borrow)]
+    ip: Option<Str<'a>>,
 }
 
-#[derive(Deserialize)]
+#[derive(Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct Status {
-    #[serde(default)]
-    phase: Option<Str>,
-    #[serde(default, rename = "podIP")]
-    pod_ip: Option<Str>,
-    #[serde(default, rename = "podIPs")]
-    pod_ips: Option<Vec<Ip>>,
+struct Status<'a> {
+    #[serde(default, borrow)]
+    phase: Option<Str<'a>>,
+    #[serde(default, rename = "podIP", borrow)]
+    pod_ip: Option<Str<'a>>,
+    #[serde(default, rename = "podIPs", borrow)]
+    pod_ips: Option<Gathered<Ips<'a>>>,
 }
 
-impl From<Meta> for ObjectMeta {
-    fn from(m: Meta) -> ObjectMeta {
-        ObjectMeta {
-            name: text(m.name),
-            namespace: text(m.namespace),
-            uid: text(m.uid),
-            labels: m.labels.map(|l| l.0),
-            annotations: m.annotations.map(|a| a.0),
-            owner_references: m.owner_references.map(|owners| {
-                owners
-                    .into_iter()
-                    .map(|o| OwnerReference {
-                        api_version: String::new(),
-                        kind: text(o.kind).unwrap_or_default(),
-                        name: text(o.name).unwrap_or_default(),
-                        uid: String::new(),
-                        controller: o.controller,
-                        block_owner_deletion: o.block_owner_deletion,
-                    })
-                    .collect()
-            }),
-            ..ObjectMeta::default()
+/// A sequence read one element at a time into `Self`, without a list of
+/// its elements built (each would be an allocation a pod).
+trait Gather: Default {
+    type Item;
+    fn add(&mut self, item: Self::Item);
+}
+
+/// A sequence gathered into `G`.
+struct Gathered<G>(G);
+
+impl<'de, G: Gather> Deserialize<'de> for Gathered<G>
+where
+    G::Item: Deserialize<'de>,
+{
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Gathered<G>, D::Error> {
+        struct V<G>(PhantomData<G>);
+        impl<'de, G: Gather> Visitor<'de> for V<G>
+        where
+            G::Item: Deserialize<'de>,
+        {
+            type Value = Gathered<G>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a sequence")
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Gathered<G>, A::Error> {
+                let mut gathered = G::default();
+                while let Some(item) = seq.next_element()? {
+                    gathered.add(item);
+                }
+                Ok(Gathered(gathered))
+            }
+        }
+        d.deserialize_seq(V(PhantomData))
+    }
+}
+
+/// The kind and name of the first owner reference that is the
+/// controller; every one is checked.
+#[derive(Default)]
+struct Controller<'a>(Option<(Cow<'a, str>, Cow<'a, str>)>);
+
+impl<'a> Gather for Controller<'a> {
+    type Item = Owner<'a>;
+
+    fn add(&mut self, owner: Owner<'a>) {
+        if self.0.is_none() && owner.controller == Some(true) {
+            let part = |s| text(s).unwrap_or_default();
+            self.0 = Some((part(owner.kind), part(owner.name)));
         }
     }
 }
 
-impl From<Spec> for PodSpec {
-    fn from(s: Spec) -> PodSpec {
-        PodSpec {
-            node_name: text(s.node_name),
-            service_account_name: text(s.service_account_name),
-            host_network: s.host_network,
-            containers: s
-                .containers
-                .unwrap_or_default()
-                .into_iter()
-                .map(|c| Container {
-                    name: String::new(),
-                    ports: c.ports.map(|ports| {
-                        ports
-                            .into_iter()
-                            .map(|p| ContainerPort {
-                                name: text(p.name),
-                                container_port: p.container_port.unwrap_or_default(),
-                                host_ip: None,
-                                host_port: p.host_port,
-                                protocol: None,
-                            })
-                            .collect()
-                    }),
-                    ..Container::default()
-                })
-                .collect(),
-            ..PodSpec::default()
+/// The named ports of a container's `ports`.
+#[derive(Default)]
+struct NamedPorts<'a>(Vec<(Cow<'a, str>, i32)>);
+
+impl<'a> Gather for NamedPorts<'a> {
+    type Item = Port<'a>;
+
+    fn add(&mut self, port: Port<'a>) {
+        if let Some(name) = text(port.name) {
+            self.0.push((name, port.container_port.unwrap_or_default()));
         }
     }
 }
 
-impl From<Status> for PodStatus {
-    fn from(s: Status) -> PodStatus {
-        PodStatus {
-            phase: text(s.phase),
-            pod_ip: text(s.pod_ip),
-            pod_ips: s.pod_ips.map(|ips| {
-                ips.into_iter()
-                    .map(|p| PodIP {
-                        ip: text(p.ip).unwrap_or_default(),
-                    })
-                    .collect()
-            }),
-            ..PodStatus::default()
+/// The named ports of every container, in order.
+#[derive(Default)]
+struct ContainerPorts<'a>(Vec<(Cow<'a, str>, i32)>);
+
+impl<'a> Gather for ContainerPorts<'a> {
+    type Item = ContainerLite<'a>;
+
+    fn add(&mut self, container: ContainerLite<'a>) {
+        let Some(Gathered(NamedPorts(ports))) = container.ports else {
+            return;
+        };
+        if self.0.is_empty() {
+            // The first container's list is taken, not copied.
+            self.0 = ports;
+        } else {
+            self.0.extend(ports);
         }
+    }
+}
+
+/// `podIPs`' addresses.
+#[derive(Default)]
+struct Ips<'a>(Vec<Cow<'a, str>>);
+
+impl<'a> Gather for Ips<'a> {
+    type Item = Ip<'a>;
+
+    fn add(&mut self, ip: Ip<'a>) {
+        self.0.push(text(ip.ip).unwrap_or_default());
+    }
+}
+
+/// The fields a workload is built from, moved out of the parts read (a
+/// part missing or `null` reads as one with no fields).
+fn pod_fields<'a>(meta: Meta<'a>, spec: Spec<'a>, status: Status<'a>) -> PodFields<'a> {
+    let mut annotations = <[Option<Cow<'a, str>>; 3]>::default();
+    for (key, value) in meta.annotations.map(|a| a.0).unwrap_or_default() {
+        if let Some(at) = ANNOTATIONS_READ.iter().position(|k| *k == key) {
+            annotations[at] = Some(value);
+        }
+    }
+    PodFields {
+        name: text(meta.name),
+        namespace: text(meta.namespace),
+        uid: text(meta.uid),
+        labels: meta.labels.map(|l| l.0).unwrap_or_default(),
+        annotations,
+        controller: meta.owner_references.and_then(|o| o.0.0),
+        ports: spec.containers.map(|c| c.0.0).unwrap_or_default(),
+        host_network: spec.host_network.unwrap_or(false),
+        service_account: text(spec.service_account_name),
+        node: text(spec.node_name),
+        phase: text(status.phase),
+        pod_ips: status.pod_ips.map(|ips| ips.0.0).unwrap_or_default(),
+        pod_ip: text(status.pod_ip),
     }
 }
 
@@ -469,38 +541,38 @@ fn with_tags(map: Mapping, mut tags: [(&'static str, Seen); 2]) -> Mapping {
 
 /// A part read before `apiVersion` and `kind` said what the object is: kept
 /// as a value, read into its type at the end.
-fn part<T: de::DeserializeOwned, E: de::Error>(
+fn part<'de, T: Deserialize<'de>, E: de::Error>(
     typed: Option<Option<T>>,
     map: &mut Mapping,
     key: &str,
 ) -> Result<Option<T>, E> {
     match (typed, map.remove(key)) {
         (Some(part), None) => Ok(part),
-        (None, Some(value)) => serde_yaml::from_value(value).map_err(E::custom),
+        (None, Some(value)) => Option::<T>::deserialize(value).map_err(E::custom),
         (None, None) => Ok(None),
         (Some(_), Some(_)) => Err(E::custom(format!("duplicate field `{key}`"))),
     }
 }
 
-impl<'de> Deserialize<'de> for Probe {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Probe, D::Error> {
+impl<'de> Deserialize<'de> for Probe<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Probe<'de>, D::Error> {
         struct V;
         impl<'de> Visitor<'de> for V {
-            type Value = Probe;
+            type Value = Probe<'de>;
 
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a Kubernetes object")
             }
 
-            fn visit_unit<E: de::Error>(self) -> Result<Probe, E> {
+            fn visit_unit<E: de::Error>(self) -> Result<Probe<'de>, E> {
                 Ok(Probe::Null)
             }
 
-            fn visit_none<E: de::Error>(self) -> Result<Probe, E> {
+            fn visit_none<E: de::Error>(self) -> Result<Probe<'de>, E> {
                 Ok(Probe::Null)
             }
 
-            fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Probe, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Probe<'de>, A::Error> {
                 let mut map = Mapping::new();
                 let (mut meta, mut spec, mut status) = (None, None, None);
                 let (mut api_version, mut kind): (Seen, Seen) = (None, None);
@@ -513,13 +585,13 @@ impl<'de> Deserialize<'de> for Probe {
                     let duplicate = || de::Error::custom("duplicate key");
                     match &*key {
                         "metadata" if pod && meta.is_none() => {
-                            meta = Some(access.next_value::<Option<Meta>>()?);
+                            meta = Some(access.next_value::<Option<Meta<'de>>>()?);
                         }
                         "spec" if pod && spec.is_none() => {
-                            spec = Some(access.next_value::<Option<Spec>>()?);
+                            spec = Some(access.next_value::<Option<Spec<'de>>>()?);
                         }
                         "status" if pod && status.is_none() => {
-                            status = Some(access.next_value::<Option<Status>>()?);
+                            status = Some(access.next_value::<Option<Status<'de>>>()?);
                         }
                         "metadata" | "spec" | "status" if pod => return Err(duplicate()),
                         "apiVersion" | "kind" => {
@@ -556,11 +628,11 @@ impl<'de> Deserialize<'de> for Probe {
                 let meta = part::<Meta, A::Error>(meta, &mut map, "metadata")?;
                 let spec = part::<Spec, A::Error>(spec, &mut map, "spec")?;
                 let status = part::<Status, A::Error>(status, &mut map, "status")?;
-                Ok(Probe::Pod(Box::new(Pod {
-                    metadata: meta.map(ObjectMeta::from).unwrap_or_default(),
-                    spec: spec.map(PodSpec::from),
-                    status: status.map(PodStatus::from),
-                })))
+                Ok(Probe::Pod(pod_fields(
+                    meta.unwrap_or_default(),
+                    spec.unwrap_or_default(),
+                    status.unwrap_or_default(),
+                )))
             }
         }
         d.deserialize_any(V)
@@ -734,6 +806,32 @@ status:
                 "{message}"
             );
             assert!(message.contains("line 3"), "{message}");
+        }
+    }
+
+    /// The fast read refuses a key given twice wherever it comes (an
+    /// annotation's among the first few skipped keys, held without an
+    /// allocation, or after them; a label's anywhere), and reads a map of
+    /// many distinct keys.
+    #[test]
+    fn the_fast_read_finds_a_key_given_twice_among_many() {
+        use super::Probe;
+        let read = |field: &str, keys: &[String]| {
+            let entries: Vec<String> = keys.iter().map(|k| format!("\"{k}\": \"v\"")).collect();
+            let json = format!(
+                r#"{{"apiVersion": "v1", "kind": "Pod", "metadata": {{"name": "n", "{field}": {{{}}}}}}}"#,
+                entries.join(", ")
+            );
+            serde_json::from_str::<Probe>(&json).map(|p| matches!(p, Probe::Pod(_)))
+        };
+        let keys: Vec<String> = (0..12).map(|i| format!("k{i}")).collect();
+        for field in ["labels", "annotations"] {
+            assert!(read(field, &keys).unwrap(), "{field}");
+            for (first, again) in [(0, 1), (3, 7), (2, 9), (8, 11), (10, 11)] {
+                let mut twice = keys.clone();
+                twice[again] = keys[first].clone();
+                assert!(read(field, &twice).is_err(), "{field}: {first} at {again}");
+            }
         }
     }
 

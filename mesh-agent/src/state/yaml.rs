@@ -14,7 +14,7 @@ use serde_yaml::Value;
 use super::{
     ConfigWarning,
     gateway::{Gateway, GatewayClass, HttpRoute},
-    k8s::StoredPod,
+    k8s::{PodFields, StoredPod},
     peer_auth::PeerAuthentication,
     pod_parse::Probe,
     policy::AuthorizationPolicy,
@@ -315,7 +315,7 @@ impl Document {
             let value = match Probe::deserialize(de) {
                 Ok(Probe::Null) => continue,
                 Ok(Probe::Pod(pod)) => {
-                    doc.add_pod(at, *pod);
+                    doc.add_pod(at, pod);
                     continue;
                 }
                 Ok(Probe::Other(value)) => Ok(value),
@@ -356,7 +356,7 @@ impl Document {
             .flatten();
         match fast {
             // Read the fast way, as from a text ([`Probe`]).
-            Some(Probe::Pod(pod)) => doc.add_pod(at, *pod),
+            Some(Probe::Pod(pod)) => doc.add_pod(at, pod),
             _ => match serde_yaml::to_value(object) {
                 Ok(value) => doc.add(at, value),
                 Err(e) => doc.warnings.push(ConfigWarning {
@@ -593,12 +593,12 @@ fn defined_again(key: &ObjectKey, origin: &str, first: &str) -> ConfigWarning {
 impl Document {
     /// A `v1` Pod read the fast way ([`Probe`]): what [`Document::add`]
     /// does with one.
-    pub(super) fn add_pod(&mut self, at: At<'_>, pod: Pod) {
-        let Some(name) = pod.metadata.name.clone() else {
+    pub(super) fn add_pod(&mut self, at: At<'_>, pod: PodFields<'_>) {
+        let Some(name) = pod.name.as_deref() else {
             let header = Header {
                 api_version: "v1".to_owned(),
                 kind: "Pod".to_owned(),
-                namespace: pod.metadata.namespace.clone(),
+                namespace: pod.namespace.as_deref().map(str::to_owned),
                 name: None,
             };
             let e = ObjectError::Missing("metadata.name");
@@ -610,14 +610,10 @@ impl Document {
         };
         let key = ObjectKey {
             kind: "Pod",
-            namespace: pod
-                .metadata
-                .namespace
-                .clone()
-                .unwrap_or_else(|| "default".to_owned()),
-            name,
+            namespace: pod.namespace.as_deref().unwrap_or("default").to_owned(),
+            name: name.to_owned(),
         };
-        let stored = super::k8s::StoredPod::new(pod);
+        let stored = StoredPod::of(pod);
         self.entries.push((key, Typed::Pod(Arc::new(stored))));
     }
 
@@ -680,8 +676,7 @@ impl Document {
             .and_then(|v| serde_yaml::from_value::<WorkloadSelector>(v.clone()).ok());
         let result = match kind {
             "Namespace" => typed(at, value).map(Typed::Namespace),
-            "Pod" => typed::<Pod>(at, value)
-                .map(|pod| Typed::Pod(Arc::new(StoredPod::new(Arc::unwrap_or_clone(pod))))),
+            "Pod" => typed::<Pod>(at, value).map(|pod| Typed::Pod(Arc::new(StoredPod::new(&pod)))),
             "Service" => typed(at, value).map(Typed::Service),
             "EndpointSlice" => typed(at, value).map(Typed::EndpointSlice),
             "ServiceAccount" => typed(at, value).map(Typed::ServiceAccount),
