@@ -273,7 +273,8 @@ struct Meta<'a> {
     owner_references: Option<Gathered<Controller<'a>>>,
 }
 
-/// Checked to be strings and booleans, not kept: nothing reads them.
+/// An owner reference: its kind and name are read, and whether it is the
+/// controller; the rest is checked, not kept.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 #[allow(dead_code, reason = "read to be checked, not kept")]
