@@ -9,7 +9,8 @@ use crate::state::{LocalFiles, Store, tests::opts};
 
 /// A YAML text with a Namespace, Pods, a Service, a policy, and objects
 /// the agent warns about: a Pod whose port is not a number, a Deployment,
-/// a Pod without a name.
+/// a Pod without a name. A label's key and value hold quotes, which JSON
+/// escapes (such a string is copied, not borrowed from the text).
 const YAML: &str = r#"apiVersion: v1
 kind: Namespace
 metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
@@ -20,7 +21,7 @@ metadata:
   name: web-1
   namespace: shop
   uid: u1
-  labels: {app: web}
+  labels: {app: web, "we\"ird": "say \"hi\""}
   ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: web-7d9, uid: r1, controller: true}]
   managedFields: [{manager: kubelet, fieldsV1: {"f:status": {}}}]
 spec:
@@ -122,6 +123,11 @@ fn a_json_list_gives_the_same_store_as_the_same_yaml() {
     assert_eq!(unlined(&a), unlined(&b));
     assert_eq!(b.workloads.len(), 1);
     assert_eq!(b.policies.len(), 1);
+    let web = b.workload("shop", "web-1").unwrap();
+    assert_eq!(
+        web.labels.get("we\"ird").map(String::as_str),
+        Some("say \"hi\"")
+    );
 
     // One object, not in a List: the same.
     let pod: serde_yaml::Value = serde_yaml::Deserializer::from_str(YAML)

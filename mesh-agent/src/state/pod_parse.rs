@@ -836,6 +836,29 @@ status:
         }
     }
 
+    /// A JSON string with an escape is copied, one without is borrowed
+    /// from the text; both are read the fast way.
+    #[test]
+    fn an_escaped_json_string_is_copied_by_the_fast_read() {
+        use super::Probe;
+        use std::borrow::Cow;
+        let json = r#"{"apiVersion": "v1", "kind": "Pod",
+                       "metadata": {"name": "n\u0031", "labels": {"k\"": "v\\", "plain": "p"}}}"#;
+        let Ok(Probe::Pod(pod)) = serde_json::from_str::<Probe>(json) else {
+            panic!("not read the fast way: {json}");
+        };
+        assert!(
+            matches!(&pod.name, Some(Cow::Owned(n)) if n == "n1"),
+            "{pod:?}"
+        );
+        assert!(
+            matches!(&pod.labels[..],
+                [(Cow::Owned(k), Cow::Owned(v)), (Cow::Borrowed("plain"), Cow::Borrowed("p"))]
+                if k == "k\"" && v == "v\\"),
+            "{pod:?}"
+        );
+    }
+
     /// Anything the fast way cannot read goes the general way, which names
     /// the field and the line, and the documents after it still load.
     #[test]
